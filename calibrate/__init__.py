@@ -1,0 +1,1 @@
+"""Calibration and evaluation data, and (later) statistics collectors. Never changes weights."""

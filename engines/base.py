@@ -1,0 +1,118 @@
+"""Engine and Runner interfaces.
+
+``engine.build(onnx_path, out_dir) -> EngineArtifact`` turns an ONNX file into
+whatever the backend runs; ``engine.runner(artifact)`` gives a :class:`Runner`
+used as ``with runner: runner.infer(feeds)``. A backend that cannot work on this
+machine raises :class:`pipeline.errors.EngineUnavailable` from ``check_available``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.errors import PipelineError
+
+
+@dataclass
+class TensorMeta:
+    name: str
+    dtype: np.dtype
+    shape: tuple[int | str | None, ...]
+    """Static sizes as ints; dynamic ones as their symbolic name or None."""
+
+
+@dataclass
+class EngineArtifact:
+    backend: str
+    path: Path
+    """The file the runner loads (e.g. the optimised ONNX model)."""
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class Engine(ABC):
+    name: str = "engine"
+
+    def __init__(self, options: dict[str, Any]):
+        self.options = self.validate_options(dict(options))
+
+    def validate_options(self, options: dict[str, Any]) -> dict[str, Any]:
+        return options
+
+    @abstractmethod
+    def check_available(self) -> None:
+        """Raise EngineUnavailable(backend, reason) when this backend cannot run here."""
+
+    @abstractmethod
+    def build(self, onnx_path: Path, out_dir: Path) -> EngineArtifact: ...
+
+    @abstractmethod
+    def runner(self, artifact: EngineArtifact, **kwargs: Any) -> "Runner": ...
+
+    def version_info(self) -> dict[str, Any]:
+        return {}
+
+
+class Runner(ABC):
+    """Explicit lifecycle: ``activate`` allocates, ``deactivate`` frees; ``infer`` checks its feeds."""
+
+    name = "runner"
+
+    def __init__(self) -> None:
+        self.active = False
+
+    def __enter__(self) -> "Runner":
+        self.activate()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.deactivate()
+
+    def activate(self) -> None:
+        if self.active:
+            raise PipelineError(f"runner '{self.name}' is already active")
+        self.activate_impl()
+        self.active = True
+
+    def deactivate(self) -> None:
+        if self.active:
+            self.deactivate_impl()
+            self.active = False
+
+    @abstractmethod
+    def activate_impl(self) -> None: ...
+
+    @abstractmethod
+    def deactivate_impl(self) -> None: ...
+
+    @abstractmethod
+    def input_metadata(self) -> list[TensorMeta]: ...
+
+    @abstractmethod
+    def infer_impl(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if not self.active:
+            raise PipelineError(f"runner '{self.name}' is not active; use it as 'with runner: runner.infer(feeds)'")
+        self.check_feeds(feeds)
+        return self.infer_impl(feeds)
+
+    def check_feeds(self, feeds: dict[str, np.ndarray]) -> None:
+        meta = {m.name: m for m in self.input_metadata()}
+        missing = sorted(set(meta) - set(feeds))
+        extra = sorted(set(feeds) - set(meta))
+        if missing or extra:
+            raise PipelineError(f"runner '{self.name}': feeds missing {missing} / unexpected {extra}; expected inputs {sorted(meta)}")
+        for name, arr in feeds.items():
+            m = meta[name]
+            if np.dtype(arr.dtype) != np.dtype(m.dtype):
+                raise PipelineError(f"runner '{self.name}': input '{name}' has dtype {arr.dtype}, expected {np.dtype(m.dtype)}")
+            if len(arr.shape) != len(m.shape):
+                raise PipelineError(f"runner '{self.name}': input '{name}' has shape {arr.shape}, expected rank {len(m.shape)} {m.shape}")
+            for got, want in zip(arr.shape, m.shape):
+                if isinstance(want, int) and want >= 0 and got != want:
+                    raise PipelineError(f"runner '{self.name}': input '{name}' has shape {arr.shape}, expected {m.shape}")

@@ -1,0 +1,1 @@
+"""PyTorch → ONNX export and ONNX graph-rewrite passes. Makes no pruning decisions."""

@@ -1,0 +1,167 @@
+"""Export a (pruned) PyTorch model to ONNX.
+
+Graph contract:
+- causal LM: inputs ``input_ids`` (int64, [batch, sequence]) and
+  ``attention_mask`` (int64, [batch, sequence]); output ``logits`` (float32,
+  [batch, sequence, vocab]).
+- encoder: same inputs; output ``last_hidden_state`` (float32, [batch, sequence, hidden]).
+Batch and sequence are dynamic. Weight initialisers are renamed after the
+PyTorch parameters they hold (``<param>`` as stored, ``<param>.T`` when the
+exporter folded a transpose into them), so reports can name layers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+
+log = logging.getLogger(__name__)
+
+INPUT_NAMES = ("input_ids", "attention_mask")
+OUTPUT_NAME = {"causal-lm": "logits", "encoder": "last_hidden_state"}
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # protobuf's 2 GiB limit, with room for the graph
+
+
+class _CausalLMLogits(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+
+class _EncoderHidden(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+def wrap_for_export(model: torch.nn.Module, task: str) -> torch.nn.Module:
+    if task == "causal-lm":
+        return _CausalLMLogits(model).eval()
+    if task == "encoder":
+        return _EncoderHidden(model).eval()
+    raise ValueError(f"task '{task}' is not one of causal-lm, encoder")
+
+
+def export_onnx(
+    model: torch.nn.Module,
+    task: str,
+    path: Path,
+    opset: int = 18,
+    exporter: str = "dynamo",
+    vocab_size: int | None = None,
+) -> dict[str, Any]:
+    """Export, rename weights, run ``onnx.checker`` and save to ``path``. Returns facts for the manifest."""
+    path = Path(path)
+    wrapper = wrap_for_export(model, task)
+    vocab = vocab_size or int(getattr(model.config, "vocab_size", 1000))
+    ids = torch.randint(3, max(vocab, 4), (2, 16), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    out_name = OUTPUT_NAME[task]
+    t0 = time.perf_counter()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        if exporter == "dynamo":
+            program = torch.onnx.export(
+                wrapper,
+                (ids, mask),
+                dynamo=True,
+                opset_version=opset,
+                input_names=list(INPUT_NAMES),
+                output_names=[out_name],
+                dynamic_shapes={"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"}},
+                verbose=False,
+            )
+            proto = program.model_proto
+        elif exporter == "torchscript":
+            tmp = path.with_suffix(".ts.onnx")
+            torch.onnx.export(
+                wrapper,
+                (ids, mask),
+                str(tmp),
+                dynamo=False,
+                opset_version=opset,
+                input_names=list(INPUT_NAMES),
+                output_names=[out_name],
+                dynamic_axes={n: {0: "batch", 1: "sequence"} for n in (*INPUT_NAMES, out_name)},
+            )
+            proto = onnx.load(str(tmp))
+            tmp.unlink()
+        else:
+            raise ValueError(f"exporter '{exporter}' is not one of dynamo, torchscript")
+    export_s = time.perf_counter() - t0
+    renamed = name_initializers_after_parameters(proto, model)
+    save_onnx(proto, path)
+    onnx.checker.check_model(str(path), full_check=False)
+    log.info("exported %s with %s exporter in %.1f s (%d weights named after parameters)", path.name, exporter, export_s, renamed)
+    return {
+        "exporter": exporter,
+        "opset": opset,
+        "export_seconds": round(export_s, 2),
+        "onnx_bytes": path.stat().st_size + sum(p.stat().st_size for p in path.parent.glob(path.name + ".data")),
+        "nodes": len(proto.graph.node),
+        "initializers": len(proto.graph.initializer),
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+    }
+
+
+def save_onnx(proto: onnx.ModelProto, path: Path) -> None:
+    path = Path(path)
+    size = sum(t.ByteSize() for t in proto.graph.initializer)
+    if size > EXTERNAL_DATA_THRESHOLD:
+        onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=path.name + ".data")
+    else:
+        onnx.save_model(proto, str(path))
+
+
+def _digest(arr: np.ndarray) -> tuple[tuple[int, ...], str]:
+    return tuple(arr.shape), hashlib.sha1(np.ascontiguousarray(arr).tobytes()).hexdigest()
+
+
+def name_initializers_after_parameters(proto: onnx.ModelProto, model: torch.nn.Module) -> int:
+    """Rename initialisers whose bytes equal a parameter (or its transpose). Returns how many were renamed."""
+    index: dict[tuple[tuple[int, ...], str], str] = {}
+    for name, p in model.named_parameters():
+        if p.dim() != 2:
+            continue
+        a = p.detach().float().numpy()
+        index.setdefault(_digest(a), name)
+        index.setdefault(_digest(a.T), name + ".T")
+    from onnx import numpy_helper
+
+    renames: dict[str, str] = {}
+    taken = {t.name for t in proto.graph.initializer}
+    for t in proto.graph.initializer:
+        if len(t.dims) != 2 or t.data_type != onnx.TensorProto.FLOAT:
+            continue
+        target = index.get(_digest(numpy_helper.to_array(t)))
+        if target and target != t.name and target not in taken:
+            renames[t.name] = target
+            taken.add(target)
+    if not renames:
+        return 0
+    for t in proto.graph.initializer:
+        if t.name in renames:
+            t.name = renames[t.name]
+    for node in proto.graph.node:
+        for i, name in enumerate(node.input):
+            if name in renames:
+                node.input[i] = renames[name]
+    for vi in list(proto.graph.input) + list(proto.graph.value_info):
+        if vi.name in renames:
+            vi.name = renames[vi.name]
+    return len(renames)

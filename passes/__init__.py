@@ -1,0 +1,20 @@
+"""PyTorch pruning passes and their registry (recipe names → Pass classes)."""
+
+from __future__ import annotations
+
+from passes.base import Pass, PassContext, PassResult, registry
+from passes import magnitude as _magnitude  # noqa: F401  (registers the pass)
+from pipeline.errors import RecipeError
+
+__all__ = ["Pass", "PassContext", "PassResult", "get_pass_class", "get_pass_config_class", "registry"]
+
+
+def get_pass_class(name: str, where: str = "pass") -> type[Pass]:
+    reg = registry()
+    if name not in reg:
+        raise RecipeError(f"recipe key '{where}': unknown pass '{name}'; expected one of {', '.join(sorted(reg))}")
+    return reg[name]
+
+
+def get_pass_config_class(name: str, where: str = "pass") -> type:
+    return get_pass_class(name, where).config_class

@@ -1,0 +1,93 @@
+"""The Pass interface, its context and result, and the registry used by recipes."""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
+
+if TYPE_CHECKING:
+    import torch
+
+    from pipeline.adapters.base import ModelAdapter
+
+ROLES = ("q", "k", "v", "qkv", "o", "up", "gate", "down")
+"""Linear roles an adapter can name; passes filter on them."""
+
+
+@dataclass
+class PassContext:
+    """What a pass may use besides the model: the adapter and lazily-built calibration data."""
+
+    adapter: "ModelAdapter"
+    calibration: Callable[[], "torch.Tensor"] | None = None
+    """Returns calibration windows ``(N, L)`` of token ids; tokenises on first call."""
+    seed: int = 0
+    progress: bool = True
+
+
+@dataclass
+class LayerChange:
+    name: str
+    role: str
+    block: int
+    shape: tuple[int, ...]
+    sparsity: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class PassResult:
+    name: str
+    layers: list[LayerChange] = field(default_factory=list)
+    seconds: float = 0.0
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "layers": [c.to_dict() for c in self.layers],
+            "seconds": round(self.seconds, 3),
+            "info": self.info,
+        }
+
+
+class Pass(ABC):
+    """One transformation of a PyTorch model. Subclasses set ``name`` and ``config_class``."""
+
+    name: ClassVar[str]
+    config_class: ClassVar[type]
+
+    def __init__(self, config: Any):
+        if not isinstance(config, self.config_class):
+            raise TypeError(f"pass '{self.name}' needs a {self.config_class.__name__}, got {type(config).__name__}")
+        self.config = config
+
+    @abstractmethod
+    def run(self, model: "torch.nn.Module", ctx: PassContext) -> PassResult:
+        """Change ``model`` in place and say what changed."""
+
+
+_REGISTRY: dict[str, type[Pass]] = {}
+
+
+def register_pass(cls: type[Pass]) -> type[Pass]:
+    if cls.name in _REGISTRY:
+        raise ValueError(f"pass name '{cls.name}' is registered twice")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def registry() -> dict[str, type[Pass]]:
+    return dict(_REGISTRY)
+
+
+def check_roles(roles: list[str]) -> None:
+    bad = [r for r in roles if r not in ROLES]
+    if bad:
+        raise ValueError(f"targets {bad} are not linear roles; expected some of {', '.join(ROLES)}")
+    if not roles:
+        raise ValueError("targets is empty; expected some of " + ", ".join(ROLES))

@@ -1,0 +1,26 @@
+"""Adapter lookup by the model config's ``model_type``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pipeline.adapters.base import LinearRef, ModelAdapter
+from pipeline.adapters.bert import BERT
+from pipeline.adapters.gpt2 import GPT2
+from pipeline.adapters.llama import LLAMA
+from pipeline.adapters.opt import OPT
+from pipeline.errors import ModelLoadError
+
+ADAPTERS: tuple[ModelAdapter, ...] = (LLAMA, GPT2, OPT, BERT)
+
+__all__ = ["ADAPTERS", "LinearRef", "ModelAdapter", "adapter_for"]
+
+
+def adapter_for(config: Any) -> ModelAdapter:
+    for a in ADAPTERS:
+        if a.matches(config):
+            return a
+    known = sorted(t for a in ADAPTERS for t in a.model_types)
+    raise ModelLoadError(
+        f"model_type '{getattr(config, 'model_type', None)}' has no adapter; supported: {', '.join(known)}"
+    )

@@ -1,0 +1,19 @@
+"""BERT encoders (MiniLM, BERT): loaded as the bare ``BertModel``."""
+
+from pipeline.adapters.base import ModelAdapter
+
+BERT = ModelAdapter(
+    family="bert",
+    model_types=("bert",),
+    task="encoder",
+    blocks_path="encoder.layer",
+    linear_paths={
+        "q": "attention.self.query",
+        "k": "attention.self.key",
+        "v": "attention.self.value",
+        "o": "attention.output.dense",
+        "up": "intermediate.dense",
+        "down": "output.dense",
+    },
+    config_keys={"layers": "num_hidden_layers", "hidden": "hidden_size", "heads": "num_attention_heads", "ffn": "intermediate_size"},
+)

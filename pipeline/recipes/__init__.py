@@ -1,0 +1,1 @@
+"""Recipes shipped with the package (``python -m pipeline build NAME``)."""

@@ -1,0 +1,259 @@
+"""Validation of a variant against the dense baseline.
+
+Quality: perplexity (PyTorch and through the engine, same windows), top-1
+next-token agreement and mean KL(dense‖variant) per token, encoder embedding
+cosine similarity. Parity: engine vs the variant's own PyTorch outputs through
+Polygraphy's Comparator with explicit tolerances. Latency: dense and variant
+engines timed interleaved in one process, medians and ratios. Size: parameters,
+non-zeros, bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline.progress import progress
+
+log = logging.getLogger(__name__)
+
+LogitsFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def torch_outputs_fn(model: torch.nn.Module, task: str) -> LogitsFn:
+    def run(ids: torch.Tensor) -> torch.Tensor:
+        mask = torch.ones_like(ids)
+        with torch.inference_mode():
+            if task == "causal-lm":
+                return model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
+            return model(input_ids=ids, attention_mask=mask).last_hidden_state.float()
+
+    return run
+
+
+def runner_outputs_fn(runner: Any, output: str) -> LogitsFn:
+    def run(ids: torch.Tensor) -> torch.Tensor:
+        feeds = {"input_ids": ids.numpy().astype(np.int64), "attention_mask": np.ones(tuple(ids.shape), np.int64)}
+        return torch.from_numpy(runner.infer(feeds)[output])
+
+    return run
+
+
+def _window_nll(logits: torch.Tensor, ids: torch.Tensor) -> tuple[float, int]:
+    pred = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+    target = ids[:, 1:].reshape(-1)
+    return float(F.cross_entropy(pred, target, reduction="sum")), int(target.numel())
+
+
+def perplexity(fn: LogitsFn, windows: torch.Tensor, desc: str) -> dict[str, Any]:
+    """exp(mean next-token NLL) over every window (each window predicts its tokens 1..L-1)."""
+    total, count = 0.0, 0
+    t0 = time.perf_counter()
+    for i in progress(range(windows.shape[0]), desc=desc):
+        nll, n = _window_nll(fn(windows[i : i + 1]), windows[i : i + 1])
+        total += nll
+        count += n
+    mean = total / count
+    return {
+        "perplexity": math.exp(mean),
+        "mean_nll": mean,
+        "tokens": count,
+        "windows": int(windows.shape[0]),
+        "window_length": int(windows.shape[1]),
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+
+
+def agreement(dense: LogitsFn, variant: LogitsFn, windows: torch.Tensor, desc: str) -> dict[str, Any]:
+    """Top-1 next-token agreement and mean per-token KL(dense‖variant) in nats."""
+    agree, kl_sum, count = 0, 0.0, 0
+    for i in progress(range(windows.shape[0]), desc=desc):
+        w = windows[i : i + 1]
+        ld = F.log_softmax(dense(w).float(), -1)
+        lv = F.log_softmax(variant(w).float(), -1)
+        agree += int((ld.argmax(-1) == lv.argmax(-1)).sum())
+        kl_sum += float((ld.exp() * (ld - lv)).sum())
+        count += ld.shape[0] * ld.shape[1]
+    return {"top1_agreement": agree / count, "kl_dense_variant": kl_sum / count, "tokens": count, "windows": int(windows.shape[0])}
+
+
+def embedding_similarity(dense: LogitsFn, variant: LogitsFn, windows: torch.Tensor, desc: str) -> dict[str, Any]:
+    """Mean cosine similarity of mean-pooled encoder embeddings (the sentence-transformers pooling)."""
+    sims = []
+    for i in progress(range(windows.shape[0]), desc=desc):
+        w = windows[i : i + 1]
+        a, b = dense(w).mean(1), variant(w).mean(1)
+        sims.append(float(F.cosine_similarity(a, b, dim=-1).mean()))
+    return {"mean_cosine": sum(sims) / len(sims), "min_cosine": min(sims), "windows": len(sims)}
+
+
+# --- parity through Polygraphy -----------------------------------------------------------
+
+
+def parity(
+    model: torch.nn.Module,
+    task: str,
+    engine_model: Path,
+    output: str,
+    feeds: list[dict[str, np.ndarray]],
+    atol: float,
+    rtol: float,
+) -> dict[str, Any]:
+    """Compare the engine's ONNX model (run by ONNX Runtime) with PyTorch using Polygraphy's Comparator."""
+    from polygraphy.backend.base import BaseRunner
+    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+    from polygraphy.common import TensorMetadata
+    from polygraphy.comparator import Comparator, CompareFunc
+    from polygraphy.logger import G_LOGGER
+
+    G_LOGGER.module_severity = G_LOGGER.ERROR
+
+    class PytorchRunner(BaseRunner):
+        def __init__(self) -> None:
+            super().__init__(name="pytorch", prefix="pytorch-runner")
+
+        def activate_impl(self) -> None:
+            pass
+
+        def deactivate_impl(self) -> None:
+            pass
+
+        def get_input_metadata_impl(self) -> Any:
+            meta = TensorMetadata()
+            for n in ("input_ids", "attention_mask"):
+                meta.add(n, np.int64, (None, None))
+            return meta
+
+        def infer_impl(self, feed_dict: dict[str, np.ndarray]) -> Any:
+            t0 = time.perf_counter()
+            ids = torch.from_numpy(feed_dict["input_ids"])
+            with torch.inference_mode():
+                mask = torch.from_numpy(feed_dict["attention_mask"])
+                if task == "causal-lm":
+                    out = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+                else:
+                    out = model(input_ids=ids, attention_mask=mask).last_hidden_state
+            self.inference_time = time.perf_counter() - t0
+            return OrderedDict([(output, out.float().numpy())])
+
+    runners = [PytorchRunner(), OnnxrtRunner(SessionFromOnnx(str(engine_model), providers=["CPUExecutionProvider"]), name="onnxruntime")]
+    results = Comparator.run(runners, data_loader=feeds)
+    acc = Comparator.compare_accuracy(results, compare_func=CompareFunc.simple(atol=atol, rtol=rtol))
+    worst_abs, worst_rel = 0.0, 0.0
+    for iterations in acc.values():
+        for it in iterations:
+            for r in it.values():
+                worst_abs = max(worst_abs, float(r.max_absdiff))
+                worst_rel = max(worst_rel, float(r.max_reldiff))
+    return {
+        "passed": bool(acc),
+        "atol": atol,
+        "rtol": rtol,
+        "max_absdiff": worst_abs,
+        "max_reldiff": worst_rel,
+        "feeds": [{k: list(v.shape) for k, v in f.items()} for f in feeds],
+        "tool": "polygraphy Comparator (CompareFunc.simple, elementwise)",
+    }
+
+
+# --- latency --------------------------------------------------------------------------------
+
+
+@dataclass
+class LatencyPoint:
+    batch: int
+    sequence: int
+    dense_ms: float
+    variant_ms: float | None
+    dense_samples: list[float]
+    variant_samples: list[float]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "batch": self.batch,
+            "sequence": self.sequence,
+            "dense_median_ms": round(self.dense_ms, 3),
+            "variant_median_ms": None if self.variant_ms is None else round(self.variant_ms, 3),
+            "ratio": None if self.variant_ms is None else round(self.variant_ms / self.dense_ms, 4),
+            "dense_samples_ms": [round(x, 3) for x in self.dense_samples],
+            "variant_samples_ms": [round(x, 3) for x in self.variant_samples],
+        }
+
+
+def _time_once(runner: Any, feeds: dict[str, np.ndarray]) -> float:
+    t0 = time.perf_counter()
+    runner.infer(feeds)
+    return (time.perf_counter() - t0) * 1e3
+
+
+def interleaved_latency(
+    dense: Any,
+    variant: Any | None,
+    shapes: Iterable[tuple[int, int]],
+    vocab: int,
+    warmup: int,
+    repeats: int,
+) -> list[LatencyPoint]:
+    """Prefill latency, dense and variant alternating (ABBA order) so drift hits both alike."""
+    points = []
+    gen = torch.Generator().manual_seed(1234)
+    for b, s in shapes:
+        ids = torch.randint(0, vocab, (b, s), generator=gen).numpy()
+        feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+        for _ in range(warmup):
+            dense.infer(feeds)
+            if variant is not None:
+                variant.infer(feeds)
+        d, v = [], []
+        for r in range(repeats):
+            order = [(dense, d), (variant, v)] if r % 2 == 0 else [(variant, v), (dense, d)]
+            for runner, sink in order:
+                if runner is not None:
+                    sink.append(_time_once(runner, feeds))
+        points.append(LatencyPoint(b, s, statistics.median(d), statistics.median(v) if v else None, d, v))
+        log.info(
+            "latency b=%d s=%d: dense %.1f ms%s",
+            b,
+            s,
+            points[-1].dense_ms,
+            "" if variant is None else f", variant {points[-1].variant_ms:.1f} ms (×{points[-1].variant_ms / points[-1].dense_ms:.3f})",
+        )
+    return points
+
+
+# --- size -----------------------------------------------------------------------------------
+
+
+def size_stats(model: torch.nn.Module, adapter: Any) -> dict[str, Any]:
+    from pipeline.models import count_parameters
+
+    total = count_parameters(model)
+    nonzero = 0
+    seen = set()
+    for p in model.parameters():
+        if p.data_ptr() in seen:
+            continue
+        seen.add(p.data_ptr())
+        nonzero += int((p != 0).sum())
+    lin_total = lin_nz = 0
+    for ref in adapter.linears(model):
+        w = ref.weight_out_in()
+        lin_total += w.numel()
+        lin_nz += int((w != 0).sum())
+    return {
+        "parameters": total,
+        "nonzero_parameters": nonzero,
+        "block_linear_parameters": lin_total,
+        "block_linear_nonzero": lin_nz,
+        "block_linear_sparsity": 1 - lin_nz / max(lin_total, 1),
+    }
