@@ -165,3 +165,51 @@ def name_initializers_after_parameters(proto: onnx.ModelProto, model: torch.nn.M
         if vi.name in renames:
             vi.name = renames[vi.name]
     return len(renames)
+
+
+class RebindError(ValueError):
+    """The dense graph cannot carry this model's weights (shapes differ or a weight is not found)."""
+
+
+def rebind_weights(dense_onnx: Path, model: torch.nn.Module, required: list[str], path: Path) -> dict[str, Any]:
+    """Write a copy of ``dense_onnx`` whose parameter-named weights hold ``model``'s values.
+
+    Valid when ``model`` has the dense architecture (unstructured or N:M pruning
+    changes values, not shapes): the graph is the same computation, so
+    re-running the exporter would only reproduce it. Every name in ``required``
+    (the parameters a pass may have changed) must be found as ``<name>`` or
+    ``<name>.T``, else :class:`RebindError`.
+    """
+    from onnx import numpy_helper
+
+    t0 = time.perf_counter()
+    proto = onnx.load(str(dense_onnx))
+    params = {n: p.detach().float() for n, p in model.named_parameters()}
+    found: set[str] = set()
+    for i, t in enumerate(proto.graph.initializer):
+        base, transposed = (t.name[:-2], True) if t.name.endswith(".T") else (t.name, False)
+        if base not in params:
+            continue
+        value = params[base].t() if transposed else params[base]
+        if tuple(value.shape) != tuple(t.dims):
+            raise RebindError(f"weight '{t.name}' has shape {tuple(t.dims)} in the dense graph but {tuple(value.shape)} in the model")
+        proto.graph.initializer[i].CopyFrom(numpy_helper.from_array(value.contiguous().numpy(), t.name))
+        found.add(base)
+    missing = sorted(set(required) - found)
+    if missing:
+        raise RebindError(f"{len(missing)} weights are not initialisers of the dense graph (first: '{missing[0]}')")
+    save_onnx(proto, path)
+    onnx.checker.check_model(str(path), full_check=False)
+    seconds = time.perf_counter() - t0
+    log.info("rebound %d weights into the dense graph in %.1f s", len(found), seconds)
+    return {
+        "exporter": "rebind",
+        "graph_from": "dense",
+        "rebound_weights": len(found),
+        "export_seconds": round(seconds, 2),
+        "onnx_bytes": path.stat().st_size + sum(p.stat().st_size for p in path.parent.glob(path.name + ".data")),
+        "nodes": len(proto.graph.node),
+        "initializers": len(proto.graph.initializer),
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+    }

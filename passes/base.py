@@ -60,6 +60,10 @@ class Pass(ABC):
 
     name: ClassVar[str]
     config_class: ClassVar[type]
+    uses_calibration: ClassVar[bool] = False
+    """True when ``run`` reads ``ctx.calibration`` (its stage key then includes the calibration data)."""
+    changes_shapes: ClassVar[bool] = False
+    """True when the pass removes heads/channels; otherwise the dense ONNX graph is reused with new weights."""
 
     def __init__(self, config: Any):
         if not isinstance(config, self.config_class):

@@ -83,6 +83,7 @@ class Builder:
         self.recipe = recipe
         self.out = Path(out_dir or recipe.output or Path("build") / recipe.name).resolve()
         self.stages: list[dict[str, Any]] = []
+        self.records: dict[tuple[str, str], Any] = {}
         self.skips: list[dict[str, Any]] = []
 
         from pipeline.models import resolve_source
@@ -137,15 +138,28 @@ class Builder:
         calib = self._data_key("calibration") if _variant_uses_calibration(v) else None
         return stable_hash("model", self.model_key, v.to_dict()["passes"], calib, STAGE_SCHEMA)
 
+    def rebinds(self, v: VariantSpec) -> bool:
+        """Whether the variant's ONNX reuses the dense graph with its own weights (no shape-changing pass)."""
+        from passes import get_pass_class
+
+        return v.name != "dense" and self.recipe.export.reuse_dense_graph and not any(get_pass_class(p.name).changes_shapes for p in v.passes)
+
+    def _content(self, variant: str, stage: str) -> str:
+        """Digest of a finished stage's files: downstream keys hash what their inputs really hold."""
+        rec = self.records[(variant, stage)]
+        return stable_hash({k: m["sha256"] for k, m in rec.files.items()})
+
     def export_key(self, v: VariantSpec) -> str:
-        return stable_hash("export", self.model_stage_key(v), asdict(self.recipe.export), STAGE_SCHEMA)
+        dense_graph = self._content("dense", "onnx") if self.rebinds(v) else None
+        return stable_hash("export", self._content(v.name, "model"), asdict(self.recipe.export), dense_graph, STAGE_SCHEMA)
 
     def engine_key(self, v: VariantSpec, e: EngineSpec, engine: Any) -> str:
-        return stable_hash("engine", self.export_key(v), e.to_dict(), engine.version_info(), STAGE_SCHEMA)
+        return stable_hash("engine", self._content(v.name, "onnx"), e.to_dict(), engine.version_info(), STAGE_SCHEMA)
 
     # --- stages ---------------------------------------------------------------------------------
 
     def _record(self, variant: str, outcome: StageOutcome) -> None:
+        self.records[(variant, outcome.path.name)] = outcome.record
         self.stages.append(
             {
                 "variant": variant,
@@ -193,10 +207,17 @@ class Builder:
 
     def stage_export(self, v: VariantSpec) -> StageOutcome:
         def build(tmp: Path) -> dict[str, Any]:
-            from export.onnx_export import export_onnx
+            from export.onnx_export import RebindError, export_onnx, rebind_weights
 
             spec = self.recipe.export
-            return export_onnx(self.variant_model(v), self.dense().task, tmp / "model.onnx", spec.opset, spec.exporter)
+            model = self.variant_model(v)
+            if self.rebinds(v):
+                required = [f"{r.name}.weight" for r in self.dense().adapter.linears(model)]
+                try:
+                    return rebind_weights(self.out / "dense" / "onnx" / "model.onnx", model, required, tmp / "model.onnx")
+                except RebindError as exc:
+                    log.warning("%s: cannot reuse the dense graph (%s); exporting afresh", v.name, exc)
+            return export_onnx(model, self.dense().task, tmp / "model.onnx", spec.opset, spec.exporter)
 
         out = run_stage(self.out / v.name / "onnx", f"{v.name}/onnx", self.export_key(v), asdict(self.recipe.export), build)
         self._record(v.name, out)
@@ -221,11 +242,14 @@ class Builder:
         self._record(v.name, out)
         return out
 
-    def validate_key(self, v: VariantSpec, e: EngineSpec, engine: Any, dense_v: VariantSpec) -> str:
+    def validate_key(self, v: VariantSpec, e: EngineSpec, dense_v: VariantSpec) -> str:
+        engine_stage = f"engine-{e.backend}"
         return stable_hash(
             "validate",
-            self.engine_key(v, e, engine),
-            self.engine_key(dense_v, e, engine),
+            self._content(v.name, "model"),
+            self._content(v.name, engine_stage),
+            self._content(dense_v.name, "model"),
+            self._content(dense_v.name, engine_stage),
             self._data_key("evaluation"),
             asdict(self.recipe.validation),
             STAGE_SCHEMA,
@@ -296,7 +320,7 @@ class Builder:
             (tmp / "validation.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
             return {"summary": _validation_summary(result)}
 
-        key = self.validate_key(v, e, engine, dense_v)
+        key = self.validate_key(v, e, dense_v)
         out = run_stage(self.out / v.name / f"validate-{e.backend}", f"{v.name}/validate-{e.backend}", key, asdict(spec), build)
         self._record(v.name, out)
         return out

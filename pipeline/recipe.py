@@ -112,6 +112,9 @@ class ExportSpec:
     opset: int = 18
     exporter: str = "dynamo"
     """'dynamo' (torch.export based) or 'torchscript' (tracing; faster, older)."""
+    reuse_dense_graph: bool = True
+    """Variants whose passes keep every shape reuse the dense ONNX graph with their own weights
+    instead of re-running the exporter (same computation; engine/PyTorch parity still checked)."""
 
     def validate(self, where: str) -> None:
         _check(17 <= self.opset <= 23, f"{where}.opset", f"{self.opset} is outside [17, 23]")

@@ -150,11 +150,14 @@ def parity(
     results = Comparator.run(runners, data_loader=feeds)
     acc = Comparator.compare_accuracy(results, compare_func=CompareFunc.simple(atol=atol, rtol=rtol))
     worst_abs, worst_rel = 0.0, 0.0
-    for iterations in acc.values():
-        for it in iterations:
-            for r in it.values():
-                worst_abs = max(worst_abs, float(r.max_absdiff))
-                worst_rel = max(worst_rel, float(r.max_reldiff))
+    # Polygraphy ≥ 0.53 returns AccuracyResults (one AccuracyResult per compare function); older ones one AccuracyResult.
+    per_func = [acc] if hasattr(acc, "values") else list(acc)
+    for result in per_func:
+        for iterations in result.values():
+            for it in iterations:
+                for r in it.values():
+                    worst_abs = max(worst_abs, float(r.max_absdiff))
+                    worst_rel = max(worst_rel, float(r.max_reldiff))
     return {
         "passed": bool(acc),
         "atol": atol,

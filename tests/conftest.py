@@ -1,0 +1,102 @@
+"""Tiny randomly initialised models of every family, built in-process (no network)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+TEXT = (
+    "Now is the winter of our discontent made glorious summer by this sun of York; "
+    "and all the clouds that lour'd upon our house in the deep bosom of the ocean buried. "
+)
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer with 256 byte tokens and an end-of-text token (vocab 257)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {c: i for i, c in enumerate(sorted(alphabet))}
+    vocab["<|endoftext|>"] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+
+
+VOCAB = 257
+
+
+def tiny_config(family: str):
+    from transformers import BertConfig, GPT2Config, LlamaConfig, OPTConfig
+
+    if family == "llama":
+        return LlamaConfig(
+            vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+        )
+    if family == "gpt2":
+        return GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=512)
+    if family == "opt":
+        return OPTConfig(
+            vocab_size=VOCAB, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=512, word_embed_proj_dim=64, pad_token_id=VOCAB - 1,
+        )
+    if family == "bert":
+        return BertConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=512)
+    raise ValueError(family)
+
+
+def tiny_model(family: str, seed: int = 0):
+    import torch
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = tiny_config(family)
+    cls = AutoModel if family == "bert" else AutoModelForCausalLM
+    model = cls.from_config(cfg).eval()
+    with torch.no_grad():  # random init has tiny std; make weights less degenerate
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.08)
+    return model
+
+
+FAMILIES = ("llama", "gpt2", "opt", "bert")
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
+    """Saved tiny models (+ byte tokenizer) as local Hugging Face directories, one per family."""
+    from pipeline.models import save_hf_dir
+
+    root = tmp_path_factory.mktemp("tiny-models")
+    out = {}
+    tok = byte_tokenizer()
+    for fam in FAMILIES:
+        d = root / fam
+        save_hf_dir(tiny_model(fam), tok, d)
+        out[fam] = d
+    return out
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory) -> Path:
+    """A small .txt corpus: 24 paragraphs separated by blank lines."""
+    d = tmp_path_factory.mktemp("text")
+    p = d / "corpus.txt"
+    paras = [f"Paragraph {i}. " + TEXT * 3 for i in range(24)]
+    p.write_text("\n\n".join(paras), encoding="utf-8")
+    return p
+
+
+@pytest.fixture()
+def cache_dir(tmp_path, monkeypatch) -> Path:
+    d = tmp_path / "cache"
+    monkeypatch.setenv("PIPELINE_CACHE_DIR", str(d))
+    return d

@@ -1,0 +1,88 @@
+"""Export parity: ONNX Runtime on the exported graph vs PyTorch, every family, both exporters."""
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from engines import get_engine
+from export.onnx_export import export_onnx
+from pipeline.adapters import adapter_for
+from tests.conftest import FAMILIES, VOCAB, tiny_model
+
+
+def _run_both(model, task, path, ids, mask):
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"input_ids": ids, "attention_mask": mask})[0]
+    with torch.no_grad():
+        t_ids, t_mask = torch.from_numpy(ids), torch.from_numpy(mask)
+        if task == "causal-lm":
+            ref = model(input_ids=t_ids, attention_mask=t_mask, use_cache=False).logits.numpy()
+        else:
+            ref = model(input_ids=t_ids, attention_mask=t_mask).last_hidden_state.numpy()
+    return got, ref
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_export_parity(family, exporter, tmp_path):
+    model = tiny_model(family)
+    task = adapter_for(model.config).task
+    path = tmp_path / "model.onnx"
+    info = export_onnx(model, task, path, opset=18, exporter=exporter)
+    proto = onnx.load(str(path))
+    assert [i.name for i in proto.graph.input] == ["input_ids", "attention_mask"]
+    assert info["onnx_bytes"] == path.stat().st_size
+    rng = np.random.default_rng(0)
+    # dynamic batch and sequence, different from the export example (2 × 16)
+    for b, s in [(1, 1), (3, 37), (1, 100)]:
+        ids = rng.integers(0, VOCAB, (b, s)).astype(np.int64)
+        mask = np.ones_like(ids)
+        got, ref = _run_both(model, task, path, ids, mask)
+        assert got.shape == ref.shape
+        np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4)
+    # left padding: positions the mask keeps must agree
+    ids = rng.integers(0, VOCAB, (2, 12)).astype(np.int64)
+    mask = np.ones_like(ids)
+    mask[1, :4] = 0
+    got, ref = _run_both(model, task, path, ids, mask)
+    keep = mask.astype(bool)
+    np.testing.assert_allclose(got[keep], ref[keep], atol=1e-4, rtol=1e-4)
+
+
+def test_exported_weights_are_named_after_parameters(tmp_path):
+    model = tiny_model("llama")
+    export_onnx(model, "causal-lm", tmp_path / "m.onnx", exporter="dynamo")
+    names = {t.name for t in onnx.load(str(tmp_path / "m.onnx")).graph.initializer}
+    assert "model.layers.0.self_attn.q_proj.weight.T" in names
+    assert "model.layers.1.mlp.down_proj.weight.T" in names
+
+
+def test_ort_engine_build_and_runner_checks(tmp_path):
+    from pipeline.errors import PipelineError
+
+    model = tiny_model("llama")
+    export_onnx(model, "causal-lm", tmp_path / "m.onnx", exporter="torchscript")
+    engine = get_engine("onnxruntime-cpu")
+    art = engine.build(tmp_path / "m.onnx", tmp_path)
+    assert art.path.is_file() and art.info["onnxruntime"]
+    runner = engine.runner(art)
+    ids = np.zeros((1, 5), np.int64)
+    with pytest.raises(PipelineError, match="not active"):
+        runner.infer({"input_ids": ids, "attention_mask": ids})
+    with runner:
+        out = runner.infer({"input_ids": ids, "attention_mask": np.ones_like(ids)})
+        assert out["logits"].shape == (1, 5, VOCAB)
+        with pytest.raises(PipelineError, match="dtype int32, expected int64"):
+            runner.infer({"input_ids": ids.astype(np.int32), "attention_mask": np.ones_like(ids)})
+        with pytest.raises(PipelineError, match="missing \\['attention_mask'\\]"):
+            runner.infer({"input_ids": ids})
+        with pytest.raises(PipelineError, match="expected rank 2"):
+            runner.infer({"input_ids": ids[0], "attention_mask": np.ones_like(ids)[0]})
+
+
+def test_engine_rejects_unknown_option():
+    with pytest.raises(ValueError, match="unknown option 'turbo'"):
+        get_engine("onnxruntime-cpu", {"turbo": True})

@@ -1,0 +1,107 @@
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.errors import RecipeError
+from pipeline.recipe import load_recipe, recipe_from_dict
+
+
+def base(**over):
+    d = {
+        "name": "t",
+        "model": {"source": "smollm2-135m"},
+        "variants": [{"name": "m50", "passes": [{"magnitude": {"sparsity": 0.5}}]}],
+    }
+    d.update(over)
+    return d
+
+
+def test_default_recipe_is_valid_and_includes_dense():
+    r = load_recipe(None)
+    names = [v.name for v in r.variants]
+    assert names[0] == "dense"
+    assert {"magnitude-50", "magnitude-2of4"} <= set(names)
+    two4 = next(v for v in r.variants if v.name == "magnitude-2of4")
+    assert two4.passes[0].name == "magnitude" and two4.passes[0].options["pattern"] == "2:4"
+    assert r.data.evaluation.windows == 40 and r.data.evaluation.length == 512
+
+
+def test_recipe_file_round_trip(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump(base()))
+    r = load_recipe(str(p))
+    assert [v.name for v in r.variants] == ["dense", "m50"]
+    assert r.variants[1].passes[0].options["sparsity"] == 0.5
+
+
+@pytest.mark.parametrize(
+    "variants, key, expected",
+    [
+        ([{"name": "x", "passes": [{"magnitude": {"sparsity": 1.5}}]}], "variants[0].passes[0].magnitude", r"sparsity 1.5 is outside \[0, 1\)"),
+        ([{"name": "x", "passes": [{"magnitude": {"pattern": "3:2"}}]}], "variants[0].passes[0].magnitude", "pattern '3:2' needs 0 < N < M"),
+        ([{"name": "x", "passes": [{"magnitude": {"sparsity": "half"}}]}], "variants[0].passes[0].magnitude.sparsity", "expected a number"),
+        ([{"name": "x", "passes": [{"magnitude": {"sparsity": 0.5, "pattern": "2:4"}}]}], "variants[0].passes[0].magnitude", "exactly one"),
+        ([{"name": "x", "passes": [{"magnitude": {"sparsity": 0.5, "sparsity_typo": 1}}]}], "variants[0].passes[0].magnitude.sparsity_typo", "unknown key"),
+        ([{"name": "x", "passes": [{"magnitud": {"sparsity": 0.5}}]}], "variants[0].passes[0]", "unknown pass 'magnitud'"),
+        ([{"name": "x", "passes": [{"magnitude": {"sparsity": 0.5, "targets": ["qq"]}}]}], "variants[0].passes[0].magnitude", "not linear roles"),
+        ([{"name": "x", "passes": []}], "variants[0].passes", "is empty"),
+        ([{"name": "x/y", "passes": [{"magnitude": {"sparsity": 0.5}}]}], "variants[0].name", "must match"),
+        (
+            [{"name": "x", "passes": [{"magnitude": {"sparsity": 0.5}}]}, {"name": "x", "passes": [{"magnitude": {"sparsity": 0.4}}]}],
+            "variants[1].name",
+            "used by an earlier variant",
+        ),
+    ],
+)
+def test_bad_variants_name_the_key(variants, key, expected):
+    with pytest.raises(RecipeError) as err:
+        recipe_from_dict(base(variants=variants))
+    msg = str(err.value)
+    assert f"'{key}'" in msg
+    assert re.search(expected, msg), msg
+
+
+@pytest.mark.parametrize(
+    "over, key, expected",
+    [
+        ({"model": {"source": "/no/such/model.gguf"}}, "model.source", "neither a bundled model"),
+        ({"model": {"source": "smollm2-135m", "dtype": "int3"}}, "model.dtype", "not supported"),
+        ({"model": {"sorce": "x"}}, "model.sorce", "unknown key"),
+        ({"data": {"source": "/no/such.txt"}}, "data.source", "not an existing file"),
+        ({"data": {"evaluation": {"windows": "ten"}}}, "data.evaluation.windows", "expected an integer"),
+        ({"data": {"evaluation": {"windows": 0}}}, "data.evaluation.windows", "outside"),
+        ({"export": {"exporter": "magic"}}, "export.exporter", "not one of"),
+        ({"engines": ["tensorflow-lite"]}, "engines[0].backend", "not a known backend"),
+        ({"validation": {"latency": {"batch_sizes": [0]}}}, "validation.latency.batch_sizes", "outside"),
+        ({"colour": "blue"}, "colour", "unknown key"),
+    ],
+)
+def test_bad_sections_name_the_key(over, key, expected):
+    with pytest.raises(RecipeError) as err:
+        recipe_from_dict(base(**over))
+    assert f"'{key}'" in str(err.value)
+    assert expected in str(err.value)
+
+
+def test_user_text_source_and_relative_paths(tmp_path, text_file):
+    (tmp_path / "corpus.txt").write_text(text_file.read_text())
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump(base(data={"source": "corpus.txt"})))
+    r = load_recipe(str(p))
+    assert Path(r.data.source) == (tmp_path / "corpus.txt").resolve()
+
+
+def test_missing_recipe_file_and_bad_yaml(tmp_path):
+    with pytest.raises(RecipeError, match="does not exist"):
+        load_recipe(str(tmp_path / "nope.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed")
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        load_recipe(str(bad))
+
+
+def test_unknown_shipped_recipe():
+    with pytest.raises(RecipeError, match="neither a file nor a shipped recipe"):
+        load_recipe("no-such-recipe")

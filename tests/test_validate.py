@@ -1,0 +1,63 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.validate import agreement, interleaved_latency, perplexity
+
+
+def test_uniform_logits_give_vocab_size_perplexity():
+    vocab = 50
+    windows = torch.randint(0, vocab, (3, 20))
+    res = perplexity(lambda ids: torch.zeros(ids.shape[0], ids.shape[1], vocab), windows, "t")
+    assert res["perplexity"] == pytest.approx(vocab)
+    assert res["tokens"] == 3 * 19
+
+
+def test_perfect_prediction_perplexity_is_one_ish():
+    windows = torch.tensor([[1, 2, 3, 4]])
+
+    def fn(ids):
+        out = torch.full((1, 4, 8), -30.0)
+        for t in range(3):
+            out[0, t, ids[0, t + 1]] = 30.0
+        return out
+
+    assert perplexity(fn, windows, "t")["perplexity"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_agreement_hand_case():
+    # two positions; dense prefers token 0 at both, variant flips the second
+    d = torch.tensor([[[2.0, 0.0], [2.0, 0.0]]])
+    v = torch.tensor([[[2.0, 0.0], [0.0, 2.0]]])
+    res = agreement(lambda ids: d, lambda ids: v, torch.zeros(1, 2, dtype=torch.long), "t")
+    assert res["top1_agreement"] == 0.5
+    p = torch.softmax(torch.tensor([2.0, 0.0]), 0)
+    q = torch.softmax(torch.tensor([0.0, 2.0]), 0)
+    kl2 = float((p * (p.log() - q.log())).sum())
+    assert res["kl_dense_variant"] == pytest.approx(kl2 / 2, rel=1e-5)
+
+
+class FakeRunner:
+    def __init__(self, delay):
+        self.delay = delay
+        self.calls = 0
+
+    def infer(self, feeds):
+        self.calls += 1
+        t = __import__("time").perf_counter()
+        while __import__("time").perf_counter() - t < self.delay:
+            pass
+        return {}
+
+
+def test_interleaved_latency_ratio_and_call_counts():
+    d, v = FakeRunner(0.002), FakeRunner(0.004)
+    pts = interleaved_latency(d, v, [(1, 8)], vocab=10, warmup=1, repeats=4)
+    assert d.calls == v.calls == 5
+    p = pts[0].to_dict()
+    assert len(p["dense_samples_ms"]) == 4 and 1.5 < p["ratio"] < 3.0
+    assert not math.isnan(p["dense_median_ms"])
+    solo = interleaved_latency(FakeRunner(0.001), None, [(1, 8)], vocab=10, warmup=0, repeats=2)
+    assert solo[0].to_dict()["ratio"] is None
