@@ -31,7 +31,7 @@ from pipeline.recipe import EngineSpec, Recipe, VariantSpec
 
 log = logging.getLogger(__name__)
 
-STAGE_SCHEMA = 1
+STAGE_SCHEMA = 2
 """Bump when a stage's outputs change meaning; every cached stage is then rebuilt."""
 
 T = TypeVar("T")

@@ -60,6 +60,8 @@ class ModelAdapter:
     """Our names (heads, kv_heads, hidden, ffn, layers) → the config attribute."""
     defaults: dict[str, Any] = field(default_factory=dict)
     gated_mlp: bool = False
+    head_path: str | None = None
+    """Output head (e.g. lm_head) that calibration capture may skip; None for encoders."""
 
     def matches(self, config: Any) -> bool:
         return getattr(config, "model_type", None) in self.model_types

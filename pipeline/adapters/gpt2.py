@@ -6,6 +6,7 @@ GPT2 = ModelAdapter(
     family="gpt2",
     model_types=("gpt2",),
     task="causal-lm",
+    head_path="lm_head",
     blocks_path="transformer.h",
     linear_paths={"qkv": "attn.c_attn", "o": "attn.c_proj", "up": "mlp.c_fc", "down": "mlp.c_proj"},
     config_keys={"layers": "n_layer", "hidden": "n_embd", "heads": "n_head", "ffn": "n_inner"},

@@ -6,6 +6,7 @@ LLAMA = ModelAdapter(
     family="llama",
     model_types=("llama", "mistral", "qwen2"),
     task="causal-lm",
+    head_path="lm_head",
     blocks_path="model.layers",
     linear_paths={
         "q": "self_attn.q_proj",

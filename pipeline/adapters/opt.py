@@ -6,6 +6,7 @@ OPT = ModelAdapter(
     family="opt",
     model_types=("opt",),
     task="causal-lm",
+    head_path="lm_head",
     blocks_path="model.decoder.layers",
     linear_paths={
         "q": "self_attn.q_proj",

@@ -1,0 +1,205 @@
+"""Layer-by-layer calibration runner (the sequential scheme of SparseGPT and Wanda).
+
+1. Capture the inputs of block 0 for every calibration window — hidden states
+   plus whatever the family passes its blocks (attention mask, position ids,
+   rotary embeddings) — by running the model with its block list temporarily
+   reduced to block 0 wrapped in a recorder and its output head replaced by an
+   identity. Nothing is raised to stop the forward pass.
+2. For each block: run it on the captured inputs with forward pre-hooks that feed
+   each target linear's input to a statistics collector (linears fed the very
+   same tensor, like q/k/v or gate/up, share one collector); hand the
+   collectors to ``apply``, which may change the block's weights; re-run the
+   (changed) block to produce the next block's inputs.
+
+Memory stays one block deep plus the window activations (windows × length × hidden floats).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from calibrate.stats import Collector
+from pipeline.adapters.base import LinearRef, ModelAdapter
+from pipeline.progress import progress
+
+log = logging.getLogger(__name__)
+
+CollectorFactory = Callable[[LinearRef], Collector]
+ApplyFn = Callable[[int, list[LinearRef], dict[str, Collector]], None]
+
+
+@dataclass
+class _Batch:
+    hidden: torch.Tensor
+    args: tuple
+    kwargs: dict[str, Any]
+
+
+class _Recorder(torch.nn.Module):
+    """Wraps block 0: records its inputs, then runs it so the caller sees a normal output."""
+
+    def __init__(self, block: torch.nn.Module):
+        super().__init__()
+        self.block = block
+        self.seen: list[_Batch] = []
+
+    def forward(self, hidden: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        self.seen.append(_Batch(hidden.detach(), args, kwargs))
+        return self.block(hidden, *args, **kwargs)
+
+
+def _parent_and_attr(model: torch.nn.Module, path: str) -> tuple[torch.nn.Module, str]:
+    parent_path, _, attr = path.rpartition(".")
+    return (model.get_submodule(parent_path) if parent_path else model), attr
+
+
+def _first(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@dataclass
+class RunnerReport:
+    blocks: int = 0
+    windows: int = 0
+    tokens: int = 0
+    seconds_capture: float = 0.0
+    seconds_per_block: list[float] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "blocks": self.blocks,
+            "windows": self.windows,
+            "tokens": self.tokens,
+            "seconds_capture": round(self.seconds_capture, 2),
+            "seconds_per_block": [round(s, 2) for s in self.seconds_per_block],
+            "seconds_total": round(self.seconds_capture + sum(self.seconds_per_block), 2),
+        }
+
+
+class LayerwiseRunner:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        adapter: ModelAdapter,
+        windows: torch.Tensor,
+        batch_size: int = 8,
+        show_progress: bool = True,
+    ):
+        if windows.dim() != 2:
+            raise ValueError(f"calibration windows must be (N, L) token ids, got shape {tuple(windows.shape)}")
+        self.model = model
+        self.adapter = adapter
+        self.windows = windows
+        self.batch_size = max(1, batch_size)
+        self.show_progress = show_progress
+
+    def capture(self) -> list[_Batch]:
+        """Inputs of block 0 for every window, in batches of ``batch_size``."""
+        blocks = self.adapter.blocks(self.model)
+        parent, attr = _parent_and_attr(self.model, self.adapter.blocks_path)
+        original = getattr(parent, attr)
+        recorder = _Recorder(blocks[0])
+        head_parent = head_attr = head = None
+        if self.adapter.head_path:
+            head_parent, head_attr = _parent_and_attr(self.model, self.adapter.head_path)
+            head = getattr(head_parent, head_attr)
+        try:
+            setattr(parent, attr, torch.nn.ModuleList([recorder]))
+            if head is not None:
+                setattr(head_parent, head_attr, torch.nn.Identity())
+            with torch.inference_mode():
+                for i in range(0, self.windows.shape[0], self.batch_size):
+                    ids = self.windows[i : i + self.batch_size]
+                    kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+                    if self.adapter.task == "causal-lm":
+                        kwargs["use_cache"] = False
+                    self.model(**kwargs)
+        finally:
+            setattr(parent, attr, original)
+            if head is not None:
+                setattr(head_parent, head_attr, head)
+        if len(recorder.seen) != -(-self.windows.shape[0] // self.batch_size):
+            raise RuntimeError(f"{self.adapter.family}: block 0 was called {len(recorder.seen)} times while capturing its inputs")
+        return recorder.seen
+
+    def run_block(self, block: torch.nn.Module, batches: list[_Batch]) -> None:
+        with torch.inference_mode():
+            for b in batches:
+                block(b.hidden, *b.args, **b.kwargs)
+
+    def next_inputs(self, block: torch.nn.Module, batches: list[_Batch]) -> list[_Batch]:
+        with torch.inference_mode():
+            return [_Batch(_first(block(b.hidden, *b.args, **b.kwargs)).detach(), b.args, b.kwargs) for b in batches]
+
+    def run(
+        self,
+        make_collector: CollectorFactory,
+        apply: ApplyFn,
+        roles: list[str] | tuple[str, ...] | None = None,
+        blocks: list[int] | None = None,
+    ) -> RunnerReport:
+        report = RunnerReport(windows=int(self.windows.shape[0]), tokens=int(self.windows.numel()))
+        t0 = time.perf_counter()
+        batches = self.capture()
+        report.seconds_capture = time.perf_counter() - t0
+        all_blocks = self.adapter.blocks(self.model)
+        chosen = set(range(len(all_blocks))) if not blocks else set(blocks)
+        last = max(chosen) if chosen else -1
+        for b in progress(range(len(all_blocks)), desc="calibrated blocks", total=len(all_blocks)):
+            if b > last:
+                break
+            tb = time.perf_counter()
+            block = all_blocks[b]
+            if b in chosen:
+                refs = self.adapter.linears(self.model, roles=roles, blocks=[b])
+                collectors = self._collect(block, refs, batches, make_collector)
+                apply(b, refs, collectors)
+            if b < last:  # the pruned block's outputs feed the next block
+                batches = self.next_inputs(block, batches)
+            report.seconds_per_block.append(time.perf_counter() - tb)
+            report.blocks += 1
+            log.info("block %d/%d calibrated in %.1f s", b + 1, len(all_blocks), report.seconds_per_block[-1])
+        return report
+
+    def _collect(
+        self, block: torch.nn.Module, refs: list[LinearRef], batches: list[_Batch], make_collector: CollectorFactory
+    ) -> dict[str, Collector]:
+        """One forward of ``block`` over all batches, feeding every target linear's input to a collector."""
+        by_name: dict[str, Collector] = {}
+        # (data_ptr, shape) of tensors seen in this batch → (collector, tensor). Holding the tensor keeps
+        # its memory from being reused by a later activation of the same shape within the batch.
+        shared: dict[tuple[int, tuple[int, ...]], tuple[Collector, torch.Tensor]] = {}
+
+        def hook_for(ref: LinearRef) -> Callable[..., None]:
+            def hook(_module: torch.nn.Module, args: tuple) -> None:
+                x = args[0]
+                key = (x.data_ptr(), tuple(x.shape))
+                seen = shared.get(key)
+                if ref.name not in by_name:
+                    by_name[ref.name] = seen[0] if seen else make_collector(ref)
+                col = by_name[ref.name]
+                if seen is not None and seen[0] is col:
+                    return  # this exact tensor was already added by a linear sharing the collector
+                shared[key] = (col, x)
+                col.add(x)
+
+            return hook
+
+        handles = [r.module.register_forward_pre_hook(hook_for(r)) for r in refs]
+        try:
+            with torch.inference_mode():
+                for b in batches:
+                    shared.clear()
+                    block(b.hidden, *b.args, **b.kwargs)
+        finally:
+            for h in handles:
+                h.remove()
+        missing = [r.name for r in refs if r.name not in by_name]
+        if missing:
+            raise RuntimeError(f"linears {missing} were not called during the block's forward pass")
+        return by_name

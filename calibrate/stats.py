@@ -1,0 +1,59 @@
+"""Statistics collectors: they read layer inputs, never change weights.
+
+- :class:`HessianCollector`: H = (2/n) Σ x xᵀ over n input rows (tokens). Each
+  chunk's product is taken in float32 (one GEMM), and chunks are summed into a
+  float64 accumulator, so rounding error does not grow with the number of
+  calibration tokens.
+- :class:`InputNormCollector`: per input channel j, ‖X_j‖₂² summed over rows, in float64.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class Collector:
+    rows: int = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        raise NotImplementedError
+
+
+class HessianCollector(Collector):
+    def __init__(self, columns: int):
+        self.columns = columns
+        self.sum = torch.zeros(columns, columns, dtype=torch.float64)
+        self.rows = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, self.columns).float()
+        self.sum += (x.t() @ x).double()
+        self.rows += x.shape[0]
+
+    def hessian(self) -> torch.Tensor:
+        """(2/n) XᵀX in float32 — the reference implementations' scaling."""
+        if self.rows == 0:
+            raise ValueError("Hessian requested before any calibration rows were seen")
+        return (self.sum * (2.0 / self.rows)).float()
+
+    def sq_norms(self) -> torch.Tensor:
+        return torch.diagonal(self.sum).clone()
+
+
+class InputNormCollector(Collector):
+    def __init__(self, columns: int):
+        self.columns = columns
+        self.sq = torch.zeros(columns, dtype=torch.float64)
+        self.rows = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, self.columns).float()
+        self.sq += x.pow(2).sum(0).double()
+        self.rows += x.shape[0]
+
+    def sq_norms(self) -> torch.Tensor:
+        return self.sq.clone()
+
+    def norms(self) -> torch.Tensor:
+        """‖X_j‖₂ per input channel over every calibration row."""
+        return self.sq.sqrt().float()

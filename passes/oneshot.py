@@ -1,0 +1,89 @@
+"""Shared plumbing of the calibrated one-shot passes (Wanda, SparseGPT): config and driver."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from calibrate.runner import LayerwiseRunner
+from calibrate.stats import Collector
+from passes.base import ROLES, LayerChange, PassContext, PassResult, check_roles
+from passes.masks import parse_pattern, sparsity_of
+from pipeline.adapters.base import LinearRef
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class OneShotConfig:
+    sparsity: float | None = None
+    """Fraction of weights removed (unstructured). Exclusive with ``pattern``."""
+    pattern: str | None = None
+    """'N:M' — keep N of every M along the input dimension, e.g. '2:4'."""
+    targets: list[str] = field(default_factory=lambda: list(ROLES))
+    blocks: list[int] | None = None
+    """Block indices to prune; all when empty."""
+    batch_size: int = 8
+    """Calibration windows per forward pass of a block."""
+
+    def __post_init__(self) -> None:
+        if (self.sparsity is None) == (self.pattern is None):
+            raise ValueError("set exactly one of 'sparsity' (unstructured) or 'pattern' (N:M)")
+        if self.sparsity is not None and not 0.0 <= self.sparsity < 1.0:
+            raise ValueError(f"sparsity {self.sparsity} is outside [0, 1)")
+        if self.pattern is not None:
+            parse_pattern(self.pattern)
+        check_roles(self.targets)
+        if self.blocks is not None and any(b < 0 for b in self.blocks):
+            raise ValueError(f"blocks {self.blocks} has a negative index")
+        if not 1 <= self.batch_size <= 1024:
+            raise ValueError(f"batch_size {self.batch_size} is outside [1, 1024]")
+
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        return parse_pattern(self.pattern) if self.pattern else None
+
+
+PruneFn = Callable[[LinearRef, Collector], dict]
+"""Prunes one linear in place from its collector; returns per-layer facts for the result."""
+
+
+def run_oneshot(
+    name: str,
+    cfg: OneShotConfig,
+    model: torch.nn.Module,
+    ctx: PassContext,
+    make_collector: Callable[[LinearRef], Collector],
+    prune: PruneFn,
+) -> PassResult:
+    if ctx.calibration is None:
+        raise ValueError(f"pass '{name}' needs calibration data, and the context has none")
+    t0 = time.perf_counter()
+    windows = ctx.calibration()
+    result = PassResult(name, info={"pattern": cfg.pattern, "sparsity": cfg.sparsity, "calibration_windows": list(windows.shape)})
+    solver_seconds = 0.0
+
+    def apply(block: int, refs: list[LinearRef], collectors: dict[str, Collector]) -> None:
+        nonlocal solver_seconds
+        ts = time.perf_counter()
+        for ref in refs:
+            facts = prune(ref, collectors[ref.name])
+            w = ref.weight_out_in()
+            result.layers.append(LayerChange(ref.name, ref.role, ref.block, tuple(w.shape), sparsity_of(w)))
+            if facts:
+                result.info.setdefault("layers", {})[ref.name] = facts
+        solver_seconds += time.perf_counter() - ts
+
+    runner = LayerwiseRunner(model, ctx.adapter, windows, batch_size=cfg.batch_size, show_progress=ctx.progress)
+    report = runner.run(make_collector, apply, roles=cfg.targets, blocks=cfg.blocks)
+    if not result.layers:
+        raise ValueError(f"pass '{name}': no linear matches targets {cfg.targets} and blocks {cfg.blocks}")
+    result.seconds = time.perf_counter() - t0
+    result.info["runner"] = report.to_dict()
+    result.info["solver_seconds"] = round(solver_seconds, 2)
+    log.info("%s: %d linears pruned in %.1f s (solver %.1f s)", name, len(result.layers), result.seconds, solver_seconds)
+    return result

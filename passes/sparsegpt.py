@@ -1,0 +1,161 @@
+"""SparseGPT (Frantar & Alistarh 2023): OBS-style pruning with error compensation.
+
+For a linear with weight W (rows = outputs, columns = inputs) and input Hessian
+H = (2/n) XᵀX:
+
+1. dead inputs (H_jj = 0) get H_jj = 1 and W[:, j] = 0;
+2. damping λ = ``damp`` × mean(diag H) is added to the diagonal; if the Cholesky
+   factorisation fails, λ is multiplied by 10 and retried (logged), up to
+   ``max_damp_steps`` times; the λ used is recorded;
+3. U = the upper Cholesky factor of H⁻¹;
+4. columns are processed in blocks of ``blocksize``: an unstructured mask is
+   chosen per block from w²/U_jj² (the OBS saliency) over the whole block, an
+   N:M mask every M columns from the same saliency of the already-updated
+   weights; each pruned column's error (w − q)/U_jj is propagated to the
+   remaining columns of the block, and the block's accumulated errors to every
+   later column (one GEMM).
+
+Every step is vectorised over rows; the only Python loop is over the columns
+of a block, which the sequential OBS update requires.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from calibrate.stats import Collector, HessianCollector
+from passes.base import Pass, PassContext, PassResult, register_pass
+from passes.oneshot import OneShotConfig, run_oneshot
+from pipeline.adapters.base import LinearRef
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SparseGPTConfig(OneShotConfig):
+    blocksize: int = 128
+    damp: float = 0.01
+    """Relative damping: fraction of the mean Hessian diagonal added to it."""
+    max_damp_steps: int = 6
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 1 <= self.blocksize <= 65536:
+            raise ValueError(f"blocksize {self.blocksize} is outside [1, 65536]")
+        if not 0.0 < self.damp < 10.0:
+            raise ValueError(f"damp {self.damp} is outside (0, 10)")
+        if not 0 <= self.max_damp_steps <= 20:
+            raise ValueError(f"max_damp_steps {self.max_damp_steps} is outside [0, 20]")
+
+
+@dataclass
+class SolveInfo:
+    damping: float
+    """Absolute damping λ added to diag(H)."""
+    damp_relative: float
+    damp_steps: int
+    dead_inputs: int
+
+    def to_dict(self) -> dict:
+        return {"damping": self.damping, "damp_relative": self.damp_relative, "damp_steps": self.damp_steps, "dead_inputs": self.dead_inputs}
+
+
+def inverse_cholesky_upper(H: torch.Tensor, damp: float, max_steps: int, name: str = "layer") -> tuple[torch.Tensor, float, int, float]:
+    """Upper Cholesky factor of (H + λI)⁻¹, raising λ ×10 on failure. Returns (U, λ, steps, relative damp)."""
+    mean_diag = float(torch.diagonal(H).mean())
+    rel = damp
+    eye = torch.eye(H.shape[0], dtype=H.dtype)
+    for step in range(max_steps + 1):
+        lam = rel * mean_diag
+        L, info = torch.linalg.cholesky_ex(H + lam * eye)
+        if int(info) == 0:
+            Hinv = torch.cholesky_inverse(L)
+            U, info2 = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if int(info2) == 0:
+                return U, lam, step, rel
+        log.warning("%s: Cholesky failed with damping %.3g × mean diag; raising it ×10", name, rel)
+        rel *= 10
+    raise RuntimeError(f"{name}: Hessian is not positive definite even with damping {rel / 10:.3g} × mean diag")
+
+
+def sparsegpt_prune(
+    weight: torch.Tensor,
+    H: torch.Tensor,
+    sparsity: float | None = None,
+    nm: tuple[int, int] | None = None,
+    blocksize: int = 128,
+    damp: float = 0.01,
+    max_damp_steps: int = 6,
+    name: str = "layer",
+) -> tuple[torch.Tensor, SolveInfo]:
+    """Return the pruned (and error-compensated) copy of ``weight`` (out, in) and solver facts."""
+    if (sparsity is None) == (nm is None):
+        raise ValueError("give exactly one of sparsity or nm")
+    W = weight.detach().float().clone(memory_format=torch.contiguous_format)
+    rows, cols = W.shape
+    if H.shape != (cols, cols):
+        raise ValueError(f"{name}: Hessian shape {tuple(H.shape)} does not match {cols} input columns")
+    if nm is not None and cols % nm[1]:
+        raise ValueError(f"{name}: {cols} input columns are not a multiple of M={nm[1]}")
+    if nm is not None and blocksize % nm[1]:
+        raise ValueError(f"{name}: blocksize {blocksize} is not a multiple of M={nm[1]}")
+    H = H.float().clone()
+    dead = torch.diagonal(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    U, lam, steps, rel = inverse_cholesky_upper(H, damp, max_damp_steps, name)
+    del H
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        count = i2 - i1
+        W1 = W[:, i1:i2].clone(memory_format=torch.contiguous_format)
+        Err1 = torch.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        d = torch.diagonal(U1)
+        if nm is None:
+            saliency = W1.pow(2) / d.pow(2)[None, :]
+            k = int(saliency.numel() * sparsity)
+            prune1 = torch.zeros_like(W1, dtype=torch.bool)
+            if k:
+                prune1.view(-1)[saliency.view(-1).topk(k, largest=False, sorted=False).indices] = True
+        else:
+            n, m = nm
+            prune1 = torch.zeros_like(W1, dtype=torch.bool)
+        for i in range(count):
+            if nm is not None and i % nm[1] == 0:
+                sal = W1[:, i : i + m].pow(2) / d[i : i + m].pow(2)[None, :]
+                idx = sal.topk(m - n, dim=1, largest=False, sorted=False).indices
+                prune1[:, i : i + m].scatter_(1, idx, True)
+            w = W1[:, i]
+            err = torch.where(prune1[:, i], w, torch.zeros((), dtype=w.dtype)) / d[i]
+            # remaining columns of the block absorb the error; column i becomes its quantised value
+            W1[:, i:].addr_(err, U1[i, i:], alpha=-1.0)
+            Err1[:, i] = err
+        W1[prune1] = 0.0
+        W[:, i1:i2] = W1
+        if i2 < cols:
+            W[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1.0)
+    return W, SolveInfo(lam, rel, steps, int(dead.sum()))
+
+
+@register_pass
+class SparseGPTPass(Pass):
+    name = "sparsegpt"
+    config_class = SparseGPTConfig
+    uses_calibration = True
+
+    def run(self, model: torch.nn.Module, ctx: PassContext) -> PassResult:
+        cfg = self.config
+
+        def prune(ref: LinearRef, col: Collector) -> dict:
+            w = ref.weight_out_in()
+            new, info = sparsegpt_prune(
+                w, col.hessian(), cfg.sparsity, cfg.nm, cfg.blocksize, cfg.damp, cfg.max_damp_steps, name=ref.name
+            )
+            w.copy_(new.to(w.dtype))
+            return info.to_dict()
+
+        return run_oneshot(self.name, cfg, model, ctx, lambda ref: HessianCollector(ref.in_features), prune)

@@ -1,0 +1,47 @@
+"""Wanda (Sun et al. 2023): score |W_ij| · ‖X_j‖₂, pruned per output row or per N:M group."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from calibrate.stats import Collector, InputNormCollector
+from passes.base import Pass, PassContext, PassResult, register_pass
+from passes.masks import nm_mask, unstructured_mask
+from passes.oneshot import OneShotConfig, run_oneshot
+from pipeline.adapters.base import LinearRef
+
+
+@dataclass
+class WandaConfig(OneShotConfig):
+    pass
+
+
+def wanda_scores(weight: torch.Tensor, input_norms: torch.Tensor) -> torch.Tensor:
+    """|W| scaled by each input channel's activation norm; weight is (out, in), norms (in,)."""
+    return weight.abs().float() * input_norms.float()[None, :]
+
+
+def wanda_mask(weight: torch.Tensor, input_norms: torch.Tensor, sparsity: float | None, nm: tuple[int, int] | None) -> torch.Tensor:
+    scores = wanda_scores(weight, input_norms)
+    if nm is not None:
+        return nm_mask(scores, *nm)
+    return unstructured_mask(scores, sparsity, scope="row")
+
+
+@register_pass
+class WandaPass(Pass):
+    name = "wanda"
+    config_class = WandaConfig
+    uses_calibration = True
+
+    def run(self, model: torch.nn.Module, ctx: PassContext) -> PassResult:
+        cfg = self.config
+
+        def prune(ref: LinearRef, col: Collector) -> dict:
+            w = ref.weight_out_in()
+            w.mul_(wanda_mask(w, col.norms(), cfg.sparsity, cfg.nm))
+            return {}
+
+        return run_oneshot(self.name, cfg, model, ctx, lambda ref: InputNormCollector(ref.in_features), prune)
