@@ -16,6 +16,7 @@ Memory stays one block deep plus the window activations (windows × length × hi
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from dataclasses import dataclass, field
@@ -58,6 +59,35 @@ def _parent_and_attr(model: torch.nn.Module, path: str) -> tuple[torch.nn.Module
     return (model.get_submodule(parent_path) if parent_path else model), attr
 
 
+def _cast(obj: Any, dtype: torch.dtype) -> Any:
+    """Floating tensors (also inside tuples, lists and dicts) to ``dtype``; everything else unchanged."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(dtype) if obj.is_floating_point() else obj
+    if isinstance(obj, tuple):
+        return tuple(_cast(o, dtype) for o in obj)
+    if isinstance(obj, list):
+        return [_cast(o, dtype) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _cast(v, dtype) for k, v in obj.items()}
+    return obj
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True on CPUs with AVX512-BF16 or AMX-BF16, where bf16 GEMMs beat fp32 several times over."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def resolve_compute_dtype(name: str) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
 def _first(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
@@ -89,6 +119,7 @@ class LayerwiseRunner:
         windows: torch.Tensor,
         batch_size: int = 8,
         show_progress: bool = True,
+        compute_dtype: torch.dtype = torch.float32,
     ):
         if windows.dim() != 2:
             raise ValueError(f"calibration windows must be (N, L) token ids, got shape {tuple(windows.shape)}")
@@ -97,6 +128,7 @@ class LayerwiseRunner:
         self.windows = windows
         self.batch_size = max(1, batch_size)
         self.show_progress = show_progress
+        self.compute_dtype = compute_dtype
 
     def capture(self) -> list[_Batch]:
         """Inputs of block 0 for every window, in batches of ``batch_size``."""
@@ -125,7 +157,21 @@ class LayerwiseRunner:
                 setattr(head_parent, head_attr, head)
         if len(recorder.seen) != -(-self.windows.shape[0] // self.batch_size):
             raise RuntimeError(f"{self.adapter.family}: block 0 was called {len(recorder.seen)} times while capturing its inputs")
-        return recorder.seen
+        return [_Batch(b.hidden.to(self.compute_dtype), _cast(b.args, self.compute_dtype), _cast(b.kwargs, self.compute_dtype)) for b in recorder.seen]
+
+    def compute_copy(self, block: torch.nn.Module) -> torch.nn.Module:
+        """The module the calibration forwards run: the block itself, or a copy in ``compute_dtype``."""
+        if self.compute_dtype == torch.float32:
+            return block
+        return copy.deepcopy(block).to(self.compute_dtype)
+
+    def refresh(self, work: torch.nn.Module, refs: list[LinearRef]) -> None:
+        """Copy the (changed) fp32 weights of ``refs`` into the compute copy."""
+        if not refs:
+            return
+        with torch.no_grad():
+            for ref in refs:
+                work.get_submodule(self.adapter.linear_paths[ref.role]).weight.copy_(ref.module.weight)
 
     def run_block(self, block: torch.nn.Module, batches: list[_Batch]) -> None:
         with torch.inference_mode():
@@ -155,12 +201,16 @@ class LayerwiseRunner:
                 break
             tb = time.perf_counter()
             block = all_blocks[b]
+            work = self.compute_copy(block)
             if b in chosen:
                 refs = self.adapter.linears(self.model, roles=roles, blocks=[b])
-                collectors = self._collect(block, refs, batches, make_collector)
+                collectors = self._collect(work, refs, batches, make_collector)
                 apply(b, refs, collectors)
+                if refs and work is not block:
+                    self.refresh(work, refs)
             if b < last:  # the pruned block's outputs feed the next block
-                batches = self.next_inputs(block, batches)
+                batches = self.next_inputs(work, batches)
+            del work
             report.seconds_per_block.append(time.perf_counter() - tb)
             report.blocks += 1
             log.info("block %d/%d calibrated in %.1f s", b + 1, len(all_blocks), report.seconds_per_block[-1])
@@ -190,7 +240,8 @@ class LayerwiseRunner:
 
             return hook
 
-        handles = [r.module.register_forward_pre_hook(hook_for(r)) for r in refs]
+        modules = [block.get_submodule(self.adapter.linear_paths[r.role]) for r in refs]
+        handles = [m.register_forward_pre_hook(hook_for(r)) for m, r in zip(modules, refs)]
         try:
             with torch.inference_mode():
                 for b in batches:

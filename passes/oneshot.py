@@ -9,7 +9,7 @@ from typing import Callable
 
 import torch
 
-from calibrate.runner import LayerwiseRunner
+from calibrate.runner import LayerwiseRunner, resolve_compute_dtype
 from calibrate.stats import Collector
 from passes.base import ROLES, LayerChange, PassContext, PassResult, check_roles
 from passes.masks import parse_pattern, sparsity_of
@@ -29,6 +29,10 @@ class OneShotConfig:
     """Block indices to prune; all when empty."""
     batch_size: int = 8
     """Calibration windows per forward pass of a block."""
+    calibration_dtype: str = "auto"
+    """Precision of the calibration forward passes: 'float32', 'bfloat16', or 'auto' (bfloat16 on CPUs
+    with AVX512-BF16/AMX, else float32). Statistics are accumulated in float32/float64 and the solver
+    runs in float32 on the float32 weights either way (the reference implementations calibrate in fp16)."""
 
     def __post_init__(self) -> None:
         if (self.sparsity is None) == (self.pattern is None):
@@ -42,14 +46,16 @@ class OneShotConfig:
             raise ValueError(f"blocks {self.blocks} has a negative index")
         if not 1 <= self.batch_size <= 1024:
             raise ValueError(f"batch_size {self.batch_size} is outside [1, 1024]")
+        if self.calibration_dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"calibration_dtype '{self.calibration_dtype}' is not one of auto, float32, bfloat16")
 
     @property
     def nm(self) -> tuple[int, int] | None:
         return parse_pattern(self.pattern) if self.pattern else None
 
 
-PruneFn = Callable[[LinearRef, Collector], dict]
-"""Prunes one linear in place from its collector; returns per-layer facts for the result."""
+PruneFn = Callable[[list[LinearRef], Collector], dict]
+"""Prunes, in place, the linears that share one collector (one input); returns facts for the result."""
 
 
 def run_oneshot(
@@ -70,15 +76,21 @@ def run_oneshot(
     def apply(block: int, refs: list[LinearRef], collectors: dict[str, Collector]) -> None:
         nonlocal solver_seconds
         ts = time.perf_counter()
+        groups: dict[int, list[LinearRef]] = {}
         for ref in refs:
-            facts = prune(ref, collectors[ref.name])
+            groups.setdefault(id(collectors[ref.name]), []).append(ref)
+        for group in groups.values():
+            facts = prune(group, collectors[group[0].name])
+            if facts:
+                result.info.setdefault("layers", {})["+".join(r.name for r in group)] = facts
+        for ref in refs:
             w = ref.weight_out_in()
             result.layers.append(LayerChange(ref.name, ref.role, ref.block, tuple(w.shape), sparsity_of(w)))
-            if facts:
-                result.info.setdefault("layers", {})[ref.name] = facts
         solver_seconds += time.perf_counter() - ts
 
-    runner = LayerwiseRunner(model, ctx.adapter, windows, batch_size=cfg.batch_size, show_progress=ctx.progress)
+    dtype = resolve_compute_dtype(cfg.calibration_dtype)
+    result.info["calibration_dtype"] = str(dtype).replace("torch.", "")
+    runner = LayerwiseRunner(model, ctx.adapter, windows, batch_size=cfg.batch_size, show_progress=ctx.progress, compute_dtype=dtype)
     report = runner.run(make_collector, apply, roles=cfg.targets, blocks=cfg.blocks)
     if not result.layers:
         raise ValueError(f"pass '{name}': no linear matches targets {cfg.targets} and blocks {cfg.blocks}")

@@ -92,9 +92,33 @@ def sparsegpt_prune(
     name: str = "layer",
 ) -> tuple[torch.Tensor, SolveInfo]:
     """Return the pruned (and error-compensated) copy of ``weight`` (out, in) and solver facts."""
+    (out,), info = sparsegpt_prune_group([weight], H, sparsity, nm, blocksize, damp, max_damp_steps, name)
+    return out, info
+
+
+def sparsegpt_prune_group(
+    weights: list[torch.Tensor],
+    H: torch.Tensor,
+    sparsity: float | None = None,
+    nm: tuple[int, int] | None = None,
+    blocksize: int = 128,
+    damp: float = 0.01,
+    max_damp_steps: int = 6,
+    name: str = "layer",
+) -> tuple[list[torch.Tensor], SolveInfo]:
+    """Prune several weights that share one input (and so one Hessian), e.g. q/k/v, in one solve.
+
+    OBS treats rows independently given H, so stacking the matrices' rows is exact;
+    unstructured masks are still chosen per matrix (each matrix gets exactly its
+    sparsity in every column block), as if each were solved alone. One Cholesky
+    and one column loop serve the whole group.
+    """
     if (sparsity is None) == (nm is None):
         raise ValueError("give exactly one of sparsity or nm")
-    W = weight.detach().float().clone(memory_format=torch.contiguous_format)
+    sizes = [w.shape[0] for w in weights]
+    if len({w.shape[1] for w in weights}) != 1:
+        raise ValueError(f"{name}: grouped weights must share their input dimension, got {[tuple(w.shape) for w in weights]}")
+    W = torch.cat([w.detach().float() for w in weights], 0).contiguous()
     rows, cols = W.shape
     if H.shape != (cols, cols):
         raise ValueError(f"{name}: Hessian shape {tuple(H.shape)} does not match {cols} input columns")
@@ -117,10 +141,14 @@ def sparsegpt_prune(
         d = torch.diagonal(U1)
         if nm is None:
             saliency = W1.pow(2) / d.pow(2)[None, :]
-            k = int(saliency.numel() * sparsity)
             prune1 = torch.zeros_like(W1, dtype=torch.bool)
-            if k:
-                prune1.view(-1)[saliency.view(-1).topk(k, largest=False, sorted=False).indices] = True
+            start = 0
+            for size in sizes:  # each matrix of the group gets its own mask selection
+                seg = saliency[start : start + size].reshape(-1)
+                k = int(seg.numel() * sparsity)
+                if k:
+                    prune1[start : start + size].view(-1)[seg.topk(k, largest=False, sorted=False).indices] = True
+                start += size
         else:
             n, m = nm
             prune1 = torch.zeros_like(W1, dtype=torch.bool)
@@ -138,7 +166,7 @@ def sparsegpt_prune(
         W[:, i1:i2] = W1
         if i2 < cols:
             W[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1.0)
-    return W, SolveInfo(lam, rel, steps, int(dead.sum()))
+    return list(W.split(sizes, 0)), SolveInfo(lam, rel, steps, int(dead.sum()))
 
 
 @register_pass
@@ -150,12 +178,13 @@ class SparseGPTPass(Pass):
     def run(self, model: torch.nn.Module, ctx: PassContext) -> PassResult:
         cfg = self.config
 
-        def prune(ref: LinearRef, col: Collector) -> dict:
-            w = ref.weight_out_in()
-            new, info = sparsegpt_prune(
-                w, col.hessian(), cfg.sparsity, cfg.nm, cfg.blocksize, cfg.damp, cfg.max_damp_steps, name=ref.name
+        def prune(refs: list[LinearRef], col: Collector) -> dict:
+            ws = [r.weight_out_in() for r in refs]
+            news, info = sparsegpt_prune_group(
+                ws, col.hessian(), cfg.sparsity, cfg.nm, cfg.blocksize, cfg.damp, cfg.max_damp_steps, name="+".join(r.name for r in refs)
             )
-            w.copy_(new.to(w.dtype))
+            for w, new in zip(ws, news):
+                w.copy_(new.to(w.dtype))
             return info.to_dict()
 
         return run_oneshot(self.name, cfg, model, ctx, lambda ref: HessianCollector(ref.in_features), prune)

@@ -39,9 +39,11 @@ class WandaPass(Pass):
     def run(self, model: torch.nn.Module, ctx: PassContext) -> PassResult:
         cfg = self.config
 
-        def prune(ref: LinearRef, col: Collector) -> dict:
-            w = ref.weight_out_in()
-            w.mul_(wanda_mask(w, col.norms(), cfg.sparsity, cfg.nm))
+        def prune(refs: list[LinearRef], col: Collector) -> dict:
+            norms = col.norms()
+            for ref in refs:
+                w = ref.weight_out_in()
+                w.mul_(wanda_mask(w, norms, cfg.sparsity, cfg.nm))
             return {}
 
         return run_oneshot(self.name, cfg, model, ctx, lambda ref: InputNormCollector(ref.in_features), prune)

@@ -283,17 +283,19 @@ class Builder:
             torch_fn = V.torch_outputs_fn(model, task)
             art = artifact(v)
             lat = spec.latency
-            with engine.runner(art, threads=lat.threads if lat else None) as runner:
-                engine_fn = V.runner_outputs_fn(runner, output)
-                if task == "causal-lm" and spec.perplexity:
-                    result["perplexity_torch"] = V.perplexity(torch_fn, windows, f"{v.name} ppl (torch)")
+            n_agree = min(spec.agreement_windows, windows.shape[0]) if v.name != "dense" else 0
+            dense_fn = V.torch_outputs_fn(dense.model, task) if n_agree else None
+            if task == "causal-lm" and spec.perplexity:
+                result["perplexity_torch"], agr = V.perplexity_with_agreement(torch_fn, dense_fn, windows, n_agree, f"{v.name} ppl (torch)")
+                if agr is not None:
+                    result["agreement"] = agr
+                with engine.runner(art, threads=lat.threads if lat else None) as runner:
+                    engine_fn = V.runner_outputs_fn(runner, output)
                     result["perplexity_engine"] = V.perplexity(engine_fn, windows, f"{v.name} ppl ({e.backend})")
-                    pt, pe = result["perplexity_torch"]["perplexity"], result["perplexity_engine"]["perplexity"]
-                    result["perplexity_engine_vs_torch"] = pe / pt - 1
-                    log.info("%s: perplexity torch %.3f, %s %.3f (%+.4f%%)", v.name, pt, e.backend, pe, 100 * (pe / pt - 1))
-            n_agree = min(spec.agreement_windows, windows.shape[0])
-            if v.name != "dense" and n_agree:
-                dense_fn = V.torch_outputs_fn(dense.model, task)
+                pt, pe = result["perplexity_torch"]["perplexity"], result["perplexity_engine"]["perplexity"]
+                result["perplexity_engine_vs_torch"] = pe / pt - 1
+                log.info("%s: perplexity torch %.3f, %s %.3f (%+.4f%%)", v.name, pt, e.backend, pe, 100 * (pe / pt - 1))
+            elif n_agree:
                 if task == "causal-lm":
                     result["agreement"] = V.agreement(dense_fn, torch_fn, windows[:n_agree], f"{v.name} agreement")
                 else:

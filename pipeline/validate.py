@@ -74,17 +74,53 @@ def perplexity(fn: LogitsFn, windows: torch.Tensor, desc: str) -> dict[str, Any]
     }
 
 
+def _agreement_counts(ld: torch.Tensor, lv: torch.Tensor) -> tuple[int, float, int]:
+    ld, lv = F.log_softmax(ld.float(), -1), F.log_softmax(lv.float(), -1)
+    agree = int((ld.argmax(-1) == lv.argmax(-1)).sum())
+    kl = float((ld.exp() * (ld - lv)).sum())
+    return agree, kl, ld.shape[0] * ld.shape[1]
+
+
 def agreement(dense: LogitsFn, variant: LogitsFn, windows: torch.Tensor, desc: str) -> dict[str, Any]:
     """Top-1 next-token agreement and mean per-token KL(dense‖variant) in nats."""
     agree, kl_sum, count = 0, 0.0, 0
     for i in progress(range(windows.shape[0]), desc=desc):
         w = windows[i : i + 1]
-        ld = F.log_softmax(dense(w).float(), -1)
-        lv = F.log_softmax(variant(w).float(), -1)
-        agree += int((ld.argmax(-1) == lv.argmax(-1)).sum())
-        kl_sum += float((ld.exp() * (ld - lv)).sum())
-        count += ld.shape[0] * ld.shape[1]
+        a, k, n = _agreement_counts(dense(w), variant(w))
+        agree, kl_sum, count = agree + a, kl_sum + k, count + n
     return {"top1_agreement": agree / count, "kl_dense_variant": kl_sum / count, "tokens": count, "windows": int(windows.shape[0])}
+
+
+def perplexity_with_agreement(
+    variant: LogitsFn, dense: LogitsFn | None, windows: torch.Tensor, agreement_windows: int, desc: str
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Perplexity over every window and, on the first ``agreement_windows``, agreement with ``dense``,
+    from one forward of the variant per window (the same logits serve both)."""
+    total, count = 0.0, 0
+    agree, kl_sum, acount = 0, 0.0, 0
+    n_agree = min(agreement_windows, windows.shape[0]) if dense is not None else 0
+    t0 = time.perf_counter()
+    for i in progress(range(windows.shape[0]), desc=desc):
+        w = windows[i : i + 1]
+        lv = variant(w)
+        nll, n = _window_nll(lv, w)
+        total, count = total + nll, count + n
+        if i < n_agree:
+            a, k, n = _agreement_counts(dense(w), lv)
+            agree, kl_sum, acount = agree + a, kl_sum + k, acount + n
+    mean = total / count
+    ppl = {
+        "perplexity": math.exp(mean),
+        "mean_nll": mean,
+        "tokens": count,
+        "windows": int(windows.shape[0]),
+        "window_length": int(windows.shape[1]),
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    agr = None
+    if n_agree:
+        agr = {"top1_agreement": agree / acount, "kl_dense_variant": kl_sum / acount, "tokens": acount, "windows": n_agree}
+    return ppl, agr
 
 
 def embedding_similarity(dense: LogitsFn, variant: LogitsFn, windows: torch.Tensor, desc: str) -> dict[str, Any]:

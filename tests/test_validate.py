@@ -61,3 +61,21 @@ def test_interleaved_latency_ratio_and_call_counts():
     assert not math.isnan(p["dense_median_ms"])
     solo = interleaved_latency(FakeRunner(0.001), None, [(1, 8)], vocab=10, warmup=0, repeats=2)
     assert solo[0].to_dict()["ratio"] is None
+
+
+def test_perplexity_with_agreement_matches_separate_measurements():
+    from pipeline.validate import perplexity_with_agreement
+
+    g = torch.Generator().manual_seed(0)
+    table_d = torch.randn(20, 20, generator=g)
+    table_v = table_d + 0.5 * torch.randn(20, 20, generator=g)
+    dense = lambda ids: table_d[ids]  # noqa: E731  (logits depend on the current token only)
+    variant = lambda ids: table_v[ids]  # noqa: E731
+    windows = torch.randint(0, 20, (5, 12), generator=g)
+    ppl, agr = perplexity_with_agreement(variant, dense, windows, 3, "t")
+    assert ppl["perplexity"] == pytest.approx(perplexity(variant, windows, "t")["perplexity"])
+    ref = agreement(dense, variant, windows[:3], "t")
+    assert agr["top1_agreement"] == pytest.approx(ref["top1_agreement"])
+    assert agr["kl_dense_variant"] == pytest.approx(ref["kl_dense_variant"])
+    assert agr["windows"] == 3
+    assert perplexity_with_agreement(variant, None, windows, 3, "t")[1] is None
