@@ -251,9 +251,13 @@ class Builder:
             self._content(dense_v.name, "model"),
             self._content(dense_v.name, engine_stage),
             self._data_key("evaluation"),
-            asdict(self.recipe.validation),
+            self._validation_options(),
             STAGE_SCHEMA,
         )
+
+    def _validation_options(self) -> dict[str, Any]:
+        """Validation options a per-variant stage depends on (latency has its own stage)."""
+        return {k: v for k, v in asdict(self.recipe.validation).items() if k != "latency"}
 
     def stage_validate(self, v: VariantSpec, e: EngineSpec, dense_v: VariantSpec) -> StageOutcome:
         from engines import EngineArtifact, get_engine
@@ -282,14 +286,13 @@ class Builder:
             result["size"]["engine_bytes"] = artifact(v).path.stat().st_size
             torch_fn = V.torch_outputs_fn(model, task)
             art = artifact(v)
-            lat = spec.latency
             n_agree = min(spec.agreement_windows, windows.shape[0]) if v.name != "dense" else 0
             dense_fn = V.torch_outputs_fn(dense.model, task) if n_agree else None
             if task == "causal-lm" and spec.perplexity:
                 result["perplexity_torch"], agr = V.perplexity_with_agreement(torch_fn, dense_fn, windows, n_agree, f"{v.name} ppl (torch)")
                 if agr is not None:
                     result["agreement"] = agr
-                with engine.runner(art, threads=lat.threads if lat else None) as runner:
+                with engine.runner(art) as runner:
                     engine_fn = V.runner_outputs_fn(runner, output)
                     result["perplexity_engine"] = V.perplexity(engine_fn, windows, f"{v.name} ppl ({e.backend})")
                 pt, pe = result["perplexity_torch"]["perplexity"], result["perplexity_engine"]["perplexity"]
@@ -309,22 +312,53 @@ class Builder:
             result["parity"] = V.parity(model, task, art.path, output, feeds, p.atol, p.rtol)
             if not result["parity"]["passed"]:
                 log.warning("%s: engine/PyTorch parity FAILED (max |Δ| %.3g)", v.name, result["parity"]["max_absdiff"])
-            if lat is not None:
-                shapes = [(b, s) for b in lat.batch_sizes for s in lat.sequence_lengths]
-                vocab = int(getattr(model.config, "vocab_size", 1000))
-                with engine.runner(artifact(dense_v), threads=lat.threads, spinning=False) as dr:
-                    if v.name == "dense":
-                        pts = V.interleaved_latency(dr, None, shapes, vocab, lat.warmup, lat.repeats)
-                    else:
-                        with engine.runner(art, threads=lat.threads, spinning=False) as vr:
-                            pts = V.interleaved_latency(dr, vr, shapes, vocab, lat.warmup, lat.repeats)
-                result["latency"] = {"points": [pt.to_dict() for pt in pts], "warmup": lat.warmup, "repeats": lat.repeats, "threads": lat.threads}
             (tmp / "validation.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
             return {"summary": _validation_summary(result)}
 
         key = self.validate_key(v, e, dense_v)
-        out = run_stage(self.out / v.name / f"validate-{e.backend}", f"{v.name}/validate-{e.backend}", key, asdict(spec), build)
+        out = run_stage(self.out / v.name / f"validate-{e.backend}", f"{v.name}/validate-{e.backend}", key, self._validation_options(), build)
         self._record(v.name, out)
+        return out
+
+    def stage_latency(self, e: EngineSpec, ordered: list[VariantSpec]) -> StageOutcome | None:
+        """Prefill latency of every variant's engine, interleaved round-robin in one process."""
+        from engines import EngineArtifact, get_engine
+
+        lat = self.recipe.validation.latency
+        if lat is None:
+            return None
+        engine = get_engine(e.backend, e.options)
+        stage = f"engine-{e.backend}"
+        key = stable_hash("latency", [(v.name, self._content(v.name, stage)) for v in ordered], asdict(lat), STAGE_SCHEMA)
+
+        def build(tmp: Path) -> dict[str, Any]:
+            from contextlib import ExitStack
+
+            from pipeline import validate as V
+
+            shapes = [(b, s) for b in lat.batch_sizes for s in lat.sequence_lengths]
+            vocab = int(json.loads((self.out / "dense" / "model" / "model" / "config.json").read_text()).get("vocab_size", 1000))
+            with ExitStack() as stack:
+                runners = {}
+                for v in ordered:
+                    d = self.out / v.name / stage
+                    info = json.loads((d / "stage.json").read_text())["info"]
+                    art = EngineArtifact(e.backend, d / info["artifact"], info)
+                    runners[v.name] = stack.enter_context(engine.runner(art, threads=lat.threads, spinning=False))
+                points = V.interleaved_latency(runners, shapes, vocab, lat.warmup, lat.repeats, baseline="dense")
+            out = {
+                "backend": e.backend,
+                "warmup": lat.warmup,
+                "repeats": lat.repeats,
+                "threads": lat.threads,
+                "order": "round-robin over all variants, starting runner rotating per repeat",
+                "variants": {n: [p.to_dict() for p in pts] for n, pts in points.items()},
+            }
+            (tmp / "latency.json").write_text(json.dumps(out, indent=2), encoding="utf-8")
+            return {"variants": list(points)}
+
+        out = run_stage(self.out / f"latency-{e.backend}", f"all/latency-{e.backend}", key, asdict(lat), build)
+        self._record("all", out)
         return out
 
     # --- the whole build ------------------------------------------------------------------------
@@ -336,8 +370,9 @@ class Builder:
         dense_v = next(v for v in self.recipe.variants if v.name == "dense")
         ordered = [dense_v] + [v for v in self.recipe.variants if v.name != "dense"]
         validated: dict[tuple[str, str], Path] = {}
-        # Models and exports for every variant first, then engines, then validation:
-        # validation of a variant needs the dense engine for interleaved latency.
+        # Models and exports for every variant first (a variant may reuse the dense graph), then
+        # engines, then per-variant validation, then one latency stage per backend that times
+        # every variant's engine interleaved with the dense one.
         for v in ordered:
             self.stage_model(v)
             self.stage_export(v)
@@ -350,12 +385,16 @@ class Builder:
                     break
             if ok:
                 available.append(e)
+        latency: dict[str, Path] = {}
         for e in available:
             for v in ordered:
                 validated[(v.name, e.backend)] = self.stage_validate(v, e, dense_v).path / "validation.json"
+            lat = self.stage_latency(e, ordered)
+            if lat is not None:
+                latency[e.backend] = lat.path / "latency.json"
         from pipeline.report import write_reports
 
-        results = self._results(ordered, validated)
+        results = self._results(ordered, validated, latency)
         write_reports(self.out, results)
         seconds = time.perf_counter() - t0
         reused = sum(s["reused"] for s in self.stages)
@@ -363,8 +402,10 @@ class Builder:
         self._write_manifest(seconds)
         return BuildSummary(self.out, results, self.stages, seconds)
 
-    def _results(self, ordered: list[VariantSpec], validated: dict[tuple[str, str], Path]) -> dict[str, Any]:
+    def _results(self, ordered: list[VariantSpec], validated: dict[tuple[str, str], Path], latency: dict[str, Path]) -> dict[str, Any]:
         from pipeline.artifacts import load_stage
+
+        lat = {b: json.loads(p.read_text(encoding="utf-8")) for b, p in latency.items()}
 
         variants = []
         for v in ordered:
@@ -378,6 +419,12 @@ class Builder:
                     engines[e.backend] = {"status": "skipped", "reason": skip["reason"] if skip else "not built"}
                 else:
                     engines[e.backend] = {"status": "ok", **json.loads(path.read_text(encoding="utf-8"))}
+                    if e.backend in lat:
+                        L = lat[e.backend]
+                        engines[e.backend]["latency"] = {
+                            "points": L["variants"][v.name],
+                            **{k: L[k] for k in ("warmup", "repeats", "threads", "order")},
+                        }
             variants.append({"name": v.name, "passes": v.to_dict()["passes"], "pass_results": mrec.info.get("passes", []), "export": orec.info, "engines": engines})
         return {
             "schema_version": 1,

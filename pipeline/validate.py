@@ -236,36 +236,46 @@ def _time_once(runner: Any, feeds: dict[str, np.ndarray]) -> float:
 
 
 def interleaved_latency(
-    dense: Any,
-    variant: Any | None,
+    runners: dict[str, Any],
     shapes: Iterable[tuple[int, int]],
     vocab: int,
     warmup: int,
     repeats: int,
-) -> list[LatencyPoint]:
-    """Prefill latency, dense and variant alternating (ABBA order) so drift hits both alike."""
-    points = []
+    baseline: str = "dense",
+) -> dict[str, list[LatencyPoint]]:
+    """Prefill latency of every runner, interleaved round-robin in one process.
+
+    For each shape, every runner is warmed up, then each repeat runs every runner
+    once, the starting runner rotating from repeat to repeat, so drift and
+    position effects spread evenly over all of them. Each runner's median is
+    reported with its ratio to ``baseline``'s median on the same shape.
+    """
+    if baseline not in runners:
+        raise ValueError(f"baseline runner '{baseline}' is not among {sorted(runners)}")
+    names = list(runners)
+    points: dict[str, list[LatencyPoint]] = {n: [] for n in names}
     gen = torch.Generator().manual_seed(1234)
     for b, s in shapes:
         ids = torch.randint(0, vocab, (b, s), generator=gen).numpy()
         feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
         for _ in range(warmup):
-            dense.infer(feeds)
-            if variant is not None:
-                variant.infer(feeds)
-        d, v = [], []
+            for n in names:
+                runners[n].infer(feeds)
+        samples: dict[str, list[float]] = {n: [] for n in names}
         for r in range(repeats):
-            order = [(dense, d), (variant, v)] if r % 2 == 0 else [(variant, v), (dense, d)]
-            for runner, sink in order:
-                if runner is not None:
-                    sink.append(_time_once(runner, feeds))
-        points.append(LatencyPoint(b, s, statistics.median(d), statistics.median(v) if v else None, d, v))
+            k = r % len(names)
+            for n in names[k:] + names[:k]:
+                samples[n].append(_time_once(runners[n], feeds))
+        base = samples[baseline]
+        base_ms = statistics.median(base)
+        for n in names:
+            own = None if n == baseline else statistics.median(samples[n])
+            points[n].append(LatencyPoint(b, s, base_ms, own, base, [] if n == baseline else samples[n]))
         log.info(
-            "latency b=%d s=%d: dense %.1f ms%s",
+            "latency b=%d s=%d: %s",
             b,
             s,
-            points[-1].dense_ms,
-            "" if variant is None else f", variant {points[-1].variant_ms:.1f} ms (×{points[-1].variant_ms / points[-1].dense_ms:.3f})",
+            ", ".join(f"{n} {statistics.median(samples[n]):.1f} ms" for n in names),
         )
     return points
 

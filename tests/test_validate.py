@@ -53,14 +53,16 @@ class FakeRunner:
 
 
 def test_interleaved_latency_ratio_and_call_counts():
-    d, v = FakeRunner(0.002), FakeRunner(0.004)
-    pts = interleaved_latency(d, v, [(1, 8)], vocab=10, warmup=1, repeats=4)
-    assert d.calls == v.calls == 5
-    p = pts[0].to_dict()
-    assert len(p["dense_samples_ms"]) == 4 and 1.5 < p["ratio"] < 3.0
-    assert not math.isnan(p["dense_median_ms"])
-    solo = interleaved_latency(FakeRunner(0.001), None, [(1, 8)], vocab=10, warmup=0, repeats=2)
-    assert solo[0].to_dict()["ratio"] is None
+    d, v, w = FakeRunner(0.002), FakeRunner(0.004), FakeRunner(0.001)
+    pts = interleaved_latency({"dense": d, "slow": v, "fast": w}, [(1, 8), (2, 4)], vocab=10, warmup=1, repeats=4)
+    assert d.calls == v.calls == w.calls == 2 * 5
+    slow = pts["slow"][0].to_dict()
+    assert len(slow["dense_samples_ms"]) == 4 and 1.5 < slow["ratio"] < 3.0
+    assert 0.3 < pts["fast"][1].to_dict()["ratio"] < 0.8
+    base = pts["dense"][0].to_dict()
+    assert base["ratio"] is None and not math.isnan(base["dense_median_ms"])
+    with pytest.raises(ValueError, match="baseline runner 'dense'"):
+        interleaved_latency({"x": d}, [(1, 1)], vocab=10, warmup=0, repeats=1)
 
 
 def test_perplexity_with_agreement_matches_separate_measurements():
