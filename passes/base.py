@@ -95,3 +95,35 @@ def check_roles(roles: list[str]) -> None:
         raise ValueError(f"targets {bad} are not linear roles; expected some of {', '.join(ROLES)}")
     if not roles:
         raise ValueError("targets is empty; expected some of " + ", ".join(ROLES))
+
+
+@dataclass
+class SparsityTarget:
+    """What to prune and how much: shared by the config of every weight-sparsity pass."""
+
+    sparsity: float | None = None
+    """Fraction of weights removed (unstructured). Exclusive with ``pattern``."""
+    pattern: str | None = None
+    """'N:M' — keep N of every M along the input dimension, e.g. '2:4'."""
+    targets: list[str] = field(default_factory=lambda: list(ROLES))
+    blocks: list[int] | None = None
+    """Block indices to prune; all when empty."""
+
+    def __post_init__(self) -> None:
+        from passes.masks import parse_pattern
+
+        if (self.sparsity is None) == (self.pattern is None):
+            raise ValueError("set exactly one of 'sparsity' (unstructured) or 'pattern' (N:M)")
+        if self.sparsity is not None and not 0.0 <= self.sparsity < 1.0:
+            raise ValueError(f"sparsity {self.sparsity} is outside [0, 1)")
+        if self.pattern is not None:
+            parse_pattern(self.pattern)
+        check_roles(self.targets)
+        if self.blocks is not None and any(b < 0 for b in self.blocks):
+            raise ValueError(f"blocks {self.blocks} has a negative index")
+
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        from passes.masks import parse_pattern
+
+        return parse_pattern(self.pattern) if self.pattern else None

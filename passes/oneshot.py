@@ -4,29 +4,22 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from calibrate.runner import LayerwiseRunner, resolve_compute_dtype
 from calibrate.stats import Collector
-from passes.base import ROLES, LayerChange, PassContext, PassResult, check_roles
-from passes.masks import parse_pattern, sparsity_of
+from passes.base import LayerChange, PassContext, PassResult, SparsityTarget
+from passes.masks import sparsity_of
 from pipeline.adapters.base import LinearRef
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class OneShotConfig:
-    sparsity: float | None = None
-    """Fraction of weights removed (unstructured). Exclusive with ``pattern``."""
-    pattern: str | None = None
-    """'N:M' — keep N of every M along the input dimension, e.g. '2:4'."""
-    targets: list[str] = field(default_factory=lambda: list(ROLES))
-    blocks: list[int] | None = None
-    """Block indices to prune; all when empty."""
+class OneShotConfig(SparsityTarget):
     batch_size: int = 8
     """Calibration windows per forward pass of a block."""
     calibration_dtype: str = "auto"
@@ -35,23 +28,11 @@ class OneShotConfig:
     runs in float32 on the float32 weights either way (the reference implementations calibrate in fp16)."""
 
     def __post_init__(self) -> None:
-        if (self.sparsity is None) == (self.pattern is None):
-            raise ValueError("set exactly one of 'sparsity' (unstructured) or 'pattern' (N:M)")
-        if self.sparsity is not None and not 0.0 <= self.sparsity < 1.0:
-            raise ValueError(f"sparsity {self.sparsity} is outside [0, 1)")
-        if self.pattern is not None:
-            parse_pattern(self.pattern)
-        check_roles(self.targets)
-        if self.blocks is not None and any(b < 0 for b in self.blocks):
-            raise ValueError(f"blocks {self.blocks} has a negative index")
+        super().__post_init__()
         if not 1 <= self.batch_size <= 1024:
             raise ValueError(f"batch_size {self.batch_size} is outside [1, 1024]")
         if self.calibration_dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"calibration_dtype '{self.calibration_dtype}' is not one of auto, float32, bfloat16")
-
-    @property
-    def nm(self) -> tuple[int, int] | None:
-        return parse_pattern(self.pattern) if self.pattern else None
 
 
 PruneFn = Callable[[list[LinearRef], Collector], dict]

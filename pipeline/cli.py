@@ -32,6 +32,13 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--verbose", "-v", action="store_true", help="debug logging")
     c = sub.add_parser("check", help="validate a recipe without building anything")
     c.add_argument("recipe", nargs="?", default=None)
+    i = sub.add_parser(
+        "inspect",
+        help="per-weight sparsity report of an ONNX model (TensorRT's 2:4 rules)",
+        description="For every MatMul/Gemm/Conv weight: sparsity, whether it is 2:4 along TensorRT's reduction axis, and whether TensorRT could run it sparse.",
+    )
+    i.add_argument("model", type=Path, help="ONNX file")
+    i.add_argument("--json", action="store_true", help="machine-readable output")
     return p
 
 
@@ -44,6 +51,24 @@ def _setup_logging(verbose: bool) -> None:
     )
     for noisy in ("transformers", "torch", "onnxscript", "onnx_ir", "httpx", "urllib3", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed" notices
+
+
+def _inspect(model: Path, as_json: bool) -> int:
+    import json
+
+    from export.sparsity_report import render_table, sparsity_report
+
+    if not model.is_file():
+        log.error("ONNX file '%s' does not exist", model)
+        return 1
+    try:
+        rows = sparsity_report(model)
+    except Exception as exc:  # onnx raises DecodeError and others for a file that is not ONNX
+        log.error("'%s' could not be read as an ONNX model: %s", model, exc)
+        return 1
+    print(json.dumps([r.to_dict() for r in rows], indent=2) if as_json else render_table(rows))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         _parser().print_help()
         return 2
     _setup_logging(getattr(args, "verbose", False))
+    if args.command == "inspect":
+        return _inspect(args.model, args.json)
     try:
         from pipeline.recipe import load_recipe
 

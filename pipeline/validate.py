@@ -63,6 +63,10 @@ def perplexity(fn: LogitsFn, windows: torch.Tensor, desc: str) -> dict[str, Any]
         nll, n = _window_nll(fn(windows[i : i + 1]), windows[i : i + 1])
         total += nll
         count += n
+    return _ppl_result(total, count, windows, t0)
+
+
+def _ppl_result(total: float, count: int, windows: torch.Tensor, t0: float) -> dict[str, Any]:
     mean = total / count
     return {
         "perplexity": math.exp(mean),
@@ -108,15 +112,7 @@ def perplexity_with_agreement(
         if i < n_agree:
             a, k, n = _agreement_counts(dense(w), lv)
             agree, kl_sum, acount = agree + a, kl_sum + k, acount + n
-    mean = total / count
-    ppl = {
-        "perplexity": math.exp(mean),
-        "mean_nll": mean,
-        "tokens": count,
-        "windows": int(windows.shape[0]),
-        "window_length": int(windows.shape[1]),
-        "seconds": round(time.perf_counter() - t0, 2),
-    }
+    ppl = _ppl_result(total, count, windows, t0)
     agr = None
     if n_agree:
         agr = {"top1_agreement": agree / acount, "kl_dense_variant": kl_sum / acount, "tokens": acount, "windows": n_agree}

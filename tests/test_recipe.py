@@ -22,7 +22,7 @@ def test_default_recipe_is_valid_and_includes_dense():
     r = load_recipe(None)
     names = [v.name for v in r.variants]
     assert names[0] == "dense"
-    assert {"magnitude-50", "magnitude-2of4"} <= set(names)
+    assert {"magnitude-50", "magnitude-2of4", "wanda-2of4", "sparsegpt-2of4", "sparsegpt-50"} <= set(names)
     two4 = next(v for v in r.variants if v.name == "magnitude-2of4")
     assert two4.passes[0].name == "magnitude" and two4.passes[0].options["pattern"] == "2:4"
     assert r.data.evaluation.windows == 40 and r.data.evaluation.length == 512
