@@ -12,6 +12,7 @@ from engines.base import Engine, EngineArtifact, Runner
 
 KNOWN_BACKENDS: dict[str, str] = {
     "onnxruntime-cpu": "engines.onnxruntime:OnnxRuntimeCpuEngine",
+    "tensorrt": "engines.tensorrt:TensorRTEngine",
 }
 
 __all__ = ["Engine", "EngineArtifact", "KNOWN_BACKENDS", "Runner", "get_engine"]
