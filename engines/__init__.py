@@ -12,7 +12,10 @@ from engines.base import Engine, EngineArtifact, Runner
 
 KNOWN_BACKENDS: dict[str, str] = {
     "onnxruntime-cpu": "engines.onnxruntime:OnnxRuntimeCpuEngine",
+    "onnxruntime-cuda": "engines.onnxruntime_gpu:OnnxRuntimeCudaEngine",
+    "onnxruntime-trt": "engines.onnxruntime_gpu:OnnxRuntimeTensorRTEngine",
     "tensorrt": "engines.tensorrt:TensorRTEngine",
+    "torch-cuda": "engines.torch_cuda:TorchCudaEngine",
 }
 
 __all__ = ["Engine", "EngineArtifact", "KNOWN_BACKENDS", "Runner", "get_engine"]

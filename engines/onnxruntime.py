@@ -107,11 +107,12 @@ class OnnxRuntimeRunner(Runner):
         self.session_options = session_options
         self.name = name or f"onnxruntime-cpu:{self.model_path.parent.name}"
         self.session = None
+        self.providers: list[Any] = ["CPUExecutionProvider"]
 
     def activate_impl(self) -> None:
         import onnxruntime as ort
 
-        self.session = ort.InferenceSession(str(self.model_path), self.session_options, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(str(self.model_path), self.session_options, providers=self.providers)
 
     def deactivate_impl(self) -> None:
         self.session = None

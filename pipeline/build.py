@@ -103,6 +103,16 @@ class Builder:
 
         return load_model(self.recipe.model.source)
 
+    def dense_task(self) -> str:
+        """The model's task from its config, without loading weights when the dense model is not in memory."""
+        if self.dense.ready:
+            return self.dense().task
+        from transformers import AutoConfig
+
+        from pipeline.adapters import adapter_for
+
+        return adapter_for(AutoConfig.from_pretrained(self.out / "dense" / "model" / "model")).task
+
     def _load_splits(self) -> Any:
         from calibrate.data import load_splits
 
@@ -151,7 +161,10 @@ class Builder:
 
     def export_key(self, v: VariantSpec) -> str:
         dense_graph = self._content("dense", "onnx") if self.rebinds(v) else None
-        return stable_hash("export", self._content(v.name, "model"), asdict(self.recipe.export), dense_graph, STAGE_SCHEMA)
+        return stable_hash("export", self._content(v.name, "model"), self._export_options(), dense_graph, STAGE_SCHEMA)
+
+    def _export_options(self) -> dict[str, Any]:
+        return {k: val for k, val in asdict(self.recipe.export).items() if k != "kv_cache"}
 
     def engine_key(self, v: VariantSpec, e: EngineSpec, engine: Any) -> str:
         return stable_hash("engine", self._content(v.name, "onnx"), e.to_dict(), engine.version_info(), STAGE_SCHEMA)
@@ -219,7 +232,7 @@ class Builder:
                     log.warning("%s: cannot reuse the dense graph (%s); exporting afresh", v.name, exc)
             return export_onnx(model, self.dense().task, tmp / "model.onnx", spec.opset, spec.exporter)
 
-        out = run_stage(self.out / v.name / "onnx", f"{v.name}/onnx", self.export_key(v), asdict(self.recipe.export), build)
+        out = run_stage(self.out / v.name / "onnx", f"{v.name}/onnx", self.export_key(v), self._export_options(), build)
         self._record(v.name, out)
         return out
 
@@ -257,7 +270,7 @@ class Builder:
 
     def _validation_options(self) -> dict[str, Any]:
         """Validation options a per-variant stage depends on (latency has its own stage)."""
-        return {k: v for k, v in asdict(self.recipe.validation).items() if k != "latency"}
+        return {k: v for k, v in asdict(self.recipe.validation).items() if k not in ("latency", "decode")}
 
     def stage_validate(self, v: VariantSpec, e: EngineSpec, dense_v: VariantSpec) -> StageOutcome:
         from engines import EngineArtifact, get_engine
@@ -361,6 +374,104 @@ class Builder:
         self._record("all", out)
         return out
 
+    def stage_kv(self, v: VariantSpec) -> StageOutcome:
+        """Prefill + decode graphs with a KV cache; shape-preserving variants rebind the dense ones."""
+        dense_graphs = self._content("dense", "kv") if self.rebinds(v) else None
+        key = stable_hash("kv", self._content(v.name, "model"), self.recipe.export.opset, dense_graphs, STAGE_SCHEMA)
+
+        def build(tmp: Path) -> dict[str, Any]:
+            from export.kv_export import export_kv_graphs
+            from export.onnx_export import RebindError, rebind_weights
+
+            model = self.dense().model if v.name == "dense" else self.variant_model(v)
+            adapter = self.dense().adapter
+            if self.rebinds(v):
+                required = [f"{r.name}.weight" for r in adapter.linears(model)]
+                try:
+                    return {g: rebind_weights(self.out / "dense" / "kv" / f"{g}.onnx", model, required, tmp / f"{g}.onnx") for g in ("prefill", "decode")}
+                except RebindError as exc:
+                    log.warning("%s: cannot reuse the dense KV graphs (%s); exporting afresh", v.name, exc)
+            return export_kv_graphs(model, adapter, tmp, self.recipe.export.opset)
+
+        out = run_stage(self.out / v.name / "kv", f"{v.name}/kv", key, {"opset": self.recipe.export.opset}, build)
+        self._record(v.name, out)
+        return out
+
+    def stage_decode(self, ordered: list[VariantSpec]) -> StageOutcome:
+        """Greedy-decode parity with PyTorch generate and decode latency, every variant, ONNX Runtime CPU."""
+        spec = self.recipe.validation.decode
+        key = stable_hash(
+            "decode", [(v.name, self._content(v.name, "kv"), self._content(v.name, "model")) for v in ordered], asdict(spec), self._data_key("evaluation"), STAGE_SCHEMA
+        )
+
+        def build(tmp: Path) -> dict[str, Any]:
+            import statistics
+            from contextlib import ExitStack
+
+            import numpy as np
+            import torch
+
+            from engines.onnxruntime import OnnxRuntimeCpuEngine, OnnxRuntimeRunner
+            from export.kv_export import cache_layout, greedy_generate
+
+            dense = self.dense()
+            lay = cache_layout(dense.model, dense.adapter)
+            windows = self.eval_windows()
+            prompt = windows.reshape(-1)[: spec.prompt][None].numpy()
+            so = OnnxRuntimeCpuEngine({})._session_options
+            result: dict[str, Any] = {"prompt_tokens": int(prompt.shape[1]), "batch": 1, "runtime": "onnxruntime-cpu", "variants": {}}
+            with ExitStack() as stack:
+                runners = {}
+                for v in ordered:
+                    kv = self.out / v.name / "kv"
+                    pre = stack.enter_context(OnnxRuntimeRunner(kv / "prefill.onnx", so(), name=f"{v.name}:prefill"))
+                    dec = stack.enter_context(OnnxRuntimeRunner(kv / "decode.onnx", so(), name=f"{v.name}:decode"))
+                    runners[v.name] = (pre, dec)
+                    model = dense.model if v.name == "dense" else self.variant_model(v)
+                    res = greedy_generate(pre, dec, lay, prompt, spec.greedy_tokens)
+                    model.generation_config.eos_token_id = None
+                    with torch.no_grad():
+                        ref = model.generate(
+                            torch.from_numpy(prompt), attention_mask=torch.ones(prompt.shape, dtype=torch.long), max_new_tokens=spec.greedy_tokens,
+                            do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=0,
+                        )
+                    deltas = [float(np.abs(a - b.numpy()).max()) for a, b in zip(res.step_logits, ref.logits)]
+                    result["variants"][v.name] = {
+                        "greedy_tokens": spec.greedy_tokens,
+                        "tokens_identical": bool(np.array_equal(res.tokens, ref.sequences[:, prompt.shape[1] :].numpy())),
+                        "max_abs_logit_delta": max(deltas),
+                    }
+                    log.info("%s: greedy decode tokens identical %s, max |Δlogit| %.2e", v.name, result["variants"][v.name]["tokens_identical"], max(deltas))
+                for name in runners:  # warm-up
+                    greedy_generate(*runners[name], lay, prompt, 4)
+                samples = {n: {"decode_ms_per_token": [], "prefill_ms": []} for n in runners}
+                names = list(runners)
+                for r in range(spec.repeats):
+                    k = r % len(names)
+                    for n in names[k:] + names[:k]:
+                        res = greedy_generate(*runners[n], lay, prompt, spec.new_tokens)
+                        samples[n]["decode_ms_per_token"].append(statistics.mean(res.decode_ms))
+                        samples[n]["prefill_ms"].append(res.prefill_ms)
+            base = {m: statistics.median(samples["dense"][m]) for m in ("decode_ms_per_token", "prefill_ms")}
+            for n, smp in samples.items():
+                med = {m: statistics.median(smp[m]) for m in smp}
+                result["variants"][n].update(
+                    {
+                        "new_tokens": spec.new_tokens,
+                        "decode_ms_per_token": round(med["decode_ms_per_token"], 3),
+                        "prefill_ms": round(med["prefill_ms"], 3),
+                        "decode_ratio": round(med["decode_ms_per_token"] / base["decode_ms_per_token"], 4),
+                        "prefill_ratio": round(med["prefill_ms"] / base["prefill_ms"], 4),
+                        "samples": smp,
+                    }
+                )
+            (tmp / "decode.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+            return {"variants": names}
+
+        out = run_stage(self.out / "decode-onnxruntime-cpu", "all/decode-onnxruntime-cpu", key, asdict(spec), build)
+        self._record("all", out)
+        return out
+
     # --- the whole build ------------------------------------------------------------------------
 
     def run(self) -> BuildSummary:
@@ -376,6 +487,10 @@ class Builder:
         for v in ordered:
             self.stage_model(v)
             self.stage_export(v)
+            if self.recipe.export.kv_cache:
+                if self.dense_task() != "causal-lm":
+                    raise PipelineError("export.kv_cache is for causal LMs; this model is an encoder")
+                self.stage_kv(v)
         available = []
         for e in self.recipe.engines:
             ok = True
@@ -392,9 +507,15 @@ class Builder:
             lat = self.stage_latency(e, ordered)
             if lat is not None:
                 latency[e.backend] = lat.path / "latency.json"
+        decode = self.stage_decode(ordered).path / "decode.json" if self.recipe.validation.decode else None
         from pipeline.report import write_reports
 
         results = self._results(ordered, validated, latency)
+        if decode is not None:
+            per = json.loads(decode.read_text(encoding="utf-8"))
+            results["decode"] = {k: val for k, val in per.items() if k != "variants"}
+            for v in results["variants"]:
+                v["decode"] = per["variants"].get(v["name"])
         write_reports(self.out, results)
         seconds = time.perf_counter() - t0
         reused = sum(s["reused"] for s in self.stages)

@@ -115,6 +115,8 @@ class ExportSpec:
     reuse_dense_graph: bool = True
     """Variants whose passes keep every shape reuse the dense ONNX graph with their own weights
     instead of re-running the exporter (same computation; engine/PyTorch parity still checked)."""
+    kv_cache: bool = False
+    """Also export prefill + decode graphs with an explicit KV cache (causal LMs)."""
 
     def validate(self, where: str) -> None:
         _check(17 <= self.opset <= 23, f"{where}.opset", f"{self.opset} is outside [17, 23]")
@@ -166,18 +168,39 @@ class LatencySpec:
 
 
 @dataclass
+class DecodeSpec:
+    prompt: int = 128
+    """Prompt tokens (from the evaluation text) before decoding."""
+    new_tokens: int = 64
+    """Tokens generated per latency run (ms/token is their mean)."""
+    greedy_tokens: int = 32
+    """Greedy tokens compared with PyTorch generate (identical tokens, per-step max |Δlogit|)."""
+    repeats: int = 3
+
+    def validate(self, where: str) -> None:
+        _check(1 <= self.prompt <= 8192, f"{where}.prompt", f"{self.prompt} is outside [1, 8192]")
+        _check(2 <= self.new_tokens <= 4096, f"{where}.new_tokens", f"{self.new_tokens} is outside [2, 4096]")
+        _check(1 <= self.greedy_tokens <= 4096, f"{where}.greedy_tokens", f"{self.greedy_tokens} is outside [1, 4096]")
+        _check(1 <= self.repeats <= 100, f"{where}.repeats", f"{self.repeats} is outside [1, 100]")
+
+
+@dataclass
 class ValidationSpec:
     perplexity: bool = True
     agreement_windows: int = 8
     """Evaluation windows on which top-1 agreement and KL(dense‖variant) are measured."""
     parity: ParitySpec = field(default_factory=ParitySpec)
     latency: LatencySpec | None = field(default_factory=LatencySpec)
+    decode: DecodeSpec | None = None
+    """Greedy-decode parity and decode latency through the KV-cache graphs (needs export.kv_cache)."""
 
     def validate(self, where: str) -> None:
         _check(self.agreement_windows >= 0, f"{where}.agreement_windows", f"{self.agreement_windows} is negative")
         self.parity.validate(f"{where}.parity")
         if self.latency is not None:
             self.latency.validate(f"{where}.latency")
+        if self.decode is not None:
+            self.decode.validate(f"{where}.decode")
 
 
 @dataclass
@@ -204,6 +227,11 @@ class Recipe:
         self.data.validate("data")
         self.export.validate("export")
         self.validation.validate("validation")
+        _check(
+            self.validation.decode is None or self.export.kv_cache,
+            "validation.decode",
+            "needs export.kv_cache: true (decoding runs the KV-cache graphs)",
+        )
         _validate_variants(self)
         _validate_engines(self)
         return self

@@ -107,6 +107,22 @@ def render_markdown(results: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     for r in rows:
         if r["status"] == "ok":
             lines.append(f"| {r['variant']} | {r['backend']} | {_latency_cells(r['latency'], r['variant'] == 'dense')} |")
+    if results.get("decode"):
+        d = results["decode"]
+        lines += [
+            "",
+            f"## Decode (KV cache, {d['runtime']}, batch {d['batch']}, {d['prompt_tokens']}-token prompt; variant/dense ratios interleaved)",
+            "",
+            "| variant | greedy tokens = PyTorch | max abs Δlogit | decode ms/token | ratio | prefill ms | ratio |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for v in results["variants"]:
+            r = v.get("decode")
+            if r:
+                lines.append(
+                    f"| {v['name']} | {'yes' if r['tokens_identical'] else 'NO'} ({r['greedy_tokens']}) | {r['max_abs_logit_delta']:.2e} "
+                    f"| {r['decode_ms_per_token']:.2f} | ×{r['decode_ratio']:.3f} | {r['prefill_ms']:.1f} | ×{r['prefill_ratio']:.3f} |"
+                )
     if results.get("skips"):
         lines += ["", "## Skipped backends", ""]
         for s in {(s["backend"], s["reason"]) for s in results["skips"]}:
@@ -198,10 +214,34 @@ Latency ratios are variant/dense medians measured interleaved in one process.</p
 <table><tr>{''.join(f'<th>{esc(h)}</th>' for h in head)}</tr>
 {''.join(body)}
 </table>
+{_decode_html(results)}
 <h2>Accuracy vs latency</h2>
 {img or '<p>No latency or perplexity figures to plot.</p>'}
 </body></html>
 """
+
+
+def _decode_html(results: dict[str, Any]) -> str:
+    if not results.get("decode"):
+        return ""
+    d = results["decode"]
+    rows = []
+    for v in results["variants"]:
+        r = v.get("decode")
+        if r:
+            cells = [
+                v["name"],
+                f"{'yes' if r['tokens_identical'] else 'NO'} ({r['greedy_tokens']})",
+                f"{r['max_abs_logit_delta']:.2e}",
+                f"{r['decode_ms_per_token']:.2f} (×{r['decode_ratio']:.3f})",
+                f"{r['prefill_ms']:.1f} (×{r['prefill_ratio']:.3f})",
+            ]
+            rows.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
+    head = "".join(f"<th>{h}</th>" for h in ("variant", "greedy tokens = PyTorch", "max |Δlogit|", "decode ms/token", "prefill ms"))
+    return (
+        f"<h2>Decode (KV cache, {html.escape(d['runtime'])}, batch {d['batch']}, {d['prompt_tokens']}-token prompt)</h2>"
+        f"<table><tr>{head}</tr>{''.join(rows)}</table>"
+    )
 
 
 def write_reports(out: Path, results: dict[str, Any]) -> None:

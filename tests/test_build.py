@@ -148,3 +148,36 @@ def test_encoder_build(tiny_dirs, text_file, tmp_path):
     assert r["parity"]["passed"]
     assert "perplexity_engine" not in r
     assert 0.0 < r["agreement"]["mean_cosine"] < 1.0
+
+
+def test_kv_cache_decode_stage(tiny_dirs, text_file, tmp_path):
+    recipe = tiny_recipe(
+        tiny_dirs["llama"],
+        text_file,
+        tmp_path / "kv",
+        variants=[{"name": "m2of4", "passes": [{"magnitude": {"pattern": "2:4"}}]}],
+        export={"kv_cache": True},
+        validation={
+            "agreement_windows": 1,
+            "parity": {"batch": 1, "length": 8},
+            "latency": None,
+            "decode": {"prompt": 16, "new_tokens": 6, "greedy_tokens": 8, "repeats": 2},
+        },
+    )
+    s = build(recipe)
+    for v in s.results["variants"]:
+        d = v["decode"]
+        assert d["tokens_identical"], v["name"]
+        assert d["max_abs_logit_delta"] <= 1e-3
+        assert d["decode_ms_per_token"] > 0 and len(d["samples"]["decode_ms_per_token"]) == 2
+    assert s.results["variants"][0]["decode"]["decode_ratio"] == 1.0
+    assert "## Decode (KV cache" in (tmp_path / "kv" / "report.md").read_text()
+    assert (tmp_path / "kv" / "m2of4" / "kv" / "decode.onnx").is_file()
+    assert build(recipe).reused_all
+
+
+def test_decode_validation_needs_kv_export(tiny_dirs, text_file, tmp_path):
+    from pipeline.errors import RecipeError
+
+    with pytest.raises(RecipeError, match="validation.decode.*needs export.kv_cache"):
+        tiny_recipe(tiny_dirs["llama"], text_file, tmp_path, validation={"decode": {}})

@@ -133,3 +133,51 @@ def test_tensorrt_builds_a_sparse_engine_and_matches_pytorch(tmp_path):
     with torch.no_grad():
         ref = model(input_ids=torch.from_numpy(ids)).logits.numpy()
     np.testing.assert_allclose(out, ref, atol=2e-2, rtol=2e-2)  # TF32 GEMMs
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime-cuda", "onnxruntime-trt", "torch-cuda"])
+def test_gpu_backends_are_typed_skips_without_a_gpu(backend):
+    import onnxruntime as ort
+    import torch
+
+    engine = get_engine(backend)
+    has = torch.cuda.is_available() if backend == "torch-cuda" else {"onnxruntime-cuda": "CUDAExecutionProvider", "onnxruntime-trt": "TensorrtExecutionProvider"}[backend] in ort.get_available_providers()
+    if has:
+        pytest.skip(f"{backend} is available here; its unavailable path cannot be observed")
+    with pytest.raises(EngineUnavailable) as err:
+        engine.check_available()
+    assert err.value.backend == backend and err.value.reason
+
+
+def test_gpu_backend_options():
+    assert get_engine("onnxruntime-trt", {"sparsity": False}).options["sparsity"] is False
+    with pytest.raises(ValueError, match="sparsity must be bool"):
+        get_engine("onnxruntime-trt", {"sparsity": "on"})
+    with pytest.raises(ValueError, match="dtype must be float16 or bfloat16"):
+        get_engine("torch-cuda", {"dtype": "float32"})
+
+
+@pytest.mark.gpu
+def test_torch_cuda_runner_runs_2of4_linears_sparse(tiny_dirs, tmp_path):
+    import numpy as np
+    import torch
+
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 8:
+        pytest.skip("needs a CUDA GPU with compute capability 8.0+ (2:4 sparse tensor cores)")
+    from engines.torch_cuda import convert_2of4_linears
+    from passes import PassContext
+    from passes.magnitude import MagnitudeConfig, MagnitudePass
+    from pipeline.adapters import adapter_for
+    from tests.conftest import tiny_config
+    from transformers import AutoModelForCausalLM
+
+    cfg = tiny_config("llama")
+    cfg.hidden_size, cfg.intermediate_size = 128, 256  # semi-structured kernels need dims of 64+
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    MagnitudePass(MagnitudeConfig(pattern="2:4")).run(model, PassContext(adapter_for(cfg)))
+    ids = torch.randint(0, 200, (2, 64))
+    ref = model(input_ids=ids).logits
+    m = model.to("cuda", torch.float16)
+    assert len(convert_2of4_linears(m, adapter_for(cfg))) == 2 * 7
+    out = m(input_ids=ids.cuda()).logits.float().cpu()
+    np.testing.assert_allclose(out.numpy(), ref.detach().numpy(), atol=5e-2, rtol=5e-2)
