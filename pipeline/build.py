@@ -220,17 +220,30 @@ class Builder:
 
     def stage_export(self, v: VariantSpec) -> StageOutcome:
         def build(tmp: Path) -> dict[str, Any]:
+            from export.graph import make_passes, rewrite_file
             from export.onnx_export import RebindError, export_onnx, rebind_weights
 
             spec = self.recipe.export
             model = self.variant_model(v)
+            # With graph passes, the exporter's graph (parameter-named weights) is kept as raw.onnx for
+            # the dense variant, so shape-preserving variants can rebind into it before their own rewrite.
+            raw = tmp / ("raw.onnx" if spec.graph_passes else "model.onnx")
+            info: dict[str, Any] | None = None
             if self.rebinds(v):
                 required = [f"{r.name}.weight" for r in self.dense().adapter.linears(model)]
+                src = self.out / "dense" / "onnx" / ("raw.onnx" if spec.graph_passes else "model.onnx")
                 try:
-                    return rebind_weights(self.out / "dense" / "onnx" / "model.onnx", model, required, tmp / "model.onnx")
+                    info = rebind_weights(src, model, required, raw)
                 except RebindError as exc:
                     log.warning("%s: cannot reuse the dense graph (%s); exporting afresh", v.name, exc)
-            return export_onnx(model, self.dense().task, tmp / "model.onnx", spec.opset, spec.exporter)
+            if info is None:
+                info = export_onnx(model, self.dense().task, raw, spec.opset, spec.exporter)
+            if spec.graph_passes:
+                info["graph_passes"] = rewrite_file(raw, tmp / "model.onnx", make_passes(spec.graph_passes))
+                info["onnx_bytes"] = (tmp / "model.onnx").stat().st_size
+                if v.name != "dense":
+                    raw.unlink()
+            return info
 
         out = run_stage(self.out / v.name / "onnx", f"{v.name}/onnx", self.export_key(v), self._export_options(), build)
         self._record(v.name, out)
@@ -295,7 +308,7 @@ class Builder:
             windows = self.eval_windows()
             result: dict[str, Any] = {"variant": v.name, "backend": e.backend, "task": task}
             result["size"] = V.size_stats(model, dense.adapter)
-            result["size"]["onnx_bytes"] = _dir_bytes(self.out / v.name / "onnx", "*.onnx*")
+            result["size"]["onnx_bytes"] = _dir_bytes(self.out / v.name / "onnx", "model.onnx*")
             result["size"]["engine_bytes"] = artifact(v).path.stat().st_size
             torch_fn = V.torch_outputs_fn(model, task)
             art = artifact(v)
@@ -418,7 +431,11 @@ class Builder:
             lay = cache_layout(dense.model, dense.adapter)
             windows = self.eval_windows()
             prompt = windows.reshape(-1)[: spec.prompt][None].numpy()
-            so = OnnxRuntimeCpuEngine({})._session_options
+            def so() -> Any:  # no intra-op spinning: sessions alternate, as in the prefill latency stage
+                opts = OnnxRuntimeCpuEngine({})._session_options()
+                opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+                return opts
+
             result: dict[str, Any] = {"prompt_tokens": int(prompt.shape[1]), "batch": 1, "runtime": "onnxruntime-cpu", "variants": {}}
             with ExitStack() as stack:
                 runners = {}

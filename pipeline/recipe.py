@@ -117,9 +117,14 @@ class ExportSpec:
     instead of re-running the exporter (same computation; engine/PyTorch parity still checked)."""
     kv_cache: bool = False
     """Also export prefill + decode graphs with an explicit KV cache (causal LMs)."""
+    graph_passes: list[str] = field(default_factory=list)
+    """ONNX rewrites applied to every variant's graph, in order: cleanup, sparse_layout, fp16."""
 
     def validate(self, where: str) -> None:
         _check(17 <= self.opset <= 23, f"{where}.opset", f"{self.opset} is outside [17, 23]")
+        known = ("cleanup", "sparse_layout", "fp16")
+        for i, name in enumerate(self.graph_passes):
+            _check(name in known, f"{where}.graph_passes[{i}]", f"'{name}' is not one of {', '.join(known)}")
         _check(self.exporter in ("dynamo", "torchscript"), f"{where}.exporter", f"'{self.exporter}' is not one of dynamo, torchscript")
 
 

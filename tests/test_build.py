@@ -181,3 +181,29 @@ def test_decode_validation_needs_kv_export(tiny_dirs, text_file, tmp_path):
 
     with pytest.raises(RecipeError, match="validation.decode.*needs export.kv_cache"):
         tiny_recipe(tiny_dirs["llama"], text_file, tmp_path, validation={"decode": {}})
+
+
+def test_graph_passes_in_the_build(tiny_dirs, text_file, tmp_path):
+    recipe = tiny_recipe(
+        tiny_dirs["llama"],
+        text_file,
+        tmp_path / "gp",
+        variants=[{"name": "m2of4", "passes": [{"magnitude": {"pattern": "2:4"}}]}],
+        export={"graph_passes": ["cleanup", "sparse_layout", "fp16"]},
+        validation={"agreement_windows": 1, "parity": {"atol": 0.05, "rtol": 0.05, "batch": 1, "length": 8}, "latency": None},
+    )
+    s = build(recipe)
+    import onnx
+
+    for v in s.results["variants"]:
+        assert set(v["export"]["graph_passes"]) == {"CleanupPass", "SparseLayoutPass", "Fp16GemmPass"}
+        assert v["export"]["graph_passes"]["Fp16GemmPass"] is True
+        r = v["engines"]["onnxruntime-cpu"]
+        assert r["parity"]["passed"]
+        assert abs(r["perplexity_engine_vs_torch"]) < 0.01  # fp16 GEMMs vs fp32 PyTorch
+    proto = onnx.load(str(tmp_path / "gp" / "m2of4" / "onnx" / "model.onnx"))
+    inits = {t.name: t for t in proto.graph.initializer}
+    assert inits["model.layers.0.mlp.up_proj.weight.T.fp16"].data_type == onnx.TensorProto.FLOAT16
+    assert (tmp_path / "gp" / "dense" / "onnx" / "raw.onnx").is_file()
+    assert not (tmp_path / "gp" / "m2of4" / "onnx" / "raw.onnx").exists()
+    assert s.results["variants"][1]["export"]["exporter"] == "rebind"

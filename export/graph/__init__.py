@@ -20,6 +20,22 @@ from pipeline.errors import PipelineError
 log = logging.getLogger(__name__)
 
 
+GRAPH_PASSES = ("cleanup", "sparse_layout", "fp16")
+"""Recipe names (export.graph_passes), applied in the order given."""
+
+
+def make_passes(names: Sequence[str]) -> list[ir.passes.PassBase]:
+    from export.graph.cleanup import CleanupPass
+    from export.graph.precision import Fp16GemmPass
+    from export.graph.sparse_layout import SparseLayoutPass
+
+    table = {"cleanup": CleanupPass, "sparse_layout": SparseLayoutPass, "fp16": Fp16GemmPass}
+    unknown = [n for n in names if n not in table]
+    if unknown:
+        raise ValueError(f"graph passes {unknown} are unknown; expected some of {', '.join(GRAPH_PASSES)}")
+    return [table[n]() for n in names]
+
+
 def run_graph_passes(model: ir.Model, passes: Sequence[ir.passes.PassBase]) -> dict[str, Any]:
     """Apply ``passes`` in place; check the model after each. Returns {pass name: modified}."""
     report: dict[str, Any] = {}
