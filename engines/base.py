@@ -43,6 +43,13 @@ class Engine(ABC):
     def validate_options(self, options: dict[str, Any]) -> dict[str, Any]:
         return options
 
+    def with_defaults(self, defaults: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
+        """``defaults`` overridden by ``options``; an option not in ``defaults`` is a ValueError naming it."""
+        unknown = sorted(set(options) - set(defaults))
+        if unknown:
+            raise ValueError(f"engine '{self.name}': unknown option '{unknown[0]}'; expected {', '.join(defaults)}")
+        return defaults | options
+
     @abstractmethod
     def check_available(self) -> None:
         """Raise EngineUnavailable(backend, reason) when this backend cannot run here."""

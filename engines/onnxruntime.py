@@ -35,11 +35,7 @@ class OnnxRuntimeCpuEngine(Engine):
     name = "onnxruntime-cpu"
 
     def validate_options(self, options: dict[str, Any]) -> dict[str, Any]:
-        allowed = {"optimization": "all", "threads": 0}
-        unknown = sorted(set(options) - set(allowed))
-        if unknown:
-            raise ValueError(f"engine '{self.name}': unknown option '{unknown[0]}'; expected {', '.join(allowed)}")
-        merged = allowed | options
+        merged = self.with_defaults({"optimization": "all", "threads": 0}, options)
         if merged["optimization"] not in ("basic", "extended", "all"):
             raise ValueError(f"engine '{self.name}': optimization '{merged['optimization']}' is not one of basic, extended, all")
         if not isinstance(merged["threads"], int) or merged["threads"] < 0:

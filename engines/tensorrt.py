@@ -58,10 +58,7 @@ class TensorRTEngine(Engine):
     name = "tensorrt"
 
     def validate_options(self, options: dict[str, Any]) -> dict[str, Any]:
-        unknown = sorted(set(options) - set(DEFAULTS))
-        if unknown:
-            raise ValueError(f"engine '{self.name}': unknown option '{unknown[0]}'; expected {', '.join(DEFAULTS)}")
-        merged = DEFAULTS | options
+        merged = self.with_defaults(DEFAULTS, options)
         for key in ("sparsity", "tf32", "fp16"):
             if not isinstance(merged[key], bool):
                 raise ValueError(f"engine '{self.name}': {key} must be true or false, got {merged[key]!r}")

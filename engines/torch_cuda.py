@@ -47,10 +47,7 @@ class TorchCudaEngine(Engine):
     name = "torch-cuda"
 
     def validate_options(self, options: dict[str, Any]) -> dict[str, Any]:
-        unknown = sorted(set(options) - set(DEFAULTS))
-        if unknown:
-            raise ValueError(f"engine '{self.name}': unknown option '{unknown[0]}'; expected {', '.join(DEFAULTS)}")
-        merged = DEFAULTS | options
+        merged = self.with_defaults(DEFAULTS, options)
         if merged["dtype"] not in ("float16", "bfloat16"):
             raise ValueError(f"engine '{self.name}': dtype must be float16 or bfloat16 (the 2:4 sparse kernels' types)")
         if not isinstance(merged["sparse"], bool):
