@@ -21,14 +21,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from calibrate.data import shakespeare_splits, tokenize  # noqa: E402
-from engines.onnxruntime import OnnxRuntimeCpuEngine, OnnxRuntimeRunner  # noqa: E402
-from export.kv_export import cache_layout, export_kv_graphs, greedy_generate  # noqa: E402
+from engines.onnxruntime import OnnxRuntimeCpuEngine  # noqa: E402
+from export.kv_export import cache_layout, compare_with_generate, export_kv_graphs, greedy_generate  # noqa: E402
 from export.onnx_export import rebind_weights  # noqa: E402
 from passes import PassContext  # noqa: E402
 from passes.magnitude import MagnitudeConfig, MagnitudePass  # noqa: E402
@@ -50,7 +47,6 @@ def main() -> int:
     MagnitudePass(MagnitudeConfig(pattern="2:4")).run(variant, PassContext(loaded.adapter))
     lay = cache_layout(dense, loaded.adapter)
     prompt = tokenize(loaded.tokenizer, shakespeare_splits().evaluation)[: args.prompt][None].numpy()
-    so = OnnxRuntimeCpuEngine({})._session_options
     results: dict = {"model": "smollm2-135m", "prompt_tokens": args.prompt, "variants": {}}
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp) / "dense"
@@ -62,29 +58,17 @@ def main() -> int:
         for g in ("prefill", "decode"):
             rebind_weights(d / f"{g}.onnx", variant, required, v / f"{g}.onnx")
         runners = {}
+        ort_cpu = OnnxRuntimeCpuEngine({})
         for name, path, model in (("dense", d, dense), ("magnitude-2of4", v, variant)):
-            pre = OnnxRuntimeRunner(path / "prefill.onnx", so())
-            dec = OnnxRuntimeRunner(path / "decode.onnx", so())
+            pre = ort_cpu.open(path / "prefill.onnx", spinning=False)
+            dec = ort_cpu.open(path / "decode.onnx", spinning=False)
             pre.activate()
             dec.activate()
             runners[name] = (pre, dec)
             res = greedy_generate(pre, dec, lay, prompt, args.tokens)
-            model.generation_config.eos_token_id = None
-            with torch.no_grad():
-                ref = model.generate(
-                    torch.from_numpy(prompt), attention_mask=torch.ones_like(torch.from_numpy(prompt)), max_new_tokens=args.tokens,
-                    do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=0,
-                )
-            same = bool(np.array_equal(res.tokens, ref.sequences[:, prompt.shape[1]:].numpy()))
-            deltas = [float(np.abs(a - b.numpy()).max()) for a, b in zip(res.step_logits, ref.logits)]
-            results["variants"][name] = {
-                "greedy_tokens": args.tokens,
-                "tokens_identical": same,
-                "max_abs_logit_delta_per_step_max": max(deltas),
-                "max_abs_logit_delta_per_step": [round(x, 6) for x in deltas],
-                "text": loaded.tokenizer.decode(res.tokens[0]),
-            }
-            logging.info("%s: tokens identical %s, worst per-step max |Δlogit| %.2e", name, same, max(deltas))
+            cmp = compare_with_generate(res, model, prompt)
+            results["variants"][name] = cmp | {"text": loaded.tokenizer.decode(res.tokens[0])}
+            logging.info("%s: tokens identical %s, worst per-step max |Δlogit| %.2e", name, cmp["tokens_identical"], cmp["max_abs_logit_delta"])
         # latency: dense and variant alternate, decode ms/token over --new tokens and prefill ms
         lat = {n: {"decode_ms_per_token": [], "prefill_ms": []} for n in runners}
         for n in runners:  # warm-up
@@ -109,7 +93,7 @@ def main() -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     for n, r in results["variants"].items():
-        print(f"{n:16} tokens identical: {r['tokens_identical']}  worst |Δlogit|: {r['max_abs_logit_delta_per_step_max']:.2e}  "
+        print(f"{n:16} tokens identical: {r['tokens_identical']}  worst |Δlogit|: {r['max_abs_logit_delta']:.2e}  "
               f"decode {r['decode_ms_per_token_median']:.1f} ms/token  prefill {r['prefill_ms_median']:.1f} ms")
     print(f"variant/dense: decode ×{results['decode_ratio']}, prefill ×{results['prefill_ratio']}  → {args.out}")
     return 0

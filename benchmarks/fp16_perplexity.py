@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from calibrate.data import evaluation_windows, shakespeare_splits, tokenize  # noqa: E402
-from engines.onnxruntime import OnnxRuntimeCpuEngine, OnnxRuntimeRunner  # noqa: E402
+from engines.onnxruntime import OnnxRuntimeCpuEngine  # noqa: E402
 from export.graph import rewrite_file  # noqa: E402
 from export.graph.cleanup import CleanupPass  # noqa: E402
 from export.graph.precision import Fp16GemmPass  # noqa: E402
@@ -40,14 +40,14 @@ def main() -> int:
         raise SystemExit(f"{args.onnx} does not exist; run 'python -m pipeline build' first or pass --onnx")
     tok = load_model("smollm2-135m").tokenizer
     windows = evaluation_windows(tokenize(tok, shakespeare_splits().evaluation), args.length, args.windows)
-    so = OnnxRuntimeCpuEngine({})._session_options
+    ort_cpu = OnnxRuntimeCpuEngine({})
     out: dict = {"onnx": str(args.onnx), "windows": list(windows.shape), "runtime": "onnxruntime CPUExecutionProvider"}
     with tempfile.TemporaryDirectory() as tmp:
         fp16 = Path(tmp) / "model.fp16.onnx"
         out["passes"] = rewrite_file(args.onnx, fp16, [Fp16GemmPass(), CleanupPass()])
         out["fp16_bytes"], out["fp32_bytes"] = fp16.stat().st_size, args.onnx.stat().st_size
         for name, path in (("fp32", args.onnx), ("fp16", fp16)):
-            with OnnxRuntimeRunner(path, so()) as r:
+            with ort_cpu.open(path) as r:
                 out[name] = perplexity(runner_outputs_fn(r, "logits"), windows, name)
             logging.info("%s perplexity %.4f (%.1f s)", name, out[name]["perplexity"], out[name]["seconds"])
     out["relative_difference"] = out["fp16"]["perplexity"] / out["fp32"]["perplexity"] - 1

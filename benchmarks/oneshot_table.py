@@ -56,6 +56,7 @@ def main() -> int:
     ap.add_argument("--calibration-windows", type=int, default=128)
     ap.add_argument("--eval-windows", type=int, default=40)
     ap.add_argument("--length", type=int, default=512)
+    ap.add_argument("--calibration-dtype", choices=["auto", "float32", "bfloat16"], default="auto", help="precision of the calibration forwards")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "oneshot_table.json")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -72,6 +73,8 @@ def main() -> int:
         seconds = 0.0
         if row != "dense":
             method, opts = options(row)
+            if method != "magnitude":
+                opts["calibration_dtype"] = args.calibration_dtype
             cls = get_pass_class(method)
             t0 = time.perf_counter()
             cls(cls.config_class(**opts)).run(model, PassContext(loaded.adapter, calibration=lambda: calw))

@@ -196,7 +196,8 @@ class LayerwiseRunner:
         all_blocks = self.adapter.blocks(self.model)
         chosen = set(range(len(all_blocks))) if not blocks else set(blocks)
         last = max(chosen) if chosen else -1
-        for b in progress(range(len(all_blocks)), desc="calibrated blocks", total=len(all_blocks)):
+        blocks_iter = range(len(all_blocks))
+        for b in progress(blocks_iter, desc="calibrated blocks") if self.show_progress else blocks_iter:
             if b > last:
                 break
             tb = time.perf_counter()

@@ -90,10 +90,15 @@ class OnnxRuntimeCpuEngine(Engine):
         return EngineArtifact(self.name, out, info)
 
     def runner(self, artifact: EngineArtifact, threads: int | None = None, spinning: bool = True, **_: Any) -> "OnnxRuntimeRunner":
+        return self.open(Path(artifact.path), threads=threads, spinning=spinning)
+
+    def open(self, model: Path, threads: int | None = None, spinning: bool = True, name: str | None = None) -> "OnnxRuntimeRunner":
+        """A runner on any ONNX file with this engine's session options. ``spinning=False`` stops idle
+        intra-op threads from spinning, for sessions that alternate in one process (latency runs)."""
         so = self._session_options(None, threads)
         if not spinning:
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        return OnnxRuntimeRunner(Path(artifact.path), so)
+        return OnnxRuntimeRunner(Path(model), so, name=name)
 
 
 class OnnxRuntimeRunner(Runner):

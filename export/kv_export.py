@@ -168,3 +168,29 @@ def greedy_generate(prefill: Any, decode: Any, layout: CacheLayout, input_ids: n
         logits = out["logits"][:, -1]
         steps.append(logits)
     return GreedyResult(np.concatenate(tokens, 1), steps, prefill_ms, times)
+
+
+def compare_with_generate(result: GreedyResult, model: torch.nn.Module, prompt: np.ndarray) -> dict[str, Any]:
+    """Greedy ``model.generate`` for as many tokens as ``result`` holds, compared token by token and
+    step by step (max |Δlogit| of each step's last-position logits). EOS does not stop the
+    reference; the model's generation config is restored afterwards. (A copied config passed to
+    ``generate`` does not do: transformers refills its unset ``eos_token_id`` from the model's.)"""
+    n = result.tokens.shape[1]
+    cfg = model.generation_config
+    eos = cfg.eos_token_id
+    cfg.eos_token_id = None
+    try:
+        with torch.no_grad():
+            ref = model.generate(
+                torch.from_numpy(prompt), attention_mask=torch.ones(prompt.shape, dtype=torch.long),
+                max_new_tokens=n, do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=0,
+            )
+    finally:
+        cfg.eos_token_id = eos
+    deltas = [float(np.abs(a - b.numpy()).max()) for a, b in zip(result.step_logits, ref.logits)]
+    return {
+        "greedy_tokens": n,
+        "tokens_identical": bool(np.array_equal(result.tokens, ref.sequences[:, prompt.shape[1] :].numpy())),
+        "max_abs_logit_delta": max(deltas),
+        "max_abs_logit_delta_per_step": deltas,
+    }

@@ -125,7 +125,8 @@ def _eager_attention(model: torch.nn.Module) -> Iterator[None]:
     """Export the eager attention (MatMul, Add mask, Softmax, MatMul) instead of SDPA.
 
     The exporters decompose SDPA with a NaN-guarded softmax (IsNaN + Where per
-    layer) that costs ONNX Runtime CPU ~15 % of a 4×512 prefill; the eager form is
+    layer; in one ONNX Runtime CPU profile of SmolLM2 they took a sizeable share of a prefill —
+    an ad-hoc measurement, not a benchmark in this repository); the eager form is
     the plain pattern runtimes (and TensorRT's MHA fusion) recognise. Restored afterwards.
     """
     before = getattr(model.config, "_attn_implementation", None)

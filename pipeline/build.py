@@ -421,44 +421,28 @@ class Builder:
             import statistics
             from contextlib import ExitStack
 
-            import numpy as np
-            import torch
-
-            from engines.onnxruntime import OnnxRuntimeCpuEngine, OnnxRuntimeRunner
-            from export.kv_export import cache_layout, greedy_generate
+            from engines.onnxruntime import OnnxRuntimeCpuEngine
+            from export.kv_export import cache_layout, compare_with_generate, greedy_generate
 
             dense = self.dense()
             lay = cache_layout(dense.model, dense.adapter)
             windows = self.eval_windows()
             prompt = windows.reshape(-1)[: spec.prompt][None].numpy()
-            def so() -> Any:  # no intra-op spinning: sessions alternate, as in the prefill latency stage
-                opts = OnnxRuntimeCpuEngine({})._session_options()
-                opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-                return opts
-
+            ort_cpu = OnnxRuntimeCpuEngine({})
             result: dict[str, Any] = {"prompt_tokens": int(prompt.shape[1]), "batch": 1, "runtime": "onnxruntime-cpu", "variants": {}}
             with ExitStack() as stack:
                 runners = {}
                 for v in ordered:
                     kv = self.out / v.name / "kv"
-                    pre = stack.enter_context(OnnxRuntimeRunner(kv / "prefill.onnx", so(), name=f"{v.name}:prefill"))
-                    dec = stack.enter_context(OnnxRuntimeRunner(kv / "decode.onnx", so(), name=f"{v.name}:decode"))
+                    # no intra-op spinning: the sessions alternate, as in the prefill latency stage
+                    pre = stack.enter_context(ort_cpu.open(kv / "prefill.onnx", spinning=False, name=f"{v.name}:prefill"))
+                    dec = stack.enter_context(ort_cpu.open(kv / "decode.onnx", spinning=False, name=f"{v.name}:decode"))
                     runners[v.name] = (pre, dec)
                     model = dense.model if v.name == "dense" else self.variant_model(v)
-                    res = greedy_generate(pre, dec, lay, prompt, spec.greedy_tokens)
-                    model.generation_config.eos_token_id = None
-                    with torch.no_grad():
-                        ref = model.generate(
-                            torch.from_numpy(prompt), attention_mask=torch.ones(prompt.shape, dtype=torch.long), max_new_tokens=spec.greedy_tokens,
-                            do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=0,
-                        )
-                    deltas = [float(np.abs(a - b.numpy()).max()) for a, b in zip(res.step_logits, ref.logits)]
-                    result["variants"][v.name] = {
-                        "greedy_tokens": spec.greedy_tokens,
-                        "tokens_identical": bool(np.array_equal(res.tokens, ref.sequences[:, prompt.shape[1] :].numpy())),
-                        "max_abs_logit_delta": max(deltas),
-                    }
-                    log.info("%s: greedy decode tokens identical %s, max |Δlogit| %.2e", v.name, result["variants"][v.name]["tokens_identical"], max(deltas))
+                    cmp = compare_with_generate(greedy_generate(pre, dec, lay, prompt, spec.greedy_tokens), model, prompt)
+                    cmp.pop("max_abs_logit_delta_per_step")
+                    result["variants"][v.name] = cmp
+                    log.info("%s: greedy decode tokens identical %s, max |Δlogit| %.2e", v.name, cmp["tokens_identical"], cmp["max_abs_logit_delta"])
                 for name in runners:  # warm-up
                     greedy_generate(*runners[name], lay, prompt, 4)
                 samples = {n: {"decode_ms_per_token": [], "prefill_ms": []} for n in runners}

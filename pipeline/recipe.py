@@ -246,7 +246,6 @@ def _validate_variants(recipe: Recipe) -> None:
     from passes import get_pass_config_class  # imports pass configs only
 
     seen: set[str] = set()
-    names = []
     for i, v in enumerate(recipe.variants):
         where = f"variants[{i}]"
         _check(bool(_NAME_RE.match(v.name)), f"{where}.name", f"'{v.name}' must match [A-Za-z0-9][A-Za-z0-9._-]*")
@@ -260,7 +259,6 @@ def _validate_variants(recipe: Recipe) -> None:
             pwhere = f"{where}.passes[{j}].{p.name}"
             cls = get_pass_config_class(p.name, f"{where}.passes[{j}]")
             p.options = dataclasses.asdict(build_dataclass(cls, p.options, pwhere))
-        names.append(v.name)
     if "dense" not in seen:
         recipe.variants.insert(0, VariantSpec("dense", []))
 

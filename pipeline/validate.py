@@ -30,15 +30,16 @@ log = logging.getLogger(__name__)
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]
 
 
-def torch_outputs_fn(model: torch.nn.Module, task: str) -> LogitsFn:
-    def run(ids: torch.Tensor) -> torch.Tensor:
-        mask = torch.ones_like(ids)
-        with torch.inference_mode():
-            if task == "causal-lm":
-                return model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
-            return model(input_ids=ids, attention_mask=mask).last_hidden_state.float()
+def torch_forward(model: torch.nn.Module, task: str, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The tensor the exported graph outputs: logits (causal LM) or last hidden state (encoder), fp32."""
+    with torch.inference_mode():
+        if task == "causal-lm":
+            return model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
+        return model(input_ids=ids, attention_mask=mask).last_hidden_state.float()
 
-    return run
+
+def torch_outputs_fn(model: torch.nn.Module, task: str) -> LogitsFn:
+    return lambda ids: torch_forward(model, task, ids, torch.ones_like(ids))
 
 
 def runner_outputs_fn(runner: Any, output: str) -> LogitsFn:
@@ -168,15 +169,9 @@ def parity(
 
         def infer_impl(self, feed_dict: dict[str, np.ndarray]) -> Any:
             t0 = time.perf_counter()
-            ids = torch.from_numpy(feed_dict["input_ids"])
-            with torch.inference_mode():
-                mask = torch.from_numpy(feed_dict["attention_mask"])
-                if task == "causal-lm":
-                    out = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-                else:
-                    out = model(input_ids=ids, attention_mask=mask).last_hidden_state
+            out = torch_forward(model, task, torch.from_numpy(feed_dict["input_ids"]), torch.from_numpy(feed_dict["attention_mask"]))
             self.inference_time = time.perf_counter() - t0
-            return OrderedDict([(output, out.float().numpy())])
+            return OrderedDict([(output, out.numpy())])
 
     runners = [PytorchRunner(), OnnxrtRunner(SessionFromOnnx(str(engine_model), providers=["CPUExecutionProvider"]), name="onnxruntime")]
     results = Comparator.run(runners, data_loader=feeds)

@@ -5,14 +5,14 @@ import onnx
 import pytest
 import torch
 
-from engines.onnxruntime import OnnxRuntimeCpuEngine, OnnxRuntimeRunner
+from engines.onnxruntime import OnnxRuntimeCpuEngine
 from export.kv_export import cache_layout, export_kv_graphs, greedy_generate
 from pipeline.adapters import adapter_for
 from tests.conftest import VOCAB, tiny_model
 
 
 def _runner(path):
-    return OnnxRuntimeRunner(path, OnnxRuntimeCpuEngine({})._session_options())
+    return OnnxRuntimeCpuEngine({}).open(path)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])
