@@ -6,6 +6,8 @@ from passes.base import Pass, PassContext, PassResult, registry
 from passes import magnitude as _magnitude  # noqa: F401  (registers the passes)
 from passes import sparsegpt as _sparsegpt  # noqa: F401
 from passes import wanda as _wanda  # noqa: F401
+from passes import structured as _structured  # noqa: F401
+from passes import distill as _distill  # noqa: F401
 from pipeline.errors import RecipeError
 
 __all__ = ["Pass", "PassContext", "PassResult", "get_pass_class", "get_pass_config_class", "registry"]

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     import torch
 
     from pipeline.adapters.base import ModelAdapter
@@ -25,6 +27,10 @@ class PassContext:
     """Returns calibration windows ``(N, L)`` of token ids; tokenises on first call."""
     seed: int = 0
     progress: bool = True
+    teacher: Callable[[], "torch.nn.Module"] | None = None
+    """Returns the dense model (read-only), for passes that distil from it."""
+    work_dir: "Path | None" = None
+    """A directory that survives an interrupted stage (checkpoints); the builder removes it once the stage is done."""
 
 
 @dataclass
@@ -64,6 +70,11 @@ class Pass(ABC):
     """True when ``run`` reads ``ctx.calibration`` (its stage key then includes the calibration data)."""
     changes_shapes: ClassVar[bool] = False
     """True when the pass removes heads/channels; otherwise the dense ONNX graph is reused with new weights."""
+
+    @classmethod
+    def shapes_change(cls, options: dict[str, Any]) -> bool:
+        """Whether this pass, with these recipe options, changes tensor shapes (no dense-graph reuse)."""
+        return cls.changes_shapes
 
     def __init__(self, config: Any):
         if not isinstance(config, self.config_class):

@@ -152,7 +152,7 @@ class Builder:
         """Whether the variant's ONNX reuses the dense graph with its own weights (no shape-changing pass)."""
         from passes import get_pass_class
 
-        return v.name != "dense" and self.recipe.export.reuse_dense_graph and not any(get_pass_class(p.name).changes_shapes for p in v.passes)
+        return v.name != "dense" and self.recipe.export.reuse_dense_graph and not any(get_pass_class(p.name).shapes_change(p.options) for p in v.passes)
 
     def _content(self, variant: str, stage: str) -> str:
         """Digest of a finished stage's files: downstream keys hash what their inputs really hold."""

@@ -166,11 +166,47 @@ def load_hf_dir(path: Path) -> tuple[Any, Any, Any]:
     adapter = adapter_for(config)
     cls = AutoModelForCausalLM if adapter.task == "causal-lm" else AutoModel
     try:
-        model = cls.from_pretrained(path, dtype=torch.float32).eval()
+        if getattr(config, "pruned_layers", None) is not None:
+            model = _load_pruned(cls, config, Path(path), adapter)
+        else:
+            model = cls.from_pretrained(path, dtype=torch.float32).eval()
         tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as exc:
         raise ModelLoadError(f"model directory '{path}' could not be loaded: {exc}") from exc
     return model, tokenizer, adapter
+
+
+def _load_pruned(cls: Any, config: Any, path: Path, adapter: Any) -> Any:
+    """A structurally pruned model: build it dense, shrink each block to its saved shape, load the weights."""
+    import torch
+    from safetensors.torch import load_model as load_safetensors
+
+    from passes.structure import apply_layer_shapes, parse_layer_shapes
+
+    shapes = parse_layer_shapes(config.pruned_layers, adapter.dims(config)["layers"])
+    model = cls.from_config(config, dtype=torch.float32)
+    apply_layer_shapes(model, adapter, shapes)
+    try:
+        missing, unexpected = load_safetensors(model, str(path / "model.safetensors"), strict=False)
+    except RuntimeError as exc:
+        raise ModelLoadError(f"'{path}/model.safetensors' does not match its pruned_layers shapes: {exc}") from exc
+    if unexpected or [m for m in missing if m not in _tied_names(model)]:
+        raise ModelLoadError(f"'{path}/model.safetensors' does not match its pruned_layers shapes: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    return model.eval()
+
+
+def _tied_names(model: Any) -> set[str]:
+    """Parameter names that share storage with an earlier parameter (saved once)."""
+    seen: dict[int, str] = {}
+    tied = set()
+    for name, p in model.state_dict(keep_vars=True).items():
+        if p.data_ptr() in seen:
+            tied.add(name)
+        else:
+            seen[p.data_ptr()] = name
+    return tied
 
 
 def load_model(source: str) -> LoadedModel:

@@ -62,6 +62,11 @@ class ModelAdapter:
     gated_mlp: bool = False
     head_path: str | None = None
     """Output head (e.g. lm_head) that calibration capture may skip; None for encoders."""
+    attention_path: str = ""
+    """Attention module inside one block, whose head-count attributes structured pruning updates."""
+    head_attrs: dict[str, str] = field(default_factory=dict)
+    """Attention attribute → what it holds after head removal: 'heads' (query heads), 'kv_heads',
+    'groups' (query heads per KV head) or 'width' (query heads × head_dim)."""
 
     def matches(self, config: Any) -> bool:
         return getattr(config, "model_type", None) in self.model_types

@@ -6,6 +6,8 @@ BERT = ModelAdapter(
     family="bert",
     model_types=("bert",),
     task="encoder",
+    attention_path="attention.self",
+    head_attrs={"num_attention_heads": "heads", "all_head_size": "width"},
     blocks_path="encoder.layer",
     linear_paths={
         "q": "attention.self.query",

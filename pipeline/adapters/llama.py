@@ -7,6 +7,8 @@ LLAMA = ModelAdapter(
     model_types=("llama", "mistral", "qwen2"),
     task="causal-lm",
     head_path="lm_head",
+    attention_path="self_attn",
+    head_attrs={"num_key_value_groups": "groups"},
     blocks_path="model.layers",
     linear_paths={
         "q": "self_attn.q_proj",

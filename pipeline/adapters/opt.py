@@ -7,6 +7,8 @@ OPT = ModelAdapter(
     model_types=("opt",),
     task="causal-lm",
     head_path="lm_head",
+    attention_path="self_attn",
+    head_attrs={"num_heads": "heads"},
     blocks_path="model.decoder.layers",
     linear_paths={
         "q": "self_attn.q_proj",

@@ -1,0 +1,237 @@
+"""Physical removal of attention heads and FFN channels, and per-layer shapes that survive save/reload.
+
+A block's attention is described by its query heads, its key/value heads (fewer under GQA:
+query head ``h`` reads KV head ``h // group``) and the head width; its MLP by the FFN
+width. Removing heads slices the rows of q/k/v (columns of GPT-2's fused ``c_attn``, one
+segment each) and the input columns of the output projection; removing FFN channels
+slices the rows of up/gate and the input columns of down. Biases follow their rows;
+output biases stay. The attention module's head-count attributes are updated through
+the adapter (``head_attrs``) so the family's own forward runs unchanged.
+
+Under GQA every kept KV head must keep the same number of query heads (the attention
+kernels repeat each KV head ``group`` times), so within-group removal is uniform per
+layer; whole KV groups can go freely.
+
+Per-layer shapes are written into the saved config as ``pruned_layers`` and
+:func:`apply_layer_shapes` rebuilds an empty model of those shapes before the weights
+are loaded (``pipeline.models.load_hf_dir`` does this), since Hugging Face configs have
+one head count and one FFN width for all layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Sequence
+
+import torch
+
+from pipeline.adapters.base import LinearRef, ModelAdapter, get_submodule
+
+CONFIG_KEY = "pruned_layers"
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    heads: int
+    kv_heads: int
+    ffn: int
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+def head_dim(adapter: ModelAdapter, config: Any) -> int:
+    explicit = getattr(config, "head_dim", None)
+    if isinstance(explicit, int) and explicit > 0:
+        return explicit
+    return adapter.dims(config)["head_dim"]
+
+
+def _refs(model: torch.nn.Module, adapter: ModelAdapter, block: int) -> dict[str, LinearRef]:
+    return {r.role: r for r in adapter.linears(model, blocks=[block])}
+
+
+def layer_shapes(model: torch.nn.Module, adapter: ModelAdapter) -> list[LayerShape]:
+    """Heads, KV heads and FFN width of every block, read from the weights themselves."""
+    hd = head_dim(adapter, model.config)
+    out = []
+    for b in range(len(adapter.blocks(model))):
+        refs = _refs(model, adapter, b)
+        if "qkv" in refs:
+            heads = refs["qkv"].out_features // 3 // hd
+            kv = heads
+        else:
+            heads = refs["q"].out_features // hd
+            kv = refs["k"].out_features // hd
+        out.append(LayerShape(heads, kv, refs["up"].out_features))
+    return out
+
+
+def _set_weight(ref: LinearRef, weight_out_in: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """Replace a linear's weight (given as (out, in)) and bias, keeping the module's storage convention."""
+    m = ref.module
+    w = weight_out_in.t() if ref.transposed else weight_out_in
+    m.weight = torch.nn.Parameter(w.contiguous().clone(), requires_grad=m.weight.requires_grad)
+    if bias is not None:
+        m.bias = torch.nn.Parameter(bias.contiguous().clone(), requires_grad=m.bias.requires_grad)
+    out_f, in_f = weight_out_in.shape
+    if hasattr(m, "in_features"):
+        m.in_features, m.out_features = in_f, out_f
+    if hasattr(m, "nf"):  # GPT-2 Conv1D
+        m.nf = out_f
+
+
+def _rows(ref: LinearRef, rows: torch.Tensor) -> None:
+    w = ref.weight_out_in()
+    bias = ref.module.bias.data[rows] if getattr(ref.module, "bias", None) is not None else None
+    _set_weight(ref, w[rows], bias)
+
+
+def _cols(ref: LinearRef, cols: torch.Tensor) -> None:
+    _set_weight(ref, ref.weight_out_in()[:, cols], None)
+
+
+def _head_rows(heads: Sequence[int], hd: int) -> torch.Tensor:
+    if not heads:
+        return torch.zeros(0, dtype=torch.long)
+    return torch.cat([torch.arange(h * hd, (h + 1) * hd) for h in heads])
+
+
+def kv_heads_for(keep_heads: Sequence[int], heads: int, kv_heads: int) -> list[int]:
+    """The KV heads a set of kept query heads needs, checking GQA's equal-group rule."""
+    group = heads // kv_heads
+    per_kv: dict[int, int] = {}
+    for h in keep_heads:
+        per_kv[h // group] = per_kv.get(h // group, 0) + 1
+    if len(set(per_kv.values())) > 1:
+        raise ValueError(
+            f"kept query heads {sorted(keep_heads)} leave KV groups with unequal sizes {per_kv}; "
+            "GQA attention needs the same number of query heads for every kept KV head"
+        )
+    return sorted(per_kv)
+
+
+def slice_block(
+    model: torch.nn.Module,
+    adapter: ModelAdapter,
+    block: int,
+    keep_heads: Sequence[int] | None = None,
+    keep_ffn: Sequence[int] | None = None,
+) -> LayerShape:
+    """Keep only the listed query heads and FFN channels of one block (``None`` keeps all)."""
+    shape = layer_shapes(model, adapter)[block]
+    hd = head_dim(adapter, model.config)
+    refs = _refs(model, adapter, block)
+    heads, kv = shape.heads, shape.kv_heads
+    if keep_heads is not None:
+        keep_heads = sorted(set(int(h) for h in keep_heads))
+        if not keep_heads or keep_heads[0] < 0 or keep_heads[-1] >= shape.heads:
+            raise ValueError(f"block {block}: kept heads {keep_heads} must be a non-empty subset of 0..{shape.heads - 1}")
+        keep_kv = kv_heads_for(keep_heads, shape.heads, shape.kv_heads)
+        q_rows = _head_rows(keep_heads, hd)
+        with torch.no_grad():
+            if "qkv" in refs:
+                width = shape.heads * hd
+                _rows(refs["qkv"], torch.cat([q_rows, q_rows + width, q_rows + 2 * width]))
+            else:
+                kv_rows = _head_rows(keep_kv, hd)
+                _rows(refs["q"], q_rows)
+                _rows(refs["k"], kv_rows)
+                _rows(refs["v"], kv_rows)
+            _cols(refs["o"], q_rows)
+        heads, kv = len(keep_heads), len(keep_kv)
+        attn = get_submodule(adapter.blocks(model)[block], adapter.attention_path)
+        values = {"heads": heads, "kv_heads": kv, "groups": heads // kv, "width": heads * hd}
+        for attr, what in adapter.head_attrs.items():
+            setattr(attn, attr, values[what])
+    ffn = shape.ffn
+    if keep_ffn is not None:
+        keep_ffn = sorted(set(int(c) for c in keep_ffn))
+        if not keep_ffn or keep_ffn[0] < 0 or keep_ffn[-1] >= shape.ffn:
+            raise ValueError(f"block {block}: kept FFN channels must be a non-empty subset of 0..{shape.ffn - 1}")
+        idx = torch.tensor(keep_ffn, dtype=torch.long)
+        with torch.no_grad():
+            for role in ("up", "gate"):
+                if role in refs:
+                    _rows(refs[role], idx)
+            _cols(refs["down"], idx)
+        ffn = len(keep_ffn)
+    return LayerShape(heads, kv, ffn)
+
+
+def mask_block(
+    model: torch.nn.Module,
+    adapter: ModelAdapter,
+    block: int,
+    keep_heads: Sequence[int] | None = None,
+    keep_ffn: Sequence[int] | None = None,
+) -> None:
+    """Zero (instead of removing) the heads and FFN channels not kept; shapes stay, outputs equal slicing."""
+    shape = layer_shapes(model, adapter)[block]
+    hd = head_dim(adapter, model.config)
+    refs = _refs(model, adapter, block)
+    with torch.no_grad():
+        if keep_heads is not None:
+            kept = set(int(h) for h in keep_heads)
+            kept_kv = set(kv_heads_for(sorted(kept), shape.heads, shape.kv_heads))
+            gone = _head_rows([h for h in range(shape.heads) if h not in kept], hd)
+            gone_kv = _head_rows([h for h in range(shape.kv_heads) if h not in kept_kv], hd)
+            if "qkv" in refs:
+                w = refs["qkv"].weight_out_in()
+                width = shape.heads * hd
+                for off in (0, width, 2 * width):
+                    w[gone + off] = 0
+            else:
+                refs["q"].weight_out_in()[gone] = 0
+                refs["k"].weight_out_in()[gone_kv] = 0
+                refs["v"].weight_out_in()[gone_kv] = 0
+            refs["o"].weight_out_in()[:, gone] = 0
+        if keep_ffn is not None:
+            kept_c = set(int(c) for c in keep_ffn)
+            gone_c = torch.tensor([c for c in range(shape.ffn) if c not in kept_c], dtype=torch.long)
+            for role in ("up", "gate"):
+                if role in refs:
+                    refs[role].weight_out_in()[gone_c] = 0
+            refs["down"].weight_out_in()[:, gone_c] = 0
+
+
+def record_shapes(model: torch.nn.Module, adapter: ModelAdapter) -> list[LayerShape]:
+    """Write the per-layer shapes into the config (saved as ``pruned_layers``) when any differ from it."""
+    shapes = layer_shapes(model, adapter)
+    d = adapter.dims(model.config)
+    dense = LayerShape(d["heads"], d["kv_heads"], d["ffn"])
+    if any(s != dense for s in shapes):
+        setattr(model.config, CONFIG_KEY, [s.to_dict() for s in shapes])
+    return shapes
+
+
+def parse_layer_shapes(raw: Any, layers: int) -> list[LayerShape]:
+    if not isinstance(raw, list) or len(raw) != layers:
+        raise ValueError(f"config '{CONFIG_KEY}' must list one shape per layer ({layers}), got {raw!r:.200}")
+    out = []
+    for i, item in enumerate(raw):
+        if not isinstance(item, dict) or set(item) != {"heads", "kv_heads", "ffn"}:
+            raise ValueError(f"config '{CONFIG_KEY}[{i}]' must be {{heads, kv_heads, ffn}}, got {item!r}")
+        s = LayerShape(int(item["heads"]), int(item["kv_heads"]), int(item["ffn"]))
+        if min(s.heads, s.kv_heads, s.ffn) < 1 or s.heads % s.kv_heads:
+            raise ValueError(f"config '{CONFIG_KEY}[{i}]' = {item} is not a valid layer shape")
+        out.append(s)
+    return out
+
+
+def apply_layer_shapes(model: torch.nn.Module, adapter: ModelAdapter, shapes: list[LayerShape]) -> None:
+    """Shrink a freshly built (dense-shaped) model to ``shapes``; its weights are to be loaded afterwards."""
+    current = layer_shapes(model, adapter)
+    if len(shapes) != len(current):
+        raise ValueError(f"{len(shapes)} layer shapes for a model with {len(current)} blocks")
+    for b, (want, have) in enumerate(zip(shapes, current)):
+        keep_heads = None
+        if (want.heads, want.kv_heads) != (have.heads, have.kv_heads):
+            group = want.heads // want.kv_heads
+            have_group = have.heads // have.kv_heads
+            if group > have_group or want.kv_heads > have.kv_heads:
+                raise ValueError(f"block {b}: shape {want} is larger than the model's {have}")
+            keep_heads = [g * have_group + i for g in range(want.kv_heads) for i in range(group)]
+        keep_ffn = list(range(want.ffn)) if want.ffn != have.ffn else None
+        slice_block(model, adapter, b, keep_heads, keep_ffn)
+    setattr(model.config, CONFIG_KEY, [s.to_dict() for s in shapes])
