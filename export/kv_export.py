@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class CacheLayout:
     layers: int
-    kv_heads: int
+    kv_heads: tuple[int, ...]
+    """KV heads of every layer (they differ between layers after structured pruning)."""
     head_dim: int
 
     @property
@@ -45,12 +46,14 @@ class CacheLayout:
         return [n.replace("past_", "present_", 1) for n in self.past_names]
 
     def empty(self, batch: int, dtype: Any = np.float32) -> dict[str, np.ndarray]:
-        return {n: np.zeros((batch, self.kv_heads, 0, self.head_dim), dtype) for n in self.past_names}
+        return {n: np.zeros((batch, self.kv_heads[i // 2], 0, self.head_dim), dtype) for i, n in enumerate(self.past_names)}
 
 
 def cache_layout(model: torch.nn.Module, adapter: Any) -> CacheLayout:
-    d = adapter.dims(model.config)
-    return CacheLayout(d["layers"], d["kv_heads"], d["head_dim"])
+    from passes.structure import head_dim, layer_shapes
+
+    shapes = layer_shapes(model, adapter)
+    return CacheLayout(len(shapes), tuple(s.kv_heads for s in shapes), head_dim(adapter, model.config))
 
 
 def _presents(cache: Any, layers: int) -> list[torch.Tensor]:
@@ -94,7 +97,7 @@ def export_kv_graphs(model: torch.nn.Module, adapter: Any, out_dir: Path, opset:
     out_dir = Path(out_dir)
     vocab = int(model.config.vocab_size)
     g = torch.Generator().manual_seed(0)
-    info: dict[str, Any] = {"layers": lay.layers, "kv_heads": lay.kv_heads, "head_dim": lay.head_dim, "opset": opset}
+    info: dict[str, Any] = {"layers": lay.layers, "kv_heads": list(lay.kv_heads), "head_dim": lay.head_dim, "opset": opset}
     with warnings.catch_warnings(), torch.no_grad(), _eager_attention(model):
         warnings.simplefilter("ignore")
         t0 = time.perf_counter()
@@ -111,7 +114,7 @@ def export_kv_graphs(model: torch.nn.Module, adapter: Any, out_dir: Path, opset:
         )
         info["prefill_export_seconds"] = round(time.perf_counter() - t0, 2)
         t0 = time.perf_counter()
-        past = tuple(torch.randn(2, lay.kv_heads, 5, lay.head_dim, generator=g) for _ in lay.past_names)
+        past = tuple(torch.randn(2, lay.kv_heads[i // 2], 5, lay.head_dim, generator=g) for i in range(len(lay.past_names)))
         new = torch.randint(3, vocab, (2, 1), generator=g)
         decode = torch.onnx.export(
             _Decode(model, lay.layers).eval(),

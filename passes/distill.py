@@ -202,11 +202,11 @@ class DistillPass(Pass):
                         named = dict(params)
                         for n, m in masks.items():
                             named[n].mul_(m)
-                history.append({"step": step + 1, "loss": round(float(loss), 5), **{k: round(v, 5) for k, v in parts.items()}})
+                history.append({"step": step + 1, "loss": round(float(loss.detach()), 5), **{k: round(v, 5) for k, v in parts.items()}})
                 if hasattr(bar, "set_postfix"):
-                    bar.set_postfix(loss=f"{float(loss):.4f}")
+                    bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
                 if (step + 1) % 10 == 0:
-                    log.info("distill step %d/%d: loss %.4f", step + 1, cfg.steps, float(loss))
+                    log.info("distill step %d/%d: loss %.4f", step + 1, cfg.steps, float(loss.detach()))
                 if ckpt is not None and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
                     state = {
                         "fingerprint": fingerprint,

@@ -19,6 +19,7 @@ import copy
 import json
 import logging
 import platform
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -200,7 +201,13 @@ class Builder:
 
             dense = self.dense()
             model = copy.deepcopy(dense.model)
-            ctx = PassContext(dense.adapter, calibration=self.calib_windows, seed=self.recipe.data.calibration.seed)
+            ctx = PassContext(
+                dense.adapter,
+                calibration=self.calib_windows,
+                seed=self.recipe.data.calibration.seed,
+                teacher=lambda: dense.model,
+                work_dir=work_dir,
+            )
             results = []
             for p in v.passes:
                 cls = get_pass_class(p.name)
@@ -214,7 +221,11 @@ class Builder:
             self._variant_models = {v.name: model}
             return {"passes": [{"name": r["name"], "seconds": r["seconds"], "info": r["info"]} for r in results]}
 
-        out = run_stage(self.out / v.name / "model", f"{v.name}/model", self.model_stage_key(v), {"passes": v.to_dict()["passes"]}, build)
+        key = self.model_stage_key(v)
+        # survives an interrupted stage (e.g. recovery checkpoints); keyed so other settings never resume it
+        work_dir = self.out / v.name / f"model.work-{key[:12]}"
+        out = run_stage(self.out / v.name / "model", f"{v.name}/model", key, {"passes": v.to_dict()["passes"]}, build)
+        shutil.rmtree(work_dir, ignore_errors=True)
         self._record(v.name, out)
         return out
 
@@ -425,13 +436,12 @@ class Builder:
             from export.kv_export import cache_layout, compare_with_generate, greedy_generate
 
             dense = self.dense()
-            lay = cache_layout(dense.model, dense.adapter)
             windows = self.eval_windows()
             prompt = windows.reshape(-1)[: spec.prompt][None].numpy()
             ort_cpu = OnnxRuntimeCpuEngine({})
             result: dict[str, Any] = {"prompt_tokens": int(prompt.shape[1]), "batch": 1, "runtime": "onnxruntime-cpu", "variants": {}}
             with ExitStack() as stack:
-                runners = {}
+                runners, layouts = {}, {}
                 for v in ordered:
                     kv = self.out / v.name / "kv"
                     # no intra-op spinning: the sessions alternate, as in the prefill latency stage
@@ -439,18 +449,19 @@ class Builder:
                     dec = stack.enter_context(ort_cpu.open(kv / "decode.onnx", spinning=False, name=f"{v.name}:decode"))
                     runners[v.name] = (pre, dec)
                     model = dense.model if v.name == "dense" else self.variant_model(v)
+                    layouts[v.name] = lay = cache_layout(model, dense.adapter)
                     cmp = compare_with_generate(greedy_generate(pre, dec, lay, prompt, spec.greedy_tokens), model, prompt)
                     cmp.pop("max_abs_logit_delta_per_step")
                     result["variants"][v.name] = cmp
                     log.info("%s: greedy decode tokens identical %s, max |Δlogit| %.2e", v.name, cmp["tokens_identical"], cmp["max_abs_logit_delta"])
                 for name in runners:  # warm-up
-                    greedy_generate(*runners[name], lay, prompt, 4)
+                    greedy_generate(*runners[name], layouts[name], prompt, 4)
                 samples = {n: {"decode_ms_per_token": [], "prefill_ms": []} for n in runners}
                 names = list(runners)
                 for r in range(spec.repeats):
                     k = r % len(names)
                     for n in names[k:] + names[:k]:
-                        res = greedy_generate(*runners[n], lay, prompt, spec.new_tokens)
+                        res = greedy_generate(*runners[n], layouts[n], prompt, spec.new_tokens)
                         samples[n]["decode_ms_per_token"].append(statistics.mean(res.decode_ms))
                         samples[n]["prefill_ms"].append(res.prefill_ms)
             base = {m: statistics.median(samples["dense"][m]) for m in ("decode_ms_per_token", "prefill_ms")}

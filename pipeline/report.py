@@ -123,12 +123,49 @@ def render_markdown(results: dict[str, Any], rows: list[dict[str, Any]]) -> str:
                     f"| {v['name']} | {'yes' if r['tokens_identical'] else 'NO'} ({r['greedy_tokens']}) | {r['max_abs_logit_delta']:.2e} "
                     f"| {r['decode_ms_per_token']:.2f} | ×{r['decode_ratio']:.3f} | {r['prefill_ms']:.1f} | ×{r['prefill_ratio']:.3f} |"
                 )
+    lines += _structured_section(results)
     if results.get("skips"):
         lines += ["", "## Skipped backends", ""]
         for s in {(s["backend"], s["reason"]) for s in results["skips"]}:
             lines.append(f"- `{s[0]}`: {s[1]}")
     lines += ["", f"![accuracy vs latency]({PLOT_NAME})", ""]
     return "\n".join(lines)
+
+
+def _structured_section(results: dict[str, Any]) -> list[str]:
+    """Per-layer kept heads / KV heads / FFN channels of structured variants, and their recovery runs."""
+    lines: list[str] = []
+    for v in results["variants"]:
+        for pr in v.get("pass_results", []):
+            info = pr.get("info") or {}
+            if pr.get("name") == "structured" and info.get("kept"):
+                if not lines:
+                    lines += ["", "## Structured pruning (kept / dense, per block)"]
+                after, before = info["parameters_after"], info["parameters_before"]
+                lines += [
+                    "",
+                    f"**{v['name']}**: {before / 1e6:.2f}M → {after / 1e6:.2f}M parameters ({100 * after / before:.1f} %); "
+                    f"{info['importance']} importance, {info['head_unit']} head units, {info['allocation']} allocation, {info['apply']}.",
+                    "",
+                    "| block | heads | KV heads | FFN channels |",
+                    "|---|---|---|---|",
+                ]
+                for k in info["kept"]:
+                    d = k["dense"]
+                    lines.append(f"| {k['block']} | {k['heads']} / {d['heads']} | {k['kv_heads']} / {d['kv_heads']} | {k['ffn']} / {d['ffn']} |")
+            elif pr.get("name") == "distill" and info:
+                if not lines:
+                    lines += ["", "## Structured pruning (kept / dense, per block)"]
+                budget = info.get("budget", {})
+                lines += [
+                    "",
+                    f"**{v['name']}** recovery: {info['steps']} of {info['steps_planned']} steps"
+                    f"{' (stopped at the time budget)' if info.get('stopped_early') else ''}, {info['tokens']} tokens, "
+                    f"{info['train_seconds']:.0f} s ({info['compute_dtype']}); budget {budget.get('steps')} steps"
+                    f"{', ' + str(budget.get('max_minutes')) + ' min' if budget.get('max_minutes') else ''}; "
+                    f"loss {info['loss_first10']:.4f} (first 10 steps) → {info['loss_last10']:.4f} (last 10)",
+                ]
+    return lines
 
 
 def _pct(x: float | None) -> str:

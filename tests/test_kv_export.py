@@ -24,9 +24,9 @@ def test_greedy_decode_matches_pytorch_generate(family, tmp_path):
     dec = onnx.load(str(tmp_path / "decode.onnx"))
     past0 = next(i for i in dec.graph.input if i.name == "past_key_0")
     dims = [d.dim_value or d.dim_param for d in past0.type.tensor_type.shape.dim]
-    assert dims[1] == lay.kv_heads and dims[3] == lay.head_dim  # only KV heads are cached
+    assert dims[1] == lay.kv_heads[0] and dims[3] == lay.head_dim  # only KV heads are cached
     if family == "llama":
-        assert lay.kv_heads == 2 and info["kv_heads"] == 2  # GQA: 4 query heads share 2 KV heads
+        assert lay.kv_heads == (2, 2) and info["kv_heads"] == [2, 2]  # GQA: 4 query heads share 2 KV heads
     prompt = np.random.default_rng(0).integers(0, VOCAB, (2, 11)).astype(np.int64)
     n = 12
     with _runner(tmp_path / "prefill.onnx") as pre, _runner(tmp_path / "decode.onnx") as de:

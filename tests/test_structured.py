@@ -240,3 +240,49 @@ def test_distill_resumes_from_checkpoint(tmp_path, monkeypatch):
     assert r.info["resumed_from_step"] == 4 and r.info["steps"] == 6
     for (n, a), (_, b) in zip(straight.named_parameters(), resumed.named_parameters()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=n)
+
+
+def test_pruned_model_exports_and_decodes_with_per_layer_kv_heads(tmp_path):
+    import numpy as np
+
+    from engines.onnxruntime import OnnxRuntimeCpuEngine
+    from export.kv_export import cache_layout, compare_with_generate, export_kv_graphs, greedy_generate
+    from export.onnx_export import export_onnx
+
+    model = tiny_model("llama")
+    adapter = adapter_for(model.config)
+    slice_block(model, adapter, 0, [0, 1], list(range(48)))  # one KV head left in block 0, two in block 1
+    lay = cache_layout(model, adapter)
+    assert lay.kv_heads == (1, 2)
+    export_onnx(model, "causal-lm", tmp_path / "model.onnx", 18, "torchscript")
+    ids = _ids(2, 20).numpy()
+    with OnnxRuntimeCpuEngine({}).open(tmp_path / "model.onnx") as r:
+        got = r.infer({"input_ids": ids, "attention_mask": np.ones_like(ids)})["logits"]
+    assert np.abs(got - _out(model, torch.from_numpy(ids)).numpy()).max() <= 1e-4
+    export_kv_graphs(model, adapter, tmp_path)
+    prompt = ids[:1, :9]
+    eng = OnnxRuntimeCpuEngine({})
+    with eng.open(tmp_path / "prefill.onnx") as pre, eng.open(tmp_path / "decode.onnx") as dec:
+        cmp = compare_with_generate(greedy_generate(pre, dec, lay, prompt, 6), model, prompt)
+    assert cmp["tokens_identical"] and cmp["max_abs_logit_delta"] <= 1e-4
+
+
+def test_build_with_structured_and_recovery_variants(tiny_dirs, text_file, tmp_path):
+    from test_build import tiny_recipe
+
+    from pipeline.build import build
+
+    variants = [
+        {"name": "ffn50", "passes": [{"structured": {"ffn": 0.5, "heads": 0.5}}]},
+        {"name": "ffn50-kd", "passes": [{"structured": {"ffn": 0.5, "heads": 0.5}}, {"distill": {"steps": 3, "checkpoint_every": 1}}]},
+    ]
+    out = tmp_path / "b"
+    summary = build(tiny_recipe(tiny_dirs["llama"], text_file, out, variants=variants))
+    res = {v["name"]: v for v in summary.results["variants"]}
+    assert set(res) == {"dense", "ffn50", "ffn50-kd"}
+    for name in ("ffn50", "ffn50-kd"):
+        params = res[name]["engines"]["onnxruntime-cpu"]["size"]["parameters"]
+        assert params < res["dense"]["engines"]["onnxruntime-cpu"]["size"]["parameters"]
+        assert not list((out / name).glob("model.work-*"))  # recovery checkpoints removed once the stage is done
+    report = (out / "report.md").read_text()
+    assert "Structured pruning" in report and "| 0 | 2 / 4 | 1 / 2 | 64 / 128 |" in report
