@@ -250,7 +250,10 @@ class Builder:
             if info is None:
                 info = export_onnx(model, self.dense().task, raw, spec.opset, spec.exporter)
             if spec.graph_passes:
-                info["graph_passes"] = rewrite_file(raw, tmp / "model.onnx", make_passes(spec.graph_passes))
+                from passes.structure import head_dim
+
+                hd = head_dim(self.dense().adapter, model.config)
+                info["graph_passes"] = rewrite_file(raw, tmp / "model.onnx", make_passes(spec.graph_passes, hd))
                 info["onnx_bytes"] = (tmp / "model.onnx").stat().st_size
                 if v.name != "dense":
                     raw.unlink()

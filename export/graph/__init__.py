@@ -20,16 +20,18 @@ from pipeline.errors import PipelineError
 log = logging.getLogger(__name__)
 
 
-GRAPH_PASSES = ("cleanup", "sparse_layout", "fp16")
+GRAPH_PASSES = ("cleanup", "sparse_layout", "fp16", "shrink")
 """Recipe names (export.graph_passes), applied in the order given."""
 
 
-def make_passes(names: Sequence[str]) -> list[ir.passes.PassBase]:
+def make_passes(names: Sequence[str], head_dim: int | None = None) -> list[ir.passes.PassBase]:
+    """Graph passes by recipe name; ``head_dim`` (from the model config) lets ``shrink`` remove heads."""
     from export.graph.cleanup import CleanupPass
     from export.graph.precision import Fp16GemmPass
+    from export.graph.shrink import ShrinkPass
     from export.graph.sparse_layout import SparseLayoutPass
 
-    table = {"cleanup": CleanupPass, "sparse_layout": SparseLayoutPass, "fp16": Fp16GemmPass}
+    table = {"cleanup": CleanupPass, "sparse_layout": SparseLayoutPass, "fp16": Fp16GemmPass, "shrink": lambda: ShrinkPass(head_dim)}
     unknown = [n for n in names if n not in table]
     if unknown:
         raise ValueError(f"graph passes {unknown} are unknown; expected some of {', '.join(GRAPH_PASSES)}")
@@ -47,6 +49,9 @@ def run_graph_passes(model: ir.Model, passes: Sequence[ir.passes.PassBase]) -> d
         except onnx.checker.ValidationError as exc:
             raise PipelineError(f"graph pass {name} produced an invalid model: {exc}") from exc
         report[name] = bool(result.modified)
+        detail = getattr(p, "last_report", None)
+        if hasattr(detail, "to_dict"):
+            report[name + ".report"] = detail.to_dict()
         log.info("graph pass %s: %s", name, "modified" if result.modified else "no change")
     return report
 

@@ -1,0 +1,347 @@
+"""Shrink: remove FFN channels and attention heads whose weights are entirely zero.
+
+A model exported with masked units (``structured: {apply: mask}``, or any pruning that
+zeroed whole channels) still computes them. This pass finds them from the weights and
+slices them out of the graph. A *consumer* is a ``MatMul(X, W)`` with a 2-D initialiser
+``W`` [K, N] read by no other node; input row k of W all zero means feature k of X is
+dead. From X the pass walks back to the projections that produce those features:
+
+1. **FFN region**: X is computed from ``MatMul(·, W_p)`` projections (2-D initialisers
+   [D, K], e.g. up and gate) through element-wise nodes only (activations, Mul, Add,
+   Div, Cast, ...), whose other operands are scalars or 1-D initialisers of length K
+   (biases). Dead features are removed from the consumer's rows, the projections'
+   columns and those 1-D initialisers. Exact: element-wise nodes act per feature, and a
+   dead feature's value was multiplied by zero rows.
+2. **Attention region**: otherwise the walk follows data inputs (not the shape inputs
+   of Reshape/Expand/Slice/..., not through Shape) back to the first weight MatMuls: the
+   query projection (width K = heads × head_dim) and key/value projections (width K or
+   kv_heads × head_dim), each optionally followed by a bias ``Add`` with a 1-D
+   initialiser. A head is dead when its head_dim rows of W are all zero. Without GQA any
+   dead head goes (one is always kept). With GQA only whole KV groups go — query heads
+   then k/v heads of the group — because the group size is a constant of the exported
+   graph (the KV-repeat ``Expand``); dead heads in live groups are reported, not removed.
+   The head counts in the exported Reshape shapes are -1 (computed from the sliced
+   widths); a region whose Reshape carries a literal head count is left alone.
+
+Anything else (a region value that is a graph output or read outside the region, a
+weight shared by several nodes, an unexpected node) leaves that consumer unchanged and
+is reported in ``last_report``. Invariant: graph outputs are unchanged up to float
+summation order (the removed terms were exact zeros).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+log = logging.getLogger(__name__)
+
+_ELEMENTWISE = {
+    "Mul", "Add", "Sub", "Div", "Sigmoid", "Tanh", "Relu", "Erf", "Gelu", "Silu", "Cast", "Identity", "Pow",
+    "Sqrt", "Neg", "Abs", "Exp", "Softplus", "HardSigmoid", "HardSwish", "Clip", "LeakyRelu", "Elu", "Max", "Min",
+}
+# inputs of these ops that carry data (the rest are shapes, indices, axes)
+_DATA_INPUTS = {
+    "Reshape": (0,), "Expand": (0,), "Slice": (0,), "Unsqueeze": (0,), "Squeeze": (0,), "Transpose": (0,),
+    "Softmax": (0,), "Where": (1, 2), "Gather": (0,), "Split": (0,), "Tile": (0,), "Pad": (0,),
+}
+_SHAPE_OPS = {"Shape", "Size", "ConstantOfShape", "Constant", "Range"}
+
+
+@dataclass
+class ShrinkReport:
+    ffn: list[dict[str, Any]] = field(default_factory=list)
+    attention: list[dict[str, Any]] = field(default_factory=list)
+    skipped: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ffn": self.ffn, "attention": self.attention, "skipped": self.skipped}
+
+
+def _weight(node: ir.Node) -> ir.Value | None:
+    """The 2-D initialiser B of ``MatMul(A, B)``, read by this node only."""
+    if node.op_type != "MatMul" or len(node.inputs) < 2 or node.inputs[1] is None:
+        return None
+    w = node.inputs[1]
+    if not w.is_initializer() or w.const_value is None or len(w.const_value.shape) != 2:
+        return None
+    return w
+
+
+def _array(v: ir.Value) -> np.ndarray:
+    return v.const_value.numpy()
+
+
+def _set_array(v: ir.Value, arr: np.ndarray) -> None:
+    arr = np.ascontiguousarray(arr)
+    v.const_value = ir.tensor(arr, name=v.name)
+    v.shape = ir.Shape(arr.shape)
+
+
+def _constant(v: ir.Value) -> np.ndarray | None:
+    """The value of an initialiser, a Constant node's output, or an Identity of one (shared initialisers)."""
+    if v.const_value is not None:
+        return v.const_value.numpy()
+    prod = v.producer()
+    if prod is not None and prod.op_type == "Identity" and prod.inputs[0] is not None and prod.inputs[0].const_value is not None:
+        return prod.inputs[0].const_value.numpy()
+    if prod is not None and prod.op_type == "Constant" and "value" in prod.attributes:
+        return prod.attributes["value"].value.numpy()
+    return None
+
+
+def _replace_side(graph: ir.Graph, node: ir.Node, slot: int, arr: np.ndarray) -> None:
+    """Give ``node`` its own initialiser holding ``arr`` at input ``slot`` (the old one may be shared)."""
+    old = node.inputs[slot]
+    name = f"{old.name}.shrunk"
+    i = 0
+    while name in graph.initializers:
+        i += 1
+        name = f"{old.name}.shrunk{i}"
+    arr = np.ascontiguousarray(arr)
+    new = ir.Value(name=name, shape=ir.Shape(arr.shape), type=ir.TensorType(ir.DataType.from_numpy(arr.dtype)), const_value=ir.tensor(arr, name=name))
+    graph.register_initializer(new)
+    node.replace_input_with(slot, new)
+
+
+def _bias_of(value: ir.Value, width: int) -> tuple[ir.Node, int, np.ndarray] | None:
+    """An ``Add(value, b)`` right after a projection, with a constant 1-D b of ``width``."""
+    uses = list(value.uses())
+    if len(uses) != 1:
+        return None
+    node, idx = uses[0][0], uses[0][1]
+    if node.op_type != "Add":
+        return None
+    other = node.inputs[1 - idx]
+    arr = _constant(other) if other is not None else None
+    if arr is not None and arr.shape == (width,):
+        return node, 1 - idx, arr
+    return None
+
+
+def _downstream(projections: list[ir.Node], values: list[ir.Value]) -> list[ir.Value]:
+    """Region values computed from the projections' outputs (the ones whose widths change)."""
+    members = {id(v): v for v in values}
+    out: dict[int, ir.Value] = {}
+    stack = [p.outputs[0] for p in projections]
+    while stack:
+        v = stack.pop()
+        if id(v) in out:
+            continue
+        out[id(v)] = v
+        for node, _ in v.uses():
+            for o in node.outputs:
+                if id(o) in members:
+                    stack.append(o)
+    return list(out.values())
+
+
+class ShrinkPass(ir.passes.InPlacePass):
+    def __init__(self, head_dim: int | None = None) -> None:
+        super().__init__()
+        self.head_dim = head_dim
+        self.last_report = ShrinkReport()
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        self.last_report = ShrinkReport()
+        graph = self._graph = model.graph
+        outputs = set(id(v) for v in graph.outputs)
+        modified = False
+        for node in list(graph):
+            w = _weight(node)
+            if w is None or len(w.uses()) != 1:
+                continue
+            rows_dead = ~np.any(_array(w) != 0, axis=1)
+            if not rows_dead.any():
+                continue
+            x = node.inputs[0]
+            region = self._ffn_region(x, w.const_value.shape[0])
+            if region is not None:
+                modified |= self._shrink_ffn(node, w, rows_dead, region, outputs)
+            else:
+                modified |= self._shrink_attention(node, w, rows_dead, outputs)
+        if modified:
+            for name in [n for n, v in graph.initializers.items() if not v.uses() and v not in graph.outputs]:
+                del graph.initializers[name]
+            for v in graph.initializers.values():
+                if v.const_value is not None:
+                    v.shape = ir.Shape(v.const_value.shape)
+        return ir.passes.PassResult(model, modified)
+
+    # --- FFN ---------------------------------------------------------------------------------
+
+    def _ffn_region(self, x: ir.Value, k: int) -> dict[str, Any] | None:
+        """Projections, 1-D side initialisers and region values behind ``x``, or None if not an FFN."""
+        projections: list[ir.Node] = []
+        sides: list[ir.Value] = []
+        values: list[ir.Value] = []
+        stack, seen = [x], set()
+        while stack:
+            v = stack.pop()
+            if id(v) in seen:
+                continue
+            seen.add(id(v))
+            prod = v.producer()
+            if prod is None:
+                return None  # a graph input
+            values.append(v)
+            pw = _weight(prod)
+            if pw is not None and pw.const_value.shape[1] == k and prod.inputs[1] is pw:
+                projections.append(prod)
+                continue
+            if prod.op_type not in _ELEMENTWISE:
+                return None
+            for slot, inp in enumerate(prod.inputs):
+                if inp is None:
+                    continue
+                arr = _constant(inp)
+                if arr is not None:
+                    if arr.size == 1:
+                        continue
+                    if arr.shape == (k,):
+                        sides.append((prod, slot, arr))
+                        continue
+                    return None
+                stack.append(inp)
+        if not projections:
+            return None
+        return {"projections": projections, "sides": sides, "values": values}
+
+    def _shrink_ffn(self, consumer: ir.Node, w: ir.Value, dead: np.ndarray, region: dict[str, Any], outputs: set[int]) -> bool:
+        keep = np.flatnonzero(~dead)
+        if keep.size == 0:
+            keep = np.array([0])  # keep one channel so every shape stays non-empty
+        inside = {id(n) for n in region["projections"]} | {id(v.producer()) for v in region["values"]} | {id(consumer)}
+        for v in region["values"]:
+            if id(v) in outputs or any(id(u[0]) not in inside for u in v.uses()):
+                self.last_report.skipped.append({"consumer": w.name, "reason": f"value '{v.name}' is used outside the FFN region"})
+                return False
+        weights = [p.inputs[1] for p in region["projections"]]
+        if any(len(pw.uses()) != 1 for pw in weights):
+            self.last_report.skipped.append({"consumer": w.name, "reason": "a projection weight is shared with another node"})
+            return False
+        before = int(dead.size)
+        _set_array(w, _array(w)[keep])
+        for pw in weights:
+            _set_array(pw, _array(pw)[:, keep])
+        for node, slot, arr in region["sides"]:
+            _replace_side(self._graph, node, slot, arr[keep])
+        for v in region["values"]:
+            v.shape = None
+        self.last_report.ffn.append({"consumer": w.name, "projections": [pw.name for pw in weights], "channels": before, "kept": int(keep.size)})
+        return True
+
+    # --- attention ---------------------------------------------------------------------------
+
+    def _attention_region(self, x: ir.Value) -> tuple[list[ir.Node], list[ir.Value], list[ir.Node]] | None:
+        """(projection MatMuls, region values, Reshape nodes) behind the attention output ``x``."""
+        projections: list[ir.Node] = []
+        values: list[ir.Value] = []
+        reshapes: list[ir.Node] = []
+        stack, seen = [x], set()
+        while stack:
+            v = stack.pop()
+            if id(v) in seen:
+                continue
+            seen.add(id(v))
+            prod = v.producer()
+            if prod is None:
+                continue  # a graph input (attention mask): nothing to slice behind it
+            if prod.op_type in _SHAPE_OPS:
+                continue
+            values.append(v)
+            if _weight(prod) is not None:
+                projections.append(prod)
+                continue
+            if prod.op_type == "Reshape":
+                reshapes.append(prod)
+            slots = _DATA_INPUTS.get(prod.op_type, range(len(prod.inputs)))
+            for i in slots:
+                if i < len(prod.inputs) and prod.inputs[i] is not None and not prod.inputs[i].is_initializer():
+                    stack.append(prod.inputs[i])
+        return projections, values, reshapes
+
+    def _literal_head_counts(self, reshapes: list[ir.Node]) -> bool:
+        """True when a Reshape's target shape is a constant with a positive entry other than head_dim."""
+        for r in reshapes:
+            shape = r.inputs[1]
+            arr = shape.const_value.numpy() if shape is not None and shape.const_value is not None else None
+            if arr is not None and any(int(d) > 0 and int(d) != self.head_dim for d in arr.reshape(-1)):
+                return True
+        return False
+
+    def _shrink_attention(self, consumer: ir.Node, w: ir.Value, dead_rows: np.ndarray, outputs: set[int]) -> bool:
+        name = w.name
+        hd = self.head_dim
+        k = dead_rows.size
+        if hd is None or k % hd:
+            self.last_report.skipped.append({"consumer": name, "reason": f"not an FFN region, and head_dim {hd} does not divide its width {k}"})
+            return False
+        found = self._attention_region(consumer.inputs[0])
+        if found is None:
+            return False
+        projections, values, reshapes = found
+        widths = {p.inputs[1].const_value.shape[1] for p in projections}
+        q_nodes = [p for p in projections if p.inputs[1].const_value.shape[1] == k]
+        kv_nodes = [p for p in projections if p.inputs[1].const_value.shape[1] != k]
+        kv_widths = {p.inputs[1].const_value.shape[1] for p in kv_nodes}
+        if not (len(projections) == 3 and len(q_nodes) >= 1 and len(kv_widths) <= 1 and all(wd % hd == 0 for wd in widths)):
+            self.last_report.skipped.append({"consumer": name, "reason": f"expected q/k/v projections behind the attention output, found widths {sorted(widths)}"})
+            return False
+        if self._literal_head_counts(reshapes):
+            self.last_report.skipped.append({"consumer": name, "reason": "a Reshape behind the attention output has a literal head count"})
+            return False
+        heads = k // hd
+        kv_heads = (next(iter(kv_widths)) // hd) if kv_widths else heads
+        if heads % kv_heads:
+            self.last_report.skipped.append({"consumer": name, "reason": f"{heads} heads do not split into {kv_heads} KV groups"})
+            return False
+        group = heads // kv_heads
+        dead_heads = dead_rows.reshape(heads, hd).all(1)
+        inside = {id(p) for p in projections} | {id(v.producer()) for v in values} | {id(consumer)}
+        for v in _downstream(projections, values):
+            if id(v) in outputs or any(id(u[0]) not in inside and u[0].op_type not in _SHAPE_OPS for u in v.uses()):
+                self.last_report.skipped.append({"consumer": name, "reason": f"value '{v.name}' is used outside the attention region"})
+                return False
+        if group == 1:
+            keep_q = np.flatnonzero(~dead_heads)
+            keep_kv = keep_q
+        else:
+            dead_groups = dead_heads.reshape(kv_heads, group).all(1)
+            keep_kv = np.flatnonzero(~dead_groups)
+            keep_q = np.array([g * group + i for g in keep_kv for i in range(group)], dtype=np.int64)
+        if keep_kv.size == 0:
+            keep_kv = np.array([0])
+            keep_q = np.arange(group)
+        if keep_q.size == heads:
+            self.last_report.attention.append({"consumer": name, "heads": heads, "kv_heads": kv_heads, "kept": heads, "kept_kv": kv_heads, "dead_heads_kept": int(dead_heads.sum()), "reason": "no whole KV group is dead"})
+            return False
+        rows_q = (keep_q[:, None] * hd + np.arange(hd)[None]).reshape(-1)
+        rows_kv = (keep_kv[:, None] * hd + np.arange(hd)[None]).reshape(-1)
+        weights = [p.inputs[1] for p in projections] + [w]
+        if any(len(x.uses()) != 1 for x in weights):
+            self.last_report.skipped.append({"consumer": name, "reason": "a projection weight is shared with another node"})
+            return False
+        if kv_nodes and len(q_nodes) != 1:
+            self.last_report.skipped.append({"consumer": name, "reason": "cannot tell the query projection from key/value"})
+            return False
+        _set_array(w, _array(w)[rows_q])
+        for p in projections:
+            pw = p.inputs[1]
+            is_q = not kv_nodes or p is q_nodes[0]  # without GQA, q, k and v keep the same heads
+            cols = rows_q if is_q else rows_kv
+            bias = _bias_of(p.outputs[0], _array(pw).shape[1])
+            _set_array(pw, _array(pw)[:, cols])
+            if bias is not None:
+                _replace_side(self._graph, bias[0], bias[1], bias[2][cols])
+        for v in values:
+            v.shape = None
+        self.last_report.attention.append(
+            {"consumer": name, "heads": heads, "kv_heads": kv_heads, "kept": int(keep_q.size), "kept_kv": int(keep_kv.size),
+             "dead_heads_kept": int(dead_heads.sum()) - (heads - int(keep_q.size))}
+        )
+        return True
