@@ -148,6 +148,9 @@ def plan_heads(
     out = []
     for s, kv, kept in zip(head_scores, kv_heads, kept_any):
         g = s.numel() // kv
+        if g == 1:  # no GQA: every head has its own k/v, any subset will do
+            out.append(kept)
+            continue
         per_group = min(g, max(1, int(round(len(kept) / kv))))
         heads = []
         for k in range(kv):

@@ -82,6 +82,7 @@ def test_gqa_bookkeeping():
     scores = [torch.tensor([1.0, 2.0, 9.0, 8.0, 0.5, 0.1])]
     assert plan_heads(scores, [3], 1 / 3, "kv-group", "uniform", 0.1) == [[0, 1, 2, 3]]
     assert plan_heads(scores, [3], 0.5, "query", "uniform", 0.1) == [[1, 2, 4]]
+    assert plan_heads(scores, [6], 0.5, "query", "uniform", 0.1) == [[1, 2, 3]]  # no GQA: any heads
 
 
 def test_allocation_uniform_global_floor_and_rounding():
@@ -144,6 +145,16 @@ def test_structured_pass_shrinks_and_reports(importance):
     assert r.info["parameters_after"] < r.info["parameters_before"]
     assert model.config.pruned_layers[0] == {"heads": 2, "kv_heads": 1, "ffn": 64}
     _out(model, windows[:2])
+
+
+def test_structured_pass_removes_heads_of_an_encoder():
+    model = tiny_model("bert")
+    r = StructuredPass(StructuredConfig(heads=0.5)).run(model, _ctx(model, _ids(4, 16)))
+    assert r.info["head_unit"] == "query"
+    assert [k["heads"] for k in r.info["kept"]] == [2, 2] and [k["kv_heads"] for k in r.info["kept"]] == [2, 2]
+    assert model.encoder.layer[0].attention.self.query.weight.shape == (32, 64)
+    assert model.encoder.layer[0].attention.self.num_attention_heads == 2
+    _out(model, _ids())
 
 
 def test_activation_importance_ranks_a_zeroed_head_and_channel_last():

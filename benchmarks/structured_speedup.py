@@ -1,0 +1,143 @@
+"""Measured vs ideal speedup of structurally pruned variants, ONNX Runtime CPU, interleaved in one run.
+
+Reads a finished build (``python -m pipeline build structured``): each variant's PyTorch model
+(for its per-layer shapes), its full-sequence ONNX graph and, for causal LMs, its KV-cache
+prefill/decode graphs. Then, in one process with every session open and the order rotating
+each repeat:
+
+- prefill: batch ``--batch`` × ``--length`` tokens through the full-sequence graph;
+- decode (causal LMs): a ``--prompt``-token prompt, then ``--new`` greedy tokens, ms per token.
+
+Ideal speedup = whole-model FLOPs of dense / of the variant at the same shape
+(``pipeline.flops``: all block linears, attention scores over the full key length, lm_head).
+For decode the FLOPs are summed over the measured steps (context grows by one each step).
+
+    python benchmarks/structured_speedup.py build/structured --variants ffn50-kv1 --repeats 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from engines.onnxruntime import OnnxRuntimeCpuEngine  # noqa: E402
+from export.kv_export import cache_layout, greedy_generate  # noqa: E402
+from pipeline.flops import FlopsModel  # noqa: E402
+from pipeline.models import count_parameters, load_hf_dir  # noqa: E402
+
+log = logging.getLogger("structured_speedup")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("build", type=Path)
+    ap.add_argument("--variants", nargs="+", required=True)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--length", type=int, default=512)
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--new", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+
+    names = ["dense", *args.variants]
+    models, adapter = {}, None
+    for n in names:
+        d = args.build / n / "model" / "model"
+        if not d.is_dir():
+            raise SystemExit(f"{d} is not a finished model stage; run the build first")
+        models[n], _, adapter = load_hf_dir(d)
+    causal = adapter.task == "causal-lm"
+    flops = {n: FlopsModel.of(m, adapter) for n, m in models.items()}
+    vocab = int(models["dense"].config.vocab_size)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(3, vocab, (args.batch, args.length)).astype(np.int64)
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    prompt = rng.integers(3, vocab, (1, args.prompt)).astype(np.int64)
+    eng = OnnxRuntimeCpuEngine({})
+    samples: dict[str, dict[str, list[float]]] = {n: {"prefill_ms": [], "decode_ms_per_token": []} for n in names}
+    with ExitStack() as stack:
+        full, kv = {}, {}
+        for n in names:
+            full[n] = stack.enter_context(eng.open(args.build / n / "onnx" / "model.onnx", args.threads, spinning=False, name=n))
+            if causal:
+                k = args.build / n / "kv"
+                kv[n] = (
+                    stack.enter_context(eng.open(k / "prefill.onnx", args.threads, spinning=False, name=f"{n}:prefill")),
+                    stack.enter_context(eng.open(k / "decode.onnx", args.threads, spinning=False, name=f"{n}:decode")),
+                    cache_layout(models[n], adapter),
+                )
+        for n in names:  # warm-up
+            full[n].infer(feeds)
+            if causal:
+                greedy_generate(kv[n][0], kv[n][1], kv[n][2], prompt, 4)
+        for r in range(args.repeats):
+            k = r % len(names)
+            for n in names[k:] + names[:k]:
+                t = time.perf_counter()
+                full[n].infer(feeds)
+                samples[n]["prefill_ms"].append((time.perf_counter() - t) * 1e3)
+                if causal:
+                    res = greedy_generate(kv[n][0], kv[n][1], kv[n][2], prompt, args.new)
+                    samples[n]["decode_ms_per_token"].append(statistics.mean(res.decode_ms))
+            log.info("repeat %d/%d: %s", r + 1, args.repeats, ", ".join(f"{n} {samples[n]['prefill_ms'][-1]:.0f} ms" for n in names))
+
+    def decode_flops(f: FlopsModel) -> float:
+        # steps 1..new-1 each add one token to a context of prompt + step tokens
+        return sum(f.forward(1, 1, args.prompt + s)["total"] for s in range(1, args.new))
+
+    base = {m: statistics.median(v) for m, v in samples["dense"].items() if v}
+    out = {
+        "build": str(args.build),
+        "prefill_shape": [args.batch, args.length],
+        "decode": {"prompt": args.prompt, "new_tokens": args.new} if causal else None,
+        "repeats": args.repeats,
+        "runtime": "onnxruntime-cpu",
+        "flops_counted": "block linears + attention scores (QK^T, PV over the full key length) + lm_head",
+        "variants": {},
+    }
+    for n in names:
+        med = {m: statistics.median(v) for m, v in samples[n].items() if v}
+        row = {
+            "parameters": count_parameters(models[n]),
+            "layers": [s.to_dict() for s in flops[n].layers],
+            "prefill_flops": flops[n].forward(args.batch, args.length),
+            "prefill_ms": round(med["prefill_ms"], 2),
+            "samples": samples[n],
+        }
+        if n != "dense":
+            ideal = flops["dense"].forward(args.batch, args.length)["total"] / row["prefill_flops"]["total"]
+            got = base["prefill_ms"] / med["prefill_ms"]
+            row.update({"prefill_speedup": round(got, 4), "prefill_ideal": round(ideal, 4), "prefill_fraction_of_ideal": round(got / ideal, 4)})
+        if causal:
+            row["decode_ms_per_token"] = round(med["decode_ms_per_token"], 3)
+            if n != "dense":
+                ideal = decode_flops(flops["dense"]) / decode_flops(flops[n])
+                got = base["decode_ms_per_token"] / med["decode_ms_per_token"]
+                row.update({"decode_speedup": round(got, 4), "decode_ideal": round(ideal, 4), "decode_fraction_of_ideal": round(got / ideal, 4)})
+        out["variants"][n] = row
+    dst = args.out or Path(__file__).parent / "results" / f"structured_speedup_{args.build.name}.json"
+    dst.write_text(json.dumps(out, indent=2), encoding="utf-8")
+    print(f"{'variant':<16}{'params':>12}{'prefill ms':>12}{'speedup':>9}{'ideal':>8}{'frac':>7}{'decode ms':>11}{'speedup':>9}{'ideal':>8}{'frac':>7}")
+    for n, r in out["variants"].items():
+        print(
+            f"{n:<16}{r['parameters']:>12,}{r['prefill_ms']:>12.1f}{r.get('prefill_speedup', 1):>9.3f}{r.get('prefill_ideal', 1):>8.3f}{r.get('prefill_fraction_of_ideal', 1):>7.3f}"
+            + (f"{r['decode_ms_per_token']:>11.2f}{r.get('decode_speedup', 1):>9.3f}{r.get('decode_ideal', 1):>8.3f}{r.get('decode_fraction_of_ideal', 1):>7.3f}" if causal else "")
+        )
+    print(f"written to {dst}")
+
+
+if __name__ == "__main__":
+    main()
