@@ -31,6 +31,10 @@ class PassContext:
     """Returns the dense model (read-only), for passes that distil from it."""
     work_dir: "Path | None" = None
     """A directory that survives an interrupted stage (checkpoints); the builder removes it once the stage is done."""
+    memo: dict[str, Any] = field(default_factory=dict)
+    """Results shared between variants of one build (e.g. importance scores), keyed by the caller."""
+    prefix_key: str | None = None
+    """Identifies the model a pass receives (source, calibration data, earlier passes); None = do not share."""
 
 
 @dataclass

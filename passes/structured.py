@@ -162,6 +162,20 @@ def plan_heads(
 
 
 def compute_importance(model: torch.nn.Module, ctx: PassContext, cfg: StructuredConfig) -> Importance:
+    """Importance scores, shared between variants of a build that prune the same model the same way."""
+    key = None
+    if ctx.prefix_key is not None:
+        key = f"importance:{ctx.prefix_key}:{cfg.importance}:{cfg.calibration_dtype}:{cfg.batch_size}:{cfg.taylor_windows}"
+        if key in ctx.memo:
+            log.info("structured: reusing %s importance computed for an earlier variant", cfg.importance)
+            return ctx.memo[key]
+    imp = _compute_importance(model, ctx, cfg)
+    if key is not None:
+        ctx.memo[key] = imp
+    return imp
+
+
+def _compute_importance(model: torch.nn.Module, ctx: PassContext, cfg: StructuredConfig) -> Importance:
     windows = ctx.calibration()
     hd = head_dim(ctx.adapter, model.config)
     dtype = resolve_compute_dtype(cfg.calibration_dtype)

@@ -96,6 +96,8 @@ class Builder:
         self.eval_windows = Lazy(self._make_eval_windows)
         self.calib_windows = Lazy(self._make_calib_windows)
         self._variant_models: dict[str, Any] = {}
+        self._memo: dict[str, Any] = {}
+        """Shared between the variants of this build (e.g. structured-pruning importance scores)."""
 
     # --- lazily loaded inputs ---------------------------------------------------------------
 
@@ -207,9 +209,12 @@ class Builder:
                 seed=self.recipe.data.calibration.seed,
                 teacher=lambda: dense.model,
                 work_dir=work_dir,
+                memo=self._memo,
             )
             results = []
-            for p in v.passes:
+            calib = self._data_key("calibration")
+            for i, p in enumerate(v.passes):
+                ctx.prefix_key = stable_hash("prefix", self.model_key, calib, [q.to_dict() for q in v.passes[:i]])
                 cls = get_pass_class(p.name)
                 ps = cls(cls.config_class(**p.options))
                 t0 = time.perf_counter()

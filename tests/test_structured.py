@@ -278,9 +278,12 @@ def test_pruned_model_exports_and_decodes_with_per_layer_kv_heads(tmp_path):
     assert cmp["tokens_identical"] and cmp["max_abs_logit_delta"] <= 1e-4
 
 
-def test_build_with_structured_and_recovery_variants(tiny_dirs, text_file, tmp_path):
+def test_build_with_structured_and_recovery_variants(tiny_dirs, text_file, tmp_path, caplog):
+    import logging
+
     from test_build import tiny_recipe
 
+    caplog.set_level(logging.INFO, logger="passes.structured")
     from pipeline.build import build
 
     variants = [
@@ -295,5 +298,6 @@ def test_build_with_structured_and_recovery_variants(tiny_dirs, text_file, tmp_p
         params = res[name]["engines"]["onnxruntime-cpu"]["size"]["parameters"]
         assert params < res["dense"]["engines"]["onnxruntime-cpu"]["size"]["parameters"]
         assert not list((out / name).glob("model.work-*"))  # recovery checkpoints removed once the stage is done
+    assert "reusing activation importance" in caplog.text  # the second variant prunes the same model the same way
     report = (out / "report.md").read_text()
     assert "Structured pruning" in report and "| 0 | 2 / 4 | 1 / 2 | 64 / 128 |" in report
