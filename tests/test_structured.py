@@ -289,12 +289,25 @@ def test_build_with_structured_and_recovery_variants(tiny_dirs, text_file, tmp_p
     variants = [
         {"name": "ffn50", "passes": [{"structured": {"ffn": 0.5, "heads": 0.5}}]},
         {"name": "ffn50-kd", "passes": [{"structured": {"ffn": 0.5, "heads": 0.5}}, {"distill": {"steps": 3, "checkpoint_every": 1}}]},
+        {"name": "ffn50-masked", "passes": [{"structured": {"ffn": 0.5, "heads": 0.5, "apply": "mask"}}]},
     ]
     out = tmp_path / "b"
-    summary = build(tiny_recipe(tiny_dirs["llama"], text_file, out, variants=variants))
+    recipe = tiny_recipe(tiny_dirs["llama"], text_file, out, variants=variants)
+    recipe.export.graph_passes = ["shrink"]
+    summary = build(recipe)
     res = {v["name"]: v for v in summary.results["variants"]}
-    assert set(res) == {"dense", "ffn50", "ffn50-kd"}
+    assert set(res) == {"dense", "ffn50", "ffn50-kd", "ffn50-masked"}
+    # the masked variant reuses the dense graph, and the shrink pass then removes the zeroed units from it
+    masked = res["ffn50-masked"]
+    assert masked["export"]["exporter"] == "rebind"
+    shrink = masked["export"]["graph_passes"]["ShrinkPass.report"]
+    assert [f["kept"] for f in shrink["ffn"]] == [64, 64] and [a["kept_kv"] for a in shrink["attention"]] == [1, 1]
+    ort = {n: res[n]["engines"]["onnxruntime-cpu"] for n in res}
+    assert ort["ffn50-masked"]["size"]["onnx_bytes"] < 0.8 * ort["dense"]["size"]["onnx_bytes"]
+    assert ort["ffn50-masked"]["parity"]["passed"]
+    assert abs(ort["ffn50-masked"]["perplexity_engine_vs_torch"]) < 1e-4
     for name in ("ffn50", "ffn50-kd"):
+        assert ort[name]["parity"]["passed"]
         params = res[name]["engines"]["onnxruntime-cpu"]["size"]["parameters"]
         assert params < res["dense"]["engines"]["onnxruntime-cpu"]["size"]["parameters"]
         assert not list((out / name).glob("model.work-*"))  # recovery checkpoints removed once the stage is done

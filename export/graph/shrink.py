@@ -20,8 +20,11 @@ dead. From X the pass walks back to the projections that produce those features:
    dead head goes (one is always kept). With GQA only whole KV groups go — query heads
    then k/v heads of the group — because the group size is a constant of the exported
    graph (the KV-repeat ``Expand``); dead heads in live groups are reported, not removed.
-   The head counts in the exported Reshape shapes are -1 (computed from the sliced
-   widths); a region whose Reshape carries a literal head count is left alone.
+   Head counts written as literals into the region's Reshape/Expand target shapes (the
+   dynamo exporter does this; the tracing exporter writes -1 or reads shapes at run time)
+   are rewritten by position in the layouts the exporters use: rank 5 = the KV repeat
+   [B, kv, rep, L, d], rank 4 = [B, heads, L, d] or [B, L, heads, d], rank 3 = [B, L,
+   heads·d]; a shared shape Concat is copied first so other blocks keep theirs.
 
 Anything else (a region value that is a graph output or read outside the region, a
 weight shared by several nodes, an unexpected node) leaves that consumer unchanged and
@@ -257,7 +260,7 @@ class ShrinkPass(ir.passes.InPlacePass):
             if _weight(prod) is not None:
                 projections.append(prod)
                 continue
-            if prod.op_type == "Reshape":
+            if prod.op_type in ("Reshape", "Expand"):
                 reshapes.append(prod)
             slots = _DATA_INPUTS.get(prod.op_type, range(len(prod.inputs)))
             for i in slots:
@@ -265,14 +268,84 @@ class ShrinkPass(ir.passes.InPlacePass):
                     stack.append(prod.inputs[i])
         return projections, values, reshapes
 
-    def _literal_head_counts(self, reshapes: list[ir.Node]) -> bool:
-        """True when a Reshape's target shape is a constant with a positive entry other than head_dim."""
-        for r in reshapes:
-            shape = r.inputs[1]
-            arr = shape.const_value.numpy() if shape is not None and shape.const_value is not None else None
-            if arr is not None and any(int(d) > 0 and int(d) != self.head_dim for d in arr.reshape(-1)):
-                return True
-        return False
+    def _shape_pieces(self, node: ir.Node) -> list[tuple[ir.Node | None, int, np.ndarray | None]] | None:
+        """The target shape of a Reshape/Expand as pieces (Concat node or None, input slot, constant or None).
+
+        None when the shape is neither a constant nor a Concat of pieces of known length."""
+        shape = node.inputs[1]
+        if shape is None:
+            return None
+        arr = _constant(shape)
+        if arr is not None:
+            return [(None, 1, arr.reshape(-1))]
+        prod = shape.producer()
+        if prod is None or prod.op_type != "Concat":
+            return []  # computed at run time from data shapes: nothing literal to fix
+        pieces = []
+        literals = []
+        unknown = False
+        for i, inp in enumerate(prod.inputs):
+            a = _constant(inp) if inp is not None else None
+            if a is not None:
+                literals += a.reshape(-1).tolist()
+            if a is None and (inp is None or inp.shape is None or len(inp.shape) != 1 or not isinstance(inp.shape[0], int)):
+                unknown = True
+                continue
+            pieces.append((prod, i, a.reshape(-1) if a is not None else np.zeros(int(inp.shape[0]), np.int64) - 2))
+        if unknown:
+            # positions unknown: fine only if no literal could be a head count
+            return [] if all(v <= 0 or v == self.head_dim for v in literals) else None
+        return pieces
+
+    def _head_literal_edits(self, reshapes: list[ir.Node], counts: dict[int, int], kv: tuple[int, int]) -> list | None:
+        """Edits turning literal head counts in the region's Reshape/Expand shapes into the new ones.
+
+        Positions follow the layouts the exporters write: rank 5 is the KV repeat [B, kv, rep, L, d]
+        (position 1 is the KV head count, 2 the unchanged group size); in rank 4 a positive literal
+        at position 1 or 2 is a head count (heads or KV heads); in rank 3 the last entry may be
+        heads × head_dim. Returns None when a shape cannot be read."""
+        edits = []
+        for node in reshapes:
+            pieces = self._shape_pieces(node)
+            if pieces is None:
+                return None
+            full = np.concatenate([p[2] for p in pieces]) if pieces else np.zeros(0, np.int64)
+            rank = full.size
+            for pos, value in enumerate(full.tolist()):
+                if value <= 0:
+                    continue
+                new = None
+                if rank == 5 and pos == 1:
+                    new = kv[1] if value == kv[0] else None
+                elif rank == 4 and pos in (1, 2) and value in counts:
+                    new = counts[value]
+                elif rank == 3 and pos == 2 and value in counts:
+                    new = counts[value]
+                if new is not None and new != value:
+                    start = 0
+                    for concat, slot, arr in pieces:
+                        if start <= pos < start + arr.size:
+                            edits.append((node, concat, slot, pos - start, new))
+                            break
+                        start += arr.size
+        return edits
+
+    def _apply_literal_edits(self, edits: list) -> None:
+        clones: dict[int, ir.Node] = {}
+        for node, concat, slot, offset, new in edits:
+            target = node
+            if concat is not None:
+                # a shape Concat may be shared with other blocks: give this Reshape/Expand its own copy
+                if id(node) not in clones:
+                    clone = ir.node("Concat", inputs=list(concat.inputs), attributes={"axis": concat.attributes["axis"].value})
+                    self._graph.insert_before(node, clone)
+                    node.replace_input_with(1, clone.outputs[0])
+                    clones[id(node)] = clone
+                target = clones[id(node)]
+            arr = _constant(target.inputs[slot]).copy()
+            flat = arr.reshape(-1)
+            flat[offset] = new
+            _replace_side(self._graph, target, slot, arr)
 
     def _shrink_attention(self, consumer: ir.Node, w: ir.Value, dead_rows: np.ndarray, outputs: set[int]) -> bool:
         name = w.name
@@ -291,9 +364,6 @@ class ShrinkPass(ir.passes.InPlacePass):
         kv_widths = {p.inputs[1].const_value.shape[1] for p in kv_nodes}
         if not (len(projections) == 3 and len(q_nodes) >= 1 and len(kv_widths) <= 1 and all(wd % hd == 0 for wd in widths)):
             self.last_report.skipped.append({"consumer": name, "reason": f"expected q/k/v projections behind the attention output, found widths {sorted(widths)}"})
-            return False
-        if self._literal_head_counts(reshapes):
-            self.last_report.skipped.append({"consumer": name, "reason": "a Reshape behind the attention output has a literal head count"})
             return False
         heads = k // hd
         kv_heads = (next(iter(kv_widths)) // hd) if kv_widths else heads
@@ -320,6 +390,11 @@ class ShrinkPass(ir.passes.InPlacePass):
         if keep_q.size == heads:
             self.last_report.attention.append({"consumer": name, "heads": heads, "kv_heads": kv_heads, "kept": heads, "kept_kv": kv_heads, "dead_heads_kept": int(dead_heads.sum()), "reason": "no whole KV group is dead"})
             return False
+        counts = {heads: int(keep_q.size), kv_heads: int(keep_kv.size), heads * hd: int(keep_q.size) * hd}
+        edits = self._head_literal_edits(reshapes, counts, (kv_heads, int(keep_kv.size)))
+        if edits is None:
+            self.last_report.skipped.append({"consumer": name, "reason": "a Reshape/Expand shape behind the attention output cannot be read"})
+            return False
         rows_q = (keep_q[:, None] * hd + np.arange(hd)[None]).reshape(-1)
         rows_kv = (keep_kv[:, None] * hd + np.arange(hd)[None]).reshape(-1)
         weights = [p.inputs[1] for p in projections] + [w]
@@ -338,6 +413,7 @@ class ShrinkPass(ir.passes.InPlacePass):
             _set_array(pw, _array(pw)[:, cols])
             if bias is not None:
                 _replace_side(self._graph, bias[0], bias[1], bias[2][cols])
+        self._apply_literal_edits(edits)
         for v in values:
             v.shape = None
         self.last_report.attention.append(
