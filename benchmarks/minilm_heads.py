@@ -1,6 +1,7 @@
 """MiniLM-L6 with half of its attention heads removed: embedding similarity before/after recovery, latency.
 
-1. Calibrate on windows of the Shakespeare calibration split; remove ``--heads`` of the 12 heads
+1. Calibrate on windows of the Shakespeare calibration split (by default its lines, each as
+   "[CLS] line [SEP]", packed into windows, so the data looks like the sentences being embedded); remove ``--heads`` of the 12 heads
    in every block (activation importance, ``passes.structured``), physically.
 2. Sentence embeddings (mean pooling over the attention mask, as sentence-transformers does for
    all-MiniLM-L6-v2) of held-out lines of the evaluation split (lines with at least
@@ -56,12 +57,14 @@ def sentence_embeddings(model: torch.nn.Module, tokenizer, lines: list[str], bat
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--heads", type=float, default=0.5)
-    ap.add_argument("--calibration", type=int, default=128, help="calibration windows")
-    ap.add_argument("--length", type=int, default=128, help="calibration window length (tokens)")
+    ap.add_argument("--calibration", type=int, default=512, help="calibration windows")
+    ap.add_argument("--length", type=int, default=32, help="calibration window length (tokens; sentence-sized by default)")
     ap.add_argument("--lines", type=int, default=500)
     ap.add_argument("--min-words", type=int, default=4)
-    ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--sentence-windows", action=argparse.BooleanOptionalAction, default=True,
+                    help="calibrate and distil on packed calibration-split lines with [CLS]/[SEP] (default) instead of raw text windows")
+    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--shapes", nargs="+", default=["1x128", "8x128"])
     ap.add_argument("--repeats", type=int, default=20)
@@ -72,7 +75,13 @@ def main() -> None:
     loaded = load_model("minilm-l6")
     dense, tok, adapter = loaded.model, loaded.tokenizer, loaded.adapter
     splits = load_splits("shakespeare")
-    windows = calibration_windows(tokenize(tok, splits.calibration), args.calibration, args.length, 0)
+    if args.sentence_windows:
+        # sentence-shaped calibration: calibration-split lines, each as "[CLS] line [SEP]", packed into windows
+        cal_lines = [ln.strip() for ln in splits.calibration.splitlines() if len(ln.split()) >= args.min_words]
+        packed = torch.tensor([t for ids in tok(cal_lines)["input_ids"] for t in ids], dtype=torch.long)
+        windows = calibration_windows(packed, args.calibration, args.length, 0)
+    else:
+        windows = calibration_windows(tokenize(tok, splits.calibration), args.calibration, args.length, 0)
     lines = [ln.strip() for ln in splits.evaluation.splitlines() if len(ln.split()) >= args.min_words][: args.lines]
     ref = sentence_embeddings(dense, tok, lines)
 
@@ -115,7 +124,7 @@ def main() -> None:
         "cosine_before_recovery": before,
         "cosine_after_recovery": after,
         "recovery": {k: dres.info[k] for k in ("steps", "tokens", "train_seconds", "compute_dtype", "loss_first10", "loss_last10")}
-        | {"batch_size": args.batch, "lr": args.lr, "calibration_windows": [args.calibration, args.length]},
+        | {"batch_size": args.batch, "lr": args.lr, "calibration_windows": [args.calibration, args.length], "sentence_windows": args.sentence_windows},
         "latency_onnxruntime_cpu": latency,
     }
     args.out.write_text(json.dumps(out, indent=2), encoding="utf-8")

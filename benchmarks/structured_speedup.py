@@ -31,11 +31,31 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engines.onnxruntime import OnnxRuntimeCpuEngine  # noqa: E402
-from export.kv_export import cache_layout, greedy_generate  # noqa: E402
+from export.kv_export import cache_layout, compare_with_generate, export_kv_graphs, greedy_generate  # noqa: E402
 from pipeline.flops import FlopsModel  # noqa: E402
 from pipeline.models import count_parameters, load_hf_dir  # noqa: E402
 
 log = logging.getLogger("structured_speedup")
+
+
+def kv_graphs(build: Path, name: str, model, adapter) -> Path:
+    """The variant's KV-cache graphs: the build's ``kv`` stage when it has one, else exported here once
+    (into ``<variant>/kv-bench/``) and checked against PyTorch ``generate``."""
+    stage = build / name / "kv"
+    if (stage / "decode.onnx").is_file():
+        return stage
+    out = build / name / "kv-bench"
+    if not (out / "decode.onnx").is_file():
+        out.mkdir(parents=True, exist_ok=True)
+        export_kv_graphs(model, adapter, out)
+        prompt = np.random.default_rng(1).integers(3, int(model.config.vocab_size), (1, 32)).astype(np.int64)
+        eng = OnnxRuntimeCpuEngine({})
+        with eng.open(out / "prefill.onnx") as pre, eng.open(out / "decode.onnx") as dec:
+            cmp = compare_with_generate(greedy_generate(pre, dec, cache_layout(model, adapter), prompt, 16), model, prompt)
+        cmp.pop("max_abs_logit_delta_per_step")
+        (out / "parity.json").write_text(json.dumps(cmp, indent=2), encoding="utf-8")
+        log.info("%s: KV graphs exported; 16 greedy tokens identical to generate: %s (max |Δlogit| %.2e)", name, cmp["tokens_identical"], cmp["max_abs_logit_delta"])
+    return out
 
 
 def main() -> None:
@@ -73,7 +93,7 @@ def main() -> None:
         for n in names:
             full[n] = stack.enter_context(eng.open(args.build / n / "onnx" / "model.onnx", args.threads, spinning=False, name=n))
             if causal:
-                k = args.build / n / "kv"
+                k = kv_graphs(args.build, n, models[n], adapter)
                 kv[n] = (
                     stack.enter_context(eng.open(k / "prefill.onnx", args.threads, spinning=False, name=f"{n}:prefill")),
                     stack.enter_context(eng.open(k / "decode.onnx", args.threads, spinning=False, name=f"{n}:decode")),
@@ -110,7 +130,9 @@ def main() -> None:
     }
     for n in names:
         med = {m: statistics.median(v) for m, v in samples[n].items() if v}
+        parity_file = args.build / n / "kv-bench" / "parity.json"
         row = {
+            "kv_decode_parity": json.loads(parity_file.read_text()) if parity_file.is_file() else "from the build's decode stage",
             "parameters": count_parameters(models[n]),
             "layers": [s.to_dict() for s in flops[n].layers],
             "prefill_flops": flops[n].forward(args.batch, args.length),
