@@ -314,3 +314,33 @@ def test_build_with_structured_and_recovery_variants(tiny_dirs, text_file, tmp_p
     assert "reusing activation importance" in caplog.text  # the second variant prunes the same model the same way
     report = (out / "report.md").read_text()
     assert "Structured pruning" in report and "| 0 | 2 / 4 | 1 / 2 | 64 / 128 |" in report
+
+
+def test_interrupted_build_resumes_recovery_from_its_checkpoint(tiny_dirs, text_file, tmp_path, monkeypatch):
+    import passes.distill as distill_mod
+    from test_build import tiny_recipe
+
+    from pipeline.build import build
+
+    variants = [{"name": "kd", "passes": [{"structured": {"ffn": 0.5}}, {"distill": {"steps": 6, "checkpoint_every": 2}}]}]
+    out = tmp_path / "b"
+    recipe = tiny_recipe(tiny_dirs["llama"], text_file, out, variants=variants)
+    real = distill_mod.distill_loss
+    calls = {"n": 0}
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt("simulated interruption")
+        return real(*a, **k)
+
+    monkeypatch.setattr(distill_mod, "distill_loss", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        build(recipe)
+    assert len(list((out / "kd").glob("model.work-*/distill-checkpoint.pt"))) == 1
+    assert not (out / "kd" / "model" / "stage.json").exists()
+    monkeypatch.setattr(distill_mod, "distill_loss", real)
+    summary = build(recipe)
+    info = next(p for p in summary.results["variants"][1]["pass_results"] if p["name"] == "distill")["info"]
+    assert info["resumed_from_step"] == 4 and info["steps"] == 6
+    assert not list((out / "kd").glob("model.work-*"))
