@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from calibrate.data import shakespeare_splits, tokenize  # noqa: E402
 from engines.onnxruntime import OnnxRuntimeCpuEngine  # noqa: E402
-from export.kv_export import cache_layout, compare_with_generate, export_kv_graphs, greedy_generate  # noqa: E402
+from export.kv_export import cache_layout, compare_with_generate, decode_timing, export_kv_graphs, greedy_generate  # noqa: E402
+from pipeline.validate import round_robin  # noqa: E402
 from export.onnx_export import rebind_weights  # noqa: E402
 from passes import PassContext  # noqa: E402
 from passes.magnitude import MagnitudeConfig, MagnitudePass  # noqa: E402
@@ -70,15 +71,9 @@ def main() -> int:
             results["variants"][name] = cmp | {"text": loaded.tokenizer.decode(res.tokens[0])}
             logging.info("%s: tokens identical %s, worst per-step max |Δlogit| %.2e", name, cmp["tokens_identical"], cmp["max_abs_logit_delta"])
         # latency: dense and variant alternate, decode ms/token over --new tokens and prefill ms
-        lat = {n: {"decode_ms_per_token": [], "prefill_ms": []} for n in runners}
         for n in runners:  # warm-up
             greedy_generate(*runners[n], lay, prompt, 4)
-        for r in range(args.repeats):
-            order = list(runners) if r % 2 == 0 else list(runners)[::-1]
-            for n in order:
-                res = greedy_generate(*runners[n], lay, prompt, args.new)
-                lat[n]["decode_ms_per_token"].append(statistics.mean(res.decode_ms))
-                lat[n]["prefill_ms"].append(res.prefill_ms)
+        lat = round_robin(list(runners), args.repeats, lambda n: decode_timing(*runners[n], lay, prompt, args.new))
         for n, L in lat.items():
             results["variants"][n]["decode_ms_per_token_median"] = round(statistics.median(L["decode_ms_per_token"]), 3)
             results["variants"][n]["prefill_ms_median"] = round(statistics.median(L["prefill_ms"]), 3)

@@ -107,7 +107,7 @@ def main() -> int:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"| row | perplexity | reference | Δ vs ref | prune s | ref s | time ratio |")
+    print("| row | perplexity | reference | Δ vs ref | prune s | ref s | time ratio |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         d = "—" if r["perplexity_vs_reference"] is None else f"{100 * r['perplexity_vs_reference']:+.1f}%"

@@ -31,7 +31,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engines.onnxruntime import OnnxRuntimeCpuEngine  # noqa: E402
-from export.kv_export import cache_layout, compare_with_generate, export_kv_graphs, greedy_generate  # noqa: E402
+from export.kv_export import cache_layout, compare_with_generate, decode_timing, export_kv_graphs, greedy_generate  # noqa: E402
+from pipeline.validate import round_robin  # noqa: E402
 from pipeline.flops import FlopsModel  # noqa: E402
 from pipeline.models import count_parameters, load_hf_dir  # noqa: E402
 
@@ -87,7 +88,6 @@ def main() -> None:
     feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
     prompt = rng.integers(3, vocab, (1, args.prompt)).astype(np.int64)
     eng = OnnxRuntimeCpuEngine({})
-    samples: dict[str, dict[str, list[float]]] = {n: {"prefill_ms": [], "decode_ms_per_token": []} for n in names}
     with ExitStack() as stack:
         full, kv = {}, {}
         for n in names:
@@ -103,16 +103,15 @@ def main() -> None:
             full[n].infer(feeds)
             if causal:
                 greedy_generate(kv[n][0], kv[n][1], kv[n][2], prompt, 4)
-        for r in range(args.repeats):
-            k = r % len(names)
-            for n in names[k:] + names[:k]:
-                t = time.perf_counter()
-                full[n].infer(feeds)
-                samples[n]["prefill_ms"].append((time.perf_counter() - t) * 1e3)
-                if causal:
-                    res = greedy_generate(kv[n][0], kv[n][1], kv[n][2], prompt, args.new)
-                    samples[n]["decode_ms_per_token"].append(statistics.mean(res.decode_ms))
-            log.info("repeat %d/%d: %s", r + 1, args.repeats, ", ".join(f"{n} {samples[n]['prefill_ms'][-1]:.0f} ms" for n in names))
+        def run(n: str) -> dict[str, float]:
+            t = time.perf_counter()
+            full[n].infer(feeds)
+            out = {"prefill_ms": (time.perf_counter() - t) * 1e3}
+            if causal:
+                out["decode_ms_per_token"] = decode_timing(*kv[n], prompt, args.new)["decode_ms_per_token"]
+            return out
+
+        samples = round_robin(names, args.repeats, run)
 
     def decode_flops(f: FlopsModel) -> float:
         # steps 1..new-1 each add one token to a context of prompt + step tokens

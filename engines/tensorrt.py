@@ -19,7 +19,6 @@ as a skip with the reason.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any

@@ -15,6 +15,7 @@ attention mask (cumulative sum − 1), so left-padded batches decode correctly.
 from __future__ import annotations
 
 import logging
+import statistics
 import time
 import warnings
 from dataclasses import dataclass
@@ -171,6 +172,12 @@ def greedy_generate(prefill: Any, decode: Any, layout: CacheLayout, input_ids: n
         logits = out["logits"][:, -1]
         steps.append(logits)
     return GreedyResult(np.concatenate(tokens, 1), steps, prefill_ms, times)
+
+
+def decode_timing(prefill: Any, decode: Any, layout: CacheLayout, prompt: np.ndarray, new_tokens: int) -> dict[str, float]:
+    """One greedy run, timed: prefill ms and mean decode ms per token."""
+    res = greedy_generate(prefill, decode, layout, prompt, new_tokens)
+    return {"decode_ms_per_token": statistics.mean(res.decode_ms), "prefill_ms": res.prefill_ms}
 
 
 def compare_with_generate(result: GreedyResult, model: torch.nn.Module, prompt: np.ndarray) -> dict[str, Any]:

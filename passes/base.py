@@ -48,6 +48,14 @@ class LayerChange:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def of(cls, ref: Any) -> "LayerChange":
+        """The linear's current shape and fraction of zero weights."""
+        from passes.masks import sparsity_of
+
+        w = ref.weight_out_in()
+        return cls(ref.name, ref.role, ref.block, tuple(w.shape), sparsity_of(w))
+
 
 @dataclass
 class PassResult:

@@ -121,6 +121,25 @@ def distill_loss(student_out: Any, teacher_out: Any, causal: bool, temperature: 
     return loss, parts
 
 
+def _resume(ckpt: Path | None, fingerprint: str, params: dict[str, torch.nn.Parameter], opt: torch.optim.Optimizer) -> tuple[int, float, list]:
+    """(step, seconds spent, loss history) of a matching checkpoint, loaded into ``params`` and ``opt``; else a fresh start."""
+    if ckpt is None:
+        return 0, 0.0, []
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    if not ckpt.exists():
+        return 0, 0.0, []
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    if state.get("fingerprint") != fingerprint:
+        log.warning("distill: ignoring checkpoint %s written for other settings", ckpt)
+        return 0, 0.0, []
+    with torch.no_grad():
+        for n, t in state["params"].items():
+            params[n].copy_(t)
+    opt.load_state_dict(state["optimizer"])
+    log.info("distill: resuming from the checkpoint at step %d (%s)", state["step"], ckpt)
+    return state["step"], state["seconds"], state["history"]
+
+
 def _save_atomic(obj: Any, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
@@ -143,101 +162,70 @@ class DistillPass(Pass):
         if teacher is model:
             raise ValueError("pass 'distill': the student is the teacher itself; it must run after a pruning pass")
         dtype = resolve_compute_dtype(cfg.compute_dtype)
-        params = _trainable(model)
-        masks = {n: (p.data != 0) for n, p in params if cfg.keep_zeros and p.dim() >= 2 and bool((p.data == 0).any())}
-        fingerprint = stable_hash("distill", asdict(cfg), [(n, list(p.shape)) for n, p in params], list(windows.shape), ctx.seed)
-        opt = torch.optim.AdamW([p for _, p in params], lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
-        g = torch.Generator().manual_seed(ctx.seed)
-        order = torch.randperm(windows.shape[0], generator=g)
-        start, spent, history = 0, 0.0, []
+        autocast = dict(device_type="cpu", dtype=dtype, enabled=dtype != torch.float32)
+        params = dict(_trainable(model))
+        masks = {n: p.data != 0 for n, p in params.items() if cfg.keep_zeros and p.dim() >= 2 and bool((p.data == 0).any())}
+        fingerprint = stable_hash("distill", asdict(cfg), [(n, list(p.shape)) for n, p in params.items()], list(windows.shape), ctx.seed)
+        opt = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+        order = torch.randperm(windows.shape[0], generator=torch.Generator().manual_seed(ctx.seed))
         ckpt = ctx.work_dir / CHECKPOINT if ctx.work_dir is not None else None
-        if ckpt is not None:
-            ckpt.parent.mkdir(parents=True, exist_ok=True)
-        if ckpt is not None and ckpt.exists():
-            state = torch.load(ckpt, map_location="cpu", weights_only=False)
-            if state.get("fingerprint") == fingerprint:
-                named = dict(params)
-                for n, t in state["params"].items():
-                    named[n].data.copy_(t)
-                opt.load_state_dict(state["optimizer"])
-                start, spent, history = state["step"], state["seconds"], state["history"]
-                log.info("distill: resuming from the checkpoint at step %d/%d (%s)", start, cfg.steps, ckpt)
-            else:
-                log.warning("distill: ignoring checkpoint %s written for other settings", ckpt)
+        start, spent, history = _resume(ckpt, fingerprint, params, opt)
         for p in model.parameters():
-            p.requires_grad_(False)
-        for _, p in params:
-            p.requires_grad_(True)
-        was_training = model.training
+            p.requires_grad_(id(p) in {id(q) for q in params.values()})
         model.train()
-        # dropout off: the student is trained to match the teacher's deterministic outputs
-        for m in model.modules():
+        for m in model.modules():  # dropout off: the student matches the teacher's deterministic outputs
             if isinstance(m, torch.nn.Dropout):
                 m.p = 0.0
-        stopped_early = False
-        step = start
+        done, stopped_early = start, False
         t_start = time.perf_counter() - spent
-        steps_iter = range(start, cfg.steps)
-        bar = progress(steps_iter, desc="distill steps", initial=start, total=cfg.steps) if ctx.progress else steps_iter
+        steps = range(start, cfg.steps)
+        bar = progress(steps, desc="distill steps", initial=start, total=cfg.steps) if ctx.progress else steps
         try:
             for step in bar:
                 if cfg.max_minutes is not None and time.perf_counter() - t_start > cfg.max_minutes * 60:
                     stopped_early = True
                     break
-                pick = [int(order[(step * cfg.batch_size + i) % len(order)]) for i in range(cfg.batch_size)]
-                ids = windows[pick]
+                ids = windows[[int(order[(step * cfg.batch_size + i) % len(order)]) for i in range(cfg.batch_size)]]
                 for group in opt.param_groups:
                     group["lr"] = cfg.lr * _lr_factor(step, cfg)
-                with torch.no_grad(), torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+                with torch.no_grad(), torch.autocast(**autocast):
                     t_out = _forward(teacher, ids, causal, cfg.hidden_mse > 0)
-                with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+                with torch.autocast(**autocast):
                     s_out = _forward(model, ids, causal, cfg.hidden_mse > 0)
                 loss, parts = distill_loss(s_out, t_out, causal, cfg.temperature, cfg.hidden_mse)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_([p for _, p in params], cfg.max_grad_norm)
+                torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
                 opt.step()
-                if masks:
-                    with torch.no_grad():
-                        named = dict(params)
-                        for n, m in masks.items():
-                            named[n].mul_(m)
-                history.append({"step": step + 1, "loss": round(float(loss.detach()), 5), **{k: round(v, 5) for k, v in parts.items()}})
+                with torch.no_grad():
+                    for n, m in masks.items():
+                        params[n].mul_(m)
+                done = step + 1
+                value = float(loss.detach())
+                history.append({"step": done, "loss": round(value, 5), **{k: round(v, 5) for k, v in parts.items()}})
                 if hasattr(bar, "set_postfix"):
-                    bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
-                if (step + 1) % 10 == 0:
-                    log.info("distill step %d/%d: loss %.4f", step + 1, cfg.steps, float(loss.detach()))
-                if ckpt is not None and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
-                    state = {
-                        "fingerprint": fingerprint,
-                        "step": step + 1,
-                        "seconds": time.perf_counter() - t_start,
-                        "history": history,
-                        "params": {n: p.detach().clone() for n, p in params},
-                        "optimizer": opt.state_dict(),
-                    }
-                    _save_atomic(state, ckpt)
-                step += 1
-            else:
-                step = cfg.steps
+                    bar.set_postfix(loss=f"{value:.4f}")
+                if done % 10 == 0:
+                    log.info("distill step %d/%d: loss %.4f", done, cfg.steps, value)
+                if ckpt is not None and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
+                    _save_atomic(
+                        {"fingerprint": fingerprint, "step": done, "seconds": time.perf_counter() - t_start, "history": history,
+                         "params": {n: p.detach().clone() for n, p in params.items()}, "optimizer": opt.state_dict()},
+                        ckpt,
+                    )
         finally:
             for p in model.parameters():
                 p.requires_grad_(False)
-            model.train(was_training)
             model.eval()
         seconds = time.perf_counter() - t_start
-        result = PassResult(self.name, seconds=seconds)
-        for ref in ctx.adapter.linears(model):
-            w = ref.weight_out_in()
-            result.layers.append(LayerChange(ref.name, ref.role, ref.block, tuple(w.shape), float((w == 0).float().mean())))
-        first = history[: min(10, len(history))]
-        last = history[-min(10, len(history)) :]
+        result = PassResult(self.name, seconds=seconds, layers=[LayerChange.of(ref) for ref in ctx.adapter.linears(model)])
+        first, last = history[:10], history[-10:]
         result.info = {
-            "steps": step,
+            "steps": done,
             "steps_planned": cfg.steps,
             "stopped_early": stopped_early,
             "budget": {"steps": cfg.steps, "max_minutes": cfg.max_minutes},
-            "tokens": int(step * cfg.batch_size * windows.shape[1]),
+            "tokens": int(done * cfg.batch_size * windows.shape[1]),
             "train_seconds": round(seconds, 1),
             "compute_dtype": str(dtype).replace("torch.", ""),
             "loss_first10": round(sum(h["loss"] for h in first) / max(1, len(first)), 5),
@@ -245,5 +233,5 @@ class DistillPass(Pass):
             "resumed_from_step": start,
             "history": history[:: max(1, len(history) // 50)],
         }
-        log.info("distill: %d steps in %.1f s, loss %.4f → %.4f", step, seconds, result.info["loss_first10"], result.info["loss_last10"])
+        log.info("distill: %d steps in %.1f s, loss %.4f → %.4f", done, seconds, result.info["loss_first10"], result.info["loss_last10"])
         return result

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from passes.base import LayerChange, Pass, PassContext, PassResult, SparsityTarget, register_pass
-from passes.masks import nm_mask, sparsity_of, unstructured_mask
+from passes.masks import nm_mask, unstructured_mask
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ class MagnitudePass(Pass):
                 else:
                     mask = unstructured_mask(scores, cfg.sparsity, cfg.scope)
                 w.mul_(mask)
-                result.layers.append(LayerChange(ref.name, ref.role, ref.block, tuple(w.shape), sparsity_of(w)))
+                result.layers.append(LayerChange.of(ref))
                 log.debug("magnitude: %s → sparsity %.3f", ref.name, result.layers[-1].sparsity)
         result.seconds = time.perf_counter() - t0
         return result

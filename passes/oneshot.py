@@ -12,7 +12,6 @@ import torch
 from calibrate.runner import LayerwiseRunner, resolve_compute_dtype
 from calibrate.stats import Collector
 from passes.base import LayerChange, PassContext, PassResult, SparsityTarget
-from passes.masks import sparsity_of
 from pipeline.adapters.base import LinearRef
 
 log = logging.getLogger(__name__)
@@ -65,8 +64,7 @@ def run_oneshot(
             if facts:
                 result.info.setdefault("layers", {})["+".join(r.name for r in group)] = facts
         for ref in refs:
-            w = ref.weight_out_in()
-            result.layers.append(LayerChange(ref.name, ref.role, ref.block, tuple(w.shape), sparsity_of(w)))
+            result.layers.append(LayerChange.of(ref))
         solver_seconds += time.perf_counter() - ts
 
     dtype = resolve_compute_dtype(cfg.calibration_dtype)

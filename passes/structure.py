@@ -51,20 +51,17 @@ def _refs(model: torch.nn.Module, adapter: ModelAdapter, block: int) -> dict[str
     return {r.role: r for r in adapter.linears(model, blocks=[block])}
 
 
+def _block_shape(refs: dict[str, LinearRef], hd: int) -> LayerShape:
+    if "qkv" in refs:
+        heads = refs["qkv"].out_features // 3 // hd
+        return LayerShape(heads, heads, refs["up"].out_features)
+    return LayerShape(refs["q"].out_features // hd, refs["k"].out_features // hd, refs["up"].out_features)
+
+
 def layer_shapes(model: torch.nn.Module, adapter: ModelAdapter) -> list[LayerShape]:
     """Heads, KV heads and FFN width of every block, read from the weights themselves."""
     hd = head_dim(adapter, model.config)
-    out = []
-    for b in range(len(adapter.blocks(model))):
-        refs = _refs(model, adapter, b)
-        if "qkv" in refs:
-            heads = refs["qkv"].out_features // 3 // hd
-            kv = heads
-        else:
-            heads = refs["q"].out_features // hd
-            kv = refs["k"].out_features // hd
-        out.append(LayerShape(heads, kv, refs["up"].out_features))
-    return out
+    return [_block_shape(_refs(model, adapter, b), hd) for b in range(len(adapter.blocks(model)))]
 
 
 def _set_weight(ref: LinearRef, weight_out_in: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -111,6 +108,48 @@ def kv_heads_for(keep_heads: Sequence[int], heads: int, kv_heads: int) -> list[i
     return sorted(per_kv)
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """What one block keeps: row indices of q (and of o's input), of k/v, of the FFN; None = all."""
+
+    shape: LayerShape
+    hd: int
+    refs: dict[str, LinearRef]
+    q_rows: torch.Tensor | None
+    kv_rows: torch.Tensor | None
+    ffn: torch.Tensor | None
+    kept: LayerShape
+
+
+def _plan(model: torch.nn.Module, adapter: ModelAdapter, block: int, keep_heads: Sequence[int] | None, keep_ffn: Sequence[int] | None) -> _Plan:
+    """Check the kept units of one block against its shape and GQA's equal-group rule."""
+    hd = head_dim(adapter, model.config)
+    refs = _refs(model, adapter, block)
+    shape = _block_shape(refs, hd)
+    q_rows = kv_rows = ffn = None
+    heads, kv, width = shape.heads, shape.kv_heads, shape.ffn
+    if keep_heads is not None:
+        keep = sorted(set(int(h) for h in keep_heads))
+        if not keep or keep[0] < 0 or keep[-1] >= shape.heads:
+            raise ValueError(f"block {block}: kept heads {keep} must be a non-empty subset of 0..{shape.heads - 1}")
+        keep_kv = kv_heads_for(keep, shape.heads, shape.kv_heads)
+        q_rows, kv_rows = _head_rows(keep, hd), _head_rows(keep_kv, hd)
+        heads, kv = len(keep), len(keep_kv)
+    if keep_ffn is not None:
+        keep = sorted(set(int(c) for c in keep_ffn))
+        if not keep or keep[0] < 0 or keep[-1] >= shape.ffn:
+            raise ValueError(f"block {block}: kept FFN channels must be a non-empty subset of 0..{shape.ffn - 1}")
+        ffn = torch.tensor(keep, dtype=torch.long)
+        width = len(keep)
+    return _Plan(shape, hd, refs, q_rows, kv_rows, ffn, LayerShape(heads, kv, width))
+
+
+def _qkv_rows(plan: _Plan) -> torch.Tensor:
+    """Rows of GPT-2's fused [q | k | v] projection that the plan keeps."""
+    width = plan.shape.heads * plan.hd
+    return torch.cat([plan.q_rows, plan.q_rows + width, plan.q_rows + 2 * width])
+
+
 def slice_block(
     model: torch.nn.Module,
     adapter: ModelAdapter,
@@ -119,44 +158,34 @@ def slice_block(
     keep_ffn: Sequence[int] | None = None,
 ) -> LayerShape:
     """Keep only the listed query heads and FFN channels of one block (``None`` keeps all)."""
-    shape = layer_shapes(model, adapter)[block]
-    hd = head_dim(adapter, model.config)
-    refs = _refs(model, adapter, block)
-    heads, kv = shape.heads, shape.kv_heads
-    if keep_heads is not None:
-        keep_heads = sorted(set(int(h) for h in keep_heads))
-        if not keep_heads or keep_heads[0] < 0 or keep_heads[-1] >= shape.heads:
-            raise ValueError(f"block {block}: kept heads {keep_heads} must be a non-empty subset of 0..{shape.heads - 1}")
-        keep_kv = kv_heads_for(keep_heads, shape.heads, shape.kv_heads)
-        q_rows = _head_rows(keep_heads, hd)
-        with torch.no_grad():
+    plan = _plan(model, adapter, block, keep_heads, keep_ffn)
+    refs = plan.refs
+    with torch.no_grad():
+        if plan.q_rows is not None:
             if "qkv" in refs:
-                width = shape.heads * hd
-                _rows(refs["qkv"], torch.cat([q_rows, q_rows + width, q_rows + 2 * width]))
+                _rows(refs["qkv"], _qkv_rows(plan))
             else:
-                kv_rows = _head_rows(keep_kv, hd)
-                _rows(refs["q"], q_rows)
-                _rows(refs["k"], kv_rows)
-                _rows(refs["v"], kv_rows)
-            _cols(refs["o"], q_rows)
-        heads, kv = len(keep_heads), len(keep_kv)
-        attn = get_submodule(adapter.blocks(model)[block], adapter.attention_path)
-        values = {"heads": heads, "kv_heads": kv, "groups": heads // kv, "width": heads * hd}
-        for attr, what in adapter.head_attrs.items():
-            setattr(attn, attr, values[what])
-    ffn = shape.ffn
-    if keep_ffn is not None:
-        keep_ffn = sorted(set(int(c) for c in keep_ffn))
-        if not keep_ffn or keep_ffn[0] < 0 or keep_ffn[-1] >= shape.ffn:
-            raise ValueError(f"block {block}: kept FFN channels must be a non-empty subset of 0..{shape.ffn - 1}")
-        idx = torch.tensor(keep_ffn, dtype=torch.long)
-        with torch.no_grad():
+                _rows(refs["q"], plan.q_rows)
+                _rows(refs["k"], plan.kv_rows)
+                _rows(refs["v"], plan.kv_rows)
+            _cols(refs["o"], plan.q_rows)
+            k = plan.kept
+            attn = get_submodule(adapter.blocks(model)[block], adapter.attention_path)
+            values = {"heads": k.heads, "kv_heads": k.kv_heads, "groups": k.heads // k.kv_heads, "width": k.heads * plan.hd}
+            for attr, what in adapter.head_attrs.items():
+                setattr(attn, attr, values[what])
+        if plan.ffn is not None:
             for role in ("up", "gate"):
                 if role in refs:
-                    _rows(refs[role], idx)
-            _cols(refs["down"], idx)
-        ffn = len(keep_ffn)
-    return LayerShape(heads, kv, ffn)
+                    _rows(refs[role], plan.ffn)
+            _cols(refs["down"], plan.ffn)
+    return plan.kept
+
+
+def _dropped(kept: torch.Tensor, total: int) -> torch.Tensor:
+    mask = torch.ones(total, dtype=torch.bool)
+    mask[kept] = False
+    return mask
 
 
 def mask_block(
@@ -165,34 +194,29 @@ def mask_block(
     block: int,
     keep_heads: Sequence[int] | None = None,
     keep_ffn: Sequence[int] | None = None,
-) -> None:
-    """Zero (instead of removing) the heads and FFN channels not kept; shapes stay, outputs equal slicing."""
-    shape = layer_shapes(model, adapter)[block]
-    hd = head_dim(adapter, model.config)
-    refs = _refs(model, adapter, block)
+) -> LayerShape:
+    """Zero (instead of removing) the heads and FFN channels not kept; shapes stay, outputs equal slicing.
+    Returns the shape the block would have if sliced."""
+    plan = _plan(model, adapter, block, keep_heads, keep_ffn)
+    refs = plan.refs
     with torch.no_grad():
-        if keep_heads is not None:
-            kept = set(int(h) for h in keep_heads)
-            kept_kv = set(kv_heads_for(sorted(kept), shape.heads, shape.kv_heads))
-            gone = _head_rows([h for h in range(shape.heads) if h not in kept], hd)
-            gone_kv = _head_rows([h for h in range(shape.kv_heads) if h not in kept_kv], hd)
+        if plan.q_rows is not None:
+            gone = _dropped(plan.q_rows, plan.shape.heads * plan.hd)
             if "qkv" in refs:
-                w = refs["qkv"].weight_out_in()
-                width = shape.heads * hd
-                for off in (0, width, 2 * width):
-                    w[gone + off] = 0
+                refs["qkv"].weight_out_in()[_dropped(_qkv_rows(plan), 3 * plan.shape.heads * plan.hd)] = 0
             else:
+                gone_kv = _dropped(plan.kv_rows, plan.shape.kv_heads * plan.hd)
                 refs["q"].weight_out_in()[gone] = 0
                 refs["k"].weight_out_in()[gone_kv] = 0
                 refs["v"].weight_out_in()[gone_kv] = 0
             refs["o"].weight_out_in()[:, gone] = 0
-        if keep_ffn is not None:
-            kept_c = set(int(c) for c in keep_ffn)
-            gone_c = torch.tensor([c for c in range(shape.ffn) if c not in kept_c], dtype=torch.long)
+        if plan.ffn is not None:
+            gone_c = _dropped(plan.ffn, plan.shape.ffn)
             for role in ("up", "gate"):
                 if role in refs:
                     refs[role].weight_out_in()[gone_c] = 0
             refs["down"].weight_out_in()[:, gone_c] = 0
+    return plan.kept
 
 
 def record_shapes(model: torch.nn.Module, adapter: ModelAdapter) -> list[LayerShape]:

@@ -208,28 +208,16 @@ class StructuredPass(Pass):
         imp = compute_importance(model, ctx, cfg)
         keep_heads = plan_heads(imp.heads, [s.kv_heads for s in before], cfg.heads, unit, cfg.allocation, cfg.min_keep) if cfg.heads > 0 else None
         keep_ffn = allocate(imp.ffn, cfg.ffn, cfg.allocation, cfg.min_keep, cfg.round_to) if cfg.ffn > 0 else None
-        for b in range(len(before)):
-            kh = keep_heads[b] if keep_heads is not None else None
-            kf = keep_ffn[b] if keep_ffn is not None else None
-            if cfg.apply == "slice":
-                slice_block(model, adapter, b, kh, kf)
-            else:
-                mask_block(model, adapter, b, kh, kf)
-        after = record_shapes(model, adapter) if cfg.apply == "slice" else before
+        cut = slice_block if cfg.apply == "slice" else mask_block
+        after = [
+            cut(model, adapter, b, keep_heads[b] if keep_heads is not None else None, keep_ffn[b] if keep_ffn is not None else None)
+            for b in range(len(before))
+        ]
+        if cfg.apply == "slice":
+            record_shapes(model, adapter)
         result = PassResult(self.name, seconds=time.perf_counter() - t0)
-        for ref in adapter.linears(model):
-            w = ref.weight_out_in()
-            result.layers.append(LayerChange(ref.name, ref.role, ref.block, tuple(w.shape), float((w == 0).float().mean())))
-        per_layer = []
-        for b, (s0, s1) in enumerate(zip(before, after)):
-            row = s1.to_dict()
-            if cfg.apply == "mask":
-                row = {
-                    "heads": len(keep_heads[b]) if keep_heads is not None else s0.heads,
-                    "kv_heads": (len({h // (s0.heads // s0.kv_heads) for h in keep_heads[b]}) if keep_heads is not None else s0.kv_heads),
-                    "ffn": len(keep_ffn[b]) if keep_ffn is not None else s0.ffn,
-                }
-            per_layer.append({"block": b, **row, "dense": s0.to_dict()})
+        result.layers = [LayerChange.of(ref) for ref in adapter.linears(model)]
+        per_layer = [{"block": b, **s1.to_dict(), "dense": s0.to_dict()} for b, (s0, s1) in enumerate(zip(before, after))]
         result.info = {
             "importance": imp.method,
             "head_unit": unit,

@@ -441,7 +441,8 @@ class Builder:
             from contextlib import ExitStack
 
             from engines.onnxruntime import OnnxRuntimeCpuEngine
-            from export.kv_export import cache_layout, compare_with_generate, greedy_generate
+            from export.kv_export import cache_layout, compare_with_generate, decode_timing, greedy_generate
+            from pipeline.validate import round_robin
 
             dense = self.dense()
             windows = self.eval_windows()
@@ -464,14 +465,7 @@ class Builder:
                     log.info("%s: greedy decode tokens identical %s, max |Δlogit| %.2e", v.name, cmp["tokens_identical"], cmp["max_abs_logit_delta"])
                 for name in runners:  # warm-up
                     greedy_generate(*runners[name], layouts[name], prompt, 4)
-                samples = {n: {"decode_ms_per_token": [], "prefill_ms": []} for n in runners}
-                names = list(runners)
-                for r in range(spec.repeats):
-                    k = r % len(names)
-                    for n in names[k:] + names[:k]:
-                        res = greedy_generate(*runners[n], layouts[n], prompt, spec.new_tokens)
-                        samples[n]["decode_ms_per_token"].append(statistics.mean(res.decode_ms))
-                        samples[n]["prefill_ms"].append(res.prefill_ms)
+                samples = round_robin(list(runners), spec.repeats, lambda n: decode_timing(*runners[n], layouts[n], prompt, spec.new_tokens))
             base = {m: statistics.median(samples["dense"][m]) for m in ("decode_ms_per_token", "prefill_ms")}
             for n, smp in samples.items():
                 med = {m: statistics.median(smp[m]) for m in smp}
@@ -486,7 +480,7 @@ class Builder:
                     }
                 )
             (tmp / "decode.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
-            return {"variants": names}
+            return {"variants": list(samples)}
 
         out = run_stage(self.out / "decode-onnxruntime-cpu", "all/decode-onnxruntime-cpu", key, asdict(spec), build)
         self._record("all", out)

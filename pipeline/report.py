@@ -139,8 +139,6 @@ def _structured_section(results: dict[str, Any]) -> list[str]:
         for pr in v.get("pass_results", []):
             info = pr.get("info") or {}
             if pr.get("name") == "structured" and info.get("kept"):
-                if not lines:
-                    lines += ["", "## Structured pruning (kept / dense, per block)"]
                 after, before = info["parameters_after"], info["parameters_before"]
                 lines += [
                     "",
@@ -150,22 +148,21 @@ def _structured_section(results: dict[str, Any]) -> list[str]:
                     "| block | heads | KV heads | FFN channels |",
                     "|---|---|---|---|",
                 ]
-                for k in info["kept"]:
-                    d = k["dense"]
-                    lines.append(f"| {k['block']} | {k['heads']} / {d['heads']} | {k['kv_heads']} / {d['kv_heads']} | {k['ffn']} / {d['ffn']} |")
+                lines += [
+                    f"| {k['block']} | {k['heads']} / {k['dense']['heads']} | {k['kv_heads']} / {k['dense']['kv_heads']} | {k['ffn']} / {k['dense']['ffn']} |"
+                    for k in info["kept"]
+                ]
             elif pr.get("name") == "distill" and info:
-                if not lines:
-                    lines += ["", "## Structured pruning (kept / dense, per block)"]
                 budget = info.get("budget", {})
+                minutes = f", {budget['max_minutes']} min" if budget.get("max_minutes") else ""
                 lines += [
                     "",
                     f"**{v['name']}** recovery: {info['steps']} of {info['steps_planned']} steps"
                     f"{' (stopped at the time budget)' if info.get('stopped_early') else ''}, {info['tokens']} tokens, "
-                    f"{info['train_seconds']:.0f} s ({info['compute_dtype']}); budget {budget.get('steps')} steps"
-                    f"{', ' + str(budget.get('max_minutes')) + ' min' if budget.get('max_minutes') else ''}; "
+                    f"{info['train_seconds']:.0f} s ({info['compute_dtype']}); budget {budget.get('steps')} steps{minutes}; "
                     f"loss {info['loss_first10']:.4f} (first 10 steps) → {info['loss_last10']:.4f} (last 10)",
                 ]
-    return lines
+    return ["", "## Structured pruning (kept / dense, per block)", *lines] if lines else []
 
 
 def _pct(x: float | None) -> str:

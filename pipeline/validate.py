@@ -220,6 +220,19 @@ class LatencyPoint:
         }
 
 
+def round_robin(names: list[str], repeats: int, run: Callable[[str], dict[str, float]]) -> dict[str, dict[str, list[float]]]:
+    """Call ``run(name)`` for every name, ``repeats`` times, the starting name rotating from repeat to
+    repeat (drift and position effects spread evenly); returns each name's samples of each metric
+    ``run`` reports."""
+    samples: dict[str, dict[str, list[float]]] = {n: {} for n in names}
+    for r in range(repeats):
+        k = r % len(names)
+        for n in names[k:] + names[:k]:
+            for metric, value in run(n).items():
+                samples[n].setdefault(metric, []).append(value)
+    return samples
+
+
 def _time_once(runner: Any, feeds: dict[str, np.ndarray]) -> float:
     t0 = time.perf_counter()
     runner.infer(feeds)
@@ -252,11 +265,8 @@ def interleaved_latency(
         for _ in range(warmup):
             for n in names:
                 runners[n].infer(feeds)
-        samples: dict[str, list[float]] = {n: [] for n in names}
-        for r in range(repeats):
-            k = r % len(names)
-            for n in names[k:] + names[:k]:
-                samples[n].append(_time_once(runners[n], feeds))
+        timed = round_robin(names, repeats, lambda n: {"ms": _time_once(runners[n], feeds)})
+        samples = {n: timed[n]["ms"] for n in names}
         base = samples[baseline]
         base_ms = statistics.median(base)
         for n in names:

@@ -219,6 +219,23 @@ def test_distill_reduces_kl_and_keeps_zeros():
     assert r.info["steps"] == 40 and not r.info["stopped_early"]
 
 
+def _interrupt_distill_at_step(monkeypatch, step):
+    """Make the ``step``-th distillation loss raise KeyboardInterrupt; returns the real loss function."""
+    import passes.distill as distill_mod
+
+    real = distill_mod.distill_loss
+    calls = {"n": 0}
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == step:
+            raise KeyboardInterrupt("simulated interruption")
+        return real(*a, **k)
+
+    monkeypatch.setattr(distill_mod, "distill_loss", flaky)
+    return real
+
+
 def test_distill_resumes_from_checkpoint(tmp_path, monkeypatch):
     import passes.distill as distill_mod
 
@@ -233,16 +250,7 @@ def test_distill_resumes_from_checkpoint(tmp_path, monkeypatch):
 
     (tmp_path / "b").mkdir()
     interrupted = copy.deepcopy(pruned)
-    real = distill_mod.distill_loss
-    calls = {"n": 0}
-
-    def flaky(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt("simulated interruption")
-        return real(*a, **k)
-
-    monkeypatch.setattr(distill_mod, "distill_loss", flaky)
+    real = _interrupt_distill_at_step(monkeypatch, 5)
     with pytest.raises(KeyboardInterrupt):
         DistillPass(cfg).run(interrupted, _ctx(interrupted, windows, lambda: teacher, tmp_path / "b"))
     monkeypatch.setattr(distill_mod, "distill_loss", real)
@@ -325,16 +333,7 @@ def test_interrupted_build_resumes_recovery_from_its_checkpoint(tiny_dirs, text_
     variants = [{"name": "kd", "passes": [{"structured": {"ffn": 0.5}}, {"distill": {"steps": 6, "checkpoint_every": 2}}]}]
     out = tmp_path / "b"
     recipe = tiny_recipe(tiny_dirs["llama"], text_file, out, variants=variants)
-    real = distill_mod.distill_loss
-    calls = {"n": 0}
-
-    def flaky(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt("simulated interruption")
-        return real(*a, **k)
-
-    monkeypatch.setattr(distill_mod, "distill_loss", flaky)
+    real = _interrupt_distill_at_step(monkeypatch, 5)
     with pytest.raises(KeyboardInterrupt):
         build(recipe)
     assert len(list((out / "kd").glob("model.work-*/distill-checkpoint.pt"))) == 1

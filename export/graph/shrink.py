@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import onnx_ir as ir
@@ -126,6 +126,24 @@ def _bias_of(value: ir.Value, width: int) -> tuple[ir.Node, int, np.ndarray] | N
     return None
 
 
+def _walk_back(start: ir.Value, expand: Callable[[ir.Value, ir.Node | None], list[ir.Value] | None]) -> list[ir.Value] | None:
+    """Values reached walking back from ``start``; ``expand(value, producer)`` names the inputs to follow
+    (or None to abandon the walk, which then returns None). Each value is visited once."""
+    values: list[ir.Value] = []
+    stack, seen = [start], set()
+    while stack:
+        v = stack.pop()
+        if id(v) in seen:
+            continue
+        seen.add(id(v))
+        more = expand(v, v.producer())
+        if more is None:
+            return None
+        values.append(v)
+        stack.extend(more)
+    return values
+
+
 def _downstream(projections: list[ir.Node], values: list[ir.Value]) -> list[ir.Value]:
     """Region values computed from the projections' outputs (the ones whose widths change)."""
     members = {id(v): v for v in values}
@@ -149,6 +167,11 @@ class ShrinkPass(ir.passes.InPlacePass):
         self.head_dim = head_dim
         self.last_report = ShrinkReport()
 
+    def _skip(self, consumer: str, reason: str) -> bool:
+        """Record why ``consumer`` is left unchanged; returns False (nothing modified)."""
+        self.last_report.skipped.append({"consumer": consumer, "reason": reason})
+        return False
+
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         self.last_report = ShrinkReport()
         graph = self._graph = model.graph
@@ -170,47 +193,39 @@ class ShrinkPass(ir.passes.InPlacePass):
         if modified:
             for name in [n for n, v in graph.initializers.items() if not v.uses() and v not in graph.outputs]:
                 del graph.initializers[name]
-            for v in graph.initializers.values():
-                if v.const_value is not None:
-                    v.shape = ir.Shape(v.const_value.shape)
         return ir.passes.PassResult(model, modified)
 
     # --- FFN ---------------------------------------------------------------------------------
 
     def _ffn_region(self, x: ir.Value, k: int) -> dict[str, Any] | None:
-        """Projections, 1-D side initialisers and region values behind ``x``, or None if not an FFN."""
+        """Projections, 1-D side constants and region values behind ``x``, or None if not an FFN."""
         projections: list[ir.Node] = []
-        sides: list[ir.Value] = []
-        values: list[ir.Value] = []
-        stack, seen = [x], set()
-        while stack:
-            v = stack.pop()
-            if id(v) in seen:
-                continue
-            seen.add(id(v))
-            prod = v.producer()
+        sides: list[tuple[ir.Node, int, np.ndarray]] = []
+
+        def expand(v: ir.Value, prod: ir.Node | None) -> list[ir.Value] | None:
             if prod is None:
                 return None  # a graph input
-            values.append(v)
             pw = _weight(prod)
-            if pw is not None and pw.const_value.shape[1] == k and prod.inputs[1] is pw:
+            if pw is not None and pw.const_value.shape[1] == k:
                 projections.append(prod)
-                continue
+                return []
             if prod.op_type not in _ELEMENTWISE:
                 return None
+            more = []
             for slot, inp in enumerate(prod.inputs):
                 if inp is None:
                     continue
                 arr = _constant(inp)
-                if arr is not None:
-                    if arr.size == 1:
-                        continue
-                    if arr.shape == (k,):
-                        sides.append((prod, slot, arr))
-                        continue
+                if arr is None:
+                    more.append(inp)
+                elif arr.shape == (k,):
+                    sides.append((prod, slot, arr))
+                elif arr.size != 1:
                     return None
-                stack.append(inp)
-        if not projections:
+            return more
+
+        values = _walk_back(x, expand)
+        if values is None or not projections:
             return None
         return {"projections": projections, "sides": sides, "values": values}
 
@@ -221,12 +236,10 @@ class ShrinkPass(ir.passes.InPlacePass):
         inside = {id(n) for n in region["projections"]} | {id(v.producer()) for v in region["values"]} | {id(consumer)}
         for v in region["values"]:
             if id(v) in outputs or any(id(u[0]) not in inside for u in v.uses()):
-                self.last_report.skipped.append({"consumer": w.name, "reason": f"value '{v.name}' is used outside the FFN region"})
-                return False
+                return self._skip(w.name, f"value '{v.name}' is used outside the FFN region")
         weights = [p.inputs[1] for p in region["projections"]]
         if any(len(pw.uses()) != 1 for pw in weights):
-            self.last_report.skipped.append({"consumer": w.name, "reason": "a projection weight is shared with another node"})
-            return False
+            return self._skip(w.name, "a projection weight is shared with another node")
         before = int(dead.size)
         _set_array(w, _array(w)[keep])
         for pw in weights:
@@ -240,32 +253,24 @@ class ShrinkPass(ir.passes.InPlacePass):
 
     # --- attention ---------------------------------------------------------------------------
 
-    def _attention_region(self, x: ir.Value) -> tuple[list[ir.Node], list[ir.Value], list[ir.Node]] | None:
-        """(projection MatMuls, region values, Reshape nodes) behind the attention output ``x``."""
+    def _attention_region(self, x: ir.Value) -> tuple[list[ir.Node], list[ir.Value], list[ir.Node]]:
+        """(projection MatMuls, region values, Reshape/Expand nodes) behind the attention output ``x``."""
         projections: list[ir.Node] = []
-        values: list[ir.Value] = []
         reshapes: list[ir.Node] = []
-        stack, seen = [x], set()
-        while stack:
-            v = stack.pop()
-            if id(v) in seen:
-                continue
-            seen.add(id(v))
-            prod = v.producer()
-            if prod is None:
-                continue  # a graph input (attention mask): nothing to slice behind it
-            if prod.op_type in _SHAPE_OPS:
-                continue
-            values.append(v)
+
+        def expand(v: ir.Value, prod: ir.Node | None) -> list[ir.Value]:
+            if prod is None or prod.op_type in _SHAPE_OPS:
+                return []  # a graph input (attention mask) or shape arithmetic: nothing to slice behind it
             if _weight(prod) is not None:
                 projections.append(prod)
-                continue
+                return []
             if prod.op_type in ("Reshape", "Expand"):
                 reshapes.append(prod)
             slots = _DATA_INPUTS.get(prod.op_type, range(len(prod.inputs)))
-            for i in slots:
-                if i < len(prod.inputs) and prod.inputs[i] is not None and not prod.inputs[i].is_initializer():
-                    stack.append(prod.inputs[i])
+            return [prod.inputs[i] for i in slots if i < len(prod.inputs) and prod.inputs[i] is not None and not prod.inputs[i].is_initializer()]
+
+        values = _walk_back(x, expand) or []
+        values = [v for v in values if v.producer() is not None and v.producer().op_type not in _SHAPE_OPS]
         return projections, values, reshapes
 
     def _shape_pieces(self, node: ir.Node) -> list[tuple[ir.Node | None, int, np.ndarray | None]] | None:
@@ -352,31 +357,24 @@ class ShrinkPass(ir.passes.InPlacePass):
         hd = self.head_dim
         k = dead_rows.size
         if hd is None or k % hd:
-            self.last_report.skipped.append({"consumer": name, "reason": f"not an FFN region, and head_dim {hd} does not divide its width {k}"})
-            return False
-        found = self._attention_region(consumer.inputs[0])
-        if found is None:
-            return False
-        projections, values, reshapes = found
+            return self._skip(name, f"not an FFN region, and head_dim {hd} does not divide its width {k}")
+        projections, values, reshapes = self._attention_region(consumer.inputs[0])
         widths = {p.inputs[1].const_value.shape[1] for p in projections}
         q_nodes = [p for p in projections if p.inputs[1].const_value.shape[1] == k]
         kv_nodes = [p for p in projections if p.inputs[1].const_value.shape[1] != k]
         kv_widths = {p.inputs[1].const_value.shape[1] for p in kv_nodes}
         if not (len(projections) == 3 and len(q_nodes) >= 1 and len(kv_widths) <= 1 and all(wd % hd == 0 for wd in widths)):
-            self.last_report.skipped.append({"consumer": name, "reason": f"expected q/k/v projections behind the attention output, found widths {sorted(widths)}"})
-            return False
+            return self._skip(name, f"expected q/k/v projections behind the attention output, found widths {sorted(widths)}")
         heads = k // hd
         kv_heads = (next(iter(kv_widths)) // hd) if kv_widths else heads
         if heads % kv_heads:
-            self.last_report.skipped.append({"consumer": name, "reason": f"{heads} heads do not split into {kv_heads} KV groups"})
-            return False
+            return self._skip(name, f"{heads} heads do not split into {kv_heads} KV groups")
         group = heads // kv_heads
         dead_heads = dead_rows.reshape(heads, hd).all(1)
         inside = {id(p) for p in projections} | {id(v.producer()) for v in values} | {id(consumer)}
         for v in _downstream(projections, values):
             if id(v) in outputs or any(id(u[0]) not in inside and u[0].op_type not in _SHAPE_OPS for u in v.uses()):
-                self.last_report.skipped.append({"consumer": name, "reason": f"value '{v.name}' is used outside the attention region"})
-                return False
+                return self._skip(name, f"value '{v.name}' is used outside the attention region")
         if group == 1:
             keep_q = np.flatnonzero(~dead_heads)
             keep_kv = keep_q
@@ -393,17 +391,14 @@ class ShrinkPass(ir.passes.InPlacePass):
         counts = {heads: int(keep_q.size), kv_heads: int(keep_kv.size), heads * hd: int(keep_q.size) * hd}
         edits = self._head_literal_edits(reshapes, counts, (kv_heads, int(keep_kv.size)))
         if edits is None:
-            self.last_report.skipped.append({"consumer": name, "reason": "a Reshape/Expand shape behind the attention output cannot be read"})
-            return False
+            return self._skip(name, "a Reshape/Expand shape behind the attention output cannot be read")
         rows_q = (keep_q[:, None] * hd + np.arange(hd)[None]).reshape(-1)
         rows_kv = (keep_kv[:, None] * hd + np.arange(hd)[None]).reshape(-1)
         weights = [p.inputs[1] for p in projections] + [w]
         if any(len(x.uses()) != 1 for x in weights):
-            self.last_report.skipped.append({"consumer": name, "reason": "a projection weight is shared with another node"})
-            return False
+            return self._skip(name, "a projection weight is shared with another node")
         if kv_nodes and len(q_nodes) != 1:
-            self.last_report.skipped.append({"consumer": name, "reason": "cannot tell the query projection from key/value"})
-            return False
+            return self._skip(name, "cannot tell the query projection from key/value")
         _set_array(w, _array(w)[rows_q])
         for p in projections:
             pw = p.inputs[1]
