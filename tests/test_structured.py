@@ -343,3 +343,25 @@ def test_interrupted_build_resumes_recovery_from_its_checkpoint(tiny_dirs, text_
     info = next(p for p in summary.results["variants"][1]["pass_results"] if p["name"] == "distill")["info"]
     assert info["resumed_from_step"] == 4 and info["steps"] == 6
     assert not list((out / "kd").glob("model.work-*"))
+
+
+def test_build_decode_stage_with_per_layer_kv_heads(tiny_dirs, text_file, tmp_path):
+    """KV-cache graphs and the decode stage for a variant whose blocks keep different KV head counts."""
+    from test_build import tiny_recipe
+
+    from pipeline.build import build
+    from pipeline.recipe import DecodeSpec
+
+    variants = [{"name": "kv1", "passes": [{"structured": {"heads": 0.25, "allocation": "global", "min_keep": 0.5}}]}]
+    recipe = tiny_recipe(tiny_dirs["llama"], text_file, tmp_path / "b", variants=variants)
+    recipe.export.kv_cache = True
+    recipe.validation.decode = DecodeSpec(prompt=8, new_tokens=4, greedy_tokens=4, repeats=2)
+    summary = build(recipe)
+    res = {v["name"]: v for v in summary.results["variants"]}
+    kept = next(p for p in res["kv1"]["pass_results"] if p["name"] == "structured")["info"]["kept"]
+    assert sorted(k["kv_heads"] for k in kept) == [1, 2]  # one block lost its weaker KV group, the other kept both
+    for name in ("dense", "kv1"):
+        d = res[name]["decode"]
+        assert d["tokens_identical"] and d["max_abs_logit_delta"] <= 1e-4
+        assert len(d["samples"]["decode_ms_per_token"]) == 2 and d["decode_ms_per_token"] > 0
+    assert "decode_ratio" in res["kv1"]["decode"]
