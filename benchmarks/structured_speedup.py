@@ -41,14 +41,17 @@ log = logging.getLogger("structured_speedup")
 
 def kv_graphs(build: Path, name: str, model, adapter) -> Path:
     """The variant's KV-cache graphs: the build's ``kv`` stage when it has one, else exported here once
-    (into ``<variant>/kv-bench/``) and checked against PyTorch ``generate``."""
+    (into ``<variant>/kv-bench/``, keyed by the model stage's key) and checked against PyTorch ``generate``."""
     stage = build / name / "kv"
     if (stage / "decode.onnx").is_file():
         return stage
     out = build / name / "kv-bench"
-    if not (out / "decode.onnx").is_file():
+    source = json.loads((build / name / "model" / "stage.json").read_text())["key"]
+    made_from = out / "model_stage_key"
+    if not (out / "decode.onnx").is_file() or not made_from.is_file() or made_from.read_text() != source:
         out.mkdir(parents=True, exist_ok=True)
         export_kv_graphs(model, adapter, out)
+        made_from.write_text(source)  # re-exported whenever the variant's model stage is rebuilt
         prompt = np.random.default_rng(1).integers(3, int(model.config.vocab_size), (1, 32)).astype(np.int64)
         eng = OnnxRuntimeCpuEngine({})
         with eng.open(out / "prefill.onnx") as pre, eng.open(out / "decode.onnx") as dec:
