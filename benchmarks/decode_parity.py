@@ -30,7 +30,7 @@ from pipeline.validate import round_robin  # noqa: E402
 from export.onnx_export import rebind_weights  # noqa: E402
 from passes import PassContext  # noqa: E402
 from passes.magnitude import MagnitudeConfig, MagnitudePass  # noqa: E402
-from pipeline.models import load_model  # noqa: E402
+from core.models import load_model  # noqa: E402
 
 
 def main() -> int:

@@ -24,7 +24,7 @@ from engines.onnxruntime import OnnxRuntimeCpuEngine  # noqa: E402
 from export.graph import rewrite_file  # noqa: E402
 from export.graph.cleanup import CleanupPass  # noqa: E402
 from export.graph.precision import Fp16GemmPass  # noqa: E402
-from pipeline.models import load_model  # noqa: E402
+from core.models import load_model  # noqa: E402
 from pipeline.validate import perplexity, runner_outputs_fn  # noqa: E402
 
 

@@ -38,7 +38,7 @@ TOKENS = (1, 16, 128, 512, 2048, 8192)
 
 
 def prune_2of4(w: torch.Tensor) -> torch.Tensor:
-    from passes.masks import nm_mask
+    from core.masks import nm_mask
 
     return w * nm_mask(w.abs().float(), 2, 4).to(w.dtype)
 
@@ -83,7 +83,7 @@ def e2e_rows(dtype: torch.dtype, repeats: int) -> list[dict]:
     from engines.torch_cuda import convert_2of4_linears
     from passes import PassContext
     from passes.magnitude import MagnitudeConfig, MagnitudePass
-    from pipeline.models import load_model
+    from core.models import load_model
 
     loaded = load_model("smollm2-135m")
     dense = loaded.model.to("cuda", dtype).eval()

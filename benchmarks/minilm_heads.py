@@ -37,7 +37,7 @@ from passes.base import PassContext  # noqa: E402
 from passes.distill import DistillConfig, DistillPass  # noqa: E402
 from passes.structured import StructuredConfig, StructuredPass  # noqa: E402
 from pipeline.flops import FlopsModel  # noqa: E402
-from pipeline.models import count_parameters, load_model  # noqa: E402
+from core.models import count_parameters, load_model  # noqa: E402
 from pipeline.validate import interleaved_latency  # noqa: E402
 
 log = logging.getLogger("minilm_heads")

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from calibrate.data import calibration_windows, evaluation_windows, shakespeare_splits, tokenize  # noqa: E402
 from passes import PassContext, get_pass_class  # noqa: E402
-from pipeline.models import load_model  # noqa: E402
+from core.models import load_model  # noqa: E402
 from pipeline.validate import perplexity, torch_outputs_fn  # noqa: E402
 
 REFERENCE = {  # method:pattern → (perplexity, pruning seconds on 2 cores), from issue 3

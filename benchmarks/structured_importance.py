@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from calibrate.data import calibration_windows, evaluation_windows, load_splits, tokenize  # noqa: E402
 from passes.base import PassContext  # noqa: E402
 from passes.structured import StructuredConfig, StructuredPass  # noqa: E402
-from pipeline.models import load_model  # noqa: E402
+from core.models import load_model  # noqa: E402
 from pipeline.validate import perplexity, torch_outputs_fn  # noqa: E402
 
 log = logging.getLogger("structured_importance")

@@ -34,7 +34,7 @@ from engines.onnxruntime import OnnxRuntimeCpuEngine  # noqa: E402
 from export.kv_export import cache_layout, compare_with_generate, decode_timing, export_kv_graphs, greedy_generate  # noqa: E402
 from pipeline.validate import round_robin  # noqa: E402
 from pipeline.flops import FlopsModel  # noqa: E402
-from pipeline.models import count_parameters, load_hf_dir  # noqa: E402
+from core.models import count_parameters, load_hf_dir  # noqa: E402
 
 log = logging.getLogger("structured_speedup")
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import DataError
+from core.errors import DataError
 
 log = logging.getLogger(__name__)
 

@@ -24,8 +24,8 @@ import torch
 
 from calibrate.runner import LayerwiseRunner
 from calibrate.stats import Collector, HessianCollector, InputNormCollector
-from pipeline.adapters.base import LinearRef, ModelAdapter
-from pipeline.progress import progress
+from core.adapters.base import LinearRef, ModelAdapter
+from core.progress import progress
 
 log = logging.getLogger(__name__)
 

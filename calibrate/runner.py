@@ -25,8 +25,8 @@ from typing import Any, Callable
 import torch
 
 from calibrate.stats import Collector
-from pipeline.adapters.base import LinearRef, ModelAdapter
-from pipeline.progress import progress
+from core.adapters.base import LinearRef, ModelAdapter
+from core.progress import progress
 
 log = logging.getLogger(__name__)
 

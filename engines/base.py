@@ -3,7 +3,7 @@
 ``engine.build(onnx_path, out_dir) -> EngineArtifact`` turns an ONNX file into
 whatever the backend runs; ``engine.runner(artifact)`` gives a :class:`Runner`
 used as ``with runner: runner.infer(feeds)``. A backend that cannot work on this
-machine raises :class:`pipeline.errors.EngineUnavailable` from ``check_available``.
+machine raises :class:`core.errors.EngineUnavailable` from ``check_available``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.errors import PipelineError
+from core.errors import PipelineError
 
 
 @dataclass

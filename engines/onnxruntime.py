@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from engines.base import Engine, EngineArtifact, Runner, TensorMeta
-from pipeline.errors import EngineUnavailable
+from core.errors import EngineUnavailable
 
 log = logging.getLogger(__name__)
 

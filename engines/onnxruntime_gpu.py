@@ -19,7 +19,7 @@ from typing import Any
 
 from engines.base import EngineArtifact
 from engines.onnxruntime import OnnxRuntimeCpuEngine, OnnxRuntimeRunner
-from pipeline.errors import EngineUnavailable
+from core.errors import EngineUnavailable
 
 
 class _OrtGpuEngine(OnnxRuntimeCpuEngine):

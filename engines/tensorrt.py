@@ -27,8 +27,8 @@ import numpy as np
 
 from engines.base import Engine, EngineArtifact, Runner, TensorMeta
 from engines.trt_log import parse_sparsity_log
-from pipeline.artifacts import atomic_write_bytes, atomic_write_text
-from pipeline.errors import EngineUnavailable, PipelineError
+from core.artifacts import atomic_write_bytes, atomic_write_text
+from core.errors import EngineUnavailable, PipelineError
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ class TensorRTEngine(Engine):
     def _timing_cache_path(self) -> Path:
         if self.options["timing_cache"]:
             return Path(self.options["timing_cache"]).expanduser()
-        from pipeline.models import cache_root
+        from core.models import cache_root
 
         return cache_root() / "tensorrt" / "timing.cache"
 

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from engines.base import Engine, EngineArtifact, Runner, TensorMeta
-from pipeline.errors import EngineUnavailable
+from core.errors import EngineUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ def convert_2of4_linears(model: Any, adapter: Any) -> list[str]:
     import torch
     from torch.sparse import to_sparse_semi_structured
 
-    from passes.masks import is_nm_sparse
+    from core.masks import is_nm_sparse
 
     done = []
     for ref in adapter.linears(model):
@@ -93,7 +93,7 @@ class TorchCudaRunner(Runner):
     def activate_impl(self) -> None:
         import torch
 
-        from pipeline.models import load_hf_dir
+        from core.models import load_hf_dir
 
         model, _, adapter = load_hf_dir(self.model_dir)
         dtype = getattr(torch, self.options["dtype"])

@@ -51,7 +51,7 @@ class CacheLayout:
 
 
 def cache_layout(model: torch.nn.Module, adapter: Any) -> CacheLayout:
-    from passes.structure import head_dim, layer_shapes
+    from core.structure import head_dim, layer_shapes
 
     shapes = layer_shapes(model, adapter)
     return CacheLayout(len(shapes), tuple(s.kv_heads for s in shapes), head_dim(adapter, model.config))

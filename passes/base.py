@@ -12,7 +12,7 @@ if TYPE_CHECKING:
 
     import torch
 
-    from pipeline.adapters.base import ModelAdapter
+    from core.adapters.base import ModelAdapter
 
 ROLES = ("q", "k", "v", "qkv", "o", "up", "gate", "down")
 """Linear roles an adapter can name; passes filter on them."""
@@ -51,7 +51,7 @@ class LayerChange:
     @classmethod
     def of(cls, ref: Any) -> "LayerChange":
         """The linear's current shape and fraction of zero weights."""
-        from passes.masks import sparsity_of
+        from core.masks import sparsity_of
 
         w = ref.weight_out_in()
         return cls(ref.name, ref.role, ref.block, tuple(w.shape), sparsity_of(w))
@@ -133,7 +133,7 @@ class SparsityTarget:
     """Block indices to prune; all when empty."""
 
     def __post_init__(self) -> None:
-        from passes.masks import parse_pattern
+        from core.masks import parse_pattern
 
         if (self.sparsity is None) == (self.pattern is None):
             raise ValueError("set exactly one of 'sparsity' (unstructured) or 'pattern' (N:M)")
@@ -147,6 +147,6 @@ class SparsityTarget:
 
     @property
     def nm(self) -> tuple[int, int] | None:
-        from passes.masks import parse_pattern
+        from core.masks import parse_pattern
 
         return parse_pattern(self.pattern) if self.pattern else None

@@ -8,33 +8,27 @@ normalised by the teacher's mean square. Embeddings (and a tied output head) sta
 Weights that are exactly zero when recovery starts stay zero (``keep_zeros``), so it
 also serves sparse models.
 
-Budget: ``steps`` optimizer steps of ``batch_size`` windows, or fewer when ``max_minutes``
-runs out (the result says which). Every ``checkpoint_every`` steps the trainable weights,
-the optimizer and the data position are written atomically to the stage's work directory;
-an interrupted build resumes from the last checkpoint when the same recipe runs again.
+Budget, schedule, precision, checkpoints and resume are the shared training loop's
+(:mod:`passes.training`): ``steps`` optimizer steps of ``batch_size`` windows, or fewer when
+``max_minutes`` runs out; an interrupted build resumes from the last checkpoint in the
+stage's work directory when the same recipe runs again.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-import os
-import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from calibrate.runner import resolve_compute_dtype
 from passes.base import LayerChange, Pass, PassContext, PassResult, register_pass
-from pipeline.artifacts import stable_hash
-from pipeline.progress import progress
+from passes.training import Checkpoint, check_train_options, train, train_config_of
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT = "distill-checkpoint.pt"
+CHECKPOINT = "distill-checkpoint"
 
 
 @dataclass
@@ -57,25 +51,15 @@ class DistillConfig:
     max_grad_norm: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.steps < 1:
-            raise ValueError(f"steps {self.steps} must be at least 1")
-        if not 1 <= self.batch_size <= 256:
-            raise ValueError(f"batch_size {self.batch_size} is outside [1, 256]")
-        if not 0 < self.lr < 1:
-            raise ValueError(f"lr {self.lr} is outside (0, 1)")
-        if self.warmup_steps < 0 or self.checkpoint_every < 1:
-            raise ValueError("warmup_steps must be ≥ 0 and checkpoint_every ≥ 1")
+        check_train_options(self)
         if self.temperature <= 0:
             raise ValueError(f"temperature {self.temperature} must be positive")
-        if self.hidden_mse < 0 or self.weight_decay < 0:
-            raise ValueError("hidden_mse and weight_decay must be ≥ 0")
-        if self.max_minutes is not None and self.max_minutes <= 0:
-            raise ValueError(f"max_minutes {self.max_minutes} must be positive")
-        if self.compute_dtype not in ("auto", "float32", "bfloat16"):
-            raise ValueError(f"compute_dtype '{self.compute_dtype}' is not one of auto, float32, bfloat16")
+        if self.hidden_mse < 0:
+            raise ValueError(f"hidden_mse {self.hidden_mse} must be ≥ 0")
 
 
-def _trainable(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+def trainable_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    """Every parameter but the input embeddings and a (tied) output head."""
     frozen = {id(model.get_input_embeddings().weight)}
     out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if out_emb is not None:
@@ -83,11 +67,17 @@ def _trainable(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if id(p) not in frozen]
 
 
-def _lr_factor(step: int, cfg: DistillConfig) -> float:
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    span = max(1, cfg.steps - cfg.warmup_steps)
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - cfg.warmup_steps) / span)))
+class KeepZeros:
+    """Training hook: weights that were exactly zero stay zero after every optimizer step."""
+
+    def __init__(self, params: dict[str, torch.nn.Parameter]):
+        self.params = params
+        self.masks = {n: p.data != 0 for n, p in params.items() if p.dim() >= 2 and bool((p.data == 0).any())}
+
+    def after_step(self, step: int) -> None:
+        with torch.no_grad():
+            for n, m in self.masks.items():
+                self.params[n].mul_(m)
 
 
 def _forward(model: torch.nn.Module, ids: torch.Tensor, causal: bool, hidden: bool) -> Any:
@@ -121,31 +111,6 @@ def distill_loss(student_out: Any, teacher_out: Any, causal: bool, temperature: 
     return loss, parts
 
 
-def _resume(ckpt: Path | None, fingerprint: str, params: dict[str, torch.nn.Parameter], opt: torch.optim.Optimizer) -> tuple[int, float, list]:
-    """(step, seconds spent, loss history) of a matching checkpoint, loaded into ``params`` and ``opt``; else a fresh start."""
-    if ckpt is None:
-        return 0, 0.0, []
-    ckpt.parent.mkdir(parents=True, exist_ok=True)
-    if not ckpt.exists():
-        return 0, 0.0, []
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)
-    if state.get("fingerprint") != fingerprint:
-        log.warning("distill: ignoring checkpoint %s written for other settings", ckpt)
-        return 0, 0.0, []
-    with torch.no_grad():
-        for n, t in state["params"].items():
-            params[n].copy_(t)
-    opt.load_state_dict(state["optimizer"])
-    log.info("distill: resuming from the checkpoint at step %d (%s)", state["step"], ckpt)
-    return state["step"], state["seconds"], state["history"]
-
-
-def _save_atomic(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 @register_pass
 class DistillPass(Pass):
     name = "distill"
@@ -161,77 +126,23 @@ class DistillPass(Pass):
         teacher = ctx.teacher()
         if teacher is model:
             raise ValueError("pass 'distill': the student is the teacher itself; it must run after a pruning pass")
-        dtype = resolve_compute_dtype(cfg.compute_dtype)
-        autocast = dict(device_type="cpu", dtype=dtype, enabled=dtype != torch.float32)
-        params = dict(_trainable(model))
-        masks = {n: p.data != 0 for n, p in params.items() if cfg.keep_zeros and p.dim() >= 2 and bool((p.data == 0).any())}
-        fingerprint = stable_hash("distill", asdict(cfg), [(n, list(p.shape)) for n, p in params.items()], list(windows.shape), ctx.seed)
-        opt = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
-        order = torch.randperm(windows.shape[0], generator=torch.Generator().manual_seed(ctx.seed))
-        ckpt = ctx.work_dir / CHECKPOINT if ctx.work_dir is not None else None
-        start, spent, history = _resume(ckpt, fingerprint, params, opt)
-        for p in model.parameters():
-            p.requires_grad_(id(p) in {id(q) for q in params.values()})
-        model.train()
-        for m in model.modules():  # dropout off: the student matches the teacher's deterministic outputs
-            if isinstance(m, torch.nn.Dropout):
-                m.p = 0.0
-        done, stopped_early = start, False
-        t_start = time.perf_counter() - spent
-        steps = range(start, cfg.steps)
-        bar = progress(steps, desc="distill steps", initial=start, total=cfg.steps) if ctx.progress else steps
-        try:
-            for step in bar:
-                if cfg.max_minutes is not None and time.perf_counter() - t_start > cfg.max_minutes * 60:
-                    stopped_early = True
-                    break
-                ids = windows[[int(order[(step * cfg.batch_size + i) % len(order)]) for i in range(cfg.batch_size)]]
-                for group in opt.param_groups:
-                    group["lr"] = cfg.lr * _lr_factor(step, cfg)
-                with torch.no_grad(), torch.autocast(**autocast):
-                    t_out = _forward(teacher, ids, causal, cfg.hidden_mse > 0)
-                with torch.autocast(**autocast):
-                    s_out = _forward(model, ids, causal, cfg.hidden_mse > 0)
-                loss, parts = distill_loss(s_out, t_out, causal, cfg.temperature, cfg.hidden_mse)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
-                opt.step()
-                with torch.no_grad():
-                    for n, m in masks.items():
-                        params[n].mul_(m)
-                done = step + 1
-                value = float(loss.detach())
-                history.append({"step": done, "loss": round(value, 5), **{k: round(v, 5) for k, v in parts.items()}})
-                if hasattr(bar, "set_postfix"):
-                    bar.set_postfix(loss=f"{value:.4f}")
-                if done % 10 == 0:
-                    log.info("distill step %d/%d: loss %.4f", done, cfg.steps, value)
-                if ckpt is not None and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
-                    _save_atomic(
-                        {"fingerprint": fingerprint, "step": done, "seconds": time.perf_counter() - t_start, "history": history,
-                         "params": {n: p.detach().clone() for n, p in params.items()}, "optimizer": opt.state_dict()},
-                        ckpt,
-                    )
-        finally:
-            for p in model.parameters():
-                p.requires_grad_(False)
-            model.eval()
-        seconds = time.perf_counter() - t_start
-        result = PassResult(self.name, seconds=seconds, layers=[LayerChange.of(ref) for ref in ctx.adapter.linears(model)])
-        first, last = history[:10], history[-10:]
-        result.info = {
-            "steps": done,
-            "steps_planned": cfg.steps,
-            "stopped_early": stopped_early,
-            "budget": {"steps": cfg.steps, "max_minutes": cfg.max_minutes},
-            "tokens": int(done * cfg.batch_size * windows.shape[1]),
-            "train_seconds": round(seconds, 1),
-            "compute_dtype": str(dtype).replace("torch.", ""),
-            "loss_first10": round(sum(h["loss"] for h in first) / max(1, len(first)), 5),
-            "loss_last10": round(sum(h["loss"] for h in last) / max(1, len(last)), 5),
-            "resumed_from_step": start,
-            "history": history[:: max(1, len(history) // 50)],
-        }
-        log.info("distill: %d steps in %.1f s, loss %.4f → %.4f", done, seconds, result.info["loss_first10"], result.info["loss_last10"])
+        params = dict(trainable_parameters(model))
+        hidden = cfg.hidden_mse > 0
+
+        def loss_fn(ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+            with torch.no_grad():
+                t_out = _forward(teacher, ids, causal, hidden)
+            s_out = _forward(model, ids, causal, hidden)
+            return distill_loss(s_out, t_out, causal, cfg.temperature, cfg.hidden_mse)
+
+        hooks = [KeepZeros(params)] if cfg.keep_zeros else []
+        ckpt = Checkpoint(ctx.work_dir, CHECKPOINT) if ctx.work_dir is not None else None
+        tr = train(
+            model, params, loss_fn, windows, train_config_of(cfg),
+            seed=ctx.seed, checkpoint=ckpt, fingerprint_extra=[cfg.temperature, cfg.hidden_mse, cfg.keep_zeros],
+            hooks=hooks, desc="distill", show_progress=ctx.progress,
+        )
+        result = PassResult(self.name, seconds=tr.seconds, layers=[LayerChange.of(ref) for ref in ctx.adapter.linears(model)])
+        result.info = {"budget": {"steps": cfg.steps, "max_minutes": cfg.max_minutes}, **tr.summary(cfg.batch_size * windows.shape[1])}
+        log.info("distill: %d steps in %.1f s, loss %.4f → %.4f", tr.steps, tr.seconds, result.info["loss_first10"], result.info["loss_last10"])
         return result

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from passes.base import LayerChange, Pass, PassContext, PassResult, SparsityTarget, register_pass
-from passes.masks import nm_mask, unstructured_mask
+from core.masks import nm_mask, unstructured_mask
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ import torch
 from calibrate.runner import LayerwiseRunner, resolve_compute_dtype
 from calibrate.stats import Collector
 from passes.base import LayerChange, PassContext, PassResult, SparsityTarget
-from pipeline.adapters.base import LinearRef
+from core.adapters.base import LinearRef
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ import torch
 from calibrate.stats import Collector, HessianCollector
 from passes.base import Pass, PassContext, PassResult, register_pass
 from passes.oneshot import OneShotConfig, run_oneshot
-from pipeline.adapters.base import LinearRef
+from core.adapters.base import LinearRef
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Structured pruning: remove attention heads (or whole KV groups) and FFN channels.
 
 Importance comes from ``calibrate.importance`` (activation-based or Taylor); this pass
-decides what goes and then slices the matrices (``passes.structure``), so the pruned
+decides what goes and then slices the matrices (``core.structure``), so the pruned
 model is smaller on every backend. Allocation is either ``uniform`` (the same fraction
 in every layer) or ``global`` (scores normalised per layer by their ℓ2 norm, ranked
 across layers, with a floor of ``min_keep`` per layer so no layer is emptied).
@@ -24,8 +24,8 @@ import torch
 from calibrate.importance import METHODS, Importance, activation_importance, taylor_importance
 from calibrate.runner import resolve_compute_dtype
 from passes.base import LayerChange, Pass, PassContext, PassResult, register_pass
-from passes.structure import head_dim, layer_shapes, mask_block, record_shapes, slice_block
-from pipeline.models import count_parameters
+from core.structure import head_dim, layer_shapes, mask_block, record_shapes, slice_block
+from core.models import count_parameters
 
 log = logging.getLogger(__name__)
 

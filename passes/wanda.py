@@ -8,9 +8,9 @@ import torch
 
 from calibrate.stats import Collector, InputNormCollector
 from passes.base import Pass, PassContext, PassResult, register_pass
-from passes.masks import nm_mask, unstructured_mask
+from core.masks import nm_mask, unstructured_mask
 from passes.oneshot import OneShotConfig, run_oneshot
-from pipeline.adapters.base import LinearRef
+from core.adapters.base import LinearRef
 
 
 @dataclass

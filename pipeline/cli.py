@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from pipeline import __version__
-from pipeline.errors import PipelineError
+from core.errors import PipelineError
 
 log = logging.getLogger("pipeline")
 

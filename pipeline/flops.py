@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from passes.structure import LayerShape
+from core.structure import LayerShape
 
 
 @dataclass(frozen=True)
@@ -26,7 +26,7 @@ class FlopsModel:
 
     @classmethod
     def of(cls, model: Any, adapter: Any) -> "FlopsModel":
-        from passes.structure import head_dim, layer_shapes
+        from core.structure import head_dim, layer_shapes
 
         d = adapter.dims(model.config)
         return cls(d["hidden"], head_dim(adapter, model.config), int(model.config.vocab_size), adapter.gated_mlp, tuple(layer_shapes(model, adapter)), adapter.task == "causal-lm")

@@ -8,7 +8,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from pipeline.artifacts import atomic_write_bytes, atomic_write_json, atomic_write_text
+from core.artifacts import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 

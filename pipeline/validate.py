@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.progress import progress
+from core.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -285,7 +285,7 @@ def interleaved_latency(
 
 
 def size_stats(model: torch.nn.Module, adapter: Any) -> dict[str, Any]:
-    from pipeline.models import count_parameters
+    from core.models import count_parameters
 
     total = count_parameters(model)
     nonzero = 0

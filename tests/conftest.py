@@ -73,7 +73,7 @@ FAMILIES = ("llama", "gpt2", "opt", "bert")
 @pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
     """Saved tiny models (+ byte tokenizer) as local Hugging Face directories, one per family."""
-    from pipeline.models import save_hf_dir
+    from core.models import save_hf_dir
 
     root = tmp_path_factory.mktemp("tiny-models")
     out = {}

@@ -3,9 +3,9 @@ import torch
 
 from passes import PassContext
 from passes.magnitude import MagnitudeConfig, MagnitudePass
-from passes.masks import is_nm_sparse, sparsity_of
-from pipeline.adapters import adapter_for
-from pipeline.errors import ModelLoadError
+from core.masks import is_nm_sparse, sparsity_of
+from core.adapters import adapter_for
+from core.errors import ModelLoadError
 from tests.conftest import FAMILIES, tiny_config, tiny_model
 
 EXPECTED_ROLES = {

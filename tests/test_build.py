@@ -177,7 +177,7 @@ def test_kv_cache_decode_stage(tiny_dirs, text_file, tmp_path):
 
 
 def test_decode_validation_needs_kv_export(tiny_dirs, text_file, tmp_path):
-    from pipeline.errors import RecipeError
+    from core.errors import RecipeError
 
     with pytest.raises(RecipeError, match="validation.decode.*needs export.kv_cache"):
         tiny_recipe(tiny_dirs["llama"], text_file, tmp_path, validation={"decode": {}})

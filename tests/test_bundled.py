@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from calibrate.data import evaluation_windows, shakespeare_splits, tokenize
-from pipeline.models import load_model, resolve_source
+from core.models import load_model, resolve_source
 
 pytestmark = pytest.mark.slow
 

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from pipeline import models
-from pipeline.artifacts import STAGE_FILE, check_stage, run_stage
+from core import models
+from core.artifacts import STAGE_FILE, check_stage, run_stage
 
 
 def _writer(calls):
@@ -88,7 +88,7 @@ def test_gguf_cache_reused_and_corruption_rebuilt(tmp_path, cache_dir, monkeypat
 
 
 def test_bad_model_sources(tmp_path):
-    from pipeline.errors import ModelLoadError
+    from core.errors import ModelLoadError
 
     with pytest.raises(ModelLoadError, match="does not exist"):
         models.resolve_source(str(tmp_path / "nope"))

@@ -12,7 +12,7 @@ from calibrate.data import (
     shakespeare_dir,
     shakespeare_splits,
 )
-from pipeline.errors import DataError
+from core.errors import DataError
 
 
 def test_shakespeare_convention():

@@ -7,7 +7,7 @@ import torch
 
 from engines import get_engine
 from export.onnx_export import export_onnx
-from pipeline.adapters import adapter_for
+from core.adapters import adapter_for
 from tests.conftest import FAMILIES, VOCAB, tiny_model
 
 
@@ -61,7 +61,7 @@ def test_exported_weights_are_named_after_parameters(tmp_path):
 
 
 def test_ort_engine_build_and_runner_checks(tmp_path):
-    from pipeline.errors import PipelineError
+    from core.errors import PipelineError
 
     model = tiny_model("llama")
     export_onnx(model, "causal-lm", tmp_path / "m.onnx", exporter="torchscript")

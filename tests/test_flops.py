@@ -1,8 +1,8 @@
 """Whole-model FLOPs from per-layer shapes, checked by hand on a tiny config."""
 
 from conftest import tiny_model
-from passes.structure import LayerShape, slice_block
-from pipeline.adapters import adapter_for
+from core.structure import LayerShape, slice_block
+from core.adapters import adapter_for
 from pipeline.flops import FlopsModel
 
 

@@ -13,8 +13,8 @@ from engines.onnxruntime import OnnxRuntimeCpuEngine
 from export.graph import run_graph_passes
 from export.graph.shrink import ShrinkPass
 from export.onnx_export import export_onnx, save_onnx
-from passes.structure import mask_block
-from pipeline.adapters import adapter_for
+from core.structure import mask_block
+from core.adapters import adapter_for
 
 
 def _run(path, ids):

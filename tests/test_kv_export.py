@@ -7,7 +7,7 @@ import torch
 
 from engines.onnxruntime import OnnxRuntimeCpuEngine
 from export.kv_export import cache_layout, export_kv_graphs, greedy_generate
-from pipeline.adapters import adapter_for
+from core.adapters import adapter_for
 from tests.conftest import VOCAB, tiny_model
 
 

@@ -3,7 +3,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from passes.masks import is_nm_sparse, nm_mask, parse_pattern, sparsity_of, unstructured_mask
+from core.masks import is_nm_sparse, nm_mask, parse_pattern, sparsity_of, unstructured_mask
 
 
 def test_row_one_to_eight_pruned_2of4_keeps_exactly_the_two_largest_per_group():

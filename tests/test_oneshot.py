@@ -6,10 +6,10 @@ import torch
 from calibrate.runner import LayerwiseRunner
 from calibrate.stats import HessianCollector, InputNormCollector
 from passes import PassContext
-from passes.masks import is_nm_sparse, nm_mask, sparsity_of, unstructured_mask
+from core.masks import is_nm_sparse, nm_mask, sparsity_of, unstructured_mask
 from passes.sparsegpt import SparseGPTConfig, SparseGPTPass, inverse_cholesky_upper, sparsegpt_prune
 from passes.wanda import WandaConfig, WandaPass, wanda_mask
-from pipeline.adapters import adapter_for
+from core.adapters import adapter_for
 from tests.conftest import FAMILIES, VOCAB, tiny_model
 
 

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.errors import RecipeError
+from core.errors import RecipeError
 from pipeline.recipe import load_recipe, recipe_from_dict
 
 

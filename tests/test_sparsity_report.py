@@ -13,7 +13,7 @@ from export.onnx_export import export_onnx
 from export.sparsity_report import is_2of4_along, sparsity_report
 from passes import PassContext
 from passes.magnitude import MagnitudeConfig, MagnitudePass
-from pipeline.adapters import adapter_for
+from core.adapters import adapter_for
 from tests.conftest import tiny_model
 
 

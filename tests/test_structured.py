@@ -10,9 +10,9 @@ import torch
 from conftest import FAMILIES, VOCAB, byte_tokenizer, tiny_model
 from passes.base import PassContext
 from passes.distill import DistillConfig, DistillPass
-from passes.structure import LayerShape, kv_heads_for, layer_shapes, mask_block, slice_block
+from core.structure import LayerShape, kv_heads_for, layer_shapes, mask_block, slice_block
 from passes.structured import StructuredConfig, StructuredPass, allocate, plan_heads
-from pipeline.adapters import adapter_for
+from core.adapters import adapter_for
 
 
 def _out(model, ids):
@@ -100,8 +100,8 @@ def test_allocation_uniform_global_floor_and_rounding():
 
 
 def test_save_and_reload_with_per_layer_shapes(tmp_path):
-    from pipeline.models import load_hf_dir, save_hf_dir
-    from passes.structure import record_shapes
+    from core.models import load_hf_dir, save_hf_dir
+    from core.structure import record_shapes
 
     model = tiny_model("llama")
     adapter = adapter_for(model.config)
@@ -123,7 +123,7 @@ def test_save_and_reload_with_per_layer_shapes(tmp_path):
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
     cfg["pruned_layers"][0]["ffn"] = 40
     (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
-    from pipeline.errors import ModelLoadError
+    from core.errors import ModelLoadError
 
     with pytest.raises(ModelLoadError, match="pruned_layers"):
         load_hf_dir(tmp_path / "m")
@@ -336,7 +336,7 @@ def test_interrupted_build_resumes_recovery_from_its_checkpoint(tiny_dirs, text_
     real = _interrupt_distill_at_step(monkeypatch, 5)
     with pytest.raises(KeyboardInterrupt):
         build(recipe)
-    assert len(list((out / "kd").glob("model.work-*/distill-checkpoint.pt"))) == 1
+    assert len(list((out / "kd").glob("model.work-*/distill-checkpoint.json"))) == 1
     assert not (out / "kd" / "model" / "stage.json").exists()
     monkeypatch.setattr(distill_mod, "distill_loss", real)
     summary = build(recipe)

@@ -6,7 +6,7 @@ import pytest
 
 from engines import get_engine
 from engines.trt_log import parse_sparsity_log
-from pipeline.errors import EngineUnavailable
+from core.errors import EngineUnavailable
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
 
@@ -118,7 +118,7 @@ def test_tensorrt_builds_a_sparse_engine_and_matches_pytorch(tmp_path):
     from export.onnx_export import export_onnx
     from passes import PassContext
     from passes.magnitude import MagnitudeConfig, MagnitudePass
-    from pipeline.adapters import adapter_for
+    from core.adapters import adapter_for
     from tests.conftest import tiny_model
 
     model = tiny_model("llama")
@@ -167,7 +167,7 @@ def test_torch_cuda_runner_runs_2of4_linears_sparse(tiny_dirs, tmp_path):
     from engines.torch_cuda import convert_2of4_linears
     from passes import PassContext
     from passes.magnitude import MagnitudeConfig, MagnitudePass
-    from pipeline.adapters import adapter_for
+    from core.adapters import adapter_for
     from tests.conftest import tiny_config
     from transformers import AutoModelForCausalLM
 

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import onnx
 import onnx_ir as ir
 
-from pipeline.errors import PipelineError
+from core.errors import PipelineError
 
 log = logging.getLogger(__name__)
 

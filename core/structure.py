@@ -14,7 +14,7 @@ layer; whole KV groups can go freely.
 
 Per-layer shapes are written into the saved config as ``pruned_layers`` and
 :func:`apply_layer_shapes` rebuilds an empty model of those shapes before the weights
-are loaded (``pipeline.models.load_hf_dir`` does this), since Hugging Face configs have
+are loaded (``core.models.load_hf_dir`` does this), since Hugging Face configs have
 one head count and one FFN width for all layers.
 """
 
@@ -25,7 +25,7 @@ from typing import Any, Sequence
 
 import torch
 
-from pipeline.adapters.base import LinearRef, ModelAdapter, get_submodule
+from core.adapters.base import LinearRef, ModelAdapter, get_submodule
 
 CONFIG_KEY = "pruned_layers"
 

@@ -1,6 +1,6 @@
 """Llama family (Llama 2/3, SmolLM2, Mistral-style): GQA attention, SwiGLU MLP."""
 
-from pipeline.adapters.base import ModelAdapter
+from core.adapters.base import ModelAdapter
 
 LLAMA = ModelAdapter(
     family="llama",

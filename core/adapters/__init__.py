@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.adapters.base import LinearRef, ModelAdapter
-from pipeline.adapters.bert import BERT
-from pipeline.adapters.gpt2 import GPT2
-from pipeline.adapters.llama import LLAMA
-from pipeline.adapters.opt import OPT
-from pipeline.errors import ModelLoadError
+from core.adapters.base import LinearRef, ModelAdapter
+from core.adapters.bert import BERT
+from core.adapters.gpt2 import GPT2
+from core.adapters.llama import LLAMA
+from core.adapters.opt import OPT
+from core.errors import ModelLoadError
 
 ADAPTERS: tuple[ModelAdapter, ...] = (LLAMA, GPT2, OPT, BERT)
 

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.artifacts import run_stage, sha256_file, stable_hash
-from pipeline.errors import ModelLoadError
+from core.artifacts import run_stage, sha256_file, stable_hash
+from core.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ def load_hf_dir(path: Path) -> tuple[Any, Any, Any]:
     import torch
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-    from pipeline.adapters import adapter_for
+    from core.adapters import adapter_for
 
     try:
         config = AutoConfig.from_pretrained(path)
@@ -181,7 +181,7 @@ def _load_pruned(cls: Any, config: Any, path: Path, adapter: Any) -> Any:
     import torch
     from safetensors.torch import load_model as load_safetensors
 
-    from passes.structure import apply_layer_shapes, parse_layer_shapes
+    from core.structure import apply_layer_shapes, parse_layer_shapes
 
     shapes = parse_layer_shapes(config.pruned_layers, adapter.dims(config)["layers"])
     model = cls.from_config(config, dtype=torch.float32)

@@ -1,6 +1,6 @@
 """GPT-2: fused qkv projection, weights stored as (in, out) by ``Conv1D``."""
 
-from pipeline.adapters.base import ModelAdapter
+from core.adapters.base import ModelAdapter
 
 GPT2 = ModelAdapter(
     family="gpt2",

@@ -1,6 +1,6 @@
 """BERT encoders (MiniLM, BERT): loaded as the bare ``BertModel``."""
 
-from pipeline.adapters.base import ModelAdapter
+from core.adapters.base import ModelAdapter
 
 BERT = ModelAdapter(
     family="bert",

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from pipeline.errors import ArtifactError
+from core.errors import ArtifactError
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """OPT: separate q/k/v/out projections, fc1/fc2 MLP with ReLU."""
 
-from pipeline.adapters.base import ModelAdapter
+from core.adapters.base import ModelAdapter
 
 OPT = ModelAdapter(
     family="opt",

@@ -1,0 +1,94 @@
+"""Stage ``decode-onnxruntime-cpu/``: greedy-decode parity of every variant's KV-cache graphs with
+PyTorch ``generate``, then decode ms/token and prefill ms of every variant, round-robin
+interleaved (``decode.json``)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from core.artifacts import StageOutcome, run_stage, stable_hash
+from pipeline.schema import check
+from pipeline.stages.context import STAGE_SCHEMA, BuildContext
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DecodeSpec:
+    prompt: int = 128
+    """Prompt tokens (from the evaluation text) before decoding."""
+    new_tokens: int = 64
+    """Tokens generated per latency run (ms/token is their mean)."""
+    greedy_tokens: int = 32
+    """Greedy tokens compared with PyTorch generate (identical tokens, per-step max |Δlogit|)."""
+    repeats: int = 3
+
+    def validate(self, where: str) -> None:
+        check(1 <= self.prompt <= 8192, f"{where}.prompt", f"{self.prompt} is outside [1, 8192]")
+        check(2 <= self.new_tokens <= 4096, f"{where}.new_tokens", f"{self.new_tokens} is outside [2, 4096]")
+        check(1 <= self.greedy_tokens <= 4096, f"{where}.greedy_tokens", f"{self.greedy_tokens} is outside [1, 4096]")
+        check(1 <= self.repeats <= 100, f"{where}.repeats", f"{self.repeats} is outside [1, 100]")
+
+
+def key(ctx: BuildContext, ordered: list[Any]) -> str:
+    spec = ctx.recipe.validation.decode
+    return stable_hash(
+        "decode", [(v.name, ctx.content(v.name, "kv"), ctx.content(v.name, "model")) for v in ordered], asdict(spec), ctx.data_key("evaluation"), STAGE_SCHEMA
+    )
+
+
+def run(ctx: BuildContext, ordered: list[Any]) -> StageOutcome:
+    spec = ctx.recipe.validation.decode
+
+    def build(tmp: Path) -> dict[str, Any]:
+        import statistics
+        from contextlib import ExitStack
+
+        from engines.onnxruntime import OnnxRuntimeCpuEngine
+        from export.kv_export import cache_layout, compare_with_generate, decode_timing, greedy_generate
+        from pipeline.validate import round_robin
+
+        dense = ctx.dense()
+        windows = ctx.eval_windows()
+        prompt = windows.reshape(-1)[: spec.prompt][None].numpy()
+        ort_cpu = OnnxRuntimeCpuEngine({})
+        result: dict[str, Any] = {"prompt_tokens": int(prompt.shape[1]), "batch": 1, "runtime": "onnxruntime-cpu", "variants": {}}
+        with ExitStack() as stack:
+            runners, layouts = {}, {}
+            for v in ordered:
+                kv = ctx.out / v.name / "kv"
+                # no intra-op spinning: the sessions alternate, as in the prefill latency stage
+                pre = stack.enter_context(ort_cpu.open(kv / "prefill.onnx", spinning=False, name=f"{v.name}:prefill"))
+                dec = stack.enter_context(ort_cpu.open(kv / "decode.onnx", spinning=False, name=f"{v.name}:decode"))
+                runners[v.name] = (pre, dec)
+                model = dense.model if v.name == "dense" else ctx.variant_model(v.name)
+                layouts[v.name] = lay = cache_layout(model, dense.adapter)
+                cmp = compare_with_generate(greedy_generate(pre, dec, lay, prompt, spec.greedy_tokens), model, prompt)
+                cmp.pop("max_abs_logit_delta_per_step")
+                result["variants"][v.name] = cmp
+                log.info("%s: greedy decode tokens identical %s, max |Δlogit| %.2e", v.name, cmp["tokens_identical"], cmp["max_abs_logit_delta"])
+            for name in runners:  # warm-up
+                greedy_generate(*runners[name], layouts[name], prompt, 4)
+            samples = round_robin(list(runners), spec.repeats, lambda n: decode_timing(*runners[n], layouts[n], prompt, spec.new_tokens))
+        base = {m: statistics.median(samples["dense"][m]) for m in ("decode_ms_per_token", "prefill_ms")}
+        for n, smp in samples.items():
+            med = {m: statistics.median(smp[m]) for m in smp}
+            result["variants"][n].update(
+                {
+                    "new_tokens": spec.new_tokens,
+                    "decode_ms_per_token": round(med["decode_ms_per_token"], 3),
+                    "prefill_ms": round(med["prefill_ms"], 3),
+                    "decode_ratio": round(med["decode_ms_per_token"] / base["decode_ms_per_token"], 4),
+                    "prefill_ratio": round(med["prefill_ms"] / base["prefill_ms"], 4),
+                    "samples": smp,
+                }
+            )
+        (tmp / "decode.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+        return {"variants": list(samples)}
+
+    out = run_stage(ctx.out / "decode-onnxruntime-cpu", "all/decode-onnxruntime-cpu", key(ctx, ordered), asdict(spec), build)
+    return ctx.record("all", out)

@@ -1,0 +1,79 @@
+"""Stage ``latency-<backend>/``: prefill latency of every variant's engine, interleaved round-robin
+in one process (``latency.json``, raw samples included)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, TYPE_CHECKING
+
+from core.artifacts import StageOutcome, run_stage, stable_hash
+from pipeline.schema import check
+from pipeline.stages import engine as engine_stage
+from pipeline.stages.context import STAGE_SCHEMA, BuildContext
+
+if TYPE_CHECKING:
+    from pipeline.recipe import EngineSpec
+
+
+@dataclass
+class LatencySpec:
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 4])
+    sequence_lengths: list[int] = field(default_factory=lambda: [128, 512])
+    warmup: int = 2
+    repeats: int = 5
+    threads: int = 0
+    """Intra-op threads for the latency sessions; 0 = all cores."""
+
+    def validate(self, where: str) -> None:
+        check(len(self.batch_sizes) > 0, f"{where}.batch_sizes", "is empty")
+        check(len(self.sequence_lengths) > 0, f"{where}.sequence_lengths", "is empty")
+        for b in self.batch_sizes:
+            check(isinstance(b, int) and 1 <= b <= 256, f"{where}.batch_sizes", f"{b!r} is outside [1, 256]")
+        for s in self.sequence_lengths:
+            check(isinstance(s, int) and 1 <= s <= 32768, f"{where}.sequence_lengths", f"{s!r} is outside [1, 32768]")
+        check(0 <= self.warmup <= 100, f"{where}.warmup", f"{self.warmup} is outside [0, 100]")
+        check(1 <= self.repeats <= 1000, f"{where}.repeats", f"{self.repeats} is outside [1, 1000]")
+        check(self.threads >= 0, f"{where}.threads", f"{self.threads} is negative")
+
+
+def key(ctx: BuildContext, e: EngineSpec, ordered: list[Any]) -> str:
+    stage = f"engine-{e.backend}"
+    return stable_hash("latency", [(v.name, ctx.content(v.name, stage)) for v in ordered], asdict(ctx.recipe.validation.latency), STAGE_SCHEMA)
+
+
+def run(ctx: BuildContext, e: EngineSpec, ordered: list[Any]) -> StageOutcome | None:
+    from engines import get_engine
+
+    lat = ctx.recipe.validation.latency
+    if lat is None:
+        return None
+    engine = get_engine(e.backend, e.options)
+
+    def build(tmp: Path) -> dict[str, Any]:
+        from contextlib import ExitStack
+
+        from pipeline import validate as V
+
+        shapes = [(b, s) for b in lat.batch_sizes for s in lat.sequence_lengths]
+        vocab = int(json.loads((ctx.out / "dense" / "model" / "model" / "config.json").read_text()).get("vocab_size", 1000))
+        with ExitStack() as stack:
+            runners = {}
+            for v in ordered:
+                art = engine_stage.artifact(ctx, v.name, e.backend)
+                runners[v.name] = stack.enter_context(engine.runner(art, threads=lat.threads, spinning=False))
+            points = V.interleaved_latency(runners, shapes, vocab, lat.warmup, lat.repeats, baseline="dense")
+        out = {
+            "backend": e.backend,
+            "warmup": lat.warmup,
+            "repeats": lat.repeats,
+            "threads": lat.threads,
+            "order": "round-robin over all variants, starting runner rotating per repeat",
+            "variants": {n: [p.to_dict() for p in pts] for n, pts in points.items()},
+        }
+        (tmp / "latency.json").write_text(json.dumps(out, indent=2), encoding="utf-8")
+        return {"variants": list(points)}
+
+    out = run_stage(ctx.out / f"latency-{e.backend}", f"all/latency-{e.backend}", key(ctx, e, ordered), asdict(lat), build)
+    return ctx.record("all", out)

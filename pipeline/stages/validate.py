@@ -1,0 +1,143 @@
+"""Stage ``<variant>/validate-<backend>/``: quality, parity and size of one variant against the
+dense baseline (``validation.json``). Latency has its own stage (all variants interleaved)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, TYPE_CHECKING
+
+from core.artifacts import StageOutcome, run_stage, stable_hash
+from pipeline.schema import check
+from pipeline.stages import engine as engine_stage
+from pipeline.stages.context import STAGE_SCHEMA, BuildContext
+from pipeline.stages.decode import DecodeSpec
+from pipeline.stages.latency import LatencySpec
+
+if TYPE_CHECKING:
+    from pipeline.recipe import EngineSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ParitySpec:
+    atol: float = 1e-3
+    rtol: float = 1e-3
+    batch: int = 2
+    length: int = 64
+
+    def validate(self, where: str) -> None:
+        check(self.atol >= 0, f"{where}.atol", f"{self.atol} is negative")
+        check(self.rtol >= 0, f"{where}.rtol", f"{self.rtol} is negative")
+        check(1 <= self.batch <= 64, f"{where}.batch", f"{self.batch} is outside [1, 64]")
+        check(1 <= self.length <= 8192, f"{where}.length", f"{self.length} is outside [1, 8192]")
+
+
+@dataclass
+class ValidationSpec:
+    perplexity: bool = True
+    agreement_windows: int = 8
+    """Evaluation windows on which top-1 agreement and KL(dense‖variant) are measured."""
+    parity: ParitySpec = field(default_factory=ParitySpec)
+    latency: LatencySpec | None = field(default_factory=LatencySpec)
+    decode: DecodeSpec | None = None
+    """Greedy-decode parity and decode latency through the KV-cache graphs (needs export.kv_cache)."""
+
+    def validate(self, where: str) -> None:
+        check(self.agreement_windows >= 0, f"{where}.agreement_windows", f"{self.agreement_windows} is negative")
+        self.parity.validate(f"{where}.parity")
+        if self.latency is not None:
+            self.latency.validate(f"{where}.latency")
+        if self.decode is not None:
+            self.decode.validate(f"{where}.decode")
+
+
+def options(ctx: BuildContext) -> dict[str, Any]:
+    """Validation options a per-variant stage depends on (latency and decode have their own stages)."""
+    return {k: v for k, v in asdict(ctx.recipe.validation).items() if k not in ("latency", "decode")}
+
+
+def key(ctx: BuildContext, v: Any, e: EngineSpec) -> str:
+    stage = f"engine-{e.backend}"
+    return stable_hash(
+        "validate",
+        ctx.content(v.name, "model"),
+        ctx.content(v.name, stage),
+        ctx.content("dense", "model"),
+        ctx.content("dense", stage),
+        ctx.data_key("evaluation"),
+        options(ctx),
+        STAGE_SCHEMA,
+    )
+
+
+def run(ctx: BuildContext, v: Any, e: EngineSpec) -> StageOutcome:
+    from engines import get_engine
+
+    engine = get_engine(e.backend, e.options)
+    spec = ctx.recipe.validation
+
+    def build(tmp: Path) -> dict[str, Any]:
+        import numpy as np
+
+        from pipeline import validate as V
+
+        dense = ctx.dense()
+        task = dense.task
+        output = "logits" if task == "causal-lm" else "last_hidden_state"
+        model = dense.model if v.name == "dense" else ctx.variant_model(v.name)
+        windows = ctx.eval_windows()
+        art = engine_stage.artifact(ctx, v.name, e.backend)
+        result: dict[str, Any] = {"variant": v.name, "backend": e.backend, "task": task}
+        result["size"] = V.size_stats(model, dense.adapter)
+        result["size"]["onnx_bytes"] = _dir_bytes(ctx.out / v.name / "onnx", "model.onnx*")
+        result["size"]["engine_bytes"] = art.path.stat().st_size
+        torch_fn = V.torch_outputs_fn(model, task)
+        n_agree = min(spec.agreement_windows, windows.shape[0]) if v.name != "dense" else 0
+        dense_fn = V.torch_outputs_fn(dense.model, task) if n_agree else None
+        if task == "causal-lm" and spec.perplexity:
+            result["perplexity_torch"], agr = V.perplexity_with_agreement(torch_fn, dense_fn, windows, n_agree, f"{v.name} ppl (torch)")
+            if agr is not None:
+                result["agreement"] = agr
+            with engine.runner(art) as runner:
+                engine_fn = V.runner_outputs_fn(runner, output)
+                result["perplexity_engine"] = V.perplexity(engine_fn, windows, f"{v.name} ppl ({e.backend})")
+            pt, pe = result["perplexity_torch"]["perplexity"], result["perplexity_engine"]["perplexity"]
+            result["perplexity_engine_vs_torch"] = pe / pt - 1
+            log.info("%s: perplexity torch %.3f, %s %.3f (%+.4f%%)", v.name, pt, e.backend, pe, 100 * (pe / pt - 1))
+        elif n_agree:
+            if task == "causal-lm":
+                result["agreement"] = V.agreement(dense_fn, torch_fn, windows[:n_agree], f"{v.name} agreement")
+            else:
+                result["agreement"] = V.embedding_similarity(dense_fn, torch_fn, windows[:n_agree], f"{v.name} similarity")
+        p = spec.parity
+        ids = windows[: p.batch, : p.length] if windows.shape[0] >= p.batch else windows[:1, : p.length].repeat(p.batch, 1)
+        feeds = [
+            {"input_ids": ids.numpy().copy(), "attention_mask": np.ones(tuple(ids.shape), np.int64)},
+            {"input_ids": ids[:1, :1].numpy().copy(), "attention_mask": np.ones((1, 1), np.int64)},
+        ]
+        result["parity"] = V.parity(model, task, art.path, output, feeds, p.atol, p.rtol)
+        if not result["parity"]["passed"]:
+            log.warning("%s: engine/PyTorch parity FAILED (max |Δ| %.3g)", v.name, result["parity"]["max_absdiff"])
+        (tmp / "validation.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+        return {"summary": _summary(result)}
+
+    out = run_stage(ctx.out / v.name / f"validate-{e.backend}", f"{v.name}/validate-{e.backend}", key(ctx, v, e), options(ctx), build)
+    return ctx.record(v.name, out)
+
+
+def _dir_bytes(d: Path, pattern: str) -> int:
+    return sum(p.stat().st_size for p in d.glob(pattern) if p.is_file())
+
+
+def _summary(r: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if "perplexity_engine" in r:
+        out["perplexity_engine"] = r["perplexity_engine"]["perplexity"]
+        out["perplexity_torch"] = r["perplexity_torch"]["perplexity"]
+    if "parity" in r:
+        out["parity_passed"] = r["parity"]["passed"]
+    return out

@@ -1,0 +1,134 @@
+"""The shared training loop: schedule, hooks, checkpoints that hold hook state, resume, and
+checkpoints that are corrupt, foreign or pickled being refused."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import pytest
+import torch
+
+from passes.training import Checkpoint, TrainConfig, lr_factor, train
+
+
+class _Toy(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = torch.nn.Embedding(16, 8)
+        self.lin = torch.nn.Linear(8, 8)
+
+
+def _loss(model: _Toy):
+    target = torch.linspace(-1, 1, 8)
+
+    def fn(ids: torch.Tensor):
+        out = model.lin(model.emb(ids)).mean((0, 1))
+        loss = (out - target).pow(2).mean()
+        return loss, {"mse": float(loss.detach())}
+
+    return fn
+
+
+class _Counter:
+    """A hook with state that must survive an interruption (as ADMM's Z and U do)."""
+
+    def __init__(self) -> None:
+        self.total = torch.zeros(1)
+        self.before: list[int] = []
+
+    def before_step(self, step: int) -> None:
+        self.before.append(step)
+
+    def after_step(self, step: int) -> None:
+        self.total += step
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"total": self.total}
+
+    def load_state_dict(self, d: dict[str, torch.Tensor]) -> None:
+        self.total = d["total"].clone()
+
+
+def test_lr_schedule_by_hand():
+    assert [lr_factor(s, 2, 10) for s in (0, 1)] == [0.5, 1.0]
+    assert lr_factor(2, 2, 10) == pytest.approx(1.0)
+    assert lr_factor(6, 2, 10) == pytest.approx(0.5)  # half-way through the cosine
+    assert lr_factor(10, 2, 10) == pytest.approx(0.0)
+
+
+def test_training_lowers_the_loss_and_runs_hooks():
+    model = _Toy()
+    hook = _Counter()
+    windows = torch.randint(0, 16, (4, 6), generator=torch.Generator().manual_seed(1))
+    cfg = TrainConfig(steps=30, lr=0.05, warmup_steps=2, compute_dtype="float32")
+    r = train(model, dict(model.lin.named_parameters()), _loss(model), windows, cfg, hooks=[hook], show_progress=False)
+    assert r.steps == 30 and not r.stopped_early
+    assert r.history[-1]["loss"] < 0.2 * r.history[0]["loss"]
+    assert hook.before == list(range(30)) and float(hook.total) == sum(range(30))
+    assert not model.emb.weight.requires_grad and not model.training
+
+
+def test_resume_gives_the_same_weights_and_hook_state(tmp_path):
+    windows = torch.randint(0, 16, (4, 6), generator=torch.Generator().manual_seed(1))
+    cfg = TrainConfig(steps=8, lr=0.05, warmup_steps=1, checkpoint_every=3, compute_dtype="float32")
+
+    straight, h1 = _Toy(), _Counter()
+    train(straight, dict(straight.lin.named_parameters()), _loss(straight), windows, cfg, hooks=[h1], show_progress=False)
+
+    interrupted, h2 = _Toy(), _Counter()
+    calls = {"n": 0}
+    real = _loss(interrupted)
+
+    def flaky(ids):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt("simulated interruption")
+        return real(ids)
+
+    ckpt = Checkpoint(tmp_path, "toy")
+    with pytest.raises(KeyboardInterrupt):
+        train(interrupted, dict(interrupted.lin.named_parameters()), flaky, windows, cfg, checkpoint=ckpt, hooks=[h2], show_progress=False)
+    assert json.loads((tmp_path / "toy.json").read_text())["step"] == 3
+    resumed, h3 = _Toy(), _Counter()
+    r = train(resumed, dict(resumed.lin.named_parameters()), _loss(resumed), windows, cfg, checkpoint=ckpt, hooks=[h3], show_progress=False)
+    assert r.resumed_from_step == 3 and r.steps == 8
+    torch.testing.assert_close(resumed.lin.weight, straight.lin.weight, atol=1e-6, rtol=0)
+    assert float(h3.total) == float(h1.total)
+    assert len(list(tmp_path.glob("toy-*.safetensors"))) == 1  # older tensor files removed
+
+
+def _checkpointed(tmp_path):
+    model = _Toy()
+    windows = torch.randint(0, 16, (4, 6), generator=torch.Generator().manual_seed(1))
+    cfg = TrainConfig(steps=2, lr=0.05, warmup_steps=1, checkpoint_every=1, compute_dtype="float32")
+    ckpt = Checkpoint(tmp_path, "toy")
+    train(model, dict(model.lin.named_parameters()), _loss(model), windows, cfg, checkpoint=ckpt, show_progress=False)
+    meta = json.loads((tmp_path / "toy.json").read_text())
+    return ckpt, meta
+
+
+def test_corrupt_or_foreign_checkpoints_are_ignored(tmp_path, caplog):
+    ckpt, meta = _checkpointed(tmp_path)
+    assert ckpt.load(meta["fingerprint"]) is not None
+    assert ckpt.load("other settings") is None and "written for other settings" in caplog.text
+    data = (tmp_path / meta["tensors"]).read_bytes()
+    (tmp_path / meta["tensors"]).write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))  # one flipped byte
+    assert ckpt.load(meta["fingerprint"]) is None and "does not match its SHA-256" in caplog.text
+    (tmp_path / "toy.json").write_text("{not json")
+    assert ckpt.load(meta["fingerprint"]) is None and "unreadable checkpoint" in caplog.text
+
+
+def test_a_pickle_in_the_checkpoint_path_is_never_unpickled(tmp_path, caplog):
+    ckpt, meta = _checkpointed(tmp_path)
+
+    class Boom:
+        def __reduce__(self):
+            return (exec, ("raise SystemExit('unpickled!')",))
+
+    (tmp_path / meta["tensors"]).write_bytes(pickle.dumps(Boom()))
+    meta["sha256"] = __import__("hashlib").sha256((tmp_path / meta["tensors"]).read_bytes()).hexdigest()
+    (tmp_path / "toy.json").write_text(json.dumps(meta))
+    assert ckpt.load(meta["fingerprint"]) is None  # safetensors refuses the header; nothing is executed
+    assert "is not a safetensors file" in caplog.text
