@@ -158,13 +158,35 @@ class Builder:
 def _environment() -> dict[str, Any]:
     import os
 
-    env: dict[str, Any] = {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count()}
+    env: dict[str, Any] = {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(), "cpu": cpu_info()}
     for mod in ("torch", "transformers", "onnx", "onnxruntime", "polygraphy"):
         try:
             env[mod] = __import__(mod).__version__
         except Exception:  # a missing optional module is just not reported
             env[mod] = None
     return env
+
+
+ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8")
+"""The /proc/cpuinfo flags that change CPU inference speed the most for these models."""
+
+
+def cpu_info() -> dict[str, Any]:
+    """CPU model name and the instruction sets that matter (Linux /proc/cpuinfo; platform elsewhere)."""
+    model, flags = platform.processor() or None, set()
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        text = ""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and value.strip():
+            model = value.strip()
+        elif key.strip() == "flags":
+            flags = set(value.split())
+        if model and flags:
+            break
+    return {"model": model, "isa": [f for f in ISA_FLAGS if f in flags]}
 
 
 def build(recipe: Recipe, out_dir: Path | None = None) -> BuildSummary:

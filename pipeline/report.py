@@ -49,10 +49,12 @@ def summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
             row["parameters"] = size.get("parameters")
             row["nonzero"] = size.get("nonzero_parameters")
             row["onnx_bytes"] = size.get("onnx_bytes")
+            row["needs"] = speedup_needs(v)
             if "perplexity_engine" in r:
                 row["ppl_torch"] = r["perplexity_torch"]["perplexity"]
                 row["ppl_engine"] = r["perplexity_engine"]["perplexity"]
                 row["ppl_engine_vs_torch"] = r["perplexity_engine_vs_torch"]
+                row["ppl_check_windows"] = r.get("perplexity_engine_vs_torch_windows", r["perplexity_torch"]["windows"])
                 if backend in dense_ppl:
                     row["ppl_vs_dense"] = row["ppl_engine"] / dense_ppl[backend]
             agr = r.get("agreement") or {}
@@ -65,6 +67,46 @@ def summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
             row["latency"] = pts
             rows.append(row)
     return rows
+
+
+NEEDS_SPARSE_TENSOR_CORES = "needs sparse tensor cores (TensorRT SPARSE_WEIGHTS / cuSPARSELt); no CPU kernel accelerates it"
+NEEDS_SPARSE_KERNEL = "needs a sparse-matrix kernel; ONNX Runtime CPU and TensorRT run it dense"
+NEEDS_NOTHING = "runs faster anywhere: its matrices are smaller"
+
+
+def speedup_needs(variant: dict[str, Any]) -> str:
+    """What hardware or kernel the variant's pruning needs before it can be faster than dense."""
+    if variant["name"] == "dense":
+        return "baseline"
+    kinds = set()
+    for p in variant.get("passes", []):
+        (name, opts), = p.items()
+        if name == "structured":
+            kinds.add("masked" if opts.get("apply") == "mask" else "structured")
+        elif opts.get("pattern"):
+            kinds.add("nm")
+        elif opts.get("sparsity") is not None:
+            kinds.add("unstructured")
+    if "nm" in kinds:
+        return NEEDS_SPARSE_TENSOR_CORES
+    if "unstructured" in kinds:
+        return NEEDS_SPARSE_KERNEL
+    if "structured" in kinds:
+        return NEEDS_NOTHING
+    if "masked" in kinds:
+        return "zeroed heads/channels: faster only after the graph 'shrink' pass removes them"
+    return "—"
+
+
+def machine_line(env: dict[str, Any]) -> str:
+    """Where the latency was measured: CPU model, cores, the instruction sets that matter, runtimes."""
+    cpu = env.get("cpu") or {}
+    isa = ", ".join(cpu.get("isa") or []) or "no AVX2/AVX-512/AMX reported"
+    return (
+        f"Measured on: {cpu.get('model') or env.get('machine')} ({env.get('cpus')} cores; {isa}); "
+        f"Python {env.get('python')}, torch {env.get('torch')}, onnxruntime {env.get('onnxruntime')}. "
+        "Latency from a different machine is not comparable with these figures."
+    )
 
 
 def _latency_cells(points: list[dict[str, Any]], dense: bool) -> str:
@@ -88,19 +130,21 @@ def render_markdown(results: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         f"Evaluation: {ev['windows']} windows × {ev['length']} tokens. "
         f"Calibration ({results['data']['calibration']['windows']} × {results['data']['calibration']['length']}, seed {results['data']['calibration']['seed']}) "
         f"used by: {', '.join(results['data']['calibration_used_by']) or 'no variant'}.",
-        f"Environment: Python {env['python']}, torch {env['torch']}, onnxruntime {env['onnxruntime']}, {env['cpus']} CPUs ({env['machine']}).",
+        machine_line(env),
         "",
-        "| variant | backend | linear sparsity | ppl (PyTorch) | ppl (engine) | engine vs PyTorch | ppl / dense | top-1 agree | KL(dense‖v) | parity | ONNX MB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "Perplexity is the engine's over every evaluation window; \"engine vs PyTorch\" compares the two on the first few windows.",
+        "",
+        "| variant | backend | linear sparsity | parameters (M) | ppl (engine) | engine vs PyTorch | ppl / dense | top-1 agree | KL(dense‖v) | parity | ONNX MB | speed-up needs |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if r["status"] != "ok":
-            lines.append(f"| {r['variant']} | {r['backend']} | skipped: {r.get('reason')} |  |  |  |  |  |  |  |  |")
+            lines.append(f"| {r['variant']} | {r['backend']} | skipped: {r.get('reason')} |  |  |  |  |  |  |  |  |  |")
             continue
         lines.append(
-            f"| {r['variant']} | {r['backend']} | {_fmt(r.get('sparsity'), 3)} | {_fmt(r.get('ppl_torch'))} | {_fmt(r.get('ppl_engine'))} "
-            f"| {_pct(r.get('ppl_engine_vs_torch'))} | {_fmt(r.get('ppl_vs_dense'), 3)} | {_fmt(r.get('top1'), 3)} | {_fmt(r.get('kl'), 4)} "
-            f"| {_fmt(r.get('parity'))} ({_fmt(r.get('parity_maxabs'), 5)}) | {_mb(r.get('onnx_bytes'))} |"
+            f"| {r['variant']} | {r['backend']} | {_fmt(r.get('sparsity'), 3)} | {_mb(r.get('parameters'))} | {_fmt(r.get('ppl_engine'))} "
+            f"| {_check_cell(r)} | {_fmt(r.get('ppl_vs_dense'), 3)} | {_fmt(r.get('top1'), 3)} | {_fmt(r.get('kl'), 4)} "
+            f"| {_fmt(r.get('parity'))} ({_fmt(r.get('parity_maxabs'), 5)}) | {_mb(r.get('onnx_bytes'))} | {r.get('needs')} |"
         )
     lines += ["", "## Prefill latency (median, engine; variant/dense ratio, interleaved in one process)", ""]
     lines += ["| variant | backend | latency |", "|---|---|---|"]
@@ -165,6 +209,12 @@ def _structured_section(results: dict[str, Any]) -> list[str]:
     return ["", "## Structured pruning (kept / dense, per block)", *lines] if lines else []
 
 
+def _check_cell(r: dict[str, Any]) -> str:
+    if r.get("ppl_engine_vs_torch") is None:
+        return "—"
+    return f"{_pct(r['ppl_engine_vs_torch'])} ({r['ppl_check_windows']} windows)"
+
+
 def _pct(x: float | None) -> str:
     return "—" if x is None else f"{100 * x:+.4f}%"
 
@@ -213,7 +263,7 @@ def render_plot(rows: list[dict[str, Any]]) -> bytes | None:
 
 def render_html(md_rows: list[dict[str, Any]], results: dict[str, Any], plot: bytes | None) -> str:
     esc = html.escape
-    head = ["variant", "backend", "linear sparsity", "ppl (PyTorch)", "ppl (engine)", "engine vs PyTorch", "ppl / dense", "top-1 agree", "KL(dense‖v)", "parity (max |Δ|)", "ONNX MB", "prefill latency"]
+    head = ["variant", "backend", "linear sparsity", "parameters (M)", "ppl (engine)", "engine vs PyTorch", "ppl / dense", "top-1 agree", "KL(dense‖v)", "parity (max |Δ|)", "ONNX MB", "prefill latency", "speed-up needs"]
     body = []
     for r in md_rows:
         if r["status"] != "ok":
@@ -223,15 +273,16 @@ def render_html(md_rows: list[dict[str, Any]], results: dict[str, Any], plot: by
             r["variant"],
             r["backend"],
             _fmt(r.get("sparsity"), 3),
-            _fmt(r.get("ppl_torch")),
+            _mb(r.get("parameters")),
             _fmt(r.get("ppl_engine")),
-            _pct(r.get("ppl_engine_vs_torch")),
+            _check_cell(r),
             _fmt(r.get("ppl_vs_dense"), 3),
             _fmt(r.get("top1"), 3),
             _fmt(r.get("kl"), 4),
             f"{_fmt(r.get('parity'))} ({_fmt(r.get('parity_maxabs'), 5)})",
             _mb(r.get("onnx_bytes")),
             _latency_cells(r["latency"], r["variant"] == "dense"),
+            r.get("needs"),
         ]
         body.append("<tr>" + "".join(f"<td>{esc(str(c))}</td>" for c in cells) + "</tr>")
     img = ""
@@ -244,7 +295,9 @@ def render_html(md_rows: list[dict[str, Any]], results: dict[str, Any], plot: by
 </head><body>
 <h1>Build report: {esc(results['recipe']['name'])}</h1>
 <p>Model <code>{esc(results['model']['source'])}</code>; evaluation {ev['windows']} windows × {ev['length']} tokens.
+Perplexity is the engine's over every evaluation window; "engine vs PyTorch" compares the two on the first few windows.
 Latency ratios are variant/dense medians measured interleaved in one process.</p>
+<p>{esc(machine_line(results.get('environment') or {}))}</p>
 <table><tr>{''.join(f'<th>{esc(h)}</th>' for h in head)}</tr>
 {''.join(body)}
 </table>

@@ -58,25 +58,26 @@ def _window_nll(logits: torch.Tensor, ids: torch.Tensor) -> tuple[float, int]:
 
 def perplexity(fn: LogitsFn, windows: torch.Tensor, desc: str) -> dict[str, Any]:
     """exp(mean next-token NLL) over every window (each window predicts its tokens 1..L-1)."""
-    total, count = 0.0, 0
-    t0 = time.perf_counter()
-    for i in progress(range(windows.shape[0]), desc=desc):
-        nll, n = _window_nll(fn(windows[i : i + 1]), windows[i : i + 1])
-        total += nll
-        count += n
-    return _ppl_result(total, count, windows, t0)
+    return perplexity_with_agreement(fn, None, windows, 0, desc)[0]
 
 
-def _ppl_result(total: float, count: int, windows: torch.Tensor, t0: float) -> dict[str, Any]:
-    mean = total / count
+def _ppl_result(nll: list[float], tokens: list[int], windows: torch.Tensor, t0: float) -> dict[str, Any]:
+    mean = sum(nll) / sum(tokens)
     return {
         "perplexity": math.exp(mean),
         "mean_nll": mean,
-        "tokens": count,
-        "windows": int(windows.shape[0]),
+        "tokens": sum(tokens),
+        "windows": len(nll),
         "window_length": int(windows.shape[1]),
+        "window_nll": nll,
         "seconds": round(time.perf_counter() - t0, 2),
     }
+
+
+def perplexity_of_first(ppl: dict[str, Any], k: int) -> float:
+    """Perplexity over the first ``k`` windows of a :func:`perplexity` result (same token count per window)."""
+    per = ppl["tokens"] // ppl["windows"]
+    return math.exp(sum(ppl["window_nll"][:k]) / (per * k))
 
 
 def _agreement_counts(ld: torch.Tensor, lv: torch.Tensor) -> tuple[int, float, int]:
@@ -101,19 +102,21 @@ def perplexity_with_agreement(
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Perplexity over every window and, on the first ``agreement_windows``, agreement with ``dense``,
     from one forward of the variant per window (the same logits serve both)."""
-    total, count = 0.0, 0
+    nll: list[float] = []
+    tokens: list[int] = []
     agree, kl_sum, acount = 0, 0.0, 0
     n_agree = min(agreement_windows, windows.shape[0]) if dense is not None else 0
     t0 = time.perf_counter()
     for i in progress(range(windows.shape[0]), desc=desc):
         w = windows[i : i + 1]
         lv = variant(w)
-        nll, n = _window_nll(lv, w)
-        total, count = total + nll, count + n
+        s, n = _window_nll(lv, w)
+        nll.append(s)
+        tokens.append(n)
         if i < n_agree:
             a, k, n = _agreement_counts(dense(w), lv)
             agree, kl_sum, acount = agree + a, kl_sum + k, acount + n
-    ppl = _ppl_result(total, count, windows, t0)
+    ppl = _ppl_result(nll, tokens, windows, t0)
     agr = None
     if n_agree:
         agr = {"top1_agreement": agree / acount, "kl_dense_variant": kl_sum / acount, "tokens": acount, "windows": n_agree}

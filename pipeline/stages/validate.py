@@ -39,8 +39,13 @@ class ParitySpec:
 @dataclass
 class ValidationSpec:
     perplexity: bool = True
+    """Perplexity of the engine over every evaluation window (causal LMs)."""
     agreement_windows: int = 8
-    """Evaluation windows on which top-1 agreement and KL(dense‖variant) are measured."""
+    """Evaluation windows on which top-1 agreement and KL(dense‖variant) are measured (engine
+    logits of the variant against the dense engine's, computed once per build)."""
+    torch_windows: int = 4
+    """Evaluation windows on which PyTorch perplexity is also computed and compared with the
+    engine's on the same windows (the engine-vs-PyTorch check; 0 = every window)."""
     parity: ParitySpec = field(default_factory=ParitySpec)
     latency: LatencySpec | None = field(default_factory=LatencySpec)
     decode: DecodeSpec | None = None
@@ -48,6 +53,7 @@ class ValidationSpec:
 
     def validate(self, where: str) -> None:
         check(self.agreement_windows >= 0, f"{where}.agreement_windows", f"{self.agreement_windows} is negative")
+        check(self.torch_windows >= 0, f"{where}.torch_windows", f"{self.torch_windows} is negative")
         self.parity.validate(f"{where}.parity")
         if self.latency is not None:
             self.latency.validate(f"{where}.latency")
@@ -97,18 +103,29 @@ def run(ctx: BuildContext, v: Any, e: EngineSpec) -> StageOutcome:
         result["size"]["engine_bytes"] = art.path.stat().st_size
         torch_fn = V.torch_outputs_fn(model, task)
         n_agree = min(spec.agreement_windows, windows.shape[0]) if v.name != "dense" else 0
-        dense_fn = V.torch_outputs_fn(dense.model, task) if n_agree else None
         if task == "causal-lm" and spec.perplexity:
-            result["perplexity_torch"], agr = V.perplexity_with_agreement(torch_fn, dense_fn, windows, n_agree, f"{v.name} ppl (torch)")
-            if agr is not None:
-                result["agreement"] = agr
+            # The engine is what ships, so its perplexity covers every window; PyTorch runs on the
+            # first `torch_windows` only, compared with the engine on those same windows (parity
+            # below checks the outputs element by element as well).
             with engine.runner(art) as runner:
                 engine_fn = V.runner_outputs_fn(runner, output)
-                result["perplexity_engine"] = V.perplexity(engine_fn, windows, f"{v.name} ppl ({e.backend})")
-            pt, pe = result["perplexity_torch"]["perplexity"], result["perplexity_engine"]["perplexity"]
+                dense_fn = _dense_reference(ctx, e, engine, n_agree) if n_agree else None
+                if v.name == "dense":
+                    engine_fn = _remembering(ctx, e, engine_fn, spec.agreement_windows)
+                result["perplexity_engine"], agr = V.perplexity_with_agreement(engine_fn, dense_fn, windows, n_agree, f"{v.name} ppl ({e.backend})")
+            if agr is not None:
+                result["agreement"] = {**agr, "logits": f"{e.backend} engine, variant vs dense"}
+            k = windows.shape[0] if spec.torch_windows == 0 else min(spec.torch_windows, windows.shape[0])
+            result["perplexity_torch"] = V.perplexity(torch_fn, windows[:k], f"{v.name} ppl (torch)")
+            pt, pe = result["perplexity_torch"]["perplexity"], V.perplexity_of_first(result["perplexity_engine"], k)
             result["perplexity_engine_vs_torch"] = pe / pt - 1
-            log.info("%s: perplexity torch %.3f, %s %.3f (%+.4f%%)", v.name, pt, e.backend, pe, 100 * (pe / pt - 1))
+            result["perplexity_engine_vs_torch_windows"] = k
+            log.info(
+                "%s: perplexity %s %.3f (%d windows); on the first %d: torch %.3f, engine %.3f (%+.4f%%)",
+                v.name, e.backend, result["perplexity_engine"]["perplexity"], windows.shape[0], k, pt, pe, 100 * (pe / pt - 1),
+            )
         elif n_agree:
+            dense_fn = V.torch_outputs_fn(dense.model, task)
             if task == "causal-lm":
                 result["agreement"] = V.agreement(dense_fn, torch_fn, windows[:n_agree], f"{v.name} agreement")
             else:
@@ -129,6 +146,51 @@ def run(ctx: BuildContext, v: Any, e: EngineSpec) -> StageOutcome:
     return ctx.record(v.name, out)
 
 
+def _dense_reference(ctx: BuildContext, e: EngineSpec, engine: Any, n: int) -> Any:
+    """Logits function of the dense engine for the first ``n`` evaluation windows, memoised for the
+    build: the dense variant's own validation leaves them in memory; when that stage was reused,
+    the dense engine computes them once here."""
+    import torch
+
+    from pipeline import validate as V
+
+    memo = ctx.memo.setdefault(f"dense-logits/{e.backend}", {})
+    windows = ctx.eval_windows()
+    missing = [i for i in range(n) if i not in memo]
+    if missing:
+        with engine.runner(engine_stage.artifact(ctx, "dense", e.backend)) as runner:
+            fn = V.runner_outputs_fn(runner, "logits")
+            for i in missing:
+                memo[i] = fn(windows[i : i + 1])
+        log.info("dense %s logits for agreement: %d windows computed once for this build", e.backend, len(missing))
+
+    def lookup(w: Any) -> Any:
+        for i in range(n):
+            if torch.equal(windows[i : i + 1], w):
+                return memo[i]
+        raise KeyError("window is not one of the agreement windows")
+
+    return lookup
+
+
+def _remembering(ctx: BuildContext, e: EngineSpec, fn: Any, n: int) -> Any:
+    """Wrap the dense engine's logits function so the first ``n`` windows' logits stay in memory for
+    the other variants' agreement."""
+    import torch
+
+    memo = ctx.memo.setdefault(f"dense-logits/{e.backend}", {})
+    windows = ctx.eval_windows()
+
+    def run(w: Any) -> Any:
+        out = fn(w)
+        for i in range(min(n, windows.shape[0])):
+            if i not in memo and torch.equal(windows[i : i + 1], w):
+                memo[i] = out
+        return out
+
+    return run
+
+
 def _dir_bytes(d: Path, pattern: str) -> int:
     return sum(p.stat().st_size for p in d.glob(pattern) if p.is_file())
 
@@ -137,7 +199,7 @@ def _summary(r: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if "perplexity_engine" in r:
         out["perplexity_engine"] = r["perplexity_engine"]["perplexity"]
-        out["perplexity_torch"] = r["perplexity_torch"]["perplexity"]
+        out["perplexity_engine_vs_torch"] = r["perplexity_engine_vs_torch"]
     if "parity" in r:
         out["parity_passed"] = r["parity"]["passed"]
     return out
