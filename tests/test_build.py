@@ -64,7 +64,8 @@ def test_engine_perplexity_matches_pytorch_and_parity_passes(built):
         assert r["status"] == "ok"
         assert abs(r["perplexity_engine_vs_torch"]) < 1e-3, v["name"]
         assert r["parity"]["passed"], r["parity"]
-        assert r["perplexity_torch"]["windows"] == 6
+        assert r["perplexity_engine"]["windows"] == 6 and len(r["perplexity_engine"]["window_nll"]) == 6
+        assert r["perplexity_torch"]["windows"] == 4 == r["perplexity_engine_vs_torch_windows"]  # the default torch_windows
         assert len(r["latency"]["points"]) == 1
     m50 = res["variants"][1]["engines"]["onnxruntime-cpu"]
     assert m50["size"]["block_linear_sparsity"] == pytest.approx(0.5, abs=1e-3)
@@ -74,6 +75,39 @@ def test_engine_perplexity_matches_pytorch_and_parity_passes(built):
     dense_ppl = res["variants"][0]["engines"]["onnxruntime-cpu"]["perplexity_engine"]["perplexity"]
     assert m50["perplexity_engine"]["perplexity"] != pytest.approx(dense_ppl, rel=1e-4)
     assert res["variants"][1]["export"]["exporter"] == "rebind"
+
+
+def test_agreement_from_engine_logits_equals_pytorch_agreement(built, tiny_dirs, text_file):
+    """Agreement/KL come from the variant's engine logits against the dense engine's (computed once
+    per build); they must equal what the two PyTorch models give on the same windows."""
+    from calibrate.data import evaluation_windows, load_splits, tokenize
+    from core.models import load_hf_dir
+    from pipeline import validate as V
+
+    out, summary = built
+    dense, tok, _ = load_hf_dir(out / "dense" / "model" / "model")
+    m50, _, _ = load_hf_dir(out / "magnitude-50" / "model" / "model")
+    splits = load_splits(str(text_file), None, 0.25)
+    windows = evaluation_windows(tokenize(tok, splits.evaluation), 64, 6)
+    want = V.agreement(V.torch_outputs_fn(dense, "causal-lm"), V.torch_outputs_fn(m50, "causal-lm"), windows[:2], "check")
+    got = summary.results["variants"][1]["engines"]["onnxruntime-cpu"]["agreement"]
+    assert got["windows"] == 2 and got["top1_agreement"] == pytest.approx(want["top1_agreement"], abs=1e-9)
+    assert got["kl_dense_variant"] == pytest.approx(want["kl_dense_variant"], rel=1e-3, abs=1e-6)
+
+
+def test_dense_reference_is_recomputed_when_dense_validation_is_reused(tiny_dirs, text_file, tmp_path, caplog):
+    import logging
+
+    out = tmp_path / "b"
+    first = build(tiny_recipe(tiny_dirs["llama"], text_file, out, variants=[{"name": "m50", "passes": [{"magnitude": {"sparsity": 0.5}}]}]))
+    caplog.set_level(logging.INFO)
+    second = build(tiny_recipe(tiny_dirs["llama"], text_file, out, variants=[{"name": "m60", "passes": [{"magnitude": {"sparsity": 0.6}}]}]))
+    dense_stage = next(s for s in second.stages if s["stage"] == "dense/validate-onnxruntime-cpu")
+    assert dense_stage["reused"]
+    assert "dense onnxruntime-cpu logits for agreement: 2 windows computed once" in caplog.text
+    a50 = first.results["variants"][1]["engines"]["onnxruntime-cpu"]["agreement"]
+    a60 = second.results["variants"][1]["engines"]["onnxruntime-cpu"]["agreement"]
+    assert a60["kl_dense_variant"] > a50["kl_dense_variant"] > 0  # more pruning, further from dense
 
 
 def test_2of4_onnx_passes_polygraphy_sparsity_check(built):

@@ -18,7 +18,7 @@ def test_help():
 def test_check_default_recipe():
     r = run("check")
     assert r.returncode == 0, r.stderr
-    assert "dense, magnitude-50, magnitude-2of4, wanda-2of4, sparsegpt-2of4, sparsegpt-50" in r.stdout
+    assert "variants dense, sparsegpt-2of4, ffn50-kv1-kd" in r.stdout
 
 
 def test_bad_recipe_fails_before_loading_a_model(tmp_path):

@@ -22,10 +22,17 @@ def test_default_recipe_is_valid_and_includes_dense():
     r = load_recipe(None)
     names = [v.name for v in r.variants]
     assert names[0] == "dense"
-    assert {"magnitude-50", "magnitude-2of4", "wanda-2of4", "sparsegpt-2of4", "sparsegpt-50"} <= set(names)
-    two4 = next(v for v in r.variants if v.name == "magnitude-2of4")
-    assert two4.passes[0].name == "magnitude" and two4.passes[0].options["pattern"] == "2:4"
+    two4 = next(v for v in r.variants if v.name == "sparsegpt-2of4")
+    assert two4.passes[0].name == "sparsegpt" and two4.passes[0].options["pattern"] == "2:4"
+    # a structured variant, so the default report shows a real CPU speed-up next to its cost
+    assert any(p.name == "structured" for v in r.variants for p in v.passes)
     assert r.data.evaluation.windows == 40 and r.data.evaluation.length == 512
+
+
+def test_latency_recipe_keeps_the_full_sweep_and_every_one_shot_method():
+    r = load_recipe("latency")
+    assert {"magnitude-50", "magnitude-2of4", "wanda-2of4", "sparsegpt-2of4", "sparsegpt-50"} <= {v.name for v in r.variants}
+    assert r.validation.latency.batch_sizes == [1, 4] and r.validation.latency.sequence_lengths == [128, 512]
 
 
 def test_recipe_file_round_trip(tmp_path):
