@@ -72,6 +72,12 @@ def summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
 NEEDS_SPARSE_TENSOR_CORES = "needs sparse tensor cores (TensorRT SPARSE_WEIGHTS / cuSPARSELt); no CPU kernel accelerates it"
 NEEDS_SPARSE_KERNEL = "needs a sparse-matrix kernel; ONNX Runtime CPU and TensorRT run it dense"
 NEEDS_NOTHING = "runs faster anywhere: its matrices are smaller"
+NEEDS_SHORT = {
+    NEEDS_SPARSE_TENSOR_CORES: "sparse tensor cores (GPU)",
+    NEEDS_SPARSE_KERNEL: "a sparse kernel",
+    NEEDS_NOTHING: "nothing (smaller matrices)",
+}
+"""Table-cell forms; the report's "what to ship" section gives the full reasons."""
 
 
 def speedup_needs(variant: dict[str, Any]) -> str:
@@ -109,15 +115,132 @@ def machine_line(env: dict[str, Any]) -> str:
     )
 
 
+def ratio_band(dense: list[float], variant: list[float]) -> tuple[float, float] | None:
+    """Min–max of the per-repeat ratios variant/dense. The repeats are interleaved round-robin, so
+    sample i of each runner comes from the same round; the band is how far one round's ratio can
+    stray from another's on this machine."""
+    pairs = [v / d for d, v in zip(dense, variant) if d > 0]
+    return (min(pairs), max(pairs)) if pairs else None
+
+
+def within_noise(band: tuple[float, float] | None) -> bool:
+    """A ratio whose interleaved band contains 1.0 is indistinguishable from dense here."""
+    return band is not None and band[0] <= 1.0 <= band[1]
+
+
+def ratio_text(ratio: float | None, band: tuple[float, float] | None) -> str:
+    if ratio is None:
+        return "—"
+    if within_noise(band):
+        return f"≈ 1.00 (within noise: ×{band[0]:.2f}–{band[1]:.2f})"
+    return f"×{ratio:.3f}" + (f" [{band[0]:.3f}–{band[1]:.3f}]" if band else "")
+
+
 def _latency_cells(points: list[dict[str, Any]], dense: bool) -> str:
     if not points:
         return "—"
     parts = []
     for p in points:
+        own = p["dense_samples_ms"] if dense else p["variant_samples_ms"]
         ms = p["dense_median_ms"] if dense else p["variant_median_ms"]
-        ratio = "" if dense or p["ratio"] is None else f" (×{p['ratio']:.3f})"
-        parts.append(f"b{p['batch']}/s{p['sequence']}: {ms:.1f} ms{ratio}")
+        spread = f" [{min(own):.1f}–{max(own):.1f}]" if own else ""
+        ratio = "" if dense else " " + ratio_text(p["ratio"], ratio_band(p["dense_samples_ms"], p["variant_samples_ms"]))
+        parts.append(f"b{p['batch']}/s{p['sequence']}: {ms:.1f} ms{spread}{ratio}")
     return "; ".join(parts)
+
+
+def latency_kinds(results: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per measured latency kind ('prefill' at batch 1 × the longest sequence; 'decode' ms/token when
+    the build decoded), per variant: ratio to dense, its band and whether it is within noise."""
+    kinds: dict[str, dict[str, dict[str, Any]]] = {}
+    for r in rows:
+        ref = _reference_point(r.get("latency") or [])
+        if r.get("status") != "ok" or ref is None:
+            continue
+        label = f"prefill b{ref['batch']}×{ref['sequence']}"
+        if r["variant"] == "dense":
+            entry = {"ratio": 1.0, "band": None, "ms": ref["dense_median_ms"]}
+        else:
+            band = ratio_band(ref["dense_samples_ms"], ref["variant_samples_ms"])
+            entry = {"ratio": ref["ratio"], "band": band, "ms": ref["variant_median_ms"]}
+        kinds.setdefault(label, {})[r["variant"]] = entry
+    dense_dec = next((v.get("decode") for v in results["variants"] if v["name"] == "dense"), None)
+    if dense_dec:
+        for v in results["variants"]:
+            d = v.get("decode")
+            if not d:
+                continue
+            if v["name"] == "dense":
+                entry = {"ratio": 1.0, "band": None, "ms": d["decode_ms_per_token"]}
+            else:
+                band = ratio_band(dense_dec["samples"]["decode_ms_per_token"], d["samples"]["decode_ms_per_token"])
+                entry = {"ratio": d["decode_ratio"], "band": band, "ms": d["decode_ms_per_token"]}
+            kinds.setdefault("decode ms/token", {})[v["name"]] = entry
+    for per in kinds.values():
+        for e in per.values():
+            e["within_noise"] = within_noise(e["band"])
+            e["effective_ratio"] = 1.0 if e["within_noise"] else e["ratio"]
+    return kinds
+
+
+def pareto_front(points: dict[str, tuple[float, float]]) -> list[str]:
+    """Names not dominated in (latency ratio, perplexity ratio), both lower-is-better."""
+    front = []
+    for n, (x, y) in points.items():
+        dominated = any((x2 <= x and y2 <= y) and (x2 < x or y2 < y) for m, (x2, y2) in points.items() if m != n)
+        if not dominated:
+            front.append(n)
+    return sorted(front, key=lambda n: points[n])
+
+
+PPL_BUDGETS = (1.1, 1.5, 2.0)
+
+
+def decision(results: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """What the numbers mean for a deployment decision on this machine: the Pareto front per latency
+    kind, the fastest variant under each perplexity budget, and the variants whose speed needs
+    hardware or kernels this machine does not have."""
+    ok = {r["variant"]: r for r in rows if r.get("status") == "ok" and r.get("ppl_vs_dense") is not None}
+    kinds = latency_kinds(results, rows)
+    out: dict[str, Any] = {"latency": {}, "needs_other_hardware": []}
+    for kind, per in kinds.items():
+        pts = {n: (e["effective_ratio"], ok[n]["ppl_vs_dense"]) for n, e in per.items() if n in ok}
+        ship = []
+        for budget in PPL_BUDGETS:
+            fits = [n for n in pts if pts[n][1] <= budget]
+            best = min(fits, key=lambda n: (pts[n][0], pts[n][1])) if fits else None
+            ship.append({"ppl_budget": budget, "variant": best, "latency_ratio": pts[best][0] if best else None, "ppl_ratio": pts[best][1] if best else None})
+        out["latency"][kind] = {
+            "variants": {n: {k: e[k] for k in ("ratio", "band", "within_noise", "ms")} for n, e in per.items()},
+            "pareto": pareto_front(pts),
+            "ship": ship,
+        }
+    for r in rows:
+        if r.get("needs") in (NEEDS_SPARSE_TENSOR_CORES, NEEDS_SPARSE_KERNEL):
+            out["needs_other_hardware"].append({"variant": r["variant"], "why": r["needs"]})
+    return out
+
+
+def _decision_markdown(d: dict[str, Any]) -> list[str]:
+    lines = ["", "## What to ship (from the figures above, on this machine)", ""]
+    for kind, k in d["latency"].items():
+        lines.append(f"**{kind}** — Pareto front (latency ratio vs perplexity ratio): {', '.join(k['pareto'])}.")
+        lines.append("")
+        for s in k["ship"]:
+            if s["variant"] is None:
+                lines.append(f"- perplexity ≤ {s['ppl_budget']}× dense: no variant qualifies")
+            elif s["variant"] == "dense" or s["latency_ratio"] >= 1.0:
+                lines.append(f"- perplexity ≤ {s['ppl_budget']}× dense: ship `dense`; no variant within this budget is faster here")
+            else:
+                lines.append(
+                    f"- perplexity ≤ {s['ppl_budget']}× dense: `{s['variant']}` "
+                    f"(latency ×{s['latency_ratio']:.3f}, perplexity ×{s['ppl_ratio']:.3f})"
+                )
+        lines.append("")
+    if d["needs_other_hardware"]:
+        lines.append("Variants whose speed-up this machine cannot show:")
+        lines += [f"- `{n['variant']}`: {n['why']}" for n in d["needs_other_hardware"]]
+    return lines
 
 
 def render_markdown(results: dict[str, Any], rows: list[dict[str, Any]]) -> str:
@@ -146,7 +269,13 @@ def render_markdown(results: dict[str, Any], rows: list[dict[str, Any]]) -> str:
             f"| {_check_cell(r)} | {_fmt(r.get('ppl_vs_dense'), 3)} | {_fmt(r.get('top1'), 3)} | {_fmt(r.get('kl'), 4)} "
             f"| {_fmt(r.get('parity'))} ({_fmt(r.get('parity_maxabs'), 5)}) | {_mb(r.get('onnx_bytes'))} | {r.get('needs')} |"
         )
-    lines += ["", "## Prefill latency (median, engine; variant/dense ratio, interleaved in one process)", ""]
+    d = decision(results, rows)
+    lines += _decision_markdown(d)
+    lines += [
+        "",
+        "## Prefill latency (median [min–max] over the interleaved repeats; variant/dense ratio [min–max of per-round ratios])",
+        "",
+    ]
     lines += ["| variant | backend | latency |", "|---|---|---|"]
     for r in rows:
         if r["status"] == "ok":
@@ -163,9 +292,10 @@ def render_markdown(results: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         for v in results["variants"]:
             r = v.get("decode")
             if r:
+                dec, pre = _decode_ratios(results, v["name"])
                 lines.append(
                     f"| {v['name']} | {'yes' if r['tokens_identical'] else 'NO'} ({r['greedy_tokens']}) | {r['max_abs_logit_delta']:.2e} "
-                    f"| {r['decode_ms_per_token']:.2f} | ×{r['decode_ratio']:.3f} | {r['prefill_ms']:.1f} | ×{r['prefill_ratio']:.3f} |"
+                    f"| {r['decode_ms_per_token']:.2f} | {dec} | {r['prefill_ms']:.1f} | {pre} |"
                 )
     lines += _structured_section(results)
     if results.get("skips"):
@@ -174,6 +304,33 @@ def render_markdown(results: dict[str, Any], rows: list[dict[str, Any]]) -> str:
             lines.append(f"- `{s[0]}`: {s[1]}")
     lines += ["", f"![accuracy vs latency]({PLOT_NAME})", ""]
     return "\n".join(lines)
+
+
+def _decode_ratios(results: dict[str, Any], name: str) -> tuple[str, str]:
+    """Decode and prefill ratio cells of the decode stage, each with its interleaved band."""
+    dense = next(v["decode"] for v in results["variants"] if v["name"] == "dense")
+    r = next(v["decode"] for v in results["variants"] if v["name"] == name)
+    if name == "dense":
+        return "×1.000", "×1.000"
+    out = []
+    for metric, ratio in (("decode_ms_per_token", "decode_ratio"), ("prefill_ms", "prefill_ratio")):
+        out.append(ratio_text(r[ratio], ratio_band(dense["samples"][metric], r["samples"][metric])))
+    return out[0], out[1]
+
+
+def _kept_rows(kept: list[dict[str, Any]]) -> list[str]:
+    """One table row per run of consecutive blocks that keep the same shape."""
+    def cells(k: dict[str, Any]) -> str:
+        return f"{k['heads']} / {k['dense']['heads']} | {k['kv_heads']} / {k['dense']['kv_heads']} | {k['ffn']} / {k['dense']['ffn']}"
+
+    rows: list[str] = []
+    start = 0
+    for i in range(1, len(kept) + 1):
+        if i == len(kept) or cells(kept[i]) != cells(kept[start]):
+            first, last = kept[start]["block"], kept[i - 1]["block"]
+            rows.append(f"| {first if first == last else f'{first}–{last}'} | {cells(kept[start])} |")
+            start = i
+    return rows
 
 
 def _structured_section(results: dict[str, Any]) -> list[str]:
@@ -192,10 +349,7 @@ def _structured_section(results: dict[str, Any]) -> list[str]:
                     "| block | heads | KV heads | FFN channels |",
                     "|---|---|---|---|",
                 ]
-                lines += [
-                    f"| {k['block']} | {k['heads']} / {k['dense']['heads']} | {k['kv_heads']} / {k['dense']['kv_heads']} | {k['ffn']} / {k['dense']['ffn']} |"
-                    for k in info["kept"]
-                ]
+                lines += _kept_rows(info["kept"])
             elif pr.get("name") == "distill" and info:
                 budget = info.get("budget", {})
                 minutes = f", {budget['max_minutes']} min" if budget.get("max_minutes") else ""
@@ -212,7 +366,7 @@ def _structured_section(results: dict[str, Any]) -> list[str]:
 def _check_cell(r: dict[str, Any]) -> str:
     if r.get("ppl_engine_vs_torch") is None:
         return "—"
-    return f"{_pct(r['ppl_engine_vs_torch'])} ({r['ppl_check_windows']} windows)"
+    return f"{_pct(r['ppl_engine_vs_torch'])} ({r['ppl_check_windows']} win.)"
 
 
 def _pct(x: float | None) -> str:
@@ -227,15 +381,14 @@ def _reference_point(points: list[dict[str, Any]]) -> dict[str, Any] | None:
     return max(b1, key=lambda p: p["sequence"])
 
 
-def render_plot(rows: list[dict[str, Any]]) -> bytes | None:
-    pts = []
-    for r in rows:
-        ref = _reference_point(r.get("latency") or [])
-        if r.get("ppl_engine") is None or ref is None:
-            continue
-        ms = ref["dense_median_ms"] if r["variant"] == "dense" else ref["variant_median_ms"]
-        pts.append((r["variant"], r["backend"], ms, r["ppl_engine"], ref))
-    if not pts:
+def render_plot(results: dict[str, Any], rows: list[dict[str, Any]], d: dict[str, Any] | None = None) -> bytes | None:
+    """One panel per measured latency kind: latency as a ratio to dense (error bars: the interleaved
+    band; the axis starts at 0 and includes 1.0) against perplexity as a ratio to dense. Ratios
+    within noise are drawn at 1.0, hollow; Pareto-optimal variants are filled and listed."""
+    d = d or decision(results, rows)
+    ppl = {r["variant"]: r["ppl_vs_dense"] for r in rows if r.get("status") == "ok" and r.get("ppl_vs_dense") is not None}
+    panels = [(kind, k) for kind, k in d["latency"].items() if any(n in ppl for n in k["variants"])]
+    if not panels:
         return None
     import io
 
@@ -244,16 +397,36 @@ def render_plot(rows: list[dict[str, Any]]) -> bytes | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=110)
-    for name, backend, ms, ppl, _ in pts:
-        ax.scatter([ms], [ppl], s=40, marker="*" if name == "dense" else "o")
-        ax.annotate(name, (ms, ppl), textcoords="offset points", xytext=(5, 4), fontsize=8)
-    ref = pts[0][4]
-    ax.set_xlabel(f"prefill latency, batch {ref['batch']} × {ref['sequence']} tokens (ms, median)")
-    ax.set_ylabel("perplexity (engine, eval split)")
-    ax.set_yscale("log")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.set_title("accuracy vs latency")
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 4.4), dpi=110, squeeze=False)
+    for ax, (kind, k) in zip(axes[0], panels):
+        xmax = 1.15
+        labels: list[tuple[str, float, float]] = []
+        for name, e in k["variants"].items():
+            if name not in ppl:
+                continue
+            x = 1.0 if e["within_noise"] else e["ratio"]
+            band = e["band"]
+            err = None if band is None else [[max(0.0, x - band[0])], [max(0.0, band[1] - x)]]
+            on_front = name in k["pareto"]
+            face = "none" if e["within_noise"] else ("C0" if on_front else "0.6")
+            ax.errorbar([x], [ppl[name]], xerr=err, fmt="*" if name == "dense" else "o", ms=9 if name == "dense" else 7,
+                        mfc=face, mec="C0" if on_front else "0.4", ecolor="0.5", capsize=3)
+            label = name + (" (≈1.00, within noise)" if e["within_noise"] else "")
+            labels.append((label, x, ppl[name]))
+            xmax = max(xmax, (band[1] if band else x) * 1.1)
+        for label, x, y in labels:  # right of the point, or left of it near the right edge
+            right = x < 0.6 * xmax
+            ax.annotate(label, (x, y), textcoords="offset points", xytext=(7 if right else -7, 5), ha="left" if right else "right", fontsize=8)
+        ax.axvline(1.0, color="0.3", lw=0.8, ls="--")
+        ax.set_xlim(0, xmax)
+        ys = [ppl[n] for n in k["variants"] if n in ppl]
+        if max(ys) > 5:
+            ax.set_yscale("log")
+        ax.set_ylim(min(0.9, min(ys) * 0.95), max(ys) * 1.15)
+        ax.set_xlabel("latency / dense (median; bar: min–max per round)")
+        ax.set_ylabel("perplexity / dense (engine, eval split)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.set_title(f"{kind}\nPareto front (filled): {', '.join(k['pareto'])}", fontsize=9)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
@@ -263,7 +436,7 @@ def render_plot(rows: list[dict[str, Any]]) -> bytes | None:
 
 def render_html(md_rows: list[dict[str, Any]], results: dict[str, Any], plot: bytes | None) -> str:
     esc = html.escape
-    head = ["variant", "backend", "linear sparsity", "parameters (M)", "ppl (engine)", "engine vs PyTorch", "ppl / dense", "top-1 agree", "KL(dense‖v)", "parity (max |Δ|)", "ONNX MB", "prefill latency", "speed-up needs"]
+    head = ["variant", "backend", "sparsity", "params (M)", "ppl (engine)", "engine vs PyTorch", "ppl / dense", "top-1", "KL(dense‖v)", "parity (max |Δ|)", "ONNX MB", "speed-up needs"]
     body = []
     for r in md_rows:
         if r["status"] != "ok":
@@ -281,31 +454,79 @@ def render_html(md_rows: list[dict[str, Any]], results: dict[str, Any], plot: by
             _fmt(r.get("kl"), 4),
             f"{_fmt(r.get('parity'))} ({_fmt(r.get('parity_maxabs'), 5)})",
             _mb(r.get("onnx_bytes")),
-            _latency_cells(r["latency"], r["variant"] == "dense"),
-            r.get("needs"),
+            NEEDS_SHORT.get(r.get("needs"), r.get("needs")),
         ]
         body.append("<tr>" + "".join(f"<td>{esc(str(c))}</td>" for c in cells) + "</tr>")
+    shapes = sorted({(p["batch"], p["sequence"]) for r in md_rows for p in r.get("latency") or []})
+    lat_rows = []
+    for r in md_rows:
+        if r["status"] != "ok" or not r.get("latency"):
+            continue
+        by_shape = {(p["batch"], p["sequence"]): p for p in r["latency"]}
+        cells = [r["variant"], r["backend"]] + [_latency_cells([by_shape[sh]], r["variant"] == "dense").split(": ", 1)[1] if sh in by_shape else "—" for sh in shapes]
+        lat_rows.append("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in cells) + "</tr>")
+    lat_head = "".join(f"<th>{esc(h)}</th>" for h in ["variant", "backend"] + [f"batch {b} × {q} tokens" for b, q in shapes])
     img = ""
     if plot:
         img = f"<img alt='accuracy vs latency' src='data:image/png;base64,{base64.b64encode(plot).decode()}'>"
     ev = results["data"]["evaluation"]
+    ship = _lines_html(_decision_markdown(results.get("decision") or decision(results, md_rows))[3:])
     return f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>Build report: {esc(results['recipe']['name'])}</title>
-<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px;font-size:90%}}th{{background:#f0f0f0}}</style>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>Build report: {esc(results['recipe']['name'])}</title>
+<style>
+body{{font-family:sans-serif;margin:1.5em;max-width:100%}}
+h1{{font-size:1.5em}} h2{{font-size:1.2em}}
+.scroll{{overflow-x:auto;max-width:100%}}
+table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:3px 6px;font-size:85%;white-space:nowrap;text-align:left}}
+th{{background:#f0f0f0}}
+img{{max-width:100%;height:auto}}
+li{{margin:0.2em 0}}
+@media (max-width:600px){{body{{margin:0.6em}} td,th{{font-size:80%;padding:3px 5px}}}}
+</style>
 </head><body>
 <h1>Build report: {esc(results['recipe']['name'])}</h1>
+<p class="machine"><b>{esc(machine_line(results.get('environment') or {}))}</b></p>
 <p>Model <code>{esc(results['model']['source'])}</code>; evaluation {ev['windows']} windows × {ev['length']} tokens.
 Perplexity is the engine's over every evaluation window; "engine vs PyTorch" compares the two on the first few windows.
-Latency ratios are variant/dense medians measured interleaved in one process.</p>
-<p>{esc(machine_line(results.get('environment') or {}))}</p>
-<table><tr>{''.join(f'<th>{esc(h)}</th>' for h in head)}</tr>
+Latency: median [min–max] over repeats interleaved round-robin in one process; a ratio whose per-round band contains 1.00 is shown as within noise.</p>
+<div class="scroll"><table><tr>{''.join(f'<th>{esc(h)}</th>' for h in head)}</tr>
 {''.join(body)}
-</table>
+</table></div>
+<h2>Prefill latency</h2>
+<p>Median [min–max] over the interleaved repeats, then variant/dense [min–max of the per-round ratios].</p>
+<div class="scroll"><table><tr>{lat_head}</tr>{''.join(lat_rows)}</table></div>
+<h2>What to ship (on this machine)</h2>
+<div class="ship">{ship}</div>
 {_decode_html(results)}
 <h2>Accuracy vs latency</h2>
 {img or '<p>No latency or perplexity figures to plot.</p>'}
 </body></html>
 """
+
+
+def _lines_html(lines: list[str]) -> str:
+    """Markdown paragraphs and '- ' list items as HTML, consecutive items in one list."""
+    out, items = [], []
+    for line in lines + [""]:
+        if line.startswith("- "):
+            items.append(f"<li>{_md_inline(html.escape(line[2:]))}</li>")
+            continue
+        if items:
+            out.append("<ul>" + "".join(items) + "</ul>")
+            items = []
+        if line:
+            out.append(f"<p>{_md_inline(html.escape(line))}</p>")
+    return "".join(out)
+
+
+def _md_inline(text: str) -> str:
+    """`code` and **bold** of the markdown lines, as HTML (text already escaped)."""
+    import re
+
+    text = re.sub(r"`([^`]+)`", r"<code>\1</code>", text)
+    return re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", text)
 
 
 def _decode_html(results: dict[str, Any]) -> str:
@@ -316,24 +537,26 @@ def _decode_html(results: dict[str, Any]) -> str:
     for v in results["variants"]:
         r = v.get("decode")
         if r:
+            dec, pre = _decode_ratios(results, v["name"])
             cells = [
                 v["name"],
                 f"{'yes' if r['tokens_identical'] else 'NO'} ({r['greedy_tokens']})",
                 f"{r['max_abs_logit_delta']:.2e}",
-                f"{r['decode_ms_per_token']:.2f} (×{r['decode_ratio']:.3f})",
-                f"{r['prefill_ms']:.1f} (×{r['prefill_ratio']:.3f})",
+                f"{r['decode_ms_per_token']:.2f} ({dec})",
+                f"{r['prefill_ms']:.1f} ({pre})",
             ]
             rows.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
     head = "".join(f"<th>{h}</th>" for h in ("variant", "greedy tokens = PyTorch", "max |Δlogit|", "decode ms/token", "prefill ms"))
     return (
         f"<h2>Decode (KV cache, {html.escape(d['runtime'])}, batch {d['batch']}, {d['prompt_tokens']}-token prompt)</h2>"
-        f"<table><tr>{head}</tr>{''.join(rows)}</table>"
+        f"<div class='scroll'><table><tr>{head}</tr>{''.join(rows)}</table></div>"
     )
 
 
 def write_reports(out: Path, results: dict[str, Any]) -> None:
     rows = summary_rows(results)
-    plot = render_plot(rows)
+    results["decision"] = decision(results, rows)
+    plot = render_plot(results, rows, results["decision"])
     atomic_write_json(out / "results.json", results)
     atomic_write_text(out / "report.md", render_markdown(results, rows))
     if plot:
@@ -351,7 +574,13 @@ def terminal_table(results: dict[str, Any]) -> str:
             lines.append(f"{r['variant']:<18} {r['backend']:<16} skipped: {r.get('reason')}")
             continue
         ref = _reference_point(r["latency"])
-        ratio = "1.000 (base)" if r["variant"] == "dense" else (f"{ref['ratio']:.3f}" if ref and ref.get("ratio") else "—")
+        if r["variant"] == "dense":
+            ratio = "1.000 (base)"
+        elif ref and ref.get("ratio"):
+            band = ratio_band(ref["dense_samples_ms"], ref["variant_samples_ms"])
+            ratio = "≈1.00 (noise)" if within_noise(band) else f"{ref['ratio']:.3f}"
+        else:
+            ratio = "—"
         lines.append(
             f"{r['variant']:<18} {r['backend']:<16} {_fmt(r.get('sparsity'), 3):>8} {_fmt(r.get('ppl_engine')):>10} "
             f"{_fmt(r.get('ppl_vs_dense'), 3):>9} {_fmt(r.get('top1'), 3):>6} {_fmt(r.get('parity')):>6} {ratio:>16}"

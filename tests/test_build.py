@@ -184,6 +184,7 @@ def test_encoder_build(tiny_dirs, text_file, tmp_path):
     assert 0.0 < r["agreement"]["mean_cosine"] < 1.0
 
 
+@pytest.mark.slow
 def test_kv_cache_decode_stage(tiny_dirs, text_file, tmp_path):
     recipe = tiny_recipe(
         tiny_dirs["llama"],

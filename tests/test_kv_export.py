@@ -15,6 +15,7 @@ def _runner(path):
     return OnnxRuntimeCpuEngine({}).open(path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])
 def test_greedy_decode_matches_pytorch_generate(family, tmp_path):
     model = tiny_model(family)

@@ -205,6 +205,7 @@ def _kl(student, teacher, ids):
     return float(distill_loss(s, t, True, 1.0, 0.0)[0])
 
 
+@pytest.mark.slow
 def test_distill_reduces_kl_and_keeps_zeros():
     teacher = tiny_model("llama")
     student = copy.deepcopy(teacher)
@@ -261,6 +262,7 @@ def test_distill_resumes_from_checkpoint(tmp_path, monkeypatch):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=n)
 
 
+@pytest.mark.slow
 def test_pruned_model_exports_and_decodes_with_per_layer_kv_heads(tmp_path):
     import numpy as np
 
@@ -286,6 +288,7 @@ def test_pruned_model_exports_and_decodes_with_per_layer_kv_heads(tmp_path):
     assert cmp["tokens_identical"] and cmp["max_abs_logit_delta"] <= 1e-4
 
 
+@pytest.mark.slow
 def test_build_with_structured_and_recovery_variants(tiny_dirs, text_file, tmp_path, caplog):
     import logging
 
@@ -324,6 +327,7 @@ def test_build_with_structured_and_recovery_variants(tiny_dirs, text_file, tmp_p
     assert "Structured pruning" in report and "| 0 | 2 / 4 | 1 / 2 | 64 / 128 |" in report
 
 
+@pytest.mark.slow
 def test_interrupted_build_resumes_recovery_from_its_checkpoint(tiny_dirs, text_file, tmp_path, monkeypatch):
     import passes.distill as distill_mod
     from test_build import tiny_recipe
@@ -345,6 +349,7 @@ def test_interrupted_build_resumes_recovery_from_its_checkpoint(tiny_dirs, text_
     assert not list((out / "kd").glob("model.work-*"))
 
 
+@pytest.mark.slow
 def test_build_decode_stage_with_per_layer_kv_heads(tiny_dirs, text_file, tmp_path):
     """KV-cache graphs and the decode stage for a variant whose blocks keep different KV head counts."""
     from test_build import tiny_recipe

@@ -1,0 +1,61 @@
+"""The report's decision maths on hand-made figures: noise bands, Pareto front, what to ship."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.report import decision, pareto_front, ratio_band, ratio_text, speedup_needs, within_noise
+
+
+def test_ratio_band_pairs_samples_by_round():
+    dense = [100.0, 110.0, 90.0]
+    variant = [95.0, 121.0, 90.0]  # per-round ratios 0.95, 1.10, 1.00
+    assert ratio_band(dense, variant) == pytest.approx((0.95, 1.10))
+    assert within_noise(ratio_band(dense, variant))
+    assert not within_noise(ratio_band([100.0, 100.0], [60.0, 70.0]))
+    assert ratio_text(1.02, (0.95, 1.10)) == "≈ 1.00 (within noise: ×0.95–1.10)"
+    assert ratio_text(0.65, (0.6, 0.7)) == "×0.650 [0.600–0.700]"
+
+
+def test_pareto_front_by_hand():
+    pts = {"dense": (1.0, 1.0), "a": (0.6, 1.8), "b": (1.0, 2.0), "c": (0.5, 3.0), "d": (0.7, 1.9)}
+    # b is dominated by dense (same speed, worse), d by a (slower and worse); c is the fastest
+    assert pareto_front(pts) == ["c", "a", "dense"]
+
+
+def _point(dense, variant):
+    import statistics
+
+    return {
+        "batch": 1, "sequence": 64, "dense_median_ms": statistics.median(dense), "dense_samples_ms": dense,
+        "variant_median_ms": statistics.median(variant) if variant else None,
+        "ratio": statistics.median(variant) / statistics.median(dense) if variant else None, "variant_samples_ms": variant,
+    }
+
+
+def test_decision_picks_the_fastest_variant_within_each_budget():
+    dense = [100.0, 100.0, 100.0]
+    lat = {"dense": [], "nm": [99.0, 101.0, 100.0], "small": [60.0, 61.0, 59.0], "tiny": [40.0, 41.0, 39.0]}
+    ppl = {"dense": 10.0, "nm": 10.5, "small": 14.0, "tiny": 30.0}
+    passes = {"dense": [], "nm": [{"sparsegpt": {"pattern": "2:4"}}], "small": [{"structured": {"ffn": 0.5}}], "tiny": [{"structured": {"ffn": 0.8}}]}
+    variants = []
+    for n in lat:
+        r = {"status": "ok", "perplexity_engine": {"perplexity": ppl[n]}, "perplexity_torch": {"perplexity": ppl[n], "windows": 1},
+             "perplexity_engine_vs_torch": 0.0, "latency": {"points": [_point(dense, lat[n])]}}
+        variants.append({"name": n, "passes": passes[n], "engines": {"onnxruntime-cpu": r}})
+    results = {"variants": variants}
+    from pipeline.report import summary_rows
+
+    d = decision(results, summary_rows(results))
+    k = d["latency"]["prefill b1×64"]
+    assert k["variants"]["nm"]["within_noise"] and not k["variants"]["small"]["within_noise"]
+    assert k["pareto"] == ["tiny", "small", "dense"]  # nm: within noise, so as slow as dense and worse
+    assert [s["variant"] for s in k["ship"]] == ["dense", "small", "small"]  # ≤1.1: nm is no faster; ≤1.5 and ≤2.0: small
+    assert [n["variant"] for n in d["needs_other_hardware"]] == ["nm"]
+
+
+def test_speedup_needs_by_pass_kind():
+    assert "sparse tensor cores" in speedup_needs({"name": "x", "passes": [{"wanda": {"pattern": "2:4"}}]})
+    assert "sparse-matrix kernel" in speedup_needs({"name": "x", "passes": [{"magnitude": {"sparsity": 0.5}}]})
+    assert "smaller" in speedup_needs({"name": "x", "passes": [{"structured": {"ffn": 0.5}}, {"distill": {"steps": 3}}]})
+    assert speedup_needs({"name": "dense", "passes": []}) == "baseline"
