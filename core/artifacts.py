@@ -9,6 +9,8 @@ the recorded digest, so an interrupted or corrupted stage is rebuilt, never used
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import logging
@@ -16,11 +18,12 @@ import os
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
-from core.errors import ArtifactError
+from core.errors import ArtifactError, LockedError
 
 log = logging.getLogger(__name__)
 
@@ -184,6 +187,12 @@ def run_stage(
             os.replace(path, old)
             shutil.rmtree(old, ignore_errors=True)
         os.replace(tmp, path)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            kept = f"the previous result at {path} is kept" if path.exists() else "nothing was written there"
+            raise ArtifactError(f"{stage}: no space left on the device while writing ({exc}); {kept}. Free some space and run again.") from exc
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -196,3 +205,38 @@ def load_stage(path: Path) -> StageRecord:
     if rec is None:
         raise ArtifactError(f"stage directory {path} has no readable {STAGE_FILE}")
     return rec
+
+
+@contextmanager
+def file_lock(path: Path, what: str, wait: bool) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (created if missing) for the duration.
+
+    The lock is an ``flock`` on the file, taken atomically by the kernel and released by it when the
+    holder exits for any reason (SIGKILL included), so a lock file left by a dead process is simply
+    taken over. The holder writes its PID into the file, which is how a refusal names it. With
+    ``wait=False`` a held lock raises :class:`LockedError`; with ``wait=True`` this waits for it.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _lock_holder(path)
+            if not wait:
+                raise LockedError(f"{what} is in use by another process (PID {holder}, lock file {path}); wait for it to finish or use another directory") from None
+            log.info("waiting for %s (held by PID %s)", what, holder)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the flock; the file stays (removing it would race with a waiter)
+
+
+def _lock_holder(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8").strip() or "unknown"
+    except OSError:
+        return "unknown"

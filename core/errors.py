@@ -34,3 +34,11 @@ class EngineUnavailable(PipelineError):
 
 class ArtifactError(PipelineError):
     """A cached or built artifact is missing, corrupt or foreign."""
+
+
+class LockedError(PipelineError):
+    """A build directory or cache entry is held by another running process."""
+
+
+class ResourceError(PipelineError):
+    """A build would not fit in this machine's memory or disk; raised before the expensive work."""

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from core.artifacts import run_stage, sha256_file, stable_hash
+from core.artifacts import file_lock, run_stage, sha256_file, stable_hash
 from core.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -140,15 +140,29 @@ def save_hf_dir(model: Any, tokenizer: Any, out: Path) -> None:
         tokenizer.save_pretrained(str(out))
 
 
+def _cache_entry(src: ResolvedSource) -> tuple[str, Path]:
+    import transformers
+
+    key = stable_hash("gguf-fp32", src.fingerprint, transformers.__version__)
+    return key, cache_root() / "models" / f"{src.path.stem}-{key[:16]}"
+
+
+def cached_dir_if_built(src: ResolvedSource) -> Path | None:
+    """The GGUF's fp32 cache entry if it has been written (not verified here), else None."""
+    if src.kind != "gguf":
+        return None
+    _, path = _cache_entry(src)
+    return path if (path / "stage.json").is_file() else None
+
+
 def cached_fp32_dir(src: ResolvedSource) -> Path:
     """The fp32 directory for ``src``: itself for a HF directory, a verified cache entry for GGUF."""
     if src.kind == "hf-dir":
         return src.path
-    import transformers
-
-    key = stable_hash("gguf-fp32", src.fingerprint, transformers.__version__)
-    path = cache_root() / "models" / f"{src.path.stem}-{key[:16]}"
-    run_stage(path, f"model cache {src.label}", key, {"source": str(src.path)}, lambda tmp: _dequantize_gguf(src, tmp))
+    key, path = _cache_entry(src)
+    # builds sharing one cache wait for each other here: the entry is written once, never torn
+    with file_lock(path.parent / f".{path.name}.lock", f"model cache entry {path}", wait=True):
+        run_stage(path, f"model cache {src.label}", key, {"source": str(src.path)}, lambda tmp: _dequantize_gguf(src, tmp))
     return path
 
 
@@ -164,12 +178,18 @@ def load_hf_dir(path: Path) -> tuple[Any, Any, Any]:
     except Exception as exc:
         raise ModelLoadError(f"'{path}/config.json' could not be read: {exc}") from exc
     adapter = adapter_for(config)
+    if not any(Path(path).glob("*.safetensors")):
+        raise ModelLoadError(
+            f"model directory '{path}' has no .safetensors weights; pickled checkpoints (pytorch_model.bin) are not loaded "
+            "because unpickling can run code. Convert it once with transformers: model.save_pretrained(dir, safe_serialization=True)"
+        )
     cls = AutoModelForCausalLM if adapter.task == "causal-lm" else AutoModel
     try:
         if getattr(config, "pruned_layers", None) is not None:
             model = _load_pruned(cls, config, Path(path), adapter)
         else:
-            model = cls.from_pretrained(path, dtype=torch.float32).eval()
+            # safetensors only: a pickled checkpoint (pytorch_model.bin) can run code when loaded
+            model = cls.from_pretrained(path, dtype=torch.float32, use_safetensors=True).eval()
         tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as exc:
         raise ModelLoadError(f"model directory '{path}' could not be loaded: {exc}") from exc

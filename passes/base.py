@@ -80,6 +80,8 @@ class Pass(ABC):
     config_class: ClassVar[type]
     uses_calibration: ClassVar[bool] = False
     """True when ``run`` reads ``ctx.calibration`` (its stage key then includes the calibration data)."""
+    trains: ClassVar[bool] = False
+    """True when ``run`` trains weights with an optimizer (the memory preflight counts gradients and moments)."""
     changes_shapes: ClassVar[bool] = False
     """True when the pass removes heads/channels; otherwise the dense ONNX graph is reused with new weights."""
 

@@ -116,6 +116,7 @@ class DistillPass(Pass):
     name = "distill"
     config_class = DistillConfig
     uses_calibration = True
+    trains = True
 
     def run(self, model: torch.nn.Module, ctx: PassContext) -> PassResult:
         cfg = self.config

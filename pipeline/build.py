@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from core.artifacts import atomic_write_json, load_stage
+from core.artifacts import atomic_write_json, file_lock, load_stage
 from core.errors import PipelineError
 from pipeline import __version__
 from pipeline.recipe import Recipe, VariantSpec
@@ -63,8 +63,12 @@ class Builder:
     # --- the whole build ------------------------------------------------------------------------
 
     def run(self) -> BuildSummary:
-        t0 = time.perf_counter()
         self.out.mkdir(parents=True, exist_ok=True)
+        with file_lock(self.out / ".build.lock", f"build directory {self.out}", wait=False):
+            return self._run()
+
+    def _run(self) -> BuildSummary:
+        t0 = time.perf_counter()
         log.info("build '%s' → %s (%d variants, engines: %s)", self.recipe.name, self.out, len(self.recipe.variants), ", ".join(e.backend for e in self.recipe.engines))
         dense_v = next(v for v in self.recipe.variants if v.name == "dense")
         ordered = [dense_v] + [v for v in self.recipe.variants if v.name != "dense"]
@@ -73,6 +77,7 @@ class Builder:
         # engines, then per-variant validation, then one latency stage per backend that times
         # every variant's engine interleaved with the dense one.
         ctx = self.ctx
+        self._preflight(ordered)
         for v in ordered:
             model.run(ctx, v)
             onnx.run(ctx, v)
@@ -101,6 +106,26 @@ class Builder:
         log.info("build finished in %.1f s: %d stages reused, %d built", seconds, reused, len(ctx.stages) - reused)
         self._write_manifest(seconds)
         return BuildSummary(self.out, results, ctx.stages, seconds)
+
+    def _preflight(self, ordered: list[VariantSpec]) -> None:
+        """Refuse a build that would not fit in memory or on disk, before its expensive stages."""
+        from passes import get_pass_class
+
+        from pipeline import preflight
+
+        todo = [v for v in ordered if not (self.out / v.name / "onnx" / "stage.json").is_file()]
+        if not todo:
+            return  # everything exported already: the rest is validation of finished stages
+        found = self.ctx.model_config()
+        if found is None:  # a GGUF not dequantised yet: checked as soon as the model cache is built
+            self.ctx.after_dense_load.append(lambda: self._preflight(ordered))
+            return
+        config, weights_bytes = found
+        uses = [get_pass_class(p.name) for v in todo for p in v.passes]
+        trains = any(getattr(c, "trains", False) for c in uses)
+        calibrates = any(getattr(c, "uses_calibration", False) for c in uses)
+        est = preflight.estimate(self.recipe, config, weights_bytes, todo, trains, calibrates)
+        preflight.check(est, self.out)
 
     def _results(self, ordered: list[VariantSpec], validated: dict[tuple[str, str], Path], timings: dict[str, Path]) -> dict[str, Any]:
         lat = {b: json.loads(p.read_text(encoding="utf-8")) for b, p in timings.items()}

@@ -1,0 +1,103 @@
+"""Before the expensive work: will this build fit in this machine's memory and disk?
+
+The estimate is deliberately simple and stated in the error, so a user can see which knob to turn:
+
+- memory: the dense model and one variant copy (fp32 weights, ``W`` bytes); three more ``W`` for
+  gradients and AdamW's two moments when a variant trains (distill); the layer-wise calibration
+  runner's block inputs and outputs for every calibration window (windows × length × hidden × 4 B
+  × 2); one evaluation window's logits and their log-softmax, plus the dense logits kept for
+  agreement (length × vocab × 4 B each);
+- disk: per variant not yet built, its safetensors, ONNX and engine (about ``W`` each), plus the
+  KV-cache graphs (2 ``W``) when the recipe exports them.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from core.errors import ResourceError
+
+log = logging.getLogger(__name__)
+
+GiB = 1 << 30
+
+
+def available_memory() -> int | None:
+    """MemAvailable from /proc/meminfo in bytes (None where it cannot be read)."""
+    try:
+        for line in Path("/proc/meminfo").read_text(encoding="utf-8").splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def free_disk(path: Path) -> int:
+    p = Path(path)
+    while not p.exists():
+        p = p.parent
+    return shutil.disk_usage(p).free
+
+
+@dataclass
+class Estimate:
+    memory: dict[str, int]
+    disk: dict[str, int]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"memory_bytes": self.memory, "disk_bytes": self.disk}
+
+
+def _dim(config: dict[str, Any], *names: str, default: int = 0) -> int:
+    for n in names:
+        if isinstance(config.get(n), int):
+            return int(config[n])
+    return default
+
+
+def estimate(recipe: Any, config: dict[str, Any], weights_bytes: int, variants_to_build: list[Any], trains: bool, calibrates: bool) -> Estimate:
+    hidden = _dim(config, "hidden_size", "n_embd", "d_model", default=1)
+    vocab = _dim(config, "vocab_size", default=1)
+    cal, ev = recipe.data.calibration, recipe.data.evaluation
+    mem = {"models (dense + variant copy)": 2 * weights_bytes}
+    if trains:
+        mem["training state (grads + AdamW moments)"] = 3 * weights_bytes
+    if calibrates:
+        mem[f"calibration activations ({cal.windows} windows × {cal.length} tokens × hidden {hidden})"] = cal.windows * cal.length * hidden * 4 * 2
+    agree = recipe.validation.agreement_windows
+    mem[f"evaluation logits ({ev.length} tokens × vocab {vocab}, + {agree} dense windows kept)"] = (2 + agree) * ev.length * vocab * 4
+    per_variant = 3 + (2 if recipe.export.kv_cache else 0)
+    disk = {f"{len(variants_to_build)} variants × {per_variant} copies of the weights": len(variants_to_build) * per_variant * weights_bytes}
+    return Estimate(mem, disk)
+
+
+def check(est: Estimate, out_dir: Path, memory_available: int | None = None, disk_available: int | None = None) -> None:
+    """Raise :class:`ResourceError` naming the biggest term when the estimate exceeds what is free."""
+    memory_available = available_memory() if memory_available is None else memory_available
+    disk_available = free_disk(out_dir) if disk_available is None else disk_available
+    need_mem, need_disk = sum(est.memory.values()), sum(est.disk.values())
+    log.info(
+        "preflight: about %.1f GiB of memory (%.1f GiB available) and %.1f GiB of disk (%.1f GiB free)",
+        need_mem / GiB, (memory_available or 0) / GiB, need_disk / GiB, disk_available / GiB,
+    )
+    if memory_available is not None and need_mem > memory_available:
+        raise ResourceError(
+            f"this build needs about {need_mem / GiB:.1f} GiB of memory but {memory_available / GiB:.1f} GiB is available: "
+            + _terms(est.memory)
+            + "; lower data.calibration.windows or .length (or data.evaluation.length), or free memory"
+        )
+    if need_disk > disk_available:
+        raise ResourceError(
+            f"this build needs about {need_disk / GiB:.1f} GiB of disk under {out_dir} but {disk_available / GiB:.1f} GiB is free: "
+            + _terms(est.disk)
+            + "; free space, choose another --output, or build fewer variants"
+        )
+
+
+def _terms(terms: dict[str, int]) -> str:
+    return ", ".join(f"{name} {b / GiB:.2f} GiB" for name, b in sorted(terms.items(), key=lambda kv: -kv[1]))
