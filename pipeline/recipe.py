@@ -31,6 +31,7 @@ __all__ = [
 ]
 
 DEFAULT_RECIPE = "default"
+MAX_RECIPE_BYTES = 1 << 20
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -43,6 +44,7 @@ class ModelSpec:
     def validate(self, where: str) -> None:
         from core.models import BUNDLED_MODELS  # light import: no torch
 
+        check("\x00" not in self.source, f"{where}.source", "contains a NUL byte; expected a model name or a path")
         check(self.dtype == "float32", f"{where}.dtype", f"'{self.dtype}' is not supported; expected 'float32'")
         if self.source in BUNDLED_MODELS:
             return
@@ -85,6 +87,7 @@ class DataSpec:
             src = getattr(self, key)
             if src is None or (key == "source" and src == "shakespeare"):
                 continue
+            check("\x00" not in src, f"{where}.{key}", "contains a NUL byte; expected 'shakespeare' or a path")
             p = Path(src).expanduser()
             check(p.is_file(), f"{where}.{key}", f"'{src}' is not an existing file (expected 'shakespeare', a .txt or a .jsonl file)")
             check(p.suffix in (".txt", ".jsonl"), f"{where}.{key}", f"'{src}' must end in .txt or .jsonl")
@@ -198,7 +201,7 @@ def _parse_variants(raw: Any) -> list[VariantSpec]:
     for i, v in enumerate(raw):
         where = f"variants[{i}]"
         check(isinstance(v, dict), where, f"expected a mapping with 'name' and 'passes', got {v!r}")
-        unknown = sorted(set(v) - {"name", "passes"})
+        unknown = sorted(set(v) - {"name", "passes"}, key=str)
         check(not unknown, f"{where}.{unknown[0]}" if unknown else where, "unknown key; expected name, passes")
         check(isinstance(v.get("name"), str), f"{where}.name", f"expected a string, got {v.get('name')!r}")
         passes_raw = v.get("passes") or []
@@ -228,7 +231,7 @@ def _parse_engines(raw: Any) -> list[EngineSpec]:
             out.append(EngineSpec(e))
             continue
         check(isinstance(e, dict) and isinstance(e.get("backend"), str), f"engines[{i}]", f"expected a backend name or {{backend: NAME, options: {{...}}}}, got {e!r}")
-        unknown = sorted(set(e) - {"backend", "options"})
+        unknown = sorted(set(e) - {"backend", "options"}, key=str)
         check(not unknown, f"engines[{i}].{unknown[0]}" if unknown else "", "unknown key; expected backend, options")
         opts = e.get("options") or {}
         check(isinstance(opts, dict), f"engines[{i}].options", "expected a mapping")
@@ -252,7 +255,7 @@ def recipe_from_dict(raw: Any, base_dir: Path | None = None) -> Recipe:
 
 def _build_root(raw: dict[str, Any]) -> Recipe:
     fields = {f.name for f in dataclasses.fields(Recipe)} - {"variants", "engines"}
-    unknown = sorted(set(raw) - fields)
+    unknown = sorted(set(raw) - fields, key=str)
     check(not unknown, unknown[0] if unknown else "", f"unknown key; expected one of {', '.join(sorted(fields | {'variants', 'engines'}))}")
     hints = typing.get_type_hints(Recipe)
     kwargs = {k: coerce(hints[k], v, k) for k, v in raw.items()}
@@ -261,8 +264,8 @@ def _build_root(raw: dict[str, Any]) -> Recipe:
 
 def _resolve_paths(recipe: Recipe, base: Path) -> None:
     def fix(p: str | None, keep: set[str]) -> str | None:
-        if p is None or p in keep:
-            return p
+        if p is None or p in keep or "\x00" in p:
+            return p  # a NUL byte is reported by validation, naming the key
         q = Path(p).expanduser()
         if not q.is_absolute() and (base / q).exists():
             return str((base / q).resolve())
@@ -280,19 +283,32 @@ def load_recipe(path_or_name: str | None) -> Recipe:
     name = path_or_name or DEFAULT_RECIPE
     p = Path(name).expanduser()
     if p.suffix in (".yaml", ".yml") or p.exists():
+        if p.is_dir():
+            raise RecipeError(f"recipe '{name}' is a directory; expected a YAML file or a shipped recipe name")
         if not p.is_file():
             raise RecipeError(f"recipe file '{name}' does not exist")
-        text = p.read_text(encoding="utf-8")
+        size = p.stat().st_size
+        if size > MAX_RECIPE_BYTES:
+            raise RecipeError(f"recipe file '{name}' is {size / 1e6:.1f} MB; a recipe is a small YAML file (at most {MAX_RECIPE_BYTES >> 20} MiB)")
+        data = p.read_bytes()
         base = p.resolve().parent
     else:
         shipped = resources.files("pipeline.recipes") / f"{name}.yaml"
         if not shipped.is_file():
             avail = sorted(f.name[:-5] for f in resources.files("pipeline.recipes").iterdir() if f.name.endswith(".yaml"))
             raise RecipeError(f"recipe '{name}' is neither a file nor a shipped recipe ({', '.join(avail)})")
-        text = shipped.read_text(encoding="utf-8")
+        data = shipped.read_bytes()
         base = Path.cwd()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"recipe '{name}' is not UTF-8 text (byte {exc.start}): expected a YAML file") from None
+    if "\x00" in text:
+        raise RecipeError(f"recipe '{name}' contains a NUL byte: expected a YAML text file")
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise RecipeError(f"recipe '{name}' is not valid YAML: {exc}") from None
+    except RecursionError:
+        raise RecipeError(f"recipe '{name}' nests too deeply to be a recipe") from None
     return recipe_from_dict(raw, base)

@@ -30,7 +30,7 @@ def build_dataclass(cls: type, data: Any, where: str) -> Any:
     check(isinstance(data, dict), where, f"expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted(set(data) - set(fields), key=str)
     check(not unknown, f"{where}.{unknown[0]}" if unknown else where, f"unknown key; expected one of {', '.join(fields)}")
     kwargs = {}
     for name, value in data.items():
