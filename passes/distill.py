@@ -49,6 +49,8 @@ class DistillConfig:
     compute_dtype: str = "auto"
     """Autocast precision of the forward/backward passes ('auto' = bfloat16 where the CPU has fast bf16)."""
     max_grad_norm: float = 1.0
+    log_every: int = 10
+    """A log line every this many steps."""
 
     def __post_init__(self) -> None:
         check_train_options(self)

@@ -79,6 +79,8 @@ def check_train_options(cfg: Any) -> None:
         raise ValueError(f"max_minutes {cfg.max_minutes} must be positive")
     if cfg.compute_dtype not in ("auto", "float32", "bfloat16"):
         raise ValueError(f"compute_dtype '{cfg.compute_dtype}' is not one of auto, float32, bfloat16")
+    if getattr(cfg, "log_every", 1) < 1:
+        raise ValueError(f"log_every {cfg.log_every} must be at least 1")
     if cfg.max_grad_norm <= 0:
         raise ValueError(f"max_grad_norm {cfg.max_grad_norm} must be positive")
 
