@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from passes.base import LayerChange, Pass, PassContext, PassResult, register_pass
-from passes.training import Checkpoint, check_train_options, train, train_config_of
+from passes.training import Checkpoint, TrainConfig, train, train_config_of
 
 log = logging.getLogger(__name__)
 
@@ -32,28 +32,18 @@ CHECKPOINT = "distill-checkpoint"
 
 
 @dataclass
-class DistillConfig:
-    steps: int = 200
-    batch_size: int = 1
-    """Calibration windows per optimizer step."""
-    lr: float = 1e-4
-    warmup_steps: int = 10
-    weight_decay: float = 0.0
+class DistillConfig(TrainConfig):
+    """The training loop's options (steps, batch_size, lr, warmup_steps, weight_decay, max_minutes,
+    checkpoint_every, compute_dtype, max_grad_norm, log_every; see :class:`TrainConfig`) and:"""
+
     temperature: float = 1.0
     hidden_mse: float = 0.0
     """Weight of the per-block hidden-state MSE term (0 = logits only)."""
     keep_zeros: bool = True
-    max_minutes: float | None = None
-    """Stop early (and say so) once this much training time has been spent."""
-    checkpoint_every: int = 25
-    compute_dtype: str = "auto"
-    """Autocast precision of the forward/backward passes ('auto' = bfloat16 where the CPU has fast bf16)."""
-    max_grad_norm: float = 1.0
-    log_every: int = 10
-    """A log line every this many steps."""
+    """Weights that are exactly zero when recovery starts stay zero."""
 
     def __post_init__(self) -> None:
-        check_train_options(self)
+        super().__post_init__()
         if self.temperature <= 0:
             raise ValueError(f"temperature {self.temperature} must be positive")
         if self.hidden_mse < 0:

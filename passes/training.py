@@ -64,7 +64,7 @@ class TrainConfig:
 
 
 def check_train_options(cfg: Any) -> None:
-    """Range checks shared by every config that carries the training fields (raises ValueError)."""
+    """Range checks of the training fields (raises ValueError); pass configs inherit TrainConfig."""
     if cfg.steps < 1:
         raise ValueError(f"steps {cfg.steps} must be at least 1")
     if not 1 <= cfg.batch_size <= 256:

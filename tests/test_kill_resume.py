@@ -27,8 +27,7 @@ TIMING = {"seconds", "train_seconds", "created", "finished", "latency", "samples
 The recovery's loss history is compared separately below, to the same tolerance as the weights."""
 
 KILL_POINTS = [
-    ("model", r"kd/model: building"),           # the recovery pass, checkpoints every 2 steps
-    ("model-mid-recovery", r"distill step \d+/8"),
+    ("model-mid-recovery", r"distill step \d+/8"),  # the model stage's recovery pass, checkpoints every 2 steps
     ("onnx", r"m50/onnx: building"),
     ("engine", r"kd/engine-onnxruntime-cpu: building"),
     ("validate", r"m50/validate-onnxruntime-cpu: building"),
