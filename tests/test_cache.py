@@ -80,6 +80,10 @@ def test_gguf_cache_reused_and_corruption_rebuilt(tmp_path, cache_dir, monkeypat
     data[-10] ^= 0xFF
     weights.write_bytes(bytes(data))  # corrupt one byte
     assert models.cached_fp32_dir(src) == d1 and len(calls) == 2  # detected and rebuilt
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # truncated
+    assert models.cached_fp32_dir(src) == d1 and len(calls) == 3
+    weights.write_bytes(bytes(weights.stat().st_size))  # zeroed, same size
+    assert models.cached_fp32_dir(src) == d1 and len(calls) == 4
     loaded = models.load_model(str(gguf))
     assert loaded.adapter.family == "llama"
     # another GGUF (different bytes) gets its own entry

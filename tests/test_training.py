@@ -109,12 +109,19 @@ def _checkpointed(tmp_path):
     return ckpt, meta
 
 
-def test_corrupt_or_foreign_checkpoints_are_ignored(tmp_path, caplog):
+@pytest.mark.parametrize("damage", ["truncated", "zeroed", "byte-flipped"])
+def test_corrupt_or_foreign_checkpoints_are_ignored(tmp_path, caplog, damage):
     ckpt, meta = _checkpointed(tmp_path)
     assert ckpt.load(meta["fingerprint"]) is not None
     assert ckpt.load("other settings") is None and "written for other settings" in caplog.text
-    data = (tmp_path / meta["tensors"]).read_bytes()
-    (tmp_path / meta["tensors"]).write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))  # one flipped byte
+    path = tmp_path / meta["tensors"]
+    data = path.read_bytes()
+    if damage == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif damage == "zeroed":
+        path.write_bytes(bytes(len(data)))
+    else:
+        path.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))
     assert ckpt.load(meta["fingerprint"]) is None and "does not match its SHA-256" in caplog.text
     (tmp_path / "toy.json").write_text("{not json")
     assert ckpt.load(meta["fingerprint"]) is None and "unreadable checkpoint" in caplog.text
