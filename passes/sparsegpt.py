@@ -178,10 +178,10 @@ class SparseGPTPass(Pass):
     def run(self, model: torch.nn.Module, ctx: PassContext) -> PassResult:
         cfg = self.config
 
-        def prune(refs: list[LinearRef], col: Collector) -> dict:
+        def prune(refs: list[LinearRef], col: Collector, sparsity: float | None) -> dict:
             ws = [r.weight_out_in() for r in refs]
             news, info = sparsegpt_prune_group(
-                ws, col.hessian(), cfg.sparsity, cfg.nm, cfg.blocksize, cfg.damp, cfg.max_damp_steps, name="+".join(r.name for r in refs)
+                ws, col.hessian(), sparsity, cfg.nm, cfg.blocksize, cfg.damp, cfg.max_damp_steps, name="+".join(r.name for r in refs)
             )
             for w, new in zip(ws, news):
                 w.copy_(new.to(w.dtype))

@@ -39,11 +39,11 @@ class WandaPass(Pass):
     def run(self, model: torch.nn.Module, ctx: PassContext) -> PassResult:
         cfg = self.config
 
-        def prune(refs: list[LinearRef], col: Collector) -> dict:
+        def prune(refs: list[LinearRef], col: Collector, sparsity: float | None) -> dict:
             norms = col.norms()
             for ref in refs:
                 w = ref.weight_out_in()
-                w.mul_(wanda_mask(w, norms, cfg.sparsity, cfg.nm))
+                w.mul_(wanda_mask(w, norms, sparsity, cfg.nm))
             return {}
 
         return run_oneshot(self.name, cfg, model, ctx, lambda ref: InputNormCollector(ref.in_features), prune)
