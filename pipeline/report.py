@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import html
+import statistics
 import logging
 from pathlib import Path
 from typing import Any
@@ -123,16 +124,23 @@ def ratio_band(dense: list[float], variant: list[float]) -> tuple[float, float] 
     return (min(pairs), max(pairs)) if pairs else None
 
 
-def within_noise(band: tuple[float, float] | None) -> bool:
-    """A ratio whose interleaved band contains 1.0 is indistinguishable from dense here."""
-    return band is not None and band[0] <= 1.0 <= band[1]
+def judge(dense: list[float], variant: list[float], ratio: float | None) -> tuple[tuple[float, float] | None, bool]:
+    """(band, within noise) of a variant/dense ratio. Within noise when the per-round band contains
+    1.00, or when the ratio is closer to 1.00 than the dense engine's own round-to-round spread
+    ((max − min) / median of its samples): a difference smaller than the baseline's scatter
+    cannot be told from it, even when a few rounds happen to fall on one side."""
+    band = ratio_band(dense, variant)
+    if band is None or ratio is None:
+        return band, False
+    floor = (max(dense) - min(dense)) / statistics.median(dense) if len(dense) > 1 else 0.0
+    return band, band[0] <= 1.0 <= band[1] or abs(ratio - 1.0) <= floor
 
 
-def ratio_text(ratio: float | None, band: tuple[float, float] | None) -> str:
+def ratio_text(ratio: float | None, band: tuple[float, float] | None, within: bool) -> str:
     if ratio is None:
         return "—"
-    if within_noise(band):
-        return f"≈ 1.00 (within noise: ×{band[0]:.2f}–{band[1]:.2f})"
+    if within:
+        return f"≈ 1.00 (within noise: ×{ratio:.3f}, rounds ×{band[0]:.2f}–{band[1]:.2f})"
     return f"×{ratio:.3f}" + (f" [{band[0]:.3f}–{band[1]:.3f}]" if band else "")
 
 
@@ -144,7 +152,7 @@ def _latency_cells(points: list[dict[str, Any]], dense: bool) -> str:
         own = p["dense_samples_ms"] if dense else p["variant_samples_ms"]
         ms = p["dense_median_ms"] if dense else p["variant_median_ms"]
         spread = f" [{min(own):.1f}–{max(own):.1f}]" if own else ""
-        ratio = "" if dense else " " + ratio_text(p["ratio"], ratio_band(p["dense_samples_ms"], p["variant_samples_ms"]))
+        ratio = "" if dense else " " + ratio_text(p["ratio"], *judge(p["dense_samples_ms"], p["variant_samples_ms"], p["ratio"]))
         parts.append(f"b{p['batch']}/s{p['sequence']}: {ms:.1f} ms{spread}{ratio}")
     return "; ".join(parts)
 
@@ -161,8 +169,8 @@ def latency_kinds(results: dict[str, Any], rows: list[dict[str, Any]]) -> dict[s
         if r["variant"] == "dense":
             entry = {"ratio": 1.0, "band": None, "ms": ref["dense_median_ms"]}
         else:
-            band = ratio_band(ref["dense_samples_ms"], ref["variant_samples_ms"])
-            entry = {"ratio": ref["ratio"], "band": band, "ms": ref["variant_median_ms"]}
+            band, within = judge(ref["dense_samples_ms"], ref["variant_samples_ms"], ref["ratio"])
+            entry = {"ratio": ref["ratio"], "band": band, "within_noise": within, "ms": ref["variant_median_ms"]}
         kinds.setdefault(label, {})[r["variant"]] = entry
     dense_dec = next((v.get("decode") for v in results["variants"] if v["name"] == "dense"), None)
     if dense_dec:
@@ -173,12 +181,12 @@ def latency_kinds(results: dict[str, Any], rows: list[dict[str, Any]]) -> dict[s
             if v["name"] == "dense":
                 entry = {"ratio": 1.0, "band": None, "ms": d["decode_ms_per_token"]}
             else:
-                band = ratio_band(dense_dec["samples"]["decode_ms_per_token"], d["samples"]["decode_ms_per_token"])
-                entry = {"ratio": d["decode_ratio"], "band": band, "ms": d["decode_ms_per_token"]}
+                band, within = judge(dense_dec["samples"]["decode_ms_per_token"], d["samples"]["decode_ms_per_token"], d["decode_ratio"])
+                entry = {"ratio": d["decode_ratio"], "band": band, "within_noise": within, "ms": d["decode_ms_per_token"]}
             kinds.setdefault("decode ms/token", {})[v["name"]] = entry
     for per in kinds.values():
         for e in per.values():
-            e["within_noise"] = within_noise(e["band"])
+            e.setdefault("within_noise", False)  # dense
             e["effective_ratio"] = 1.0 if e["within_noise"] else e["ratio"]
     return kinds
 
@@ -314,7 +322,7 @@ def _decode_ratios(results: dict[str, Any], name: str) -> tuple[str, str]:
         return "×1.000", "×1.000"
     out = []
     for metric, ratio in (("decode_ms_per_token", "decode_ratio"), ("prefill_ms", "prefill_ratio")):
-        out.append(ratio_text(r[ratio], ratio_band(dense["samples"][metric], r["samples"][metric])))
+        out.append(ratio_text(r[ratio], *judge(dense["samples"][metric], r["samples"][metric], r[ratio])))
     return out[0], out[1]
 
 
@@ -577,8 +585,8 @@ def terminal_table(results: dict[str, Any]) -> str:
         if r["variant"] == "dense":
             ratio = "1.000 (base)"
         elif ref and ref.get("ratio"):
-            band = ratio_band(ref["dense_samples_ms"], ref["variant_samples_ms"])
-            ratio = "≈1.00 (noise)" if within_noise(band) else f"{ref['ratio']:.3f}"
+            _, within = judge(ref["dense_samples_ms"], ref["variant_samples_ms"], ref["ratio"])
+            ratio = "≈1.00 (noise)" if within else f"{ref['ratio']:.3f}"
         else:
             ratio = "—"
         lines.append(

@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.report import decision, pareto_front, ratio_band, ratio_text, speedup_needs, within_noise
+from pipeline.report import decision, judge, pareto_front, ratio_band, ratio_text, speedup_needs
 
 
 def test_ratio_band_pairs_samples_by_round():
     dense = [100.0, 110.0, 90.0]
     variant = [95.0, 121.0, 90.0]  # per-round ratios 0.95, 1.10, 1.00
     assert ratio_band(dense, variant) == pytest.approx((0.95, 1.10))
-    assert within_noise(ratio_band(dense, variant))
-    assert not within_noise(ratio_band([100.0, 100.0], [60.0, 70.0]))
-    assert ratio_text(1.02, (0.95, 1.10)) == "≈ 1.00 (within noise: ×0.95–1.10)"
-    assert ratio_text(0.65, (0.6, 0.7)) == "×0.650 [0.600–0.700]"
+    assert judge(dense, variant, 1.0)[1]  # the band contains 1.00
+    assert not judge([100.0, 100.0], [60.0, 70.0], 0.65)[1]
+    # every round a little faster (band 0.990–0.995), but dense itself scatters by 2 %: within noise
+    assert judge([100.0, 102.0, 101.0], [99.5, 101.1, 100.0], 0.99)[1]
+    # the same rounds with a steady dense engine: a real (small) difference
+    assert not judge([100.0, 100.0, 100.0], [99.0, 99.5, 99.2], 0.992)[1]
+    assert ratio_text(1.02, (0.95, 1.10), True) == "≈ 1.00 (within noise: ×1.020, rounds ×0.95–1.10)"
+    assert ratio_text(0.65, (0.6, 0.7), False) == "×0.650 [0.600–0.700]"
 
 
 def test_pareto_front_by_hand():
