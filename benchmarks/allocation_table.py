@@ -10,6 +10,11 @@ that only fits the calibration domain. Options are not tuned on either evaluatio
 
     python benchmarks/allocation_table.py                                   # 128×512 calibration, the issue's table
     python benchmarks/allocation_table.py --methods wanda --sparsities 0.7 --calibration-windows 16   # a quick look
+    python benchmarks/allocation_table.py --allocations sensitivity "sensitivity[scale=hutchinson]" "sensitivity[unit=block]"
+
+An allocation is ``uniform``, ``owl`` or ``sensitivity``, optionally with pass options in brackets
+(``sensitivity[scale=hutchinson,deviation=0.2]`` sets ``sensitivity_scale`` and
+``sensitivity_deviation``), so ablations run with the same data in the same process.
 """
 
 from __future__ import annotations
@@ -51,11 +56,30 @@ def stdlib_text() -> str:
     return "\n\n".join(docs)
 
 
+def parse_allocation(spec: str) -> tuple[str, dict]:
+    """'sensitivity[scale=hutchinson,unit=block]' → ('sensitivity', {'sensitivity_scale': 'hutchinson', ...})."""
+    name, _, rest = spec.partition("[")
+    extra: dict = {}
+    if rest:
+        if not rest.endswith("]"):
+            raise SystemExit(f"allocation '{spec}': expected name[key=value,...]")
+        for item in rest[:-1].split(","):
+            key, _, value = item.partition("=")
+            full = key if key.startswith(("owl_", "hutchinson_", "sensitivity_")) else f"{name}_{key}"
+            try:
+                extra[full] = float(value) if value.replace(".", "", 1).isdigit() else {"true": True, "false": False}.get(value, value)
+            except ValueError:
+                extra[full] = value
+            if isinstance(extra[full], float) and extra[full].is_integer() and "samples" in full or "windows" in full:
+                extra[full] = int(extra[full])
+    return name, extra
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--methods", nargs="*", default=["sparsegpt", "wanda"])
     ap.add_argument("--sparsities", nargs="*", type=float, default=[0.5, 0.6, 0.7])
-    ap.add_argument("--allocations", nargs="*", default=["uniform", "owl"])
+    ap.add_argument("--allocations", nargs="*", default=["uniform", "owl", "sensitivity"])
     ap.add_argument("--owl-lambda", type=float, default=0.08)
     ap.add_argument("--owl-m", type=float, default=5.0)
     ap.add_argument("--calibration-windows", type=int, default=128)
@@ -85,9 +109,10 @@ def main() -> int:
         cls = get_pass_class(method)
         for s in args.sparsities:
             base_seconds = None
-            for alloc in args.allocations:
+            for spec in args.allocations:
+                alloc, extra = parse_allocation(spec)
                 model = copy.deepcopy(loaded.model)
-                opts = {"sparsity": s, "allocation": alloc, "calibration_dtype": args.calibration_dtype}
+                opts = {"sparsity": s, "allocation": alloc, "calibration_dtype": args.calibration_dtype, **extra}
                 if alloc == "owl":
                     opts.update(owl_lambda=args.owl_lambda, owl_m=args.owl_m)
                 t0 = time.perf_counter()
@@ -97,7 +122,7 @@ def main() -> int:
                 lin = [x.weight_out_in() for x in adapter.linears(model)]
                 exact = sum(int((w == 0).sum()) for w in lin) / sum(w.numel() for w in lin)
                 row = {
-                    "method": method, "allocation": alloc, "sparsity": s, "measured_sparsity": round(exact, 5),
+                    "method": method, "allocation": spec, "sparsity": s, "measured_sparsity": round(exact, 5),
                     "ppl_shakespeare": ppl(model, ev, f"{method} {alloc} {s}"), "ppl_second": ppl(model, ev2, f"{method} {alloc} {s} 2nd"),
                     "prune_seconds": round(seconds, 1), "time_vs_uniform": round(seconds / base_seconds, 3),
                     "block_sparsity": (r.info.get("allocation") or {}).get("block_sparsity"),

@@ -26,18 +26,33 @@ class OneShotConfig(SparsityTarget):
     with AVX512-BF16/AMX, else float32). Statistics are accumulated in float32/float64 and the solver
     runs in float32 on the float32 weights either way (the reference implementations calibrate in fp16)."""
     allocation: str = "uniform"
-    """Per-block sparsity at the same overall sparsity: 'uniform' or 'owl' (unstructured only)."""
+    """Per-layer sparsity at the same overall sparsity (unstructured only): 'uniform', 'owl' (per
+    block, from outlier ratios) or 'sensitivity' (per linear or block, from estimated loss curves)."""
     owl_lambda: float = 0.08
     """OWL: block sparsities spread over at most 2 × lambda around the target."""
     owl_m: float = 5.0
     """OWL: a Wanda score is an outlier above m × the block's mean score."""
+    sensitivity_unit: str = "matrix"
+    """Sensitivity: one sparsity per linear ('matrix') or per block ('block')."""
+    sensitivity_scale: str = "relative"
+    """Sensitivity: what makes the layers' error curves comparable: 'relative' (output error over
+    output energy) or 'hutchinson' (output error × the loss Hessian's trace over the layer's own)."""
+    sensitivity_deviation: float = 0.1
+    """Sensitivity: each unit's sparsity stays within target ± this (and inside [0, 0.99])."""
+    sensitivity_bounds: list[float] | None = None
+    """Sensitivity: absolute [low, high] sparsity bounds instead of the deviation."""
+    sensitivity_resolve: bool = True
+    """Sensitivity: re-solve the allocation before every block with that block's curve measured
+    on the outputs of the already pruned blocks (False: keep the dense-model plan)."""
+    hutchinson_samples: int = 8
+    """Sensitivity with 'hutchinson' scale: Rademacher vectors (Hessian-vector products)."""
+    hutchinson_windows: int = 2
+    """Sensitivity with 'hutchinson' scale: calibration windows in the loss whose Hessian is traced."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         from passes.allocation import ALLOCATIONS
 
-        if self.allocation == "sensitivity":
-            raise ValueError("allocation 'sensitivity' (Hessian-based mixed sparsity) is not built yet; use uniform or owl")
         if self.allocation not in ALLOCATIONS:
             raise ValueError(f"allocation '{self.allocation}' is not one of {', '.join(ALLOCATIONS)}")
         if self.allocation != "uniform" and self.sparsity is None:
@@ -49,15 +64,46 @@ class OneShotConfig(SparsityTarget):
                 raise ValueError(f"owl_lambda {self.owl_lambda} is outside [0, {limit:g}] for sparsity {s}")
             if self.owl_m <= 0:
                 raise ValueError(f"owl_m {self.owl_m} must be positive")
+        if self.allocation == "sensitivity":
+            self._check_sensitivity()
         if not 1 <= self.batch_size <= 1024:
             raise ValueError(f"batch_size {self.batch_size} is outside [1, 1024]")
         if self.calibration_dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"calibration_dtype '{self.calibration_dtype}' is not one of auto, float32, bfloat16")
 
+    def _check_sensitivity(self) -> None:
+        if self.sensitivity_unit not in ("matrix", "block"):
+            raise ValueError(f"sensitivity_unit '{self.sensitivity_unit}' is not one of matrix, block")
+        if self.sensitivity_scale not in ("relative", "hutchinson"):
+            raise ValueError(f"sensitivity_scale '{self.sensitivity_scale}' is not one of relative, hutchinson")
+        if not 0.0 <= self.sensitivity_deviation <= 0.5:
+            raise ValueError(f"sensitivity_deviation {self.sensitivity_deviation} is outside [0, 0.5]")
+        if self.sensitivity_bounds is not None:
+            b = self.sensitivity_bounds
+            if not (isinstance(b, (list, tuple)) and len(b) == 2 and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in b)):
+                raise ValueError(f"sensitivity_bounds {b!r} must be a list of two numbers [low, high]")
+            if not 0.0 <= b[0] <= self.sparsity <= b[1] < 1.0:
+                raise ValueError(f"sensitivity_bounds {list(b)} must satisfy 0 <= low <= sparsity ({self.sparsity}) <= high < 1")
+        if not 1 <= self.hutchinson_samples <= 1000:
+            raise ValueError(f"hutchinson_samples {self.hutchinson_samples} is outside [1, 1000]")
+        if not 1 <= self.hutchinson_windows <= 64:
+            raise ValueError(f"hutchinson_windows {self.hutchinson_windows} is outside [1, 64]")
 
-PruneFn = Callable[[list[LinearRef], Collector, "float | None"], dict]
+    def sparsity_range(self) -> tuple[float, float]:
+        """Each unit's sparsity bounds under sensitivity allocation."""
+        if self.sensitivity_bounds is not None:
+            return float(self.sensitivity_bounds[0]), float(self.sensitivity_bounds[1])
+        s, d = self.sparsity, self.sensitivity_deviation
+        return max(0.0, s - d), min(0.99, s + d)
+
+
+PruneFn = Callable[[list[LinearRef], Collector, "float | list[float] | None"], dict]
 """Prunes, in place, the linears that share one collector (one input) to the given unstructured
-sparsity (None with an N:M pattern); returns facts for the result."""
+sparsity — one for all, or one per linear — (None with an N:M pattern); returns facts for the result."""
+
+SaliencyFn = Callable[[list[torch.Tensor], Collector], "tuple[list[torch.Tensor], torch.Tensor, str]"]
+"""For the weights (out × in) that share one collector: each one's per-weight error estimate, the
+input Hessian's diagonal, and the selection scope ('matrix' or 'row'); see calibrate.sensitivity."""
 
 
 def run_oneshot(
@@ -67,6 +113,7 @@ def run_oneshot(
     ctx: PassContext,
     make_collector: Callable[[LinearRef], Collector],
     prune: PruneFn,
+    saliency: SaliencyFn | None = None,
 ) -> PassResult:
     if ctx.calibration is None:
         raise ValueError(f"pass '{name}' needs calibration data, and the context has none")
@@ -76,8 +123,13 @@ def run_oneshot(
     solver_seconds = 0.0
     dtype = resolve_compute_dtype(cfg.calibration_dtype)
     block_sparsity: dict[int, float] = {}
+    planner = None
     if cfg.allocation == "owl":
         block_sparsity, result.info["allocation"] = _owl(cfg, model, ctx, windows, dtype)
+    elif cfg.allocation == "sensitivity":
+        if saliency is None:
+            raise ValueError(f"pass '{name}' has no error estimate for sensitivity allocation")
+        planner = _SensitivityPlanner.measure(cfg, model, ctx, windows, dtype, make_collector, saliency)
 
     def apply(block: int, refs: list[LinearRef], collectors: dict[str, Collector]) -> None:
         nonlocal solver_seconds
@@ -85,8 +137,10 @@ def run_oneshot(
         groups: dict[int, list[LinearRef]] = {}
         for ref in refs:
             groups.setdefault(id(collectors[ref.name]), []).append(ref)
+        planned = planner.decide(block, refs, collectors) if planner is not None else None
         for group in groups.values():
-            facts = prune(group, collectors[group[0].name], block_sparsity.get(block, cfg.sparsity))
+            sp = [planned[r.name] for r in group] if planned is not None else block_sparsity.get(block, cfg.sparsity)
+            facts = prune(group, collectors[group[0].name], sp)
             if facts:
                 result.info.setdefault("layers", {})["+".join(r.name for r in group)] = facts
         for ref in refs:
@@ -98,6 +152,8 @@ def run_oneshot(
     report = runner.run(make_collector, apply, roles=cfg.targets, blocks=cfg.blocks)
     if not result.layers:
         raise ValueError(f"pass '{name}': no linear matches targets {cfg.targets} and blocks {cfg.blocks}")
+    if planner is not None:
+        result.info["allocation"] = planner.summary()
     result.seconds = time.perf_counter() - t0
     result.info["runner"] = report.to_dict()
     result.info["solver_seconds"] = round(solver_seconds, 2)
@@ -134,3 +190,143 @@ def _owl(cfg: OneShotConfig, model: torch.nn.Module, ctx: PassContext, windows: 
     }
     log.info("owl: block sparsities %.3f..%.3f (target %.3f) from outlier ratios in %.1f s", min(sp), max(sp), cfg.sparsity, info["seconds"])
     return dict(zip(blocks, sp)), info
+
+
+class _SensitivityPlanner:
+    """Sensitivity allocation (see :mod:`passes.allocation`): a dense calibration pass measures
+    every target linear's error curve (and, for the 'hutchinson' scale, the loss Hessian's
+    traces); :meth:`decide` then re-solves before each block."""
+
+    def __init__(self, cfg: OneShotConfig, curves: dict, scale: dict[str, float], traces: dict[str, float] | None, saliency: SaliencyFn, seconds: float):
+        self.cfg = cfg
+        self.curves = curves  # name -> ErrorCurve (dense model)
+        self.order = list(curves)
+        self.scale = scale  # name -> multiplier turning the curve into estimated loss
+        self.traces = traces
+        self.saliency = saliency
+        self.done: dict[str, float] = {}  # name -> sparsity given
+        self.planned = self._solve({}, {})  # the dense-model plan
+        self.seconds = seconds
+
+    @classmethod
+    def measure(cls, cfg, model, ctx, windows, dtype, make_collector, saliency) -> "_SensitivityPlanner":
+        from calibrate.sensitivity import hutchinson_traces
+
+        t0 = time.perf_counter()
+        traces = None
+        if cfg.sensitivity_scale == "hutchinson":
+            traces = hutchinson_traces(model, ctx.adapter, windows[: cfg.hutchinson_windows], cfg.hutchinson_samples, roles=cfg.targets, show_progress=ctx.progress)
+        curves: dict = {}
+
+        def measure(block: int, refs: list[LinearRef], collectors: dict[str, Collector]) -> None:
+            curves.update(_curves(block, refs, collectors, saliency))
+
+        runner = LayerwiseRunner(model, ctx.adapter, windows, batch_size=cfg.batch_size, show_progress=ctx.progress, compute_dtype=dtype)
+        runner.run(make_collector, measure, roles=cfg.targets, blocks=cfg.blocks)
+        scale = {name: cls._scale(cfg, c, traces) for name, c in curves.items()}
+        if traces is not None:
+            pos = sorted(v for v in scale.values() if v > 0)
+            floor = pos[len(pos) // 2] * 1e-3 if pos else 1.0
+            bad = [n for n, v in scale.items() if v <= 0]
+            if bad:
+                log.warning("sensitivity: %d linears have a non-positive Hessian-trace estimate (%s...); floored at %.3g", len(bad), bad[0], floor)
+            scale = {n: max(v, floor) for n, v in scale.items()}
+        return cls(cfg, curves, scale, traces, saliency, time.perf_counter() - t0)
+
+    @staticmethod
+    def _scale(cfg: OneShotConfig, c, traces: dict[str, float] | None) -> float:
+        if traces is None:
+            return 1.0 / c.energy if c.energy > 0 else 0.0
+        denom = c.rows * c.trace_h
+        return 0.5 * traces[c.name] / denom if denom > 0 else 0.0
+
+    def _solve(self, fresh: dict, fixed: dict[str, float]) -> dict[str, float]:
+        """Sparsity per linear: ``fixed`` ones kept, ``fresh`` curves replacing the dense ones."""
+        from passes.allocation import allocate
+
+        lo, hi = self.cfg.sparsity_range()
+        units: dict[str, list[str]] = {}
+        for name in self.order:
+            c = self.curves[name]
+            key = name if self.cfg.sensitivity_unit == "matrix" else f"block{c.block}"
+            units.setdefault(key, []).append(name)
+        keys = list(units)
+        curves, sizes, los, his = [], [], [], []
+        for key in keys:
+            names = units[key]
+            total = None
+            for n in names:
+                c = fresh.get(n, self.curves[n])
+                scale = self.scale[n] if self.traces is not None else (1.0 / c.energy if c.energy > 0 else 0.0)
+                total = c.curve * scale if total is None else total + c.curve * scale
+            curves.append(total.tolist())
+            sizes.append(sum(self.curves[n].numel for n in names))
+            if all(n in fixed for n in names):
+                s = sum(fixed[n] * self.curves[n].numel for n in names) / sizes[-1]
+                los.append(s)
+                his.append(s)
+            else:
+                los.append(lo)
+                his.append(hi)
+        sp = allocate(curves, sizes, self.cfg.sparsity, los, his)
+        out = {}
+        for key, s in zip(keys, sp):
+            for n in units[key]:
+                out[n] = fixed.get(n, s)
+        return out
+
+    def decide(self, block: int, refs: list[LinearRef], collectors: dict[str, Collector]) -> dict[str, float]:
+        if self.cfg.sensitivity_resolve:
+            fresh = _curves(block, refs, collectors, self.saliency)
+            plan = self._solve(fresh, self.done)
+        else:
+            plan = self.planned
+        for r in refs:
+            self.done[r.name] = plan[r.name]
+        lo = min(plan[r.name] for r in refs)
+        hi = max(plan[r.name] for r in refs)
+        log.info("sensitivity: block %d sparsities %.3f..%.3f", block, lo, hi)
+        return {r.name: plan[r.name] for r in refs}
+
+    def summary(self) -> dict:
+        sizes = {n: c.numel for n, c in self.curves.items()}
+        blocks: dict[int, list[str]] = {}
+        for n, c in self.curves.items():
+            blocks.setdefault(c.block, []).append(n)
+
+        def by_block(sp: dict[str, float]) -> dict[str, float]:
+            return {str(b): round(sum(sp[n] * sizes[n] for n in ns) / sum(sizes[n] for n in ns), 6) for b, ns in sorted(blocks.items())}
+
+        lo, hi = self.cfg.sparsity_range()
+        info = {
+            "method": "sensitivity",
+            "unit": self.cfg.sensitivity_unit,
+            "scale": self.cfg.sensitivity_scale,
+            "bounds": [round(lo, 6), round(hi, 6)],
+            "resolve": self.cfg.sensitivity_resolve,
+            "target": self.cfg.sparsity,
+            "allocated_sparsity": round(sum(self.done[n] * sizes[n] for n in self.done) / sum(sizes[n] for n in self.done), 6),
+            "block_sparsity": by_block(self.done),
+            "planned_block_sparsity": by_block(self.planned),
+            "matrix_sparsity": {n: round(s, 6) for n, s in self.done.items()},
+            "seconds": round(self.seconds, 2),
+        }
+        if self.traces is not None:
+            info["hessian_trace"] = {n: float(f"{t:.6g}") for n, t in self.traces.items()}
+        return info
+
+
+def _curves(block: int, refs: list[LinearRef], collectors: dict[str, Collector], saliency: SaliencyFn) -> dict:
+    """Error curves of a block's target linears from their collectors (one solve per shared input)."""
+    from calibrate.sensitivity import error_curve
+
+    groups: dict[int, list[LinearRef]] = {}
+    for ref in refs:
+        groups.setdefault(id(collectors[ref.name]), []).append(ref)
+    out = {}
+    for group in groups.values():
+        ws = [r.weight_out_in() for r in group]
+        sals, h_diag, scope = saliency(ws, collectors[group[0].name])
+        for r, w, sal in zip(group, ws, sals):
+            out[r.name] = error_curve(r.name, block, r.role, w, sal, h_diag, scope)
+    return out

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from calibrate.sensitivity import obs_saliency
 from calibrate.stats import Collector, HessianCollector
 from passes.base import Pass, PassContext, PassResult, register_pass
 from passes.oneshot import OneShotConfig, run_oneshot
@@ -99,7 +100,7 @@ def sparsegpt_prune(
 def sparsegpt_prune_group(
     weights: list[torch.Tensor],
     H: torch.Tensor,
-    sparsity: float | None = None,
+    sparsity: float | list[float] | None = None,
     nm: tuple[int, int] | None = None,
     blocksize: int = 128,
     damp: float = 0.01,
@@ -110,12 +111,18 @@ def sparsegpt_prune_group(
 
     OBS treats rows independently given H, so stacking the matrices' rows is exact;
     unstructured masks are still chosen per matrix (each matrix gets exactly its
-    sparsity in every column block), as if each were solved alone. One Cholesky
-    and one column loop serve the whole group.
+    sparsity — one for all, or one per matrix — in every column block), as if each were
+    solved alone. One Cholesky and one column loop serve the whole group.
     """
     if (sparsity is None) == (nm is None):
         raise ValueError("give exactly one of sparsity or nm")
     sizes = [w.shape[0] for w in weights]
+    if isinstance(sparsity, (list, tuple)):
+        if len(sparsity) != len(weights):
+            raise ValueError(f"{name}: {len(sparsity)} sparsities for {len(weights)} matrices")
+        each = [float(x) for x in sparsity]
+    else:
+        each = [sparsity] * len(weights)
     if len({w.shape[1] for w in weights}) != 1:
         raise ValueError(f"{name}: grouped weights must share their input dimension, got {[tuple(w.shape) for w in weights]}")
     W = torch.cat([w.detach().float() for w in weights], 0).contiguous()
@@ -143,9 +150,9 @@ def sparsegpt_prune_group(
             saliency = W1.pow(2) / d.pow(2)[None, :]
             prune1 = torch.zeros_like(W1, dtype=torch.bool)
             start = 0
-            for size in sizes:  # each matrix of the group gets its own mask selection
+            for size, sp in zip(sizes, each):  # each matrix of the group gets its own mask selection
                 seg = saliency[start : start + size].reshape(-1)
-                k = int(seg.numel() * sparsity)
+                k = int(seg.numel() * sp)
                 if k:
                     prune1[start : start + size].view(-1)[seg.topk(k, largest=False, sorted=False).indices] = True
                 start += size
@@ -178,7 +185,7 @@ class SparseGPTPass(Pass):
     def run(self, model: torch.nn.Module, ctx: PassContext) -> PassResult:
         cfg = self.config
 
-        def prune(refs: list[LinearRef], col: Collector, sparsity: float | None) -> dict:
+        def prune(refs: list[LinearRef], col: Collector, sparsity: float | list[float] | None) -> dict:
             ws = [r.weight_out_in() for r in refs]
             news, info = sparsegpt_prune_group(
                 ws, col.hessian(), sparsity, cfg.nm, cfg.blocksize, cfg.damp, cfg.max_damp_steps, name="+".join(r.name for r in refs)
@@ -187,4 +194,8 @@ class SparseGPTPass(Pass):
                 w.copy_(new.to(w.dtype))
             return info.to_dict()
 
-        return run_oneshot(self.name, cfg, model, ctx, lambda ref: HessianCollector(ref.in_features), prune)
+        def saliency(weights: list[torch.Tensor], col: Collector) -> tuple[list[torch.Tensor], torch.Tensor, str]:
+            H = col.hessian()
+            return [obs_saliency(w, H, cfg.damp) for w in weights], torch.diagonal(H).double(), "matrix"
+
+        return run_oneshot(self.name, cfg, model, ctx, lambda ref: HessianCollector(ref.in_features), prune, saliency)

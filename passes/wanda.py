@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from calibrate.sensitivity import diag_saliency
 from calibrate.stats import Collector, InputNormCollector
 from passes.base import Pass, PassContext, PassResult, register_pass
 from core.masks import nm_mask, unstructured_mask
@@ -39,11 +40,16 @@ class WandaPass(Pass):
     def run(self, model: torch.nn.Module, ctx: PassContext) -> PassResult:
         cfg = self.config
 
-        def prune(refs: list[LinearRef], col: Collector, sparsity: float | None) -> dict:
+        def prune(refs: list[LinearRef], col: Collector, sparsity: float | list[float] | None) -> dict:
             norms = col.norms()
-            for ref in refs:
+            each = sparsity if isinstance(sparsity, list) else [sparsity] * len(refs)
+            for ref, s in zip(refs, each):
                 w = ref.weight_out_in()
-                w.mul_(wanda_mask(w, norms, sparsity, cfg.nm))
+                w.mul_(wanda_mask(w, norms, s, cfg.nm))
             return {}
 
-        return run_oneshot(self.name, cfg, model, ctx, lambda ref: InputNormCollector(ref.in_features), prune)
+        def saliency(weights: list[torch.Tensor], col: Collector) -> tuple[list[torch.Tensor], torch.Tensor, str]:
+            h_diag = col.sq_norms().double() * (2.0 / max(col.rows, 1))
+            return [diag_saliency(w, h_diag) for w in weights], h_diag, "row"
+
+        return run_oneshot(self.name, cfg, model, ctx, lambda ref: InputNormCollector(ref.in_features), prune, saliency)

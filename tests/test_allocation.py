@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from core.adapters import adapter_for
 from passes import PassContext
-from passes.allocation import outlier_ratio, owl_sparsities
+from passes.allocation import allocate, outlier_ratio, owl_sparsities
 from passes.sparsegpt import SparseGPTConfig, SparseGPTPass
 from passes.wanda import WandaConfig, WandaPass
 
@@ -84,7 +84,127 @@ def test_allocation_options_are_validated():
         WandaConfig(pattern="2:4", allocation="owl")
     with pytest.raises(ValueError, match="owl_lambda 0.5 is outside"):
         WandaConfig(sparsity=0.7, allocation="owl", owl_lambda=0.5)
-    with pytest.raises(ValueError, match="not built yet"):
-        SparseGPTConfig(sparsity=0.7, allocation="sensitivity")
-    with pytest.raises(ValueError, match="not one of uniform, owl"):
+    with pytest.raises(ValueError, match="not one of uniform, owl, sensitivity"):
         WandaConfig(sparsity=0.7, allocation="magic")
+    with pytest.raises(ValueError, match="sensitivity_unit 'row' is not one of matrix, block"):
+        WandaConfig(sparsity=0.7, allocation="sensitivity", sensitivity_unit="row")
+    with pytest.raises(ValueError, match="sensitivity_scale"):
+        SparseGPTConfig(sparsity=0.7, allocation="sensitivity", sensitivity_scale="fisher")
+    with pytest.raises(ValueError, match="sensitivity_deviation 0.6 is outside"):
+        SparseGPTConfig(sparsity=0.7, allocation="sensitivity", sensitivity_deviation=0.6)
+    with pytest.raises(ValueError, match=r"sensitivity_bounds \[0.75, 0.9\] must satisfy"):
+        SparseGPTConfig(sparsity=0.7, allocation="sensitivity", sensitivity_bounds=[0.75, 0.9])
+    with pytest.raises(ValueError, match="list of two numbers"):
+        SparseGPTConfig(sparsity=0.7, allocation="sensitivity", sensitivity_bounds=[0.5])
+    with pytest.raises(ValueError, match="hutchinson_samples 0"):
+        SparseGPTConfig(sparsity=0.7, allocation="sensitivity", hutchinson_samples=0)
+    assert SparseGPTConfig(sparsity=0.7, allocation="sensitivity", sensitivity_deviation=0.2).sparsity_range() == pytest.approx((0.5, 0.9))
+    assert SparseGPTConfig(sparsity=0.9, allocation="sensitivity", sensitivity_deviation=0.2).sparsity_range() == pytest.approx((0.7, 0.99))
+
+
+# --- sensitivity allocation -------------------------------------------------------------------
+
+
+def test_allocate_by_hand():
+    # two units of 100 parameters, grid 0, .5, 1; unit 0 costs 1 per half, unit 1 costs 10 then 20
+    sp = allocate([[0, 1, 2], [0, 10, 30]], [100, 100], 0.5, [0, 0], [1, 1])
+    assert sp == pytest.approx([1.0, 0.0])  # all the budget goes to the cheap unit
+    sp = allocate([[0, 1, 2], [0, 10, 30]], [100, 100], 0.5, [0, 0], [0.75, 1])
+    assert sp == pytest.approx([0.75, 0.25])  # its bound stops it; the rest goes to the other
+    sp = allocate([[0, 1, 2], [0, 10, 30]], [300, 100], 0.5, [0.5, 0.5], [0.5, 0.5])
+    assert sp == pytest.approx([0.5, 0.5])  # fixed units stay fixed
+    with pytest.raises(ValueError, match="outside what the bounds allow"):
+        allocate([[0, 1, 2], [0, 1, 2]], [1, 1], 0.8, [0, 0], [0.6, 0.6])
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    n=st.integers(1, 12),
+    target=st.floats(0.05, 0.95),
+    dev=st.floats(0.0, 0.3),
+    data=st.data(),
+)
+def test_allocate_hits_the_exact_parameter_target_within_bounds(n, target, dev, data):
+    g = 10
+    sizes = data.draw(st.lists(st.integers(1, 5_000_000), min_size=n, max_size=n))
+    curves = []
+    for _ in range(n):
+        inc = data.draw(st.lists(st.floats(0, 1e3), min_size=g, max_size=g))
+        c = [0.0]
+        for x in inc:
+            c.append(c[-1] + x)
+        curves.append(c)
+    lo = [max(0.0, target - dev)] * n
+    hi = [min(1.0, target + dev)] * n
+    sp = allocate(curves, sizes, target, lo, hi)
+    assert sum(s * z for s, z in zip(sp, sizes)) / sum(sizes) == pytest.approx(target, abs=1e-9)
+    assert all(l - 1e-12 <= s <= h + 1e-12 for s, l, h in zip(sp, lo, hi))
+    # no cheaper reallocation: moving a small amount from any unit to any other cannot lower the
+    # total estimated loss (first order), for convex curves
+    def cost(u, s):
+        x = s * g
+        k = min(int(x), g - 1)
+        return curves[u][k] + (x - k) * (curves[u][k + 1] - curves[u][k])
+
+    if all(all(c[k + 2] - c[k + 1] >= c[k + 1] - c[k] for k in range(g - 1)) for c in curves):
+        base = sum(cost(u, s) for u, s in enumerate(sp))
+        eps = 1e-4
+        for a in range(n):
+            for b in range(n):
+                if a == b:
+                    continue
+                da = eps / sizes[a]
+                db = eps / sizes[b]
+                if sp[a] + da <= hi[a] and sp[b] - db >= lo[b]:
+                    moved = base + cost(a, sp[a] + da) - cost(a, sp[a]) + cost(b, sp[b] - db) - cost(b, sp[b])
+                    assert moved >= base - 1e-6 * max(1.0, base)
+
+
+def test_the_more_sensitive_layer_gets_the_lower_sparsity():
+    """Two linears on one input: in B, 90 % of the weights are tiny, so pruning up to 90 % of B costs
+    almost nothing, while every weight of A matters. B must get the higher sparsity, A the lower."""
+    from calibrate.sensitivity import diag_saliency, error_curve, obs_saliency
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 64, generator=g)
+    H = 2 * x.T @ x / x.shape[0]
+    a = torch.randn(64, 64, generator=g)
+    b = a.clone()
+    b[torch.rand(64, 64, generator=g) < 0.9] *= 0.01
+    for name, sal in (("obs", lambda w: obs_saliency(w, H)), ("diag", lambda w: diag_saliency(w, torch.diagonal(H)))):
+        ca = error_curve("a", 0, "q", a, sal(a), torch.diagonal(H), "matrix")
+        cb = error_curve("b", 0, "k", b, sal(b), torch.diagonal(H), "matrix")
+        curves = [(ca.curve / ca.energy).tolist(), (cb.curve / cb.energy).tolist()]
+        sp = allocate(curves, [a.numel(), b.numel()], 0.6, [0.3, 0.3], [0.9, 0.9])
+        assert sp[1] > 0.8 and sp[0] < 0.4, (name, sp)
+        assert (sp[0] + sp[1]) / 2 == pytest.approx(0.6)
+
+
+@pytest.mark.parametrize("cls,cfg_cls", [(WandaPass, WandaConfig), (SparseGPTPass, SparseGPTConfig)])
+@pytest.mark.parametrize("opts", [{}, {"sensitivity_unit": "block"}, {"sensitivity_scale": "hutchinson", "hutchinson_samples": 2}, {"sensitivity_resolve": False}])
+def test_sensitivity_pass_keeps_the_overall_sparsity_within_bounds(cls, cfg_cls, opts):
+    from conftest import tiny_model
+
+    model = tiny_model("llama")
+    with torch.no_grad():  # block 1: most weights tiny, so it is the cheap one to prune
+        for lin in model.model.layers[1].modules():
+            if isinstance(lin, torch.nn.Linear):
+                lin.weight[:, 2:] *= 0.05
+    windows = torch.randint(0, 257, (4, 32), generator=torch.Generator().manual_seed(0))
+    adapter = adapter_for(model.config)
+    ctx = PassContext(adapter, calibration=lambda: windows, progress=False)
+    m = copy.deepcopy(model)
+    r = cls(cfg_cls(sparsity=0.6, allocation="sensitivity", sensitivity_deviation=0.15, calibration_dtype="float32", **opts)).run(m, ctx)
+    alloc = r.info["allocation"]
+    assert alloc["method"] == "sensitivity" and alloc["allocated_sparsity"] == pytest.approx(0.6, abs=1e-6)
+    lin = adapter.linears(m)
+    total = sum(x.weight_out_in().numel() for x in lin)
+    zeros = sum(int((x.weight_out_in() == 0).sum()) for x in lin)
+    assert zeros / total == pytest.approx(0.6, abs=0.005)  # measured from the weights
+    for x in lin:
+        s = float((x.weight_out_in() == 0).float().mean())
+        assert 0.45 - 0.02 <= s <= 0.75 + 0.02, (x.name, s)
+        assert alloc["matrix_sparsity"][x.name] == pytest.approx(s, abs=0.02)
+    if "sensitivity_scale" not in opts:  # the relative-error scale sees block 1 as the cheap one
+        assert alloc["block_sparsity"]["1"] > alloc["block_sparsity"]["0"]
+

@@ -1,0 +1,173 @@
+"""Statistics for sensitivity-aware mixed sparsity (issue 11): per-linear error curves and
+Hessian-trace estimates. ``passes.allocation`` decides the sparsities from them.
+
+**Error curve.** For a linear with weight W (out × in) and input Hessian H = (2/n)XᵀX, removing
+weight w_ij alone raises the layer's mean squared output error by
+
+- ``obs`` (SparseGPT): w_ij² / [H⁻¹]_jj, the Optimal Brain Surgeon saliency, which assumes the
+  rest of the row is re-fitted (SparseGPT's error compensation); H is damped as the solver damps it;
+- ``diag`` (Wanda): w_ij² · H_jj = (|w_ij|·‖X_j‖)² · 2/n, the error without any update: Wanda's
+  own score squared.
+
+The curve E(s) is the sum of the smallest saliencies that a sparsity s removes — over the whole
+matrix (``matrix`` scope, SparseGPT's unstructured selection) or row by row (``row`` scope,
+Wanda's per-output selection) — at s = 0, 1/G, …, 1. Sorted saliencies make E convex in s. Summing
+single-weight saliencies ignores their interactions (with compensation the true error is lower at
+high sparsity); it is an estimate of the *shape* of each layer's cost, which is what an
+allocation compares.
+
+**Energy.** Σ w_ij² H_jj, the diagonal estimate of the layer's mean squared output. E(s)/energy is
+the relative output error, scale-free across layers.
+
+**Hessian trace** (Hutchinson): tr(G_l) ≈ mean over Rademacher v of vᵀ(Gv) restricted to the
+entries of layer l, where G is the Hessian of the model's mean next-token loss and Gv comes from
+double back-propagation. It converts a layer's output error into loss: if G_l ≈ c_l · (H_l ⊗ I)
+then ΔL ≈ ½ c_l ΔE with c_l = tr(G_l) / (out_l · tr(H_l)).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from core.adapters.base import ModelAdapter
+from core.progress import progress
+
+log = logging.getLogger(__name__)
+
+GRID = 100
+"""Curve points: sparsity k/GRID for k = 0..GRID."""
+
+
+@dataclass
+class ErrorCurve:
+    """One linear's estimated output error at each grid sparsity, and its output energy."""
+
+    name: str
+    block: int
+    role: str
+    numel: int
+    rows: int
+    curve: torch.Tensor
+    """(GRID + 1,) float64, E(k/GRID); curve[0] = 0."""
+    energy: float
+    trace_h: float
+    """tr(H) of the layer's input Hessian (the local curvature per output row)."""
+
+    def at(self, s: float) -> float:
+        """E(s), linearly interpolated between grid points."""
+        x = min(max(s, 0.0), 1.0) * GRID
+        k = min(int(x), GRID - 1)
+        return float(self.curve[k] + (x - k) * (self.curve[k + 1] - self.curve[k]))
+
+
+def cumulative_smallest(saliency: torch.Tensor, scope: str, grid: int = GRID) -> torch.Tensor:
+    """Sum of the smallest ``s`` share of ``saliency`` (out × in) for s = k/grid: over the whole
+    matrix (``matrix``) or the same count in every row (``row``)."""
+    if scope not in ("matrix", "row"):
+        raise ValueError(f"scope '{scope}' is not one of matrix, row")
+    sal = saliency.double()
+    ks = torch.arange(grid + 1, dtype=torch.float64) / grid
+    if scope == "matrix":
+        flat = sal.reshape(-1).sort().values
+        csum = torch.cat([torch.zeros(1, dtype=torch.float64), flat.cumsum(0)])
+        idx = (ks * flat.numel()).round().long()
+        return csum[idx]
+    rows = sal.sort(dim=1).values.cumsum(1)
+    csum = torch.cat([torch.zeros(rows.shape[0], 1, dtype=torch.float64), rows], 1).sum(0)
+    idx = (ks * sal.shape[1]).round().long()
+    return csum[idx]
+
+
+def obs_saliency(weight: torch.Tensor, H: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
+    """w² / [H⁻¹]_jj with SparseGPT's handling: dead inputs (H_jj = 0) cost nothing; relative damping."""
+    H = H.double().clone()
+    dead = torch.diagonal(H) == 0
+    H[dead, dead] = 1.0
+    lam = damp * float(torch.diagonal(H).mean())
+    eye = torch.eye(H.shape[0], dtype=H.dtype)
+    for _ in range(7):
+        L, info = torch.linalg.cholesky_ex(H + lam * eye)
+        if int(info) == 0:
+            break
+        lam *= 10
+    else:
+        raise RuntimeError("input Hessian is not positive definite even with heavy damping")
+    hinv_diag = torch.diagonal(torch.cholesky_inverse(L))
+    sal = weight.double().pow(2) / hinv_diag[None, :]
+    sal[:, dead] = 0.0
+    return sal
+
+
+def diag_saliency(weight: torch.Tensor, h_diag: torch.Tensor) -> torch.Tensor:
+    """w² · H_jj: the squared output error of removing w without compensation (Wanda's score²)."""
+    return weight.double().pow(2) * h_diag.double()[None, :]
+
+
+def error_curve(name: str, block: int, role: str, weight: torch.Tensor, saliency: torch.Tensor, h_diag: torch.Tensor, scope: str) -> ErrorCurve:
+    w2 = weight.double().pow(2)
+    return ErrorCurve(
+        name=name,
+        block=block,
+        role=role,
+        numel=weight.numel(),
+        rows=weight.shape[0],
+        curve=cumulative_smallest(saliency, scope),
+        energy=float((w2 * h_diag.double()[None, :]).sum()),
+        trace_h=float(h_diag.double().sum()),
+    )
+
+
+def hutchinson_traces(
+    model: torch.nn.Module,
+    adapter: ModelAdapter,
+    windows: torch.Tensor,
+    samples: int = 8,
+    seed: int = 0,
+    roles: list[str] | tuple[str, ...] | None = None,
+    show_progress: bool = True,
+) -> dict[str, float]:
+    """tr(G_l) of the loss Hessian for every target linear, by Hutchinson's estimator on ``windows``.
+
+    One gradient with a graph, then ``samples`` Hessian-vector products (double back-propagation),
+    each with a fresh Rademacher vector over all the target weights at once; the cross-layer terms
+    of vᵀGv average out, so the per-layer partial sums estimate each layer's own trace. The model's
+    weights are not changed; its ``requires_grad`` flags are restored.
+    """
+    if adapter.task != "causal-lm":
+        raise ValueError(f"Hessian-trace sensitivity needs a language-model loss; a {adapter.task} model has none")
+    if samples < 1:
+        raise ValueError(f"hutchinson samples {samples} must be at least 1")
+    t0 = time.perf_counter()
+    refs = adapter.linears(model, roles=roles)
+    params = [r.module.weight for r in refs]
+    flags = {id(p): p.requires_grad for p in model.parameters()}
+    gen = torch.Generator().manual_seed(seed)
+    traces = [0.0] * len(refs)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in params:
+            p.requires_grad_(True)
+        ids = windows.long()
+        # the fused CPU attention kernels have no second derivative; the math kernel has
+        with sdpa_kernel(SDPBackend.MATH):
+            out = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids, use_cache=False)
+            grads = torch.autograd.grad(out.loss, params, create_graph=True)
+        it = range(samples)
+        for i in progress(it, desc="Hessian trace (Hutchinson)") if show_progress else it:
+            vs = [torch.randint(0, 2, p.shape, generator=gen, dtype=torch.int8).to(p.dtype).mul_(2).sub_(1) for p in params]
+            with sdpa_kernel(SDPBackend.MATH):
+                hvs = torch.autograd.grad(grads, params, grad_outputs=vs, retain_graph=i < samples - 1)
+            for j, (v, hv) in enumerate(zip(vs, hvs)):
+                traces[j] += float((v * hv).sum()) / samples
+    finally:
+        for p in model.parameters():
+            p.requires_grad_(flags[id(p)])
+    log.info("Hutchinson traces of %d linears from %d samples on %s windows in %.1f s", len(refs), samples, tuple(windows.shape), time.perf_counter() - t0)
+    return {r.name: t for r, t in zip(refs, traces)}
