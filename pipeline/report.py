@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import html
+import re
 import statistics
 import logging
 from pathlib import Path
@@ -306,6 +307,7 @@ def render_markdown(results: dict[str, Any], rows: list[dict[str, Any]]) -> str:
                     f"| {r['decode_ms_per_token']:.2f} | {dec} | {r['prefill_ms']:.1f} | {pre} |"
                 )
     lines += _structured_section(results)
+    lines += _allocation_section(results)
     if results.get("skips"):
         lines += ["", "## Skipped backends", ""]
         for s in {(s["backend"], s["reason"]) for s in results["skips"]}:
@@ -369,6 +371,80 @@ def _structured_section(results: dict[str, Any]) -> list[str]:
                     f"loss {info['loss_first10']:.4f} (first 10 steps) → {info['loss_last10']:.4f} (last 10)",
                 ]
     return ["", "## Structured pruning (kept / dense, per block)", *lines] if lines else []
+
+
+ROLE_ORDER = ("q", "k", "v", "o", "gate", "up", "down", "fc1", "fc2", "qkv", "proj")
+
+
+def sparsity_by_layer(variant: dict[str, Any]) -> tuple[dict[str, Any], dict[str, dict[int, float]]] | None:
+    """For a variant whose one-shot pass mixed per-layer sparsities: that pass's allocation facts and
+    the measured sparsity of every pruned linear, by role then block (from the weights, as the pass
+    recorded them)."""
+    for pr in variant.get("pass_results", []):
+        alloc = (pr.get("info") or {}).get("allocation")
+        if isinstance(alloc, dict) and alloc.get("method") in ("owl", "sensitivity") and pr.get("layers"):
+            by_role: dict[str, dict[int, float]] = {}
+            for layer in pr["layers"]:
+                by_role.setdefault(layer["role"], {})[int(layer["block"])] = float(layer["sparsity"])
+            return {**alloc, "target": alloc.get("target", pr["info"].get("sparsity"))}, by_role
+    return None
+
+
+def _allocation_text(variant: dict[str, Any]) -> str | None:
+    got = sparsity_by_layer(variant)
+    if got is None:
+        return None
+    alloc, by_role = got
+    values = [s for blocks in by_role.values() for s in blocks.values()]
+    target = alloc.get("target")
+    how = {"owl": f"OWL (λ {alloc.get('lambda')}, M {alloc.get('m')})", "sensitivity": f"sensitivity ({alloc.get('scale')} scale, one sparsity per {alloc.get('unit')}, bounds {alloc.get('bounds')})"}[alloc["method"]]
+    return f"**{variant['name']}**: {how}; target {target}; measured per-linear sparsity {min(values):.3f}–{max(values):.3f}."
+
+
+def _allocation_section(results: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
+    for v in results["variants"]:
+        text = _allocation_text(v)
+        if text:
+            lines += ["", text, "", f"![sparsity by block and role: {v['name']}]({sparsity_plot_name(v['name'])})"]
+    return ["", "## Mixed sparsity (per block and role, measured from the weights)", *lines] if lines else []
+
+
+def sparsity_plot_name(variant: str) -> str:
+    return f"sparsity_{re.sub(r'[^A-Za-z0-9_.-]', '_', variant)}.png"
+
+
+def render_sparsity_plot(variant: dict[str, Any]) -> bytes | None:
+    """Sparsity by block, one line per role, the target dashed; None for a variant without a mixed allocation."""
+    got = sparsity_by_layer(variant)
+    if got is None:
+        return None
+    alloc, by_role = got
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.2, 3.0), dpi=110)
+    roles = sorted(by_role, key=lambda r: (ROLE_ORDER.index(r) if r in ROLE_ORDER else len(ROLE_ORDER), r))
+    for role in roles:
+        blocks = sorted(by_role[role])
+        ax.plot(blocks, [by_role[role][b] for b in blocks], marker=".", lw=1, label=role)
+    if alloc.get("target") is not None:
+        ax.axhline(float(alloc["target"]), color="0.3", lw=0.8, ls="--", label="target")
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("block")
+    ax.set_ylabel("sparsity (measured)")
+    ax.set_title(f"{variant['name']}: {alloc['method']} allocation", fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, ncol=4, loc="lower right")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
 
 
 def _check_cell(r: dict[str, Any]) -> str:
@@ -442,7 +518,7 @@ def render_plot(results: dict[str, Any], rows: list[dict[str, Any]], d: dict[str
     return buf.getvalue()
 
 
-def render_html(md_rows: list[dict[str, Any]], results: dict[str, Any], plot: bytes | None) -> str:
+def render_html(md_rows: list[dict[str, Any]], results: dict[str, Any], plot: bytes | None, sparsity_plots: dict[str, bytes] | None = None) -> str:
     esc = html.escape
     head = ["variant", "backend", "sparsity", "params (M)", "ppl (engine)", "engine vs PyTorch", "ppl / dense", "top-1", "KL(dense‖v)", "parity (max |Δ|)", "ONNX MB", "speed-up needs"]
     body = []
@@ -477,6 +553,15 @@ def render_html(md_rows: list[dict[str, Any]], results: dict[str, Any], plot: by
     img = ""
     if plot:
         img = f"<img alt='accuracy vs latency' src='data:image/png;base64,{base64.b64encode(plot).decode()}'>"
+    mixed = ""
+    for v in results["variants"]:
+        text = _allocation_text(v)
+        if text:
+            png = (sparsity_plots or {}).get(v["name"])
+            pic = f"<img alt='sparsity by block and role: {esc(v['name'])}' src='data:image/png;base64,{base64.b64encode(png).decode()}'>" if png else ""
+            mixed += f"{_lines_html([text])}{pic}"
+    if mixed:
+        mixed = f"<h2>Mixed sparsity (per block and role, measured from the weights)</h2>{mixed}"
     ev = results["data"]["evaluation"]
     ship = _lines_html(_decision_markdown(results.get("decision") or decision(results, md_rows))[3:])
     return f"""<!doctype html>
@@ -508,6 +593,7 @@ Latency: median [min–max] over repeats interleaved round-robin in one process;
 <h2>What to ship (on this machine)</h2>
 <div class="ship">{ship}</div>
 {_decode_html(results)}
+{mixed}
 <h2>Accuracy vs latency</h2>
 {img or '<p>No latency or perplexity figures to plot.</p>'}
 </body></html>
@@ -565,11 +651,14 @@ def write_reports(out: Path, results: dict[str, Any]) -> None:
     rows = summary_rows(results)
     results["decision"] = decision(results, rows)
     plot = render_plot(results, rows, results["decision"])
+    sparsity_plots = {v["name"]: p for v in results["variants"] if (p := render_sparsity_plot(v))}
     atomic_write_json(out / "results.json", results)
     atomic_write_text(out / "report.md", render_markdown(results, rows))
     if plot:
         atomic_write_bytes(out / PLOT_NAME, plot)
-    atomic_write_text(out / "report.html", render_html(rows, results, plot))
+    for name, png in sparsity_plots.items():
+        atomic_write_bytes(out / sparsity_plot_name(name), png)
+    atomic_write_text(out / "report.html", render_html(rows, results, plot, sparsity_plots))
     log.info("reports written: %s", out / "report.html")
 
 

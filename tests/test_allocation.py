@@ -208,3 +208,28 @@ def test_sensitivity_pass_keeps_the_overall_sparsity_within_bounds(cls, cfg_cls,
     if "sensitivity_scale" not in opts:  # the relative-error scale sees block 1 as the cheap one
         assert alloc["block_sparsity"]["1"] > alloc["block_sparsity"]["0"]
 
+
+
+def test_sensitivity_variant_through_the_whole_build(tiny_dirs, text_file, tmp_path):
+    """A recipe variant with sensitivity allocation: pruned, exported, engine-validated, and its
+    per-layer sparsities (measured) in results.json, plotted by block and role in the report."""
+    from test_build import tiny_recipe
+
+    from pipeline.build import build
+
+    out = tmp_path / "b"
+    variants = [{"name": "wanda60-sens", "passes": [{"wanda": {"sparsity": 0.6, "allocation": "sensitivity", "sensitivity_deviation": 0.15}}]}]
+    summary = build(tiny_recipe(tiny_dirs["llama"], text_file, out, variants=variants))
+    v = summary.results["variants"][1]
+    assert v["engines"]["onnxruntime-cpu"]["status"] == "ok"
+    assert v["engines"]["onnxruntime-cpu"]["size"]["block_linear_sparsity"] == pytest.approx(0.6, abs=0.01)
+    (pr,) = v["pass_results"]
+    alloc = pr["info"]["allocation"]
+    assert alloc["method"] == "sensitivity" and len(alloc["matrix_sparsity"]) == len(pr["layers"])
+    spread = [layer["sparsity"] for layer in pr["layers"]]
+    assert max(spread) - min(spread) > 0.01  # really mixed
+    assert all(0.45 - 0.02 <= s <= 0.75 + 0.02 for s in spread)
+    assert (out / "sparsity_wanda60-sens.png").is_file()
+    md = (out / "report.md").read_text()
+    assert "## Mixed sparsity" in md and "sensitivity (relative scale, one sparsity per matrix" in md
+    assert "sparsity by block and role: wanda60-sens" in (out / "report.html").read_text()

@@ -57,7 +57,8 @@ def run(ctx: BuildContext, v: VariantSpec) -> StageOutcome:
         save_hf_dir(model, dense.tokenizer, tmp / "model")
         (tmp / "passes.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
         ctx.hold_model(v.name, model)
-        return {"passes": [{"name": r["name"], "seconds": r["seconds"], "info": r["info"]} for r in results]}
+        # per-linear sparsities (measured from the weights) go into results.json where a pass mixed them
+        return {"passes": [{"name": r["name"], "seconds": r["seconds"], "info": r["info"], **({"layers": r["layers"]} if "allocation" in r["info"] else {})} for r in results]}
 
     out = run_stage(ctx.out / v.name / "model", f"{v.name}/model", k, {"passes": v.to_dict()["passes"]}, build)
     shutil.rmtree(work_dir, ignore_errors=True)
