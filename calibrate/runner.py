@@ -129,6 +129,8 @@ class LayerwiseRunner:
         self.batch_size = max(1, batch_size)
         self.show_progress = show_progress
         self.compute_dtype = compute_dtype
+        self.current_inputs: list[_Batch] = []
+        """The inputs of the block being calibrated (for ``apply`` callbacks that need them)."""
 
     def capture(self) -> list[_Batch]:
         """Inputs of block 0 for every window, in batches of ``batch_size``."""
@@ -206,7 +208,9 @@ class LayerwiseRunner:
             if b in chosen:
                 refs = self.adapter.linears(self.model, roles=roles, blocks=[b])
                 collectors = self._collect(work, refs, batches, make_collector)
+                self.current_inputs = batches
                 apply(b, refs, collectors)
+                self.current_inputs = []
                 if refs and work is not block:
                     self.refresh(work, refs)
             if b < last:  # the pruned block's outputs feed the next block

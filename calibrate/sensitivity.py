@@ -19,6 +19,12 @@ allocation compares.
 **Energy.** Σ w_ij² H_jj, the diagonal estimate of the layer's mean squared output. E(s)/energy is
 the relative output error, scale-free across layers.
 
+**Measured loss** (:func:`loss_from_block`): the model's mean next-token loss on a few
+calibration windows when block b's inputs are given (the hidden states the runner holds) and
+blocks b, b+1, … and the head run as they are; the pass calls it with block b pruned to several
+candidate sparsities, everything else untouched, so ΔL_b(s) includes how the block's error
+propagates through the rest of the model — which neither output-error estimate sees.
+
 **Hessian trace** (Hutchinson): tr(G_l) ≈ mean over Rademacher v of vᵀ(Gv) restricted to the
 entries of layer l, where G is the Hessian of the model's mean next-token loss and Gv comes from
 double back-propagation. It converts a layer's output error into loss: if G_l ≈ c_l · (H_l ⊗ I)
@@ -171,3 +177,35 @@ def hutchinson_traces(
             p.requires_grad_(flags[id(p)])
     log.info("Hutchinson traces of %d linears from %d samples on %s windows in %.1f s", len(refs), samples, tuple(windows.shape), time.perf_counter() - t0)
     return {r.name: t for r, t in zip(refs, traces)}
+
+
+class _Inject(torch.nn.Module):
+    """Stands in for block b: runs it on the given hidden states instead of what the embeddings produce."""
+
+    def __init__(self, block: torch.nn.Module, hidden: torch.Tensor):
+        super().__init__()
+        self.block = block
+        self.hidden = hidden
+
+    def forward(self, hidden: torch.Tensor, *args, **kwargs):
+        return self.block(self.hidden.to(hidden.dtype), *args, **kwargs)
+
+
+def loss_from_block(model: torch.nn.Module, adapter: ModelAdapter, block: int, hidden: torch.Tensor, ids: torch.Tensor) -> float:
+    """Mean next-token loss of ``ids`` when block ``block`` receives ``hidden`` (its inputs for those
+    windows) and the blocks from it on, then the head, run as they are now."""
+    if adapter.task != "causal-lm":
+        raise ValueError(f"loss-based sensitivity needs a language-model loss; a {adapter.task} model has none")
+    if hidden.shape[:2] != ids.shape:
+        raise ValueError(f"hidden states {tuple(hidden.shape)} do not match windows {tuple(ids.shape)}")
+    parent_path, _, attr = adapter.blocks_path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    original = getattr(parent, attr)
+    blocks = list(original)
+    try:
+        setattr(parent, attr, torch.nn.ModuleList([_Inject(blocks[block], hidden), *blocks[block + 1 :]]))
+        with torch.inference_mode():
+            out = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids, use_cache=False)
+    finally:
+        setattr(parent, attr, original)
+    return float(out.loss)

@@ -93,11 +93,11 @@ def allocate(
         raise ValueError(f"target sparsity {target} is outside what the bounds allow: [{lo_s:.4f}, {hi_s:.4f}]")
     items = []  # (slope per parameter, unit, segment start, segment end)
     for u, c in enumerate(curves):
-        slope_max = float("-inf")
+        slope_max = float("-inf")  # made non-decreasing over the segments inside the bounds only
         for k in range(g):
             a, b = max(k / g, lo[u]), min((k + 1) / g, hi[u])
-            slope_max = max(slope_max, (float(c[k + 1]) - float(c[k])) * g / sizes[u])
             if b > a:
+                slope_max = max(slope_max, (float(c[k + 1]) - float(c[k])) * g / sizes[u])
                 items.append((slope_max, u, a, b))
     items.sort(key=lambda t: (t[0], t[1], t[2]))
     out = list(map(float, lo))

@@ -32,11 +32,17 @@ class OneShotConfig(SparsityTarget):
     """OWL: block sparsities spread over at most 2 × lambda around the target."""
     owl_m: float = 5.0
     """OWL: a Wanda score is an outlier above m × the block's mean score."""
-    sensitivity_unit: str = "matrix"
-    """Sensitivity: one sparsity per linear ('matrix') or per block ('block')."""
-    sensitivity_scale: str = "relative"
-    """Sensitivity: what makes the layers' error curves comparable: 'relative' (output error over
-    output energy) or 'hutchinson' (output error × the loss Hessian's trace over the layer's own)."""
+    sensitivity_measure: str = "loss"
+    """Sensitivity: how a layer's cost of a sparsity is estimated: 'loss' (the model's calibration
+    loss measured with only that block pruned, at ``sensitivity_points`` sparsities), 'relative'
+    (the layer's OBS/diagonal output error over its output energy) or 'hutchinson' (that output
+    error × the loss Hessian's trace over the layer's own)."""
+    sensitivity_unit: str = "block"
+    """Sensitivity: one sparsity per block ('block') or per linear ('matrix'; not with 'loss')."""
+    sensitivity_points: int = 4
+    """Sensitivity with 'loss': candidate sparsities per block, evenly spread over the bounds."""
+    sensitivity_windows: int = 4
+    """Sensitivity with 'loss': calibration windows the loss is measured on (the first ones)."""
     sensitivity_deviation: float = 0.1
     """Sensitivity: each unit's sparsity stays within target ± this (and inside [0, 0.99])."""
     sensitivity_bounds: list[float] | None = None
@@ -73,9 +79,15 @@ class OneShotConfig(SparsityTarget):
 
     def _check_sensitivity(self) -> None:
         if self.sensitivity_unit not in ("matrix", "block"):
-            raise ValueError(f"sensitivity_unit '{self.sensitivity_unit}' is not one of matrix, block")
-        if self.sensitivity_scale not in ("relative", "hutchinson"):
-            raise ValueError(f"sensitivity_scale '{self.sensitivity_scale}' is not one of relative, hutchinson")
+            raise ValueError(f"sensitivity_unit '{self.sensitivity_unit}' is not one of block, matrix")
+        if self.sensitivity_measure not in ("loss", "relative", "hutchinson"):
+            raise ValueError(f"sensitivity_measure '{self.sensitivity_measure}' is not one of loss, relative, hutchinson")
+        if self.sensitivity_measure == "loss" and self.sensitivity_unit != "block":
+            raise ValueError("sensitivity_measure 'loss' measures whole blocks; it needs sensitivity_unit 'block'")
+        if not 2 <= self.sensitivity_points <= 20:
+            raise ValueError(f"sensitivity_points {self.sensitivity_points} is outside [2, 20]")
+        if not 1 <= self.sensitivity_windows <= 64:
+            raise ValueError(f"sensitivity_windows {self.sensitivity_windows} is outside [1, 64]")
         if not 0.0 <= self.sensitivity_deviation <= 0.5:
             raise ValueError(f"sensitivity_deviation {self.sensitivity_deviation} is outside [0, 0.5]")
         if self.sensitivity_bounds is not None:
@@ -129,7 +141,7 @@ def run_oneshot(
     elif cfg.allocation == "sensitivity":
         if saliency is None:
             raise ValueError(f"pass '{name}' has no error estimate for sensitivity allocation")
-        planner = _SensitivityPlanner.measure(cfg, model, ctx, windows, dtype, make_collector, saliency)
+        planner = _SensitivityPlanner.measure(cfg, model, ctx, windows, dtype, make_collector, saliency, prune)
 
     def apply(block: int, refs: list[LinearRef], collectors: dict[str, Collector]) -> None:
         nonlocal solver_seconds
@@ -149,6 +161,8 @@ def run_oneshot(
 
     result.info["calibration_dtype"] = str(dtype).replace("torch.", "")
     runner = LayerwiseRunner(model, ctx.adapter, windows, batch_size=cfg.batch_size, show_progress=ctx.progress, compute_dtype=dtype)
+    if planner is not None:
+        planner.runner = runner
     report = runner.run(make_collector, apply, roles=cfg.targets, blocks=cfg.blocks)
     if not result.layers:
         raise ValueError(f"pass '{name}': no linear matches targets {cfg.targets} and blocks {cfg.blocks}")
@@ -193,73 +207,130 @@ def _owl(cfg: OneShotConfig, model: torch.nn.Module, ctx: PassContext, windows: 
 
 
 class _SensitivityPlanner:
-    """Sensitivity allocation (see :mod:`passes.allocation`): a dense calibration pass measures
-    every target linear's error curve (and, for the 'hutchinson' scale, the loss Hessian's
-    traces); :meth:`decide` then re-solves before each block."""
+    """Sensitivity allocation (see :mod:`passes.allocation`). A dense calibration pass measures,
+    per block, the cost curve of each unit: with ``loss``, the calibration loss with only that
+    block pruned (by the pass's own solver, on the block's statistics) at a few sparsities; with
+    ``relative``/``hutchinson``, every linear's output-error curve, scaled. :meth:`decide` then
+    re-solves before each block of the pruning pass, the blocks already pruned fixed at what they
+    got and the current block measured again on the inputs the pruned blocks produce."""
 
-    def __init__(self, cfg: OneShotConfig, curves: dict, scale: dict[str, float], traces: dict[str, float] | None, saliency: SaliencyFn, seconds: float):
+    def __init__(self, cfg: OneShotConfig, model, adapter, windows, saliency: SaliencyFn, prune: PruneFn):
         self.cfg = cfg
-        self.curves = curves  # name -> ErrorCurve (dense model)
-        self.order = list(curves)
-        self.scale = scale  # name -> multiplier turning the curve into estimated loss
-        self.traces = traces
+        self.model = model
+        self.adapter = adapter
+        self.loss_ids = windows[: cfg.sensitivity_windows].long()
         self.saliency = saliency
-        self.done: dict[str, float] = {}  # name -> sparsity given
-        self.planned = self._solve({}, {})  # the dense-model plan
-        self.seconds = seconds
+        self.prune = prune
+        self.curves: dict = {}  # linear name -> ErrorCurve (dense model)
+        self.block_loss: dict[int, list[tuple[float, float]]] = {}  # block -> measured (sparsity, Δloss), dense pass
+        self.scale: dict[str, float] = {}
+        self.traces: dict[str, float] | None = None
+        self.done: dict[str, float] = {}
+        self.runner: LayerwiseRunner | None = None
+        self.remeasured: dict[int, list[tuple[float, float]]] = {}
+        self.seconds = 0.0
 
     @classmethod
-    def measure(cls, cfg, model, ctx, windows, dtype, make_collector, saliency) -> "_SensitivityPlanner":
+    def measure(cls, cfg, model, ctx, windows, dtype, make_collector, saliency, prune) -> "_SensitivityPlanner":
         from calibrate.sensitivity import hutchinson_traces
 
         t0 = time.perf_counter()
-        traces = None
-        if cfg.sensitivity_scale == "hutchinson":
-            traces = hutchinson_traces(model, ctx.adapter, windows[: cfg.hutchinson_windows], cfg.hutchinson_samples, roles=cfg.targets, show_progress=ctx.progress)
-        curves: dict = {}
+        self = cls(cfg, model, ctx.adapter, windows, saliency, prune)
+        if cfg.sensitivity_measure == "hutchinson":
+            self.traces = hutchinson_traces(model, ctx.adapter, windows[: cfg.hutchinson_windows], cfg.hutchinson_samples, roles=cfg.targets, show_progress=ctx.progress)
+        runner = LayerwiseRunner(model, ctx.adapter, windows, batch_size=cfg.batch_size, show_progress=ctx.progress, compute_dtype=dtype)
 
         def measure(block: int, refs: list[LinearRef], collectors: dict[str, Collector]) -> None:
-            curves.update(_curves(block, refs, collectors, saliency))
+            self.curves.update(_curves(block, refs, collectors, saliency))
+            if cfg.sensitivity_measure == "loss":
+                self.block_loss[block] = self._loss_points(block, refs, collectors, runner)
 
-        runner = LayerwiseRunner(model, ctx.adapter, windows, batch_size=cfg.batch_size, show_progress=ctx.progress, compute_dtype=dtype)
         runner.run(make_collector, measure, roles=cfg.targets, blocks=cfg.blocks)
-        scale = {name: cls._scale(cfg, c, traces) for name, c in curves.items()}
-        if traces is not None:
-            pos = sorted(v for v in scale.values() if v > 0)
+        self.scale = {name: self._scale(c) for name, c in self.curves.items()}
+        if self.traces is not None:
+            pos = sorted(v for v in self.scale.values() if v > 0)
             floor = pos[len(pos) // 2] * 1e-3 if pos else 1.0
-            bad = [n for n, v in scale.items() if v <= 0]
+            bad = [n for n, v in self.scale.items() if v <= 0]
             if bad:
                 log.warning("sensitivity: %d linears have a non-positive Hessian-trace estimate (%s...); floored at %.3g", len(bad), bad[0], floor)
-            scale = {n: max(v, floor) for n, v in scale.items()}
-        return cls(cfg, curves, scale, traces, saliency, time.perf_counter() - t0)
+            self.scale = {n: max(v, floor) for n, v in self.scale.items()}
+        self.planned = self._solve({}, {}, {})
+        self.seconds = time.perf_counter() - t0
+        return self
 
-    @staticmethod
-    def _scale(cfg: OneShotConfig, c, traces: dict[str, float] | None) -> float:
-        if traces is None:
+    def _candidates(self) -> list[float]:
+        lo, hi = self.cfg.sparsity_range()
+        n = self.cfg.sensitivity_points
+        return [lo + (hi - lo) * i / (n - 1) for i in range(n)]
+
+    def _loss_points(self, block: int, refs: list[LinearRef], collectors: dict[str, Collector], runner: LayerwiseRunner) -> list[tuple[float, float]]:
+        """(sparsity, Δloss) with only this block pruned, on the inputs the runner holds for it."""
+        from calibrate.sensitivity import loss_from_block
+
+        k = self.loss_ids.shape[0]
+        hidden = torch.cat([b.hidden for b in runner.current_inputs], 0)[:k].float()
+        base = loss_from_block(self.model, self.adapter, block, hidden, self.loss_ids)
+        groups: dict[int, list[LinearRef]] = {}
+        for ref in refs:
+            groups.setdefault(id(collectors[ref.name]), []).append(ref)
+        saved = [r.weight_out_in().clone() for r in refs]
+        points = []
+        try:
+            for s in self._candidates():
+                for group in groups.values():
+                    self.prune(group, collectors[group[0].name], s)
+                points.append((s, loss_from_block(self.model, self.adapter, block, hidden, self.loss_ids) - base))
+                for r, w in zip(refs, saved):
+                    r.weight_out_in().copy_(w)
+        finally:
+            for r, w in zip(refs, saved):
+                r.weight_out_in().copy_(w)
+        log.info("sensitivity: block %d Δloss %s", block, ", ".join(f"{s:.2f}: {d:+.4f}" for s, d in points))
+        return points
+
+    def _scale(self, c) -> float:
+        if self.traces is None:
             return 1.0 / c.energy if c.energy > 0 else 0.0
         denom = c.rows * c.trace_h
-        return 0.5 * traces[c.name] / denom if denom > 0 else 0.0
+        return 0.5 * self.traces[c.name] / denom if denom > 0 else 0.0
 
-    def _solve(self, fresh: dict, fixed: dict[str, float]) -> dict[str, float]:
-        """Sparsity per linear: ``fixed`` ones kept, ``fresh`` curves replacing the dense ones."""
+    @staticmethod
+    def _loss_curve(points: list[tuple[float, float]]) -> list[float]:
+        """Δloss on the curve grid: linear through (0, 0) and the measured points, extended with the last slope."""
+        from calibrate.sensitivity import GRID
+
+        pts = [(0.0, 0.0), *sorted(points)]
+        out = []
+        for k in range(GRID + 1):
+            x = k / GRID
+            i = next((j for j in range(1, len(pts)) if pts[j][0] >= x), len(pts) - 1)
+            (x0, y0), (x1, y1) = pts[i - 1], pts[i]
+            out.append(y0 + (x - x0) * (y1 - y0) / (x1 - x0) if x1 > x0 else y1)
+        return out
+
+    def _solve(self, fresh: dict, fresh_loss: dict[int, list[tuple[float, float]]], fixed: dict[str, float]) -> dict[str, float]:
+        """Sparsity per linear: ``fixed`` ones kept, ``fresh`` measurements replacing the dense ones."""
         from passes.allocation import allocate
 
         lo, hi = self.cfg.sparsity_range()
         units: dict[str, list[str]] = {}
-        for name in self.order:
-            c = self.curves[name]
+        for name, c in self.curves.items():
             key = name if self.cfg.sensitivity_unit == "matrix" else f"block{c.block}"
             units.setdefault(key, []).append(name)
         keys = list(units)
         curves, sizes, los, his = [], [], [], []
         for key in keys:
             names = units[key]
-            total = None
-            for n in names:
-                c = fresh.get(n, self.curves[n])
-                scale = self.scale[n] if self.traces is not None else (1.0 / c.energy if c.energy > 0 else 0.0)
-                total = c.curve * scale if total is None else total + c.curve * scale
-            curves.append(total.tolist())
+            if self.cfg.sensitivity_measure == "loss":
+                block = self.curves[names[0]].block
+                curves.append(self._loss_curve(fresh_loss.get(block, self.block_loss[block])))
+            else:
+                total = None
+                for n in names:
+                    c = fresh.get(n, self.curves[n])
+                    scale = self.scale[n] if self.traces is not None else self._scale(c)
+                    total = c.curve * scale if total is None else total + c.curve * scale
+                curves.append(total.tolist())
             sizes.append(sum(self.curves[n].numel for n in names))
             if all(n in fixed for n in names):
                 s = sum(fixed[n] * self.curves[n].numel for n in names) / sizes[-1]
@@ -269,23 +340,20 @@ class _SensitivityPlanner:
                 los.append(lo)
                 his.append(hi)
         sp = allocate(curves, sizes, self.cfg.sparsity, los, his)
-        out = {}
-        for key, s in zip(keys, sp):
-            for n in units[key]:
-                out[n] = fixed.get(n, s)
-        return out
+        return {n: fixed.get(n, s) for key, s in zip(keys, sp) for n in units[key]}
 
     def decide(self, block: int, refs: list[LinearRef], collectors: dict[str, Collector]) -> dict[str, float]:
         if self.cfg.sensitivity_resolve:
             fresh = _curves(block, refs, collectors, self.saliency)
-            plan = self._solve(fresh, self.done)
+            fresh_loss = {}
+            if self.cfg.sensitivity_measure == "loss":
+                fresh_loss[block] = self.remeasured[block] = self._loss_points(block, refs, collectors, self.runner)
+            plan = self._solve(fresh, fresh_loss, self.done)
         else:
             plan = self.planned
         for r in refs:
             self.done[r.name] = plan[r.name]
-        lo = min(plan[r.name] for r in refs)
-        hi = max(plan[r.name] for r in refs)
-        log.info("sensitivity: block %d sparsities %.3f..%.3f", block, lo, hi)
+        log.info("sensitivity: block %d sparsities %.3f..%.3f", block, min(plan[r.name] for r in refs), max(plan[r.name] for r in refs))
         return {r.name: plan[r.name] for r in refs}
 
     def summary(self) -> dict:
@@ -300,8 +368,8 @@ class _SensitivityPlanner:
         lo, hi = self.cfg.sparsity_range()
         info = {
             "method": "sensitivity",
+            "measure": self.cfg.sensitivity_measure,
             "unit": self.cfg.sensitivity_unit,
-            "scale": self.cfg.sensitivity_scale,
             "bounds": [round(lo, 6), round(hi, 6)],
             "resolve": self.cfg.sensitivity_resolve,
             "target": self.cfg.sparsity,
@@ -309,8 +377,12 @@ class _SensitivityPlanner:
             "block_sparsity": by_block(self.done),
             "planned_block_sparsity": by_block(self.planned),
             "matrix_sparsity": {n: round(s, 6) for n, s in self.done.items()},
-            "seconds": round(self.seconds, 2),
+            "seconds_measuring": round(self.seconds, 2),
         }
+        if self.block_loss:
+            info["delta_loss_dense"] = {str(b): [[round(s, 4), round(d, 6)] for s, d in pts] for b, pts in sorted(self.block_loss.items())}
+        if self.remeasured:
+            info["delta_loss_pruned_inputs"] = {str(b): [[round(s, 4), round(d, 6)] for s, d in pts] for b, pts in sorted(self.remeasured.items())}
         if self.traces is not None:
             info["hessian_trace"] = {n: float(f"{t:.6g}") for n, t in self.traces.items()}
         return info

@@ -397,7 +397,7 @@ def _allocation_text(variant: dict[str, Any]) -> str | None:
     alloc, by_role = got
     values = [s for blocks in by_role.values() for s in blocks.values()]
     target = alloc.get("target")
-    how = {"owl": f"OWL (λ {alloc.get('lambda')}, M {alloc.get('m')})", "sensitivity": f"sensitivity ({alloc.get('scale')} scale, one sparsity per {alloc.get('unit')}, bounds {alloc.get('bounds')})"}[alloc["method"]]
+    how = {"owl": f"OWL (λ {alloc.get('lambda')}, M {alloc.get('m')})", "sensitivity": f"sensitivity ({alloc.get('measure')} measure, one sparsity per {alloc.get('unit')}, bounds {alloc.get('bounds')})"}[alloc["method"]]
     return f"**{variant['name']}**: {how}; target {target}; measured per-linear sparsity {min(values):.3f}–{max(values):.3f}."
 
 

@@ -86,10 +86,10 @@ def test_allocation_options_are_validated():
         WandaConfig(sparsity=0.7, allocation="owl", owl_lambda=0.5)
     with pytest.raises(ValueError, match="not one of uniform, owl, sensitivity"):
         WandaConfig(sparsity=0.7, allocation="magic")
-    with pytest.raises(ValueError, match="sensitivity_unit 'row' is not one of matrix, block"):
+    with pytest.raises(ValueError, match="sensitivity_unit .row. is not one of block, matrix"):
         WandaConfig(sparsity=0.7, allocation="sensitivity", sensitivity_unit="row")
-    with pytest.raises(ValueError, match="sensitivity_scale"):
-        SparseGPTConfig(sparsity=0.7, allocation="sensitivity", sensitivity_scale="fisher")
+    with pytest.raises(ValueError, match="sensitivity_measure"):
+        SparseGPTConfig(sparsity=0.7, allocation="sensitivity", sensitivity_measure="fisher")
     with pytest.raises(ValueError, match="sensitivity_deviation 0.6 is outside"):
         SparseGPTConfig(sparsity=0.7, allocation="sensitivity", sensitivity_deviation=0.6)
     with pytest.raises(ValueError, match=r"sensitivity_bounds \[0.75, 0.9\] must satisfy"):
@@ -181,7 +181,7 @@ def test_the_more_sensitive_layer_gets_the_lower_sparsity():
 
 
 @pytest.mark.parametrize("cls,cfg_cls", [(WandaPass, WandaConfig), (SparseGPTPass, SparseGPTConfig)])
-@pytest.mark.parametrize("opts", [{}, {"sensitivity_unit": "block"}, {"sensitivity_scale": "hutchinson", "hutchinson_samples": 2}, {"sensitivity_resolve": False}])
+@pytest.mark.parametrize("opts", [{}, {"sensitivity_measure": "relative", "sensitivity_unit": "matrix"}, {"sensitivity_measure": "relative"}, {"sensitivity_measure": "hutchinson", "sensitivity_unit": "matrix", "hutchinson_samples": 2}, {"sensitivity_resolve": False}])
 def test_sensitivity_pass_keeps_the_overall_sparsity_within_bounds(cls, cfg_cls, opts):
     from conftest import tiny_model
 
@@ -205,7 +205,7 @@ def test_sensitivity_pass_keeps_the_overall_sparsity_within_bounds(cls, cfg_cls,
         s = float((x.weight_out_in() == 0).float().mean())
         assert 0.45 - 0.02 <= s <= 0.75 + 0.02, (x.name, s)
         assert alloc["matrix_sparsity"][x.name] == pytest.approx(s, abs=0.02)
-    if "sensitivity_scale" not in opts:  # the relative-error scale sees block 1 as the cheap one
+    if opts.get("sensitivity_measure") == "relative":  # the relative-error scale sees block 1 as the cheap one
         assert alloc["block_sparsity"]["1"] > alloc["block_sparsity"]["0"]
 
 
@@ -231,5 +231,5 @@ def test_sensitivity_variant_through_the_whole_build(tiny_dirs, text_file, tmp_p
     assert all(0.45 - 0.02 <= s <= 0.75 + 0.02 for s in spread)
     assert (out / "sparsity_wanda60-sens.png").is_file()
     md = (out / "report.md").read_text()
-    assert "## Mixed sparsity" in md and "sensitivity (relative scale, one sparsity per matrix" in md
+    assert "## Mixed sparsity" in md and "sensitivity (loss measure, one sparsity per block" in md
     assert "sparsity by block and role: wanda60-sens" in (out / "report.html").read_text()
