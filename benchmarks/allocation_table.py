@@ -66,12 +66,12 @@ def parse_allocation(spec: str) -> tuple[str, dict]:
         for item in rest[:-1].split(","):
             key, _, value = item.partition("=")
             full = key if key.startswith(("owl_", "hutchinson_", "sensitivity_")) else f"{name}_{key}"
-            try:
-                extra[full] = float(value) if value.replace(".", "", 1).isdigit() else {"true": True, "false": False}.get(value, value)
-            except ValueError:
-                extra[full] = value
-            if isinstance(extra[full], float) and extra[full].is_integer() and "samples" in full or "windows" in full:
-                extra[full] = int(extra[full])
+            if value.isdigit():
+                extra[full] = int(value)
+            elif value.replace(".", "", 1).isdigit():
+                extra[full] = float(value)
+            else:
+                extra[full] = {"true": True, "false": False}.get(value, value)
     return name, extra
 
 

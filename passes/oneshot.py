@@ -39,9 +39,9 @@ class OneShotConfig(SparsityTarget):
     error × the loss Hessian's trace over the layer's own)."""
     sensitivity_unit: str = "block"
     """Sensitivity: one sparsity per block ('block') or per linear ('matrix'; not with 'loss')."""
-    sensitivity_points: int = 4
+    sensitivity_points: int = 3
     """Sensitivity with 'loss': candidate sparsities per block, evenly spread over the bounds."""
-    sensitivity_windows: int = 4
+    sensitivity_windows: int = 2
     """Sensitivity with 'loss': calibration windows the loss is measured on (the first ones)."""
     sensitivity_deviation: float = 0.1
     """Sensitivity: each unit's sparsity stays within target ± this (and inside [0, 0.99])."""
