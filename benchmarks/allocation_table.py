@@ -10,10 +10,12 @@ that only fits the calibration domain. Options are not tuned on either evaluatio
 
     python benchmarks/allocation_table.py                                   # 128×512 calibration, the issue's table
     python benchmarks/allocation_table.py --methods wanda --sparsities 0.7 --calibration-windows 16   # a quick look
-    python benchmarks/allocation_table.py --allocations sensitivity "sensitivity[scale=hutchinson]" "sensitivity[unit=block]"
+    python benchmarks/allocation_table.py --methods wanda --sparsities 0.7 --calibration-windows 16 \
+        --allocations uniform owl "sensitivity[measure=relative,unit=matrix]" "sensitivity[measure=relative]" \
+        "sensitivity[measure=hutchinson,unit=matrix]" "sensitivity[resolve=false]" sensitivity   # the ablation
 
 An allocation is ``uniform``, ``owl`` or ``sensitivity``, optionally with pass options in brackets
-(``sensitivity[scale=hutchinson,deviation=0.2]`` sets ``sensitivity_scale`` and
+(``sensitivity[measure=hutchinson,deviation=0.2]`` sets ``sensitivity_measure`` and
 ``sensitivity_deviation``), so ablations run with the same data in the same process.
 """
 

@@ -4,8 +4,9 @@ Hessian-trace estimates. ``passes.allocation`` decides the sparsities from them.
 **Error curve.** For a linear with weight W (out × in) and input Hessian H = (2/n)XᵀX, removing
 weight w_ij alone raises the layer's mean squared output error by
 
-- ``obs`` (SparseGPT): w_ij² / [H⁻¹]_jj, the Optimal Brain Surgeon saliency, which assumes the
-  rest of the row is re-fitted (SparseGPT's error compensation); H is damped as the solver damps it;
+- ``obs`` (SparseGPT, ``passes.sparsegpt.obs_saliency``, on the solver's own damped factorisation):
+  w_ij² / [H⁻¹]_jj, the Optimal Brain Surgeon saliency, which assumes the rest of the row is
+  re-fitted (SparseGPT's error compensation);
 - ``diag`` (Wanda): w_ij² · H_jj = (|w_ij|·‖X_j‖)² · 2/n, the error without any update: Wanda's
   own score squared.
 
@@ -63,12 +64,6 @@ class ErrorCurve:
     trace_h: float
     """tr(H) of the layer's input Hessian (the local curvature per output row)."""
 
-    def at(self, s: float) -> float:
-        """E(s), linearly interpolated between grid points."""
-        x = min(max(s, 0.0), 1.0) * GRID
-        k = min(int(x), GRID - 1)
-        return float(self.curve[k] + (x - k) * (self.curve[k + 1] - self.curve[k]))
-
 
 def cumulative_smallest(saliency: torch.Tensor, scope: str, grid: int = GRID) -> torch.Tensor:
     """Sum of the smallest ``s`` share of ``saliency`` (out × in) for s = k/grid: over the whole
@@ -86,26 +81,6 @@ def cumulative_smallest(saliency: torch.Tensor, scope: str, grid: int = GRID) ->
     csum = torch.cat([torch.zeros(rows.shape[0], 1, dtype=torch.float64), rows], 1).sum(0)
     idx = (ks * sal.shape[1]).round().long()
     return csum[idx]
-
-
-def obs_saliency(weight: torch.Tensor, H: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
-    """w² / [H⁻¹]_jj with SparseGPT's handling: dead inputs (H_jj = 0) cost nothing; relative damping."""
-    H = H.double().clone()
-    dead = torch.diagonal(H) == 0
-    H[dead, dead] = 1.0
-    lam = damp * float(torch.diagonal(H).mean())
-    eye = torch.eye(H.shape[0], dtype=H.dtype)
-    for _ in range(7):
-        L, info = torch.linalg.cholesky_ex(H + lam * eye)
-        if int(info) == 0:
-            break
-        lam *= 10
-    else:
-        raise RuntimeError("input Hessian is not positive definite even with heavy damping")
-    hinv_diag = torch.diagonal(torch.cholesky_inverse(L))
-    sal = weight.double().pow(2) / hinv_diag[None, :]
-    sal[:, dead] = 0.0
-    return sal
 
 
 def diag_saliency(weight: torch.Tensor, h_diag: torch.Tensor) -> torch.Tensor:

@@ -146,11 +146,8 @@ def run_oneshot(
     def apply(block: int, refs: list[LinearRef], collectors: dict[str, Collector]) -> None:
         nonlocal solver_seconds
         ts = time.perf_counter()
-        groups: dict[int, list[LinearRef]] = {}
-        for ref in refs:
-            groups.setdefault(id(collectors[ref.name]), []).append(ref)
-        planned = planner.decide(block, refs, collectors) if planner is not None else None
-        for group in groups.values():
+        planned = planner.decide(block, refs, collectors, runner.current_inputs) if planner is not None else None
+        for group in _by_collector(refs, collectors):
             sp = [planned[r.name] for r in group] if planned is not None else block_sparsity.get(block, cfg.sparsity)
             facts = prune(group, collectors[group[0].name], sp)
             if facts:
@@ -161,8 +158,6 @@ def run_oneshot(
 
     result.info["calibration_dtype"] = str(dtype).replace("torch.", "")
     runner = LayerwiseRunner(model, ctx.adapter, windows, batch_size=cfg.batch_size, show_progress=ctx.progress, compute_dtype=dtype)
-    if planner is not None:
-        planner.runner = runner
     report = runner.run(make_collector, apply, roles=cfg.targets, blocks=cfg.blocks)
     if not result.layers:
         raise ValueError(f"pass '{name}': no linear matches targets {cfg.targets} and blocks {cfg.blocks}")
@@ -221,14 +216,19 @@ class _SensitivityPlanner:
         self.loss_ids = windows[: cfg.sensitivity_windows].long()
         self.saliency = saliency
         self.prune = prune
-        self.curves: dict = {}  # linear name -> ErrorCurve (dense model)
+        self.numel: dict[str, int] = {}  # linear name -> parameters
+        self.block_of: dict[str, int] = {}
+        self.curves: dict = {}  # linear name -> ErrorCurve on the dense model ('relative'/'hutchinson')
         self.block_loss: dict[int, list[tuple[float, float]]] = {}  # block -> measured (sparsity, Δloss), dense pass
-        self.scale: dict[str, float] = {}
+        self.remeasured: dict[int, list[tuple[float, float]]] = {}  # the same on the pruned model's inputs
         self.traces: dict[str, float] | None = None
+        self.scale: dict[str, float] = {}
         self.done: dict[str, float] = {}
-        self.runner: LayerwiseRunner | None = None
-        self.remeasured: dict[int, list[tuple[float, float]]] = {}
         self.seconds = 0.0
+
+    @property
+    def by_loss(self) -> bool:
+        return self.cfg.sensitivity_measure == "loss"
 
     @classmethod
     def measure(cls, cfg, model, ctx, windows, dtype, make_collector, saliency, prune) -> "_SensitivityPlanner":
@@ -241,9 +241,13 @@ class _SensitivityPlanner:
         runner = LayerwiseRunner(model, ctx.adapter, windows, batch_size=cfg.batch_size, show_progress=ctx.progress, compute_dtype=dtype)
 
         def measure(block: int, refs: list[LinearRef], collectors: dict[str, Collector]) -> None:
-            self.curves.update(_curves(block, refs, collectors, saliency))
-            if cfg.sensitivity_measure == "loss":
-                self.block_loss[block] = self._loss_points(block, refs, collectors, runner)
+            for r in refs:
+                self.numel[r.name] = r.weight_out_in().numel()
+                self.block_of[r.name] = block
+            if self.by_loss:
+                self.block_loss[block] = self._loss_points(block, refs, collectors, runner.current_inputs)
+            else:
+                self.curves.update(_curves(block, refs, collectors, saliency))
 
         runner.run(make_collector, measure, roles=cfg.targets, blocks=cfg.blocks)
         self.scale = {name: self._scale(c) for name, c in self.curves.items()}
@@ -263,28 +267,30 @@ class _SensitivityPlanner:
         n = self.cfg.sensitivity_points
         return [lo + (hi - lo) * i / (n - 1) for i in range(n)]
 
-    def _loss_points(self, block: int, refs: list[LinearRef], collectors: dict[str, Collector], runner: LayerwiseRunner) -> list[tuple[float, float]]:
-        """(sparsity, Δloss) with only this block pruned, on the inputs the runner holds for it."""
+    def _loss_points(self, block: int, refs: list[LinearRef], collectors: dict[str, Collector], inputs: list) -> list[tuple[float, float]]:
+        """(sparsity, Δloss) with only this block pruned, on its held inputs for the first windows."""
         from calibrate.sensitivity import loss_from_block
 
         k = self.loss_ids.shape[0]
-        hidden = torch.cat([b.hidden for b in runner.current_inputs], 0)[:k].float()
+        held, rows = [], 0
+        for b in inputs:  # the first k windows' inputs, without copying the rest
+            if rows >= k:
+                break
+            held.append(b.hidden[: k - rows])
+            rows += held[-1].shape[0]
+        hidden = torch.cat(held, 0).float()
         base = loss_from_block(self.model, self.adapter, block, hidden, self.loss_ids)
-        groups: dict[int, list[LinearRef]] = {}
-        for ref in refs:
-            groups.setdefault(id(collectors[ref.name]), []).append(ref)
+        groups = _by_collector(refs, collectors)
         saved = [r.weight_out_in().clone() for r in refs]
         points = []
-        try:
-            for s in self._candidates():
-                for group in groups.values():
+        for s in self._candidates():
+            try:
+                for group in groups:
                     self.prune(group, collectors[group[0].name], s)
                 points.append((s, loss_from_block(self.model, self.adapter, block, hidden, self.loss_ids) - base))
+            finally:
                 for r, w in zip(refs, saved):
                     r.weight_out_in().copy_(w)
-        finally:
-            for r, w in zip(refs, saved):
-                r.weight_out_in().copy_(w)
         log.info("sensitivity: block %d Δloss %s", block, ", ".join(f"{s:.2f}: {d:+.4f}" for s, d in points))
         return points
 
@@ -314,56 +320,48 @@ class _SensitivityPlanner:
 
         lo, hi = self.cfg.sparsity_range()
         units: dict[str, list[str]] = {}
-        for name, c in self.curves.items():
-            key = name if self.cfg.sensitivity_unit == "matrix" else f"block{c.block}"
-            units.setdefault(key, []).append(name)
-        keys = list(units)
+        for name, block in self.block_of.items():
+            units.setdefault(name if self.cfg.sensitivity_unit == "matrix" else f"block{block}", []).append(name)
         curves, sizes, los, his = [], [], [], []
-        for key in keys:
-            names = units[key]
-            if self.cfg.sensitivity_measure == "loss":
-                block = self.curves[names[0]].block
+        for names in units.values():
+            if self.by_loss:
+                block = self.block_of[names[0]]
                 curves.append(self._loss_curve(fresh_loss.get(block, self.block_loss[block])))
             else:
-                total = None
-                for n in names:
-                    c = fresh.get(n, self.curves[n])
-                    scale = self.scale[n] if self.traces is not None else self._scale(c)
-                    total = c.curve * scale if total is None else total + c.curve * scale
-                curves.append(total.tolist())
-            sizes.append(sum(self.curves[n].numel for n in names))
+                # a fresh curve keeps the dense Hutchinson factor; the relative scale follows its own energy
+                scaled = [fresh.get(n, self.curves[n]).curve * (self.scale[n] if self.traces is not None else self._scale(fresh.get(n, self.curves[n]))) for n in names]
+                curves.append(torch.stack(scaled).sum(0).tolist())
+            sizes.append(sum(self.numel[n] for n in names))
             if all(n in fixed for n in names):
-                s = sum(fixed[n] * self.curves[n].numel for n in names) / sizes[-1]
+                s = sum(fixed[n] * self.numel[n] for n in names) / sizes[-1]
                 los.append(s)
                 his.append(s)
             else:
                 los.append(lo)
                 his.append(hi)
         sp = allocate(curves, sizes, self.cfg.sparsity, los, his)
-        return {n: fixed.get(n, s) for key, s in zip(keys, sp) for n in units[key]}
+        return {n: fixed.get(n, s) for names, s in zip(units.values(), sp) for n in names}
 
-    def decide(self, block: int, refs: list[LinearRef], collectors: dict[str, Collector]) -> dict[str, float]:
-        if self.cfg.sensitivity_resolve:
-            fresh = _curves(block, refs, collectors, self.saliency)
-            fresh_loss = {}
-            if self.cfg.sensitivity_measure == "loss":
-                fresh_loss[block] = self.remeasured[block] = self._loss_points(block, refs, collectors, self.runner)
-            plan = self._solve(fresh, fresh_loss, self.done)
-        else:
+    def decide(self, block: int, refs: list[LinearRef], collectors: dict[str, Collector], inputs: list) -> dict[str, float]:
+        if not self.cfg.sensitivity_resolve:
             plan = self.planned
+        elif self.by_loss:
+            self.remeasured[block] = self._loss_points(block, refs, collectors, inputs)
+            plan = self._solve({}, {block: self.remeasured[block]}, self.done)
+        else:
+            plan = self._solve(_curves(block, refs, collectors, self.saliency), {}, self.done)
         for r in refs:
             self.done[r.name] = plan[r.name]
         log.info("sensitivity: block %d sparsities %.3f..%.3f", block, min(plan[r.name] for r in refs), max(plan[r.name] for r in refs))
         return {r.name: plan[r.name] for r in refs}
 
     def summary(self) -> dict:
-        sizes = {n: c.numel for n, c in self.curves.items()}
         blocks: dict[int, list[str]] = {}
-        for n, c in self.curves.items():
-            blocks.setdefault(c.block, []).append(n)
+        for n, b in self.block_of.items():
+            blocks.setdefault(b, []).append(n)
 
-        def by_block(sp: dict[str, float]) -> dict[str, float]:
-            return {str(b): round(sum(sp[n] * sizes[n] for n in ns) / sum(sizes[n] for n in ns), 6) for b, ns in sorted(blocks.items())}
+        def weighted(sp: dict[str, float], names) -> float:
+            return round(sum(sp[n] * self.numel[n] for n in names) / sum(self.numel[n] for n in names), 6)
 
         lo, hi = self.cfg.sparsity_range()
         info = {
@@ -373,9 +371,9 @@ class _SensitivityPlanner:
             "bounds": [round(lo, 6), round(hi, 6)],
             "resolve": self.cfg.sensitivity_resolve,
             "target": self.cfg.sparsity,
-            "allocated_sparsity": round(sum(self.done[n] * sizes[n] for n in self.done) / sum(sizes[n] for n in self.done), 6),
-            "block_sparsity": by_block(self.done),
-            "planned_block_sparsity": by_block(self.planned),
+            "allocated_sparsity": weighted(self.done, list(self.done)),
+            "block_sparsity": {str(b): weighted(self.done, ns) for b, ns in sorted(blocks.items())},
+            "planned_block_sparsity": {str(b): weighted(self.planned, ns) for b, ns in sorted(blocks.items())},
             "matrix_sparsity": {n: round(s, 6) for n, s in self.done.items()},
             "seconds_measuring": round(self.seconds, 2),
         }
@@ -388,15 +386,20 @@ class _SensitivityPlanner:
         return info
 
 
-def _curves(block: int, refs: list[LinearRef], collectors: dict[str, Collector], saliency: SaliencyFn) -> dict:
-    """Error curves of a block's target linears from their collectors (one solve per shared input)."""
-    from calibrate.sensitivity import error_curve
-
+def _by_collector(refs: list[LinearRef], collectors: dict[str, Collector]) -> list[list[LinearRef]]:
+    """The linears grouped by the collector (the input) they share, e.g. q/k/v, gate/up."""
     groups: dict[int, list[LinearRef]] = {}
     for ref in refs:
         groups.setdefault(id(collectors[ref.name]), []).append(ref)
+    return list(groups.values())
+
+
+def _curves(block: int, refs: list[LinearRef], collectors: dict[str, Collector], saliency: SaliencyFn) -> dict:
+    """Error curves of a block's target linears from their collectors (one factorisation per shared input)."""
+    from calibrate.sensitivity import error_curve
+
     out = {}
-    for group in groups.values():
+    for group in _by_collector(refs, collectors):
         ws = [r.weight_out_in() for r in group]
         sals, h_diag, scope = saliency(ws, collectors[group[0].name])
         for r, w, sal in zip(group, ws, sals):

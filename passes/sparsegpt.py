@@ -26,7 +26,6 @@ from dataclasses import dataclass
 
 import torch
 
-from calibrate.sensitivity import obs_saliency
 from calibrate.stats import Collector, HessianCollector
 from passes.base import Pass, PassContext, PassResult, register_pass
 from passes.oneshot import OneShotConfig, run_oneshot
@@ -82,6 +81,31 @@ def inverse_cholesky_upper(H: torch.Tensor, damp: float, max_steps: int, name: s
     raise RuntimeError(f"{name}: Hessian is not positive definite even with damping {rel / 10:.3g} × mean diag")
 
 
+def _revive_dead_inputs(H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A float32 copy of H with H_jj = 1 where an input was never active, and that mask."""
+    H = H.float().clone()
+    dead = torch.diagonal(H) == 0
+    H[dead, dead] = 1.0
+    return H, dead
+
+
+def obs_saliency(
+    weights: list[torch.Tensor], H: torch.Tensor, damp: float = 0.01, max_damp_steps: int = 6, name: str = "layer"
+) -> list[torch.Tensor]:
+    """The OBS saliency w²/[H⁻¹]_jj of every weight of the matrices sharing H, from the solver's own
+    factorisation (dead inputs, damping with retries): [H⁻¹]_jj is the squared norm of column j of
+    its upper Cholesky factor U (H⁻¹ = UᵀU). Dead inputs cost nothing. One factorisation per group."""
+    H, dead = _revive_dead_inputs(H)
+    U, *_ = inverse_cholesky_upper(H, damp, max_damp_steps, name)
+    hinv_diag = U.double().pow(2).sum(0)
+    out = []
+    for w in weights:
+        sal = w.double().pow(2) / hinv_diag[None, :]
+        sal[:, dead] = 0.0
+        out.append(sal)
+    return out
+
+
 def sparsegpt_prune(
     weight: torch.Tensor,
     H: torch.Tensor,
@@ -133,9 +157,7 @@ def sparsegpt_prune_group(
         raise ValueError(f"{name}: {cols} input columns are not a multiple of M={nm[1]}")
     if nm is not None and blocksize % nm[1]:
         raise ValueError(f"{name}: blocksize {blocksize} is not a multiple of M={nm[1]}")
-    H = H.float().clone()
-    dead = torch.diagonal(H) == 0
-    H[dead, dead] = 1.0
+    H, dead = _revive_dead_inputs(H)
     W[:, dead] = 0.0
     U, lam, steps, rel = inverse_cholesky_upper(H, damp, max_damp_steps, name)
     del H
@@ -196,6 +218,6 @@ class SparseGPTPass(Pass):
 
         def saliency(weights: list[torch.Tensor], col: Collector) -> tuple[list[torch.Tensor], torch.Tensor, str]:
             H = col.hessian()
-            return [obs_saliency(w, H, cfg.damp) for w in weights], torch.diagonal(H).double(), "matrix"
+            return obs_saliency(weights, H, cfg.damp, cfg.max_damp_steps), torch.diagonal(H).double(), "matrix"
 
         return run_oneshot(self.name, cfg, model, ctx, lambda ref: HessianCollector(ref.in_features), prune, saliency)

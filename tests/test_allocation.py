@@ -163,7 +163,8 @@ def test_allocate_hits_the_exact_parameter_target_within_bounds(n, target, dev, 
 def test_the_more_sensitive_layer_gets_the_lower_sparsity():
     """Two linears on one input: in B, 90 % of the weights are tiny, so pruning up to 90 % of B costs
     almost nothing, while every weight of A matters. B must get the higher sparsity, A the lower."""
-    from calibrate.sensitivity import diag_saliency, error_curve, obs_saliency
+    from calibrate.sensitivity import diag_saliency, error_curve
+    from passes.sparsegpt import obs_saliency
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(512, 64, generator=g)
@@ -171,7 +172,7 @@ def test_the_more_sensitive_layer_gets_the_lower_sparsity():
     a = torch.randn(64, 64, generator=g)
     b = a.clone()
     b[torch.rand(64, 64, generator=g) < 0.9] *= 0.01
-    for name, sal in (("obs", lambda w: obs_saliency(w, H)), ("diag", lambda w: diag_saliency(w, torch.diagonal(H)))):
+    for name, sal in (("obs", lambda w: obs_saliency([w], H)[0]), ("diag", lambda w: diag_saliency(w, torch.diagonal(H)))):
         ca = error_curve("a", 0, "q", a, sal(a), torch.diagonal(H), "matrix")
         cb = error_curve("b", 0, "k", b, sal(b), torch.diagonal(H), "matrix")
         curves = [(ca.curve / ca.energy).tolist(), (cb.curve / cb.energy).tolist()]
