@@ -131,6 +131,9 @@ class LayerwiseRunner:
         self.compute_dtype = compute_dtype
         self.current_inputs: list[_Batch] = []
         """The inputs of the block being calibrated (for ``apply`` callbacks that need them)."""
+        self.current_targets: list[torch.Tensor] = []
+        """With ``run(teacher=True)``: the unchanged model's output of the block being calibrated, per
+        batch — the dense block run on the dense model's own inputs (targets for reconstruction)."""
 
     def capture(self) -> list[_Batch]:
         """Inputs of block 0 for every window, in batches of ``batch_size``."""
@@ -190,10 +193,16 @@ class LayerwiseRunner:
         apply: ApplyFn,
         roles: list[str] | tuple[str, ...] | None = None,
         blocks: list[int] | None = None,
+        teacher: bool = False,
     ) -> RunnerReport:
+        """Calibrate the chosen blocks in order (see the module docstring). With ``teacher``, a second
+        stream of activations runs through the blocks *before* ``apply`` changes them, so
+        ``current_targets`` holds what the unchanged model computes there (one more forward per block
+        and one more set of window activations in memory)."""
         report = RunnerReport(windows=int(self.windows.shape[0]), tokens=int(self.windows.numel()))
         t0 = time.perf_counter()
         batches = self.capture()
+        teacher_batches = batches if teacher else []
         report.seconds_capture = time.perf_counter() - t0
         all_blocks = self.adapter.blocks(self.model)
         chosen = set(range(len(all_blocks))) if not blocks else set(blocks)
@@ -205,12 +214,15 @@ class LayerwiseRunner:
             tb = time.perf_counter()
             block = all_blocks[b]
             work = self.compute_copy(block)
+            if teacher:  # the block is still unchanged here
+                teacher_batches = self.next_inputs(work, teacher_batches)
             if b in chosen:
                 refs = self.adapter.linears(self.model, roles=roles, blocks=[b])
                 collectors = self._collect(work, refs, batches, make_collector)
                 self.current_inputs = batches
+                self.current_targets = [t.hidden for t in teacher_batches]
                 apply(b, refs, collectors)
-                self.current_inputs = []
+                self.current_inputs, self.current_targets = [], []
                 if refs and work is not block:
                     self.refresh(work, refs)
             if b < last:  # the pruned block's outputs feed the next block
@@ -220,6 +232,13 @@ class LayerwiseRunner:
             report.blocks += 1
             log.info("block %d/%d calibrated in %.1f s", b + 1, len(all_blocks), report.seconds_per_block[-1])
         return report
+
+    def collect(
+        self, block: torch.nn.Module, refs: list[LinearRef], batches: list[_Batch], make_collector: CollectorFactory
+    ) -> dict[str, Collector]:
+        """Fresh statistics of ``refs`` from one forward of ``block`` over ``batches`` (e.g. after an
+        ``apply`` callback retrained the block and wants to prune it again)."""
+        return self._collect(block, refs, batches, make_collector)
 
     def _collect(
         self, block: torch.nn.Module, refs: list[LinearRef], batches: list[_Batch], make_collector: CollectorFactory

@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from calibrate.stats import Collector, HessianCollector
 from passes.base import Pass, PassContext, PassResult, register_pass
-from passes.oneshot import OneShotConfig, run_oneshot
+from passes.oneshot import OneShotConfig, PruneFn, run_oneshot
 from core.adapters.base import LinearRef
 
 log = logging.getLogger(__name__)
@@ -198,6 +199,22 @@ def sparsegpt_prune_group(
     return list(W.split(sizes, 0)), SolveInfo(lam, rel, steps, int(dead.sum()))
 
 
+def sparsegpt_pruner(cfg: SparseGPTConfig) -> tuple[Callable[[LinearRef], Collector], PruneFn]:
+    """The collector factory and the in-place prune function of SparseGPT with ``cfg``'s solver
+    options (shared by this pass and the passes that wrap it, like SDS)."""
+
+    def prune(refs: list[LinearRef], col: Collector, sparsity: float | list[float] | None) -> dict:
+        ws = [r.weight_out_in() for r in refs]
+        news, info = sparsegpt_prune_group(
+            ws, col.hessian(), sparsity, cfg.nm, cfg.blocksize, cfg.damp, cfg.max_damp_steps, name="+".join(r.name for r in refs)
+        )
+        for w, new in zip(ws, news):
+            w.copy_(new.to(w.dtype))
+        return info.to_dict()
+
+    return (lambda ref: HessianCollector(ref.in_features)), prune
+
+
 @register_pass
 class SparseGPTPass(Pass):
     name = "sparsegpt"
@@ -206,18 +223,10 @@ class SparseGPTPass(Pass):
 
     def run(self, model: torch.nn.Module, ctx: PassContext) -> PassResult:
         cfg = self.config
-
-        def prune(refs: list[LinearRef], col: Collector, sparsity: float | list[float] | None) -> dict:
-            ws = [r.weight_out_in() for r in refs]
-            news, info = sparsegpt_prune_group(
-                ws, col.hessian(), sparsity, cfg.nm, cfg.blocksize, cfg.damp, cfg.max_damp_steps, name="+".join(r.name for r in refs)
-            )
-            for w, new in zip(ws, news):
-                w.copy_(new.to(w.dtype))
-            return info.to_dict()
+        make_collector, prune = sparsegpt_pruner(cfg)
 
         def saliency(weights: list[torch.Tensor], col: Collector) -> tuple[list[torch.Tensor], torch.Tensor, str]:
             H = col.hessian()
             return obs_saliency(weights, H, cfg.damp, cfg.max_damp_steps), torch.diagonal(H).double(), "matrix"
 
-        return run_oneshot(self.name, cfg, model, ctx, lambda ref: HessianCollector(ref.in_features), prune, saliency)
+        return run_oneshot(self.name, cfg, model, ctx, make_collector, prune, saliency)

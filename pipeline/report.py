@@ -407,7 +407,29 @@ def _allocation_section(results: dict[str, Any]) -> list[str]:
         text = _allocation_text(v)
         if text:
             lines += ["", text, "", f"![sparsity by block and role: {v['name']}]({sparsity_plot_name(v['name'])})"]
-    return ["", "## Mixed sparsity (per block and role, measured from the weights)", *lines] if lines else []
+    out = ["", "## Mixed sparsity (per block and role, measured from the weights)", *lines] if lines else []
+    sds = [t for t in (sds_text(v) for v in results["variants"]) if t]
+    if sds:
+        out += ["", "## SDS (sparse → dense → sparse)", *[x for t in sds for x in ("", t)]]
+    return out
+
+
+def sds_text(variant: dict[str, Any]) -> str | None:
+    """One line on an SDS variant: its settings and the held-out block reconstruction error of the
+    final sparse blocks against the base method's own (step 1) blocks, overall and the range per block."""
+    for pr in variant.get("pass_results", []):
+        info = pr.get("info") or {}
+        if pr.get("name") != "sds" or "holdout_error_ratio" not in info:
+            continue
+        last = f"sparse{info['iterations']}"
+        per = [r[last]["holdout"] / r["step1"]["holdout"] for r in info["blocks"].values() if r["step1"]["holdout"] > 0]
+        spread = f" (per block {min(per):.3f}–{max(per):.3f})" if per else ""
+        return (
+            f"**{variant['name']}**: SDS over {info['base']} ({info['pattern'] or info['sparsity']}), {info['iterations']} × "
+            f"{info['recon_steps']} reconstruction steps per block, regulariser {info['regularizer']} × {info['reg_weight']}, "
+            f"target {info['target']}; held-out block error after SDS = {info['holdout_error_ratio']:.3f} × step 1's{spread}."
+        )
+    return None
 
 
 def sparsity_plot_name(variant: str) -> str:
@@ -562,6 +584,9 @@ def render_html(md_rows: list[dict[str, Any]], results: dict[str, Any], plot: by
             mixed += f"{_lines_html([text])}{pic}"
     if mixed:
         mixed = f"<h2>Mixed sparsity (per block and role, measured from the weights)</h2>{mixed}"
+    sds = [t for t in (sds_text(v) for v in results["variants"]) if t]
+    if sds:
+        mixed += f"<h2>SDS (sparse → dense → sparse)</h2>{_lines_html(sds)}"
     ev = results["data"]["evaluation"]
     ship = _lines_html(_decision_markdown(results.get("decision") or decision(results, md_rows))[3:])
     return f"""<!doctype html>
