@@ -72,8 +72,9 @@ class SDSConfig(SparseGPTConfig):
     """Dense → sparse rounds after the first pruning (1 = S→D→S, 2 = S→D→S→D→S)."""
     recon_steps: int = 48
     """Adam steps of each dense reconstruction, per block; one runner batch per step."""
-    recon_lr: float = 1e-4
-    """Peak learning rate of the reconstruction (10 % warm-up, cosine decay)."""
+    recon_lr: float = 1e-3
+    """Peak learning rate of the reconstruction (10 % warm-up, cosine decay); chosen on the held-out
+    calibration block error (benchmarks/results/sds_options_*.json), never on an evaluation text."""
     regularizer: str = "l1"
     """'l1' or 'l2' on the positions the last pruning removed, 'smallest' on the weights the
     pattern would drop now, or 'none'."""
