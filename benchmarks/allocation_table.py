@@ -58,23 +58,37 @@ def stdlib_text() -> str:
     return "\n\n".join(docs)
 
 
-def parse_allocation(spec: str) -> tuple[str, dict]:
-    """'sensitivity[scale=hutchinson,unit=block]' → ('sensitivity', {'sensitivity_scale': 'hutchinson', ...})."""
+def parse_spec(spec: str) -> tuple[str, dict]:
+    """'name[key=value,...]' → ('name', {key: value}); values become int, float or bool where they read as one."""
     name, _, rest = spec.partition("[")
-    extra: dict = {}
+    options: dict = {}
     if rest:
         if not rest.endswith("]"):
-            raise SystemExit(f"allocation '{spec}': expected name[key=value,...]")
+            raise SystemExit(f"'{spec}': expected name[key=value,...]")
         for item in rest[:-1].split(","):
             key, _, value = item.partition("=")
-            full = key if key.startswith(("owl_", "hutchinson_", "sensitivity_")) else f"{name}_{key}"
-            if value.isdigit():
-                extra[full] = int(value)
-            elif value.replace(".", "", 1).isdigit():
-                extra[full] = float(value)
-            else:
-                extra[full] = {"true": True, "false": False}.get(value, value)
-    return name, extra
+            options[key] = _value(value)
+    return name, options
+
+
+def _value(text: str) -> int | float | bool | str:
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(text, text)
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
+
+
+def parse_allocation(spec: str) -> tuple[str, dict]:
+    """'sensitivity[measure=hutchinson,unit=matrix]' → ('sensitivity', {'sensitivity_measure': 'hutchinson', ...})."""
+    name, options = parse_spec(spec)
+    return name, {(k if k.startswith(("owl_", "hutchinson_", "sensitivity_")) else f"{name}_{k}"): v for k, v in options.items()}
 
 
 def main() -> int:
@@ -144,13 +158,11 @@ def main() -> int:
 
     atomic_write_json(args.out, result)
     header = ["method", "allocation", "sparsity (measured)", "ppl Shakespeare", "ppl second text", "prune s", "time vs uniform"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += [
-        f"| {r['method']} | {r['allocation']} | {r['sparsity']} ({r.get('measured_sparsity', 0)}) | {r['ppl_shakespeare']} "
-        f"| {r['ppl_second']} | {r.get('prune_seconds', '—')} | {r.get('time_vs_uniform', '—')} |"
+    print(markdown_table(header, [
+        [r["method"], r["allocation"], f"{r['sparsity']} ({r.get('measured_sparsity', 0)})", r["ppl_shakespeare"], r["ppl_second"],
+         r.get("prune_seconds", "—"), r.get("time_vs_uniform", "—")]
         for r in rows
-    ]
-    print("\n".join(lines))
+    ]))
     return 0
 
 

@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.allocation_table import STDLIB_PROSE, stdlib_text  # noqa: E402
+from benchmarks.allocation_table import STDLIB_PROSE, markdown_table, parse_spec, stdlib_text  # noqa: E402
 from calibrate.data import calibration_windows, evaluation_windows, shakespeare_splits, tokenize  # noqa: E402
 from core.artifacts import atomic_write_json  # noqa: E402
 from core.masks import is_nm_sparse  # noqa: E402
@@ -42,25 +42,11 @@ from pipeline.validate import perplexity, torch_outputs_fn  # noqa: E402
 
 
 def parse_variant(spec: str) -> dict:
-    name, _, rest = spec.partition("[")
-    if name != "sds":
-        raise SystemExit(f"variant '{spec}': expected sds or sds[key=value,...]")
-    out: dict = {}
-    if rest:
-        if not rest.endswith("]"):
-            raise SystemExit(f"variant '{spec}': expected sds[key=value,...]")
-        for item in rest[:-1].split(","):
-            key, _, value = item.partition("=")
-            if key not in SDSConfig.__dataclass_fields__:
-                raise SystemExit(f"variant '{spec}': unknown SDS option '{key}'")
-            try:
-                out[key] = int(value)
-            except ValueError:
-                try:
-                    out[key] = float(value)
-                except ValueError:
-                    out[key] = {"true": True, "false": False}.get(value, value)
-    return out
+    name, options = parse_spec(spec)
+    unknown = [k for k in options if k not in SDSConfig.__dataclass_fields__]
+    if name != "sds" or unknown:
+        raise SystemExit(f"variant '{spec}': expected sds or sds[key=value,...] with SDS option names" + (f"; unknown {unknown}" if unknown else ""))
+    return options
 
 
 def main() -> int:
@@ -129,13 +115,11 @@ def main() -> int:
                 del model
                 atomic_write_json(args.out, _result(args, ev, ev2, rows))  # partial results survive an interruption
     header = ["method", "pattern", "variant", "sparsity", "ppl Shakespeare", "ppl second text", "prune s", "× step 1 time", "holdout block error × step 1"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += [
-        f"| {r['method']} | {r['pattern']} | {r['variant']} | {r.get('measured_sparsity', '—')} | {r['ppl_shakespeare']} | {r['ppl_second']} "
-        f"| {r.get('prune_seconds', '—')} | {r.get('time_vs_step1', '—')} | {r.get('holdout_error_ratio', '—')} |"
+    print(markdown_table(header, [
+        [r["method"], r["pattern"], r["variant"], r.get("measured_sparsity", "—"), r["ppl_shakespeare"], r["ppl_second"],
+         r.get("prune_seconds", "—"), r.get("time_vs_step1", "—"), r.get("holdout_error_ratio", "—")]
         for r in rows
-    ]
-    print("\n".join(lines))
+    ]))
     return 0
 
 

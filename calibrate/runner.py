@@ -59,17 +59,22 @@ def _parent_and_attr(model: torch.nn.Module, path: str) -> tuple[torch.nn.Module
     return (model.get_submodule(parent_path) if parent_path else model), attr
 
 
-def _cast(obj: Any, dtype: torch.dtype) -> Any:
-    """Floating tensors (also inside tuples, lists and dicts) to ``dtype``; everything else unchanged."""
+def map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """``fn`` applied to every tensor, also inside tuples, lists and dicts; everything else unchanged."""
     if isinstance(obj, torch.Tensor):
-        return obj.to(dtype) if obj.is_floating_point() else obj
+        return fn(obj)
     if isinstance(obj, tuple):
-        return tuple(_cast(o, dtype) for o in obj)
+        return tuple(map_tensors(o, fn) for o in obj)
     if isinstance(obj, list):
-        return [_cast(o, dtype) for o in obj]
+        return [map_tensors(o, fn) for o in obj]
     if isinstance(obj, dict):
-        return {k: _cast(v, dtype) for k, v in obj.items()}
+        return {k: map_tensors(v, fn) for k, v in obj.items()}
     return obj
+
+
+def _cast(obj: Any, dtype: torch.dtype) -> Any:
+    """Floating tensors (also inside containers) to ``dtype``; everything else unchanged."""
+    return map_tensors(obj, lambda t: t.to(dtype) if t.is_floating_point() else t)
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -88,7 +93,8 @@ def resolve_compute_dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
 
 
-def _first(out: Any) -> torch.Tensor:
+def first_output(out: Any) -> torch.Tensor:
+    """A block's hidden-state output (families return a tuple or the tensor itself)."""
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
@@ -185,7 +191,7 @@ class LayerwiseRunner:
 
     def next_inputs(self, block: torch.nn.Module, batches: list[_Batch]) -> list[_Batch]:
         with torch.inference_mode():
-            return [_Batch(_first(block(b.hidden, *b.args, **b.kwargs)).detach(), b.args, b.kwargs) for b in batches]
+            return [_Batch(first_output(block(b.hidden, *b.args, **b.kwargs)).detach(), b.args, b.kwargs) for b in batches]
 
     def run(
         self,
@@ -218,7 +224,7 @@ class LayerwiseRunner:
                 teacher_batches = self.next_inputs(work, teacher_batches)
             if b in chosen:
                 refs = self.adapter.linears(self.model, roles=roles, blocks=[b])
-                collectors = self._collect(work, refs, batches, make_collector)
+                collectors = self.collect(work, refs, batches, make_collector)
                 self.current_inputs = batches
                 self.current_targets = [t.hidden for t in teacher_batches]
                 apply(b, refs, collectors)
@@ -236,14 +242,9 @@ class LayerwiseRunner:
     def collect(
         self, block: torch.nn.Module, refs: list[LinearRef], batches: list[_Batch], make_collector: CollectorFactory
     ) -> dict[str, Collector]:
-        """Fresh statistics of ``refs`` from one forward of ``block`` over ``batches`` (e.g. after an
-        ``apply`` callback retrained the block and wants to prune it again)."""
-        return self._collect(block, refs, batches, make_collector)
-
-    def _collect(
-        self, block: torch.nn.Module, refs: list[LinearRef], batches: list[_Batch], make_collector: CollectorFactory
-    ) -> dict[str, Collector]:
-        """One forward of ``block`` over all batches, feeding every target linear's input to a collector."""
+        """One forward of ``block`` over all batches, feeding every target linear's input to a collector
+        (``run`` calls it per block; an ``apply`` callback that retrained its block calls it for fresh
+        statistics before pruning again)."""
         by_name: dict[str, Collector] = {}
         # (data_ptr, shape) of tensors seen in this batch → (collector, tensor). Holding the tensor keeps
         # its memory from being reused by a later activation of the same shape within the batch.

@@ -37,6 +37,7 @@ loop itself holds no state worth saving beyond the runner's activations.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -45,13 +46,14 @@ from typing import Any, Callable
 
 import torch
 
-from calibrate.runner import LayerwiseRunner, resolve_compute_dtype
+from calibrate.runner import LayerwiseRunner, first_output, map_tensors, resolve_compute_dtype
 from calibrate.stats import Collector
 from core.adapters.base import LinearRef
 from core.masks import is_nm_sparse, nm_mask, sparsity_of, unstructured_mask
 from passes.base import LayerChange, Pass, PassContext, PassResult, register_pass
 from passes.oneshot import PruneFn, _by_collector
 from passes.sparsegpt import SparseGPTConfig, sparsegpt_pruner
+from passes.training import lr_factor
 from passes.wanda import wanda_pruner
 
 log = logging.getLogger(__name__)
@@ -114,19 +116,7 @@ class SDSConfig(SparseGPTConfig):
 
 def _plain(obj: Any) -> Any:
     """Autograd-usable fp32 copies of the runner's (inference-mode) tensors, also inside containers."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().clone().float() if obj.is_floating_point() else obj.detach().clone()
-    if isinstance(obj, tuple):
-        return tuple(_plain(o) for o in obj)
-    if isinstance(obj, list):
-        return [_plain(o) for o in obj]
-    if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
-    return obj
-
-
-def _out(y: Any) -> torch.Tensor:
-    return y[0] if isinstance(y, (tuple, list)) else y
+    return map_tensors(obj, lambda t: t.detach().clone().float() if t.is_floating_point() else t.detach().clone())
 
 
 def _weight(ref: LinearRef) -> torch.Tensor:
@@ -139,15 +129,16 @@ class _Block:
 
     def __init__(self, module: torch.nn.Module, batches: list, targets: list[torch.Tensor], holdout: int):
         self.module = module
-        self.inputs = [(_plain(b.hidden), _plain(b.args), _plain(b.kwargs)) for b in batches]
+        self.inputs = [dataclasses.replace(b, hidden=_plain(b.hidden), args=_plain(b.args), kwargs=_plain(b.kwargs)) for b in batches]
+        """The runner's batches as fp32 autograd-usable copies (same type, so ``LayerwiseRunner.collect`` takes them)."""
         self.targets = [t.detach().clone().float() for t in targets]
         n = len(self.inputs)
         self.train = list(range(n - holdout))
         self.hold = list(range(n - holdout, n))
 
     def forward(self, i: int) -> torch.Tensor:
-        h, args, kwargs = self.inputs[i]
-        return _out(self.module(h, *args, **kwargs))
+        b = self.inputs[i]
+        return first_output(self.module(b.hidden, *b.args, **b.kwargs))
 
     @torch.no_grad()
     def errors(self, which: list[int]) -> list[float]:
@@ -187,7 +178,7 @@ def reconstruct(
         for step in range(cfg.recon_steps):
             i = blk.train[step % len(blk.train)]
             for g in opt.param_groups:
-                g["lr"] = cfg.recon_lr * _lr_factor(step, warmup, cfg.recon_steps)
+                g["lr"] = cfg.recon_lr * lr_factor(step, warmup, cfg.recon_steps)
             err = (blk.forward(i) - blk.targets[i]).pow(2).sum() / max(step1_errors[i], 1e-30)
             reg = torch.zeros(())
             if cfg.regularizer != "none" and cfg.reg_weight > 0:
@@ -215,12 +206,6 @@ def reconstruct(
         for n, p in module.named_parameters():
             p.requires_grad_(saved_flags[n])
     return {"loss_first": round(first["loss"], 5), "loss_last": round(last["loss"], 5), "reg_first": round(first["reg"], 6), "reg_last": round(last["reg"], 6)}
-
-
-def _lr_factor(step: int, warmup: int, steps: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, steps - warmup))))
 
 
 def _check_pattern(refs: list[LinearRef], cfg: SDSConfig) -> None:
@@ -282,7 +267,7 @@ class SDSPass(Pass):
             if cfg.target == "model":
                 targets = runner.current_targets
             else:
-                targets = [t.hidden for t in runner.next_inputs(module if dtype == torch.float32 else runner.compute_copy(module), runner.current_inputs)]
+                targets = [t.hidden for t in runner.next_inputs(runner.compute_copy(module), runner.current_inputs)]
             blk = _Block(module, runner.current_inputs, targets, cfg.holdout_batches)
             dense_hold = blk.errors(blk.hold)
             seconds["measure"] += time.perf_counter() - ts
@@ -302,7 +287,7 @@ class SDSPass(Pass):
                 ts = time.perf_counter()
                 record[f"dense{it}"] = _summ(None, blk.errors(blk.hold))
                 with torch.no_grad():
-                    fresh = runner.collect(module, refs, [_AsBatch(*x) for x in blk.inputs], make_collector)
+                    fresh = runner.collect(module, refs, blk.inputs, make_collector)
                 seconds["measure"] += time.perf_counter() - ts
                 prune_all(refs, fresh)
                 ts = time.perf_counter()
@@ -333,13 +318,6 @@ class SDSPass(Pass):
         log.info("sds: %d linears, holdout block error %.3f× step 1's, %.1f s (reconstruction %.1f s)",
                  len(result.layers), result.info["holdout_error_ratio"], result.seconds, seconds["reconstruct"])
         return result
-
-
-class _AsBatch:
-    """The runner's batch shape (hidden, args, kwargs) for :meth:`LayerwiseRunner.collect`."""
-
-    def __init__(self, hidden: torch.Tensor, args: tuple, kwargs: dict):
-        self.hidden, self.args, self.kwargs = hidden, args, kwargs
 
 
 def _summ(train: list[float] | None, hold: list[float]) -> dict[str, float]:

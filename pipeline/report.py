@@ -308,6 +308,7 @@ def render_markdown(results: dict[str, Any], rows: list[dict[str, Any]]) -> str:
                 )
     lines += _structured_section(results)
     lines += _allocation_section(results)
+    lines += _sds_section(results)
     if results.get("skips"):
         lines += ["", "## Skipped backends", ""]
         for s in {(s["backend"], s["reason"]) for s in results["skips"]}:
@@ -407,11 +408,16 @@ def _allocation_section(results: dict[str, Any]) -> list[str]:
         text = _allocation_text(v)
         if text:
             lines += ["", text, "", f"![sparsity by block and role: {v['name']}]({sparsity_plot_name(v['name'])})"]
-    out = ["", "## Mixed sparsity (per block and role, measured from the weights)", *lines] if lines else []
-    sds = [t for t in (sds_text(v) for v in results["variants"]) if t]
-    if sds:
-        out += ["", "## SDS (sparse → dense → sparse)", *[x for t in sds for x in ("", t)]]
-    return out
+    return ["", "## Mixed sparsity (per block and role, measured from the weights)", *lines] if lines else []
+
+
+def _sds_texts(results: dict[str, Any]) -> list[str]:
+    return [t for t in (sds_text(v) for v in results["variants"]) if t]
+
+
+def _sds_section(results: dict[str, Any]) -> list[str]:
+    texts = _sds_texts(results)
+    return ["", "## SDS (sparse → dense → sparse)", *[x for t in texts for x in ("", t)]] if texts else []
 
 
 def sds_text(variant: dict[str, Any]) -> str | None:
@@ -584,7 +590,7 @@ def render_html(md_rows: list[dict[str, Any]], results: dict[str, Any], plot: by
             mixed += f"{_lines_html([text])}{pic}"
     if mixed:
         mixed = f"<h2>Mixed sparsity (per block and role, measured from the weights)</h2>{mixed}"
-    sds = [t for t in (sds_text(v) for v in results["variants"]) if t]
+    sds = _sds_texts(results)
     if sds:
         mixed += f"<h2>SDS (sparse → dense → sparse)</h2>{_lines_html(sds)}"
     ev = results["data"]["evaluation"]
