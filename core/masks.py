@@ -75,3 +75,75 @@ def is_nm_sparse(weight: torch.Tensor, n: int, m: int) -> bool:
 
 def sparsity_of(weight: torch.Tensor) -> float:
     return float((weight == 0).sum()) / max(weight.numel(), 1)
+
+
+# --- pattern sets: the constraint sets of pattern pruning, as Euclidean projections ---------------
+
+_TILE_RE = re.compile(r"^\s*tile\s*(\d+)\s*x\s*(\d+)\s*:\s*(\d+)\s*$")
+
+
+class PatternSet:
+    """A set of pattern-sparse (out, in) matrices, with the Euclidean projection onto it.
+
+    ``"N:M"`` — at most N non-zeros in every M consecutive weights along the input (reduction)
+    axis (2:4 is what sparse tensor cores run; 4:8 is a looser set holding every 2:4 matrix);
+    ``"tileRxC:K"`` — at most K non-zeros in every R × C tile (R output rows by C inputs), a
+    block pattern for block-sparse kernels.
+
+    The projection keeps the largest magnitudes of every group (the nearest member in Frobenius
+    norm), so it is idempotent: a member projects onto itself.
+    """
+
+    def __init__(self, spec: str):
+        self.spec = str(spec).strip()
+        tile = _TILE_RE.match(self.spec)
+        if tile:
+            self.rows, self.cols, self.keep = (int(g) for g in tile.groups())
+            if self.rows < 1 or self.cols < 1 or not 0 < self.keep < self.rows * self.cols:
+                raise ValueError(f"pattern '{spec}' needs tiles of at least 1 × 1 and 0 < K < R·C kept per tile")
+        else:
+            try:
+                self.keep, self.cols = parse_pattern(self.spec)
+            except ValueError:
+                raise ValueError(f"pattern '{spec}' is neither 'N:M' (e.g. '2:4') nor 'tileRxC:K' (e.g. 'tile4x4:8')") from None
+            self.rows = 1
+
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        """(N, M) for an N:M set, None for a tile set."""
+        return (self.keep, self.cols) if self.rows == 1 else None
+
+    @property
+    def density(self) -> float:
+        return self.keep / (self.rows * self.cols)
+
+    def check_shape(self, shape: tuple[int, ...], name: str = "weight") -> None:
+        if len(shape) != 2 or shape[0] % self.rows or shape[1] % self.cols:
+            raise ValueError(f"{name} of shape {tuple(shape)} does not split into {self.rows} × {self.cols} groups for pattern '{self.spec}'")
+
+    def _groups(self, t: torch.Tensor) -> torch.Tensor:
+        """(out, in) → (groups, R·C): one row per tile/group."""
+        self.check_shape(tuple(t.shape))
+        r, c = self.rows, self.cols
+        o, i = t.shape
+        return t.reshape(o // r, r, i // c, c).permute(0, 2, 1, 3).reshape(-1, r * c)
+
+    def _ungroup(self, g: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+        r, c = self.rows, self.cols
+        o, i = shape
+        return g.reshape(o // r, i // c, r, c).permute(0, 2, 1, 3).reshape(o, i)
+
+    def mask(self, scores: torch.Tensor) -> torch.Tensor:
+        """Keep (True) the K highest scores of every group."""
+        g = self._groups(scores)
+        keep = g.topk(self.keep, dim=-1, sorted=False).indices
+        return self._ungroup(torch.zeros_like(g, dtype=torch.bool).scatter_(-1, keep, True), tuple(scores.shape))
+
+    def project(self, weight: torch.Tensor) -> torch.Tensor:
+        """The nearest member of the set (a new tensor)."""
+        return weight * self.mask(weight.abs())
+
+    def contains(self, weight: torch.Tensor) -> bool:
+        if len(weight.shape) != 2 or weight.shape[0] % self.rows or weight.shape[1] % self.cols:
+            return False
+        return bool(((self._groups(weight) != 0).sum(-1) <= self.keep).all())
