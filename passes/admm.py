@@ -386,7 +386,7 @@ class ADMMPass(Pass):
 
         # --- phase 2: hard masks from Z, SR-STE ---
         srste = SRSTEHook(targets, pattern, cfg, norms, admm.masks())
-        del admm
+        admm.z, admm.u = {}, {}  # free Z and U: the masks are all phase 2 needs
         params = {t.name: t.param for t in targets}
 
         def srste_loss(ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
