@@ -340,6 +340,7 @@ class ADMMPass(Pass):
     config_class = ADMMConfig
     uses_calibration = True
     trains = True
+    state_copies = 2
 
     def run(self, model: torch.nn.Module, ctx: PassContext) -> PassResult:
         cfg = self.config

@@ -82,6 +82,8 @@ class Pass(ABC):
     """True when ``run`` reads ``ctx.calibration`` (its stage key then includes the calibration data)."""
     trains: ClassVar[bool] = False
     """True when ``run`` trains weights with an optimizer (the memory preflight counts gradients and moments)."""
+    state_copies: ClassVar[int] = 0
+    """Weight-sized tensors a training pass keeps besides gradients and moments (ADMM: Z and U)."""
     changes_shapes: ClassVar[bool] = False
     """True when the pass removes heads/channels; otherwise the dense ONNX graph is reused with new weights."""
 

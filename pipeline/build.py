@@ -124,7 +124,8 @@ class Builder:
         uses = [get_pass_class(p.name) for v in todo for p in v.passes]
         trains = any(getattr(c, "trains", False) for c in uses)
         calibrates = any(getattr(c, "uses_calibration", False) for c in uses)
-        est = preflight.estimate(self.recipe, config, weights_bytes, todo, trains, calibrates)
+        copies = max((getattr(c, "state_copies", 0) for c in uses), default=0)
+        est = preflight.estimate(self.recipe, config, weights_bytes, todo, trains, calibrates, copies)
         preflight.check(est, self.out)
 
     def _results(self, ordered: list[VariantSpec], validated: dict[tuple[str, str], Path], timings: dict[str, Path]) -> dict[str, Any]:

@@ -3,7 +3,8 @@
 The estimate is deliberately simple and stated in the error, so a user can see which knob to turn:
 
 - memory: the dense model and one variant copy (fp32 weights, ``W`` bytes); three more ``W`` for
-  gradients and AdamW's two moments when a variant trains (distill); the layer-wise calibration
+  gradients and AdamW's two moments when a variant trains (distill, ADMM), plus the largest
+  ``state_copies`` of its training passes (ADMM's Z and U: 2 ``W``); the layer-wise calibration
   runner's block inputs and outputs for every calibration window (windows × length × hidden × 4 B
   × 2); one evaluation window's logits and their log-softmax, plus the dense logits kept for
   agreement (length × vocab × 4 B each);
@@ -60,13 +61,17 @@ def _dim(config: dict[str, Any], *names: str, default: int = 0) -> int:
     return default
 
 
-def estimate(recipe: Any, config: dict[str, Any], weights_bytes: int, variants_to_build: list[Any], trains: bool, calibrates: bool) -> Estimate:
+def estimate(
+    recipe: Any, config: dict[str, Any], weights_bytes: int, variants_to_build: list[Any], trains: bool, calibrates: bool, state_copies: int = 0,
+) -> Estimate:
     hidden = _dim(config, "hidden_size", "n_embd", "d_model", default=1)
     vocab = _dim(config, "vocab_size", default=1)
     cal, ev = recipe.data.calibration, recipe.data.evaluation
     mem = {"models (dense + variant copy)": 2 * weights_bytes}
     if trains:
         mem["training state (grads + AdamW moments)"] = 3 * weights_bytes
+        if state_copies:
+            mem[f"training pass state ({state_copies} weight copies, e.g. ADMM's Z and U)"] = state_copies * weights_bytes
     if calibrates:
         mem[f"calibration activations ({cal.windows} windows × {cal.length} tokens × hidden {hidden})"] = cal.windows * cal.length * hidden * 4 * 2
     agree = recipe.validation.agreement_windows

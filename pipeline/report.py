@@ -309,6 +309,7 @@ def render_markdown(results: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     lines += _structured_section(results)
     lines += _allocation_section(results)
     lines += _sds_section(results)
+    lines += _admm_section(results)
     if results.get("skips"):
         lines += ["", "## Skipped backends", ""]
         for s in {(s["backend"], s["reason"]) for s in results["skips"]}:
@@ -438,6 +439,79 @@ def sds_text(variant: dict[str, Any]) -> str | None:
     return None
 
 
+def _admm_info(variant: dict[str, Any]) -> dict[str, Any] | None:
+    for pr in variant.get("pass_results", []):
+        info = pr.get("info") or {}
+        if pr.get("name") == "admm" and "admm" in info:
+            return info
+    return None
+
+
+def admm_text(variant: dict[str, Any]) -> str | None:
+    """One line on an ADMM + SR-STE variant: budget, the residual at the hard projection, mask churn."""
+    info = _admm_info(variant)
+    if info is None:
+        return None
+    a, s, b = info["admm"], info["srste"], info["budget"]
+    res = a["residuals"]
+    first = f"{res['primal_mean'][0]:.4f} → " if res["primal_mean"] else ""
+    flips = s.get("mask_flip_share") or []
+    churn = f"; SR-STE mask changes per refresh {min(flips):.4f}–{max(flips):.4f} of the weights" if flips else ""
+    early = " (stopped early: time budget)" if a["stopped_early"] or s["stopped_early"] else ""
+    return (
+        f"**{variant['name']}**: ADMM + SR-STE ({info['pattern']}, init {info['initialisation']['init']}): "
+        f"{a['steps']} ADMM steps ({res['iterations']} Z/U updates, ρ {res['rho'][0] if res['rho'] else '—'} → {res['rho'][-1] if res['rho'] else '—'}) + "
+        f"{s['steps']} SR-STE steps, {b['tokens']} tokens, {a['train_seconds'] + s['train_seconds']:.0f} s{early}; primal residual "
+        f"‖W − Z‖/‖W‖ (mean over layers) {first}{a['final_primal_mean']:.4f} at the hard projection{churn}."
+    )
+
+
+def _admm_section(results: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
+    for v in results["variants"]:
+        text = admm_text(v)
+        if text:
+            lines += ["", text, "", f"![ADMM primal residual: {v['name']}]({residual_plot_name(v['name'])})"]
+    return ["", "## ADMM + SR-STE", *lines] if lines else []
+
+
+def residual_plot_name(variant: str) -> str:
+    return f"admm_residual_{re.sub(r'[^A-Za-z0-9_.-]', '_', variant)}.png"
+
+
+def render_residual_plot(variant: dict[str, Any]) -> bytes | None:
+    """ADMM's primal residual ‖W − Z‖/‖W‖ per iteration (mean and max over layers, log scale); None
+    for a variant without an ADMM pass or with no Z/U update."""
+    info = _admm_info(variant)
+    if info is None or not info["admm"]["residuals"]["primal_mean"]:
+        return None
+    res = info["admm"]["residuals"]
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.2, 3.0), dpi=110)
+    it = list(range(1, len(res["primal_mean"]) + 1))
+    ax.plot(it, res["primal_mean"], marker=".", lw=1, label="primal, mean over layers")
+    ax.plot(it, res["primal_max"], marker=".", lw=1, ls=":", label="primal, max over layers")
+    if any(v > 0 for v in res["dual_mean"]):
+        ax.plot(it, res["dual_mean"], lw=1, ls="--", label="dual ρ‖ΔZ‖/‖W‖, mean")
+    ax.set_yscale("log")
+    ax.set_xlabel("ADMM iteration (Z/U update)")
+    ax.set_ylabel("‖W − Z‖ / ‖W‖")
+    ax.set_title(f"{variant['name']}: ADMM residuals ({info['pattern']})", fontsize=9)
+    ax.grid(True, alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
 def sparsity_plot_name(variant: str) -> str:
     return f"sparsity_{re.sub(r'[^A-Za-z0-9_.-]', '_', variant)}.png"
 
@@ -546,7 +620,10 @@ def render_plot(results: dict[str, Any], rows: list[dict[str, Any]], d: dict[str
     return buf.getvalue()
 
 
-def render_html(md_rows: list[dict[str, Any]], results: dict[str, Any], plot: bytes | None, sparsity_plots: dict[str, bytes] | None = None) -> str:
+def render_html(
+    md_rows: list[dict[str, Any]], results: dict[str, Any], plot: bytes | None, sparsity_plots: dict[str, bytes] | None = None,
+    residual_plots: dict[str, bytes] | None = None,
+) -> str:
     esc = html.escape
     head = ["variant", "backend", "sparsity", "params (M)", "ppl (engine)", "engine vs PyTorch", "ppl / dense", "top-1", "KL(dense‖v)", "parity (max |Δ|)", "ONNX MB", "speed-up needs"]
     body = []
@@ -593,6 +670,15 @@ def render_html(md_rows: list[dict[str, Any]], results: dict[str, Any], plot: by
     sds = _sds_texts(results)
     if sds:
         mixed += f"<h2>SDS (sparse → dense → sparse)</h2>{_lines_html(sds)}"
+    admm = ""
+    for v in results["variants"]:
+        text = admm_text(v)
+        if text:
+            png = (residual_plots or {}).get(v["name"])
+            pic = f"<img alt='ADMM primal residual: {esc(v['name'])}' src='data:image/png;base64,{base64.b64encode(png).decode()}'>" if png else ""
+            admm += f"{_lines_html([text])}{pic}"
+    if admm:
+        mixed += f"<h2>ADMM + SR-STE</h2>{admm}"
     ev = results["data"]["evaluation"]
     ship = _lines_html(_decision_markdown(results.get("decision") or decision(results, md_rows))[3:])
     return f"""<!doctype html>
@@ -683,13 +769,16 @@ def write_reports(out: Path, results: dict[str, Any]) -> None:
     results["decision"] = decision(results, rows)
     plot = render_plot(results, rows, results["decision"])
     sparsity_plots = {v["name"]: p for v in results["variants"] if (p := render_sparsity_plot(v))}
+    residual_plots = {v["name"]: p for v in results["variants"] if (p := render_residual_plot(v))}
     atomic_write_json(out / "results.json", results)
     atomic_write_text(out / "report.md", render_markdown(results, rows))
     if plot:
         atomic_write_bytes(out / PLOT_NAME, plot)
     for name, png in sparsity_plots.items():
         atomic_write_bytes(out / sparsity_plot_name(name), png)
-    atomic_write_text(out / "report.html", render_html(rows, results, plot, sparsity_plots))
+    for name, png in residual_plots.items():
+        atomic_write_bytes(out / residual_plot_name(name), png)
+    atomic_write_text(out / "report.html", render_html(rows, results, plot, sparsity_plots, residual_plots))
     log.info("reports written: %s", out / "report.html")
 
 

@@ -144,3 +144,45 @@ def test_admm_iterations_with_the_task_loss_shrink_the_primal_residual():
     assert r["iterations"] == 8
     assert r["primal_mean"][-1] < 0.5 * r["primal_mean"][0], r["primal_mean"]
     assert r["rho"] == sorted(r["rho"]) and r["rho"][-1] == pytest.approx(min(1.0, 0.1 * 1.3**7))
+
+
+def test_recipe_options_are_checked_by_name():
+    from core.errors import RecipeError
+    from pipeline.schema import build_dataclass
+
+    with pytest.raises(RecipeError, match=r"variants\[0\]\.passes\[0\]\.admm\.rho"):
+        build_dataclass(ADMMConfig, {"rho": "high"}, "variants[0].passes[0].admm")
+    with pytest.raises(RecipeError, match="unknown key"):
+        build_dataclass(ADMMConfig, {"sparsity": 0.5}, "variants[0].passes[0].admm")
+    model, teacher = tiny_model("llama"), tiny_model("llama")
+    with pytest.raises(ValueError, match="does not split into 1 × 3 groups"):
+        ADMMPass(ADMMConfig(pattern="1:3", init="dense")).run(model, _ctx(model, teacher))
+
+
+def test_admm_variant_through_the_whole_build(tiny_dirs, text_file, tmp_path):
+    """An ADMM + SR-STE 2:4 variant: trained, exported, built for ONNX Runtime, engine perplexity equal
+    to PyTorch's, the ONNX passing polygraphy's 2:4 check on every pruned weight, the residuals in
+    results.json and the report with its plot."""
+    import onnx
+    from polygraphy.tools.sparse import SparsityPruner
+    from test_build import tiny_recipe
+
+    from pipeline.build import build
+
+    out = tmp_path / "b"
+    variants = [{"name": "admm-2of4", "passes": [{"admm": {"pattern": "2:4", "init": "sparsegpt", "steps": 8, "admm_interval": 2, "batch_size": 1, "lr": 1e-3}}]}]
+    summary = build(tiny_recipe(tiny_dirs["llama"], text_file, out, variants=variants))
+    v = summary.results["variants"][1]
+    eng = v["engines"]["onnxruntime-cpu"]
+    assert eng["status"] == "ok" and abs(eng["perplexity_engine_vs_torch"]) < 1e-3
+    assert eng["size"]["block_linear_sparsity"] == pytest.approx(0.5, abs=1e-3)
+    (pr,) = v["pass_results"]
+    assert pr["name"] == "admm" and pr["info"]["admm"]["residuals"]["iterations"] == 2
+    pruner = SparsityPruner(onnx.load(str(out / "admm-2of4" / "onnx" / "model.onnx")))
+    pruner.check()
+    block_weights = {n for n in pruner.prune_infos if n.startswith("model.layers.")}
+    assert len(block_weights) == 2 * 7 and block_weights <= pruner.sparse_tensors
+    md = (out / "report.md").read_text()
+    assert "## ADMM + SR-STE" in md and "**admm-2of4**: ADMM + SR-STE (2:4, init sparsegpt)" in md
+    assert (out / "admm_residual_admm-2of4.png").stat().st_size > 1000
+    assert "ADMM primal residual" in (out / "report.html").read_text()

@@ -112,3 +112,20 @@ def test_missing_recipe_file_and_bad_yaml(tmp_path):
 def test_unknown_shipped_recipe():
     with pytest.raises(RecipeError, match="neither a file nor a shipped recipe"):
         load_recipe("no-such-recipe")
+
+
+def test_every_shipped_recipe_loads_with_valid_pass_options():
+    from passes import get_pass_config_class
+    from pipeline.schema import build_dataclass
+
+    shipped = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "pipeline" / "recipes").glob("*.yaml"))
+    assert {"default", "sds", "admm", "mixed"} <= set(shipped)
+    for name in shipped:
+        r = load_recipe(name)
+        for v in r.variants:
+            for p in v.passes:  # every option of every pass is accepted by its config class
+                build_dataclass(get_pass_config_class(p.name), p.options, f"{name}: {v.name}.{p.name}")
+    admm = load_recipe("admm")
+    kd = next(v for v in admm.variants if v.name == "sparsegpt-2of4-kd").passes[1].options
+    ad = next(v for v in admm.variants if v.name == "admm-2of4").passes[0].options
+    assert kd["steps"] == ad["steps"] and kd["lr"] == ad["lr"] and kd["max_minutes"] == ad["max_minutes"]  # the same budget
