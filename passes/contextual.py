@@ -1,0 +1,323 @@
+"""Contextual sparsity (Deja Vu: Liu et al., ICML 2023) for gated MLPs: per token, only the selected
+MLP units are computed, with real gathers.
+
+For a gated MLP, y = W_down (act(W_gate x) ⊙ W_up x); unit i contributes
+act(g_i) · u_i · W_down[:, i]. A **selector** scores the units of every token and the block keeps
+its ``k`` best (k = ``keep`` × units, fixed per block — Deja Vu's fixed top-K), or, for the
+threshold selector, every unit above a per-block threshold:
+
+- ``oracle``: |act(gate) · up| from the dense computation — the upper bound, for evaluation only
+  (it computes everything, so it saves nothing);
+- ``threshold``: training-free, |act(W_gate x)| ≥ τ_l, τ_l calibrated per block on calibration
+  tokens so that the mean kept share is ``keep`` (the gate is computed densely — a third of the
+  MLP — and only the selected rows of W_up and W_downᵀ are gathered; CATS-style);
+- ``predictor``: Deja Vu's lookahead predictor, two linears d → ``predictor_rank`` → units with
+  no nonlinearity, reading ``predictor_input`` (``prev``: the hidden state entering the previous
+  block, available a block ahead; ``block``: this block's input; ``mlp``: the MLP's own input),
+  trained on CPU with a BCE loss weighted towards recall (``recall_weight`` × the
+  positives' balance weight) on labels = the top ``label_keep`` × units of |act(gate) · up|.
+
+**Execution** (:class:`ContextualMLP`): a single-token step (KV-cache decode, batch any) gathers
+the selected rows of W_gate and W_up and the rows of W_downᵀ (kept pre-transposed and contiguous)
+and multiplies only those — the skipped units' work is not done. Longer inputs (prefill, and the
+perplexity evaluation) run ``full_mode``: ``mask`` (each token's own selection applied as a mask on
+the dense computation: the same function, used for perplexity) or ``dense`` (the prefill graph
+stays dense, as in Deja Vu). Attention stays dense (measured on SmolLM2: head output norms are
+nearly uniform); K/V are always computed. ``dense_blocks`` keep their MLP dense.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from calibrate.contextual import collect_context_stats, gated_mlp, mass_share, recall_at_k
+from core.adapters.base import ModelAdapter
+from passes.base import LayerChange, Pass, PassContext, PassResult, register_pass
+
+log = logging.getLogger(__name__)
+
+SELECTORS = ("oracle", "threshold", "predictor")
+INPUTS = ("prev", "block", "mlp")
+
+
+@dataclass
+class ContextualConfig:
+    keep: float = 0.3
+    """Share of MLP units computed per token (every block not in ``dense_blocks``)."""
+    keep_per_block: dict[int, float] | None = None
+    """Per-block overrides of ``keep``."""
+    selector: str = "predictor"
+    dense_blocks: list[int] = field(default_factory=lambda: [0])
+    """Blocks whose MLP stays dense (negative indices count from the end)."""
+    predictor_rank: int = 128
+    predictor_input: str = "prev"
+    label_keep: float | None = None
+    """Predictor labels: the top this share of units (default: ``keep``)."""
+    recall_weight: float = 2.0
+    """Positive-class weight of the BCE, over the balance weight (units − k) / k: > 1 favours recall."""
+    predictor_steps: int = 400
+    predictor_lr: float = 2e-3
+    predictor_batch: int = 512
+    tokens_per_window: int = 64
+    max_tokens: int = 8192
+    holdout_share: float = 0.1
+    """Share of the sampled calibration tokens kept out of predictor training; recall@k is measured there."""
+    full_mode: str = "mask"
+    """Multi-token inputs: 'mask' (each token's own selection, as a mask) or 'dense' (prefill dense)."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.keep <= 1.0:
+            raise ValueError(f"keep {self.keep} is outside (0, 1]")
+        for b, k in (self.keep_per_block or {}).items():
+            if not isinstance(b, int) or not 0.0 < float(k) <= 1.0:
+                raise ValueError(f"keep_per_block {{{b}: {k}}}: expected a block index and a share in (0, 1]")
+        if self.selector not in SELECTORS:
+            raise ValueError(f"selector '{self.selector}' is not one of {', '.join(SELECTORS)}")
+        if self.predictor_input not in INPUTS:
+            raise ValueError(f"predictor_input '{self.predictor_input}' is not one of {', '.join(INPUTS)}")
+        if not 1 <= self.predictor_rank <= 8192:
+            raise ValueError(f"predictor_rank {self.predictor_rank} is outside [1, 8192]")
+        if self.label_keep is not None and not 0.0 < self.label_keep <= 1.0:
+            raise ValueError(f"label_keep {self.label_keep} is outside (0, 1]")
+        if self.recall_weight <= 0 or self.predictor_lr <= 0 or self.predictor_steps < 1 or self.predictor_batch < 1:
+            raise ValueError("recall_weight and predictor_lr must be positive, predictor_steps and predictor_batch at least 1")
+        if not 1 <= self.tokens_per_window or self.max_tokens < 16:
+            raise ValueError("tokens_per_window must be ≥ 1 and max_tokens ≥ 16")
+        if not 0.0 < self.holdout_share < 0.5:
+            raise ValueError(f"holdout_share {self.holdout_share} is outside (0, 0.5)")
+        if self.full_mode not in ("mask", "dense"):
+            raise ValueError(f"full_mode '{self.full_mode}' is not one of mask, dense")
+
+    def keep_of(self, block: int) -> float:
+        return float((self.keep_per_block or {}).get(block, self.keep))
+
+
+class Predictor(torch.nn.Module):
+    """Deja Vu's MLP predictor: d → r → units, no nonlinearity."""
+
+    def __init__(self, hidden: int, rank: int, units: int):
+        super().__init__()
+        self.down = torch.nn.Linear(hidden, rank, bias=False)
+        self.up = torch.nn.Linear(rank, units)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.down(x))
+
+
+class _Capture:
+    """Forward pre-hook of a block: keeps its input hidden state for the predictors (a class, not a
+    closure, so ``copy.deepcopy`` of the model keeps the hook and its store together)."""
+
+    def __init__(self, store: dict, index: int):
+        self.store, self.index = store, index
+
+    def __call__(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        self.store[self.index] = args[0] if args else kwargs["hidden_states"]
+
+
+class ContextualMLP(torch.nn.Module):
+    """A gated MLP that computes only the selected units of every token (see the module doc)."""
+
+    def __init__(self, mlp: torch.nn.Module, selector: str, k: int, block: int, threshold: float | None = None,
+                 predictor: Predictor | None = None, predictor_input: str = "mlp", store: dict | None = None, full_mode: str = "mask"):
+        super().__init__()
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            if getattr(mlp, name).bias is not None:
+                raise ValueError(f"contextual MLP: {name} has a bias; only bias-free gated MLPs are supported")
+        self.gate_proj, self.up_proj, self.act_fn = mlp.gate_proj, mlp.up_proj, mlp.act_fn
+        self.down_t = torch.nn.Parameter(mlp.down_proj.weight.detach().t().contiguous(), requires_grad=False)
+        """W_downᵀ (units, hidden): row i is unit i's output vector, contiguous for the gather."""
+        self.selector, self.k, self.block = selector, int(k), block
+        self.register_buffer("threshold", torch.tensor(float(threshold if threshold is not None else 0.0)), persistent=True)
+        self.predictor = predictor
+        self.predictor_input = predictor_input
+        self.store = store if store is not None else {}
+        self.full_mode = full_mode
+
+    @property
+    def units(self) -> int:
+        return self.down_t.shape[0]
+
+    def _predictor_x(self, x: torch.Tensor) -> torch.Tensor:
+        if self.predictor_input == "mlp":
+            return x
+        key = self.block - 1 if self.predictor_input == "prev" and self.block > 0 else self.block
+        return self.store[key]
+
+    def scores(self, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
+        if self.selector == "oracle":
+            gate = self.gate_proj(x) if gate is None else gate
+            return (self.act_fn(gate) * self.up_proj(x)).abs()
+        if self.selector == "threshold":
+            return self.act_fn(self.gate_proj(x) if gate is None else gate).abs()
+        return self.predictor(self._predictor_x(x))
+
+    def mask(self, scores: torch.Tensor) -> torch.Tensor:
+        if self.selector == "threshold":
+            return scores >= self.threshold
+        return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, scores.topk(self.k, dim=-1).indices, True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-2] == 1:
+            return self.gathered(x)
+        gate = self.gate_proj(x)
+        h = self.act_fn(gate) * self.up_proj(x)
+        if self.full_mode == "mask":
+            h = h * self.mask(self.scores(x, gate)).to(h.dtype)
+        return h @ self.down_t
+
+    def gathered(self, x: torch.Tensor) -> torch.Tensor:
+        """One token per row: (batch, 1, hidden) → (batch, 1, hidden), computing only the selected units."""
+        b = x.shape[0]
+        xs = x[:, 0]  # (b, d)
+        if self.selector == "threshold":
+            # the gate is computed whole (it is the selector); then the kept units only
+            gate = self.gate_proj(xs)
+            act = self.act_fn(gate)
+            keep = act.abs() >= self.threshold  # (b, units)
+            out = []
+            for r in range(b):  # a different number of units per row
+                idx = keep[r].nonzero().squeeze(-1)
+                u = self.up_proj.weight.index_select(0, idx) @ xs[r]
+                out.append((act[r].index_select(0, idx) * u) @ self.down_t.index_select(0, idx))
+            return torch.stack(out)[:, None]
+        s = self.scores(xs[:, None])[:, 0]  # (b, units)
+        idx = s.topk(self.k, dim=-1).indices  # (b, k)
+        flat = idx.reshape(-1)
+        wg = self.gate_proj.weight.index_select(0, flat).reshape(b, self.k, -1)
+        wu = self.up_proj.weight.index_select(0, flat).reshape(b, self.k, -1)
+        wd = self.down_t.index_select(0, flat).reshape(b, self.k, -1)
+        xv = xs[:, :, None]  # (b, d, 1)
+        h = self.act_fn(torch.bmm(wg, xv)) * torch.bmm(wu, xv)  # (b, k, 1)
+        return torch.bmm(h.transpose(1, 2), wd)  # (b, 1, d)
+
+
+@contextmanager
+def full_mode(model: torch.nn.Module, mode: str) -> Iterator[None]:
+    """Temporarily run every :class:`ContextualMLP` of ``model`` with multi-token inputs in ``mode``."""
+    mods = [m for m in model.modules() if isinstance(m, ContextualMLP)]
+    saved = [m.full_mode for m in mods]
+    for m in mods:
+        m.full_mode = mode
+    try:
+        yield
+    finally:
+        for m, s in zip(mods, saved):
+            m.full_mode = s
+
+
+def train_predictor(x: torch.Tensor, act: torch.Tensor, cfg: ContextualConfig, rank: int, seed: int) -> tuple[Predictor, dict[str, float]]:
+    """Fit a predictor to the top-``label_keep`` units of ``act`` from ``x`` (both (tokens, ·))."""
+    units = act.shape[1]
+    k = max(1, round((cfg.label_keep or cfg.keep) * units))
+    labels = torch.zeros_like(act, dtype=torch.float32).scatter_(-1, act.float().topk(k, dim=-1).indices, 1.0)
+    torch.manual_seed(seed)
+    pred = Predictor(x.shape[1], rank, units)
+    opt = torch.optim.Adam(pred.parameters(), lr=cfg.predictor_lr)
+    pos_weight = torch.tensor(cfg.recall_weight * (units - k) / k)
+    g = torch.Generator().manual_seed(seed)
+    xf = x.float()
+    losses = []
+    for step in range(cfg.predictor_steps):
+        idx = torch.randint(0, xf.shape[0], (min(cfg.predictor_batch, xf.shape[0]),), generator=g)
+        for group in opt.param_groups:
+            group["lr"] = cfg.predictor_lr * 0.5 * (1 + math.cos(math.pi * step / cfg.predictor_steps))
+        loss = F.binary_cross_entropy_with_logits(pred(xf[idx]), labels[idx], pos_weight=pos_weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    pred.requires_grad_(False)
+    n = max(1, min(10, len(losses) // 10))
+    return pred.eval(), {"loss_first": round(sum(losses[:n]) / n, 5), "loss_last": round(sum(losses[-n:]) / n, 5)}
+
+
+def block_macs(adapter: ModelAdapter, config: Any) -> int:
+    """Multiply-accumulates per token of one block's linears (attention projections + MLP)."""
+    d = adapter.dims(config)
+    hd = d["head_dim"]
+    attn = d["hidden"] * hd * (2 * d["heads"] + 2 * d["kv_heads"])
+    return attn + 3 * d["hidden"] * d["ffn"]
+
+
+@register_pass
+class ContextualPass(Pass):
+    name = "contextual"
+    config_class = ContextualConfig
+    uses_calibration = True
+    changes_shapes = True
+
+    def run(self, model: torch.nn.Module, ctx: PassContext) -> PassResult:
+        cfg = self.config
+        if ctx.calibration is None:
+            raise ValueError("pass 'contextual' needs calibration data, and the context has none")
+        if ctx.adapter.task != "causal-lm":
+            raise ValueError(f"pass 'contextual' runs KV-cache decoding of causal LMs; '{ctx.adapter.family}' is an {ctx.adapter.task}")
+        t0 = time.perf_counter()
+        blocks = ctx.adapter.blocks(model)
+        n = len(blocks)
+        dense = {b % n for b in cfg.dense_blocks if -n <= b < n}
+        if len(dense) != len(cfg.dense_blocks):
+            raise ValueError(f"dense_blocks {cfg.dense_blocks}: every index must be within [-{n}, {n - 1}]")
+        windows = ctx.calibration()
+        stats = collect_context_stats(model, ctx.adapter, windows, cfg.tokens_per_window, cfg.max_tokens, seed=ctx.seed, show_progress=ctx.progress)
+        store: dict[int, torch.Tensor] = {}
+        if cfg.selector == "predictor" and cfg.predictor_input != "mlp":
+            for i, b in enumerate(blocks):
+                b.register_forward_pre_hook(_Capture(store, i), with_kwargs=True)
+        macs = block_macs(ctx.adapter, model.config)
+        info: dict[str, Any] = {"selector": cfg.selector, "keep": cfg.keep, "dense_blocks": sorted(dense), "tokens": stats.tokens, "blocks": {}}
+        result = PassResult(self.name, info=info)
+        for l, block in enumerate(blocks):
+            mlp = gated_mlp(ctx.adapter, block)
+            st = stats.block(l)
+            act = st["act"].float()
+            units = act.shape[1]
+            keep = 1.0 if l in dense else cfg.keep_of(l)
+            k = max(1, round(keep * units))
+            split = max(1, int(round(act.shape[0] * cfg.holdout_share)))
+            rec: dict[str, Any] = {"keep": keep, "k": k, "mass90_share": round(mass_share(act[-split:]), 4)}
+            if l in dense:
+                info["blocks"][str(l)] = rec
+                continue
+            threshold, pred = None, None
+            with torch.no_grad():
+                gate_act = mlp.act_fn(F.linear(st["mlp"].float(), mlp.gate_proj.weight.float())).abs()
+            if cfg.selector == "threshold":
+                threshold = float(torch.quantile(gate_act[:-split].reshape(-1)[:2_000_000], 1 - keep))
+                rec["threshold"] = round(threshold, 6)
+                rec["kept_share_holdout"] = round(float((gate_act[-split:] >= threshold).float().mean()), 4)
+            elif cfg.selector == "predictor":
+                x = st[cfg.predictor_input].float()
+                pred, fit = train_predictor(x[:-split], act[:-split], cfg, cfg.predictor_rank, ctx.seed + l)
+                rec["predictor"] = fit
+                with torch.no_grad():
+                    rec["recall_at_k"] = round(recall_at_k(pred(x[-split:]), act[-split:], k), 4)
+                rec["predictor_macs_share"] = round((x.shape[1] * cfg.predictor_rank + cfg.predictor_rank * units) / macs, 4)
+            rec["threshold_recall_at_k"] = round(recall_at_k(gate_act[-split:], act[-split:], k), 4)
+            setattr_path(block, ctx.adapter.linear_paths["gate"].rsplit(".", 1)[0],
+                         ContextualMLP(mlp, cfg.selector, k, l, threshold, pred, cfg.predictor_input, store, cfg.full_mode))
+            info["blocks"][str(l)] = rec
+            result.layers.append(LayerChange(f"{ctx.adapter.blocks_path}.{l}.mlp", "up", l, (units, mlp.gate_proj.weight.shape[1]), 1 - keep))
+        recs = [r for r in info["blocks"].values() if "recall_at_k" in r or "threshold_recall_at_k" in r]
+        if recs:
+            info["mean_threshold_recall_at_k"] = round(sum(r["threshold_recall_at_k"] for r in recs) / len(recs), 4)
+            if cfg.selector == "predictor":
+                info["mean_recall_at_k"] = round(sum(r["recall_at_k"] for r in recs) / len(recs), 4)
+                info["predictor_macs_share"] = round(sum(r["predictor_macs_share"] for r in recs) / len(recs), 4)
+        result.seconds = time.perf_counter() - t0
+        log.info("contextual: %s selector, keep %.2f on %d blocks in %.1f s", cfg.selector, cfg.keep, len(result.layers), result.seconds)
+        return result
+
+
+def setattr_path(root: torch.nn.Module, path: str, module: torch.nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, name, module)
