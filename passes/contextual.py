@@ -112,39 +112,89 @@ class Predictor(torch.nn.Module):
         return self.up(self.down(x))
 
 
-class _Capture:
-    """Forward pre-hook of a block: keeps its input hidden state for the predictors (a class, not a
-    closure, so ``copy.deepcopy`` of the model keeps the hook and its store together)."""
+class ContextStore:
+    """The block inputs of the current forward, by block index, shared by the capturing blocks and
+    the predictors. Deliberately not a dict: ``torch.export`` flattens and rebuilds the pytree
+    containers it finds among module attributes, which would give every module its own copy."""
 
-    def __init__(self, store: dict, index: int):
-        self.store, self.index = store, index
+    def __init__(self) -> None:
+        self.values: dict[int, torch.Tensor] = {}
 
-    def __call__(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        self.store[self.index] = args[0] if args else kwargs["hidden_states"]
+    def __setitem__(self, index: int, value: torch.Tensor) -> None:
+        self.values[index] = value
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        try:
+            return self.values[index]
+        except KeyError:
+            raise RuntimeError(f"contextual predictor: no captured input of block {index}; the blocks before it did not run") from None
+
+    def clear(self) -> None:
+        self.values.clear()
+
+
+_CAPTURING: dict[type, type] = {}
+
+
+def capture_block_inputs(block: torch.nn.Module, store: ContextStore, index: int) -> None:
+    """Make ``block`` keep its input hidden state in ``store[index]`` on every call, for the
+    predictors. Done by switching the instance to a subclass whose ``forward`` stores and delegates
+    (not a hook: ``torch.export`` does not run module hooks; parameter names are unchanged, and
+    ``copy.deepcopy`` copies the store along with the model)."""
+    cls = type(block)
+    if cls not in _CAPTURING.values():
+        if cls not in _CAPTURING:
+            def forward(self, hidden_states, *args, **kwargs):
+                self._context_store[self._context_index] = hidden_states
+                return super(sub, self).forward(hidden_states, *args, **kwargs)
+
+            sub = type(f"Capturing{cls.__name__}", (cls,), {"forward": forward, "__module__": __name__})
+            _CAPTURING[cls] = sub
+        block.__class__ = _CAPTURING[cls]
+    block._context_store = store
+    block._context_index = index
+
+
+class TransposedLinear(torch.nn.Module):
+    """A bias-free linear stored as Wᵀ (in, out), contiguous, so row i (input i's output vector) is one
+    contiguous gather; ``weight`` is the usual (out, in) view for code that reads linears."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight_t = torch.nn.Parameter(weight.detach().t().contiguous(), requires_grad=False)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.weight_t.t()
+
+    bias = None
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h @ self.weight_t
 
 
 class ContextualMLP(torch.nn.Module):
     """A gated MLP that computes only the selected units of every token (see the module doc)."""
 
     def __init__(self, mlp: torch.nn.Module, selector: str, k: int, block: int, threshold: float | None = None,
-                 predictor: Predictor | None = None, predictor_input: str = "mlp", store: dict | None = None, full_mode: str = "mask"):
+                 predictor: Predictor | None = None, predictor_input: str = "mlp", store: ContextStore | None = None, full_mode: str = "mask"):
         super().__init__()
         for name in ("gate_proj", "up_proj", "down_proj"):
             if getattr(mlp, name).bias is not None:
                 raise ValueError(f"contextual MLP: {name} has a bias; only bias-free gated MLPs are supported")
         self.gate_proj, self.up_proj, self.act_fn = mlp.gate_proj, mlp.up_proj, mlp.act_fn
-        self.down_t = torch.nn.Parameter(mlp.down_proj.weight.detach().t().contiguous(), requires_grad=False)
+        self.down_proj = TransposedLinear(mlp.down_proj.weight)
         """W_downᵀ (units, hidden): row i is unit i's output vector, contiguous for the gather."""
         self.selector, self.k, self.block = selector, int(k), block
         self.register_buffer("threshold", torch.tensor(float(threshold if threshold is not None else 0.0)), persistent=True)
         self.predictor = predictor
         self.predictor_input = predictor_input
-        self.store = store if store is not None else {}
+        self.store = store if store is not None else ContextStore()
         self.full_mode = full_mode
 
     @property
     def units(self) -> int:
-        return self.down_t.shape[0]
+        return self.down_proj.weight_t.shape[0]
 
     def _predictor_x(self, x: torch.Tensor) -> torch.Tensor:
         if self.predictor_input == "mlp":
@@ -172,7 +222,7 @@ class ContextualMLP(torch.nn.Module):
         h = self.act_fn(gate) * self.up_proj(x)
         if self.full_mode == "mask":
             h = h * self.mask(self.scores(x, gate)).to(h.dtype)
-        return h @ self.down_t
+        return self.down_proj(h)
 
     def gathered(self, x: torch.Tensor) -> torch.Tensor:
         """One token per row: (batch, 1, hidden) → (batch, 1, hidden), computing only the selected units."""
@@ -187,14 +237,14 @@ class ContextualMLP(torch.nn.Module):
             for r in range(b):  # a different number of units per row
                 idx = keep[r].nonzero().squeeze(-1)
                 u = self.up_proj.weight.index_select(0, idx) @ xs[r]
-                out.append((act[r].index_select(0, idx) * u) @ self.down_t.index_select(0, idx))
+                out.append((act[r].index_select(0, idx) * u) @ self.down_proj.weight_t.index_select(0, idx))
             return torch.stack(out)[:, None]
         s = self.scores(xs[:, None])[:, 0]  # (b, units)
         idx = s.topk(self.k, dim=-1).indices  # (b, k)
         flat = idx.reshape(-1)
         wg = self.gate_proj.weight.index_select(0, flat).reshape(b, self.k, -1)
         wu = self.up_proj.weight.index_select(0, flat).reshape(b, self.k, -1)
-        wd = self.down_t.index_select(0, flat).reshape(b, self.k, -1)
+        wd = self.down_proj.weight_t.index_select(0, flat).reshape(b, self.k, -1)
         xv = xs[:, :, None]  # (b, d, 1)
         h = self.act_fn(torch.bmm(wg, xv)) * torch.bmm(wu, xv)  # (b, k, 1)
         return torch.bmm(h.transpose(1, 2), wd)  # (b, 1, d)
@@ -269,10 +319,10 @@ class ContextualPass(Pass):
             raise ValueError(f"dense_blocks {cfg.dense_blocks}: every index must be within [-{n}, {n - 1}]")
         windows = ctx.calibration()
         stats = collect_context_stats(model, ctx.adapter, windows, cfg.tokens_per_window, cfg.max_tokens, seed=ctx.seed, show_progress=ctx.progress)
-        store: dict[int, torch.Tensor] = {}
+        store = ContextStore()
         if cfg.selector == "predictor" and cfg.predictor_input != "mlp":
             for i, b in enumerate(blocks):
-                b.register_forward_pre_hook(_Capture(store, i), with_kwargs=True)
+                capture_block_inputs(b, store, i)
         macs = block_macs(ctx.adapter, model.config)
         info: dict[str, Any] = {"selector": cfg.selector, "keep": cfg.keep, "dense_blocks": sorted(dense), "tokens": stats.tokens, "blocks": {}}
         result = PassResult(self.name, info=info)
