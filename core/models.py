@@ -185,7 +185,7 @@ def load_hf_dir(path: Path) -> tuple[Any, Any, Any]:
         )
     cls = AutoModelForCausalLM if adapter.task == "causal-lm" else AutoModel
     try:
-        if getattr(config, "pruned_layers", None) is not None:
+        if getattr(config, "pruned_layers", None) is not None or getattr(config, "contextual", None) is not None:
             model = _load_pruned(cls, config, Path(path), adapter)
         else:
             # safetensors only: a pickled checkpoint (pytorch_model.bin) can run code when loaded
@@ -197,15 +197,22 @@ def load_hf_dir(path: Path) -> tuple[Any, Any, Any]:
 
 
 def _load_pruned(cls: Any, config: Any, path: Path, adapter: Any) -> Any:
-    """A structurally pruned model: build it dense, shrink each block to its saved shape, load the weights."""
+    """A model whose modules differ from its family's: build it dense, shrink each block to its saved
+    shape (``pruned_layers``), install the contextual MLPs (``contextual``), then load the weights."""
     import torch
     from safetensors.torch import load_model as load_safetensors
 
+    from core.contextual import apply_contextual_spec
     from core.structure import apply_layer_shapes, parse_layer_shapes
 
-    shapes = parse_layer_shapes(config.pruned_layers, adapter.dims(config)["layers"])
     model = cls.from_config(config, dtype=torch.float32)
-    apply_layer_shapes(model, adapter, shapes)
+    if getattr(config, "pruned_layers", None) is not None:
+        apply_layer_shapes(model, adapter, parse_layer_shapes(config.pruned_layers, adapter.dims(config)["layers"]))
+    if getattr(config, "contextual", None) is not None:
+        try:
+            apply_contextual_spec(model, adapter, config.contextual)
+        except ValueError as exc:
+            raise ModelLoadError(f"'{path}/config.json': {exc}") from exc
     try:
         missing, unexpected = load_safetensors(model, str(path / "model.safetensors"), strict=False)
     except RuntimeError as exc:

@@ -31,15 +31,15 @@ from __future__ import annotations
 import logging
 import math
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from calibrate.contextual import collect_context_stats, gated_mlp, mass_share, recall_at_k
 from core.adapters.base import ModelAdapter
+from core.contextual import CONFIG_KEY, ContextStore, ContextualMLP, Predictor, capture_block_inputs, contextual_spec, set_submodule
 from passes.base import LayerChange, Pass, PassContext, PassResult, register_pass
 
 log = logging.getLogger(__name__)
@@ -98,170 +98,6 @@ class ContextualConfig:
 
     def keep_of(self, block: int) -> float:
         return float((self.keep_per_block or {}).get(block, self.keep))
-
-
-class Predictor(torch.nn.Module):
-    """Deja Vu's MLP predictor: d → r → units, no nonlinearity."""
-
-    def __init__(self, hidden: int, rank: int, units: int):
-        super().__init__()
-        self.down = torch.nn.Linear(hidden, rank, bias=False)
-        self.up = torch.nn.Linear(rank, units)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.up(self.down(x))
-
-
-class ContextStore:
-    """The block inputs of the current forward, by block index, shared by the capturing blocks and
-    the predictors. Deliberately not a dict: ``torch.export`` flattens and rebuilds the pytree
-    containers it finds among module attributes, which would give every module its own copy."""
-
-    def __init__(self) -> None:
-        self.values: dict[int, torch.Tensor] = {}
-
-    def __setitem__(self, index: int, value: torch.Tensor) -> None:
-        self.values[index] = value
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        try:
-            return self.values[index]
-        except KeyError:
-            raise RuntimeError(f"contextual predictor: no captured input of block {index}; the blocks before it did not run") from None
-
-    def clear(self) -> None:
-        self.values.clear()
-
-
-_CAPTURING: dict[type, type] = {}
-
-
-def capture_block_inputs(block: torch.nn.Module, store: ContextStore, index: int) -> None:
-    """Make ``block`` keep its input hidden state in ``store[index]`` on every call, for the
-    predictors. Done by switching the instance to a subclass whose ``forward`` stores and delegates
-    (not a hook: ``torch.export`` does not run module hooks; parameter names are unchanged, and
-    ``copy.deepcopy`` copies the store along with the model)."""
-    cls = type(block)
-    if cls not in _CAPTURING.values():
-        if cls not in _CAPTURING:
-            def forward(self, hidden_states, *args, **kwargs):
-                self._context_store[self._context_index] = hidden_states
-                return super(sub, self).forward(hidden_states, *args, **kwargs)
-
-            sub = type(f"Capturing{cls.__name__}", (cls,), {"forward": forward, "__module__": __name__})
-            _CAPTURING[cls] = sub
-        block.__class__ = _CAPTURING[cls]
-    block._context_store = store
-    block._context_index = index
-
-
-class TransposedLinear(torch.nn.Module):
-    """A bias-free linear stored as Wᵀ (in, out), contiguous, so row i (input i's output vector) is one
-    contiguous gather; ``weight`` is the usual (out, in) view for code that reads linears."""
-
-    def __init__(self, weight: torch.Tensor):
-        super().__init__()
-        self.weight_t = torch.nn.Parameter(weight.detach().t().contiguous(), requires_grad=False)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.weight_t.t()
-
-    bias = None
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return h @ self.weight_t
-
-
-class ContextualMLP(torch.nn.Module):
-    """A gated MLP that computes only the selected units of every token (see the module doc)."""
-
-    def __init__(self, mlp: torch.nn.Module, selector: str, k: int, block: int, threshold: float | None = None,
-                 predictor: Predictor | None = None, predictor_input: str = "mlp", store: ContextStore | None = None, full_mode: str = "mask"):
-        super().__init__()
-        for name in ("gate_proj", "up_proj", "down_proj"):
-            if getattr(mlp, name).bias is not None:
-                raise ValueError(f"contextual MLP: {name} has a bias; only bias-free gated MLPs are supported")
-        self.gate_proj, self.up_proj, self.act_fn = mlp.gate_proj, mlp.up_proj, mlp.act_fn
-        self.down_proj = TransposedLinear(mlp.down_proj.weight)
-        """W_downᵀ (units, hidden): row i is unit i's output vector, contiguous for the gather."""
-        self.selector, self.k, self.block = selector, int(k), block
-        self.register_buffer("threshold", torch.tensor(float(threshold if threshold is not None else 0.0)), persistent=True)
-        self.predictor = predictor
-        self.predictor_input = predictor_input
-        self.store = store if store is not None else ContextStore()
-        self.full_mode = full_mode
-
-    @property
-    def units(self) -> int:
-        return self.down_proj.weight_t.shape[0]
-
-    def _predictor_x(self, x: torch.Tensor) -> torch.Tensor:
-        if self.predictor_input == "mlp":
-            return x
-        key = self.block - 1 if self.predictor_input == "prev" and self.block > 0 else self.block
-        return self.store[key]
-
-    def scores(self, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
-        if self.selector == "oracle":
-            gate = self.gate_proj(x) if gate is None else gate
-            return (self.act_fn(gate) * self.up_proj(x)).abs()
-        if self.selector == "threshold":
-            return self.act_fn(self.gate_proj(x) if gate is None else gate).abs()
-        return self.predictor(self._predictor_x(x))
-
-    def mask(self, scores: torch.Tensor) -> torch.Tensor:
-        if self.selector == "threshold":
-            return scores >= self.threshold
-        return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, scores.topk(self.k, dim=-1).indices, True)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-2] == 1:
-            return self.gathered(x)
-        gate = self.gate_proj(x)
-        h = self.act_fn(gate) * self.up_proj(x)
-        if self.full_mode == "mask":
-            h = h * self.mask(self.scores(x, gate)).to(h.dtype)
-        return self.down_proj(h)
-
-    def gathered(self, x: torch.Tensor) -> torch.Tensor:
-        """One token per row: (batch, 1, hidden) → (batch, 1, hidden), computing only the selected units."""
-        b = x.shape[0]
-        xs = x[:, 0]  # (b, d)
-        if self.selector == "threshold":
-            # the gate is computed whole (it is the selector); then the kept units only
-            gate = self.gate_proj(xs)
-            act = self.act_fn(gate)
-            keep = act.abs() >= self.threshold  # (b, units)
-            out = []
-            for r in range(b):  # a different number of units per row
-                idx = keep[r].nonzero().squeeze(-1)
-                u = self.up_proj.weight.index_select(0, idx) @ xs[r]
-                out.append((act[r].index_select(0, idx) * u) @ self.down_proj.weight_t.index_select(0, idx))
-            return torch.stack(out)[:, None]
-        s = self.scores(xs[:, None])[:, 0]  # (b, units)
-        idx = s.topk(self.k, dim=-1).indices  # (b, k)
-        flat = idx.reshape(-1)
-        wg = self.gate_proj.weight.index_select(0, flat).reshape(b, self.k, -1)
-        wu = self.up_proj.weight.index_select(0, flat).reshape(b, self.k, -1)
-        wd = self.down_proj.weight_t.index_select(0, flat).reshape(b, self.k, -1)
-        xv = xs[:, :, None]  # (b, d, 1)
-        h = self.act_fn(torch.bmm(wg, xv)) * torch.bmm(wu, xv)  # (b, k, 1)
-        return torch.bmm(h.transpose(1, 2), wd)  # (b, 1, d)
-
-
-@contextmanager
-def full_mode(model: torch.nn.Module, mode: str) -> Iterator[None]:
-    """Temporarily run every :class:`ContextualMLP` of ``model`` with multi-token inputs in ``mode``."""
-    mods = [m for m in model.modules() if isinstance(m, ContextualMLP)]
-    saved = [m.full_mode for m in mods]
-    for m in mods:
-        m.full_mode = mode
-    try:
-        yield
-    finally:
-        for m, s in zip(mods, saved):
-            m.full_mode = s
 
 
 def train_predictor(x: torch.Tensor, act: torch.Tensor, cfg: ContextualConfig, rank: int, seed: int) -> tuple[Predictor, dict[str, float]]:
@@ -324,7 +160,8 @@ class ContextualPass(Pass):
             for i, b in enumerate(blocks):
                 capture_block_inputs(b, store, i)
         macs = block_macs(ctx.adapter, model.config)
-        info: dict[str, Any] = {"selector": cfg.selector, "keep": cfg.keep, "dense_blocks": sorted(dense), "tokens": stats.tokens, "blocks": {}}
+        info: dict[str, Any] = {"selector": cfg.selector, "keep": cfg.keep, "full_mode": cfg.full_mode, "predictor_rank": cfg.predictor_rank,
+                                "predictor_input": cfg.predictor_input, "dense_blocks": sorted(dense), "tokens": stats.tokens, "blocks": {}}
         result = PassResult(self.name, info=info)
         for l, block in enumerate(blocks):
             mlp = gated_mlp(ctx.adapter, block)
@@ -353,10 +190,11 @@ class ContextualPass(Pass):
                     rec["recall_at_k"] = round(recall_at_k(pred(x[-split:]), act[-split:], k), 4)
                 rec["predictor_macs_share"] = round((x.shape[1] * cfg.predictor_rank + cfg.predictor_rank * units) / macs, 4)
             rec["threshold_recall_at_k"] = round(recall_at_k(gate_act[-split:], act[-split:], k), 4)
-            setattr_path(block, ctx.adapter.linear_paths["gate"].rsplit(".", 1)[0],
+            set_submodule(block, ctx.adapter.linear_paths["gate"].rsplit(".", 1)[0],
                          ContextualMLP(mlp, cfg.selector, k, l, threshold, pred, cfg.predictor_input, store, cfg.full_mode))
             info["blocks"][str(l)] = rec
             result.layers.append(LayerChange(f"{ctx.adapter.blocks_path}.{l}.mlp", "up", l, (units, mlp.gate_proj.weight.shape[1]), 1 - keep))
+        setattr(model.config, CONFIG_KEY, contextual_spec(model, ctx.adapter))
         recs = [r for r in info["blocks"].values() if "recall_at_k" in r or "threshold_recall_at_k" in r]
         if recs:
             info["mean_threshold_recall_at_k"] = round(sum(r["threshold_recall_at_k"] for r in recs) / len(recs), 4)
@@ -368,6 +206,3 @@ class ContextualPass(Pass):
         return result
 
 
-def setattr_path(root: torch.nn.Module, path: str, module: torch.nn.Module) -> None:
-    parent, _, name = path.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, name, module)

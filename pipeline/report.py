@@ -310,6 +310,7 @@ def render_markdown(results: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     lines += _allocation_section(results)
     lines += _sds_section(results)
     lines += _admm_section(results)
+    lines += _contextual_section(results)
     if results.get("skips"):
         lines += ["", "## Skipped backends", ""]
         for s in {(s["backend"], s["reason"]) for s in results["skips"]}:
@@ -419,6 +420,38 @@ def _sds_texts(results: dict[str, Any]) -> list[str]:
 def _sds_section(results: dict[str, Any]) -> list[str]:
     texts = _sds_texts(results)
     return ["", "## SDS (sparse → dense → sparse)", *[x for t in texts for x in ("", t)]] if texts else []
+
+
+def contextual_text(variant: dict[str, Any]) -> str | None:
+    """One line on a contextual-sparsity variant: selector, kept MLP share, recall@k of the selection on
+    held-out calibration tokens, the predictor's cost, and the decode ratio where measured."""
+    for pr in variant.get("pass_results", []):
+        info = pr.get("info") or {}
+        if pr.get("name") != "contextual":
+            continue
+        sparse = [b for b, r in info["blocks"].items() if r["keep"] < 1.0]
+        recall = info.get("mean_recall_at_k", info.get("mean_threshold_recall_at_k"))
+        pred = (
+            f", predictor rank {info['predictor_rank']} reading {info['predictor_input']} ({info['predictor_macs_share']:.3f} of a block's MACs)"
+            if info["selector"] == "predictor" else ""
+        )
+        dec = variant.get("decode") or {}
+        speed = f"; decode {dec['decode_ratio']:.3f} × dense ms/token" if "decode_ratio" in dec else ""
+        return (
+            f"**{variant['name']}**: contextual MLP sparsity, selector {info['selector']}, {info['keep']:.2f} of the units computed "
+            f"per token in {len(sparse)} of {len(info['blocks'])} blocks (attention dense){pred}; recall@k of the selection on held-out "
+            f"calibration tokens {recall:.3f}; perplexity with each token's own selection, prefill {info['full_mode']}{speed}."
+        )
+    return None
+
+
+def _contextual_texts(results: dict[str, Any]) -> list[str]:
+    return [t for t in (contextual_text(v) for v in results["variants"]) if t]
+
+
+def _contextual_section(results: dict[str, Any]) -> list[str]:
+    texts = _contextual_texts(results)
+    return ["", "## Contextual sparsity (Deja Vu)", *[x for t in texts for x in ("", t)]] if texts else []
 
 
 def sds_text(variant: dict[str, Any]) -> str | None:
@@ -679,6 +712,9 @@ def render_html(
             admm += f"{_lines_html([text])}{pic}"
     if admm:
         mixed += f"<h2>ADMM + SR-STE</h2>{admm}"
+    ctx_texts = _contextual_texts(results)
+    if ctx_texts:
+        mixed += f"<h2>Contextual sparsity (Deja Vu)</h2>{_lines_html(ctx_texts)}"
     ev = results["data"]["evaluation"]
     ship = _lines_html(_decision_markdown(results.get("decision") or decision(results, md_rows))[3:])
     return f"""<!doctype html>

@@ -9,8 +9,9 @@ import torch
 from calibrate.contextual import collect_context_stats, mass_share, recall_at_k
 from core.adapters import adapter_for
 from passes import PassContext
-from passes.contextual import ContextualConfig, ContextualMLP, ContextualPass, full_mode, train_predictor
-from tests.conftest import VOCAB, tiny_model
+from core.contextual import ContextualMLP, full_mode
+from passes.contextual import ContextualConfig, ContextualPass, train_predictor
+from tests.conftest import VOCAB, byte_tokenizer, tiny_model
 
 IDS = torch.randint(0, VOCAB, (16, 48), generator=torch.Generator().manual_seed(11))
 
@@ -160,3 +161,57 @@ def test_onnx_decode_graph_gathers_and_equals_pytorch_contextual_decode(predicto
         a = model(input_ids=torch.from_numpy(prompt[:, :1])).logits
         b = dense(input_ids=torch.from_numpy(prompt[:, :1])).logits
     assert not torch.allclose(a, b, atol=1e-3)
+
+
+@pytest.mark.parametrize("selector", ["threshold", "predictor"])
+def test_saved_contextual_model_reloads_to_the_same_function(selector, tmp_path):
+    from core.models import load_hf_dir, save_hf_dir
+
+    model = tiny_model("llama")
+    cfg = ContextualConfig(keep=0.3, selector=selector, dense_blocks=[0], predictor_steps=10, tokens_per_window=8)
+    ContextualPass(cfg).run(model, _ctx(model))
+    assert model.config.contextual["blocks"] == {"1": round(0.3 * 128)} and model.config.contextual["selector"] == selector
+    save_hf_dir(model, byte_tokenizer(), tmp_path)
+    again, _, _ = load_hf_dir(tmp_path)
+    assert isinstance(again.model.layers[1].mlp, ContextualMLP) and not isinstance(again.model.layers[0].mlp, ContextualMLP)
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=IDS[:2]).logits, again(input_ids=IDS[:2]).logits, atol=1e-5)
+        one = IDS[:2, :1]
+        assert torch.allclose(model(input_ids=one).logits, again(input_ids=one).logits, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_contextual_variant_through_the_whole_build(tiny_dirs, text_file, tmp_path):
+    """A predictor variant: calibrated, saved and reloaded, exported (full-sequence graph with masks, KV
+    graphs with gathers), engine perplexity equal to PyTorch's, greedy decode through ORT equal to
+    the PyTorch contextual model's, decode ms/token and its ratio in results.json and the report."""
+    from test_build import tiny_recipe
+
+    from pipeline.build import build
+
+    out = tmp_path / "b"
+    variants = [{"name": "ctx-30", "passes": [{"contextual": {"keep": 0.3, "selector": "predictor", "dense_blocks": [0], "predictor_steps": 20, "tokens_per_window": 8}}]}]
+    recipe = tiny_recipe(
+        tiny_dirs["llama"], text_file, out, variants=variants,
+        export={"opset": 18, "exporter": "dynamo", "kv_cache": True},
+        validation={
+            "agreement_windows": 2, "parity": {"batch": 2, "length": 16},
+            "latency": {"batch_sizes": [1], "sequence_lengths": [16], "warmup": 1, "repeats": 2},
+            "decode": {"prompt": 16, "new_tokens": 4, "greedy_tokens": 8, "repeats": 2},
+        },
+    )
+    summary = build(recipe)
+    v = summary.results["variants"][1]
+    eng = v["engines"]["onnxruntime-cpu"]
+    assert eng["status"] == "ok" and abs(eng["perplexity_engine_vs_torch"]) < 1e-3
+    (pr,) = v["pass_results"]
+    assert pr["name"] == "contextual" and 0.0 <= pr["info"]["mean_recall_at_k"] <= 1.0
+    dec = v["decode"]
+    assert dec["tokens_identical"] and dec["max_abs_logit_delta"] <= 1e-3 and dec["decode_ratio"] > 0
+    import onnx
+
+    ops = [n.op_type for n in onnx.load(str(out / "ctx-30" / "kv" / "decode.onnx")).graph.node]
+    assert ops.count("TopK") == 1  # block 1 only; block 0 stays dense
+    md = (out / "report.md").read_text()
+    assert "## Contextual sparsity (Deja Vu)" in md and "**ctx-30**: contextual MLP sparsity, selector predictor, 0.30" in md
+    assert "decode " in md.split("## Contextual sparsity")[1] and "Contextual sparsity (Deja Vu)" in (out / "report.html").read_text()
