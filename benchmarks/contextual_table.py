@@ -82,12 +82,17 @@ def main() -> int:
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--greedy-tokens", type=int, default=32)
+    ap.add_argument("--timing-only", nargs="*", default=None, metavar="VARIANT",
+                    help="only time the KV graphs already under --work (e.g. dense predictor-0.5), interleaved, with the op profile; "
+                         "no quality rows, no PyTorch parity (the full run measures those); writes --out")
     ap.add_argument("--work", type=Path, default=Path("build") / "contextual_table", help="where the KV graphs go (git-ignored)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "contextual_table.json")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.timing_only is not None:
+        return timing_only(args)
     loaded = load_model("smollm2-135m")
     tok, adapter, dense = loaded.tokenizer, loaded.adapter, loaded.model
     splits = shakespeare_splits()
@@ -214,6 +219,58 @@ def measure_decode(args: argparse.Namespace, dense: torch.nn.Module, adapter, mo
             "speedup": round(1 / statistics.median(ratios), 3), "samples": smp,
         })
     return out
+
+
+def graph_layout(path: Path):
+    """The KV layout of a decode graph, read from its past inputs."""
+    import onnx
+
+    from export.kv_export import CacheLayout
+
+    g = onnx.load(str(path), load_external_data=False)
+    past = [i for i in g.graph.input if i.name.startswith("past_key_")]
+    if not past:
+        raise SystemExit(f"{path}: no past_key_* inputs; not a KV decode graph")
+    dims = [i.type.tensor_type.shape.dim for i in past]
+    return CacheLayout(len(past), tuple(d[1].dim_value for d in dims), dims[0][3].dim_value)
+
+
+def timing_only(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from engines.onnxruntime import OnnxRuntimeCpuEngine
+    from export.kv_export import decode_timing, greedy_generate
+
+    names = args.timing_only or ["dense"]
+    if "dense" not in names:
+        names = ["dense", *names]
+    for n in names:
+        if not (args.work / n / "decode.onnx").is_file():
+            raise SystemExit(f"{args.work / n}: no decode.onnx; run the full benchmark first")
+    layouts = {n: graph_layout(args.work / n / "decode.onnx") for n in names}
+    loaded = load_model("smollm2-135m")
+    ev = evaluation_windows(tokenize(loaded.tokenizer, shakespeare_splits().evaluation), args.length, 1)
+    prompt = ev.reshape(-1)[: args.prompt][None].numpy().astype(np.int64)
+    eng = OnnxRuntimeCpuEngine({})
+    out: dict = {"prompt_tokens": int(prompt.shape[1]), "new_tokens": args.new_tokens, "batch": 1, "runtime": "onnxruntime-cpu", "variants": {}}
+    with ExitStack() as stack:
+        runners = {}
+        for n in names:
+            runners[n] = (stack.enter_context(eng.open(args.work / n / "prefill.onnx", spinning=False, name=f"{n}:prefill")),
+                          stack.enter_context(eng.open(args.work / n / "decode.onnx", spinning=False, name=f"{n}:decode")))
+            greedy_generate(*runners[n], layouts[n], prompt, 4)
+        samples = round_robin(names, args.decode_repeats, lambda n: decode_timing(*runners[n], layouts[n], prompt, args.new_tokens))
+    with tempfile.TemporaryDirectory() as tmp:
+        out["op_profile_us_per_step"] = op_profile(args.work, names, layouts, prompt, min(args.new_tokens, 16), Path(tmp))
+    base = samples["dense"]["decode_ms_per_token"]
+    for n, smp in samples.items():
+        ratios = [a / b for a, b in zip(smp["decode_ms_per_token"], base)]
+        out["variants"][n] = {"decode_ms_per_token": round(statistics.median(smp["decode_ms_per_token"]), 3), "decode_ratio": round(statistics.median(ratios), 4),
+                              "ratio_min": round(min(ratios), 4), "ratio_max": round(max(ratios), 4), "speedup": round(1 / statistics.median(ratios), 3), "samples": smp}
+    atomic_write_json(args.out, {"benchmark": "contextual_table --timing-only", "machine": {**cpu_info(), "platform": platform.machine()}, "decode": out})
+    print(markdown_table(["variant", "decode ms/token", "ratio to dense (median, per-round range)"],
+                         [[n, v["decode_ms_per_token"], f"{v['decode_ratio']} [{v['ratio_min']}–{v['ratio_max']}]"] for n, v in out["variants"].items()]))
+    return 0
 
 
 class _Session:
