@@ -1,6 +1,7 @@
 """Contextual sparsity (issue 14): which predictor input and rank, chosen on recall@k over held-out
 calibration tokens only (no evaluation text is read). One calibration pass over SmolLM2, then per
-block a predictor per setting; mean recall@k over blocks 1..29, next to the threshold rule's.
+block a predictor per setting; mean recall@k over the chosen blocks (default 1, 8, 15, 22, 29), next to
+the |act(gate)| rule's.
 
     python benchmarks/contextual_predictor_ablation.py --keep 0.5 --inputs prev block mlp --ranks 128 256
 """
@@ -45,24 +46,27 @@ def main() -> int:
     cal = calibration_windows(tokenize(loaded.tokenizer, shakespeare_splits().calibration), args.calibration_windows, 512, 0)
     stats = collect_context_stats(loaded.model, loaded.adapter, cal, 64, 8192, seed=0, show_progress=False)
     blocks = loaded.adapter.blocks(loaded.model)
+    split_share = ContextualConfig().holdout_share
+    data, thr = {}, []
+    for b in args.blocks:  # per block: the labels, the held-out split, k, and the |act(gate)| rule's recall
+        st = stats.block(b)
+        act = st["act"].float()
+        split = int(round(act.shape[0] * split_share))
+        k = max(1, round(args.keep * act.shape[1]))
+        data[b] = (st, act, split, k)
+        mlp = gated_mlp(loaded.adapter, blocks[b])
+        with torch.no_grad():
+            thr.append(recall_at_k(mlp.act_fn(F.linear(st["mlp"].float()[-split:], mlp.gate_proj.weight)).abs(), act[-split:], k))
     rows = []
-    thr = []
     for inp in args.inputs:
         for rank in args.ranks:
             cfg = ContextualConfig(keep=args.keep, predictor_rank=rank, predictor_input=inp, predictor_steps=args.steps)
             rec, t0 = [], time.perf_counter()
-            for b in args.blocks:
-                st = stats.block(b)
-                act = st["act"].float()
-                split = int(round(act.shape[0] * cfg.holdout_share))
-                k = max(1, round(args.keep * act.shape[1]))
-                pred, _ = train_predictor(st[inp].float()[:-split], act[:-split], cfg, rank, b)
+            for b, (st, act, split, k) in data.items():
+                x = st[inp].float()
+                pred, _ = train_predictor(x[:-split], act[:-split], cfg, rank, b)
                 with torch.no_grad():
-                    rec.append(recall_at_k(pred(st[inp].float()[-split:]), act[-split:], k))
-                    if not thr or len(thr) < len(args.blocks):
-                        mlp = gated_mlp(loaded.adapter, blocks[b])
-                        gate = mlp.act_fn(F.linear(st["mlp"].float()[-split:], mlp.gate_proj.weight)).abs()
-                        thr.append(recall_at_k(gate, act[-split:], k))
+                    rec.append(recall_at_k(pred(x[-split:]), act[-split:], k))
             rows.append({"input": inp, "rank": rank, "recall_per_block": [round(r, 4) for r in rec], "mean_recall": round(sum(rec) / len(rec), 4),
                          "seconds": round(time.perf_counter() - t0, 1)})
             logging.info("%s", rows[-1])

@@ -40,29 +40,10 @@ from calibrate.data import calibration_windows, evaluation_windows, shakespeare_
 from core.artifacts import atomic_write_json  # noqa: E402
 from core.models import load_model  # noqa: E402
 from passes import PassContext, get_pass_class  # noqa: E402
-from passes.contextual import block_macs  # noqa: E402
 from pipeline.build import cpu_info  # noqa: E402
 from pipeline.validate import perplexity, round_robin, torch_outputs_fn  # noqa: E402
 
 log = logging.getLogger("contextual_table")
-
-
-def mlp_macs_share(info: dict, units: int, hidden: int) -> float:
-    """MLP multiply-accumulates per token actually computed, as a share of the dense MLPs', over all
-    blocks: kept units × 3 matrices, the threshold selector's whole gate, the predictor's two linears."""
-    full = 3 * hidden * units
-    done = 0.0
-    for rec in info["blocks"].values():
-        k = rec["k"]
-        if rec["keep"] >= 1.0:
-            done += full
-        elif info["selector"] == "threshold":
-            done += hidden * units + 2 * hidden * k
-        elif info["selector"] == "oracle":
-            done += full  # evaluation only: it computes everything to choose
-        else:
-            done += 3 * hidden * k + hidden * info["predictor_rank"] + info["predictor_rank"] * units
-    return done / (full * len(info["blocks"]))
 
 
 def main() -> int:
@@ -100,7 +81,6 @@ def main() -> int:
     ev2_ids = tokenize(tok, stdlib_text())
     ev2 = evaluation_windows(ev2_ids, args.length, min(args.eval_windows, ev2_ids.numel() // args.length))
     cal = calibration_windows(tokenize(tok, splits.calibration), args.calibration_windows, args.length, 0)
-    dims = adapter.dims(dense.config)
     memo: dict = {}
 
     def ctx() -> PassContext:
@@ -123,7 +103,7 @@ def main() -> int:
             seconds = time.perf_counter() - t0
             row = {
                 "selector": selector, "keep": keep, "pass_seconds": round(seconds, 1),
-                "mlp_macs_share": round(mlp_macs_share(r.info, dims["ffn"], dims["hidden"]), 4),
+                "mlp_macs_share": r.info["mlp_macs_share"],
                 # recall@k of this selector's choice on held-out calibration tokens (the oracle's is 1 by definition);
                 # the threshold rule's, measured on the same tokens, rides along for comparison
                 "recall_at_k": {"oracle": 1.0, "threshold": r.info.get("mean_threshold_recall_at_k")}.get(selector, r.info.get("mean_recall_at_k")),
@@ -156,7 +136,7 @@ def main() -> int:
         "benchmark": "contextual_table",
         "calibration": [args.calibration_windows, args.length],
         "evaluation": {"shakespeare": list(ev.shape), "second": list(ev2.shape), "second_text": "stdlib docstrings: " + ", ".join(STDLIB_PROSE)},
-        "settings": {"predictor_rank": args.predictor_rank, "predictor_steps": args.predictor_steps, "dense_blocks": args.dense_blocks, "block_macs": block_macs(adapter, dense.config)},
+        "settings": {"predictor_rank": args.predictor_rank, "predictor_steps": args.predictor_steps, "dense_blocks": args.dense_blocks},
         "machine": {**cpu_info(), "threads": torch.get_num_threads(), "platform": platform.machine()},
         "rows": rows,
         "decode": decode,
@@ -179,10 +159,9 @@ def main() -> int:
 
 
 def measure_decode(args: argparse.Namespace, dense: torch.nn.Module, adapter, models: dict, ev: torch.Tensor) -> dict:
-    from engines.onnxruntime import OnnxRuntimeCpuEngine
-    from export.kv_export import cache_layout, compare_with_generate, decode_timing, export_kv_graphs, greedy_generate
+    """Export the KV graphs not yet under ``--work``, check greedy parity with each PyTorch model, then time."""
+    from export.kv_export import cache_layout, compare_with_generate, export_kv_graphs, greedy_generate
 
-    prompt = ev.reshape(-1)[: args.prompt][None].numpy().astype(np.int64)
     all_models = {"dense": dense, **models}
     for name, model in all_models.items():
         d = args.work / name
@@ -191,29 +170,50 @@ def measure_decode(args: argparse.Namespace, dense: torch.nn.Module, adapter, mo
             t0 = time.perf_counter()
             export_kv_graphs(model, adapter, d)
             log.info("%s: KV graphs exported in %.0f s", name, time.perf_counter() - t0)
-    eng = OnnxRuntimeCpuEngine({})
-    out: dict = {"prompt_tokens": int(prompt.shape[1]), "new_tokens": args.new_tokens, "batch": 1, "runtime": "onnxruntime-cpu", "variants": {}}
-    with ExitStack() as stack:
-        runners, layouts = {}, {}
-        for name, model in all_models.items():
-            pre = stack.enter_context(eng.open(args.work / name / "prefill.onnx", spinning=False, name=f"{name}:prefill"))
-            dec = stack.enter_context(eng.open(args.work / name / "decode.onnx", spinning=False, name=f"{name}:decode"))
-            runners[name], layouts[name] = (pre, dec), cache_layout(model, adapter)
-            cmp = compare_with_generate(greedy_generate(pre, dec, layouts[name], prompt, args.greedy_tokens), model, prompt)
-            cmp.pop("max_abs_logit_delta_per_step")
-            out["variants"][name] = cmp
-            log.info("%s: greedy tokens identical %s, max |Δlogit| %.2e", name, cmp["tokens_identical"], cmp["max_abs_logit_delta"])
-        for name in runners:
-            greedy_generate(*runners[name], layouts[name], prompt, 4)
-        samples = round_robin(list(runners), args.decode_repeats, lambda n: decode_timing(*runners[n], layouts[n], prompt, args.new_tokens))
+
+    def parity(name: str, runners: tuple, layout, prompt: np.ndarray) -> dict:
+        cmp = compare_with_generate(greedy_generate(*runners, layout, prompt, args.greedy_tokens), all_models[name], prompt)
+        cmp.pop("max_abs_logit_delta_per_step")
+        log.info("%s: greedy tokens identical %s, max |Δlogit| %.2e", name, cmp["tokens_identical"], cmp["max_abs_logit_delta"])
+        return cmp
+
+    layouts = {n: cache_layout(m, adapter) for n, m in all_models.items()}
+    return time_graphs(args, list(all_models), layouts, prompt_ids(ev, args.prompt), parity)
+
+
+def prompt_ids(ev: torch.Tensor, n: int) -> np.ndarray:
+    """The first ``n`` evaluation tokens as a batch-1 prompt."""
+    return ev.reshape(-1)[:n][None].numpy().astype(np.int64)
+
+
+def time_graphs(args: argparse.Namespace, names: list[str], layouts: dict, prompt: np.ndarray, parity=None) -> dict:
+    """Open every variant's prefill/decode graphs under ``--work`` (no intra-op spinning: they alternate),
+    run ``parity`` on each where given, then decode timing round robin (ratios to dense per round) and
+    ONNX Runtime's per-op profile."""
     import tempfile
 
+    from engines.onnxruntime import OnnxRuntimeCpuEngine
+    from export.kv_export import decode_timing, greedy_generate
+
+    eng = OnnxRuntimeCpuEngine({})
+    out: dict = {"prompt_tokens": int(prompt.shape[1]), "new_tokens": args.new_tokens, "batch": 1, "runtime": "onnxruntime-cpu",
+                 "variants": {n: {} for n in names}}
+    with ExitStack() as stack:
+        runners = {}
+        for n in names:
+            runners[n] = (stack.enter_context(eng.open(args.work / n / "prefill.onnx", spinning=False, name=f"{n}:prefill")),
+                          stack.enter_context(eng.open(args.work / n / "decode.onnx", spinning=False, name=f"{n}:decode")))
+            if parity is not None:
+                out["variants"][n].update(parity(n, runners[n], layouts[n], prompt))
+        for n in names:  # warm-up
+            greedy_generate(*runners[n], layouts[n], prompt, 4)
+        samples = round_robin(names, args.decode_repeats, lambda n: decode_timing(*runners[n], layouts[n], prompt, args.new_tokens))
     with tempfile.TemporaryDirectory() as tmp:
-        out["op_profile_us_per_step"] = op_profile(args.work, list(all_models), layouts, prompt, min(args.new_tokens, 16), Path(tmp))
+        out["op_profile_us_per_step"] = op_profile(args.work, names, layouts, prompt, min(args.new_tokens, 16), Path(tmp))
     base = samples["dense"]["decode_ms_per_token"]
-    for name, smp in samples.items():
+    for n, smp in samples.items():
         ratios = [a / b for a, b in zip(smp["decode_ms_per_token"], base)]
-        out["variants"][name].update({
+        out["variants"][n].update({
             "decode_ms_per_token": round(statistics.median(smp["decode_ms_per_token"]), 3),
             "decode_ratio": round(statistics.median(ratios), 4), "ratio_min": round(min(ratios), 4), "ratio_max": round(max(ratios), 4),
             "speedup": round(1 / statistics.median(ratios), 3), "samples": smp,
@@ -236,11 +236,6 @@ def graph_layout(path: Path):
 
 
 def timing_only(args: argparse.Namespace) -> int:
-    import tempfile
-
-    from engines.onnxruntime import OnnxRuntimeCpuEngine
-    from export.kv_export import decode_timing, greedy_generate
-
     names = args.timing_only or ["dense"]
     if "dense" not in names:
         names = ["dense", *names]
@@ -248,25 +243,9 @@ def timing_only(args: argparse.Namespace) -> int:
         if not (args.work / n / "decode.onnx").is_file():
             raise SystemExit(f"{args.work / n}: no decode.onnx; run the full benchmark first")
     layouts = {n: graph_layout(args.work / n / "decode.onnx") for n in names}
-    loaded = load_model("smollm2-135m")
-    ev = evaluation_windows(tokenize(loaded.tokenizer, shakespeare_splits().evaluation), args.length, 1)
-    prompt = ev.reshape(-1)[: args.prompt][None].numpy().astype(np.int64)
-    eng = OnnxRuntimeCpuEngine({})
-    out: dict = {"prompt_tokens": int(prompt.shape[1]), "new_tokens": args.new_tokens, "batch": 1, "runtime": "onnxruntime-cpu", "variants": {}}
-    with ExitStack() as stack:
-        runners = {}
-        for n in names:
-            runners[n] = (stack.enter_context(eng.open(args.work / n / "prefill.onnx", spinning=False, name=f"{n}:prefill")),
-                          stack.enter_context(eng.open(args.work / n / "decode.onnx", spinning=False, name=f"{n}:decode")))
-            greedy_generate(*runners[n], layouts[n], prompt, 4)
-        samples = round_robin(names, args.decode_repeats, lambda n: decode_timing(*runners[n], layouts[n], prompt, args.new_tokens))
-    with tempfile.TemporaryDirectory() as tmp:
-        out["op_profile_us_per_step"] = op_profile(args.work, names, layouts, prompt, min(args.new_tokens, 16), Path(tmp))
-    base = samples["dense"]["decode_ms_per_token"]
-    for n, smp in samples.items():
-        ratios = [a / b for a, b in zip(smp["decode_ms_per_token"], base)]
-        out["variants"][n] = {"decode_ms_per_token": round(statistics.median(smp["decode_ms_per_token"]), 3), "decode_ratio": round(statistics.median(ratios), 4),
-                              "ratio_min": round(min(ratios), 4), "ratio_max": round(max(ratios), 4), "speedup": round(1 / statistics.median(ratios), 3), "samples": smp}
+    tok = load_model("smollm2-135m").tokenizer
+    ev = evaluation_windows(tokenize(tok, shakespeare_splits().evaluation), args.length, 1)
+    out = time_graphs(args, names, layouts, prompt_ids(ev, args.prompt))
     atomic_write_json(args.out, {"benchmark": "contextual_table --timing-only", "machine": {**cpu_info(), "platform": platform.machine()}, "decode": out})
     print(markdown_table(["variant", "decode ms/token", "ratio to dense (median, per-round range)"],
                          [[n, v["decode_ms_per_token"], f"{v['decode_ratio']} [{v['ratio_min']}–{v['ratio_max']}]"] for n, v in out["variants"].items()]))

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from core.adapters.base import ModelAdapter, get_submodule
+from core.contextual import mlp_path
 from core.progress import progress
 
 log = logging.getLogger(__name__)
@@ -34,9 +35,9 @@ KEYS = ("prev", "block", "mlp", "act")
 
 def gated_mlp(adapter: ModelAdapter, block: torch.nn.Module) -> torch.nn.Module:
     """The MLP module of a block of a gated-MLP family (the parent of its gate projection)."""
-    if not adapter.gated_mlp or "gate" not in adapter.linear_paths:
+    if not adapter.gated_mlp:
         raise ValueError(f"contextual sparsity needs a gated MLP (act(gate) · up); '{adapter.family}' has none")
-    return get_submodule(block, adapter.linear_paths["gate"].rsplit(".", 1)[0])
+    return get_submodule(block, mlp_path(adapter))
 
 
 def unit_activity(mlp: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -150,7 +150,8 @@ class ContextualMLP(torch.nn.Module):
         gate = self.gate_proj(x)
         h = self.act_fn(gate) * self.up_proj(x)
         if self.full_mode == "mask":
-            h = h * self.mask(self.scores(x, gate)).to(h.dtype)
+            scores = h.abs() if self.selector == "oracle" else self.scores(x, gate)  # the oracle's scores are |h| itself
+            h = h * self.mask(scores).to(h.dtype)
         return self.down_proj(h)
 
     def gathered(self, x: torch.Tensor) -> torch.Tensor:

@@ -36,6 +36,12 @@ class PassContext:
     prefix_key: str | None = None
     """Identifies the model a pass receives (source, calibration data, earlier passes); None = do not share."""
 
+    def calibration_windows(self, pass_name: str) -> "torch.Tensor":
+        """The calibration windows, or a clear error naming the pass when the context has none."""
+        if self.calibration is None:
+            raise ValueError(f"pass '{pass_name}' needs calibration data, and the context has none")
+        return self.calibration()
+
 
 @dataclass
 class LayerChange:

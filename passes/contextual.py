@@ -38,9 +38,8 @@ import torch
 import torch.nn.functional as F
 
 from calibrate.contextual import collect_context_stats, gated_mlp, mass_share, recall_at_k
-from core.adapters.base import ModelAdapter
 from core.progress import progress
-from core.contextual import CONFIG_KEY, ContextStore, ContextualMLP, Predictor, capture_block_inputs, contextual_spec, set_submodule
+from core.contextual import CONFIG_KEY, ContextStore, ContextualMLP, Predictor, capture_block_inputs, contextual_spec, mlp_path, set_submodule
 from passes.base import LayerChange, Pass, PassContext, PassResult, register_pass
 
 log = logging.getLogger(__name__)
@@ -128,14 +127,6 @@ def train_predictor(x: torch.Tensor, act: torch.Tensor, cfg: ContextualConfig, r
     return pred.eval(), {"loss_first": round(sum(losses[:n]) / n, 5), "loss_last": round(sum(losses[-n:]) / n, 5)}
 
 
-def block_macs(adapter: ModelAdapter, config: Any) -> int:
-    """Multiply-accumulates per token of one block's linears (attention projections + MLP)."""
-    d = adapter.dims(config)
-    hd = d["head_dim"]
-    attn = d["hidden"] * hd * (2 * d["heads"] + 2 * d["kv_heads"])
-    return attn + 3 * d["hidden"] * d["ffn"]
-
-
 @register_pass
 class ContextualPass(Pass):
     name = "contextual"
@@ -145,8 +136,7 @@ class ContextualPass(Pass):
 
     def run(self, model: torch.nn.Module, ctx: PassContext) -> PassResult:
         cfg = self.config
-        if ctx.calibration is None:
-            raise ValueError("pass 'contextual' needs calibration data, and the context has none")
+        windows = ctx.calibration_windows(self.name)
         if ctx.adapter.task != "causal-lm":
             raise ValueError(f"pass 'contextual' runs KV-cache decoding of causal LMs; '{ctx.adapter.family}' is an {ctx.adapter.task}")
         t0 = time.perf_counter()
@@ -155,7 +145,6 @@ class ContextualPass(Pass):
         dense = {b % n for b in cfg.dense_blocks if -n <= b < n}
         if len(dense) != len(cfg.dense_blocks):
             raise ValueError(f"dense_blocks {cfg.dense_blocks}: every index must be within [-{n}, {n - 1}]")
-        windows = ctx.calibration()
         memo_key = f"contextual-stats:{ctx.prefix_key}:{cfg.tokens_per_window}:{cfg.max_tokens}:{ctx.seed}" if ctx.prefix_key else None
         stats = ctx.memo.get(memo_key) if memo_key else None
         if stats is None:  # variants of one build over the same model share one calibration pass
@@ -166,7 +155,9 @@ class ContextualPass(Pass):
         if cfg.selector == "predictor" and cfg.predictor_input != "mlp":
             for i, b in enumerate(blocks):
                 capture_block_inputs(b, store, i)
-        macs = block_macs(ctx.adapter, model.config)
+        block_macs = {}  # multiply-accumulates per token of each block's linears, from their weights
+        for ref in ctx.adapter.linears(model):
+            block_macs[ref.block] = block_macs.get(ref.block, 0) + ref.weight_out_in().numel()
         info: dict[str, Any] = {"selector": cfg.selector, "keep": cfg.keep, "full_mode": cfg.full_mode, "predictor_rank": cfg.predictor_rank,
                                 "predictor_input": cfg.predictor_input, "dense_blocks": sorted(dense), "tokens": stats.tokens, "blocks": {}}
         result = PassResult(self.name, info=info)
@@ -178,7 +169,8 @@ class ContextualPass(Pass):
             keep = 1.0 if l in dense else cfg.keep_of(l)
             k = max(1, round(keep * units))
             split = max(1, int(round(act.shape[0] * cfg.holdout_share)))
-            rec: dict[str, Any] = {"keep": keep, "k": k, "mass90_share": round(mass_share(act[-split:]), 4)}
+            hidden = mlp.gate_proj.weight.shape[1]
+            rec: dict[str, Any] = {"keep": keep, "k": k, "mass90_share": round(mass_share(act[-split:]), 4), "mlp_macs_share": 1.0}
             if l in dense:
                 info["blocks"][str(l)] = rec
                 continue
@@ -189,6 +181,7 @@ class ContextualPass(Pass):
                 threshold = float(torch.quantile(gate_act[:-split].reshape(-1)[:2_000_000], 1 - keep))
                 rec["threshold"] = round(threshold, 6)
                 rec["kept_share_holdout"] = round(float((gate_act[-split:] >= threshold).float().mean()), 4)
+                rec["mlp_macs_share"] = round((1 + 2 * keep) / 3, 4)  # the whole gate, then the kept rows of up and down
             elif cfg.selector == "predictor":
                 x = st[cfg.predictor_input].float()
                 t1 = time.perf_counter()
@@ -197,13 +190,16 @@ class ContextualPass(Pass):
                 with torch.no_grad():
                     rec["recall_at_k"] = round(recall_at_k(pred(x[-split:]), act[-split:], k), 4)
                 log.info("contextual: block %d predictor loss %.4f → %.4f, recall@k %.3f (%.1f s)", l, fit["loss_first"], fit["loss_last"], rec["recall_at_k"], rec["predictor"]["seconds"])
-                rec["predictor_macs_share"] = round((x.shape[1] * cfg.predictor_rank + cfg.predictor_rank * units) / macs, 4)
+                pred_macs = x.shape[1] * cfg.predictor_rank + cfg.predictor_rank * units
+                rec["predictor_macs_share"] = round(pred_macs / block_macs[l], 4)
+                rec["mlp_macs_share"] = round((3 * hidden * k + pred_macs) / (3 * hidden * units), 4)
             rec["threshold_recall_at_k"] = round(recall_at_k(gate_act[-split:], act[-split:], k), 4)
-            set_submodule(block, ctx.adapter.linear_paths["gate"].rsplit(".", 1)[0],
-                         ContextualMLP(mlp, cfg.selector, k, l, threshold, pred, cfg.predictor_input, store, cfg.full_mode))
+            set_submodule(block, mlp_path(ctx.adapter), ContextualMLP(mlp, cfg.selector, k, l, threshold, pred, cfg.predictor_input, store, cfg.full_mode))
             info["blocks"][str(l)] = rec
             result.layers.append(LayerChange(f"{ctx.adapter.blocks_path}.{l}.mlp", "up", l, (units, mlp.gate_proj.weight.shape[1]), 1 - keep))
         setattr(model.config, CONFIG_KEY, contextual_spec(model, ctx.adapter))
+        # MLP multiply-accumulates per token computed, over the dense MLPs' (every block; the oracle computes all)
+        info["mlp_macs_share"] = round(sum(r["mlp_macs_share"] for r in info["blocks"].values()) / len(info["blocks"]), 4)
         recs = [r for r in info["blocks"].values() if "recall_at_k" in r or "threshold_recall_at_k" in r]
         if recs:
             info["mean_threshold_recall_at_k"] = round(sum(r["threshold_recall_at_k"] for r in recs) / len(recs), 4)

@@ -127,10 +127,8 @@ def run_oneshot(
     prune: PruneFn,
     saliency: SaliencyFn | None = None,
 ) -> PassResult:
-    if ctx.calibration is None:
-        raise ValueError(f"pass '{name}' needs calibration data, and the context has none")
     t0 = time.perf_counter()
-    windows = ctx.calibration()
+    windows = ctx.calibration_windows(name)
     result = PassResult(name, info={"pattern": cfg.pattern, "sparsity": cfg.sparsity, "calibration_windows": list(windows.shape)})
     solver_seconds = 0.0
     dtype = resolve_compute_dtype(cfg.calibration_dtype)

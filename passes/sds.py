@@ -231,10 +231,8 @@ class SDSPass(Pass):
 
     def run(self, model: torch.nn.Module, ctx: PassContext) -> PassResult:
         cfg = self.config
-        if ctx.calibration is None:
-            raise ValueError("pass 'sds' needs calibration data, and the context has none")
         t0 = time.perf_counter()
-        windows = ctx.calibration()
+        windows = ctx.calibration_windows(self.name)
         n_batches = -(-int(windows.shape[0]) // cfg.batch_size)
         if n_batches <= cfg.holdout_batches:
             raise ValueError(

@@ -197,8 +197,7 @@ class StructuredPass(Pass):
 
     def run(self, model: torch.nn.Module, ctx: PassContext) -> PassResult:
         cfg = self.config
-        if ctx.calibration is None:
-            raise ValueError("pass 'structured' needs calibration data, and the context has none")
+        ctx.calibration_windows(self.name)  # fails early, naming the pass, when there is none
         t0 = time.perf_counter()
         adapter = ctx.adapter
         before = layer_shapes(model, adapter)

@@ -308,9 +308,9 @@ def render_markdown(results: dict[str, Any], rows: list[dict[str, Any]]) -> str:
                 )
     lines += _structured_section(results)
     lines += _allocation_section(results)
-    lines += _sds_section(results)
+    lines += _section(SDS_TITLE, _texts(results, sds_text))
+    lines += _section(CONTEXTUAL_TITLE, _texts(results, contextual_text))
     lines += _admm_section(results)
-    lines += _contextual_section(results)
     if results.get("skips"):
         lines += ["", "## Skipped backends", ""]
         for s in {(s["backend"], s["reason"]) for s in results["skips"]}:
@@ -413,71 +413,72 @@ def _allocation_section(results: dict[str, Any]) -> list[str]:
     return ["", "## Mixed sparsity (per block and role, measured from the weights)", *lines] if lines else []
 
 
-def _sds_texts(results: dict[str, Any]) -> list[str]:
-    return [t for t in (sds_text(v) for v in results["variants"]) if t]
+def _pass_info(variant: dict[str, Any], name: str, key: str) -> dict[str, Any] | None:
+    """The ``info`` of the variant's first pass called ``name`` whose info has ``key``, else None."""
+    for pr in variant.get("pass_results", []):
+        info = pr.get("info") or {}
+        if pr.get("name") == name and key in info:
+            return info
+    return None
 
 
-def _sds_section(results: dict[str, Any]) -> list[str]:
-    texts = _sds_texts(results)
-    return ["", "## SDS (sparse → dense → sparse)", *[x for t in texts for x in ("", t)]] if texts else []
+def _texts(results: dict[str, Any], text_of: Any) -> list[str]:
+    """``text_of(variant)`` of every variant that has one."""
+    return [t for t in (text_of(v) for v in results["variants"]) if t]
+
+
+def _section(title: str, texts: list[str]) -> list[str]:
+    """A markdown section of one paragraph per text; nothing when there are none."""
+    return ["", f"## {title}", *[x for t in texts for x in ("", t)]] if texts else []
+
+
+SDS_TITLE = "SDS (sparse → dense → sparse)"
+CONTEXTUAL_TITLE = "Contextual sparsity (Deja Vu)"
 
 
 def contextual_text(variant: dict[str, Any]) -> str | None:
     """One line on a contextual-sparsity variant: selector, kept MLP share, recall@k of the selection on
     held-out calibration tokens, the predictor's cost, and the decode ratio where measured."""
-    for pr in variant.get("pass_results", []):
-        info = pr.get("info") or {}
-        if pr.get("name") != "contextual":
-            continue
-        sparse = [b for b, r in info["blocks"].items() if r["keep"] < 1.0]
-        recall = info.get("mean_recall_at_k", info.get("mean_threshold_recall_at_k"))
-        pred = (
-            f", predictor rank {info['predictor_rank']} reading {info['predictor_input']} ({info['predictor_macs_share']:.3f} of a block's MACs)"
-            if info["selector"] == "predictor" else ""
-        )
-        dec = variant.get("decode") or {}
-        speed = f"; decode {dec['decode_ratio']:.3f} × dense ms/token" if "decode_ratio" in dec else ""
-        return (
-            f"**{variant['name']}**: contextual MLP sparsity, selector {info['selector']}, {info['keep']:.2f} of the units computed "
-            f"per token in {len(sparse)} of {len(info['blocks'])} blocks (attention dense){pred}; recall@k of the selection on held-out "
-            f"calibration tokens {recall:.3f}; perplexity with each token's own selection, prefill {info['full_mode']}{speed}."
-        )
-    return None
-
-
-def _contextual_texts(results: dict[str, Any]) -> list[str]:
-    return [t for t in (contextual_text(v) for v in results["variants"]) if t]
-
-
-def _contextual_section(results: dict[str, Any]) -> list[str]:
-    texts = _contextual_texts(results)
-    return ["", "## Contextual sparsity (Deja Vu)", *[x for t in texts for x in ("", t)]] if texts else []
+    info = _pass_info(variant, "contextual", "blocks")
+    if info is None:
+        return None
+    sparse = [b for b, r in info["blocks"].items() if r["keep"] < 1.0]
+    recall = {
+        "predictor": f"recall@k of the predictor on held-out calibration tokens {info.get('mean_recall_at_k', float('nan')):.3f}",
+        "threshold": f"recall@k of the top-k units by |act(gate)| on held-out calibration tokens {info.get('mean_threshold_recall_at_k', float('nan')):.3f}",
+    }.get(info["selector"], "the oracle computes every unit to choose (an upper bound, no saving)")
+    pred = (
+        f", predictor rank {info['predictor_rank']} reading {info['predictor_input']} ({info['predictor_macs_share']:.3f} of a block's MACs)"
+        if info["selector"] == "predictor" else ""
+    )
+    macs = f"; MLP MACs computed {info['mlp_macs_share']:.3f} × dense" if "mlp_macs_share" in info else ""
+    dec = variant.get("decode") or {}
+    speed = f"; decode {dec['decode_ratio']:.3f} × dense ms/token" if "decode_ratio" in dec else ""
+    return (
+        f"**{variant['name']}**: contextual MLP sparsity, selector {info['selector']}, {info['keep']:.2f} of the units computed "
+        f"per token in {len(sparse)} of {len(info['blocks'])} blocks (attention dense){pred}{macs}; {recall}; "
+        f"perplexity with each token's own selection, prefill {info['full_mode']}{speed}."
+    )
 
 
 def sds_text(variant: dict[str, Any]) -> str | None:
     """One line on an SDS variant: its settings and the held-out block reconstruction error of the
     final sparse blocks against the base method's own (step 1) blocks, overall and the range per block."""
-    for pr in variant.get("pass_results", []):
-        info = pr.get("info") or {}
-        if pr.get("name") != "sds" or "holdout_error_ratio" not in info:
-            continue
-        last = f"sparse{info['iterations']}"
-        per = [r[last]["holdout"] / r["step1"]["holdout"] for r in info["blocks"].values() if r["step1"]["holdout"] > 0]
-        spread = f" (per block {min(per):.3f}–{max(per):.3f})" if per else ""
-        return (
-            f"**{variant['name']}**: SDS over {info['base']} ({info['pattern'] or info['sparsity']}), {info['iterations']} × "
-            f"{info['recon_steps']} reconstruction steps per block, regulariser {info['regularizer']} × {info['reg_weight']}, "
-            f"target {info['target']}; held-out block error after SDS = {info['holdout_error_ratio']:.3f} × step 1's{spread}."
-        )
-    return None
+    info = _pass_info(variant, "sds", "holdout_error_ratio")
+    if info is None:
+        return None
+    last = f"sparse{info['iterations']}"
+    per = [r[last]["holdout"] / r["step1"]["holdout"] for r in info["blocks"].values() if r["step1"]["holdout"] > 0]
+    spread = f" (per block {min(per):.3f}–{max(per):.3f})" if per else ""
+    return (
+        f"**{variant['name']}**: SDS over {info['base']} ({info['pattern'] or info['sparsity']}), {info['iterations']} × "
+        f"{info['recon_steps']} reconstruction steps per block, regulariser {info['regularizer']} × {info['reg_weight']}, "
+        f"target {info['target']}; held-out block error after SDS = {info['holdout_error_ratio']:.3f} × step 1's{spread}."
+    )
 
 
 def _admm_info(variant: dict[str, Any]) -> dict[str, Any] | None:
-    for pr in variant.get("pass_results", []):
-        info = pr.get("info") or {}
-        if pr.get("name") == "admm" and "admm" in info:
-            return info
-    return None
+    return _pass_info(variant, "admm", "admm")
 
 
 def admm_text(variant: dict[str, Any]) -> str | None:
@@ -700,9 +701,10 @@ def render_html(
             mixed += f"{_lines_html([text])}{pic}"
     if mixed:
         mixed = f"<h2>Mixed sparsity (per block and role, measured from the weights)</h2>{mixed}"
-    sds = _sds_texts(results)
-    if sds:
-        mixed += f"<h2>SDS (sparse → dense → sparse)</h2>{_lines_html(sds)}"
+    for title, text_of in ((SDS_TITLE, sds_text), (CONTEXTUAL_TITLE, contextual_text)):
+        texts = _texts(results, text_of)
+        if texts:
+            mixed += f"<h2>{title}</h2>{_lines_html(texts)}"
     admm = ""
     for v in results["variants"]:
         text = admm_text(v)
@@ -712,9 +714,6 @@ def render_html(
             admm += f"{_lines_html([text])}{pic}"
     if admm:
         mixed += f"<h2>ADMM + SR-STE</h2>{admm}"
-    ctx_texts = _contextual_texts(results)
-    if ctx_texts:
-        mixed += f"<h2>Contextual sparsity (Deja Vu)</h2>{_lines_html(ctx_texts)}"
     ev = results["data"]["evaluation"]
     ship = _lines_html(_decision_markdown(results.get("decision") or decision(results, md_rows))[3:])
     return f"""<!doctype html>
