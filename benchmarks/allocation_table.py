@@ -120,6 +120,20 @@ def main() -> int:
     def ppl(model: torch.nn.Module, windows: torch.Tensor, desc: str) -> float:
         return round(perplexity(torch_outputs_fn(model, "causal-lm"), windows, desc)["perplexity"], 3)
 
+    from core.artifacts import atomic_write_json
+
+    def save(rows: list[dict], complete: bool) -> None:
+        """Write the table so far: a stopped run keeps the rows it finished (``complete`` says whether it ended)."""
+        atomic_write_json(args.out, {
+            "benchmark": "allocation_table",
+            "complete": complete,
+            "calibration": [args.calibration_windows, args.length],
+            "evaluation": {"shakespeare": list(ev.shape), "second": list(ev2.shape), "second_text": str(args.second_text or "stdlib docstrings: " + ", ".join(STDLIB_PROSE))},
+            "owl": {"lambda": args.owl_lambda, "m": args.owl_m},
+            "machine": {**cpu_info(), "threads": torch.get_num_threads(), "platform": platform.machine()},
+            "rows": rows,
+        })
+
     rows = [{"method": "dense", "allocation": "—", "sparsity": 0.0, "ppl_shakespeare": ppl(loaded.model, ev, "dense"), "ppl_second": ppl(loaded.model, ev2, "dense 2nd")}]
     for method in args.methods:
         cls = get_pass_class(method)
@@ -144,19 +158,10 @@ def main() -> int:
                     "block_sparsity": (r.info.get("allocation") or {}).get("block_sparsity"),
                 }
                 rows.append(row)
+                save(rows, complete=False)
                 logging.info("%s", {k: v for k, v in row.items() if k != "block_sparsity"})
                 del model
-    result = {
-        "benchmark": "allocation_table",
-        "calibration": [args.calibration_windows, args.length],
-        "evaluation": {"shakespeare": list(ev.shape), "second": list(ev2.shape), "second_text": str(args.second_text or "stdlib docstrings: " + ", ".join(STDLIB_PROSE))},
-        "owl": {"lambda": args.owl_lambda, "m": args.owl_m},
-        "machine": {**cpu_info(), "threads": torch.get_num_threads(), "platform": platform.machine()},
-        "rows": rows,
-    }
-    from core.artifacts import atomic_write_json
-
-    atomic_write_json(args.out, result)
+    save(rows, complete=True)
     header = ["method", "allocation", "sparsity (measured)", "ppl Shakespeare", "ppl second text", "prune s", "time vs uniform"]
     print(markdown_table(header, [
         [r["method"], r["allocation"], f"{r['sparsity']} ({r.get('measured_sparsity', 0)})", r["ppl_shakespeare"], r["ppl_second"],
