@@ -188,7 +188,7 @@ def parity(
                 for r in it.values():
                     worst_abs = max(worst_abs, float(r.max_absdiff))
                     worst_rel = max(worst_rel, float(r.max_reldiff))
-    return {
+    out = {
         "passed": bool(acc),
         "atol": atol,
         "rtol": rtol,
@@ -197,6 +197,42 @@ def parity(
         "feeds": [{k: list(v.shape) for k, v in f.items()} for f in feeds],
         "tool": "polygraphy Comparator (CompareFunc.simple, elementwise)",
     }
+    if not out["passed"]:
+        out["fp64_reference"] = fp64_floor(model, task, engine_model, output, feeds)
+    return out
+
+
+FP64_FLOOR_MAX_BYTES = 8 << 30
+
+
+def fp64_floor(model: torch.nn.Module, task: str, engine_model: Path, output: str, feeds: list[dict[str, np.ndarray]]) -> dict[str, Any]:
+    """Diagnose a failed parity: the same model in float64 is the exact-arithmetic reference.
+
+    Returns max |PyTorch fp32 − fp64| (the model's own fp32 floor) and max |engine − fp64|. A model
+    whose output is discontinuous in its inputs (contextual sparsity's per-token top-k: a unit at
+    the k-th boundary flips on a rounding difference) can amplify an ulp into a visible logit
+    change; when the engine is no farther from fp64 than PyTorch fp32 is, the engine/PyTorch gap is
+    that floor, not an export error. ``within_floor`` says which; the elementwise verdict stands.
+    """
+    import copy
+
+    import onnxruntime as ort
+
+    nbytes = 8 * sum(p.numel() for p in model.parameters())
+    if nbytes > FP64_FLOOR_MAX_BYTES:
+        return {"skipped": f"a float64 copy would take {nbytes / 2**30:.1f} GiB (limit {FP64_FLOOR_MAX_BYTES / 2**30:.0f} GiB)"}
+    sess = ort.InferenceSession(str(engine_model), providers=["CPUExecutionProvider"])
+    ref = copy.deepcopy(model).double()
+    torch32 = engine = 0.0
+    for f in feeds:
+        ids, mask = torch.from_numpy(f["input_ids"]), torch.from_numpy(f["attention_mask"])
+        y64 = torch_forward(ref, task, ids, mask).double()  # computed in fp64, rounded once at the end
+        y32 = torch_forward(model, task, ids, mask).double()
+        ye = torch.from_numpy(sess.run([output], f)[0]).double()
+        torch32 = max(torch32, float((y32 - y64).abs().max()))
+        engine = max(engine, float((ye - y64).abs().max()))
+    del ref
+    return {"torch_fp32_vs_fp64": torch32, "engine_vs_fp64": engine, "within_floor": engine <= torch32}
 
 
 # --- latency --------------------------------------------------------------------------------

@@ -138,7 +138,15 @@ def run(ctx: BuildContext, v: Any, e: EngineSpec) -> StageOutcome:
         ]
         result["parity"] = V.parity(model, task, art.path, output, feeds, p.atol, p.rtol)
         if not result["parity"]["passed"]:
-            log.warning("%s: engine/PyTorch parity FAILED (max |Δ| %.3g)", v.name, result["parity"]["max_absdiff"])
+            floor = result["parity"].get("fp64_reference", {})
+            if "within_floor" in floor:
+                log.warning(
+                    "%s: engine/PyTorch parity FAILED (max |Δ| %.3g); against the model in float64: PyTorch fp32 %.3g, engine %.3g (%s)",
+                    v.name, result["parity"]["max_absdiff"], floor["torch_fp32_vs_fp64"], floor["engine_vs_fp64"],
+                    "within the model's own fp32 floor" if floor["within_floor"] else "the engine is farther from fp64 than PyTorch fp32",
+                )
+            else:
+                log.warning("%s: engine/PyTorch parity FAILED (max |Δ| %.3g)", v.name, result["parity"]["max_absdiff"])
         (tmp / "validation.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
         return {"summary": _summary(result)}
 
