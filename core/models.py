@@ -254,3 +254,18 @@ def count_parameters(model: Any) -> int:
         seen.add(p.data_ptr())
         total += p.numel()
     return total
+
+
+FLOAT64_COPY_MAX_BYTES = 8 << 30
+"""Largest float64 copy the parity diagnoses make (a 1B-parameter model)."""
+
+
+def float64_copy(model: Any, max_bytes: int = FLOAT64_COPY_MAX_BYTES) -> Any:
+    """A float64 copy of ``model``: the exact-arithmetic reference that fp32 runtimes are compared
+    with when they disagree. Raises ``ValueError`` when the copy would exceed ``max_bytes``."""
+    import copy
+
+    nbytes = 8 * count_parameters(model)
+    if nbytes > max_bytes:
+        raise ValueError(f"a float64 copy would take {nbytes / 2**30:.1f} GiB (limit {max_bytes / 2**30:.0f} GiB)")
+    return copy.deepcopy(model).double()

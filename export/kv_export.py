@@ -198,9 +198,49 @@ def compare_with_generate(result: GreedyResult, model: torch.nn.Module, prompt: 
     finally:
         cfg.eos_token_id = eos
     deltas = [float(np.abs(a - b.numpy()).max()) for a, b in zip(result.step_logits, ref.logits)]
-    return {
+    ref_tokens = ref.sequences[:, prompt.shape[1] :].numpy()
+    out = {
         "greedy_tokens": n,
-        "tokens_identical": bool(np.array_equal(result.tokens, ref.sequences[:, prompt.shape[1] :].numpy())),
+        "tokens_identical": bool(np.array_equal(result.tokens, ref_tokens)),
         "max_abs_logit_delta": max(deltas),
         "max_abs_logit_delta_per_step": deltas,
+    }
+    if not out["tokens_identical"]:
+        out["fp64_reference"] = _fp64_decode(result, model, prompt, ref_tokens, ref.logits[0].numpy())
+    return out
+
+
+def _leading_equal(a: np.ndarray, b: np.ndarray) -> int:
+    """How many leading tokens two (batch, n) generations share in every row."""
+    same = (a == b).all(axis=0)
+    return int(same.argmin()) if not same.all() else int(same.size)
+
+
+def _fp64_decode(result: GreedyResult, model: torch.nn.Module, prompt: np.ndarray, torch_tokens: np.ndarray, torch_first: np.ndarray) -> dict[str, Any]:
+    """Diagnose differing greedy tokens against the same model run in float64: how many leading
+    tokens the engine and PyTorch fp32 each share with it, and each one's distance from its
+    first-step (prefill) logits. When PyTorch fp32 strays from float64 as early as the engine does,
+    the tokens differ at the model's rounding floor (a per-token top-k flips on an ulp), not
+    because the graph computes something else."""
+    from core.models import float64_copy
+
+    n = result.tokens.shape[1]
+    try:
+        ref = float64_copy(model)
+    except ValueError as e:
+        return {"skipped": str(e)}
+    cfg = ref.generation_config
+    cfg.eos_token_id = None  # the copy's config: the caller's model is untouched
+    with torch.no_grad():
+        out = ref.generate(
+            torch.from_numpy(prompt), attention_mask=torch.ones(prompt.shape, dtype=torch.long),
+            max_new_tokens=n, do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=0,
+        )
+    tokens64, first64 = out.sequences[:, prompt.shape[1] :].numpy(), out.logits[0].double().numpy()
+    del ref
+    return {
+        "engine_tokens_equal_fp64": _leading_equal(result.tokens, tokens64),
+        "torch_fp32_tokens_equal_fp64": _leading_equal(torch_tokens, tokens64),
+        "engine_first_step_vs_fp64": float(np.abs(result.step_logits[0] - first64).max()),
+        "torch_fp32_first_step_vs_fp64": float(np.abs(torch_first - first64).max()),
     }

@@ -56,3 +56,44 @@ def test_report_cell_shows_the_float64_diagnosis():
     cell = _parity_cell(row)
     assert cell.startswith("FAIL (0.01350)") and "fp32 floor 0.1" in cell and "engine 0.00014" in cell and "within it" in cell
     assert _parity_cell({"parity": True, "parity_maxabs": 1e-5}) == "pass (0.00001)"
+
+
+def _greedy(model, prompt, n):
+    from export.kv_export import GreedyResult
+
+    cfg = model.generation_config
+    eos, cfg.eos_token_id = cfg.eos_token_id, None
+    with torch.no_grad():
+        out = model.generate(
+            torch.from_numpy(prompt), attention_mask=torch.ones(prompt.shape, dtype=torch.long), max_new_tokens=n,
+            do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=0,
+        )
+    cfg.eos_token_id = eos
+    return GreedyResult(out.sequences[:, prompt.shape[1]:].numpy(), [x.numpy() for x in out.logits], 0.0, [])
+
+
+def test_differing_greedy_tokens_are_diagnosed_against_float64():
+    from export.kv_export import compare_with_generate
+
+    model = tiny_model("llama")
+    prompt = np.random.default_rng(1).integers(0, VOCAB, (1, 8)).astype(np.int64)
+    same = compare_with_generate(_greedy(model, prompt, 8), model, prompt)
+    assert same["tokens_identical"] and "fp64_reference" not in same
+    wrong = copy.deepcopy(model)
+    with torch.no_grad():
+        wrong.lm_head.weight.neg_()  # a different model: its greedy tokens differ from the first step
+    r = compare_with_generate(_greedy(wrong, prompt, 8), model, prompt)
+    assert not r["tokens_identical"]
+    f = r["fp64_reference"]
+    assert f["torch_fp32_tokens_equal_fp64"] == 8 and f["engine_tokens_equal_fp64"] == 0
+    assert f["torch_fp32_first_step_vs_fp64"] < 1e-4 < f["engine_first_step_vs_fp64"]
+    assert model.generation_config.eos_token_id == tiny_model("llama").generation_config.eos_token_id
+
+
+def test_report_greedy_cell_shows_the_float64_diagnosis():
+    from pipeline.report import _greedy_cell
+
+    r = {"tokens_identical": False, "greedy_tokens": 32, "fp64_reference": {
+        "engine_tokens_equal_fp64": 13, "torch_fp32_tokens_equal_fp64": 7, "engine_first_step_vs_fp64": 1.6, "torch_fp32_first_step_vs_fp64": 1.1}}
+    assert _greedy_cell(r).startswith("NO (32); leading tokens equal to float64: engine 13, PyTorch fp32 7")
+    assert _greedy_cell({"tokens_identical": True, "greedy_tokens": 32}) == "yes (32)"

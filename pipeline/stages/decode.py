@@ -71,6 +71,12 @@ def run(ctx: BuildContext, ordered: list[Any]) -> StageOutcome:
                 cmp.pop("max_abs_logit_delta_per_step")
                 result["variants"][v.name] = cmp
                 log.info("%s: greedy decode tokens identical %s, max |Δlogit| %.2e", v.name, cmp["tokens_identical"], cmp["max_abs_logit_delta"])
+                f64 = cmp.get("fp64_reference", {})
+                if "engine_tokens_equal_fp64" in f64:
+                    log.warning(
+                        "%s: greedy tokens differ from PyTorch; leading tokens equal to the model in float64: engine %d, PyTorch fp32 %d",
+                        v.name, f64["engine_tokens_equal_fp64"], f64["torch_fp32_tokens_equal_fp64"],
+                    )
             for name in runners:  # warm-up
                 greedy_generate(*runners[name], layouts[name], prompt, 4)
             samples = round_robin(list(runners), spec.repeats, lambda n: decode_timing(*runners[n], layouts[n], prompt, spec.new_tokens))
