@@ -249,7 +249,7 @@ class SDSPass(Pass):
             "reg_weight": cfg.reg_weight, "target": cfg.target, "calibration_windows": list(windows.shape),
             "holdout_windows": min(int(windows.shape[0]), cfg.holdout_batches * cfg.batch_size), "blocks": {},
         })
-        seconds = {"prune": 0.0, "reconstruct": 0.0, "measure": 0.0}
+        seconds = {"prune": 0.0, "reconstruct": 0.0, "collect": 0.0, "measure": 0.0}
 
         def prune_all(refs: list[LinearRef], collectors: dict[str, Collector]) -> None:
             ts = time.perf_counter()
@@ -284,9 +284,11 @@ class SDSPass(Pass):
                 seconds["reconstruct"] += time.perf_counter() - ts
                 ts = time.perf_counter()
                 record[f"dense{it}"] = _summ(None, blk.errors(blk.hold))
-                with torch.no_grad():
-                    fresh = runner.collect(module, refs, blk.inputs, make_collector)
                 seconds["measure"] += time.perf_counter() - ts
+                ts = time.perf_counter()
+                with torch.no_grad():  # the next pruning's statistics, on the reconstructed dense block
+                    fresh = runner.collect(module, refs, blk.inputs, make_collector)
+                seconds["collect"] += time.perf_counter() - ts
                 prune_all(refs, fresh)
                 ts = time.perf_counter()
                 record[f"sparse{it}"] = _summ(blk.errors(blk.train), blk.errors(blk.hold))
