@@ -33,7 +33,9 @@ What trains: the target linears' weights only; embeddings, norms and biases stay
 the linears — and the frozen dense teacher; about 3.5 GB for SmolLM2-135M, activations aside.
 
 Budget: ``steps`` in all (``admm_fraction`` of them ADMM, the rest SR-STE), or fewer when
-``max_minutes`` runs out (split in the same proportion). Both phases checkpoint through the
+``max_minutes`` runs out (split in the same proportion). The two phases run one learning-rate
+schedule: the warm-up and the first part of the cosine in the ADMM phase, the rest in the SR-STE
+phase (each phase's optimizer moments start afresh: the SR-STE phase trains through the masks). Both phases checkpoint through the
 training loop (weights, optimizer, Z, U, ρ, the residual history, the masks) and an interrupted
 build resumes from the last checkpoint.
 
@@ -364,6 +366,7 @@ class ADMMPass(Pass):
         params = {t.name: t.param for t in targets}
         base = train_config_of(cfg)
         admm_steps = cfg.admm_steps
+        split = admm_steps / cfg.steps  # the two phases share one warm-up + cosine schedule, split here
         minutes = (lambda share: None if cfg.max_minutes is None else cfg.max_minutes * share)
         tokens_per_step = cfg.batch_size * windows.shape[1]
         extra = [cfg.pattern, cfg.init, cfg.rho, cfg.rho_growth, cfg.rho_max, cfg.admm_interval, cfg.temperature, cfg.hidden_mse, cfg.lm_weight, cfg.cosine_weight]
@@ -380,6 +383,7 @@ class ADMMPass(Pass):
         tr1 = train(
             model, params, admm_loss, windows, TrainConfig(**{**vars(base), "steps": admm_steps, "max_minutes": minutes(cfg.admm_fraction)}),
             seed=ctx.seed, checkpoint=ckpt("admm-checkpoint"), fingerprint_extra=extra, hooks=[admm], desc="admm", show_progress=ctx.progress,
+            schedule_span=(0.0, split),
         )
         info["admm"] = {**tr1.summary(tokens_per_step), "residuals": admm.summary()}
         with torch.no_grad():  # the hard projection's loss: how far W still is from Z
@@ -400,7 +404,7 @@ class ADMMPass(Pass):
                 model, params, srste_loss, windows,
                 TrainConfig(**{**vars(base), "steps": cfg.steps - admm_steps, "warmup_steps": 0, "max_minutes": minutes(1 - cfg.admm_fraction)}),
                 seed=ctx.seed + 1, checkpoint=ckpt("srste-checkpoint"), fingerprint_extra=[*extra, cfg.srste_decay, cfg.mask_every, tr1.steps], hooks=[srste],
-                desc="sr-ste", show_progress=ctx.progress,
+                desc="sr-ste", show_progress=ctx.progress, schedule_span=(split, 1.0),
             )
         finally:
             srste.finish()

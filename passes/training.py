@@ -5,7 +5,8 @@ hooks; :func:`train` supplies everything else:
 
 - budget: ``steps`` optimizer steps of ``batch_size`` windows, or fewer when ``max_minutes``
   runs out (the result says which);
-- AdamW with linear warm-up and cosine decay, gradient clipping;
+- AdamW with linear warm-up and cosine decay (annealed by the time spent too when ``max_minutes``
+  binds first), gradient clipping;
 - autocast to bfloat16 where the CPU has fast bf16 (``compute_dtype: auto``), fp32 otherwise;
 - atomic checkpoints every ``checkpoint_every`` steps into the pass's work directory
   (safetensors for tensors, JSON for the rest: nothing is unpickled), and resume from the
@@ -117,12 +118,20 @@ class TrainResult:
         }
 
 
-def lr_factor(step: int, warmup_steps: int, steps: int) -> float:
-    """Linear warm-up to 1 over ``warmup_steps``, then cosine decay to 0 at ``steps``."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    span = max(1, steps - warmup_steps)
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup_steps) / span)))
+def lr_factor(step: int, warmup_steps: int, steps: int, *, time_share: float = 0.0, span: tuple[float, float] = (0.0, 1.0)) -> float:
+    """Linear warm-up to 1 over ``warmup_steps``, then cosine decay to 0 at the end of the budget.
+
+    Progress through the budget is the larger of the step share and ``time_share`` (the share of
+    ``max_minutes`` spent), so a run that a wall-time cap stops early has still annealed its rate
+    instead of ending at a rate the cap chose by accident. ``span`` is the stretch [a, b] of one
+    longer schedule that this run covers: a run that continues another's schedule (ADMM's SR-STE
+    phase after its ADMM phase) passes (a, b) with a > 0 and has no warm-up of its own."""
+    lo, hi = span
+    warm = warmup_steps if lo == 0.0 else 0
+    if step < warm:
+        return (step + 1) / warm
+    local = max((step - warm) / max(1, steps - warm), time_share)
+    return 0.5 * (1 + math.cos(math.pi * (lo + (hi - lo) * min(1.0, local))))
 
 
 def autocast_for(compute_dtype: str) -> tuple[torch.dtype, dict[str, Any]]:
@@ -234,12 +243,16 @@ def train(
     hooks: Sequence[Any] = (),
     desc: str = "train",
     show_progress: bool = True,
+    schedule_span: tuple[float, float] = (0.0, 1.0),
 ) -> TrainResult:
     """Train ``params`` of ``model`` on ``loss_fn`` over ``windows`` (N, L), batches drawn in a seeded
     order; every other parameter is frozen for the duration. Returns what happened; the model is
-    left in eval mode with no parameter requiring grad."""
+    left in eval mode with no parameter requiring grad. ``schedule_span``: see :func:`lr_factor`.
+    Under ``max_minutes`` the rate depends on the time spent, so such a run is not bit-reproducible."""
+    if not 0.0 <= schedule_span[0] < schedule_span[1] <= 1.0:
+        raise ValueError(f"schedule_span {schedule_span} is not a stretch [a, b] with 0 ≤ a < b ≤ 1")
     dtype, autocast = autocast_for(cfg.compute_dtype)
-    fingerprint = stable_hash(desc, asdict(cfg), [(n, list(p.shape)) for n, p in params.items()], list(windows.shape), seed, fingerprint_extra)
+    fingerprint = stable_hash(desc, asdict(cfg), [(n, list(p.shape)) for n, p in params.items()], list(windows.shape), seed, fingerprint_extra, list(schedule_span))
     opt = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     order = torch.randperm(windows.shape[0], generator=torch.Generator().manual_seed(seed))
     start, spent, history = 0, 0.0, []
@@ -275,8 +288,9 @@ def train(
                 if hasattr(h, "before_step"):
                     h.before_step(step)
             ids = windows[[int(order[(step * cfg.batch_size + i) % len(order)]) for i in range(cfg.batch_size)]]
+            time_share = 0.0 if cfg.max_minutes is None else (time.perf_counter() - t_start) / (cfg.max_minutes * 60)
             for group in opt.param_groups:
-                group["lr"] = cfg.lr * lr_factor(step, cfg.warmup_steps, cfg.steps)
+                group["lr"] = cfg.lr * lr_factor(step, cfg.warmup_steps, cfg.steps, time_share=time_share, span=schedule_span)
             with torch.autocast(**autocast):
                 loss, parts = loss_fn(ids)
             opt.zero_grad(set_to_none=True)

@@ -4,6 +4,7 @@ checkpoints that are corrupt, foreign or pickled being refused."""
 from __future__ import annotations
 
 import json
+import math
 import pickle
 
 import pytest
@@ -56,6 +57,22 @@ def test_lr_schedule_by_hand():
     assert lr_factor(2, 2, 10) == pytest.approx(1.0)
     assert lr_factor(6, 2, 10) == pytest.approx(0.5)  # half-way through the cosine
     assert lr_factor(10, 2, 10) == pytest.approx(0.0)
+
+
+def test_lr_schedule_anneals_by_time_and_splits_into_spans():
+    # a wall-time cap that binds at step 3 of 100: the rate follows the time share, down to 0
+    assert lr_factor(3, 2, 100, time_share=0.5) == pytest.approx(0.5)
+    assert lr_factor(3, 2, 100, time_share=1.0) == pytest.approx(0.0)
+    assert lr_factor(50, 0, 100, time_share=0.1) == pytest.approx(lr_factor(50, 0, 100))  # steps ahead of time: steps rule
+    # two runs covering [0, 0.4] and [0.4, 1] of one schedule: one warm-up, one continuous cosine
+    first = [lr_factor(s, 2, 4, span=(0.0, 0.4)) for s in range(4)]
+    second = [lr_factor(s, 2, 6, span=(0.4, 1.0)) for s in range(6)]  # no warm-up of its own
+    assert first[:3] == [0.5, 1.0, 1.0]
+    assert first[3] == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.2)))
+    assert second[0] == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.4)))
+    assert first[3] > second[0] and second == sorted(second, reverse=True) and second[-1] > 0.0
+    with pytest.raises(ValueError, match="schedule_span"):
+        train(_Toy(), dict(_Toy().named_parameters()), lambda ids: (torch.zeros(()), {}), torch.zeros(2, 3, dtype=torch.long), TrainConfig(steps=2), schedule_span=(0.5, 0.2))
 
 
 def test_training_lowers_the_loss_and_runs_hooks():
