@@ -28,9 +28,11 @@ embeddings for encoders; ``hidden_mse`` adds per-block hidden MSE) plus ``lm_wei
 next-token cross-entropy on the calibration windows for causal LMs (default 0: the same loss as
 the ``distill`` pass, so a comparison with one-shot + masked distillation isolates ADMM).
 
-What trains: the target linears' weights only; embeddings, norms and biases stay frozen. Memory
-(fp32): per target weight W, its gradient and two Adam moments, plus Z and U (ADMM phase) — 6×
-the linears — and the frozen dense teacher; about 3.5 GB for SmolLM2-135M, activations aside.
+What trains: the target linears' weights under the constraint and, with ``train_rest`` (default),
+every other parameter but the embeddings without one (norms, biases: what ``distill`` trains);
+embeddings stay frozen. Memory (fp32): per trained weight, its gradient and two Adam moments, plus
+Z and U of the targets (ADMM phase) — about 6× the linears — and the frozen dense teacher; about
+3.5 GB for SmolLM2-135M, activations aside.
 
 Budget: ``steps`` in all (``admm_fraction`` of them ADMM, the rest SR-STE), or fewer when
 ``max_minutes`` runs out (split in the same proportion). The two phases run one learning-rate
@@ -57,7 +59,7 @@ from torch.nn.utils import parametrize
 
 from core.masks import PatternSet
 from passes.base import ROLES, LayerChange, Pass, PassContext, PassResult, check_roles, register_pass
-from passes.distill import distill_loss
+from passes.distill import distill_loss, trainable_parameters
 from passes.training import Checkpoint, TrainConfig, train, train_config_of
 
 log = logging.getLogger(__name__)
@@ -96,6 +98,10 @@ class ADMMConfig(TrainConfig):
     """Causal LMs: weight of the next-token cross-entropy added to the distillation loss."""
     cosine_weight: float = 1.0
     """Encoders: weight of 1 − cosine between mean-pooled student and teacher embeddings."""
+    train_rest: bool = True
+    """Also train, unconstrained, every parameter that is neither a target nor an embedding (norms,
+    biases, untargeted linears) — what the ``distill`` pass trains — so that ADMM and one-shot +
+    masked distillation differ in the method, not in what may learn."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -363,13 +369,15 @@ class ADMMPass(Pass):
         targets = [_Target(r.name, r.module, r.transposed) for r in refs]
         info: dict[str, Any] = {"pattern": cfg.pattern, "initialisation": _initialise(cfg, model, ctx, pattern, targets)}
         norms = {t.name: float(t.param.detach().pow(2).sum()) or 1.0 for t in targets}
-        params = {t.name: t.param for t in targets}
+        target_ids = {id(t.param) for t in targets}
+        rest = {n: p for n, p in trainable_parameters(model) if id(p) not in target_ids} if cfg.train_rest else {}
+        params = {**{t.name: t.param for t in targets}, **rest}
         base = train_config_of(cfg)
         admm_steps = cfg.admm_steps
         split = admm_steps / cfg.steps  # the two phases share one warm-up + cosine schedule, split here
         minutes = (lambda share: None if cfg.max_minutes is None else cfg.max_minutes * share)
         tokens_per_step = cfg.batch_size * windows.shape[1]
-        extra = [cfg.pattern, cfg.init, cfg.rho, cfg.rho_growth, cfg.rho_max, cfg.admm_interval, cfg.temperature, cfg.hidden_mse, cfg.lm_weight, cfg.cosine_weight]
+        extra = [cfg.pattern, cfg.init, cfg.train_rest, cfg.rho, cfg.rho_growth, cfg.rho_max, cfg.admm_interval, cfg.temperature, cfg.hidden_mse, cfg.lm_weight, cfg.cosine_weight]
 
         # --- phase 1: ADMM ---
         admm = ADMMHook(targets, pattern, cfg, norms)
@@ -392,7 +400,7 @@ class ADMMPass(Pass):
         # --- phase 2: hard masks from Z, SR-STE ---
         srste = SRSTEHook(targets, pattern, cfg, norms, admm.masks())
         admm.z, admm.u = {}, {}  # free Z and U: the masks are all phase 2 needs
-        params = {t.name: t.param for t in targets}
+        params = {**{t.name: t.param for t in targets}, **rest}
 
         def srste_loss(ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
             loss, parts = task_loss(cfg, causal, model, teacher, ids)

@@ -98,6 +98,21 @@ def test_admm_srste_leaves_exactly_the_pattern(family):
     assert res.info["budget"]["admm_steps"] + res.info["budget"]["srste_steps"] == 8
 
 
+@pytest.mark.parametrize("train_rest", [True, False])
+def test_train_rest_trains_the_norms_as_distill_does_and_never_the_embeddings(train_rest):
+    teacher = tiny_model("llama")
+    model = tiny_model("llama")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ADMMPass(ADMMConfig(pattern="2:4", init="magnitude", steps=6, admm_interval=2, lr=1e-2, warmup_steps=0, batch_size=2, train_rest=train_rest)).run(model, _ctx(model, teacher))
+    after = dict(model.named_parameters())
+    norms = [n for n in before if "norm" in n]
+    assert norms
+    moved = [n for n in norms if not torch.equal(before[n], after[n])]
+    assert (len(moved) == len(norms)) if train_rest else not moved, moved
+    emb = [n for n in before if "embed" in n]
+    assert emb and all(torch.equal(before[n], after[n]) for n in emb)
+
+
 def test_srste_final_projection_keeps_only_the_masks_nonzeros():
     teacher = tiny_model("llama")
     model = tiny_model("llama")
