@@ -141,8 +141,11 @@ def main() -> int:
             # Without its own init, "dense" on the one-shot result: W⁰ = the one-shot weights,
             # Z⁰ = Π_S(W⁰) = W⁰ — the same start as ADMM's init=args.init, not pruned a second time.
             opts = {"pattern": args.pattern, "init": "dense", "blocks": args.blocks, **train_opts, **({} if causal else {"hidden_mse": 1.0}), **options}
-            r = ADMMPass(ADMMConfig(**opts)).run(model, ctx)
-            info = {"admm": r.info["admm"], "srste": r.info["srste"], "budget": r.info["budget"], "options": options, "start": options["init"] if own_init else args.init}
+            acfg = ADMMConfig(**opts)
+            r = ADMMPass(acfg).run(model, ctx)
+            settings = ("rho", "rho_growth", "rho_max", "admm_interval", "admm_fraction", "srste_decay", "mask_every", "train_rest", "lm_weight")
+            info = {"admm": r.info["admm"], "srste": r.info["srste"], "budget": r.info["budget"], "options": options,
+                    "settings": {k: getattr(acfg, k) for k in settings}, "start": options["init"] if own_init else args.init}
         seconds = time.perf_counter() - t0 + (0.0 if own_init else start_seconds)
         lin = [x.weight_out_in() for x in adapter.linears(model, blocks=args.blocks)]
         row = {
