@@ -244,15 +244,20 @@ def train(
     desc: str = "train",
     show_progress: bool = True,
     schedule_span: tuple[float, float] = (0.0, 1.0),
+    data_offset: int = 0,
 ) -> TrainResult:
     """Train ``params`` of ``model`` on ``loss_fn`` over ``windows`` (N, L), batches drawn in a seeded
     order; every other parameter is frozen for the duration. Returns what happened; the model is
-    left in eval mode with no parameter requiring grad. ``schedule_span``: see :func:`lr_factor`.
+    left in eval mode with no parameter requiring grad. ``schedule_span``: see :func:`lr_factor`;
+    ``data_offset``: batches of the seeded order already drawn by an earlier run that this one
+    continues (ADMM's SR-STE phase), so the two together see the windows one run would.
     Under ``max_minutes`` the rate depends on the time spent, so such a run is not bit-reproducible."""
+    if data_offset < 0:
+        raise ValueError(f"data_offset {data_offset} must be ≥ 0")
     if not 0.0 <= schedule_span[0] < schedule_span[1] <= 1.0:
         raise ValueError(f"schedule_span {schedule_span} is not a stretch [a, b] with 0 ≤ a < b ≤ 1")
     dtype, autocast = autocast_for(cfg.compute_dtype)
-    fingerprint = stable_hash(desc, asdict(cfg), [(n, list(p.shape)) for n, p in params.items()], list(windows.shape), seed, fingerprint_extra, list(schedule_span))
+    fingerprint = stable_hash(desc, asdict(cfg), [(n, list(p.shape)) for n, p in params.items()], list(windows.shape), seed, fingerprint_extra, list(schedule_span), data_offset)
     opt = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     order = torch.randperm(windows.shape[0], generator=torch.Generator().manual_seed(seed))
     start, spent, history = 0, 0.0, []
@@ -287,7 +292,7 @@ def train(
             for h in hooks:
                 if hasattr(h, "before_step"):
                     h.before_step(step)
-            ids = windows[[int(order[(step * cfg.batch_size + i) % len(order)]) for i in range(cfg.batch_size)]]
+            ids = windows[[int(order[((data_offset + step) * cfg.batch_size + i) % len(order)]) for i in range(cfg.batch_size)]]
             time_share = 0.0 if cfg.max_minutes is None else (time.perf_counter() - t_start) / (cfg.max_minutes * 60)
             for group in opt.param_groups:
                 group["lr"] = cfg.lr * lr_factor(step, cfg.warmup_steps, cfg.steps, time_share=time_share, span=schedule_span)

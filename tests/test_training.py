@@ -75,6 +75,24 @@ def test_lr_schedule_anneals_by_time_and_splits_into_spans():
         train(_Toy(), dict(_Toy().named_parameters()), lambda ids: (torch.zeros(()), {}), torch.zeros(2, 3, dtype=torch.long), TrainConfig(steps=2), schedule_span=(0.5, 0.2))
 
 
+def test_a_run_continued_with_data_offset_sees_the_windows_of_one_run():
+    windows = torch.arange(7).reshape(7, 1).repeat(1, 3)
+    seen: list[list[int]] = []
+
+    def loss_fn(ids):
+        seen.append(ids[:, 0].tolist())
+        return model.emb(ids).sum() * 0.0, {}
+
+    model = _Toy()
+    params = dict(model.named_parameters())
+    cfg = dict(batch_size=2, warmup_steps=0, compute_dtype="float32", log_every=100)
+    train(model, params, loss_fn, windows, TrainConfig(steps=5, **cfg), seed=3, show_progress=False)
+    whole, seen[:] = list(seen), []
+    train(model, params, loss_fn, windows, TrainConfig(steps=2, **cfg), seed=3, show_progress=False)
+    train(model, params, loss_fn, windows, TrainConfig(steps=3, **cfg), seed=3, show_progress=False, data_offset=2)
+    assert seen == whole and len({i for b in whole for i in b}) == 7  # every window, in the same order
+
+
 def test_training_lowers_the_loss_and_runs_hooks():
     model = _Toy()
     hook = _Counter()
