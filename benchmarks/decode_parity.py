@@ -57,7 +57,7 @@ def main() -> int:
         results["export"] = export_kv_graphs(dense, loaded.adapter, d)
         required = [f"{r.name}.weight" for r in loaded.adapter.linears(variant)]
         for g in ("prefill", "decode"):
-            rebind_weights(d / f"{g}.onnx", variant, required, v / f"{g}.onnx")
+            rebind_weights(d / f"{g}.onnx", variant, required, v / f"{g}.onnx", dense=dense)
         runners = {}
         ort_cpu = OnnxRuntimeCpuEngine({})
         for name, path, model in (("dense", d, dense), ("magnitude-2of4", v, variant)):

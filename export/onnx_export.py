@@ -192,23 +192,50 @@ class RebindError(ValueError):
     """The dense graph cannot carry this model's weights (shapes differ or a weight is not found)."""
 
 
-def rebind_weights(dense_onnx: Path, model: torch.nn.Module, required: list[str], path: Path) -> dict[str, Any]:
+def changed_parameters(dense: torch.nn.Module, model: torch.nn.Module) -> list[str]:
+    """Names of ``model``'s parameters whose values differ from ``dense``'s (same architecture)."""
+    ref = dict(dense.named_parameters())
+    out = []
+    for n, p in model.named_parameters():
+        d = ref.get(n)
+        if d is None or d.shape != p.shape or not torch.equal(d.detach(), p.detach()):
+            out.append(n)
+    return out
+
+
+def rebind_weights(dense_onnx: Path, model: torch.nn.Module, required: list[str], path: Path, dense: torch.nn.Module | None = None) -> dict[str, Any]:
     """Write a copy of ``dense_onnx`` whose parameter-named weights hold ``model``'s values.
 
     Valid when ``model`` has the dense architecture (unstructured or N:M pruning
     changes values, not shapes): the graph is the same computation, so
     re-running the exporter would only reproduce it. Every name in ``required``
     (the parameters a pass may have changed) must be found as ``<name>`` or
-    ``<name>.T``, else :class:`RebindError`.
+    ``<name>.T`` (or with the exporter's extra ``model.`` prefix), else :class:`RebindError`.
+    With ``dense`` (the model the graph was exported from), every parameter whose value differs
+    from it is required too — a distillation that trained the norms must find them — and one
+    whose dense value another parameter shares is refused: the exporter may have merged such
+    tensors into one initialiser (a model whose norms are all ones), which cannot hold two values.
     """
     from onnx import numpy_helper
 
     t0 = time.perf_counter()
-    proto = onnx.load(str(dense_onnx))
     params = {n: p.detach().float() for n, p in model.named_parameters()}
+    required = list(required)
+    if dense is not None:
+        changed = changed_parameters(dense, model)
+        ref = dict(dense.named_parameters())
+        for n in (c for c in changed if c not in required):  # the linears are their own initialisers
+            d = ref.get(n)
+            twins = [m for m, q in ref.items() if m != n and d is not None and q.shape == d.shape and d.numel() <= 1 << 20 and torch.equal(q, d)]
+            if twins:
+                raise RebindError(f"parameter '{n}' changed, and its dense value equals '{twins[0]}': the dense graph may hold both as one initialiser")
+        required += [n for n in changed if n not in required]
+    proto = onnx.load(str(dense_onnx))
     found: set[str] = set()
     for i, t in enumerate(proto.graph.initializer):
         base, transposed = (t.name[:-2], True) if t.name.endswith(".T") else (t.name, False)
+        if base not in params and base.startswith("model.") and base[len("model."):] in params:
+            base = base[len("model."):]  # the exporter's wrapper prefixes some names
         if base not in params:
             continue
         value = params[base].t() if transposed else params[base]

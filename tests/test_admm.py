@@ -189,7 +189,6 @@ def test_admm_variant_through_the_whole_build(tiny_dirs, text_file, tmp_path):
     summary = build(tiny_recipe(tiny_dirs["llama"], text_file, out, variants=variants))
     v = summary.results["variants"][1]
     eng = v["engines"]["onnxruntime-cpu"]
-    print("DBG", eng["perplexity_engine_vs_torch"], eng.get("perplexity"), v.get("perplexity_torch"))
     assert eng["status"] == "ok" and abs(eng["perplexity_engine_vs_torch"]) < 1e-3
     assert eng["size"]["block_linear_sparsity"] == pytest.approx(0.5, abs=1e-3)
     (pr,) = v["pass_results"]

@@ -86,3 +86,41 @@ def test_ort_engine_build_and_runner_checks(tmp_path):
 def test_engine_rejects_unknown_option():
     with pytest.raises(ValueError, match="unknown option 'turbo'"):
         get_engine("onnxruntime-cpu", {"turbo": True})
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_rebinding_carries_trained_norms_or_refuses(exporter, tmp_path):
+    """A variant whose training moved the norms (distillation, ADMM's train_rest) must not be
+    rebound into the dense graph with the dense norms: every changed parameter is rebound, or the
+    rebind is refused (the exporter merged the dense model's identical all-ones norms)."""
+    from export.onnx_export import RebindError, changed_parameters, rebind_weights
+
+    linears = lambda m: [f"{r.name}.weight" for r in adapter_for(m.config).linears(m)]  # noqa: E731
+    ones = tiny_model("llama")
+    export_onnx(ones, "causal-lm", tmp_path / "ones.onnx", exporter=exporter)
+    trained = tiny_model("llama")
+    with torch.no_grad():
+        trained.model.layers[1].input_layernorm.weight.mul_(1.5)
+    assert changed_parameters(ones, trained) == ["model.layers.1.input_layernorm.weight"]
+    with pytest.raises(RebindError, match="input_layernorm"):
+        rebind_weights(tmp_path / "ones.onnx", trained, linears(trained), tmp_path / "bad.onnx", dense=ones)
+
+    dense = tiny_model("llama")
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # distinct norms, as a real model has
+        for n, p in dense.named_parameters():
+            if "norm" in n:
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=gen))
+    export_onnx(dense, "causal-lm", tmp_path / "dense.onnx", exporter=exporter)
+    variant = tiny_model("llama")
+    variant.load_state_dict(dense.state_dict())
+    with torch.no_grad():
+        variant.model.layers[1].post_attention_layernorm.weight.mul_(1.5)
+        variant.model.norm.weight.add_(0.2)
+        variant.model.layers[0].mlp.up_proj.weight.mul_(0.5)
+    rebind_weights(tmp_path / "dense.onnx", variant, linears(variant), tmp_path / "v.onnx", dense=dense)
+    ids = np.random.default_rng(0).integers(0, VOCAB, (2, 9)).astype(np.int64)
+    got, ref = _run_both(variant, "causal-lm", tmp_path / "v.onnx", ids, np.ones_like(ids))
+    np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4)
+    stale, _ = _run_both(variant, "causal-lm", tmp_path / "dense.onnx", ids, np.ones_like(ids))
+    assert np.abs(stale - ref).max() > 1e-2  # the check above can fail: the norms matter

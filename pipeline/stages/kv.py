@@ -32,7 +32,7 @@ def run(ctx: BuildContext, v: Any) -> StageOutcome:
         if ctx.rebinds(v):
             required = [f"{r.name}.weight" for r in adapter.linears(model)]
             try:
-                return {g: rebind_weights(ctx.out / "dense" / "kv" / f"{g}.onnx", model, required, tmp / f"{g}.onnx") for g in ("prefill", "decode")}
+                return {g: rebind_weights(ctx.out / "dense" / "kv" / f"{g}.onnx", model, required, tmp / f"{g}.onnx", dense=ctx.dense().model) for g in ("prefill", "decode")}
             except RebindError as exc:
                 log.warning("%s: cannot reuse the dense KV graphs (%s); exporting afresh", v.name, exc)
         return export_kv_graphs(model, adapter, tmp, ctx.recipe.export.opset)

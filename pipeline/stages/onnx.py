@@ -60,7 +60,7 @@ def run(ctx: BuildContext, v: Any) -> StageOutcome:
             required = [f"{r.name}.weight" for r in ctx.dense().adapter.linears(model)]
             src = ctx.out / "dense" / "onnx" / ("raw.onnx" if spec.graph_passes else "model.onnx")
             try:
-                info = rebind_weights(src, model, required, raw)
+                info = rebind_weights(src, model, required, raw, dense=ctx.dense().model)
             except RebindError as exc:
                 log.warning("%s: cannot reuse the dense graph (%s); exporting afresh", v.name, exc)
         if info is None:
