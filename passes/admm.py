@@ -37,8 +37,8 @@ Z and U of the targets (ADMM phase) — about 6× the linears — and the frozen
 Budget: ``steps`` in all (``admm_fraction`` of them ADMM, the rest SR-STE), or fewer when
 ``max_minutes`` runs out (split in the same proportion). The two phases run one learning-rate
 schedule: the warm-up and the first part of the cosine in the ADMM phase, the rest in the SR-STE
-phase (each phase's optimizer moments start afresh: the SR-STE phase trains through the masks), and
-one order of the training windows: the SR-STE phase draws the batches after the ADMM phase's, so
+phase, one AdamW state (the SR-STE phase continues the ADMM phase's moments), and one order of the
+training windows: the SR-STE phase draws the batches after the ADMM phase's, so
 the two phases see the windows that one distillation run of the same steps sees. Both phases checkpoint through the
 training loop (weights, optimizer, Z, U, ρ, the residual history, the masks) and an interrupted
 build resumes from the last checkpoint.
@@ -413,7 +413,7 @@ class ADMMPass(Pass):
             tr2 = train(
                 model, params, srste_loss, windows,
                 TrainConfig(**{**vars(base), "steps": cfg.steps - admm_steps, "warmup_steps": 0, "max_minutes": minutes(1 - cfg.admm_fraction)}),
-                seed=ctx.seed, data_offset=tr1.steps, checkpoint=ckpt("srste-checkpoint"), fingerprint_extra=[*extra, cfg.srste_decay, cfg.mask_every, tr1.steps], hooks=[srste],
+                seed=ctx.seed, data_offset=tr1.steps, optimizer_state=tr1.optimizer_state, checkpoint=ckpt("srste-checkpoint"), fingerprint_extra=[*extra, cfg.srste_decay, cfg.mask_every, tr1.steps], hooks=[srste],
                 desc="sr-ste", show_progress=ctx.progress, schedule_span=(split, 1.0),
             )
         finally:

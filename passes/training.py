@@ -101,6 +101,8 @@ class TrainResult:
     resumed_from_step: int
     compute_dtype: str
     history: list[dict[str, float]] = field(default_factory=list)
+    optimizer_state: dict[str, Any] | None = field(default=None, repr=False)
+    """AdamW's state at the end (for a run that continues this one: ``train(optimizer_state=...)``)."""
 
     def summary(self, tokens_per_step: int) -> dict[str, Any]:
         first, last = self.history[:10], self.history[-10:]
@@ -245,12 +247,15 @@ def train(
     show_progress: bool = True,
     schedule_span: tuple[float, float] = (0.0, 1.0),
     data_offset: int = 0,
+    optimizer_state: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Train ``params`` of ``model`` on ``loss_fn`` over ``windows`` (N, L), batches drawn in a seeded
     order; every other parameter is frozen for the duration. Returns what happened; the model is
     left in eval mode with no parameter requiring grad. ``schedule_span``: see :func:`lr_factor`;
     ``data_offset``: batches of the seeded order already drawn by an earlier run that this one
-    continues (ADMM's SR-STE phase), so the two together see the windows one run would.
+    continues (ADMM's SR-STE phase), so the two together see the windows one run would;
+    ``optimizer_state``: that run's final AdamW state (``TrainResult.optimizer_state``; the same
+    parameters in the same order), loaded unless this run resumes from its own checkpoint.
     Under ``max_minutes`` the rate depends on the time spent, so such a run is not bit-reproducible."""
     if data_offset < 0:
         raise ValueError(f"data_offset {data_offset} must be ≥ 0")
@@ -272,7 +277,12 @@ def train(
             if hasattr(h, "load_state_dict"):
                 h.load_state_dict({k.split(".", 2)[2]: t for k, t in tensors.items() if k.startswith(f"hook.{i}.")})
         start, spent, history = meta["step"], meta["seconds"], meta["history"]
+        optimizer_state = None
         log.info("%s: resuming from the checkpoint at step %d (%s)", desc, start, checkpoint.meta)
+    if optimizer_state is not None:
+        if len(optimizer_state["param_groups"][0]["params"]) != len(params):
+            raise ValueError(f"optimizer_state holds {len(optimizer_state['param_groups'][0]['params'])} parameters, this run trains {len(params)}")
+        opt.load_state_dict(optimizer_state)
     trainable = {id(p) for p in params.values()}
     for p in model.parameters():
         p.requires_grad_(id(p) in trainable)
@@ -325,4 +335,4 @@ def train(
         for p in model.parameters():
             p.requires_grad_(False)
         model.eval()
-    return TrainResult(done, cfg.steps, stopped_early, time.perf_counter() - t_start, start, str(dtype).replace("torch.", ""), history)
+    return TrainResult(done, cfg.steps, stopped_early, time.perf_counter() - t_start, start, str(dtype).replace("torch.", ""), history, opt.state_dict())
