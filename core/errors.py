@@ -42,3 +42,37 @@ class LockedError(PipelineError):
 
 class ResourceError(PipelineError):
     """A build would not fit in this machine's memory or disk; raised before the expensive work."""
+
+
+def describe(exc: BaseException) -> str:
+    """One line for a person: the message of a project error, the type and message of anything else."""
+    if isinstance(exc, PipelineError):
+        return str(exc)
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    if isinstance(exc, (ValueError, RuntimeError)) and text:
+        return text
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+class PassFailure(PipelineError):
+    """A pass raised while it ran; carries the pass's recipe name for the builder's message."""
+
+    def __init__(self, pass_name: str, cause: BaseException):
+        super().__init__(f"pass '{pass_name}': {describe(cause)}")
+        self.pass_name = pass_name
+        self.cause = cause
+
+
+class StageError(PipelineError):
+    """A stage of a build failed: says which variant, stage (and engine, and pass) and why, in one line."""
+
+    def __init__(self, stage: str, cause: BaseException, variant: str | None = None, engine: str | None = None):
+        where = [f"variant '{variant}'"] if variant else []
+        where.append(f"stage {stage}" + (f" ({engine})" if engine else ""))
+        inner = cause
+        if isinstance(cause, PassFailure):
+            where.append(f"pass '{cause.pass_name}'")
+            inner = cause.cause
+        super().__init__(f"{', '.join(where)}: {describe(inner)}")
+        self.stage, self.variant, self.engine, self.cause = stage, variant, engine, cause
+        self.pass_name = cause.pass_name if isinstance(cause, PassFailure) else None

@@ -203,7 +203,7 @@ def changed_parameters(dense: torch.nn.Module, model: torch.nn.Module) -> list[s
     return out
 
 
-def rebind_weights(dense_onnx: Path, model: torch.nn.Module, required: list[str], path: Path, dense: torch.nn.Module | None = None) -> dict[str, Any]:
+def rebind_weights(dense_onnx: Path, model: torch.nn.Module, required: list[str], path: Path, *, dense: torch.nn.Module) -> dict[str, Any]:
     """Write a copy of ``dense_onnx`` whose parameter-named weights hold ``model``'s values.
 
     Valid when ``model`` has the dense architecture (unstructured or N:M pruning
@@ -211,7 +211,7 @@ def rebind_weights(dense_onnx: Path, model: torch.nn.Module, required: list[str]
     re-running the exporter would only reproduce it. Every name in ``required``
     (the parameters a pass may have changed) must be found as ``<name>`` or
     ``<name>.T`` (or with the exporter's extra ``model.`` prefix), else :class:`RebindError`.
-    With ``dense`` (the model the graph was exported from), every parameter whose value differs
+    ``dense`` is the model the graph was exported from: every parameter whose value differs
     from it is required too — a distillation that trained the norms must find them — and one
     whose dense value another parameter shares is refused: the exporter may have merged such
     tensors into one initialiser (a model whose norms are all ones), which cannot hold two values.
@@ -220,16 +220,13 @@ def rebind_weights(dense_onnx: Path, model: torch.nn.Module, required: list[str]
 
     t0 = time.perf_counter()
     params = {n: p.detach().float() for n, p in model.named_parameters()}
-    required = list(required)
-    if dense is not None:
-        changed = changed_parameters(dense, model)
-        ref = dict(dense.named_parameters())
-        for n in (c for c in changed if c not in required):  # the linears are their own initialisers
-            d = ref.get(n)
-            twins = [m for m, q in ref.items() if m != n and d is not None and q.shape == d.shape and d.numel() <= 1 << 20 and torch.equal(q, d)]
-            if twins:
-                raise RebindError(f"parameter '{n}' changed, and its dense value equals '{twins[0]}': the dense graph may hold both as one initialiser")
-        required += [n for n in changed if n not in required]
+    ref = dict(dense.named_parameters())
+    for n in (c for c in changed_parameters(dense, model) if c not in required):  # the linears are their own initialisers
+        d = ref.get(n)
+        twins = [m for m, q in ref.items() if d is not None and m != n and q.shape == d.shape and torch.equal(q, d)]
+        if twins:
+            raise RebindError(f"parameter '{n}' changed, and its dense value equals '{twins[0]}': the dense graph may hold both as one initialiser")
+        required = [*required, n]
     proto = onnx.load(str(dense_onnx))
     found: set[str] = set()
     for i, t in enumerate(proto.graph.initializer):

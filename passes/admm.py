@@ -412,7 +412,7 @@ class ADMMPass(Pass):
         try:
             tr2 = train(
                 model, params, srste_loss, windows,
-                TrainConfig(**{**vars(base), "steps": cfg.steps - admm_steps, "warmup_steps": 0, "max_minutes": minutes(1 - cfg.admm_fraction)}),
+                TrainConfig(**{**vars(base), "steps": cfg.steps - admm_steps, "max_minutes": minutes(1 - cfg.admm_fraction)}),
                 seed=ctx.seed, data_offset=tr1.steps, optimizer_state=tr1.optimizer_state, checkpoint=ckpt("srste-checkpoint"), fingerprint_extra=[*extra, cfg.srste_decay, cfg.mask_every, tr1.steps], hooks=[srste],
                 desc="sr-ste", show_progress=ctx.progress, schedule_span=(split, 1.0),
             )

@@ -15,7 +15,7 @@ Stages and where they live under the build directory (one module per stage kind 
 Each stage's key is a hash of its inputs' content and its own options, computed before any
 work, so a finished and intact stage is reused without loading a model (see
 :mod:`core.artifacts`). The report is rebuilt on every run. Adding a stage kind means one
-module in ``pipeline/stages/`` and one line in :meth:`Builder.run`.
+module in ``pipeline/stages/`` (a :class:`pipeline.stages.base.Stage`) and one entry in :data:`STAGES`.
 """
 
 from __future__ import annotations
@@ -28,11 +28,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from core.artifacts import atomic_write_json, file_lock, load_stage
-from core.errors import PipelineError
+from core.artifacts import atomic_write_json, file_lock
+from core.errors import LockedError, PipelineError, ResourceError, StageError
 from pipeline import __version__
 from pipeline.recipe import Recipe, VariantSpec
 from pipeline.stages import decode, engine, kv, latency, model, onnx, validate
+from pipeline.stages.base import Scope, Stage
 from pipeline.stages.context import BuildContext, variant_uses_calibration
 
 log = logging.getLogger(__name__)
@@ -54,11 +55,17 @@ class BuildSummary:
         return all(s["reused"] for s in self.stages)
 
 
+STAGES: list[Stage] = [model.STAGE, onnx.STAGE, kv.STAGE, engine.STAGE, validate.STAGE, latency.STAGE, decode.STAGE]
+"""Every stage kind, in the order the builder runs them. Consecutive per-variant stages run variant by
+variant (a variant's model stays in memory for its export); the others run stage by stage."""
+
+
 class Builder:
-    def __init__(self, recipe: Recipe, out_dir: Path | None = None):
+    def __init__(self, recipe: Recipe, out_dir: Path | None = None, stages: list[Stage] | None = None):
         self.recipe = recipe
         self.ctx = BuildContext(recipe, out_dir)
         self.out = self.ctx.out
+        self.stages = list(STAGES if stages is None else stages)
 
     # --- the whole build ------------------------------------------------------------------------
 
@@ -70,42 +77,58 @@ class Builder:
     def _run(self) -> BuildSummary:
         t0 = time.perf_counter()
         log.info("build '%s' → %s (%d variants, engines: %s)", self.recipe.name, self.out, len(self.recipe.variants), ", ".join(e.backend for e in self.recipe.engines))
-        dense_v = next(v for v in self.recipe.variants if v.name == "dense")
-        ordered = [dense_v] + [v for v in self.recipe.variants if v.name != "dense"]
-        validated: dict[tuple[str, str], Path] = {}
-        # Models and exports for every variant first (a variant may reuse the dense graph), then
-        # engines, then per-variant validation, then one latency stage per backend that times
-        # every variant's engine interleaved with the dense one.
         ctx = self.ctx
-        self._preflight(ordered)
-        for v in ordered:
-            model.run(ctx, v)
-            onnx.run(ctx, v)
-            if self.recipe.export.kv_cache:
-                kv.run(ctx, v)
-        available = [e for e in self.recipe.engines if all(engine.run(ctx, v, e) is not None for v in ordered)]
-        timings: dict[str, Path] = {}
-        for e in available:
-            for v in ordered:
-                validated[(v.name, e.backend)] = validate.run(ctx, v, e).path / "validation.json"
-            lat = latency.run(ctx, e, ordered)
-            if lat is not None:
-                timings[e.backend] = lat.path / "latency.json"
-        decoded = decode.run(ctx, ordered).path / "decode.json" if self.recipe.validation.decode else None
+        dense_v = next(v for v in self.recipe.variants if v.name == "dense")
+        ctx.ordered = [dense_v] + [v for v in self.recipe.variants if v.name != "dense"]
+        self._preflight(ctx.ordered)
+        done: list[tuple[Stage, Any, Any]] = []
+        for group in self._groups():
+            for v, e in self._items(group[0]):
+                for stage in group:
+                    if stage.applies(ctx, v, e) and self._run_stage(stage, v, e) is not None:
+                        done.append((stage, v, e))
         from pipeline.report import write_reports
 
-        results = self._results(ordered, validated, timings)
-        if decoded is not None:
-            per = json.loads(decoded.read_text(encoding="utf-8"))
-            results["decode"] = {k: val for k, val in per.items() if k != "variants"}
-            for v in results["variants"]:
-                v["decode"] = per["variants"].get(v["name"])
+        results = self._results(ctx.ordered)
+        for stage, v, e in done:
+            stage.contribute(ctx, results, v, e)
         write_reports(self.out, results)
         seconds = time.perf_counter() - t0
         reused = sum(s["reused"] for s in ctx.stages)
         log.info("build finished in %.1f s: %d stages reused, %d built", seconds, reused, len(ctx.stages) - reused)
         self._write_manifest(seconds)
         return BuildSummary(self.out, results, ctx.stages, seconds)
+
+    def _groups(self) -> list[list[Stage]]:
+        """The enabled stages in order; consecutive per-variant ones grouped (run variant by variant)."""
+        groups: list[list[Stage]] = []
+        for s in (s for s in self.stages if s.enabled(self.ctx)):
+            if groups and s.scope is Scope.VARIANT and groups[-1][0].scope is Scope.VARIANT:
+                groups[-1].append(s)
+            else:
+                groups.append([s])
+        return groups
+
+    def _items(self, stage: Stage) -> list[tuple[Any, Any]]:
+        """(variant, engine) pairs a stage of this scope runs for, dense first, engines in recipe order."""
+        vs, es = self.ctx.ordered, self.recipe.engines
+        return {
+            Scope.VARIANT: [(v, None) for v in vs],
+            Scope.VARIANT_ENGINE: [(v, e) for e in es for v in vs],
+            Scope.ENGINE: [(None, e) for e in es],
+            Scope.BUILD: [(None, None)],
+        }[stage.scope]
+
+    def _run_stage(self, stage: Stage, v: Any, e: Any) -> Any:
+        """Run one stage; any failure becomes one :class:`StageError` naming the variant, stage, engine and pass."""
+        try:
+            return stage.run(self.ctx, v, e)
+        except StageError:
+            raise
+        except (LockedError, ResourceError):
+            raise
+        except Exception as exc:
+            raise StageError(stage.kind, exc, variant=v.name if v is not None else None, engine=e.backend if e is not None else None) from exc
 
     def _preflight(self, ordered: list[VariantSpec]) -> None:
         """Refuse a build that would not fit in memory or on disk, before its expensive stages."""
@@ -128,28 +151,17 @@ class Builder:
         est = preflight.estimate(self.recipe, config, weights_bytes, todo, trains, calibrates, copies)
         preflight.check(est, self.out)
 
-    def _results(self, ordered: list[VariantSpec], validated: dict[tuple[str, str], Path], timings: dict[str, Path]) -> dict[str, Any]:
-        lat = {b: json.loads(p.read_text(encoding="utf-8")) for b, p in timings.items()}
-
-        variants = []
-        for v in ordered:
-            mrec = load_stage(self.out / v.name / "model")
-            orec = load_stage(self.out / v.name / "onnx")
-            engines = {}
-            for e in self.recipe.engines:
-                path = validated.get((v.name, e.backend))
-                if path is None:
-                    skip = next((s for s in self.ctx.skips if s["backend"] == e.backend), None)
-                    engines[e.backend] = {"status": "skipped", "reason": skip["reason"] if skip else "not built"}
-                else:
-                    engines[e.backend] = {"status": "ok", **json.loads(path.read_text(encoding="utf-8"))}
-                    if e.backend in lat:
-                        L = lat[e.backend]
-                        engines[e.backend]["latency"] = {
-                            "points": L["variants"][v.name],
-                            **{k: L[k] for k in ("warmup", "repeats", "threads", "order")},
-                        }
-            variants.append({"name": v.name, "passes": v.to_dict()["passes"], "pass_results": mrec.info.get("passes", []), "export": orec.info, "engines": engines})
+    def _results(self, ordered: list[VariantSpec]) -> dict[str, Any]:
+        """The skeleton of results.json; every stage adds its figures to it (``Stage.contribute``)."""
+        skipped = {s["backend"]: s["reason"] for s in self.ctx.skips}
+        variants = [
+            {
+                "name": v.name,
+                "passes": v.to_dict()["passes"],
+                "engines": {e.backend: {"status": "skipped", "reason": skipped.get(e.backend, "not built")} for e in self.recipe.engines},
+            }
+            for v in ordered
+        ]
         return {
             "schema_version": 1,
             "tool": {"name": "prune-pipeline", "version": __version__},

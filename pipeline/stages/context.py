@@ -1,9 +1,9 @@
 """What every stage of a build shares: the recipe, the build directory, lazily loaded inputs,
 the records of finished stages, and the keys derived from them.
 
-A stage module (one per stage kind, beside this file) has a ``key(ctx, …)`` that hashes
-everything its output depends on, computed before any work, and a ``run(ctx, …)`` that reuses
-the finished stage or builds it through :func:`core.artifacts.run_stage` and records it here.
+Each stage kind (one module beside this file, a :class:`pipeline.stages.base.Stage`) computes its
+key from what is recorded here and records its outcome here. This module does not import the
+recipe module: the recipe imports the stages' option classes, never the other way round.
 """
 
 from __future__ import annotations
@@ -12,12 +12,9 @@ import logging
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, Generic, TYPE_CHECKING, TypeVar
+from typing import Any, Callable, Generic, TypeVar
 
 from core.artifacts import StageOutcome, stable_hash
-
-if TYPE_CHECKING:
-    from pipeline.recipe import Recipe, VariantSpec
 
 log = logging.getLogger(__name__)
 
@@ -46,14 +43,14 @@ class Lazy(Generic[T]):
         return self._done
 
 
-def variant_uses_calibration(variant: VariantSpec) -> bool:
+def variant_uses_calibration(variant: Any) -> bool:
     from passes import get_pass_class
 
     return any(getattr(get_pass_class(p.name), "uses_calibration", False) for p in variant.passes)
 
 
 class BuildContext:
-    def __init__(self, recipe: Recipe, out_dir: Path | None = None):
+    def __init__(self, recipe: Any, out_dir: Path | None = None):
         from core.models import resolve_source
 
         self.recipe = recipe
@@ -61,6 +58,10 @@ class BuildContext:
         self.stages: list[dict[str, Any]] = []
         self.records: dict[tuple[str, str], Any] = {}
         self.skips: list[dict[str, Any]] = []
+        self.ordered: list[Any] = []
+        """The recipe's variants, dense first (set by the builder)."""
+        self.unavailable: set[str] = set()
+        """Backends whose engine could not be built here (recorded in ``skips``); their stages are skipped."""
         self.source = resolve_source(recipe.model.source)
         self.model_key = stable_hash("source", self.source.fingerprint, STAGE_SCHEMA)
         self.dense = Lazy(self._load_dense)
@@ -70,6 +71,7 @@ class BuildContext:
         self.memo: dict[str, Any] = {}
         """Shared between the variants of this build (e.g. structured-pruning importance scores)."""
         self._variant_models: dict[str, Any] = {}
+        self._engines: dict[str, Any] = {}
         self.after_dense_load: list[Callable[[], None]] = []
         """Checks that need the model's config when it was not readable before (a GGUF's first run)."""
 
@@ -143,6 +145,14 @@ class BuildContext:
             self.hold_model(name, model)
         return self._variant_models[name]
 
+    def engine(self, e: Any) -> Any:
+        """The :class:`engines.Engine` of a recipe's engine entry (one instance per backend per build)."""
+        if e.backend not in self._engines:
+            from engines import get_engine
+
+            self._engines[e.backend] = get_engine(e.backend, e.options)
+        return self._engines[e.backend]
+
     def hold_model(self, name: str, model: Any) -> None:
         self._variant_models = {name: model}  # one variant at a time
 
@@ -152,7 +162,7 @@ class BuildContext:
         d = self.recipe.data
         return stable_hash("data", d.source, d.eval_source, d.eval_fraction, asdict(getattr(d, part)), self.model_key)
 
-    def rebinds(self, v: VariantSpec) -> bool:
+    def rebinds(self, v: Any) -> bool:
         """Whether the variant's ONNX reuses the dense graph with its own weights (no shape-changing pass)."""
         from passes import get_pass_class
 

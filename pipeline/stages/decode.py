@@ -10,8 +10,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from core.artifacts import StageOutcome, run_stage, stable_hash
+from core.artifacts import stable_hash
 from pipeline.schema import check
+from pipeline.stages.base import Scope, Stage
 from pipeline.stages.context import STAGE_SCHEMA, BuildContext
 
 log = logging.getLogger(__name__)
@@ -34,17 +35,31 @@ class DecodeSpec:
         check(1 <= self.repeats <= 100, f"{where}.repeats", f"{self.repeats} is outside [1, 100]")
 
 
-def key(ctx: BuildContext, ordered: list[Any]) -> str:
-    spec = ctx.recipe.validation.decode
-    return stable_hash(
-        "decode", [(v.name, ctx.content(v.name, "kv"), ctx.content(v.name, "model")) for v in ordered], asdict(spec), ctx.data_key("evaluation"), STAGE_SCHEMA
-    )
+class DecodeStage(Stage):
+    kind = "decode-onnxruntime-cpu"
+    scope = Scope.BUILD
 
+    def enabled(self, ctx: BuildContext) -> bool:
+        return ctx.recipe.validation.decode is not None
 
-def run(ctx: BuildContext, ordered: list[Any]) -> StageOutcome:
-    spec = ctx.recipe.validation.decode
+    def options(self, ctx: BuildContext, v: Any = None, e: Any = None) -> dict[str, Any]:
+        return asdict(ctx.recipe.validation.decode)
 
-    def build(tmp: Path) -> dict[str, Any]:
+    def key(self, ctx: BuildContext, v: Any = None, e: Any = None) -> str:
+        return stable_hash(
+            "decode", [(x.name, ctx.content(x.name, "kv"), ctx.content(x.name, "model")) for x in ctx.ordered], self.options(ctx),
+            ctx.data_key("evaluation"), STAGE_SCHEMA,
+        )
+
+    def contribute(self, ctx: BuildContext, results: dict[str, Any], v: Any = None, e: Any = None) -> None:
+        per = json.loads((self.path(ctx, v, e) / "decode.json").read_text(encoding="utf-8"))
+        results["decode"] = {k: val for k, val in per.items() if k != "variants"}
+        for x in results["variants"]:
+            x["decode"] = per["variants"].get(x["name"])
+
+    def build(self, ctx: BuildContext, tmp: Path, v: Any = None, e: Any = None) -> dict[str, Any]:
+        spec = ctx.recipe.validation.decode
+        ordered = ctx.ordered
         import statistics
         from contextlib import ExitStack
 
@@ -96,5 +111,5 @@ def run(ctx: BuildContext, ordered: list[Any]) -> StageOutcome:
         (tmp / "decode.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
         return {"variants": list(samples)}
 
-    out = run_stage(ctx.out / "decode-onnxruntime-cpu", "all/decode-onnxruntime-cpu", key(ctx, ordered), asdict(spec), build)
-    return ctx.record("all", out)
+
+STAGE = DecodeStage()

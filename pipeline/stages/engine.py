@@ -1,25 +1,20 @@
 """Stage ``<variant>/engine-<backend>/``: the backend's artifact built from the variant's ONNX
-(e.g. ONNX Runtime's optimised model). An unavailable backend is recorded as a skip."""
+(e.g. ONNX Runtime's optimised model). An unavailable backend is recorded as a skip, and every
+later stage of that backend is skipped with it."""
 
 from __future__ import annotations
 
 import json
 import logging
 from pathlib import Path
-from typing import Any, TYPE_CHECKING
+from typing import Any
 
-from core.artifacts import StageOutcome, run_stage, stable_hash
+from core.artifacts import StageOutcome, stable_hash
 from core.errors import EngineUnavailable
+from pipeline.stages.base import Scope, Stage
 from pipeline.stages.context import STAGE_SCHEMA, BuildContext
 
-if TYPE_CHECKING:
-    from pipeline.recipe import EngineSpec
-
 log = logging.getLogger(__name__)
-
-
-def key(ctx: BuildContext, v: Any, e: EngineSpec, engine: Any) -> str:
-    return stable_hash("engine", ctx.content(v.name, "onnx"), e.to_dict(), engine.version_info(), STAGE_SCHEMA)
 
 
 def artifact(ctx: BuildContext, variant: str, backend: str) -> Any:
@@ -31,20 +26,29 @@ def artifact(ctx: BuildContext, variant: str, backend: str) -> Any:
     return EngineArtifact(backend, d / info["artifact"], info)
 
 
-def run(ctx: BuildContext, v: Any, e: EngineSpec) -> StageOutcome | None:
-    from engines import get_engine
+class EngineStage(Stage):
+    kind = "engine"
+    scope = Scope.VARIANT_ENGINE
 
-    engine = get_engine(e.backend, e.options)
-    try:
-        engine.check_available()
-    except EngineUnavailable as exc:
-        log.warning("%s: %s — recorded as a skip", v.name, exc)
-        ctx.skips.append({"variant": v.name, "backend": e.backend, "reason": exc.reason})
-        return None
+    def key(self, ctx: BuildContext, v: Any, e: Any) -> str:
+        return stable_hash("engine", ctx.content(v.name, "onnx"), e.to_dict(), ctx.engine(e).version_info(), STAGE_SCHEMA)
 
-    def build(tmp: Path) -> dict[str, Any]:
-        art = engine.build(ctx.out / v.name / "onnx" / "model.onnx", tmp)
+    def options(self, ctx: BuildContext, v: Any, e: Any) -> dict[str, Any]:
+        return e.to_dict()
+
+    def build(self, ctx: BuildContext, tmp: Path, v: Any, e: Any) -> dict[str, Any]:
+        art = ctx.engine(e).build(ctx.out / v.name / "onnx" / "model.onnx", tmp)
         return {"artifact": art.path.name, **art.info}
 
-    out = run_stage(ctx.out / v.name / f"engine-{e.backend}", f"{v.name}/engine-{e.backend}", key(ctx, v, e, engine), e.to_dict(), build)
-    return ctx.record(v.name, out)
+    def run(self, ctx: BuildContext, v: Any = None, e: Any = None) -> StageOutcome | None:
+        try:
+            ctx.engine(e).check_available()
+        except EngineUnavailable as exc:
+            log.warning("%s: %s — recorded as a skip", v.name, exc)
+            ctx.skips.append({"variant": v.name, "backend": e.backend, "reason": exc.reason})
+            ctx.unavailable.add(e.backend)
+            return None
+        return super().run(ctx, v, e)
+
+
+STAGE = EngineStage()

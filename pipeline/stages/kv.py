@@ -7,23 +7,28 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from core.artifacts import StageOutcome, run_stage, stable_hash
-from core.errors import PipelineError
+from core.artifacts import stable_hash
+from pipeline.stages.base import Scope, Stage
 from pipeline.stages.context import STAGE_SCHEMA, BuildContext
 
 log = logging.getLogger(__name__)
 
 
-def key(ctx: BuildContext, v: Any) -> str:
-    dense_graphs = ctx.content("dense", "kv") if ctx.rebinds(v) else None
-    return stable_hash("kv", ctx.content(v.name, "model"), ctx.recipe.export.opset, dense_graphs, STAGE_SCHEMA)
+class KvStage(Stage):
+    kind = "kv"
+    scope = Scope.VARIANT
 
+    def enabled(self, ctx: BuildContext) -> bool:
+        return ctx.recipe.export.kv_cache
 
-def run(ctx: BuildContext, v: Any) -> StageOutcome:
-    if ctx.dense_task() != "causal-lm":
-        raise PipelineError("export.kv_cache is for causal LMs; this model is an encoder")
+    def key(self, ctx: BuildContext, v: Any, e: Any = None) -> str:
+        dense_graphs = ctx.content("dense", "kv") if ctx.rebinds(v) else None
+        return stable_hash("kv", ctx.content(v.name, "model"), ctx.recipe.export.opset, dense_graphs, STAGE_SCHEMA)
 
-    def build(tmp: Path) -> dict[str, Any]:
+    def options(self, ctx: BuildContext, v: Any = None, e: Any = None) -> dict[str, Any]:
+        return {"opset": ctx.recipe.export.opset}
+
+    def build(self, ctx: BuildContext, tmp: Path, v: Any, e: Any = None) -> dict[str, Any]:
         from export.kv_export import export_kv_graphs
         from export.onnx_export import RebindError, rebind_weights
 
@@ -37,5 +42,5 @@ def run(ctx: BuildContext, v: Any) -> StageOutcome:
                 log.warning("%s: cannot reuse the dense KV graphs (%s); exporting afresh", v.name, exc)
         return export_kv_graphs(model, adapter, tmp, ctx.recipe.export.opset)
 
-    out = run_stage(ctx.out / v.name / "kv", f"{v.name}/kv", key(ctx, v), {"opset": ctx.recipe.export.opset}, build)
-    return ctx.record(v.name, out)
+
+STAGE = KvStage()

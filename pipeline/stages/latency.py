@@ -6,15 +6,13 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, TYPE_CHECKING
+from typing import Any
 
-from core.artifacts import StageOutcome, run_stage, stable_hash
+from core.artifacts import stable_hash
 from pipeline.schema import check
 from pipeline.stages import engine as engine_stage
+from pipeline.stages.base import Scope, Stage
 from pipeline.stages.context import STAGE_SCHEMA, BuildContext
-
-if TYPE_CHECKING:
-    from pipeline.recipe import EngineSpec
 
 
 @dataclass
@@ -38,31 +36,34 @@ class LatencySpec:
         check(self.threads >= 0, f"{where}.threads", f"{self.threads} is negative")
 
 
-def key(ctx: BuildContext, e: EngineSpec, ordered: list[Any]) -> str:
-    stage = f"engine-{e.backend}"
-    return stable_hash("latency", [(v.name, ctx.content(v.name, stage)) for v in ordered], asdict(ctx.recipe.validation.latency), STAGE_SCHEMA)
+class LatencyStage(Stage):
+    kind = "latency"
+    scope = Scope.ENGINE
 
+    def enabled(self, ctx: BuildContext) -> bool:
+        return ctx.recipe.validation.latency is not None
 
-def run(ctx: BuildContext, e: EngineSpec, ordered: list[Any]) -> StageOutcome | None:
-    from engines import get_engine
+    def options(self, ctx: BuildContext, v: Any = None, e: Any = None) -> dict[str, Any]:
+        return asdict(ctx.recipe.validation.latency)
 
-    lat = ctx.recipe.validation.latency
-    if lat is None:
-        return None
-    engine = get_engine(e.backend, e.options)
+    def key(self, ctx: BuildContext, v: Any, e: Any) -> str:
+        stage = f"engine-{e.backend}"
+        return stable_hash("latency", [(x.name, ctx.content(x.name, stage)) for x in ctx.ordered], self.options(ctx), STAGE_SCHEMA)
 
-    def build(tmp: Path) -> dict[str, Any]:
+    def build(self, ctx: BuildContext, tmp: Path, v: Any, e: Any) -> dict[str, Any]:
         from contextlib import ExitStack
 
         from pipeline import validate as V
 
+        lat = ctx.recipe.validation.latency
+        engine = ctx.engine(e)
         shapes = [(b, s) for b in lat.batch_sizes for s in lat.sequence_lengths]
         vocab = int(json.loads((ctx.out / "dense" / "model" / "model" / "config.json").read_text()).get("vocab_size", 1000))
         with ExitStack() as stack:
             runners = {}
-            for v in ordered:
-                art = engine_stage.artifact(ctx, v.name, e.backend)
-                runners[v.name] = stack.enter_context(engine.runner(art, threads=lat.threads, spinning=False))
+            for x in ctx.ordered:
+                art = engine_stage.artifact(ctx, x.name, e.backend)
+                runners[x.name] = stack.enter_context(engine.runner(art, threads=lat.threads, spinning=False))
             points = V.interleaved_latency(runners, shapes, vocab, lat.warmup, lat.repeats, baseline="dense")
         out = {
             "backend": e.backend,
@@ -75,5 +76,12 @@ def run(ctx: BuildContext, e: EngineSpec, ordered: list[Any]) -> StageOutcome | 
         (tmp / "latency.json").write_text(json.dumps(out, indent=2), encoding="utf-8")
         return {"variants": list(points)}
 
-    out = run_stage(ctx.out / f"latency-{e.backend}", f"all/latency-{e.backend}", key(ctx, e, ordered), asdict(lat), build)
-    return ctx.record("all", out)
+    def contribute(self, ctx: BuildContext, results: dict[str, Any], v: Any, e: Any) -> None:
+        L = json.loads((self.path(ctx, v, e) / "latency.json").read_text(encoding="utf-8"))
+        for x in results["variants"]:
+            entry = x["engines"].get(e.backend, {})
+            if entry.get("status") == "ok" and x["name"] in L["variants"]:
+                entry["latency"] = {"points": L["variants"][x["name"]], **{k: L[k] for k in ("warmup", "repeats", "threads", "order")}}
+
+
+STAGE = LatencyStage()

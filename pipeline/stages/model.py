@@ -9,28 +9,32 @@ import logging
 import shutil
 import time
 from pathlib import Path
-from typing import Any, TYPE_CHECKING
+from typing import Any
 
-from core.artifacts import StageOutcome, run_stage, stable_hash
+from core.artifacts import StageOutcome, stable_hash
+from core.errors import PassFailure
+from pipeline.stages.base import Scope, Stage, variant_entry
 from pipeline.stages.context import STAGE_SCHEMA, BuildContext, variant_uses_calibration
-
-if TYPE_CHECKING:
-    from pipeline.recipe import VariantSpec
 
 log = logging.getLogger(__name__)
 
 
-def key(ctx: BuildContext, v: VariantSpec) -> str:
-    calib = ctx.data_key("calibration") if variant_uses_calibration(v) else None
-    return stable_hash("model", ctx.model_key, v.to_dict()["passes"], calib, STAGE_SCHEMA)
+class ModelStage(Stage):
+    kind = "model"
+    scope = Scope.VARIANT
 
+    def key(self, ctx: BuildContext, v: Any, e: Any = None) -> str:
+        calib = ctx.data_key("calibration") if variant_uses_calibration(v) else None
+        return stable_hash("model", ctx.model_key, v.to_dict()["passes"], calib, STAGE_SCHEMA)
 
-def run(ctx: BuildContext, v: VariantSpec) -> StageOutcome:
-    k = key(ctx, v)
-    # survives an interrupted stage (e.g. recovery checkpoints); keyed so other settings never resume it
-    work_dir = ctx.out / v.name / f"model.work-{k[:12]}"
+    def options(self, ctx: BuildContext, v: Any, e: Any = None) -> dict[str, Any]:
+        return {"passes": v.to_dict()["passes"]}
 
-    def build(tmp: Path) -> dict[str, Any]:
+    def work_dir(self, ctx: BuildContext, v: Any) -> Path:
+        """Survives an interrupted stage (e.g. recovery checkpoints); keyed so other settings never resume it."""
+        return ctx.out / v.name / f"model.work-{self.key(ctx, v)[:12]}"
+
+    def build(self, ctx: BuildContext, tmp: Path, v: Any, e: Any = None) -> dict[str, Any]:
         from core.models import save_hf_dir
         from passes import PassContext, get_pass_class
 
@@ -41,17 +45,19 @@ def run(ctx: BuildContext, v: VariantSpec) -> StageOutcome:
             calibration=ctx.calib_windows,
             seed=ctx.recipe.data.calibration.seed,
             teacher=lambda: dense.model,
-            work_dir=work_dir,
+            work_dir=self.work_dir(ctx, v),
             memo=ctx.memo,
         )
         results = []
         calib = ctx.data_key("calibration")
         for i, p in enumerate(v.passes):
             pctx.prefix_key = stable_hash("prefix", ctx.model_key, calib, [q.to_dict() for q in v.passes[:i]])
-            cls = get_pass_class(p.name)
-            ps = cls(cls.config_class(**p.options))
             t0 = time.perf_counter()
-            r = ps.run(model, pctx)
+            try:
+                cls = get_pass_class(p.name)
+                r = cls(cls.config_class(**p.options)).run(model, pctx)
+            except Exception as exc:  # named by the builder with the variant and stage
+                raise PassFailure(p.name, exc) from exc
             log.info("%s: pass '%s' took %.1f s", v.name, p.name, time.perf_counter() - t0)
             results.append(r.to_dict())
         save_hf_dir(model, dense.tokenizer, tmp / "model")
@@ -60,6 +66,13 @@ def run(ctx: BuildContext, v: VariantSpec) -> StageOutcome:
         # per-linear sparsities (measured from the weights) go into results.json where a pass mixed them
         return {"passes": [{"name": r["name"], "seconds": r["seconds"], "info": r["info"], **({"layers": r["layers"]} if "allocation" in r["info"] else {})} for r in results]}
 
-    out = run_stage(ctx.out / v.name / "model", f"{v.name}/model", k, {"passes": v.to_dict()["passes"]}, build)
-    shutil.rmtree(work_dir, ignore_errors=True)
-    return ctx.record(v.name, out)
+    def run(self, ctx: BuildContext, v: Any = None, e: Any = None) -> StageOutcome | None:
+        out = super().run(ctx, v, e)
+        shutil.rmtree(self.work_dir(ctx, v), ignore_errors=True)
+        return out
+
+    def contribute(self, ctx: BuildContext, results: dict[str, Any], v: Any, e: Any = None) -> None:
+        variant_entry(results, v.name)["pass_results"] = ctx.records[(v.name, self.kind)].info.get("passes", [])
+
+
+STAGE = ModelStage()

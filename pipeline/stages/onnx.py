@@ -10,8 +10,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from core.artifacts import StageOutcome, run_stage, stable_hash
+from core.artifacts import stable_hash
 from pipeline.schema import check
+from pipeline.stages.base import Scope, Stage, variant_entry
 from pipeline.stages.context import STAGE_SCHEMA, BuildContext
 
 log = logging.getLogger(__name__)
@@ -38,17 +39,18 @@ class ExportSpec:
         check(self.exporter in ("dynamo", "torchscript"), f"{where}.exporter", f"'{self.exporter}' is not one of dynamo, torchscript")
 
 
-def options(ctx: BuildContext) -> dict[str, Any]:
-    return {k: val for k, val in asdict(ctx.recipe.export).items() if k != "kv_cache"}
+class OnnxStage(Stage):
+    kind = "onnx"
+    scope = Scope.VARIANT
 
+    def options(self, ctx: BuildContext, v: Any = None, e: Any = None) -> dict[str, Any]:
+        return {k: val for k, val in asdict(ctx.recipe.export).items() if k != "kv_cache"}
 
-def key(ctx: BuildContext, v: Any) -> str:
-    dense_graph = ctx.content("dense", "onnx") if ctx.rebinds(v) else None
-    return stable_hash("export", ctx.content(v.name, "model"), options(ctx), dense_graph, STAGE_SCHEMA)
+    def key(self, ctx: BuildContext, v: Any, e: Any = None) -> str:
+        dense_graph = ctx.content("dense", "onnx") if ctx.rebinds(v) else None
+        return stable_hash("export", ctx.content(v.name, "model"), self.options(ctx), dense_graph, STAGE_SCHEMA)
 
-
-def run(ctx: BuildContext, v: Any) -> StageOutcome:
-    def build(tmp: Path) -> dict[str, Any]:
+    def build(self, ctx: BuildContext, tmp: Path, v: Any, e: Any = None) -> dict[str, Any]:
         from export.graph import make_passes, rewrite_file
         from export.onnx_export import RebindError, export_onnx, rebind_weights
 
@@ -75,5 +77,8 @@ def run(ctx: BuildContext, v: Any) -> StageOutcome:
                 raw.unlink()
         return info
 
-    out = run_stage(ctx.out / v.name / "onnx", f"{v.name}/onnx", key(ctx, v), options(ctx), build)
-    return ctx.record(v.name, out)
+    def contribute(self, ctx: BuildContext, results: dict[str, Any], v: Any, e: Any = None) -> None:
+        variant_entry(results, v.name)["export"] = ctx.records[(v.name, self.kind)].info
+
+
+STAGE = OnnxStage()

@@ -7,17 +7,15 @@ import json
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, TYPE_CHECKING
+from typing import Any
 
-from core.artifacts import StageOutcome, run_stage, stable_hash
+from core.artifacts import stable_hash
 from pipeline.schema import check
 from pipeline.stages import engine as engine_stage
+from pipeline.stages.base import Scope, Stage, variant_entry
 from pipeline.stages.context import STAGE_SCHEMA, BuildContext
 from pipeline.stages.decode import DecodeSpec
 from pipeline.stages.latency import LatencySpec
-
-if TYPE_CHECKING:
-    from pipeline.recipe import EngineSpec
 
 log = logging.getLogger(__name__)
 
@@ -61,100 +59,110 @@ class ValidationSpec:
             self.decode.validate(f"{where}.decode")
 
 
-def options(ctx: BuildContext) -> dict[str, Any]:
-    """Validation options a per-variant stage depends on (latency and decode have their own stages)."""
-    return {k: v for k, v in asdict(ctx.recipe.validation).items() if k not in ("latency", "decode")}
+class ValidateStage(Stage):
+    kind = "validate"
+    scope = Scope.VARIANT_ENGINE
 
+    def options(self, ctx: BuildContext, v: Any = None, e: Any = None) -> dict[str, Any]:
+        """Validation options a per-variant stage depends on (latency and decode have their own stages)."""
+        return {k: val for k, val in asdict(ctx.recipe.validation).items() if k not in ("latency", "decode")}
 
-def key(ctx: BuildContext, v: Any, e: EngineSpec) -> str:
-    stage = f"engine-{e.backend}"
-    return stable_hash(
-        "validate",
-        ctx.content(v.name, "model"),
-        ctx.content(v.name, stage),
-        ctx.content("dense", "model"),
-        ctx.content("dense", stage),
-        ctx.data_key("evaluation"),
-        options(ctx),
-        STAGE_SCHEMA,
-    )
+    def key(self, ctx: BuildContext, v: Any, e: Any) -> str:
+        stage = f"engine-{e.backend}"
+        return stable_hash(
+            "validate",
+            ctx.content(v.name, "model"),
+            ctx.content(v.name, stage),
+            ctx.content("dense", "model"),
+            ctx.content("dense", stage),
+            ctx.data_key("evaluation"),
+            self.options(ctx),
+            STAGE_SCHEMA,
+        )
 
-
-def run(ctx: BuildContext, v: Any, e: EngineSpec) -> StageOutcome:
-    from engines import get_engine
-
-    engine = get_engine(e.backend, e.options)
-    spec = ctx.recipe.validation
-
-    def build(tmp: Path) -> dict[str, Any]:
-        import numpy as np
-
-        from pipeline import validate as V
-
-        dense = ctx.dense()
-        task = dense.task
-        output = "logits" if task == "causal-lm" else "last_hidden_state"
-        model = dense.model if v.name == "dense" else ctx.variant_model(v.name)
-        windows = ctx.eval_windows()
-        art = engine_stage.artifact(ctx, v.name, e.backend)
-        result: dict[str, Any] = {"variant": v.name, "backend": e.backend, "task": task}
-        result["size"] = V.size_stats(model, dense.adapter)
-        result["size"]["onnx_bytes"] = _dir_bytes(ctx.out / v.name / "onnx", "model.onnx*")
-        result["size"]["engine_bytes"] = art.path.stat().st_size
-        torch_fn = V.torch_outputs_fn(model, task)
-        n_agree = min(spec.agreement_windows, windows.shape[0]) if v.name != "dense" else 0
-        if task == "causal-lm" and spec.perplexity:
-            # The engine is what ships, so its perplexity covers every window; PyTorch runs on the
-            # first `torch_windows` only, compared with the engine on those same windows (parity
-            # below checks the outputs element by element as well).
-            with engine.runner(art) as runner:
-                engine_fn = V.runner_outputs_fn(runner, output)
-                dense_fn = _dense_reference(ctx, e, engine, n_agree) if n_agree else None
-                if v.name == "dense":
-                    engine_fn = _remembering(ctx, e, engine_fn, spec.agreement_windows)
-                result["perplexity_engine"], agr = V.perplexity_with_agreement(engine_fn, dense_fn, windows, n_agree, f"{v.name} ppl ({e.backend})")
-            if agr is not None:
-                result["agreement"] = {**agr, "logits": f"{e.backend} engine, variant vs dense"}
-            k = windows.shape[0] if spec.torch_windows == 0 else min(spec.torch_windows, windows.shape[0])
-            result["perplexity_torch"] = V.perplexity(torch_fn, windows[:k], f"{v.name} ppl (torch)")
-            pt, pe = result["perplexity_torch"]["perplexity"], V.perplexity_of_first(result["perplexity_engine"], k)
-            result["perplexity_engine_vs_torch"] = pe / pt - 1
-            result["perplexity_engine_vs_torch_windows"] = k
-            log.info(
-                "%s: perplexity %s %.3f (%d windows); on the first %d: torch %.3f, engine %.3f (%+.4f%%)",
-                v.name, e.backend, result["perplexity_engine"]["perplexity"], windows.shape[0], k, pt, pe, 100 * (pe / pt - 1),
-            )
-        elif n_agree:
-            dense_fn = V.torch_outputs_fn(dense.model, task)
-            if task == "causal-lm":
-                result["agreement"] = V.agreement(dense_fn, torch_fn, windows[:n_agree], f"{v.name} agreement")
-            else:
-                result["agreement"] = V.embedding_similarity(dense_fn, torch_fn, windows[:n_agree], f"{v.name} similarity")
-        p = spec.parity
-        ids = windows[: p.batch, : p.length] if windows.shape[0] >= p.batch else windows[:1, : p.length].repeat(p.batch, 1)
-        feeds = [
-            {"input_ids": ids.numpy().copy(), "attention_mask": np.ones(tuple(ids.shape), np.int64)},
-            {"input_ids": ids[:1, :1].numpy().copy(), "attention_mask": np.ones((1, 1), np.int64)},
-        ]
-        result["parity"] = V.parity(model, task, art.path, output, feeds, p.atol, p.rtol)
-        if not result["parity"]["passed"]:
-            floor = result["parity"].get("fp64_reference", {})
-            if "within_floor" in floor:
-                log.warning(
-                    "%s: engine/PyTorch parity FAILED (max |Δ| %.3g); against the model in float64: PyTorch fp32 %.3g, engine %.3g (%s)",
-                    v.name, result["parity"]["max_absdiff"], floor["torch_fp32_vs_fp64"], floor["engine_vs_fp64"],
-                    "within the model's own fp32 floor" if floor["within_floor"] else "the engine is farther from fp64 than PyTorch fp32",
-                )
-            else:
-                log.warning("%s: engine/PyTorch parity FAILED (max |Δ| %.3g)", v.name, result["parity"]["max_absdiff"])
+    def build(self, ctx: BuildContext, tmp: Path, v: Any, e: Any) -> dict[str, Any]:
+        result = validate_variant(ctx, v, e)
         (tmp / "validation.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
         return {"summary": _summary(result)}
 
-    out = run_stage(ctx.out / v.name / f"validate-{e.backend}", f"{v.name}/validate-{e.backend}", key(ctx, v, e), options(ctx), build)
-    return ctx.record(v.name, out)
+    def contribute(self, ctx: BuildContext, results: dict[str, Any], v: Any, e: Any) -> None:
+        path = self.path(ctx, v, e) / "validation.json"
+        variant_entry(results, v.name)["engines"][e.backend] = {"status": "ok", **json.loads(path.read_text(encoding="utf-8"))}
 
 
-def _dense_reference(ctx: BuildContext, e: EngineSpec, engine: Any, n: int) -> Any:
+STAGE = ValidateStage()
+
+
+def validate_variant(ctx: BuildContext, v: Any, e: Any) -> dict[str, Any]:
+    """Quality, parity and size of one variant on one engine, everything run through the engine's own runner."""
+    engine = ctx.engine(e)
+    spec = ctx.recipe.validation
+    import numpy as np
+
+    from pipeline import validate as V
+
+    dense = ctx.dense()
+    task = dense.task
+    output = "logits" if task == "causal-lm" else "last_hidden_state"
+    model = dense.model if v.name == "dense" else ctx.variant_model(v.name)
+    windows = ctx.eval_windows()
+    art = engine_stage.artifact(ctx, v.name, e.backend)
+    result: dict[str, Any] = {"variant": v.name, "backend": e.backend, "task": task}
+    result["size"] = V.size_stats(model, dense.adapter)
+    result["size"]["onnx_bytes"] = _dir_bytes(ctx.out / v.name / "onnx", "model.onnx*")
+    result["size"]["engine_bytes"] = art.path.stat().st_size
+    torch_fn = V.torch_outputs_fn(model, task)
+    n_agree = min(spec.agreement_windows, windows.shape[0]) if v.name != "dense" else 0
+    if task == "causal-lm" and spec.perplexity:
+        # The engine is what ships, so its perplexity covers every window; PyTorch runs on the
+        # first `torch_windows` only, compared with the engine on those same windows (parity
+        # below checks the outputs element by element as well).
+        with engine.runner(art) as runner:
+            engine_fn = V.runner_outputs_fn(runner, output)
+            dense_fn = _dense_reference(ctx, e, engine, n_agree) if n_agree else None
+            if v.name == "dense":
+                engine_fn = _remembering(ctx, e, engine_fn, spec.agreement_windows)
+            result["perplexity_engine"], agr = V.perplexity_with_agreement(engine_fn, dense_fn, windows, n_agree, f"{v.name} ppl ({e.backend})")
+        if agr is not None:
+            result["agreement"] = {**agr, "logits": f"{e.backend} engine, variant vs dense"}
+        k = windows.shape[0] if spec.torch_windows == 0 else min(spec.torch_windows, windows.shape[0])
+        result["perplexity_torch"] = V.perplexity(torch_fn, windows[:k], f"{v.name} ppl (torch)")
+        pt, pe = result["perplexity_torch"]["perplexity"], V.perplexity_of_first(result["perplexity_engine"], k)
+        result["perplexity_engine_vs_torch"] = pe / pt - 1
+        result["perplexity_engine_vs_torch_windows"] = k
+        log.info(
+            "%s: perplexity %s %.3f (%d windows); on the first %d: torch %.3f, engine %.3f (%+.4f%%)",
+            v.name, e.backend, result["perplexity_engine"]["perplexity"], windows.shape[0], k, pt, pe, 100 * (pe / pt - 1),
+        )
+    elif n_agree:
+        dense_fn = V.torch_outputs_fn(dense.model, task)
+        if task == "causal-lm":
+            result["agreement"] = V.agreement(dense_fn, torch_fn, windows[:n_agree], f"{v.name} agreement")
+        else:
+            result["agreement"] = V.embedding_similarity(dense_fn, torch_fn, windows[:n_agree], f"{v.name} similarity")
+    p = spec.parity
+    ids = windows[: p.batch, : p.length] if windows.shape[0] >= p.batch else windows[:1, : p.length].repeat(p.batch, 1)
+    feeds = [
+        {"input_ids": ids.numpy().copy(), "attention_mask": np.ones(tuple(ids.shape), np.int64)},
+        {"input_ids": ids[:1, :1].numpy().copy(), "attention_mask": np.ones((1, 1), np.int64)},
+    ]
+    result["parity"] = V.parity(model, task, art.path, output, feeds, p.atol, p.rtol)
+    if not result["parity"]["passed"]:
+        floor = result["parity"].get("fp64_reference", {})
+        if "within_floor" in floor:
+            log.warning(
+                "%s: engine/PyTorch parity FAILED (max |Δ| %.3g); against the model in float64: PyTorch fp32 %.3g, engine %.3g (%s)",
+                v.name, result["parity"]["max_absdiff"], floor["torch_fp32_vs_fp64"], floor["engine_vs_fp64"],
+                "within the model's own fp32 floor" if floor["within_floor"] else "the engine is farther from fp64 than PyTorch fp32",
+            )
+        else:
+            log.warning("%s: engine/PyTorch parity FAILED (max |Δ| %.3g)", v.name, result["parity"]["max_absdiff"])
+    return result
+
+
+
+
+def _dense_reference(ctx: BuildContext, e: Any, engine: Any, n: int) -> Any:
     """Logits function of the dense engine for the first ``n`` evaluation windows, memoised for the
     build: the dense variant's own validation leaves them in memory; when that stage was reused,
     the dense engine computes them once here."""
@@ -181,7 +189,7 @@ def _dense_reference(ctx: BuildContext, e: EngineSpec, engine: Any, n: int) -> A
     return lookup
 
 
-def _remembering(ctx: BuildContext, e: EngineSpec, fn: Any, n: int) -> Any:
+def _remembering(ctx: BuildContext, e: Any, fn: Any, n: int) -> Any:
     """Wrap the dense engine's logits function so the first ``n`` windows' logits stay in memory for
     the other variants' agreement."""
     import torch
