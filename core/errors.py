@@ -11,6 +11,15 @@ class PipelineError(Exception):
     """Base class of every error this project raises on purpose."""
 
 
+class OptionError(ValueError):
+    """An option that is out of range or does not fit the model or the data; ``key`` is the option's
+    name, so the recipe check can name ``…options.<key>``."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
+
+
 class RecipeError(PipelineError):
     """A recipe (YAML or in-code) is malformed; raised before any model is loaded."""
 

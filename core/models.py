@@ -98,6 +98,87 @@ def resolve_source(source: str) -> ResolvedSource:
     return ResolvedSource("gguf", path, sha256_file(path), label)
 
 
+GGUF_CONFIG_KEYS = {
+    "block_count": "num_hidden_layers",
+    "context_length": "max_position_embeddings",
+    "embedding_length": "hidden_size",
+    "feed_forward_length": "intermediate_size",
+    "attention.head_count": "num_attention_heads",
+    "attention.head_count_kv": "num_key_value_heads",
+    "vocab_size": "vocab_size",
+}
+"""GGUF metadata keys (after ``<architecture>.``) → the Hugging Face config attribute they give."""
+
+
+def read_gguf_header(path: Path) -> tuple[dict[str, Any], int]:
+    """(metadata of scalar and string values, total tensor elements) from a GGUF file's header, without
+    reading its tensors or building its tokenizer (the format: magic, version, counts, key/value
+    pairs, then one record per tensor)."""
+    import struct
+
+    scalar = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+    with open(path, "rb") as f:
+        def read(fmt: str) -> Any:
+            size = struct.calcsize("<" + fmt)
+            data = f.read(size)
+            if len(data) != size:
+                raise ModelLoadError(f"GGUF file '{path}' ends inside its header")
+            return struct.unpack("<" + fmt, data)[0]
+
+        def string() -> str:
+            return f.read(read("Q")).decode("utf-8", errors="replace")
+
+        def value(kind: int) -> Any:
+            if kind in scalar:
+                return read(scalar[kind])
+            if kind == 8:
+                return string()
+            if kind == 9:
+                elem, count = read("I"), read("Q")
+                if elem in scalar:
+                    f.seek(count * struct.calcsize("<" + scalar[elem]), 1)
+                else:
+                    for _ in range(count):
+                        value(elem)
+                return None  # arrays (the tokenizer's) are not needed here
+            raise ModelLoadError(f"GGUF file '{path}': unknown value type {kind} in its header")
+
+        if f.read(4) != b"GGUF":
+            raise ModelLoadError(f"'{path}' is not a GGUF file (no GGUF magic)")
+        read("I")  # version
+        n_tensors, n_kv = read("Q"), read("Q")
+        meta = {}
+        for _ in range(n_kv):
+            key = string()
+            meta[key] = value(read("I"))
+        elements = 0
+        for _ in range(n_tensors):
+            string()
+            dims = [read("Q") for _ in range(read("I"))]
+            read("I"), read("Q")  # type, offset
+            n = 1
+            for d in dims:
+                n *= d
+            elements += n
+    return meta, elements
+
+
+def config_without_weights(src: ResolvedSource) -> tuple[dict[str, Any], int]:
+    """(config.json as a dict, bytes of the fp32 weights) of a model source without loading it: from a
+    Hugging Face directory, the fp32 cache entry of a GGUF, or a GGUF's header."""
+    for d in (src.path if src.kind == "hf-dir" else None, cached_dir_if_built(src) if src.kind == "gguf" else None):
+        if d is not None and (Path(d) / "config.json").is_file():
+            weights = sum(p.stat().st_size for p in Path(d).glob("*.safetensors"))
+            return json.loads((Path(d) / "config.json").read_text(encoding="utf-8")), weights
+    meta, elements = read_gguf_header(src.path)
+    arch = meta.get("general.architecture")
+    config: dict[str, Any] = {"model_type": arch}
+    for key, attr in GGUF_CONFIG_KEYS.items():
+        if isinstance(meta.get(f"{arch}.{key}"), int):
+            config[attr] = meta[f"{arch}.{key}"]
+    return config, 4 * elements
+
+
 @dataclass
 class LoadedModel:
     model: Any

@@ -10,7 +10,7 @@ import importlib
 
 from engines.base import Engine, EngineArtifact, Runner
 
-KNOWN_BACKENDS: dict[str, str] = {
+KNOWN_BACKENDS: dict[str, str | type] = {
     "onnxruntime-cpu": "engines.onnxruntime:OnnxRuntimeCpuEngine",
     "onnxruntime-cuda": "engines.onnxruntime_gpu:OnnxRuntimeCudaEngine",
     "onnxruntime-trt": "engines.onnxruntime_gpu:OnnxRuntimeTensorRTEngine",
@@ -18,11 +18,26 @@ KNOWN_BACKENDS: dict[str, str] = {
     "torch-cuda": "engines.torch_cuda:TorchCudaEngine",
 }
 
-__all__ = ["Engine", "EngineArtifact", "KNOWN_BACKENDS", "Runner", "get_engine"]
+__all__ = ["Engine", "EngineArtifact", "KNOWN_BACKENDS", "Runner", "engine_class", "get_engine", "register_engine"]
+
+
+def register_engine(backend: str, target: str | type) -> None:
+    """Add a backend: ``target`` is an :class:`Engine` subclass or its ``module:Class`` path (imported on use)."""
+    if backend in KNOWN_BACKENDS:
+        raise ValueError(f"backend '{backend}' is registered already")
+    KNOWN_BACKENDS[backend] = target
+
+
+def engine_class(backend: str) -> type[Engine]:
+    """The Engine class of a backend; imports its module, not its runtime (runtimes are imported lazily)."""
+    if backend not in KNOWN_BACKENDS:
+        raise ValueError(f"backend '{backend}' is not one of {', '.join(sorted(KNOWN_BACKENDS))}")
+    target = KNOWN_BACKENDS[backend]
+    if isinstance(target, str):
+        module, cls = target.split(":")
+        return getattr(importlib.import_module(module), cls)
+    return target
 
 
 def get_engine(backend: str, options: dict | None = None) -> Engine:
-    if backend not in KNOWN_BACKENDS:
-        raise ValueError(f"backend '{backend}' is not one of {', '.join(sorted(KNOWN_BACKENDS))}")
-    module, cls = KNOWN_BACKENDS[backend].split(":")
-    return getattr(importlib.import_module(module), cls)(dict(options or {}))
+    return engine_class(backend)(dict(options or {}))

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from core.errors import PipelineError
+from core.errors import OptionError, PipelineError
 
 
 @dataclass
@@ -34,21 +34,30 @@ class EngineArtifact:
     info: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class NoOptions:
+    """An engine without options."""
+
+
 class Engine(ABC):
     name: str = "engine"
+    options_class: type = NoOptions
+    """A dataclass of the engine's options: its fields are the recipe keys (``engines[i].options.<key>``),
+    their types are checked by the recipe loader, and its ``__post_init__`` raises
+    :class:`core.errors.OptionError` naming the key of a value out of range."""
 
     def __init__(self, options: dict[str, Any]):
         self.options = self.validate_options(dict(options))
 
     def validate_options(self, options: dict[str, Any]) -> dict[str, Any]:
-        return options
+        """The options as a plain dict with defaults filled in; an unknown key is a ValueError naming it."""
+        from dataclasses import asdict, fields
 
-    def with_defaults(self, defaults: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
-        """``defaults`` overridden by ``options``; an option not in ``defaults`` is a ValueError naming it."""
-        unknown = sorted(set(options) - set(defaults))
+        known = [f.name for f in fields(self.options_class)]
+        unknown = sorted(set(options) - set(known))
         if unknown:
-            raise ValueError(f"engine '{self.name}': unknown option '{unknown[0]}'; expected {', '.join(defaults)}")
-        return defaults | options
+            raise OptionError(unknown[0], f"engine '{self.name}': unknown option '{unknown[0]}'; expected {', '.join(known) or 'none'}")
+        return asdict(self.options_class(**options))
 
     @abstractmethod
     def check_available(self) -> None:

@@ -17,8 +17,10 @@ from typing import Any
 
 import numpy as np
 
+from dataclasses import dataclass
+
 from engines.base import Engine, EngineArtifact, Runner, TensorMeta
-from core.errors import EngineUnavailable
+from core.errors import EngineUnavailable, OptionError
 
 log = logging.getLogger(__name__)
 
@@ -31,16 +33,23 @@ _ORT_TYPES = {
 }
 
 
+@dataclass
+class OrtOptions:
+    optimization: str = "all"
+    """Graph optimisation level of the session that writes the engine: basic, extended or all."""
+    threads: int = 0
+    """Intra-op threads (0 = all cores)."""
+
+    def __post_init__(self) -> None:
+        if self.optimization not in ("basic", "extended", "all"):
+            raise OptionError("optimization", f"optimization '{self.optimization}' is not one of basic, extended, all")
+        if not isinstance(self.threads, int) or isinstance(self.threads, bool) or self.threads < 0:
+            raise OptionError("threads", f"threads {self.threads!r} must be an integer >= 0 (0 = all cores)")
+
+
 class OnnxRuntimeCpuEngine(Engine):
     name = "onnxruntime-cpu"
-
-    def validate_options(self, options: dict[str, Any]) -> dict[str, Any]:
-        merged = self.with_defaults({"optimization": "all", "threads": 0}, options)
-        if merged["optimization"] not in ("basic", "extended", "all"):
-            raise ValueError(f"engine '{self.name}': optimization '{merged['optimization']}' is not one of basic, extended, all")
-        if not isinstance(merged["threads"], int) or merged["threads"] < 0:
-            raise ValueError(f"engine '{self.name}': threads {merged['threads']!r} must be an integer >= 0 (0 = all cores)")
-        return merged
+    options_class = OrtOptions
 
     def check_available(self) -> None:
         try:

@@ -17,22 +17,29 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from dataclasses import dataclass
+
 from engines.base import EngineArtifact
-from engines.onnxruntime import OnnxRuntimeCpuEngine, OnnxRuntimeRunner
-from core.errors import EngineUnavailable
+from engines.onnxruntime import OnnxRuntimeCpuEngine, OnnxRuntimeRunner, OrtOptions
+from core.errors import EngineUnavailable, OptionError
+
+
+@dataclass
+class OrtTensorRTOptions(OrtOptions):
+    sparsity: bool = True
+    """trt_sparsity_enable: let TensorRT pick 2:4 sparse kernels for 2:4 weights."""
+    fp16: bool = False
+    """trt_fp16_enable."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for key in ("sparsity", "fp16"):
+            if not isinstance(getattr(self, key), bool):
+                raise OptionError(key, f"{key} must be true or false, got {getattr(self, key)!r}")
 
 
 class _OrtGpuEngine(OnnxRuntimeCpuEngine):
     provider = "CUDAExecutionProvider"
-    extra_defaults: dict[str, Any] = {}
-
-    def validate_options(self, options: dict[str, Any]) -> dict[str, Any]:
-        extra = {k: options.pop(k) for k in list(options) if k in self.extra_defaults}
-        merged = super().validate_options(options) | self.extra_defaults | extra
-        for k, v in extra.items():
-            if not isinstance(v, type(self.extra_defaults[k])):
-                raise ValueError(f"engine '{self.name}': {k} must be {type(self.extra_defaults[k]).__name__}, got {v!r}")
-        return merged
 
     def check_available(self) -> None:
         try:
@@ -69,7 +76,7 @@ class OnnxRuntimeCudaEngine(_OrtGpuEngine):
 class OnnxRuntimeTensorRTEngine(_OrtGpuEngine):
     name = "onnxruntime-trt"
     provider = "TensorrtExecutionProvider"
-    extra_defaults = {"sparsity": True, "fp16": False}
+    options_class = OrtTensorRTOptions
 
     def providers(self, cache_dir: Path) -> list[Any]:
         cache_dir.mkdir(parents=True, exist_ok=True)

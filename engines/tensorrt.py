@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,21 +29,43 @@ import numpy as np
 from engines.base import Engine, EngineArtifact, Runner, TensorMeta
 from engines.trt_log import parse_sparsity_log
 from core.artifacts import atomic_write_bytes, atomic_write_text
-from core.errors import EngineUnavailable, PipelineError
+from core.errors import EngineUnavailable, OptionError, PipelineError
 
 log = logging.getLogger(__name__)
 
-DEFAULTS: dict[str, Any] = {
-    "sparsity": True,
-    "tf32": True,
-    "fp16": False,
-    "workspace_mb": 4096,
-    "min_shape": [1, 1],
-    "opt_shape": [1, 128],
-    "max_shape": [4, 512],
-    "optimization_level": 3,
-    "timing_cache": None,
-}
+@dataclass
+class TensorRTOptions:
+    sparsity: bool = True
+    """BuilderFlag.SPARSE_WEIGHTS: TensorRT may pick 2:4 sparse kernels for 2:4 weights."""
+    tf32: bool = True
+    fp16: bool = False
+    """BuilderFlag.FP16 on TensorRT 10; refused on TensorRT 11 (precision lives in the graph)."""
+    workspace_mb: int = 4096
+    min_shape: list[int] = field(default_factory=lambda: [1, 1])
+    """[batch, sequence] of the optimisation profile's minimum (opt and max likewise)."""
+    opt_shape: list[int] = field(default_factory=lambda: [1, 128])
+    max_shape: list[int] = field(default_factory=lambda: [4, 512])
+    optimization_level: int = 3
+    timing_cache: str | None = None
+    """Timing cache file (default: under the user cache)."""
+
+    def __post_init__(self) -> None:
+        for key in ("sparsity", "tf32", "fp16"):
+            if not isinstance(getattr(self, key), bool):
+                raise OptionError(key, f"{key} must be true or false, got {getattr(self, key)!r}")
+        shapes = [self.min_shape, self.opt_shape, self.max_shape]
+        for k, s in zip(("min_shape", "opt_shape", "max_shape"), shapes):
+            if not (isinstance(s, list) and len(s) == 2 and all(isinstance(x, int) and x >= 1 for x in s)):
+                raise OptionError(k, f"{k} must be [batch, sequence] with positive integers, got {s!r}")
+        if not all(shapes[0][i] <= shapes[1][i] <= shapes[2][i] for i in range(2)):
+            raise OptionError("opt_shape", f"shapes must satisfy min <= opt <= max, got {shapes}")
+        if not isinstance(self.workspace_mb, int) or self.workspace_mb < 16:
+            raise OptionError("workspace_mb", f"workspace_mb {self.workspace_mb!r} must be an integer >= 16")
+        if self.optimization_level not in range(0, 6):
+            raise OptionError("optimization_level", f"optimization_level {self.optimization_level!r} must be 0..5")
+
+
+DEFAULTS: dict[str, Any] = asdict(TensorRTOptions())
 
 
 def _import_trt() -> Any:
@@ -54,24 +77,8 @@ def _import_trt() -> Any:
 
 
 class TensorRTEngine(Engine):
+    options_class = TensorRTOptions
     name = "tensorrt"
-
-    def validate_options(self, options: dict[str, Any]) -> dict[str, Any]:
-        merged = self.with_defaults(DEFAULTS, options)
-        for key in ("sparsity", "tf32", "fp16"):
-            if not isinstance(merged[key], bool):
-                raise ValueError(f"engine '{self.name}': {key} must be true or false, got {merged[key]!r}")
-        shapes = [merged[k] for k in ("min_shape", "opt_shape", "max_shape")]
-        for k, s in zip(("min_shape", "opt_shape", "max_shape"), shapes):
-            if not (isinstance(s, list) and len(s) == 2 and all(isinstance(x, int) and x >= 1 for x in s)):
-                raise ValueError(f"engine '{self.name}': {k} must be [batch, sequence] with positive integers, got {s!r}")
-        if not all(shapes[0][i] <= shapes[1][i] <= shapes[2][i] for i in range(2)):
-            raise ValueError(f"engine '{self.name}': shapes must satisfy min <= opt <= max, got {shapes}")
-        if not isinstance(merged["workspace_mb"], int) or merged["workspace_mb"] < 16:
-            raise ValueError(f"engine '{self.name}': workspace_mb must be an integer >= 16")
-        if merged["optimization_level"] not in range(0, 6):
-            raise ValueError(f"engine '{self.name}': optimization_level must be 0..5")
-        return merged
 
     def check_available(self) -> None:
         _import_trt()

@@ -13,17 +13,32 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from engines.base import Engine, EngineArtifact, Runner, TensorMeta
-from core.errors import EngineUnavailable
+from core.errors import EngineUnavailable, OptionError
 
 log = logging.getLogger(__name__)
 
-DEFAULTS = {"dtype": "float16", "sparse": True}
+@dataclass
+class TorchCudaOptions:
+    dtype: str = "float16"
+    """float16 or bfloat16 (the 2:4 sparse kernels' types)."""
+    sparse: bool = True
+    """Swap 2:4 linears for semi-structured sparse tensors (cuSPARSELt / CUTLASS)."""
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("float16", "bfloat16"):
+            raise OptionError("dtype", f"dtype '{self.dtype}' must be float16 or bfloat16 (the 2:4 sparse kernels' types)")
+        if not isinstance(self.sparse, bool):
+            raise OptionError("sparse", f"sparse must be true or false, got {self.sparse!r}")
+
+
+DEFAULTS = asdict(TorchCudaOptions())
 
 
 def convert_2of4_linears(model: Any, adapter: Any) -> list[str]:
@@ -44,15 +59,8 @@ def convert_2of4_linears(model: Any, adapter: Any) -> list[str]:
 
 
 class TorchCudaEngine(Engine):
+    options_class = TorchCudaOptions
     name = "torch-cuda"
-
-    def validate_options(self, options: dict[str, Any]) -> dict[str, Any]:
-        merged = self.with_defaults(DEFAULTS, options)
-        if merged["dtype"] not in ("float16", "bfloat16"):
-            raise ValueError(f"engine '{self.name}': dtype must be float16 or bfloat16 (the 2:4 sparse kernels' types)")
-        if not isinstance(merged["sparse"], bool):
-            raise ValueError(f"engine '{self.name}': sparse must be true or false")
-        return merged
 
     def check_available(self) -> None:
         import torch

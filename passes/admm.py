@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
 from core.masks import PatternSet
-from passes.base import ROLES, LayerChange, Pass, PassContext, PassResult, check_roles, register_pass
+from passes.base import ROLES, DataFacts, LayerChange, Pass, PassContext, PassResult, check_blocks, check_nm_divides, check_roles, register_pass
 from passes.distill import distill_loss, trainable_parameters
 from passes.training import Checkpoint, TrainConfig, train, train_config_of
 
@@ -351,6 +351,11 @@ class ADMMPass(Pass):
     uses_calibration = True
     trains = True
     state_copies = 2
+
+    @classmethod
+    def check(cls, config: Any, model: Any, data: DataFacts) -> None:
+        check_blocks("blocks", config.blocks, model)
+        check_nm_divides("pattern", PatternSet(config.pattern).nm, config.targets, model)
 
     def run(self, model: torch.nn.Module, ctx: PassContext) -> PassResult:
         cfg = self.config

@@ -7,12 +7,14 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
+from core.errors import OptionError
+
 if TYPE_CHECKING:
     from pathlib import Path
 
     import torch
 
-    from core.adapters.base import ModelAdapter
+    from core.adapters.base import ModelAdapter, ModelFacts
 
 ROLES = ("q", "k", "v", "qkv", "o", "up", "gate", "down")
 """Linear roles an adapter can name; passes filter on them."""
@@ -41,6 +43,31 @@ class PassContext:
         if self.calibration is None:
             raise ValueError(f"pass '{pass_name}' needs calibration data, and the context has none")
         return self.calibration()
+
+
+@dataclass(frozen=True)
+class DataFacts:
+    """What the checks before a build know of the data a pass will get."""
+
+    calibration_windows: int
+    calibration_length: int
+
+
+def check_blocks(key: str, blocks: list[int] | None, model: "ModelFacts") -> None:
+    """Every index in ``blocks`` names one of the model's blocks."""
+    outside = [b for b in blocks or [] if not 0 <= b < model.layers]
+    if outside:
+        raise OptionError(key, f"blocks {outside} are outside the model's {model.layers} blocks (0–{model.layers - 1})")
+
+
+def check_nm_divides(key: str, nm: tuple[int, int] | None, roles: list[str], model: "ModelFacts") -> None:
+    """An N:M pattern's M divides the input width of every targeted linear of the model."""
+    if nm is None:
+        return
+    for role in (r for r in roles if r in model.roles):
+        width = model.in_features(role)
+        if width % nm[1]:
+            raise OptionError(key, f"pattern {nm[0]}:{nm[1]} needs input widths divisible by {nm[1]}; the model's '{role}' linears have {width}")
 
 
 @dataclass
@@ -97,6 +124,15 @@ class Pass(ABC):
     def shapes_change(cls, options: dict[str, Any]) -> bool:
         """Whether this pass, with these recipe options, changes tensor shapes (no dense-graph reuse)."""
         return cls.changes_shapes
+
+    @classmethod
+    def check(cls, config: Any, model: "ModelFacts", data: DataFacts) -> None:
+        """Check the pass's options against the model's config and the data before anything is loaded;
+        raise :class:`OptionError` naming the option. ``pipeline check`` and the build's preflight call it."""
+        target = config if isinstance(config, SparsityTarget) else None
+        if target is not None:
+            check_blocks("blocks", target.blocks, model)
+            check_nm_divides("pattern", target.nm, target.targets, model)
 
     def __init__(self, config: Any):
         if not isinstance(config, self.config_class):

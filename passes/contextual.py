@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from calibrate.contextual import collect_context_stats, gated_mlp, mass_share, recall_at_k
 from core.progress import progress
 from core.contextual import CONFIG_KEY, ContextStore, ContextualMLP, Predictor, capture_block_inputs, contextual_spec, mlp_path, set_submodule
-from passes.base import LayerChange, Pass, PassContext, PassResult, register_pass
+from passes.base import DataFacts, LayerChange, OptionError, Pass, PassContext, PassResult, register_pass
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +133,17 @@ class ContextualPass(Pass):
     config_class = ContextualConfig
     uses_calibration = True
     changes_shapes = True
+
+    @classmethod
+    def check(cls, config: Any, model: Any, data: DataFacts) -> None:
+        if model.task != "causal-lm":
+            raise OptionError("selector", f"contextual sparsity runs KV-cache decoding of causal LMs; this {model.family} model is an {model.task}")
+        if not model.gated_mlp:
+            raise OptionError("selector", f"contextual sparsity selects units of a gated MLP (act(gate) · up); this {model.family} model's MLP is not gated")
+        n = model.layers
+        outside = [b for b in config.dense_blocks if not -n <= b < n]
+        if outside:
+            raise OptionError("dense_blocks", f"{outside} are outside the model's {n} blocks (indices within [-{n}, {n - 1}])")
 
     def run(self, model: torch.nn.Module, ctx: PassContext) -> PassResult:
         cfg = self.config

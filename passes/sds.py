@@ -50,7 +50,7 @@ from calibrate.runner import LayerwiseRunner, first_output, map_tensors, resolve
 from calibrate.stats import Collector
 from core.adapters.base import LinearRef
 from core.masks import is_nm_sparse, nm_mask, sparsity_of, unstructured_mask
-from passes.base import LayerChange, Pass, PassContext, PassResult, register_pass
+from passes.base import DataFacts, LayerChange, OptionError, Pass, PassContext, PassResult, register_pass
 from passes.oneshot import PruneFn, _by_collector
 from passes.sparsegpt import SparseGPTConfig, sparsegpt_pruner
 from passes.training import lr_factor
@@ -228,6 +228,17 @@ class SDSPass(Pass):
     name = "sds"
     config_class = SDSConfig
     uses_calibration = True
+
+    @classmethod
+    def check(cls, config: Any, model: Any, data: DataFacts) -> None:
+        super().check(config, model, data)
+        n_batches = -(-data.calibration_windows // config.batch_size)
+        if n_batches <= config.holdout_batches:
+            raise OptionError(
+                "holdout_batches",
+                f"{data.calibration_windows} calibration windows make {n_batches} batches of {config.batch_size}; "
+                f"holdout_batches {config.holdout_batches} leaves none to reconstruct on (more windows or a smaller batch_size)",
+            )
 
     def run(self, model: torch.nn.Module, ctx: PassContext) -> PassResult:
         cfg = self.config

@@ -131,25 +131,11 @@ class Builder:
             raise StageError(stage.kind, exc, variant=v.name if v is not None else None, engine=e.backend if e is not None else None) from exc
 
     def _preflight(self, ordered: list[VariantSpec]) -> None:
-        """Refuse a build that would not fit in memory or on disk, before its expensive stages."""
-        from passes import get_pass_class
+        """Before any stage: every check that needs no model (the same as ``pipeline check``), and the
+        memory/disk estimate for the variants not exported yet."""
+        from pipeline.checks import check_recipe
 
-        from pipeline import preflight
-
-        todo = [v for v in ordered if not (self.out / v.name / "onnx" / "stage.json").is_file()]
-        if not todo:
-            return  # everything exported already: the rest is validation of finished stages
-        found = self.ctx.model_config()
-        if found is None:  # a GGUF not dequantised yet: checked as soon as the model cache is built
-            self.ctx.after_dense_load.append(lambda: self._preflight(ordered))
-            return
-        config, weights_bytes = found
-        uses = [get_pass_class(p.name) for v in todo for p in v.passes]
-        trains = any(getattr(c, "trains", False) for c in uses)
-        calibrates = any(getattr(c, "uses_calibration", False) for c in uses)
-        copies = max((getattr(c, "state_copies", 0) for c in uses), default=0)
-        est = preflight.estimate(self.recipe, config, weights_bytes, todo, trains, calibrates, copies)
-        preflight.check(est, self.out)
+        check_recipe(self.recipe, self.out)
 
     def _results(self, ordered: list[VariantSpec]) -> dict[str, Any]:
         """The skeleton of results.json; every stage adds its figures to it (``Stage.contribute``)."""

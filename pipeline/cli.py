@@ -29,9 +29,14 @@ def _parser() -> argparse.ArgumentParser:
     b = sub.add_parser("build", help="build every variant of a recipe and write the report", description="Build every variant of RECIPE (default: the shipped 'default' recipe on the bundled SmolLM2) and write results.json, report.md and report.html.")
     b.add_argument("recipe", nargs="?", default=None, help="recipe YAML file, or the name of a shipped recipe (default: default)")
     b.add_argument("--output", "-o", type=Path, default=None, help="build directory (default: build/<recipe name>)")
-    b.add_argument("--verbose", "-v", action="store_true", help="debug logging")
-    c = sub.add_parser("check", help="validate a recipe without building anything")
+    b.add_argument("--verbose", "-v", action="store_true", help="debug logging, and the traceback of an error")
+    c = sub.add_parser(
+        "check", help="validate a recipe without building anything",
+        description="Check RECIPE without loading a model: every key and option, each pass against the model's config and the data, and the build's memory and disk estimate.",
+    )
     c.add_argument("recipe", nargs="?", default=None)
+    c.add_argument("--output", "-o", type=Path, default=None, help="build directory whose free disk space is checked (default: build/<recipe name>)")
+    c.add_argument("--verbose", "-v", action="store_true", help="debug logging, and the traceback of an error")
     i = sub.add_parser(
         "inspect",
         help="per-weight sparsity report of an ONNX model (TensorRT's 2:4 rules)",
@@ -76,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         _parser().print_help()
         return 2
-    _setup_logging(getattr(args, "verbose", False))
+    verbose = getattr(args, "verbose", False)
+    _setup_logging(verbose)
     if args.command == "inspect":
         return _inspect(args.model, args.json)
     try:
@@ -84,10 +90,15 @@ def main(argv: list[str] | None = None) -> int:
 
         t0 = time.perf_counter()
         recipe = load_recipe(args.recipe)
-        log.info("recipe '%s' is valid (%d variants) [%.2f s]", recipe.name, len(recipe.variants), time.perf_counter() - t0)
         if args.command == "check":
-            print(f"recipe '{recipe.name}' is valid: variants {', '.join(v.name for v in recipe.variants)}")
+            from pipeline.checks import check_recipe
+
+            est = check_recipe(recipe, args.output)
+            print(f"recipe '{recipe.name}' is valid: variants {', '.join(v.name for v in recipe.variants)} [{time.perf_counter() - t0:.2f} s]")
+            if est is not None:
+                print(est)
             return 0
+        log.info("recipe '%s' is valid (%d variants) [%.2f s]", recipe.name, len(recipe.variants), time.perf_counter() - t0)
         from pipeline.build import build
         from pipeline.report import terminal_table
 
@@ -96,8 +107,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nreport: {summary.report_path}")
         return 0
     except PipelineError as exc:
-        log.error("%s", exc)
+        log.error("%s", exc, exc_info=exc if verbose else None)
         return 1
     except KeyboardInterrupt:
         log.error("interrupted; finished stages are kept and the next run resumes from them")
         return 130
+    except Exception as exc:  # a bug of ours, not the user's input: still one line unless -v
+        from core.errors import describe
+
+        log.error("internal error (%s); run again with -v for the traceback", describe(exc), exc_info=exc if verbose else None)
+        return 1

@@ -81,15 +81,17 @@ def estimate(
     return Estimate(mem, disk)
 
 
-def check(est: Estimate, out_dir: Path, memory_available: int | None = None, disk_available: int | None = None) -> None:
-    """Raise :class:`ResourceError` naming the biggest term when the estimate exceeds what is free."""
+def check(est: Estimate, out_dir: Path, memory_available: int | None = None, disk_available: int | None = None) -> str:
+    """Raise :class:`ResourceError` naming the biggest term when the estimate exceeds what is free;
+    else return the estimate as one line."""
     memory_available = available_memory() if memory_available is None else memory_available
     disk_available = free_disk(out_dir) if disk_available is None else disk_available
     need_mem, need_disk = sum(est.memory.values()), sum(est.disk.values())
-    log.info(
-        "preflight: about %.1f GiB of memory (%.1f GiB available) and %.1f GiB of disk (%.1f GiB free)",
-        need_mem / GiB, (memory_available or 0) / GiB, need_disk / GiB, disk_available / GiB,
+    line = (
+        f"preflight: about {need_mem / GiB:.1f} GiB of memory ({(memory_available or 0) / GiB:.1f} GiB available) "
+        f"and {need_disk / GiB:.1f} GiB of disk ({disk_available / GiB:.1f} GiB free under {out_dir})"
     )
+    log.info("%s", line)
     if memory_available is not None and need_mem > memory_available:
         raise ResourceError(
             f"this build needs about {need_mem / GiB:.1f} GiB of memory but {memory_available / GiB:.1f} GiB is available: "
@@ -102,6 +104,7 @@ def check(est: Estimate, out_dir: Path, memory_available: int | None = None, dis
             + _terms(est.disk)
             + "; free space, choose another --output, or build fewer variants"
         )
+    return line
 
 
 def _terms(terms: dict[str, int]) -> str:

@@ -111,6 +111,8 @@ class PassSpec:
 class VariantSpec:
     name: str
     passes: list[PassSpec] = field(default_factory=list)
+    where: str = field(default="", compare=False, repr=False)
+    """The variant's key path in the recipe as written (``variants[i]``); empty for the added dense baseline."""
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "passes": [p.to_dict() for p in self.passes]}
@@ -164,7 +166,7 @@ def _validate_variants(recipe: Recipe) -> None:
 
     seen: set[str] = set()
     for i, v in enumerate(recipe.variants):
-        where = f"variants[{i}]"
+        where = v.where = v.where or f"variants[{i}]"
         check(bool(_NAME_RE.match(v.name)), f"{where}.name", f"'{v.name}' must match [A-Za-z0-9][A-Za-z0-9._-]*")
         check(v.name not in seen, f"{where}.name", f"'{v.name}' is used by an earlier variant")
         seen.add(v.name)
@@ -181,7 +183,7 @@ def _validate_variants(recipe: Recipe) -> None:
 
 
 def _validate_engines(recipe: Recipe) -> None:
-    from engines import KNOWN_BACKENDS
+    from engines import KNOWN_BACKENDS, engine_class
 
     check(len(recipe.engines) > 0, "engines", "is empty; expected at least one backend (e.g. onnxruntime-cpu)")
     seen = set()
@@ -193,6 +195,7 @@ def _validate_engines(recipe: Recipe) -> None:
         )
         check(e.backend not in seen, f"engines[{i}].backend", f"'{e.backend}' is listed twice")
         seen.add(e.backend)
+        build_dataclass(engine_class(e.backend).options_class, e.options, f"engines[{i}].options")
 
 
 def _parse_variants(raw: Any) -> list[VariantSpec]:
@@ -219,7 +222,7 @@ def _parse_variants(raw: Any) -> list[VariantSpec]:
             (pname, opts), = p.items()
             check(isinstance(opts, dict) or opts is None, f"{pw}.{pname}", f"expected a mapping of options, got {opts!r}")
             passes.append(PassSpec(str(pname), dict(opts or {})))
-        out.append(VariantSpec(v["name"], passes))
+        out.append(VariantSpec(v["name"], passes, where=where))
     return out
 
 

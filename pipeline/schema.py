@@ -37,8 +37,9 @@ def build_dataclass(cls: type, data: Any, where: str) -> Any:
         kwargs[name] = coerce(hints[name], value, f"{where}.{name}")
     try:
         return cls(**kwargs)
-    except ValueError as exc:
-        raise RecipeError(f"recipe key '{where}': {exc}") from None
+    except ValueError as exc:  # an OptionError names the key inside the mapping
+        key = getattr(exc, "key", None)
+        raise RecipeError(f"recipe key '{where}{'.' + key if key else ''}': {exc}") from None
     except TypeError as exc:  # missing required field
         raise RecipeError(f"recipe key '{where}': {exc}") from None
 

@@ -151,9 +151,9 @@ def test_gpu_backends_are_typed_skips_without_a_gpu(backend):
 
 def test_gpu_backend_options():
     assert get_engine("onnxruntime-trt", {"sparsity": False}).options["sparsity"] is False
-    with pytest.raises(ValueError, match="sparsity must be bool"):
+    with pytest.raises(ValueError, match="sparsity must be true or false"):
         get_engine("onnxruntime-trt", {"sparsity": "on"})
-    with pytest.raises(ValueError, match="dtype must be float16 or bfloat16"):
+    with pytest.raises(ValueError, match="dtype .float32. must be float16 or bfloat16"):
         get_engine("torch-cuda", {"dtype": "float32"})
 
 

@@ -47,6 +47,28 @@ class LinearRef:
 
 
 @dataclass(frozen=True)
+class ModelFacts:
+    """What the checks before a build need to know of a model, read from its config alone (no weights)."""
+
+    family: str
+    task: str
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    ffn: int
+    context: int | None
+    """Longest sequence the model's positions cover (None where the config does not say)."""
+    gated_mlp: bool
+    roles: tuple[str, ...]
+
+    def in_features(self, role: str) -> int:
+        """Width of the reduction (input) axis of a linear of this role."""
+        return self.ffn if role == "down" else self.heads * self.head_dim if role == "o" else self.hidden
+
+
+@dataclass(frozen=True)
 class ModelAdapter:
     family: str
     model_types: tuple[str, ...]
@@ -92,6 +114,16 @@ class ModelAdapter:
             "head_dim": hidden // heads,
             "ffn": self.config_value(config, "ffn"),
         }
+
+    def facts(self, config: Any) -> ModelFacts:
+        """The model's facts from its config (a transformers config or any object with its attributes)."""
+        d = self.dims(config)
+        ctx_attr = self.config_keys.get("context")
+        context = getattr(config, ctx_attr, None) if ctx_attr else None
+        return ModelFacts(
+            self.family, self.task, d["layers"], d["hidden"], d["heads"], d["kv_heads"], d["head_dim"], d["ffn"],
+            int(context) if isinstance(context, int) else None, self.gated_mlp, tuple(self.linear_paths),
+        )
 
     def blocks(self, model: torch.nn.Module) -> list[torch.nn.Module]:
         return list(get_submodule(model, self.blocks_path))

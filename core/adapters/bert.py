@@ -17,5 +17,5 @@ BERT = ModelAdapter(
         "up": "intermediate.dense",
         "down": "output.dense",
     },
-    config_keys={"layers": "num_hidden_layers", "hidden": "hidden_size", "heads": "num_attention_heads", "ffn": "intermediate_size"},
+    config_keys={"layers": "num_hidden_layers", "hidden": "hidden_size", "heads": "num_attention_heads", "ffn": "intermediate_size", "context": "max_position_embeddings"},
 )

@@ -11,6 +11,6 @@ GPT2 = ModelAdapter(
     head_attrs={"num_heads": "heads", "split_size": "width"},
     blocks_path="transformer.h",
     linear_paths={"qkv": "attn.c_attn", "o": "attn.c_proj", "up": "mlp.c_fc", "down": "mlp.c_proj"},
-    config_keys={"layers": "n_layer", "hidden": "n_embd", "heads": "n_head", "ffn": "n_inner"},
+    config_keys={"layers": "n_layer", "hidden": "n_embd", "heads": "n_head", "ffn": "n_inner", "context": "n_positions"},
     defaults={"ffn": lambda c: 4 * c.n_embd},
 )

@@ -25,6 +25,7 @@ LLAMA = ModelAdapter(
         "heads": "num_attention_heads",
         "kv_heads": "num_key_value_heads",
         "ffn": "intermediate_size",
+        "context": "max_position_embeddings",
     },
     defaults={"kv_heads": lambda c: c.num_attention_heads},
     gated_mlp=True,

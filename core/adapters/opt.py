@@ -18,5 +18,5 @@ OPT = ModelAdapter(
         "up": "fc1",
         "down": "fc2",
     },
-    config_keys={"layers": "num_hidden_layers", "hidden": "hidden_size", "heads": "num_attention_heads", "ffn": "ffn_dim"},
+    config_keys={"layers": "num_hidden_layers", "hidden": "hidden_size", "heads": "num_attention_heads", "ffn": "ffn_dim", "context": "max_position_embeddings"},
 )

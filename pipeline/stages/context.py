@@ -72,32 +72,13 @@ class BuildContext:
         """Shared between the variants of this build (e.g. structured-pruning importance scores)."""
         self._variant_models: dict[str, Any] = {}
         self._engines: dict[str, Any] = {}
-        self.after_dense_load: list[Callable[[], None]] = []
-        """Checks that need the model's config when it was not readable before (a GGUF's first run)."""
 
     # --- lazily loaded inputs ---------------------------------------------------------------
 
     def _load_dense(self) -> Any:
         from core.models import load_model
 
-        loaded = load_model(self.recipe.model.source)
-        for check in self.after_dense_load:
-            check()
-        return loaded
-
-    def model_config(self) -> tuple[dict[str, Any], int] | None:
-        """(config.json, bytes of fp32 weights) of the dense model without loading it: from a Hugging
-        Face source directory, this build's dense model stage, or the GGUF's fp32 cache entry; None
-        when none of them exists yet."""
-        import json
-
-        from core.models import cached_dir_if_built
-
-        for d in (self.source.path if self.source.kind == "hf-dir" else None, self.out / "dense" / "model" / "model", cached_dir_if_built(self.source)):
-            if d is not None and (Path(d) / "config.json").is_file():
-                weights = sum(p.stat().st_size for p in Path(d).glob("*.safetensors"))
-                return json.loads((Path(d) / "config.json").read_text(encoding="utf-8")), weights
-        return None
+        return load_model(self.recipe.model.source)
 
     def dense_task(self) -> str:
         """The model's task from its config, without loading weights when the dense model is not in memory."""
