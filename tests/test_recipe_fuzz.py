@@ -4,6 +4,7 @@ valid recipe), quickly, before any model is loaded — never a traceback from in
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -16,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from core.errors import RecipeError
+from engines import KNOWN_BACKENDS, engine_class
 from pipeline.recipe import Recipe, load_recipe
 
 SHIPPED = Path(__file__).resolve().parents[1] / "pipeline" / "recipes"
@@ -59,7 +61,7 @@ def _parent(doc: Any, path: tuple) -> Any:
 def mutated(draw) -> tuple[dict, str, tuple]:
     name = draw(st.sampled_from(sorted(BASES)))
     doc = copy.deepcopy(BASES[name])
-    kind = draw(st.sampled_from(["replace", "delete", "unknown-key", "unknown-pass", "empty-list", "duplicate-variant", "nest"]))
+    kind = draw(st.sampled_from(["replace", "delete", "unknown-key", "unknown-pass", "empty-list", "duplicate-variant", "nest", "engine-options"]))
     all_paths = paths(doc)
     path = draw(st.sampled_from(all_paths))
     parent = _parent(doc, path)
@@ -81,6 +83,11 @@ def mutated(draw) -> tuple[dict, str, tuple]:
         path = draw(st.sampled_from(lists))
         parent = _parent(doc, path)
         parent[path[-1]] = []
+    elif kind == "engine-options":  # a typed option of some backend (or an unknown one) given junk
+        backend = draw(st.sampled_from(sorted(b for b in KNOWN_BACKENDS if isinstance(KNOWN_BACKENDS[b], str))))
+        keys = [f.name for f in dataclasses.fields(engine_class(backend).options_class)]
+        doc["engines"] = [{"backend": backend, "options": {draw(st.sampled_from([*keys, "bogus_key"])): draw(JUNK)}}]
+        path = ("engines",)
     elif kind == "duplicate-variant":
         path = ("variants",)
         doc["variants"].append(copy.deepcopy(doc["variants"][0]))
