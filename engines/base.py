@@ -99,6 +99,10 @@ class Runner(ABC):
             self.deactivate_impl()
             self.active = False
 
+    def describe(self) -> str:
+        """What this runner executes on (runtime, provider or device), for the report; read while active."""
+        return self.name
+
     @abstractmethod
     def activate_impl(self) -> None: ...
 

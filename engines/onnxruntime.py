@@ -127,6 +127,14 @@ class OnnxRuntimeRunner(Runner):
     def deactivate_impl(self) -> None:
         self.session = None
 
+    def describe(self) -> str:
+        """The session's runtime and the provider that runs it (the first the session kept)."""
+        import onnxruntime as ort
+
+        providers = self.session.get_providers() if self.session is not None else self.providers
+        first = providers[0] if isinstance(providers[0], str) else providers[0][0]
+        return f"onnxruntime {ort.__version__} {first} ({self.model_path.name})"
+
     def input_metadata(self) -> list[TensorMeta]:
         return [
             TensorMeta(i.name, np.dtype(_ORT_TYPES.get(i.type, np.float32)), tuple(i.shape)) for i in self.session.get_inputs()

@@ -136,18 +136,52 @@ def embedding_similarity(dense: LogitsFn, variant: LogitsFn, windows: torch.Tens
 # --- parity through Polygraphy -----------------------------------------------------------
 
 
+def as_polygraphy_runner(runner: Any, output: str, name: str = "engine") -> Any:
+    """The project's :class:`engines.Runner` (any backend) behind Polygraphy's runner interface, so
+    Polygraphy's ``Comparator`` runs the engine that was built, whatever its artifact is."""
+    from polygraphy.backend.base import BaseRunner
+    from polygraphy.common import TensorMetadata
+
+    class EngineRunner(BaseRunner):
+        def __init__(self) -> None:
+            super().__init__(name=name, prefix="engine-runner")
+            self.description: str | None = None
+            """``runner.describe()`` while it was active: what the comparison really ran on."""
+
+        def activate_impl(self) -> None:
+            runner.activate()
+            self.description = runner.describe()
+
+        def deactivate_impl(self) -> None:
+            runner.deactivate()
+
+        def get_input_metadata_impl(self) -> Any:
+            meta = TensorMetadata()
+            for m in runner.input_metadata():
+                meta.add(m.name, m.dtype, tuple(d if isinstance(d, int) and d >= 0 else None for d in m.shape))
+            return meta
+
+        def infer_impl(self, feed_dict: dict[str, np.ndarray]) -> Any:
+            t0 = time.perf_counter()
+            out = runner.infer(dict(feed_dict))
+            self.inference_time = time.perf_counter() - t0
+            return OrderedDict([(output, np.asarray(out[output]))])
+
+    return EngineRunner()
+
+
 def parity(
     model: torch.nn.Module,
     task: str,
-    engine_model: Path,
+    open_runner: Callable[[], Any],
     output: str,
     feeds: list[dict[str, np.ndarray]],
     atol: float,
     rtol: float,
 ) -> dict[str, Any]:
-    """Compare the engine's ONNX model (run by ONNX Runtime) with PyTorch using Polygraphy's Comparator."""
+    """Compare the engine (a runner of the project's engine interface, opened by ``open_runner``) with
+    PyTorch using Polygraphy's Comparator, elementwise."""
     from polygraphy.backend.base import BaseRunner
-    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
     from polygraphy.common import TensorMetadata
     from polygraphy.comparator import Comparator, CompareFunc
     from polygraphy.logger import G_LOGGER
@@ -176,8 +210,9 @@ def parity(
             self.inference_time = time.perf_counter() - t0
             return OrderedDict([(output, out.numpy())])
 
-    runners = [PytorchRunner(), OnnxrtRunner(SessionFromOnnx(str(engine_model), providers=["CPUExecutionProvider"]), name="onnxruntime")]
+    runners = [PytorchRunner(), as_polygraphy_runner(open_runner(), output)]
     results = Comparator.run(runners, data_loader=feeds)
+    ran_on = runners[1].description
     acc = Comparator.compare_accuracy(results, compare_func=CompareFunc.simple(atol=atol, rtol=rtol))
     worst_abs, worst_rel = 0.0, 0.0
     # Polygraphy ≥ 0.53 returns AccuracyResults (one AccuracyResult per compare function); older ones one AccuracyResult.
@@ -196,9 +231,10 @@ def parity(
         "max_reldiff": worst_rel,
         "feeds": [{k: list(v.shape) for k, v in f.items()} for f in feeds],
         "tool": "polygraphy Comparator (CompareFunc.simple, elementwise)",
+        "engine_runner": ran_on,
     }
     if not out["passed"]:
-        out["fp64_reference"] = fp64_floor(model, task, engine_model, output, feeds)
+        out["fp64_reference"] = fp64_floor(model, task, open_runner, output, feeds)
     return out
 
 
@@ -208,33 +244,31 @@ from float64 than PyTorch fp32 is: two fp32 implementations round differently, s
 the farther one; a wrong engine is orders of magnitude off on a continuous model."""
 
 
-def fp64_floor(model: torch.nn.Module, task: str, engine_model: Path, output: str, feeds: list[dict[str, np.ndarray]]) -> dict[str, Any]:
+def fp64_floor(model: torch.nn.Module, task: str, open_runner: Callable[[], Any], output: str, feeds: list[dict[str, np.ndarray]]) -> dict[str, Any]:
     """Diagnose a failed parity: the same model in float64 is the exact-arithmetic reference.
 
-    Returns max |PyTorch fp32 − fp64| (the model's own fp32 floor) and max |engine − fp64|. A model
-    whose output is discontinuous in its inputs (contextual sparsity's per-token top-k: a unit at
-    the k-th boundary flips on a rounding difference) can amplify an ulp into a visible logit
-    change; when the engine is about as far from fp64 as PyTorch fp32 is (``FLOOR_FACTOR``), the
-    engine/PyTorch gap is that floor, not an export error. ``within_floor`` says which; the
-    elementwise verdict stands.
+    Returns max |PyTorch fp32 − fp64| (the model's own fp32 floor) and max |engine − fp64|, the
+    engine run through its own runner. A model whose output is discontinuous in its inputs
+    (contextual sparsity's per-token top-k: a unit at the k-th boundary flips on a rounding
+    difference) can amplify an ulp into a visible logit change; when the engine is about as far
+    from fp64 as PyTorch fp32 is (``FLOOR_FACTOR``), the engine/PyTorch gap is that floor, not an
+    export error. ``within_floor`` says which; the elementwise verdict stands.
     """
-    import onnxruntime as ort
-
     from core.models import float64_copy
 
     try:
         ref = float64_copy(model)
     except ValueError as e:
         return {"skipped": str(e)}
-    sess = ort.InferenceSession(str(engine_model), providers=["CPUExecutionProvider"])
     torch32 = engine = 0.0
-    for f in feeds:
-        ids, mask = torch.from_numpy(f["input_ids"]), torch.from_numpy(f["attention_mask"])
-        y64 = torch_forward(ref, task, ids, mask).double()  # computed in fp64, rounded once at the end
-        y32 = torch_forward(model, task, ids, mask).double()
-        ye = torch.from_numpy(sess.run([output], f)[0]).double()
-        torch32 = max(torch32, float((y32 - y64).abs().max()))
-        engine = max(engine, float((ye - y64).abs().max()))
+    with open_runner() as runner:
+        for f in feeds:
+            ids, mask = torch.from_numpy(f["input_ids"]), torch.from_numpy(f["attention_mask"])
+            y64 = torch_forward(ref, task, ids, mask).double()  # computed in fp64, rounded once at the end
+            y32 = torch_forward(model, task, ids, mask).double()
+            ye = torch.from_numpy(np.asarray(runner.infer(dict(f))[output])).double()
+            torch32 = max(torch32, float((y32 - y64).abs().max()))
+            engine = max(engine, float((ye - y64).abs().max()))
     del ref
     return {"torch_fp32_vs_fp64": torch32, "engine_vs_fp64": engine, "within_floor": engine <= FLOOR_FACTOR * torch32, "floor_factor": FLOOR_FACTOR}
 

@@ -11,6 +11,13 @@ from pipeline import validate as V
 from tests.conftest import VOCAB, tiny_model
 
 
+def _engine(path):
+    """Opens the engine as validation does: a runner of the project's engine interface."""
+    from engines.onnxruntime import OnnxRuntimeCpuEngine
+
+    return lambda: OnnxRuntimeCpuEngine({}).open(path)
+
+
 def _feeds():
     ids = np.random.default_rng(0).integers(0, VOCAB, (2, 12)).astype(np.int64)
     return [{"input_ids": ids, "attention_mask": np.ones_like(ids)}]
@@ -22,7 +29,7 @@ def test_a_wrong_engine_is_not_within_the_fp32_floor(tmp_path):
     other = copy.deepcopy(model)
     with torch.no_grad():
         other.model.layers[0].mlp.down_proj.weight.mul_(1.5)  # the engine no longer computes this model
-    r = V.parity(other, "causal-lm", tmp_path / "m.onnx", "logits", _feeds(), atol=1e-3, rtol=1e-3)
+    r = V.parity(other, "causal-lm", _engine(tmp_path / "m.onnx"), "logits", _feeds(), atol=1e-3, rtol=1e-3)
     assert not r["passed"]
     f = r["fp64_reference"]
     assert f["torch_fp32_vs_fp64"] < 1e-4 < f["engine_vs_fp64"]
@@ -34,7 +41,7 @@ def test_an_engine_closer_to_float64_than_pytorch_fp32_is_within_the_floor(tmp_p
     # the engine computes in float64, so it is exact where PyTorch fp32 rounds; atol 0 makes the
     # elementwise comparison fail on that rounding alone
     export_onnx(copy.deepcopy(model).double(), "causal-lm", tmp_path / "m64.onnx", opset=18, exporter="torchscript")
-    r = V.parity(model, "causal-lm", tmp_path / "m64.onnx", "logits", _feeds(), atol=0.0, rtol=0.0)
+    r = V.parity(model, "causal-lm", _engine(tmp_path / "m64.onnx"), "logits", _feeds(), atol=0.0, rtol=0.0)
     assert not r["passed"]
     f = r["fp64_reference"]
     assert 0 < f["torch_fp32_vs_fp64"] < 1e-4
@@ -45,8 +52,9 @@ def test_an_engine_closer_to_float64_than_pytorch_fp32_is_within_the_floor(tmp_p
 def test_a_passing_parity_is_not_rechecked(tmp_path):
     model = tiny_model("llama")
     export_onnx(model, "causal-lm", tmp_path / "m.onnx", opset=18, exporter="torchscript")
-    r = V.parity(model, "causal-lm", tmp_path / "m.onnx", "logits", _feeds(), atol=1e-3, rtol=1e-3)
+    r = V.parity(model, "causal-lm", _engine(tmp_path / "m.onnx"), "logits", _feeds(), atol=1e-3, rtol=1e-3)
     assert r["passed"] and "fp64_reference" not in r
+    assert r["engine_runner"].startswith("onnxruntime ") and "CPUExecutionProvider" in r["engine_runner"]
 
 
 def test_report_cell_shows_the_float64_diagnosis():

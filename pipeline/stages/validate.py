@@ -146,7 +146,7 @@ def validate_variant(ctx: BuildContext, v: Any, e: Any) -> dict[str, Any]:
         {"input_ids": ids.numpy().copy(), "attention_mask": np.ones(tuple(ids.shape), np.int64)},
         {"input_ids": ids[:1, :1].numpy().copy(), "attention_mask": np.ones((1, 1), np.int64)},
     ]
-    result["parity"] = V.parity(model, task, art.path, output, feeds, p.atol, p.rtol)
+    result["parity"] = V.parity(model, task, lambda: engine.runner(art), output, feeds, p.atol, p.rtol)
     if not result["parity"]["passed"]:
         floor = result["parity"].get("fp64_reference", {})
         if "within_floor" in floor:
