@@ -351,6 +351,43 @@ class ADMMPass(Pass):
     uses_calibration = True
     trains = True
     state_copies = 2
+    report_title = "ADMM + SR-STE"
+
+    @classmethod
+    def report_section(cls, variant: dict[str, Any], result: dict[str, Any]) -> list[Any]:
+        """Budget, the residual at the hard projection, mask churn, and the primal residual per iteration."""
+        from core.document import Figure, Paragraph, new_figure, png_of, safe_name
+
+        info = result.get("info") or {}
+        if "admm" not in info:
+            return []
+        a, s, b = info["admm"], info["srste"], info["budget"]
+        res = a["residuals"]
+        first = f"{res['primal_mean'][0]:.4f} → " if res["primal_mean"] else ""
+        flips = s.get("mask_flip_share") or []
+        churn = f"; SR-STE mask changes per refresh {min(flips):.4f}–{max(flips):.4f} of the weights" if flips else ""
+        early = " (stopped early: time budget)" if a["stopped_early"] or s["stopped_early"] else ""
+        blocks: list[Any] = [Paragraph(
+            f"**{variant['name']}**: ADMM + SR-STE ({info['pattern']}, init {info['initialisation']['init']}): "
+            f"{a['steps']} ADMM steps ({res['iterations']} Z/U updates, ρ {res['rho'][0] if res['rho'] else '—'} → {res['rho'][-1] if res['rho'] else '—'}) + "
+            f"{s['steps']} SR-STE steps, {b['tokens']} tokens, {a['train_seconds'] + s['train_seconds']:.0f} s{early}; primal residual "
+            f"‖W − Z‖/‖W‖ (mean over layers) {first}{a['final_primal_mean']:.4f} at the hard projection{churn}."
+        )]
+        if res["primal_mean"]:
+            fig, ax = new_figure()
+            it = list(range(1, len(res["primal_mean"]) + 1))
+            ax.plot(it, res["primal_mean"], marker=".", lw=1, label="primal, mean over layers")
+            ax.plot(it, res["primal_max"], marker=".", lw=1, ls=":", label="primal, max over layers")
+            if any(v > 0 for v in res["dual_mean"]):
+                ax.plot(it, res["dual_mean"], lw=1, ls="--", label="dual ρ‖ΔZ‖/‖W‖, mean")
+            ax.set_yscale("log")
+            ax.set_xlabel("ADMM iteration (Z/U update)")
+            ax.set_ylabel("‖W − Z‖ / ‖W‖")
+            ax.set_title(f"{variant['name']}: ADMM residuals ({info['pattern']})", fontsize=9)
+            ax.grid(True, alpha=0.3, which="both")
+            ax.legend(fontsize=7)
+            blocks.append(Figure(f"admm_residual_{safe_name(variant['name'])}.png", f"ADMM primal residual: {variant['name']}", png_of(fig)))
+        return blocks
 
     @classmethod
     def check(cls, config: Any, model: Any, data: DataFacts) -> None:

@@ -109,3 +109,52 @@ def allocate(
         out[u] += take / sizes[u]
         need -= take
     return [min(max(s, l), h) for s, l, h in zip(out, lo, hi)]
+
+
+# --- report ---------------------------------------------------------------------------------------
+
+ALLOCATION_TITLE = "Mixed sparsity (per block and role, measured from the weights)"
+ROLE_ORDER = ("q", "k", "v", "o", "gate", "up", "down", "fc1", "fc2", "qkv", "proj")
+
+
+def sparsity_by_layer(result: dict) -> tuple[dict, dict[str, dict[int, float]]] | None:
+    """For a one-shot pass result whose sparsities were mixed per layer: the allocation facts and the
+    measured sparsity of every pruned linear, by role then block (from the weights, as the pass
+    recorded them); None for a uniform pass."""
+    info = result.get("info") or {}
+    alloc = info.get("allocation")
+    if not (isinstance(alloc, dict) and alloc.get("method") in ("owl", "sensitivity") and result.get("layers")):
+        return None
+    by_role: dict[str, dict[int, float]] = {}
+    for layer in result["layers"]:
+        by_role.setdefault(layer["role"], {})[int(layer["block"])] = float(layer["sparsity"])
+    return {**alloc, "target": alloc.get("target", info.get("sparsity"))}, by_role
+
+
+def allocation_report(variant: dict, result: dict) -> list:
+    """The report blocks of a mixed allocation: one line of facts and the sparsity-by-block plot."""
+    from core.document import Figure, Paragraph, new_figure, png_of, safe_name
+
+    got = sparsity_by_layer(result)
+    if got is None:
+        return []
+    alloc, by_role = got
+    values = [s for blocks in by_role.values() for s in blocks.values()]
+    how = {
+        "owl": f"OWL (λ {alloc.get('lambda')}, M {alloc.get('m')})",
+        "sensitivity": f"sensitivity ({alloc.get('measure')} measure, one sparsity per {alloc.get('unit')}, bounds {alloc.get('bounds')})",
+    }[alloc["method"]]
+    text = f"**{variant['name']}**: {how}; target {alloc.get('target')}; measured per-linear sparsity {min(values):.3f}–{max(values):.3f}."
+    fig, ax = new_figure()
+    for role in sorted(by_role, key=lambda r: (ROLE_ORDER.index(r) if r in ROLE_ORDER else len(ROLE_ORDER), r)):
+        blocks = sorted(by_role[role])
+        ax.plot(blocks, [by_role[role][b] for b in blocks], marker=".", lw=1, label=role)
+    if alloc.get("target") is not None:
+        ax.axhline(float(alloc["target"]), color="0.3", lw=0.8, ls="--", label="target")
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("block")
+    ax.set_ylabel("sparsity (measured)")
+    ax.set_title(f"{variant['name']}: {alloc['method']} allocation", fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, ncol=4, loc="lower right")
+    return [Paragraph(text), Figure(f"sparsity_{safe_name(variant['name'])}.png", f"sparsity by block and role: {variant['name']}", png_of(fig))]

@@ -106,8 +106,46 @@ class PassResult:
         }
 
 
+@dataclass(frozen=True)
+class SpeedupNeed:
+    """What a variant's pruning needs before it runs faster than dense; a variant shows the strongest
+    need (highest ``rank``) of its passes."""
+
+    rank: int
+    text: str
+    """The reason, for the report's "what to ship" section."""
+    short: str
+    """The table-cell form."""
+    other_hardware: bool
+    """True when the speed-up needs hardware or a kernel the project's CPU engines do not have."""
+
+
+NEEDS_SPARSE_TENSOR_CORES = SpeedupNeed(
+    40, "needs sparse tensor cores (TensorRT SPARSE_WEIGHTS / cuSPARSELt); no CPU kernel accelerates it", "sparse tensor cores (GPU)", True
+)
+NEEDS_ROW_SKIPPING_KERNEL = SpeedupNeed(
+    35, "needs a kernel that reads only the selected rows; ONNX Runtime's Gather copies them first", "a row-skipping kernel", True
+)
+NEEDS_SPARSE_KERNEL = SpeedupNeed(30, "needs a sparse-matrix kernel; ONNX Runtime CPU and TensorRT run it dense", "a sparse kernel", True)
+NEEDS_NOTHING = SpeedupNeed(20, "runs faster anywhere: its matrices are smaller", "nothing (smaller matrices)", False)
+NEEDS_GRAPH_SHRINK = SpeedupNeed(
+    10, "zeroed heads/channels: faster only after the graph 'shrink' pass removes them", "the graph 'shrink' pass", False
+)
+
+
+def weight_sparsity_need(pattern: str | None, sparsity: float | None) -> SpeedupNeed | None:
+    """2:4 → sparse tensor cores; any other pattern or unstructured sparsity → a sparse-matrix kernel."""
+    if pattern:
+        return NEEDS_SPARSE_TENSOR_CORES if pattern.strip() == "2:4" else NEEDS_SPARSE_KERNEL
+    if sparsity is not None:
+        return NEEDS_SPARSE_KERNEL
+    return None
+
+
 class Pass(ABC):
-    """One transformation of a PyTorch model. Subclasses set ``name`` and ``config_class``."""
+    """One transformation of a PyTorch model. Subclasses set ``name`` and ``config_class``; they may
+    declare what their variant needs to run faster (:meth:`speedup_need`) and their own report
+    section (``report_title`` and :meth:`report_section`), so the report needs no pass-specific code."""
 
     name: ClassVar[str]
     config_class: ClassVar[type]
@@ -119,6 +157,20 @@ class Pass(ABC):
     """Weight-sized tensors a training pass keeps besides gradients and moments (ADMM: Z and U)."""
     changes_shapes: ClassVar[bool] = False
     """True when the pass removes heads/channels; otherwise the dense ONNX graph is reused with new weights."""
+
+    report_title: ClassVar[str | None] = None
+    """Title of the report section this pass contributes to (passes may share one); None = none."""
+
+    @classmethod
+    def speedup_need(cls, options: dict[str, Any]) -> SpeedupNeed | None:
+        """What a variant with this pass (these recipe options) needs to be faster; None = nothing of its own."""
+        return weight_sparsity_need(options.get("pattern"), options.get("sparsity"))
+
+    @classmethod
+    def report_section(cls, variant: dict[str, Any], result: dict[str, Any]) -> list[Any]:
+        """Blocks (:mod:`core.document`) of this pass's section for one variant, from the variant's entry in
+        results.json and this pass's result in it (``result['info']``); empty when there is nothing to say."""
+        return []
 
     @classmethod
     def shapes_change(cls, options: dict[str, Any]) -> bool:

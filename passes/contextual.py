@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from calibrate.contextual import collect_context_stats, gated_mlp, mass_share, recall_at_k
 from core.progress import progress
 from core.contextual import CONFIG_KEY, ContextStore, ContextualMLP, Predictor, capture_block_inputs, contextual_spec, mlp_path, set_submodule
-from passes.base import DataFacts, LayerChange, OptionError, Pass, PassContext, PassResult, register_pass
+from passes.base import NEEDS_ROW_SKIPPING_KERNEL, DataFacts, LayerChange, OptionError, Pass, PassContext, PassResult, SpeedupNeed, register_pass
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +133,38 @@ class ContextualPass(Pass):
     config_class = ContextualConfig
     uses_calibration = True
     changes_shapes = True
+    report_title = "Contextual sparsity (Deja Vu)"
+
+    @classmethod
+    def speedup_need(cls, options: dict[str, Any]) -> SpeedupNeed | None:
+        return NEEDS_ROW_SKIPPING_KERNEL
+
+    @classmethod
+    def report_section(cls, variant: dict[str, Any], result: dict[str, Any]) -> list[Any]:
+        """Selector, kept MLP share, recall@k of the selection on held-out calibration tokens, the
+        predictor's cost, and the decode ratio where measured."""
+        from core.document import Paragraph
+
+        info = result.get("info") or {}
+        if "blocks" not in info:
+            return []
+        sparse = [b for b, r in info["blocks"].items() if r["keep"] < 1.0]
+        recall = {
+            "predictor": f"recall@k of the predictor on held-out calibration tokens {info.get('mean_recall_at_k', float('nan')):.3f}",
+            "threshold": f"recall@k of the top-k units by |act(gate)| on held-out calibration tokens {info.get('mean_threshold_recall_at_k', float('nan')):.3f}",
+        }.get(info["selector"], "the oracle computes every unit to choose (an upper bound, no saving)")
+        pred = (
+            f", predictor rank {info['predictor_rank']} reading {info['predictor_input']} ({info['predictor_macs_share']:.3f} of a block's MACs)"
+            if info["selector"] == "predictor" else ""
+        )
+        macs = f"; MLP MACs computed {info['mlp_macs_share']:.3f} × dense" if "mlp_macs_share" in info else ""
+        dec = variant.get("decode") or {}
+        speed = f"; decode {dec['decode_ratio']:.3f} × dense ms/token" if "decode_ratio" in dec else ""
+        return [Paragraph(
+            f"**{variant['name']}**: contextual MLP sparsity, selector {info['selector']}, {info['keep']:.2f} of the units computed "
+            f"per token in {len(sparse)} of {len(info['blocks'])} blocks (attention dense){pred}{macs}; {recall}; "
+            f"perplexity with each token's own selection, prefill {info['full_mode']}{speed}."
+        )]
 
     @classmethod
     def check(cls, config: Any, model: Any, data: DataFacts) -> None:

@@ -109,6 +109,24 @@ class DistillPass(Pass):
     config_class = DistillConfig
     uses_calibration = True
     trains = True
+    report_title = "Recovery training"
+
+    @classmethod
+    def report_section(cls, variant: dict[str, Any], result: dict[str, Any]) -> list[Any]:
+        """Steps run of those planned, tokens, time, and the loss at the start and the end."""
+        from core.document import Paragraph
+
+        info = result.get("info") or {}
+        if "steps" not in info:
+            return []
+        budget = info.get("budget", {})
+        minutes = f", {budget['max_minutes']} min" if budget.get("max_minutes") else ""
+        return [Paragraph(
+            f"**{variant['name']}** recovery: {info['steps']} of {info['steps_planned']} steps"
+            f"{' (stopped at the time budget)' if info.get('stopped_early') else ''}, {info['tokens']} tokens, "
+            f"{info['train_seconds']:.0f} s ({info['compute_dtype']}); budget {budget.get('steps')} steps{minutes}; "
+            f"loss {info['loss_first10']:.4f} (first 10 steps) → {info['loss_last10']:.4f} (last 10)"
+        )]
 
     def run(self, model: torch.nn.Module, ctx: PassContext) -> PassResult:
         cfg = self.config

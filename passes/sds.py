@@ -228,6 +228,25 @@ class SDSPass(Pass):
     name = "sds"
     config_class = SDSConfig
     uses_calibration = True
+    report_title = "SDS (sparse → dense → sparse)"
+
+    @classmethod
+    def report_section(cls, variant: dict[str, Any], result: dict[str, Any]) -> list[Any]:
+        """Settings and the held-out block reconstruction error of the final sparse blocks against the
+        base method's own (step 1) blocks, overall and the range per block."""
+        from core.document import Paragraph
+
+        info = result.get("info") or {}
+        if "holdout_error_ratio" not in info:
+            return []
+        last = f"sparse{info['iterations']}"
+        per = [r[last]["holdout"] / r["step1"]["holdout"] for r in info["blocks"].values() if r["step1"]["holdout"] > 0]
+        spread = f" (per block {min(per):.3f}–{max(per):.3f})" if per else ""
+        return [Paragraph(
+            f"**{variant['name']}**: SDS over {info['base']} ({info['pattern'] or info['sparsity']}), {info['iterations']} × "
+            f"{info['recon_steps']} reconstruction steps per block, regulariser {info['regularizer']} × {info['reg_weight']}, "
+            f"target {info['target']}; held-out block error after SDS = {info['holdout_error_ratio']:.3f} × step 1's{spread}."
+        )]
 
     @classmethod
     def check(cls, config: Any, model: Any, data: DataFacts) -> None:

@@ -28,6 +28,7 @@ from typing import Callable
 import torch
 
 from calibrate.stats import Collector, HessianCollector
+from passes.allocation import ALLOCATION_TITLE, allocation_report
 from passes.base import Pass, PassContext, PassResult, register_pass
 from passes.oneshot import OneShotConfig, PruneFn, run_oneshot
 from core.adapters.base import LinearRef
@@ -219,6 +220,12 @@ def sparsegpt_pruner(cfg: SparseGPTConfig) -> tuple[Callable[[LinearRef], Collec
 class SparseGPTPass(Pass):
     name = "sparsegpt"
     config_class = SparseGPTConfig
+    report_title = ALLOCATION_TITLE
+
+    @classmethod
+    def report_section(cls, variant: dict, result: dict) -> list:
+        return allocation_report(variant, result)
+
     uses_calibration = True
 
     def run(self, model: torch.nn.Module, ctx: PassContext) -> PassResult:

@@ -18,12 +18,13 @@ import logging
 import math
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from calibrate.importance import METHODS, Importance, activation_importance, taylor_importance
 from calibrate.runner import resolve_compute_dtype
-from passes.base import LayerChange, Pass, PassContext, PassResult, register_pass
+from passes.base import NEEDS_GRAPH_SHRINK, NEEDS_NOTHING, LayerChange, Pass, PassContext, PassResult, SpeedupNeed, register_pass
 from core.structure import head_dim, layer_shapes, mask_block, record_shapes, slice_block
 from core.models import count_parameters
 
@@ -191,9 +192,43 @@ class StructuredPass(Pass):
     uses_calibration = True
     changes_shapes = True
 
+    report_title = "Structured pruning (kept / dense, per block)"
+
     @classmethod
     def shapes_change(cls, options: dict) -> bool:
         return options.get("apply", "slice") == "slice"
+
+    @classmethod
+    def speedup_need(cls, options: dict[str, Any]) -> SpeedupNeed | None:
+        return NEEDS_GRAPH_SHRINK if options.get("apply") == "mask" else NEEDS_NOTHING
+
+    @classmethod
+    def report_section(cls, variant: dict[str, Any], result: dict[str, Any]) -> list[Any]:
+        """Parameters before/after and the kept heads / KV heads / FFN channels, one row per run of
+        consecutive blocks that keep the same shape."""
+        from core.document import Paragraph, Table
+
+        info = result.get("info") or {}
+        if not info.get("kept"):
+            return []
+        after, before = info["parameters_after"], info["parameters_before"]
+
+        def cells(k: dict[str, Any]) -> list[str]:
+            return [f"{k['heads']} / {k['dense']['heads']}", f"{k['kv_heads']} / {k['dense']['kv_heads']}", f"{k['ffn']} / {k['dense']['ffn']}"]
+
+        kept, rows, start = info["kept"], [], 0
+        for i in range(1, len(kept) + 1):
+            if i == len(kept) or cells(kept[i]) != cells(kept[start]):
+                first, last = kept[start]["block"], kept[i - 1]["block"]
+                rows.append([str(first) if first == last else f"{first}–{last}", *cells(kept[start])])
+                start = i
+        return [
+            Paragraph(
+                f"**{variant['name']}**: {before / 1e6:.2f}M → {after / 1e6:.2f}M parameters ({100 * after / before:.1f} %); "
+                f"{info['importance']} importance, {info['head_unit']} head units, {info['allocation']} allocation, {info['apply']}."
+            ),
+            Table(["block", "heads", "KV heads", "FFN channels"], rows),
+        ]
 
     def run(self, model: torch.nn.Module, ctx: PassContext) -> PassResult:
         cfg = self.config

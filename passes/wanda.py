@@ -9,6 +9,7 @@ import torch
 
 from calibrate.sensitivity import diag_saliency
 from calibrate.stats import Collector, InputNormCollector
+from passes.allocation import ALLOCATION_TITLE, allocation_report
 from passes.base import Pass, PassContext, PassResult, register_pass
 from core.masks import nm_mask, unstructured_mask
 from passes.oneshot import OneShotConfig, PruneFn, run_oneshot
@@ -51,6 +52,12 @@ def wanda_pruner(cfg: OneShotConfig) -> tuple[Callable[[LinearRef], Collector], 
 class WandaPass(Pass):
     name = "wanda"
     config_class = WandaConfig
+    report_title = ALLOCATION_TITLE
+
+    @classmethod
+    def report_section(cls, variant: dict, result: dict) -> list:
+        return allocation_report(variant, result)
+
     uses_calibration = True
 
     def run(self, model: torch.nn.Module, ctx: PassContext) -> PassResult:

@@ -8,8 +8,8 @@ for ``python -m pipeline check`` and for the build's preflight alike:
 2. the data against the model: calibration, evaluation, parity and latency lengths within the
    model's context;
 3. every pass of every variant against the model and the data (``Pass.check``: blocks beyond the
-   model, an N:M pattern that does not divide a width, SDS holdout ≥ windows, contextual sparsity on
-   an encoder, …), each error naming the recipe key;
+   model, an N:M pattern that does not divide a width, held-out batches ≥ the calibration batches, a
+   pass for causal LMs on an encoder, …), each error naming the recipe key;
 4. the memory and disk estimate (:mod:`pipeline.preflight`) for the variants not exported yet.
 """
 

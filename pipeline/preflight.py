@@ -3,8 +3,8 @@
 The estimate is deliberately simple and stated in the error, so a user can see which knob to turn:
 
 - memory: the dense model and one variant copy (fp32 weights, ``W`` bytes); three more ``W`` for
-  gradients and AdamW's two moments when a variant trains (distill, ADMM), plus the largest
-  ``state_copies`` of its training passes (ADMM's Z and U: 2 ``W``); the layer-wise calibration
+  gradients and AdamW's two moments when a variant trains (a pass with ``trains``), plus the largest
+  ``state_copies`` of its training passes (e.g. two for a pass that keeps Z and U); the layer-wise calibration
   runner's block inputs and outputs for every calibration window (windows × length × hidden × 4 B
   × 2); one evaluation window's logits and their log-softmax, plus the dense logits kept for
   agreement (length × vocab × 4 B each);
@@ -71,7 +71,7 @@ def estimate(
     if trains:
         mem["training state (grads + AdamW moments)"] = 3 * weights_bytes
         if state_copies:
-            mem[f"training pass state ({state_copies} weight copies, e.g. ADMM's Z and U)"] = state_copies * weights_bytes
+            mem[f"training pass state ({state_copies} weight copies the passes keep)"] = state_copies * weights_bytes
     if calibrates:
         mem[f"calibration activations ({cal.windows} windows × {cal.length} tokens × hidden {hidden})"] = cal.windows * cal.length * hidden * 4 * 2
     agree = recipe.validation.agreement_windows

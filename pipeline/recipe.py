@@ -2,7 +2,7 @@
 ``pipeline/stages/``, each pass's config with the pass).
 
 Every check here runs before any model is loaded. Errors name the key with a
-path such as ``variants[1].passes[0].magnitude.sparsity`` and say what was
+path such as ``variants[1].passes[0].<pass>.sparsity`` and say what was
 expected.
 """
 
@@ -208,7 +208,7 @@ def _parse_variants(raw: Any) -> list[VariantSpec]:
         check(not unknown, f"{where}.{unknown[0]}" if unknown else where, "unknown key; expected name, passes")
         check(isinstance(v.get("name"), str), f"{where}.name", f"expected a string, got {v.get('name')!r}")
         passes_raw = v.get("passes") or []
-        check(isinstance(passes_raw, list), f"{where}.passes", "expected a list of passes like '- magnitude: {sparsity: 0.5}'")
+        check(isinstance(passes_raw, list), f"{where}.passes", "expected a list of passes like '- PASS: {option: value}'")
         passes = []
         for j, p in enumerate(passes_raw):
             pw = f"{where}.passes[{j}]"
@@ -217,7 +217,7 @@ def _parse_variants(raw: Any) -> list[VariantSpec]:
             check(
                 isinstance(p, dict) and len(p) == 1,
                 pw,
-                f"expected a one-key mapping like 'magnitude: {{sparsity: 0.5}}', got {p!r}",
+                f"expected a one-key mapping like 'PASS: {{option: value}}', got {p!r}",
             )
             (pname, opts), = p.items()
             check(isinstance(opts, dict) or opts is None, f"{pw}.{pname}", f"expected a mapping of options, got {opts!r}")

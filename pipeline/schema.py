@@ -2,7 +2,7 @@
 
 ``build_dataclass`` rejects unknown keys and wrong types and turns a class's own ``ValueError``
 (from ``__post_init__``) into a :class:`RecipeError` that names the key, e.g.
-``recipe key 'variants[1].passes[0].magnitude.sparsity': 1.5 is outside [0, 1)``.
+``recipe key 'variants[1].passes[0].<pass>.sparsity': 1.5 is outside [0, 1)``.
 """
 
 from __future__ import annotations

@@ -241,7 +241,7 @@ def parity(
 FLOOR_FACTOR = 10.0
 """An engine counts as at the model's fp32 floor when it is no more than this many times farther
 from float64 than PyTorch fp32 is: two fp32 implementations round differently, so either may be
-the farther one; a wrong engine is orders of magnitude off on a continuous model."""
+the farther one; a wrong engine is off by powers of ten on a continuous model."""
 
 
 def fp64_floor(model: torch.nn.Module, task: str, open_runner: Callable[[], Any], output: str, feeds: list[dict[str, np.ndarray]]) -> dict[str, Any]:
@@ -249,7 +249,7 @@ def fp64_floor(model: torch.nn.Module, task: str, open_runner: Callable[[], Any]
 
     Returns max |PyTorch fp32 − fp64| (the model's own fp32 floor) and max |engine − fp64|, the
     engine run through its own runner. A model whose output is discontinuous in its inputs
-    (contextual sparsity's per-token top-k: a unit at the k-th boundary flips on a rounding
+    (a per-token top-k selection: a unit at the k-th boundary flips on a rounding
     difference) can amplify an ulp into a visible logit change; when the engine is about as far
     from fp64 as PyTorch fp32 is (``FLOOR_FACTOR``), the engine/PyTorch gap is that floor, not an
     export error. ``within_floor`` says which; the elementwise verdict stands.

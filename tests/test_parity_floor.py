@@ -58,7 +58,7 @@ def test_a_passing_parity_is_not_rechecked(tmp_path):
 
 
 def test_report_cell_shows_the_float64_diagnosis():
-    from pipeline.report import _parity_cell
+    from pipeline.report.compose import parity_cell as _parity_cell
 
     row = {"parity": False, "parity_maxabs": 0.0135, "parity_fp64": {"torch_fp32_vs_fp64": 0.1004, "engine_vs_fp64": 0.00014, "within_floor": True}}
     cell = _parity_cell(row)
@@ -99,7 +99,7 @@ def test_differing_greedy_tokens_are_diagnosed_against_float64():
 
 
 def test_report_greedy_cell_shows_the_float64_diagnosis():
-    from pipeline.report import _greedy_cell
+    from pipeline.report.compose import greedy_cell as _greedy_cell
 
     r = {"tokens_identical": False, "greedy_tokens": 32, "fp64_reference": {
         "engine_tokens_equal_fp64": 13, "torch_fp32_tokens_equal_fp64": 7, "engine_first_step_vs_fp64": 1.6, "torch_fp32_first_step_vs_fp64": 1.1}}

@@ -69,7 +69,7 @@ class BuildContext:
         self.eval_windows = Lazy(self._make_eval_windows)
         self.calib_windows = Lazy(self._make_calib_windows)
         self.memo: dict[str, Any] = {}
-        """Shared between the variants of this build (e.g. structured-pruning importance scores)."""
+        """Shared between the variants of this build (e.g. importance scores a pass computed once)."""
         self._variant_models: dict[str, Any] = {}
         self._engines: dict[str, Any] = {}
 

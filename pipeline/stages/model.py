@@ -63,8 +63,8 @@ class ModelStage(Stage):
         save_hf_dir(model, dense.tokenizer, tmp / "model")
         (tmp / "passes.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
         ctx.hold_model(v.name, model)
-        # per-linear sparsities (measured from the weights) go into results.json where a pass mixed them
-        return {"passes": [{"name": r["name"], "seconds": r["seconds"], "info": r["info"], **({"layers": r["layers"]} if "allocation" in r["info"] else {})} for r in results]}
+        # each pass's result, with the per-linear shapes and sparsities it measured from the weights
+        return {"passes": results}
 
     def run(self, ctx: BuildContext, v: Any = None, e: Any = None) -> StageOutcome | None:
         out = super().run(ctx, v, e)

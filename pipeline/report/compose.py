@@ -1,0 +1,209 @@
+"""results.json → one :class:`core.document.Document`: the header, the summary table, what to ship,
+latency and decode tables, every pass's own section (declared by the pass class: ``report_title`` and
+``report_section``), skipped backends and the accuracy-vs-latency plot. Nothing here knows a pass."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from core.document import Bullets, Document, Figure, Paragraph, Section, Table
+from pipeline.report.decision import judge, ratio_text
+from pipeline.report.plots import PLOT_NAME
+
+PARITY_FLOOR_NOTE = (
+    "A failed parity is re-checked against the same model run in float64: \"fp32 floor\" is PyTorch fp32's own distance "
+    "from it, \"engine\" the engine's. An engine about as far from float64 as PyTorch fp32 is (within 10×) sits at the "
+    "model's rounding floor rather than being an export error — a per-token top-k selection turns an ulp at "
+    "the k-th boundary into a different unit and a visible logit change; on such a model a floor this high also means "
+    "elementwise parity cannot tell a right engine from a slightly wrong one."
+)
+
+
+def fmt(x: Any, digits: int = 2) -> str:
+    if x is None:
+        return "—"
+    if isinstance(x, bool):
+        return "pass" if x else "FAIL"
+    if isinstance(x, float):
+        return f"{x:.{digits}f}"
+    return str(x)
+
+
+def _mb(n: int | None) -> str:
+    return "—" if n is None else f"{n / 1e6:.1f}"
+
+
+def _pct(x: float | None) -> str:
+    return "—" if x is None else f"{100 * x:+.4f}%"
+
+
+def machine_line(env: dict[str, Any]) -> str:
+    """Where the latency was measured: CPU model, cores, the instruction sets that matter, runtimes."""
+    cpu = env.get("cpu") or {}
+    isa = ", ".join(cpu.get("isa") or []) or "no AVX2/AVX-512/AMX reported"
+    return (
+        f"Measured on: {cpu.get('model') or env.get('machine')} ({env.get('cpus')} cores; {isa}); "
+        f"Python {env.get('python')}, torch {env.get('torch')}, onnxruntime {env.get('onnxruntime')}. "
+        "Latency from a different machine is not comparable with these figures."
+    )
+
+
+def parity_cell(r: dict[str, Any]) -> str:
+    """'pass (max |Δ|)', or 'FAIL (max |Δ|)' with the float64 diagnosis when one was made."""
+    cell = f"{fmt(r.get('parity'))} ({fmt(r.get('parity_maxabs'), 5)})"
+    f = r.get("parity_fp64") or {}
+    if "within_floor" in f:
+        verdict = "within it" if f["within_floor"] else "engine farther"
+        cell += f"; vs float64: fp32 floor {f['torch_fp32_vs_fp64']:.3g}, engine {f['engine_vs_fp64']:.3g} ({verdict})"
+    elif "skipped" in f:
+        cell += f"; float64 check skipped: {f['skipped']}"
+    return cell
+
+
+def greedy_cell(r: dict[str, Any]) -> str:
+    """'yes (32)', or 'NO (32)' with the float64 diagnosis when one was made."""
+    cell = f"{'yes' if r['tokens_identical'] else 'NO'} ({r['greedy_tokens']})"
+    f = r.get("fp64_reference") or {}
+    if "engine_tokens_equal_fp64" in f:
+        cell += (
+            f"; leading tokens equal to float64: engine {f['engine_tokens_equal_fp64']}, PyTorch fp32 {f['torch_fp32_tokens_equal_fp64']}"
+            f" (first-step |Δlogit| to float64 {f['engine_first_step_vs_fp64']:.3g} / {f['torch_fp32_first_step_vs_fp64']:.3g})"
+        )
+    elif "skipped" in f:
+        cell += f"; float64 check skipped: {f['skipped']}"
+    return cell
+
+
+def _check_cell(r: dict[str, Any]) -> str:
+    if r.get("ppl_engine_vs_torch") is None:
+        return "—"
+    return f"{_pct(r['ppl_engine_vs_torch'])} ({r['ppl_check_windows']} win.)"
+
+
+def _latency_cells(points: list[dict[str, Any]], dense: bool) -> str:
+    if not points:
+        return "—"
+    parts = []
+    for p in points:
+        own = p["dense_samples_ms"] if dense else p["variant_samples_ms"]
+        ms = p["dense_median_ms"] if dense else p["variant_median_ms"]
+        spread = f" [{min(own):.1f}–{max(own):.1f}]" if own else ""
+        ratio = "" if dense else " " + ratio_text(p["ratio"], *judge(p["dense_samples_ms"], p["variant_samples_ms"], p["ratio"]))
+        parts.append(f"b{p['batch']}/s{p['sequence']}: {ms:.1f} ms{spread}{ratio}")
+    return "; ".join(parts)
+
+
+def _decode_ratios(results: dict[str, Any], name: str) -> tuple[str, str]:
+    """Decode and prefill ratio cells of the decode stage, each with its interleaved band."""
+    dense = next(v["decode"] for v in results["variants"] if v["name"] == "dense")
+    r = next(v["decode"] for v in results["variants"] if v["name"] == name)
+    if name == "dense":
+        return "×1.000", "×1.000"
+    out = []
+    for metric, ratio in (("decode_ms_per_token", "decode_ratio"), ("prefill_ms", "prefill_ratio")):
+        out.append(ratio_text(r[ratio], *judge(dense["samples"][metric], r["samples"][metric], r[ratio])))
+    return out[0], out[1]
+
+
+def _summary_table(rows: list[dict[str, Any]]) -> Table:
+    header = ["variant", "backend", "linear sparsity", "parameters (M)", "ppl (engine)", "engine vs PyTorch", "ppl / dense",
+              "top-1 agree", "KL(dense‖v)", "parity (max |Δ|)", "ONNX MB", "speed-up needs"]
+    body = []
+    for r in rows:
+        if r["status"] != "ok":
+            body.append([r["variant"], r["backend"], f"skipped: {r.get('reason')}"])
+            continue
+        body.append([
+            r["variant"], r["backend"], fmt(r.get("sparsity"), 3), _mb(r.get("parameters")), fmt(r.get("ppl_engine")), _check_cell(r),
+            fmt(r.get("ppl_vs_dense"), 3), fmt(r.get("top1"), 3), fmt(r.get("kl"), 4), parity_cell(r), _mb(r.get("onnx_bytes")),
+            r.get("needs_short") or "—",
+        ])
+    return Table(header, body)
+
+
+def _ship_section(d: dict[str, Any]) -> Section:
+    blocks: list[Any] = []
+    for kind, k in d["latency"].items():
+        blocks.append(Paragraph(f"**{kind}** — Pareto front (latency ratio vs perplexity ratio): {', '.join(k['pareto'])}."))
+        items = []
+        for s in k["ship"]:
+            if s["variant"] is None:
+                items.append(f"perplexity ≤ {s['ppl_budget']}× dense: no variant qualifies")
+            elif s["variant"] == "dense" or s["latency_ratio"] >= 1.0:
+                items.append(f"perplexity ≤ {s['ppl_budget']}× dense: ship `dense`; no variant within this budget is faster here")
+            else:
+                items.append(f"perplexity ≤ {s['ppl_budget']}× dense: `{s['variant']}` (latency ×{s['latency_ratio']:.3f}, perplexity ×{s['ppl_ratio']:.3f})")
+        blocks.append(Bullets(items))
+    if d["needs_other_hardware"]:
+        blocks.append(Paragraph("Variants whose speed-up this machine cannot show:"))
+        blocks.append(Bullets([f"`{n['variant']}`: {n['why']}" for n in d["needs_other_hardware"]]))
+    return Section("What to ship (from the figures above, on this machine)", blocks or [Paragraph("No latency was measured.")])
+
+
+def _decode_section(results: dict[str, Any]) -> Section:
+    d = results.get("decode")
+    if not d:
+        return Section("")
+    rows = []
+    for v in results["variants"]:
+        r = v.get("decode")
+        if r:
+            dec, pre = _decode_ratios(results, v["name"])
+            rows.append([v["name"], greedy_cell(r), f"{r['max_abs_logit_delta']:.2e}", f"{r['decode_ms_per_token']:.2f}", dec, f"{r['prefill_ms']:.1f}", pre])
+    return Section(
+        f"Decode (KV cache, {d['runtime']}, batch {d['batch']}, {d['prompt_tokens']}-token prompt; variant/dense ratios interleaved)",
+        [Table(["variant", "greedy tokens = PyTorch", "max abs Δlogit", "decode ms/token", "ratio", "prefill ms", "ratio"], rows)],
+    )
+
+
+def pass_sections(results: dict[str, Any]) -> list[Section]:
+    """Every registered pass's own section, in registry order; passes sharing a title share a section."""
+    from passes import registry
+
+    doc = Document("")
+    for cls in registry().values():
+        if not cls.report_title:
+            continue
+        blocks: list[Any] = []
+        for v in results["variants"]:
+            for pr in v.get("pass_results", []):
+                if pr.get("name") == cls.name:
+                    blocks += cls.report_section(v, pr)
+        doc.add(Section(cls.report_title, blocks))
+    return doc.sections
+
+
+def build_document(results: dict[str, Any], rows: list[dict[str, Any]], d: dict[str, Any], plot: bytes | None) -> Document:
+    ev, cal = results["data"]["evaluation"], results["data"]["calibration"]
+    doc = Document(f"Build report: {results['recipe']['name']}")
+    doc.preamble += [
+        Paragraph(
+            f"Model: `{results['model']['source']}` ({results['model']['kind']}). Evaluation: {ev['windows']} windows × {ev['length']} tokens. "
+            f"Calibration ({cal['windows']} × {cal['length']}, seed {cal['seed']}) used by: {', '.join(results['data']['calibration_used_by']) or 'no variant'}."
+        ),
+        Paragraph(f"**{machine_line(results.get('environment') or {})}**"),
+        Paragraph(
+            "Perplexity is the engine's over every evaluation window; \"engine vs PyTorch\" compares the two on the first few windows. "
+            "Latency: median [min–max] over repeats interleaved round-robin in one process; a ratio whose per-round band contains 1.00 is shown as within noise."
+        ),
+        _summary_table(rows),
+    ]
+    ran_on = sorted({f"{r['backend']}: {r['parity_runner']}" for r in rows if r.get("parity_runner")})
+    if ran_on:
+        doc.preamble.append(Paragraph("Parity (Polygraphy Comparator against PyTorch) ran on the engine's own runner — " + "; ".join(ran_on) + "."))
+    if any("within_floor" in (r.get("parity_fp64") or {}) for r in rows):
+        doc.preamble.append(Paragraph(PARITY_FLOOR_NOTE))
+    doc.add(_ship_section(d))
+    lat = [[r["variant"], r["backend"], _latency_cells(r["latency"], r["variant"] == "dense")] for r in rows if r["status"] == "ok" and r.get("latency")]
+    if lat:
+        doc.add(Section(
+            "Prefill latency (median [min–max] over the interleaved repeats; variant/dense ratio [min–max of per-round ratios])",
+            [Table(["variant", "backend", "latency"], lat)],
+        ))
+    doc.add(_decode_section(results))
+    for s in pass_sections(results):
+        doc.add(s)
+    if results.get("skips"):
+        doc.add(Section("Skipped backends", [Bullets([f"`{b}`: {why}" for b, why in sorted({(s["backend"], s["reason"]) for s in results["skips"]})])]))
+    doc.add(Section("Accuracy vs latency", [Figure(PLOT_NAME, "accuracy vs latency", plot) if plot else Paragraph("No latency or perplexity figures to plot.")]))
+    return doc
