@@ -38,10 +38,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.allocation_table import STDLIB_PROSE, markdown_table, parse_spec, stdlib_text  # noqa: E402
-from benchmarks.minilm_heads import sentence_embeddings  # noqa: E402
+from benchmarks.common import markdown_table, parse_spec, write_result  # noqa: E402
+from calibrate.data import STDLIB_PROSE, stdlib_text  # noqa: E402
+from benchmarks.common import sentence_embeddings  # noqa: E402
 from calibrate.data import calibration_windows, evaluation_windows, shakespeare_splits, tokenize  # noqa: E402
-from core.artifacts import atomic_write_json  # noqa: E402
 from core.masks import PatternSet  # noqa: E402
 from core.models import load_model  # noqa: E402
 from passes import PassContext, get_pass_class  # noqa: E402
@@ -115,7 +115,7 @@ def main() -> int:
 
     pattern = PatternSet(args.pattern)
     rows = [{"variant": "dense", **quality(dense, "dense")}]
-    atomic_write_json(args.out, _result(args, evals, lines, rows))
+    write_result(args.out, _result(args, evals, lines, rows))
     train_opts = dict(steps=args.steps, batch_size=args.batch_size, lr=args.lr, max_minutes=args.max_minutes)
     ctx = PassContext(adapter, calibration=lambda: train_windows, progress=True, teacher=lambda: dense)
     # A variant that names its own init (admm[init=dense], the paper's start) starts from the dense
@@ -159,7 +159,7 @@ def main() -> int:
         rows.append(row)
         log.info("%s", {k: v for k, v in row.items() if k != "train"})
         del model
-        atomic_write_json(args.out, _result(args, evals, lines, rows))  # partial results survive an interruption
+        write_result(args.out, _result(args, evals, lines, rows))  # partial results survive an interruption
     keys = [k for k in rows[0] if k != "variant"]
     print(markdown_table(["variant", *keys, "sparsity", "seconds"], [[r["variant"], *[r.get(k) for k in keys], r.get("measured_sparsity", "—"), r.get("seconds", "—")] for r in rows]))
     return 0

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import inspect
 import logging
 import platform
 import sys
@@ -34,56 +33,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from calibrate.data import calibration_windows, evaluation_windows, shakespeare_splits, tokenize  # noqa: E402
+from benchmarks.common import markdown_table, parse_spec, write_result  # noqa: E402
+
+from calibrate.data import STDLIB_PROSE, calibration_windows, evaluation_windows, shakespeare_splits, stdlib_text, tokenize  # noqa: E402
 from core.models import load_model  # noqa: E402
 from passes import PassContext, get_pass_class  # noqa: E402
 from pipeline.build import cpu_info  # noqa: E402
 from pipeline.validate import perplexity, torch_outputs_fn  # noqa: E402
-
-STDLIB_PROSE = ("argparse", "asyncio", "collections", "contextlib", "csv", "dataclasses", "decimal", "email", "functools",
-                "http.client", "inspect", "json", "logging", "pathlib", "pickle", "shutil", "socket", "subprocess",
-                "tarfile", "threading", "typing", "unittest", "urllib.request", "zipfile")
-
-
-def stdlib_text() -> str:
-    import importlib
-
-    docs = []
-    for name in STDLIB_PROSE:
-        mod = importlib.import_module(name)
-        for obj in [mod, *[getattr(mod, a) for a in sorted(dir(mod)) if not a.startswith("_")]]:
-            d = inspect.getdoc(obj) if (inspect.ismodule(obj) or inspect.isclass(obj) or inspect.isfunction(obj)) else None
-            if d and len(d) > 200 and d not in docs:
-                docs.append(d)
-    return "\n\n".join(docs)
-
-
-def parse_spec(spec: str) -> tuple[str, dict]:
-    """'name[key=value,...]' → ('name', {key: value}); values become int, float or bool where they read as one."""
-    name, _, rest = spec.partition("[")
-    options: dict = {}
-    if rest:
-        if not rest.endswith("]"):
-            raise SystemExit(f"'{spec}': expected name[key=value,...]")
-        for item in rest[:-1].split(","):
-            key, _, value = item.partition("=")
-            options[key] = _value(value)
-    return name, options
-
-
-def _value(text: str) -> int | float | bool | str:
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return {"true": True, "false": False}.get(text, text)
-
-
-def markdown_table(header: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
-
 
 def parse_allocation(spec: str) -> tuple[str, dict]:
     """'sensitivity[measure=hutchinson,unit=matrix]' → ('sensitivity', {'sensitivity_measure': 'hutchinson', ...})."""
@@ -120,11 +76,10 @@ def main() -> int:
     def ppl(model: torch.nn.Module, windows: torch.Tensor, desc: str) -> float:
         return round(perplexity(torch_outputs_fn(model, "causal-lm"), windows, desc)["perplexity"], 3)
 
-    from core.artifacts import atomic_write_json
 
     def save(rows: list[dict], complete: bool) -> None:
         """Write the table so far: a stopped run keeps the rows it finished (``complete`` says whether it ended)."""
-        atomic_write_json(args.out, {
+        write_result(args.out, {
             "benchmark": "allocation_table",
             "complete": complete,
             "calibration": [args.calibration_windows, args.length],

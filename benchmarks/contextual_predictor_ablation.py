@@ -19,10 +19,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from allocation_table import markdown_table  # noqa: E402
+from benchmarks.common import markdown_table, write_result  # noqa: E402
 from calibrate.contextual import collect_context_stats, gated_mlp, recall_at_k  # noqa: E402
 from calibrate.data import calibration_windows, shakespeare_splits, tokenize  # noqa: E402
-from core.artifacts import atomic_write_json  # noqa: E402
 from core.models import load_model  # noqa: E402
 from passes.contextual import ContextualConfig, train_predictor  # noqa: E402
 from pipeline.build import cpu_info  # noqa: E402
@@ -73,7 +72,7 @@ def main() -> int:
     result = {"benchmark": "contextual_predictor_ablation", "keep": args.keep, "blocks": args.blocks, "steps": args.steps,
               "threshold_recall_per_block": [round(r, 4) for r in thr], "threshold_mean_recall": round(sum(thr) / len(thr), 4),
               "machine": cpu_info(), "rows": rows}
-    atomic_write_json(args.out, result)
+    write_result(args.out, result)
     print(markdown_table(["predictor input", "rank", "mean recall@k", "per block"],
                          [[r["input"], r["rank"], r["mean_recall"], r["recall_per_block"]] for r in rows]
                          + [["threshold |act(gate)| (top-k)", "—", result["threshold_mean_recall"], result["threshold_recall_per_block"]]]))

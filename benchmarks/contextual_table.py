@@ -35,9 +35,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from allocation_table import markdown_table, stdlib_text, STDLIB_PROSE  # noqa: E402
+from benchmarks.common import write_result  # noqa: E402
+
+from benchmarks.common import markdown_table  # noqa: E402
+from calibrate.data import STDLIB_PROSE, stdlib_text  # noqa: E402
 from calibrate.data import calibration_windows, evaluation_windows, shakespeare_splits, tokenize  # noqa: E402
-from core.artifacts import atomic_write_json  # noqa: E402
 from core.models import load_model  # noqa: E402
 from passes import PassContext, get_pass_class  # noqa: E402
 from pipeline.build import cpu_info  # noqa: E402
@@ -141,7 +143,7 @@ def main() -> int:
         "rows": rows,
         "decode": decode,
     }
-    atomic_write_json(args.out, result)
+    write_result(args.out, result)
     d_sh, d_2 = dense_row["ppl_shakespeare"], dense_row["ppl_second"]
     print(markdown_table(
         ["selector", "keep", "MLP MACs / dense", "recall@k", "ppl Shakespeare (× dense)", "ppl second text (× dense)"],
@@ -246,7 +248,7 @@ def timing_only(args: argparse.Namespace) -> int:
     tok = load_model("smollm2-135m").tokenizer
     ev = evaluation_windows(tokenize(tok, shakespeare_splits().evaluation), args.length, 1)
     out = time_graphs(args, names, layouts, prompt_ids(ev, args.prompt))
-    atomic_write_json(args.out, {"benchmark": "contextual_table --timing-only", "machine": {**cpu_info(), "platform": platform.machine()}, "decode": out})
+    write_result(args.out, {"benchmark": "contextual_table --timing-only", "machine": {**cpu_info(), "platform": platform.machine()}, "decode": out})
     print(markdown_table(["variant", "decode ms/token", "ratio to dense (median, per-round range)"],
                          [[n, v["decode_ms_per_token"], f"{v['decode_ratio']} [{v['ratio_min']}–{v['ratio_max']}]"] for n, v in out["variants"].items()]))
     return 0

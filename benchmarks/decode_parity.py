@@ -23,6 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import write_result  # noqa: E402
+
 from calibrate.data import shakespeare_splits, tokenize  # noqa: E402
 from engines.onnxruntime import OnnxRuntimeCpuEngine  # noqa: E402
 from export.kv_export import cache_layout, compare_with_generate, decode_timing, export_kv_graphs, greedy_generate  # noqa: E402
@@ -86,7 +88,7 @@ def main() -> int:
             dec.deactivate()
     results["latency_setup"] = {"batch": 1, "prompt": args.prompt, "new_tokens": args.new, "repeats": args.repeats, "order": "alternating"}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    write_result(args.out, results)
     for n, r in results["variants"].items():
         print(f"{n:16} tokens identical: {r['tokens_identical']}  worst |Δlogit|: {r['max_abs_logit_delta']:.2e}  "
               f"decode {r['decode_ms_per_token_median']:.1f} ms/token  prefill {r['prefill_ms_median']:.1f} ms")

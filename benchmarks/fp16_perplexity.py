@@ -19,6 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import write_result  # noqa: E402
+
 from calibrate.data import evaluation_windows, shakespeare_splits, tokenize  # noqa: E402
 from engines.onnxruntime import OnnxRuntimeCpuEngine  # noqa: E402
 from export.graph import rewrite_file  # noqa: E402
@@ -52,7 +54,7 @@ def main() -> int:
             logging.info("%s perplexity %.4f (%.1f s)", name, out[name]["perplexity"], out[name]["seconds"])
     out["relative_difference"] = out["fp16"]["perplexity"] / out["fp32"]["perplexity"] - 1
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2) + "\n")
+    write_result(args.out, out)
     print(f"fp32 {out['fp32']['perplexity']:.4f}  fp16 {out['fp16']['perplexity']:.4f}  Δ {100 * out['relative_difference']:+.3f}%  "
           f"(ONNX Runtime CPU; {out['fp32']['seconds']} s vs {out['fp16']['seconds']} s)  → {args.out}")
     return 0

@@ -27,6 +27,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import write_result  # noqa: E402
+
 SMOLLM2_SHAPES = {  # (out_features, in_features)
     "smollm2 q/o 576x576": (576, 576),
     "smollm2 k/v 192x576": (192, 576),
@@ -118,7 +120,7 @@ def main() -> int:
         result["end_to_end"] = e2e_rows(dtype, max(5, args.repeats // 5))
     out = Path(__file__).parent / "results" / f"gpu_sparse_linear-{re.sub(r'[^A-Za-z0-9]+', '-', gpu).strip('-')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(out, result)
     print(f"→ {out}")
     return 0
 

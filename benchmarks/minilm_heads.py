@@ -30,6 +30,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import write_result  # noqa: E402
+
 from calibrate.data import calibration_windows, load_splits, tokenize  # noqa: E402
 from engines.onnxruntime import OnnxRuntimeCpuEngine  # noqa: E402
 from export.onnx_export import export_onnx  # noqa: E402
@@ -41,17 +43,6 @@ from core.models import count_parameters, load_model  # noqa: E402
 from pipeline.validate import interleaved_latency  # noqa: E402
 
 log = logging.getLogger("minilm_heads")
-
-
-def sentence_embeddings(model: torch.nn.Module, tokenizer, lines: list[str], batch: int = 32) -> torch.Tensor:
-    out = []
-    with torch.no_grad():
-        for i in range(0, len(lines), batch):
-            enc = tokenizer(lines[i : i + batch], padding=True, truncation=True, max_length=128, return_tensors="pt")
-            h = model(**enc).last_hidden_state
-            m = enc["attention_mask"].unsqueeze(-1).float()
-            out.append((h * m).sum(1) / m.sum(1))
-    return torch.cat(out)
 
 
 def main() -> None:
@@ -127,7 +118,7 @@ def main() -> None:
         | {"batch_size": args.batch, "lr": args.lr, "calibration_windows": [args.calibration, args.length], "sentence_windows": args.sentence_windows},
         "latency_onnxruntime_cpu": latency,
     }
-    args.out.write_text(json.dumps(out, indent=2), encoding="utf-8")
+    write_result(args.out, out)
     print(json.dumps({k: out[k] for k in ("parameters", "cosine_before_recovery", "cosine_after_recovery", "latency_onnxruntime_cpu")}, indent=2))
 
 

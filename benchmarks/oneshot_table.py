@@ -26,6 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import write_result  # noqa: E402
+
 from calibrate.data import calibration_windows, evaluation_windows, shakespeare_splits, tokenize  # noqa: E402
 from passes import PassContext, get_pass_class  # noqa: E402
 from core.models import load_model  # noqa: E402
@@ -106,7 +108,7 @@ def main() -> int:
         "rows": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.out, result)
     print("| row | perplexity | reference | Δ vs ref | prune s | ref s | time ratio |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:

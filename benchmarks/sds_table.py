@@ -30,9 +30,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.allocation_table import STDLIB_PROSE, markdown_table, parse_spec, stdlib_text  # noqa: E402
+from benchmarks.common import markdown_table, parse_spec, write_result  # noqa: E402
+from calibrate.data import STDLIB_PROSE, stdlib_text  # noqa: E402
 from calibrate.data import calibration_windows, evaluation_windows, shakespeare_splits, tokenize  # noqa: E402
-from core.artifacts import atomic_write_json  # noqa: E402
 from core.masks import is_nm_sparse  # noqa: E402
 from core.models import load_model  # noqa: E402
 from passes import PassContext, get_pass_class  # noqa: E402
@@ -113,7 +113,7 @@ def main() -> int:
                 rows.append(row)
                 logging.info("%s", {k: v for k, v in row.items() if k != "blocks"})
                 del model
-                atomic_write_json(args.out, _result(args, ev, ev2, rows))  # partial results survive an interruption
+                write_result(args.out, _result(args, ev, ev2, rows))  # partial results survive an interruption
     header = ["method", "pattern", "variant", "sparsity", "ppl Shakespeare", "ppl second text", "prune s", "× step 1 time", "holdout block error × step 1"]
     print(markdown_table(header, [
         [r["method"], r["pattern"], r["variant"], r.get("measured_sparsity", "—"), r["ppl_shakespeare"], r["ppl_second"],

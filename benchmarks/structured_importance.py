@@ -19,6 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import write_result  # noqa: E402
+
 from calibrate.data import calibration_windows, evaluation_windows, load_splits, tokenize  # noqa: E402
 from passes.base import PassContext  # noqa: E402
 from passes.structured import StructuredConfig, StructuredPass  # noqa: E402
@@ -75,7 +77,7 @@ def main() -> None:
         "evaluation_windows": [int(ev.shape[0]), 512],
         "rows": rows,
     }
-    args.out.write_text(json.dumps(out, indent=2), encoding="utf-8")
+    write_result(args.out, out)
     for r in rows:
         print(f"{r['importance']:<11}{r.get('allocation', ''):<9}{r['perplexity']:>10.2f}  {r.get('parameters', '')}")
 

@@ -30,6 +30,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import write_result  # noqa: E402
+
 from engines.onnxruntime import OnnxRuntimeCpuEngine  # noqa: E402
 from export.kv_export import cache_layout, compare_with_generate, decode_timing, export_kv_graphs, greedy_generate  # noqa: E402
 from pipeline.validate import round_robin  # noqa: E402
@@ -153,7 +155,7 @@ def main() -> None:
                 row.update({"decode_speedup": round(got, 4), "decode_ideal": round(ideal, 4), "decode_fraction_of_ideal": round(got / ideal, 4)})
         out["variants"][n] = row
     dst = args.out or Path(__file__).parent / "results" / f"structured_speedup_{args.build.name}.json"
-    dst.write_text(json.dumps(out, indent=2), encoding="utf-8")
+    write_result(dst, out)
     print(f"{'variant':<16}{'params':>12}{'prefill ms':>12}{'speedup':>9}{'ideal':>8}{'frac':>7}{'decode ms':>11}{'speedup':>9}{'ideal':>8}{'frac':>7}")
     for n, r in out["variants"].items():
         print(

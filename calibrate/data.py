@@ -107,7 +107,46 @@ def user_splits(source: str, eval_source: str | None, eval_fraction: float) -> T
     )
 
 
+STDLIB_PROSE = (
+    "argparse", "asyncio", "collections", "contextlib", "csv", "dataclasses", "decimal", "email", "functools",
+    "http.client", "inspect", "json", "logging", "pathlib", "pickle", "shutil", "socket", "subprocess",
+    "tarfile", "threading", "typing", "unittest", "urllib.request", "zipfile",
+)
+"""Standard-library modules whose docstrings make the project's second evaluation text."""
+
+NAMED_TEXTS = {"stdlib-docstrings": "English technical prose: the docstrings (over 200 characters) of " + ", ".join(STDLIB_PROSE)}
+"""Texts a recipe can name as ``data.eval_source`` besides files: a second evaluation text no
+calibration split ever sees, the same on every machine with the same Python."""
+
+
+def stdlib_text() -> str:
+    """The docstrings of the :data:`STDLIB_PROSE` modules and their public classes and functions,
+    each over 200 characters, in a fixed order, joined like documents."""
+    import importlib
+    import inspect
+
+    docs: list[str] = []
+    for name in STDLIB_PROSE:
+        mod = importlib.import_module(name)
+        for obj in [mod, *[getattr(mod, a) for a in sorted(dir(mod)) if not a.startswith("_")]]:
+            d = inspect.getdoc(obj) if (inspect.ismodule(obj) or inspect.isclass(obj) or inspect.isfunction(obj)) else None
+            if d and len(d) > 200 and d not in docs:
+                docs.append(d)
+    return JOIN.join(docs)
+
+
+def named_text(name: str) -> str:
+    if name == "stdlib-docstrings":
+        return stdlib_text()
+    raise DataError(f"text '{name}' is not a named text; expected one of {', '.join(NAMED_TEXTS)} or a file")
+
+
 def load_splits(source: str, eval_source: str | None = None, eval_fraction: float = 0.1) -> TextSplits:
+    """Calibration and evaluation text. A named ``eval_source`` (:data:`NAMED_TEXTS`) replaces the
+    evaluation split of any source; the calibration split is unchanged."""
+    if eval_source in NAMED_TEXTS:
+        cal = load_splits(source, None, eval_fraction) if source == "shakespeare" else user_splits(source, None, eval_fraction)
+        return TextSplits(cal.calibration, named_text(eval_source), f"calibration as {cal.description.split(',')[0]}; evaluation = {eval_source} ({NAMED_TEXTS[eval_source]})")
     if source == "shakespeare":
         return shakespeare_splits()
     return user_splits(source, eval_source, eval_fraction)

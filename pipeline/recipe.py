@@ -77,22 +77,28 @@ class DataSpec:
     source: str = "shakespeare"
     """'shakespeare' (bundled), or a .txt / .jsonl file ({"text": ...} per line)."""
     eval_source: str | None = None
-    """Separate evaluation text; when absent, the tail ``eval_fraction`` of ``source`` is held out."""
+    """Separate evaluation text (a file, or a named text: 'stdlib-docstrings'); when absent, the tail
+    ``eval_fraction`` of ``source`` is held out (Shakespeare: its fixed evaluation split)."""
     eval_fraction: float = 0.1
     calibration: WindowSpec = field(default_factory=lambda: WindowSpec(windows=128, length=512, seed=0))
     evaluation: WindowSpec = field(default_factory=lambda: WindowSpec(windows=40, length=512, seed=0))
 
     def validate(self, where: str) -> None:
+        from calibrate.data import NAMED_TEXTS  # light import: no torch
+
         for key in ("source", "eval_source"):
             src = getattr(self, key)
-            if src is None or (key == "source" and src == "shakespeare"):
+            if src is None or (key == "source" and src == "shakespeare") or (key == "eval_source" and src in NAMED_TEXTS):
                 continue
             check("\x00" not in src, f"{where}.{key}", "contains a NUL byte; expected 'shakespeare' or a path")
             p = Path(src).expanduser()
             check(p.is_file(), f"{where}.{key}", f"'{src}' is not an existing file (expected 'shakespeare', a .txt or a .jsonl file)")
             check(p.suffix in (".txt", ".jsonl"), f"{where}.{key}", f"'{src}' must end in .txt or .jsonl")
         if self.source == "shakespeare":
-            check(self.eval_source is None, f"{where}.eval_source", "must be empty with source 'shakespeare' (its evaluation split is fixed)")
+            check(
+                self.eval_source is None or self.eval_source in NAMED_TEXTS, f"{where}.eval_source",
+                f"with source 'shakespeare' is empty (its fixed evaluation split) or a named text ({', '.join(NAMED_TEXTS)})",
+            )
         check(0.0 < self.eval_fraction < 1.0, f"{where}.eval_fraction", f"{self.eval_fraction} is outside (0, 1)")
         self.calibration.validate(f"{where}.calibration")
         self.evaluation.validate(f"{where}.evaluation")
@@ -278,7 +284,9 @@ def _resolve_paths(recipe: Recipe, base: Path) -> None:
 
     recipe.model.source = fix(recipe.model.source, set(BUNDLED_MODELS)) or recipe.model.source
     recipe.data.source = fix(recipe.data.source, {"shakespeare"}) or recipe.data.source
-    recipe.data.eval_source = fix(recipe.data.eval_source, set())
+    from calibrate.data import NAMED_TEXTS
+
+    recipe.data.eval_source = fix(recipe.data.eval_source, set(NAMED_TEXTS))
 
 
 def load_recipe(path_or_name: str | None) -> Recipe:

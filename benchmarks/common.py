@@ -1,0 +1,94 @@
+"""What every benchmark script shares: the provenance each result file records (the command line, the
+git commit and whether the tree had uncommitted changes, the machine), the one JSON writer that adds
+it, and small helpers for option specs and Markdown tables. Scripts import this module, never each
+other; texts and models come from the product's own packages (``calibrate.data.stdlib_text`` is the
+second evaluation text)."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def git_commit() -> str:
+    """HEAD's hash, with ``+dirty`` when tracked files differ from it; 'unknown' outside a checkout."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
+
+
+def machine() -> dict[str, Any]:
+    import torch
+
+    from pipeline.build import cpu_info
+
+    return {**cpu_info(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.machine(), "python": platform.python_version()}
+
+
+def provenance() -> dict[str, Any]:
+    return {
+        "command": shlex.join(["python", os.path.relpath(sys.argv[0], ROOT) if sys.argv[0] else "-", *sys.argv[1:]]),
+        "commit": git_commit(),
+        "machine": machine(),
+        "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def write_result(path: Path, result: dict[str, Any]) -> None:
+    """Write a benchmark's result atomically, its provenance first."""
+    from core.artifacts import atomic_write_json
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(Path(path), {"provenance": provenance(), **result})
+
+
+def parse_spec(spec: str) -> tuple[str, dict]:
+    """'name[key=value,...]' → ('name', {key: value}); values become int, float or bool where they read as one."""
+    name, _, rest = spec.partition("[")
+    options: dict = {}
+    if rest:
+        if not rest.endswith("]"):
+            raise SystemExit(f"'{spec}': expected name[key=value,...]")
+        for item in rest[:-1].split(","):
+            key, _, value = item.partition("=")
+            options[key] = _value(value)
+    return name, options
+
+
+def _value(text: str) -> int | float | bool | str:
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(text, text)
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
+
+
+def sentence_embeddings(model: Any, tokenizer: Any, lines: list[str], batch: int = 32) -> Any:
+    """Mean-pooled last hidden states of ``lines`` (the sentence-transformers pooling)."""
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(lines), batch):
+            enc = tokenizer(lines[i : i + batch], padding=True, truncation=True, max_length=128, return_tensors="pt")
+            h = model(**enc).last_hidden_state
+            m = enc["attention_mask"].unsqueeze(-1).float()
+            out.append((h * m).sum(1) / m.sum(1))
+    return torch.cat(out)
