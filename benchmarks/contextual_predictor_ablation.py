@@ -55,7 +55,7 @@ def main() -> int:
         data[b] = (st, act, split, k)
         mlp = gated_mlp(loaded.adapter, blocks[b])
         with torch.no_grad():
-            thr.append(recall_at_k(mlp.act_fn(F.linear(st["mlp"].float()[-split:], mlp.gate_proj.weight)).abs(), act[-split:], k))
+            thr.append(recall_at_k(mlp.gate_activity(st["mlp"][-split:]), act[-split:], k))
     rows = []
     for inp in args.inputs:
         for rank in args.ranks:

@@ -9,7 +9,7 @@ each repeat:
 - decode (causal LMs): a ``--prompt``-token prompt, then ``--new`` greedy tokens, ms per token.
 
 Ideal speedup = whole-model FLOPs of dense / of the variant at the same shape
-(``pipeline.flops``: all block linears, attention scores over the full key length, lm_head).
+(``pipeline.flops``: all block linears, attention scores over the full key length, the output head).
 For decode the FLOPs are summed over the measured steps (context grows by one each step).
 
     python benchmarks/structured_speedup.py build/structured --variants ffn50-kv1 --repeats 10
@@ -129,7 +129,7 @@ def main() -> None:
         "decode": {"prompt": args.prompt, "new_tokens": args.new} if causal else None,
         "repeats": args.repeats,
         "runtime": "onnxruntime-cpu",
-        "flops_counted": "block linears + attention scores (QK^T, PV over the full key length) + lm_head",
+        "flops_counted": "block linears + attention scores (QK^T, PV over the full key length) + output head",
         "variants": {},
     }
     for n in names:

@@ -24,8 +24,7 @@ from typing import Any
 
 import torch
 
-from core.adapters.base import ModelAdapter, get_submodule
-from core.contextual import mlp_path
+from core.adapters.base import GatedMLP, ModelAdapter
 from core.progress import progress
 
 log = logging.getLogger(__name__)
@@ -33,17 +32,11 @@ log = logging.getLogger(__name__)
 KEYS = ("prev", "block", "mlp", "act")
 
 
-def gated_mlp(adapter: ModelAdapter, block: torch.nn.Module) -> torch.nn.Module:
-    """The MLP module of a block of a gated-MLP family (the parent of its gate projection)."""
+def gated_mlp(adapter: ModelAdapter, block: torch.nn.Module) -> GatedMLP:
+    """The gated MLP of a block and its parts (the adapter names them)."""
     if not adapter.gated_mlp:
         raise ValueError(f"contextual sparsity needs a gated MLP (act(gate) · up); '{adapter.family}' has none")
-    return get_submodule(block, mlp_path(adapter))
-
-
-def unit_activity(mlp: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """|act(gate(x)) · up(x)| per unit, in float32."""
-    x = x.float()
-    return (mlp.act_fn(torch.nn.functional.linear(x, mlp.gate_proj.weight.float())) * torch.nn.functional.linear(x, mlp.up_proj.weight.float())).abs()
+    return adapter.gated_mlp_parts(block)
 
 
 @dataclass
@@ -108,11 +101,11 @@ def collect_context_stats(
         def hook(module: torch.nn.Module, args: tuple) -> None:
             x = pick(args[0])
             store[l]["mlp"].append(x.to(torch.float16))
-            store[l]["act"].append(unit_activity(module, x).to(torch.float16))
+            store[l]["act"].append(mlps[l].unit_activity(x).to(torch.float16))
         return hook
 
     handles = [b.register_forward_pre_hook(block_hook(l), with_kwargs=True) for l, b in enumerate(blocks)]
-    handles += [m.register_forward_pre_hook(mlp_hook(l)) for l, m in enumerate(mlps)]
+    handles += [m.module.register_forward_pre_hook(mlp_hook(l)) for l, m in enumerate(mlps)]
     causal = adapter.task == "causal-lm"
     try:
         with torch.no_grad():

@@ -98,14 +98,19 @@ class TransposedLinear(torch.nn.Module):
 class ContextualMLP(torch.nn.Module):
     """A gated MLP that computes only the selected units of every token (see the module doc)."""
 
-    def __init__(self, mlp: torch.nn.Module, selector: str, k: int, block: int, threshold: float | None = None,
+    def __init__(self, mlp: torch.nn.Module, names: dict[str, str], selector: str, k: int, block: int, threshold: float | None = None,
                  predictor: Predictor | None = None, predictor_input: str = "mlp", store: ContextStore | None = None, full_mode: str = "mask"):
+        """``names``: the family's attribute names of the MLP's gate, up and down linears and its
+        activation (``ModelAdapter.gated_mlp_names``); the parts keep them, so the saved weights
+        keep the family's parameter names."""
         super().__init__()
-        for name in ("gate_proj", "up_proj", "down_proj"):
-            if getattr(mlp, name).bias is not None:
-                raise ValueError(f"contextual MLP: {name} has a bias; only bias-free gated MLPs are supported")
-        self.gate_proj, self.up_proj, self.act_fn = mlp.gate_proj, mlp.up_proj, mlp.act_fn
-        self.down_proj = TransposedLinear(mlp.down_proj.weight)
+        self.names = dict(names)
+        for role in ("gate", "up", "down"):
+            if getattr(mlp, names[role]).bias is not None:
+                raise ValueError(f"contextual MLP: {names[role]} has a bias; only bias-free gated MLPs are supported")
+        for role in ("gate", "up", "act"):
+            setattr(self, names[role], getattr(mlp, names[role]))
+        setattr(self, names["down"], TransposedLinear(getattr(mlp, names["down"]).weight))
         """W_downᵀ (units, hidden): row i is unit i's output vector, contiguous for the gather."""
         self.selector, self.k, self.block = selector, int(k), block
         self.register_buffer("threshold", torch.tensor(float(threshold if threshold is not None else 0.0)), persistent=True)
@@ -115,8 +120,24 @@ class ContextualMLP(torch.nn.Module):
         self.full_mode = full_mode
 
     @property
+    def gate(self) -> torch.nn.Module:
+        return getattr(self, self.names["gate"])
+
+    @property
+    def up(self) -> torch.nn.Module:
+        return getattr(self, self.names["up"])
+
+    @property
+    def down(self) -> "TransposedLinear":
+        return getattr(self, self.names["down"])
+
+    @property
+    def act(self) -> torch.nn.Module:
+        return getattr(self, self.names["act"])
+
+    @property
     def units(self) -> int:
-        return self.down_proj.weight_t.shape[0]
+        return self.down.weight_t.shape[0]
 
     def _predictor_x(self, x: torch.Tensor) -> torch.Tensor:
         if self.predictor_input == "mlp":
@@ -126,10 +147,10 @@ class ContextualMLP(torch.nn.Module):
 
     def scores(self, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
         if self.selector == "oracle":
-            gate = self.gate_proj(x) if gate is None else gate
-            return (self.act_fn(gate) * self.up_proj(x)).abs()
+            gate = self.gate(x) if gate is None else gate
+            return (self.act(gate) * self.up(x)).abs()
         if self.selector == "threshold":
-            return self.act_fn(self.gate_proj(x) if gate is None else gate).abs()
+            return self.act(self.gate(x) if gate is None else gate).abs()
         return self.predictor(self._predictor_x(x))
 
     def mask(self, scores: torch.Tensor) -> torch.Tensor:
@@ -147,12 +168,12 @@ class ContextualMLP(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-2] == 1:
             return self.gathered(x)
-        gate = self.gate_proj(x)
-        h = self.act_fn(gate) * self.up_proj(x)
+        gate = self.gate(x)
+        h = self.act(gate) * self.up(x)
         if self.full_mode == "mask":
             scores = h.abs() if self.selector == "oracle" else self.scores(x, gate)  # the oracle's scores are |h| itself
             h = h * self.mask(scores).to(h.dtype)
-        return self.down_proj(h)
+        return self.down(h)
 
     def gathered(self, x: torch.Tensor) -> torch.Tensor:
         """One token per row: (batch, 1, hidden) → (batch, 1, hidden), computing only the selected units."""
@@ -165,23 +186,23 @@ class ContextualMLP(torch.nn.Module):
                     "need data-dependent shapes, which this exporter does not produce. Export selector 'predictor' (or 'oracle')"
                 )
             # the gate is computed whole (it is the selector); then the kept units only
-            gate = self.gate_proj(xs)
-            act = self.act_fn(gate)
+            gate = self.gate(xs)
+            act = self.act(gate)
             keep = act.abs() >= self.threshold  # (b, units)
             out = []
             for r in range(b):  # a different number of units per row
                 idx = keep[r].nonzero().squeeze(-1)
-                u = self.up_proj.weight.index_select(0, idx) @ xs[r]
-                out.append((act[r].index_select(0, idx) * u) @ self.down_proj.weight_t.index_select(0, idx))
+                u = self.up.weight.index_select(0, idx) @ xs[r]
+                out.append((act[r].index_select(0, idx) * u) @ self.down.weight_t.index_select(0, idx))
             return torch.stack(out)[:, None]
         s = self.scores(xs[:, None])[:, 0]  # (b, units)
         idx = s.topk(self.k, dim=-1, sorted=False).indices  # (b, k); order is irrelevant, sorting costs
         flat = idx.reshape(-1)
-        wg = self.gate_proj.weight.index_select(0, flat).reshape(b, self.k, -1)
-        wu = self.up_proj.weight.index_select(0, flat).reshape(b, self.k, -1)
-        wd = self.down_proj.weight_t.index_select(0, flat).reshape(b, self.k, -1)
+        wg = self.gate.weight.index_select(0, flat).reshape(b, self.k, -1)
+        wu = self.up.weight.index_select(0, flat).reshape(b, self.k, -1)
+        wd = self.down.weight_t.index_select(0, flat).reshape(b, self.k, -1)
         xv = xs[:, :, None]  # (b, d, 1)
-        h = self.act_fn(torch.bmm(wg, xv)) * torch.bmm(wu, xv)  # (b, k, 1)
+        h = self.act(torch.bmm(wg, xv)) * torch.bmm(wu, xv)  # (b, k, 1)
         return torch.bmm(h.transpose(1, 2), wd)  # (b, 1, d)
 
 
@@ -204,7 +225,7 @@ def contextual_spec(model: torch.nn.Module, adapter: ModelAdapter) -> dict[str, 
     blocks = {}
     common: dict[str, Any] = {}
     for l, block in enumerate(adapter.blocks(model)):
-        mlp = get_submodule(block, mlp_path(adapter))
+        mlp = get_submodule(block, adapter.mlp_path())
         if isinstance(mlp, ContextualMLP):
             blocks[str(l)] = mlp.k
             common = {"selector": mlp.selector, "predictor_input": mlp.predictor_input, "full_mode": mlp.full_mode,
@@ -228,18 +249,12 @@ def apply_contextual_spec(model: torch.nn.Module, adapter: ModelAdapter, spec: d
     for l, k in ks.items():
         if not 0 <= l < len(blocks):
             raise ValueError(f"config '{CONFIG_KEY}': block {l} is outside the model's {len(blocks)} blocks")
-        mlp = get_submodule(blocks[l], mlp_path(adapter))
-        hidden, units = mlp.gate_proj.weight.shape[1], mlp.gate_proj.weight.shape[0]
+        names = adapter.gated_mlp_names()
+        mlp = get_submodule(blocks[l], adapter.mlp_path())
+        units, hidden = getattr(mlp, names["gate"]).weight.shape
         pred = Predictor(hidden, int(rank), units) if selector == "predictor" else None
-        set_submodule(blocks[l], mlp_path(adapter), ContextualMLP(mlp, selector, k, l, None, pred, inp, store, mode))
+        set_submodule(blocks[l], adapter.mlp_path(), ContextualMLP(mlp, names, selector, k, l, None, pred, inp, store, mode))
     model.config.contextual = spec
-
-
-def mlp_path(adapter: ModelAdapter) -> str:
-    """The gated MLP's path inside a block (the parent of its gate projection)."""
-    if "gate" not in adapter.linear_paths:
-        raise ValueError(f"contextual sparsity needs a gated MLP (gate/up/down); '{adapter.family}' has none")
-    return adapter.linear_paths["gate"].rsplit(".", 1)[0]
 
 
 def set_submodule(root: torch.nn.Module, path: str, module: torch.nn.Module) -> None:

@@ -98,18 +98,6 @@ def resolve_source(source: str) -> ResolvedSource:
     return ResolvedSource("gguf", path, sha256_file(path), label)
 
 
-GGUF_CONFIG_KEYS = {
-    "block_count": "num_hidden_layers",
-    "context_length": "max_position_embeddings",
-    "embedding_length": "hidden_size",
-    "feed_forward_length": "intermediate_size",
-    "attention.head_count": "num_attention_heads",
-    "attention.head_count_kv": "num_key_value_heads",
-    "vocab_size": "vocab_size",
-}
-"""GGUF metadata keys (after ``<architecture>.``) → the Hugging Face config attribute they give."""
-
-
 def read_gguf_header(path: Path) -> tuple[dict[str, Any], int]:
     """(metadata of scalar and string values, total tensor elements) from a GGUF file's header, without
     reading its tensors or building its tokenizer (the format: magic, version, counts, key/value
@@ -170,13 +158,10 @@ def config_without_weights(src: ResolvedSource) -> tuple[dict[str, Any], int]:
         if d is not None and (Path(d) / "config.json").is_file():
             weights = sum(p.stat().st_size for p in Path(d).glob("*.safetensors"))
             return json.loads((Path(d) / "config.json").read_text(encoding="utf-8")), weights
+    from core.adapters import config_from_gguf
+
     meta, elements = read_gguf_header(src.path)
-    arch = meta.get("general.architecture")
-    config: dict[str, Any] = {"model_type": arch}
-    for key, attr in GGUF_CONFIG_KEYS.items():
-        if isinstance(meta.get(f"{arch}.{key}"), int):
-            config[attr] = meta[f"{arch}.{key}"]
-    return config, 4 * elements
+    return config_from_gguf(meta), 4 * elements
 
 
 @dataclass
@@ -326,7 +311,7 @@ def load_model(source: str) -> LoadedModel:
 
 
 def count_parameters(model: Any) -> int:
-    """Parameters counted once even when tied (SmolLM2 shares embeddings and lm_head)."""
+    """Parameters counted once even when tied (SmolLM2's output head is its embedding matrix)."""
     seen: set[int] = set()
     total = 0
     for p in model.parameters():

@@ -2,7 +2,7 @@
 
 A block's attention is described by its query heads, its key/value heads (fewer under GQA:
 query head ``h`` reads KV head ``h // group``) and the head width; its MLP by the FFN
-width. Removing heads slices the rows of q/k/v (columns of GPT-2's fused ``c_attn``, one
+width. Removing heads slices the rows of q/k/v (of a fused qkv projection: one
 segment each) and the input columns of the output projection; removing FFN channels
 slices the rows of up/gate and the input columns of down. Biases follow their rows;
 output biases stay. The attention module's head-count attributes are updated through
@@ -71,11 +71,7 @@ def _set_weight(ref: LinearRef, weight_out_in: torch.Tensor, bias: torch.Tensor 
     m.weight = torch.nn.Parameter(w.contiguous().clone(), requires_grad=m.weight.requires_grad)
     if bias is not None:
         m.bias = torch.nn.Parameter(bias.contiguous().clone(), requires_grad=m.bias.requires_grad)
-    out_f, in_f = weight_out_in.shape
-    if hasattr(m, "in_features"):
-        m.in_features, m.out_features = in_f, out_f
-    if hasattr(m, "nf"):  # GPT-2 Conv1D
-        m.nf = out_f
+    ref.set_size(*weight_out_in.shape)
 
 
 def _rows(ref: LinearRef, rows: torch.Tensor) -> None:

@@ -125,12 +125,9 @@ class TorchCudaRunner(Runner):
 
         ids = torch.from_numpy(feeds["input_ids"]).cuda()
         mask = torch.from_numpy(feeds["attention_mask"]).cuda()
+        from core.adapters.base import task_forward, task_output_name
+
         with torch.inference_mode():
-            if self.task == "causal-lm":
-                out = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-                name = "logits"
-            else:
-                out = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
-                name = "last_hidden_state"
+            out = task_forward(self.model, self.task, ids, mask)
         torch.cuda.synchronize()
-        return {name: out.float().cpu().numpy()}
+        return {task_output_name(self.task): out.float().cpu().numpy()}

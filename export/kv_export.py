@@ -26,9 +26,14 @@ import numpy as np
 import onnx
 import torch
 
+from core.adapters.base import task_output_name
+
 from export.onnx_export import _eager_attention, name_initializers_after_parameters, save_onnx
 
 log = logging.getLogger(__name__)
+
+LOGITS = task_output_name("causal-lm")
+"""The graphs' first output (the causal-LM task output of every exported graph)."""
 
 
 @dataclass(frozen=True)
@@ -109,7 +114,7 @@ def export_kv_graphs(model: torch.nn.Module, adapter: Any, out_dir: Path, opset:
             dynamo=True,
             opset_version=opset,
             input_names=["input_ids", "attention_mask"],
-            output_names=["logits", *lay.present_names],
+            output_names=[LOGITS, *lay.present_names],
             dynamic_shapes=({0: "batch", 1: "sequence"}, {0: "batch", 1: "sequence"}),
             verbose=False,
         )
@@ -123,7 +128,7 @@ def export_kv_graphs(model: torch.nn.Module, adapter: Any, out_dir: Path, opset:
             dynamo=True,
             opset_version=opset,
             input_names=["input_ids", "attention_mask", *lay.past_names],
-            output_names=["logits", *lay.present_names],
+            output_names=[LOGITS, *lay.present_names],
             dynamic_shapes=({0: "batch"}, {0: "batch", 1: "total"}, tuple({0: "batch", 2: "past"} for _ in lay.past_names)),
             verbose=False,
         )
@@ -157,7 +162,7 @@ def greedy_generate(prefill: Any, decode: Any, layout: CacheLayout, input_ids: n
     out = prefill.infer({"input_ids": ids, "attention_mask": mask})
     prefill_ms = (time.perf_counter() - t0) * 1e3
     past = {p: out[q] for p, q in zip(layout.past_names, layout.present_names)}
-    logits = out["logits"][:, -1]
+    logits = out[LOGITS][:, -1]
     steps, tokens, times = [logits], [], []
     for _ in range(new_tokens):
         nxt = logits.argmax(-1).astype(np.int64)[:, None]
@@ -169,7 +174,7 @@ def greedy_generate(prefill: Any, decode: Any, layout: CacheLayout, input_ids: n
         out = decode.infer({"input_ids": nxt, "attention_mask": mask, **past})
         times.append((time.perf_counter() - t0) * 1e3)
         past = {p: out[q] for p, q in zip(layout.past_names, layout.present_names)}
-        logits = out["logits"][:, -1]
+        logits = out[LOGITS][:, -1]
         steps.append(logits)
     return GreedyResult(np.concatenate(tokens, 1), steps, prefill_ms, times)
 

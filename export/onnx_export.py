@@ -1,10 +1,9 @@
 """Export a (pruned) PyTorch model to ONNX.
 
-Graph contract:
-- causal LM: inputs ``input_ids`` (int64, [batch, sequence]) and
-  ``attention_mask`` (int64, [batch, sequence]); output ``logits`` (float32,
-  [batch, sequence, vocab]).
-- encoder: same inputs; output ``last_hidden_state`` (float32, [batch, sequence, hidden]).
+Graph contract: inputs ``input_ids`` (int64, [batch, sequence]) and ``attention_mask`` (int64,
+[batch, sequence]); one float32 output named for the task (``core.adapters.base.TASK_OUTPUT``):
+a causal LM's logits [batch, sequence, vocab], an encoder's final hidden states
+[batch, sequence, hidden].
 Batch and sequence are dynamic. Weight initialisers are renamed after the
 PyTorch parameters they hold (``<param>`` as stored, ``<param>.T`` when the
 exporter folded a transpose into them), so reports can name layers.
@@ -24,37 +23,29 @@ import numpy as np
 import onnx
 import torch
 
+from core.adapters.base import task_forward, task_output_name
+
 log = logging.getLogger(__name__)
 
 INPUT_NAMES = ("input_ids", "attention_mask")
-OUTPUT_NAME = {"causal-lm": "logits", "encoder": "last_hidden_state"}
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # protobuf's 2 GiB limit, with room for the graph
 
 
-class _CausalLMLogits(torch.nn.Module):
-    def __init__(self, model: torch.nn.Module):
+class _TaskOutput(torch.nn.Module):
+    """``input_ids, attention_mask → the task's one output tensor`` (the adapters' task forward call)."""
+
+    def __init__(self, model: torch.nn.Module, task: str):
         super().__init__()
         self.model = model
+        self.task = task
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-
-
-class _EncoderHidden(torch.nn.Module):
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return task_forward(self.model, self.task, input_ids, attention_mask)
 
 
 def wrap_for_export(model: torch.nn.Module, task: str) -> torch.nn.Module:
-    if task == "causal-lm":
-        return _CausalLMLogits(model).eval()
-    if task == "encoder":
-        return _EncoderHidden(model).eval()
-    raise ValueError(f"task '{task}' is not one of causal-lm, encoder")
+    task_output_name(task)  # a ValueError naming the tasks for an unknown one
+    return _TaskOutput(model, task).eval()
 
 
 def export_onnx(
@@ -71,7 +62,7 @@ def export_onnx(
     vocab = vocab_size or int(getattr(model.config, "vocab_size", 1000))
     ids = torch.randint(3, max(vocab, 4), (2, 16), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
-    out_name = OUTPUT_NAME[task]
+    out_name = task_output_name(task)
     t0 = time.perf_counter()
     with warnings.catch_warnings(), torch.no_grad(), _eager_attention(model):
         warnings.simplefilter("ignore")

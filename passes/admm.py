@@ -59,9 +59,10 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
+from core.adapters.base import task_output_name
 from core.masks import PatternSet
 from passes.base import ROLES, DataFacts, LayerChange, Pass, PassContext, PassResult, check_blocks, check_nm_divides, check_roles, register_pass
-from passes.distill import distill_loss, trainable_parameters
+from passes.distill import distill_loss, model_outputs, trainable_parameters
 from passes.training import Checkpoint, TrainConfig, train, train_config_of
 
 log = logging.getLogger(__name__)
@@ -311,19 +312,18 @@ class SRSTEHook:
 
 
 def task_loss(cfg: ADMMConfig, causal: bool, student: torch.nn.Module, teacher: torch.nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-    kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "output_hidden_states": cfg.hidden_mse > 0 or not causal}
-    if causal:
-        kwargs["use_cache"] = False
+    hidden = cfg.hidden_mse > 0
     with torch.no_grad():
-        t_out = teacher(**kwargs)
-    s_out = student(**kwargs)
+        t_out = model_outputs(teacher, ids, causal, hidden)
+    s_out = model_outputs(student, ids, causal, hidden)
     loss, parts = distill_loss(s_out, t_out, causal, cfg.temperature, cfg.hidden_mse)
     if causal and cfg.lm_weight > 0:
         ce = F.cross_entropy(s_out.logits[:, :-1].float().reshape(-1, s_out.logits.shape[-1]), ids[:, 1:].reshape(-1))
         parts["lm"] = float(ce.detach())
         loss = loss + cfg.lm_weight * ce
     if not causal and cfg.cosine_weight > 0:
-        cos = F.cosine_similarity(s_out.last_hidden_state.float().mean(1), t_out.last_hidden_state.float().mean(1), dim=-1).mean()
+        name = task_output_name("encoder")
+        cos = F.cosine_similarity(getattr(s_out, name).float().mean(1), getattr(t_out, name).float().mean(1), dim=-1).mean()
         parts["cosine"] = float(cos.detach())
         loss = loss + cfg.cosine_weight * (1 - cos)
     return loss, parts

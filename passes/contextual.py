@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from calibrate.contextual import collect_context_stats, gated_mlp, mass_share, recall_at_k
 from core.progress import progress
-from core.contextual import CONFIG_KEY, ContextStore, ContextualMLP, Predictor, capture_block_inputs, contextual_spec, mlp_path, set_submodule
+from core.contextual import CONFIG_KEY, ContextStore, ContextualMLP, Predictor, capture_block_inputs, contextual_spec, set_submodule
 from passes.base import NEEDS_ROW_SKIPPING_KERNEL, DataFacts, LayerChange, OptionError, Pass, PassContext, PassResult, SpeedupNeed, register_pass
 
 log = logging.getLogger(__name__)
@@ -212,14 +212,14 @@ class ContextualPass(Pass):
             keep = 1.0 if l in dense else cfg.keep_of(l)
             k = max(1, round(keep * units))
             split = max(1, int(round(act.shape[0] * cfg.holdout_share)))
-            hidden = mlp.gate_proj.weight.shape[1]
+            hidden = mlp.gate.weight.shape[1]
             rec: dict[str, Any] = {"keep": keep, "k": k, "mass90_share": round(mass_share(act[-split:]), 4), "mlp_macs_share": 1.0}
             if l in dense:
                 info["blocks"][str(l)] = rec
                 continue
             threshold, pred = None, None
             with torch.no_grad():
-                gate_act = mlp.act_fn(F.linear(st["mlp"].float(), mlp.gate_proj.weight.float())).abs()
+                gate_act = mlp.gate_activity(st["mlp"])
             if cfg.selector == "threshold":
                 threshold = float(torch.quantile(gate_act[:-split].reshape(-1)[:2_000_000], 1 - keep))
                 rec["threshold"] = round(threshold, 6)
@@ -237,9 +237,11 @@ class ContextualPass(Pass):
                 rec["predictor_macs_share"] = round(pred_macs / block_macs[l], 4)
                 rec["mlp_macs_share"] = round((3 * hidden * k + pred_macs) / (3 * hidden * units), 4)
             rec["threshold_recall_at_k"] = round(recall_at_k(gate_act[-split:], act[-split:], k), 4)
-            set_submodule(block, mlp_path(ctx.adapter), ContextualMLP(mlp, cfg.selector, k, l, threshold, pred, cfg.predictor_input, store, cfg.full_mode))
+            set_submodule(block, ctx.adapter.mlp_path(), ContextualMLP(
+                mlp.module, ctx.adapter.gated_mlp_names(), cfg.selector, k, l, threshold, pred, cfg.predictor_input, store, cfg.full_mode,
+            ))
             info["blocks"][str(l)] = rec
-            result.layers.append(LayerChange(f"{ctx.adapter.blocks_path}.{l}.mlp", "up", l, (units, mlp.gate_proj.weight.shape[1]), 1 - keep))
+            result.layers.append(LayerChange(f"{ctx.adapter.blocks_path}.{l}.{ctx.adapter.mlp_path()}", "up", l, (units, hidden), 1 - keep))
         setattr(model.config, CONFIG_KEY, contextual_spec(model, ctx.adapter))
         # MLP multiply-accumulates per token computed, over the dense MLPs' (every block; the oracle computes all)
         info["mlp_macs_share"] = round(sum(r["mlp_macs_share"] for r in info["blocks"].values()) / len(info["blocks"]), 4)

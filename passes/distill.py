@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from core.adapters.base import task_output_name, task_outputs
 from passes.base import LayerChange, Pass, PassContext, PassResult, register_pass
 from passes.training import Checkpoint, TrainConfig, train, train_config_of
 
@@ -72,11 +73,9 @@ class KeepZeros:
                 self.params[n].mul_(m)
 
 
-def _forward(model: torch.nn.Module, ids: torch.Tensor, causal: bool, hidden: bool) -> Any:
-    kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "output_hidden_states": hidden or not causal}
-    if causal:
-        kwargs["use_cache"] = False
-    return model(**kwargs)
+def model_outputs(model: torch.nn.Module, ids: torch.Tensor, causal: bool, hidden: bool) -> Any:
+    """The model's outputs on ``ids`` for distillation (hidden states too when ``hidden`` or for an encoder)."""
+    return task_outputs(model, "causal-lm" if causal else "encoder", ids, torch.ones_like(ids), output_hidden_states=hidden or not causal)
 
 
 def distill_loss(student_out: Any, teacher_out: Any, causal: bool, temperature: float, hidden_mse: float) -> tuple[torch.Tensor, dict[str, float]]:
@@ -88,7 +87,8 @@ def distill_loss(student_out: Any, teacher_out: Any, causal: bool, temperature: 
         main = (log_t.exp() * (log_t - log_s)).sum(-1).mean() * t * t
         parts["kl"] = float(main.detach())
     else:
-        s, te = student_out.last_hidden_state.float(), teacher_out.last_hidden_state.float()
+        name = task_output_name("encoder")
+        s, te = getattr(student_out, name).float(), getattr(teacher_out, name).float()
         main = F.mse_loss(s, te) / te.pow(2).mean().clamp(min=1e-12)
         parts["final_mse"] = float(main.detach())
     loss = main
@@ -142,8 +142,8 @@ class DistillPass(Pass):
 
         def loss_fn(ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
             with torch.no_grad():
-                t_out = _forward(teacher, ids, causal, hidden)
-            s_out = _forward(model, ids, causal, hidden)
+                t_out = model_outputs(teacher, ids, causal, hidden)
+            s_out = model_outputs(model, ids, causal, hidden)
             return distill_loss(s_out, t_out, causal, cfg.temperature, cfg.hidden_mse)
 
         hooks = [KeepZeros(params)] if cfg.keep_zeros else []

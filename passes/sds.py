@@ -120,7 +120,7 @@ def _plain(obj: Any) -> Any:
 
 
 def _weight(ref: LinearRef) -> torch.Tensor:
-    """The trainable weight as (out, in), differentiable (a transposed view for GPT-2's Conv1D)."""
+    """The trainable weight as (out, in), differentiable (a transposed view where the adapter stores (in, out))."""
     return ref.module.weight.t() if ref.transposed else ref.module.weight
 
 

@@ -25,8 +25,8 @@ from core.errors import RecipeError
 log = logging.getLogger(__name__)
 
 
-def model_facts(recipe: Any) -> tuple[Any, dict[str, Any], int]:
-    """(ModelFacts, config dict, fp32 weight bytes) of the recipe's model, without loading it."""
+def model_facts(recipe: Any) -> tuple[Any, int]:
+    """(ModelFacts, fp32 weight bytes) of the recipe's model, without loading it."""
     from core.adapters import adapter_for
     from core.models import config_without_weights, resolve_source
 
@@ -36,7 +36,7 @@ def model_facts(recipe: Any) -> tuple[Any, dict[str, Any], int]:
         facts = adapter_for(cfg).facts(cfg)
     except ValueError as exc:
         raise RecipeError(f"recipe key 'model.source': {exc}") from None
-    return facts, config, weights
+    return facts, weights
 
 
 def _check_lengths(recipe: Any, facts: Any) -> None:
@@ -81,7 +81,7 @@ def check_recipe(recipe: Any, out_dir: Path | None = None, resources: bool = Tru
     from pipeline import preflight
     from passes import get_pass_class
 
-    facts, config, weights = model_facts(recipe)
+    facts, weights = model_facts(recipe)
     _check_lengths(recipe, facts)
     check_passes(recipe, facts)
     if not resources:
@@ -92,7 +92,7 @@ def check_recipe(recipe: Any, out_dir: Path | None = None, resources: bool = Tru
         return None
     uses = [get_pass_class(p.name) for v in todo for p in v.passes]
     est = preflight.estimate(
-        recipe, config, weights, todo,
+        recipe, facts, weights, todo,
         trains=any(c.trains for c in uses), calibrates=any(c.uses_calibration for c in uses),
         state_copies=max((c.state_copies for c in uses), default=0),
     )

@@ -2,7 +2,7 @@
 
 Counted (2 FLOPs per multiply-add): every linear of every block (q/k/v/o, up/gate/down),
 the attention scores QKᵀ and the weighted sum PV over the full key length (the exported
-graphs compute the whole score matrix and mask it), and the output head (lm_head) for
+graphs compute the whole score matrix and mask it), and the output head (vocabulary projection) for
 every position the graph produces logits for. Not counted: norms, activations,
 softmax, rotary and residual adds (element-wise, a small fraction at these shapes).
 """
@@ -22,7 +22,8 @@ class FlopsModel:
     vocab: int
     gated: bool
     layers: tuple[LayerShape, ...]
-    lm_head: bool = True
+    output_head: bool = True
+    """Count the vocabulary projection (causal LMs)."""
 
     @classmethod
     def of(cls, model: Any, adapter: Any) -> "FlopsModel":
@@ -41,5 +42,5 @@ class FlopsModel:
             per_token = self.hidden * (q + 2 * kv) + q * self.hidden + (3 if self.gated else 2) * self.hidden * s.ffn
             linear += 2.0 * tokens * per_token
             attention += 2.0 * 2 * batch * s.heads * new_tokens * keys * self.head_dim
-        head = 2.0 * tokens * self.hidden * self.vocab if self.lm_head else 0.0
-        return {"linear": linear, "attention": attention, "lm_head": head, "total": linear + attention + head}
+        head = 2.0 * tokens * self.hidden * self.vocab if self.output_head else 0.0
+        return {"linear": linear, "attention": attention, "output_head": head, "total": linear + attention + head}

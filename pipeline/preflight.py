@@ -54,18 +54,12 @@ class Estimate:
         return {"memory_bytes": self.memory, "disk_bytes": self.disk}
 
 
-def _dim(config: dict[str, Any], *names: str, default: int = 0) -> int:
-    for n in names:
-        if isinstance(config.get(n), int):
-            return int(config[n])
-    return default
-
-
 def estimate(
-    recipe: Any, config: dict[str, Any], weights_bytes: int, variants_to_build: list[Any], trains: bool, calibrates: bool, state_copies: int = 0,
+    recipe: Any, facts: Any, weights_bytes: int, variants_to_build: list[Any], trains: bool, calibrates: bool, state_copies: int = 0,
 ) -> Estimate:
-    hidden = _dim(config, "hidden_size", "n_embd", "d_model", default=1)
-    vocab = _dim(config, "vocab_size", default=1)
+    """``facts``: the model's :class:`core.adapters.base.ModelFacts` (from its config, no weights)."""
+    hidden = facts.hidden
+    vocab = facts.vocab or 1
     cal, ev = recipe.data.calibration, recipe.data.evaluation
     mem = {"models (dense + variant copy)": 2 * weights_bytes}
     if trains:

@@ -31,11 +31,11 @@ LogitsFn = Callable[[torch.Tensor], torch.Tensor]
 
 
 def torch_forward(model: torch.nn.Module, task: str, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The tensor the exported graph outputs: logits (causal LM) or last hidden state (encoder), fp32."""
+    """The tensor the exported graph outputs for the task (the adapters' task forward call), fp32."""
+    from core.adapters.base import task_forward
+
     with torch.inference_mode():
-        if task == "causal-lm":
-            return model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
-        return model(input_ids=ids, attention_mask=mask).last_hidden_state.float()
+        return task_forward(model, task, ids, mask).float()
 
 
 def torch_outputs_fn(model: torch.nn.Module, task: str) -> LogitsFn:

@@ -69,3 +69,62 @@ def test_magnitude_layer_filters():
     for r in adapter.linears(model):
         expected = 0.5 if (r.role == "up" and r.block == 1) else 0.0
         assert sparsity_of(r.weight_out_in()) == pytest.approx(expected, abs=1e-3), r.name
+
+
+# --- family knowledge lives in core/adapters only -------------------------------------------------
+
+GENERIC = {"model", "layers", "layer", "self", "output", "dense", "key", "value", "query", "attention", "attn", "mlp", "h",
+           "encoder", "decoder", "transformer", "intermediate"}
+"""Path components of the adapters that are ordinary words (they name nothing a family alone has)."""
+
+
+def family_names() -> set[str]:
+    """Every attribute and config name an adapter declares (linear, block, attention and head paths,
+    config keys, head attributes, MLP activation, size attributes), less ordinary words, plus the
+    names of the families' own classes and task outputs the adapters translate."""
+    from core.adapters import ADAPTERS
+
+    names: set[str] = {"Conv1D", "last_hidden_state"}
+    for a in ADAPTERS:
+        for path in [a.blocks_path, a.attention_path, a.head_path or "", *a.linear_paths.values()]:
+            names.update(x for x in path.split(".") if x)
+        names.update(a.config_keys.values())
+        names.update(a.head_attrs)
+        names.update(a.linear_size_attrs.values())
+        if a.mlp_activation:
+            names.add(a.mlp_activation)
+    return names - GENERIC - {"in_features", "out_features"}
+
+
+def family_names_in(path, names: set[str]) -> list[tuple[int, str]]:
+    """(line, name) of every identifier or word inside a string token (comments excluded) of ``path`` that is a family name."""
+    import io
+    import re
+    import tokenize
+
+    out = []
+    for tok in tokenize.generate_tokens(io.StringIO(path.read_text(encoding="utf-8")).readline):
+        if tok.type in (tokenize.NAME, tokenize.STRING) or tok.type == getattr(tokenize, "FSTRING_MIDDLE", -1):
+            out += [(tok.start[0], w) for w in re.findall(r"[A-Za-z_][A-Za-z0-9_]*", tok.string) if w in names]
+    return out
+
+
+def test_family_names_appear_only_in_the_adapters():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    names = family_names()
+    assert {"gate_proj", "act_fn", "c_attn", "n_embd", "num_key_value_heads", "nf", "Conv1D", "lm_head"} <= names
+    hits = []
+    for pkg in ("core", "calibrate", "passes", "export", "engines", "pipeline"):
+        for p in sorted((root / pkg).rglob("*.py")):
+            if p.parent.name == "adapters":
+                continue
+            hits += [f"{p.relative_to(root)}:{line} {w}" for line, w in family_names_in(p, names)]
+    assert not hits, "family knowledge outside core/adapters:\n" + "\n".join(hits)
+
+
+def test_the_family_name_check_can_fail(tmp_path):
+    p = tmp_path / "x.py"
+    p.write_text("# gate_proj in a comment is fine\nw = mlp.gate_proj.weight\ns = 'reads n_embd'\n", encoding="utf-8")
+    assert family_names_in(p, family_names()) == [(2, "gate_proj"), (3, "n_embd")]

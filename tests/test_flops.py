@@ -13,8 +13,8 @@ def test_flops_by_hand():
     assert got["linear"] == 2 * 3 * 336
     # QKᵀ and PV: 4 heads × 3 queries × 3 keys × 2 dims each
     assert got["attention"] == 2 * 2 * 4 * 3 * 3 * 2
-    assert got["lm_head"] == 2 * 3 * 8 * 10
-    assert got["total"] == got["linear"] + got["attention"] + got["lm_head"]
+    assert got["output_head"] == 2 * 3 * 8 * 10
+    assert got["total"] == got["linear"] + got["attention"] + got["output_head"]
     # decode: one new token against 5 cached keys
     assert f.forward(1, 1, context=5)["attention"] == 2 * 2 * 4 * 1 * 5 * 2
 
@@ -27,4 +27,4 @@ def test_flops_follow_the_pruned_shapes():
     pruned = FlopsModel.of(model, adapter)
     assert pruned.layers[0] == LayerShape(2, 1, 64) and pruned.layers[1] == dense.layers[1]
     d, p = dense.forward(1, 16), pruned.forward(1, 16)
-    assert p["lm_head"] == d["lm_head"] and p["linear"] < d["linear"] and p["attention"] < d["attention"]
+    assert p["output_head"] == d["output_head"] and p["linear"] < d["linear"] and p["attention"] < d["attention"]

@@ -6,6 +6,7 @@ from typing import Any
 
 from core.adapters.base import LinearRef, ModelAdapter
 from core.adapters.bert import BERT
+from core.adapters.gguf import config_from_gguf
 from core.adapters.gpt2 import GPT2
 from core.adapters.llama import LLAMA
 from core.adapters.opt import OPT
@@ -13,7 +14,7 @@ from core.errors import ModelLoadError
 
 ADAPTERS: tuple[ModelAdapter, ...] = (LLAMA, GPT2, OPT, BERT)
 
-__all__ = ["ADAPTERS", "LinearRef", "ModelAdapter", "adapter_for"]
+__all__ = ["ADAPTERS", "LinearRef", "ModelAdapter", "adapter_for", "config_from_gguf"]
 
 
 def adapter_for(config: Any) -> ModelAdapter:

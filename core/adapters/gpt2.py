@@ -13,4 +13,6 @@ GPT2 = ModelAdapter(
     linear_paths={"qkv": "attn.c_attn", "o": "attn.c_proj", "up": "mlp.c_fc", "down": "mlp.c_proj"},
     config_keys={"layers": "n_layer", "hidden": "n_embd", "heads": "n_head", "ffn": "n_inner", "context": "n_positions"},
     defaults={"ffn": lambda c: 4 * c.n_embd},
+    weight_layout="in_out",
+    linear_size_attrs={"out": "nf"},
 )

@@ -29,4 +29,5 @@ LLAMA = ModelAdapter(
     },
     defaults={"kv_heads": lambda c: c.num_attention_heads},
     gated_mlp=True,
+    mlp_activation="act_fn",
 )

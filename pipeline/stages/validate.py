@@ -103,7 +103,7 @@ def validate_variant(ctx: BuildContext, v: Any, e: Any) -> dict[str, Any]:
 
     dense = ctx.dense()
     task = dense.task
-    output = "logits" if task == "causal-lm" else "last_hidden_state"
+    output = dense.adapter.output_name
     model = dense.model if v.name == "dense" else ctx.variant_model(v.name)
     windows = ctx.eval_windows()
     art = engine_stage.artifact(ctx, v.name, e.backend)
