@@ -43,7 +43,9 @@ def test_gathered_single_token_equals_the_masked_dense_computation(selector):
 
         pred = Predictor(64, 16, 128)
         torch.nn.init.normal_(pred.up.weight, generator=g)
-    cm = ContextualMLP(mlp, selector, 40, 1, threshold=0.05, predictor=pred, predictor_input="mlp")
+    from core.adapters import LLAMA
+
+    cm = ContextualMLP(mlp, LLAMA.gated_mlp_names(), selector, 40, 1, threshold=0.05, predictor=pred, predictor_input="mlp")
     x = torch.randn(3, 5, 64, generator=g)
     with torch.no_grad():
         masked = cm(x)  # multi-token: each token's own selection, as a mask
