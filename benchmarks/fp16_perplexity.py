@@ -11,7 +11,6 @@ cost of fp16 GEMMs in accuracy is measured, not assumed.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import tempfile

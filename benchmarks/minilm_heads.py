@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import write_result  # noqa: E402
+from benchmarks.common import sentence_embeddings, write_result  # noqa: E402
 
 from calibrate.data import calibration_windows, load_splits, tokenize  # noqa: E402
 from engines.onnxruntime import OnnxRuntimeCpuEngine  # noqa: E402

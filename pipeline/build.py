@@ -20,7 +20,6 @@ module in ``pipeline/stages/`` (a :class:`pipeline.stages.base.Stage`) and one e
 
 from __future__ import annotations
 
-import json
 import logging
 import platform
 import time

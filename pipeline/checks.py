@@ -39,7 +39,9 @@ def model_facts(recipe: Any) -> tuple[Any, int]:
     return facts, weights
 
 
-def _check_lengths(recipe: Any, facts: Any) -> None:
+def _check_model(recipe: Any, facts: Any) -> None:
+    if recipe.export.kv_cache and facts.task != "causal-lm":
+        raise RecipeError(f"recipe key 'export.kv_cache': KV-cache graphs are for causal LMs; this {facts.family} model is an {facts.task}")
     if facts.context is None:
         return
     v = recipe.validation
@@ -82,7 +84,7 @@ def check_recipe(recipe: Any, out_dir: Path | None = None, resources: bool = Tru
     from passes import get_pass_class
 
     facts, weights = model_facts(recipe)
-    _check_lengths(recipe, facts)
+    _check_model(recipe, facts)
     check_passes(recipe, facts)
     if not resources:
         return None

@@ -67,6 +67,11 @@ def test_probe_fails_at_check_naming_the_key(probe, tiny_dirs, text_file, tmp_pa
     assert f"recipe key '{key}'" in err and reason in err, err
 
 
+def test_kv_cache_on_an_encoder_fails_at_check(tiny_dirs, text_file, tmp_path, caplog):
+    rc, err = _check(_recipe(tmp_path, tiny_dirs["bert"], text_file, MAG, export={"kv_cache": True}), caplog)
+    assert rc == 1 and "recipe key 'export.kv_cache'" in err and "encoder" in err, err
+
+
 def test_contextual_on_an_encoder_fails_at_check(tiny_dirs, text_file, tmp_path, caplog):
     rc, err = _check(_recipe(tmp_path, tiny_dirs["bert"], text_file, [{"name": "c", "passes": [{"contextual": {}}]}]), caplog)
     assert rc == 1 and "variants[0].passes[0].contextual" in err and "encoder" in err, err

@@ -80,16 +80,6 @@ class BuildContext:
 
         return load_model(self.recipe.model.source)
 
-    def dense_task(self) -> str:
-        """The model's task from its config, without loading weights when the dense model is not in memory."""
-        if self.dense.ready:
-            return self.dense().task
-        from transformers import AutoConfig
-
-        from core.adapters import adapter_for
-
-        return adapter_for(AutoConfig.from_pretrained(self.out / "dense" / "model" / "model")).task
-
     def _load_splits(self) -> Any:
         from calibrate.data import load_splits
 
