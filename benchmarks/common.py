@@ -28,6 +28,10 @@ def git_commit() -> str:
     return head + ("+dirty" if dirty else "")
 
 
+START_COMMIT = git_commit()
+"""The commit the script started on (a long run may see new commits before it writes)."""
+
+
 def machine() -> dict[str, Any]:
     import torch
 
@@ -37,9 +41,11 @@ def machine() -> dict[str, Any]:
 
 
 def provenance() -> dict[str, Any]:
+    now = git_commit()
     return {
         "command": shlex.join(["python", os.path.relpath(sys.argv[0], ROOT) if sys.argv[0] else "-", *sys.argv[1:]]),
-        "commit": git_commit(),
+        "commit": START_COMMIT,
+        **({"commit_at_write": now} if now != START_COMMIT else {}),
         "machine": machine(),
         "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
