@@ -242,6 +242,7 @@ def apply_contextual_spec(model: torch.nn.Module, adapter: ModelAdapter, spec: d
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"config '{CONFIG_KEY}' is malformed ({exc!r}); expected selector, predictor_input, full_mode, predictor_rank and blocks") from exc
     blocks = adapter.blocks(model)
+    names = adapter.gated_mlp_names()
     store = ContextStore()
     if selector == "predictor" and inp != "mlp":
         for i, b in enumerate(blocks):
@@ -249,7 +250,6 @@ def apply_contextual_spec(model: torch.nn.Module, adapter: ModelAdapter, spec: d
     for l, k in ks.items():
         if not 0 <= l < len(blocks):
             raise ValueError(f"config '{CONFIG_KEY}': block {l} is outside the model's {len(blocks)} blocks")
-        names = adapter.gated_mlp_names()
         mlp = get_submodule(blocks[l], adapter.mlp_path())
         units, hidden = getattr(mlp, names["gate"]).weight.shape
         pred = Predictor(hidden, int(rank), units) if selector == "predictor" else None

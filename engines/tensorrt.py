@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -63,9 +63,6 @@ class TensorRTOptions:
             raise OptionError("workspace_mb", f"workspace_mb {self.workspace_mb!r} must be an integer >= 16")
         if self.optimization_level not in range(0, 6):
             raise OptionError("optimization_level", f"optimization_level {self.optimization_level!r} must be 0..5")
-
-
-DEFAULTS: dict[str, Any] = asdict(TensorRTOptions())
 
 
 def _import_trt() -> Any:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +37,6 @@ class TorchCudaOptions:
         if not isinstance(self.sparse, bool):
             raise OptionError("sparse", f"sparse must be true or false, got {self.sparse!r}")
 
-
-DEFAULTS = asdict(TorchCudaOptions())
 
 
 def convert_2of4_linears(model: Any, adapter: Any) -> list[str]:

@@ -134,7 +134,7 @@ class Builder:
         memory/disk estimate for the variants not exported yet."""
         from pipeline.checks import check_recipe
 
-        check_recipe(self.recipe, self.out)
+        check_recipe(self.recipe, self.out, source=self.ctx.source)  # the source is hashed once per build
 
     def _results(self, ordered: list[VariantSpec]) -> dict[str, Any]:
         """The skeleton of results.json; every stage adds its figures to it (``Stage.contribute``)."""

@@ -25,12 +25,13 @@ from core.errors import RecipeError
 log = logging.getLogger(__name__)
 
 
-def model_facts(recipe: Any) -> tuple[Any, int]:
-    """(ModelFacts, fp32 weight bytes) of the recipe's model, without loading it."""
+def model_facts(recipe: Any, source: Any = None) -> tuple[Any, int]:
+    """(ModelFacts, fp32 weight bytes) of the recipe's model, without loading it; ``source``: the
+    already resolved (fingerprinted) model source, when the caller has one."""
     from core.adapters import adapter_for
     from core.models import config_without_weights, resolve_source
 
-    config, weights = config_without_weights(resolve_source(recipe.model.source))
+    config, weights = config_without_weights(source or resolve_source(recipe.model.source))
     cfg = SimpleNamespace(**config)
     try:
         facts = adapter_for(cfg).facts(cfg)
@@ -77,17 +78,15 @@ def check_passes(recipe: Any, facts: Any) -> None:
                 raise RecipeError(f"recipe key '{where}': {exc} (variant '{v.name}')") from None
 
 
-def check_recipe(recipe: Any, out_dir: Path | None = None, resources: bool = True) -> str | None:
+def check_recipe(recipe: Any, out_dir: Path | None = None, source: Any = None) -> str | None:
     """Run every check that needs no model load; return the memory/disk estimate as text (None when
-    ``resources`` is off or every variant is exported already)."""
+    every variant is exported already)."""
     from pipeline import preflight
     from passes import get_pass_class
 
-    facts, weights = model_facts(recipe)
+    facts, weights = model_facts(recipe, source)
     _check_model(recipe, facts)
     check_passes(recipe, facts)
-    if not resources:
-        return None
     out = Path(out_dir or recipe.output or Path("build") / recipe.name).resolve()
     todo = [v for v in recipe.variants if not (out / v.name / "onnx" / "stage.json").is_file()]
     if not todo:

@@ -152,10 +152,6 @@ class ModelAdapter:
     def output_name(self) -> str:
         return task_output_name(self.task)
 
-    def forward(self, model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """The model's output tensor for its task (what the exported graph outputs)."""
-        return task_forward(model, self.task, input_ids, attention_mask)
-
     def mlp_path(self) -> str:
         """The gated MLP's path inside a block (the parent of its gate projection)."""
         if not self.gated_mlp or "gate" not in self.linear_paths:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from core.artifacts import atomic_write_bytes, atomic_write_json, atomic_write_text
-from pipeline.report.compose import build_document
+from pipeline.report.compose import build_document, fmt
 from pipeline.report.decision import decision, judge, pareto_front, ratio_band, ratio_text, reference_point, speedup_needs, summary_rows
 from pipeline.report.plots import render_plot
 from pipeline.report.render import to_html, to_markdown
@@ -35,8 +35,6 @@ def write_reports(out: Path, results: dict[str, Any]) -> None:
 
 
 def terminal_table(results: dict[str, Any]) -> str:
-    from pipeline.report.compose import fmt
-
     rows = summary_rows(results)
     header = f"{'variant':<18} {'backend':<16} {'sparsity':>8} {'ppl':>10} {'ppl/dense':>9} {'top1':>6} {'parity':>6} {'latency b1 ratio':>16}"
     lines = [header, "-" * len(header)]

@@ -25,12 +25,16 @@ def variant_need(variant: dict[str, Any]) -> Any:
     return max(needs, key=lambda n: n.rank) if needs else None
 
 
+def need_texts(name: str, need: Any) -> tuple[str, str]:
+    """(full reason, table-cell form) of a variant's need; 'baseline' for dense, '—' for none."""
+    if name == "dense":
+        return "baseline", "baseline"
+    return (need.text, need.short) if need is not None else ("—", "—")
+
+
 def speedup_needs(variant: dict[str, Any]) -> str:
     """What hardware or kernel the variant's pruning needs before it can be faster than dense."""
-    if variant["name"] == "dense":
-        return "baseline"
-    need = variant_need(variant)
-    return need.text if need is not None else "—"
+    return need_texts(variant["name"], variant_need(variant))[0]
 
 
 def summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -54,8 +58,7 @@ def summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
             row["parameters"] = size.get("parameters")
             row["nonzero"] = size.get("nonzero_parameters")
             row["onnx_bytes"] = size.get("onnx_bytes")
-            row["needs"] = speedup_needs(v)
-            row["needs_short"] = "baseline" if v["name"] == "dense" else need.short if need is not None else "—"
+            row["needs"], row["needs_short"] = need_texts(v["name"], need)
             row["needs_other_hardware"] = bool(need is not None and need.other_hardware)
             if "perplexity_engine" in r:
                 row["ppl_torch"] = r["perplexity_torch"]["perplexity"]

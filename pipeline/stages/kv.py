@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 from core.artifacts import stable_hash
-from core.errors import PipelineError
 from pipeline.stages.base import Scope, Stage
 from pipeline.stages.context import STAGE_SCHEMA, BuildContext
 
@@ -32,8 +31,6 @@ class KvStage(Stage):
     def build(self, ctx: BuildContext, tmp: Path, v: Any, e: Any = None) -> dict[str, Any]:
         from export.kv_export import export_kv_graphs
 
-        if ctx.dense().task != "causal-lm":  # refused by the checks before the build; kept for direct callers
-            raise PipelineError("export.kv_cache is for causal LMs; this model is an encoder")
         from export.onnx_export import RebindError, rebind_weights
 
         model = ctx.dense().model if v.name == "dense" else ctx.variant_model(v.name)
