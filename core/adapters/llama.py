@@ -30,4 +30,5 @@ LLAMA = ModelAdapter(
     defaults={"kv_heads": lambda c: c.num_attention_heads},
     gated_mlp=True,
     mlp_activation="act_fn",
+    native={"embed": "model.embed_tokens", "final_norm": "model.norm", "attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"},
 )

@@ -1,0 +1,234 @@
+"""The project's native sparse kernels (C++17, ``engines/native/src``), loaded through ctypes.
+
+``scripts/install.sh`` compiles them with the system compiler (``engines/native/build.sh``) into
+``engines/native/lib/libprune_kernels.so``; the library picks AVX-512F, AVX2+FMA or its scalar
+reference at run time. :func:`linear` computes ``y = x · Wᵀ`` from a
+:class:`core.sparse_format.CompressedWeight`:
+
+* up to :data:`GEMV_MAX_ROWS` rows of ``x`` (decode): the sparse kernel, which reads only the kept
+  values and a bit per weight;
+* more rows (prefill): the weight is decompressed a tile of :data:`TILE_ROWS` output rows at a time
+  into one reused buffer and multiplied by NumPy's BLAS, so no second dense copy of the weight exists.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from core.errors import EngineUnavailable
+from core.sparse_format import CompressedWeight, compress
+
+log = logging.getLogger(__name__)
+
+LIB_PATH = Path(__file__).resolve().parent / "lib" / "libprune_kernels.so"
+ISA_NAMES = {0: "scalar", 1: "avx2+fma", 2: "avx512f"}
+GEMV_MAX_ROWS = 8
+"""Rows of x up to which the sparse kernel runs (it reads the weight once per 4 rows)."""
+TILE_ROWS = 128
+"""Output rows decompressed per tile on the prefill path (128 × K floats: L2-sized for K ≤ 2048)."""
+
+_lib = None
+_lock = threading.Lock()
+_f32 = ctypes.POINTER(ctypes.c_float)
+_i64 = ctypes.c_int64
+
+
+def _ptr(a: np.ndarray, ctype=ctypes.c_float):
+    return a.ctypes.data_as(ctypes.POINTER(ctype))
+
+
+def lib() -> ctypes.CDLL:
+    """The loaded library; :class:`EngineUnavailable` naming the fix when it was not built."""
+    global _lib
+    with _lock:
+        if _lib is None:
+            if not LIB_PATH.is_file():
+                raise EngineUnavailable(
+                    "onnxruntime-sparse",
+                    f"the native sparse kernels are not built ({LIB_PATH} is missing): run scripts/install.sh, "
+                    "which compiles them with the system C++17 compiler (g++ or clang++)",
+                )
+            L = ctypes.CDLL(str(LIB_PATH))
+            L.pk_best_isa.restype = ctypes.c_int
+            L.pk_isa.restype = ctypes.c_int
+            L.pk_set_isa.restype = ctypes.c_int
+            L.pk_set_isa.argtypes = [ctypes.c_int]
+            L.pk_threads.restype = ctypes.c_int
+            L.pk_set_threads.argtypes = [ctypes.c_int]
+            L.pk_gemv.argtypes = [_i64, _i64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, _i64, ctypes.c_void_p]
+            L.pk_decompress.argtypes = [_i64, _i64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, _i64, _i64, ctypes.c_void_p]
+            L.pk_copy_bandwidth.restype = ctypes.c_double
+            L.pk_copy_bandwidth.argtypes = [_i64, ctypes.c_int]
+            _lib = L
+            log.debug("native kernels loaded: %s, %d threads", ISA_NAMES[L.pk_isa()], L.pk_threads())
+    return _lib
+
+
+def available() -> bool:
+    try:
+        lib()
+        return True
+    except EngineUnavailable:
+        return False
+
+
+def isa() -> str:
+    return ISA_NAMES[lib().pk_isa()]
+
+
+def best_isa() -> str:
+    return ISA_NAMES[lib().pk_best_isa()]
+
+
+def set_isa(name: str) -> None:
+    """Force an instruction set (tests compare every path with the scalar reference)."""
+    code = {v: k for k, v in ISA_NAMES.items()}.get(name)
+    if code is None or lib().pk_set_isa(code) < 0:
+        raise ValueError(f"instruction set '{name}' is not available here (best: {best_isa()}; known: {', '.join(ISA_NAMES.values())})")
+
+
+def set_threads(n: int) -> None:
+    if n < 1:
+        raise ValueError(f"threads {n} must be >= 1")
+    lib().pk_set_threads(int(n))
+
+
+def threads() -> int:
+    return int(lib().pk_threads())
+
+
+def copy_bandwidth(nbytes: int = 256 << 20, reps: int = 5) -> float:
+    """The machine's copy bandwidth with the kernels' threads: bytes read + written per second (best of reps)."""
+    return float(lib().pk_copy_bandwidth(int(nbytes), int(reps)))
+
+
+def kernel_arrays(c: CompressedWeight) -> dict[str, np.ndarray]:
+    """The arrays the kernels read (masks, values, row_offsets) for either stored format. A 2:4
+    weight's positions (4 bits per group of four) become a 4-bit group mask of the same size; its
+    values are used as they are."""
+    n, k = c.shape
+    if c.format == "bitmask":
+        return {name: c.arrays[name] for name in ("masks", "values", "row_offsets")}
+    if c.format != "2:4":
+        raise ValueError(f"native weight: format '{c.format}' is not 2:4 or bitmask")
+    kw = (k + 15) // 16
+    b = c.arrays["positions"]
+    nib = np.stack([b & 0x0F, b >> 4], axis=-1).reshape(n, -1)[:, : k // 4]  # (n, groups)
+    group_mask = ((1 << (nib & 3)) | (1 << ((nib >> 2) & 3))).astype(np.uint16)  # 4 bits per group
+    padded = np.zeros((n, kw * 4), np.uint16)
+    padded[:, : k // 4] = group_mask
+    g = padded.reshape(n, kw, 4)
+    masks = (g[..., 0] | (g[..., 1] << 4) | (g[..., 2] << 8) | (g[..., 3] << 12)).astype(np.uint16)
+    row_offsets = np.arange(n + 1, dtype=np.int64) * (k // 2)
+    return {"masks": masks, "values": c.arrays["values"].reshape(-1), "row_offsets": row_offsets}
+
+
+VALUE_PAD = 16
+"""Floats of zeros after the last kept value: the AVX-512 kernel loads 16 values at a time."""
+
+
+class NativeWeight:
+    """A weight held in the layout the kernels read (contiguous arrays, kept alive here): a
+    :class:`CompressedWeight`, or a dense ``(N, K)`` array (``format`` 'dense', every bit set)."""
+
+    def __init__(self, c: CompressedWeight | np.ndarray):
+        if isinstance(c, np.ndarray):
+            if c.ndim != 2:
+                raise ValueError(f"native weight: dense weight of shape {c.shape} is not 2-D")
+            self.format = "dense"
+            self.n, self.k = c.shape
+            self.nbytes = int(c.size * 4)
+            self.arrays = {"values": np.concatenate([np.ascontiguousarray(c, np.float32).reshape(-1), np.zeros(VALUE_PAD, np.float32)])}
+            self._tile = None
+            self._args = (None, self.arrays["values"].ctypes.data, None)
+            return
+        self.format = c.format
+        self.n, self.k = c.shape
+        arrays = kernel_arrays(c)
+        arrays["values"] = np.concatenate([arrays["values"].reshape(-1), np.zeros(VALUE_PAD, np.float32)])
+        self.arrays = {name: np.ascontiguousarray(a) for name, a in arrays.items()}
+        self.nbytes = c.nbytes
+        """Bytes of the stored format (what the file holds and the kernel reads, row offsets aside)."""
+        self._tile: np.ndarray | None = None
+        a = self.arrays
+        if a["masks"].dtype != np.uint16 or a["values"].dtype != np.float32 or a["row_offsets"].dtype != np.int64:
+            raise ValueError("native weight: expected uint16 masks, float32 values, int64 row_offsets")
+        if a["masks"].shape != (self.n, (self.k + 15) // 16) or a["row_offsets"].shape != (self.n + 1,):
+            raise ValueError(f"native weight: masks {a['masks'].shape} / row_offsets {a['row_offsets'].shape} do not fit a ({self.n}, {self.k}) weight")
+        if int(a["row_offsets"][-1]) + VALUE_PAD != a["values"].size:
+            raise ValueError(f"native weight: row_offsets end at {int(a['row_offsets'][-1])}, values hold {a['values'].size - VALUE_PAD}")
+        self._args = (a["masks"].ctypes.data, a["values"].ctypes.data, a["row_offsets"].ctypes.data)
+
+    @classmethod
+    def stacked(cls, parts: "list[NativeWeight]") -> "NativeWeight":
+        """One weight whose output rows are ``parts``' rows in order (e.g. q, k and v, which read the same
+        input): one kernel call instead of several. Dense parts stay dense only when all are dense."""
+        k = parts[0].k
+        if any(p.k != k for p in parts):
+            raise ValueError(f"stacked weight: parts have different input widths {[p.k for p in parts]}")
+        if all(p.format == "dense" for p in parts):
+            return cls(np.concatenate([p.dense_view() for p in parts], axis=0))
+        masks, values, offsets, start = [], [], [np.zeros(1, np.int64)], 0
+        for p in parts:
+            a = p.arrays if p.format != "dense" else cls(compress(p.dense_view(), "bitmask")).arrays
+            masks.append(a["masks"])
+            values.append(a["values"][: int(a["row_offsets"][-1])])
+            offsets.append(a["row_offsets"][1:] + start)
+            start += int(a["row_offsets"][-1])
+        n = sum(p.n for p in parts)
+        c = CompressedWeight("bitmask", (n, k), {"masks": np.concatenate(masks), "values": np.concatenate(values), "row_offsets": np.concatenate(offsets)})
+        out = cls(c)
+        out.nbytes = sum(p.nbytes for p in parts)
+        out.format = "+".join(sorted({p.format for p in parts}))
+        return out
+
+    def dense_view(self) -> np.ndarray:
+        """The (N, K) weight of a dense NativeWeight, without a copy."""
+        if self.format != "dense":
+            raise ValueError("dense_view: the weight is compressed")
+        return self.arrays["values"][: self.n * self.k].reshape(self.n, self.k)
+
+    def gemv(self, x: np.ndarray) -> np.ndarray:
+        """``x`` (M, K) float32 contiguous → (M, N), by the sparse kernel."""
+        m = x.shape[0]
+        y = np.empty((m, self.n), np.float32)
+        lib().pk_gemv(self.n, self.k, *self._args, x.ctypes.data, m, y.ctypes.data)
+        return y
+
+    def gemv_into(self, x_ptr: int, m: int, y_ptr: int) -> None:
+        """The kernel on raw buffers (x (m, K), y (m, N), float32, contiguous): for hosts with their own tensors."""
+        lib().pk_gemv(self.n, self.k, *self._args, x_ptr, m, y_ptr)
+
+    def decompress_rows(self, n0: int, n1: int, out: np.ndarray) -> np.ndarray:
+        lib().pk_decompress(self.n, self.k, *self._args, n0, n1, out.ctypes.data)
+        return out[: n1 - n0]
+
+    def gemm_tiled(self, x: np.ndarray) -> np.ndarray:
+        """``x`` (M, K) → (M, N): decompress TILE_ROWS output rows at a time, multiply with BLAS (a
+        dense weight is multiplied as it is)."""
+        if self.format == "dense":
+            return np.matmul(x, self.dense_view().T)
+        m = x.shape[0]
+        y = np.empty((m, self.n), np.float32)
+        rows = min(TILE_ROWS, self.n)
+        if self._tile is None or self._tile.shape[0] < rows:
+            self._tile = np.empty((rows, self.k), np.float32)
+        for n0 in range(0, self.n, rows):
+            n1 = min(self.n, n0 + rows)
+            tile = self.decompress_rows(n0, n1, self._tile)
+            np.matmul(x, tile.T, out=y[:, n0:n1])
+        return y
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """``x`` (..., K) → (..., N)."""
+        if x.shape[-1] != self.k:
+            raise ValueError(f"sparse linear: input has {x.shape[-1]} features, the weight expects {self.k}")
+        lead = x.shape[:-1]
+        x2 = np.ascontiguousarray(x.reshape(-1, self.k), dtype=np.float32)
+        y = self.gemv(x2) if x2.shape[0] <= GEMV_MAX_ROWS else self.gemm_tiled(x2)
+        return y.reshape(*lead, self.n)

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Build the native sparse kernels (C++17) with the system compiler into engines/native/lib/.
+# Each instruction set's file is compiled with its own flags; the library picks one at run time
+# (AVX-512F where present, else AVX2+FMA, else the scalar reference), so it runs on any x86-64.
+set -euo pipefail
+cd "$(dirname "$0")"
+CXX=${CXX:-}
+if [ -z "$CXX" ]; then
+  for c in g++ c++ clang++; do
+    if command -v "$c" >/dev/null 2>&1; then CXX=$c; break; fi
+  done
+fi
+if [ -z "$CXX" ] || ! command -v "$CXX" >/dev/null 2>&1; then
+  echo "engines/native/build.sh: no C++17 compiler found (looked for g++, c++, clang++; set CXX=...)." >&2
+  echo "Install one (Debian: apt-get install g++) and re-run scripts/install.sh; without it the sparse CPU engine is unavailable." >&2
+  exit 1
+fi
+case "$(uname -m)" in
+  x86_64|amd64) ;;
+  *) echo "engines/native/build.sh: $(uname -m) is not x86-64; the kernels have AVX2/AVX-512 paths only, skipping" >&2; exit 2 ;;
+esac
+mkdir -p lib obj
+FLAGS="-std=c++17 -O3 -fPIC -Wall -Wextra -fvisibility=hidden -DNDEBUG"
+"$CXX" $FLAGS -c src/scalar.cpp -o obj/scalar.o
+"$CXX" $FLAGS -mavx2 -mfma -c src/avx2.cpp -o obj/avx2.o
+# GCC 12 warns falsely inside its own intrinsics headers (their "__Y = __Y" undefined values)
+"$CXX" $FLAGS -Wno-uninitialized -Wno-maybe-uninitialized -mavx512f -mavx2 -mfma -c src/avx512.cpp -o obj/avx512.o
+"$CXX" $FLAGS -c src/api.cpp -o obj/api.o
+tmp=lib/.libprune_kernels.so.$$
+"$CXX" -shared -o "$tmp" obj/scalar.o obj/avx2.o obj/avx512.o obj/api.o -pthread
+mv -f "$tmp" lib/libprune_kernels.so
+echo "built engines/native/lib/libprune_kernels.so with $CXX"

@@ -1,0 +1,230 @@
+// The library's C ABI: runtime instruction-set dispatch, a small persistent thread pool, and the
+// entry points the Python side (engines/native) calls through ctypes. No global state other than
+// the chosen instruction set and the pool.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "kernels.h"
+
+namespace {
+
+enum Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+
+int detect_isa() {
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f")) return kAvx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return kAvx2;
+  return kScalar;
+}
+
+const int g_best = detect_isa();
+std::atomic<int> g_isa{g_best};
+
+// A pool of (threads - 1) workers plus the calling thread. A job is `ntasks` calls of fn(ctx, i);
+// a task index is claimed by a CAS on one 64-bit word holding (generation << 32 | next index), so a
+// worker that wakes late can never claim a task of a later job. Workers spin briefly between jobs
+// (decode calls the kernels back to back) and then sleep on a condition variable.
+class Pool {
+ public:
+  using Fn = void (*)(void*, int64_t);
+
+  explicit Pool(int threads) { resize(threads); }
+  ~Pool() { stop_workers(); }
+
+  int threads() const { return int(workers_.size()) + 1; }
+
+  void resize(int threads) {
+    threads = std::max(1, threads);
+    if (threads == this->threads() && !workers_.empty()) return;
+    stop_workers();
+    stop_ = false;
+    for (int i = 0; i < threads - 1; ++i) workers_.emplace_back([this] { work(); });
+  }
+
+  void run(int64_t ntasks, Fn fn, void* ctx) {
+    if (ntasks <= 0) return;
+    if (workers_.empty() || ntasks == 1) {
+      for (int64_t i = 0; i < ntasks; ++i) fn(ctx, i);
+      return;
+    }
+    std::lock_guard<std::mutex> job_lock(job_mu_);  // one job at a time (callers on several threads queue here)
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      fn_ = fn;
+      ctx_ = ctx;
+      ntasks_ = ntasks;
+      completed_.store(0, std::memory_order_relaxed);
+      gen_ += 1;
+      claim_.store(uint64_t(gen_) << 32, std::memory_order_release);
+    }
+    cv_.notify_all();
+    drain(gen_, fn, ctx, ntasks);
+    while (completed_.load(std::memory_order_acquire) < ntasks) _mm_pause();
+  }
+
+ private:
+  void drain(uint32_t gen, Fn fn, void* ctx, int64_t ntasks) {
+    for (;;) {
+      uint64_t cur = claim_.load(std::memory_order_acquire);
+      if (uint32_t(cur >> 32) != gen) return;
+      const int64_t i = int64_t(cur & 0xFFFFFFFFu);
+      if (i >= ntasks) return;
+      if (!claim_.compare_exchange_weak(cur, cur + 1, std::memory_order_acq_rel)) continue;
+      fn(ctx, i);
+      completed_.fetch_add(1, std::memory_order_release);
+    }
+  }
+
+  void work() {
+    uint32_t seen = 0;
+    for (;;) {
+      const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(200);
+      while (published_gen() == seen && !stop_.load(std::memory_order_acquire) && std::chrono::steady_clock::now() < until) _mm_pause();
+      Fn fn;
+      void* ctx;
+      int64_t ntasks;
+      uint32_t gen;
+      {
+        std::unique_lock<std::mutex> lk(mu_);
+        cv_.wait(lk, [&] { return gen_ != seen || stop_.load(); });
+        if (stop_.load()) return;
+        fn = fn_;
+        ctx = ctx_;
+        ntasks = ntasks_;
+        gen = gen_;
+      }
+      seen = gen;
+      drain(gen, fn, ctx, ntasks);
+    }
+  }
+
+  uint32_t published_gen() const { return uint32_t(claim_.load(std::memory_order_acquire) >> 32); }
+
+  void stop_workers() {
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      stop_ = true;
+    }
+    cv_.notify_all();
+    for (auto& t : workers_) t.join();
+    workers_.clear();
+  }
+
+  std::vector<std::thread> workers_;
+  std::mutex mu_, job_mu_;
+  std::condition_variable cv_;
+  std::atomic<bool> stop_{false};
+  std::atomic<uint64_t> claim_{0};
+  std::atomic<int64_t> completed_{0};
+  uint32_t gen_ = 0;
+  Fn fn_ = nullptr;
+  void* ctx_ = nullptr;
+  int64_t ntasks_ = 0;
+};
+
+Pool& pool() {
+  static Pool p(int(std::max(1u, std::thread::hardware_concurrency())));
+  return p;
+}
+
+constexpr int64_t kRowsPerTask = 16;
+
+struct GemvJob {
+  const pk::Bitmask* w;
+  const float* x;
+  int64_t M;
+  float* y;
+  int isa;
+  static void task(void* p, int64_t i) {
+    auto* j = static_cast<GemvJob*>(p);
+    const pk::Bitmask& w = *j->w;
+    const int64_t n0 = i * kRowsPerTask, n1 = std::min(w.N, n0 + kRowsPerTask);
+    if (j->isa == kAvx512) pk::gemv_avx512(w, j->x, j->M, w.K, j->y, w.N, n0, n1);
+    else if (j->isa == kAvx2) pk::gemv_avx2(w, j->x, j->M, w.K, j->y, w.N, n0, n1);
+    else pk::gemv_scalar(w, j->x, j->M, w.K, j->y, w.N, n0, n1);
+  }
+};
+
+struct DecompressJob {
+  const pk::Bitmask* w;
+  int64_t n0, n1;
+  float* out;
+  static void task(void* p, int64_t i) {
+    auto* j = static_cast<DecompressJob*>(p);
+    const int64_t a = j->n0 + i * kRowsPerTask, b = std::min(j->n1, a + kRowsPerTask);
+    pk::decompress(*j->w, a, b, j->out + (a - j->n0) * j->w->K);
+  }
+};
+
+struct CopyJob {
+  const char* src;
+  char* dst;
+  int64_t bytes, chunk;
+  static void task(void* p, int64_t i) {
+    auto* j = static_cast<CopyJob*>(p);
+    const int64_t a = i * j->chunk, b = std::min(j->bytes, a + j->chunk);
+    std::memcpy(j->dst + a, j->src + a, size_t(b - a));
+  }
+};
+
+}  // namespace
+
+#define PK_API __attribute__((visibility("default")))
+
+extern "C" {
+
+// 0 scalar, 1 AVX2+FMA, 2 AVX-512F.
+PK_API int pk_best_isa() { return g_best; }
+PK_API int pk_isa() { return g_isa.load(); }
+// Force an instruction set no better than the CPU's (tests compare every path); -1 if not available.
+PK_API int pk_set_isa(int isa) {
+  if (isa < kScalar || isa > g_best) return -1;
+  g_isa.store(isa);
+  return isa;
+}
+PK_API int pk_threads() { return pool().threads(); }
+PK_API void pk_set_threads(int n) { pool().resize(n); }
+
+// y[M][N] = x[M][K] · Wᵀ, W as a bitmask (see kernels.h); x and y contiguous.
+PK_API void pk_gemv(int64_t N, int64_t K, const uint16_t* masks, const float* values, const int64_t* row_off, const float* x, int64_t M,
+                    float* y) {
+  const pk::Bitmask w{N, K, masks, values, row_off};
+  GemvJob job{&w, x, M, y, g_isa.load(std::memory_order_relaxed)};
+  pool().run((N + kRowsPerTask - 1) / kRowsPerTask, &GemvJob::task, &job);
+}
+
+// Rows [n0, n1) of W, dense, into out[(n1-n0)][K].
+PK_API void pk_decompress(int64_t N, int64_t K, const uint16_t* masks, const float* values, const int64_t* row_off, int64_t n0, int64_t n1,
+                          float* out) {
+  const pk::Bitmask w{N, K, masks, values, row_off};
+  DecompressJob job{&w, n0, n1, out};
+  pool().run((n1 - n0 + kRowsPerTask - 1) / kRowsPerTask, &DecompressJob::task, &job);
+}
+
+// Copy bandwidth of this machine with the pool's threads, in bytes moved (read + written) per second.
+PK_API double pk_copy_bandwidth(int64_t bytes, int reps) {
+  std::vector<char> src(size_t(bytes), 1), dst(size_t(bytes), 0);
+  const int64_t chunk = (1 << 20);
+  CopyJob job{src.data(), dst.data(), bytes, chunk};
+  const int64_t ntasks = (bytes + chunk - 1) / chunk;
+  pool().run(ntasks, &CopyJob::task, &job);  // touch the pages first
+  double best = 0.0;
+  for (int r = 0; r < reps; ++r) {
+    const auto t0 = std::chrono::steady_clock::now();
+    pool().run(ntasks, &CopyJob::task, &job);
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    best = std::max(best, 2.0 * double(bytes) / s);
+  }
+  return best;
+}
+
+}  // extern "C"

@@ -1,0 +1,109 @@
+// AVX2 + FMA kernels (compiled with -mavx2 -mfma): 8 inputs per step. AVX2 has no expand, so the
+// kept values of an 8-input byte of the mask are loaded contiguously (masked to their count) and
+// put in their lanes by a permutation looked up from the mask byte; x is loaded under the mask.
+#include <immintrin.h>
+
+#include <array>
+
+#include "kernels.h"
+
+namespace pk {
+namespace {
+
+struct Tables {
+  alignas(32) int32_t perm[256][8];    // lane j takes packed value perm[m][j]
+  alignas(32) int32_t select[256][8];  // -1 where bit j of m is set
+  alignas(32) int32_t prefix[9][8];    // -1 in the first c lanes
+  Tables() {
+    for (int m = 0; m < 256; ++m) {
+      int c = 0;
+      for (int j = 0; j < 8; ++j) {
+        const bool on = (m >> j) & 1;
+        perm[m][j] = on ? c : 0;
+        select[m][j] = on ? -1 : 0;
+        c += on;
+      }
+    }
+    for (int c = 0; c <= 8; ++c)
+      for (int j = 0; j < 8; ++j) prefix[c][j] = j < c ? -1 : 0;
+  }
+};
+const Tables kT;
+
+constexpr int kPrefetchFloats = 128;
+
+inline float hsum(__m256 v) {
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 s2 = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
+}
+
+// RB output rows at once (independent chains), MM rows of x each; prefetching as in avx512.cpp.
+template <bool Dense, int MM, int RB>
+void block(const Bitmask& w, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t n) {
+  const int64_t KW = words(w);
+  const float* v[RB];
+  const uint16_t* mk[RB];
+  __m256 acc[RB][MM];
+  for (int r = 0; r < RB; ++r) {
+    v[r] = row_values(w, n + r);
+    if (!Dense) mk[r] = row_masks(w, n + r);
+    if (n + RB + r < w.N) _mm_prefetch(reinterpret_cast<const char*>(row_values(w, n + RB + r)), _MM_HINT_T0);
+    for (int m = 0; m < MM; ++m) acc[r][m] = _mm256_setzero_ps();
+  }
+  for (int64_t word = 0; word < KW; ++word) {
+    for (int r = 0; r < RB; ++r) {
+      _mm_prefetch(reinterpret_cast<const char*>(v[r] + kPrefetchFloats), _MM_HINT_T0);
+      const uint32_t all = word * 16 + 16 <= w.K ? 0xFFFFu : (1u << (w.K % 16)) - 1u;
+      const uint32_t bits = Dense ? all : mk[r][word];
+      for (int half = 0; half < 2; ++half) {
+        const int b = (bits >> (8 * half)) & 0xFF;
+        if (!b) {
+          if (Dense) v[r] += 8;
+          continue;
+        }
+        const int c = __builtin_popcount(b);
+        const __m256 packed = _mm256_maskload_ps(v[r], _mm256_load_si256(reinterpret_cast<const __m256i*>(kT.prefix[c])));
+        const __m256i sel = _mm256_load_si256(reinterpret_cast<const __m256i*>(kT.select[b]));
+        const __m256 wv = _mm256_and_ps(
+            _mm256_permutevar8x32_ps(packed, _mm256_load_si256(reinterpret_cast<const __m256i*>(kT.perm[b]))), _mm256_castsi256_ps(sel));
+        const int64_t k = word * 16 + half * 8;
+        for (int m = 0; m < MM; ++m) acc[r][m] = _mm256_fmadd_ps(wv, _mm256_maskload_ps(x + m * ldx + k, sel), acc[r][m]);
+        v[r] += Dense ? 8 : c;
+      }
+    }
+  }
+  for (int r = 0; r < RB; ++r)
+    for (int m = 0; m < MM; ++m) y[m * ldy + n + r] = hsum(acc[r][m]);
+}
+
+template <int MM>
+void rows(const Bitmask& w, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t n0, int64_t n1) {
+  int64_t n = n0;
+  if (dense(w)) {
+    for (; n + 4 <= n1; n += 4) block<true, MM, 4>(w, x, ldx, y, ldy, n);
+    for (; n < n1; ++n) block<true, MM, 1>(w, x, ldx, y, ldy, n);
+    return;
+  }
+  for (; n + 4 <= n1; n += 4) block<false, MM, 4>(w, x, ldx, y, ldy, n);
+  for (; n < n1; ++n) block<false, MM, 1>(w, x, ldx, y, ldy, n);
+}
+
+void gemv(const Bitmask& w, const float* x, int64_t M, int64_t ldx, float* y, int64_t ldy, int64_t n0, int64_t n1) {
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4) rows<4>(w, x + m * ldx, ldx, y + m * ldy, ldy, n0, n1);
+  switch (M - m) {
+    case 3: rows<3>(w, x + m * ldx, ldx, y + m * ldy, ldy, n0, n1); break;
+    case 2: rows<2>(w, x + m * ldx, ldx, y + m * ldy, ldy, n0, n1); break;
+    case 1: rows<1>(w, x + m * ldx, ldx, y + m * ldy, ldy, n0, n1); break;
+    default: break;
+  }
+}
+
+}  // namespace
+
+void gemv_avx2(const Bitmask& w, const float* x, int64_t M, int64_t ldx, float* y, int64_t ldy, int64_t n0, int64_t n1) {
+  gemv(w, x, M, ldx, y, ldy, n0, n1);
+}
+
+}  // namespace pk

@@ -1,0 +1,41 @@
+// Sparse linear kernels: y[M][N] = x[M][K] · Wᵀ for a weight W[N][K] stored as a bitmask.
+//
+// Per output row n: which inputs k are kept, a bit per input in 16-bit words (masks
+// uint16[N][KW], KW = ceil(K/16), bit j of word w = input 16w + j; bits beyond K are zero), and
+// the kept values in input order (values float[row_off[N]], row n's at row_off[n] .. row_off[n+1]).
+// A 2:4 weight is this format too: its positions (2 bits per kept value, 4 bits per group of four)
+// become a 4-bit group mask of the same size when the weight is loaded. Every kernel reads only the
+// kept values and the bit per weight: that is the point.
+#pragma once
+#include <cstdint>
+
+namespace pk {
+
+struct Bitmask {
+  int64_t N, K;
+  const uint16_t* masks;
+  const float* values;
+  const int64_t* row_off;
+};
+// masks == nullptr (and row_off == nullptr) marks a dense weight: values float[N][K] row-major. The
+// same kernels run it (every bit set), so a dense layer kept dense (an embedding used as the output
+// head, a layer left unpruned) needs no second code path in the host.
+
+// Internal linkage: the helpers are compiled into every instruction set's file with that file's
+// flags, and must not be shared between them by the linker.
+namespace {
+inline int64_t words(const Bitmask& w) { return (w.K + 15) / 16; }
+inline bool dense(const Bitmask& w) { return w.masks == nullptr; }
+inline const float* row_values(const Bitmask& w, int64_t n) { return dense(w) ? w.values + n * w.K : w.values + w.row_off[n]; }
+inline const uint16_t* row_masks(const Bitmask& w, int64_t n) { return w.masks + n * words(w); }
+}  // namespace
+
+// One implementation per instruction set, each in its own file: rows [n0, n1) of y, any M.
+void gemv_scalar(const Bitmask& w, const float* x, int64_t M, int64_t ldx, float* y, int64_t ldy, int64_t n0, int64_t n1);
+void gemv_avx2(const Bitmask& w, const float* x, int64_t M, int64_t ldx, float* y, int64_t ldy, int64_t n0, int64_t n1);
+void gemv_avx512(const Bitmask& w, const float* x, int64_t M, int64_t ldx, float* y, int64_t ldy, int64_t n0, int64_t n1);
+
+// Rows [n0, n1) of W written dense into out[(n1-n0)][K] (the prefill path decompresses tile by tile).
+void decompress(const Bitmask& w, int64_t n0, int64_t n1, float* out);
+
+}  // namespace pk

@@ -1,0 +1,40 @@
+// Scalar reference (no SIMD): the definition every SIMD path is tested against, and the path used
+// where neither AVX2+FMA nor AVX-512 is present.
+#include "kernels.h"
+
+namespace pk {
+
+void gemv_scalar(const Bitmask& w, const float* x, int64_t M, int64_t ldx, float* y, int64_t ldy, int64_t n0, int64_t n1) {
+  const int64_t KW = words(w);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint16_t* mk = dense(w) ? nullptr : row_masks(w, n);
+    for (int64_t m = 0; m < M; ++m) {
+      const float* v = row_values(w, n);
+      float acc = 0.f;
+      for (int64_t word = 0; word < KW; ++word) {
+        const uint32_t all = word * 16 + 16 <= w.K ? 0xFFFFu : (1u << (w.K % 16)) - 1u;
+        for (uint32_t bits = mk ? mk[word] : all; bits; bits &= bits - 1) acc += *v++ * x[m * ldx + word * 16 + __builtin_ctz(bits)];
+      }
+      y[m * ldy + n] = acc;
+    }
+  }
+}
+
+void decompress(const Bitmask& w, int64_t n0, int64_t n1, float* out) {
+  const int64_t KW = words(w);
+  for (int64_t n = n0; n < n1; ++n) {
+    float* row = out + (n - n0) * w.K;
+    for (int64_t k = 0; k < w.K; ++k) row[k] = 0.f;
+    const float* v = row_values(w, n);
+    if (dense(w)) {
+      for (int64_t k = 0; k < w.K; ++k) row[k] = v[k];
+      continue;
+    }
+    const uint16_t* mk = row_masks(w, n);
+    for (int64_t word = 0; word < KW; ++word) {
+      for (uint32_t bits = mk[word]; bits; bits &= bits - 1) row[word * 16 + __builtin_ctz(bits)] = *v++;
+    }
+  }
+}
+
+}  // namespace pk
