@@ -16,6 +16,7 @@ KNOWN_BACKENDS: dict[str, str | type] = {
     "onnxruntime-trt": "engines.onnxruntime_gpu:OnnxRuntimeTensorRTEngine",
     "tensorrt": "engines.tensorrt:TensorRTEngine",
     "torch-cuda": "engines.torch_cuda:TorchCudaEngine",
+    "native-cpu": "engines.native_cpu:NativeCpuEngine",
 }
 
 __all__ = ["Engine", "EngineArtifact", "KNOWN_BACKENDS", "Runner", "engine_class", "get_engine", "register_engine"]

@@ -46,8 +46,21 @@ class Engine(ABC):
     their types are checked by the recipe loader, and its ``__post_init__`` raises
     :class:`core.errors.OptionError` naming the key of a value out of range."""
 
+    source: str = "onnx"
+    """What ``build`` is given: 'onnx' (the variant's exported graph, ``onnx/model.onnx``) or 'model'
+    (the variant's saved model directory, for an engine that runs the model without ONNX)."""
+    generates: bool = False
+    """Whether its runner has ``generate(prompt, new_tokens)`` (greedy decode with its own KV cache);
+    the decode stage then times it beside the ONNX KV-cache graphs."""
+
     def __init__(self, options: dict[str, Any]):
         self.options = self.validate_options(dict(options))
+
+    @classmethod
+    def check_model(cls, facts: Any) -> str | None:
+        """None when this backend can run a model with these facts (:class:`core.adapters.base.ModelFacts`),
+        else the reason it cannot — asked by ``pipeline check`` before anything is built."""
+        return None
 
     def validate_options(self, options: dict[str, Any]) -> dict[str, Any]:
         """The options as a plain dict with defaults filled in; an unknown key is a ValueError naming it."""

@@ -106,7 +106,17 @@ class NativeCpuEngine(Engine):
     name = "native-cpu"
     source = "model"
     """Built from the variant's saved model directory (not its ONNX graph)."""
+    generates = True
     options_class = NativeOptions
+
+    @classmethod
+    def check_model(cls, facts: Any) -> str | None:
+        from core.adapters import ADAPTERS
+
+        adapter = next((a for a in ADAPTERS if a.family == facts.family), None)
+        if adapter is None or not adapter.native or facts.task != "causal-lm":
+            return f"family '{facts.family}' ({facts.task}) has no native decoder (its adapter does not fill 'native'); use onnxruntime-cpu"
+        return None
 
     def check_available(self) -> None:
         import platform

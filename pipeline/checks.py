@@ -43,6 +43,12 @@ def model_facts(recipe: Any, source: Any = None) -> tuple[Any, int]:
 def _check_model(recipe: Any, facts: Any) -> None:
     if recipe.export.kv_cache and facts.task != "causal-lm":
         raise RecipeError(f"recipe key 'export.kv_cache': KV-cache graphs are for causal LMs; this {facts.family} model is an {facts.task}")
+    from engines import engine_class
+
+    for i, e in enumerate(recipe.engines):
+        why = engine_class(e.backend).check_model(facts)
+        if why:
+            raise RecipeError(f"recipe key 'engines[{i}].backend': engine '{e.backend}' cannot run this model: {why}")
     if facts.context is None:
         return
     v = recipe.validation

@@ -29,8 +29,9 @@ LIB_PATH = Path(__file__).resolve().parent / "lib" / "libprune_kernels.so"
 ISA_NAMES = {0: "scalar", 1: "avx2+fma", 2: "avx512f"}
 GEMV_MAX_ROWS = 8
 """Rows of x up to which the sparse kernel runs (it reads the weight once per 4 rows)."""
-TILE_ROWS = 128
-"""Output rows decompressed per tile on the prefill path (128 × K floats: L2-sized for K ≤ 2048)."""
+TILE_ROWS = 1024
+"""Output rows decompressed per tile on the prefill path: a reused buffer of at most 1024 × K floats
+(6 MB at K = 1536), large enough that the GEMM calls' fixed cost stays small."""
 
 _lib = None
 _lock = threading.Lock()
@@ -60,8 +61,11 @@ def lib() -> ctypes.CDLL:
             L.pk_set_isa.argtypes = [ctypes.c_int]
             L.pk_threads.restype = ctypes.c_int
             L.pk_set_threads.argtypes = [ctypes.c_int]
+            L.pk_set_spin_us.argtypes = [ctypes.c_int]
             L.pk_gemv.argtypes = [_i64, _i64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, _i64, ctypes.c_void_p]
             L.pk_decompress.argtypes = [_i64, _i64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, _i64, _i64, ctypes.c_void_p]
+            L.pk_gemv_24.argtypes = [_i64, _i64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, _i64, ctypes.c_void_p]
+            L.pk_decompress_24.argtypes = [_i64, _i64, ctypes.c_void_p, ctypes.c_void_p, _i64, _i64, ctypes.c_void_p]
             L.pk_copy_bandwidth.restype = ctypes.c_double
             L.pk_copy_bandwidth.argtypes = [_i64, ctypes.c_int]
             _lib = L
@@ -132,6 +136,48 @@ VALUE_PAD = 16
 """Floats of zeros after the last kept value: the AVX-512 kernel loads 16 values at a time."""
 
 
+class DenseGemm:
+    """``y = x · Wᵀ`` for dense float32 ``x`` (M, K) and ``W`` (N, K) by ONNX Runtime's MLAS GEMM, the
+    fastest CPU GEMM this project has measured (≈ 400 GFLOP/s on 2 AVX-512 cores where NumPy's
+    OpenBLAS gave ≈ 230 and PyTorch ≈ 200): the prefill path's dense tiles go through it. One
+    session with both operands as inputs, so nothing is copied into it."""
+
+    def __init__(self, threads: int):
+        import onnx
+        import onnxruntime as ort
+        from onnx import TensorProto, helper
+
+        node = helper.make_node("Gemm", ["x", "w"], ["y"], transB=1)
+        graph = helper.make_graph(
+            [node], "dense_gemm",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["m", "k"]), helper.make_tensor_value_info("w", TensorProto.FLOAT, ["n", "k"])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["m", "n"])],
+        )
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        so.log_severity_level = 3
+        self.threads = threads
+        self.session = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        onnx.checker.check_model(model)
+
+    def __call__(self, x: np.ndarray, w: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {"x": np.ascontiguousarray(x, np.float32), "w": w})[0]
+
+
+_gemm: DenseGemm | None = None
+
+
+def dense_gemm() -> DenseGemm:
+    """The process's DenseGemm, with as many threads as the kernels."""
+    global _gemm
+    n = threads()
+    if _gemm is None or _gemm.threads != n:
+        _gemm = DenseGemm(n)
+    return _gemm
+
+
 class NativeWeight:
     """A weight held in the layout the kernels read (contiguous arrays, kept alive here): a
     :class:`CompressedWeight`, or a dense ``(N, K)`` array (``format`` 'dense', every bit set)."""
@@ -149,6 +195,16 @@ class NativeWeight:
             return
         self.format = c.format
         self.n, self.k = c.shape
+        self._tile = None
+        if c.format == "2:4":  # the 2:4 kernel reads values and 2-bit positions as they are stored
+            self.nbytes = c.nbytes
+            values = np.concatenate([np.ascontiguousarray(c.arrays["values"], np.float32).reshape(-1), np.zeros(VALUE_PAD, np.float32)])
+            positions = np.ascontiguousarray(c.arrays["positions"], np.uint8)
+            if values.size - VALUE_PAD != self.n * self.k // 2 or positions.shape != (self.n, (self.k + 7) // 8):
+                raise ValueError(f"2:4 weight: values {values.size - VALUE_PAD} / positions {positions.shape} do not fit a ({self.n}, {self.k}) weight")
+            self.arrays = {"values": values, "positions": positions}
+            self._args = (values.ctypes.data, positions.ctypes.data)
+            return
         arrays = kernel_arrays(c)
         arrays["values"] = np.concatenate([arrays["values"].reshape(-1), np.zeros(VALUE_PAD, np.float32)])
         self.arrays = {name: np.ascontiguousarray(a) for name, a in arrays.items()}
@@ -173,9 +229,12 @@ class NativeWeight:
             raise ValueError(f"stacked weight: parts have different input widths {[p.k for p in parts]}")
         if all(p.format == "dense" for p in parts):
             return cls(np.concatenate([p.dense_view() for p in parts], axis=0))
+        if all(p.format == "2:4" for p in parts):
+            values = np.concatenate([p.arrays["values"][: p.n * k // 2] for p in parts]).reshape(-1, k // 2)
+            return cls(CompressedWeight("2:4", (sum(p.n for p in parts), k), {"values": values, "positions": np.concatenate([p.arrays["positions"] for p in parts])}))
         masks, values, offsets, start = [], [], [np.zeros(1, np.int64)], 0
         for p in parts:
-            a = p.arrays if p.format != "dense" else cls(compress(p.dense_view(), "bitmask")).arrays
+            a = p.arrays if p.format == "bitmask" else cls(compress(p.to_dense(), "bitmask")).arrays
             masks.append(a["masks"])
             values.append(a["values"][: int(a["row_offsets"][-1])])
             offsets.append(a["row_offsets"][1:] + start)
@@ -187,6 +246,13 @@ class NativeWeight:
         out.format = "+".join(sorted({p.format for p in parts}))
         return out
 
+    def to_dense(self) -> np.ndarray:
+        """The (N, K) weight, dense (a copy for compressed weights)."""
+        if self.format == "dense":
+            return self.dense_view().copy()
+        out = np.empty((self.n, self.k), np.float32)
+        return self.decompress_rows(0, self.n, out)
+
     def dense_view(self) -> np.ndarray:
         """The (N, K) weight of a dense NativeWeight, without a copy."""
         if self.format != "dense":
@@ -197,22 +263,29 @@ class NativeWeight:
         """``x`` (M, K) float32 contiguous → (M, N), by the sparse kernel."""
         m = x.shape[0]
         y = np.empty((m, self.n), np.float32)
-        lib().pk_gemv(self.n, self.k, *self._args, x.ctypes.data, m, y.ctypes.data)
+        self.gemv_into(x.ctypes.data, m, y.ctypes.data)
         return y
 
     def gemv_into(self, x_ptr: int, m: int, y_ptr: int) -> None:
         """The kernel on raw buffers (x (m, K), y (m, N), float32, contiguous): for hosts with their own tensors."""
-        lib().pk_gemv(self.n, self.k, *self._args, x_ptr, m, y_ptr)
+        if self.format == "2:4":
+            lib().pk_gemv_24(self.n, self.k, *self._args, x_ptr, m, y_ptr)
+        else:
+            lib().pk_gemv(self.n, self.k, *self._args, x_ptr, m, y_ptr)
 
     def decompress_rows(self, n0: int, n1: int, out: np.ndarray) -> np.ndarray:
-        lib().pk_decompress(self.n, self.k, *self._args, n0, n1, out.ctypes.data)
+        if self.format == "2:4":
+            lib().pk_decompress_24(self.n, self.k, *self._args, n0, n1, out.ctypes.data)
+        else:
+            lib().pk_decompress(self.n, self.k, *self._args, n0, n1, out.ctypes.data)
         return out[: n1 - n0]
 
     def gemm_tiled(self, x: np.ndarray) -> np.ndarray:
-        """``x`` (M, K) → (M, N): decompress TILE_ROWS output rows at a time, multiply with BLAS (a
-        dense weight is multiplied as it is)."""
+        """``x`` (M, K) → (M, N): decompress TILE_ROWS output rows at a time, multiply by ONNX Runtime's
+        GEMM (a dense weight is multiplied as it is)."""
+        gemm = dense_gemm()
         if self.format == "dense":
-            return np.matmul(x, self.dense_view().T)
+            return gemm(x, self.dense_view())
         m = x.shape[0]
         y = np.empty((m, self.n), np.float32)
         rows = min(TILE_ROWS, self.n)
@@ -221,7 +294,9 @@ class NativeWeight:
         for n0 in range(0, self.n, rows):
             n1 = min(self.n, n0 + rows)
             tile = self.decompress_rows(n0, n1, self._tile)
-            np.matmul(x, tile.T, out=y[:, n0:n1])
+            if n0 == 0 and n1 == self.n:
+                return gemm(x, tile)
+            y[:, n0:n1] = gemm(x, tile)
         return y
 
     def __call__(self, x: np.ndarray) -> np.ndarray:

@@ -45,10 +45,16 @@ class DecodeStage(Stage):
     def options(self, ctx: BuildContext, v: Any = None, e: Any = None) -> dict[str, Any]:
         return asdict(ctx.recipe.validation.decode)
 
+    @staticmethod
+    def generating_engines(ctx: BuildContext) -> list[Any]:
+        """The recipe's engines that decode with their own KV cache (``Engine.generates``) and are available."""
+        return [e for e in ctx.recipe.engines if getattr(ctx.engine(e), "generates", False) and e.backend not in ctx.unavailable]
+
     def key(self, ctx: BuildContext, v: Any = None, e: Any = None) -> str:
+        engines = [(g.backend, [ctx.content(x.name, f"engine-{g.backend}") for x in ctx.ordered]) for g in self.generating_engines(ctx)]
         return stable_hash(
             "decode", [(x.name, ctx.content(x.name, "kv"), ctx.content(x.name, "model")) for x in ctx.ordered], self.options(ctx),
-            ctx.data_key("evaluation"), STAGE_SCHEMA,
+            ctx.data_key("evaluation"), engines, STAGE_SCHEMA,
         )
 
     def contribute(self, ctx: BuildContext, results: dict[str, Any], v: Any = None, e: Any = None) -> None:
@@ -64,7 +70,8 @@ class DecodeStage(Stage):
         from contextlib import ExitStack
 
         from engines.onnxruntime import OnnxRuntimeCpuEngine
-        from export.kv_export import cache_layout, compare_with_generate, decode_timing, greedy_generate
+        from export.kv_export import GreedyResult, cache_layout, compare_with_generate, decode_timing, greedy_generate
+        from pipeline.stages import engine as engine_stage
         from pipeline.validate import round_robin
 
         dense = ctx.dense()
@@ -92,10 +99,48 @@ class DecodeStage(Stage):
                         "%s: greedy tokens differ from PyTorch; leading tokens equal to the model in float64: engine %d, PyTorch fp32 %d",
                         v.name, f64["engine_tokens_equal_fp64"], f64["torch_fp32_tokens_equal_fp64"],
                     )
+            # engines with their own decoder (e.g. native-cpu): the same prompt, timed in the same rounds
+            own: dict[str, tuple[str, str, Any]] = {}
+            for g in self.generating_engines(ctx):
+                for v in ordered:
+                    art = engine_stage.artifact(ctx, v.name, g.backend)
+                    r = stack.enter_context(ctx.engine(g).runner(art))
+                    key = f"{v.name}@{g.backend}"
+                    own[key] = (v.name, g.backend, r)
+                    run = r.generate(prompt, spec.greedy_tokens)
+                    model = dense.model if v.name == "dense" else ctx.variant_model(v.name)
+                    cmp = compare_with_generate(GreedyResult(run.tokens, run.logits, run.prefill_ms, run.decode_ms), model, prompt)
+                    cmp.pop("max_abs_logit_delta_per_step")
+                    cmp["runtime"] = r.describe()
+                    result["variants"][v.name].setdefault("engines", {})[g.backend] = cmp
+                    log.info("%s on %s: greedy decode tokens identical %s, max |Δlogit| %.2e", v.name, g.backend, cmp["tokens_identical"], cmp["max_abs_logit_delta"])
+
+            def timed(n: str) -> dict[str, float]:
+                if n in own:
+                    run = own[n][2].generate(prompt, spec.new_tokens)
+                    return {"decode_ms_per_token": statistics.mean(run.decode_ms), "prefill_ms": run.prefill_ms}
+                return decode_timing(*runners[n], layouts[n], prompt, spec.new_tokens)
+
             for name in runners:  # warm-up
                 greedy_generate(*runners[name], layouts[name], prompt, 4)
-            samples = round_robin(list(runners), spec.repeats, lambda n: decode_timing(*runners[n], layouts[n], prompt, spec.new_tokens))
+            for key in own:
+                own[key][2].generate(prompt, 4)
+            samples = round_robin(list(runners) + list(own), spec.repeats, timed)
         base = {m: statistics.median(samples["dense"][m]) for m in ("decode_ms_per_token", "prefill_ms")}
+        for key, (vname, backend, _) in own.items():
+            smp = samples.pop(key)
+            med = {m: statistics.median(smp[m]) for m in smp}
+            result["variants"][vname]["engines"][backend].update(
+                {
+                    "new_tokens": spec.new_tokens,
+                    "decode_ms_per_token": round(med["decode_ms_per_token"], 3),
+                    "prefill_ms": round(med["prefill_ms"], 3),
+                    "decode_ratio": round(med["decode_ms_per_token"] / base["decode_ms_per_token"], 4),
+                    "prefill_ratio": round(med["prefill_ms"] / base["prefill_ms"], 4),
+                    "baseline": "onnxruntime-cpu dense KV-cache graphs",
+                    "samples": smp,
+                }
+            )
         for n, smp in samples.items():
             med = {m: statistics.median(smp[m]) for m in smp}
             result["variants"][n].update(

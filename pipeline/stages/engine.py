@@ -30,14 +30,22 @@ class EngineStage(Stage):
     kind = "engine"
     scope = Scope.VARIANT_ENGINE
 
+    @staticmethod
+    def source(ctx: BuildContext, v: Any, e: Any) -> tuple[str, Path]:
+        """The stage the engine builds from and the path it is given: the ONNX graph, or the saved model."""
+        if getattr(ctx.engine(e), "source", "onnx") == "model":
+            return "model", ctx.out / v.name / "model" / "model"
+        return "onnx", ctx.out / v.name / "onnx" / "model.onnx"
+
     def key(self, ctx: BuildContext, v: Any, e: Any) -> str:
-        return stable_hash("engine", ctx.content(v.name, "onnx"), e.to_dict(), ctx.engine(e).version_info(), STAGE_SCHEMA)
+        stage, _ = self.source(ctx, v, e)
+        return stable_hash("engine", ctx.content(v.name, stage), e.to_dict(), ctx.engine(e).version_info(), STAGE_SCHEMA)
 
     def options(self, ctx: BuildContext, v: Any, e: Any) -> dict[str, Any]:
         return e.to_dict()
 
     def build(self, ctx: BuildContext, tmp: Path, v: Any, e: Any) -> dict[str, Any]:
-        art = ctx.engine(e).build(ctx.out / v.name / "onnx" / "model.onnx", tmp)
+        art = ctx.engine(e).build(self.source(ctx, v, e)[1], tmp)
         return {"artifact": art.path.name, **art.info}
 
     def run(self, ctx: BuildContext, v: Any = None, e: Any = None) -> StageOutcome | None:

@@ -42,6 +42,11 @@ class Pool {
 
   int threads() const { return int(workers_.size()) + 1; }
 
+  // How long an idle worker spins before it sleeps: long enough to bridge the host's work between
+  // two kernel calls of a decode step, short enough not to steal a core from another runtime's
+  // threads (the prefill's GEMM) for long.
+  std::atomic<int> spin_us{50};
+
   void resize(int threads) {
     threads = std::max(1, threads);
     if (threads == this->threads() && !workers_.empty()) return;
@@ -87,7 +92,7 @@ class Pool {
   void work() {
     uint32_t seen = 0;
     for (;;) {
-      const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(200);
+      const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(spin_us.load(std::memory_order_relaxed));
       while (published_gen() == seen && !stop_.load(std::memory_order_acquire) && std::chrono::steady_clock::now() < until) _mm_pause();
       Fn fn;
       void* ctx;
@@ -154,14 +159,33 @@ struct GemvJob {
   }
 };
 
+struct TwoFourJob {
+  const pk::TwoFour* w;
+  const float* x;
+  int64_t M;
+  float* y;
+  int isa;
+  static void task(void* p, int64_t i) {
+    auto* j = static_cast<TwoFourJob*>(p);
+    const pk::TwoFour& w = *j->w;
+    const int64_t n0 = i * kRowsPerTask, n1 = std::min(w.N, n0 + kRowsPerTask);
+    if (j->isa == kAvx512) pk::gemv_twofour_avx512(w, j->x, j->M, w.K, j->y, w.N, n0, n1);
+    else if (j->isa == kAvx2) pk::gemv_twofour_avx2(w, j->x, j->M, w.K, j->y, w.N, n0, n1);
+    else pk::gemv_twofour_scalar(w, j->x, j->M, w.K, j->y, w.N, n0, n1);
+  }
+};
+
+template <class W>
 struct DecompressJob {
-  const pk::Bitmask* w;
+  const W* w;
   int64_t n0, n1;
   float* out;
+  int isa;
   static void task(void* p, int64_t i) {
-    auto* j = static_cast<DecompressJob*>(p);
+    auto* j = static_cast<DecompressJob<W>*>(p);
     const int64_t a = j->n0 + i * kRowsPerTask, b = std::min(j->n1, a + kRowsPerTask);
-    pk::decompress(*j->w, a, b, j->out + (a - j->n0) * j->w->K);
+    if (j->isa == kAvx512) pk::decompress_avx512(*j->w, a, b, j->out + (a - j->n0) * j->w->K);
+    else pk::decompress(*j->w, a, b, j->out + (a - j->n0) * j->w->K);
   }
 };
 
@@ -192,6 +216,7 @@ PK_API int pk_set_isa(int isa) {
   return isa;
 }
 PK_API int pk_threads() { return pool().threads(); }
+PK_API void pk_set_spin_us(int us) { pool().spin_us.store(us < 0 ? 0 : us); }
 PK_API void pk_set_threads(int n) { pool().resize(n); }
 
 // y[M][N] = x[M][K] · Wᵀ, W as a bitmask (see kernels.h); x and y contiguous.
@@ -206,8 +231,21 @@ PK_API void pk_gemv(int64_t N, int64_t K, const uint16_t* masks, const float* va
 PK_API void pk_decompress(int64_t N, int64_t K, const uint16_t* masks, const float* values, const int64_t* row_off, int64_t n0, int64_t n1,
                           float* out) {
   const pk::Bitmask w{N, K, masks, values, row_off};
-  DecompressJob job{&w, n0, n1, out};
-  pool().run((n1 - n0 + kRowsPerTask - 1) / kRowsPerTask, &DecompressJob::task, &job);
+  DecompressJob<pk::Bitmask> job{&w, n0, n1, out, g_isa.load(std::memory_order_relaxed)};
+  pool().run((n1 - n0 + kRowsPerTask - 1) / kRowsPerTask, &DecompressJob<pk::Bitmask>::task, &job);
+}
+
+// y[M][N] = x[M][K] · Wᵀ, W 2:4 as stored (values + 2-bit positions, see kernels.h).
+PK_API void pk_gemv_24(int64_t N, int64_t K, const float* values, const uint8_t* positions, const float* x, int64_t M, float* y) {
+  const pk::TwoFour w{N, K, values, positions};
+  TwoFourJob job{&w, x, M, y, g_isa.load(std::memory_order_relaxed)};
+  pool().run((N + kRowsPerTask - 1) / kRowsPerTask, &TwoFourJob::task, &job);
+}
+
+PK_API void pk_decompress_24(int64_t N, int64_t K, const float* values, const uint8_t* positions, int64_t n0, int64_t n1, float* out) {
+  const pk::TwoFour w{N, K, values, positions};
+  DecompressJob<pk::TwoFour> job{&w, n0, n1, out, g_isa.load(std::memory_order_relaxed)};
+  pool().run((n1 - n0 + kRowsPerTask - 1) / kRowsPerTask, &DecompressJob<pk::TwoFour>::task, &job);
 }
 
 // Copy bandwidth of this machine with the pool's threads, in bytes moved (read + written) per second.

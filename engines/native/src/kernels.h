@@ -21,6 +21,15 @@ struct Bitmask {
 // same kernels run it (every bit set), so a dense layer kept dense (an embedding used as the output
 // head, a layer left unpruned) needs no second code path in the host.
 
+// 2:4 as stored: values float[N][K/2] (two kept of every four inputs, in input order), positions
+// uint8[N][ceil(K/8)] (2 bits per kept value: the first group of a byte in bits 0-3, the second in
+// bits 4-7; the high half of a row's last byte unused when K % 8 == 4). K % 4 == 0.
+struct TwoFour {
+  int64_t N, K;
+  const float* values;
+  const uint8_t* positions;
+};
+
 // Internal linkage: the helpers are compiled into every instruction set's file with that file's
 // flags, and must not be shared between them by the linker.
 namespace {
@@ -28,6 +37,7 @@ inline int64_t words(const Bitmask& w) { return (w.K + 15) / 16; }
 inline bool dense(const Bitmask& w) { return w.masks == nullptr; }
 inline const float* row_values(const Bitmask& w, int64_t n) { return dense(w) ? w.values + n * w.K : w.values + w.row_off[n]; }
 inline const uint16_t* row_masks(const Bitmask& w, int64_t n) { return w.masks + n * words(w); }
+inline int64_t position_bytes(int64_t K) { return (K + 7) / 8; }
 }  // namespace
 
 // One implementation per instruction set, each in its own file: rows [n0, n1) of y, any M.
@@ -35,7 +45,14 @@ void gemv_scalar(const Bitmask& w, const float* x, int64_t M, int64_t ldx, float
 void gemv_avx2(const Bitmask& w, const float* x, int64_t M, int64_t ldx, float* y, int64_t ldy, int64_t n0, int64_t n1);
 void gemv_avx512(const Bitmask& w, const float* x, int64_t M, int64_t ldx, float* y, int64_t ldy, int64_t n0, int64_t n1);
 
+void gemv_twofour_scalar(const TwoFour& w, const float* x, int64_t M, int64_t ldx, float* y, int64_t ldy, int64_t n0, int64_t n1);
+void gemv_twofour_avx2(const TwoFour& w, const float* x, int64_t M, int64_t ldx, float* y, int64_t ldy, int64_t n0, int64_t n1);
+void gemv_twofour_avx512(const TwoFour& w, const float* x, int64_t M, int64_t ldx, float* y, int64_t ldy, int64_t n0, int64_t n1);
+
 // Rows [n0, n1) of W written dense into out[(n1-n0)][K] (the prefill path decompresses tile by tile).
 void decompress(const Bitmask& w, int64_t n0, int64_t n1, float* out);
+void decompress(const TwoFour& w, int64_t n0, int64_t n1, float* out);
+void decompress_avx512(const Bitmask& w, int64_t n0, int64_t n1, float* out);
+void decompress_avx512(const TwoFour& w, int64_t n0, int64_t n1, float* out);
 
 }  // namespace pk

@@ -37,4 +37,35 @@ void decompress(const Bitmask& w, int64_t n0, int64_t n1, float* out) {
   }
 }
 
+void gemv_twofour_scalar(const TwoFour& w, const float* x, int64_t M, int64_t ldx, float* y, int64_t ldy, int64_t n0, int64_t n1) {
+  const int64_t pb = position_bytes(w.K), groups = w.K / 4;
+  for (int64_t n = n0; n < n1; ++n) {
+    const float* v = w.values + n * (w.K / 2);
+    const uint8_t* p = w.positions + n * pb;
+    for (int64_t m = 0; m < M; ++m) {
+      float acc = 0.f;
+      for (int64_t g = 0; g < groups; ++g) {
+        const int nib = (p[g / 2] >> (4 * (g % 2))) & 0xF;
+        acc += v[2 * g] * x[m * ldx + 4 * g + (nib & 3)] + v[2 * g + 1] * x[m * ldx + 4 * g + (nib >> 2)];
+      }
+      y[m * ldy + n] = acc;
+    }
+  }
+}
+
+void decompress(const TwoFour& w, int64_t n0, int64_t n1, float* out) {
+  const int64_t pb = position_bytes(w.K), groups = w.K / 4;
+  for (int64_t n = n0; n < n1; ++n) {
+    float* row = out + (n - n0) * w.K;
+    for (int64_t k = 0; k < w.K; ++k) row[k] = 0.f;
+    const float* v = w.values + n * (w.K / 2);
+    const uint8_t* p = w.positions + n * pb;
+    for (int64_t g = 0; g < groups; ++g) {
+      const int nib = (p[g / 2] >> (4 * (g % 2))) & 0xF;
+      row[4 * g + (nib & 3)] = v[2 * g];
+      row[4 * g + (nib >> 2)] = v[2 * g + 1];
+    }
+  }
+}
+
 }  // namespace pk

@@ -1,0 +1,178 @@
+"""Batch-1 decode and prefill of sparse variants on the native-cpu engine against ONNX Runtime dense,
+interleaved in one process (issue 28's must-show).
+
+Takes a finished build directory whose recipe exported KV-cache graphs (``export.kv_cache: true``):
+ONNX Runtime runs the dense variant's ``kv/prefill.onnx`` + ``kv/decode.onnx`` (the fastest dense
+decode the project has), the native-cpu engine runs every variant (dense included, to show the
+host's own overhead) from an artifact built here from the variant's saved model. Each repeat is one
+greedy run of ``--new`` tokens after a ``--prompt``-token prompt from the evaluation text; the
+starting runner rotates per repeat. Reported: ms/token and prefill ms (medians, with min–max), their
+ratios to ONNX Runtime dense, the artifact size against the dense ONNX file, tokens identical to
+ONNX Runtime's / PyTorch's greedy tokens, and a roofline line: bytes of the block linears read per
+token divided by their share of the step time, against this machine's copy bandwidth measured in the
+same run.
+
+    python benchmarks/native_decode.py build/sparse-cpu --variants dense,sds-sparsegpt-2of4 --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import ROOT, markdown_table, write_result  # noqa: E402
+
+log = logging.getLogger("native_decode")
+
+
+def prompt_tokens(model_dir: Path, n: int) -> np.ndarray:
+    from transformers import AutoTokenizer
+
+    from calibrate.data import load_splits, tokenize
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    ids = tokenize(tok, load_splits("shakespeare").evaluation)
+    return np.asarray(ids[:n], np.int64)[None]
+
+
+def linear_step_ms(runner, prompt: np.ndarray, reps: int = 5) -> float:
+    """Milliseconds per decode step spent in the block linears alone (the same kernels on the same
+    weights, called back to back with the step's input sizes), for the roofline line."""
+    dec = runner.decoder
+    xs = {}
+    t_best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for L in dec.layers:
+            for w in (L.qkv, L.o, L.gate_up, L.down):
+                x = xs.get(w.k)
+                if x is None:
+                    x = xs[w.k] = np.random.default_rng(0).standard_normal((1, w.k)).astype(np.float32)
+                w.gemv(x)
+        t_best = min(t_best, (time.perf_counter() - t0) * 1e3)
+    return t_best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("build", type=Path, help="a build directory with KV-cache graphs (export.kv_cache: true)")
+    ap.add_argument("--variants", default="", help="comma-separated variants (default: every variant of the build)")
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--new", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "native_decode.json")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+    from engines import native
+    from engines.native_cpu import NativeCpuEngine
+    from engines.onnxruntime import OnnxRuntimeCpuEngine
+    from export.kv_export import cache_layout, greedy_generate
+    from core.adapters import adapter_for
+    from pipeline.validate import round_robin
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    build = args.build
+    names = [v for v in args.variants.split(",") if v] or sorted(p.name for p in build.iterdir() if (p / "model" / "model").is_dir())
+    if "dense" not in names:
+        names.insert(0, "dense")
+    dense_model = build / "dense" / "model" / "model"
+    prompt = prompt_tokens(dense_model, args.prompt)
+    native_engine = NativeCpuEngine({"threads": args.threads})
+    ort = OnnxRuntimeCpuEngine({"threads": args.threads})
+    dense_torch = AutoModelForCausalLM.from_pretrained(str(dense_model), dtype="float32").eval()
+    layout = cache_layout(dense_torch, adapter_for(AutoConfig.from_pretrained(str(dense_model))))
+    del dense_torch
+
+    result: dict = {"build": str(build), "prompt_tokens": int(prompt.shape[1]), "new_tokens": args.new, "threads": args.threads, "repeats": args.repeats, "variants": {}}
+    with ExitStack() as stack, tempfile.TemporaryDirectory() as tmp:
+        pre = stack.enter_context(ort.open(build / "dense" / "kv" / "prefill.onnx", spinning=False, name="ort:prefill"))
+        dec = stack.enter_context(ort.open(build / "dense" / "kv" / "decode.onnx", spinning=False, name="ort:decode"))
+        runners = {"onnxruntime-cpu:dense": ("ort", (pre, dec))}
+        sizes = {}
+        for v in names:
+            out = Path(tmp) / v
+            out.mkdir()
+            art = native_engine.build(build / v / "model" / "model", out)
+            sizes[v] = {"native_artifact_bytes": art.info["bytes"], "formats": art.info["formats"], "linear_bytes_ratio": art.info["linear_bytes_ratio"]}
+            onnx = build / v / "onnx" / "model.onnx"
+            if onnx.is_file():
+                data = Path(str(onnx) + ".data")
+                sizes[v]["onnx_bytes"] = onnx.stat().st_size + (data.stat().st_size if data.is_file() else 0)
+            runners[f"native-cpu:{v}"] = ("native", stack.enter_context(native_engine.runner(art, threads=args.threads)))
+        ref_tokens = greedy_generate(pre, dec, layout, prompt, 32).tokens
+
+        def run(key: str) -> dict:
+            kind, r = runners[key]
+            if kind == "ort":
+                g = greedy_generate(*r, layout, prompt, args.new)
+                return {"decode_ms_per_token": statistics.mean(g.decode_ms), "prefill_ms": g.prefill_ms}
+            g = r.generate(prompt, args.new)
+            return {"decode_ms_per_token": statistics.mean(g.decode_ms), "prefill_ms": g.prefill_ms}
+
+        for key in runners:  # warm-up
+            run(key)
+        samples = round_robin(list(runners), args.repeats, run)
+        bw = native.copy_bandwidth()
+        base = {m: statistics.median(samples["onnxruntime-cpu:dense"][m]) for m in ("decode_ms_per_token", "prefill_ms")}
+        dense_native_bytes = None
+        for key, smp in samples.items():
+            kind, r = runners[key]
+            v = key.split(":", 1)[1]
+            med = {m: statistics.median(x) for m, x in smp.items()}
+            entry = {
+                "engine": key.split(":")[0],
+                "decode_ms_per_token": round(med["decode_ms_per_token"], 3),
+                "decode_ms_range": [round(min(smp["decode_ms_per_token"]), 3), round(max(smp["decode_ms_per_token"]), 3)],
+                "decode_speedup_vs_ort_dense": round(base["decode_ms_per_token"] / med["decode_ms_per_token"], 4),
+                "decode_speedup_range": [round(base["decode_ms_per_token"] / max(smp["decode_ms_per_token"]), 4), round(base["decode_ms_per_token"] / min(smp["decode_ms_per_token"]), 4)],
+                "prefill_ms": round(med["prefill_ms"], 2),
+                "prefill_speedup_vs_ort_dense": round(base["prefill_ms"] / med["prefill_ms"], 4),
+                "samples": smp,
+            }
+            if kind == "native":
+                entry.update(sizes[v])
+                g = r.generate(prompt, 32)
+                entry["greedy_tokens_equal_ort_dense_leading"] = int(np.argmin(np.append(g.tokens[0] == ref_tokens[0], False)))
+                lin_ms = linear_step_ms(r, prompt)
+                lin_bytes = r.decoder.linear_bytes
+                entry["roofline"] = {
+                    "linear_bytes_per_token": int(lin_bytes),
+                    "linear_ms_per_token": round(lin_ms, 3),
+                    "linear_read_gb_s": round(lin_bytes / lin_ms / 1e6, 2),
+                    "copy_bandwidth_gb_s": round(bw / 1e9, 2),
+                    "fraction_of_copy_bandwidth": round(lin_bytes / lin_ms / 1e6 / (bw / 1e9), 3),
+                }
+                if v == "dense":
+                    dense_native_bytes = sizes[v]["native_artifact_bytes"]
+            result["variants"][key] = entry
+        for key, entry in result["variants"].items():
+            if "native_artifact_bytes" in entry and dense_native_bytes:
+                entry["file_ratio_vs_dense"] = round(entry["native_artifact_bytes"] / dense_native_bytes, 4)
+    result["copy_bandwidth_gb_s"] = round(bw / 1e9, 2)
+    result["isa"] = native.best_isa()
+    result["baseline"] = "onnxruntime-cpu dense KV-cache graphs (kv/prefill.onnx + kv/decode.onnx), spinning off"
+    write_result(args.out, result)
+    rows = []
+    for key, e in result["variants"].items():
+        rows.append([key, f"{e['decode_ms_per_token']:.2f}", f"×{e['decode_speedup_vs_ort_dense']:.2f} [{e['decode_speedup_range'][0]:.2f}–{e['decode_speedup_range'][1]:.2f}]",
+                     f"{e['prefill_ms']:.1f}", f"×{e['prefill_speedup_vs_ort_dense']:.2f}", f"{e.get('file_ratio_vs_dense', '—')}",
+                     f"{e['roofline']['fraction_of_copy_bandwidth']:.2f}" if "roofline" in e else "—"])
+    print(markdown_table(["engine:variant", "ms/token", "decode speed-up vs ORT dense", "prefill ms", "prefill speed-up", "file / dense", "roofline (of copy bw)"], rows))
+    print(f"copy bandwidth {result['copy_bandwidth_gb_s']} GB/s; kernels {result['isa']}; wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+// 2:4 kernel, AVX2 + FMA: as twofour_avx512.cpp with 16-input windows (8 kept values, one vector):
+// the kept values' x are picked from the window's two 8-float halves by two permutations and a
+// blend, indices from the window's 16 position bits.
+#include <immintrin.h>
+
+#include <cstring>
+
+#include "kernels.h"
+
+namespace pk {
+namespace {
+
+inline float hsum(__m256 v) {
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 s2 = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
+}
+
+inline __m256i first_lanes(int64_t count) {  // -1 in lanes [0, count)
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(int(count < 8 ? count : 8)), lane);
+}
+
+template <int MM, int RB>
+void block(const TwoFour& w, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t n) {
+  const int64_t K = w.K, windows = (K + 15) / 16, half_k = K / 2, pb = position_bytes(K);
+  const __m256i shifts = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
+  const __m256i base = _mm256_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12);
+  const __m256i three = _mm256_set1_epi32(3), seven = _mm256_set1_epi32(7);
+  const float* v[RB];
+  const uint8_t* p[RB];
+  __m256 acc[RB][MM];
+  for (int r = 0; r < RB; ++r) {
+    v[r] = w.values + (n + r) * half_k;
+    p[r] = w.positions + (n + r) * pb;
+    if (n + RB + r < w.N) _mm_prefetch(reinterpret_cast<const char*>(w.values + (n + RB + r) * half_k), _MM_HINT_T0);
+    for (int m = 0; m < MM; ++m) acc[r][m] = _mm256_setzero_ps();
+  }
+  for (int64_t win = 0; win < windows; ++win) {
+    const int64_t in_left = K - win * 16;
+    const __m256i xlo = first_lanes(in_left), xhi = first_lanes(in_left - 8), vals = first_lanes(in_left / 2);
+    __m256 x0[MM], x1[MM];
+    for (int m = 0; m < MM; ++m) {
+      x0[m] = _mm256_maskload_ps(x + m * ldx + win * 16, xlo);
+      x1[m] = _mm256_maskload_ps(x + m * ldx + win * 16 + 8, xhi);
+    }
+    for (int r = 0; r < RB; ++r) {
+      uint16_t bits = 0;
+      const int64_t left = pb - win * 2;
+      if (left >= 2) std::memcpy(&bits, p[r] + win * 2, 2);  // a single 16-bit load
+      else std::memcpy(&bits, p[r] + win * 2, size_t(left));
+      const __m256i idx = _mm256_add_epi32(base, _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(bits), shifts), three));
+      const __m256 hi = _mm256_castsi256_ps(_mm256_cmpgt_epi32(idx, seven));
+      const __m256 wv = _mm256_maskload_ps(v[r] + win * 8, vals);
+      for (int m = 0; m < MM; ++m) {
+        const __m256 xs = _mm256_blendv_ps(_mm256_permutevar8x32_ps(x0[m], idx), _mm256_permutevar8x32_ps(x1[m], idx), hi);
+        acc[r][m] = _mm256_fmadd_ps(wv, xs, acc[r][m]);
+      }
+    }
+  }
+  for (int r = 0; r < RB; ++r)
+    for (int m = 0; m < MM; ++m) y[m * ldy + n + r] = hsum(acc[r][m]);
+}
+
+template <int MM>
+void rows(const TwoFour& w, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t n0, int64_t n1) {
+  int64_t n = n0;
+  for (; n + 4 <= n1; n += 4) block<MM, 4>(w, x, ldx, y, ldy, n);
+  for (; n < n1; ++n) block<MM, 1>(w, x, ldx, y, ldy, n);
+}
+
+}  // namespace
+
+void gemv_twofour_avx2(const TwoFour& w, const float* x, int64_t M, int64_t ldx, float* y, int64_t ldy, int64_t n0, int64_t n1) {
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4) rows<4>(w, x + m * ldx, ldx, y + m * ldy, ldy, n0, n1);
+  switch (M - m) {
+    case 3: rows<3>(w, x + m * ldx, ldx, y + m * ldy, ldy, n0, n1); break;
+    case 2: rows<2>(w, x + m * ldx, ldx, y + m * ldy, ldy, n0, n1); break;
+    case 1: rows<1>(w, x + m * ldx, ldx, y + m * ldy, ldy, n0, n1); break;
+    default: break;
+  }
+}
+
+}  // namespace pk

@@ -1,0 +1,94 @@
+// 2:4 kernel, AVX-512F: two kept values of every four inputs, read as they are stored (values
+// float[N][K/2], positions uint8[N][ceil(K/8)], 2 bits per kept value). A 32-input window of a row
+// holds exactly 16 kept values, one full vector; their x values are picked out of the window's 32
+// inputs by one two-source permutation whose indices come from the window's 32 position bits
+// (index of kept value j = 4·(j/2) + its 2-bit position). No expand, no zero lanes: half the FMAs
+// of a dense row, and the 4-bit-per-group side data is all that is read besides the values.
+#include <immintrin.h>
+
+#include <cstring>
+
+#include "kernels.h"
+
+namespace pk {
+namespace {
+
+inline float hsum(__m512 v) {
+  __m512 s = _mm512_add_ps(v, _mm512_shuffle_f32x4(v, v, _MM_SHUFFLE(1, 0, 3, 2)));
+  s = _mm512_add_ps(s, _mm512_shuffle_f32x4(s, s, _MM_SHUFFLE(2, 3, 0, 1)));
+  __m128 q = _mm512_castps512_ps128(s);
+  q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+  return _mm_cvtss_f32(_mm_add_ss(q, _mm_shuffle_ps(q, q, 1)));
+}
+
+// The 32 position bits of window `win` of a row (fewer bytes in a partial last window).
+inline uint32_t window_bits(const uint8_t* row, int64_t win, int64_t row_bytes) {
+  const int64_t at = win * 4, left = row_bytes - at;
+  uint32_t p = 0;
+  if (left >= 4) std::memcpy(&p, row + at, 4);  // a single 32-bit load
+  else std::memcpy(&p, row + at, size_t(left));
+  return p;
+}
+
+template <int MM, int RB>
+void block(const TwoFour& w, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t n) {
+  const int64_t K = w.K, windows = (K + 31) / 32, full = K / 32, half_k = K / 2, pb = position_bytes(K);
+  const __m512i shifts = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i base = _mm512_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12, 16, 16, 20, 20, 24, 24, 28, 28);
+  const __m512i three = _mm512_set1_epi32(3);
+  const float* v[RB];
+  const uint8_t* p[RB];
+  const float* next[RB];
+  __m512 acc[RB][MM];
+  for (int r = 0; r < RB; ++r) {
+    v[r] = w.values + (n + r) * half_k;
+    p[r] = w.positions + (n + r) * pb;
+    const int64_t nn = n + RB + r < w.N ? n + RB + r : n + r;
+    next[r] = w.values + nn * half_k;
+    _mm_prefetch(reinterpret_cast<const char*>(w.positions + nn * pb), _MM_HINT_T0);
+    for (int m = 0; m < MM; ++m) acc[r][m] = _mm512_setzero_ps();
+  }
+  for (int64_t win = 0; win < windows; ++win) {
+    // lanes of x and of the kept values that exist in this window (all but in a partial last one)
+    const int64_t in_left = K - win * 32;
+    const __mmask16 xlo = in_left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << in_left) - 1u);
+    const __mmask16 xhi = in_left >= 32 ? __mmask16(0xFFFF) : in_left <= 16 ? __mmask16(0) : __mmask16((1u << (in_left - 16)) - 1u);
+    const __mmask16 vals = win < full ? __mmask16(0xFFFF) : __mmask16((1u << (in_left / 2)) - 1u);
+    __m512 x0[MM], x1[MM];
+    for (int m = 0; m < MM; ++m) {
+      x0[m] = _mm512_maskz_loadu_ps(xlo, x + m * ldx + win * 32);
+      x1[m] = _mm512_maskz_loadu_ps(xhi, x + m * ldx + win * 32 + 16);
+    }
+    for (int r = 0; r < RB; ++r) {
+      _mm_prefetch(reinterpret_cast<const char*>(next[r] + win * 16), _MM_HINT_T0);
+      const uint32_t bits = window_bits(p[r], win, pb);
+      const __m512i idx = _mm512_add_epi32(base, _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32(int(bits)), shifts), three));
+      const __m512 wv = _mm512_maskz_loadu_ps(vals, v[r] + win * 16);
+      for (int m = 0; m < MM; ++m) acc[r][m] = _mm512_fmadd_ps(wv, _mm512_permutex2var_ps(x0[m], idx, x1[m]), acc[r][m]);
+    }
+  }
+  for (int r = 0; r < RB; ++r)
+    for (int m = 0; m < MM; ++m) y[m * ldy + n + r] = hsum(acc[r][m]);
+}
+
+template <int MM>
+void rows(const TwoFour& w, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t n0, int64_t n1) {
+  int64_t n = n0;
+  for (; n + 4 <= n1; n += 4) block<MM, 4>(w, x, ldx, y, ldy, n);
+  for (; n < n1; ++n) block<MM, 1>(w, x, ldx, y, ldy, n);
+}
+
+}  // namespace
+
+void gemv_twofour_avx512(const TwoFour& w, const float* x, int64_t M, int64_t ldx, float* y, int64_t ldy, int64_t n0, int64_t n1) {
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4) rows<4>(w, x + m * ldx, ldx, y + m * ldy, ldy, n0, n1);
+  switch (M - m) {
+    case 3: rows<3>(w, x + m * ldx, ldx, y + m * ldy, ldy, n0, n1); break;
+    case 2: rows<2>(w, x + m * ldx, ldx, y + m * ldy, ldy, n0, n1); break;
+    case 1: rows<1>(w, x + m * ldx, ldx, y + m * ldy, ldy, n0, n1); break;
+    default: break;
+  }
+}
+
+}  // namespace pk
