@@ -1,0 +1,138 @@
+"""The native-cpu engine against PyTorch on tiny Llama-family models built in-process: logits of a
+padded batch, greedy decoding with its KV cache, compressed storage (2:4, bitmask, dense) and the
+file shrinking with the kept weights; families it cannot run are refused with the reason."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import tiny_model
+
+native = pytest.importorskip("engines.native")
+if not native.available():  # pragma: no cover - install.sh builds it
+    pytest.skip("native kernels not built: run scripts/install.sh (needs a C++17 compiler)", allow_module_level=True)
+
+from engines.native_cpu import ARTIFACT, NativeCpuEngine  # noqa: E402
+
+
+def prune(model: torch.nn.Module, kind: str, seed: int = 0) -> None:
+    """2:4 on the attention linears and 70 % unstructured on the MLP ('mixed'), or one kind everywhere."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, mod in model.named_modules():
+            if not isinstance(mod, torch.nn.Linear) or "layers" not in name:
+                continue
+            w = mod.weight
+            k = kind if kind != "mixed" else ("2:4" if "self_attn" in name else "70")
+            if k == "2:4":
+                groups = w.view(w.shape[0], -1, 4)
+                idx = groups.abs().argsort(-1)[..., :2]
+                groups.scatter_(-1, idx, 0.0)
+            elif k == "70":
+                w.mul_((torch.rand(w.shape, generator=g) > 0.7).float())
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """{kind: (model, artifact)} for dense, 2:4, 70 % unstructured and mixed tiny Llamas."""
+    from core.models import save_hf_dir
+    from tests.conftest import byte_tokenizer
+
+    out = {}
+    for kind in ("dense", "2:4", "70", "mixed"):
+        model = tiny_model("llama", seed=1)
+        if kind != "dense":
+            prune(model, kind)
+        root = tmp_path_factory.mktemp(f"native-{kind.replace(':', '')}")
+        save_hf_dir(model, byte_tokenizer(), root / "model")
+        (root / "engine").mkdir()
+        art = NativeCpuEngine({"threads": 2}).build(root / "model", root / "engine")
+        out[kind] = (model, art)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["dense", "2:4", "70", "mixed"])
+def test_logits_match_pytorch_on_a_padded_batch(built, kind):
+    model, art = built[kind]
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 257, (2, 24)).astype(np.int64)
+    mask = np.ones_like(ids)
+    mask[1, 17:] = 0
+    with torch.no_grad():
+        ref = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits.numpy()
+    with NativeCpuEngine({"threads": 2}).runner(art) as r:
+        got = r.infer({"input_ids": ids, "attention_mask": mask})["logits"]
+    np.testing.assert_allclose(got[0], ref[0], atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(got[1, :17], ref[1, :17], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["dense", "2:4", "mixed"])
+def test_greedy_decode_matches_pytorch_generate(built, kind):
+    model, art = built[kind]
+    prompt = np.random.default_rng(1).integers(0, 257, (1, 20)).astype(np.int64)
+    with NativeCpuEngine({"threads": 2}).runner(art) as r:
+        g = r.generate(prompt, 32)
+    with torch.no_grad():
+        ref = model.generate(torch.from_numpy(prompt), attention_mask=torch.ones(prompt.shape, dtype=torch.long), max_new_tokens=32, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True, pad_token_id=0, eos_token_id=None)
+    np.testing.assert_array_equal(g.tokens, ref.sequences[:, 20:].numpy())
+    assert len(g.decode_ms) == 31 and g.prefill_ms > 0
+    for a, b in zip(g.logits, ref.logits):
+        np.testing.assert_allclose(a, b.numpy(), atol=1e-4, rtol=1e-4)
+
+
+def test_decode_past_the_preallocated_cache(built):
+    # prefill allocates prompt + 64 positions (at least 256); decoding past them grows the cache, keeping what it holds
+    model, art = built["2:4"]
+    prompt = np.arange(1, 201, dtype=np.int64)[None]
+    with NativeCpuEngine({"threads": 1}).runner(art) as r:
+        g = r.generate(prompt, 80)
+        assert r.decoder.cache[0][0].shape[1] > 264  # grew during decoding
+    with torch.no_grad():
+        ref = model.generate(torch.from_numpy(prompt), attention_mask=torch.ones(prompt.shape, dtype=torch.long), max_new_tokens=80,
+                             do_sample=False, pad_token_id=0, eos_token_id=None)
+    np.testing.assert_array_equal(g.tokens, ref[:, 200:].numpy())
+
+
+def test_storage_formats_and_the_file_shrinks(built):
+    sizes = {}
+    for kind, (_, art) in built.items():
+        manifest = json.loads((art.path.parent / "manifest.json").read_text())
+        formats = {e["format"] for e in manifest["linears"].values()}
+        sizes[kind] = art.path.stat().st_size
+        assert art.path.name == ARTIFACT
+        if kind == "dense":
+            assert formats == {"dense"}
+        elif kind == "2:4":
+            assert formats == {"2:4"}
+            assert manifest["linear_bytes"] == pytest.approx(manifest["linear_dense_bytes"] * (0.5 + 1 / 32), rel=1e-6)
+        elif kind == "70":
+            assert formats == {"bitmask"}
+        else:
+            assert formats == {"2:4", "bitmask"}
+    assert sizes["2:4"] < 0.8 * sizes["dense"] and sizes["70"] < sizes["2:4"]
+
+
+def test_families_without_a_native_decoder_are_refused(tiny_dirs, tmp_path):
+    from types import SimpleNamespace
+
+    from core.errors import PipelineError
+
+    with pytest.raises(PipelineError, match="no native decoder"):
+        NativeCpuEngine({}).build(tiny_dirs["gpt2"], tmp_path)
+    facts = SimpleNamespace(family="bert", task="encoder")
+    assert "no native decoder" in NativeCpuEngine.check_model(facts)
+    assert NativeCpuEngine.check_model(SimpleNamespace(family="llama", task="causal-lm")) is None
+
+
+def test_options_are_checked():
+    from core.errors import OptionError
+
+    with pytest.raises(OptionError, match="min_sparsity"):
+        NativeCpuEngine({"min_sparsity": 1.5})
+    with pytest.raises(OptionError, match="threads"):
+        NativeCpuEngine({"threads": -1})
