@@ -259,6 +259,13 @@ def load_hf_dir(path: Path) -> tuple[Any, Any, Any]:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as exc:
         raise ModelLoadError(f"model directory '{path}' could not be loaded: {exc}") from exc
+    if getattr(config, "activation_sparsity", None) is not None:
+        from core.activation import apply_activation_spec
+
+        try:
+            apply_activation_spec(model, adapter, config.activation_sparsity)
+        except ValueError as exc:
+            raise ModelLoadError(f"'{path}/config.json': {exc}") from exc
     return model, tokenizer, adapter
 
 

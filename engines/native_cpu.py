@@ -228,6 +228,8 @@ class _Layer:
     heads: int
     kv_heads: int
     ffn: int
+    act: dict[str, float]
+    """Activation-sparsity thresholds by input group (attn_in, o_in, mlp_in, down_in); empty = none."""
 
 
 @dataclass
@@ -276,6 +278,10 @@ class NativeDecoder:
             self.linear_bytes += w.nbytes
             return w
 
+        spec = getattr(c, "activation_sparsity", None) or {}
+        thresholds = spec.get("thresholds", {})
+        self.inputs_read = 0
+        self.inputs_total = 0
         self.layers: list[_Layer] = []
         for i in range(a.config_value(c, "layers")):
             p = f"{a.blocks_path}.{i}."
@@ -283,18 +289,26 @@ class NativeDecoder:
             biases = [t.get(p + a.linear_paths[r] + ".bias") for r in ("q", "k", "v")]
             heads = w["q"].n // self.head_dim
             kv = w["k"].n // self.head_dim
+            act = {g: float(v) for g, v in thresholds.get(str(i), {}).items()}
+            stacks = {"attn_in": [w["q"], w["k"], w["v"]], "o_in": [w["o"]], "mlp_in": [w["gate"], w["up"]], "down_in": [w["down"]]}
+            built = {}
+            for group, parts in stacks.items():
+                stacked = parts[0] if len(parts) == 1 else native.NativeWeight.stacked(parts)
+                # an activation-sparse input reads whole weight rows of the inputs that remain: stored input-major, dense
+                built[group] = native.InputMajorWeight(stacked.to_dense()) if group in act else stacked
             self.layers.append(
                 _Layer(
                     attn_norm=t[p + a.native["attn_norm"] + ".weight"],
                     mlp_norm=t[p + a.native["mlp_norm"] + ".weight"],
-                    qkv=native.NativeWeight.stacked([w["q"], w["k"], w["v"]]),
+                    qkv=built["attn_in"],
                     qkv_bias=np.concatenate(biases).astype(np.float32) if all(b is not None for b in biases) else None,
-                    o=w["o"],
-                    gate_up=native.NativeWeight.stacked([w["gate"], w["up"]]),
-                    down=w["down"],
+                    o=built["o_in"],
+                    gate_up=built["mlp_in"],
+                    down=built["down_in"],
                     heads=heads,
                     kv_heads=kv,
                     ffn=w["gate"].n,
+                    act=act,
                 )
             )
         half = self.head_dim // 2
@@ -329,13 +343,31 @@ class NativeDecoder:
 
         return w.gemv(x) if x.shape[0] <= native.GEMV_MAX_ROWS else w.gemm_tiled(x)
 
-    def _mlp(self, L: _Layer, x: np.ndarray) -> np.ndarray:
-        gu = self._linear(L.gate_up, x)
-        g, u = gu[:, : L.ffn], gu[:, L.ffn :]
-        return self._linear(L.down, np.ascontiguousarray(g / (1.0 + np.exp(-g)) * u, np.float32))
+    def _lin(self, L: _Layer, group: str, w: Any, x: np.ndarray, sparse_inputs: bool) -> np.ndarray:
+        """One (stacked) linear of a layer; with ``sparse_inputs`` its input is thresholded as the model
+        says — at a single row by the input-skipping kernel, which reads only the remaining inputs' rows."""
+        from engines import native
 
-    def _qkv(self, L: _Layer, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        qkv = self._linear(L.qkv, x)
+        x = np.ascontiguousarray(x, np.float32)
+        t = L.act.get(group) if sparse_inputs else None
+        if isinstance(w, native.InputMajorWeight):
+            if t is not None and x.shape[0] == 1:
+                y, used = w.gemv_sparse(x, t)
+                self.inputs_read += used
+                self.inputs_total += w.k
+                return y
+            if t is not None:
+                x = np.where(np.abs(x) > t, x, np.float32(0.0))
+            return w(x)
+        return self._linear(w, x)
+
+    def _mlp(self, L: _Layer, x: np.ndarray, sparse_inputs: bool = True) -> np.ndarray:
+        gu = self._lin(L, "mlp_in", L.gate_up, x, sparse_inputs)
+        g, u = gu[:, : L.ffn], gu[:, L.ffn :]
+        return self._lin(L, "down_in", L.down, g / (1.0 + np.exp(-g)) * u, sparse_inputs)
+
+    def _qkv(self, L: _Layer, x: np.ndarray, sparse_inputs: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        qkv = self._lin(L, "attn_in", L.qkv, x, sparse_inputs)
         if L.qkv_bias is not None:
             qkv = qkv + L.qkv_bias
         d = self.head_dim
@@ -370,7 +402,7 @@ class NativeDecoder:
             s /= s.sum(-1, keepdims=True)
             s = np.nan_to_num(s, nan=0.0)  # a fully masked (padded) query row
             o = (s.reshape(b, L.kv_heads, g * t, t) @ v).reshape(b, L.heads, t, d).transpose(0, 2, 1, 3).reshape(b * t, L.heads * d)
-            h = h + self._linear(L.o, np.ascontiguousarray(o, np.float32))
+            h = h + self._lin(L, "o_in", L.o, o, True)
             h = h + self._mlp(L, self._norm(h, L.mlp_norm))
         h = self._norm(h, self.final_norm)
         return self._linear(self.head, np.ascontiguousarray(h, np.float32)).reshape(b, t, -1)
@@ -404,6 +436,7 @@ class NativeDecoder:
         causal = np.triu(np.full((t, t), -np.inf, np.float32), 1)
         h = self.embed[input_ids[0]]
         for i, L in enumerate(self.layers):
+            # thresholded inputs as the model defines them, multiplied densely (the speed-up is decoding's)
             q, k, v = self._qkv(L, self._norm(h, L.attn_norm))
             q = self._rotate(q.reshape(t, L.heads, d).transpose(1, 0, 2), cos, sin)  # (H, T, D)
             k = self._rotate(k.reshape(t, L.kv_heads, d).transpose(1, 0, 2), cos, sin)
@@ -416,7 +449,7 @@ class NativeDecoder:
             s = np.exp(s - s.max(-1, keepdims=True))
             s /= s.sum(-1, keepdims=True)
             o = (s.reshape(L.kv_heads, g * t, t) @ v).reshape(L.heads, t, d).transpose(1, 0, 2).reshape(t, L.heads * d)
-            h = h + self._linear(L.o, np.ascontiguousarray(o, np.float32))
+            h = h + self._lin(L, "o_in", L.o, o, True)
             h = h + self._mlp(L, self._norm(h, L.mlp_norm))
         self.length = t
         last = self._norm(h[-1:], self.final_norm)
@@ -443,11 +476,8 @@ class NativeDecoder:
             s = np.exp(s - s.max(-1, keepdims=True))
             s /= s.sum(-1, keepdims=True)
             o = (s @ vc[:, :n]).reshape(1, L.heads * d)
-            h = h + L.o.gemv(np.ascontiguousarray(o, np.float32))
-            m = self._norm(h, L.mlp_norm)
-            gu = L.gate_up.gemv(np.ascontiguousarray(m, np.float32))
-            gt, up = gu[:, : L.ffn], gu[:, L.ffn :]
-            h = h + L.down.gemv(np.ascontiguousarray(gt / (1.0 + np.exp(-gt)) * up, np.float32))
+            h = h + self._lin(L, "o_in", L.o, o, True)
+            h = h + self._mlp(L, self._norm(h, L.mlp_norm))
         self.length = n
         return self.head.gemv(np.ascontiguousarray(self._norm(h, self.final_norm), np.float32))
 

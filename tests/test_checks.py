@@ -125,6 +125,7 @@ VALID_OPTIONS = {
     "sds": {"sparsity": 0.5, "holdout_batches": 1, "recon_steps": 1},
     "admm": {"steps": 2, "init": "magnitude"},
     "contextual": {},
+    "activation": {"sparsity": 0.4},
 }
 
 

@@ -136,3 +136,71 @@ def test_options_are_checked():
         NativeCpuEngine({"min_sparsity": 1.5})
     with pytest.raises(OptionError, match="threads"):
         NativeCpuEngine({"threads": -1})
+
+
+def test_activation_sparsity_pass_engine_and_reload(tmp_path):
+    """TEAL thresholds: calibrated shares near the target on held-out windows, saved in the config and
+    reinstalled on load; the native engine's logits and greedy decoding equal PyTorch's, and its
+    decode steps read about (1 - sparsity) of the inputs' weight rows."""
+    from core.adapters import adapter_for
+    from core.models import load_hf_dir, save_hf_dir
+    from passes.activation import ActivationConfig, ActivationSparsityPass
+    from passes.base import PassContext
+    from tests.conftest import byte_tokenizer
+
+    model = tiny_model("llama", seed=2)
+    adapter = adapter_for(model.config)
+    windows = torch.randint(0, 257, (8, 64), generator=torch.Generator().manual_seed(0))
+    res = ActivationSparsityPass(ActivationConfig(sparsity=0.5)).run(model, PassContext(adapter=adapter, calibration=lambda: windows, progress=False))
+    for group, share in res.info["measured_sparsity"].items():
+        assert 0.35 < share < 0.7, (group, share)
+    save_hf_dir(model, byte_tokenizer(), tmp_path / "model")
+    reloaded, _, _ = load_hf_dir(tmp_path / "model")
+    ids = torch.randint(0, 257, (1, 30), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+        dense_logits = tiny_model("llama", seed=2)(input_ids=ids).logits
+    assert torch.equal(reloaded(input_ids=ids).logits, ref)
+    assert (dense_logits - ref).abs().max() > 1e-3  # the thresholds change the function
+    (tmp_path / "engine").mkdir()
+    art = NativeCpuEngine({"threads": 2}).build(tmp_path / "model", tmp_path / "engine")
+    with NativeCpuEngine({"threads": 2}).runner(art) as r:
+        got = r.infer({"input_ids": ids.numpy(), "attention_mask": np.ones((1, 30), np.int64)})["logits"]
+        np.testing.assert_allclose(got, ref.numpy(), atol=1e-4, rtol=1e-4)
+        g = r.generate(ids.numpy()[:, :20], 16)
+        read = r.decoder.inputs_read / r.decoder.inputs_total
+    assert 0.3 < read < 0.65
+    with torch.no_grad():
+        out = reloaded.generate(ids[:, :20], attention_mask=torch.ones(1, 20, dtype=torch.long), max_new_tokens=16, do_sample=False,
+                                pad_token_id=0, eos_token_id=None)
+    np.testing.assert_array_equal(g.tokens, out[:, 20:].numpy())
+
+
+def test_activation_pass_options_are_checked():
+    from passes.activation import ActivationConfig
+    from passes.base import OptionError
+
+    with pytest.raises(OptionError, match="sparsity"):
+        ActivationConfig(sparsity=1.0)
+    with pytest.raises(OptionError, match="groups"):
+        ActivationConfig(groups=["qkv"])
+
+
+def test_input_skipping_kernel_matches_reference_on_every_isa():
+    rng = np.random.default_rng(0)
+    best = native.best_isa()
+    try:
+        for isa in [i for i in ("scalar", "avx2+fma", "avx512f") if list(native.ISA_NAMES.values()).index(i) <= list(native.ISA_NAMES.values()).index(best)]:
+            native.set_isa(isa)
+            for n, k in [(7, 5), (300, 64), (1536, 576), (257, 33)]:
+                w = rng.standard_normal((n, k)).astype(np.float32)
+                x = rng.standard_normal((1, k)).astype(np.float32)
+                weight = native.InputMajorWeight(w)
+                for t in (0.0, 0.7, 100.0):
+                    y, used = weight.gemv_sparse(x, t)
+                    kept = np.abs(x) > t
+                    assert used == int(kept.sum())
+                    ref = np.where(kept, x, 0).astype(np.float64) @ w.T.astype(np.float64)
+                    np.testing.assert_allclose(y, ref, atol=1e-4 * (1 + np.abs(ref).max()), rtol=0)
+    finally:
+        native.set_isa(best)

@@ -66,6 +66,7 @@ def lib() -> ctypes.CDLL:
             L.pk_decompress.argtypes = [_i64, _i64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, _i64, _i64, ctypes.c_void_p]
             L.pk_gemv_24.argtypes = [_i64, _i64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, _i64, ctypes.c_void_p]
             L.pk_decompress_24.argtypes = [_i64, _i64, ctypes.c_void_p, ctypes.c_void_p, _i64, _i64, ctypes.c_void_p]
+            L.pk_gemv_sparse_x.argtypes = [_i64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, _i64, ctypes.c_void_p]
             L.pk_copy_bandwidth.restype = ctypes.c_double
             L.pk_copy_bandwidth.argtypes = [_i64, ctypes.c_int]
             _lib = L
@@ -142,15 +143,16 @@ class DenseGemm:
     OpenBLAS gave ≈ 230 and PyTorch ≈ 200): the prefill path's dense tiles go through it. One
     session with both operands as inputs, so nothing is copied into it."""
 
-    def __init__(self, threads: int):
+    def __init__(self, threads: int, trans_b: bool = True):
         import onnx
         import onnxruntime as ort
         from onnx import TensorProto, helper
 
-        node = helper.make_node("Gemm", ["x", "w"], ["y"], transB=1)
+        node = helper.make_node("Gemm", ["x", "w"], ["y"], transB=int(trans_b))
+        w_shape = ["n", "k"] if trans_b else ["k", "n"]
         graph = helper.make_graph(
             [node], "dense_gemm",
-            [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["m", "k"]), helper.make_tensor_value_info("w", TensorProto.FLOAT, ["n", "k"])],
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["m", "k"]), helper.make_tensor_value_info("w", TensorProto.FLOAT, w_shape)],
             [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["m", "n"])],
         )
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -166,16 +168,40 @@ class DenseGemm:
         return self.session.run(None, {"x": np.ascontiguousarray(x, np.float32), "w": w})[0]
 
 
-_gemm: DenseGemm | None = None
+_gemms: dict[tuple[int, bool], DenseGemm] = {}
 
 
-def dense_gemm() -> DenseGemm:
-    """The process's DenseGemm, with as many threads as the kernels."""
-    global _gemm
-    n = threads()
-    if _gemm is None or _gemm.threads != n:
-        _gemm = DenseGemm(n)
-    return _gemm
+def dense_gemm(trans_b: bool = True) -> DenseGemm:
+    """The process's DenseGemm (``x · Wᵀ`` for W (N, K), or ``x · W`` for W (K, N) when not ``trans_b``),
+    with as many threads as the kernels."""
+    key = (threads(), trans_b)
+    if key not in _gemms:
+        _gemms[key] = DenseGemm(*key)
+    return _gemms[key]
+
+
+class InputMajorWeight:
+    """A dense weight stored input-major (``Wᵀ``, K rows of N) for activation-sparse decoding: each
+    non-zero input reads one contiguous row; the inputs that are zero are never read."""
+
+    def __init__(self, w: np.ndarray):
+        if w.ndim != 2:
+            raise ValueError(f"input-major weight: shape {w.shape} is not 2-D (N outputs, K inputs)")
+        self.n, self.k = w.shape
+        self.wt = np.ascontiguousarray(w.T, np.float32)
+        self.nbytes = int(self.wt.nbytes)
+
+    def gemv_sparse(self, x: np.ndarray, threshold: float) -> tuple[np.ndarray, int]:
+        """``x`` (1, K) → ((1, N), inputs read): inputs with |x| ≤ threshold are skipped."""
+        idx = np.flatnonzero(np.abs(x[0]) > threshold).astype(np.int32)
+        vals = np.ascontiguousarray(x[0, idx], np.float32)
+        y = np.empty((1, self.n), np.float32)
+        lib().pk_gemv_sparse_x(self.n, self.wt.ctypes.data, idx.ctypes.data, vals.ctypes.data, idx.size, y.ctypes.data)
+        return y, int(idx.size)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """Dense ``x`` (M, K) → (M, N) (prefill: every input)."""
+        return dense_gemm(trans_b=False)(x, self.wt)
 
 
 class NativeWeight:

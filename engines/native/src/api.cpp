@@ -189,6 +189,24 @@ struct DecompressJob {
   }
 };
 
+struct SparseXJob {
+  const float* wt;
+  int64_t N;
+  const int32_t* idx;
+  const float* vals;
+  int64_t count;
+  float* y;
+  int64_t cols;
+  int isa;
+  static void task(void* p, int64_t i) {
+    auto* j = static_cast<SparseXJob*>(p);
+    const int64_t n0 = i * j->cols, n1 = std::min(j->N, n0 + j->cols);
+    if (j->isa == kAvx512) pk::gemv_sparse_x_avx512(j->wt, j->N, j->idx, j->vals, j->count, j->y, n0, n1);
+    else if (j->isa == kAvx2) pk::gemv_sparse_x_avx2(j->wt, j->N, j->idx, j->vals, j->count, j->y, n0, n1);
+    else pk::gemv_sparse_x_scalar(j->wt, j->N, j->idx, j->vals, j->count, j->y, n0, n1);
+  }
+};
+
 struct CopyJob {
   const char* src;
   char* dst;
@@ -246,6 +264,13 @@ PK_API void pk_decompress_24(int64_t N, int64_t K, const float* values, const ui
   const pk::TwoFour w{N, K, values, positions};
   DecompressJob<pk::TwoFour> job{&w, n0, n1, out, g_isa.load(std::memory_order_relaxed)};
   pool().run((n1 - n0 + kRowsPerTask - 1) / kRowsPerTask, &DecompressJob<pk::TwoFour>::task, &job);
+}
+
+// y[N] = Σ_a vals[a] · wt[idx[a], :] (wt: K × N input-major; the inputs not listed are skipped).
+PK_API void pk_gemv_sparse_x(int64_t N, const float* wt, const int32_t* idx, const float* vals, int64_t count, float* y) {
+  const int64_t cols = 256;  // a multiple of both kernels' chunk
+  SparseXJob job{wt, N, idx, vals, count, y, cols, g_isa.load(std::memory_order_relaxed)};
+  pool().run((N + cols - 1) / cols, &SparseXJob::task, &job);
 }
 
 // Copy bandwidth of this machine with the pool's threads, in bytes moved (read + written) per second.

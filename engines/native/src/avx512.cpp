@@ -16,6 +16,18 @@ inline float hsum(__m512 v) {
   return _mm_cvtss_f32(_mm_add_ss(q, _mm_shuffle_ps(q, q, 1)));
 }
 
+// Lane j of a mask byte m takes packed value idx[m][j] (the count of set bits below j).
+struct PermTable {
+  alignas(32) int32_t idx[256][8];
+  PermTable() {
+    for (int m = 0; m < 256; ++m) {
+      int c = 0;
+      for (int j = 0; j < 8; ++j) idx[m][j] = ((m >> j) & 1) ? c++ : 0;
+    }
+  }
+};
+const PermTable kPerm;
+
 // Weight streams are short (a row of a small matrix is ~1 KB, too short for the hardware
 // prefetcher to ramp up): while a block of rows computes, the next block's rows are prefetched a
 // cache line per word, so DRAM latency overlaps the arithmetic.
@@ -54,7 +66,14 @@ void block(const Bitmask& w, const float* x, int64_t ldx, float* y, int64_t ldy,
       }
       _mm_prefetch(reinterpret_cast<const char*>(next[r] + word * 16), _MM_HINT_T0);
       const __mmask16 bits = mk[r][word];
+#if PK_BITMASK_PERMUTE
+      const uint32_t lo = bits & 0xFFu, hi = uint32_t(bits) >> 8;
+      const __m256i ilo = _mm256_load_si256(reinterpret_cast<const __m256i*>(kPerm.idx[lo]));
+      const __m256i ihi = _mm256_add_epi32(_mm256_load_si256(reinterpret_cast<const __m256i*>(kPerm.idx[hi])), _mm256_set1_epi32(__builtin_popcount(lo)));
+      const __m512 wv = _mm512_maskz_permutexvar_ps(bits, _mm512_inserti64x4(_mm512_castsi256_si512(ilo), ihi, 1), _mm512_loadu_ps(v[r]));
+#else
       const __m512 wv = _mm512_maskz_expand_ps(bits, _mm512_loadu_ps(v[r]));
+#endif
       for (int m = 0; m < MM; ++m) acc[r][m] = _mm512_fmadd_ps(wv, xv[m], acc[r][m]);
       v[r] += __builtin_popcount(bits);
     }

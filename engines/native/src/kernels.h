@@ -49,6 +49,11 @@ void gemv_twofour_scalar(const TwoFour& w, const float* x, int64_t M, int64_t ld
 void gemv_twofour_avx2(const TwoFour& w, const float* x, int64_t M, int64_t ldx, float* y, int64_t ldy, int64_t n0, int64_t n1);
 void gemv_twofour_avx512(const TwoFour& w, const float* x, int64_t M, int64_t ldx, float* y, int64_t ldy, int64_t n0, int64_t n1);
 
+// Activation-sparse GEMV with the weight input-major (wt: K rows of N): y[n0, n1) = Σ_a vals[a] · wt[idx[a], n0:n1).
+void gemv_sparse_x_scalar(const float* wt, int64_t N, const int32_t* idx, const float* vals, int64_t count, float* y, int64_t n0, int64_t n1);
+void gemv_sparse_x_avx2(const float* wt, int64_t N, const int32_t* idx, const float* vals, int64_t count, float* y, int64_t n0, int64_t n1);
+void gemv_sparse_x_avx512(const float* wt, int64_t N, const int32_t* idx, const float* vals, int64_t count, float* y, int64_t n0, int64_t n1);
+
 // Rows [n0, n1) of W written dense into out[(n1-n0)][K] (the prefill path decompresses tile by tile).
 void decompress(const Bitmask& w, int64_t n0, int64_t n1, float* out);
 void decompress(const TwoFour& w, int64_t n0, int64_t n1, float* out);

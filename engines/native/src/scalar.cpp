@@ -20,6 +20,14 @@ void gemv_scalar(const Bitmask& w, const float* x, int64_t M, int64_t ldx, float
   }
 }
 
+void gemv_sparse_x_scalar(const float* wt, int64_t N, const int32_t* idx, const float* vals, int64_t count, float* y, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) y[n] = 0.f;
+  for (int64_t a = 0; a < count; ++a) {
+    const float* row = wt + int64_t(idx[a]) * N;
+    for (int64_t n = n0; n < n1; ++n) y[n] += vals[a] * row[n];
+  }
+}
+
 void decompress(const Bitmask& w, int64_t n0, int64_t n1, float* out) {
   const int64_t KW = words(w);
   for (int64_t n = n0; n < n1; ++n) {

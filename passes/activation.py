@@ -1,0 +1,180 @@
+"""Activation sparsity, TEAL-style (training-free, magnitude-based; Liu et al. 2024): every input
+entry of a decoder linear whose magnitude is at or below its layer's threshold is set to zero. The
+thresholds are calibrated per block and per input group (q/k/v's input, o's, gate/up's, down's —
+:data:`core.activation.GROUPS`) as the ``sparsity`` quantile of |x| over calibration tokens of the
+model as it is when the pass runs, so each input is zero on about ``sparsity`` of its entries.
+
+The model computes the same function everywhere (forward pre-hooks, saved in the config, exported
+in the graph), so perplexity on any engine is the quality of sparse decoding: the thresholding is
+per token, so applying it at every position of a window is what decoding each token does. Only an
+engine whose kernels skip the zero inputs turns it into speed: ``native-cpu`` stores these linears
+input-major and, at decode, reads only the rows of the inputs that remain (its prefill is dense).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from core.activation import CONFIG_KEY, GROUPS, apply_activation_spec, group_of, remove_activation_hooks
+from core.progress import progress
+from passes.base import DataFacts, OptionError, Pass, PassContext, PassResult, SpeedupNeed, register_pass
+
+log = logging.getLogger(__name__)
+
+NEEDS_INPUT_SKIPPING_KERNEL = SpeedupNeed(
+    33, "needs a kernel that skips the weight rows of zero inputs (native-cpu has one; ONNX Runtime computes them)", "an input-skipping kernel", True
+)
+
+
+@dataclass
+class ActivationConfig:
+    sparsity: float = 0.4
+    """Target share of zero input entries of every hooked linear (per block and input group)."""
+    groups: list[str] | None = None
+    """Input groups to sparsify (default: all of attn_in, o_in, mlp_in, down_in)."""
+    dense_blocks: list[int] | None = None
+    """Blocks left dense."""
+    samples_per_window: int = 8192
+    """|x| values sampled per window, block and group to estimate the quantile."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.sparsity, (int, float)) or not 0.0 < float(self.sparsity) < 1.0:
+            raise OptionError("sparsity", f"sparsity {self.sparsity!r} is outside (0, 1)")
+        unknown = [g for g in self.groups or [] if g not in GROUPS]
+        if unknown:
+            raise OptionError("groups", f"groups {unknown} are not among {', '.join(GROUPS)}")
+        if not isinstance(self.samples_per_window, int) or self.samples_per_window < 256:
+            raise OptionError("samples_per_window", f"samples_per_window {self.samples_per_window!r} must be an integer >= 256")
+
+
+@register_pass
+class ActivationSparsityPass(Pass):
+    name = "activation"
+    config_class = ActivationConfig
+    uses_calibration = True
+    report_title = "Activation sparsity (TEAL)"
+
+    @classmethod
+    def speedup_need(cls, options: dict[str, Any]) -> SpeedupNeed | None:
+        return NEEDS_INPUT_SKIPPING_KERNEL
+
+    @classmethod
+    def shapes_change(cls, options: dict[str, Any]) -> bool:
+        return True  # the graph gains the thresholds: the dense graph cannot be reused with new weights
+
+    @classmethod
+    def check(cls, config: Any, model: Any, data: DataFacts) -> None:
+        if model.task != "causal-lm":
+            raise OptionError("sparsity", f"activation sparsity speeds up decoding of causal LMs; this {model.family} model is an {model.task}")
+        outside = [b for b in config.dense_blocks or [] if not 0 <= b < model.layers]
+        if outside:
+            raise OptionError("dense_blocks", f"blocks {outside} are outside the model's {model.layers} blocks (0–{model.layers - 1})")
+
+    @classmethod
+    def report_section(cls, variant: dict[str, Any], result: dict[str, Any]) -> list[Any]:
+        from core.document import Paragraph
+
+        info = result.get("info") or {}
+        if "measured_sparsity" not in info:
+            return []
+        parts = ", ".join(f"{g} {s:.3f}" for g, s in info["measured_sparsity"].items())
+        dec = variant.get("decode") or {}
+        eng = (dec.get("engines") or {}).get("native-cpu") or {}
+        speed = f"; decode on native-cpu ×{eng['decode_ratio']:.3f} of dense ONNX Runtime ms/token" if "decode_ratio" in eng else ""
+        return [Paragraph(
+            f"**{variant['name']}**: TEAL thresholds for {info['sparsity']:.2f} zero inputs in {info['blocks']} blocks; zero share on "
+            f"held-out calibration tokens by input group: {parts}{speed}."
+        )]
+
+    def run(self, model: torch.nn.Module, ctx: PassContext) -> PassResult:
+        cfg = self.config
+        adapter = ctx.adapter
+        windows = ctx.calibration_windows(self.name)
+        if adapter.task != "causal-lm":
+            raise ValueError(f"pass 'activation' speeds up decoding of causal LMs; '{adapter.family}' is an {adapter.task}")
+        t0 = time.perf_counter()
+        groups = cfg.groups or list(GROUPS)
+        blocks = adapter.blocks(model)
+        dense = set(cfg.dense_blocks or [])
+        remove_activation_hooks(model, adapter)
+        held = max(1, windows.shape[0] // 4)  # the last quarter of the windows measures the result
+        calib, check = windows[:-held], windows[-held:]
+        samples: dict[tuple[int, str], list[torch.Tensor]] = {}
+        gen = torch.Generator().manual_seed(ctx.seed)
+        hooks = []
+        seen: set[tuple[int, str]] = set()
+
+        def sampler(block: int, group: str):
+            def hook(module: torch.nn.Module, args: tuple) -> None:
+                key = (block, group)
+                if key in seen:  # q, k and v read the same input: sample it once per forward
+                    return
+                seen.add(key)
+                x = args[0].detach().reshape(-1).abs().float()
+                pick = torch.randint(0, x.numel(), (min(cfg.samples_per_window, x.numel()),), generator=gen)
+                samples.setdefault(key, []).append(x[pick])
+
+            return hook
+
+        for ref in adapter.linears(model):
+            g = group_of(ref.role)
+            if g in groups and ref.block not in dense:
+                hooks.append(ref.module.register_forward_pre_hook(sampler(ref.block, g)))
+        try:
+            with torch.no_grad():
+                steps = range(calib.shape[0])
+                for w in progress(steps, desc="activation thresholds") if ctx.progress else steps:
+                    seen.clear()
+                    model(input_ids=calib[w : w + 1], use_cache=False)
+        finally:
+            for h in hooks:
+                h.remove()
+        if not samples:
+            raise ValueError(f"pass 'activation': no linear of groups {groups} outside dense_blocks {sorted(dense)}")
+        thresholds: dict[str, dict[str, float]] = {}
+        for (b, g), xs in sorted(samples.items()):
+            thresholds.setdefault(str(b), {})[g] = float(torch.quantile(torch.cat(xs), cfg.sparsity))
+        spec = {"method": "teal", "sparsity": float(cfg.sparsity), "thresholds": thresholds}
+        apply_activation_spec(model, adapter, spec)
+        setattr(model.config, CONFIG_KEY, spec)
+        measured = self._measure(model, adapter, check, groups, dense)
+        result = PassResult(
+            self.name,
+            info={"sparsity": float(cfg.sparsity), "groups": groups, "blocks": len(blocks) - len(dense), "thresholds": thresholds,
+                  "measured_sparsity": measured, "calibration_windows": int(calib.shape[0]), "held_out_windows": int(held)},
+        )
+        result.seconds = time.perf_counter() - t0
+        log.info("activation: thresholds for %.2f zero inputs in %d blocks; held-out zero share %s (%.1f s)",
+                 cfg.sparsity, len(blocks) - len(dense), {g: round(s, 3) for g, s in measured.items()}, result.seconds)
+        return result
+
+    @staticmethod
+    def _measure(model: torch.nn.Module, adapter: Any, windows: torch.Tensor, groups: list[str], dense: set[int]) -> dict[str, float]:
+        """Share of zero input entries per group after the thresholds, on held-out calibration windows."""
+        zeros: dict[str, list[float]] = {g: [] for g in groups}
+        hooks = []
+
+        def counter(group: str):
+            def hook(module: torch.nn.Module, args: tuple, output: Any = None) -> None:
+                zeros[group].append(float((args[0] == 0).float().mean()))
+
+            return hook
+
+        for ref in adapter.linears(model):
+            g = group_of(ref.role)
+            if g in groups and ref.block not in dense:
+                # a pre-hook registered after the threshold hook sees the thresholded input
+                hooks.append(ref.module.register_forward_pre_hook(counter(g)))
+        try:
+            with torch.no_grad():
+                for w in range(windows.shape[0]):
+                    model(input_ids=windows[w : w + 1], use_cache=False)
+        finally:
+            for h in hooks:
+                h.remove()
+        return {g: sum(v) / len(v) for g, v in zeros.items() if v}
