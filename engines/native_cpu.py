@@ -311,11 +311,15 @@ class NativeDecoder:
                     act=act,
                 )
             )
+        self._table = None  # the ctypes layer table of the native decode step, rebuilt when the cache moves
         half = self.head_dim // 2
         self.inv_freq = (1.0 / (self.theta ** (np.arange(0, half, dtype=np.float64) * 2.0 / self.head_dim))).astype(np.float64)
         self._rope_cache = np.zeros((0, self.head_dim), np.float32), np.zeros((0, self.head_dim), np.float32)
         self.cache: list[tuple[np.ndarray, np.ndarray]] = []
+        self._table_cache = None
         self.length = 0
+        self.native_step = True
+        """Run decode steps' layers in one native call (False: the NumPy path, also the fallback without AVX2)."""
 
     # -- pieces ---------------------------------------------------------------------------------
     def _norm(self, x: np.ndarray, w: np.ndarray) -> np.ndarray:
@@ -455,10 +459,40 @@ class NativeDecoder:
         last = self._norm(h[-1:], self.final_norm)
         return self._linear(self.head, np.ascontiguousarray(last, np.float32))
 
+    def _layer_table(self) -> Any:
+        from engines import native
+
+        if self._table is None or self._table[0].capacity != self.cache[0][0].shape[1] or self._table_cache is not self.cache:
+            table = (native.PkLayer * len(self.layers))()
+            for i, L in enumerate(self.layers):
+                kc, vc = self.cache[i]
+                table[i] = native.PkLayer(
+                    L.heads, L.kv_heads, self.head_dim, L.ffn, L.attn_norm.ctypes.data, L.mlp_norm.ctypes.data,
+                    L.qkv_bias.ctypes.data if L.qkv_bias is not None else None,
+                    native.pk_weight(L.qkv, L.act.get("attn_in")), native.pk_weight(L.o, L.act.get("o_in")),
+                    native.pk_weight(L.gate_up, L.act.get("mlp_in")), native.pk_weight(L.down, L.act.get("down_in")),
+                    kc.ctypes.data, vc.ctypes.data, kc.shape[1],
+                )
+            self._table, self._table_cache = table, self.cache
+        return self._table
+
     def step(self, token: int) -> np.ndarray:
-        """One decode step (batch 1): appends to the KV cache in place, returns the logits (1, vocab)."""
+        """One decode step (batch 1): appends to the KV cache in place, returns the logits (1, vocab).
+        The layers run in native code (one call) on CPUs with AVX2 + FMA, else in NumPy here."""
+        from engines import native
+
         pos = self.length
         self._ensure_cache(pos + 1)
+        cos, sin = self._rope(pos + 1)
+        if self.native_step:
+            h = np.array(self.embed[token][None], dtype=np.float32, copy=True)  # updated in place: never the embedding itself
+            rc, read, total = native.decode_layers(self._layer_table(), h.shape[1], h, pos, cos[pos], sin[pos], self.eps)
+            if rc == 0:
+                self.inputs_read += read
+                self.inputs_total += total
+                self.length = pos + 1
+                return self.head.gemv(np.ascontiguousarray(self._norm(h, self.final_norm), np.float32))
+            self.native_step = False
         d = self.head_dim
         cos, sin = self._rope(pos + 1)
         cos, sin = cos[pos], sin[pos]

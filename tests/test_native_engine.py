@@ -204,3 +204,19 @@ def test_input_skipping_kernel_matches_reference_on_every_isa():
                     np.testing.assert_allclose(y, ref, atol=1e-4 * (1 + np.abs(ref).max()), rtol=0)
     finally:
         native.set_isa(best)
+
+
+def test_native_decode_step_equals_the_numpy_path_and_leaves_the_weights_alone(built):
+    _, art = built["mixed"]
+    prompt = np.arange(3, 23, dtype=np.int64)[None]
+    with NativeCpuEngine({"threads": 2}).runner(art) as r:
+        d = r.decoder
+        embed = d.embed.copy()
+        runs = []
+        for native_step in (True, False):
+            d.native_step = native_step
+            d.prefill(prompt)
+            runs.append([d.step(t) for t in (5, 7, 5, 9)])
+        assert np.array_equal(d.embed, embed)
+    for a, b in zip(*runs):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)

@@ -67,6 +67,9 @@ def lib() -> ctypes.CDLL:
             L.pk_gemv_24.argtypes = [_i64, _i64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, _i64, ctypes.c_void_p]
             L.pk_decompress_24.argtypes = [_i64, _i64, ctypes.c_void_p, ctypes.c_void_p, _i64, _i64, ctypes.c_void_p]
             L.pk_gemv_sparse_x.argtypes = [_i64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, _i64, ctypes.c_void_p]
+            L.pk_decode_layers.restype = ctypes.c_int
+            L.pk_decode_layers.argtypes = [_i64, ctypes.c_void_p, _i64, ctypes.c_void_p, _i64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float,
+                                           ctypes.POINTER(_i64), ctypes.POINTER(_i64)]
             L.pk_copy_bandwidth.restype = ctypes.c_double
             L.pk_copy_bandwidth.argtypes = [_i64, ctypes.c_int]
             _lib = L
@@ -135,6 +138,42 @@ def kernel_arrays(c: CompressedWeight) -> dict[str, np.ndarray]:
 
 VALUE_PAD = 16
 """Floats of zeros after the last kept value: the AVX-512 kernel loads 16 values at a time."""
+
+
+class PkWeight(ctypes.Structure):
+    """A layer's linear for the native decode step (``PkWeight`` in api.cpp)."""
+
+    _fields_ = [("kind", _i64), ("N", _i64), ("K", _i64), ("a", ctypes.c_void_p), ("b", ctypes.c_void_p), ("c", ctypes.c_void_p), ("threshold", ctypes.c_double)]
+
+
+class PkLayer(ctypes.Structure):
+    """One decoder layer for the native decode step (``PkLayer`` in api.cpp)."""
+
+    _fields_ = [
+        ("heads", _i64), ("kv_heads", _i64), ("head_dim", _i64), ("ffn", _i64),
+        ("attn_norm", ctypes.c_void_p), ("mlp_norm", ctypes.c_void_p), ("qkv_bias", ctypes.c_void_p),
+        ("qkv", PkWeight), ("o", PkWeight), ("gate_up", PkWeight), ("down", PkWeight),
+        ("k_cache", ctypes.c_void_p), ("v_cache", ctypes.c_void_p), ("capacity", _i64),
+    ]
+
+
+def pk_weight(w: "NativeWeight | InputMajorWeight", threshold: float | None = None) -> PkWeight:
+    if isinstance(w, InputMajorWeight):
+        return PkWeight(2, w.n, w.k, w.wt.ctypes.data, None, None, -1.0 if threshold is None else float(threshold))
+    if w.format == "2:4":
+        return PkWeight(1, w.n, w.k, w.arrays["values"].ctypes.data, w.arrays["positions"].ctypes.data, None, -1.0)
+    return PkWeight(0, w.n, w.k, *w._args, -1.0)
+
+
+def decode_layers(layers: "ctypes.Array[PkLayer]", hidden: int, h: np.ndarray, pos: int, cos: np.ndarray, sin: np.ndarray, eps: float) -> tuple[int, int, int]:
+    """One token through every layer in native code (h updated in place). Returns (status, inputs read,
+    inputs total); status -1: this CPU lacks AVX2 + FMA, the caller runs its own path."""
+    read, total = _i64(0), _i64(0)
+    rc = lib().pk_decode_layers(len(layers), ctypes.addressof(layers), hidden, h.ctypes.data, pos, cos.ctypes.data, sin.ctypes.data, eps,
+                                ctypes.byref(read), ctypes.byref(total))
+    if rc == -2:
+        raise ValueError(f"native decode step: position {pos} is beyond a layer's KV cache")
+    return rc, read.value, total.value
 
 
 class DenseGemm:

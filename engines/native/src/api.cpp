@@ -8,6 +8,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
+#include <cmath>
 #include <cstring>
 #include <mutex>
 #include <thread>
@@ -207,6 +208,74 @@ struct SparseXJob {
   }
 };
 
+// --- one decode step through every layer (the native engine's decoder) ---------------------------
+
+// A layer's linear as the decoder holds it. kind 0: bitmask or dense (a = masks or null, b = values,
+// c = row offsets or null); kind 1: 2:4 (a = values, b = positions); kind 2: input-major dense
+// (a = Wᵀ, K rows of N) with an activation threshold (< 0: none).
+struct PkWeight {
+  int64_t kind, N, K;
+  const void* a;
+  const void* b;
+  const void* c;
+  double threshold;
+};
+
+struct PkLayer {
+  int64_t heads, kv_heads, head_dim, ffn;
+  const float* attn_norm;
+  const float* mlp_norm;
+  const float* qkv_bias;  // or null
+  PkWeight qkv, o, gate_up, down;
+  float* k_cache;  // kv_heads × capacity × head_dim
+  float* v_cache;
+  int64_t capacity;
+};
+
+struct AttnJob {
+  const PkLayer* L;
+  const float* q;
+  int64_t n;
+  float scale;
+  float* out;
+  float* scores;  // heads × n
+  static void task(void* p, int64_t h) {
+    auto* j = static_cast<AttnJob*>(p);
+    const PkLayer& L = *j->L;
+    const int64_t d = L.head_dim, kvh = h / (L.heads / L.kv_heads);
+    const float* kc = L.k_cache + kvh * L.capacity * d;
+    const float* vc = L.v_cache + kvh * L.capacity * d;
+    pk::attention_head(j->q + h * d, kc, vc, j->n, d, j->scale, j->out + h * d, j->scores + h * j->n);
+  }
+};
+
+void apply(const PkWeight& w, const float* x, float* y, int isa, std::vector<int32_t>& idx, std::vector<float>& vals, int64_t* read, int64_t* total) {
+  const int64_t tasks = (w.N + kRowsPerTask - 1) / kRowsPerTask;
+  if (w.kind == 0) {
+    const pk::Bitmask b{w.N, w.K, static_cast<const uint16_t*>(w.a), static_cast<const float*>(w.b), static_cast<const int64_t*>(w.c)};
+    GemvJob job{&b, x, 1, y, isa};
+    pool().run(tasks, &GemvJob::task, &job);
+  } else if (w.kind == 1) {
+    const pk::TwoFour t{w.N, w.K, static_cast<const float*>(w.a), static_cast<const uint8_t*>(w.b)};
+    TwoFourJob job{&t, x, 1, y, isa};
+    pool().run(tasks, &TwoFourJob::task, &job);
+  } else {
+    idx.clear();
+    vals.clear();
+    for (int64_t k = 0; k < w.K; ++k) {
+      if (w.threshold < 0 || std::fabs(x[k]) > w.threshold) {
+        idx.push_back(int32_t(k));
+        vals.push_back(x[k]);
+      }
+    }
+    *read += int64_t(idx.size());
+    *total += w.K;
+    const int64_t cols = 256;
+    SparseXJob job{static_cast<const float*>(w.a), w.N, idx.data(), vals.data(), int64_t(idx.size()), y, cols, isa};
+    pool().run((w.N + cols - 1) / cols, &SparseXJob::task, &job);
+  }
+}
+
 struct CopyJob {
   const char* src;
   char* dst;
@@ -271,6 +340,53 @@ PK_API void pk_gemv_sparse_x(int64_t N, const float* wt, const int32_t* idx, con
   const int64_t cols = 256;  // a multiple of both kernels' chunk
   SparseXJob job{wt, N, idx, vals, count, y, cols, g_isa.load(std::memory_order_relaxed)};
   pool().run((N + cols - 1) / cols, &SparseXJob::task, &job);
+}
+
+// One decode step of a token through every layer: h (hidden) in and out; the new K/V written at
+// position pos of each layer's cache; cos/sin the rotary row of pos (head_dim each). Returns 0, or
+// -1 when this CPU has no AVX2 + FMA (the caller then runs its own path). read/total count the
+// inputs an input-skipping linear read.
+PK_API int pk_decode_layers(int64_t n_layers, const PkLayer* layers, int64_t hidden, float* h, int64_t pos, const float* cos, const float* sin,
+                            float eps, int64_t* read, int64_t* total) {
+  if (g_best < kAvx2) return -1;
+  const int isa = g_isa.load(std::memory_order_relaxed);
+  std::vector<float> a(static_cast<size_t>(hidden)), tmp(static_cast<size_t>(hidden)), buf, attn, gu, act, scores;
+  std::vector<int32_t> idx;
+  std::vector<float> vals;
+  const int64_t n = pos + 1;
+  for (int64_t l = 0; l < n_layers; ++l) {
+    const PkLayer& L = layers[l];
+    const int64_t d = L.head_dim, qn = L.heads * d, kn = L.kv_heads * d;
+    if (pos >= L.capacity) return -2;
+    buf.resize(size_t(qn + 2 * kn));
+    attn.resize(size_t(qn));
+    scores.resize(size_t(L.heads * n));
+    pk::rmsnorm(h, L.attn_norm, hidden, eps, a.data());
+    apply(L.qkv, a.data(), buf.data(), isa, idx, vals, read, total);
+    if (L.qkv_bias)
+      for (int64_t i = 0; i < qn + 2 * kn; ++i) buf[size_t(i)] += L.qkv_bias[i];
+    float* q = buf.data();
+    float* k = q + qn;
+    float* v = k + kn;
+    pk::rope(q, L.heads, d, cos, sin);
+    pk::rope(k, L.kv_heads, d, cos, sin);
+    for (int64_t g = 0; g < L.kv_heads; ++g) {
+      std::memcpy(L.k_cache + (g * L.capacity + pos) * d, k + g * d, size_t(d) * sizeof(float));
+      std::memcpy(L.v_cache + (g * L.capacity + pos) * d, v + g * d, size_t(d) * sizeof(float));
+    }
+    AttnJob aj{&L, q, n, 1.0f / std::sqrt(float(d)), attn.data(), scores.data()};
+    pool().run(L.heads, &AttnJob::task, &aj);
+    apply(L.o, attn.data(), tmp.data(), isa, idx, vals, read, total);
+    for (int64_t i = 0; i < hidden; ++i) h[i] += tmp[size_t(i)];
+    pk::rmsnorm(h, L.mlp_norm, hidden, eps, a.data());
+    gu.resize(size_t(2 * L.ffn));
+    act.resize(size_t(L.ffn));
+    apply(L.gate_up, a.data(), gu.data(), isa, idx, vals, read, total);
+    pk::silu_mul(gu.data(), gu.data() + L.ffn, L.ffn, act.data());
+    apply(L.down, act.data(), tmp.data(), isa, idx, vals, read, total);
+    for (int64_t i = 0; i < hidden; ++i) h[i] += tmp[size_t(i)];
+  }
+  return 0;
 }
 
 // Copy bandwidth of this machine with the pool's threads, in bytes moved (read + written) per second.

@@ -54,6 +54,12 @@ void gemv_sparse_x_scalar(const float* wt, int64_t N, const int32_t* idx, const 
 void gemv_sparse_x_avx2(const float* wt, int64_t N, const int32_t* idx, const float* vals, int64_t count, float* y, int64_t n0, int64_t n1);
 void gemv_sparse_x_avx512(const float* wt, int64_t N, const int32_t* idx, const float* vals, int64_t count, float* y, int64_t n0, int64_t n1);
 
+// Decode-step operations (layer_ops.cpp, AVX2 + FMA).
+void rmsnorm(const float* x, const float* w, int64_t n, float eps, float* out);
+void rope(float* v, int64_t heads, int64_t d, const float* cos, const float* sin);
+void attention_head(const float* q, const float* kc, const float* vc, int64_t n, int64_t d, float scale, float* out, float* scores);
+void silu_mul(const float* g, const float* u, int64_t n, float* out);
+
 // Rows [n0, n1) of W written dense into out[(n1-n0)][K] (the prefill path decompresses tile by tile).
 void decompress(const Bitmask& w, int64_t n0, int64_t n1, float* out);
 void decompress(const TwoFour& w, int64_t n0, int64_t n1, float* out);
