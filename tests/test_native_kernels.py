@@ -128,3 +128,13 @@ def test_threads_and_shape_errors():
 def test_copy_bandwidth_is_measured():
     bw = native.copy_bandwidth(8 << 20, 2)
     assert 1e8 < bw < 1e13  # bytes/s: a real measurement, not a constant
+
+
+def test_build_script_names_a_missing_compiler(tmp_path):
+    import subprocess
+    from pathlib import Path
+
+    script = Path(native.__file__).parent / "build.sh"
+    out = subprocess.run(["bash", str(script)], env={"PATH": "/usr/bin:/bin", "CXX": str(tmp_path / "no-such-c++")}, capture_output=True, text=True)
+    assert out.returncode == 1
+    assert "no C++17 compiler found" in out.stderr and "apt-get install g++" in out.stderr
