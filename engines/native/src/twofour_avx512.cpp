@@ -30,6 +30,11 @@ inline uint32_t window_bits(const uint8_t* row, int64_t win, int64_t row_bytes) 
   return p;
 }
 
+#ifndef PK_AHEAD
+#define PK_AHEAD 1
+#endif
+constexpr int64_t kAhead = PK_AHEAD;  // blocks of rows between the one computed and the one prefetched
+
 template <int MM, int RB>
 void block(const TwoFour& w, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t n) {
   const int64_t K = w.K, windows = (K + 31) / 32, full = K / 32, half_k = K / 2, pb = position_bytes(K);
@@ -43,7 +48,7 @@ void block(const TwoFour& w, const float* x, int64_t ldx, float* y, int64_t ldy,
   for (int r = 0; r < RB; ++r) {
     v[r] = w.values + (n + r) * half_k;
     p[r] = w.positions + (n + r) * pb;
-    const int64_t nn = n + RB + r < w.N ? n + RB + r : n + r;
+    const int64_t nn = n + kAhead * RB + r < w.N ? n + kAhead * RB + r : n + r;
     next[r] = w.values + nn * half_k;
     _mm_prefetch(reinterpret_cast<const char*>(w.positions + nn * pb), _MM_HINT_T0);
     for (int m = 0; m < MM; ++m) acc[r][m] = _mm512_setzero_ps();
