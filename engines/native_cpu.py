@@ -132,8 +132,10 @@ class NativeCpuEngine(Engine):
 
         info: dict[str, Any] = {"runtime": "native-cpu"}
         try:
+            import hashlib
+
             info["isa"] = native.best_isa()
-            info["kernels_bytes"] = native.LIB_PATH.stat().st_size
+            info["kernels_sha256"] = hashlib.sha256(native.LIB_PATH.read_bytes()).hexdigest()[:16]
         except (EngineUnavailable, OSError):
             info["isa"] = None
         return info

@@ -93,16 +93,22 @@ def _latency_cells(points: list[dict[str, Any]], dense: bool) -> str:
     return "; ".join(parts)
 
 
-def _decode_ratios(results: dict[str, Any], name: str) -> tuple[str, str]:
-    """Decode and prefill ratio cells of the decode stage, each with its interleaved band."""
-    dense = next(v["decode"] for v in results["variants"] if v["name"] == "dense")
-    r = next(v["decode"] for v in results["variants"] if v["name"] == name)
-    if name == "dense":
-        return "×1.000", "×1.000"
+def decode_baseline_samples(results: dict[str, Any], metric: str) -> list[float]:
+    """Samples of the decode stage's baseline for ``metric``: the fastest dense run (older results:
+    dense on ONNX Runtime's KV-cache graphs)."""
+    base = (results.get("decode") or {}).get("baseline")
+    if base:
+        return base[metric]["samples"]
+    return next(v["decode"] for v in results["variants"] if v["name"] == "dense")["samples"][metric]
+
+
+def _decode_ratios(results: dict[str, Any], r: dict[str, Any]) -> list[str]:
+    """Decode and prefill ratio cells of one decode run, each with its interleaved band against the baseline."""
     out = []
     for metric, ratio in (("decode_ms_per_token", "decode_ratio"), ("prefill_ms", "prefill_ratio")):
-        out.append(ratio_text(r[ratio], *judge(dense["samples"][metric], r["samples"][metric], r[ratio])))
-    return out[0], out[1]
+        base = decode_baseline_samples(results, metric)
+        out.append("×1.000 (baseline)" if r["samples"][metric] is base or r["samples"][metric] == base else ratio_text(r[ratio], *judge(base, r["samples"][metric], r[ratio])))
+    return out
 
 
 def _summary_table(rows: list[dict[str, Any]]) -> Table:
@@ -129,11 +135,15 @@ def _ship_section(d: dict[str, Any]) -> Section:
         for s in k["ship"]:
             if s["variant"] is None:
                 items.append(f"perplexity ≤ {s['ppl_budget']}× dense: no variant qualifies")
-            elif s["variant"] == "dense" or s["latency_ratio"] >= 1.0:
-                items.append(f"perplexity ≤ {s['ppl_budget']}× dense: ship `dense`; no variant within this budget is faster here")
+            elif s["variant"].split(" on ")[0] == "dense" or s["latency_ratio"] >= 1.0:
+                fastest = s["variant"] if s["variant"].split(" on ")[0] == "dense" else "dense"
+                items.append(f"perplexity ≤ {s['ppl_budget']}× dense: ship `{fastest}`; no pruned variant within this budget is faster here")
             else:
                 items.append(f"perplexity ≤ {s['ppl_budget']}× dense: `{s['variant']}` (latency ×{s['latency_ratio']:.3f}, perplexity ×{s['ppl_ratio']:.3f})")
         blocks.append(Bullets(items))
+    if d.get("shown_by_engine"):
+        blocks.append(Paragraph("Sparse variants whose decode speed-up an engine of this build showed on this CPU:"))
+        blocks.append(Bullets([f"`{n['variant']}` on {', '.join(n['engines'])}" for n in d["shown_by_engine"]]))
     if d["needs_other_hardware"]:
         blocks.append(Paragraph("Variants whose speed-up this machine cannot show:"))
         blocks.append(Bullets([f"`{n['variant']}`: {n['why']}" for n in d["needs_other_hardware"]]))
@@ -145,20 +155,23 @@ def _decode_section(results: dict[str, Any]) -> Section:
     if not d:
         return Section("")
     rows = []
-    dense = next((v["decode"] for v in results["variants"] if v["name"] == "dense" and v.get("decode")), None)
     for v in results["variants"]:
         r = v.get("decode")
         if r:
-            dec, pre = _decode_ratios(results, v["name"])
+            dec, pre = _decode_ratios(results, r)
             rows.append([v["name"], d["runtime"], greedy_cell(r), f"{r['max_abs_logit_delta']:.2e}", f"{r['decode_ms_per_token']:.2f}", dec, f"{r['prefill_ms']:.1f}", pre])
             for backend, g in (r.get("engines") or {}).items():
-                if "samples" not in g or dense is None:
+                if "samples" not in g:
                     continue
-                cells = [ratio_text(g[ratio], *judge(dense["samples"][metric], g["samples"][metric], g[ratio]))
-                         for metric, ratio in (("decode_ms_per_token", "decode_ratio"), ("prefill_ms", "prefill_ratio"))]
-                rows.append([v["name"], g.get("runtime", backend), greedy_cell(g), f"{g['max_abs_logit_delta']:.2e}", f"{g['decode_ms_per_token']:.2f}", cells[0], f"{g['prefill_ms']:.1f}", cells[1]])
+                dec, pre = _decode_ratios(results, g)
+                rows.append([v["name"], g.get("runtime", backend), greedy_cell(g), f"{g['max_abs_logit_delta']:.2e}", f"{g['decode_ms_per_token']:.2f}", dec, f"{g['prefill_ms']:.1f}", pre])
+    base = d.get("baseline") or {}
+    against = (
+        f"decode ratios to the fastest dense decode (dense on {base['decode_ms_per_token']['engine']}), prefill ratios to the fastest dense prefill (dense on {base['prefill_ms']['engine']})"
+        if base else f"every ratio to dense on {d['runtime']}'s KV-cache graphs"
+    )
     return Section(
-        f"Decode (KV cache, batch {d['batch']}, {d['prompt_tokens']}-token prompt; every ratio is to dense on {d['runtime']}'s KV-cache graphs, interleaved in one process)",
+        f"Decode (KV cache, batch {d['batch']}, {d['prompt_tokens']}-token prompt; {against}, interleaved in one process)",
         [Table(["variant", "engine", "greedy tokens = PyTorch", "max abs Δlogit", "decode ms/token", "ratio", "prefill ms", "ratio"], rows)],
     )
 

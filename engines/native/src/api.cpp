@@ -144,6 +144,13 @@ Pool& pool() {
 
 constexpr int64_t kRowsPerTask = 16;
 
+inline int64_t sparse_x_columns(int64_t N) {
+  // one contiguous column range per thread (rounded to 128 columns): long row streams
+  const int64_t t = pool().threads();
+  return ((N + t - 1) / t + 127) / 128 * 128;
+}
+
+
 struct GemvJob {
   const pk::Bitmask* w;
   const float* x;
@@ -270,7 +277,7 @@ void apply(const PkWeight& w, const float* x, float* y, int isa, std::vector<int
     }
     *read += int64_t(idx.size());
     *total += w.K;
-    const int64_t cols = 256;
+    const int64_t cols = sparse_x_columns(w.N);
     SparseXJob job{static_cast<const float*>(w.a), w.N, idx.data(), vals.data(), int64_t(idx.size()), y, cols, isa};
     pool().run((w.N + cols - 1) / cols, &SparseXJob::task, &job);
   }
@@ -337,7 +344,7 @@ PK_API void pk_decompress_24(int64_t N, int64_t K, const float* values, const ui
 
 // y[N] = Σ_a vals[a] · wt[idx[a], :] (wt: K × N input-major; the inputs not listed are skipped).
 PK_API void pk_gemv_sparse_x(int64_t N, const float* wt, const int32_t* idx, const float* vals, int64_t count, float* y) {
-  const int64_t cols = 256;  // a multiple of both kernels' chunk
+  const int64_t cols = sparse_x_columns(N);
   SparseXJob job{wt, N, idx, vals, count, y, cols, g_isa.load(std::memory_order_relaxed)};
   pool().run((N + cols - 1) / cols, &SparseXJob::task, &job);
 }
