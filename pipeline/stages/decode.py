@@ -133,7 +133,7 @@ class DecodeStage(Stage):
             engine_name = min(dense_runs, key=lambda e: statistics.median(dense_runs[e][m]))
             baseline[m] = {"engine": engine_name, "median": round(statistics.median(dense_runs[engine_name][m]), 3), "samples": dense_runs[engine_name][m]}
         result["baseline"] = baseline
-        base = {m: baseline[m]["median"] for m in baseline}
+        base = {m: statistics.median(baseline[m]["samples"]) for m in baseline}
         for key, (vname, backend, _) in own.items():
             smp = samples.pop(key)
             med = {m: statistics.median(smp[m]) for m in smp}
