@@ -51,7 +51,11 @@ class DecodeStage(Stage):
         return [e for e in ctx.recipe.engines if getattr(ctx.engine(e), "generates", False) and e.backend not in ctx.unavailable]
 
     def key(self, ctx: BuildContext, v: Any = None, e: Any = None) -> str:
-        engines = [(g.backend, [ctx.content(x.name, f"engine-{g.backend}") for x in ctx.ordered]) for g in self.generating_engines(ctx)]
+        # an engine's runtime (e.g. native-cpu's kernel library) decides its timings as much as its artifacts do
+        engines = [
+            (g.backend, ctx.engine(g).version_info(), [ctx.content(x.name, f"engine-{g.backend}") for x in ctx.ordered])
+            for g in self.generating_engines(ctx)
+        ]
         return stable_hash(
             "decode", [(x.name, ctx.content(x.name, "kv"), ctx.content(x.name, "model")) for x in ctx.ordered], self.options(ctx),
             ctx.data_key("evaluation"), engines, STAGE_SCHEMA,

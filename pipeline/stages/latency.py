@@ -48,7 +48,9 @@ class LatencyStage(Stage):
 
     def key(self, ctx: BuildContext, v: Any, e: Any) -> str:
         stage = f"engine-{e.backend}"
-        return stable_hash("latency", [(x.name, ctx.content(x.name, stage)) for x in ctx.ordered], self.options(ctx), STAGE_SCHEMA)
+        return stable_hash(
+            "latency", [(x.name, ctx.content(x.name, stage)) for x in ctx.ordered], self.options(ctx), ctx.engine(e).version_info(), STAGE_SCHEMA
+        )
 
     def build(self, ctx: BuildContext, tmp: Path, v: Any, e: Any) -> dict[str, Any]:
         from contextlib import ExitStack

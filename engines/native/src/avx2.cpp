@@ -6,6 +6,7 @@
 #include <array>
 
 #include "kernels.h"
+#include "simd.h"
 
 namespace pk {
 namespace {
@@ -31,12 +32,6 @@ struct Tables {
 const Tables kT;
 
 constexpr int kPrefetchFloats = 128;
-
-inline float hsum(__m256 v) {
-  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  const __m128 s2 = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
-}
 
 // RB output rows at once (independent chains), MM rows of x each; prefetching as in avx512.cpp.
 template <bool Dense, int MM, int RB>
@@ -90,14 +85,7 @@ void rows(const Bitmask& w, const float* x, int64_t ldx, float* y, int64_t ldy, 
 }
 
 void gemv(const Bitmask& w, const float* x, int64_t M, int64_t ldx, float* y, int64_t ldy, int64_t n0, int64_t n1) {
-  int64_t m = 0;
-  for (; m + 4 <= M; m += 4) rows<4>(w, x + m * ldx, ldx, y + m * ldy, ldy, n0, n1);
-  switch (M - m) {
-    case 3: rows<3>(w, x + m * ldx, ldx, y + m * ldy, ldy, n0, n1); break;
-    case 2: rows<2>(w, x + m * ldx, ldx, y + m * ldy, ldy, n0, n1); break;
-    case 1: rows<1>(w, x + m * ldx, ldx, y + m * ldy, ldy, n0, n1); break;
-    default: break;
-  }
+  by_chunks_of_four(M, [&](auto mm, int64_t m) { rows<decltype(mm)::value>(w, x + m * ldx, ldx, y + m * ldy, ldy, n0, n1); });
 }
 
 }  // namespace

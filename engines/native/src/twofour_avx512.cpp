@@ -9,17 +9,10 @@
 #include <cstring>
 
 #include "kernels.h"
+#include "simd.h"
 
 namespace pk {
 namespace {
-
-inline float hsum(__m512 v) {
-  __m512 s = _mm512_add_ps(v, _mm512_shuffle_f32x4(v, v, _MM_SHUFFLE(1, 0, 3, 2)));
-  s = _mm512_add_ps(s, _mm512_shuffle_f32x4(s, s, _MM_SHUFFLE(2, 3, 0, 1)));
-  __m128 q = _mm512_castps512_ps128(s);
-  q = _mm_add_ps(q, _mm_movehl_ps(q, q));
-  return _mm_cvtss_f32(_mm_add_ss(q, _mm_shuffle_ps(q, q, 1)));
-}
 
 // The 32 position bits of window `win` of a row (fewer bytes in a partial last window).
 inline uint32_t window_bits(const uint8_t* row, int64_t win, int64_t row_bytes) {
@@ -86,14 +79,7 @@ void rows(const TwoFour& w, const float* x, int64_t ldx, float* y, int64_t ldy, 
 }  // namespace
 
 void gemv_twofour_avx512(const TwoFour& w, const float* x, int64_t M, int64_t ldx, float* y, int64_t ldy, int64_t n0, int64_t n1) {
-  int64_t m = 0;
-  for (; m + 4 <= M; m += 4) rows<4>(w, x + m * ldx, ldx, y + m * ldy, ldy, n0, n1);
-  switch (M - m) {
-    case 3: rows<3>(w, x + m * ldx, ldx, y + m * ldy, ldy, n0, n1); break;
-    case 2: rows<2>(w, x + m * ldx, ldx, y + m * ldy, ldy, n0, n1); break;
-    case 1: rows<1>(w, x + m * ldx, ldx, y + m * ldy, ldy, n0, n1); break;
-    default: break;
-  }
+  by_chunks_of_four(M, [&](auto mm, int64_t m) { rows<decltype(mm)::value>(w, x + m * ldx, ldx, y + m * ldy, ldy, n0, n1); });
 }
 
 }  // namespace pk

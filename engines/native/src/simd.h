@@ -1,0 +1,45 @@
+// Helpers shared by the SIMD kernel files. Everything here has internal linkage: each file compiles
+// it with its own instruction-set flags, and the linker must never hand one file's copy to another.
+#pragma once
+#include <immintrin.h>
+
+#include <cstdint>
+#include <type_traits>
+
+namespace pk {
+namespace {
+
+#ifdef __AVX512F__
+inline float hsum(__m512 v) {
+  __m512 s = _mm512_add_ps(v, _mm512_shuffle_f32x4(v, v, _MM_SHUFFLE(1, 0, 3, 2)));
+  s = _mm512_add_ps(s, _mm512_shuffle_f32x4(s, s, _MM_SHUFFLE(2, 3, 0, 1)));
+  __m128 q = _mm512_castps512_ps128(s);
+  q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+  return _mm_cvtss_f32(_mm_add_ss(q, _mm_shuffle_ps(q, q, 1)));
+}
+#endif
+
+#ifdef __AVX2__
+inline float hsum(__m256 v) {
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 s2 = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
+}
+#endif
+
+// Runs rows(mm, m) over M rows of x in chunks of four: mm is std::integral_constant<int, 4> for the
+// full chunks, then 3, 2 or 1 for the rest (a kernel keeps one accumulator per row of x).
+template <class Rows>
+inline void by_chunks_of_four(int64_t M, Rows rows) {
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4) rows(std::integral_constant<int, 4>{}, m);
+  switch (M - m) {
+    case 3: rows(std::integral_constant<int, 3>{}, m); break;
+    case 2: rows(std::integral_constant<int, 2>{}, m); break;
+    case 1: rows(std::integral_constant<int, 1>{}, m); break;
+    default: break;
+  }
+}
+
+}  // namespace
+}  // namespace pk
