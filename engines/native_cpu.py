@@ -547,10 +547,15 @@ class NativeRunner(Runner):
         from engines import native
 
         native.set_threads(self.threads)
+        self._blas_threads = native.numpy_blas_threads(1)
         self.decoder = NativeDecoder(self.artifact_dir)
 
     def deactivate_impl(self) -> None:
+        from engines import native
+
         self.decoder = None
+        if getattr(self, "_blas_threads", None):
+            native.numpy_blas_threads(self._blas_threads)
 
     def describe(self) -> str:
         from engines import native

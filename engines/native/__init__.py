@@ -140,6 +140,29 @@ VALUE_PAD = 16
 """Floats of zeros after the last kept value: the AVX-512 kernel loads 16 values at a time."""
 
 
+def numpy_blas_threads(n: int | None) -> int | None:
+    """Set the thread count of NumPy's bundled OpenBLAS (returns the previous count; None where it cannot
+    be found). The native engine runs NumPy's small attention matmuls single-threaded: OpenBLAS's
+    threads spin after each call and would steal the cores that ONNX Runtime's GEMM and the kernels
+    use (measured: prefill 131.8 → 120.1 ms dense, 183.4 → 145.2 ms 2:4)."""
+    import glob
+
+    libs = glob.glob(str(Path(np.__file__).resolve().parent.parent / "numpy.libs" / "libscipy_openblas*.so"))
+    if not libs:
+        return None
+    try:
+        blas = ctypes.CDLL(libs[0])
+        get, set_ = blas.scipy_openblas_get_num_threads64_, blas.scipy_openblas_set_num_threads64_
+    except (OSError, AttributeError):
+        return None
+    get.restype = ctypes.c_int
+    previous = int(get())
+    if n is not None:
+        set_.argtypes = [ctypes.c_int]
+        set_(int(n))
+    return previous
+
+
 class PkWeight(ctypes.Structure):
     """A layer's linear for the native decode step (``PkWeight`` in api.cpp)."""
 
