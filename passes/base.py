@@ -121,12 +121,17 @@ class SpeedupNeed:
 
 
 NEEDS_SPARSE_TENSOR_CORES = SpeedupNeed(
-    40, "needs sparse tensor cores (TensorRT SPARSE_WEIGHTS / cuSPARSELt); no CPU kernel accelerates it", "sparse tensor cores (GPU)", True
+    40,
+    "needs sparse tensor cores on a GPU (TensorRT SPARSE_WEIGHTS / cuSPARSELt), or on a CPU the native-cpu engine's 2:4 kernel (decode); ONNX Runtime runs it dense",
+    "sparse tensor cores (GPU) or native-cpu",
+    True,
 )
 NEEDS_ROW_SKIPPING_KERNEL = SpeedupNeed(
     35, "needs a kernel that reads only the selected rows; ONNX Runtime's Gather copies them first", "a row-skipping kernel", True
 )
-NEEDS_SPARSE_KERNEL = SpeedupNeed(30, "needs a sparse-matrix kernel; ONNX Runtime CPU and TensorRT run it dense", "a sparse kernel", True)
+NEEDS_SPARSE_KERNEL = SpeedupNeed(
+    30, "needs a sparse-matrix kernel (the native-cpu engine has one, for decode); ONNX Runtime CPU and TensorRT run it dense", "a sparse kernel (native-cpu)", True
+)
 NEEDS_NOTHING = SpeedupNeed(20, "runs faster anywhere: its matrices are smaller", "nothing (smaller matrices)", False)
 NEEDS_GRAPH_SHRINK = SpeedupNeed(
     10, "zeroed heads/channels: faster only after the graph 'shrink' pass removes them", "the graph 'shrink' pass", False
