@@ -123,14 +123,14 @@ class SpeedupNeed:
 NEEDS_SPARSE_TENSOR_CORES = SpeedupNeed(
     40,
     "needs sparse tensor cores on a GPU (TensorRT SPARSE_WEIGHTS / cuSPARSELt), or on a CPU the native-cpu engine's 2:4 kernel (decode); ONNX Runtime runs it dense",
-    "sparse tensor cores (GPU) or native-cpu",
+    "sparse tensor cores (GPU)",
     True,
 )
 NEEDS_ROW_SKIPPING_KERNEL = SpeedupNeed(
     35, "needs a kernel that reads only the selected rows; ONNX Runtime's Gather copies them first", "a row-skipping kernel", True
 )
 NEEDS_SPARSE_KERNEL = SpeedupNeed(
-    30, "needs a sparse-matrix kernel (the native-cpu engine has one, for decode); ONNX Runtime CPU and TensorRT run it dense", "a sparse kernel (native-cpu)", True
+    30, "needs a sparse-matrix kernel (the native-cpu engine has one, for decode); ONNX Runtime CPU and TensorRT run it dense", "a sparse kernel", True
 )
 NEEDS_NOTHING = SpeedupNeed(20, "runs faster anywhere: its matrices are smaller", "nothing (smaller matrices)", False)
 NEEDS_GRAPH_SHRINK = SpeedupNeed(
