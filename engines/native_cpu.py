@@ -6,7 +6,8 @@ headers ship in no package these machines can install, so no native custom op ca
 Python custom ops (onnxruntime-extensions ``PyOp``) copy every input on every call (9 ms per call
 for a 100 MB weight input) and return outputs through Python lists, so the weights cannot live in
 the graph and a 128-token prefill's activations cross Python per layer. PyTorch eager as the host
-was measured too: SmolLM2 decodes at 0.47× of ONNX Runtime's speed before any sparse kernel runs.
+was measured too: SmolLM2 decodes at about half of ONNX Runtime's speed before any sparse kernel runs
+(``benchmarks/hosting_probe.py``).
 This engine therefore owns the whole decoder (RMSNorm, rotary embedding, grouped-query attention
 with a preallocated KV cache, gated MLP) in NumPy around the native kernels, and is timed against
 ONNX Runtime dense in the same process; the report names the engine of every latency.
@@ -20,6 +21,7 @@ Llama, SmolLM2, Mistral, Qwen2 with its q/k/v biases); others are refused with t
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -102,6 +104,19 @@ def _load_tensors(model_dir: Path) -> dict[str, np.ndarray]:
     return out
 
 
+@functools.lru_cache(maxsize=1)
+def _kernel_version() -> tuple[tuple[str, Any], ...]:
+    """The kernel library's identity (hashed once per process: stage keys ask for it many times)."""
+    import hashlib
+
+    from engines import native
+
+    try:
+        return (("runtime", "native-cpu"), ("isa", native.best_isa()), ("kernels_sha256", hashlib.sha256(native.LIB_PATH.read_bytes()).hexdigest()[:16]))
+    except (EngineUnavailable, OSError):
+        return (("runtime", "native-cpu"), ("isa", None))
+
+
 class NativeCpuEngine(Engine):
     name = "native-cpu"
     source = "model"
@@ -128,17 +143,7 @@ class NativeCpuEngine(Engine):
         native.lib()  # raises EngineUnavailable naming the fix
 
     def version_info(self) -> dict[str, Any]:
-        from engines import native
-
-        info: dict[str, Any] = {"runtime": "native-cpu"}
-        try:
-            import hashlib
-
-            info["isa"] = native.best_isa()
-            info["kernels_sha256"] = hashlib.sha256(native.LIB_PATH.read_bytes()).hexdigest()[:16]
-        except (EngineUnavailable, OSError):
-            info["isa"] = None
-        return info
+        return dict(_kernel_version())
 
     def build(self, model_dir: Path, out_dir: Path) -> EngineArtifact:
         from safetensors.numpy import save_file
@@ -265,7 +270,6 @@ class NativeDecoder:
         self.embed = t[manifest["embed"]]
         self.final_norm = t[a.native["final_norm"] + ".weight"]
         self.head = native.NativeWeight(t[manifest["embed"] if manifest["tied_head"] else manifest["head"]])
-        self.linear_bytes = 0
 
         def weight(name: str) -> Any:
             fmt = manifest["linears"][name]["format"]
@@ -277,7 +281,6 @@ class NativeDecoder:
                 keys = {"2:4": ("values", "positions"), "bitmask": ("masks", "values", "row_offsets")}[fmt]
                 shape = tuple(manifest["linears"][name]["shape"])
                 w = native.NativeWeight(CompressedWeight(fmt, shape, {k: t[f"{name}{SEP}{k}"] for k in keys}))
-            self.linear_bytes += w.nbytes
             return w
 
         spec = getattr(c, "activation_sparsity", None) or {}
@@ -343,12 +346,6 @@ class NativeDecoder:
         rot = np.concatenate([-x[..., h:], x[..., :h]], axis=-1)
         return x * cos + rot * sin
 
-    @staticmethod
-    def _linear(w: Any, x: np.ndarray) -> np.ndarray:
-        from engines import native
-
-        return w.gemv(x) if x.shape[0] <= native.GEMV_MAX_ROWS else w.gemm_tiled(x)
-
     def _lin(self, L: _Layer, group: str, w: Any, x: np.ndarray, sparse_inputs: bool) -> np.ndarray:
         """One (stacked) linear of a layer; with ``sparse_inputs`` its input is thresholded as the model
         says — at a single row by the input-skipping kernel, which reads only the remaining inputs' rows."""
@@ -365,7 +362,7 @@ class NativeDecoder:
             if t is not None:
                 x = np.where(np.abs(x) > t, x, np.float32(0.0))
             return w(x)
-        return self._linear(w, x)
+        return w(x)
 
     def _mlp(self, L: _Layer, x: np.ndarray, sparse_inputs: bool = True) -> np.ndarray:
         gu = self._lin(L, "mlp_in", L.gate_up, x, sparse_inputs)
@@ -411,7 +408,7 @@ class NativeDecoder:
             h = h + self._lin(L, "o_in", L.o, o, True)
             h = h + self._mlp(L, self._norm(h, L.mlp_norm))
         h = self._norm(h, self.final_norm)
-        return self._linear(self.head, np.ascontiguousarray(h, np.float32)).reshape(b, t, -1)
+        return self.head(np.ascontiguousarray(h, np.float32)).reshape(b, t, -1)
 
     # -- decoding with a KV cache -----------------------------------------------------------------
     def _ensure_cache(self, n: int) -> None:
@@ -459,12 +456,12 @@ class NativeDecoder:
             h = h + self._mlp(L, self._norm(h, L.mlp_norm))
         self.length = t
         last = self._norm(h[-1:], self.final_norm)
-        return self._linear(self.head, np.ascontiguousarray(last, np.float32))
+        return self.head(np.ascontiguousarray(last, np.float32))
 
     def _layer_table(self) -> Any:
         from engines import native
 
-        if self._table is None or self._table[0].capacity != self.cache[0][0].shape[1] or self._table_cache is not self.cache:
+        if self._table is None or self._table_cache is not self.cache:  # the cache list is replaced when it grows
             table = (native.PkLayer * len(self.layers))()
             for i, L in enumerate(self.layers):
                 kc, vc = self.cache[i]
@@ -496,7 +493,6 @@ class NativeDecoder:
                 return self.head.gemv(np.ascontiguousarray(self._norm(h, self.final_norm), np.float32))
             self.native_step = False
         d = self.head_dim
-        cos, sin = self._rope(pos + 1)
         cos, sin = cos[pos], sin[pos]
         h = self.embed[token][None]
         n = pos + 1

@@ -115,27 +115,6 @@ def copy_bandwidth(nbytes: int = 256 << 20, reps: int = 5) -> float:
     return float(lib().pk_copy_bandwidth(int(nbytes), int(reps)))
 
 
-def kernel_arrays(c: CompressedWeight) -> dict[str, np.ndarray]:
-    """The arrays the kernels read (masks, values, row_offsets) for either stored format. A 2:4
-    weight's positions (4 bits per group of four) become a 4-bit group mask of the same size; its
-    values are used as they are."""
-    n, k = c.shape
-    if c.format == "bitmask":
-        return {name: c.arrays[name] for name in ("masks", "values", "row_offsets")}
-    if c.format != "2:4":
-        raise ValueError(f"native weight: format '{c.format}' is not 2:4 or bitmask")
-    kw = (k + 15) // 16
-    b = c.arrays["positions"]
-    nib = np.stack([b & 0x0F, b >> 4], axis=-1).reshape(n, -1)[:, : k // 4]  # (n, groups)
-    group_mask = ((1 << (nib & 3)) | (1 << ((nib >> 2) & 3))).astype(np.uint16)  # 4 bits per group
-    padded = np.zeros((n, kw * 4), np.uint16)
-    padded[:, : k // 4] = group_mask
-    g = padded.reshape(n, kw, 4)
-    masks = (g[..., 0] | (g[..., 1] << 4) | (g[..., 2] << 8) | (g[..., 3] << 12)).astype(np.uint16)
-    row_offsets = np.arange(n + 1, dtype=np.int64) * (k // 2)
-    return {"masks": masks, "values": c.arrays["values"].reshape(-1), "row_offsets": row_offsets}
-
-
 VALUE_PAD = 16
 """Floats of zeros after the last kept value: the AVX-512 kernel loads 16 values at a time."""
 
@@ -144,7 +123,7 @@ def numpy_blas_threads(n: int | None) -> int | None:
     """Set the thread count of NumPy's bundled OpenBLAS (returns the previous count; None where it cannot
     be found). The native engine runs NumPy's small attention matmuls single-threaded: OpenBLAS's
     threads spin after each call and would steal the cores that ONNX Runtime's GEMM and the kernels
-    use (measured: prefill 131.8 → 120.1 ms dense, 183.4 → 145.2 ms 2:4)."""
+    use during prefill."""
     import glob
 
     libs = glob.glob(str(Path(np.__file__).resolve().parent.parent / "numpy.libs" / "libscipy_openblas*.so"))
@@ -271,6 +250,7 @@ class NativeWeight:
     :class:`CompressedWeight`, or a dense ``(N, K)`` array (``format`` 'dense', every bit set)."""
 
     def __init__(self, c: CompressedWeight | np.ndarray):
+        self._tile: np.ndarray | None = None
         if isinstance(c, np.ndarray):
             if c.ndim != 2:
                 raise ValueError(f"native weight: dense weight of shape {c.shape} is not 2-D")
@@ -278,12 +258,10 @@ class NativeWeight:
             self.n, self.k = c.shape
             self.nbytes = int(c.size * 4)
             self.arrays = {"values": np.concatenate([np.ascontiguousarray(c, np.float32).reshape(-1), np.zeros(VALUE_PAD, np.float32)])}
-            self._tile = None
             self._args = (None, self.arrays["values"].ctypes.data, None)
             return
         self.format = c.format
         self.n, self.k = c.shape
-        self._tile = None
         if c.format == "2:4":  # the 2:4 kernel reads values and 2-bit positions as they are stored
             self.nbytes = c.nbytes
             values = np.concatenate([np.ascontiguousarray(c.arrays["values"], np.float32).reshape(-1), np.zeros(VALUE_PAD, np.float32)])
@@ -293,12 +271,12 @@ class NativeWeight:
             self.arrays = {"values": values, "positions": positions}
             self._args = (values.ctypes.data, positions.ctypes.data)
             return
-        arrays = kernel_arrays(c)
-        arrays["values"] = np.concatenate([arrays["values"].reshape(-1), np.zeros(VALUE_PAD, np.float32)])
-        self.arrays = {name: np.ascontiguousarray(a) for name, a in arrays.items()}
+        if c.format != "bitmask":
+            raise ValueError(f"native weight: format '{c.format}' is not 2:4 or bitmask")
         self.nbytes = c.nbytes
         """Bytes of the stored format (what the file holds and the kernel reads, row offsets aside)."""
-        self._tile: np.ndarray | None = None
+        self.arrays = {name: np.ascontiguousarray(c.arrays[name]) for name in ("masks", "row_offsets")}
+        self.arrays["values"] = np.concatenate([np.ascontiguousarray(c.arrays["values"], np.float32).reshape(-1), np.zeros(VALUE_PAD, np.float32)])
         a = self.arrays
         if a["masks"].dtype != np.uint16 or a["values"].dtype != np.float32 or a["row_offsets"].dtype != np.int64:
             raise ValueError("native weight: expected uint16 masks, float32 values, int64 row_offsets")

@@ -151,37 +151,38 @@ inline int64_t sparse_x_columns(int64_t N) {
 }
 
 
+// M rows of x through one weight, a task per kRowsPerTask output rows, on the chosen instruction set.
+inline void gemv_rows(const pk::Bitmask& w, const float* x, int64_t M, float* y, int isa, int64_t n0, int64_t n1) {
+  if (isa == kAvx512) pk::gemv_avx512(w, x, M, w.K, y, w.N, n0, n1);
+  else if (isa == kAvx2) pk::gemv_avx2(w, x, M, w.K, y, w.N, n0, n1);
+  else pk::gemv_scalar(w, x, M, w.K, y, w.N, n0, n1);
+}
+
+inline void gemv_rows(const pk::TwoFour& w, const float* x, int64_t M, float* y, int isa, int64_t n0, int64_t n1) {
+  if (isa == kAvx512) pk::gemv_twofour_avx512(w, x, M, w.K, y, w.N, n0, n1);
+  else if (isa == kAvx2) pk::gemv_twofour_avx2(w, x, M, w.K, y, w.N, n0, n1);
+  else pk::gemv_twofour_scalar(w, x, M, w.K, y, w.N, n0, n1);
+}
+
+template <class W>
 struct GemvJob {
-  const pk::Bitmask* w;
+  const W* w;
   const float* x;
   int64_t M;
   float* y;
   int isa;
   static void task(void* p, int64_t i) {
     auto* j = static_cast<GemvJob*>(p);
-    const pk::Bitmask& w = *j->w;
-    const int64_t n0 = i * kRowsPerTask, n1 = std::min(w.N, n0 + kRowsPerTask);
-    if (j->isa == kAvx512) pk::gemv_avx512(w, j->x, j->M, w.K, j->y, w.N, n0, n1);
-    else if (j->isa == kAvx2) pk::gemv_avx2(w, j->x, j->M, w.K, j->y, w.N, n0, n1);
-    else pk::gemv_scalar(w, j->x, j->M, w.K, j->y, w.N, n0, n1);
+    const int64_t n0 = i * kRowsPerTask, n1 = std::min(j->w->N, n0 + kRowsPerTask);
+    gemv_rows(*j->w, j->x, j->M, j->y, j->isa, n0, n1);
   }
 };
 
-struct TwoFourJob {
-  const pk::TwoFour* w;
-  const float* x;
-  int64_t M;
-  float* y;
-  int isa;
-  static void task(void* p, int64_t i) {
-    auto* j = static_cast<TwoFourJob*>(p);
-    const pk::TwoFour& w = *j->w;
-    const int64_t n0 = i * kRowsPerTask, n1 = std::min(w.N, n0 + kRowsPerTask);
-    if (j->isa == kAvx512) pk::gemv_twofour_avx512(w, j->x, j->M, w.K, j->y, w.N, n0, n1);
-    else if (j->isa == kAvx2) pk::gemv_twofour_avx2(w, j->x, j->M, w.K, j->y, w.N, n0, n1);
-    else pk::gemv_twofour_scalar(w, j->x, j->M, w.K, j->y, w.N, n0, n1);
-  }
-};
+template <class W>
+void gemv(const W& w, const float* x, int64_t M, float* y, int isa) {
+  GemvJob<W> job{&w, x, M, y, isa};
+  pool().run((w.N + kRowsPerTask - 1) / kRowsPerTask, &GemvJob<W>::task, &job);
+}
 
 template <class W>
 struct DecompressJob {
@@ -257,15 +258,10 @@ struct AttnJob {
 };
 
 void apply(const PkWeight& w, const float* x, float* y, int isa, std::vector<int32_t>& idx, std::vector<float>& vals, int64_t* read, int64_t* total) {
-  const int64_t tasks = (w.N + kRowsPerTask - 1) / kRowsPerTask;
   if (w.kind == 0) {
-    const pk::Bitmask b{w.N, w.K, static_cast<const uint16_t*>(w.a), static_cast<const float*>(w.b), static_cast<const int64_t*>(w.c)};
-    GemvJob job{&b, x, 1, y, isa};
-    pool().run(tasks, &GemvJob::task, &job);
+    gemv(pk::Bitmask{w.N, w.K, static_cast<const uint16_t*>(w.a), static_cast<const float*>(w.b), static_cast<const int64_t*>(w.c)}, x, 1, y, isa);
   } else if (w.kind == 1) {
-    const pk::TwoFour t{w.N, w.K, static_cast<const float*>(w.a), static_cast<const uint8_t*>(w.b)};
-    TwoFourJob job{&t, x, 1, y, isa};
-    pool().run(tasks, &TwoFourJob::task, &job);
+    gemv(pk::TwoFour{w.N, w.K, static_cast<const float*>(w.a), static_cast<const uint8_t*>(w.b)}, x, 1, y, isa);
   } else {
     idx.clear();
     vals.clear();
@@ -316,9 +312,7 @@ PK_API void pk_set_threads(int n) { pool().resize(n); }
 // y[M][N] = x[M][K] · Wᵀ, W as a bitmask (see kernels.h); x and y contiguous.
 PK_API void pk_gemv(int64_t N, int64_t K, const uint16_t* masks, const float* values, const int64_t* row_off, const float* x, int64_t M,
                     float* y) {
-  const pk::Bitmask w{N, K, masks, values, row_off};
-  GemvJob job{&w, x, M, y, g_isa.load(std::memory_order_relaxed)};
-  pool().run((N + kRowsPerTask - 1) / kRowsPerTask, &GemvJob::task, &job);
+  gemv(pk::Bitmask{N, K, masks, values, row_off}, x, M, y, g_isa.load(std::memory_order_relaxed));
 }
 
 // Rows [n0, n1) of W, dense, into out[(n1-n0)][K].
@@ -331,9 +325,7 @@ PK_API void pk_decompress(int64_t N, int64_t K, const uint16_t* masks, const flo
 
 // y[M][N] = x[M][K] · Wᵀ, W 2:4 as stored (values + 2-bit positions, see kernels.h).
 PK_API void pk_gemv_24(int64_t N, int64_t K, const float* values, const uint8_t* positions, const float* x, int64_t M, float* y) {
-  const pk::TwoFour w{N, K, values, positions};
-  TwoFourJob job{&w, x, M, y, g_isa.load(std::memory_order_relaxed)};
-  pool().run((N + kRowsPerTask - 1) / kRowsPerTask, &TwoFourJob::task, &job);
+  gemv(pk::TwoFour{N, K, values, positions}, x, M, y, g_isa.load(std::memory_order_relaxed));
 }
 
 PK_API void pk_decompress_24(int64_t N, int64_t K, const float* values, const uint8_t* positions, int64_t n0, int64_t n1, float* out) {
