@@ -23,6 +23,9 @@ from typing import Any
 from core.artifacts import file_lock, run_stage, sha256_file, stable_hash
 from core.errors import ModelLoadError
 
+QUANT_FILE = "quantization.safetensors"
+"""Grids (scale, zero point per weight group) of a quantized model, beside its dequantized weights."""
+
 log = logging.getLogger(__name__)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -202,6 +205,11 @@ def save_hf_dir(model: Any, tokenizer: Any, out: Path) -> None:
     cfg.pop("quantization_config", None)
     (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True), encoding="utf-8")
     save_model(model, str(out / "model.safetensors"))
+    quant = getattr(model, "quantization_tensors", None)
+    if quant:  # the grids of a quantized model (passes/quantize.py); its weights above are dequantized
+        from safetensors.torch import save_file
+
+        save_file(quant, str(out / QUANT_FILE))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
 
@@ -259,6 +267,8 @@ def load_hf_dir(path: Path) -> tuple[Any, Any, Any]:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as exc:
         raise ModelLoadError(f"model directory '{path}' could not be loaded: {exc}") from exc
+    if getattr(config, "weight_quantization", None) is not None:
+        model.quantization_tensors = _load_quantization(Path(path), config.weight_quantization)
     if getattr(config, "activation_sparsity", None) is not None:
         from core.activation import apply_activation_spec
 
@@ -267,6 +277,20 @@ def load_hf_dir(path: Path) -> tuple[Any, Any, Any]:
         except ValueError as exc:
             raise ModelLoadError(f"'{path}/config.json': {exc}") from exc
     return model, tokenizer, adapter
+
+
+def _load_quantization(path: Path, spec: dict[str, Any]) -> dict[str, Any]:
+    """The grids a quantized model's config names, from ``quantization.safetensors``."""
+    from safetensors.torch import load_file
+
+    f = path / QUANT_FILE
+    if not f.is_file():
+        raise ModelLoadError(f"'{path}/config.json' says the weights are quantized ('weight_quantization'), but '{f}' is missing")
+    tensors = load_file(str(f))
+    missing = [w for w in spec.get("weights", []) if f"{w}.scale" not in tensors or f"{w}.zero" not in tensors]
+    if missing:
+        raise ModelLoadError(f"'{f}' lacks the grid of {len(missing)} quantized weights (first: '{missing[0]}')")
+    return tensors
 
 
 def _load_pruned(cls: Any, config: Any, path: Path, adapter: Any) -> Any:

@@ -49,6 +49,8 @@ class Engine(ABC):
     source: str = "onnx"
     """What ``build`` is given: 'onnx' (the variant's exported graph, ``onnx/model.onnx``) or 'model'
     (the variant's saved model directory, for an engine that runs the model without ONNX)."""
+    runs_quantized_graphs: bool = False
+    """Whether it runs ONNX Runtime's quantized-weight ops (``DynamicQuantizeMatMul``, ``MatMulNBits``)."""
     generates: bool = False
     """Whether its runner has ``generate(prompt, new_tokens)`` (greedy decode with its own KV cache);
     the decode stage then times it beside the ONNX KV-cache graphs."""

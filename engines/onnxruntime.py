@@ -49,6 +49,7 @@ class OrtOptions:
 
 class OnnxRuntimeCpuEngine(Engine):
     name = "onnxruntime-cpu"
+    runs_quantized_graphs = True
     options_class = OrtOptions
 
     def check_available(self) -> None:

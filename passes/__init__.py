@@ -12,6 +12,7 @@ from passes import sds as _sds  # noqa: F401
 from passes import admm as _admm  # noqa: F401
 from passes import contextual as _contextual  # noqa: F401
 from passes import activation as _activation  # noqa: F401
+from passes import quantize as _quantize  # noqa: F401
 from core.errors import RecipeError
 
 __all__ = ["Pass", "PassContext", "PassResult", "get_pass_class", "get_pass_config_class", "registry"]

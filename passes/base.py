@@ -163,6 +163,11 @@ class Pass(ABC):
     changes_shapes: ClassVar[bool] = False
     """True when the pass removes heads/channels; otherwise the dense ONNX graph is reused with new weights."""
 
+    must_be_last: ClassVar[bool] = False
+    """True when the pass works on what every other pass of its variant left (quantization): it must come last."""
+    quantizes: ClassVar[bool] = False
+    """True when the pass leaves quantized weights, which only engines with quantized kernels run."""
+
     report_title: ClassVar[str | None] = None
     """Title of the report section this pass contributes to (passes may share one); None = none."""
 

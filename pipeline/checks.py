@@ -76,12 +76,31 @@ def check_passes(recipe: Any, facts: Any) -> None:
         for j, p in enumerate(v.passes):
             cls = get_pass_class(p.name)
             where = f"{v.where or f'variants[{i}]'}.passes[{j}].{p.name}"
+            if cls.must_be_last and j != len(v.passes) - 1:
+                raise RecipeError(f"recipe key '{where}': pass '{p.name}' must be the variant's last pass; '{v.passes[-1].name}' follows it (variant '{v.name}')")
+            if cls.quantizes:
+                _check_quantized_variant(recipe, where, v)
             try:
                 cls.check(cls.config_class(**p.options), facts, data)
             except OptionError as exc:
                 raise RecipeError(f"recipe key '{where}.{exc.key}': {exc} (variant '{v.name}')") from None
             except ValueError as exc:
                 raise RecipeError(f"recipe key '{where}': {exc} (variant '{v.name}')") from None
+
+
+def _check_quantized_variant(recipe: Any, where: str, v: Any) -> None:
+    """A quantized variant's graph carries ONNX Runtime's quantized ops: every engine must run them, and
+    no graph pass may rewrite the weights first."""
+    from engines import engine_class
+
+    for k, e in enumerate(recipe.engines):
+        if not engine_class(e.backend).runs_quantized_graphs:
+            raise RecipeError(
+                f"recipe key '{where}': variant '{v.name}' is quantized, and engine '{e.backend}' (engines[{k}]) has no int8/int4 "
+                "weight kernels; put quantized variants in a recipe whose engines are onnxruntime-cpu / onnxruntime-gpu"
+            )
+    if "fp16" in recipe.export.graph_passes:
+        raise RecipeError(f"recipe key '{where}': variant '{v.name}' is quantized; the 'fp16' graph pass would rewrite its weights first (drop one of them)")
 
 
 def check_recipe(recipe: Any, out_dir: Path | None = None, source: Any = None) -> str | None:

@@ -10,6 +10,7 @@ from typing import Any
 from core.artifacts import stable_hash
 from pipeline.stages.base import Scope, Stage
 from pipeline.stages.context import STAGE_SCHEMA, BuildContext
+from pipeline.stages.onnx import quantization_of
 
 log = logging.getLogger(__name__)
 
@@ -29,11 +30,21 @@ class KvStage(Stage):
         return {"opset": ctx.recipe.export.opset}
 
     def build(self, ctx: BuildContext, tmp: Path, v: Any, e: Any = None) -> dict[str, Any]:
-        from export.kv_export import export_kv_graphs
+        model = ctx.dense().model if v.name == "dense" else ctx.variant_model(v.name)
+        info = self._graphs(ctx, tmp, v, model)
+        quant = quantization_of(model)
+        if quant is not None:
+            from export.quantize import quantize_graph
 
+            for g in ("prefill", "decode"):
+                info[f"{g}_quantization"] = quantize_graph(tmp / f"{g}.onnx", tmp / f"{g}.onnx", *quant)
+        return info
+
+    @staticmethod
+    def _graphs(ctx: BuildContext, tmp: Path, v: Any, model: Any) -> dict[str, Any]:
+        from export.kv_export import export_kv_graphs
         from export.onnx_export import RebindError, rebind_weights
 
-        model = ctx.dense().model if v.name == "dense" else ctx.variant_model(v.name)
         adapter = ctx.dense().adapter
         if ctx.rebinds(v):
             required = [f"{r.name}.weight" for r in adapter.linears(model)]

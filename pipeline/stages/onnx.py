@@ -39,6 +39,12 @@ class ExportSpec:
         check(self.exporter in ("dynamo", "torchscript"), f"{where}.exporter", f"'{self.exporter}' is not one of dynamo, torchscript")
 
 
+def quantization_of(model: Any) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """(scheme, grids) of a model a ``quantize`` pass left quantized, else None."""
+    spec = getattr(model.config, "weight_quantization", None)
+    return None if spec is None else (spec, model.quantization_tensors)
+
+
 class OnnxStage(Stage):
     kind = "onnx"
     scope = Scope.VARIANT
@@ -75,6 +81,12 @@ class OnnxStage(Stage):
             info["onnx_bytes"] = (tmp / "model.onnx").stat().st_size
             if v.name != "dense":
                 raw.unlink()
+        quant = quantization_of(model)
+        if quant is not None:
+            from export.quantize import quantize_graph
+
+            info["quantization"] = quantize_graph(tmp / "model.onnx", tmp / "model.onnx", *quant)
+            info["onnx_bytes"] = info["quantization"]["onnx_bytes"]
         return info
 
     def contribute(self, ctx: BuildContext, results: dict[str, Any], v: Any, e: Any = None) -> None:

@@ -146,7 +146,16 @@ def validate_variant(ctx: BuildContext, v: Any, e: Any) -> dict[str, Any]:
         {"input_ids": ids.numpy().copy(), "attention_mask": np.ones(tuple(ids.shape), np.int64)},
         {"input_ids": ids[:1, :1].numpy().copy(), "attention_mask": np.ones((1, 1), np.int64)},
     ]
-    result["parity"] = V.parity(model, task, lambda: engine.runner(art), output, feeds, p.atol, p.rtol)
+    atol, rtol, why = p.atol, p.rtol, None
+    quant = getattr(model.config, "weight_quantization", None)
+    if quant is not None:  # the engine quantizes activations too: the tolerance of that precision
+        from core.quant import parity_tolerance
+
+        qa, qr, why = parity_tolerance(quant)
+        atol, rtol = max(atol, qa), max(rtol, qr)
+    result["parity"] = V.parity(model, task, lambda: engine.runner(art), output, feeds, atol, rtol)
+    if why is not None:
+        result["parity"]["tolerance_reason"] = why
     if not result["parity"]["passed"]:
         floor = result["parity"].get("fp64_reference", {})
         if "within_floor" in floor:

@@ -1,0 +1,147 @@
+"""Rewrite a quantized variant's ONNX graph so it stores and runs its weights quantized.
+
+The variant's graph arrives with the dequantized fp32 weights (rebound into the dense graph or
+exported); its model carries the grids (``passes/quantize.py``, ``core/quant.py``). Rules:
+
+1. A ``MatMul`` whose B input is the initializer ``<w>.T`` (``[in, out]``) of a quantized weight ``<w>``
+   becomes, in domain ``com.microsoft``,
+   - 8-bit: ``DynamicQuantizeMatMul(A, B int8 [in, out], b_scale [out], b_zero_point int8 [out])`` —
+     A is quantized per tensor at run time, B per output channel;
+   - 4-bit: ``MatMulNBits(A, B uint8 [out, blocks, block/2], scales [out·blocks], zero_points)`` with
+     ``K``, ``N``, ``bits``, ``block_size`` and ``accuracy_level``.
+   The output keeps its name, so nothing downstream changes.
+2. The packed weight is decoded back and must equal the model's dequantized weight bit for bit
+   (``(q − zero) · scale`` in float32 on both sides); in particular every weight that is zero in the
+   model (a pruned position) is zero in the graph. A mismatch is an error, never a silent change.
+3. The fp32 initializer is removed when no other node reads it.
+
+A quantized weight the graph does not hold as ``<w>.T`` under a MatMul (another layout, a Gemm, a
+shared initializer) is an error naming it: the graph would otherwise ship that weight in fp32.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from core.quant import QuantScheme, codes_of, pack_matmul_nbits, unpack_matmul_nbits
+
+log = logging.getLogger(__name__)
+
+MS_DOMAIN = "com.microsoft"
+
+
+class QuantizeGraphError(ValueError):
+    """The graph cannot carry the model's quantized weights as the rules above require."""
+
+
+def _param_name(init_name: str, weights: set[str]) -> str | None:
+    if not init_name.endswith(".T"):
+        return None
+    base = init_name[:-2]
+    if base in weights:
+        return base
+    if base.startswith("model.") and base[len("model."):] in weights:
+        return base[len("model."):]  # the exporter's wrapper prefixes some names
+    return None
+
+
+def quantize_graph(src: Path, dst: Path, spec: dict[str, Any], tensors: dict[str, Any]) -> dict[str, Any]:
+    """Rewrite ``src`` into ``dst`` (may be the same path) with the weights ``spec['weights']`` quantized on
+    the grids in ``tensors`` (``<w>.scale``, ``<w>.zero``: torch or numpy). Returns facts for the stage record."""
+    from export.onnx_export import save_onnx
+
+    t0 = time.perf_counter()
+    scheme = QuantScheme.from_dict(spec)
+    weights = set(spec["weights"])
+    proto = onnx.load(str(src))
+    g = proto.graph
+    inits = {t.name: i for i, t in enumerate(g.initializer)}
+    readers: dict[str, int] = {}
+    for node in g.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    done: set[str] = set()
+    zeros = {"before": 0, "kept": 0}
+    new_inits: list[onnx.TensorProto] = []
+    drop: set[str] = set()
+    nodes = []
+    for node in g.node:
+        base = _param_name(node.input[1], weights) if node.op_type == "MatMul" and len(node.input) == 2 and node.input[1] in inits else None
+        if base is None:
+            nodes.append(node)
+            continue
+        w_t = numpy_helper.to_array(g.initializer[inits[node.input[1]]])  # [in, out]
+        w = np.ascontiguousarray(w_t.T).astype(np.float32)  # (out, in)
+        scale = np.asarray(tensors[f"{base}.scale"], dtype=np.float32)
+        zero = np.asarray(tensors[f"{base}.zero"]).astype(np.float32)
+        codes = codes_of(w, scale, zero, scheme)
+        tag = node.input[1][:-2]
+        n_out, k = w.shape
+        if scheme.bits == 8:
+            decoded = codes.astype(np.float32) * scale  # scale (out, 1)
+            q_inits = [
+                numpy_helper.from_array(np.ascontiguousarray(codes.T), f"{tag}.int8"),
+                numpy_helper.from_array(scale.reshape(-1).astype(np.float32), f"{tag}.scale"),
+                numpy_helper.from_array(np.zeros(n_out, np.int8), f"{tag}.zero_point"),
+            ]
+            new = helper.make_node("DynamicQuantizeMatMul", [node.input[0], *(t.name for t in q_inits)], list(node.output), name=f"{tag}/DynamicQuantizeMatMul", domain=MS_DOMAIN)
+        else:
+            b, zp = pack_matmul_nbits(codes, zero, scheme.block_size)
+            decoded = unpack_matmul_nbits(b, zp, scale, k, scheme.block_size)
+            q_inits = [
+                numpy_helper.from_array(b, f"{tag}.int4"),
+                numpy_helper.from_array(scale.reshape(-1).astype(np.float32), f"{tag}.scales"),
+                numpy_helper.from_array(zp, f"{tag}.zero_points"),
+            ]
+            new = helper.make_node(
+                "MatMulNBits", [node.input[0], *(t.name for t in q_inits)], list(node.output), name=f"{tag}/MatMulNBits", domain=MS_DOMAIN,
+                K=k, N=n_out, bits=4, block_size=scheme.block_size, accuracy_level=scheme.accuracy_level,
+            )
+        if not np.array_equal(decoded, w):
+            bad = int((decoded != w).sum())
+            raise QuantizeGraphError(f"weight '{base}': {bad} values of the packed graph weight differ from the model's dequantized weight")
+        was_zero = w == 0
+        zeros["before"] += int(was_zero.sum())
+        zeros["kept"] += int((decoded[was_zero] == 0).sum())
+        if base not in done:
+            new_inits.extend(q_inits)
+        done.add(base)
+        nodes.append(new)
+        readers[node.input[1]] -= 1
+        if readers[node.input[1]] == 0:
+            drop.add(node.input[1])
+    missing = sorted(weights - done)
+    if missing:
+        raise QuantizeGraphError(
+            f"{len(missing)} quantized weights are not a MatMul's '<weight>.T' initializer in '{src.name}' (first: '{missing[0]}'); "
+            "the graph would keep them in fp32"
+        )
+    kept = [t for t in g.initializer if t.name not in drop]
+    del g.initializer[:]
+    g.initializer.extend(kept + new_inits)
+    del g.node[:]
+    g.node.extend(nodes)
+    if not any(o.domain == MS_DOMAIN for o in proto.opset_import):
+        proto.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    dst = Path(dst)  # inside a stage's temporary directory: the stage, not this write, is atomic
+    dst.with_name(dst.name + ".data").unlink(missing_ok=True)  # the fp32 graph's external weights, if any
+    save_onnx(proto, dst)
+    seconds = time.perf_counter() - t0
+    log.info("%s: %d weights quantized to %s in the graph in %.1f s; %d of %d zeros kept", dst.name, len(done), scheme.label, seconds, zeros["kept"], zeros["before"])
+    return {
+        "scheme": scheme.to_dict(),
+        "label": scheme.label,
+        "weights": len(done),
+        "zeros_before": zeros["before"],
+        "zeros_kept": zeros["kept"],
+        "zeros_preserved": zeros["kept"] == zeros["before"],
+        "onnx_bytes": dst.stat().st_size + sum(p.stat().st_size for p in dst.parent.glob(dst.name + ".data")),
+        "seconds": round(seconds, 2),
+    }

@@ -1,0 +1,209 @@
+"""Weight quantization after pruning: INT8 per output channel or 4-bit per block (``core.quant``),
+by round-to-nearest or by GPTQ (Frantar et al. 2022), which quantizes one input column at a time
+and moves each column's rounding error onto the columns not yet quantized through the inverse
+Hessian of the layer's inputs (the OBS update SparseGPT uses for pruning).
+
+**Mask-aware GPTQ.** Plain GPTQ updates every later weight, the pruned zeros too, so a 2:4 model
+comes out dense. With ``mask_aware`` (the default) a weight that was zero before quantization is
+held at zero: when its column is reached it is quantized to 0 (its error (w − 0)/d goes on to the
+later columns, the SparseGPT step that pruned it in the first place), and at the end every such
+weight is exactly zero. RTN needs nothing of the kind: both grids map 0 to 0 exactly.
+
+The pass must be the last of its variant (it quantizes what the passes before it left). The model
+keeps its dequantized weights in fp32 (the PyTorch reference for validation) and the grids in the
+model's ``quantization_tensors``; ``core.models.save_hf_dir`` writes them to ``quantization.safetensors``
+and the config's ``weight_quantization``, from which the ONNX rewrite (``export/quantize.py``)
+builds ONNX Runtime's ``DynamicQuantizeMatMul`` (INT8) or ``MatMulNBits`` (4-bit) nodes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from calibrate.stats import HessianCollector
+from core.quant import QuantScheme, expand, grid, quantize_dequantize, rtn
+from passes.base import ROLES, DataFacts, LayerChange, Pass, PassContext, PassResult, SpeedupNeed, check_roles, register_pass
+
+log = logging.getLogger(__name__)
+
+METHODS = ("rtn", "gptq")
+
+
+@dataclass
+class QuantizeConfig:
+    bits: int = 8
+    """8 (INT8, one scale per output channel, symmetric) or 4 (4-bit blocks with a zero point)."""
+    method: str = "rtn"
+    """'rtn' (round to nearest) or 'gptq' (error compensation on calibration data)."""
+    block_size: int = 32
+    """4-bit: input columns per scale (a power of two ≥ 16). Ignored for 8-bit."""
+    accuracy_level: int = 4
+    """4-bit on ONNX Runtime: MatMulNBits' compute precision; 4 = int8 activations (the fast CPU path),
+    0 = fp32. It can change greedy tokens: validation's decode parity says whether it did."""
+    mask_aware: bool = True
+    """GPTQ: weights that are zero before quantization stay exactly zero (the pattern survives)."""
+    targets: list[str] = field(default_factory=lambda: list(ROLES))
+    damp: float = 0.01
+    """GPTQ: relative damping of the Hessian diagonal."""
+    blocksize: int = 128
+    """GPTQ: columns per lazy-update batch (a multiple of block_size for 4-bit)."""
+    batch_size: int = 8
+    """GPTQ: calibration windows per forward pass of a block."""
+    calibration_dtype: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.bits not in (8, 4):
+            raise ValueError(f"bits {self.bits} is not one of 8, 4")
+        if self.method not in METHODS:
+            raise ValueError(f"method '{self.method}' is not one of {', '.join(METHODS)}")
+        self.scheme()  # block size and accuracy level
+        check_roles(self.targets)
+        if not 0.0 < self.damp < 10.0:
+            raise ValueError(f"damp {self.damp} is outside (0, 10)")
+        if self.blocksize < 1 or (self.bits == 4 and self.blocksize % self.block_size):
+            raise ValueError(f"blocksize {self.blocksize} is not a positive multiple of block_size {self.block_size}")
+        if not 1 <= self.batch_size <= 1024:
+            raise ValueError(f"batch_size {self.batch_size} is outside [1, 1024]")
+        if self.calibration_dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"calibration_dtype '{self.calibration_dtype}' is not one of auto, float32, bfloat16")
+
+    def scheme(self) -> QuantScheme:
+        if self.bits == 8:
+            return QuantScheme(8, 0, 0)
+        return QuantScheme(4, self.block_size, self.accuracy_level)
+
+
+def gptq_quantize(W: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, keep: torch.Tensor | None, blocksize: int = 128, damp: float = 0.01, name: str = "layer") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """GPTQ of ``W`` ``(rows, cols)`` with input Hessian ``H``: returns ``(W', scale, zero, info)``,
+    ``scale``/``zero`` ``(rows, n_groups)``. ``keep`` (bool, like ``W``): where it is False the weight
+    ends exactly 0 (mask-aware); None lets every weight move (plain GPTQ)."""
+    from passes.sparsegpt import _revive_dead_inputs, inverse_cholesky_upper
+
+    W = W.detach().float().clone()
+    rows, cols = W.shape
+    g = scheme.group(cols)
+    n_groups = -(-cols // g)
+    scale = torch.ones(rows, n_groups)
+    zero = torch.zeros(rows, n_groups)
+    H, dead = _revive_dead_inputs(H)
+    W[:, dead] = 0.0
+    U, lam, steps, _ = inverse_cholesky_upper(H, damp, 6, name)
+    del H
+    if scheme.bits == 8:  # one grid per row, from the weights before any update (the reference's choice)
+        s, z = grid(W, 8)
+        scale[:, 0], zero[:, 0] = s, z
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        W1 = W[:, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if scheme.bits == 4 and col % g == 0:  # the block's grid from its weights as updated so far
+                blk = W1[:, i : i + g] if keep is None else W1[:, i : i + g] * keep[:, col : col + g]
+                s, z = grid(blk, 4)  # held zeros do not widen the range
+                scale[:, col // g], zero[:, col // g] = s, z
+            w = W1[:, i]
+            q = quantize_dequantize(w, scale[:, col // g], zero[:, col // g], scheme.bits)
+            if keep is not None:
+                q = torch.where(keep[:, col], q, torch.zeros((), dtype=q.dtype))
+            Q1[:, i] = q
+            err = (w - q) / U1[i, i]
+            W1[:, i:].addr_(err, U1[i, i:], alpha=-1.0)
+            Err1[:, i] = err
+        W[:, i1:i2] = Q1
+        if i2 < cols:
+            W[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1.0)
+    return W, scale, zero, {"damping": lam, "damp_steps": steps, "dead_inputs": int(dead.sum())}
+
+
+@register_pass
+class QuantizePass(Pass):
+    name = "quantize"
+    config_class = QuantizeConfig
+    uses_calibration = True  # GPTQ's Hessians (RTN reads none, but one flag per class)
+    must_be_last = True
+    quantizes = True
+    report_title = "Weight quantization"
+
+    @classmethod
+    def speedup_need(cls, options: dict[str, Any]) -> SpeedupNeed | None:
+        return None  # ONNX Runtime's CPU kernels run both formats
+
+    @classmethod
+    def check(cls, config: Any, model: Any, data: DataFacts) -> None:
+        return None  # any width: 4-bit blocks are zero-padded at the end of a row
+
+    @classmethod
+    def report_section(cls, variant: dict[str, Any], result: dict[str, Any]) -> list[Any]:
+        from core.document import Paragraph
+
+        info = result.get("info") or {}
+        if "scheme" not in info:
+            return []
+        z = info["zeros"]
+        kept = "every one still zero" if z["lost"] == 0 else f"**{z['lost']:,} of them now non-zero** (the pattern is lost)"
+        return [Paragraph(
+            f"**{variant['name']}**: {info['label']} by {info['method']}"
+            f"{' (mask-aware)' if info['method'] == 'gptq' and info['mask_aware'] else ''} on {info['linears']} linears; "
+            f"{z['before']:,} weights were zero before, {kept}; relative weight change ‖W′−W‖/‖W‖ {info['relative_error']:.4f}."
+        )]
+
+    def run(self, model: torch.nn.Module, ctx: PassContext) -> PassResult:
+        from calibrate.runner import LayerwiseRunner, resolve_compute_dtype
+
+        cfg = self.config
+        scheme = cfg.scheme()
+        t0 = time.perf_counter()
+        if getattr(model, "quantization_tensors", None):
+            raise ValueError("the model is already quantized; 'quantize' runs once, as the last pass")
+        result = PassResult(self.name, info={"scheme": scheme.to_dict(), "label": scheme.label, "method": cfg.method, "mask_aware": cfg.mask_aware})
+        tensors: dict[str, torch.Tensor] = {}
+        stats = {"before": 0, "lost": 0, "err2": 0.0, "norm2": 0.0}
+
+        def finish(ref: Any, new: torch.Tensor, s: torch.Tensor, z: torch.Tensor, was_zero: torch.Tensor) -> None:
+            w = ref.weight_out_in()
+            stats["err2"] += float((new - w.float()).double().pow(2).sum())
+            stats["norm2"] += float(w.double().pow(2).sum())
+            stats["before"] += int(was_zero.sum())
+            stats["lost"] += int((new[was_zero] != 0).sum())
+            with torch.no_grad():
+                w.copy_(new.to(w.dtype))
+            tensors[f"{ref.name}.weight.scale"] = s.float().contiguous()
+            tensors[f"{ref.name}.weight.zero"] = z.to(torch.uint8).contiguous()
+            result.layers.append(LayerChange.of(ref))
+
+        if cfg.method == "rtn":
+            for ref in ctx.adapter.linears(model, roles=cfg.targets):
+                w = ref.weight_out_in().detach()
+                new, s, z = rtn(w, scheme)
+                finish(ref, new, s, z, w == 0)
+        else:
+            windows = ctx.calibration_windows(self.name)
+
+            def apply(block: int, refs: list[Any], collectors: dict[str, Any]) -> None:
+                for ref in refs:
+                    w = ref.weight_out_in().detach()
+                    keep = (w != 0) if cfg.mask_aware else None
+                    new, s, z, facts = gptq_quantize(w, collectors[ref.name].hessian(), scheme, keep, cfg.blocksize, cfg.damp, ref.name)
+                    result.info.setdefault("layers", {})[ref.name] = facts
+                    finish(ref, new, s, z, w == 0)
+
+            runner = LayerwiseRunner(model, ctx.adapter, windows, batch_size=cfg.batch_size, show_progress=ctx.progress, compute_dtype=resolve_compute_dtype(cfg.calibration_dtype))
+            result.info["runner"] = runner.run(lambda ref: HessianCollector(ref.in_features), apply, roles=cfg.targets).to_dict()
+        if not result.layers:
+            raise ValueError(f"pass 'quantize': no linear matches targets {cfg.targets}")
+        model.quantization_tensors = tensors
+        model.config.weight_quantization = {**scheme.to_dict(), "method": cfg.method, "weights": sorted(k[: -len(".scale")] for k in tensors if k.endswith(".scale"))}
+        result.info["linears"] = len(result.layers)
+        result.info["zeros"] = {"before": stats["before"], "lost": stats["lost"]}
+        result.info["relative_error"] = (stats["err2"] / stats["norm2"]) ** 0.5 if stats["norm2"] else 0.0
+        result.seconds = time.perf_counter() - t0
+        log.info("quantize: %s by %s on %d linears in %.1f s; %d of %d zeros lost", scheme.label, cfg.method, len(result.layers), result.seconds, stats["lost"], stats["before"])
+        return result

@@ -1,0 +1,217 @@
+"""Prune-then-quantize: the maths by hand, zero preservation as a property, GPTQ against RTN, the
+ONNX rewrite against ONNX Runtime, and a tiny Llama through the whole build."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from core.quant import QuantScheme, codes_of, pack_matmul_nbits, rtn, unpack_matmul_nbits
+
+INT8 = QuantScheme(8, 0, 0)
+INT4 = QuantScheme(4, 16, 0)
+
+
+def test_int8_by_hand():
+    w = torch.tensor([[0.0, 1.27, -0.635, 0.001]])
+    wq, s, z = rtn(w, INT8)
+    assert s.item() == pytest.approx(0.01)
+    assert z.item() == 0
+    assert torch.allclose(wq, torch.tensor([[0.0, 1.27, -0.64, 0.0]]), atol=1e-6)  # -63.5 rounds to -64 (half to even)
+
+
+def test_int4_by_hand_keeps_zero_exact():
+    # one block of 16: range [-0.5, 1.0] → scale 0.1, zero point round(5) = 5; 0 ↦ 5 ↦ 0
+    w = torch.tensor([[-0.5, 0.0, 1.0, 0.26] + [0.0] * 12])
+    wq, s, z = rtn(w, INT4)
+    assert s.item() == pytest.approx(0.1)
+    assert z.item() == 5
+    assert wq[0, 1].item() == 0.0 and wq[0, 4:].abs().sum().item() == 0.0
+    assert wq[0, 3].item() == pytest.approx(0.3)
+    codes = codes_of(wq.numpy(), s.numpy(), z.numpy(), INT4)
+    assert codes[0, :4].tolist() == [0, 5, 15, 8]
+
+
+def test_matmul_nbits_packing_by_hand():
+    codes = np.array([[1, 2, 3, 4] * 4], np.uint8)  # (1, 16)
+    b, zp = pack_matmul_nbits(codes, np.array([[7]]), 16)
+    assert b.shape == (1, 1, 8) and b[0, 0, 0] == 0x21 and b[0, 0, 1] == 0x43  # first code in the low nibble
+    assert zp.tolist() == [7]
+    w = unpack_matmul_nbits(b, zp, np.array([0.5], np.float32), 16, 16)
+    assert w[0, :4].tolist() == [-3.0, -2.5, -2.0, -1.5]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    rows=st.integers(1, 9), cols=st.integers(1, 70), density=st.floats(0.0, 1.0), seed=st.integers(0, 2**16),
+    scheme=st.sampled_from([INT8, INT4, QuantScheme(4, 32, 4)]), scale=st.sampled_from([1e-4, 0.05, 30.0]),
+)
+def test_zeros_survive_and_codes_roundtrip(rows, cols, density, seed, scheme, scale):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g) * scale
+    w[torch.rand(rows, cols, generator=g) > density] = 0.0
+    wq, s, z = rtn(w, scheme)
+    assert bool((wq[w == 0] == 0).all())
+    codes = codes_of(wq.numpy(), s.numpy(), z.numpy(), scheme)
+    if scheme.bits == 8:
+        assert np.array_equal(codes.astype(np.float32) * s.numpy(), wq.numpy())
+    else:
+        b, zp = pack_matmul_nbits(codes, z.numpy(), scheme.block_size)
+        assert np.array_equal(unpack_matmul_nbits(b, zp, s.numpy(), cols, scheme.block_size), wq.numpy())
+    step = (s.max() if scheme.bits == 8 else s.max()).item()
+    assert (wq - w).abs().max().item() <= step / 2 * (1 + 1e-5) + 1e-12
+
+
+def _correlated_problem(rows=48, cols=128, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1024, cols, generator=g) @ (torch.randn(cols, cols, generator=g) * 0.3 + torch.eye(cols))
+    w = torch.randn(rows, cols, generator=g) * 0.1
+    keep = torch.zeros(rows, cols, dtype=torch.bool)
+    keep.view(rows, cols // 4, 4).scatter_(2, torch.rand(rows, cols // 4, 4, generator=g).argsort(-1)[..., :2], True)
+    return x, w * keep, 2.0 / x.shape[0] * x.t() @ x
+
+
+@pytest.mark.parametrize("scheme", [INT8, QuantScheme(4, 32, 0)])
+def test_gptq_beats_rtn_and_mask_aware_keeps_the_2of4_pattern(scheme):
+    from core.masks import is_nm_sparse
+    from passes.quantize import gptq_quantize
+
+    x, w, h = _correlated_problem()
+    err = lambda q: float(((x @ (q - w).t()) ** 2).mean())
+    r, _, _ = rtn(w, scheme)
+    masked, _, _, _ = gptq_quantize(w, h, scheme, w != 0)
+    plain, _, _, _ = gptq_quantize(w, h, scheme, None)
+    assert err(masked) < err(r)
+    assert bool((masked[w == 0] == 0).all()) and is_nm_sparse(masked, 2, 4)
+    assert int((plain[w == 0] != 0).sum()) > 0 and not is_nm_sparse(plain, 2, 4)
+
+
+def _matmul_graph(path: Path, w_t: np.ndarray) -> None:
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    k, n = w_t.shape
+    g = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "lin.weight.T"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s", k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "s", n])],
+        [numpy_helper.from_array(w_t, "lin.weight.T")],
+    )
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+    m.ir_version = 9
+    onnx.save(m, str(path))
+
+
+@pytest.mark.parametrize("scheme,tol", [(INT8, 0.05), (QuantScheme(4, 32, 0), 1e-5), (QuantScheme(4, 32, 4), 0.05)])
+def test_graph_rewrite_runs_on_onnxruntime(tmp_path, scheme, tol):
+    import onnx
+    import onnxruntime as ort
+
+    from export.quantize import quantize_graph
+
+    w = torch.randn(40, 96, generator=torch.Generator().manual_seed(1)) * 0.1
+    w[torch.rand(40, 96, generator=torch.Generator().manual_seed(2)) < 0.5] = 0.0
+    wq, s, z = rtn(w, scheme)
+    _matmul_graph(tmp_path / "m.onnx", wq.t().contiguous().numpy())
+    info = quantize_graph(tmp_path / "m.onnx", tmp_path / "q.onnx", {**scheme.to_dict(), "weights": ["lin.weight"]}, {"lin.weight.scale": s, "lin.weight.zero": z})
+    assert info["zeros_preserved"] and info["zeros_before"] == int((wq == 0).sum()) >= int((w == 0).sum())
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "q.onnx")).graph.node]
+    assert ops == (["DynamicQuantizeMatMul"] if scheme.bits == 8 else ["MatMulNBits"])
+    x = np.random.default_rng(0).standard_normal((2, 5, 96)).astype(np.float32)
+    y = ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    ref = x @ wq.t().numpy()
+    assert np.abs(y - ref).max() <= tol * np.abs(ref).max()
+
+
+def test_graph_rewrite_refuses_a_weight_it_cannot_find_or_that_differs(tmp_path):
+    from export.quantize import QuantizeGraphError, quantize_graph
+
+    w = torch.randn(8, 32) * 0.1
+    wq, s, z = rtn(w, INT8)
+    _matmul_graph(tmp_path / "m.onnx", wq.t().contiguous().numpy())
+    spec = {**INT8.to_dict(), "weights": ["lin.weight", "other.weight"]}
+    with pytest.raises(QuantizeGraphError, match="other.weight"):
+        quantize_graph(tmp_path / "m.onnx", tmp_path / "q.onnx", spec, {"lin.weight.scale": s, "lin.weight.zero": z})
+    _matmul_graph(tmp_path / "m.onnx", w.t().contiguous().numpy())  # not the dequantized weight
+    with pytest.raises(QuantizeGraphError, match="differ"):
+        quantize_graph(tmp_path / "m.onnx", tmp_path / "q.onnx", {**INT8.to_dict(), "weights": ["lin.weight"]}, {"lin.weight.scale": s, "lin.weight.zero": z})
+
+
+def test_quantized_variants_through_the_build(tiny_dirs, text_file, tmp_path):
+    import onnx
+
+    from pipeline.build import build
+    from tests.test_build import tiny_recipe
+
+    variants = [
+        {"name": "m2of4", "passes": [{"magnitude": {"pattern": "2:4"}}]},
+        {"name": "m2of4-int8", "passes": [{"magnitude": {"pattern": "2:4"}}, {"quantize": {"bits": 8}}]},
+        {"name": "m2of4-int4-gptq", "passes": [{"magnitude": {"pattern": "2:4"}}, {"quantize": {"bits": 4, "block_size": 16, "method": "gptq", "accuracy_level": 0}}]},
+        {"name": "m2of4-int4-plain", "passes": [{"magnitude": {"pattern": "2:4"}}, {"quantize": {"bits": 4, "block_size": 16, "method": "gptq", "mask_aware": False}}]},
+    ]
+    recipe = tiny_recipe(
+        tiny_dirs["llama"], text_file, tmp_path / "q", variants=variants, export={"kv_cache": True},
+        validation={"agreement_windows": 1, "parity": {"batch": 1, "length": 8}, "latency": None,
+                    "decode": {"prompt": 16, "new_tokens": 4, "greedy_tokens": 6, "repeats": 1}},
+    )
+    s = build(recipe)
+    by = {v["name"]: v for v in s.results["variants"]}
+    for name in ("m2of4-int8", "m2of4-int4-gptq", "m2of4-int4-plain"):
+        v = by[name]
+        q = v["export"]["quantization"]
+        assert q["weights"] == 14  # 2 blocks × q k v o gate up down
+        assert q["zeros_preserved"]  # the graph holds what the model holds, zeros included
+        r = v["engines"]["onnxruntime-cpu"]
+        assert r["parity"]["passed"], r["parity"]
+        assert r["size"]["onnx_bytes"] < by["m2of4"]["engines"]["onnxruntime-cpu"]["size"]["onnx_bytes"]
+        ops = {n.op_type for n in onnx.load(str(tmp_path / "q" / name / "kv" / "decode.onnx")).graph.node}
+        assert ("DynamicQuantizeMatMul" if "int8" in name else "MatMulNBits") in ops
+    info = lambda n: by[n]["pass_results"][-1]["info"]
+    assert info("m2of4-int8")["zeros"]["lost"] == 0 and info("m2of4-int4-gptq")["zeros"]["lost"] == 0
+    assert info("m2of4-int4-plain")["zeros"]["lost"] > 0  # plain GPTQ fills the pruned positions
+    assert by["m2of4-int4-gptq"]["engines"]["onnxruntime-cpu"]["parity"]["atol"] == 1e-3  # fp32 compute: the plain tolerance
+    report = (tmp_path / "q" / "report.md").read_text()
+    assert "Weight quantization" in report and "the pattern is lost" in report
+    assert build(recipe).reused_all
+
+
+def test_quantize_must_be_last_and_engines_must_run_it(tiny_dirs, text_file, tmp_path):
+    from core.errors import RecipeError
+    from pipeline.checks import check_recipe
+    from tests.test_build import tiny_recipe
+
+    bad_order = tiny_recipe(tiny_dirs["llama"], text_file, tmp_path / "a", variants=[
+        {"name": "x", "passes": [{"quantize": {"bits": 8}}, {"magnitude": {"sparsity": 0.5}}]}])
+    with pytest.raises(RecipeError, match=r"variants\[0\]\.passes\[0\]\.quantize.*must be the variant's last pass"):
+        check_recipe(bad_order)
+    native = tiny_recipe(tiny_dirs["llama"], text_file, tmp_path / "b", engines=["native-cpu"], variants=[
+        {"name": "x", "passes": [{"quantize": {"bits": 8}}]}])
+    with pytest.raises(RecipeError, match="native-cpu.*no int8/int4"):
+        check_recipe(native)
+    with pytest.raises(RecipeError, match=r"quantize.*block_size"):
+        tiny_recipe(tiny_dirs["llama"], text_file, tmp_path / "c", variants=[{"name": "x", "passes": [{"quantize": {"bits": 4, "block_size": 24}}]}])
+
+
+def test_quantized_model_dir_roundtrip(tmp_path):
+    from core.models import QUANT_FILE, load_hf_dir, save_hf_dir
+    from core.errors import ModelLoadError
+    from passes import PassContext, get_pass_class
+    from core.adapters import adapter_for
+    from tests.conftest import byte_tokenizer, tiny_model
+
+    model = tiny_model("llama")
+    cls = get_pass_class("quantize")
+    cls(cls.config_class(bits=4, block_size=16)).run(model, PassContext(adapter_for(model.config)))
+    save_hf_dir(model, byte_tokenizer(), tmp_path / "m")
+    back, _, _ = load_hf_dir(tmp_path / "m")
+    assert set(back.quantization_tensors) == set(model.quantization_tensors)
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["weight_quantization"]["bits"] == 4
+    (tmp_path / "m" / QUANT_FILE).unlink()
+    with pytest.raises(ModelLoadError, match="quantization.safetensors"):
+        load_hf_dir(tmp_path / "m")
