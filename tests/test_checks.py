@@ -126,6 +126,7 @@ VALID_OPTIONS = {
     "admm": {"steps": 2, "init": "magnitude"},
     "contextual": {},
     "activation": {"sparsity": 0.4},
+    "quantize": {"bits": 4, "method": "gptq"},
 }
 
 

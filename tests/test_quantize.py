@@ -113,13 +113,13 @@ def test_graph_rewrite_runs_on_onnxruntime(tmp_path, scheme, tol):
     import onnx
     import onnxruntime as ort
 
-    from export.quantize import quantize_graph
+    from export.quant_graph import rewrite_quantized
 
     w = torch.randn(40, 96, generator=torch.Generator().manual_seed(1)) * 0.1
     w[torch.rand(40, 96, generator=torch.Generator().manual_seed(2)) < 0.5] = 0.0
     wq, s, z = rtn(w, scheme)
     _matmul_graph(tmp_path / "m.onnx", wq.t().contiguous().numpy())
-    info = quantize_graph(tmp_path / "m.onnx", tmp_path / "q.onnx", {**scheme.to_dict(), "weights": ["lin.weight"]}, {"lin.weight.scale": s, "lin.weight.zero": z})
+    info = rewrite_quantized(tmp_path / "m.onnx", tmp_path / "q.onnx", {**scheme.to_dict(), "weights": ["lin.weight"]}, {"lin.weight.scale": s, "lin.weight.zero": z})
     assert info["zeros_preserved"] and info["zeros_before"] == int((wq == 0).sum()) >= int((w == 0).sum())
     ops = [n.op_type for n in onnx.load(str(tmp_path / "q.onnx")).graph.node]
     assert ops == (["DynamicQuantizeMatMul"] if scheme.bits == 8 else ["MatMulNBits"])
@@ -130,17 +130,17 @@ def test_graph_rewrite_runs_on_onnxruntime(tmp_path, scheme, tol):
 
 
 def test_graph_rewrite_refuses_a_weight_it_cannot_find_or_that_differs(tmp_path):
-    from export.quantize import QuantizeGraphError, quantize_graph
+    from export.quant_graph import QuantizeGraphError, rewrite_quantized
 
     w = torch.randn(8, 32) * 0.1
     wq, s, z = rtn(w, INT8)
     _matmul_graph(tmp_path / "m.onnx", wq.t().contiguous().numpy())
     spec = {**INT8.to_dict(), "weights": ["lin.weight", "other.weight"]}
     with pytest.raises(QuantizeGraphError, match="other.weight"):
-        quantize_graph(tmp_path / "m.onnx", tmp_path / "q.onnx", spec, {"lin.weight.scale": s, "lin.weight.zero": z})
+        rewrite_quantized(tmp_path / "m.onnx", tmp_path / "q.onnx", spec, {"lin.weight.scale": s, "lin.weight.zero": z})
     _matmul_graph(tmp_path / "m.onnx", w.t().contiguous().numpy())  # not the dequantized weight
     with pytest.raises(QuantizeGraphError, match="differ"):
-        quantize_graph(tmp_path / "m.onnx", tmp_path / "q.onnx", {**INT8.to_dict(), "weights": ["lin.weight"]}, {"lin.weight.scale": s, "lin.weight.zero": z})
+        rewrite_quantized(tmp_path / "m.onnx", tmp_path / "q.onnx", {**INT8.to_dict(), "weights": ["lin.weight"]}, {"lin.weight.scale": s, "lin.weight.zero": z})
 
 
 def test_quantized_variants_through_the_build(tiny_dirs, text_file, tmp_path):

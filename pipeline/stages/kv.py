@@ -34,10 +34,10 @@ class KvStage(Stage):
         info = self._graphs(ctx, tmp, v, model)
         quant = quantization_of(model)
         if quant is not None:
-            from export.quantize import quantize_graph
+            from export.quant_graph import rewrite_quantized
 
             for g in ("prefill", "decode"):
-                info[f"{g}_quantization"] = quantize_graph(tmp / f"{g}.onnx", tmp / f"{g}.onnx", *quant)
+                info[f"{g}_quantization"] = rewrite_quantized(tmp / f"{g}.onnx", tmp / f"{g}.onnx", *quant)
         return info
 
     @staticmethod

@@ -40,7 +40,7 @@ class ExportSpec:
 
 
 def quantization_of(model: Any) -> tuple[dict[str, Any], dict[str, Any]] | None:
-    """(scheme, grids) of a model a ``quantize`` pass left quantized, else None."""
+    """(scheme, grids) of a model a quantizing pass left with quantized weights, else None."""
     spec = getattr(model.config, "weight_quantization", None)
     return None if spec is None else (spec, model.quantization_tensors)
 
@@ -83,9 +83,9 @@ class OnnxStage(Stage):
                 raw.unlink()
         quant = quantization_of(model)
         if quant is not None:
-            from export.quantize import quantize_graph
+            from export.quant_graph import rewrite_quantized
 
-            info["quantization"] = quantize_graph(tmp / "model.onnx", tmp / "model.onnx", *quant)
+            info["quantization"] = rewrite_quantized(tmp / "model.onnx", tmp / "model.onnx", *quant)
             info["onnx_bytes"] = info["quantization"]["onnx_bytes"]
         return info
 

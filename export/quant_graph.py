@@ -52,7 +52,7 @@ def _param_name(init_name: str, weights: set[str]) -> str | None:
     return None
 
 
-def quantize_graph(src: Path, dst: Path, spec: dict[str, Any], tensors: dict[str, Any]) -> dict[str, Any]:
+def rewrite_quantized(src: Path, dst: Path, spec: dict[str, Any], tensors: dict[str, Any]) -> dict[str, Any]:
     """Rewrite ``src`` into ``dst`` (may be the same path) with the weights ``spec['weights']`` quantized on
     the grids in ``tensors`` (``<w>.scale``, ``<w>.zero``: torch or numpy). Returns facts for the stage record."""
     from export.onnx_export import save_onnx
