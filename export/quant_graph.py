@@ -4,12 +4,11 @@ The variant's graph arrives with the dequantized fp32 weights (rebound into the 
 exported); its model carries the grids (``passes/quantize.py``, ``core/quant.py``). Rules:
 
 1. A ``MatMul`` whose B input is the initializer ``<w>.T`` (``[in, out]``) of a quantized weight ``<w>``
-   becomes, in domain ``com.microsoft``,
-   - 8-bit: ``DynamicQuantizeMatMul(A, B int8 [in, out], b_scale [out], b_zero_point int8 [out])`` —
-     A is quantized per tensor at run time, B per output channel;
-   - 4-bit: ``MatMulNBits(A, B uint8 [out, blocks, block/2], scales [out·blocks], zero_points)`` with
-     ``K``, ``N``, ``bits``, ``block_size`` and ``accuracy_level``.
-   The output keeps its name, so nothing downstream changes.
+   becomes ``com.microsoft.MatMulNBits(A, B uint8 [out, blocks, block·bits/8], scales [out·blocks],
+   zero_points)`` with ``K``, ``N``, ``bits``, ``block_size`` and ``accuracy_level``; the output keeps
+   its name, so nothing downstream changes. (Not ``DynamicQuantizeMatMul`` for 8 bits: it quantizes
+   the activations per tensor, and SmolLM2's outlier channels then flip most next-token choices —
+   ``benchmarks/quant_probe.py``; MatMulNBits quantizes them per block.)
 2. The packed weight is decoded back and must equal the model's dequantized weight bit for bit
    (``(q − zero) · scale`` in float32 on both sides); in particular every weight that is zero in the
    model (a pruned position) is zero in the graph. A mismatch is an error, never a silent change.
@@ -84,26 +83,17 @@ def rewrite_quantized(src: Path, dst: Path, spec: dict[str, Any], tensors: dict[
         codes = codes_of(w, scale, zero, scheme)
         tag = node.input[1][:-2]
         n_out, k = w.shape
-        if scheme.bits == 8:
-            decoded = codes.astype(np.float32) * scale  # scale (out, 1)
-            q_inits = [
-                numpy_helper.from_array(np.ascontiguousarray(codes.T), f"{tag}.int8"),
-                numpy_helper.from_array(scale.reshape(-1).astype(np.float32), f"{tag}.scale"),
-                numpy_helper.from_array(np.zeros(n_out, np.int8), f"{tag}.zero_point"),
-            ]
-            new = helper.make_node("DynamicQuantizeMatMul", [node.input[0], *(t.name for t in q_inits)], list(node.output), name=f"{tag}/DynamicQuantizeMatMul", domain=MS_DOMAIN)
-        else:
-            b, zp = pack_matmul_nbits(codes, zero, scheme.block_size)
-            decoded = unpack_matmul_nbits(b, zp, scale, k, scheme.block_size)
-            q_inits = [
-                numpy_helper.from_array(b, f"{tag}.int4"),
-                numpy_helper.from_array(scale.reshape(-1).astype(np.float32), f"{tag}.scales"),
-                numpy_helper.from_array(zp, f"{tag}.zero_points"),
-            ]
-            new = helper.make_node(
-                "MatMulNBits", [node.input[0], *(t.name for t in q_inits)], list(node.output), name=f"{tag}/MatMulNBits", domain=MS_DOMAIN,
-                K=k, N=n_out, bits=4, block_size=scheme.block_size, accuracy_level=scheme.accuracy_level,
-            )
+        b, zp = pack_matmul_nbits(codes, zero, scheme.block_size, scheme.bits)
+        decoded = unpack_matmul_nbits(b, zp, scale, k, scheme.block_size, scheme.bits)
+        q_inits = [
+            numpy_helper.from_array(b, f"{tag}.q{scheme.bits}"),
+            numpy_helper.from_array(scale.reshape(-1).astype(np.float32), f"{tag}.scales"),
+            numpy_helper.from_array(zp, f"{tag}.zero_points"),
+        ]
+        new = helper.make_node(
+            "MatMulNBits", [node.input[0], *(t.name for t in q_inits)], list(node.output), name=f"{tag}/MatMulNBits", domain=MS_DOMAIN,
+            K=k, N=n_out, bits=scheme.bits, block_size=scheme.block_size, accuracy_level=scheme.accuracy_level,
+        )
         if not np.array_equal(decoded, w):
             bad = int((decoded != w).sum())
             raise QuantizeGraphError(f"weight '{base}': {bad} values of the packed graph weight differ from the model's dequantized weight")

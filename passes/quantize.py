@@ -1,4 +1,4 @@
-"""Weight quantization after pruning: INT8 per output channel or 4-bit per block (``core.quant``),
+"""Weight quantization after pruning: INT8 or 4-bit weights in blocks of input columns (``core.quant``),
 by round-to-nearest or by GPTQ (Frantar et al. 2022), which quantizes one input column at a time
 and moves each column's rounding error onto the columns not yet quantized through the inverse
 Hessian of the layer's inputs (the OBS update SparseGPT uses for pruning).
@@ -13,7 +13,7 @@ The pass must be the last of its variant (it quantizes what the passes before it
 keeps its dequantized weights in fp32 (the PyTorch reference for validation) and the grids in the
 model's ``quantization_tensors``; ``core.models.save_hf_dir`` writes them to ``quantization.safetensors``
 and the config's ``weight_quantization``, from which the ONNX rewrite (``export/quantize.py``)
-builds ONNX Runtime's ``DynamicQuantizeMatMul`` (INT8) or ``MatMulNBits`` (4-bit) nodes.
+builds ONNX Runtime ``MatMulNBits`` nodes (8- or 4-bit).
 """
 
 from __future__ import annotations
@@ -37,14 +37,15 @@ METHODS = ("rtn", "gptq")
 @dataclass
 class QuantizeConfig:
     bits: int = 8
-    """8 (INT8, one scale per output channel, symmetric) or 4 (4-bit blocks with a zero point)."""
+    """8 (INT8, symmetric) or 4 (with a zero point), one scale per block of input columns."""
     method: str = "rtn"
     """'rtn' (round to nearest) or 'gptq' (error compensation on calibration data)."""
     block_size: int = 32
-    """4-bit: input columns per scale (a power of two ≥ 16). Ignored for 8-bit."""
+    """Input columns per scale (a power of two ≥ 16)."""
     accuracy_level: int = 4
-    """4-bit on ONNX Runtime: MatMulNBits' compute precision; 4 = int8 activations (the fast CPU path),
-    0 = fp32. It can change greedy tokens: validation's decode parity says whether it did."""
+    """ONNX Runtime MatMulNBits' compute precision: 4 = int8 activations per block (the fast CPU path),
+    0 = fp32 (10× slower than fp32 MatMul at 8 bits). It can change greedy tokens: validation's decode
+    parity says whether it did."""
     mask_aware: bool = True
     """GPTQ: weights that are zero before quantization stay exactly zero (the pattern survives)."""
     targets: list[str] = field(default_factory=lambda: list(ROLES))
@@ -65,7 +66,7 @@ class QuantizeConfig:
         check_roles(self.targets)
         if not 0.0 < self.damp < 10.0:
             raise ValueError(f"damp {self.damp} is outside (0, 10)")
-        if self.blocksize < 1 or (self.bits == 4 and self.blocksize % self.block_size):
+        if self.blocksize < 1 or self.blocksize % self.block_size:
             raise ValueError(f"blocksize {self.blocksize} is not a positive multiple of block_size {self.block_size}")
         if not 1 <= self.batch_size <= 1024:
             raise ValueError(f"batch_size {self.batch_size} is outside [1, 1024]")
@@ -73,9 +74,7 @@ class QuantizeConfig:
             raise ValueError(f"calibration_dtype '{self.calibration_dtype}' is not one of auto, float32, bfloat16")
 
     def scheme(self) -> QuantScheme:
-        if self.bits == 8:
-            return QuantScheme(8, 0, 0)
-        return QuantScheme(4, self.block_size, self.accuracy_level)
+        return QuantScheme(self.bits, self.block_size, self.accuracy_level)
 
 
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, keep: torch.Tensor | None, blocksize: int = 128, damp: float = 0.01, name: str = "layer") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Any]]:
@@ -94,9 +93,6 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, keep: t
     W[:, dead] = 0.0
     U, lam, steps, _ = inverse_cholesky_upper(H, damp, 6, name)
     del H
-    if scheme.bits == 8:  # one grid per row, from the weights before any update (the reference's choice)
-        s, z = grid(W, 8)
-        scale[:, 0], zero[:, 0] = s, z
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         W1 = W[:, i1:i2].clone()
@@ -105,9 +101,9 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, keep: t
         U1 = U[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
-            if scheme.bits == 4 and col % g == 0:  # the block's grid from its weights as updated so far
+            if col % g == 0:  # the block's grid from its weights as updated so far
                 blk = W1[:, i : i + g] if keep is None else W1[:, i : i + g] * keep[:, col : col + g]
-                s, z = grid(blk, 4)  # held zeros do not widen the range
+                s, z = grid(blk, scheme.bits)  # held zeros do not widen the range
                 scale[:, col // g], zero[:, col // g] = s, z
             w = W1[:, i]
             q = quantize_dequantize(w, scale[:, col // g], zero[:, col // g], scheme.bits)

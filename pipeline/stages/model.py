@@ -39,7 +39,13 @@ class ModelStage(Stage):
         from passes import PassContext, get_pass_class
 
         dense = ctx.dense()
-        model = copy.deepcopy(dense.model)
+        base = self._base_variant(ctx, v)
+        if base is None:
+            model, results, start = copy.deepcopy(dense.model), [], 0
+        else:  # its passes are this variant's first ones: start from its saved model, not from dense
+            model = copy.deepcopy(ctx.variant_model(base.name))
+            results, start = list(ctx.records[(base.name, self.kind)].info.get("passes", [])), len(base.passes)
+            log.info("%s: starts from variant '%s' (its %d passes done), runs the remaining %d", v.name, base.name, start, len(v.passes) - start)
         pctx = PassContext(
             dense.adapter,
             calibration=ctx.calib_windows,
@@ -48,9 +54,10 @@ class ModelStage(Stage):
             work_dir=self.work_dir(ctx, v),
             memo=ctx.memo,
         )
-        results = []
         calib = ctx.data_key("calibration")
         for i, p in enumerate(v.passes):
+            if i < start:
+                continue
             pctx.prefix_key = stable_hash("prefix", ctx.model_key, calib, [q.to_dict() for q in v.passes[:i]])
             t0 = time.perf_counter()
             try:
@@ -64,7 +71,21 @@ class ModelStage(Stage):
         (tmp / "passes.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
         ctx.hold_model(v.name, model)
         # each pass's result, with the per-linear shapes and sparsities it measured from the weights
-        return {"passes": results}
+        return {"passes": results, **({"started_from": base.name} if base is not None else {})}
+
+    def _base_variant(self, ctx: BuildContext, v: Any) -> Any:
+        """The variant built before this one in this build whose passes (options included) are the longest
+        proper prefix of this variant's, e.g. a pruned variant for its quantized copy; None if there is none.
+        Its model is what this variant's first passes would compute again (same source and calibration)."""
+        mine = v.to_dict()["passes"]
+        best = None
+        for o in ctx.ordered:
+            theirs = o.to_dict()["passes"]
+            if o.name == v.name or not 0 < len(theirs) < len(mine) or mine[: len(theirs)] != theirs:
+                continue
+            if (o.name, self.kind) in ctx.records and (best is None or len(theirs) > len(best.passes)):
+                best = o
+        return best
 
     def run(self, ctx: BuildContext, v: Any = None, e: Any = None) -> StageOutcome | None:
         out = super().run(ctx, v, e)
