@@ -49,8 +49,10 @@ class Engine(ABC):
     source: str = "onnx"
     """What ``build`` is given: 'onnx' (the variant's exported graph, ``onnx/model.onnx``) or 'model'
     (the variant's saved model directory, for an engine that runs the model without ONNX)."""
-    runs_quantized_graphs: bool = False
-    """Whether it runs ONNX Runtime's quantized-weight ops (``DynamicQuantizeMatMul``, ``MatMulNBits``)."""
+    quantized_weights: str | None = None
+    """How it runs a variant whose weights a quantizing pass left quantized: 'kernels' (its graph's
+    ``MatMulNBits`` ops, ONNX Runtime CPU), 'dequantized' (the fp32 values of the quantized weights, at
+    fp32 speed and size: native-cpu), or None (it cannot: the recipe is refused)."""
     generates: bool = False
     """Whether its runner has ``generate(prompt, new_tokens)`` (greedy decode with its own KV cache);
     the decode stage then times it beside the ONNX KV-cache graphs."""

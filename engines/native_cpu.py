@@ -123,6 +123,8 @@ class NativeCpuEngine(Engine):
     """Built from the variant's saved model directory (not its ONNX graph)."""
     generates = True
     options_class = NativeOptions
+    quantized_weights = "dequantized"
+    """No int8/int4 kernels yet: a quantized variant runs its dequantized weights in fp32 (its artifact says so)."""
 
     @classmethod
     def check_model(cls, facts: Any) -> str | None:
@@ -211,6 +213,7 @@ class NativeCpuEngine(Engine):
             "bytes": size,
             "formats": formats,
             "linear_bytes_ratio": round(manifest["linear_bytes"] / manifest["linear_dense_bytes"], 4),
+            **({"quantized_weights": f"int{q['bits']} weights run dequantized in fp32 (no int8/int4 kernels in native-cpu)"} if (q := getattr(config, "weight_quantization", None)) else {}),
         }
         log.info("native-cpu engine built in %.1f s: %s, %.1f MB (%s)", seconds, ARTIFACT, size / 1e6, formats)
         return EngineArtifact(self.name, out_dir / ARTIFACT, info)

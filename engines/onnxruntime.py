@@ -49,7 +49,7 @@ class OrtOptions:
 
 class OnnxRuntimeCpuEngine(Engine):
     name = "onnxruntime-cpu"
-    runs_quantized_graphs = True
+    quantized_weights = "kernels"
     options_class = OrtOptions
 
     def check_available(self) -> None:

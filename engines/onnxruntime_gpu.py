@@ -40,7 +40,7 @@ class OrtTensorRTOptions(OrtOptions):
 
 class _OrtGpuEngine(OnnxRuntimeCpuEngine):
     provider = "CUDAExecutionProvider"
-    runs_quantized_graphs = False  # no GPU here to measure where its providers place the quantized ops
+    quantized_weights = None  # no GPU here to measure where its providers place the quantized ops
 
     def check_available(self) -> None:
         try:

@@ -207,6 +207,7 @@ def compare_with_generate(result: GreedyResult, model: torch.nn.Module, prompt: 
     out = {
         "greedy_tokens": n,
         "tokens_identical": bool(np.array_equal(result.tokens, ref_tokens)),
+        "leading_tokens_identical": _leading_equal(result.tokens, ref_tokens),
         "max_abs_logit_delta": max(deltas),
         "max_abs_logit_delta_per_step": deltas,
     }

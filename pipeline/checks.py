@@ -94,10 +94,10 @@ def _check_quantized_variant(recipe: Any, where: str, v: Any) -> None:
     from engines import engine_class
 
     for k, e in enumerate(recipe.engines):
-        if not engine_class(e.backend).runs_quantized_graphs:
+        if engine_class(e.backend).quantized_weights is None:
             raise RecipeError(
-                f"recipe key '{where}': variant '{v.name}' is quantized, and engine '{e.backend}' (engines[{k}]) has no int8/int4 "
-                "weight kernels; put quantized variants in a recipe whose engines are onnxruntime-cpu / onnxruntime-gpu"
+                f"recipe key '{where}': variant '{v.name}' is quantized, and engine '{e.backend}' (engines[{k}]) cannot run "
+                "quantized weights; put quantized variants in a recipe whose engines are onnxruntime-cpu (int8/int4 kernels) or native-cpu (fp32)"
             )
     if "fp16" in recipe.export.graph_passes:
         raise RecipeError(f"recipe key '{where}': variant '{v.name}' is quantized; the 'fp16' graph pass would rewrite its weights first (drop one of them)")
