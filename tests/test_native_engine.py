@@ -220,3 +220,26 @@ def test_native_decode_step_equals_the_numpy_path_and_leaves_the_weights_alone(b
         assert np.array_equal(d.embed, embed)
     for a, b in zip(*runs):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_a_quantized_model_runs_dequantized_and_says_so(tmp_path):
+    from core.adapters import adapter_for
+    from core.models import save_hf_dir
+    from passes import PassContext, get_pass_class
+    from tests.conftest import byte_tokenizer
+
+    model = tiny_model("llama", seed=3)
+    prune(model, "2:4")
+    cls = get_pass_class("quantize")
+    cls(cls.config_class(bits=4, block_size=16)).run(model, PassContext(adapter_for(model.config)))
+    save_hf_dir(model, byte_tokenizer(), tmp_path / "model")
+    (tmp_path / "engine").mkdir()
+    art = NativeCpuEngine({"threads": 2}).build(tmp_path / "model", tmp_path / "engine")
+    assert "dequantized in fp32" in art.info["quantized_weights"]
+    assert art.info["formats"] == {"2:4": 14}  # the pattern survived, so the 2:4 kernel still reads half
+    ids = np.random.default_rng(1).integers(0, 257, (1, 12)).astype(np.int64)
+    with torch.no_grad():
+        ref = model(input_ids=torch.from_numpy(ids)).logits.numpy()
+    with NativeCpuEngine({"threads": 2}).runner(art) as r:
+        got = r.infer({"input_ids": ids, "attention_mask": np.ones_like(ids)})["logits"]
+    np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4)
