@@ -44,7 +44,7 @@ class QuantizeConfig:
     """Input columns per scale (a power of two ≥ 16)."""
     accuracy_level: int = 4
     """ONNX Runtime MatMulNBits' compute precision: 4 = int8 activations per block (the fast CPU path),
-    0 = fp32 (10× slower than fp32 MatMul at 8 bits). It can change greedy tokens: validation's decode
+    0 = fp32 compute (slower: docs/quantization.md). It can change greedy tokens: validation's decode
     parity says whether it did."""
     mask_aware: bool = True
     """GPTQ: weights that are zero before quantization stay exactly zero (the pattern survives)."""
