@@ -16,6 +16,7 @@ GROUPS = [
     ("contextual", "Contextual sparsity"),
     ("structured", "Structured pruning"),
     ("minilm", "Structured pruning: MiniLM heads"),
+    ("quant", "Prune, then quantize"),
     ("", "Whole builds and others"),
 ]
 
