@@ -10,6 +10,7 @@ per-round ratios; ONNX file size against dense; the zeros the quantization kept 
 the build's greedy-decode agreement with the variant's own PyTorch model.
 
     python benchmarks/quant_table.py build/quantized --repeats 5
+    python benchmarks/quant_table.py build/quantized --variants dense-int8,dense-int8-head --out …
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--windows", type=int, default=20, help="second-text windows of 512 tokens")
     ap.add_argument("--no-native", action="store_true", help="do not time native-cpu dense")
+    ap.add_argument("--variants", default="", help="comma-separated variants to measure (default: all; dense is always added)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "quant_table.json")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -62,7 +64,12 @@ def main() -> None:
     build = args.build
     results = json.loads((build / "results.json").read_text(encoding="utf-8"))
     variants = {v["name"]: v for v in results["variants"]}
-    names = list(variants)
+    names = [v for v in args.variants.split(",") if v] or list(variants)
+    if "dense" not in names:
+        names.insert(0, "dense")
+    unknown = [v for v in names if v not in variants]
+    if unknown:
+        raise SystemExit(f"--variants: {unknown} are not variants of {build}")
     dense_dir = build / "dense" / "model" / "model"
     tok = AutoTokenizer.from_pretrained(str(dense_dir))
     prompt = np.asarray(tokenize(tok, load_splits("shakespeare").evaluation)[: args.prompt], np.int64)[None]

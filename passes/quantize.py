@@ -27,6 +27,7 @@ import torch
 
 from calibrate.stats import HessianCollector
 from core.quant import QuantScheme, expand, grid, quantize_dequantize, rtn
+from core.errors import OptionError
 from passes.base import ROLES, DataFacts, LayerChange, Pass, PassContext, PassResult, SpeedupNeed, check_roles, register_pass
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,10 @@ class QuantizeConfig:
     mask_aware: bool = True
     """GPTQ: weights that are zero before quantization stay exactly zero (the pattern survives)."""
     targets: list[str] = field(default_factory=lambda: list(ROLES))
+    head: bool = False
+    """Also quantize the LM head (round to nearest: the layer-wise runner calibrates block linears only).
+    A head tied to the input embedding gets its own quantized copy; the embedding stays fp32, so the
+    saved model holds one more vocab × hidden matrix and the variant's graph is exported afresh."""
     damp: float = 0.01
     """GPTQ: relative damping of the Hessian diagonal."""
     blocksize: int = 128
@@ -133,8 +138,13 @@ class QuantizePass(Pass):
         return None  # ONNX Runtime's CPU kernels run both formats
 
     @classmethod
+    def shapes_change(cls, options: dict[str, Any]) -> bool:
+        return bool(options.get("head"))  # an untied head is a new initializer: the dense graph cannot hold it
+
+    @classmethod
     def check(cls, config: Any, model: Any, data: DataFacts) -> None:
-        return None  # any width: 4-bit blocks are zero-padded at the end of a row
+        if config.head and model.task != "causal-lm":
+            raise OptionError("head", f"quantizes an LM head; this {model.family} model is an {model.task} without one")
 
     @classmethod
     def report_section(cls, variant: dict[str, Any], result: dict[str, Any]) -> list[Any]:
@@ -145,11 +155,37 @@ class QuantizePass(Pass):
             return []
         z = info["zeros"]
         kept = "every one still zero" if z["lost"] == 0 else f"**{z['lost']:,} of them now non-zero** (the pattern is lost)"
+        head = info.get("head")
+        head_text = "" if not head else f" and the LM head by rtn{' (untied from the embedding, which stays fp32)' if head['untied'] else ''}"
         return [Paragraph(
             f"**{variant['name']}**: {info['label']} by {info['method']}"
-            f"{' (mask-aware)' if info['method'] == 'gptq' and info['mask_aware'] else ''} on {info['linears']} linears; "
+            f"{' (mask-aware)' if info['method'] == 'gptq' and info['mask_aware'] else ''} on {info['linears'] - (1 if head else 0)} block linears{head_text}; "
             f"{z['before']:,} weights were zero before, {kept}; relative weight change ‖W′−W‖/‖W‖ {info['relative_error']:.4f}."
         )]
+
+    @staticmethod
+    def _quantize_head(model: torch.nn.Module, adapter: Any, scheme: QuantScheme, tensors: dict[str, torch.Tensor], stats: dict[str, Any]) -> dict[str, Any]:
+        """RTN of the LM head; a head tied to the input embedding is untied first (its own parameter)."""
+        if adapter.head_path is None:
+            raise ValueError(f"pass 'quantize': head: true, but the '{adapter.family}' adapter names no LM head")
+        head = model.get_submodule(adapter.head_path)
+        embed = model.get_input_embeddings()
+        tied = embed is not None and head.weight is embed.weight
+        if tied:
+            head.weight = torch.nn.Parameter(head.weight.detach().clone())
+            model.config.tie_word_embeddings = False
+            if hasattr(model.config, "get_text_config"):
+                model.config.get_text_config().tie_word_embeddings = False
+        w = head.weight.detach()
+        new, s, z = rtn(w, scheme)
+        stats["err2"] += float((new - w).double().pow(2).sum())
+        stats["norm2"] += float(w.double().pow(2).sum())
+        with torch.no_grad():
+            head.weight.copy_(new)
+        name = f"{adapter.head_path}.weight"
+        tensors[f"{name}.scale"] = s.contiguous()
+        tensors[f"{name}.zero"] = z.to(torch.uint8).contiguous()
+        return {"name": name, "shape": list(w.shape), "method": "rtn", "untied": tied}
 
     def run(self, model: torch.nn.Module, ctx: PassContext) -> PassResult:
         from calibrate.runner import LayerwiseRunner, resolve_compute_dtype
@@ -195,9 +231,11 @@ class QuantizePass(Pass):
             result.info["runner"] = runner.run(lambda ref: HessianCollector(ref.in_features), apply, roles=cfg.targets).to_dict()
         if not result.layers:
             raise ValueError(f"pass 'quantize': no linear matches targets {cfg.targets}")
+        if cfg.head:
+            result.info["head"] = self._quantize_head(model, ctx.adapter, scheme, tensors, stats)
         model.quantization_tensors = tensors
         model.config.weight_quantization = {**scheme.to_dict(), "method": cfg.method, "weights": sorted(k[: -len(".scale")] for k in tensors if k.endswith(".scale"))}
-        result.info["linears"] = len(result.layers)
+        result.info["linears"] = len(result.layers) + (1 if cfg.head else 0)
         result.info["zeros"] = {"before": stats["before"], "lost": stats["lost"]}
         result.info["relative_error"] = (stats["err2"] / stats["norm2"]) ** 0.5 if stats["norm2"] else 0.0
         result.seconds = time.perf_counter() - t0

@@ -151,6 +151,7 @@ def test_quantized_variants_through_the_build(tiny_dirs, text_file, tmp_path):
         {"name": "m2of4-int8", "passes": [{"magnitude": {"pattern": "2:4"}}, {"quantize": {"bits": 8}}]},
         {"name": "m2of4-int4-gptq", "passes": [{"magnitude": {"pattern": "2:4"}}, {"quantize": {"bits": 4, "block_size": 16, "method": "gptq", "accuracy_level": 0}}]},
         {"name": "m2of4-int4-plain", "passes": [{"magnitude": {"pattern": "2:4"}}, {"quantize": {"bits": 4, "block_size": 16, "method": "gptq", "mask_aware": False}}]},
+        {"name": "int8-head", "passes": [{"quantize": {"bits": 8, "head": True, "accuracy_level": 0}}]},
     ]
     recipe = tiny_recipe(
         tiny_dirs["llama"], text_file, tmp_path / "q", variants=variants, export={"kv_cache": True},
@@ -172,6 +173,13 @@ def test_quantized_variants_through_the_build(tiny_dirs, text_file, tmp_path):
     for name in ("m2of4-int8", "m2of4-int4-gptq", "m2of4-int4-plain"):  # the 2:4 pass ran once, in m2of4
         started = json.loads((tmp_path / "q" / name / "model" / "stage.json").read_text())["info"]["started_from"]
         assert started == "m2of4" and [p["name"] for p in by[name]["pass_results"]] == ["magnitude", "quantize"]
+    head = by["int8-head"]
+    assert head["export"]["quantization"]["weights"] == 15  # the untied head too, exported afresh
+    assert head["export"]["exporter"] != "rebind"
+    assert head["engines"]["onnxruntime-cpu"]["parity"]["passed"] and head["engines"]["onnxruntime-cpu"]["parity"]["atol"] == 1e-3
+    assert head["pass_results"][-1]["info"]["head"] == {"name": "lm_head.weight", "shape": [257, 64], "method": "rtn", "untied": True}
+    cfg = json.loads((tmp_path / "q" / "int8-head" / "model" / "model" / "config.json").read_text())
+    assert cfg["tie_word_embeddings"] is False and "lm_head.weight" in cfg["weight_quantization"]["weights"]
     info = lambda n: by[n]["pass_results"][-1]["info"]
     assert info("m2of4-int8")["zeros"]["lost"] == 0 and info("m2of4-int4-gptq")["zeros"]["lost"] == 0
     assert info("m2of4-int4-plain")["zeros"]["lost"] > 0  # plain GPTQ fills the pruned positions
