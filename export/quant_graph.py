@@ -3,8 +3,9 @@
 The variant's graph arrives with the dequantized fp32 weights (rebound into the dense graph or
 exported); its model carries the grids (``passes/quantize.py``, ``core/quant.py``). Rules:
 
-1. A ``MatMul`` whose B input is the initializer ``<w>.T`` (``[in, out]``) of a quantized weight ``<w>``
-   becomes ``com.microsoft.MatMulNBits(A, B uint8 [out, blocks, block·bits/8], scales [out·blocks],
+1. A ``MatMul`` whose B input is the initializer ``<w>.T`` (``[in, out]``) of a quantized weight ``<w>``,
+   or ``Transpose(perm=[1, 0])`` of the initializer ``<w>`` (the Transpose is removed when nothing else
+   reads it), becomes ``com.microsoft.MatMulNBits(A, B uint8 [out, blocks, block·bits/8], scales [out·blocks],
    zero_points)`` with ``K``, ``N``, ``bits``, ``block_size`` and ``accuracy_level``; the output keeps
    its name, so nothing downstream changes. (Not ``DynamicQuantizeMatMul`` for 8 bits: it quantizes
    the activations per tensor, and SmolLM2's outlier channels then flip 42 % of next-token choices
@@ -51,6 +52,24 @@ def _param_name(init_name: str, weights: set[str]) -> str | None:
     return None
 
 
+def _weight_of(node: onnx.NodeProto, inits: dict[str, int], producers: dict[str, onnx.NodeProto], weights: set[str]) -> tuple[str, str, onnx.NodeProto | None] | None:
+    """(weight, initializer, Transpose node or None) when ``node`` is a MatMul whose B is a quantized weight:
+    the initializer ``<w>.T`` itself, or ``Transpose(perm=[1, 0])`` of the initializer ``<w>`` (how the
+    dynamo exporter leaves an untied LM head)."""
+    if node.op_type != "MatMul" or len(node.input) != 2:
+        return None
+    b = node.input[1]
+    if b in inits:
+        base = _param_name(b, weights)
+        return None if base is None else (base, b, None)
+    t = producers.get(b)
+    if t is None or t.op_type != "Transpose" or t.input[0] not in inits:
+        return None
+    perm = next((list(a.ints) for a in t.attribute if a.name == "perm"), [1, 0])
+    base = _param_name(t.input[0] + ".T", weights)
+    return None if base is None or perm != [1, 0] else (base, t.input[0], t)
+
+
 def rewrite_quantized(src: Path, dst: Path, spec: dict[str, Any], tensors: dict[str, Any]) -> dict[str, Any]:
     """Rewrite ``src`` into ``dst`` (may be the same path) with the weights ``spec['weights']`` quantized on
     the grids in ``tensors`` (``<w>.scale``, ``<w>.zero``: torch or numpy). Returns facts for the stage record."""
@@ -71,17 +90,20 @@ def rewrite_quantized(src: Path, dst: Path, spec: dict[str, Any], tensors: dict[
     new_inits: list[onnx.TensorProto] = []
     drop: set[str] = set()
     nodes = []
+    producers = {o: n for n in g.node for o in n.output}
+    dead_nodes: set[int] = set()
     for node in g.node:
-        base = _param_name(node.input[1], weights) if node.op_type == "MatMul" and len(node.input) == 2 and node.input[1] in inits else None
-        if base is None:
+        found = _weight_of(node, inits, producers, weights)
+        if found is None:
             nodes.append(node)
             continue
-        w_t = numpy_helper.to_array(g.initializer[inits[node.input[1]]])  # [in, out]
-        w = np.ascontiguousarray(w_t.T).astype(np.float32)  # (out, in)
+        base, init_name, transpose = found
+        w_t = numpy_helper.to_array(g.initializer[inits[init_name]])  # [in, out], or (out, in) under a Transpose
+        w = np.ascontiguousarray(w_t if transpose is not None else w_t.T).astype(np.float32)  # (out, in)
         scale = np.asarray(tensors[f"{base}.scale"], dtype=np.float32)
         zero = np.asarray(tensors[f"{base}.zero"]).astype(np.float32)
         codes = codes_of(w, scale, zero, scheme)
-        tag = node.input[1][:-2]
+        tag = init_name[:-2] if transpose is None else init_name
         n_out, k = w.shape
         b, zp = pack_matmul_nbits(codes, zero, scheme.block_size, scheme.bits)
         decoded = unpack_matmul_nbits(b, zp, scale, k, scheme.block_size, scheme.bits)
@@ -105,8 +127,11 @@ def rewrite_quantized(src: Path, dst: Path, spec: dict[str, Any], tensors: dict[
         done.add(base)
         nodes.append(new)
         readers[node.input[1]] -= 1
-        if readers[node.input[1]] == 0:
-            drop.add(node.input[1])
+        if transpose is not None and readers[node.input[1]] == 0:
+            dead_nodes.add(id(transpose))
+            readers[init_name] -= 1
+        if readers[init_name] == 0:
+            drop.add(init_name)
     missing = sorted(weights - done)
     if missing:
         raise QuantizeGraphError(
@@ -117,7 +142,7 @@ def rewrite_quantized(src: Path, dst: Path, spec: dict[str, Any], tensors: dict[
     del g.initializer[:]
     g.initializer.extend(kept + new_inits)
     del g.node[:]
-    g.node.extend(nodes)
+    g.node.extend(n for n in nodes if id(n) not in dead_nodes)
     if not any(o.domain == MS_DOMAIN for o in proto.opset_import):
         proto.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     dst = Path(dst)  # inside a stage's temporary directory: the stage, not this write, is atomic

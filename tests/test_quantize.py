@@ -224,3 +224,29 @@ def test_quantized_model_dir_roundtrip(tmp_path):
     (tmp_path / "m" / QUANT_FILE).unlink()
     with pytest.raises(ModelLoadError, match="quantization.safetensors"):
         load_hf_dir(tmp_path / "m")
+
+
+def test_graph_rewrite_through_a_transpose(tmp_path):
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from export.quant_graph import rewrite_quantized
+
+    scheme = QuantScheme(8, 32, 0)
+    w = torch.randn(40, 64, generator=torch.Generator().manual_seed(4)) * 0.1
+    wq, s, z = rtn(w, scheme)
+    g = helper.make_graph(
+        [helper.make_node("Transpose", ["lm_head.weight"], ["wt"], perm=[1, 0]), helper.make_node("MatMul", ["x", "wt"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 64])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 40])],
+        [numpy_helper.from_array(wq.numpy(), "lm_head.weight")],
+    )
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+    m.ir_version = 9
+    onnx.save(m, str(tmp_path / "m.onnx"))
+    rewrite_quantized(tmp_path / "m.onnx", tmp_path / "q.onnx", {**scheme.to_dict(), "weights": ["lm_head.weight"]}, {"lm_head.weight.scale": s, "lm_head.weight.zero": z})
+    q = onnx.load(str(tmp_path / "q.onnx"))
+    assert [n.op_type for n in q.graph.node] == ["MatMulNBits"] and "lm_head.weight" not in {t.name for t in q.graph.initializer}
+    x = np.random.default_rng(0).standard_normal((3, 64)).astype(np.float32)
+    y = ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(y, x @ wq.t().numpy(), atol=1e-5)
