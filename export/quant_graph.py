@@ -70,9 +70,30 @@ def _weight_of(node: onnx.NodeProto, inits: dict[str, int], producers: dict[str,
     return None if base is None or perm != [1, 0] else (base, t.input[0], t)
 
 
-def rewrite_quantized(src: Path, dst: Path, spec: dict[str, Any], tensors: dict[str, Any]) -> dict[str, Any]:
+def _found_by_value(g: onnx.GraphProto, inits: dict[str, int], producers: dict[str, onnx.NodeProto], weights: set[str], value_of: Any) -> dict[int, tuple[str, str, None]]:
+    """MatMuls whose B initializer holds, under another parameter's name, the transposed values of a quantized
+    weight that no initializer is named after (rule 1 by value): {id(node): (weight, initializer, None)}."""
+    named = {f[0] for n in g.node if (f := _weight_of(n, inits, producers, weights)) is not None}
+    missing = sorted(weights - named)
+    out: dict[int, tuple[str, str, None]] = {}
+    if not missing or value_of is None:
+        return out
+    for w in missing:
+        want = np.ascontiguousarray(np.asarray(value_of(w), np.float32).T)
+        for n in g.node:
+            b = n.input[1] if n.op_type == "MatMul" and len(n.input) == 2 else None
+            if b in inits and id(n) not in out and tuple(g.initializer[inits[b]].dims) == want.shape:
+                if np.array_equal(numpy_helper.to_array(g.initializer[inits[b]]), want):
+                    out[id(n)] = (w, b, None)
+                    break
+    return out
+
+
+def rewrite_quantized(src: Path, dst: Path, spec: dict[str, Any], tensors: dict[str, Any], value_of: Any = None) -> dict[str, Any]:
     """Rewrite ``src`` into ``dst`` (may be the same path) with the weights ``spec['weights']`` quantized on
-    the grids in ``tensors`` (``<w>.scale``, ``<w>.zero``: torch or numpy). Returns facts for the stage record."""
+    the grids in ``tensors`` (``<w>.scale``, ``<w>.zero``: torch or numpy). ``value_of(name)`` (optional)
+    gives a weight's ``(out, in)`` values, to find one the exporter named after another parameter with
+    equal values (an LM head whose quantized values equal the embedding). Returns facts for the stage record."""
     from export.onnx_export import save_onnx
 
     t0 = time.perf_counter()
@@ -92,8 +113,9 @@ def rewrite_quantized(src: Path, dst: Path, spec: dict[str, Any], tensors: dict[
     nodes = []
     producers = {o: n for n in g.node for o in n.output}
     dead_nodes: set[int] = set()
+    by_value = _found_by_value(g, inits, producers, weights, value_of)
     for node in g.node:
-        found = _weight_of(node, inits, producers, weights)
+        found = _weight_of(node, inits, producers, weights) or by_value.get(id(node))
         if found is None:
             nodes.append(node)
             continue
@@ -103,7 +125,7 @@ def rewrite_quantized(src: Path, dst: Path, spec: dict[str, Any], tensors: dict[
         scale = np.asarray(tensors[f"{base}.scale"], dtype=np.float32)
         zero = np.asarray(tensors[f"{base}.zero"]).astype(np.float32)
         codes = codes_of(w, scale, zero, scheme)
-        tag = init_name[:-2] if transpose is None else init_name
+        tag = base
         n_out, k = w.shape
         b, zp = pack_matmul_nbits(codes, zero, scheme.block_size, scheme.bits)
         decoded = unpack_matmul_nbits(b, zp, scale, k, scheme.block_size, scheme.bits)

@@ -250,3 +250,21 @@ def test_graph_rewrite_through_a_transpose(tmp_path):
     x = np.random.default_rng(0).standard_normal((3, 64)).astype(np.float32)
     y = ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     np.testing.assert_allclose(y, x @ wq.t().numpy(), atol=1e-5)
+
+
+def test_graph_rewrite_finds_a_weight_named_after_an_equal_parameter(tmp_path):
+    from export.quant_graph import QuantizeGraphError, rewrite_quantized
+
+    # an LM head whose quantized values equal the embedding: the exporter names its initializer after the embedding
+    scheme = QuantScheme(8, 32, 0)
+    w = torch.randn(40, 64, generator=torch.Generator().manual_seed(5)) * 0.1
+    wq, s, z = rtn(w, scheme)
+    _matmul_graph(tmp_path / "m.onnx", wq.t().contiguous().numpy())  # initializer 'lin.weight.T'
+    spec = {**scheme.to_dict(), "weights": ["lm_head.weight"]}
+    grids = {"lm_head.weight.scale": s, "lm_head.weight.zero": z}
+    with pytest.raises(QuantizeGraphError, match="lm_head.weight"):
+        rewrite_quantized(tmp_path / "m.onnx", tmp_path / "q.onnx", spec, grids)
+    info = rewrite_quantized(tmp_path / "m.onnx", tmp_path / "q.onnx", spec, grids, lambda name: wq.numpy())
+    assert info["weights"] == 1
+    with pytest.raises(QuantizeGraphError, match="lm_head.weight"):  # other values: not taken for it
+        rewrite_quantized(tmp_path / "m.onnx", tmp_path / "q.onnx", spec, grids, lambda name: (wq * 2).numpy())

@@ -39,10 +39,12 @@ class ExportSpec:
         check(self.exporter in ("dynamo", "torchscript"), f"{where}.exporter", f"'{self.exporter}' is not one of dynamo, torchscript")
 
 
-def quantization_of(model: Any) -> tuple[dict[str, Any], dict[str, Any]] | None:
-    """(scheme, grids) of a model a quantizing pass left with quantized weights, else None."""
+def quantization_of(model: Any) -> tuple[dict[str, Any], dict[str, Any], Any] | None:
+    """(scheme, grids, weight values by name) of a model a quantizing pass left with quantized weights, else None."""
     spec = getattr(model.config, "weight_quantization", None)
-    return None if spec is None else (spec, model.quantization_tensors)
+    if spec is None:
+        return None
+    return spec, model.quantization_tensors, lambda name: model.get_parameter(name).detach().float().numpy()
 
 
 class OnnxStage(Stage):
