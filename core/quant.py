@@ -60,13 +60,14 @@ class QuantScheme:
     def label(self) -> str:
         return f"int{self.bits} (block {self.block_size})"
 
-    def group(self, in_features: int) -> int:
-        """Input columns sharing one scale."""
-        return self.block_size
-
     @property
     def code_range(self) -> tuple[int, int]:
-        return (1, 255) if self.bits == 8 else (0, 15)
+        return code_range(self.bits)
+
+
+def code_range(bits: int) -> tuple[int, int]:
+    """The codes used: int8 symmetric around 128 (1–255), int4 all 16."""
+    return (1, 255) if bits == 8 else (0, 15)
 
 
 def grid(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,7 +89,7 @@ def grid(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def quantize_dequantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
     """``w' = (q − zero) · scale`` with ``q`` the rounded, clamped code; ``scale``/``zero`` broadcast against ``w``."""
-    lo, hi = (1, 255) if bits == 8 else (0, 15)
+    lo, hi = code_range(bits)
     q = (torch.round(w / scale) + zero).clamp(lo, hi)
     return (q - zero) * scale
 
@@ -104,7 +105,7 @@ def _blocks(w: torch.Tensor, group: int) -> tuple[torch.Tensor, int]:
 
 def rtn(w: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Round-to-nearest: ``(w', scale, zero)`` with ``scale``/``zero`` float32 ``(rows, n_groups)``."""
-    g = scheme.group(w.shape[1])
+    g = scheme.block_size
     b, cols = _blocks(w.float(), g)
     rows, n, _ = b.shape
     scale, zero = grid(b.reshape(rows * n, g), scheme.bits)
@@ -113,15 +114,10 @@ def rtn(w: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor, torch.Tenso
     return deq.reshape(rows, n * g)[:, :cols].contiguous(), scale, zero
 
 
-def expand(t: torch.Tensor, group: int, cols: int) -> torch.Tensor:
-    """A per-group ``(rows, n_groups)`` tensor repeated over each group's columns: ``(rows, cols)``."""
-    return t.repeat_interleave(group, dim=1)[:, :cols]
-
-
 def codes_of(w: np.ndarray, scale: np.ndarray, zero: np.ndarray, scheme: QuantScheme) -> np.ndarray:
     """The uint8 codes of dequantized weights ``w`` ``(rows, cols)`` on their grid — exact, since
     ``w = (q − zero) · scale`` in float32 and ``|q − zero| ≤ 255``."""
-    g = scheme.group(w.shape[1])
+    g = scheme.block_size
     s = np.repeat(scale, g, axis=1)[:, : w.shape[1]]
     z = np.repeat(zero, g, axis=1)[:, : w.shape[1]]
     q = np.rint(w.astype(np.float64) / s) + z

@@ -145,7 +145,7 @@ def run_oneshot(
         nonlocal solver_seconds
         ts = time.perf_counter()
         planned = planner.decide(block, refs, collectors, runner.current_inputs) if planner is not None else None
-        for group in _by_collector(refs, collectors):
+        for group in by_collector(refs, collectors):
             sp = [planned[r.name] for r in group] if planned is not None else block_sparsity.get(block, cfg.sparsity)
             facts = prune(group, collectors[group[0].name], sp)
             if facts:
@@ -278,7 +278,7 @@ class _SensitivityPlanner:
             rows += held[-1].shape[0]
         hidden = torch.cat(held, 0).float()
         base = loss_from_block(self.model, self.adapter, block, hidden, self.loss_ids)
-        groups = _by_collector(refs, collectors)
+        groups = by_collector(refs, collectors)
         saved = [r.weight_out_in().clone() for r in refs]
         points = []
         for s in self._candidates():
@@ -384,7 +384,7 @@ class _SensitivityPlanner:
         return info
 
 
-def _by_collector(refs: list[LinearRef], collectors: dict[str, Collector]) -> list[list[LinearRef]]:
+def by_collector(refs: list[LinearRef], collectors: dict[str, Collector]) -> list[list[LinearRef]]:
     """The linears grouped by the collector (the input) they share, e.g. q/k/v, gate/up."""
     groups: dict[int, list[LinearRef]] = {}
     for ref in refs:
@@ -397,7 +397,7 @@ def _curves(block: int, refs: list[LinearRef], collectors: dict[str, Collector],
     from calibrate.sensitivity import error_curve
 
     out = {}
-    for group in _by_collector(refs, collectors):
+    for group in by_collector(refs, collectors):
         ws = [r.weight_out_in() for r in group]
         sals, h_diag, scope = saliency(ws, collectors[group[0].name])
         for r, w, sal in zip(group, ws, sals):

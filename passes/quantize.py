@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 import torch
 
 from calibrate.stats import HessianCollector
-from core.quant import QuantScheme, expand, grid, quantize_dequantize, rtn
+from core.quant import QuantScheme, grid, quantize_dequantize, rtn
 from core.errors import OptionError
 from passes.base import ROLES, DataFacts, LayerChange, Pass, PassContext, PassResult, SpeedupNeed, check_roles, register_pass
 
@@ -90,7 +90,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, keep: t
 
     W = W.detach().float().clone()
     rows, cols = W.shape
-    g = scheme.group(cols)
+    g = scheme.block_size
     n_groups = -(-cols // g)
     scale = torch.ones(rows, n_groups)
     zero = torch.zeros(rows, n_groups)
@@ -189,6 +189,7 @@ class QuantizePass(Pass):
 
     def run(self, model: torch.nn.Module, ctx: PassContext) -> PassResult:
         from calibrate.runner import LayerwiseRunner, resolve_compute_dtype
+        from passes.oneshot import by_collector
 
         cfg = self.config
         scheme = cfg.scheme()
@@ -220,12 +221,18 @@ class QuantizePass(Pass):
             windows = ctx.calibration_windows(self.name)
 
             def apply(block: int, refs: list[Any], collectors: dict[str, Any]) -> None:
-                for ref in refs:
-                    w = ref.weight_out_in().detach()
-                    keep = (w != 0) if cfg.mask_aware else None
-                    new, s, z, facts = gptq_quantize(w, collectors[ref.name].hessian(), scheme, keep, cfg.blocksize, cfg.damp, ref.name)
-                    result.info.setdefault("layers", {})[ref.name] = facts
-                    finish(ref, new, s, z, w == 0)
+                # linears fed the same input (q/k/v, gate/up) share one Hessian: GPTQ treats rows independently
+                # given H, so their rows are solved stacked, one factorisation per input (as SparseGPT does)
+                for group in by_collector(refs, collectors):
+                    ws = [r.weight_out_in().detach() for r in group]
+                    W = torch.cat([w.float() for w in ws])
+                    keep = (W != 0) if cfg.mask_aware else None
+                    name = "+".join(r.name for r in group)
+                    new, s, z, facts = gptq_quantize(W, collectors[group[0].name].hessian(), scheme, keep, cfg.blocksize, cfg.damp, name)
+                    result.info.setdefault("layers", {})[name] = facts
+                    sizes = [w.shape[0] for w in ws]
+                    for r, w, n1, s1, z1 in zip(group, ws, new.split(sizes), s.split(sizes), z.split(sizes)):
+                        finish(r, n1, s1, z1, w == 0)
 
             runner = LayerwiseRunner(model, ctx.adapter, windows, batch_size=cfg.batch_size, show_progress=ctx.progress, compute_dtype=resolve_compute_dtype(cfg.calibration_dtype))
             result.info["runner"] = runner.run(lambda ref: HessianCollector(ref.in_features), apply, roles=cfg.targets).to_dict()

@@ -51,7 +51,7 @@ from calibrate.stats import Collector
 from core.adapters.base import LinearRef
 from core.masks import is_nm_sparse, nm_mask, sparsity_of, unstructured_mask
 from passes.base import DataFacts, LayerChange, OptionError, Pass, PassContext, PassResult, register_pass
-from passes.oneshot import PruneFn, _by_collector
+from passes.oneshot import PruneFn, by_collector
 from passes.sparsegpt import SparseGPTConfig, sparsegpt_pruner
 from passes.training import lr_factor
 from passes.wanda import wanda_pruner
@@ -283,7 +283,7 @@ class SDSPass(Pass):
 
         def prune_all(refs: list[LinearRef], collectors: dict[str, Collector]) -> None:
             ts = time.perf_counter()
-            for group in _by_collector(refs, collectors):
+            for group in by_collector(refs, collectors):
                 prune(group, collectors[group[0].name], cfg.sparsity)
             seconds["prune"] += time.perf_counter() - ts
 
