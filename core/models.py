@@ -203,6 +203,10 @@ def save_hf_dir(model: Any, tokenizer: Any, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     cfg = model.config.to_dict()
     cfg.pop("quantization_config", None)
+    if not cfg.get("architectures"):
+        # a GGUF-loaded config has none; tools that read Hugging Face directories (ONNX Runtime GenAI's
+        # model builder, transformers pipelines) pick the model class from this list
+        cfg["architectures"] = [type(model).__name__]
     (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True), encoding="utf-8")
     save_model(model, str(out / "model.safetensors"))
     quant = getattr(model, "quantization_tensors", None)
@@ -217,7 +221,7 @@ def save_hf_dir(model: Any, tokenizer: Any, out: Path) -> None:
 def _cache_entry(src: ResolvedSource) -> tuple[str, Path]:
     import transformers
 
-    key = stable_hash("gguf-fp32", src.fingerprint, transformers.__version__)
+    key = stable_hash("gguf-fp32", src.fingerprint, transformers.__version__, "architectures")
     return key, cache_root() / "models" / f"{src.path.stem}-{key[:16]}"
 
 

@@ -17,6 +17,7 @@ KNOWN_BACKENDS: dict[str, str | type] = {
     "tensorrt": "engines.tensorrt:TensorRTEngine",
     "torch-cuda": "engines.torch_cuda:TorchCudaEngine",
     "native-cpu": "engines.native_cpu:NativeCpuEngine",
+    "onnxruntime-fused": "engines.onnxruntime_fused:OnnxRuntimeFusedEngine",
 }
 
 __all__ = ["Engine", "EngineArtifact", "KNOWN_BACKENDS", "Runner", "engine_class", "get_engine", "register_engine"]

@@ -35,6 +35,18 @@ class EngineArtifact:
 
 
 @dataclass
+class Generation:
+    """A greedy decode by an engine that generates (``Engine.generates``): ``tokens`` (1, n), the logits
+    of every step (the prefill's last position first), prefill milliseconds and one milliseconds value
+    per decode step."""
+
+    tokens: np.ndarray
+    logits: list[np.ndarray]
+    prefill_ms: float
+    decode_ms: list[float]
+
+
+@dataclass
 class NoOptions:
     """An engine without options."""
 
@@ -64,6 +76,12 @@ class Engine(ABC):
     def check_model(cls, facts: Any) -> str | None:
         """None when this backend can run a model with these facts (:class:`core.adapters.base.ModelFacts`),
         else the reason it cannot — asked by ``pipeline check`` before anything is built."""
+        return None
+
+    @classmethod
+    def check_passes(cls, passes: list[str]) -> str | None:
+        """None when this backend can run a variant made by these passes (their recipe names, in order),
+        else the reason it cannot — asked by ``pipeline check`` for every variant."""
         return None
 
     def validate_options(self, options: dict[str, Any]) -> dict[str, Any]:

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from core.errors import EngineUnavailable, OptionError, PipelineError
-from engines.base import Engine, EngineArtifact, Runner, TensorMeta
+from engines.base import Engine, EngineArtifact, Generation, Runner, TensorMeta
 
 log = logging.getLogger(__name__)
 
@@ -241,16 +241,6 @@ class _Layer:
     act: dict[str, float]
     """Activation-sparsity thresholds by input group (attn_in, o_in, mlp_in, down_in); empty = none."""
 
-
-@dataclass
-class Generation:
-    """A greedy decode: ``tokens`` (1, n), the logits of every step (prefill's last position first),
-    prefill milliseconds and one milliseconds value per decode step."""
-
-    tokens: np.ndarray
-    logits: list[np.ndarray]
-    prefill_ms: float
-    decode_ms: list[float]
 
 
 class NativeDecoder:

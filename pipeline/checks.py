@@ -68,6 +68,7 @@ def _check_model(recipe: Any, facts: Any) -> None:
 
 def check_passes(recipe: Any, facts: Any) -> None:
     """``Pass.check`` of every pass of every variant; an error names ``variants[i].passes[j].<pass>.<key>``."""
+    from engines import engine_class
     from passes import get_pass_class
     from passes.base import DataFacts, OptionError
 
@@ -80,6 +81,10 @@ def check_passes(recipe: Any, facts: Any) -> None:
                 raise RecipeError(f"recipe key '{where}': pass '{p.name}' must be the variant's last pass; '{v.passes[-1].name}' follows it (variant '{v.name}')")
             if cls.quantizes:
                 _check_quantized_variant(recipe, where, v)
+            for k, e in enumerate(recipe.engines):
+                why = engine_class(e.backend).check_passes([q.name for q in v.passes[: j + 1]])
+                if why:
+                    raise RecipeError(f"recipe key '{where}': engine '{e.backend}' (engines[{k}]) cannot run variant '{v.name}': {why}")
             try:
                 cls.check(cls.config_class(**p.options), facts, data)
             except OptionError as exc:
