@@ -7,8 +7,7 @@ Per block (Llama-style families: those whose adapter fills ``native``)::
          └─ MatMul [H, (n + 2·kv)·hd] (q, k, v packed; + Add of Qwen2's biases)
             └─ GroupQueryAttention(do_rotary=1, shared past/present buffers) ── MatMul o ─┐
     SkipSimplifiedLayerNormalization(·, residual', mlp_norm) ──┬── residual''            │
-         ├─ MatMul gate ── Sigmoid, Mul (SiLU) ─┐                                        │
-         └─ MatMul up ──────────────────────────── Mul ── MatMul down ── next block ──────┘
+         └─ MatMul [H, 2·F] (gate, up packed) ── Split ── Sigmoid, Mul, Mul ── MatMul down ─┘
 
 against the traced graph's decomposed RMSNorm (Pow/ReduceMean/Add/Sqrt/Reciprocal/Mul), rotary
 embedding (Slice/Neg/Concat), ``repeat_kv`` (Expand/Reshape) and per-token KV ``Concat``. The
@@ -44,7 +43,6 @@ log = logging.getLogger(__name__)
 
 MS = "com.microsoft"
 GRAPH = "model.fused.onnx"
-FUSE_GATE_UP = True
 
 
 class FusedGraphError(PipelineError):
@@ -91,9 +89,15 @@ def unsupported(adapter: Any, config: Any) -> str | None:
         return "a contextual-sparsity variant chooses its heads/neurons per input with predictors; the fused graph has no such gathers (use onnxruntime-cpu or native-cpu)"
     if getattr(config, "activation_sparsity", None) is not None:
         return "an activation-sparsity variant thresholds its activations; the fused graph does not (use native-cpu)"
-    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True) and config.model_type == "mistral":
-        return "sliding-window attention is not written by the fused graph yet"
     return None
+
+
+def _sliding_window(config: Any) -> int:
+    """GroupQueryAttention's ``local_window_size``: Mistral's (and Qwen2's, when enabled) sliding window, else -1."""
+    w = getattr(config, "sliding_window", None)
+    if not w or (config.model_type == "qwen2" and not getattr(config, "use_sliding_window", False)):
+        return -1
+    return int(w)
 
 
 def _rope_theta(config: Any) -> float:
@@ -226,6 +230,7 @@ def build_fused_graph(model_dir: Path, out_path: Path, max_positions: int | None
     hidden = int(a.config_value(c, "hidden"))
     vocab = int(c.vocab_size)
     positions = int(max_positions or a.config_value(c, "context"))
+    window = _sliding_window(c)
     b = _Builder()
     lin = _Linears(b, quant, grids)
 
@@ -295,19 +300,17 @@ def build_fused_graph(model_dir: Path, out_path: Path, max_positions: int | None
                 [qkv, "", "", f"past_key_values.{j}.key", f"past_key_values.{j}.value", seqlens, total, "cos_cache", "sin_cache"],
                 outputs=[f"layers.{i}/attn/out", f"present.{j}.key", f"present.{j}.value"],
                 domain=MS, name=f"layers.{i}/attn/GroupQueryAttention", num_heads=heads, kv_num_heads=kv, do_rotary=1, rotary_interleaved=0,
-                scale=1.0 / math.sqrt(hd), local_window_size=-1,
+                scale=1.0 / math.sqrt(hd), local_window_size=window,
             )[0]
             pending = lin(attn, [lp["o"] + ".weight"], [weight(lp["o"] + ".weight")], f"layers.{i}.o")
         wg, wu = weight(lp["gate"] + ".weight"), weight(lp["up"] + ".weight")
         if wg.shape[0]:
             h = norm(p + a.native["mlp_norm"] + ".weight", f"layers.{i}/mlp_norm")
-            if FUSE_GATE_UP:  # gate and up as one [H, 2·F] product, split after
-                gu = lin(h, [lp["gate"] + ".weight", lp["up"] + ".weight"], [wg, wu], f"layers.{i}.gate_up")
-                b.init(f"layers.{i}.split", np.array([wg.shape[0], wu.shape[0]], np.int64))
-                g, u = b.node("Split", [gu, f"layers.{i}.split"], outputs=2, axis=-1, name=f"layers.{i}/mlp/Split")
-            else:
-                g = lin(h, [lp["gate"] + ".weight"], [wg], f"layers.{i}.gate")
-                u = lin(h, [lp["up"] + ".weight"], [wu], f"layers.{i}.up")
+            # gate and up as one [H, 2·F] product, split after (SmolLM2, 2 threads: decode ×0.985, prefill ×0.91 of
+            # two products; ONNX Runtime 1.32 has a SwiGLU contrib op that would take the pair unsplit, but no CPU kernel)
+            gu = lin(h, [lp["gate"] + ".weight", lp["up"] + ".weight"], [wg, wu], f"layers.{i}.gate_up")
+            b.init(f"layers.{i}.split", np.array([wg.shape[0], wu.shape[0]], np.int64))
+            g, u = b.node("Split", [gu, f"layers.{i}.split"], outputs=2, axis=-1, name=f"layers.{i}/mlp/Split")
             sg = b.node("Sigmoid", [g], name=f"layers.{i}/mlp/Sigmoid")[0]
             act = b.node("Mul", [g, sg], name=f"layers.{i}/mlp/SiLU")[0]
             act = b.node("Mul", [act, u], name=f"layers.{i}/mlp/Mul")[0]

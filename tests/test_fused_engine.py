@@ -243,3 +243,37 @@ def test_fused_engine_through_the_build(tiny_dirs, text_file, tmp_path):
     art = json.loads((tmp_path / "f" / "m2of4-int4" / "engine-onnxruntime-fused" / "stage.json").read_text())["info"]
     assert art["quantization"]["zeros_preserved"] and art["op_counts"]["MatMulNBits"] == 8
     assert "onnxruntime-fused" in (tmp_path / "f" / "report.md").read_text()
+
+
+def _family_model(kind: str):
+    from transformers import AutoModelForCausalLM, MistralConfig, Qwen2Config
+
+    common = dict(vocab_size=257, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=512, tie_word_embeddings=False)
+    cfg = Qwen2Config(**common) if kind == "qwen2" else MistralConfig(**common, sliding_window=8)
+    torch.manual_seed(7)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.08)
+            elif name.endswith("proj.bias"):
+                p.normal_(0, 0.05)  # Qwen2's q/k/v biases: non-zero, so the graph must add them
+    return model
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "mistral-window-8"])
+def test_other_llama_style_families(kind, tmp_path):
+    """Qwen2 (q/k/v biases, untied head) and Mistral with a sliding window shorter than the sequence."""
+    model = _family_model(kind.split("-")[0])
+    art = _save_and_build(model, tmp_path)
+    ids = np.random.default_rng(4).integers(0, 257, (2, 24)).astype(np.int64)
+    with torch.no_grad():
+        ref = model(input_ids=torch.from_numpy(ids)).logits.numpy()
+    prompt = ids[:1, :20]
+    gen_ref = _reference_generate(model, prompt, 16)
+    with _engine().runner(art) as r:
+        got = r.infer({"input_ids": ids, "attention_mask": np.ones_like(ids)})["logits"]
+        g = r.generate(prompt, 16)
+    np.testing.assert_allclose(got, ref, atol=2e-4, rtol=1e-4)
+    np.testing.assert_array_equal(g.tokens, gen_ref.sequences[:, 20:].numpy())
