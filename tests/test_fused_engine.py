@@ -277,3 +277,25 @@ def test_other_llama_style_families(kind, tmp_path):
         g = r.generate(prompt, 16)
     np.testing.assert_allclose(got, ref, atol=2e-4, rtol=1e-4)
     np.testing.assert_array_equal(g.tokens, gen_ref.sequences[:, 20:].numpy())
+
+
+@pytest.mark.slow
+def test_bundled_smollm2_decodes_64_greedy_tokens_as_pytorch_does(tmp_path):
+    from calibrate.data import shakespeare_splits, tokenize
+    from core.models import load_model
+    from export.kv_export import GreedyResult, compare_with_generate
+
+    loaded = load_model("smollm2-135m")
+    engine = OnnxRuntimeFusedEngine({"threads": 2, "max_positions": 512})
+    art = engine.build(loaded.directory, tmp_path)
+    assert art.info["op_counts"]["GroupQueryAttention"] == 30 and art.info["nodes"] < 400  # the traced decode graph has ~1,900
+    prompt = np.asarray(tokenize(loaded.tokenizer, shakespeare_splits().evaluation)[:128], np.int64)[None]
+    with engine.runner(art) as r:
+        g = r.generate(prompt, 64)
+        logits = r.infer({"input_ids": prompt[:, :64], "attention_mask": np.ones((1, 64), np.int64)})["logits"]
+    cmp = compare_with_generate(GreedyResult(g.tokens, g.logits, g.prefill_ms, g.decode_ms), loaded.model, prompt)
+    assert cmp["tokens_identical"], cmp.get("fp64_reference")
+    assert cmp["max_abs_logit_delta"] < 1e-3
+    with torch.no_grad():
+        ref = loaded.model(input_ids=torch.from_numpy(prompt[:, :64])).logits.numpy()
+    np.testing.assert_allclose(logits, ref, atol=1e-3, rtol=1e-3)
