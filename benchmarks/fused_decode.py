@@ -89,7 +89,7 @@ def og_generate(og_model, prompt: np.ndarray, new: int) -> dict:
     return {"decode_ms_per_token": sum(steps) / (new - 1), "prefill_ms": prefill_ms, "tokens": tokens, "first_call_ms": steps[0]}
 
 
-def op_profile(model_dir: Path, graph: str, layout, prompt: np.ndarray, steps: int, threads: int) -> dict:
+def op_profile(model_dir: Path, graph: str, layout, prompt: np.ndarray, steps: int, threads: int, spinning: bool = False) -> dict:
     """Kernel time by op type over ``steps`` decode steps: a profiled run of prefill + steps, minus a
     profiled run of the prefill alone."""
     import onnxruntime as ort
@@ -99,7 +99,7 @@ def op_profile(model_dir: Path, graph: str, layout, prompt: np.ndarray, steps: i
     def profile(n_new: int) -> dict[str, float]:
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         so.enable_profiling = True
         with tempfile.TemporaryDirectory() as tmp:
             so.profile_file_prefix = str(Path(tmp) / "p")
@@ -133,6 +133,7 @@ def main() -> None:
     ap.add_argument("--plain", type=Path, default=None, help="a build directory whose dense/kv graphs are the project's plain ONNX Runtime decode")
     ap.add_argument("--native", action="store_true", help="also time native-cpu on the dense model")
     ap.add_argument("--genai", action="append", default=[], metavar="NAME=DIR", help="an ONNX Runtime GenAI builder output directory (repeatable)")
+    ap.add_argument("--spinning", action="store_true", help="also time the dense fused, plain and GenAI graphs with intra-op spinning on (GenAI's runtime spins)")
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
@@ -169,7 +170,7 @@ def main() -> None:
     result: dict = {
         "prompt_tokens": int(prompt.shape[1]), "new_tokens": args.new, "threads": args.threads, "repeats": args.repeats,
         "models": {k: str(v) for k, v in models.items()}, "genai_dirs": {k: str(v) for k, v in genai.items()},
-        "spinning": "off for every ONNX Runtime session (they alternate in one process)",
+        "spinning": "off for every ONNX Runtime session (they alternate in one process) except the '+spin' rows; GenAI's runtime uses its own default",
         "fused": {}, "genai": {},
     }
     arts = {}
@@ -193,9 +194,14 @@ def main() -> None:
         runners: dict = {}
         for name in models:
             runners[f"onnxruntime-fused:{name}"] = ("gen", stack.enter_context(engine.runner(arts[name], threads=args.threads)))
+        if args.spinning:
+            runners["onnxruntime-fused+spin:dense"] = ("gen", stack.enter_context(engine.runner(arts["dense"], threads=args.threads, spinning=True)))
         for name, d in genai.items():
             r = OnnxRuntimeFusedRunner(d, engine._session_options(args.threads), name=f"genai-graph:{name}", graph="model.onnx", layout=genai_layout(d))
             runners[f"genai-graph:{name}"] = ("gen", stack.enter_context(r))
+            if args.spinning and name == "fp32":
+                r = OnnxRuntimeFusedRunner(d, engine._session_options(args.threads, True), name="genai-graph+spin:fp32", graph="model.onnx", layout=genai_layout(d))
+                runners["genai-graph+spin:fp32"] = ("gen", stack.enter_context(r))
             og_model = og_runner(d, args.threads)
             if og_model is not None:
                 runners[f"genai:{name}"] = ("og", og_model)
@@ -211,6 +217,11 @@ def main() -> None:
             plain_layout = cache_layout(m, adapter_for(AutoConfig.from_pretrained(str(dense_dir))))
             del m
             runners["onnxruntime-cpu:dense"] = ("plain", (pre, dec))
+            if args.spinning:
+                runners["onnxruntime-cpu+spin:dense"] = ("plain", (
+                    stack.enter_context(ort_engine.open(kv / "prefill.onnx", spinning=True, name="ort:prefill+spin")),
+                    stack.enter_context(ort_engine.open(kv / "decode.onnx", spinning=True, name="ort:decode+spin")),
+                ))
         if args.native:
             from engines.native_cpu import NativeCpuEngine
 
@@ -273,13 +284,16 @@ def main() -> None:
         lay = arts["dense"]
         from engines.fused_graph import GRAPH, read_layout
 
-        prof = {"onnxruntime-fused:dense": op_profile(Path(lay.path).parent, GRAPH, read_layout(Path(lay.path).parent), prompt, args.profile_steps, args.threads)}
-        for name, d in genai.items():
-            prof[f"genai-graph:{name}"] = op_profile(d, "model.onnx", genai_layout(d), prompt, args.profile_steps, args.threads)
+        prof = {}
+        for spin in (False, True) if args.spinning else (False,):
+            tag = "+spin" if spin else ""
+            prof[f"onnxruntime-fused{tag}:dense"] = op_profile(Path(lay.path).parent, GRAPH, read_layout(Path(lay.path).parent), prompt, args.profile_steps, args.threads, spin)
+            for name, d in genai.items():
+                prof[f"genai-graph{tag}:{name}"] = op_profile(d, "model.onnx", genai_layout(d), prompt, args.profile_steps, args.threads, spin)
         result["op_profile"] = prof
 
     med = {k: {m: statistics.median(x) for m, x in s.items()} for k, s in samples.items()}
-    dense_keys = [k for k in med if k.endswith(":dense")]
+    dense_keys = [k for k in med if k.endswith(":dense") and "+spin" not in k]  # the baseline at the protocol's setting (spinning off)
     fastest = min(dense_keys, key=lambda k: med[k]["decode_ms_per_token"])
     result["fastest_dense_decode"] = {"runner": fastest, "ms_per_token": round(med[fastest]["decode_ms_per_token"], 3)}
     rows = []
@@ -293,7 +307,7 @@ def main() -> None:
             "speedup_vs_fastest_dense": round(med[fastest]["decode_ms_per_token"] / med[key]["decode_ms_per_token"], 4),
             "samples": smp,
         }
-        for ref in ("onnxruntime-cpu:dense", "genai:fp32", "genai-graph:fp32"):
+        for ref in ("onnxruntime-cpu:dense", "onnxruntime-fused:dense", "genai:fp32", "genai-graph:fp32"):
             if ref in med and ref != key:
                 entry[f"speedup_vs_{ref}"] = round(med[ref]["decode_ms_per_token"] / med[key]["decode_ms_per_token"], 4)
                 entry[f"prefill_speedup_vs_{ref}"] = round(med[ref]["prefill_ms"] / med[key]["prefill_ms"], 4)
