@@ -4,7 +4,8 @@ Per variant: perplexity on the build's evaluation text (ONNX Runtime, from resul
 second text (the standard library's docstrings, never used for calibration or any choice), measured
 here with the variant's ONNX Runtime engine; batch-1 decode ms/token (``--new`` tokens after a
 ``--prompt``-token prompt) and prefill ms of every variant's KV-cache graphs on ONNX Runtime and of the
-dense model on native-cpu, all interleaved round-robin in one process (the starting runner rotates),
+dense model on native-cpu, and of every variant's fused contrib-op graph where the build's
+``onnxruntime-fused`` engine built one (``build/<variant>/engine-onnxruntime-fused``), all interleaved round-robin in one process (the starting runner rotates),
 with ratios to ONNX Runtime dense and to the fastest dense decode of the run, and the min–max of the
 per-round ratios; ONNX file size against dense; the zeros the quantization kept (model and graph);
 the build's greedy-decode agreement with the variant's own PyTorch model.
@@ -47,6 +48,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--windows", type=int, default=20, help="second-text windows of 512 tokens")
     ap.add_argument("--no-native", action="store_true", help="do not time native-cpu dense")
+    ap.add_argument("--no-fused", action="store_true", help="do not time the onnxruntime-fused graphs (built by the build's onnxruntime-fused engine)")
     ap.add_argument("--variants", default="", help="comma-separated variants to measure (default: all; dense is always added)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "quant_table.json")
     args = ap.parse_args()
@@ -103,6 +105,15 @@ def main() -> None:
                 stack.enter_context(ort.open(kv / "prefill.onnx", spinning=False, name=f"ort:{v}:prefill")),
                 stack.enter_context(ort.open(kv / "decode.onnx", spinning=False, name=f"ort:{v}:decode")),
             ))
+        if not args.no_fused:  # the fused contrib-op graph of every variant the build built it for
+            from engines.base import EngineArtifact
+            from engines.onnxruntime_fused import OnnxRuntimeFusedEngine
+
+            fused = OnnxRuntimeFusedEngine({"threads": args.threads})
+            for v in names:
+                art = build / v / "engine-onnxruntime-fused" / "model.fused.onnx"
+                if art.is_file():
+                    runners[f"onnxruntime-fused:{v}"] = ("native", stack.enter_context(fused.runner(EngineArtifact(fused.name, art), threads=args.threads)))
         if not args.no_native:
             from engines.native_cpu import NativeCpuEngine
 
@@ -164,6 +175,15 @@ def main() -> None:
                 "parity": {k: r["parity"].get(k) for k in ("passed", "atol", "max_absdiff")},
                 "greedy_vs_own_torch": {k: dec.get(k) for k in ("tokens_identical", "leading_tokens_identical", "max_abs_logit_delta", "fp64_reference") if k in dec},
             })
+        if engine == "onnxruntime-fused":
+            art = build / v / "engine-onnxruntime-fused"
+            info = json.loads((art / "stage.json").read_text(encoding="utf-8"))["info"]
+            dense_info = json.loads((build / "dense" / "engine-onnxruntime-fused" / "stage.json").read_text(encoding="utf-8"))["info"]
+            dec = ((variants.get(v) or {}).get("decode") or {}).get("engines", {}).get("onnxruntime-fused", {})
+            row.update({
+                "fused_bytes": info["bytes"], "fused_ratio": round(info["bytes"] / dense_info["bytes"], 4),
+                "greedy_vs_own_torch": {k: dec.get(k) for k in ("tokens_identical", "leading_tokens_identical", "max_abs_logit_delta") if k in dec},
+            })
         out.setdefault("rows", []).append(row)
     write_result(args.out, out)
     rows = []
@@ -176,7 +196,7 @@ def main() -> None:
             f"{r['second_text_perplexity']:.2f} (×{r['second_text_ratio']:.3f})" if "second_text_perplexity" in r else "—",
             f"{r['decode_ms_per_token']:.2f}", f"×{dv['median']:.2f} [{dv['range'][0]:.2f}–{dv['range'][1]:.2f}]",
             f"×{dp['median']:.2f}", f"×{r['prefill_vs_ort_dense']['median']:.2f}",
-            f"{r['onnx_ratio']:.3f}" if "onnx_ratio" in r else "—",
+            f"{r['onnx_ratio']:.3f}" if "onnx_ratio" in r else (f"{r['fused_ratio']:.3f} (fused)" if "fused_ratio" in r else "—"),
             "—" if not q else ("kept" if q["zeros_lost"] == 0 and r["graph_zeros_preserved"] else f"{q['zeros_lost']:,} lost"),
         ])
     print(markdown_table(["variant (engine)", "ppl Shakespeare", "ppl 2nd text", "ms/token", "decode vs fastest dense", "vs ORT dense", "prefill vs ORT dense", "ONNX / dense", "zeros"], rows))

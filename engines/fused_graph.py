@@ -306,8 +306,8 @@ def build_fused_graph(model_dir: Path, out_path: Path, max_positions: int | None
         wg, wu = weight(lp["gate"] + ".weight"), weight(lp["up"] + ".weight")
         if wg.shape[0]:
             h = norm(p + a.native["mlp_norm"] + ".weight", f"layers.{i}/mlp_norm")
-            # gate and up as one [H, 2·F] product, split after (SmolLM2, 2 threads: decode ×0.985, prefill ×0.91 of
-            # two products; ONNX Runtime 1.32 has a SwiGLU contrib op that would take the pair unsplit, but no CPU kernel)
+            # gate and up as one [H, 2·F] product, split after (ONNX Runtime 1.32 has a SwiGLU contrib op that
+            # would take the pair unsplit, but no CPU kernel for it)
             gu = lin(h, [lp["gate"] + ".weight", lp["up"] + ".weight"], [wg, wu], f"layers.{i}.gate_up")
             b.init(f"layers.{i}.split", np.array([wg.shape[0], wu.shape[0]], np.int64))
             g, u = b.node("Split", [gu, f"layers.{i}.split"], outputs=2, axis=-1, name=f"layers.{i}/mlp/Split")
