@@ -17,6 +17,7 @@ GROUPS = [
     ("structured", "Structured pruning"),
     ("minilm", "Structured pruning: MiniLM heads"),
     ("quant", "Prune, then quantize"),
+    ("fused", "Fused decoder graph (onnxruntime-fused) against ONNX Runtime GenAI"),
     ("", "Whole builds and others"),
 ]
 
