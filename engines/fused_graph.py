@@ -334,7 +334,7 @@ def build_fused_graph(model_dir: Path, out_path: Path, max_positions: int | None
         shape3 = b.node("Concat", [lead, "vocab_i64"], axis=0, name="head/Concat")[0]
         b.node("Reshape", [logits2, shape3], outputs=["logits"], name="head/ReshapeOut")
     else:
-        out = lin(last, [head_name], [weight(head_name)], "lm_head")
+        out = lin(last, [head_name], [weight(head_name)], "head")
         b.node("Identity", [out], outputs=["logits"], name="head/Identity")
 
     f32, i64 = TensorProto.FLOAT, TensorProto.INT64

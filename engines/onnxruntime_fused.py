@@ -96,7 +96,13 @@ class OnnxRuntimeFusedEngine(Engine):
         self.check_available()
         t0 = time.perf_counter()
         out_dir = Path(out_dir)
-        context = getattr(AutoConfig.from_pretrained(str(model_dir)), "max_position_embeddings", None)
+        from core.adapters import adapter_for
+
+        config = AutoConfig.from_pretrained(str(model_dir))
+        try:
+            context = adapter_for(config).config_value(config, "context")
+        except ValueError:  # a config without a context length: the option alone bounds the tables
+            context = None
         positions = min(self.options["max_positions"], int(context)) if context else self.options["max_positions"]
         info = build_fused_graph(Path(model_dir), out_dir / GRAPH, max_positions=positions)
         (out_dir / "layout.json").write_text(json.dumps(info["layout"], indent=2), encoding="utf-8")

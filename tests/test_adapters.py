@@ -109,6 +109,11 @@ def family_names_in(path, names: set[str]) -> list[tuple[int, str]]:
     return out
 
 
+OP_SCHEMA_WORDS = {("engines/fused_graph.py", "num_heads")}
+"""Words that are ONNX Runtime operator attributes, not a family's config key: GroupQueryAttention's
+``num_heads`` (the fused graph sets it from the weights' shapes, per block)."""
+
+
 def test_family_names_appear_only_in_the_adapters():
     from pathlib import Path
 
@@ -120,7 +125,8 @@ def test_family_names_appear_only_in_the_adapters():
         for p in sorted((root / pkg).rglob("*.py")):
             if p.parent.name == "adapters":
                 continue
-            hits += [f"{p.relative_to(root)}:{line} {w}" for line, w in family_names_in(p, names)]
+            rel = str(p.relative_to(root))
+            hits += [f"{rel}:{line} {w}" for line, w in family_names_in(p, names) if (rel, w) not in OP_SCHEMA_WORDS]
     assert not hits, "family knowledge outside core/adapters:\n" + "\n".join(hits)
 
 
