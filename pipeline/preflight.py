@@ -8,8 +8,9 @@ The estimate is deliberately simple and stated in the error, so a user can see w
   runner's block inputs and outputs for every calibration window (windows × length × hidden × 4 B
   × 2); one evaluation window's logits and their log-softmax, plus the dense logits kept for
   agreement (length × vocab × 4 B each);
-- disk: per variant not yet built, its safetensors, ONNX and engine (about ``W`` each), plus the
-  KV-cache graphs (2 ``W``) when the recipe exports them.
+- disk: per variant not yet built, its safetensors, ONNX and each engine's artifact (about ``W``
+  each: an optimised graph, a fused graph, a compressed native file), plus the KV-cache graphs
+  (2 ``W``) when the recipe exports them.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def estimate(
         mem[f"calibration activations ({cal.windows} windows × {cal.length} tokens × hidden {hidden})"] = cal.windows * cal.length * hidden * 4 * 2
     agree = recipe.validation.agreement_windows
     mem[f"evaluation logits ({ev.length} tokens × vocab {vocab}, + {agree} dense windows kept)"] = (2 + agree) * ev.length * vocab * 4
-    per_variant = 3 + (2 if recipe.export.kv_cache else 0)
+    per_variant = 2 + max(1, len(recipe.engines)) + (2 if recipe.export.kv_cache else 0)
     disk = {f"{len(variants_to_build)} variants × {per_variant} copies of the weights": len(variants_to_build) * per_variant * weights_bytes}
     return Estimate(mem, disk)
 
