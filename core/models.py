@@ -283,6 +283,28 @@ def load_hf_dir(path: Path) -> tuple[Any, Any, Any]:
     return model, tokenizer, adapter
 
 
+def weight_arrays(path: Path) -> dict[str, Any]:
+    """Every weight of a saved model directory as NumPy arrays (its ``*.safetensors`` files, not the
+    quantization grids in ``quantization.safetensors``): what engines that read weights directly use.
+    Raises :class:`ModelLoadError` when the directory holds none."""
+    from safetensors.numpy import load_file
+
+    files = sorted(p for p in Path(path).glob("*.safetensors") if p.name != QUANT_FILE)
+    if not files:
+        raise ModelLoadError(f"model directory '{path}' has no *.safetensors weights")
+    out: dict[str, Any] = {}
+    for f in files:
+        out.update(load_file(str(f)))
+    return out
+
+
+def rope_theta(config: Any) -> float:
+    """The rotary base of a config (transformers 5's ``rope_parameters`` or the older ``rope_theta``; 10000 when absent)."""
+    params = getattr(config, "rope_parameters", None) or {}
+    theta = params.get("rope_theta", getattr(config, "rope_theta", None))
+    return float(theta if theta is not None else 10000.0)
+
+
 def _load_quantization(path: Path, spec: dict[str, Any]) -> dict[str, Any]:
     """The grids a quantized model's config names, from ``quantization.safetensors``."""
     from safetensors.torch import load_file

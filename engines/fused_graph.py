@@ -100,12 +100,6 @@ def _sliding_window(config: Any) -> int:
     return int(w)
 
 
-def _rope_theta(config: Any) -> float:
-    params = getattr(config, "rope_parameters", None) or {}
-    theta = params.get("rope_theta", getattr(config, "rope_theta", None))
-    return float(theta if theta is not None else 10000.0)
-
-
 def _rope_caches(theta: float, head_dim: int, positions: int) -> tuple[np.ndarray, np.ndarray]:
     """cos / sin [positions, head_dim / 2] as transformers computes them (float32 inverse frequencies)."""
     import torch
@@ -116,15 +110,13 @@ def _rope_caches(theta: float, head_dim: int, positions: int) -> tuple[np.ndarra
 
 
 def load_weights(model_dir: Path) -> dict[str, np.ndarray]:
-    from safetensors.numpy import load_file
+    from core.errors import ModelLoadError
+    from core.models import weight_arrays
 
-    files = sorted(p for p in Path(model_dir).glob("*.safetensors") if p.name != "quantization.safetensors")
-    if not files:
-        raise FusedGraphError(f"no *.safetensors weights in '{model_dir}'")
-    out: dict[str, np.ndarray] = {}
-    for f in files:
-        out.update(load_file(str(f)))
-    return out
+    try:
+        return weight_arrays(model_dir)
+    except ModelLoadError as exc:
+        raise FusedGraphError(str(exc)) from None
 
 
 class _Builder:
@@ -245,7 +237,9 @@ def build_fused_graph(model_dir: Path, out_path: Path, max_positions: int | None
         embed_name = head_name
     embed = weight(embed_name)
     b.init("embed.weight", embed)
-    cos, sin = _rope_caches(_rope_theta(c), hd, positions)
+    from core.models import rope_theta
+
+    cos, sin = _rope_caches(rope_theta(c), hd, positions)
     b.init("cos_cache", cos)
     b.init("sin_cache", sin)
 

@@ -72,12 +72,6 @@ def _adapter_and_config(model_dir: Path) -> tuple[Any, Any]:
     return adapter, config
 
 
-def rope_theta(config: Any) -> float:
-    params = getattr(config, "rope_parameters", None) or {}
-    theta = params.get("rope_theta", getattr(config, "rope_theta", None))
-    return float(theta if theta is not None else 10000.0)
-
-
 def supports(adapter: Any, config: Any) -> str | None:
     """None when the engine can run this model, else the reason it cannot."""
     if not adapter.native or adapter.task != "causal-lm":
@@ -93,15 +87,13 @@ def supports(adapter: Any, config: Any) -> str | None:
 
 
 def _load_tensors(model_dir: Path) -> dict[str, np.ndarray]:
-    from safetensors.numpy import load_file
+    from core.errors import ModelLoadError
+    from core.models import weight_arrays
 
-    files = sorted(Path(model_dir).glob("*.safetensors"))
-    if not files:
-        raise PipelineError(f"engine 'native-cpu': no *.safetensors weights in {model_dir}")
-    out: dict[str, np.ndarray] = {}
-    for f in files:
-        out.update(load_file(str(f)))
-    return out
+    try:
+        return weight_arrays(model_dir)
+    except ModelLoadError as exc:
+        raise PipelineError(f"engine 'native-cpu': {exc}") from None
 
 
 @functools.lru_cache(maxsize=1)
@@ -259,6 +251,8 @@ class NativeDecoder:
         a, c = self.adapter, self.config
         self.eps = float(getattr(c, "rms_norm_eps", 1e-6))
         self.head_dim = int(a.facts(c).head_dim)
+        from core.models import rope_theta
+
         self.theta = rope_theta(c)
         self.embed = t[manifest["embed"]]
         self.final_norm = t[a.native["final_norm"] + ".weight"]

@@ -47,18 +47,24 @@ class OrtOptions:
             raise OptionError("threads", f"threads {self.threads!r} must be an integer >= 0 (0 = all cores)")
 
 
+def require_cpu_provider(engine: str) -> Any:
+    """The ``onnxruntime`` module when it imports and has its CPU provider, else ``EngineUnavailable`` for ``engine``."""
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:
+        raise EngineUnavailable(engine, f"onnxruntime is not importable ({exc})") from None
+    if "CPUExecutionProvider" not in ort.get_available_providers():
+        raise EngineUnavailable(engine, "CPUExecutionProvider is missing from this onnxruntime build")
+    return ort
+
+
 class OnnxRuntimeCpuEngine(Engine):
     name = "onnxruntime-cpu"
     quantized_weights = "kernels"
     options_class = OrtOptions
 
     def check_available(self) -> None:
-        try:
-            import onnxruntime as ort
-        except ImportError as exc:
-            raise EngineUnavailable(self.name, f"onnxruntime is not importable ({exc})") from None
-        if "CPUExecutionProvider" not in ort.get_available_providers():
-            raise EngineUnavailable(self.name, "CPUExecutionProvider is missing from this onnxruntime build")
+        require_cpu_provider(self.name)
 
     def version_info(self) -> dict[str, Any]:
         import onnxruntime as ort

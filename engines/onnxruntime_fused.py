@@ -73,13 +73,11 @@ class OnnxRuntimeFusedEngine(Engine):
         return None
 
     def check_available(self) -> None:
-        try:
-            import onnxruntime as ort
-            from onnxruntime.capi import onnxruntime_pybind11_state as C
-        except ImportError as exc:
-            raise EngineUnavailable(self.name, f"onnxruntime is not importable ({exc})") from None
-        if "CPUExecutionProvider" not in ort.get_available_providers():
-            raise EngineUnavailable(self.name, "CPUExecutionProvider is missing from this onnxruntime build")
+        from engines.onnxruntime import require_cpu_provider
+
+        ort = require_cpu_provider(self.name)
+        from onnxruntime.capi import onnxruntime_pybind11_state as C
+
         have = {s.name for s in C.get_all_operator_schema() if s.domain == "com.microsoft"}
         missing = [op for op in CONTRIB_OPS if op not in have]
         if missing:
