@@ -113,13 +113,13 @@ def main() -> None:
             for v in names:
                 art = build / v / "engine-onnxruntime-fused" / "model.fused.onnx"
                 if art.is_file():
-                    runners[f"onnxruntime-fused:{v}"] = ("native", stack.enter_context(fused.runner(EngineArtifact(fused.name, art), threads=args.threads)))
+                    runners[f"onnxruntime-fused:{v}"] = ("generates", stack.enter_context(fused.runner(EngineArtifact(fused.name, art), threads=args.threads)))
         if not args.no_native:
             from engines.native_cpu import NativeCpuEngine
 
             native = NativeCpuEngine({"threads": args.threads})
             art = native.build(dense_dir, Path(tmp))
-            runners["native-cpu:dense"] = ("native", stack.enter_context(native.runner(art, threads=args.threads)))
+            runners["native-cpu:dense"] = ("generates", stack.enter_context(native.runner(art, threads=args.threads)))
 
         def run(key: str) -> dict:
             kind, r = runners[key]

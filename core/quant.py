@@ -158,6 +158,37 @@ def unpack_matmul_nbits(b: np.ndarray, zpacked: np.ndarray, scales: np.ndarray, 
     return w[:, :k]
 
 
+class PackMismatch(ValueError):
+    """A packed weight does not decode to the model's dequantized weight."""
+
+
+@dataclass
+class PackedWeight:
+    """A weight in ``MatMulNBits`` layout (``b`` (N, blocks, block·bits/8), ``scales`` (N·blocks,),
+    ``zero_points``), with the zeros it had and the zeros the packed codes decode to."""
+
+    b: np.ndarray
+    scales: np.ndarray
+    zero_points: np.ndarray
+    zeros_before: int
+    zeros_kept: int
+
+
+def pack_exact(name: str, w: np.ndarray, scale: Any, zero: Any, scheme: QuantScheme) -> PackedWeight:
+    """Pack the dequantized weight ``w`` (out, in) on its grid and decode it back: every value, each
+    zero included, must come back bit for bit, or :class:`PackMismatch` names the weight. What every
+    writer of ``MatMulNBits`` weights (the traced graphs' rewrite, the fused graph) goes through."""
+    w = np.asarray(w, np.float32)
+    scale = np.asarray(scale, np.float32)
+    zero = np.asarray(zero).astype(np.float32)
+    b, zp = pack_matmul_nbits(codes_of(w, scale, zero, scheme), zero, scheme.block_size, scheme.bits)
+    decoded = unpack_matmul_nbits(b, zp, scale, w.shape[1], scheme.block_size, scheme.bits)
+    if not np.array_equal(decoded, w):
+        raise PackMismatch(f"weight '{name}': {int((decoded != w).sum())} values of the packed weight differ from the model's dequantized weight")
+    was_zero = w == 0
+    return PackedWeight(b, scale.reshape(-1), zp, int(was_zero.sum()), int((decoded[was_zero] == 0).sum()))
+
+
 def parity_tolerance(spec: dict[str, Any]) -> tuple[float, float, str]:
     """(atol, rtol, why) for comparing a quantized variant's engine with its own PyTorch model, which
     holds the same dequantized weights: what differs is only what the engine's kernels quantize at run

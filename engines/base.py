@@ -51,6 +51,31 @@ class NoOptions:
     """An engine without options."""
 
 
+def llama_style_family(facts: Any, decoder: str) -> str | None:
+    """``check_model`` of an engine that runs Llama-style decoder blocks itself (the adapter's ``native``
+    roles), its ``decoder`` named in the reason: None for such a family, else the reason."""
+    from core.adapters import ADAPTERS
+
+    adapter = next((a for a in ADAPTERS if a.family == facts.family), None)
+    if adapter is None or not adapter.native or facts.task != "causal-lm":
+        return f"family '{facts.family}' ({facts.task}) has no {decoder} (Llama-style blocks only: its adapter does not fill 'native'); use onnxruntime-cpu"
+    return None
+
+
+def llama_style_unsupported(adapter: Any, config: Any, decoder: str) -> str | None:
+    """None when an engine's own Llama-style ``decoder`` can run this model (read from its config), else the reason."""
+    if not adapter.native or adapter.task != "causal-lm":
+        return f"family '{adapter.family}' ({adapter.task}) has no {decoder} (Llama-style blocks only: its adapter does not fill 'native'); use onnxruntime-cpu"
+    params = getattr(config, "rope_parameters", None) or {}
+    rope_type = params.get("rope_type", (getattr(config, "rope_scaling", None) or {}).get("rope_type", "default"))
+    if rope_type not in (None, "default"):
+        return f"rotary scaling '{rope_type}' is not implemented by the {decoder} (only the default rotary embedding)"
+    act = getattr(config, "hidden_act", "silu")
+    if act != "silu":
+        return f"MLP activation '{act}' is not implemented by the {decoder} (only silu)"
+    return None
+
+
 class Engine(ABC):
     name: str = "engine"
     options_class: type = NoOptions

@@ -75,21 +75,20 @@ class FusedLayout:
         return cls(int(d["layers"]), tuple(int(k) for k in d["kv_heads"]), int(d["head_dim"]), int(d["vocab"]), int(d["max_positions"]))
 
 
+CONTEXTUAL = "a contextual-sparsity variant picks heads/neurons per input with predictors, which the fused graph does not run; use onnxruntime-cpu or native-cpu"
+ACTIVATION = "an activation-sparsity variant thresholds its activations, which the fused graph does not; use native-cpu"
+
+
 def unsupported(adapter: Any, config: Any) -> str | None:
     """None when the model can be written as a fused graph, else the reason it cannot."""
-    if adapter.task != "causal-lm" or not adapter.native:
-        return f"family '{adapter.family}' ({adapter.task}) has no fused decoder graph (its adapter does not fill 'native': Llama-style blocks only)"
-    params = getattr(config, "rope_parameters", None) or {}
-    rope_type = params.get("rope_type", (getattr(config, "rope_scaling", None) or {}).get("rope_type", "default"))
-    if rope_type not in (None, "default"):
-        return f"rotary scaling '{rope_type}' is not written by the fused graph (only the default rotary embedding)"
-    if getattr(config, "hidden_act", "silu") != "silu":
-        return f"MLP activation '{config.hidden_act}' is not written by the fused graph (only silu)"
-    if getattr(config, "contextual", None) is not None:
-        return "a contextual-sparsity variant chooses its heads/neurons per input with predictors; the fused graph has no such gathers (use onnxruntime-cpu or native-cpu)"
-    if getattr(config, "activation_sparsity", None) is not None:
-        return "an activation-sparsity variant thresholds its activations; the fused graph does not (use native-cpu)"
-    return None
+    from engines.base import llama_style_unsupported
+
+    why = llama_style_unsupported(adapter, config, "fused decoder graph")
+    if why is None and getattr(config, "contextual", None) is not None:
+        why = CONTEXTUAL
+    if why is None and getattr(config, "activation_sparsity", None) is not None:
+        why = ACTIVATION
+    return why
 
 
 def _sliding_window(config: Any) -> int:
@@ -155,42 +154,37 @@ class _Linears:
         q = [n in self.quantized for n in names]
         if any(q) and not all(q):
             raise FusedGraphError(f"'{tag}': {[n for n, f in zip(names, q) if not f]} are fp32 beside quantized {[n for n, f in zip(names, q) if f]}; they cannot share one MatMulNBits")
-        w = weights[0] if len(weights) == 1 else np.concatenate(weights, axis=0)  # (out, in)
         if not all(q):
+            w = weights[0] if len(weights) == 1 else np.concatenate(weights, axis=0)  # (out, in)
             return self.b.node("MatMul", [x, self.b.init(f"{tag}.weight.T", np.ascontiguousarray(w.T, np.float32))], name=f"{tag}/MatMul")[0]
-        from core.quant import QuantScheme, codes_of, pack_matmul_nbits, unpack_matmul_nbits
+        from core.quant import PackMismatch, QuantScheme, pack_exact
 
         scheme = QuantScheme.from_dict(self.quant)
-        packs = []
-        for n, part in zip(names, weights):
-            scale = np.asarray(self.grids[f"{n}.scale"], np.float32)
-            zero = np.asarray(self.grids[f"{n}.zero"], np.float32)
-            codes = codes_of(part, scale, zero, scheme)
-            bq, zp = pack_matmul_nbits(codes, zero, scheme.block_size, scheme.bits)
-            decoded = unpack_matmul_nbits(bq, zp, scale, part.shape[1], scheme.block_size, scheme.bits)
-            if not np.array_equal(decoded, part):
-                raise FusedGraphError(f"weight '{n}': {int((decoded != part).sum())} packed values differ from the model's dequantized weight")
-            was_zero = part == 0
-            self.zeros["before"] += int(was_zero.sum())
-            self.zeros["kept"] += int((decoded[was_zero] == 0).sum())
-            packs.append((bq, scale.reshape(-1), zp))
+        try:
+            packs = [pack_exact(n, part, self.grids[f"{n}.scale"], self.grids[f"{n}.zero"], scheme) for n, part in zip(names, weights)]
+        except PackMismatch as exc:
+            raise FusedGraphError(str(exc)) from None
+        for p in packs:
+            self.zeros["before"] += p.zeros_before
+            self.zeros["kept"] += p.zeros_kept
         self.nbits += len(names)
-        n_out, k = w.shape
         ins = [
             x,
-            self.b.init(f"{tag}.q{scheme.bits}", np.concatenate([p[0] for p in packs], 0)),
-            self.b.init(f"{tag}.scales", np.concatenate([p[1] for p in packs], 0)),
-            self.b.init(f"{tag}.zero_points", np.concatenate([p[2] for p in packs], 0)),
+            self.b.init(f"{tag}.q{scheme.bits}", np.concatenate([p.b for p in packs], 0)),
+            self.b.init(f"{tag}.scales", np.concatenate([p.scales for p in packs], 0)),
+            self.b.init(f"{tag}.zero_points", np.concatenate([p.zero_points for p in packs], 0)),
         ]
         return self.b.node(
-            "MatMulNBits", ins, domain=MS, name=f"{tag}/MatMulNBits", K=int(k), N=int(n_out), bits=scheme.bits, block_size=scheme.block_size,
-            accuracy_level=scheme.accuracy_level,
+            "MatMulNBits", ins, domain=MS, name=f"{tag}/MatMulNBits", K=int(weights[0].shape[1]), N=sum(int(w.shape[0]) for w in weights),
+            bits=scheme.bits, block_size=scheme.block_size, accuracy_level=scheme.accuracy_level,
         )[0]
 
 
 def build_fused_graph(model_dir: Path, out_path: Path, max_positions: int | None = None) -> dict[str, Any]:
     """Write the fused graph of the saved model in ``model_dir`` to ``out_path`` (weights in
-    ``<name>.data`` beside it). Returns facts for the artifact record, ``layout`` among them."""
+    ``<name>.data`` beside it, the :class:`FusedLayout` in ``layout.json``). The rotary tables get
+    ``max_positions`` rows, at most the model's context (the context when None). Returns facts for the
+    artifact record, ``layout`` among them."""
     import onnx
     from onnx import TensorProto, helper
     from transformers import AutoConfig
@@ -221,7 +215,13 @@ def build_fused_graph(model_dir: Path, out_path: Path, max_positions: int | None
     layers = int(a.config_value(c, "layers"))
     hidden = int(a.config_value(c, "hidden"))
     vocab = int(c.vocab_size)
-    positions = int(max_positions or a.config_value(c, "context"))
+    try:
+        context: int | None = a.config_value(c, "context")
+    except ValueError:  # a config without a context length: the cap alone bounds the tables
+        context = None
+    if max_positions is None and context is None:
+        raise FusedGraphError(f"'{model_dir}/config.json' gives no context length; pass max_positions")
+    positions = min(p for p in (max_positions, context) if p is not None)
     window = _sliding_window(c)
     b = _Builder()
     lin = _Linears(b, quant, grids)
@@ -349,6 +349,7 @@ def build_fused_graph(model_dir: Path, out_path: Path, max_positions: int | None
     data.unlink(missing_ok=True)
     onnx.save_model(proto, str(out_path), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name, size_threshold=1024)
     layout = FusedLayout(len(cache_io), tuple(kv_heads), hd, vocab, positions)
+    (out_path.parent / "layout.json").write_text(json.dumps(layout.to_dict(), indent=2), encoding="utf-8")
     info = {
         "layout": layout.to_dict(),
         "nodes": len(b.nodes),

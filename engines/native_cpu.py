@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from core.errors import EngineUnavailable, OptionError, PipelineError
-from engines.base import Engine, EngineArtifact, Generation, Runner, TensorMeta
+from engines.base import Engine, EngineArtifact, Generation, Runner, TensorMeta, llama_style_family, llama_style_unsupported
 
 log = logging.getLogger(__name__)
 
@@ -74,16 +74,7 @@ def _adapter_and_config(model_dir: Path) -> tuple[Any, Any]:
 
 def supports(adapter: Any, config: Any) -> str | None:
     """None when the engine can run this model, else the reason it cannot."""
-    if not adapter.native or adapter.task != "causal-lm":
-        return f"family '{adapter.family}' has no native decoder (its adapter does not fill 'native'); use onnxruntime-cpu"
-    params = getattr(config, "rope_parameters", None) or {}
-    rope_type = params.get("rope_type", (getattr(config, "rope_scaling", None) or {}).get("rope_type", "default"))
-    if rope_type not in (None, "default"):
-        return f"rotary scaling '{rope_type}' is not implemented by the native decoder (only the default rotary embedding)"
-    act = getattr(config, "hidden_act", "silu")
-    if act != "silu":
-        return f"MLP activation '{act}' is not implemented by the native decoder (only silu)"
-    return None
+    return llama_style_unsupported(adapter, config, "native decoder")
 
 
 def _load_tensors(model_dir: Path) -> dict[str, np.ndarray]:
@@ -120,12 +111,7 @@ class NativeCpuEngine(Engine):
 
     @classmethod
     def check_model(cls, facts: Any) -> str | None:
-        from core.adapters import ADAPTERS
-
-        adapter = next((a for a in ADAPTERS if a.family == facts.family), None)
-        if adapter is None or not adapter.native or facts.task != "causal-lm":
-            return f"family '{facts.family}' ({facts.task}) has no native decoder (its adapter does not fill 'native'); use onnxruntime-cpu"
-        return None
+        return llama_style_family(facts, "native decoder")
 
     def check_available(self) -> None:
         import platform

@@ -11,7 +11,6 @@ preallocated output.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import platform
@@ -23,8 +22,8 @@ from typing import Any
 import numpy as np
 
 from core.errors import EngineUnavailable, OptionError, PipelineError
-from engines.base import Engine, EngineArtifact, Generation, Runner, TensorMeta
-from engines.fused_graph import GRAPH, FusedLayout, build_fused_graph
+from engines.base import Engine, EngineArtifact, Generation, Runner, TensorMeta, llama_style_family
+from engines.fused_graph import ACTIVATION, CONTEXTUAL, GRAPH, FusedLayout, build_fused_graph, read_layout
 
 log = logging.getLogger(__name__)
 
@@ -56,21 +55,12 @@ class OnnxRuntimeFusedEngine(Engine):
 
     @classmethod
     def check_model(cls, facts: Any) -> str | None:
-        from core.adapters import ADAPTERS
-
-        adapter = next((a for a in ADAPTERS if a.family == facts.family), None)
-        if adapter is None or not adapter.native or facts.task != "causal-lm":
-            return f"family '{facts.family}' ({facts.task}) has no fused decoder graph (Llama-style blocks only); use onnxruntime-cpu"
-        return None
+        return llama_style_family(facts, "fused decoder graph")
 
     @classmethod
     def check_passes(cls, passes: list[str]) -> str | None:
-        for p in passes:
-            if p == "contextual":
-                return "a contextual-sparsity variant picks heads/neurons per input with predictors, which the fused graph does not run; use onnxruntime-cpu or native-cpu"
-            if p == "activation":
-                return "an activation-sparsity variant thresholds its activations, which the fused graph does not; use native-cpu"
-        return None
+        refused = {"contextual": CONTEXTUAL, "activation": ACTIVATION}
+        return next((refused[p] for p in passes if p in refused), None)
 
     def check_available(self) -> None:
         from engines.onnxruntime import require_cpu_provider
@@ -89,21 +79,10 @@ class OnnxRuntimeFusedEngine(Engine):
         return {"onnxruntime": ort.__version__, "graph": "fused", "machine": platform.machine(), "processor": platform.processor()}
 
     def build(self, model_dir: Path, out_dir: Path) -> EngineArtifact:
-        from transformers import AutoConfig
-
         self.check_available()
         t0 = time.perf_counter()
         out_dir = Path(out_dir)
-        from core.adapters import adapter_for
-
-        config = AutoConfig.from_pretrained(str(model_dir))
-        try:
-            context = adapter_for(config).config_value(config, "context")
-        except ValueError:  # a config without a context length: the option alone bounds the tables
-            context = None
-        positions = min(self.options["max_positions"], int(context)) if context else self.options["max_positions"]
-        info = build_fused_graph(Path(model_dir), out_dir / GRAPH, max_positions=positions)
-        (out_dir / "layout.json").write_text(json.dumps(info["layout"], indent=2), encoding="utf-8")
+        info = build_fused_graph(Path(model_dir), out_dir / GRAPH, max_positions=self.options["max_positions"])
         # load once: a graph ONNX Runtime refuses fails the build, not the first validation
         with OnnxRuntimeFusedRunner(out_dir, self._session_options()):
             pass
@@ -141,7 +120,7 @@ class OnnxRuntimeFusedRunner(Runner):
         self.session_options = session_options
         self.name = name or f"onnxruntime-fused:{self.artifact_dir.parent.name}"
         self.session = None
-        self.layout = layout or FusedLayout.from_dict(json.loads((self.artifact_dir / "layout.json").read_text(encoding="utf-8")))
+        self.layout = layout or read_layout(self.artifact_dir)
         self.keeps = True
 
     def activate_impl(self) -> None:

@@ -164,7 +164,7 @@ class QuantizePass(Pass):
         )]
 
     @staticmethod
-    def _quantize_head(model: torch.nn.Module, adapter: Any, scheme: QuantScheme, tensors: dict[str, torch.Tensor], stats: dict[str, Any]) -> dict[str, Any]:
+    def _quantize_head(model: torch.nn.Module, adapter: Any, scheme: QuantScheme, record: Any) -> dict[str, Any]:
         """RTN of the LM head; a head tied to the input embedding is untied first (its own parameter)."""
         if adapter.head_path is None:
             raise ValueError(f"pass 'quantize': head: true, but the '{adapter.family}' adapter names no LM head")
@@ -176,15 +176,10 @@ class QuantizePass(Pass):
             model.config.tie_word_embeddings = False
             if hasattr(model.config, "get_text_config"):
                 model.config.get_text_config().tie_word_embeddings = False
+        name = f"{adapter.head_path}.weight"
         w = head.weight.detach()
         new, s, z = rtn(w, scheme)
-        stats["err2"] += float((new - w).double().pow(2).sum())
-        stats["norm2"] += float(w.double().pow(2).sum())
-        with torch.no_grad():
-            head.weight.copy_(new)
-        name = f"{adapter.head_path}.weight"
-        tensors[f"{name}.scale"] = s.contiguous()
-        tensors[f"{name}.zero"] = z.to(torch.uint8).contiguous()
+        record(name, head.weight.data, new, s, z, w == 0)
         return {"name": name, "shape": list(w.shape), "method": "rtn", "untied": tied}
 
     def run(self, model: torch.nn.Module, ctx: PassContext) -> PassResult:
@@ -200,16 +195,19 @@ class QuantizePass(Pass):
         tensors: dict[str, torch.Tensor] = {}
         stats = {"before": 0, "lost": 0, "err2": 0.0, "norm2": 0.0}
 
-        def finish(ref: Any, new: torch.Tensor, s: torch.Tensor, z: torch.Tensor, was_zero: torch.Tensor) -> None:
-            w = ref.weight_out_in()
+        def record(name: str, w: torch.Tensor, new: torch.Tensor, s: torch.Tensor, z: torch.Tensor, was_zero: torch.Tensor) -> None:
+            """Write the dequantized ``new`` into the (out, in) weight ``w`` of parameter ``name``, keep its grid, count."""
             stats["err2"] += float((new - w.float()).double().pow(2).sum())
             stats["norm2"] += float(w.double().pow(2).sum())
             stats["before"] += int(was_zero.sum())
             stats["lost"] += int((new[was_zero] != 0).sum())
             with torch.no_grad():
                 w.copy_(new.to(w.dtype))
-            tensors[f"{ref.name}.weight.scale"] = s.float().contiguous()
-            tensors[f"{ref.name}.weight.zero"] = z.to(torch.uint8).contiguous()
+            tensors[f"{name}.scale"] = s.float().contiguous()
+            tensors[f"{name}.zero"] = z.to(torch.uint8).contiguous()
+
+        def finish(ref: Any, new: torch.Tensor, s: torch.Tensor, z: torch.Tensor, was_zero: torch.Tensor) -> None:
+            record(f"{ref.name}.weight", ref.weight_out_in(), new, s, z, was_zero)
             result.layers.append(LayerChange.of(ref))
 
         if cfg.method == "rtn":
@@ -239,7 +237,7 @@ class QuantizePass(Pass):
         if not result.layers:
             raise ValueError(f"pass 'quantize': no linear matches targets {cfg.targets}")
         if cfg.head:
-            result.info["head"] = self._quantize_head(model, ctx.adapter, scheme, tensors, stats)
+            result.info["head"] = self._quantize_head(model, ctx.adapter, scheme, record)
         model.quantization_tensors = tensors
         model.config.weight_quantization = {**scheme.to_dict(), "method": cfg.method, "weights": sorted(k[: -len(".scale")] for k in tensors if k.endswith(".scale"))}
         result.info["linears"] = len(result.layers) + (1 if cfg.head else 0)
