@@ -35,6 +35,8 @@ from core.adapters.base import LinearRef
 
 log = logging.getLogger(__name__)
 
+SOLVE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
 
 @dataclass
 class SparseGPTConfig(OneShotConfig):
@@ -42,9 +44,14 @@ class SparseGPTConfig(OneShotConfig):
     damp: float = 0.01
     """Relative damping: fraction of the mean Hessian diagonal added to it."""
     max_damp_steps: int = 6
+    solve_dtype: str = "float32"
+    """Precision of the Hessian factorisation and the column updates: 'float32' (the reference
+    implementations') or 'float64' (about twice the solver time; the weights are stored in float32)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.solve_dtype not in SOLVE_DTYPES:
+            raise ValueError(f"solve_dtype '{self.solve_dtype}' is not one of {', '.join(SOLVE_DTYPES)}")
         if not 1 <= self.blocksize <= 65536:
             raise ValueError(f"blocksize {self.blocksize} is outside [1, 65536]")
         if not 0.0 < self.damp < 10.0:
@@ -83,9 +90,9 @@ def inverse_cholesky_upper(H: torch.Tensor, damp: float, max_steps: int, name: s
     raise RuntimeError(f"{name}: Hessian is not positive definite even with damping {rel / 10:.3g} × mean diag")
 
 
-def _revive_dead_inputs(H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A float32 copy of H with H_jj = 1 where an input was never active, and that mask."""
-    H = H.float().clone()
+def _revive_dead_inputs(H: torch.Tensor, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """A copy of H in ``dtype`` with H_jj = 1 where an input was never active, and that mask."""
+    H = H.to(dtype).clone()
     dead = torch.diagonal(H) == 0
     H[dead, dead] = 1.0
     return H, dead
@@ -117,9 +124,10 @@ def sparsegpt_prune(
     damp: float = 0.01,
     max_damp_steps: int = 6,
     name: str = "layer",
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, SolveInfo]:
     """Return the pruned (and error-compensated) copy of ``weight`` (out, in) and solver facts."""
-    (out,), info = sparsegpt_prune_group([weight], H, sparsity, nm, blocksize, damp, max_damp_steps, name)
+    (out,), info = sparsegpt_prune_group([weight], H, sparsity, nm, blocksize, damp, max_damp_steps, name, dtype)
     return out, info
 
 
@@ -132,13 +140,15 @@ def sparsegpt_prune_group(
     damp: float = 0.01,
     max_damp_steps: int = 6,
     name: str = "layer",
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[list[torch.Tensor], SolveInfo]:
     """Prune several weights that share one input (and so one Hessian), e.g. q/k/v, in one solve.
 
     OBS treats rows independently given H, so stacking the matrices' rows is exact;
     unstructured masks are still chosen per matrix (each matrix gets exactly its
     sparsity — one for all, or one per matrix — in every column block), as if each were
-    solved alone. One Cholesky and one column loop serve the whole group.
+    solved alone. One Cholesky and one column loop serve the whole group. ``dtype`` is the
+    precision of the factorisation and the updates; the result is returned in float32.
     """
     if (sparsity is None) == (nm is None):
         raise ValueError("give exactly one of sparsity or nm")
@@ -151,7 +161,7 @@ def sparsegpt_prune_group(
         each = [sparsity] * len(weights)
     if len({w.shape[1] for w in weights}) != 1:
         raise ValueError(f"{name}: grouped weights must share their input dimension, got {[tuple(w.shape) for w in weights]}")
-    W = torch.cat([w.detach().float() for w in weights], 0).contiguous()
+    W = torch.cat([w.detach().to(dtype) for w in weights], 0).contiguous()
     rows, cols = W.shape
     if H.shape != (cols, cols):
         raise ValueError(f"{name}: Hessian shape {tuple(H.shape)} does not match {cols} input columns")
@@ -159,7 +169,7 @@ def sparsegpt_prune_group(
         raise ValueError(f"{name}: {cols} input columns are not a multiple of M={nm[1]}")
     if nm is not None and blocksize % nm[1]:
         raise ValueError(f"{name}: blocksize {blocksize} is not a multiple of M={nm[1]}")
-    H, dead = _revive_dead_inputs(H)
+    H, dead = _revive_dead_inputs(H, dtype)
     W[:, dead] = 0.0
     U, lam, steps, rel = inverse_cholesky_upper(H, damp, max_damp_steps, name)
     del H
@@ -197,7 +207,7 @@ def sparsegpt_prune_group(
         W[:, i1:i2] = W1
         if i2 < cols:
             W[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1.0)
-    return list(W.split(sizes, 0)), SolveInfo(lam, rel, steps, int(dead.sum()))
+    return [w.float() for w in W.split(sizes, 0)], SolveInfo(lam, rel, steps, int(dead.sum()))
 
 
 def sparsegpt_pruner(cfg: SparseGPTConfig) -> tuple[Callable[[LinearRef], Collector], PruneFn]:
@@ -207,7 +217,8 @@ def sparsegpt_pruner(cfg: SparseGPTConfig) -> tuple[Callable[[LinearRef], Collec
     def prune(refs: list[LinearRef], col: Collector, sparsity: float | list[float] | None) -> dict:
         ws = [r.weight_out_in() for r in refs]
         news, info = sparsegpt_prune_group(
-            ws, col.hessian(), sparsity, cfg.nm, cfg.blocksize, cfg.damp, cfg.max_damp_steps, name="+".join(r.name for r in refs)
+            ws, col.hessian(SOLVE_DTYPES[cfg.solve_dtype]), sparsity, cfg.nm, cfg.blocksize, cfg.damp, cfg.max_damp_steps, name="+".join(r.name for r in refs),
+            dtype=SOLVE_DTYPES[cfg.solve_dtype],
         )
         for w, new in zip(ws, news):
             w.copy_(new.to(w.dtype))

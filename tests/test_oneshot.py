@@ -184,3 +184,31 @@ def test_bf16_calibration_prunes_like_fp32():
         masks.append(torch.cat([(r.weight_out_in() != 0).flatten() for r in adapter_for(model.config).linears(model)]))
     # bf16 activations perturb the norms slightly: nearly all mask decisions agree
     assert (masks[0] == masks[1]).float().mean() > 0.97
+
+
+def test_sparsegpt_float64_solve():
+    """solve_dtype='float64' factorises and updates in float64: on a well-conditioned problem it keeps
+    the float32 solver's mask and lands within float32 rounding of its weights; a bad name is refused."""
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(24, 64, generator=g)
+    x = torch.randn(400, 64, generator=g)
+    col = HessianCollector(64)
+    col.add(x)
+    assert col.hessian(torch.float64).dtype == torch.float64
+    a, _ = sparsegpt_prune(w, col.hessian(), nm=(2, 4), blocksize=16)
+    b, _ = sparsegpt_prune(w, col.hessian(torch.float64), nm=(2, 4), blocksize=16, dtype=torch.float64)
+    assert b.dtype == torch.float32
+    assert torch.equal(a == 0, b == 0)
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="solve_dtype"):
+        SparseGPTConfig(pattern="2:4", solve_dtype="float16")
+
+
+def test_input_moments():
+    x = torch.tensor([[1.0, -2.0], [3.0, 2.0], [5.0, 0.0]])
+    col = InputNormCollector(2)
+    col.add(x[:2])
+    col.add(x[2:])
+    assert col.means().tolist() == [3.0, 0.0]
+    torch.testing.assert_close(col.variances(), torch.tensor([8 / 3, 8 / 3], dtype=torch.float64))
+    torch.testing.assert_close(col.norms(), torch.tensor([35.0, 8.0]).sqrt())
