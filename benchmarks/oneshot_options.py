@@ -21,6 +21,9 @@ another in one process on an otherwise idle machine; the ratio is to the first r
     python benchmarks/oneshot_options.py --rows wanda:2:4 "wanda:2:4[dsnot=true]"
     python benchmarks/oneshot_options.py --rows sparsegpt:2:4 "sparsegpt:2:4[experiment=peer_hessian]" \\
         "sparsegpt:2:4[batch_size=4]" --out benchmarks/results/sparsegpt_peer_hypotheses.json
+    python benchmarks/oneshot_options.py --blocks 0-3 --no-eval --rows "wanda:2:4[reconstruct=block,reconstruct_lr=1e-4]" \\
+        "wanda:2:4[reconstruct=block,reconstruct_lr=3e-4]" --out benchmarks/results/reconstruct_lr_search.json
+        # an option search on held-out calibration batches only (no evaluation text is read)
 """
 
 from __future__ import annotations
@@ -121,11 +124,17 @@ def main() -> int:
     ap.add_argument("--eval-windows", type=int, default=40)
     ap.add_argument("--length", type=int, default=512)
     ap.add_argument("--calibration-dtype", choices=["float32", "bfloat16"], default="float32")
+    ap.add_argument("--blocks", default=None, help="prune only blocks FIRST-LAST (an option search on a few blocks)")
+    ap.add_argument("--no-eval", action="store_true", help="skip both texts (choose options on held-out calibration error only)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "oneshot_options.json")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("calibrate.runner").setLevel(logging.WARNING)
     parsed = [parse_row(r) for r in args.rows]  # bad rows fail before any pruning
+    if args.blocks:
+        first, _, last = args.blocks.partition("-")
+        for _, _, opts, _ in parsed:
+            opts["blocks"] = list(range(int(first), int(last or first) + 1))
     for method, _, opts, _ in parsed:
         cls = get_pass_class(method)
         cls.config_class(**opts, calibration_dtype=args.calibration_dtype)
@@ -138,7 +147,9 @@ def main() -> int:
     ev2 = evaluation_windows(ev2_ids, args.length, min(args.eval_windows, ev2_ids.numel() // args.length))
     cal = calibration_windows(tokenize(tok, splits.calibration), args.calibration_windows, args.length, 0)
 
-    def ppl(model: torch.nn.Module, windows: torch.Tensor, desc: str) -> float:
+    def ppl(model: torch.nn.Module, windows: torch.Tensor, desc: str) -> float | None:
+        if args.no_eval:
+            return None
         return round(perplexity(torch_outputs_fn(model, "causal-lm"), windows, desc)["perplexity"], 3)
 
     rows: list[dict] = [{"row": "dense", "ppl_shakespeare": ppl(loaded.model, ev, "dense"), "ppl_second": ppl(loaded.model, ev2, "dense 2nd")}]
@@ -151,6 +162,7 @@ def main() -> int:
             "model": "smollm2-135m (Q4_1 GGUF dequantised to fp32)",
             "calibration": [args.calibration_windows, args.length],
             "calibration_dtype": args.calibration_dtype,
+            "blocks": args.blocks or "all",
             "evaluation": {"shakespeare": list(ev.shape), "second": list(ev2.shape), "second_text": "stdlib docstrings: " + ", ".join(STDLIB_PROSE)},
             "rows": rows,
         })
@@ -176,6 +188,7 @@ def main() -> int:
             "solver_seconds": result.info.get("solver_seconds"),
             "time_vs_plain": round(seconds / plain_seconds[key], 3) if key in plain_seconds else None,
             **dsnot_summary(result.info, lin),
+            **({"reconstruct": result.info["reconstruct_summary"]} if "reconstruct_summary" in result.info else {}),
         })
         logging.info("%s", rows[-1])
         save(complete=False)

@@ -137,6 +137,8 @@ class LayerwiseRunner:
         self.compute_dtype = compute_dtype
         self.current_inputs: list[_Batch] = []
         """The inputs of the block being calibrated (for ``apply`` callbacks that need them)."""
+        self.current_teacher_inputs: list[_Batch] = []
+        """With ``run(teacher=True)``: the unchanged model's inputs of the block being calibrated."""
         self.current_targets: list[torch.Tensor] = []
         """With ``run(teacher=True)``: the unchanged model's output of the block being calibrated, per
         batch — the dense block run on the dense model's own inputs (targets for reconstruction)."""
@@ -220,6 +222,7 @@ class LayerwiseRunner:
             tb = time.perf_counter()
             block = all_blocks[b]
             work = self.compute_copy(block)
+            teacher_inputs = teacher_batches
             if teacher:  # the block is still unchanged here
                 teacher_batches = self.next_inputs(work, teacher_batches)
             if b in chosen:
@@ -227,8 +230,9 @@ class LayerwiseRunner:
                 collectors = self.collect(work, refs, batches, make_collector)
                 self.current_inputs = batches
                 self.current_targets = [t.hidden for t in teacher_batches]
+                self.current_teacher_inputs = teacher_inputs
                 apply(b, refs, collectors)
-                self.current_inputs, self.current_targets = [], []
+                self.current_inputs, self.current_targets, self.current_teacher_inputs = [], [], []
                 if refs and work is not block:
                     self.refresh(work, refs)
             if b < last:  # the pruned block's outputs feed the next block

@@ -5,13 +5,14 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
 from calibrate.runner import LayerwiseRunner, resolve_compute_dtype
 from calibrate.stats import Collector
-from passes.base import LayerChange, PassContext, PassResult, SparsityTarget
+from passes.base import DataFacts, LayerChange, OptionError, Pass, PassContext, PassResult, SparsityTarget
+from passes.reconstruct import BlockData, reconstruct_masked, residual_module, residual_targets
 from core.adapters.base import LinearRef
 
 log = logging.getLogger(__name__)
@@ -54,9 +55,30 @@ class OneShotConfig(SparsityTarget):
     """Sensitivity with 'hutchinson' scale: Rademacher vectors (Hessian-vector products)."""
     hutchinson_windows: int = 2
     """Sensitivity with 'hutchinson' scale: calibration windows in the loss whose Hessian is traced."""
+    reconstruct: str = "none"
+    """After each block is pruned, train its kept weights (masks fixed) towards the dense model's
+    activations: 'block' (all its linears on the block output), 'sublayer' (attention on the residual
+    after attention, then the MLP on the block output) or 'none'. See :mod:`passes.reconstruct`."""
+    reconstruct_steps: int = 16
+    """Reconstruction: Adam steps per block (per sub-layer with 'sublayer'), one runner batch each."""
+    reconstruct_lr: float = 1e-4
+    """Reconstruction: peak learning rate (10 % warm-up, cosine decay); chosen on held-out calibration
+    batches, never on an evaluation text."""
+    reconstruct_holdout: int = 2
+    """Reconstruction: the last runner batches, never trained on; a block whose error there grows is undone."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        from passes.reconstruct import MODES
+
+        if self.reconstruct not in MODES:
+            raise ValueError(f"reconstruct '{self.reconstruct}' is not one of {', '.join(MODES)}")
+        if not 1 <= self.reconstruct_steps <= 100_000:
+            raise ValueError(f"reconstruct_steps {self.reconstruct_steps} is outside [1, 100000]")
+        if not 0 < self.reconstruct_lr < 1:
+            raise ValueError(f"reconstruct_lr {self.reconstruct_lr} is outside (0, 1)")
+        if not 1 <= self.reconstruct_holdout <= 64:
+            raise ValueError(f"reconstruct_holdout {self.reconstruct_holdout} is outside [1, 64]")
         from passes.allocation import ALLOCATIONS
 
         if self.allocation not in ALLOCATIONS:
@@ -118,6 +140,28 @@ SaliencyFn = Callable[[list[torch.Tensor], Collector], "tuple[list[torch.Tensor]
 input Hessian's diagonal, and the selection scope ('matrix' or 'row'); see calibrate.sensitivity."""
 
 
+def check_reconstruct_batches(cfg: OneShotConfig, windows: int) -> None:
+    """Reconstruction needs more runner batches than it holds out."""
+    if cfg.reconstruct == "none":
+        return
+    batches = -(-windows // cfg.batch_size)
+    if batches <= cfg.reconstruct_holdout:
+        raise OptionError(
+            "reconstruct_holdout",
+            f"{windows} calibration windows make {batches} batches of {cfg.batch_size}; holding out {cfg.reconstruct_holdout} "
+            "leaves none to reconstruct on (more windows, a smaller batch_size or a smaller reconstruct_holdout)",
+        )
+
+
+class OneShotPass(Pass):
+    """Base of the calibrated one-shot passes: their shared checks before a build."""
+
+    @classmethod
+    def check(cls, config: Any, model: Any, data: DataFacts) -> None:
+        super().check(config, model, data)
+        check_reconstruct_batches(config, data.calibration_windows)
+
+
 def run_oneshot(
     name: str,
     cfg: OneShotConfig,
@@ -129,7 +173,11 @@ def run_oneshot(
 ) -> PassResult:
     t0 = time.perf_counter()
     windows = ctx.calibration_windows(name)
+    check_reconstruct_batches(cfg, int(windows.shape[0]))
+    if cfg.reconstruct == "sublayer":
+        residual_module(ctx.adapter, ctx.adapter.blocks(model)[0])  # refuses a family it cannot split, before any work
     result = PassResult(name, info={"pattern": cfg.pattern, "sparsity": cfg.sparsity, "calibration_windows": list(windows.shape)})
+    recon_seconds = 0.0
     solver_seconds = 0.0
     dtype = resolve_compute_dtype(cfg.calibration_dtype)
     block_sparsity: dict[int, float] = {}
@@ -141,8 +189,15 @@ def run_oneshot(
             raise ValueError(f"pass '{name}' has no error estimate for sensitivity allocation")
         planner = _SensitivityPlanner.measure(cfg, model, ctx, windows, dtype, make_collector, saliency, prune)
 
+    blocks_mod = ctx.adapter.blocks(model)
+
     def apply(block: int, refs: list[LinearRef], collectors: dict[str, Collector]) -> None:
-        nonlocal solver_seconds
+        nonlocal solver_seconds, recon_seconds
+        residual = None
+        if cfg.reconstruct == "sublayer" and refs:  # the dense stream's residual, while the block is still dense
+            tr = time.perf_counter()
+            residual = residual_targets(ctx.adapter, blocks_mod[block], runner.current_teacher_inputs)
+            recon_seconds += time.perf_counter() - tr
         ts = time.perf_counter()
         planned = planner.decide(block, refs, collectors, runner.current_inputs) if planner is not None else None
         for group in by_collector(refs, collectors):
@@ -150,17 +205,34 @@ def run_oneshot(
             facts = prune(group, collectors[group[0].name], sp)
             if facts:
                 result.info.setdefault("layers", {})["+".join(r.name for r in group)] = facts
+        solver_seconds += time.perf_counter() - ts
+        if cfg.reconstruct != "none" and refs:
+            tr = time.perf_counter()
+            data = BlockData(blocks_mod[block], runner.current_inputs, runner.current_targets, cfg.reconstruct_holdout)
+            rec = reconstruct_masked(ctx.adapter, data, refs, cfg.reconstruct, cfg.reconstruct_steps, cfg.reconstruct_lr, residual)
+            result.info.setdefault("reconstruct", {})[str(block)] = rec
+            del data
+            recon_seconds += time.perf_counter() - tr
+            log.info("%s block %d: held-out block error %.4g → %.4g%s", name, block, rec["holdout_before"], rec["holdout_after"], " (undone)" if rec.get("undone") else "")
         for ref in refs:
             result.layers.append(LayerChange.of(ref))
-        solver_seconds += time.perf_counter() - ts
 
     result.info["calibration_dtype"] = str(dtype).replace("torch.", "")
     runner = LayerwiseRunner(model, ctx.adapter, windows, batch_size=cfg.batch_size, show_progress=ctx.progress, compute_dtype=dtype)
-    report = runner.run(make_collector, apply, roles=cfg.targets, blocks=cfg.blocks)
+    report = runner.run(make_collector, apply, roles=cfg.targets, blocks=cfg.blocks, teacher=cfg.reconstruct != "none")
     if not result.layers:
         raise ValueError(f"pass '{name}': no linear matches targets {cfg.targets} and blocks {cfg.blocks}")
     if planner is not None:
         result.info["allocation"] = planner.summary()
+    if cfg.reconstruct != "none":
+        recs = result.info.get("reconstruct", {}).values()
+        before = sum(r["holdout_before"] for r in recs)
+        result.info["reconstruct_summary"] = {
+            "mode": cfg.reconstruct, "steps": cfg.reconstruct_steps, "lr": cfg.reconstruct_lr,
+            "holdout_error_ratio": round(sum(r["holdout_after"] if not r.get("undone") else r["holdout_before"] for r in recs) / max(before, 1e-30), 5),
+            "blocks_undone": sum(1 for r in recs if r.get("undone")),
+            "seconds": round(recon_seconds, 2),
+        }
     result.seconds = time.perf_counter() - t0
     result.info["runner"] = report.to_dict()
     result.info["solver_seconds"] = round(solver_seconds, 2)

@@ -37,7 +37,6 @@ loop itself holds no state worth saving beyond the runner's activations.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import time
@@ -46,12 +45,13 @@ from typing import Any, Callable
 
 import torch
 
-from calibrate.runner import LayerwiseRunner, first_output, map_tensors, resolve_compute_dtype
+from calibrate.runner import LayerwiseRunner, resolve_compute_dtype
 from calibrate.stats import Collector
 from core.adapters.base import LinearRef
 from core.masks import is_nm_sparse, nm_mask, sparsity_of, unstructured_mask
 from passes.base import DataFacts, LayerChange, OptionError, Pass, PassContext, PassResult, register_pass
 from passes.oneshot import PruneFn, by_collector
+from passes.reconstruct import BlockData, trainable_weight
 from passes.sparsegpt import SparseGPTConfig, sparsegpt_pruner
 from passes.training import lr_factor
 from passes.wanda import wanda_pruner
@@ -98,6 +98,8 @@ class SDSConfig(SparseGPTConfig):
                 raise ValueError(f"{', '.join(changed)}: SparseGPT solver options, but base is 'wanda'")
         if self.allocation != "uniform":
             raise ValueError(f"allocation '{self.allocation}': SDS prunes every block to the same target; use 'uniform'")
+        if self.reconstruct != "none":
+            raise ValueError(f"reconstruct '{self.reconstruct}': SDS reconstructs densely itself (recon_steps, recon_lr); use 'none'")
         if not 1 <= self.iterations <= 8:
             raise ValueError(f"iterations {self.iterations} is outside [1, 8]")
         if not 1 <= self.recon_steps <= 100_000:
@@ -114,37 +116,6 @@ class SDSConfig(SparseGPTConfig):
             raise ValueError(f"holdout_batches {self.holdout_batches} is outside [1, 64]")
 
 
-def _plain(obj: Any) -> Any:
-    """Autograd-usable fp32 copies of the runner's (inference-mode) tensors, also inside containers."""
-    return map_tensors(obj, lambda t: t.detach().clone().float() if t.is_floating_point() else t.detach().clone())
-
-
-def _weight(ref: LinearRef) -> torch.Tensor:
-    """The trainable weight as (out, in), differentiable (a transposed view where the adapter stores (in, out))."""
-    return ref.module.weight.t() if ref.transposed else ref.module.weight
-
-
-class _Block:
-    """One block's reconstruction problem: its fp32 inputs and targets, split into train/holdout."""
-
-    def __init__(self, module: torch.nn.Module, batches: list, targets: list[torch.Tensor], holdout: int):
-        self.module = module
-        self.inputs = [dataclasses.replace(b, hidden=_plain(b.hidden), args=_plain(b.args), kwargs=_plain(b.kwargs)) for b in batches]
-        """The runner's batches as fp32 autograd-usable copies (same type, so ``LayerwiseRunner.collect`` takes them)."""
-        self.targets = [t.detach().clone().float() for t in targets]
-        n = len(self.inputs)
-        self.train = list(range(n - holdout))
-        self.hold = list(range(n - holdout, n))
-
-    def forward(self, i: int) -> torch.Tensor:
-        b = self.inputs[i]
-        return first_output(self.module(b.hidden, *b.args, **b.kwargs))
-
-    @torch.no_grad()
-    def errors(self, which: list[int]) -> list[float]:
-        return [float((self.forward(i) - self.targets[i]).pow(2).sum()) for i in which]
-
-
 def _keep_mask(w: torch.Tensor, cfg: SDSConfig) -> torch.Tensor:
     """The positions the pattern keeps by magnitude now (per N:M group, or per output row)."""
     a = w.detach().abs()
@@ -152,7 +123,7 @@ def _keep_mask(w: torch.Tensor, cfg: SDSConfig) -> torch.Tensor:
 
 
 def reconstruct(
-    blk: _Block, refs: list[LinearRef], cfg: SDSConfig, step1_errors: list[float], pruned: dict[str, torch.Tensor]
+    blk: BlockData, refs: list[LinearRef], cfg: SDSConfig, step1_errors: list[float], pruned: dict[str, torch.Tensor]
 ) -> dict[str, float]:
     """Step 2: train every linear weight of the block densely towards the targets under the regulariser.
 
@@ -168,7 +139,7 @@ def reconstruct(
     norms = {}
     with torch.no_grad():
         for ref in refs:
-            w = _weight(ref)
+            w = trainable_weight(ref)
             norms[ref.name] = (float(w.abs().sum()) if cfg.regularizer == "l1" else float(w.pow(2).sum())) or 1.0
     opt = torch.optim.Adam(params, lr=cfg.recon_lr)
     warmup = max(1, cfg.recon_steps // 10)
@@ -184,7 +155,7 @@ def reconstruct(
             if cfg.regularizer != "none" and cfg.reg_weight > 0:
                 parts = []
                 for ref in refs:
-                    w = _weight(ref)
+                    w = trainable_weight(ref)
                     if cfg.regularizer == "l1":
                         parts.append((w.abs() * pruned[ref.name]).sum() / norms[ref.name])
                     elif cfg.regularizer == "l2":
@@ -296,7 +267,7 @@ class SDSPass(Pass):
                 targets = runner.current_targets
             else:
                 targets = [t.hidden for t in runner.next_inputs(runner.compute_copy(module), runner.current_inputs)]
-            blk = _Block(module, runner.current_inputs, targets, cfg.holdout_batches)
+            blk = BlockData(module, runner.current_inputs, targets, cfg.holdout_batches)
             dense_hold = blk.errors(blk.hold)
             seconds["measure"] += time.perf_counter() - ts
             prune_all(refs, collectors)

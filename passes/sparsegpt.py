@@ -29,8 +29,8 @@ import torch
 
 from calibrate.stats import Collector, HessianCollector
 from passes.allocation import ALLOCATION_TITLE, allocation_report
-from passes.base import Pass, PassContext, PassResult, register_pass
-from passes.oneshot import OneShotConfig, PruneFn, run_oneshot
+from passes.base import PassContext, PassResult, register_pass
+from passes.oneshot import OneShotConfig, OneShotPass, PruneFn, run_oneshot
 from core.adapters.base import LinearRef
 
 log = logging.getLogger(__name__)
@@ -228,7 +228,7 @@ def sparsegpt_pruner(cfg: SparseGPTConfig) -> tuple[Callable[[LinearRef], Collec
 
 
 @register_pass
-class SparseGPTPass(Pass):
+class SparseGPTPass(OneShotPass):
     name = "sparsegpt"
     config_class = SparseGPTConfig
     report_title = ALLOCATION_TITLE

@@ -10,10 +10,10 @@ import torch
 from calibrate.sensitivity import diag_saliency
 from calibrate.stats import Collector, InputNormCollector
 from passes.allocation import ALLOCATION_TITLE, allocation_report
-from passes.base import Pass, PassContext, PassResult, register_pass
+from passes.base import PassContext, PassResult, register_pass
 from core.masks import nm_mask, unstructured_mask
 from passes.dsnot import dsnot_refine
-from passes.oneshot import OneShotConfig, PruneFn, run_oneshot
+from passes.oneshot import OneShotConfig, OneShotPass, PruneFn, run_oneshot
 from core.adapters.base import LinearRef
 
 
@@ -78,7 +78,7 @@ def wanda_pruner(cfg: OneShotConfig) -> tuple[Callable[[LinearRef], Collector], 
 
 
 @register_pass
-class WandaPass(Pass):
+class WandaPass(OneShotPass):
     name = "wanda"
     config_class = WandaConfig
     report_title = ALLOCATION_TITLE
