@@ -179,12 +179,15 @@ class LayerwiseRunner:
         return copy.deepcopy(block).to(self.compute_dtype)
 
     def refresh(self, work: torch.nn.Module, refs: list[LinearRef]) -> None:
-        """Copy the (changed) fp32 weights of ``refs`` into the compute copy."""
+        """Copy the (changed) fp32 weights and biases of ``refs`` into the compute copy."""
         if not refs:
             return
         with torch.no_grad():
             for ref in refs:
-                work.get_submodule(self.adapter.linear_paths[ref.role]).weight.copy_(ref.module.weight)
+                mod = work.get_submodule(self.adapter.linear_paths[ref.role])
+                mod.weight.copy_(ref.module.weight)
+                if getattr(mod, "bias", None) is not None:
+                    mod.bias.copy_(ref.module.bias)
 
     def run_block(self, block: torch.nn.Module, batches: list[_Batch]) -> None:
         with torch.inference_mode():

@@ -19,6 +19,9 @@ class Collector:
     def add(self, x: torch.Tensor) -> None:
         raise NotImplementedError
 
+    def permute(self, order: torch.Tensor) -> None:
+        raise NotImplementedError(f"{type(self).__name__} cannot reorder its input channels")
+
 
 class HessianCollector(Collector):
     def __init__(self, columns: int):
@@ -40,6 +43,10 @@ class HessianCollector(Collector):
     def sq_norms(self) -> torch.Tensor:
         return torch.diagonal(self.sum).clone()
 
+    def permute(self, order: torch.Tensor) -> None:
+        """The statistics of the inputs reordered (new channel i = old channel order[i])."""
+        self.sum = self.sum[order][:, order].contiguous()
+
 
 class InputNormCollector(Collector):
     def __init__(self, columns: int):
@@ -56,6 +63,11 @@ class InputNormCollector(Collector):
 
     def sq_norms(self) -> torch.Tensor:
         return self.sq.clone()
+
+    def permute(self, order: torch.Tensor) -> None:
+        """The statistics of the inputs reordered (new channel i = old channel order[i])."""
+        self.sq = self.sq[order].contiguous()
+        self.sum = self.sum[order].contiguous()
 
     def norms(self) -> torch.Tensor:
         """‖X_j‖₂ per input channel over every calibration row."""

@@ -12,6 +12,7 @@ import torch
 from calibrate.runner import LayerwiseRunner, resolve_compute_dtype
 from calibrate.stats import Collector
 from passes.base import DataFacts, LayerChange, OptionError, Pass, PassContext, PassResult, SparsityTarget
+from passes.permute import permute_block
 from passes.reconstruct import BlockData, reconstruct_masked, residual_module, residual_targets
 from core.adapters.base import LinearRef
 
@@ -55,6 +56,10 @@ class OneShotConfig(SparsityTarget):
     """Sensitivity with 'hutchinson' scale: Rademacher vectors (Hessian-vector products)."""
     hutchinson_windows: int = 2
     """Sensitivity with 'hutchinson' scale: calibration windows in the loss whose Hessian is traced."""
+    permute: bool = False
+    """N:M only: before each block is pruned, reorder the inputs of its down and o linears so the
+    pattern keeps more of their importance, folded into gate/up and v (the model's function is
+    unchanged). See :mod:`passes.permute`."""
     reconstruct: str = "none"
     """After each block is pruned, train its kept weights (masks fixed) towards the dense model's
     activations: 'block' (all its linears on the block output), 'sublayer' (attention on the residual
@@ -71,6 +76,8 @@ class OneShotConfig(SparsityTarget):
         super().__post_init__()
         from passes.reconstruct import MODES
 
+        if self.permute and self.nm is None:
+            raise ValueError("permute reorders inputs for an N:M pattern; it needs 'pattern', not 'sparsity'")
         if self.reconstruct not in MODES:
             raise ValueError(f"reconstruct '{self.reconstruct}' is not one of {', '.join(MODES)}")
         if not 1 <= self.reconstruct_steps <= 100_000:
@@ -190,6 +197,7 @@ def run_oneshot(
         planner = _SensitivityPlanner.measure(cfg, model, ctx, windows, dtype, make_collector, saliency, prune)
 
     blocks_mod = ctx.adapter.blocks(model)
+    head_dim = ctx.adapter.dims(model.config)["head_dim"] if cfg.permute else 0
 
     def apply(block: int, refs: list[LinearRef], collectors: dict[str, Collector]) -> None:
         nonlocal solver_seconds, recon_seconds
@@ -199,6 +207,10 @@ def run_oneshot(
             residual = residual_targets(ctx.adapter, blocks_mod[block], runner.current_teacher_inputs)
             recon_seconds += time.perf_counter() - tr
         ts = time.perf_counter()
+        if cfg.permute and refs:
+            if saliency is None:
+                raise ValueError(f"pass '{name}' has no importance score to permute inputs by")
+            result.info.setdefault("permute", {})[str(block)] = permute_block(refs, collectors, saliency, cfg.nm, head_dim)
         planned = planner.decide(block, refs, collectors, runner.current_inputs) if planner is not None else None
         for group in by_collector(refs, collectors):
             sp = [planned[r.name] for r in group] if planned is not None else block_sparsity.get(block, cfg.sparsity)
