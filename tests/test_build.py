@@ -242,3 +242,25 @@ def test_graph_passes_in_the_build(tiny_dirs, text_file, tmp_path):
     assert (tmp_path / "gp" / "dense" / "onnx" / "raw.onnx").is_file()
     assert not (tmp_path / "gp" / "m2of4" / "onnx" / "raw.onnx").exists()
     assert s.results["variants"][1]["export"]["exporter"] == "rebind"
+
+
+def test_one_shot_options_through_the_whole_build(tiny_dirs, text_file, tmp_path):
+    """Issue 32's one-shot options as recipe passes: pruned, exported, run by the engine, validated."""
+    out = tmp_path / "opts"
+    summary = build(tiny_recipe(tiny_dirs["llama"], text_file, out, variants=[
+        {"name": "wanda-opts", "passes": [{"wanda": {"pattern": "2:4", "dsnot": True, "permute": True, "reconstruct": "sublayer",
+                                                     "batch_size": 1, "reconstruct_holdout": 1, "reconstruct_steps": 4}}]},
+        {"name": "sparsegpt-opts", "passes": [{"sparsegpt": {"pattern": "2:4", "blocksize": 16, "permute": True, "reconstruct": "block",
+                                                             "batch_size": 1, "reconstruct_holdout": 1, "reconstruct_steps": 4}}]},
+    ]))
+    variants = {v["name"]: v for v in summary.results["variants"]}
+    for name in ("wanda-opts", "sparsegpt-opts"):
+        r = variants[name]["engines"]["onnxruntime-cpu"]
+        assert r["status"] == "ok" and r["parity"]["passed"], (name, r)
+        assert abs(r["perplexity_engine_vs_torch"]) < 1e-3
+        assert r["size"]["block_linear_sparsity"] == pytest.approx(0.5, abs=1e-3)
+    (wanda,) = variants["wanda-opts"]["pass_results"]
+    assert wanda["info"]["reconstruct_summary"]["mode"] == "sublayer" and set(wanda["info"]["permute"]) == {"0", "1"}
+    assert any("dsnot" in group for group in wanda["info"]["layers"].values())
+    (sgpt,) = variants["sparsegpt-opts"]["pass_results"]
+    assert sgpt["info"]["reconstruct_summary"]["mode"] == "block" and set(sgpt["info"]["permute"]) == {"0", "1"}

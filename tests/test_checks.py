@@ -52,6 +52,7 @@ PROBES = {
     "blocks beyond the model": ({}, [{"name": "a", "passes": [{"magnitude": {"sparsity": 0.5, "blocks": [40]}}]}], "variants[0].passes[0].magnitude.blocks", "outside the model's 2 blocks"),
     "N:M that does not divide": ({}, [{"name": "a", "passes": [{"wanda": {"pattern": "2:3"}}]}], "variants[0].passes[0].wanda.pattern", "divisible by 3"),
     "ADMM N:M that does not divide": ({}, [{"name": "a", "passes": [{"admm": {"pattern": "1:3", "init": "magnitude"}}]}], "variants[0].passes[0].admm.pattern", "divisible by 3"),
+    "one-shot reconstruct holdout >= batches": ({}, [{"name": "a", "passes": [{"wanda": {"pattern": "2:4", "reconstruct": "block"}}]}], "variants[0].passes[0].wanda.reconstruct_holdout", "leaves none to reconstruct"),
     "SDS holdout >= windows": ({}, [{"name": "a", "passes": [{"sds": {"sparsity": 0.5, "holdout_batches": 2}}]}], "variants[0].passes[0].sds.holdout_batches", "leaves none to reconstruct"),
     "calibration longer than the context": ({"data": {"calibration": {"windows": 4, "length": 4096}}}, MAG, "data.calibration.length", "longer than the model's context of 512"),
     "latency longer than the context": ({"validation": {"latency": {"sequence_lengths": [1024]}}}, MAG, "validation.latency.sequence_lengths", "context of 512"),
