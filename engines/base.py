@@ -62,6 +62,14 @@ def llama_style_family(facts: Any, decoder: str) -> str | None:
     return None
 
 
+def sliding_window(config: Any) -> int:
+    """The attention's sliding window in positions (Mistral's; Qwen2's when ``use_sliding_window``), else -1."""
+    w = getattr(config, "sliding_window", None)
+    if not w or (getattr(config, "model_type", None) == "qwen2" and not getattr(config, "use_sliding_window", False)):
+        return -1
+    return int(w)
+
+
 def llama_style_unsupported(adapter: Any, config: Any, decoder: str) -> str | None:
     """None when an engine's own Llama-style ``decoder`` can run this model (read from its config), else the reason."""
     if not adapter.native or adapter.task != "causal-lm":

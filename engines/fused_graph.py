@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from core.errors import PipelineError
+from engines.base import sliding_window
 
 log = logging.getLogger(__name__)
 
@@ -89,14 +90,6 @@ def unsupported(adapter: Any, config: Any) -> str | None:
     if why is None and getattr(config, "activation_sparsity", None) is not None:
         why = ACTIVATION
     return why
-
-
-def _sliding_window(config: Any) -> int:
-    """GroupQueryAttention's ``local_window_size``: Mistral's (and Qwen2's, when enabled) sliding window, else -1."""
-    w = getattr(config, "sliding_window", None)
-    if not w or (config.model_type == "qwen2" and not getattr(config, "use_sliding_window", False)):
-        return -1
-    return int(w)
 
 
 def _rope_caches(theta: float, head_dim: int, positions: int) -> tuple[np.ndarray, np.ndarray]:
@@ -222,7 +215,7 @@ def build_fused_graph(model_dir: Path, out_path: Path, max_positions: int | None
     if max_positions is None and context is None:
         raise FusedGraphError(f"'{model_dir}/config.json' gives no context length; pass max_positions")
     positions = min(p for p in (max_positions, context) if p is not None)
-    window = _sliding_window(c)
+    window = sliding_window(c)
     b = _Builder()
     lin = _Linears(b, quant, grids)
 

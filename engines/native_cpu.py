@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from core.errors import EngineUnavailable, OptionError, PipelineError
-from engines.base import Engine, EngineArtifact, Generation, Runner, TensorMeta, llama_style_family, llama_style_unsupported
+from engines.base import Engine, EngineArtifact, Generation, Runner, TensorMeta, llama_style_family, llama_style_unsupported, sliding_window
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,14 @@ def _adapter_and_config(model_dir: Path) -> tuple[Any, Any]:
 
 def supports(adapter: Any, config: Any) -> str | None:
     """None when the engine can run this model, else the reason it cannot."""
-    return llama_style_unsupported(adapter, config, "native decoder")
+    reason = llama_style_unsupported(adapter, config, "native decoder")
+    if reason is None:
+        window = sliding_window(config)
+        context = adapter.config_value(config, "context") if "context" in adapter.config_keys else None
+        if window > 0 and (context is None or window < context):
+            reason = (f"sliding-window attention ({window} positions) is not implemented by the native decoder, which attends "
+                      "to every earlier position; use onnxruntime-fused (GroupQueryAttention local_window_size) or onnxruntime-cpu")
+    return reason
 
 
 def _load_tensors(model_dir: Path) -> dict[str, np.ndarray]:

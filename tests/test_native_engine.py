@@ -243,3 +243,18 @@ def test_a_quantized_model_runs_dequantized_and_says_so(tmp_path):
     with NativeCpuEngine({"threads": 2}).runner(art) as r:
         got = r.infer({"input_ids": ids, "attention_mask": np.ones_like(ids)})["logits"]
     np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_sliding_window_is_refused_not_ignored():
+    """The native decoder attends to every earlier position: a Mistral-style window shorter than the
+    context would silently change the results past it, so the engine refuses the model instead."""
+    from transformers import MistralConfig
+
+    from core.adapters import adapter_for
+    from engines.native_cpu import supports
+
+    common = dict(vocab_size=257, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    windowed = MistralConfig(**common, sliding_window=8)
+    assert "sliding-window attention (8 positions)" in supports(adapter_for(windowed), windowed)
+    for cfg in (MistralConfig(**common, sliding_window=None), MistralConfig(**common, sliding_window=512)):
+        assert supports(adapter_for(cfg), cfg) is None  # no window, or one the context never exceeds
