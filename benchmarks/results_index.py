@@ -10,6 +10,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 GROUPS = [
     ("oneshot", "One-shot (magnitude, Wanda, SparseGPT)"),
+    ("sparsegpt_peer", "One-shot: why two SparseGPT implementations differ"),
+    ("reconstruct", "One-shot: reconstruction option search (held-out calibration only)"),
     ("allocation", "Mixed per-layer sparsity"),
     ("sds", "SDS (sparse → dense → sparse)"),
     ("admm", "ADMM + SR-STE"),
