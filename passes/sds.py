@@ -61,7 +61,7 @@ log = logging.getLogger(__name__)
 BASES = ("sparsegpt", "wanda")
 REGULARIZERS = ("l1", "l2", "smallest", "none")
 TARGETS = ("model", "block")
-_SPARSEGPT_ONLY = ("blocksize", "damp", "max_damp_steps")
+_SPARSEGPT_ONLY = ("blocksize", "damp", "max_damp_steps", "solve_dtype")
 
 
 @dataclass
@@ -98,6 +98,8 @@ class SDSConfig(SparseGPTConfig):
                 raise ValueError(f"{', '.join(changed)}: SparseGPT solver options, but base is 'wanda'")
         if self.allocation != "uniform":
             raise ValueError(f"allocation '{self.allocation}': SDS prunes every block to the same target; use 'uniform'")
+        if self.permute:
+            raise ValueError("permute: SDS does not reorder inputs (prune with the one-shot pass's permute first, or use 'false')")
         if self.reconstruct != "none":
             raise ValueError(f"reconstruct '{self.reconstruct}': SDS reconstructs densely itself (recon_steps, recon_lr); use 'none'")
         if not 1 <= self.iterations <= 8:

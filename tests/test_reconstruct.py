@@ -69,6 +69,8 @@ def test_options_are_checked():
 
     with pytest.raises(ValueError, match="SDS reconstructs densely"):
         SDSConfig(pattern="2:4", reconstruct="block")
+    with pytest.raises(ValueError, match="SDS does not reorder inputs"):
+        SDSConfig(pattern="2:4", permute=True)
 
 
 def test_sublayer_refused_for_a_family_without_the_norm():
