@@ -33,7 +33,7 @@ def test_latency_recipe_keeps_the_full_sweep_and_every_one_shot_method():
     r = load_recipe("latency")
     assert {"magnitude-50", "magnitude-2of4", "wanda-2of4", "sparsegpt-2of4", "sparsegpt-50"} <= {v.name for v in r.variants}
     options = {v.name: v.passes[0].options for v in r.variants if v.passes}  # issue 32's one-shot options ship here
-    assert options["wanda-2of4-permute-dsnot"]["permute"] and options["wanda-2of4-permute-dsnot"]["dsnot"]
+    assert options["wanda-2of4-permute"]["permute"] and options["wanda-2of4-dsnot"]["dsnot"]
     assert options["sparsegpt-2of4-permute-recon"]["reconstruct"] == "block"
     assert r.validation.latency.batch_sizes == [1, 4] and r.validation.latency.sequence_lengths == [128, 512]
 
