@@ -58,14 +58,19 @@ def llama_style_family(facts: Any, decoder: str) -> str | None:
 
     adapter = next((a for a in ADAPTERS if a.family == facts.family), None)
     if adapter is None or not adapter.native or facts.task != "causal-lm":
-        return f"family '{facts.family}' ({facts.task}) has no {decoder} (Llama-style blocks only: its adapter does not fill 'native'); use onnxruntime-cpu"
+        return _no_llama_decoder(facts.family, facts.task, decoder)
     return None
 
 
+def _no_llama_decoder(family: str, task: str, decoder: str) -> str:
+    return f"family '{family}' ({task}) has no {decoder} (Llama-style blocks only: its adapter does not fill 'native'); use onnxruntime-cpu"
+
+
 def sliding_window(config: Any) -> int:
-    """The attention's sliding window in positions (Mistral's; Qwen2's when ``use_sliding_window``), else -1."""
+    """The attention's sliding window in positions, else -1 (transformers already clears ``sliding_window``
+    in configs whose ``use_sliding_window`` is off, as Qwen2's is by default)."""
     w = getattr(config, "sliding_window", None)
-    if not w or (getattr(config, "model_type", None) == "qwen2" and not getattr(config, "use_sliding_window", False)):
+    if not w or not getattr(config, "use_sliding_window", True):
         return -1
     return int(w)
 
@@ -73,7 +78,7 @@ def sliding_window(config: Any) -> int:
 def llama_style_unsupported(adapter: Any, config: Any, decoder: str) -> str | None:
     """None when an engine's own Llama-style ``decoder`` can run this model (read from its config), else the reason."""
     if not adapter.native or adapter.task != "causal-lm":
-        return f"family '{adapter.family}' ({adapter.task}) has no {decoder} (Llama-style blocks only: its adapter does not fill 'native'); use onnxruntime-cpu"
+        return _no_llama_decoder(adapter.family, adapter.task, decoder)
     params = getattr(config, "rope_parameters", None) or {}
     rope_type = params.get("rope_type", (getattr(config, "rope_scaling", None) or {}).get("rope_type", "default"))
     if rope_type not in (None, "default"):

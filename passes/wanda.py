@@ -46,7 +46,11 @@ def wanda_scores(weight: torch.Tensor, input_norms: torch.Tensor) -> torch.Tenso
 
 
 def wanda_mask(weight: torch.Tensor, input_norms: torch.Tensor, sparsity: float | None, nm: tuple[int, int] | None) -> torch.Tensor:
-    scores = wanda_scores(weight, input_norms)
+    return mask_of_scores(wanda_scores(weight, input_norms), sparsity, nm)
+
+
+def mask_of_scores(scores: torch.Tensor, sparsity: float | None, nm: tuple[int, int] | None) -> torch.Tensor:
+    """Wanda's selection: the N:M pattern per group, or ``sparsity`` per output row."""
     if nm is not None:
         return nm_mask(scores, *nm)
     return unstructured_mask(scores, sparsity, scope="row")
@@ -62,13 +66,14 @@ def wanda_pruner(cfg: OneShotConfig) -> tuple[Callable[[LinearRef], Collector], 
         norms = col.norms()
         each = sparsity if isinstance(sparsity, list) else [sparsity] * len(refs)
         facts = {}
+        moments = (col.means(), col.variances()) if dsnot else None  # one input, shared by the group
         for ref, s in zip(refs, each):
             w = ref.weight_out_in()
-            mask = wanda_mask(w, norms, s, cfg.nm)
-            if dsnot:
+            scores = wanda_scores(w, norms)
+            mask = mask_of_scores(scores, s, cfg.nm)
+            if moments is not None:
                 mask, stats = dsnot_refine(
-                    w, mask, wanda_scores(w, norms), col.means(), col.variances(), cfg.nm,
-                    cfg.dsnot_cycles, cfg.dsnot_threshold, cfg.dsnot_var_power,
+                    w, mask, scores, *moments, cfg.nm, cfg.dsnot_cycles, cfg.dsnot_threshold, cfg.dsnot_var_power,
                 )
                 facts[ref.name] = stats.to_dict()
             w.mul_(mask)
