@@ -15,7 +15,9 @@ inside a decoder block allow it without touching the residual stream:
 The permutation maximises the importance the N:M mask keeps, Σ_rows Σ_groups (sum of the N
 largest scores in the group), by a chunked greedy assignment: channels sorted by total importance
 are dealt out in M chunks of G = inputs/M channels; chunk k is matched to the G groups (greedy
-maximum-gain matching over the G × G table of "kept importance this channel adds to that group").
+maximum-gain matching over the G × G table of "kept importance this channel adds to that group":
+Σ_rows max(0, value − the group's N-th largest in that row), exact since a new member can only
+displace the N-th largest).
 The identity is kept when it scores at least as well. Scores are the pass's own (Wanda |W|·‖X‖, or
 SparseGPT's w²/[H⁻¹]_jj).
 """
@@ -39,12 +41,6 @@ def kept_importance(scores: torch.Tensor, n: int, m: int) -> float:
     return float(scores.reshape(rows, cols // m, m).topk(n, dim=-1).values.sum())
 
 
-def _topn_sum(vals: torch.Tensor, n: int) -> torch.Tensor:
-    """Sum of the n largest along the last axis (all of them when there are fewer)."""
-    k = min(n, vals.shape[-1])
-    return vals.topk(k, dim=-1).values.sum(-1) if k else vals.new_zeros(vals.shape[:-1])
-
-
 def _greedy_match(gain: torch.Tensor) -> torch.Tensor:
     """Channel → group for a square gain table, taking the largest remaining gain first."""
     g = gain.shape[0]
@@ -62,7 +58,7 @@ def _greedy_match(gain: torch.Tensor) -> torch.Tensor:
     return torch.tensor(match)
 
 
-def nm_permutation(scores: torch.Tensor, n: int, m: int, chunk: int = 16) -> torch.Tensor:
+def nm_permutation(scores: torch.Tensor, n: int, m: int, chunk: int = 64) -> torch.Tensor:
     """A column order ``perm`` (new column i = old column perm[i]) raising the N:M-kept importance of
     ``scores`` (rows, cols); the identity when it does not."""
     rows, cols = scores.shape
@@ -78,13 +74,13 @@ def nm_permutation(scores: torch.Tensor, n: int, m: int, chunk: int = 16) -> tor
             for grp, c in enumerate(chans.tolist()):
                 members[grp].append(c)
             continue
-        held = s[:, torch.tensor(members)].permute(1, 0, 2)  # (groups, rows, k)
-        base = _topn_sum(held, n)  # (groups, rows)
+        held = s[:, torch.tensor(members)].permute(1, 0, 2)  # (groups, rows, k), k >= n
+        nth = held.topk(n, dim=-1).values[..., -1]  # (groups, rows): the smallest value the group keeps now
         gain = torch.empty(groups, groups)
         for i in range(0, groups, chunk):
             cand = s[:, chans[i : i + chunk]].t()  # (c, rows)
-            both = torch.cat([held[None].expand(cand.shape[0], -1, -1, -1), cand[:, None, :, None].expand(-1, groups, -1, 1)], -1)
-            gain[i : i + chunk] = (_topn_sum(both, n) - base[None]).sum(-1)
+            # a new member raises a row's kept sum only by displacing the N-th largest: relu(value - nth)
+            gain[i : i + chunk] = (cand[:, None, :] - nth[None]).clamp_min_(0).sum(-1)
         for c, grp in zip(chans.tolist(), _greedy_match(gain).tolist()):
             members[grp].append(c)
     perm = torch.tensor([c for grp in members for c in grp])
