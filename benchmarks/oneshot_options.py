@@ -189,6 +189,8 @@ def main() -> int:
             "time_vs_plain": round(seconds / plain_seconds[key], 3) if key in plain_seconds else None,
             **dsnot_summary(result.info, lin),
             **({"reconstruct": result.info["reconstruct_summary"]} if "reconstruct_summary" in result.info else {}),
+            **({"sds": {"holdout_error_ratio": result.info["holdout_error_ratio"], "seconds": result.info["seconds"]}}
+               if "holdout_error_ratio" in result.info else {}),
         })
         logging.info("%s", rows[-1])
         save(complete=False)

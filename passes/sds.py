@@ -13,7 +13,10 @@ processed, pruned blocks):
    blocks pass on), or the dense block on the same inputs (``target: block``) — under a
    sparsity-friendly regulariser that keeps the weight mass where the next pruning will leave it;
 3. **sparse**: collect fresh statistics on the reconstructed block and prune it again with the same
-   method and pattern; ``iterations`` > 1 repeats 2–3 (S→D→S→D→S…).
+   method and pattern; ``iterations`` > 1 repeats 2–3 (S→D→S→D→S…);
+4. optionally (``reconstruct: block``), recover: the final sparse block's kept weights trained towards
+   the same targets with the mask fixed (:func:`passes.reconstruct.reconstruct_masked`,
+   ``reconstruct_steps`` at ``reconstruct_lr``, undone if the held-out error grows).
 
 Where we had to choose (the paper's method section could not be read here — only its abstract: it
 names "reactivating pruned connections with sparse regularization", layer-wise reconstruction and a
@@ -51,7 +54,7 @@ from core.adapters.base import LinearRef
 from core.masks import is_nm_sparse, nm_mask, sparsity_of, unstructured_mask
 from passes.base import DataFacts, LayerChange, OptionError, Pass, PassContext, PassResult, register_pass
 from passes.oneshot import PruneFn, by_collector
-from passes.reconstruct import BlockData, trainable_weight
+from passes.reconstruct import BlockData, reconstruct_masked, trainable_weight
 from passes.sparsegpt import SparseGPTConfig, sparsegpt_pruner
 from passes.training import lr_factor
 from passes.wanda import wanda_pruner
@@ -100,8 +103,10 @@ class SDSConfig(SparseGPTConfig):
             raise ValueError(f"allocation '{self.allocation}': SDS prunes every block to the same target; use 'uniform'")
         if self.permute:
             raise ValueError("permute: SDS does not reorder inputs (prune with the one-shot pass's permute first, or use 'false')")
-        if self.reconstruct != "none":
-            raise ValueError(f"reconstruct '{self.reconstruct}': SDS reconstructs densely itself (recon_steps, recon_lr); use 'none'")
+        if self.reconstruct == "sublayer":
+            raise ValueError("reconstruct 'sublayer': SDS's recovery after its final pruning trains the whole block; use 'block' or 'none'")
+        if self.reconstruct_holdout != SparseGPTConfig(sparsity=0.5).reconstruct_holdout:
+            raise ValueError("reconstruct_holdout: SDS measures every reconstruction on its own holdout_batches; leave reconstruct_holdout unset")
         if not 1 <= self.iterations <= 8:
             raise ValueError(f"iterations {self.iterations} is outside [1, 8]")
         if not 1 <= self.recon_steps <= 100_000:
@@ -215,10 +220,11 @@ class SDSPass(Pass):
         last = f"sparse{info['iterations']}"
         per = [r[last]["holdout"] / r["step1"]["holdout"] for r in info["blocks"].values() if r["step1"]["holdout"] > 0]
         spread = f" (per block {min(per):.3f}–{max(per):.3f})" if per else ""
+        recover = ", masked recovery of the final sparse block" if info.get("recover") == "block" else ""
         return [Paragraph(
             f"**{variant['name']}**: SDS over {info['base']} ({info['pattern'] or info['sparsity']}), {info['iterations']} × "
             f"{info['recon_steps']} reconstruction steps per block, regulariser {info['regularizer']} × {info['reg_weight']}, "
-            f"target {info['target']}; held-out block error after SDS = {info['holdout_error_ratio']:.3f} × step 1's{spread}."
+            f"target {info['target']}{recover}; held-out block error after SDS = {info['holdout_error_ratio']:.3f} × step 1's{spread}."
         )]
 
     @classmethod
@@ -249,10 +255,10 @@ class SDSPass(Pass):
         result = PassResult(self.name, info={
             "base": cfg.base, "pattern": cfg.pattern, "sparsity": cfg.sparsity, "iterations": cfg.iterations,
             "recon_steps": cfg.recon_steps, "recon_lr": cfg.recon_lr, "regularizer": cfg.regularizer,
-            "reg_weight": cfg.reg_weight, "target": cfg.target, "calibration_windows": list(windows.shape),
+            "reg_weight": cfg.reg_weight, "target": cfg.target, "recover": cfg.reconstruct, "calibration_windows": list(windows.shape),
             "holdout_windows": min(int(windows.shape[0]), cfg.holdout_batches * cfg.batch_size), "blocks": {},
         })
-        seconds = {"prune": 0.0, "reconstruct": 0.0, "collect": 0.0, "measure": 0.0}
+        seconds = {"prune": 0.0, "reconstruct": 0.0, "collect": 0.0, "measure": 0.0, "recover": 0.0}
 
         def prune_all(refs: list[LinearRef], collectors: dict[str, Collector]) -> None:
             ts = time.perf_counter()
@@ -295,6 +301,13 @@ class SDSPass(Pass):
                 prune_all(refs, fresh)
                 ts = time.perf_counter()
                 record[f"sparse{it}"] = _summ(blk.errors(blk.train), blk.errors(blk.hold))
+                seconds["measure"] += time.perf_counter() - ts
+            if cfg.reconstruct == "block":  # masked recovery of the final sparse block (same targets, same holdout)
+                ts = time.perf_counter()
+                record["recover"] = reconstruct_masked(ctx.adapter, blk, refs, "block", cfg.reconstruct_steps, cfg.reconstruct_lr)
+                seconds["recover"] += time.perf_counter() - ts
+                ts = time.perf_counter()
+                record[f"sparse{cfg.iterations}"] = _summ(blk.errors(blk.train), blk.errors(blk.hold))
                 seconds["measure"] += time.perf_counter() - ts
             _check_pattern(refs, cfg)
             final = record[f"sparse{cfg.iterations}"]

@@ -67,8 +67,10 @@ def test_options_are_checked():
     WandaPass.check(cfg, _facts(), DataFacts(calibration_windows=24, calibration_length=64))
     from passes.sds import SDSConfig
 
-    with pytest.raises(ValueError, match="SDS reconstructs densely"):
-        SDSConfig(pattern="2:4", reconstruct="block")
+    with pytest.raises(ValueError, match="reconstruct 'sublayer': SDS's recovery"):
+        SDSConfig(pattern="2:4", reconstruct="sublayer")
+    with pytest.raises(ValueError, match="reconstruct_holdout: SDS measures"):
+        SDSConfig(pattern="2:4", reconstruct="block", reconstruct_holdout=3)
     with pytest.raises(ValueError, match="SDS does not reorder inputs"):
         SDSConfig(pattern="2:4", permute=True)
 
