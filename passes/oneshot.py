@@ -40,7 +40,9 @@ class OneShotConfig(SparsityTarget):
     (the layer's OBS/diagonal output error over its output energy) or 'hutchinson' (that output
     error × the loss Hessian's trace over the layer's own)."""
     sensitivity_unit: str = "block"
-    """Sensitivity: one sparsity per block ('block') or per linear ('matrix'; not with 'loss')."""
+    """Sensitivity: one sparsity per block ('block'), per group of linears sharing one input ('input':
+    q/k/v, o, gate/up, down — with 'loss', each group's own Δloss after the pass's own solver) or per
+    linear ('matrix'; not with 'loss')."""
     sensitivity_points: int = 3
     """Sensitivity with 'loss': candidate sparsities per block, evenly spread over the bounds."""
     sensitivity_windows: int = 2
@@ -108,12 +110,12 @@ class OneShotConfig(SparsityTarget):
             raise ValueError(f"calibration_dtype '{self.calibration_dtype}' is not one of auto, float32, bfloat16")
 
     def _check_sensitivity(self) -> None:
-        if self.sensitivity_unit not in ("matrix", "block"):
-            raise ValueError(f"sensitivity_unit '{self.sensitivity_unit}' is not one of block, matrix")
+        if self.sensitivity_unit not in ("matrix", "block", "input"):
+            raise ValueError(f"sensitivity_unit '{self.sensitivity_unit}' is not one of block, input, matrix")
         if self.sensitivity_measure not in ("loss", "relative", "hutchinson"):
             raise ValueError(f"sensitivity_measure '{self.sensitivity_measure}' is not one of loss, relative, hutchinson")
-        if self.sensitivity_measure == "loss" and self.sensitivity_unit != "block":
-            raise ValueError("sensitivity_measure 'loss' measures whole blocks; it needs sensitivity_unit 'block'")
+        if self.sensitivity_measure == "loss" and self.sensitivity_unit == "matrix":
+            raise ValueError("sensitivity_measure 'loss' prunes whole blocks or the linears of one input together; it needs sensitivity_unit 'block' or 'input'")
         if not 2 <= self.sensitivity_points <= 20:
             raise ValueError(f"sensitivity_points {self.sensitivity_points} is outside [2, 20]")
         if not 1 <= self.sensitivity_windows <= 64:
@@ -302,8 +304,9 @@ class _SensitivityPlanner:
         self.numel: dict[str, int] = {}  # linear name -> parameters
         self.block_of: dict[str, int] = {}
         self.curves: dict = {}  # linear name -> ErrorCurve on the dense model ('relative'/'hutchinson')
-        self.block_loss: dict[int, list[tuple[float, float]]] = {}  # block -> measured (sparsity, Δloss), dense pass
-        self.remeasured: dict[int, list[tuple[float, float]]] = {}  # the same on the pruned model's inputs
+        self.unit_of: dict[str, str] = {}  # linear name -> its allocation unit
+        self.unit_loss: dict[str, list[tuple[float, float]]] = {}  # unit -> measured (sparsity, Δloss), dense pass
+        self.remeasured: dict[str, list[tuple[float, float]]] = {}  # the same on the pruned model's inputs
         self.traces: dict[str, float] | None = None
         self.scale: dict[str, float] = {}
         self.done: dict[str, float] = {}
@@ -327,8 +330,9 @@ class _SensitivityPlanner:
             for r in refs:
                 self.numel[r.name] = r.weight_out_in().numel()
                 self.block_of[r.name] = block
+            self.unit_of.update(self._units(block, refs, collectors))
             if self.by_loss:
-                self.block_loss[block] = self._loss_points(block, refs, collectors, runner.current_inputs)
+                self.unit_loss.update(self._loss_points(block, refs, collectors, runner.current_inputs))
             else:
                 self.curves.update(_curves(block, refs, collectors, saliency))
 
@@ -350,8 +354,18 @@ class _SensitivityPlanner:
         n = self.cfg.sensitivity_points
         return [lo + (hi - lo) * i / (n - 1) for i in range(n)]
 
-    def _loss_points(self, block: int, refs: list[LinearRef], collectors: dict[str, Collector], inputs: list) -> list[tuple[float, float]]:
-        """(sparsity, Δloss) with only this block pruned, on its held inputs for the first windows."""
+    def _units(self, block: int, refs: list[LinearRef], collectors: dict[str, Collector]) -> dict[str, str]:
+        """Linear name -> allocation unit: the block ('7'), the linears of one input ('7:q+k+v') or the linear."""
+        unit = self.cfg.sensitivity_unit
+        if unit == "matrix":
+            return {r.name: r.name for r in refs}
+        if unit == "block":
+            return {r.name: str(block) for r in refs}
+        return {r.name: f"{block}:" + "+".join(g.role for g in group) for group in by_collector(refs, collectors) for r in group}
+
+    def _loss_points(self, block: int, refs: list[LinearRef], collectors: dict[str, Collector], inputs: list) -> dict[str, list[tuple[float, float]]]:
+        """Per unit of this block, (sparsity, Δloss) with only that unit pruned (by the pass's own solver),
+        on the block's held inputs for the first windows."""
         from calibrate.sensitivity import loss_from_block
 
         k = self.loss_ids.shape[0]
@@ -363,19 +377,25 @@ class _SensitivityPlanner:
             rows += held[-1].shape[0]
         hidden = torch.cat(held, 0).float()
         base = loss_from_block(self.model, self.adapter, block, hidden, self.loss_ids)
-        groups = by_collector(refs, collectors)
-        saved = [r.weight_out_in().clone() for r in refs]
-        points = []
-        for s in self._candidates():
-            try:
-                for group in groups:
-                    self.prune(group, collectors[group[0].name], s)
-                points.append((s, loss_from_block(self.model, self.adapter, block, hidden, self.loss_ids) - base))
-            finally:
-                for r, w in zip(refs, saved):
-                    r.weight_out_in().copy_(w)
-        log.info("sensitivity: block %d Δloss %s", block, ", ".join(f"{s:.2f}: {d:+.4f}" for s, d in points))
-        return points
+        units: dict[str, list[list[LinearRef]]] = {}
+        for group in by_collector(refs, collectors):
+            units.setdefault(self.unit_of[group[0].name], []).append(group)
+        out: dict[str, list[tuple[float, float]]] = {}
+        for unit, groups in units.items():
+            members = [r for g in groups for r in g]
+            saved = [r.weight_out_in().clone() for r in members]
+            points = []
+            for s in self._candidates():
+                try:
+                    for group in groups:
+                        self.prune(group, collectors[group[0].name], s)
+                    points.append((s, loss_from_block(self.model, self.adapter, block, hidden, self.loss_ids) - base))
+                finally:
+                    for r, w in zip(members, saved):
+                        r.weight_out_in().copy_(w)
+            log.info("sensitivity: %s Δloss %s", unit if ":" in unit else f"block {unit}", ", ".join(f"{s:.2f}: {d:+.4f}" for s, d in points))
+            out[unit] = points
+        return out
 
     def _scale(self, c) -> float:
         if self.traces is None:
@@ -404,12 +424,12 @@ class _SensitivityPlanner:
         lo, hi = self.cfg.sparsity_range()
         units: dict[str, list[str]] = {}
         for name, block in self.block_of.items():
-            units.setdefault(name if self.cfg.sensitivity_unit == "matrix" else f"block{block}", []).append(name)
+            units.setdefault(self.unit_of[name], []).append(name)
         curves, sizes, los, his = [], [], [], []
         for names in units.values():
             if self.by_loss:
-                block = self.block_of[names[0]]
-                curves.append(self._loss_curve(fresh_loss.get(block, self.block_loss[block])))
+                unit = self.unit_of[names[0]]
+                curves.append(self._loss_curve(fresh_loss.get(unit, self.unit_loss[unit])))
             else:
                 # a fresh curve keeps the dense Hutchinson factor; the relative scale follows its own energy
                 scaled = [fresh.get(n, self.curves[n]).curve * (self.scale[n] if self.traces is not None else self._scale(fresh.get(n, self.curves[n]))) for n in names]
@@ -429,8 +449,9 @@ class _SensitivityPlanner:
         if not self.cfg.sensitivity_resolve:
             plan = self.planned
         elif self.by_loss:
-            self.remeasured[block] = self._loss_points(block, refs, collectors, inputs)
-            plan = self._solve({}, {block: self.remeasured[block]}, self.done)
+            fresh_loss = self._loss_points(block, refs, collectors, inputs)
+            self.remeasured.update(fresh_loss)
+            plan = self._solve({}, fresh_loss, self.done)
         else:
             plan = self._solve(_curves(block, refs, collectors, self.saliency), {}, self.done)
         for r in refs:
@@ -460,10 +481,10 @@ class _SensitivityPlanner:
             "matrix_sparsity": {n: round(s, 6) for n, s in self.done.items()},
             "seconds_measuring": round(self.seconds, 2),
         }
-        if self.block_loss:
-            info["delta_loss_dense"] = {str(b): [[round(s, 4), round(d, 6)] for s, d in pts] for b, pts in sorted(self.block_loss.items())}
+        if self.unit_loss:
+            info["delta_loss_dense"] = {u: [[round(s, 4), round(d, 6)] for s, d in pts] for u, pts in self.unit_loss.items()}
         if self.remeasured:
-            info["delta_loss_pruned_inputs"] = {str(b): [[round(s, 4), round(d, 6)] for s, d in pts] for b, pts in sorted(self.remeasured.items())}
+            info["delta_loss_pruned_inputs"] = {u: [[round(s, 4), round(d, 6)] for s, d in pts] for u, pts in self.remeasured.items()}
         if self.traces is not None:
             info["hessian_trace"] = {n: float(f"{t:.6g}") for n, t in self.traces.items()}
         return info

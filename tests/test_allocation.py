@@ -86,7 +86,7 @@ def test_allocation_options_are_validated():
         WandaConfig(sparsity=0.7, allocation="owl", owl_lambda=0.5)
     with pytest.raises(ValueError, match="not one of uniform, owl, sensitivity"):
         WandaConfig(sparsity=0.7, allocation="magic")
-    with pytest.raises(ValueError, match="sensitivity_unit .row. is not one of block, matrix"):
+    with pytest.raises(ValueError, match="sensitivity_unit .row. is not one of block, input, matrix"):
         WandaConfig(sparsity=0.7, allocation="sensitivity", sensitivity_unit="row")
     with pytest.raises(ValueError, match="sensitivity_measure"):
         SparseGPTConfig(sparsity=0.7, allocation="sensitivity", sensitivity_measure="fisher")
@@ -182,7 +182,7 @@ def test_the_more_sensitive_layer_gets_the_lower_sparsity():
 
 
 @pytest.mark.parametrize("cls,cfg_cls", [(WandaPass, WandaConfig), (SparseGPTPass, SparseGPTConfig)])
-@pytest.mark.parametrize("opts", [{}, {"sensitivity_measure": "relative", "sensitivity_unit": "matrix"}, {"sensitivity_measure": "relative"}, {"sensitivity_measure": "hutchinson", "sensitivity_unit": "matrix", "hutchinson_samples": 2}, {"sensitivity_resolve": False}])
+@pytest.mark.parametrize("opts", [{}, {"sensitivity_unit": "input"}, {"sensitivity_measure": "relative", "sensitivity_unit": "matrix"}, {"sensitivity_measure": "relative"}, {"sensitivity_measure": "hutchinson", "sensitivity_unit": "matrix", "hutchinson_samples": 2}, {"sensitivity_resolve": False}])
 def test_sensitivity_pass_keeps_the_overall_sparsity_within_bounds(cls, cfg_cls, opts):
     from conftest import tiny_model
 
@@ -212,7 +212,17 @@ def test_sensitivity_pass_keeps_the_overall_sparsity_within_bounds(cls, cfg_cls,
         assert alloc["block_sparsity"]["1"] > alloc["block_sparsity"]["0"]
     if opts.get("sensitivity_measure", "loss") == "loss":
         points = alloc["delta_loss_dense"]
-        assert len(points["0"]) == 3 and all(len(p) == 2 for p in points["0"])
+        if opts.get("sensitivity_unit") == "input":
+            # one curve per group of linears sharing an input, each group one sparsity
+            assert sorted(points) == sorted(f"{b}:{g}" for b in range(len(adapter.blocks(m))) for g in ("q+k+v", "o", "gate+up", "down"))
+            sp = alloc["matrix_sparsity"]
+            for b in range(len(adapter.blocks(m))):
+                same = {round(sp[x.name], 9) for x in lin if x.name.startswith(f"model.layers.{b}.") and x.role in ("q", "k", "v")}
+                assert len(same) == 1, (b, same)
+            # finer than per block: some block's groups got different sparsities
+            assert any(len({round(sp[x.name], 6) for x in lin if x.name.startswith(f"model.layers.{b}.")}) > 1 for b in range(len(adapter.blocks(m)))), sp
+        else:
+            assert len(points["0"]) == 3 and all(len(p) == 2 for p in points["0"])
         assert ("delta_loss_pruned_inputs" in alloc) == opts.get("sensitivity_resolve", True)
 
 
