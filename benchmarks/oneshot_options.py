@@ -107,6 +107,17 @@ def dsnot_summary(info: dict, weights: list[torch.Tensor]) -> dict:
     }
 
 
+def allocation_summary(info: dict, refs: list) -> dict:
+    """An allocation's block sparsities and, measured from the pruned weights, the mean sparsity per role."""
+    by_role: dict[str, list[float]] = {}
+    for r in refs:
+        w = r.weight_out_in()
+        by_role.setdefault(r.role, []).append(float((w == 0).float().mean()))
+    out = {k: info[k] for k in ("method", "measure", "unit", "bounds", "block_sparsity", "seconds_measuring", "seconds") if k in info}
+    out["role_sparsity"] = {role: round(sum(v) / len(v), 4) for role, v in by_role.items()}
+    return out
+
+
 def parse_row(row: str) -> tuple[str, str, dict, str | None]:
     """'wanda:2:4[dsnot=true]' → ('wanda', '2:4', {'pattern': '2:4', 'dsnot': True}, None)."""
     head, options = parse_spec(row)
@@ -191,6 +202,7 @@ def main() -> int:
             **({"reconstruct": result.info["reconstruct_summary"]} if "reconstruct_summary" in result.info else {}),
             **({"sds": {"holdout_error_ratio": result.info["holdout_error_ratio"], "seconds": result.info["seconds"]}}
                if "holdout_error_ratio" in result.info else {}),
+            **({"allocation": allocation_summary(result.info["allocation"], loaded.adapter.linears(model))} if "allocation" in result.info else {}),
         })
         logging.info("%s", rows[-1])
         save(complete=False)
