@@ -35,6 +35,7 @@ def test_latency_recipe_keeps_the_full_sweep_and_every_one_shot_method():
     options = {v.name: v.passes[0].options for v in r.variants if v.passes}  # issue 32's one-shot options ship here
     assert options["wanda-2of4-permute"]["permute"] and options["wanda-2of4-dsnot"]["dsnot"]
     assert options["sparsegpt-2of4-permute-recon"]["reconstruct"] == "block"
+    assert options["wanda-2of4-permute-recon"]["permute"] and options["wanda-2of4-permute-recon"]["reconstruct"] == "block"
     assert r.validation.latency.batch_sizes == [1, 4] and r.validation.latency.sequence_lengths == [128, 512]
 
 
