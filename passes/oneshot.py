@@ -36,7 +36,7 @@ class OneShotConfig(SparsityTarget):
     """OWL: a Wanda score is an outlier above m × the block's mean score."""
     sensitivity_measure: str = "loss"
     """Sensitivity: how a layer's cost of a sparsity is estimated: 'loss' (the model's calibration
-    loss measured with only that block pruned, at ``sensitivity_points`` sparsities), 'relative'
+    loss measured with only that block — or input group — pruned, at ``sensitivity_points`` sparsities), 'relative'
     (the layer's OBS/diagonal output error over its output energy) or 'hutchinson' (that output
     error × the loss Hessian's trace over the layer's own)."""
     sensitivity_unit: str = "block"
