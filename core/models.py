@@ -305,6 +305,25 @@ def rope_theta(config: Any) -> float:
     return float(theta if theta is not None else 10000.0)
 
 
+def quantization_arrays(path: Path, spec: dict[str, Any]) -> dict[str, Any]:
+    """The grids (``<param>.scale``, ``<param>.zero``) of a saved quantized model as NumPy arrays, for
+    engines that read its weights directly; :class:`ModelLoadError` names a missing file or grid."""
+    from safetensors.numpy import load_file
+
+    f = Path(path) / QUANT_FILE
+    if not f.is_file():
+        raise ModelLoadError(f"'{path}/config.json' says the weights are quantized ('weight_quantization'), but '{f}' is missing")
+    arrays = load_file(str(f))
+    _check_grids(f, spec, arrays)
+    return arrays
+
+
+def _check_grids(f: Path, spec: dict[str, Any], tensors: dict[str, Any]) -> None:
+    missing = [w for w in spec.get("weights", []) if f"{w}.scale" not in tensors or f"{w}.zero" not in tensors]
+    if missing:
+        raise ModelLoadError(f"'{f}' lacks the grid of {len(missing)} quantized weights (first: '{missing[0]}')")
+
+
 def _load_quantization(path: Path, spec: dict[str, Any]) -> dict[str, Any]:
     """The grids a quantized model's config names, from ``quantization.safetensors``."""
     from safetensors.torch import load_file
@@ -313,9 +332,7 @@ def _load_quantization(path: Path, spec: dict[str, Any]) -> dict[str, Any]:
     if not f.is_file():
         raise ModelLoadError(f"'{path}/config.json' says the weights are quantized ('weight_quantization'), but '{f}' is missing")
     tensors = load_file(str(f))
-    missing = [w for w in spec.get("weights", []) if f"{w}.scale" not in tensors or f"{w}.zero" not in tensors]
-    if missing:
-        raise ModelLoadError(f"'{f}' lacks the grid of {len(missing)} quantized weights (first: '{missing[0]}')")
+    _check_grids(f, spec, tensors)
     return tensors
 
 

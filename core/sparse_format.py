@@ -16,9 +16,20 @@ A weight ``W`` is ``(N, K)``: N outputs, K inputs (the reduction axis). Two form
     weight is fewer bytes than 16 bits per kept one (at 50 %: 2.125 against 3 bytes per weight), and
     the kernel expands a 16-input word of values with one instruction instead of 16 gathers.
 
+``dense``
+    ``values`` ``(N, K)``: every weight (a layer left unpruned, stored int8 below).
+
 A group of a 2:4 row that keeps fewer than two stores a zero value at an unused position, so the
-format holds any weight whose groups have at most two non-zeros. The functions here are pure NumPy:
-the native kernels (``engines/native``) read these arrays as they are.
+format holds any weight whose groups have at most two non-zeros.
+
+**Int8 values.** A weight quantized to int8 (``core.quant``: symmetric, one scale per output row and
+block of ``block`` inputs) is stored with int8 ``values`` (its codes, in the same places as the float
+values) and ``scales`` float32 ``(N, ceil(K/block))``; ``block`` is recorded on the
+:class:`CompressedWeight`. ``code · scale`` in float32 is the model's dequantized weight bit for bit
+(checked when compressing), so a kernel reading the codes computes with exactly the model's weights
+while reading a quarter of the value bytes: 2:4 becomes 0.156×, bitmask at 50 % 0.156×, dense 0.25×
+of the fp32 dense bytes (scales aside). The functions here are pure NumPy: the native kernels
+(``engines/native``) read these arrays as they are.
 """
 
 from __future__ import annotations
@@ -27,7 +38,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-FORMATS = ("2:4", "bitmask")
+FORMATS = ("2:4", "bitmask", "dense")
 
 
 @dataclass
@@ -36,6 +47,12 @@ class CompressedWeight:
     shape: tuple[int, int]
     """(N, K) of the dense weight."""
     arrays: dict[str, np.ndarray]
+    block: int = 0
+    """Int8 values with ``scales`` per row and block of this many inputs; 0: float32 values."""
+
+    @property
+    def int8(self) -> bool:
+        return self.block > 0
 
     @property
     def nbytes(self) -> int:
@@ -57,18 +74,53 @@ def is_two_four(w: np.ndarray) -> bool:
     return bool(((w.reshape(n, k // 4, 4) != 0).sum(-1) <= 2).all())
 
 
-def compress(w: np.ndarray, fmt: str = "auto") -> CompressedWeight:
-    """``w`` (N, K) float32 in the given format; ``auto`` takes 2:4 where it holds, else bitmask."""
+def compress(w: np.ndarray, fmt: str = "auto", grid: tuple[np.ndarray, int] | None = None, name: str = "weight") -> CompressedWeight:
+    """``w`` (N, K) float32 in the given format; ``auto`` takes 2:4 where it holds, else bitmask.
+    ``grid`` = (scales (N, ceil(K/block)), block): store int8 codes of ``w``, which must lie on that
+    int8 grid exactly (a quantized model's dequantized weight); ``name`` names it in the error."""
     if w.ndim != 2:
         raise ValueError(f"compress: weight of shape {w.shape} is not 2-D (N outputs, K inputs)")
     w = np.ascontiguousarray(w, dtype=np.float32)
     if fmt == "auto":
         fmt = "2:4" if is_two_four(w) else "bitmask"
     if fmt == "2:4":
-        return _compress_two_four(w)
-    if fmt == "bitmask":
-        return _compress_bitmask(w)
-    raise ValueError(f"compress: format '{fmt}' is not one of auto, {', '.join(FORMATS)}")
+        c = _compress_two_four(w)
+    elif fmt == "bitmask":
+        c = _compress_bitmask(w)
+    elif fmt == "dense":
+        c = CompressedWeight("dense", w.shape, {"values": w})
+    else:
+        raise ValueError(f"compress: format '{fmt}' is not one of auto, {', '.join(FORMATS)}")
+    return c if grid is None else _to_int8(c, *grid, name=name)
+
+
+def _value_scales(c: CompressedWeight, scales: np.ndarray, block: int) -> np.ndarray:
+    """The scale of each stored value of ``c`` (shaped like ``c.arrays['values']``)."""
+    n, k = c.shape
+    if c.format == "2:4":
+        cols = 4 * (np.arange(k // 2) // 2)  # a value's group start: a group of four is inside one block
+        return scales[:, cols // block]
+    if c.format == "dense":
+        return scales[:, np.arange(k) // block]
+    keep = decompress(CompressedWeight("bitmask", c.shape, {**c.arrays, "values": np.ones(c.arrays["values"].shape, np.float32)})) != 0
+    rows, cols = np.nonzero(keep)  # row-major: the values' order
+    return scales[rows, cols // block]
+
+
+def _to_int8(c: CompressedWeight, scales: np.ndarray, block: int, name: str) -> CompressedWeight:
+    n, k = c.shape
+    if block < 16 or block & (block - 1):
+        raise ValueError(f"compress: block {block} of '{name}' is not a power of two >= 16")
+    scales = np.ascontiguousarray(scales, np.float32)
+    if scales.shape != (n, -(-k // block)):
+        raise ValueError(f"compress: scales of '{name}' have shape {scales.shape}, expected {(n, -(-k // block))} for a ({n}, {k}) weight in blocks of {block}")
+    values = c.arrays["values"]
+    s = _value_scales(c, scales, block)
+    codes = np.rint(values / np.where(s > 0, s, 1.0))
+    if np.abs(codes).max(initial=0) > 127 or not np.array_equal((codes.astype(np.float32) * s).astype(np.float32), values):
+        bad = int(((codes.astype(np.float32) * s) != values).sum() + (np.abs(codes) > 127).sum())
+        raise ValueError(f"compress: '{name}' is not on its int8 grid: {bad} values are not code × scale with |code| ≤ 127 (was it quantized with these scales?)")
+    return CompressedWeight(c.format, c.shape, {**c.arrays, "values": codes.astype(np.int8), "scales": scales}, block)
 
 
 def _compress_bitmask(w: np.ndarray) -> CompressedWeight:
@@ -106,6 +158,12 @@ def _compress_two_four(w: np.ndarray) -> CompressedWeight:
 def decompress(c: CompressedWeight) -> np.ndarray:
     """The dense (N, K) float32 weight (a NumPy reference of what the kernels compute with)."""
     n, k = c.shape
+    if c.int8:
+        values = (c.arrays["values"].astype(np.float32) * _value_scales(c, c.arrays["scales"], c.block)).astype(np.float32)
+        plain = {key: a for key, a in c.arrays.items() if key != "scales"}
+        return decompress(CompressedWeight(c.format, c.shape, {**plain, "values": values}))
+    if c.format == "dense":
+        return np.array(c.arrays["values"], np.float32).reshape(n, k)
     if c.format == "bitmask":
         kw = (k + 15) // 16
         bits = np.unpackbits(c.arrays["masks"].astype("<u2").view(np.uint8).reshape(n, kw * 2), axis=-1, bitorder="little")

@@ -196,12 +196,13 @@ def build_fused_graph(model_dir: Path, out_path: Path, max_positions: int | None
     quant = getattr(config, "weight_quantization", None)
     grids: dict[str, np.ndarray] = {}
     if quant:
-        from safetensors.numpy import load_file
+        from core.errors import ModelLoadError
+        from core.models import quantization_arrays
 
-        qf = model_dir / "quantization.safetensors"
-        if not qf.is_file():
-            raise FusedGraphError(f"'{model_dir}/config.json' says the weights are quantized, but '{qf}' is missing")
-        grids = load_file(str(qf))
+        try:
+            grids = quantization_arrays(model_dir, quant)
+        except ModelLoadError as exc:
+            raise FusedGraphError(str(exc)) from None
     a, c = adapter, config
     hd = int(head_dim_of(a, c))
     eps = float(getattr(c, "rms_norm_eps", 1e-6))

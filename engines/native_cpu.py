@@ -84,6 +84,36 @@ def supports(adapter: Any, config: Any) -> str | None:
     return reason
 
 
+def _int8_grids(model_dir: Path, quant: dict[str, Any] | None) -> dict[str, tuple[np.ndarray, int]]:
+    """``{weight name: (scales, block)}`` of a model quantized to INT8 (its grids' zero points must be
+    128: the symmetric int8 of ``core.quant``); empty for an unquantized or 4-bit model."""
+    if not quant or int(quant.get("bits", 0)) != 8:
+        return {}
+    from core.errors import ModelLoadError
+    from core.models import quantization_arrays
+
+    try:
+        arrays = quantization_arrays(model_dir, quant)
+    except ModelLoadError as exc:
+        raise PipelineError(f"engine 'native-cpu': {exc}") from None
+    block = int(quant["block_size"])
+    grids = {}
+    for name in quant.get("weights", []):
+        zero = arrays[f"{name}.zero"]
+        if not (zero == 128).all():
+            raise PipelineError(f"engine 'native-cpu': the int8 grid of '{name}' has zero points other than 128; the kernels read symmetric int8 only")
+        grids[name] = (np.ascontiguousarray(arrays[f"{name}.scale"], np.float32), block)
+    return grids
+
+
+def _quantized_note(quant: dict[str, Any], linears: dict[str, Any], head: dict[str, Any]) -> str:
+    """What the artifact did with a quantized model's weights."""
+    if int(quant.get("bits", 0)) != 8:
+        return f"int{quant.get('bits')} weights run dequantized in fp32 (no int4 kernels in native-cpu)"
+    n = sum(e["values"] == "int8" for e in linears.values())
+    return f"int8 weights read as int8 codes with a scale per {quant['block_size']} inputs ({n} block linears{', the LM head' if head['values'] == 'int8' else ''})"
+
+
 def _load_tensors(model_dir: Path) -> dict[str, np.ndarray]:
     from core.errors import ModelLoadError
     from core.models import weight_arrays
@@ -113,8 +143,10 @@ class NativeCpuEngine(Engine):
     """Built from the variant's saved model directory (not its ONNX graph)."""
     generates = True
     options_class = NativeOptions
-    quantized_weights = "dequantized"
-    """No int8/int4 kernels yet: a quantized variant runs its dequantized weights in fp32 (its artifact says so)."""
+    quantized_weights = "int8 kernels; 4-bit dequantized"
+    """INT8 weights are stored and read as int8 codes with their scales (every format: 2:4, bitmask,
+    dense, the LM head too); 4-bit weights run their dequantized values in fp32 (no int4 kernels; the
+    artifact says which)."""
 
     @classmethod
     def check_model(cls, facts: Any) -> str | None:
@@ -144,6 +176,23 @@ class NativeCpuEngine(Engine):
         tensors = _load_tensors(model_dir)
         out: dict[str, np.ndarray] = {}
         linears: dict[str, Any] = {}
+        quant = getattr(config, "weight_quantization", None)
+        grids = _int8_grids(model_dir, quant)
+
+        def store(name: str, w: np.ndarray, compressed: bool) -> dict[str, Any]:
+            """Write weight ``name`` into the artifact: compressed or dense, int8 where the model holds it so."""
+            grid = grids.get(name)
+            try:
+                c = compress(w, "auto" if compressed else "dense", grid=grid, name=name)
+            except ValueError as exc:
+                raise PipelineError(f"engine 'native-cpu': {exc}") from None
+            if c.format == "dense" and not c.int8:
+                out[name] = c.arrays["values"]
+            else:
+                for key, arr in c.arrays.items():
+                    out[f"{name}{SEP}{key}"] = arr
+            return {"format": c.format, "bytes": c.nbytes, "values": "int8" if c.int8 else "float32", "scale_block": c.block}
+
         layers = adapter.config_value(config, "layers")
         for i in range(layers):
             for role, path in adapter.linear_paths.items():
@@ -154,14 +203,7 @@ class NativeCpuEngine(Engine):
                 w = np.ascontiguousarray(w, np.float32)
                 zeros = float((w == 0).mean())
                 entry = {"role": role, "block": i, "shape": list(w.shape), "sparsity": round(zeros, 6), "dense_bytes": int(w.nbytes)}
-                if zeros >= self.options["min_sparsity"] and zeros > 0:
-                    c = compress(w)
-                    for key, arr in c.arrays.items():
-                        out[f"{name}{SEP}{key}"] = arr
-                    entry.update(format=c.format, bytes=c.nbytes)
-                else:
-                    out[name] = w
-                    entry.update(format="dense", bytes=int(w.nbytes))
+                entry.update(store(name, w, zeros >= self.options["min_sparsity"] and zeros > 0))
                 linears[name] = entry
         embed_name = adapter.native["embed"] + ".weight"
         head_name = f"{adapter.head_path}.weight"
@@ -170,6 +212,9 @@ class NativeCpuEngine(Engine):
         if embed_name not in tensors:
             raise PipelineError(f"engine 'native-cpu': the token embedding '{embed_name}' is missing from {model_dir}")
         tied = head_name == embed_name or (head_name in tensors and np.array_equal(tensors[head_name], tensors[embed_name]))
+        head_entry: dict[str, Any] = {"format": "dense", "values": "float32", "scale_block": 0}
+        if not tied and head_name in grids:  # a quantized, untied head: int8 codes like the block linears
+            head_entry = store(head_name, np.ascontiguousarray(tensors.pop(head_name), np.float32), compressed=False)
         for name, arr in tensors.items():
             if tied and name == head_name and head_name != embed_name:
                 continue
@@ -180,6 +225,7 @@ class NativeCpuEngine(Engine):
             "family": adapter.family,
             "tied_head": bool(tied),
             "head": head_name,
+            "head_storage": head_entry,
             "embed": embed_name,
             "min_sparsity": self.options["min_sparsity"],
             "linears": linears,
@@ -198,7 +244,7 @@ class NativeCpuEngine(Engine):
             "bytes": size,
             "formats": formats,
             "linear_bytes_ratio": round(manifest["linear_bytes"] / manifest["linear_dense_bytes"], 4),
-            **({"quantized_weights": f"int{q['bits']} weights run dequantized in fp32 (no int8/int4 kernels in native-cpu)"} if (q := getattr(config, "weight_quantization", None)) else {}),
+            **({"quantized_weights": _quantized_note(quant, linears, head_entry)} if quant else {}),
         }
         log.info("native-cpu engine built in %.1f s: %s, %.1f MB (%s)", seconds, ARTIFACT, size / 1e6, formats)
         return EngineArtifact(self.name, out_dir / ARTIFACT, info)
@@ -249,19 +295,19 @@ class NativeDecoder:
         self.theta = rope_theta(c)
         self.embed = t[manifest["embed"]]
         self.final_norm = t[a.native["final_norm"] + ".weight"]
-        self.head = native.NativeWeight(t[manifest["embed"] if manifest["tied_head"] else manifest["head"]])
 
-        def weight(name: str) -> Any:
-            fmt = manifest["linears"][name]["format"]
-            if fmt == "dense":
-                w = native.NativeWeight(t[name])
-            else:
-                from core.sparse_format import CompressedWeight
+        def weight(name: str, entry: dict[str, Any]) -> Any:
+            from core.sparse_format import CompressedWeight
 
-                keys = {"2:4": ("values", "positions"), "bitmask": ("masks", "values", "row_offsets")}[fmt]
-                shape = tuple(manifest["linears"][name]["shape"])
-                w = native.NativeWeight(CompressedWeight(fmt, shape, {k: t[f"{name}{SEP}{k}"] for k in keys}))
-            return w
+            fmt, block = entry["format"], int(entry.get("scale_block", 0))
+            if fmt == "dense" and not block:
+                return native.NativeWeight(t[name])
+            keys = {"2:4": ("values", "positions"), "bitmask": ("masks", "values", "row_offsets"), "dense": ("values",)}[fmt] + (("scales",) if block else ())
+            arrays = {k: t[f"{name}{SEP}{k}"] for k in keys}
+            return native.NativeWeight(CompressedWeight(fmt, tuple(arrays["values"].shape if fmt == "dense" else entry["shape"]), arrays, block))
+
+        head = manifest["embed"] if manifest["tied_head"] else manifest["head"]
+        self.head = weight(head, manifest.get("head_storage", {"format": "dense"}))
 
         spec = getattr(c, "activation_sparsity", None) or {}
         thresholds = spec.get("thresholds", {})
@@ -270,7 +316,7 @@ class NativeDecoder:
         self.layers: list[_Layer] = []
         for i in range(a.config_value(c, "layers")):
             p = f"{a.blocks_path}.{i}."
-            w = {role: weight(p + path + ".weight") for role, path in a.linear_paths.items()}
+            w = {role: weight(p + path + ".weight", manifest["linears"][p + path + ".weight"]) for role, path in a.linear_paths.items()}
             biases = [t.get(p + a.linear_paths[r] + ".bias") for r in ("q", "k", "v")]
             heads = w["q"].n // self.head_dim
             kv = w["k"].n // self.head_dim

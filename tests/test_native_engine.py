@@ -245,6 +245,63 @@ def test_a_quantized_model_runs_dequantized_and_says_so(tmp_path):
     np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("kind", ["mixed", "dense"])
+def test_an_int8_model_is_read_as_int8_and_computes_its_own_weights(tmp_path, kind):
+    """INT8 (the quantize pass, head included): every block linear and the untied head stored as int8
+    codes with their scales in their pruned format; logits and 32 greedy tokens equal the PyTorch model,
+    which holds the same dequantized weights; the native decode step equals the NumPy path."""
+    from core.adapters import adapter_for
+    from core.models import save_hf_dir
+    from passes import PassContext, get_pass_class
+    from tests.conftest import byte_tokenizer
+
+    model = tiny_model("llama", seed=4)
+    if kind != "dense":
+        prune(model, kind)
+    file_bytes = {}
+    art = None
+    for bits in (None, 8):
+        if bits:
+            cls = get_pass_class("quantize")
+            cls(cls.config_class(bits=8, block_size=16, head=True)).run(model, PassContext(adapter_for(model.config)))
+        root = tmp_path / f"bits{bits}"
+        save_hf_dir(model, byte_tokenizer(), root / "model")
+        (root / "engine").mkdir()
+        art = NativeCpuEngine({"threads": 2}).build(root / "model", root / "engine")
+        file_bytes[bits] = art.path.stat().st_size
+    manifest = json.loads((art.path.parent / "manifest.json").read_text())
+    assert {e["values"] for e in manifest["linears"].values()} == {"int8"}
+    assert {e["scale_block"] for e in manifest["linears"].values()} == {16}
+    assert {e["format"] for e in manifest["linears"].values()} == ({"2:4", "bitmask"} if kind == "mixed" else {"dense"})
+    assert manifest["head_storage"]["values"] == "int8" and not manifest["tied_head"]
+    assert "int8 weights read as int8 codes" in art.info["quantized_weights"] and "the LM head" in art.info["quantized_weights"]
+    # the fp32 model's file holds the embedding once (tied); the int8 one adds an int8 head: its linears are a quarter
+    linear_fp32 = sum(e["dense_bytes"] for e in manifest["linears"].values())
+    assert manifest["linear_bytes"] < 0.32 * linear_fp32
+    assert file_bytes[8] < file_bytes[None]  # with an int8 head added (the tiny model's embedding is a large share)
+    ids = np.random.default_rng(2).integers(0, 257, (2, 24)).astype(np.int64)
+    with torch.no_grad():
+        ref = model(input_ids=torch.from_numpy(ids)).logits.numpy()
+    prompt = ids[:1, :20]
+    with torch.no_grad():
+        gen = model.generate(torch.from_numpy(prompt), attention_mask=torch.ones(prompt.shape, dtype=torch.long), max_new_tokens=32, do_sample=False,
+                             pad_token_id=0, eos_token_id=None)
+    with NativeCpuEngine({"threads": 2}).runner(art) as r:
+        assert r.decoder.head.block == 16 and r.decoder.layers[0].down.block == 16
+        got = r.infer({"input_ids": ids, "attention_mask": np.ones_like(ids)})["logits"]
+        g = r.generate(prompt, 32)
+        d = r.decoder
+        runs = []
+        for native_step in (True, False):
+            d.native_step = native_step
+            d.prefill(prompt)
+            runs.append([d.step(t) for t in (5, 7, 5, 9)])
+    np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4)
+    np.testing.assert_array_equal(g.tokens, gen[:, 20:].numpy())
+    for a, b in zip(*runs):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
 def test_sliding_window_is_refused_not_ignored():
     """The native decoder attends to every earlier position: a Mistral-style window shorter than the
     context would silently change the results past it, so the engine refuses the model instead."""

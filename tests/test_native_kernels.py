@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from core.sparse_format import compress, decompress, is_two_four
+from core.sparse_format import CompressedWeight, compress, decompress, is_two_four
 
 native = pytest.importorskip("engines.native")
 if not native.available():  # pragma: no cover - install.sh builds it; say how when it did not
@@ -96,6 +96,94 @@ def test_kernels_match_dense_reference(n, groups, rows, sparsity, seed):
             assert (np.abs(y - ref) <= tol).all(), f"{fmt} {isa} n={n} k={k} rows={rows}: max err {np.abs(y - ref).max()}"
             tile = np.empty((min(native.TILE_ROWS, n), k), np.float32)
             np.testing.assert_array_equal(weight.decompress_rows(0, min(n, tile.shape[0]), tile), w[: tile.shape[0]])
+
+
+def on_int8_grid(w: np.ndarray, block: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """``w`` moved onto an int8 grid the way ``core.quant`` builds one (codes −127..127 times a float32
+    scale per row and block of inputs, zeros kept): (dequantized weight, scales)."""
+    n, k = w.shape
+    nb = -(-k // block)
+    scales = (rng.random((n, nb)) * 0.05 + 1e-3).astype(np.float32)
+    s = np.repeat(scales, block, axis=1)[:, :k]
+    codes = np.clip(np.rint(w / s * 40), -127, 127).astype(np.float32)
+    codes[w == 0] = 0  # the pattern stays
+    return (codes * s).astype(np.float32), scales
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    n=st.integers(1, 70),
+    groups=st.integers(1, 80),
+    rows=st.sampled_from([1, 2, 3, 4, 5, 9, 17, 40]),
+    sparsity=st.sampled_from([0.0, 0.3, 0.5, 0.7, 1.0]),
+    block=st.sampled_from([16, 32, 64, 128]),
+    seed=st.integers(0, 2**16),
+)
+def test_int8_kernels_match_dense_reference(n, groups, rows, sparsity, block, seed):
+    """Int8 values with a scale per block: every format and ISA computes with code × scale, which is
+    the dequantized weight bit for bit (decompression is exact), against a float64 dense reference."""
+    rng = np.random.default_rng(seed)
+    k = 4 * groups + (seed % 4 if sparsity != 0.5 else 0)
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    if sparsity == 0.5 and k % 4 == 0:
+        w = prune_two_four(w)
+    else:
+        w[rng.random((n, k)) < sparsity] = 0.0
+    w[0] = 0.0
+    if n > 1:
+        w[-1] = rng.standard_normal(k)
+    w, scales = on_int8_grid(w, block, rng)
+    x = rng.standard_normal((rows, k)).astype(np.float32)
+    ref = x.astype(np.float64) @ w.T.astype(np.float64)
+    for fmt in ["bitmask", "dense"] + (["2:4"] if is_two_four(w) else []):
+        c = compress(w, fmt, grid=(scales, block))
+        assert c.int8 and c.arrays["values"].dtype == np.int8
+        np.testing.assert_array_equal(decompress(c), w)
+        weight = native.NativeWeight(c)
+        for isa in ISAS:
+            native.set_isa(isa)
+            y = weight(x)
+            tol = 1e-5 * (np.abs(x).sum(1, keepdims=True) * np.abs(w).max(initial=1.0) + 1)
+            assert (np.abs(y - ref) <= tol).all(), f"int8 {fmt} {isa} n={n} k={k} block={block} rows={rows}: max err {np.abs(y - ref).max()}"
+            tile = np.empty((min(native.TILE_ROWS, n), k), np.float32)
+            np.testing.assert_array_equal(weight.decompress_rows(0, min(n, tile.shape[0]), tile), w[: tile.shape[0]])
+
+
+def test_int8_format_by_hand_and_its_errors():
+    # one row, K = 32, blocks of 16: codes 3, -2 at inputs 2, 3 (scale 0.5) and 7 at input 17 (scale 0.25)
+    w = np.zeros((1, 32), np.float32)
+    w[0, 2], w[0, 3], w[0, 17] = 1.5, -1.0, 1.75
+    scales = np.array([[0.5, 0.25]], np.float32)
+    c = compress(w, "bitmask", grid=(scales, 16))
+    assert c.arrays["values"].tolist() == [3, -2, 7] and c.block == 16
+    assert c.nbytes == 3 + 2 * 2 + 2 * 8 + 2 * 4  # int8 values, two mask words, row offsets, two scales
+    two_four = compress(w, "2:4", grid=(scales, 16))
+    assert two_four.arrays["values"][0, :2].tolist() == [3, -2] and two_four.arrays["values"][0, 8:10].tolist() == [0, 7]
+    for c in (two_four, compress(w, "dense", grid=(scales, 16))):
+        y = native.NativeWeight(c)(np.ones((1, 32), np.float32))
+        assert y.tolist() == [[1.5 - 1.0 + 1.75]]
+    with pytest.raises(ValueError, match="'q_proj' is not on its int8 grid: 1 values"):
+        compress(w + np.eye(1, 32, 5, dtype=np.float32) * 0.3, "bitmask", grid=(scales, 16), name="q_proj")
+    with pytest.raises(ValueError, match=r"scales of 'weight' have shape \(1, 1\), expected \(1, 2\)"):
+        compress(w, "bitmask", grid=(scales[:, :1], 16))
+    with pytest.raises(ValueError, match="expected int8"):
+        native.NativeWeight(CompressedWeight("dense", (1, 32), {"values": w, "scales": scales}, 16))
+
+
+def test_stacking_keeps_int8_and_falls_back_to_fp32_on_mixed_precisions():
+    rng = np.random.default_rng(5)
+    a = prune_two_four(rng.standard_normal((8, 64)).astype(np.float32))
+    a, sa = on_int8_grid(a, 32, rng)
+    b, sb = on_int8_grid(rng.standard_normal((4, 64)).astype(np.float32), 32, rng)
+    x = rng.standard_normal((1, 64)).astype(np.float32)
+    ref = x.astype(np.float64) @ np.concatenate([a, b]).T.astype(np.float64)
+    parts = [native.NativeWeight(compress(a, "2:4", grid=(sa, 32))), native.NativeWeight(compress(b, "dense", grid=(sb, 32)))]
+    stacked = native.NativeWeight.stacked(parts)
+    assert stacked.block == 32 and stacked.stored_values.dtype == np.int8 and stacked.format == "2:4+dense"
+    np.testing.assert_allclose(stacked(x), ref, atol=1e-4)
+    mixed = native.NativeWeight.stacked([parts[0], native.NativeWeight(b)])
+    assert mixed.block == 0 and mixed.stored_values.dtype == np.float32
+    np.testing.assert_allclose(mixed(x), ref, atol=1e-4)
 
 
 def test_every_isa_gives_the_scalar_result_bit_for_bit_on_sums_of_one_term():

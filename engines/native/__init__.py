@@ -62,10 +62,11 @@ def lib() -> ctypes.CDLL:
             L.pk_threads.restype = ctypes.c_int
             L.pk_set_threads.argtypes = [ctypes.c_int]
             L.pk_set_spin_us.argtypes = [ctypes.c_int]
-            L.pk_gemv.argtypes = [_i64, _i64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, _i64, ctypes.c_void_p]
-            L.pk_decompress.argtypes = [_i64, _i64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, _i64, _i64, ctypes.c_void_p]
-            L.pk_gemv_24.argtypes = [_i64, _i64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, _i64, ctypes.c_void_p]
-            L.pk_decompress_24.argtypes = [_i64, _i64, ctypes.c_void_p, ctypes.c_void_p, _i64, _i64, ctypes.c_void_p]
+            vp = ctypes.c_void_p
+            L.pk_gemv.argtypes = [_i64, _i64, vp, vp, vp, vp, _i64, vp, _i64, vp]
+            L.pk_decompress.argtypes = [_i64, _i64, vp, vp, vp, vp, _i64, _i64, _i64, vp]
+            L.pk_gemv_24.argtypes = [_i64, _i64, vp, vp, vp, _i64, vp, _i64, vp]
+            L.pk_decompress_24.argtypes = [_i64, _i64, vp, vp, vp, _i64, _i64, _i64, vp]
             L.pk_gemv_sparse_x.argtypes = [_i64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, _i64, ctypes.c_void_p]
             L.pk_decode_layers.restype = ctypes.c_int
             L.pk_decode_layers.argtypes = [_i64, ctypes.c_void_p, _i64, ctypes.c_void_p, _i64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float,
@@ -116,7 +117,7 @@ def copy_bandwidth(nbytes: int = 256 << 20, reps: int = 5) -> float:
 
 
 VALUE_PAD = 16
-"""Floats of zeros after the last kept value: the AVX-512 kernel loads 16 values at a time."""
+"""Values (floats or int8 codes) of zeros after the last kept value: the AVX-512 kernels load 16 at a time."""
 
 
 def numpy_blas_threads(n: int | None) -> int | None:
@@ -145,7 +146,8 @@ def numpy_blas_threads(n: int | None) -> int | None:
 class PkWeight(ctypes.Structure):
     """A layer's linear for the native decode step (``PkWeight`` in api.cpp)."""
 
-    _fields_ = [("kind", _i64), ("N", _i64), ("K", _i64), ("a", ctypes.c_void_p), ("b", ctypes.c_void_p), ("c", ctypes.c_void_p), ("threshold", ctypes.c_double)]
+    _fields_ = [("kind", _i64), ("N", _i64), ("K", _i64), ("a", ctypes.c_void_p), ("b", ctypes.c_void_p), ("c", ctypes.c_void_p), ("threshold", ctypes.c_double),
+                ("scales", ctypes.c_void_p), ("block", _i64)]
 
 
 class PkLayer(ctypes.Structure):
@@ -161,10 +163,10 @@ class PkLayer(ctypes.Structure):
 
 def pk_weight(w: "NativeWeight | InputMajorWeight", threshold: float | None = None) -> PkWeight:
     if isinstance(w, InputMajorWeight):
-        return PkWeight(2, w.n, w.k, w.wt.ctypes.data, None, None, -1.0 if threshold is None else float(threshold))
+        return PkWeight(2, w.n, w.k, w.wt.ctypes.data, None, None, -1.0 if threshold is None else float(threshold), None, 0)
     if w.format == "2:4":
-        return PkWeight(1, w.n, w.k, w.arrays["values"].ctypes.data, w.arrays["positions"].ctypes.data, None, -1.0)
-    return PkWeight(0, w.n, w.k, *w._args, -1.0)
+        return PkWeight(1, w.n, w.k, w.arrays["values"].ctypes.data, w.arrays["positions"].ctypes.data, None, -1.0, *w._q)
+    return PkWeight(0, w.n, w.k, *w._args, -1.0, *w._q)
 
 
 def decode_layers(layers: "ctypes.Array[PkLayer]", hidden: int, h: np.ndarray, pos: int, cos: np.ndarray, sin: np.ndarray, eps: float) -> tuple[int, int, int]:
@@ -247,66 +249,107 @@ class InputMajorWeight:
 
 class NativeWeight:
     """A weight held in the layout the kernels read (contiguous arrays, kept alive here): a
-    :class:`CompressedWeight`, or a dense ``(N, K)`` array (``format`` 'dense', every bit set)."""
+    :class:`CompressedWeight` (2:4, bitmask or dense; float32 or int8 values with their scales), or a
+    dense float32 ``(N, K)`` array (``format`` 'dense', every bit set)."""
 
     def __init__(self, c: CompressedWeight | np.ndarray):
         self._tile: np.ndarray | None = None
         if isinstance(c, np.ndarray):
             if c.ndim != 2:
                 raise ValueError(f"native weight: dense weight of shape {c.shape} is not 2-D")
-            self.format = "dense"
-            self.n, self.k = c.shape
-            self.nbytes = int(c.size * 4)
-            self.arrays = {"values": np.concatenate([np.ascontiguousarray(c, np.float32).reshape(-1), np.zeros(VALUE_PAD, np.float32)])}
-            self._args = (None, self.arrays["values"].ctypes.data, None)
-            return
+            c = CompressedWeight("dense", c.shape, {"values": np.asarray(c, np.float32)})
         self.format = c.format
         self.n, self.k = c.shape
+        self.block = int(c.block)
+        """Int8 values with a scale per row and block of this many inputs; 0: float32 values."""
+        self.nbytes = c.nbytes
+        """Bytes of the stored format (what the file holds and the kernel reads, row offsets aside)."""
+        vdtype = np.int8 if self.block else np.float32
+        raw = c.arrays["values"]
+        if raw.dtype != vdtype:
+            raise ValueError(f"native weight: values are {raw.dtype}, expected {np.dtype(vdtype)} ({'int8 with scales' if self.block else 'float32'})")
+        values = np.concatenate([np.ascontiguousarray(raw).reshape(-1), np.zeros(VALUE_PAD, vdtype)])
+        self.arrays = {"values": values}
+        self._q: tuple[int | None, int] = (None, 0)
+        if self.block:
+            scales = np.ascontiguousarray(c.arrays["scales"], np.float32)
+            if scales.shape != (self.n, -(-self.k // self.block)):
+                raise ValueError(f"native weight: scales {scales.shape} do not fit a ({self.n}, {self.k}) weight in blocks of {self.block}")
+            self.arrays["scales"] = scales
+            self._q = (scales.ctypes.data, self.block)
+        if c.format == "dense":
+            if values.size - VALUE_PAD != self.n * self.k:
+                raise ValueError(f"native weight: {values.size - VALUE_PAD} dense values do not fit a ({self.n}, {self.k}) weight")
+            self._args = (None, values.ctypes.data, None)
+            return
         if c.format == "2:4":  # the 2:4 kernel reads values and 2-bit positions as they are stored
-            self.nbytes = c.nbytes
-            values = np.concatenate([np.ascontiguousarray(c.arrays["values"], np.float32).reshape(-1), np.zeros(VALUE_PAD, np.float32)])
             positions = np.ascontiguousarray(c.arrays["positions"], np.uint8)
             if values.size - VALUE_PAD != self.n * self.k // 2 or positions.shape != (self.n, (self.k + 7) // 8):
                 raise ValueError(f"2:4 weight: values {values.size - VALUE_PAD} / positions {positions.shape} do not fit a ({self.n}, {self.k}) weight")
-            self.arrays = {"values": values, "positions": positions}
+            self.arrays["positions"] = positions
             self._args = (values.ctypes.data, positions.ctypes.data)
             return
         if c.format != "bitmask":
-            raise ValueError(f"native weight: format '{c.format}' is not 2:4 or bitmask")
-        self.nbytes = c.nbytes
-        """Bytes of the stored format (what the file holds and the kernel reads, row offsets aside)."""
-        self.arrays = {name: np.ascontiguousarray(c.arrays[name]) for name in ("masks", "row_offsets")}
-        self.arrays["values"] = np.concatenate([np.ascontiguousarray(c.arrays["values"], np.float32).reshape(-1), np.zeros(VALUE_PAD, np.float32)])
+            raise ValueError(f"native weight: format '{c.format}' is not 2:4, bitmask or dense")
+        for name in ("masks", "row_offsets"):
+            self.arrays[name] = np.ascontiguousarray(c.arrays[name])
         a = self.arrays
-        if a["masks"].dtype != np.uint16 or a["values"].dtype != np.float32 or a["row_offsets"].dtype != np.int64:
-            raise ValueError("native weight: expected uint16 masks, float32 values, int64 row_offsets")
+        if a["masks"].dtype != np.uint16 or a["row_offsets"].dtype != np.int64:
+            raise ValueError("native weight: expected uint16 masks and int64 row_offsets")
         if a["masks"].shape != (self.n, (self.k + 15) // 16) or a["row_offsets"].shape != (self.n + 1,):
             raise ValueError(f"native weight: masks {a['masks'].shape} / row_offsets {a['row_offsets'].shape} do not fit a ({self.n}, {self.k}) weight")
         if int(a["row_offsets"][-1]) + VALUE_PAD != a["values"].size:
             raise ValueError(f"native weight: row_offsets end at {int(a['row_offsets'][-1])}, values hold {a['values'].size - VALUE_PAD}")
         self._args = (a["masks"].ctypes.data, a["values"].ctypes.data, a["row_offsets"].ctypes.data)
 
+    @property
+    def stored_values(self) -> np.ndarray:
+        """The values as stored (without the padding)."""
+        return self.arrays["values"][: self.arrays["values"].size - VALUE_PAD]
+
+    def compressed(self) -> CompressedWeight:
+        """This weight as a :class:`CompressedWeight` (sharing its arrays)."""
+        if "+" in self.format:
+            raise ValueError(f"native weight: a stacked weight of formats {self.format} has no single format")
+        arrays = {k: v for k, v in self.arrays.items() if k != "values"} | {"values": self.stored_values}
+        if self.format == "2:4":
+            arrays["values"] = arrays["values"].reshape(self.n, self.k // 2)
+        elif self.format == "dense":
+            arrays["values"] = arrays["values"].reshape(self.n, self.k)
+        return CompressedWeight(self.format, (self.n, self.k), arrays, self.block)
+
     @classmethod
     def stacked(cls, parts: "list[NativeWeight]") -> "NativeWeight":
         """One weight whose output rows are ``parts``' rows in order (e.g. q, k and v, which read the same
-        input): one kernel call instead of several. Dense parts stay dense only when all are dense."""
+        input): one kernel call instead of several. Dense parts stay dense only when all are dense; int8
+        parts stay int8 when all are int8 with one block size (else every part runs its fp32 values)."""
         k = parts[0].k
         if any(p.k != k for p in parts):
             raise ValueError(f"stacked weight: parts have different input widths {[p.k for p in parts]}")
+        blocks = {p.block for p in parts}
+        if len(blocks) > 1:  # mixed precisions: the dequantized values, in each part's own format
+            parts = [cls(p.to_dense()) if p.format == "dense" else cls(compress(p.to_dense(), p.format)) for p in parts]
+            blocks = {0}
+        block = blocks.pop()
+        n = sum(p.n for p in parts)
+        scales = {"scales": np.concatenate([p.arrays["scales"] for p in parts])} if block else {}
         if all(p.format == "dense" for p in parts):
-            return cls(np.concatenate([p.dense_view() for p in parts], axis=0))
+            return cls(CompressedWeight("dense", (n, k), {"values": np.concatenate([p.stored_values for p in parts]).reshape(n, k)} | scales, block))
         if all(p.format == "2:4" for p in parts):
-            values = np.concatenate([p.arrays["values"][: p.n * k // 2] for p in parts]).reshape(-1, k // 2)
-            return cls(CompressedWeight("2:4", (sum(p.n for p in parts), k), {"values": values, "positions": np.concatenate([p.arrays["positions"] for p in parts])}))
+            values = np.concatenate([p.stored_values for p in parts]).reshape(-1, k // 2)
+            return cls(CompressedWeight("2:4", (n, k), {"values": values, "positions": np.concatenate([p.arrays["positions"] for p in parts])} | scales, block))
         masks, values, offsets, start = [], [], [np.zeros(1, np.int64)], 0
         for p in parts:
-            a = p.arrays if p.format == "bitmask" else cls(compress(p.to_dense(), "bitmask")).arrays
+            if p.format == "bitmask":
+                a = p.compressed().arrays
+            else:
+                grid = (p.arrays["scales"], block) if block else None
+                a = compress(p.to_dense(), "bitmask", grid=grid).arrays
             masks.append(a["masks"])
             values.append(a["values"][: int(a["row_offsets"][-1])])
             offsets.append(a["row_offsets"][1:] + start)
             start += int(a["row_offsets"][-1])
-        n = sum(p.n for p in parts)
-        c = CompressedWeight("bitmask", (n, k), {"masks": np.concatenate(masks), "values": np.concatenate(values), "row_offsets": np.concatenate(offsets)})
+        c = CompressedWeight("bitmask", (n, k), {"masks": np.concatenate(masks), "values": np.concatenate(values), "row_offsets": np.concatenate(offsets)} | scales, block)
         out = cls(c)
         out.nbytes = sum(p.nbytes for p in parts)
         out.format = "+".join(sorted({p.format for p in parts}))
@@ -314,15 +357,15 @@ class NativeWeight:
 
     def to_dense(self) -> np.ndarray:
         """The (N, K) weight, dense (a copy for compressed weights)."""
-        if self.format == "dense":
+        if self.format == "dense" and not self.block:
             return self.dense_view().copy()
         out = np.empty((self.n, self.k), np.float32)
         return self.decompress_rows(0, self.n, out)
 
     def dense_view(self) -> np.ndarray:
-        """The (N, K) weight of a dense NativeWeight, without a copy."""
-        if self.format != "dense":
-            raise ValueError("dense_view: the weight is compressed")
+        """The (N, K) weight of a dense float32 NativeWeight, without a copy."""
+        if self.format != "dense" or self.block:
+            raise ValueError(f"dense_view: the weight is {self.format}{' int8' if self.block else ''}, not dense float32")
         return self.arrays["values"][: self.n * self.k].reshape(self.n, self.k)
 
     def gemv(self, x: np.ndarray) -> np.ndarray:
@@ -335,22 +378,22 @@ class NativeWeight:
     def gemv_into(self, x_ptr: int, m: int, y_ptr: int) -> None:
         """The kernel on raw buffers (x (m, K), y (m, N), float32, contiguous): for hosts with their own tensors."""
         if self.format == "2:4":
-            lib().pk_gemv_24(self.n, self.k, *self._args, x_ptr, m, y_ptr)
+            lib().pk_gemv_24(self.n, self.k, *self._args, *self._q, x_ptr, m, y_ptr)
         else:
-            lib().pk_gemv(self.n, self.k, *self._args, x_ptr, m, y_ptr)
+            lib().pk_gemv(self.n, self.k, *self._args, *self._q, x_ptr, m, y_ptr)
 
     def decompress_rows(self, n0: int, n1: int, out: np.ndarray) -> np.ndarray:
         if self.format == "2:4":
-            lib().pk_decompress_24(self.n, self.k, *self._args, n0, n1, out.ctypes.data)
+            lib().pk_decompress_24(self.n, self.k, *self._args, *self._q, n0, n1, out.ctypes.data)
         else:
-            lib().pk_decompress(self.n, self.k, *self._args, n0, n1, out.ctypes.data)
+            lib().pk_decompress(self.n, self.k, *self._args, *self._q, n0, n1, out.ctypes.data)
         return out[: n1 - n0]
 
     def gemm_tiled(self, x: np.ndarray) -> np.ndarray:
         """``x`` (M, K) → (M, N): decompress TILE_ROWS output rows at a time, multiply by ONNX Runtime's
         GEMM (a dense weight is multiplied as it is)."""
         gemm = dense_gemm()
-        if self.format == "dense":
+        if self.format == "dense" and not self.block:
             return gemm(x, self.dense_view())
         m = x.shape[0]
         y = np.empty((m, self.n), np.float32)

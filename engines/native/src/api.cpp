@@ -220,14 +220,24 @@ struct SparseXJob {
 
 // A layer's linear as the decoder holds it. kind 0: bitmask or dense (a = masks or null, b = values,
 // c = row offsets or null); kind 1: 2:4 (a = values, b = positions); kind 2: input-major dense
-// (a = Wᵀ, K rows of N) with an activation threshold (< 0: none).
+// (a = Wᵀ, K rows of N) with an activation threshold (< 0: none). With `scales` set (kinds 0 and 1)
+// the values are int8 codes with a scale per row and block of `block` inputs.
 struct PkWeight {
   int64_t kind, N, K;
   const void* a;
   const void* b;
   const void* c;
   double threshold;
+  const float* scales;
+  int64_t block;
 };
+
+// Float values, or int8 codes when scales are given.
+inline const float* float_values(const void* values, const float* scales) { return scales ? nullptr : static_cast<const float*>(values); }
+inline pk::Int8Values int8_values(const void* values, const float* scales, int64_t block) {
+  if (!scales) return {};
+  return {static_cast<const int8_t*>(values), scales, block};
+}
 
 struct PkLayer {
   int64_t heads, kv_heads, head_dim, ffn;
@@ -259,9 +269,11 @@ struct AttnJob {
 
 void apply(const PkWeight& w, const float* x, float* y, int isa, std::vector<int32_t>& idx, std::vector<float>& vals, int64_t* read, int64_t* total) {
   if (w.kind == 0) {
-    gemv(pk::Bitmask{w.N, w.K, static_cast<const uint16_t*>(w.a), static_cast<const float*>(w.b), static_cast<const int64_t*>(w.c)}, x, 1, y, isa);
+    gemv(pk::Bitmask{w.N, w.K, static_cast<const uint16_t*>(w.a), float_values(w.b, w.scales), static_cast<const int64_t*>(w.c),
+                     int8_values(w.b, w.scales, w.block)},
+         x, 1, y, isa);
   } else if (w.kind == 1) {
-    gemv(pk::TwoFour{w.N, w.K, static_cast<const float*>(w.a), static_cast<const uint8_t*>(w.b)}, x, 1, y, isa);
+    gemv(pk::TwoFour{w.N, w.K, float_values(w.a, w.scales), static_cast<const uint8_t*>(w.b), int8_values(w.a, w.scales, w.block)}, x, 1, y, isa);
   } else {
     idx.clear();
     vals.clear();
@@ -309,27 +321,30 @@ PK_API int pk_threads() { return pool().threads(); }
 PK_API void pk_set_spin_us(int us) { pool().spin_us.store(us < 0 ? 0 : us); }
 PK_API void pk_set_threads(int n) { pool().resize(n); }
 
-// y[M][N] = x[M][K] · Wᵀ, W as a bitmask (see kernels.h); x and y contiguous.
-PK_API void pk_gemv(int64_t N, int64_t K, const uint16_t* masks, const float* values, const int64_t* row_off, const float* x, int64_t M,
-                    float* y) {
-  gemv(pk::Bitmask{N, K, masks, values, row_off}, x, M, y, g_isa.load(std::memory_order_relaxed));
+// y[M][N] = x[M][K] · Wᵀ, W as a bitmask (see kernels.h); x and y contiguous. values: float, or
+// int8 codes when scales (float[N][ceil(K/block)]) are given.
+PK_API void pk_gemv(int64_t N, int64_t K, const uint16_t* masks, const void* values, const int64_t* row_off, const float* scales, int64_t block,
+                    const float* x, int64_t M, float* y) {
+  gemv(pk::Bitmask{N, K, masks, float_values(values, scales), row_off, int8_values(values, scales, block)}, x, M, y, g_isa.load(std::memory_order_relaxed));
 }
 
 // Rows [n0, n1) of W, dense, into out[(n1-n0)][K].
-PK_API void pk_decompress(int64_t N, int64_t K, const uint16_t* masks, const float* values, const int64_t* row_off, int64_t n0, int64_t n1,
-                          float* out) {
-  const pk::Bitmask w{N, K, masks, values, row_off};
+PK_API void pk_decompress(int64_t N, int64_t K, const uint16_t* masks, const void* values, const int64_t* row_off, const float* scales,
+                          int64_t block, int64_t n0, int64_t n1, float* out) {
+  const pk::Bitmask w{N, K, masks, float_values(values, scales), row_off, int8_values(values, scales, block)};
   DecompressJob<pk::Bitmask> job{&w, n0, n1, out, g_isa.load(std::memory_order_relaxed)};
   pool().run((n1 - n0 + kRowsPerTask - 1) / kRowsPerTask, &DecompressJob<pk::Bitmask>::task, &job);
 }
 
 // y[M][N] = x[M][K] · Wᵀ, W 2:4 as stored (values + 2-bit positions, see kernels.h).
-PK_API void pk_gemv_24(int64_t N, int64_t K, const float* values, const uint8_t* positions, const float* x, int64_t M, float* y) {
-  gemv(pk::TwoFour{N, K, values, positions}, x, M, y, g_isa.load(std::memory_order_relaxed));
+PK_API void pk_gemv_24(int64_t N, int64_t K, const void* values, const uint8_t* positions, const float* scales, int64_t block, const float* x,
+                       int64_t M, float* y) {
+  gemv(pk::TwoFour{N, K, float_values(values, scales), positions, int8_values(values, scales, block)}, x, M, y, g_isa.load(std::memory_order_relaxed));
 }
 
-PK_API void pk_decompress_24(int64_t N, int64_t K, const float* values, const uint8_t* positions, int64_t n0, int64_t n1, float* out) {
-  const pk::TwoFour w{N, K, values, positions};
+PK_API void pk_decompress_24(int64_t N, int64_t K, const void* values, const uint8_t* positions, const float* scales, int64_t block, int64_t n0,
+                             int64_t n1, float* out) {
+  const pk::TwoFour w{N, K, float_values(values, scales), positions, int8_values(values, scales, block)};
   DecompressJob<pk::TwoFour> job{&w, n0, n1, out, g_isa.load(std::memory_order_relaxed)};
   pool().run((n1 - n0 + kRowsPerTask - 1) / kRowsPerTask, &DecompressJob<pk::TwoFour>::task, &job);
 }

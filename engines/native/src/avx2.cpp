@@ -1,6 +1,7 @@
 // AVX2 + FMA kernels (compiled with -mavx2 -mfma): 8 inputs per step. AVX2 has no expand, so the
 // kept values of an 8-input byte of the mask are loaded contiguously (masked to their count) and
 // put in their lanes by a permutation looked up from the mask byte; x is loaded under the mask.
+// Int8 values are widened to floats and multiplied by their block's scale.
 #include <immintrin.h>
 
 #include <array>
@@ -33,38 +34,56 @@ const Tables kT;
 
 constexpr int kPrefetchFloats = 128;
 
+// Eight int8 codes as floats (the value buffers are padded: an 8-byte load never leaves them).
+inline __m256 int8x8(const int8_t* p) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)))); }
+
 // RB output rows at once (independent chains), MM rows of x each; prefetching as in avx512.cpp.
-template <bool Dense, int MM, int RB>
+// Q: int8 values with a scale per block of inputs (kernels.h), a 16-input word inside one block.
+template <bool Dense, bool Q, int MM, int RB>
 void block(const Bitmask& w, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t n) {
   const int64_t KW = words(w);
+  const int64_t value_bytes = Q ? 1 : 4;
+  const int shift = Q ? block_shift(w.q) : 0;
   const float* v[RB];
+  const int8_t* q[RB];
+  const float* sc[RB];
   const uint16_t* mk[RB];
   __m256 acc[RB][MM];
   for (int r = 0; r < RB; ++r) {
-    v[r] = row_values(w, n + r);
+    if (Q) {
+      q[r] = row_qvalues(w, n + r);
+      sc[r] = row_scales(w.K, w.q, n + r);
+      if (n + RB + r < w.N) _mm_prefetch(reinterpret_cast<const char*>(row_qvalues(w, n + RB + r)), _MM_HINT_T0);
+    } else {
+      v[r] = row_values(w, n + r);
+      if (n + RB + r < w.N) _mm_prefetch(reinterpret_cast<const char*>(row_values(w, n + RB + r)), _MM_HINT_T0);
+    }
     if (!Dense) mk[r] = row_masks(w, n + r);
-    if (n + RB + r < w.N) _mm_prefetch(reinterpret_cast<const char*>(row_values(w, n + RB + r)), _MM_HINT_T0);
     for (int m = 0; m < MM; ++m) acc[r][m] = _mm256_setzero_ps();
   }
   for (int64_t word = 0; word < KW; ++word) {
     for (int r = 0; r < RB; ++r) {
-      _mm_prefetch(reinterpret_cast<const char*>(v[r] + kPrefetchFloats), _MM_HINT_T0);
+      const char* at = Q ? reinterpret_cast<const char*>(q[r]) : reinterpret_cast<const char*>(v[r]);
+      if (!Q || (word & 3) == 0) _mm_prefetch(at + kPrefetchFloats * value_bytes, _MM_HINT_T0);
       const uint32_t all = word * 16 + 16 <= w.K ? 0xFFFFu : (1u << (w.K % 16)) - 1u;
       const uint32_t bits = Dense ? all : mk[r][word];
+      const __m256 scale = Q ? _mm256_set1_ps(sc[r][(word * 16) >> shift]) : _mm256_setzero_ps();
       for (int half = 0; half < 2; ++half) {
         const int b = (bits >> (8 * half)) & 0xFF;
         if (!b) {
-          if (Dense) v[r] += 8;
+          if (Dense) (Q ? void(q[r] += 8) : void(v[r] += 8));
           continue;
         }
         const int c = __builtin_popcount(b);
-        const __m256 packed = _mm256_maskload_ps(v[r], _mm256_load_si256(reinterpret_cast<const __m256i*>(kT.prefix[c])));
+        const __m256 packed = Q ? int8x8(q[r]) : _mm256_maskload_ps(v[r], _mm256_load_si256(reinterpret_cast<const __m256i*>(kT.prefix[c])));
         const __m256i sel = _mm256_load_si256(reinterpret_cast<const __m256i*>(kT.select[b]));
-        const __m256 wv = _mm256_and_ps(
+        __m256 wv = _mm256_and_ps(
             _mm256_permutevar8x32_ps(packed, _mm256_load_si256(reinterpret_cast<const __m256i*>(kT.perm[b]))), _mm256_castsi256_ps(sel));
+        if (Q) wv = _mm256_mul_ps(wv, scale);
         const int64_t k = word * 16 + half * 8;
         for (int m = 0; m < MM; ++m) acc[r][m] = _mm256_fmadd_ps(wv, _mm256_maskload_ps(x + m * ldx + k, sel), acc[r][m]);
-        v[r] += Dense ? 8 : c;
+        if (Q) q[r] += Dense ? 8 : c;
+        else v[r] += Dense ? 8 : c;
       }
     }
   }
@@ -72,16 +91,18 @@ void block(const Bitmask& w, const float* x, int64_t ldx, float* y, int64_t ldy,
     for (int m = 0; m < MM; ++m) y[m * ldy + n + r] = hsum(acc[r][m]);
 }
 
-template <int MM>
+template <bool Dense, bool Q, int MM>
 void rows(const Bitmask& w, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t n0, int64_t n1) {
   int64_t n = n0;
-  if (dense(w)) {
-    for (; n + 4 <= n1; n += 4) block<true, MM, 4>(w, x, ldx, y, ldy, n);
-    for (; n < n1; ++n) block<true, MM, 1>(w, x, ldx, y, ldy, n);
-    return;
-  }
-  for (; n + 4 <= n1; n += 4) block<false, MM, 4>(w, x, ldx, y, ldy, n);
-  for (; n < n1; ++n) block<false, MM, 1>(w, x, ldx, y, ldy, n);
+  for (; n + 4 <= n1; n += 4) block<Dense, Q, MM, 4>(w, x, ldx, y, ldy, n);
+  for (; n < n1; ++n) block<Dense, Q, MM, 1>(w, x, ldx, y, ldy, n);
+}
+
+template <int MM>
+void rows(const Bitmask& w, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t n0, int64_t n1) {
+  const bool q = int8(w.q);
+  if (dense(w)) q ? rows<true, true, MM>(w, x, ldx, y, ldy, n0, n1) : rows<true, false, MM>(w, x, ldx, y, ldy, n0, n1);
+  else q ? rows<false, true, MM>(w, x, ldx, y, ldy, n0, n1) : rows<false, false, MM>(w, x, ldx, y, ldy, n0, n1);
 }
 
 void gemv(const Bitmask& w, const float* x, int64_t M, int64_t ldx, float* y, int64_t ldy, int64_t n0, int64_t n1) {

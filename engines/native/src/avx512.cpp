@@ -1,6 +1,7 @@
 // AVX-512F kernels (compiled with -mavx512f -mfma): 16 inputs per step. The kept values of a
-// 16-input word are loaded contiguously (masked to their count, so nothing past the row is read)
-// and expanded into their lanes by the word's mask (vexpandps); x is loaded under the same mask.
+// 16-input word are loaded contiguously (16 of them: the value buffers are padded) and put into
+// their lanes by a permutation looked up from the word's mask; x is loaded under the word's lanes.
+// Int8 values are widened to floats and multiplied by their block's scale first.
 #include <immintrin.h>
 
 #include "kernels.h"
@@ -21,22 +22,35 @@ struct PermTable {
 };
 const PermTable kPerm;
 
+// Sixteen int8 codes as floats (the caller's buffers are padded: a full 16-byte load never leaves them).
+inline __m512 int8x16(const int8_t* p) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))); }
+
 // Weight streams are short (a row of a small matrix is ~1 KB, too short for the hardware
 // prefetcher to ramp up): while a block of rows computes, the next block's rows are prefetched a
 // cache line per word, so DRAM latency overlaps the arithmetic.
 // RB output rows at once (independent accumulation chains hide the FMA and expand latencies),
-// MM rows of x each.
-template <bool Dense, int MM, int RB>
+// MM rows of x each. Q: int8 values with a scale per block of inputs (kernels.h), a 16-input word
+// always inside one block.
+template <bool Dense, bool Q, int MM, int RB>
 void block(const Bitmask& w, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t n) {
   const int64_t K = w.K, KW = (K + 15) / 16, full = K / 16;
   const float* v[RB];
+  const int8_t* q[RB];
+  const float* sc[RB];
   const uint16_t* mk[RB];
   __m512 acc[RB][MM];
-  const float* next[RB];  // the next block's rows: fetched a line per word while this block computes
+  const char* next[RB];  // the next block's rows: fetched a line per word while this block computes
+  const int shift = Q ? block_shift(w.q) : 0;
   for (int r = 0; r < RB; ++r) {
-    v[r] = row_values(w, n + r);
     const int64_t nn = n + RB + r < w.N ? n + RB + r : n + r;
-    next[r] = row_values(w, nn);
+    if (Q) {
+      q[r] = row_qvalues(w, n + r);
+      sc[r] = row_scales(K, w.q, n + r);
+      next[r] = reinterpret_cast<const char*>(row_qvalues(w, nn));
+    } else {
+      v[r] = row_values(w, n + r);
+      next[r] = reinterpret_cast<const char*>(row_values(w, nn));
+    }
     if (!Dense) {
       mk[r] = row_masks(w, n + r);
       _mm_prefetch(reinterpret_cast<const char*>(row_masks(w, nn)), _MM_HINT_T0);
@@ -49,45 +63,60 @@ void block(const Bitmask& w, const float* x, int64_t ldx, float* y, int64_t ldy,
     const __mmask16 lanes = word < full ? __mmask16(0xFFFF) : __mmask16((1u << (K % 16)) - 1u);
     for (int m = 0; m < MM; ++m) xv[m] = _mm512_maskz_loadu_ps(lanes, x + m * ldx + word * 16);
     for (int r = 0; r < RB; ++r) {
-      if (Dense) {  // a dense row is four times the bytes per word: prefetch all of it
-        const char* p = reinterpret_cast<const char*>(next[r] + word * 16);
-        _mm_prefetch(p, _MM_HINT_T0);
-        const __m512 wv = _mm512_maskz_loadu_ps(lanes, v[r]);
+      if (Dense) {  // a dense row is 64 (float) or 16 (int8) bytes per word: prefetch all of it
+        __m512 wv;
+        if (Q) {
+          if ((word & 3) == 0) _mm_prefetch(next[r] + word * 16, _MM_HINT_T0);
+          // lanes past K hold padding or the next row's codes: x is zero there
+          wv = _mm512_mul_ps(int8x16(q[r]), _mm512_set1_ps(sc[r][(word * 16) >> shift]));
+          q[r] += 16;
+        } else {
+          _mm_prefetch(next[r] + word * 64, _MM_HINT_T0);
+          wv = _mm512_maskz_loadu_ps(lanes, v[r]);
+          v[r] += 16;
+        }
         for (int m = 0; m < MM; ++m) acc[r][m] = _mm512_fmadd_ps(wv, xv[m], acc[r][m]);
-        v[r] += 16;
         continue;
       }
-      _mm_prefetch(reinterpret_cast<const char*>(next[r] + word * 16), _MM_HINT_T0);
+      _mm_prefetch(next[r] + word * (Q ? 16 : 64), _MM_HINT_T0);
       const __mmask16 bits = mk[r][word];
 #ifndef PK_BITMASK_PERMUTE
 #define PK_BITMASK_PERMUTE 1  // faster than vexpandps on the AVX-512 EPYC in ad-hoc timing (not a committed benchmark)
 #endif
+      const __m512 packed = Q ? int8x16(q[r]) : _mm512_loadu_ps(v[r]);
 #if PK_BITMASK_PERMUTE
       const uint32_t lo = bits & 0xFFu, hi = uint32_t(bits) >> 8;
       const __m256i ilo = _mm256_load_si256(reinterpret_cast<const __m256i*>(kPerm.idx[lo]));
       const __m256i ihi = _mm256_add_epi32(_mm256_load_si256(reinterpret_cast<const __m256i*>(kPerm.idx[hi])), _mm256_set1_epi32(__builtin_popcount(lo)));
-      const __m512 wv = _mm512_maskz_permutexvar_ps(bits, _mm512_inserti64x4(_mm512_castsi256_si512(ilo), ihi, 1), _mm512_loadu_ps(v[r]));
+      __m512 wv = _mm512_maskz_permutexvar_ps(bits, _mm512_inserti64x4(_mm512_castsi256_si512(ilo), ihi, 1), packed);
 #else
-      const __m512 wv = _mm512_maskz_expand_ps(bits, _mm512_loadu_ps(v[r]));
+      __m512 wv = _mm512_maskz_expand_ps(bits, packed);
 #endif
+      if (Q) {
+        wv = _mm512_mul_ps(wv, _mm512_set1_ps(sc[r][(word * 16) >> shift]));
+        q[r] += __builtin_popcount(bits);
+      } else {
+        v[r] += __builtin_popcount(bits);
+      }
       for (int m = 0; m < MM; ++m) acc[r][m] = _mm512_fmadd_ps(wv, xv[m], acc[r][m]);
-      v[r] += __builtin_popcount(bits);
     }
   }
   for (int r = 0; r < RB; ++r)
     for (int m = 0; m < MM; ++m) y[m * ldy + n + r] = hsum(acc[r][m]);
 }
 
-template <int MM>
+template <bool Dense, bool Q, int MM>
 void rows(const Bitmask& w, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t n0, int64_t n1) {
   int64_t n = n0;
-  if (dense(w)) {
-    for (; n + 4 <= n1; n += 4) block<true, MM, 4>(w, x, ldx, y, ldy, n);
-    for (; n < n1; ++n) block<true, MM, 1>(w, x, ldx, y, ldy, n);
-    return;
-  }
-  for (; n + 4 <= n1; n += 4) block<false, MM, 4>(w, x, ldx, y, ldy, n);
-  for (; n < n1; ++n) block<false, MM, 1>(w, x, ldx, y, ldy, n);
+  for (; n + 4 <= n1; n += 4) block<Dense, Q, MM, 4>(w, x, ldx, y, ldy, n);
+  for (; n < n1; ++n) block<Dense, Q, MM, 1>(w, x, ldx, y, ldy, n);
+}
+
+template <int MM>
+void rows(const Bitmask& w, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t n0, int64_t n1) {
+  const bool q = int8(w.q);
+  if (dense(w)) q ? rows<true, true, MM>(w, x, ldx, y, ldy, n0, n1) : rows<true, false, MM>(w, x, ldx, y, ldy, n0, n1);
+  else q ? rows<false, true, MM>(w, x, ldx, y, ldy, n0, n1) : rows<false, false, MM>(w, x, ldx, y, ldy, n0, n1);
 }
 
 void gemv(const Bitmask& w, const float* x, int64_t M, int64_t ldx, float* y, int64_t ldy, int64_t n0, int64_t n1) {

@@ -23,6 +23,7 @@ constexpr std::array<uint8_t, 256> kPosToMask = make_pos_table();
 }  // namespace
 
 void decompress_avx512(const Bitmask& w, int64_t n0, int64_t n1, float* out) {
+  if (int8(w.q)) return decompress(w, n0, n1, out);  // int8 values: the scalar path
   const int64_t K = w.K, KW = words(w), full = K / 16;
   for (int64_t n = n0; n < n1; ++n) {
     float* row = out + (n - n0) * K;
@@ -44,6 +45,7 @@ void decompress_avx512(const Bitmask& w, int64_t n0, int64_t n1, float* out) {
 }
 
 void decompress_avx512(const TwoFour& w, int64_t n0, int64_t n1, float* out) {
+  if (int8(w.q)) return decompress(w, n0, n1, out);  // int8 values: the scalar path
   const int64_t K = w.K, KW = (K + 15) / 16, full = K / 16, pb = position_bytes(K);
   for (int64_t n = n0; n < n1; ++n) {
     float* row = out + (n - n0) * K;

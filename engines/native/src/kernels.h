@@ -11,11 +11,23 @@
 
 namespace pk {
 
+// Int8 values (a quantized model's weights): when `values` is set, the weight's kept values are these
+// int8 codes instead of floats, at the same offsets, and a value is code · scale with one float scale
+// per output row and block of `block` inputs (scales float[N][ceil(K/block)], block a power of two
+// ≥ 16). code · scale in fp32 is exactly the model's dequantized weight, so the result is the fp32
+// kernel's on those weights while a quarter of the value bytes is read.
+struct Int8Values {
+  const int8_t* values = nullptr;
+  const float* scales = nullptr;
+  int64_t block = 0;
+};
+
 struct Bitmask {
   int64_t N, K;
   const uint16_t* masks;
   const float* values;
   const int64_t* row_off;
+  Int8Values q = {};
 };
 // masks == nullptr (and row_off == nullptr) marks a dense weight: values float[N][K] row-major. The
 // same kernels run it (every bit set), so a dense layer kept dense (an embedding used as the output
@@ -28,6 +40,7 @@ struct TwoFour {
   int64_t N, K;
   const float* values;
   const uint8_t* positions;
+  Int8Values q = {};
 };
 
 // Internal linkage: the helpers are compiled into every instruction set's file with that file's
@@ -38,6 +51,12 @@ inline bool dense(const Bitmask& w) { return w.masks == nullptr; }
 inline const float* row_values(const Bitmask& w, int64_t n) { return dense(w) ? w.values + n * w.K : w.values + w.row_off[n]; }
 inline const uint16_t* row_masks(const Bitmask& w, int64_t n) { return w.masks + n * words(w); }
 inline int64_t position_bytes(int64_t K) { return (K + 7) / 8; }
+inline bool int8(const Int8Values& q) { return q.values != nullptr; }
+inline int64_t scale_blocks(int64_t K, const Int8Values& q) { return (K + q.block - 1) / q.block; }
+inline int block_shift(const Int8Values& q) { return __builtin_ctzll(uint64_t(q.block)); }
+// Where row n's int8 values start (the same offsets as the float values'), and its scales.
+inline const int8_t* row_qvalues(const Bitmask& w, int64_t n) { return dense(w) ? w.q.values + n * w.K : w.q.values + w.row_off[n]; }
+inline const float* row_scales(int64_t K, const Int8Values& q, int64_t n) { return q.scales + n * scale_blocks(K, q); }
 }  // namespace
 
 // One implementation per instruction set, each in its own file: rows [n0, n1) of y, any M.

@@ -3,17 +3,43 @@
 #include "kernels.h"
 
 namespace pk {
+namespace {
+
+// The kept values of one row in order: value(i, k) is the i-th kept value, at input k (its scale's block).
+struct RowValues {
+  const float* v = nullptr;
+  const int8_t* q = nullptr;
+  const float* scales = nullptr;
+  int shift = 0;
+  float operator()(int64_t i, int64_t k) const { return q ? float(q[i]) * scales[k >> shift] : v[i]; }
+};
+
+RowValues row(const Bitmask& w, int64_t n) {
+  if (int8(w.q)) return {nullptr, row_qvalues(w, n), row_scales(w.K, w.q, n), block_shift(w.q)};
+  return {row_values(w, n)};
+}
+
+RowValues row(const TwoFour& w, int64_t n) {
+  if (int8(w.q)) return {nullptr, w.q.values + n * (w.K / 2), row_scales(w.K, w.q, n), block_shift(w.q)};
+  return {w.values + n * (w.K / 2)};
+}
+
+}  // namespace
 
 void gemv_scalar(const Bitmask& w, const float* x, int64_t M, int64_t ldx, float* y, int64_t ldy, int64_t n0, int64_t n1) {
   const int64_t KW = words(w);
   for (int64_t n = n0; n < n1; ++n) {
     const uint16_t* mk = dense(w) ? nullptr : row_masks(w, n);
+    const RowValues v = row(w, n);
     for (int64_t m = 0; m < M; ++m) {
-      const float* v = row_values(w, n);
+      int64_t i = 0;
       float acc = 0.f;
       for (int64_t word = 0; word < KW; ++word) {
         const uint32_t all = word * 16 + 16 <= w.K ? 0xFFFFu : (1u << (w.K % 16)) - 1u;
-        for (uint32_t bits = mk ? mk[word] : all; bits; bits &= bits - 1) acc += *v++ * x[m * ldx + word * 16 + __builtin_ctz(bits)];
+        for (uint32_t bits = mk ? mk[word] : all; bits; bits &= bits - 1) {
+          const int64_t k = word * 16 + __builtin_ctz(bits);
+          acc += v(i++, k) * x[m * ldx + k];
+        }
       }
       y[m * ldy + n] = acc;
     }
@@ -33,14 +59,18 @@ void decompress(const Bitmask& w, int64_t n0, int64_t n1, float* out) {
   for (int64_t n = n0; n < n1; ++n) {
     float* row = out + (n - n0) * w.K;
     for (int64_t k = 0; k < w.K; ++k) row[k] = 0.f;
-    const float* v = row_values(w, n);
+    const RowValues v = pk::row(w, n);
     if (dense(w)) {
-      for (int64_t k = 0; k < w.K; ++k) row[k] = v[k];
+      for (int64_t k = 0; k < w.K; ++k) row[k] = v(k, k);
       continue;
     }
     const uint16_t* mk = row_masks(w, n);
+    int64_t i = 0;
     for (int64_t word = 0; word < KW; ++word) {
-      for (uint32_t bits = mk[word]; bits; bits &= bits - 1) row[word * 16 + __builtin_ctz(bits)] = *v++;
+      for (uint32_t bits = mk[word]; bits; bits &= bits - 1) {
+        const int64_t k = word * 16 + __builtin_ctz(bits);
+        row[k] = v(i++, k);
+      }
     }
   }
 }
@@ -48,13 +78,13 @@ void decompress(const Bitmask& w, int64_t n0, int64_t n1, float* out) {
 void gemv_twofour_scalar(const TwoFour& w, const float* x, int64_t M, int64_t ldx, float* y, int64_t ldy, int64_t n0, int64_t n1) {
   const int64_t pb = position_bytes(w.K), groups = w.K / 4;
   for (int64_t n = n0; n < n1; ++n) {
-    const float* v = w.values + n * (w.K / 2);
+    const RowValues v = row(w, n);
     const uint8_t* p = w.positions + n * pb;
     for (int64_t m = 0; m < M; ++m) {
       float acc = 0.f;
       for (int64_t g = 0; g < groups; ++g) {
         const int nib = (p[g / 2] >> (4 * (g % 2))) & 0xF;
-        acc += v[2 * g] * x[m * ldx + 4 * g + (nib & 3)] + v[2 * g + 1] * x[m * ldx + 4 * g + (nib >> 2)];
+        acc += v(2 * g, 4 * g) * x[m * ldx + 4 * g + (nib & 3)] + v(2 * g + 1, 4 * g) * x[m * ldx + 4 * g + (nib >> 2)];
       }
       y[m * ldy + n] = acc;
     }
@@ -66,12 +96,12 @@ void decompress(const TwoFour& w, int64_t n0, int64_t n1, float* out) {
   for (int64_t n = n0; n < n1; ++n) {
     float* row = out + (n - n0) * w.K;
     for (int64_t k = 0; k < w.K; ++k) row[k] = 0.f;
-    const float* v = w.values + n * (w.K / 2);
+    const RowValues v = pk::row(w, n);
     const uint8_t* p = w.positions + n * pb;
     for (int64_t g = 0; g < groups; ++g) {
       const int nib = (p[g / 2] >> (4 * (g % 2))) & 0xF;
-      row[4 * g + (nib & 3)] = v[2 * g];
-      row[4 * g + (nib >> 2)] = v[2 * g + 1];
+      row[4 * g + (nib & 3)] = v(2 * g, 4 * g);
+      row[4 * g + (nib >> 2)] = v(2 * g + 1, 4 * g);
     }
   }
 }

@@ -1,6 +1,6 @@
 // 2:4 kernel, AVX2 + FMA: as twofour_avx512.cpp with 16-input windows (8 kept values, one vector):
 // the kept values' x are picked from the window's two 8-float halves by two permutations and a
-// blend, indices from the window's 16 position bits.
+// blend, indices from the window's 16 position bits. Int8 values are widened and scaled per window.
 #include <immintrin.h>
 
 #include <cstring>
@@ -16,19 +16,27 @@ inline __m256i first_lanes(int64_t count) {  // -1 in lanes [0, count)
   return _mm256_cmpgt_epi32(_mm256_set1_epi32(int(count < 8 ? count : 8)), lane);
 }
 
-template <int MM, int RB>
+template <bool Q, int MM, int RB>
 void block(const TwoFour& w, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t n) {
   const int64_t K = w.K, windows = (K + 15) / 16, half_k = K / 2, pb = position_bytes(K);
   const __m256i shifts = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
   const __m256i base = _mm256_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12);
   const __m256i three = _mm256_set1_epi32(3), seven = _mm256_set1_epi32(7);
+  const int shift = Q ? block_shift(w.q) : 0;
   const float* v[RB];
+  const int8_t* q[RB];
+  const float* sc[RB];
   const uint8_t* p[RB];
   __m256 acc[RB][MM];
   for (int r = 0; r < RB; ++r) {
-    v[r] = w.values + (n + r) * half_k;
+    v[r] = Q ? nullptr : w.values + (n + r) * half_k;
+    q[r] = Q ? w.q.values + (n + r) * half_k : nullptr;
+    sc[r] = Q ? row_scales(K, w.q, n + r) : nullptr;
     p[r] = w.positions + (n + r) * pb;
-    if (n + RB + r < w.N) _mm_prefetch(reinterpret_cast<const char*>(w.values + (n + RB + r) * half_k), _MM_HINT_T0);
+    if (n + RB + r < w.N) {
+      const char* nxt = Q ? reinterpret_cast<const char*>(w.q.values + (n + RB + r) * half_k) : reinterpret_cast<const char*>(w.values + (n + RB + r) * half_k);
+      _mm_prefetch(nxt, _MM_HINT_T0);
+    }
     for (int m = 0; m < MM; ++m) acc[r][m] = _mm256_setzero_ps();
   }
   for (int64_t win = 0; win < windows; ++win) {
@@ -46,7 +54,13 @@ void block(const TwoFour& w, const float* x, int64_t ldx, float* y, int64_t ldy,
       else std::memcpy(&bits, p[r] + win * 2, size_t(left));
       const __m256i idx = _mm256_add_epi32(base, _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(bits), shifts), three));
       const __m256 hi = _mm256_castsi256_ps(_mm256_cmpgt_epi32(idx, seven));
-      const __m256 wv = _mm256_maskload_ps(v[r] + win * 8, vals);
+      __m256 wv;
+      if (Q) {  // a 16-input window is inside one block of ≥ 16 inputs; the buffers are padded past the last one
+        const __m256 codes = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q[r] + win * 8))));
+        wv = _mm256_and_ps(_mm256_mul_ps(codes, _mm256_set1_ps(sc[r][(win * 16) >> shift])), _mm256_castsi256_ps(vals));
+      } else {
+        wv = _mm256_maskload_ps(v[r] + win * 8, vals);
+      }
       for (int m = 0; m < MM; ++m) {
         const __m256 xs = _mm256_blendv_ps(_mm256_permutevar8x32_ps(x0[m], idx), _mm256_permutevar8x32_ps(x1[m], idx), hi);
         acc[r][m] = _mm256_fmadd_ps(wv, xs, acc[r][m]);
@@ -57,17 +71,18 @@ void block(const TwoFour& w, const float* x, int64_t ldx, float* y, int64_t ldy,
     for (int m = 0; m < MM; ++m) y[m * ldy + n + r] = hsum(acc[r][m]);
 }
 
-template <int MM>
+template <bool Q, int MM>
 void rows(const TwoFour& w, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t n0, int64_t n1) {
   int64_t n = n0;
-  for (; n + 4 <= n1; n += 4) block<MM, 4>(w, x, ldx, y, ldy, n);
-  for (; n < n1; ++n) block<MM, 1>(w, x, ldx, y, ldy, n);
+  for (; n + 4 <= n1; n += 4) block<Q, MM, 4>(w, x, ldx, y, ldy, n);
+  for (; n < n1; ++n) block<Q, MM, 1>(w, x, ldx, y, ldy, n);
 }
 
 }  // namespace
 
 void gemv_twofour_avx2(const TwoFour& w, const float* x, int64_t M, int64_t ldx, float* y, int64_t ldy, int64_t n0, int64_t n1) {
-  by_chunks_of_four(M, [&](auto mm, int64_t m) { rows<decltype(mm)::value>(w, x + m * ldx, ldx, y + m * ldy, ldy, n0, n1); });
+  by_chunks_of_four(M, [&](auto mm, int64_t m) { int8(w.q) ? rows<true, decltype(mm)::value>(w, x + m * ldx, ldx, y + m * ldy, ldy, n0, n1)
+                                                            : rows<false, decltype(mm)::value>(w, x + m * ldx, ldx, y + m * ldy, ldy, n0, n1); });
 }
 
 }  // namespace pk

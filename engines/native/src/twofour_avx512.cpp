@@ -4,6 +4,7 @@
 // inputs by one two-source permutation whose indices come from the window's 32 position bits
 // (index of kept value j = 4·(j/2) + its 2-bit position). No expand, no zero lanes: half the FMAs
 // of a dense row, and the 4-bit-per-group side data is all that is read besides the values.
+// Int8 values (kernels.h) are widened and scaled per window: a quarter of the value bytes.
 #include <immintrin.h>
 
 #include <cstring>
@@ -28,21 +29,45 @@ inline uint32_t window_bits(const uint8_t* row, int64_t win, int64_t row_bytes) 
 #endif
 constexpr int64_t kAhead = PK_AHEAD;  // blocks of rows between the one computed and the one prefetched
 
-template <int MM, int RB>
+// The window's 16 kept values as floats: fp32 as stored, or int8 codes times their scales (a 32-input
+// window is inside one block of ≥ 32 inputs, or its two halves in two blocks of 16). `vals` masks the
+// values of a partial last window (the buffers are padded, so the full loads stay inside them).
+template <bool Q>
+inline __m512 window_values(const TwoFour& w, const float* v, const int8_t* q, const float* sc, int shift, int64_t win, __mmask16 vals) {
+  if (!Q) return _mm512_maskz_loadu_ps(vals, v + win * 16);
+  const __m512 codes = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + win * 16))));
+  __m512 scale;
+  if (w.q.block >= 32) {
+    scale = _mm512_set1_ps(sc[(win * 32) >> shift]);
+  } else {  // block 16: kept values 0-7 are inputs 0-15 of the window, 8-15 inputs 16-31
+    const int64_t b = win * 2, blocks = scale_blocks(w.K, w.q);
+    scale = _mm512_mask_blend_ps(__mmask16(0xFF00), _mm512_set1_ps(sc[b]), _mm512_set1_ps(b + 1 < blocks ? sc[b + 1] : 0.f));
+  }
+  return _mm512_maskz_mul_ps(vals, codes, scale);
+}
+
+template <bool Q, int MM, int RB>
 void block(const TwoFour& w, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t n) {
   const int64_t K = w.K, windows = (K + 31) / 32, full = K / 32, half_k = K / 2, pb = position_bytes(K);
   const __m512i shifts = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
   const __m512i base = _mm512_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12, 16, 16, 20, 20, 24, 24, 28, 28);
   const __m512i three = _mm512_set1_epi32(3);
+  const int64_t value_bytes = Q ? 1 : 4;
+  const int shift = Q ? block_shift(w.q) : 0;
+  const char* base_values = Q ? reinterpret_cast<const char*>(w.q.values) : reinterpret_cast<const char*>(w.values);
   const float* v[RB];
+  const int8_t* q[RB];
+  const float* sc[RB];
   const uint8_t* p[RB];
-  const float* next[RB];
+  const char* next[RB];
   __m512 acc[RB][MM];
   for (int r = 0; r < RB; ++r) {
-    v[r] = w.values + (n + r) * half_k;
+    v[r] = Q ? nullptr : w.values + (n + r) * half_k;
+    q[r] = Q ? w.q.values + (n + r) * half_k : nullptr;
+    sc[r] = Q ? row_scales(K, w.q, n + r) : nullptr;
     p[r] = w.positions + (n + r) * pb;
     const int64_t nn = n + kAhead * RB + r < w.N ? n + kAhead * RB + r : n + r;
-    next[r] = w.values + nn * half_k;
+    next[r] = base_values + nn * half_k * value_bytes;
     _mm_prefetch(reinterpret_cast<const char*>(w.positions + nn * pb), _MM_HINT_T0);
     for (int m = 0; m < MM; ++m) acc[r][m] = _mm512_setzero_ps();
   }
@@ -58,10 +83,10 @@ void block(const TwoFour& w, const float* x, int64_t ldx, float* y, int64_t ldy,
       x1[m] = _mm512_maskz_loadu_ps(xhi, x + m * ldx + win * 32 + 16);
     }
     for (int r = 0; r < RB; ++r) {
-      _mm_prefetch(reinterpret_cast<const char*>(next[r] + win * 16), _MM_HINT_T0);
+      if (!Q || (win & 3) == 0) _mm_prefetch(next[r] + win * 16 * value_bytes, _MM_HINT_T0);
       const uint32_t bits = window_bits(p[r], win, pb);
       const __m512i idx = _mm512_add_epi32(base, _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32(int(bits)), shifts), three));
-      const __m512 wv = _mm512_maskz_loadu_ps(vals, v[r] + win * 16);
+      const __m512 wv = window_values<Q>(w, v[r], q[r], sc[r], shift, win, vals);
       for (int m = 0; m < MM; ++m) acc[r][m] = _mm512_fmadd_ps(wv, _mm512_permutex2var_ps(x0[m], idx, x1[m]), acc[r][m]);
     }
   }
@@ -69,17 +94,18 @@ void block(const TwoFour& w, const float* x, int64_t ldx, float* y, int64_t ldy,
     for (int m = 0; m < MM; ++m) y[m * ldy + n + r] = hsum(acc[r][m]);
 }
 
-template <int MM>
+template <bool Q, int MM>
 void rows(const TwoFour& w, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t n0, int64_t n1) {
   int64_t n = n0;
-  for (; n + 4 <= n1; n += 4) block<MM, 4>(w, x, ldx, y, ldy, n);
-  for (; n < n1; ++n) block<MM, 1>(w, x, ldx, y, ldy, n);
+  for (; n + 4 <= n1; n += 4) block<Q, MM, 4>(w, x, ldx, y, ldy, n);
+  for (; n < n1; ++n) block<Q, MM, 1>(w, x, ldx, y, ldy, n);
 }
 
 }  // namespace
 
 void gemv_twofour_avx512(const TwoFour& w, const float* x, int64_t M, int64_t ldx, float* y, int64_t ldy, int64_t n0, int64_t n1) {
-  by_chunks_of_four(M, [&](auto mm, int64_t m) { rows<decltype(mm)::value>(w, x + m * ldx, ldx, y + m * ldy, ldy, n0, n1); });
+  by_chunks_of_four(M, [&](auto mm, int64_t m) { int8(w.q) ? rows<true, decltype(mm)::value>(w, x + m * ldx, ldx, y + m * ldy, ldy, n0, n1)
+                                                            : rows<false, decltype(mm)::value>(w, x + m * ldx, ldx, y + m * ldy, ldy, n0, n1); });
 }
 
 }  // namespace pk
