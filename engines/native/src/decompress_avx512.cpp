@@ -1,6 +1,7 @@
 // Decompression of rows to dense, AVX-512F (the prefill path multiplies dense tiles): each 16-input
 // word's kept values are expanded into their lanes by the word's mask and stored. A 2:4 word's mask
 // comes from its two position bytes through a 256-entry table (a byte = two groups = 8 inputs).
+// Int8 values are widened and multiplied by their block's scale (a 16-input word is inside one block).
 #include <immintrin.h>
 
 #include <array>
@@ -20,36 +21,48 @@ constexpr std::array<uint8_t, 256> make_pos_table() {
 }
 constexpr std::array<uint8_t, 256> kPosToMask = make_pos_table();
 
+// The next `count` (≤ 16) values as floats, from float values or from int8 codes times the scale.
+inline __m512 next_values(const float* v, const int8_t* q, int count, float scale) {
+  const __mmask16 m = __mmask16((1u << count) - 1u);
+  if (!q) return _mm512_maskz_loadu_ps(m, v);
+  // a full 16-byte load: the value buffers are padded past the last value
+  const __m512 codes = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q))));
+  return _mm512_maskz_mul_ps(m, codes, _mm512_set1_ps(scale));
+}
+
 }  // namespace
 
 void decompress_avx512(const Bitmask& w, int64_t n0, int64_t n1, float* out) {
-  if (int8(w.q)) return decompress(w, n0, n1, out);  // int8 values: the scalar path
   const int64_t K = w.K, KW = words(w), full = K / 16;
+  const bool Q = int8(w.q);
+  const int shift = Q ? block_shift(w.q) : 0;
   for (int64_t n = n0; n < n1; ++n) {
     float* row = out + (n - n0) * K;
-    const float* v = row_values(w, n);
-    if (dense(w)) {
-      for (int64_t k = 0; k < K; ++k) row[k] = v[k];
-      continue;
-    }
-    const uint16_t* mk = row_masks(w, n);
+    const float* v = Q ? nullptr : row_values(w, n);
+    const int8_t* q = Q ? row_qvalues(w, n) : nullptr;
+    const float* sc = Q ? row_scales(K, w.q, n) : nullptr;
+    const uint16_t* mk = dense(w) ? nullptr : row_masks(w, n);
     for (int64_t word = 0; word < KW; ++word) {
-      const __mmask16 bits = mk[word];
-      const int c = __builtin_popcount(bits);
-      const __m512 wv = _mm512_maskz_expand_ps(bits, _mm512_maskz_loadu_ps(__mmask16((1u << c) - 1u), v));
       const __mmask16 lanes = word < full ? __mmask16(0xFFFF) : __mmask16((1u << (K % 16)) - 1u);
+      const __mmask16 bits = mk ? mk[word] : lanes;
+      const int c = __builtin_popcount(bits);
+      const __m512 wv = _mm512_maskz_expand_ps(bits, next_values(v, q, c, Q ? sc[(word * 16) >> shift] : 0.f));
       _mm512_mask_storeu_ps(row + word * 16, lanes, wv);
-      v += c;
+      if (Q) q += mk ? c : 16;
+      else v += mk ? c : 16;
     }
   }
 }
 
 void decompress_avx512(const TwoFour& w, int64_t n0, int64_t n1, float* out) {
-  if (int8(w.q)) return decompress(w, n0, n1, out);  // int8 values: the scalar path
   const int64_t K = w.K, KW = (K + 15) / 16, full = K / 16, pb = position_bytes(K);
+  const bool Q = int8(w.q);
+  const int shift = Q ? block_shift(w.q) : 0;
   for (int64_t n = n0; n < n1; ++n) {
     float* row = out + (n - n0) * K;
-    const float* v = w.values + n * (K / 2);
+    const float* v = Q ? nullptr : w.values + n * (K / 2);
+    const int8_t* q = Q ? w.q.values + n * (K / 2) : nullptr;
+    const float* sc = Q ? row_scales(K, w.q, n) : nullptr;
     const uint8_t* p = w.positions + n * pb;
     for (int64_t word = 0; word < KW; ++word) {
       uint32_t lo = kPosToMask[p[2 * word]], hi = 2 * word + 1 < pb ? kPosToMask[p[2 * word + 1]] : 0u;
@@ -59,10 +72,11 @@ void decompress_avx512(const TwoFour& w, int64_t n0, int64_t n1, float* out) {
       }
       const __mmask16 bits = __mmask16(lo | (hi << 8));
       const int c = __builtin_popcount(bits);
-      const __m512 wv = _mm512_maskz_expand_ps(bits, _mm512_maskz_loadu_ps(__mmask16((1u << c) - 1u), v));
+      const __m512 wv = _mm512_maskz_expand_ps(bits, next_values(v, q, c, Q ? sc[(word * 16) >> shift] : 0.f));
       const __mmask16 lanes = word < full ? __mmask16(0xFFFF) : __mmask16((1u << (K % 16)) - 1u);
       _mm512_mask_storeu_ps(row + word * 16, lanes, wv);
-      v += c;
+      if (Q) q += c;
+      else v += c;
     }
   }
 }
