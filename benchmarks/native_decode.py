@@ -4,15 +4,20 @@ interleaved in one process (issue 28's must-show).
 Takes a finished build directory whose recipe exported KV-cache graphs (``export.kv_cache: true``):
 ONNX Runtime runs the dense variant's ``kv/prefill.onnx`` + ``kv/decode.onnx`` (the fastest dense
 decode the project has), the native-cpu engine runs every variant (dense included, to show the
-host's own overhead) from an artifact built here from the variant's saved model. Each repeat is one
+host's own overhead) from an artifact built here from the variant's saved model; where the build's
+``onnxruntime-fused`` engine built the dense variant's fused graph, it runs too (the fastest dense
+baseline may be either ONNX Runtime graph or native dense: ratios to the fastest are reported). Each repeat is one
 greedy run of ``--new`` tokens after a ``--prompt``-token prompt from the evaluation text; the
 starting runner rotates per repeat. Reported: ms/token and prefill ms (medians, with min–max), their
 ratios to ONNX Runtime dense, the artifact size against the dense ONNX file, tokens identical to
 ONNX Runtime's / PyTorch's greedy tokens, and a roofline line: bytes of the block linears read per
 token divided by their share of the step time, against this machine's copy bandwidth measured in the
-same run.
+same run. With ``--ppl-windows N``, each native variant's perplexity on N × 512-token windows of the
+Shakespeare evaluation split and of the second text (the standard library's docstrings), run by the
+native engine itself.
 
     python benchmarks/native_decode.py build/sparse-cpu --variants dense,sds-sparsegpt-2of4 --repeats 5
+    python benchmarks/native_decode.py build/default --variants dense,dense-int8-head --ppl-windows 20 --out …
 """
 
 from __future__ import annotations
@@ -81,6 +86,7 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--ppl-windows", type=int, default=0, help="perplexity of each native variant on this many 512-token windows of both texts (0: none)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "native_decode.json")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -106,16 +112,35 @@ def main() -> None:
     del dense_torch
 
     result: dict = {"build": str(build), "prompt_tokens": int(prompt.shape[1]), "new_tokens": args.new, "threads": args.threads, "repeats": args.repeats, "variants": {}}
+    texts = {}
+    if args.ppl_windows:
+        from transformers import AutoTokenizer
+
+        from calibrate.data import evaluation_windows, load_splits, stdlib_text, tokenize
+        from pipeline.validate import perplexity, runner_outputs_fn
+
+        tok = AutoTokenizer.from_pretrained(str(dense_model))
+        texts = {"shakespeare": evaluation_windows(tokenize(tok, load_splits("shakespeare").evaluation), 512, args.ppl_windows),
+                 "stdlib-docstrings": evaluation_windows(tokenize(tok, stdlib_text()), 512, args.ppl_windows)}
+        result["perplexity_windows"] = {"length": 512, "windows": args.ppl_windows}
     with ExitStack() as stack, tempfile.TemporaryDirectory() as tmp:
         pre = stack.enter_context(ort.open(build / "dense" / "kv" / "prefill.onnx", spinning=False, name="ort:prefill"))
         dec = stack.enter_context(ort.open(build / "dense" / "kv" / "decode.onnx", spinning=False, name="ort:decode"))
         runners = {"onnxruntime-cpu:dense": ("ort", (pre, dec))}
+        fused_art = build / "dense" / "engine-onnxruntime-fused" / "model.fused.onnx"
+        if fused_art.is_file():
+            from engines.base import EngineArtifact
+            from engines.onnxruntime_fused import OnnxRuntimeFusedEngine
+
+            fused = OnnxRuntimeFusedEngine({"threads": args.threads})
+            runners["onnxruntime-fused:dense"] = ("generates", stack.enter_context(fused.runner(EngineArtifact(fused.name, fused_art), threads=args.threads)))
         sizes = {}
         for v in names:
             out = Path(tmp) / v
             out.mkdir()
             art = native_engine.build(build / v / "model" / "model", out)
-            sizes[v] = {"native_artifact_bytes": art.info["bytes"], "formats": art.info["formats"], "linear_bytes_ratio": art.info["linear_bytes_ratio"]}
+            sizes[v] = {"native_artifact_bytes": art.info["bytes"], "formats": art.info["formats"], "linear_bytes_ratio": art.info["linear_bytes_ratio"],
+                        **({"quantized_weights": art.info["quantized_weights"]} if "quantized_weights" in art.info else {})}
             onnx = build / v / "onnx" / "model.onnx"
             if onnx.is_file():
                 data = Path(str(onnx) + ".data")
@@ -128,7 +153,7 @@ def main() -> None:
             if kind == "ort":
                 g = greedy_generate(*r, layout, prompt, args.new)
                 return {"decode_ms_per_token": statistics.mean(g.decode_ms), "prefill_ms": g.prefill_ms}
-            g = r.generate(prompt, args.new)
+            g = r.generate(prompt, args.new)  # native and fused runners generate themselves
             return {"decode_ms_per_token": statistics.mean(g.decode_ms), "prefill_ms": g.prefill_ms}
 
         for key in runners:  # warm-up
@@ -137,7 +162,7 @@ def main() -> None:
         bw = native.copy_bandwidth()
         base = {m: statistics.median(samples["onnxruntime-cpu:dense"][m]) for m in ("decode_ms_per_token", "prefill_ms")}
         # the fastest dense decode of the run (ONNX Runtime's graphs or native-cpu's dense): the ratio that counts
-        fastest_key = min(("onnxruntime-cpu:dense", "native-cpu:dense"), key=lambda k: statistics.median(samples[k]["decode_ms_per_token"]))
+        fastest_key = min((k for k in samples if k.endswith(":dense")), key=lambda k: statistics.median(samples[k]["decode_ms_per_token"]))
         fastest = statistics.median(samples[fastest_key]["decode_ms_per_token"])
         result["fastest_dense_decode"] = {"engine": fastest_key, "ms_per_token": round(fastest, 3)}
         dense_native_bytes = None
@@ -158,6 +183,8 @@ def main() -> None:
             }
             if kind == "native":
                 entry.update(sizes[v])
+                if args.ppl_windows:
+                    entry["perplexity"] = {name: round(perplexity(runner_outputs_fn(r, "logits"), w, f"{v} {name}")["perplexity"], 4) for name, w in texts.items()}
                 g = r.generate(prompt, 32)
                 entry["greedy_tokens_equal_ort_dense_leading"] = int(np.argmin(np.append(g.tokens[0] == ref_tokens[0], False)))
                 d = r.decoder
@@ -175,9 +202,12 @@ def main() -> None:
                 if v == "dense":
                     dense_native_bytes = sizes[v]["native_artifact_bytes"]
             result["variants"][key] = entry
+        dense_ppl = result["variants"]["native-cpu:dense"].get("perplexity")
         for key, entry in result["variants"].items():
             if "native_artifact_bytes" in entry and dense_native_bytes:
                 entry["file_ratio_vs_dense"] = round(entry["native_artifact_bytes"] / dense_native_bytes, 4)
+            if "perplexity" in entry and dense_ppl:
+                entry["perplexity_vs_dense"] = {t: round(entry["perplexity"][t] / dense_ppl[t], 4) for t in dense_ppl}
     result["copy_bandwidth_gb_s"] = round(bw / 1e9, 2)
     result["isa"] = native.best_isa()
     result["baseline"] = "onnxruntime-cpu dense KV-cache graphs (kv/prefill.onnx + kv/decode.onnx), spinning off"
@@ -187,8 +217,10 @@ def main() -> None:
         rows.append([key, f"{e['decode_ms_per_token']:.2f}", f"×{e['decode_speedup_vs_ort_dense']:.2f} [{e['decode_speedup_range'][0]:.2f}–{e['decode_speedup_range'][1]:.2f}]",
                      f"×{e['decode_speedup_vs_fastest_dense']:.2f}",
                      f"{e['prefill_ms']:.1f}", f"×{e['prefill_speedup_vs_ort_dense']:.2f}", f"{e.get('file_ratio_vs_dense', '—')}",
-                     f"{e['roofline']['fraction_of_copy_bandwidth']:.2f}" if "roofline" in e else "—"])
-    print(markdown_table(["engine:variant", "ms/token", "decode speed-up vs ORT dense", "vs fastest dense", "prefill ms", "prefill speed-up", "file / dense", "roofline (of copy bw)"], rows))
+                     f"{e['roofline']['fraction_of_copy_bandwidth']:.2f}" if "roofline" in e else "—",
+                     " / ".join(f"×{r:.3f}" for r in e["perplexity_vs_dense"].values()) if "perplexity_vs_dense" in e else "—"])
+    print(markdown_table(["engine:variant", "ms/token", "decode speed-up vs ORT dense", "vs fastest dense", "prefill ms", "prefill speed-up", "file / dense", "roofline (of copy bw)",
+                          "perplexity / dense (Shakespeare / second text)"], rows))
     print(f"copy bandwidth {result['copy_bandwidth_gb_s']} GB/s; kernels {result['isa']}; wrote {args.out}")
 
 

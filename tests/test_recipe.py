@@ -39,6 +39,16 @@ def test_latency_recipe_keeps_the_full_sweep_and_every_one_shot_method():
     assert r.validation.latency.batch_sizes == [1, 4] and r.validation.latency.sequence_lengths == [128, 512]
 
 
+def test_sparse_cpu_recipe_ships_sparse_int8_on_the_native_engine():
+    r = load_recipe("sparse-cpu")
+    assert "native-cpu" in [e.backend for e in r.engines]
+    int8 = {v.name: v.passes for v in r.variants if v.passes and v.passes[-1].name == "quantize"}
+    assert set(int8) == {"dense-int8-head", "sds-sparsegpt-2of4-int8", "sds-sparsegpt-50-int8"}
+    for passes in int8.values():
+        assert passes[-1].options["bits"] == 8 and passes[-1].options["head"]
+    assert int8["sds-sparsegpt-2of4-int8"][0].options["pattern"] == "2:4" and int8["sds-sparsegpt-50-int8"][0].options["sparsity"] == 0.5
+
+
 def test_recipe_file_round_trip(tmp_path):
     p = tmp_path / "r.yaml"
     p.write_text(yaml.safe_dump(base()))
