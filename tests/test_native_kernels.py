@@ -60,6 +60,36 @@ def test_compress_refuses_what_it_cannot_hold():
         compress(np.ones((2, 8), np.float32), "csr")
 
 
+def random_pruned(n: int, groups: int, sparsity: float, seed: int) -> tuple[np.ndarray, np.random.Generator]:
+    """An (n, K) weight at ``sparsity`` (2:4 at 0.5 when K allows; K odd-sized for the bitmask cases)
+    with an all-zero first row and an all-kept last one."""
+    rng = np.random.default_rng(seed)
+    k = 4 * groups + (seed % 4 if sparsity != 0.5 else 0)
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    if sparsity == 0.5 and k % 4 == 0:
+        w = prune_two_four(w)
+    else:
+        w[rng.random((n, k)) < sparsity] = 0.0
+    w[0] = 0.0
+    if n > 1:
+        w[-1] = rng.standard_normal(k)
+    return w, rng
+
+
+def check_every_isa(weight, w: np.ndarray, x: np.ndarray, label: str) -> None:
+    """``weight`` (a NativeWeight of ``w``) on every instruction set: within float32 rounding of a
+    float64 dense reference, and its decompressed rows exactly ``w``."""
+    ref = x.astype(np.float64) @ w.T.astype(np.float64)
+    n, k = w.shape
+    for isa in ISAS:
+        native.set_isa(isa)
+        y = weight(x)
+        tol = 1e-5 * (np.abs(x).sum(1, keepdims=True) * np.abs(w).max(initial=1.0) + 1)
+        assert (np.abs(y - ref) <= tol).all(), f"{label} {isa} n={n} k={k} rows={x.shape[0]}: max err {np.abs(y - ref).max()}"
+        tile = np.empty((min(native.TILE_ROWS, n), k), np.float32)
+        np.testing.assert_array_equal(weight.decompress_rows(0, min(n, tile.shape[0]), tile), w[: tile.shape[0]])
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     n=st.integers(1, 70),
@@ -69,33 +99,16 @@ def test_compress_refuses_what_it_cannot_hold():
     seed=st.integers(0, 2**16),
 )
 def test_kernels_match_dense_reference(n, groups, rows, sparsity, seed):
-    rng = np.random.default_rng(seed)
-    k = 4 * groups + (seed % 4 if sparsity != 0.5 else 0)  # odd K for the bitmask cases
-    w = rng.standard_normal((n, k)).astype(np.float32)
-    if sparsity == 0.5 and k % 4 == 0:
-        w = prune_two_four(w)
-    else:
-        w[rng.random((n, k)) < sparsity] = 0.0
-    w[0] = 0.0  # an all-zero row
-    if n > 1:
-        w[-1] = rng.standard_normal(k)  # an all-kept row
-    x = rng.standard_normal((rows, k)).astype(np.float32)
-    ref = x.astype(np.float64) @ w.T.astype(np.float64)
-    fmts = ["bitmask", "dense"] + (["2:4"] if is_two_four(w) else [])
-    for fmt in fmts:
+    w, rng = random_pruned(n, groups, sparsity, seed)
+    x = rng.standard_normal((rows, w.shape[1])).astype(np.float32)
+    for fmt in ["bitmask", "dense"] + (["2:4"] if is_two_four(w) else []):
         if fmt == "dense":
             weight = native.NativeWeight(w)
         else:
             c = compress(w, fmt)
             np.testing.assert_array_equal(decompress(c), w)
             weight = native.NativeWeight(c)
-        for isa in ISAS:
-            native.set_isa(isa)
-            y = weight(x)
-            tol = 1e-5 * (np.abs(x).sum(1, keepdims=True) * np.abs(w).max(initial=1.0) + 1)
-            assert (np.abs(y - ref) <= tol).all(), f"{fmt} {isa} n={n} k={k} rows={rows}: max err {np.abs(y - ref).max()}"
-            tile = np.empty((min(native.TILE_ROWS, n), k), np.float32)
-            np.testing.assert_array_equal(weight.decompress_rows(0, min(n, tile.shape[0]), tile), w[: tile.shape[0]])
+        check_every_isa(weight, w, x, fmt)
 
 
 def on_int8_grid(w: np.ndarray, block: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -122,31 +135,14 @@ def on_int8_grid(w: np.ndarray, block: int, rng: np.random.Generator) -> tuple[n
 def test_int8_kernels_match_dense_reference(n, groups, rows, sparsity, block, seed):
     """Int8 values with a scale per block: every format and ISA computes with code × scale, which is
     the dequantized weight bit for bit (decompression is exact), against a float64 dense reference."""
-    rng = np.random.default_rng(seed)
-    k = 4 * groups + (seed % 4 if sparsity != 0.5 else 0)
-    w = rng.standard_normal((n, k)).astype(np.float32)
-    if sparsity == 0.5 and k % 4 == 0:
-        w = prune_two_four(w)
-    else:
-        w[rng.random((n, k)) < sparsity] = 0.0
-    w[0] = 0.0
-    if n > 1:
-        w[-1] = rng.standard_normal(k)
+    w, rng = random_pruned(n, groups, sparsity, seed)
     w, scales = on_int8_grid(w, block, rng)
-    x = rng.standard_normal((rows, k)).astype(np.float32)
-    ref = x.astype(np.float64) @ w.T.astype(np.float64)
+    x = rng.standard_normal((rows, w.shape[1])).astype(np.float32)
     for fmt in ["bitmask", "dense"] + (["2:4"] if is_two_four(w) else []):
         c = compress(w, fmt, grid=(scales, block))
         assert c.int8 and c.arrays["values"].dtype == np.int8
         np.testing.assert_array_equal(decompress(c), w)
-        weight = native.NativeWeight(c)
-        for isa in ISAS:
-            native.set_isa(isa)
-            y = weight(x)
-            tol = 1e-5 * (np.abs(x).sum(1, keepdims=True) * np.abs(w).max(initial=1.0) + 1)
-            assert (np.abs(y - ref) <= tol).all(), f"int8 {fmt} {isa} n={n} k={k} block={block} rows={rows}: max err {np.abs(y - ref).max()}"
-            tile = np.empty((min(native.TILE_ROWS, n), k), np.float32)
-            np.testing.assert_array_equal(weight.decompress_rows(0, min(n, tile.shape[0]), tile), w[: tile.shape[0]])
+        check_every_isa(native.NativeWeight(c), w, x, f"int8 {fmt} block {block}")
 
 
 def test_int8_format_by_hand_and_its_errors():

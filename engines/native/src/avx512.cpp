@@ -105,18 +105,13 @@ void block(const Bitmask& w, const float* x, int64_t ldx, float* y, int64_t ldy,
     for (int m = 0; m < MM; ++m) y[m * ldy + n + r] = hsum(acc[r][m]);
 }
 
-template <bool Dense, bool Q, int MM>
-void rows(const Bitmask& w, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t n0, int64_t n1) {
-  int64_t n = n0;
-  for (; n + 4 <= n1; n += 4) block<Dense, Q, MM, 4>(w, x, ldx, y, ldy, n);
-  for (; n < n1; ++n) block<Dense, Q, MM, 1>(w, x, ldx, y, ldy, n);
-}
-
 template <int MM>
 void rows(const Bitmask& w, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t n0, int64_t n1) {
-  const bool q = int8(w.q);
-  if (dense(w)) q ? rows<true, true, MM>(w, x, ldx, y, ldy, n0, n1) : rows<true, false, MM>(w, x, ldx, y, ldy, n0, n1);
-  else q ? rows<false, true, MM>(w, x, ldx, y, ldy, n0, n1) : rows<false, false, MM>(w, x, ldx, y, ldy, n0, n1);
+  by_storage(dense(w), int8(w.q), [&](auto d, auto q) {
+    int64_t n = n0;
+    for (; n + 4 <= n1; n += 4) block<decltype(d)::value, decltype(q)::value, MM, 4>(w, x, ldx, y, ldy, n);
+    for (; n < n1; ++n) block<decltype(d)::value, decltype(q)::value, MM, 1>(w, x, ldx, y, ldy, n);
+  });
 }
 
 void gemv(const Bitmask& w, const float* x, int64_t M, int64_t ldx, float* y, int64_t ldy, int64_t n0, int64_t n1) {

@@ -41,5 +41,15 @@ inline void by_chunks_of_four(int64_t M, Rows rows) {
   }
 }
 
+// Calls f(dense, int8) with std::true_type / std::false_type for a weight's storage, so a kernel
+// instantiates its block template once per kind of row (dense or masked, float or int8 values).
+template <class F>
+inline void by_storage(bool is_dense, bool is_int8, F f) {
+  using T = std::true_type;
+  using N = std::false_type;
+  if (is_dense) is_int8 ? f(T{}, T{}) : f(T{}, N{});
+  else is_int8 ? f(N{}, T{}) : f(N{}, N{});
+}
+
 }  // namespace
 }  // namespace pk
