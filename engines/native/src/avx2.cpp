@@ -49,6 +49,7 @@ void block(const Bitmask& w, const float* x, int64_t ldx, float* y, int64_t ldy,
   const float* sc[RB];
   const uint16_t* mk[RB];
   __m256 acc[RB][MM];
+  PK_UNROLL
   for (int r = 0; r < RB; ++r) {
     if (Q) {
       q[r] = row_qvalues(w, n + r);
@@ -59,9 +60,11 @@ void block(const Bitmask& w, const float* x, int64_t ldx, float* y, int64_t ldy,
       if (n + RB + r < w.N) _mm_prefetch(reinterpret_cast<const char*>(row_values(w, n + RB + r)), _MM_HINT_T0);
     }
     if (!Dense) mk[r] = row_masks(w, n + r);
+    PK_UNROLL
     for (int m = 0; m < MM; ++m) acc[r][m] = _mm256_setzero_ps();
   }
   for (int64_t word = 0; word < KW; ++word) {
+    PK_UNROLL
     for (int r = 0; r < RB; ++r) {
       const char* at = Q ? reinterpret_cast<const char*>(q[r]) : reinterpret_cast<const char*>(v[r]);
       if (!Q || (word & 3) == 0) _mm_prefetch(at + kPrefetchFloats * value_bytes, _MM_HINT_T0);
@@ -81,13 +84,16 @@ void block(const Bitmask& w, const float* x, int64_t ldx, float* y, int64_t ldy,
             _mm256_permutevar8x32_ps(packed, _mm256_load_si256(reinterpret_cast<const __m256i*>(kT.perm[b]))), _mm256_castsi256_ps(sel));
         if (Q) wv = _mm256_mul_ps(wv, scale);
         const int64_t k = word * 16 + half * 8;
+        PK_UNROLL
         for (int m = 0; m < MM; ++m) acc[r][m] = _mm256_fmadd_ps(wv, _mm256_maskload_ps(x + m * ldx + k, sel), acc[r][m]);
         if (Q) q[r] += Dense ? 8 : c;
         else v[r] += Dense ? 8 : c;
       }
     }
   }
+  PK_UNROLL
   for (int r = 0; r < RB; ++r)
+    PK_UNROLL
     for (int m = 0; m < MM; ++m) y[m * ldy + n + r] = hsum(acc[r][m]);
 }
 

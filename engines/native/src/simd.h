@@ -6,6 +6,17 @@
 #include <cstdint>
 #include <type_traits>
 
+// Fully unroll a loop over a kernel's rows of output or of x before the compiler's scalar replacement
+// runs, so arrays of accumulators live in registers (GCC otherwise keeps them in memory and stores
+// every accumulator on every step: measured 2-3x slower in kernels reading cached weights).
+#if defined(__clang__)
+#define PK_UNROLL _Pragma("unroll")
+#elif defined(__GNUC__)
+#define PK_UNROLL _Pragma("GCC unroll 16")
+#else
+#define PK_UNROLL
+#endif
+
 namespace pk {
 namespace {
 

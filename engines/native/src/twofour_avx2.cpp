@@ -28,6 +28,7 @@ void block(const TwoFour& w, const float* x, int64_t ldx, float* y, int64_t ldy,
   const float* sc[RB];
   const uint8_t* p[RB];
   __m256 acc[RB][MM];
+  PK_UNROLL
   for (int r = 0; r < RB; ++r) {
     v[r] = Q ? nullptr : w.values + (n + r) * half_k;
     q[r] = Q ? w.q.values + (n + r) * half_k : nullptr;
@@ -37,16 +38,19 @@ void block(const TwoFour& w, const float* x, int64_t ldx, float* y, int64_t ldy,
       const char* nxt = Q ? reinterpret_cast<const char*>(w.q.values + (n + RB + r) * half_k) : reinterpret_cast<const char*>(w.values + (n + RB + r) * half_k);
       _mm_prefetch(nxt, _MM_HINT_T0);
     }
+    PK_UNROLL
     for (int m = 0; m < MM; ++m) acc[r][m] = _mm256_setzero_ps();
   }
   for (int64_t win = 0; win < windows; ++win) {
     const int64_t in_left = K - win * 16;
     const __m256i xlo = first_lanes(in_left), xhi = first_lanes(in_left - 8), vals = first_lanes(in_left / 2);
     __m256 x0[MM], x1[MM];
+    PK_UNROLL
     for (int m = 0; m < MM; ++m) {
       x0[m] = _mm256_maskload_ps(x + m * ldx + win * 16, xlo);
       x1[m] = _mm256_maskload_ps(x + m * ldx + win * 16 + 8, xhi);
     }
+    PK_UNROLL
     for (int r = 0; r < RB; ++r) {
       uint16_t bits = 0;
       const int64_t left = pb - win * 2;
@@ -61,13 +65,16 @@ void block(const TwoFour& w, const float* x, int64_t ldx, float* y, int64_t ldy,
       } else {
         wv = _mm256_maskload_ps(v[r] + win * 8, vals);
       }
+      PK_UNROLL
       for (int m = 0; m < MM; ++m) {
         const __m256 xs = _mm256_blendv_ps(_mm256_permutevar8x32_ps(x0[m], idx), _mm256_permutevar8x32_ps(x1[m], idx), hi);
         acc[r][m] = _mm256_fmadd_ps(wv, xs, acc[r][m]);
       }
     }
   }
+  PK_UNROLL
   for (int r = 0; r < RB; ++r)
+    PK_UNROLL
     for (int m = 0; m < MM; ++m) y[m * ldy + n + r] = hsum(acc[r][m]);
 }
 

@@ -28,6 +28,7 @@ inline uint32_t window_bits(const uint8_t* row, int64_t win, int64_t row_bytes) 
 #define PK_AHEAD 1
 #endif
 constexpr int64_t kAhead = PK_AHEAD;  // blocks of rows between the one computed and the one prefetched
+constexpr int64_t kInt8Ahead = 4;     // the same for int8 values (as avx512.cpp)
 
 // The window's 16 kept values as floats: fp32 as stored, or int8 codes times their scales (a 32-input
 // window is inside one block of ≥ 32 inputs, or its two halves in two blocks of 16). `vals` masks the
@@ -61,14 +62,17 @@ void block(const TwoFour& w, const float* x, int64_t ldx, float* y, int64_t ldy,
   const uint8_t* p[RB];
   const char* next[RB];
   __m512 acc[RB][MM];
+  PK_UNROLL
   for (int r = 0; r < RB; ++r) {
     v[r] = Q ? nullptr : w.values + (n + r) * half_k;
     q[r] = Q ? w.q.values + (n + r) * half_k : nullptr;
     sc[r] = Q ? row_scales(K, w.q, n + r) : nullptr;
     p[r] = w.positions + (n + r) * pb;
-    const int64_t nn = n + kAhead * RB + r < w.N ? n + kAhead * RB + r : n + r;
+    const int64_t ahead = (Q ? kInt8Ahead : kAhead) * RB;  // int8 rows are a quarter of the bytes: fetch further ahead
+    const int64_t nn = n + ahead + r < w.N ? n + ahead + r : n + r;
     next[r] = base_values + nn * half_k * value_bytes;
     _mm_prefetch(reinterpret_cast<const char*>(w.positions + nn * pb), _MM_HINT_T0);
+    PK_UNROLL
     for (int m = 0; m < MM; ++m) acc[r][m] = _mm512_setzero_ps();
   }
   for (int64_t win = 0; win < windows; ++win) {
@@ -78,19 +82,24 @@ void block(const TwoFour& w, const float* x, int64_t ldx, float* y, int64_t ldy,
     const __mmask16 xhi = in_left >= 32 ? __mmask16(0xFFFF) : in_left <= 16 ? __mmask16(0) : __mmask16((1u << (in_left - 16)) - 1u);
     const __mmask16 vals = win < full ? __mmask16(0xFFFF) : __mmask16((1u << (in_left / 2)) - 1u);
     __m512 x0[MM], x1[MM];
+    PK_UNROLL
     for (int m = 0; m < MM; ++m) {
       x0[m] = _mm512_maskz_loadu_ps(xlo, x + m * ldx + win * 32);
       x1[m] = _mm512_maskz_loadu_ps(xhi, x + m * ldx + win * 32 + 16);
     }
+    PK_UNROLL
     for (int r = 0; r < RB; ++r) {
       if (!Q || (win & 3) == 0) _mm_prefetch(next[r] + win * 16 * value_bytes, _MM_HINT_T0);
       const uint32_t bits = window_bits(p[r], win, pb);
       const __m512i idx = _mm512_add_epi32(base, _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32(int(bits)), shifts), three));
       const __m512 wv = window_values<Q>(w, v[r], q[r], sc[r], shift, win, vals);
+      PK_UNROLL
       for (int m = 0; m < MM; ++m) acc[r][m] = _mm512_fmadd_ps(wv, _mm512_permutex2var_ps(x0[m], idx, x1[m]), acc[r][m]);
     }
   }
+  PK_UNROLL
   for (int r = 0; r < RB; ++r)
+    PK_UNROLL
     for (int m = 0; m < MM; ++m) y[m * ldy + n + r] = hsum(acc[r][m]);
 }
 
