@@ -5,8 +5,9 @@ Takes a finished build directory whose recipe exported KV-cache graphs (``export
 ONNX Runtime runs the dense variant's ``kv/prefill.onnx`` + ``kv/decode.onnx`` (the fastest dense
 decode the project has), the native-cpu engine runs every variant (dense included, to show the
 host's own overhead) from an artifact built here from the variant's saved model; where the build's
-``onnxruntime-fused`` engine built the dense variant's fused graph, it runs too (the fastest dense
-baseline may be either ONNX Runtime graph or native dense: ratios to the fastest are reported). Each repeat is one
+``onnxruntime-fused`` engine built the dense variant's fused graph it runs too, else that graph is
+written here (the fastest dense baseline may be either ONNX Runtime graph or native dense: ratios to
+the fastest are reported). Each repeat is one
 greedy run of ``--new`` tokens after a ``--prompt``-token prompt from the evaluation text; the
 starting runner rotates per repeat. Reported: ms/token and prefill ms (medians, with min–max), their
 ratios to ONNX Runtime dense, the artifact size against the dense ONNX file, tokens identical to
@@ -86,6 +87,7 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-fused", action="store_true", help="do not run dense on onnxruntime-fused (built here when the build has none)")
     ap.add_argument("--ppl-windows", type=int, default=0, help="perplexity of each native variant on this many 512-token windows of both texts (0: none)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "native_decode.json")
     args = ap.parse_args()
@@ -127,13 +129,16 @@ def main() -> None:
         pre = stack.enter_context(ort.open(build / "dense" / "kv" / "prefill.onnx", spinning=False, name="ort:prefill"))
         dec = stack.enter_context(ort.open(build / "dense" / "kv" / "decode.onnx", spinning=False, name="ort:decode"))
         runners = {"onnxruntime-cpu:dense": ("ort", (pre, dec))}
-        fused_art = build / "dense" / "engine-onnxruntime-fused" / "model.fused.onnx"
-        if fused_art.is_file():
+        if not args.no_fused:  # ONNX Runtime's fused contrib-op graph of dense: the build's, or written here
             from engines.base import EngineArtifact
             from engines.onnxruntime_fused import OnnxRuntimeFusedEngine
 
             fused = OnnxRuntimeFusedEngine({"threads": args.threads})
-            runners["onnxruntime-fused:dense"] = ("generates", stack.enter_context(fused.runner(EngineArtifact(fused.name, fused_art), threads=args.threads)))
+            fused_art = EngineArtifact(fused.name, build / "dense" / "engine-onnxruntime-fused" / "model.fused.onnx")
+            if not Path(fused_art.path).is_file():
+                (Path(tmp) / "fused-dense").mkdir()
+                fused_art = fused.build(dense_model, Path(tmp) / "fused-dense")
+            runners["onnxruntime-fused:dense"] = ("generates", stack.enter_context(fused.runner(fused_art, threads=args.threads)))
         sizes = {}
         for v in names:
             out = Path(tmp) / v
