@@ -110,8 +110,14 @@ def _quantized_note(quant: dict[str, Any], linears: dict[str, Any], head: dict[s
     """What the artifact did with a quantized model's weights."""
     if int(quant.get("bits", 0)) != 8:
         return f"int{quant.get('bits')} weights run dequantized in fp32 (no int4 kernels in native-cpu)"
+    from engines import native
+
     n = sum(e["values"] == "int8" for e in linears.values())
-    return f"int8 weights read as int8 codes with a scale per {quant['block_size']} inputs ({n} block linears{', the LM head' if head['values'] == 'int8' else ''})"
+    note = f"int8 weights read as int8 codes with a scale per {quant['block_size']} inputs ({n} block linears{', the LM head' if head['values'] == 'int8' else ''})"
+    if int(quant.get("accuracy_level", 0)) == 4:
+        here = "this CPU has it" if native.int8_activations() else "this CPU lacks it: fp32 activations"
+        note += f"; accuracy_level 4: dense ones multiply int8 activations (per block of 32) where the CPU has AVX-512 VNNI ({here})"
+    return note
 
 
 def _load_tensors(model_dir: Path) -> dict[str, np.ndarray]:
@@ -296,6 +302,11 @@ class NativeDecoder:
         self.embed = t[manifest["embed"]]
         self.final_norm = t[a.native["final_norm"] + ".weight"]
 
+        quant = getattr(c, "weight_quantization", None) or {}
+        int8_activations = int(quant.get("accuracy_level", 0)) == 4
+        """accuracy_level 4 (the quantize pass's default, ONNX Runtime's int8-activation level): dense
+        int8 weights multiply int8 activations where the CPU has AVX-512 VNNI."""
+
         def weight(name: str, entry: dict[str, Any]) -> Any:
             from core.sparse_format import CompressedWeight
 
@@ -304,7 +315,8 @@ class NativeDecoder:
                 return native.NativeWeight(t[name])
             keys = {"2:4": ("values", "positions"), "bitmask": ("masks", "values", "row_offsets"), "dense": ("values",)}[fmt] + (("scales",) if block else ())
             arrays = {k: t[f"{name}{SEP}{k}"] for k in keys}
-            return native.NativeWeight(CompressedWeight(fmt, tuple(arrays["values"].shape if fmt == "dense" else entry["shape"]), arrays, block))
+            shape = tuple(arrays["values"].shape if fmt == "dense" else entry["shape"])
+            return native.NativeWeight(CompressedWeight(fmt, shape, arrays, block), int8_activations=int8_activations)
 
         head = manifest["embed"] if manifest["tied_head"] else manifest["head"]
         self.head = weight(head, manifest.get("head_storage", {"format": "dense"}))

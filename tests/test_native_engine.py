@@ -302,6 +302,49 @@ def test_an_int8_model_is_read_as_int8_and_computes_its_own_weights(tmp_path, ki
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.skipif(not native.int8_activations(), reason="this CPU has no AVX-512 VNNI: native-cpu runs accuracy_level 4 with fp32 activations")
+def test_accuracy_level_4_decodes_with_int8_activations(tmp_path):
+    """INT8 in blocks of 32 at accuracy_level 4 (the quantize pass's default): decode steps multiply
+    int8 activations (VNNI) — close to the model, not equal — and so do whole sequences (validation,
+    prefill), as ONNX Runtime's level 4 does; switched off, the same artifact computes exactly as
+    PyTorch."""
+    from core.adapters import adapter_for
+    from core.models import save_hf_dir
+    from passes import PassContext, get_pass_class
+    from tests.conftest import byte_tokenizer
+
+    model = tiny_model("llama", seed=6)
+    cls = get_pass_class("quantize")
+    cls(cls.config_class(bits=8, block_size=32, head=True)).run(model, PassContext(adapter_for(model.config)))
+    save_hf_dir(model, byte_tokenizer(), tmp_path / "model")
+    (tmp_path / "engine").mkdir()
+    art = NativeCpuEngine({"threads": 2}).build(tmp_path / "model", tmp_path / "engine")
+    assert "multiply int8 activations" in art.info["quantized_weights"] and "this CPU has it" in art.info["quantized_weights"]
+    prompt = np.random.default_rng(3).integers(0, 257, (1, 20)).astype(np.int64)
+    with torch.no_grad():
+        ref = model.generate(torch.from_numpy(prompt), attention_mask=torch.ones(prompt.shape, dtype=torch.long), max_new_tokens=16, do_sample=False,
+                             output_logits=True, return_dict_in_generate=True, pad_token_id=0, eos_token_id=None)
+    with NativeCpuEngine({"threads": 2}).runner(art) as r:
+        assert r.decoder.head.int8_activations and all(L.down.int8_activations and L.qkv.int8_activations for L in r.decoder.layers)
+        quantized = r.generate(prompt, 16)
+        full = r.infer({"input_ids": prompt, "attention_mask": np.ones_like(prompt)})["logits"]
+        try:
+            native.int8_activations(False)
+            exact = r.generate(prompt, 16)
+            full_exact = r.infer({"input_ids": prompt, "attention_mask": np.ones_like(prompt)})["logits"]
+        finally:
+            native.int8_activations(True)
+    np.testing.assert_array_equal(exact.tokens, ref.sequences[:, 20:].numpy())
+    for a, b in zip(exact.logits, ref.logits):
+        np.testing.assert_allclose(a, b.numpy(), atol=1e-4, rtol=1e-4)
+    with torch.no_grad():
+        whole = model(input_ids=torch.from_numpy(prompt)).logits.numpy()
+    np.testing.assert_allclose(full_exact, whole, atol=1e-4, rtol=1e-4)
+    scale = np.abs(whole).max()
+    for got, want in [(full, whole), *zip(quantized.logits, [b.numpy() for b in ref.logits])]:
+        assert 0 < np.abs(got - want).max() < 0.05 * scale, (np.abs(got - want).max(), scale)  # int8 activations: close, really not exact
+
+
 def test_sliding_window_is_refused_not_ignored():
     """The native decoder attends to every earlier position: a Mistral-style window shorter than the
     context would silently change the results past it, so the engine refuses the model instead."""

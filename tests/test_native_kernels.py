@@ -182,6 +182,40 @@ def test_stacking_keeps_int8_and_falls_back_to_fp32_on_mixed_precisions():
     np.testing.assert_allclose(mixed(x), ref, atol=1e-4)
 
 
+@pytest.mark.skipif(not native.int8_activations(), reason="this CPU has no AVX-512 VNNI: the int8-activation kernel does not run here")
+@pytest.mark.parametrize("rows", [1, 3, 6])
+def test_int8_activation_kernel_computes_the_block_quantized_product(rows):
+    """accuracy_level 4 (dense int8 in blocks of 32): x is quantized per block of 32 (symmetric, round to
+    nearest even) and multiplied in int8 by VNNI — equal to that computation done in float64; with int8
+    activations switched off the same weight gives the exact fp32 result."""
+    rng = np.random.default_rng(rows)
+    n, k = 37, 192
+    w, scales = on_int8_grid(rng.standard_normal((n, k)).astype(np.float32), 32, rng)
+    weight = native.NativeWeight(compress(w, "dense", grid=(scales, 32)), int8_activations=True)
+    assert weight.int8_activations
+    x = (rng.standard_normal((rows, k)) * np.where(rng.random(k) < 0.05, 20.0, 1.0)).astype(np.float32)  # a few outliers
+    x[0, :32] = 0.0  # an all-zero block
+    xb = x.reshape(rows, k // 32, 32).astype(np.float64)
+    sx = np.abs(x.reshape(rows, k // 32, 32)).max(-1).astype(np.float32) / np.float32(127)
+    sx = np.where(sx > 0, sx, 1.0)
+    qx = np.clip(np.rint(x.reshape(rows, k // 32, 32) * (np.float32(1) / sx[..., None]).astype(np.float32)), -127, 127).astype(np.float64)
+    codes = np.rint(w.reshape(n, k // 32, 32) / scales[..., None]).astype(np.float64)
+    emulated = np.einsum("mbk,nbk,nb,mb->mn", qx, codes, scales.astype(np.float64), sx.astype(np.float64))
+    exact = xb.reshape(rows, k) @ w.T.astype(np.float64)
+    got = weight(x)
+    np.testing.assert_allclose(got, emulated, atol=1e-4 * (1 + np.abs(emulated).max()), rtol=0)
+    assert np.abs(got - exact).max() > 1e-6  # the activations really were quantized
+    np.testing.assert_allclose(got, exact, atol=0.02 * (1 + np.abs(exact).max()), rtol=0)
+    try:
+        native.int8_activations(False)
+        np.testing.assert_allclose(weight(x), exact, atol=1e-5 * (1 + np.abs(exact).max()), rtol=0)
+    finally:
+        native.int8_activations(True)
+    plain = native.NativeWeight(compress(w, "dense", grid=(scales, 32)))  # accuracy_level 0: fp32 activations
+    assert not plain.int8_activations
+    np.testing.assert_allclose(plain(x), exact, atol=1e-5 * (1 + np.abs(exact).max()), rtol=0)
+
+
 def test_every_isa_gives_the_scalar_result_bit_for_bit_on_sums_of_one_term():
     # one kept weight per row: every path must return exactly w * x (no rounding differences)
     rng = np.random.default_rng(1)

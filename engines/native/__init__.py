@@ -63,7 +63,9 @@ def lib() -> ctypes.CDLL:
             L.pk_set_threads.argtypes = [ctypes.c_int]
             L.pk_set_spin_us.argtypes = [ctypes.c_int]
             vp = ctypes.c_void_p
-            L.pk_gemv.argtypes = [_i64, _i64, vp, vp, vp, vp, _i64, vp, _i64, vp]
+            L.pk_gemv.argtypes = [_i64, _i64, vp, vp, vp, vp, _i64, vp, vp, _i64, vp]
+            L.pk_int8_activations.restype = ctypes.c_int
+            L.pk_int8_activations.argtypes = [ctypes.c_int]
             L.pk_decompress.argtypes = [_i64, _i64, vp, vp, vp, vp, _i64, _i64, _i64, vp]
             L.pk_gemv_24.argtypes = [_i64, _i64, vp, vp, vp, _i64, vp, _i64, vp]
             L.pk_decompress_24.argtypes = [_i64, _i64, vp, vp, vp, _i64, _i64, _i64, vp]
@@ -99,6 +101,13 @@ def set_isa(name: str) -> None:
     code = {v: k for k, v in ISA_NAMES.items()}.get(name)
     if code is None or lib().pk_set_isa(code) < 0:
         raise ValueError(f"instruction set '{name}' is not available here (best: {best_isa()}; known: {', '.join(ISA_NAMES.values())})")
+
+
+def int8_activations(on: bool | None = None) -> bool:
+    """Whether dense int8 weights of an ``accuracy_level`` 4 model run with int8 activations (AVX-512
+    VNNI, x quantized per block of 32 at run time, as ONNX Runtime's MatMulNBits does): False on a CPU
+    without VNNI. ``on`` switches their use (tests compare both paths)."""
+    return bool(lib().pk_int8_activations(-1 if on is None else int(bool(on))))
 
 
 def set_threads(n: int) -> None:
@@ -147,7 +156,7 @@ class PkWeight(ctypes.Structure):
     """A layer's linear for the native decode step (``PkWeight`` in api.cpp)."""
 
     _fields_ = [("kind", _i64), ("N", _i64), ("K", _i64), ("a", ctypes.c_void_p), ("b", ctypes.c_void_p), ("c", ctypes.c_void_p), ("threshold", ctypes.c_double),
-                ("scales", ctypes.c_void_p), ("block", _i64)]
+                ("scales", ctypes.c_void_p), ("block", _i64), ("corr", ctypes.c_void_p)]
 
 
 class PkLayer(ctypes.Structure):
@@ -163,10 +172,10 @@ class PkLayer(ctypes.Structure):
 
 def pk_weight(w: "NativeWeight | InputMajorWeight", threshold: float | None = None) -> PkWeight:
     if isinstance(w, InputMajorWeight):
-        return PkWeight(2, w.n, w.k, w.wt.ctypes.data, None, None, -1.0 if threshold is None else float(threshold), None, 0)
+        return PkWeight(2, w.n, w.k, w.wt.ctypes.data, None, None, -1.0 if threshold is None else float(threshold), None, 0, None)
     if w.format == "2:4":
-        return PkWeight(1, w.n, w.k, w.arrays["values"].ctypes.data, w.arrays["positions"].ctypes.data, None, -1.0, *w._q)
-    return PkWeight(0, w.n, w.k, *w._args, -1.0, *w._q)
+        return PkWeight(1, w.n, w.k, w.arrays["values"].ctypes.data, w.arrays["positions"].ctypes.data, None, -1.0, *w._q, None)
+    return PkWeight(0, w.n, w.k, *w._args, -1.0, *w._q, w._corr)
 
 
 def decode_layers(layers: "ctypes.Array[PkLayer]", hidden: int, h: np.ndarray, pos: int, cos: np.ndarray, sin: np.ndarray, eps: float) -> tuple[int, int, int]:
@@ -252,8 +261,9 @@ class NativeWeight:
     :class:`CompressedWeight` (2:4, bitmask or dense; float32 or int8 values with their scales), or a
     dense float32 ``(N, K)`` array (``format`` 'dense', every bit set)."""
 
-    def __init__(self, c: CompressedWeight | np.ndarray):
+    def __init__(self, c: CompressedWeight | np.ndarray, int8_activations: bool = False):
         self._tile: np.ndarray | None = None
+        self._corr: int | None = None
         if isinstance(c, np.ndarray):
             if c.ndim != 2:
                 raise ValueError(f"native weight: dense weight of shape {c.shape} is not 2-D")
@@ -281,6 +291,11 @@ class NativeWeight:
             if values.size - VALUE_PAD != self.n * self.k:
                 raise ValueError(f"native weight: {values.size - VALUE_PAD} dense values do not fit a ({self.n}, {self.k}) weight")
             self._args = (None, values.ctypes.data, None)
+            if int8_activations and self.block == 32 and self.k % 64 == 0:
+                # 128 · Σ codes · scale per row and block: the activations' +128 offset, taken back out
+                sums = self.stored_values.reshape(self.n, self.k // 32, 32).sum(-1, dtype=np.int64)
+                self.arrays["corr"] = np.ascontiguousarray(128.0 * sums * self.arrays["scales"], np.float32)
+                self._corr = self.arrays["corr"].ctypes.data
             return
         if c.format == "2:4":  # the 2:4 kernel reads values and 2-bit positions as they are stored
             positions = np.ascontiguousarray(c.arrays["positions"], np.uint8)
@@ -301,6 +316,12 @@ class NativeWeight:
         if int(a["row_offsets"][-1]) + VALUE_PAD != a["values"].size:
             raise ValueError(f"native weight: row_offsets end at {int(a['row_offsets'][-1])}, values hold {a['values'].size - VALUE_PAD}")
         self._args = (a["masks"].ctypes.data, a["values"].ctypes.data, a["row_offsets"].ctypes.data)
+
+    @property
+    def int8_activations(self) -> bool:
+        """Its activations may be quantized to int8 per block (dense int8 in blocks of 32, K % 64 == 0,
+        from an accuracy_level 4 model); the VNNI kernel does it where the CPU has one."""
+        return self._corr is not None
 
     @property
     def stored_values(self) -> np.ndarray:
@@ -334,7 +355,8 @@ class NativeWeight:
         n = sum(p.n for p in parts)
         scales = {"scales": np.concatenate([p.arrays["scales"] for p in parts])} if block else {}
         if all(p.format == "dense" for p in parts):
-            return cls(CompressedWeight("dense", (n, k), {"values": np.concatenate([p.stored_values for p in parts]).reshape(n, k)} | scales, block))
+            return cls(CompressedWeight("dense", (n, k), {"values": np.concatenate([p.stored_values for p in parts]).reshape(n, k)} | scales, block),
+                       int8_activations=all(p.int8_activations for p in parts))
         if all(p.format == "2:4" for p in parts):
             values = np.concatenate([p.stored_values for p in parts]).reshape(-1, k // 2)
             return cls(CompressedWeight("2:4", (n, k), {"values": values, "positions": np.concatenate([p.arrays["positions"] for p in parts])} | scales, block))
@@ -380,7 +402,7 @@ class NativeWeight:
         if self.format == "2:4":
             lib().pk_gemv_24(self.n, self.k, *self._args, *self._q, x_ptr, m, y_ptr)
         else:
-            lib().pk_gemv(self.n, self.k, *self._args, *self._q, x_ptr, m, y_ptr)
+            lib().pk_gemv(self.n, self.k, *self._args, *self._q, self._corr, x_ptr, m, y_ptr)
 
     def decompress_rows(self, n0: int, n1: int, out: np.ndarray) -> np.ndarray:
         if self.format == "2:4":
@@ -414,5 +436,8 @@ class NativeWeight:
             raise ValueError(f"sparse linear: input has {x.shape[-1]} features, the weight expects {self.k}")
         lead = x.shape[:-1]
         x2 = np.ascontiguousarray(x.reshape(-1, self.k), dtype=np.float32)
-        y = self.gemv(x2) if x2.shape[0] <= GEMV_MAX_ROWS else self.gemm_tiled(x2)
+        # int8 activations (accuracy_level 4 on a VNNI CPU) for every row count, prefill included, as
+        # ONNX Runtime's MatMulNBits does: the kernel reads the weight once per four rows of x
+        small = x2.shape[0] <= GEMV_MAX_ROWS or (self.int8_activations and int8_activations())
+        y = self.gemv(x2) if small else self.gemm_tiled(x2)
         return y.reshape(*lead, self.n)

@@ -30,6 +30,13 @@ int detect_isa() {
 const int g_best = detect_isa();
 std::atomic<int> g_isa{g_best};
 
+bool detect_vnni() {
+  __builtin_cpu_init();
+  return g_best == kAvx512 && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni");
+}
+const bool g_vnni = detect_vnni();
+std::atomic<bool> g_int8x{true};  // int8 activations where a weight allows them (tests switch it off)
+
 // A pool of (threads - 1) workers plus the calling thread. A job is `ntasks` calls of fn(ctx, i);
 // a task index is claimed by a CAS on one 64-bit word holding (generation << 32 | next index), so a
 // worker that wakes late can never claim a task of a later job. Workers spin briefly between jobs
@@ -184,6 +191,34 @@ void gemv(const W& w, const float* x, int64_t M, float* y, int isa) {
   pool().run((w.N + kRowsPerTask - 1) / kRowsPerTask, &GemvJob<W>::task, &job);
 }
 
+struct Int8xJob {
+  const pk::Bitmask* w;
+  pk::QuantizedX xq;
+  int64_t M;
+  float* y;
+  static void task(void* p, int64_t i) {
+    auto* j = static_cast<Int8xJob*>(p);
+    const int64_t n0 = i * kRowsPerTask, n1 = std::min(j->w->N, n0 + kRowsPerTask);
+    pk::gemv_int8x_avx512(*j->w, j->xq, j->M, j->y, j->w->N, n0, n1);
+  }
+};
+
+// A bitmask/dense weight: int8 activations by the VNNI kernel where the weight allows them
+// (w.q.corr, accuracy_level 4) and the chosen instruction set is AVX-512 on a CPU with VNNI.
+void gemv(const pk::Bitmask& w, const float* x, int64_t M, float* y, int isa) {
+  if (w.q.corr && g_vnni && isa == kAvx512 && g_int8x.load(std::memory_order_relaxed)) {
+    thread_local std::vector<uint8_t> u8;
+    thread_local std::vector<float> scales;
+    u8.resize(size_t(M * w.K));
+    scales.resize(size_t(M * (w.K / 32)));
+    pk::quantize_x_avx512(x, M, w.K, w.K, u8.data(), scales.data());
+    Int8xJob job{&w, {u8.data(), scales.data(), w.K}, M, y};
+    pool().run((w.N + kRowsPerTask - 1) / kRowsPerTask, &Int8xJob::task, &job);
+    return;
+  }
+  gemv<pk::Bitmask>(w, x, M, y, isa);
+}
+
 template <class W>
 struct DecompressJob {
   const W* w;
@@ -230,13 +265,14 @@ struct PkWeight {
   double threshold;
   const float* scales;
   int64_t block;
+  const float* corr;  // int8 activations allowed (see pk::Int8Values)
 };
 
 // Float values, or int8 codes when scales are given.
 inline const float* float_values(const void* values, const float* scales) { return scales ? nullptr : static_cast<const float*>(values); }
-inline pk::Int8Values int8_values(const void* values, const float* scales, int64_t block) {
+inline pk::Int8Values int8_values(const void* values, const float* scales, int64_t block, const float* corr = nullptr) {
   if (!scales) return {};
-  return {static_cast<const int8_t*>(values), scales, block};
+  return {static_cast<const int8_t*>(values), scales, block, corr};
 }
 
 struct PkLayer {
@@ -270,7 +306,7 @@ struct AttnJob {
 void apply(const PkWeight& w, const float* x, float* y, int isa, std::vector<int32_t>& idx, std::vector<float>& vals, int64_t* read, int64_t* total) {
   if (w.kind == 0) {
     gemv(pk::Bitmask{w.N, w.K, static_cast<const uint16_t*>(w.a), float_values(w.b, w.scales), static_cast<const int64_t*>(w.c),
-                     int8_values(w.b, w.scales, w.block)},
+                     int8_values(w.b, w.scales, w.block, w.corr)},
          x, 1, y, isa);
   } else if (w.kind == 1) {
     gemv(pk::TwoFour{w.N, w.K, float_values(w.a, w.scales), static_cast<const uint8_t*>(w.b), int8_values(w.a, w.scales, w.block)}, x, 1, y, isa);
@@ -324,8 +360,15 @@ PK_API void pk_set_threads(int n) { pool().resize(n); }
 // y[M][N] = x[M][K] · Wᵀ, W as a bitmask (see kernels.h); x and y contiguous. values: float, or
 // int8 codes when scales (float[N][ceil(K/block)]) are given.
 PK_API void pk_gemv(int64_t N, int64_t K, const uint16_t* masks, const void* values, const int64_t* row_off, const float* scales, int64_t block,
-                    const float* x, int64_t M, float* y) {
-  gemv(pk::Bitmask{N, K, masks, float_values(values, scales), row_off, int8_values(values, scales, block)}, x, M, y, g_isa.load(std::memory_order_relaxed));
+                    const float* corr, const float* x, int64_t M, float* y) {
+  gemv(pk::Bitmask{N, K, masks, float_values(values, scales), row_off, int8_values(values, scales, block, corr)}, x, M, y,
+       g_isa.load(std::memory_order_relaxed));
+}
+
+// 1 when this CPU runs int8 activations (AVX-512 VNNI); set 0/1 to turn their use off/on (tests).
+PK_API int pk_int8_activations(int on) {
+  if (on >= 0) g_int8x.store(on != 0);
+  return g_vnni && g_int8x.load() ? 1 : 0;
 }
 
 // Rows [n0, n1) of W, dense, into out[(n1-n0)][K].

@@ -20,6 +20,17 @@ struct Int8Values {
   const int8_t* values = nullptr;
   const float* scales = nullptr;
   int64_t block = 0;
+  // Set (float[N][K/32]: 128 · Σ codes · scale per row and block): a dense weight in blocks of 32,
+  // K % 64 == 0, whose activations may be quantized to int8 per block (accuracy_level 4) — the
+  // VNNI kernel runs it where the CPU has AVX-512 VNNI; elsewhere the fp32-activation kernels do.
+  const float* corr = nullptr;
+};
+
+// Rows of x quantized per block of 32 inputs: unsigned bytes (qx + 128) u8[M][ld], scales[M][K/32].
+struct QuantizedX {
+  const uint8_t* u8;
+  const float* scales;
+  int64_t ld;
 };
 
 struct Bitmask {
@@ -67,6 +78,10 @@ void gemv_avx512(const Bitmask& w, const float* x, int64_t M, int64_t ldx, float
 void gemv_twofour_scalar(const TwoFour& w, const float* x, int64_t M, int64_t ldx, float* y, int64_t ldy, int64_t n0, int64_t n1);
 void gemv_twofour_avx2(const TwoFour& w, const float* x, int64_t M, int64_t ldx, float* y, int64_t ldy, int64_t n0, int64_t n1);
 void gemv_twofour_avx512(const TwoFour& w, const float* x, int64_t M, int64_t ldx, float* y, int64_t ldy, int64_t n0, int64_t n1);
+
+// Dense int8 weights × int8 activations (AVX-512 VNNI; w.q.corr set): x quantized first by quantize_x.
+void quantize_x_avx512(const float* x, int64_t M, int64_t ldx, int64_t K, uint8_t* u8, float* scales);
+void gemv_int8x_avx512(const Bitmask& w, const QuantizedX& xq, int64_t M, float* y, int64_t ldy, int64_t n0, int64_t n1);
 
 // Activation-sparse GEMV with the weight input-major (wt: K rows of N): y[n0, n1) = Σ_a vals[a] · wt[idx[a], n0:n1).
 void gemv_sparse_x_scalar(const float* wt, int64_t N, const int32_t* idx, const float* vals, int64_t count, float* y, int64_t n0, int64_t n1);

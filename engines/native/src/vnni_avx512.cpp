@@ -1,0 +1,109 @@
+// Dense int8 weights × int8 activations, AVX-512 VNNI (compiled with -mavx512f -mavx512bw
+// -mavx512vnni): the accuracy_level 4 path (the quantize pass's option, ONNX Runtime's MatMulNBits
+// semantics). Each row of x is quantized per block of 32 inputs, symmetric: sx = max|x| / 127,
+// qx = round(x / sx) in [-127, 127], stored as the unsigned byte qx + 128 so `vpdpbusd` (unsigned ×
+// signed bytes, four products per 32-bit lane) multiplies 64 weights per instruction. The offset
+// comes back out per block: Σ w·(qx + 128) = Σ w·qx + 128·Σ w, and 128·Σ w·sw is precomputed per
+// row and block (`corr`). A 64-byte chunk of a row is two blocks: lanes 0-7 the first, 8-15 the
+// second; its partial sums are converted to floats and scaled per lane by sw·sx of their block.
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstring>
+
+#include "kernels.h"
+#include "simd.h"
+
+namespace pk {
+namespace {
+
+// Lanes 0-7 take element 0 of a pair, lanes 8-15 element 1.
+inline __m512 pair_lanes(const float* p) {
+  const __m512i idx = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+  return _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(_mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(p)))));
+}
+
+template <int MM, int RB>
+void block(const Bitmask& w, const QuantizedX& xq, float* y, int64_t ldy, int64_t n) {
+  const int64_t K = w.K, chunks = K / 64, nb = K / 32;
+  const int8_t* q[RB];
+  const float* sw[RB];
+  __m512 acc[RB][MM];
+  PK_UNROLL
+  for (int r = 0; r < RB; ++r) {
+    q[r] = w.q.values + (n + r) * K;
+    sw[r] = w.q.scales + (n + r) * nb;
+    const int64_t nn = n + 4 * RB + r < w.N ? n + 4 * RB + r : n + r;
+    for (int64_t c = 0; c < K; c += 64) _mm_prefetch(reinterpret_cast<const char*>(w.q.values + nn * K + c), _MM_HINT_T0);
+    PK_UNROLL
+    for (int m = 0; m < MM; ++m) acc[r][m] = _mm512_setzero_ps();
+  }
+  for (int64_t j = 0; j < chunks; ++j) {
+    __m512i xv[MM];
+    __m512 sx[MM];
+    PK_UNROLL
+    for (int m = 0; m < MM; ++m) {
+      xv[m] = _mm512_loadu_si512(xq.u8 + m * xq.ld + j * 64);
+      sx[m] = pair_lanes(xq.scales + m * nb + 2 * j);
+    }
+    PK_UNROLL
+    for (int r = 0; r < RB; ++r) {
+      const __m512i wv = _mm512_loadu_si512(q[r] + j * 64);
+      const __m512 s = pair_lanes(sw[r] + 2 * j);
+      PK_UNROLL
+      for (int m = 0; m < MM; ++m) {
+        const __m512 part = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), xv[m], wv));
+        acc[r][m] = _mm512_fmadd_ps(part, _mm512_mul_ps(s, sx[m]), acc[r][m]);
+      }
+    }
+  }
+  PK_UNROLL
+  for (int r = 0; r < RB; ++r) {
+    const float* corr = w.q.corr + (n + r) * nb;
+    PK_UNROLL
+    for (int m = 0; m < MM; ++m) {
+      float c = 0.f;  // the offset's share: Σ_b 128·Σw_b·sw_b · sx_b
+      for (int64_t b = 0; b < nb; ++b) c += corr[b] * xq.scales[m * nb + b];
+      y[m * ldy + n + r] = hsum(acc[r][m]) - c;
+    }
+  }
+}
+
+template <int MM>
+void rows(const Bitmask& w, const QuantizedX& xq, float* y, int64_t ldy, int64_t n0, int64_t n1) {
+  int64_t n = n0;
+  for (; n + 4 <= n1; n += 4) block<MM, 4>(w, xq, y, ldy, n);
+  for (; n < n1; ++n) block<MM, 1>(w, xq, y, ldy, n);
+}
+
+}  // namespace
+
+void quantize_x_avx512(const float* x, int64_t M, int64_t ldx, int64_t K, uint8_t* u8, float* scales) {
+  const int64_t nb = K / 32;
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t b = 0; b < nb; ++b) {
+      const float* v = x + m * ldx + b * 32;
+      const __m512 a = _mm512_loadu_ps(v), c = _mm512_loadu_ps(v + 16);
+      const __m512 mx = _mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(c));
+      const float amax = _mm512_reduce_max_ps(mx);
+      const float s = amax > 0.f ? amax / 127.f : 1.f;
+      const __m512 inv = _mm512_set1_ps(1.f / s);
+      // round to nearest even, clamp to ±127, + 128 → unsigned bytes
+      const __m512i qa = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(a, inv)), _mm512_set1_epi32(128));
+      const __m512i qc = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(c, inv)), _mm512_set1_epi32(128));
+      const __m512i lo = _mm512_set1_epi32(1), hi = _mm512_set1_epi32(255);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(u8 + m * K + b * 32), _mm512_cvtepi32_epi8(_mm512_min_epi32(_mm512_max_epi32(qa, lo), hi)));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(u8 + m * K + b * 32 + 16), _mm512_cvtepi32_epi8(_mm512_min_epi32(_mm512_max_epi32(qc, lo), hi)));
+      scales[m * nb + b] = s;
+    }
+  }
+}
+
+void gemv_int8x_avx512(const Bitmask& w, const QuantizedX& xq, int64_t M, float* y, int64_t ldy, int64_t n0, int64_t n1) {
+  by_chunks_of_four(M, [&](auto mm, int64_t m) {
+    const QuantizedX part{xq.u8 + m * xq.ld, xq.scales + m * (w.K / 32), xq.ld};
+    rows<decltype(mm)::value>(w, part, y + m * ldy, ldy, n0, n1);
+  });
+}
+
+}  // namespace pk
