@@ -1,0 +1,122 @@
+"""Throughput of the native kernels alone, per storage (dense / 2:4 / 50 % bitmask) and value type
+(fp32, int8, int8 weights × int8 activations), on SmolLM2-shaped weights, batch-1 (one row of x).
+
+Two settings, each kind timed in the same run, the kinds interleaved round-robin (the starting kind
+rotates per repeat):
+
+* ``stream``: ``--layers`` decoder layers of distinct random weights (q/k/v stacked 1536×576, o
+  576×576, gate/up stacked 3072×576, down 576×1536), one GEMV each, back to back — a decode step's
+  block linears, read from memory; reported with the bytes read per step and the GB/s reached, against
+  this machine's copy bandwidth measured in the same run;
+* ``cached``: one 768×576 weight called repeatedly — the kernel's compute speed (weights in cache).
+
+Weights are random (a quarter of each row's blocks of 32 scaled up, so int8 scales differ), pruned to
+2:4 (magnitude) or 50 % (random), and put on an int8 grid of a scale per 32 inputs for the int8 kinds.
+
+    python benchmarks/kernel_throughput.py --repeats 7
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import ROOT, markdown_table, write_result  # noqa: E402
+
+SHAPES = [(1536, 576), (576, 576), (3072, 576), (576, 1536)]
+KINDS = ["dense", "dense-int8", "dense-int8x", "2:4", "2:4-int8", "50", "50-int8"]
+"""``-int8``: int8 values (fp32 activations); ``-int8x``: int8 activations too (AVX-512 VNNI)."""
+
+
+def make_weight(kind: str, n: int, k: int, rng: np.random.Generator):
+    from core.sparse_format import compress
+    from engines import native
+
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    w *= np.repeat(np.where(rng.random((n, -(-k // 32))) < 0.25, 4.0, 1.0), 32, axis=1)[:, :k].astype(np.float32)
+    fmt = "dense"
+    if kind.startswith("2:4"):
+        g = w.reshape(n, k // 4, 4)
+        np.put_along_axis(g, np.argsort(np.abs(g), -1)[..., :2], 0.0, -1)
+        w, fmt = g.reshape(n, k), "2:4"
+    elif kind.startswith("50"):
+        w[rng.random((n, k)) < 0.5] = 0.0
+        fmt = "bitmask"
+    if "int8" not in kind:
+        return native.NativeWeight(compress(w, fmt))
+    scales = np.abs(w.reshape(n, k // 32, 32)).max(-1).astype(np.float32) / np.float32(127)
+    scales = np.where(scales > 0, scales, np.float32(1))
+    codes = np.clip(np.rint(w / np.repeat(scales, 32, axis=1)), -127, 127)
+    w = (codes.astype(np.float32) * np.repeat(scales, 32, axis=1)).astype(np.float32)
+    return native.NativeWeight(compress(w, fmt, grid=(scales, 32)), int8_activations=kind.endswith("x"))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--layers", type=int, default=30)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "kernel_throughput.json")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from engines import native
+
+    native.set_threads(args.threads)
+    kinds = [k for k in KINDS if not k.endswith("x") or native.int8_activations()]
+    rng = np.random.default_rng(0)
+    stream = {kind: [make_weight(kind, n, k, rng) for _ in range(args.layers) for n, k in SHAPES] for kind in kinds}
+    cached = {kind: make_weight(kind, 768, 576, rng) for kind in kinds}
+    xs = {k: rng.standard_normal((1, k)).astype(np.float32) for k in {576, 1536}}
+    y = {n: np.empty((1, n), np.float32) for n in {n for n, _ in SHAPES} | {768}}
+
+    def step(ws: list) -> float:
+        t0 = time.perf_counter()
+        for w in ws:
+            w.gemv_into(xs[w.k].ctypes.data, 1, y[w.n].ctypes.data)
+        return time.perf_counter() - t0
+
+    samples: dict[str, dict[str, list[float]]] = {k: {"stream_ms": [], "cached_us": []} for k in kinds}
+    for kind in kinds:  # warm-up
+        step(stream[kind])
+        step([cached[kind]] * 200)
+    for rep in range(args.repeats):
+        order = kinds[rep % len(kinds):] + kinds[: rep % len(kinds)]
+        for kind in order:
+            samples[kind]["stream_ms"].append(step(stream[kind]) * 1e3)
+            samples[kind]["cached_us"].append(step([cached[kind]] * 500) / 500 * 1e6)
+    bw = native.copy_bandwidth()
+    result: dict = {"threads": args.threads, "layers": args.layers, "repeats": args.repeats, "isa": native.best_isa(),
+                    "int8_activations": native.int8_activations(), "copy_bandwidth_gb_s": round(bw / 1e9, 2), "shapes": SHAPES, "kinds": {}}
+    weights = args.layers * sum(n * k for n, k in SHAPES)
+    dense_ms = statistics.median(samples["dense"]["stream_ms"])
+    rows = []
+    for kind in kinds:
+        s_ms = statistics.median(samples[kind]["stream_ms"])
+        c_us = statistics.median(samples[kind]["cached_us"])
+        nbytes = sum(w.nbytes for w in stream[kind])
+        entry = {
+            "stream_ms": round(s_ms, 3), "stream_ms_range": [round(min(samples[kind]["stream_ms"]), 3), round(max(samples[kind]["stream_ms"]), 3)],
+            "stream_speedup_vs_dense_fp32": round(dense_ms / s_ms, 3), "bytes_per_step": int(nbytes),
+            "stream_gb_s": round(nbytes / s_ms / 1e6, 2), "fraction_of_copy_bandwidth": round(nbytes / s_ms / 1e6 / (bw / 1e9), 3),
+            "stream_dense_weights_per_s_g": round(weights / s_ms / 1e6, 2),
+            "cached_us": round(c_us, 2), "cached_dense_weights_per_s_g": round(768 * 576 / c_us / 1e3, 2),
+            "samples": samples[kind],
+        }
+        result["kinds"][kind] = entry
+        rows.append([kind, f"{s_ms:.2f}", f"×{entry['stream_speedup_vs_dense_fp32']:.2f}", f"{nbytes / 1e6:.1f}", f"{entry['stream_gb_s']:.1f}",
+                     f"{entry['fraction_of_copy_bandwidth']:.2f}", f"{entry['cached_dense_weights_per_s_g']:.1f}"])
+    write_result(args.out, result)
+    print(markdown_table(["kind", "step ms (stream)", "vs dense fp32", "MB read", "GB/s", "of copy bw", "G weights/s (cached)"], rows))
+    print(f"copy bandwidth {result['copy_bandwidth_gb_s']} GB/s; {result['isa']}; int8 activations: {result['int8_activations']}; wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
