@@ -38,26 +38,40 @@ def test_agreement_hand_case():
     assert res["kl_dense_variant"] == pytest.approx(kl2 / 2, rel=1e-5)
 
 
+class FakeClock:
+    """``time`` for pipeline.validate with a clock only the fake runners move: the interleaving and
+    ratio logic is tested without timing anything on a shared machine."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self):
+        return self.now
+
+
 class FakeRunner:
-    def __init__(self, delay):
+    def __init__(self, delay, clock):
         self.delay = delay
+        self.clock = clock
         self.calls = 0
 
     def infer(self, feeds):
         self.calls += 1
-        t = __import__("time").perf_counter()
-        while __import__("time").perf_counter() - t < self.delay:
-            pass
+        self.clock.now += self.delay
         return {}
 
 
-def test_interleaved_latency_ratio_and_call_counts():
-    d, v, w = FakeRunner(0.002), FakeRunner(0.004), FakeRunner(0.001)
+def test_interleaved_latency_ratio_and_call_counts(monkeypatch):
+    import pipeline.validate as validate
+
+    clock = FakeClock()
+    monkeypatch.setattr(validate, "time", clock)
+    d, v, w = FakeRunner(0.002, clock), FakeRunner(0.004, clock), FakeRunner(0.001, clock)
     pts = interleaved_latency({"dense": d, "slow": v, "fast": w}, [(1, 8), (2, 4)], vocab=10, warmup=1, repeats=4)
     assert d.calls == v.calls == w.calls == 2 * 5
     slow = pts["slow"][0].to_dict()
-    assert len(slow["dense_samples_ms"]) == 4 and 1.5 < slow["ratio"] < 3.0
-    assert 0.3 < pts["fast"][1].to_dict()["ratio"] < 0.8
+    assert len(slow["dense_samples_ms"]) == 4 and slow["ratio"] == pytest.approx(2.0)
+    assert pts["fast"][1].to_dict()["ratio"] == pytest.approx(0.5)
     base = pts["dense"][0].to_dict()
     assert base["ratio"] is None and not math.isnan(base["dense_median_ms"])
     with pytest.raises(ValueError, match="baseline runner 'dense'"):
