@@ -52,7 +52,16 @@ class NativeOptions:
     """A block linear with at least this fraction of zero weights is stored compressed; below it the
     bitmask costs more than it saves and the linear stays dense."""
 
+    int8_activations: bool = False
+    """Run the dense int8 weights of an ``accuracy_level`` 4 model with int8 activations (x quantized per
+    block of 32, AVX-512 VNNI where the CPU has it), as ONNX Runtime's MatMulNBits does at that level.
+    Off by default: on the AVX-512 EPYC it was no faster streaming a decode step's weights than the
+    fp32-activation int8 kernel (``benchmarks/results/kernel_throughput.json``), and fp32 activations
+    compute exactly the model's result."""
+
     def __post_init__(self) -> None:
+        if not isinstance(self.int8_activations, bool):
+            raise OptionError("int8_activations", f"int8_activations {self.int8_activations!r} must be true or false")
         if not isinstance(self.threads, int) or isinstance(self.threads, bool) or self.threads < 0:
             raise OptionError("threads", f"threads {self.threads!r} must be an integer >= 0 (0 = all cores)")
         if not isinstance(self.min_sparsity, (int, float)) or not 0.0 <= float(self.min_sparsity) <= 1.0:
@@ -106,7 +115,7 @@ def _int8_grids(model_dir: Path, quant: dict[str, Any] | None) -> dict[str, tupl
     return grids
 
 
-def _quantized_note(quant: dict[str, Any], linears: dict[str, Any], head: dict[str, Any]) -> str:
+def _quantized_note(quant: dict[str, Any], linears: dict[str, Any], head: dict[str, Any], int8_activations: bool) -> str:
     """What the artifact did with a quantized model's weights."""
     if int(quant.get("bits", 0)) != 8:
         return f"int{quant.get('bits')} weights run dequantized in fp32 (no int4 kernels in native-cpu)"
@@ -114,9 +123,11 @@ def _quantized_note(quant: dict[str, Any], linears: dict[str, Any], head: dict[s
 
     n = sum(e["values"] == "int8" for e in linears.values())
     note = f"int8 weights read as int8 codes with a scale per {quant['block_size']} inputs ({n} block linears{', the LM head' if head['values'] == 'int8' else ''})"
-    if int(quant.get("accuracy_level", 0)) == 4:
+    if int8_activations:
         here = "this CPU has it" if native.int8_activations() else "this CPU lacks it: fp32 activations"
-        note += f"; accuracy_level 4: dense ones multiply int8 activations (per block of 32) where the CPU has AVX-512 VNNI ({here})"
+        note += f"; option int8_activations: dense ones multiply int8 activations (per block of 32) where the CPU has AVX-512 VNNI ({here})"
+    else:
+        note += "; fp32 activations (the model's own result)"
     return note
 
 
@@ -234,6 +245,7 @@ class NativeCpuEngine(Engine):
             "head_storage": head_entry,
             "embed": embed_name,
             "min_sparsity": self.options["min_sparsity"],
+            "int8_activations": bool(self.options["int8_activations"] and quant and int(quant.get("bits", 0)) == 8 and int(quant.get("accuracy_level", 0)) == 4),
             "linears": linears,
             "linear_bytes": sum(e["bytes"] for e in linears.values()),
             "linear_dense_bytes": sum(e["dense_bytes"] for e in linears.values()),
@@ -250,7 +262,7 @@ class NativeCpuEngine(Engine):
             "bytes": size,
             "formats": formats,
             "linear_bytes_ratio": round(manifest["linear_bytes"] / manifest["linear_dense_bytes"], 4),
-            **({"quantized_weights": _quantized_note(quant, linears, head_entry)} if quant else {}),
+            **({"quantized_weights": _quantized_note(quant, linears, head_entry, manifest["int8_activations"])} if quant else {}),
         }
         log.info("native-cpu engine built in %.1f s: %s, %.1f MB (%s)", seconds, ARTIFACT, size / 1e6, formats)
         return EngineArtifact(self.name, out_dir / ARTIFACT, info)
@@ -302,10 +314,8 @@ class NativeDecoder:
         self.embed = t[manifest["embed"]]
         self.final_norm = t[a.native["final_norm"] + ".weight"]
 
-        quant = getattr(c, "weight_quantization", None) or {}
-        int8_activations = int(quant.get("accuracy_level", 0)) == 4
-        """accuracy_level 4 (the quantize pass's default, ONNX Runtime's int8-activation level): dense
-        int8 weights multiply int8 activations where the CPU has AVX-512 VNNI."""
+        int8_activations = bool(manifest.get("int8_activations", False))
+        """The engine option (accuracy_level 4 models only): dense int8 weights multiply int8 activations where the CPU has AVX-512 VNNI."""
 
         def weight(name: str, entry: dict[str, Any]) -> Any:
             from core.sparse_format import CompressedWeight

@@ -136,6 +136,8 @@ def test_options_are_checked():
         NativeCpuEngine({"min_sparsity": 1.5})
     with pytest.raises(OptionError, match="threads"):
         NativeCpuEngine({"threads": -1})
+    with pytest.raises(OptionError, match="int8_activations"):
+        NativeCpuEngine({"int8_activations": "yes"})
 
 
 def test_activation_sparsity_pass_engine_and_reload(tmp_path):
@@ -304,7 +306,8 @@ def test_an_int8_model_is_read_as_int8_and_computes_its_own_weights(tmp_path, ki
 
 @pytest.mark.skipif(not native.int8_activations(), reason="this CPU has no AVX-512 VNNI: native-cpu runs accuracy_level 4 with fp32 activations")
 def test_accuracy_level_4_decodes_with_int8_activations(tmp_path):
-    """INT8 in blocks of 32 at accuracy_level 4 (the quantize pass's default): decode steps multiply
+    """INT8 in blocks of 32 at accuracy_level 4 (the quantize pass's default) with the engine option
+    int8_activations (off by default: fp32 activations, the model's own result): decode steps multiply
     int8 activations (VNNI) — close to the model, not equal — and so do whole sequences (validation,
     prefill), as ONNX Runtime's level 4 does; switched off, the same artifact computes exactly as
     PyTorch."""
@@ -317,8 +320,13 @@ def test_accuracy_level_4_decodes_with_int8_activations(tmp_path):
     cls = get_pass_class("quantize")
     cls(cls.config_class(bits=8, block_size=32, head=True)).run(model, PassContext(adapter_for(model.config)))
     save_hf_dir(model, byte_tokenizer(), tmp_path / "model")
+    (tmp_path / "plain").mkdir()
+    plain = NativeCpuEngine({"threads": 2}).build(tmp_path / "model", tmp_path / "plain")  # the default: fp32 activations
+    assert "fp32 activations" in plain.info["quantized_weights"]
+    with NativeCpuEngine({"threads": 2}).runner(plain) as r:
+        assert not r.decoder.head.int8_activations
     (tmp_path / "engine").mkdir()
-    art = NativeCpuEngine({"threads": 2}).build(tmp_path / "model", tmp_path / "engine")
+    art = NativeCpuEngine({"threads": 2, "int8_activations": True}).build(tmp_path / "model", tmp_path / "engine")
     assert "multiply int8 activations" in art.info["quantized_weights"] and "this CPU has it" in art.info["quantized_weights"]
     prompt = np.random.default_rng(3).integers(0, 257, (1, 20)).astype(np.int64)
     with torch.no_grad():
