@@ -11,7 +11,7 @@ rotates per repeat):
 * ``cached``: one 768×576 weight called repeatedly — the kernel's compute speed (weights in cache).
 
 Weights are random (a quarter of each row's blocks of 32 scaled up, so int8 scales differ), pruned to
-2:4 (magnitude) or 50 % (random), and put on an int8 grid of a scale per 32 inputs for the int8 kinds.
+2:4 (magnitude) or 50 % (random), and quantized by ``core.quant.rtn`` (INT8, a scale per 32 inputs) for the int8 kinds.
 
     python benchmarks/kernel_throughput.py --repeats 7
 """
@@ -37,6 +37,9 @@ KINDS = ["dense", "dense-int8", "dense-int8x", "2:4", "2:4-int8", "50", "50-int8
 
 
 def make_weight(kind: str, n: int, k: int, rng: np.random.Generator):
+    import torch
+
+    from core.quant import QuantScheme, rtn
     from core.sparse_format import compress
     from engines import native
 
@@ -52,11 +55,8 @@ def make_weight(kind: str, n: int, k: int, rng: np.random.Generator):
         fmt = "bitmask"
     if "int8" not in kind:
         return native.NativeWeight(compress(w, fmt))
-    scales = np.abs(w.reshape(n, k // 32, 32)).max(-1).astype(np.float32) / np.float32(127)
-    scales = np.where(scales > 0, scales, np.float32(1))
-    codes = np.clip(np.rint(w / np.repeat(scales, 32, axis=1)), -127, 127)
-    w = (codes.astype(np.float32) * np.repeat(scales, 32, axis=1)).astype(np.float32)
-    return native.NativeWeight(compress(w, fmt, grid=(scales, 32)), int8_activations=kind.endswith("x"))
+    deq, scales, _ = rtn(torch.from_numpy(w), QuantScheme(8, 32))  # the quantize pass's own INT8 (zeros stay zero)
+    return native.NativeWeight(compress(deq.numpy(), fmt, grid=(scales.numpy(), 32)), int8_activations=kind.endswith("x"))
 
 
 def main() -> None:

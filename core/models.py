@@ -310,30 +310,27 @@ def quantization_arrays(path: Path, spec: dict[str, Any]) -> dict[str, Any]:
     engines that read its weights directly; :class:`ModelLoadError` names a missing file or grid."""
     from safetensors.numpy import load_file
 
-    f = Path(path) / QUANT_FILE
+    return _read_grids(Path(path), spec, load_file)
+
+
+def _read_grids(path: Path, spec: dict[str, Any], load_file: Any) -> dict[str, Any]:
+    """``quantization.safetensors`` of ``path`` read by ``load_file`` (NumPy's or PyTorch's), every grid
+    the config names present; :class:`ModelLoadError` names a missing file or grid."""
+    f = path / QUANT_FILE
     if not f.is_file():
         raise ModelLoadError(f"'{path}/config.json' says the weights are quantized ('weight_quantization'), but '{f}' is missing")
-    arrays = load_file(str(f))
-    _check_grids(f, spec, arrays)
-    return arrays
-
-
-def _check_grids(f: Path, spec: dict[str, Any], tensors: dict[str, Any]) -> None:
+    tensors = load_file(str(f))
     missing = [w for w in spec.get("weights", []) if f"{w}.scale" not in tensors or f"{w}.zero" not in tensors]
     if missing:
         raise ModelLoadError(f"'{f}' lacks the grid of {len(missing)} quantized weights (first: '{missing[0]}')")
+    return tensors
 
 
 def _load_quantization(path: Path, spec: dict[str, Any]) -> dict[str, Any]:
     """The grids a quantized model's config names, from ``quantization.safetensors``."""
     from safetensors.torch import load_file
 
-    f = path / QUANT_FILE
-    if not f.is_file():
-        raise ModelLoadError(f"'{path}/config.json' says the weights are quantized ('weight_quantization'), but '{f}' is missing")
-    tensors = load_file(str(f))
-    _check_grids(f, spec, tensors)
-    return tensors
+    return _read_grids(Path(path), spec, load_file)
 
 
 def _load_pruned(cls: Any, config: Any, path: Path, adapter: Any) -> Any:

@@ -314,8 +314,8 @@ class NativeDecoder:
         self.embed = t[manifest["embed"]]
         self.final_norm = t[a.native["final_norm"] + ".weight"]
 
+        # the engine option (accuracy_level 4 models only): dense int8 weights multiply int8 activations where the CPU has AVX-512 VNNI
         int8_activations = bool(manifest.get("int8_activations", False))
-        """The engine option (accuracy_level 4 models only): dense int8 weights multiply int8 activations where the CPU has AVX-512 VNNI."""
 
         def weight(name: str, entry: dict[str, Any]) -> Any:
             from core.sparse_format import CompressedWeight

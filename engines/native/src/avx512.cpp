@@ -23,8 +23,8 @@ struct PermTable {
 const PermTable kPerm;
 
 // Rows of int8 values are a quarter of the bytes of float ones, so the next rows' fetch starts this
-// many blocks of rows ahead (on the AVX-512 EPYC 4 and 8 gave 15-20 % more than 1 for dense and
-// bitmask int8 weights in ad-hoc timing; not a committed benchmark).
+// many blocks of rows ahead (4 was chosen over 1, 2 and 8 by ad-hoc timing on the AVX-512 EPYC; no
+// committed benchmark compares them).
 constexpr int64_t kInt8Ahead = 4;
 
 // Sixteen int8 codes as floats (the caller's buffers are padded: a full 16-byte load never leaves them).
