@@ -94,6 +94,27 @@ def compress(w: np.ndarray, fmt: str = "auto", grid: tuple[np.ndarray, int] | No
     return c if grid is None else _to_int8(c, *grid, name=name)
 
 
+def exact_int8_grid(w: np.ndarray, block: int = 32) -> np.ndarray | None:
+    """The scales ``(N, K/block)`` of the symmetric int8 grid on which ``w`` lies exactly (``scale =
+    max|w| / 127`` per row and block of ``block`` inputs, every weight ``code · scale`` in float32 bit
+    for bit, as :func:`compress` checks), or None when it does not. A weight dequantized from a
+    symmetric 8-bit block format is on one — GGUF's Q8_0 (blocks of 32, an fp16 scale) puts its
+    largest magnitude at code ±127 — so storing its codes is lossless. K must be a multiple of
+    ``block``."""
+    if w.ndim != 2 or w.shape[1] % block or w.size == 0:
+        return None
+    w = np.asarray(w, np.float32)
+    n, k = w.shape
+    for rows in (w[:1], w):  # one row first: most weights are off any such grid, and it shows at once
+        b = rows.reshape(rows.shape[0], k // block, block)
+        scales = (np.abs(b).max(-1).astype(np.float64) / 127.0).astype(np.float32)
+        s = scales[..., None]
+        codes = np.rint(b / np.where(s > 0, s, np.float32(1.0)))
+        if np.abs(codes).max(initial=0) > 127 or not np.array_equal((codes.astype(np.float32) * s).astype(np.float32), b):
+            return None
+    return scales
+
+
 def _value_scales(c: CompressedWeight, scales: np.ndarray, block: int) -> np.ndarray:
     """The scale of each stored value of ``c`` (shaped like ``c.arrays['values']``)."""
     n, k = c.shape

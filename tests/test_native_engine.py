@@ -366,3 +366,80 @@ def test_sliding_window_is_refused_not_ignored():
     assert "sliding-window attention (8 positions)" in supports(adapter_for(windowed), windowed)
     for cfg in (MistralConfig(**common, sliding_window=None), MistralConfig(**common, sliding_window=512)):
         assert supports(adapter_for(cfg), cfg) is None  # no window, or one the context never exceeds
+
+
+def _on_q8_grid(w: torch.Tensor) -> torch.Tensor:
+    """``w`` dequantized from GGUF's Q8_0 (blocks of 32, an fp16 scale, codes round(w / scale))."""
+    b = w.reshape(w.shape[0], -1, 32)
+    d = (b.abs().amax(-1, keepdim=True) / 127).half().float()
+    return ((b / torch.where(d > 0, d, 1.0)).round().clamp(-127, 127) * d).reshape(w.shape)
+
+
+@pytest.mark.parametrize("isa", ["best", "avx2+fma"])
+def test_weights_on_an_exact_int8_grid_are_stored_as_codes_and_compute_the_same(tmp_path, isa):
+    """A tied embedding on a Q8_0 grid (as the bundled SmolLM2's is) and one block linear on one: with
+    exact_int8 (the default) they are int8 codes in the artifact, the file is smaller, and logits and
+    decode steps equal the fp32 artifact's bit for bit (the kernels multiply by exactly the same
+    weights); off, nothing is int8; a weight off the grid stays float32."""
+    from core.models import save_hf_dir
+    from tests.conftest import byte_tokenizer
+
+    model = tiny_model("llama", seed=5)
+    with torch.no_grad():
+        emb = model.get_input_embeddings().weight
+        emb.copy_(_on_q8_grid(emb))
+        down = model.model.layers[1].mlp.down_proj.weight
+        down.copy_(_on_q8_grid(down))
+    save_hf_dir(model, byte_tokenizer(), tmp_path / "model")
+    arts = {}
+    for exact in (True, False):
+        (tmp_path / f"engine-{exact}").mkdir()
+        arts[exact] = NativeCpuEngine({"threads": 2, "exact_int8": exact}).build(tmp_path / "model", tmp_path / f"engine-{exact}")
+    on = json.loads((arts[True].path.parent / "manifest.json").read_text())
+    off = json.loads((arts[False].path.parent / "manifest.json").read_text())
+    assert on["tied_head"] and on["embed_storage"] == on["head_storage"]
+    assert on["embed_storage"]["values"] == "int8" and on["embed_storage"]["exact_grid"] and on["embed_storage"]["scale_block"] == 32
+    exact = {n for n, e in on["linears"].items() if e["exact_grid"]}
+    assert exact == {"model.layers.1.mlp.down_proj.weight"} and on["linears"]["model.layers.1.mlp.down_proj.weight"]["values"] == "int8"
+    assert "token embedding" in arts[True].info["exact_int8"] and "1 block linears" in arts[True].info["exact_int8"]
+    assert off["embed_storage"]["values"] == "float32" and not any(e["values"] == "int8" for e in off["linears"].values())
+    assert arts[False].info["exact_int8"] == "none found"
+    assert arts[True].path.stat().st_size < arts[False].path.stat().st_size - 3 * emb.numel()  # ~3 bytes saved per embedding weight
+    ids = np.random.default_rng(3).integers(0, 257, (2, 20)).astype(np.int64)
+    with torch.no_grad():
+        ref = model(input_ids=torch.from_numpy(ids)).logits.numpy()
+    best = native.isa()
+    outs = {}
+    try:
+        native.set_isa(native.best_isa() if isa == "best" else isa)
+        for exact, art in arts.items():
+            with NativeCpuEngine({"threads": 2}).runner(art) as r:
+                d = r.decoder
+                assert isinstance(d.embed, np.ndarray) != exact
+                logits = r.infer({"input_ids": ids, "attention_mask": np.ones_like(ids)})["logits"]
+                d.prefill(ids[:1, :12])
+                outs[exact] = (logits, [d.step(t) for t in (5, 7, 9)], d.embed[ids])
+    finally:
+        native.set_isa(best)
+    np.testing.assert_allclose(outs[True][0], ref, atol=1e-4, rtol=1e-4)
+    assert np.array_equal(outs[True][2], emb.detach().numpy()[ids])  # the rows looked up are the model's own, bit for bit
+    assert np.array_equal(outs[True][0], outs[False][0])
+    for a, b in zip(outs[True][1], outs[False][1]):
+        assert np.array_equal(a, b)
+
+
+def test_exact_int8_grid_finds_q8_grids_only():
+    from core.sparse_format import exact_int8_grid
+
+    w = torch.randn(8, 96, generator=torch.Generator().manual_seed(0))
+    q = _on_q8_grid(w).numpy()
+    s = exact_int8_grid(q)
+    assert s is not None and s.shape == (8, 3)
+    np.testing.assert_array_equal(s, np.abs(q.reshape(8, 3, 32)).max(-1) / np.float32(127))
+    assert exact_int8_grid(w.numpy()) is None  # random floats: off any such grid
+    off = q.copy()
+    off[5, 40] = np.nextafter(off[5, 40], np.float32(1))  # one weight a float step off its code
+    assert exact_int8_grid(off) is None
+    assert exact_int8_grid(q[:, :90]) is None  # K not a multiple of the block
+    zero = np.zeros((4, 64), np.float32)
+    np.testing.assert_array_equal(exact_int8_grid(zero), np.zeros((4, 2), np.float32))
