@@ -10,7 +10,7 @@ written here (the fastest dense baseline may be either ONNX Runtime graph or nat
 the fastest are reported). Each repeat is one
 greedy run of ``--new`` tokens after a ``--prompt``-token prompt from the evaluation text; the
 starting runner rotates per repeat. Reported: ms/token and prefill ms (medians, with min–max), their
-ratios to ONNX Runtime dense, the artifact size against the dense ONNX file, tokens identical to
+ratios to ONNX Runtime dense, the artifact size against native dense and the dense fp32 ONNX file, tokens identical to
 ONNX Runtime's / PyTorch's greedy tokens, and a roofline line: bytes of the block linears read per
 token divided by their share of the step time, against this machine's copy bandwidth measured in the
 same run. With ``--ppl-windows N``, each native variant's perplexity on N × 512-token windows of the
@@ -89,6 +89,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-fused", action="store_true", help="do not run dense on onnxruntime-fused (built here when the build has none)")
     ap.add_argument("--ppl-windows", type=int, default=0, help="perplexity of each native variant on this many 512-token windows of both texts (0: none)")
+    ap.add_argument("--dense-without-exact-int8", action="store_true",
+                    help="also run dense built with the engine option exact_int8 off (its Q8_0 embedding/head as float32), as 'dense[exact_int8=false]'")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "native_decode.json")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -140,17 +142,20 @@ def main() -> None:
                 fused_art = fused.build(dense_model, Path(tmp) / "fused-dense")
             runners["onnxruntime-fused:dense"] = ("generates", stack.enter_context(fused.runner(fused_art, threads=args.threads)))
         sizes = {}
-        for v in names:
+        builds = [(v, v, native_engine) for v in names]
+        if args.dense_without_exact_int8:
+            builds.insert(1, ("dense[exact_int8=false]", "dense", NativeCpuEngine({"threads": args.threads, "exact_int8": False})))
+        for v, model_of, engine in builds:
             out = Path(tmp) / v
             out.mkdir()
-            art = native_engine.build(build / v / "model" / "model", out)
+            art = engine.build(build / model_of / "model" / "model", out)
             sizes[v] = {"native_artifact_bytes": art.info["bytes"], "formats": art.info["formats"], "linear_bytes_ratio": art.info["linear_bytes_ratio"],
-                        **({"quantized_weights": art.info["quantized_weights"]} if "quantized_weights" in art.info else {})}
-            onnx = build / v / "onnx" / "model.onnx"
+                        "exact_int8": art.info["exact_int8"], **({"quantized_weights": art.info["quantized_weights"]} if "quantized_weights" in art.info else {})}
+            onnx = build / model_of / "onnx" / "model.onnx"
             if onnx.is_file():
                 data = Path(str(onnx) + ".data")
                 sizes[v]["onnx_bytes"] = onnx.stat().st_size + (data.stat().st_size if data.is_file() else 0)
-            runners[f"native-cpu:{v}"] = ("native", stack.enter_context(native_engine.runner(art, threads=args.threads)))
+            runners[f"native-cpu:{v}"] = ("native", stack.enter_context(engine.runner(art, threads=args.threads)))
         ref_tokens = greedy_generate(pre, dec, layout, prompt, 32).tokens
 
         def run(key: str) -> dict:
@@ -167,7 +172,7 @@ def main() -> None:
         bw = native.copy_bandwidth()
         base = {m: statistics.median(samples["onnxruntime-cpu:dense"][m]) for m in ("decode_ms_per_token", "prefill_ms")}
         # the fastest dense decode of the run (ONNX Runtime's graphs or native-cpu's dense): the ratio that counts
-        fastest_key = min((k for k in samples if k.endswith(":dense")), key=lambda k: statistics.median(samples[k]["decode_ms_per_token"]))
+        fastest_key = min((k for k in samples if k.endswith(":dense") or ":dense[" in k), key=lambda k: statistics.median(samples[k]["decode_ms_per_token"]))
         fastest = statistics.median(samples[fastest_key]["decode_ms_per_token"])
         result["fastest_dense_decode"] = {"engine": fastest_key, "ms_per_token": round(fastest, 3)}
         dense_native_bytes = None
@@ -208,9 +213,12 @@ def main() -> None:
                     dense_native_bytes = sizes[v]["native_artifact_bytes"]
             result["variants"][key] = entry
         dense_ppl = result["variants"]["native-cpu:dense"].get("perplexity")
+        dense_onnx_bytes = sizes["dense"].get("onnx_bytes")
         for key, entry in result["variants"].items():
             if "native_artifact_bytes" in entry and dense_native_bytes:
                 entry["file_ratio_vs_dense"] = round(entry["native_artifact_bytes"] / dense_native_bytes, 4)
+            if "native_artifact_bytes" in entry and dense_onnx_bytes:  # against the dense fp32 ONNX model file too
+                entry["file_ratio_vs_dense_onnx"] = round(entry["native_artifact_bytes"] / dense_onnx_bytes, 4)
             if "perplexity" in entry and dense_ppl:
                 entry["perplexity_vs_dense"] = {t: round(entry["perplexity"][t] / dense_ppl[t], 4) for t in dense_ppl}
     result["copy_bandwidth_gb_s"] = round(bw / 1e9, 2)
@@ -221,10 +229,10 @@ def main() -> None:
     for key, e in result["variants"].items():
         rows.append([key, f"{e['decode_ms_per_token']:.2f}", f"×{e['decode_speedup_vs_ort_dense']:.2f} [{e['decode_speedup_range'][0]:.2f}–{e['decode_speedup_range'][1]:.2f}]",
                      f"×{e['decode_speedup_vs_fastest_dense']:.2f}",
-                     f"{e['prefill_ms']:.1f}", f"×{e['prefill_speedup_vs_ort_dense']:.2f}", f"{e.get('file_ratio_vs_dense', '—')}",
+                     f"{e['prefill_ms']:.1f}", f"×{e['prefill_speedup_vs_ort_dense']:.2f}", f"{e.get('file_ratio_vs_dense', '—')} / {e.get('file_ratio_vs_dense_onnx', '—')}",
                      f"{e['roofline']['fraction_of_copy_bandwidth']:.2f}" if "roofline" in e else "—",
                      " / ".join(f"×{r:.3f}" for r in e["perplexity_vs_dense"].values()) if "perplexity_vs_dense" in e else "—"])
-    print(markdown_table(["engine:variant", "ms/token", "decode speed-up vs ORT dense", "vs fastest dense", "prefill ms", "prefill speed-up", "file / dense", "roofline (of copy bw)",
+    print(markdown_table(["engine:variant", "ms/token", "decode speed-up vs ORT dense", "vs fastest dense", "prefill ms", "prefill speed-up", "file / native dense / dense ONNX", "roofline (of copy bw)",
                           "perplexity / dense (Shakespeare / second text)"], rows))
     print(f"copy bandwidth {result['copy_bandwidth_gb_s']} GB/s; kernels {result['isa']}; wrote {args.out}")
 
