@@ -20,7 +20,7 @@ case "$(uname -m)" in
   *) echo "engines/native/build.sh: $(uname -m) is not x86-64; the kernels have AVX2/AVX-512 paths only, skipping" >&2; exit 2 ;;
 esac
 mkdir -p lib obj
-FLAGS="-std=c++17 -O3 -fPIC -Wall -Wextra -fvisibility=hidden -DNDEBUG"
+FLAGS="-std=c++17 -O3 -fPIC -Wall -Wextra -fvisibility=hidden -DNDEBUG ${PK_EXTRA_FLAGS:-}"
 "$CXX" $FLAGS -c src/scalar.cpp -o obj/scalar.o
 "$CXX" $FLAGS -mavx2 -mfma -c src/avx2.cpp -o obj/avx2.o
 # GCC 12 warns falsely inside its own intrinsics headers (their "__Y = __Y" undefined values)

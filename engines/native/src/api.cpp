@@ -151,6 +151,23 @@ Pool& pool() {
 
 constexpr int64_t kRowsPerTask = 16;
 
+// A GEMV's output rows split into one contiguous range per thread (a multiple of 4 rows each), so each
+// core streams its own rows front to back and a kernel's prefetch of the rows ahead fetches rows the
+// same core will read (tasks of 16 rows taken in turn by the threads sent every prefetch into the
+// other core's next task).
+#ifndef PK_GEMV_PARTS
+#define PK_GEMV_PARTS 1
+#endif
+inline int64_t gemv_tasks(int64_t N) {
+  const int64_t tasks = int64_t(pool().threads()) * PK_GEMV_PARTS;
+  return std::max<int64_t>(1, std::min(tasks, (N + kRowsPerTask - 1) / kRowsPerTask));
+}
+inline void task_rows(int64_t N, int64_t tasks, int64_t i, int64_t& n0, int64_t& n1) {
+  const int64_t per = ((N + tasks - 1) / tasks + 3) / 4 * 4;
+  n0 = std::min(N, i * per);
+  n1 = std::min(N, n0 + per);
+}
+
 inline int64_t sparse_x_columns(int64_t N) {
   // one contiguous column range per thread (rounded to 128 columns): long row streams
   const int64_t t = pool().threads();
@@ -178,17 +195,19 @@ struct GemvJob {
   int64_t M;
   float* y;
   int isa;
+  int64_t tasks;
   static void task(void* p, int64_t i) {
     auto* j = static_cast<GemvJob*>(p);
-    const int64_t n0 = i * kRowsPerTask, n1 = std::min(j->w->N, n0 + kRowsPerTask);
-    gemv_rows(*j->w, j->x, j->M, j->y, j->isa, n0, n1);
+    int64_t n0, n1;
+    task_rows(j->w->N, j->tasks, i, n0, n1);
+    if (n0 < n1) gemv_rows(*j->w, j->x, j->M, j->y, j->isa, n0, n1);
   }
 };
 
 template <class W>
 void gemv(const W& w, const float* x, int64_t M, float* y, int isa) {
-  GemvJob<W> job{&w, x, M, y, isa};
-  pool().run((w.N + kRowsPerTask - 1) / kRowsPerTask, &GemvJob<W>::task, &job);
+  GemvJob<W> job{&w, x, M, y, isa, gemv_tasks(w.N)};
+  pool().run(job.tasks, &GemvJob<W>::task, &job);
 }
 
 struct Int8xJob {
@@ -196,10 +215,12 @@ struct Int8xJob {
   pk::QuantizedX xq;
   int64_t M;
   float* y;
+  int64_t tasks;
   static void task(void* p, int64_t i) {
     auto* j = static_cast<Int8xJob*>(p);
-    const int64_t n0 = i * kRowsPerTask, n1 = std::min(j->w->N, n0 + kRowsPerTask);
-    pk::gemv_int8x_avx512(*j->w, j->xq, j->M, j->y, j->w->N, n0, n1);
+    int64_t n0, n1;
+    task_rows(j->w->N, j->tasks, i, n0, n1);
+    if (n0 < n1) pk::gemv_int8x_avx512(*j->w, j->xq, j->M, j->y, j->w->N, n0, n1);
   }
 };
 
@@ -212,8 +233,8 @@ void gemv(const pk::Bitmask& w, const float* x, int64_t M, float* y, int isa) {
     u8.resize(size_t(M * w.K));
     scales.resize(size_t(M * (w.K / 32)));
     pk::quantize_x_avx512(x, M, w.K, w.K, u8.data(), scales.data());
-    Int8xJob job{&w, {u8.data(), scales.data(), w.K}, M, y};
-    pool().run((w.N + kRowsPerTask - 1) / kRowsPerTask, &Int8xJob::task, &job);
+    Int8xJob job{&w, {u8.data(), scales.data(), w.K}, M, y, gemv_tasks(w.N)};
+    pool().run(job.tasks, &Int8xJob::task, &job);
     return;
   }
   gemv<pk::Bitmask>(w, x, M, y, isa);
