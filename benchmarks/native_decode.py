@@ -89,8 +89,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-fused", action="store_true", help="do not run dense on onnxruntime-fused (built here when the build has none)")
     ap.add_argument("--ppl-windows", type=int, default=0, help="perplexity of each native variant on this many 512-token windows of both texts (0: none)")
-    ap.add_argument("--dense-without-exact-int8", action="store_true",
-                    help="also run dense built with the engine option exact_int8 off (its Q8_0 embedding/head as float32), as 'dense[exact_int8=false]'")
+    ap.add_argument("--dense-without-exact-grids", action="store_true",
+                    help="also run dense built with the engine option exact_grids off (its Q4_1 linears and Q8_0 embedding/head as float32), as 'dense[exact_grids=false]'")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "native_decode.json")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -143,14 +143,14 @@ def main() -> None:
             runners["onnxruntime-fused:dense"] = ("generates", stack.enter_context(fused.runner(fused_art, threads=args.threads)))
         sizes = {}
         builds = [(v, v, native_engine) for v in names]
-        if args.dense_without_exact_int8:
-            builds.insert(1, ("dense[exact_int8=false]", "dense", NativeCpuEngine({"threads": args.threads, "exact_int8": False})))
+        if args.dense_without_exact_grids:
+            builds.insert(1, ("dense[exact_grids=false]", "dense", NativeCpuEngine({"threads": args.threads, "exact_grids": False})))
         for v, model_of, engine in builds:
             out = Path(tmp) / v
             out.mkdir()
             art = engine.build(build / model_of / "model" / "model", out)
             sizes[v] = {"native_artifact_bytes": art.info["bytes"], "formats": art.info["formats"], "linear_bytes_ratio": art.info["linear_bytes_ratio"],
-                        "exact_int8": art.info["exact_int8"], **({"quantized_weights": art.info["quantized_weights"]} if "quantized_weights" in art.info else {})}
+                        "exact_grids": art.info["exact_grids"], **({"quantized_weights": art.info["quantized_weights"]} if "quantized_weights" in art.info else {})}
             onnx = build / model_of / "onnx" / "model.onnx"
             if onnx.is_file():
                 data = Path(str(onnx) + ".data")

@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 ARTIFACT = "model.native.safetensors"
 SEP = "::"
 EXACT_BLOCK = 32
-"""Inputs per scale of the exact int8 grids looked for (``NativeOptions.exact_int8``): GGUF's Q8_0 block."""
+"""Inputs per scale of the exact int8 grids looked for (``NativeOptions.exact_grids``): GGUF's Q8_0 block."""
 """Separator between a linear's weight name and its array name in the artifact (``<name>::values``)."""
 
 
@@ -61,15 +61,18 @@ class NativeOptions:
     fp32-activation int8 kernel (``benchmarks/results/kernel_throughput.json``), and fp32 activations
     compute exactly the model's result."""
 
-    exact_int8: bool = True
-    """Store a weight that has no quantization grid but lies exactly on a symmetric int8 grid (a scale
-    per row and 32 inputs, ``core.sparse_format.exact_int8_grid``) as int8 codes: the same weights bit
-    for bit in a quarter of the value bytes. The bundled SmolLM2's token embedding (its tied LM head)
-    is Q8_0 in its GGUF, so it is on one: the head's GEMV reads 28 MB instead of 113 MB per token."""
+    exact_grids: bool = True
+    """Store a weight that has no quantization grid but lies exactly on a 4-bit or int8 block grid as
+    its codes: the same weights bit for bit in fewer bytes. A dense weight on an asymmetric 4-bit grid
+    (a scale and offset per row and 32 inputs, ``core.sparse_format.exact_int4_grid``: GGUF's Q4_1)
+    becomes the ``int4`` format, 0.19× its float32 bytes; any weight on a symmetric int8 grid (a scale
+    per 32 inputs, ``exact_int8_grid``: GGUF's Q8_0) gets int8 values in its format. The bundled
+    SmolLM2 is Q4_1 in its GGUF (every block linear) with a Q8_0 token embedding (its tied LM head), so
+    dense SmolLM2 reads 0.19× of its float32 bytes per token, exactly the same model."""
 
     def __post_init__(self) -> None:
-        if not isinstance(self.exact_int8, bool):
-            raise OptionError("exact_int8", f"exact_int8 {self.exact_int8!r} must be true or false")
+        if not isinstance(self.exact_grids, bool):
+            raise OptionError("exact_grids", f"exact_grids {self.exact_grids!r} must be true or false")
         if not isinstance(self.int8_activations, bool):
             raise OptionError("int8_activations", f"int8_activations {self.int8_activations!r} must be true or false")
         if not isinstance(self.threads, int) or isinstance(self.threads, bool) or self.threads < 0:
@@ -142,16 +145,17 @@ def _quantized_note(quant: dict[str, Any], linears: dict[str, Any], head: dict[s
 
 
 def _exact_note(linears: dict[str, Any], embed: dict[str, Any], head: dict[str, Any], tied: bool) -> str:
-    """Which weights were found on an exact int8 grid and stored as int8 codes (option ``exact_int8``)."""
+    """Which weights were found on an exact grid and stored as its codes (option ``exact_grids``)."""
     parts = []
     if embed.get("exact_grid"):
-        parts.append("the token embedding" + (" (the tied LM head)" if tied else ""))
+        parts.append(f"the token embedding{' (the tied LM head)' if tied else ''} as {embed['exact_grid']}")
     if not tied and head.get("exact_grid"):
-        parts.append("the LM head")
-    n = sum(bool(e.get("exact_grid")) for e in linears.values())
-    if n:
-        parts.append(f"{n} block linears")
-    return ("int8 codes, lossless: " + ", ".join(parts)) if parts else "none found"
+        parts.append(f"the LM head as {head['exact_grid']}")
+    for kind in ("int4", "int8"):
+        n = sum(e.get("exact_grid") == kind for e in linears.values())
+        if n:
+            parts.append(f"{n} block linears as {kind}")
+    return ("codes on the weights' own grids, lossless: " + ", ".join(parts)) if parts else "none found"
 
 
 def _load_tensors(model_dir: Path) -> dict[str, np.ndarray]:
@@ -192,7 +196,7 @@ class _Int8Rows:
 
 
 def _embedding(t: dict[str, np.ndarray], name: str, entry: dict[str, Any]) -> "np.ndarray | _Int8Rows":
-    """The token embedding as the artifact holds it: a float32 table, or int8 rows (``exact_int8``)."""
+    """The token embedding as the artifact holds it: a float32 table, or int8 rows (``exact_grids``)."""
     block = int(entry.get("scale_block", 0))
     if not block:
         return t[name]
@@ -229,7 +233,7 @@ class NativeCpuEngine(Engine):
     def build(self, model_dir: Path, out_dir: Path) -> EngineArtifact:
         from safetensors.numpy import save_file
 
-        from core.sparse_format import compress, exact_int8_grid
+        from core.sparse_format import compress, exact_int4_grid, exact_int8_grid
 
         self.check_available()
         t0 = time.perf_counter()
@@ -241,17 +245,19 @@ class NativeCpuEngine(Engine):
         quant = getattr(config, "weight_quantization", None)
         grids = _int8_grids(model_dir, quant)
 
-        def store(name: str, w: np.ndarray, compressed: bool) -> dict[str, Any]:
+        def store(name: str, w: np.ndarray, compressed: bool, int4: bool = True) -> dict[str, Any]:
             """Write weight ``name`` into the artifact: compressed or dense, int8 where the model holds it
             so (its quantization grid, or an exact int8 grid found here)."""
             grid = grids.get(name)
-            exact = False
-            if grid is None and self.options["exact_int8"]:
-                scales = exact_int8_grid(w, EXACT_BLOCK)
-                if scales is not None:
-                    grid, exact = (scales, EXACT_BLOCK), True
+            fmt = "auto" if compressed else "dense"
+            exact = None
+            if grid is None and self.options["exact_grids"]:
+                if int4 and not compressed and exact_int4_grid(w) is not None:
+                    fmt, exact = "int4", "int4"
+                elif (scales := exact_int8_grid(w, EXACT_BLOCK)) is not None:
+                    grid, exact = (scales, EXACT_BLOCK), "int8"
             try:
-                c = compress(w, "auto" if compressed else "dense", grid=grid, name=name)
+                c = compress(w, fmt, grid=grid, name=name)
             except ValueError as exc:
                 raise PipelineError(f"engine 'native-cpu': {exc}") from None
             if c.format == "dense" and not c.int8:
@@ -259,7 +265,7 @@ class NativeCpuEngine(Engine):
             else:
                 for key, arr in c.arrays.items():
                     out[f"{name}{SEP}{key}"] = arr
-            return {"format": c.format, "bytes": c.nbytes, "values": "int8" if c.int8 else "float32", "scale_block": c.block, "exact_grid": exact}
+            return {"format": c.format, "shape": list(c.shape), "bytes": c.nbytes, "values": c.value_type, "scale_block": c.block, "exact_grid": exact}
 
         layers = adapter.config_value(config, "layers")
         for i in range(layers):
@@ -284,7 +290,8 @@ class NativeCpuEngine(Engine):
         if tied and head_name in grids:  # a quantized head that is the embedding: one grid for both
             grids.setdefault(embed_name, grids[head_name])
         # the embedding (the head too when tied) and an untied head: int8 codes where a grid holds them
-        embed_entry = store(embed_name, np.ascontiguousarray(tensors.pop(embed_name), np.float32), compressed=False)
+        # (the embedding is looked up by rows: int8 rows at most, never the int4 format)
+        embed_entry = store(embed_name, np.ascontiguousarray(tensors.pop(embed_name), np.float32), compressed=False, int4=False)
         if tied:
             head_entry = embed_entry
             tensors.pop(head_name, None)
@@ -321,7 +328,7 @@ class NativeCpuEngine(Engine):
             "bytes": size,
             "formats": formats,
             "linear_bytes_ratio": round(manifest["linear_bytes"] / manifest["linear_dense_bytes"], 4),
-            "exact_int8": _exact_note(linears, embed_entry, head_entry, tied),
+            "exact_grids": _exact_note(linears, embed_entry, head_entry, tied),
             **({"quantized_weights": _quantized_note(quant, linears, head_entry, manifest["int8_activations"])} if quant else {}),
         }
         log.info("native-cpu engine built in %.1f s: %s, %.1f MB (%s)", seconds, ARTIFACT, size / 1e6, formats)
@@ -383,6 +390,9 @@ class NativeDecoder:
             fmt, block = entry["format"], int(entry.get("scale_block", 0))
             if fmt == "dense" and not block:
                 return native.NativeWeight(t[name])
+            if fmt == "int4":
+                arrays = {k: t[f"{name}{SEP}{k}"] for k in ("values", "scales", "offsets")}
+                return native.NativeWeight(CompressedWeight("int4", tuple(entry["shape"]), arrays, 32))
             keys = {"2:4": ("values", "positions"), "bitmask": ("masks", "values", "row_offsets"), "dense": ("values",)}[fmt] + (("scales",) if block else ())
             arrays = {k: t[f"{name}{SEP}{k}"] for k in keys}
             shape = tuple(arrays["values"].shape if fmt == "dense" else entry["shape"])

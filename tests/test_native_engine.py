@@ -368,6 +368,13 @@ def test_sliding_window_is_refused_not_ignored():
         assert supports(adapter_for(cfg), cfg) is None  # no window, or one the context never exceeds
 
 
+def _on_q4_grid(w: np.ndarray) -> np.ndarray:
+    """``w`` dequantized from GGUF's Q4_1 (tests/test_native_kernels.py)."""
+    from tests.test_native_kernels import _on_q4_grid as on_grid
+
+    return on_grid(w)
+
+
 def _on_q8_grid(w: torch.Tensor) -> torch.Tensor:
     """``w`` dequantized from GGUF's Q8_0 (blocks of 32, an fp16 scale, codes round(w / scale))."""
     b = w.reshape(w.shape[0], -1, 32)
@@ -377,10 +384,11 @@ def _on_q8_grid(w: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("isa", ["best", "avx2+fma"])
 def test_weights_on_an_exact_int8_grid_are_stored_as_codes_and_compute_the_same(tmp_path, isa):
-    """A tied embedding on a Q8_0 grid (as the bundled SmolLM2's is) and one block linear on one: with
-    exact_int8 (the default) they are int8 codes in the artifact, the file is smaller, and logits and
-    decode steps equal the fp32 artifact's bit for bit (the kernels multiply by exactly the same
-    weights); off, nothing is int8; a weight off the grid stays float32."""
+    """A tied embedding on a Q8_0 grid (as the bundled SmolLM2's is), one block linear on one and four on
+    a Q4_1 grid (as its block linears are): with exact_grids (the default) they are int8 codes / the
+    int4 format in the artifact, the file is smaller, and logits and decode steps equal the fp32
+    artifact's bit for bit (the kernels multiply by exactly the same weights, in the same order); off,
+    nothing is; a weight off any grid stays float32."""
     from core.models import save_hf_dir
     from tests.conftest import byte_tokenizer
 
@@ -390,20 +398,27 @@ def test_weights_on_an_exact_int8_grid_are_stored_as_codes_and_compute_the_same(
         emb.copy_(_on_q8_grid(emb))
         down = model.model.layers[1].mlp.down_proj.weight
         down.copy_(_on_q8_grid(down))
+        for lin in (model.model.layers[0].self_attn.q_proj, model.model.layers[0].self_attn.k_proj, model.model.layers[0].self_attn.v_proj,
+                    model.model.layers[1].mlp.up_proj):  # q, k, v all int4 (stacked as one int4 weight); up with a float32 gate
+            lin.weight.copy_(torch.from_numpy(_on_q4_grid(lin.weight.detach().numpy())))
     save_hf_dir(model, byte_tokenizer(), tmp_path / "model")
     arts = {}
     for exact in (True, False):
         (tmp_path / f"engine-{exact}").mkdir()
-        arts[exact] = NativeCpuEngine({"threads": 2, "exact_int8": exact}).build(tmp_path / "model", tmp_path / f"engine-{exact}")
+        arts[exact] = NativeCpuEngine({"threads": 2, "exact_grids": exact}).build(tmp_path / "model", tmp_path / f"engine-{exact}")
     on = json.loads((arts[True].path.parent / "manifest.json").read_text())
     off = json.loads((arts[False].path.parent / "manifest.json").read_text())
     assert on["tied_head"] and on["embed_storage"] == on["head_storage"]
     assert on["embed_storage"]["values"] == "int8" and on["embed_storage"]["exact_grid"] and on["embed_storage"]["scale_block"] == 32
-    exact = {n for n, e in on["linears"].items() if e["exact_grid"]}
-    assert exact == {"model.layers.1.mlp.down_proj.weight"} and on["linears"]["model.layers.1.mlp.down_proj.weight"]["values"] == "int8"
-    assert "token embedding" in arts[True].info["exact_int8"] and "1 block linears" in arts[True].info["exact_int8"]
+    exact = {n: (e["exact_grid"], e["format"], e["values"]) for n, e in on["linears"].items() if e["exact_grid"]}
+    int4 = ("int4", "int4", "int4")
+    assert exact == {"model.layers.1.mlp.down_proj.weight": ("int8", "dense", "int8"), "model.layers.1.mlp.up_proj.weight": int4,
+                     **{f"model.layers.0.self_attn.{p}_proj.weight": int4 for p in "qkv"}}
+    assert on["linears"]["model.layers.1.mlp.up_proj.weight"]["bytes"] == 128 * 64 // 2 + 2 * 4 * 128 * 2
+    info = arts[True].info["exact_grids"]
+    assert "token embedding (the tied LM head) as int8" in info and "4 block linears as int4" in info and "1 block linears as int8" in info
     assert off["embed_storage"]["values"] == "float32" and not any(e["values"] == "int8" for e in off["linears"].values())
-    assert arts[False].info["exact_int8"] == "none found"
+    assert arts[False].info["exact_grids"] == "none found"
     assert arts[True].path.stat().st_size < arts[False].path.stat().st_size - 3 * emb.numel()  # ~3 bytes saved per embedding weight
     ids = np.random.default_rng(3).integers(0, 257, (2, 20)).astype(np.int64)
     with torch.no_grad():
@@ -416,6 +431,7 @@ def test_weights_on_an_exact_int8_grid_are_stored_as_codes_and_compute_the_same(
             with NativeCpuEngine({"threads": 2}).runner(art) as r:
                 d = r.decoder
                 assert isinstance(d.embed, np.ndarray) != exact
+                assert (d.layers[0].qkv.format == "int4") == exact
                 logits = r.infer({"input_ids": ids, "attention_mask": np.ones_like(ids)})["logits"]
                 d.prefill(ids[:1, :12])
                 outs[exact] = (logits, [d.step(t) for t in (5, 7, 9)], d.embed[ids])

@@ -256,3 +256,70 @@ def test_build_script_names_a_missing_compiler(tmp_path):
     out = subprocess.run(["bash", str(script)], env={"PATH": "/usr/bin:/bin", "CXX": str(tmp_path / "no-such-c++")}, capture_output=True, text=True)
     assert out.returncode == 1
     assert "no C++17 compiler found" in out.stderr and "apt-get install g++" in out.stderr
+
+
+def _on_q4_grid(w: np.ndarray) -> np.ndarray:
+    """``w`` dequantized from GGUF's Q4_1 (blocks of 32: fp16 scale (max − min) / 15 and minimum, codes 0..15)."""
+    n, k = w.shape
+    b = w.reshape(n, k // 32, 32).astype(np.float32)
+    lo, hi = b.min(-1, keepdims=True), b.max(-1, keepdims=True)
+    d = ((hi - lo) / 15).astype(np.float16).astype(np.float32)
+    m = lo.astype(np.float16).astype(np.float32)
+    q = np.clip(np.rint((b - m) / np.where(d > 0, d, 1)), 0, 15)
+    return (q * d + m).astype(np.float32).reshape(n, k)
+
+
+@pytest.mark.parametrize("isa", ["scalar", "avx2+fma", "avx512f"])
+def test_int4_kernel_matches_dense_reference_and_the_float32_kernel(isa):
+    """The 4-bit format on random Q4_1-grid weights (a constant block, a block of one value and zero
+    blocks included), 1-40 rows, M = 1..6: the codes decompress to the weight bit for bit, the GEMV
+    equals a float64 dense product, and equals the float32 dense kernel's result bit for bit (the
+    weights are rebuilt exactly and summed in its order)."""
+    from core.sparse_format import compress, decompress, exact_int4_grid
+
+    if isa not in ISAS:
+        pytest.skip(f"this CPU has no {isa}")
+    best = native.isa()
+    rng = np.random.default_rng(7)
+    try:
+        native.set_isa(isa)
+        for n, k in [(1, 32), (5, 64), (17, 96), (40, 576), (8, 1536)]:
+            w = _on_q4_grid(rng.standard_normal((n, k)).astype(np.float32) * rng.uniform(0.01, 2.0, (n, 1)).astype(np.float32))
+            w[0, :32] = 0.0  # a zero block: scale 0
+            if k >= 64:
+                w[-1, 32:64] = np.float32(0.375)  # a constant block: scale 0, offset the value
+            assert exact_int4_grid(w) is not None
+            c = compress(w, "int4")
+            assert c.nbytes == n * k // 2 + 2 * 4 * n * k // 32 and c.value_type == "int4"
+            assert np.array_equal(decompress(c), w)
+            nw, fw = native.NativeWeight(c), native.NativeWeight(w)
+            assert np.array_equal(nw.to_dense(), w)
+            for m in (1, 2, 3, 4, 6):
+                x = rng.standard_normal((m, k)).astype(np.float32)
+                y = nw.gemv(x)
+                ref = x.astype(np.float64) @ w.T.astype(np.float64)
+                np.testing.assert_allclose(y, ref, atol=1e-4 * (1 + np.abs(ref).max()), rtol=0)
+                assert np.array_equal(y, fw.gemv(x))
+    finally:
+        native.set_isa(best)
+
+
+def test_int4_format_errors_and_stacking():
+    from core.sparse_format import compress, exact_int4_grid
+
+    rng = np.random.default_rng(8)
+    w = _on_q4_grid(rng.standard_normal((6, 64)).astype(np.float32))
+    off = w.copy()
+    off[2, 5] = np.nextafter(off[2, 5], np.float32(10))  # a float step off its code
+    assert exact_int4_grid(off) is None and exact_int4_grid(w[:, :48]) is None
+    with pytest.raises(ValueError, match="'blk.2.q' is not on an exact 4-bit grid"):
+        compress(off, "int4", name="blk.2.q")
+    assert exact_int4_grid(rng.standard_normal((6, 64)).astype(np.float32)) is None
+    # q, k and v stacked: int4 parts stay int4; with a float32 part they run as float32, same result
+    parts = [native.NativeWeight(compress(_on_q4_grid(rng.standard_normal((r, 64)).astype(np.float32)), "int4")) for r in (8, 4, 4)]
+    x = rng.standard_normal((1, 64)).astype(np.float32)
+    ref = np.concatenate([p.gemv(x) for p in parts], axis=1)
+    st = native.NativeWeight.stacked(parts)
+    assert st.format == "int4" and np.array_equal(st.gemv(x), ref)
+    mixed = native.NativeWeight.stacked(parts[:2] + [native.NativeWeight(parts[2].to_dense())])
+    assert mixed.format == "dense" and np.array_equal(mixed.gemv(x), ref)

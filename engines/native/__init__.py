@@ -69,6 +69,8 @@ def lib() -> ctypes.CDLL:
             L.pk_decompress.argtypes = [_i64, _i64, vp, vp, vp, vp, _i64, _i64, _i64, vp]
             L.pk_gemv_24.argtypes = [_i64, _i64, vp, vp, vp, _i64, vp, _i64, vp]
             L.pk_decompress_24.argtypes = [_i64, _i64, vp, vp, vp, _i64, _i64, _i64, vp]
+            L.pk_gemv_int4.argtypes = [_i64, _i64, vp, vp, vp, vp, _i64, vp]
+            L.pk_decompress_int4.argtypes = [_i64, _i64, vp, vp, vp, _i64, _i64, vp]
             L.pk_gemv_sparse_x.argtypes = [_i64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, _i64, ctypes.c_void_p]
             L.pk_decode_layers.restype = ctypes.c_int
             L.pk_decode_layers.argtypes = [_i64, ctypes.c_void_p, _i64, ctypes.c_void_p, _i64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float,
@@ -173,6 +175,8 @@ class PkLayer(ctypes.Structure):
 def pk_weight(w: "NativeWeight | InputMajorWeight", threshold: float | None = None) -> PkWeight:
     if isinstance(w, InputMajorWeight):
         return PkWeight(2, w.n, w.k, w.wt.ctypes.data, None, None, -1.0 if threshold is None else float(threshold), None, 0, None)
+    if w.format == "int4":
+        return PkWeight(3, w.n, w.k, *w._args, -1.0, None, 0, None)
     if w.format == "2:4":
         return PkWeight(1, w.n, w.k, w.arrays["values"].ctypes.data, w.arrays["positions"].ctypes.data, None, -1.0, *w._q, None)
     return PkWeight(0, w.n, w.k, *w._args, -1.0, *w._q, w._corr)
@@ -274,6 +278,16 @@ class NativeWeight:
         """Int8 values with a scale per row and block of this many inputs; 0: float32 values."""
         self.nbytes = c.nbytes
         """Bytes of the stored format (what the file holds and the kernel reads, row offsets aside)."""
+        if c.format == "int4":  # 4-bit dense codes with a scale and an offset per row and 32 inputs
+            self.block = 0  # (``block`` is the int8 scale block; int4 has its own, fixed at 32)
+            codes = np.ascontiguousarray(c.arrays["values"], np.uint8)
+            grid = {k: np.ascontiguousarray(c.arrays[k], np.float32) for k in ("scales", "offsets")}
+            if self.k % 32 or codes.shape != (self.n, self.k // 2) or any(g.shape != (self.n, self.k // 32) for g in grid.values()):
+                raise ValueError(f"int4 weight: codes {codes.shape} / scales {grid['scales'].shape} / offsets {grid['offsets'].shape} do not fit a ({self.n}, {self.k}) weight")
+            self.arrays = {"values": np.concatenate([codes.reshape(-1), np.zeros(VALUE_PAD, np.uint8)]), **grid}
+            self._q = (None, 0)
+            self._args = (self.arrays["values"].ctypes.data, grid["scales"].ctypes.data, grid["offsets"].ctypes.data)
+            return
         vdtype = np.int8 if self.block else np.float32
         raw = c.arrays["values"]
         if raw.dtype != vdtype:
@@ -333,6 +347,8 @@ class NativeWeight:
         if "+" in self.format:
             raise ValueError(f"native weight: a stacked weight of formats {self.format} has no single format")
         arrays = {k: v for k, v in self.arrays.items() if k != "values"} | {"values": self.stored_values}
+        if self.format == "int4":
+            return CompressedWeight("int4", (self.n, self.k), arrays | {"values": arrays["values"].reshape(self.n, self.k // 2)}, 32)
         if self.format == "2:4":
             arrays["values"] = arrays["values"].reshape(self.n, self.k // 2)
         elif self.format == "dense":
@@ -347,6 +363,12 @@ class NativeWeight:
         k = parts[0].k
         if any(p.k != k for p in parts):
             raise ValueError(f"stacked weight: parts have different input widths {[p.k for p in parts]}")
+        if all(p.format == "int4" for p in parts):
+            grids = {key: np.concatenate([p.arrays[key] for p in parts]) for key in ("scales", "offsets")}
+            codes = np.concatenate([p.stored_values.reshape(p.n, k // 2) for p in parts])
+            return cls(CompressedWeight("int4", (sum(p.n for p in parts), k), {"values": codes, **grids}, 32))
+        if any(p.format == "int4" for p in parts):  # int4 with other formats: the int4 parts' exact float32 values
+            parts = [cls(p.to_dense()) if p.format == "int4" else p for p in parts]
         blocks = {p.block for p in parts}
         if len(blocks) > 1:  # mixed precisions: the dequantized values, in each part's own format
             parts = [cls(p.to_dense()) if p.format == "dense" else cls(compress(p.to_dense(), p.format)) for p in parts]
@@ -401,12 +423,16 @@ class NativeWeight:
         """The kernel on raw buffers (x (m, K), y (m, N), float32, contiguous): for hosts with their own tensors."""
         if self.format == "2:4":
             lib().pk_gemv_24(self.n, self.k, *self._args, *self._q, x_ptr, m, y_ptr)
+        elif self.format == "int4":
+            lib().pk_gemv_int4(self.n, self.k, *self._args, x_ptr, m, y_ptr)
         else:
             lib().pk_gemv(self.n, self.k, *self._args, *self._q, self._corr, x_ptr, m, y_ptr)
 
     def decompress_rows(self, n0: int, n1: int, out: np.ndarray) -> np.ndarray:
         if self.format == "2:4":
             lib().pk_decompress_24(self.n, self.k, *self._args, *self._q, n0, n1, out.ctypes.data)
+        elif self.format == "int4":
+            lib().pk_decompress_int4(self.n, self.k, *self._args, n0, n1, out.ctypes.data)
         else:
             lib().pk_decompress(self.n, self.k, *self._args, *self._q, n0, n1, out.ctypes.data)
         return out[: n1 - n0]

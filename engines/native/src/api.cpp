@@ -188,6 +188,12 @@ inline void gemv_rows(const pk::TwoFour& w, const float* x, int64_t M, float* y,
   else pk::gemv_twofour_scalar(w, x, M, w.K, y, w.N, n0, n1);
 }
 
+inline void gemv_rows(const pk::Int4Dense& w, const float* x, int64_t M, float* y, int isa, int64_t n0, int64_t n1) {
+  if (isa == kAvx512) pk::gemv_int4_avx512(w, x, M, w.K, y, w.N, n0, n1);
+  else if (isa == kAvx2) pk::gemv_int4_avx2(w, x, M, w.K, y, w.N, n0, n1);
+  else pk::gemv_int4_scalar(w, x, M, w.K, y, w.N, n0, n1);
+}
+
 template <class W>
 struct GemvJob {
   const W* w;
@@ -277,7 +283,8 @@ struct SparseXJob {
 // A layer's linear as the decoder holds it. kind 0: bitmask or dense (a = masks or null, b = values,
 // c = row offsets or null); kind 1: 2:4 (a = values, b = positions); kind 2: input-major dense
 // (a = Wᵀ, K rows of N) with an activation threshold (< 0: none). With `scales` set (kinds 0 and 1)
-// the values are int8 codes with a scale per row and block of `block` inputs.
+// the values are int8 codes with a scale per row and block of `block` inputs. kind 3: 4-bit dense
+// (a = codes, b = scales, c = offsets; pk::Int4Dense).
 struct PkWeight {
   int64_t kind, N, K;
   const void* a;
@@ -329,6 +336,8 @@ void apply(const PkWeight& w, const float* x, float* y, int isa, std::vector<int
     gemv(pk::Bitmask{w.N, w.K, static_cast<const uint16_t*>(w.a), float_values(w.b, w.scales), static_cast<const int64_t*>(w.c),
                      int8_values(w.b, w.scales, w.block, w.corr)},
          x, 1, y, isa);
+  } else if (w.kind == 3) {
+    gemv(pk::Int4Dense{w.N, w.K, static_cast<const uint8_t*>(w.a), static_cast<const float*>(w.b), static_cast<const float*>(w.c)}, x, 1, y, isa);
   } else if (w.kind == 1) {
     gemv(pk::TwoFour{w.N, w.K, float_values(w.a, w.scales), static_cast<const uint8_t*>(w.b), int8_values(w.a, w.scales, w.block)}, x, 1, y, isa);
   } else {
@@ -411,6 +420,17 @@ PK_API void pk_decompress_24(int64_t N, int64_t K, const void* values, const uin
   const pk::TwoFour w{N, K, float_values(values, scales), positions, int8_values(values, scales, block)};
   DecompressJob<pk::TwoFour> job{&w, n0, n1, out, g_isa.load(std::memory_order_relaxed)};
   pool().run((n1 - n0 + kRowsPerTask - 1) / kRowsPerTask, &DecompressJob<pk::TwoFour>::task, &job);
+}
+
+// y[M][N] = x[M][K] · Wᵀ, W 4-bit dense (codes, a scale and an offset per row and 32 inputs; kernels.h).
+PK_API void pk_gemv_int4(int64_t N, int64_t K, const uint8_t* codes, const float* scales, const float* offsets, const float* x, int64_t M, float* y) {
+  gemv(pk::Int4Dense{N, K, codes, scales, offsets}, x, M, y, g_isa.load(std::memory_order_relaxed));
+}
+
+PK_API void pk_decompress_int4(int64_t N, int64_t K, const uint8_t* codes, const float* scales, const float* offsets, int64_t n0, int64_t n1, float* out) {
+  const pk::Int4Dense w{N, K, codes, scales, offsets};
+  DecompressJob<pk::Int4Dense> job{&w, n0, n1, out, g_isa.load(std::memory_order_relaxed)};
+  pool().run((n1 - n0 + kRowsPerTask - 1) / kRowsPerTask, &DecompressJob<pk::Int4Dense>::task, &job);
 }
 
 // y[N] = Σ_a vals[a] · wt[idx[a], :] (wt: K × N input-major; the inputs not listed are skipped).

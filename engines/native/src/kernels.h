@@ -54,6 +54,20 @@ struct TwoFour {
   Int8Values q = {};
 };
 
+// 4-bit codes (dense): every weight w[n][k] = fma(code, scale, offset) rounded once to float, one
+// scale and one offset per output row and block of 32 inputs (K % 32 == 0). Row n's codes are K/2
+// bytes, 16 per block: byte j of a block holds input j in its low nibble and input j + 16 in its
+// high nibble (GGUF's Q4_1 order). A weight dequantized from an asymmetric 4-bit block format (Q4_1:
+// scale and minimum per 32 weights) is held exactly, so the kernels compute with the model's own
+// weights while reading an eighth of the float bytes (plus 8 bytes of scale and offset per block).
+struct Int4Dense {
+  int64_t N, K;
+  const uint8_t* codes;
+  const float* scales;
+  const float* offsets;
+};
+constexpr int64_t kInt4Block = 32;
+
 // Internal linkage: the helpers are compiled into every instruction set's file with that file's
 // flags, and must not be shared between them by the linker.
 namespace {
@@ -79,6 +93,10 @@ void gemv_twofour_scalar(const TwoFour& w, const float* x, int64_t M, int64_t ld
 void gemv_twofour_avx2(const TwoFour& w, const float* x, int64_t M, int64_t ldx, float* y, int64_t ldy, int64_t n0, int64_t n1);
 void gemv_twofour_avx512(const TwoFour& w, const float* x, int64_t M, int64_t ldx, float* y, int64_t ldy, int64_t n0, int64_t n1);
 
+void gemv_int4_scalar(const Int4Dense& w, const float* x, int64_t M, int64_t ldx, float* y, int64_t ldy, int64_t n0, int64_t n1);
+void gemv_int4_avx2(const Int4Dense& w, const float* x, int64_t M, int64_t ldx, float* y, int64_t ldy, int64_t n0, int64_t n1);
+void gemv_int4_avx512(const Int4Dense& w, const float* x, int64_t M, int64_t ldx, float* y, int64_t ldy, int64_t n0, int64_t n1);
+
 // Dense int8 weights × int8 activations (AVX-512 VNNI; w.q.corr set): x quantized first by quantize_x.
 void quantize_x_avx512(const float* x, int64_t M, int64_t ldx, int64_t K, uint8_t* u8, float* scales);
 void gemv_int8x_avx512(const Bitmask& w, const QuantizedX& xq, int64_t M, float* y, int64_t ldy, int64_t n0, int64_t n1);
@@ -99,5 +117,7 @@ void decompress(const Bitmask& w, int64_t n0, int64_t n1, float* out);
 void decompress(const TwoFour& w, int64_t n0, int64_t n1, float* out);
 void decompress_avx512(const Bitmask& w, int64_t n0, int64_t n1, float* out);
 void decompress_avx512(const TwoFour& w, int64_t n0, int64_t n1, float* out);
+void decompress(const Int4Dense& w, int64_t n0, int64_t n1, float* out);
+void decompress_avx512(const Int4Dense& w, int64_t n0, int64_t n1, float* out);
 
 }  // namespace pk

@@ -1,5 +1,7 @@
 // Scalar reference (no SIMD): the definition every SIMD path is tested against, and the path used
 // where neither AVX2+FMA nor AVX-512 is present.
+#include <cmath>
+
 #include "kernels.h"
 
 namespace pk {
@@ -104,6 +106,28 @@ void decompress(const TwoFour& w, int64_t n0, int64_t n1, float* out) {
       row[4 * g + (nib >> 2)] = v(2 * g + 1, 4 * g);
     }
   }
+}
+
+// 4-bit dense (Int4Dense): weight k of row n, fma(code, scale, offset) rounded once, as the SIMD paths.
+inline float int4_weight(const Int4Dense& w, int64_t n, int64_t k) {
+  const int64_t nb = w.K / kInt4Block, b = k / kInt4Block, j = k % kInt4Block;
+  const uint8_t byte = w.codes[n * (w.K / 2) + b * 16 + (j & 15)];
+  const int code = j < 16 ? (byte & 15) : (byte >> 4);
+  return std::fma(float(code), w.scales[n * nb + b], w.offsets[n * nb + b]);
+}
+
+void gemv_int4_scalar(const Int4Dense& w, const float* x, int64_t M, int64_t ldx, float* y, int64_t ldy, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n)
+    for (int64_t m = 0; m < M; ++m) {
+      float acc = 0.f;
+      for (int64_t k = 0; k < w.K; ++k) acc += int4_weight(w, n, k) * x[m * ldx + k];
+      y[m * ldy + n] = acc;
+    }
+}
+
+void decompress(const Int4Dense& w, int64_t n0, int64_t n1, float* out) {
+  for (int64_t n = n0; n < n1; ++n)
+    for (int64_t k = 0; k < w.K; ++k) out[(n - n0) * w.K + k] = int4_weight(w, n, k);
 }
 
 }  // namespace pk

@@ -1,0 +1,93 @@
+// 4-bit dense weights (kernels.h, Int4Dense), AVX-512F: a block of 32 inputs is 16 code bytes,
+// widened to 16 lanes; the low nibbles are inputs 0-15, the high ones 16-31. Each weight is rebuilt
+// exactly (fma(code, scale, offset)) and multiplied in the same order as the float32 dense kernel
+// (avx512.cpp), so a weight stored here gives the float32 kernel's result bit for bit.
+#include <immintrin.h>
+
+#include "kernels.h"
+#include "simd.h"
+
+namespace pk {
+namespace {
+
+// Rows are an eighth of float rows: the next rows' fetch starts this many blocks of rows ahead.
+constexpr int64_t kAhead = 8;
+
+inline const uint8_t* row_codes(const Int4Dense& w, int64_t n) { return w.codes + n * (w.K / 2); }
+
+template <int MM, int RB>
+void block(const Int4Dense& w, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t n) {
+  const int64_t K = w.K, nb = K / kInt4Block;
+  const uint8_t* q[RB];
+  const float* sc[RB];
+  const float* of[RB];
+  const char* next[RB];
+  __m512 acc[RB][MM];
+  PK_UNROLL
+  for (int r = 0; r < RB; ++r) {
+    const int64_t nn = n + kAhead * RB + r < w.N ? n + kAhead * RB + r : n + r;
+    q[r] = row_codes(w, n + r);
+    sc[r] = w.scales + (n + r) * nb;
+    of[r] = w.offsets + (n + r) * nb;
+    next[r] = reinterpret_cast<const char*>(row_codes(w, nn));
+    _mm_prefetch(reinterpret_cast<const char*>(w.scales + nn * nb), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(w.offsets + nn * nb), _MM_HINT_T0);
+    PK_UNROLL
+    for (int m = 0; m < MM; ++m) acc[r][m] = _mm512_setzero_ps();
+  }
+  const __m512i low = _mm512_set1_epi32(15);
+  for (int64_t b = 0; b < nb; ++b) {
+    __m512 x0[MM], x1[MM];
+    PK_UNROLL
+    for (int m = 0; m < MM; ++m) {
+      x0[m] = _mm512_loadu_ps(x + m * ldx + b * 32);
+      x1[m] = _mm512_loadu_ps(x + m * ldx + b * 32 + 16);
+    }
+    PK_UNROLL
+    for (int r = 0; r < RB; ++r) {
+      if ((b & 3) == 0) _mm_prefetch(next[r] + b * 16, _MM_HINT_T0);  // 4 blocks = one 64-byte line
+      const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q[r] + b * 16)));
+      const __m512 s = _mm512_set1_ps(sc[r][b]), o = _mm512_set1_ps(of[r][b]);
+      const __m512 w0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(v, low)), s, o);
+      const __m512 w1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)), s, o);
+      PK_UNROLL
+      for (int m = 0; m < MM; ++m) acc[r][m] = _mm512_fmadd_ps(w0, x0[m], acc[r][m]);
+      PK_UNROLL
+      for (int m = 0; m < MM; ++m) acc[r][m] = _mm512_fmadd_ps(w1, x1[m], acc[r][m]);
+    }
+  }
+  PK_UNROLL
+  for (int r = 0; r < RB; ++r)
+    PK_UNROLL
+    for (int m = 0; m < MM; ++m) y[m * ldy + n + r] = hsum(acc[r][m]);
+}
+
+template <int MM>
+void rows(const Int4Dense& w, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t n0, int64_t n1) {
+  int64_t n = n0;
+  for (; n + 4 <= n1; n += 4) block<MM, 4>(w, x, ldx, y, ldy, n);
+  for (; n < n1; ++n) block<MM, 1>(w, x, ldx, y, ldy, n);
+}
+
+}  // namespace
+
+void gemv_int4_avx512(const Int4Dense& w, const float* x, int64_t M, int64_t ldx, float* y, int64_t ldy, int64_t n0, int64_t n1) {
+  by_chunks_of_four(M, [&](auto mm, int64_t m) { rows<decltype(mm)::value>(w, x + m * ldx, ldx, y + m * ldy, ldy, n0, n1); });
+}
+
+void decompress_avx512(const Int4Dense& w, int64_t n0, int64_t n1, float* out) {
+  const int64_t K = w.K, nb = K / kInt4Block;
+  const __m512i low = _mm512_set1_epi32(15);
+  for (int64_t n = n0; n < n1; ++n) {
+    float* row = out + (n - n0) * K;
+    const uint8_t* q = row_codes(w, n);
+    for (int64_t b = 0; b < nb; ++b) {
+      const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + b * 16)));
+      const __m512 s = _mm512_set1_ps(w.scales[n * nb + b]), o = _mm512_set1_ps(w.offsets[n * nb + b]);
+      _mm512_storeu_ps(row + b * 32, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(v, low)), s, o));
+      _mm512_storeu_ps(row + b * 32 + 16, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)), s, o));
+    }
+  }
+}
+
+}  // namespace pk
