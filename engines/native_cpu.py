@@ -15,7 +15,10 @@ ONNX Runtime dense in the same process; the report names the engine of every lat
 ``build(model_dir, out)`` writes the engine artifact from the variant's saved model: every block
 linear with at least ``min_sparsity`` zeros compressed (2:4 where the pattern holds, else bitmask;
 :mod:`core.sparse_format`), the rest dense, in one safetensors file with the config and a manifest —
-the file shrinks with the kept weights. Families: those whose adapter fills ``native`` (Llama-style:
+the file shrinks with the kept weights. Values are float32, or the codes of the weights' own grid:
+int8 for an INT8-quantized model, and (option ``exact_grids``) the ``int4`` format for a dense weight
+lying exactly on a 4-bit scale-and-offset grid or int8 values for one on a symmetric int8 grid — a
+GGUF source's Q4_1 / Q8_0 weights, stored as they were shipped, bit for bit. Families: those whose adapter fills ``native`` (Llama-style:
 Llama, SmolLM2, Mistral, Qwen2 with its q/k/v biases); others are refused with the reason.
 """
 
@@ -131,7 +134,9 @@ def _int8_grids(model_dir: Path, quant: dict[str, Any] | None) -> dict[str, tupl
 def _quantized_note(quant: dict[str, Any], linears: dict[str, Any], head: dict[str, Any], int8_activations: bool) -> str:
     """What the artifact did with a quantized model's weights."""
     if int(quant.get("bits", 0)) != 8:
-        return f"int{quant.get('bits')} weights run dequantized in fp32 (no int4 kernels in native-cpu)"
+        exact = sum(e["format"] == "int4" for e in linears.values())
+        return (f"int{quant.get('bits')} weights run dequantized in fp32 ({exact} of {len(linears)} block linears were on an exact int4 "
+                "scale-and-offset grid and read as 4-bit codes; the quantize pass's zero-point grid is otherwise not that form)")
     from engines import native
 
     n = sum(e["values"] == "int8" for e in linears.values())
@@ -209,10 +214,12 @@ class NativeCpuEngine(Engine):
     """Built from the variant's saved model directory (not its ONNX graph)."""
     generates = True
     options_class = NativeOptions
-    quantized_weights = "int8 kernels; 4-bit dequantized"
+    quantized_weights = "int8 kernels; 4-bit dequantized unless on an exact int4 grid"
     """INT8 weights are stored and read as int8 codes with their scales (every format: 2:4, bitmask,
-    dense, the LM head too); 4-bit weights run their dequantized values in fp32 (no int4 kernels; the
-    artifact says which)."""
+    dense, the LM head too); the quantize pass's 4-bit weights run their dequantized values in fp32
+    unless a weight lies exactly on the int4 format's scale-and-offset grid (the artifact says how many).
+    Weights with no quantization at all that lie exactly on a 4-bit or int8 grid (a GGUF source's
+    Q4_1 / Q8_0) are stored as their codes (option ``exact_grids``)."""
 
     @classmethod
     def check_model(cls, facts: Any) -> str | None:
