@@ -44,9 +44,9 @@ log = logging.getLogger(__name__)
 
 ARTIFACT = "model.native.safetensors"
 SEP = "::"
+"""Separator between a linear's weight name and its array name in the artifact (``<name>::values``)."""
 EXACT_BLOCK = 32
 """Inputs per scale of the exact int8 grids looked for (``NativeOptions.exact_grids``): GGUF's Q8_0 block."""
-"""Separator between a linear's weight name and its array name in the artifact (``<name>::values``)."""
 
 
 @dataclass
@@ -240,7 +240,7 @@ class NativeCpuEngine(Engine):
     def build(self, model_dir: Path, out_dir: Path) -> EngineArtifact:
         from safetensors.numpy import save_file
 
-        from core.sparse_format import compress, exact_int4_grid, exact_int8_grid
+        from core.sparse_format import compress, exact_int8_grid
 
         self.check_available()
         t0 = time.perf_counter()
@@ -253,18 +253,22 @@ class NativeCpuEngine(Engine):
         grids = _int8_grids(model_dir, quant)
 
         def store(name: str, w: np.ndarray, compressed: bool, int4: bool = True) -> dict[str, Any]:
-            """Write weight ``name`` into the artifact: compressed or dense, int8 where the model holds it
-            so (its quantization grid, or an exact int8 grid found here)."""
+            """Write weight ``name`` into the artifact: compressed or dense, as codes where the model holds
+            it so (its quantization grid, or an exact int4 / int8 grid found here; ``int4``: that format
+            allowed)."""
             grid = grids.get(name)
-            fmt = "auto" if compressed else "dense"
             exact = None
+            c = None
             if grid is None and self.options["exact_grids"]:
-                if int4 and not compressed and exact_int4_grid(w) is not None:
-                    fmt, exact = "int4", "int4"
-                elif (scales := exact_int8_grid(w, EXACT_BLOCK)) is not None:
+                if int4 and not compressed:
+                    try:
+                        c, exact = compress(w, "int4", name=name), "int4"
+                    except ValueError:  # off any such grid (the common case: it shows in the first row)
+                        c = None
+                if c is None and (scales := exact_int8_grid(w, EXACT_BLOCK)) is not None:
                     grid, exact = (scales, EXACT_BLOCK), "int8"
             try:
-                c = compress(w, fmt, grid=grid, name=name)
+                c = c or compress(w, "auto" if compressed else "dense", grid=grid, name=name)
             except ValueError as exc:
                 raise PipelineError(f"engine 'native-cpu': {exc}") from None
             if c.format == "dense" and not c.int8:
