@@ -58,11 +58,11 @@ class NativeOptions:
     bitmask costs more than it saves and the linear stays dense."""
 
     int8_activations: bool = False
-    """Run the dense int8 weights of an ``accuracy_level`` 4 model with int8 activations (x quantized per
-    block of 32, AVX-512 VNNI where the CPU has it), as ONNX Runtime's MatMulNBits does at that level.
-    Off by default: on the AVX-512 EPYC it was no faster streaming a decode step's weights than the
-    fp32-activation int8 kernel (``benchmarks/results/kernel_throughput.json``), and fp32 activations
-    compute exactly the model's result."""
+    """Multiply int8 activations (x quantized per block of 32, AVX-512 VNNI where the CPU has it), as
+    ONNX Runtime's MatMulNBits does at ``accuracy_level`` 4: the dense int8 weights of an INT8 model
+    quantized at that level, and every ``int4``-format weight (``exact_grids``) of any model. Off by
+    default: fp32 activations compute exactly the model's result; on, the result moves by the
+    activations' rounding (measured in ``benchmarks/results/native_exact_grids_decode.json``)."""
 
     exact_grids: bool = True
     """Store a weight that has no quantization grid but lies exactly on a 4-bit or int8 block grid as
@@ -149,7 +149,7 @@ def _quantized_note(quant: dict[str, Any], linears: dict[str, Any], head: dict[s
     return note
 
 
-def _exact_note(linears: dict[str, Any], embed: dict[str, Any], head: dict[str, Any], tied: bool) -> str:
+def _exact_note(linears: dict[str, Any], embed: dict[str, Any], head: dict[str, Any], tied: bool, int4_int8x: bool = False) -> str:
     """Which weights were found on an exact grid and stored as its codes (option ``exact_grids``)."""
     parts = []
     if embed.get("exact_grid"):
@@ -160,7 +160,15 @@ def _exact_note(linears: dict[str, Any], embed: dict[str, Any], head: dict[str, 
         n = sum(e.get("exact_grid") == kind for e in linears.values())
         if n:
             parts.append(f"{n} block linears as {kind}")
-    return ("codes on the weights' own grids, lossless: " + ", ".join(parts)) if parts else "none found"
+    if not parts:
+        return "none found"
+    note = "codes on the weights' own grids, lossless: " + ", ".join(parts)
+    if int4_int8x:
+        from engines import native
+
+        here = "this CPU has it" if native.int8_activations() else "this CPU lacks it: fp32 activations"
+        note += f"; option int8_activations: the int4 weights multiply int8 activations (per block of 32) where the CPU has AVX-512 VNNI ({here}), not exact"
+    return note
 
 
 def _load_tensors(model_dir: Path) -> dict[str, np.ndarray]:
@@ -323,6 +331,7 @@ class NativeCpuEngine(Engine):
             "embed_storage": embed_entry,
             "min_sparsity": self.options["min_sparsity"],
             "int8_activations": bool(self.options["int8_activations"] and quant and int(quant.get("bits", 0)) == 8 and int(quant.get("accuracy_level", 0)) == 4),
+            "int4_int8_activations": bool(self.options["int8_activations"] and any(e["format"] == "int4" for e in linears.values())),
             "linears": linears,
             "linear_bytes": sum(e["bytes"] for e in linears.values()),
             "linear_dense_bytes": sum(e["dense_bytes"] for e in linears.values()),
@@ -339,7 +348,7 @@ class NativeCpuEngine(Engine):
             "bytes": size,
             "formats": formats,
             "linear_bytes_ratio": round(manifest["linear_bytes"] / manifest["linear_dense_bytes"], 4),
-            "exact_grids": _exact_note(linears, embed_entry, head_entry, tied),
+            "exact_grids": _exact_note(linears, embed_entry, head_entry, tied, manifest["int4_int8_activations"]),
             **({"quantized_weights": _quantized_note(quant, linears, head_entry, manifest["int8_activations"])} if quant else {}),
         }
         log.info("native-cpu engine built in %.1f s: %s, %.1f MB (%s)", seconds, ARTIFACT, size / 1e6, formats)
@@ -394,6 +403,7 @@ class NativeDecoder:
 
         # the engine option (accuracy_level 4 models only): dense int8 weights multiply int8 activations where the CPU has AVX-512 VNNI
         int8_activations = bool(manifest.get("int8_activations", False))
+        int4_int8x = bool(manifest.get("int4_int8_activations", False))  # the option on a model with int4-format weights
 
         def weight(name: str, entry: dict[str, Any]) -> Any:
             from core.sparse_format import CompressedWeight
@@ -403,7 +413,7 @@ class NativeDecoder:
                 return native.NativeWeight(t[name])
             if fmt == "int4":
                 arrays = {k: t[f"{name}{SEP}{k}"] for k in ("values", "scales", "offsets")}
-                return native.NativeWeight(CompressedWeight("int4", tuple(entry["shape"]), arrays, 32))
+                return native.NativeWeight(CompressedWeight("int4", tuple(entry["shape"]), arrays, 32), int8_activations=int4_int8x)
             keys = {"2:4": ("values", "positions"), "bitmask": ("masks", "values", "row_offsets"), "dense": ("values",)}[fmt] + (("scales",) if block else ())
             arrays = {k: t[f"{name}{SEP}{k}"] for k in keys}
             shape = tuple(arrays["values"].shape if fmt == "dense" else entry["shape"])

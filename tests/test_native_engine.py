@@ -459,3 +459,42 @@ def test_exact_int8_grid_finds_q8_grids_only():
     assert exact_int8_grid(q[:, :90]) is None  # K not a multiple of the block
     zero = np.zeros((4, 64), np.float32)
     np.testing.assert_array_equal(exact_int8_grid(zero), np.zeros((4, 2), np.float32))
+
+
+@pytest.mark.skipif(not native.int8_activations(), reason="this CPU has no AVX-512 VNNI: int4 weights run with fp32 activations")
+def test_int4_weights_with_the_int8_activations_option(tmp_path):
+    """A tiny Llama whose block linears are all on a Q4_1 grid (as the bundled SmolLM2's are): stored as
+    int4; with int8_activations the decode steps and whole sequences multiply int8 activations — close
+    to the model, not equal — and the artifact says so; switched off, the same artifact is exact."""
+    from core.models import save_hf_dir
+    from tests.conftest import byte_tokenizer
+
+    model = tiny_model("llama", seed=8)
+    with torch.no_grad():
+        for name, mod in model.named_modules():
+            if isinstance(mod, torch.nn.Linear) and "layers" in name:
+                mod.weight.copy_(torch.from_numpy(_on_q4_grid(mod.weight.detach().numpy())))
+    save_hf_dir(model, byte_tokenizer(), tmp_path / "model")
+    (tmp_path / "engine").mkdir()
+    art = NativeCpuEngine({"threads": 2, "int8_activations": True}).build(tmp_path / "model", tmp_path / "engine")
+    assert art.info["formats"] == {"int4": 14} and "int4 weights multiply int8 activations" in art.info["exact_grids"]
+    ids = np.random.default_rng(4).integers(0, 257, (1, 20)).astype(np.int64)
+    with torch.no_grad():
+        ref = model(input_ids=torch.from_numpy(ids)).logits.numpy()
+    with NativeCpuEngine({"threads": 2}).runner(art) as r:
+        d = r.decoder
+        assert all(L.qkv.int8_activations and L.down.int8_activations for L in d.layers) and not d.head.int8_activations
+        outs = {}
+        for on in (True, False):
+            native.int8_activations(on)
+            try:
+                d.prefill(ids[:, :12])
+                outs[on] = (r.infer({"input_ids": ids, "attention_mask": np.ones_like(ids)})["logits"], [d.step(t) for t in (5, 7, 9)])
+            finally:
+                native.int8_activations(True)
+    np.testing.assert_allclose(outs[False][0], ref, atol=1e-4, rtol=1e-4)
+    assert not np.allclose(outs[True][0], ref, atol=1e-6, rtol=0)  # really int8 activations
+    np.testing.assert_allclose(outs[True][0], ref, atol=0.05 * (1 + np.abs(ref).max()), rtol=0)
+    for a, b in zip(outs[True][1], outs[False][1]):
+        assert not np.array_equal(a, b)
+        np.testing.assert_allclose(a, b, atol=0.05 * (1 + np.abs(b).max()), rtol=0)

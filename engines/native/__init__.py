@@ -69,7 +69,7 @@ def lib() -> ctypes.CDLL:
             L.pk_decompress.argtypes = [_i64, _i64, vp, vp, vp, vp, _i64, _i64, _i64, vp]
             L.pk_gemv_24.argtypes = [_i64, _i64, vp, vp, vp, _i64, vp, _i64, vp]
             L.pk_decompress_24.argtypes = [_i64, _i64, vp, vp, vp, _i64, _i64, _i64, vp]
-            L.pk_gemv_int4.argtypes = [_i64, _i64, vp, vp, vp, vp, _i64, vp]
+            L.pk_gemv_int4.argtypes = [_i64, _i64, vp, vp, vp, ctypes.c_int, vp, _i64, vp]
             L.pk_decompress_int4.argtypes = [_i64, _i64, vp, vp, vp, _i64, _i64, vp]
             L.pk_gemv_sparse_x.argtypes = [_i64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, _i64, ctypes.c_void_p]
             L.pk_decode_layers.restype = ctypes.c_int
@@ -176,7 +176,7 @@ def pk_weight(w: "NativeWeight | InputMajorWeight", threshold: float | None = No
     if isinstance(w, InputMajorWeight):
         return PkWeight(2, w.n, w.k, w.wt.ctypes.data, None, None, -1.0 if threshold is None else float(threshold), None, 0, None)
     if w.format == "int4":
-        return PkWeight(3, w.n, w.k, *w._args, -1.0, None, 0, None)
+        return PkWeight(4 if w.int8_activations else 3, w.n, w.k, *w._args, -1.0, None, 0, None)
     if w.format == "2:4":
         return PkWeight(1, w.n, w.k, w.arrays["values"].ctypes.data, w.arrays["positions"].ctypes.data, None, -1.0, *w._q, None)
     return PkWeight(0, w.n, w.k, *w._args, -1.0, *w._q, w._corr)
@@ -268,6 +268,7 @@ class NativeWeight:
     def __init__(self, c: CompressedWeight | np.ndarray, int8_activations: bool = False):
         self._tile: np.ndarray | None = None
         self._corr: int | None = None
+        self._int4x = False
         if isinstance(c, np.ndarray):
             if c.ndim != 2:
                 raise ValueError(f"native weight: dense weight of shape {c.shape} is not 2-D")
@@ -287,6 +288,7 @@ class NativeWeight:
             self.arrays = {"values": np.concatenate([codes.reshape(-1), np.zeros(VALUE_PAD, np.uint8)]), **grid}
             self._q = (None, 0)
             self._args = (self.arrays["values"].ctypes.data, grid["scales"].ctypes.data, grid["offsets"].ctypes.data)
+            self._int4x = bool(int8_activations and self.k % 64 == 0)
             return
         vdtype = np.int8 if self.block else np.float32
         raw = c.arrays["values"]
@@ -334,8 +336,9 @@ class NativeWeight:
     @property
     def int8_activations(self) -> bool:
         """Its activations may be quantized to int8 per block (dense int8 in blocks of 32, K % 64 == 0,
-        from an accuracy_level 4 model); the VNNI kernel does it where the CPU has one."""
-        return self._corr is not None
+        from an accuracy_level 4 model; int4 with K % 64 == 0 when asked); the VNNI kernel does it where
+        the CPU has one."""
+        return self._corr is not None or self._int4x
 
     @property
     def stored_values(self) -> np.ndarray:
@@ -366,7 +369,8 @@ class NativeWeight:
         if all(p.format == "int4" for p in parts):
             grids = {key: np.concatenate([p.arrays[key] for p in parts]) for key in ("scales", "offsets")}
             codes = np.concatenate([p.stored_values.reshape(p.n, k // 2) for p in parts])
-            return cls(CompressedWeight("int4", (sum(p.n for p in parts), k), {"values": codes, **grids}, 32))
+            return cls(CompressedWeight("int4", (sum(p.n for p in parts), k), {"values": codes, **grids}, 32),
+                       int8_activations=all(p.int8_activations for p in parts))
         if any(p.format == "int4" for p in parts):  # int4 with other formats: the int4 parts' exact float32 values
             parts = [cls(p.to_dense()) if p.format == "int4" else p for p in parts]
         blocks = {p.block for p in parts}
@@ -424,7 +428,7 @@ class NativeWeight:
         if self.format == "2:4":
             lib().pk_gemv_24(self.n, self.k, *self._args, *self._q, x_ptr, m, y_ptr)
         elif self.format == "int4":
-            lib().pk_gemv_int4(self.n, self.k, *self._args, x_ptr, m, y_ptr)
+            lib().pk_gemv_int4(self.n, self.k, *self._args, int(self._int4x), x_ptr, m, y_ptr)
         else:
             lib().pk_gemv(self.n, self.k, *self._args, *self._q, self._corr, x_ptr, m, y_ptr)
 

@@ -246,6 +246,38 @@ void gemv(const pk::Bitmask& w, const float* x, int64_t M, float* y, int isa) {
   gemv<pk::Bitmask>(w, x, M, y, isa);
 }
 
+struct Int4xJob {
+  const pk::Int4Dense* w;
+  pk::Int4X xq;
+  int64_t M;
+  float* y;
+  int64_t tasks;
+  static void task(void* p, int64_t i) {
+    auto* j = static_cast<Int4xJob*>(p);
+    int64_t n0, n1;
+    task_rows(j->w->N, j->tasks, i, n0, n1);
+    if (n0 < n1) pk::gemv_int4x_avx512(*j->w, j->xq, j->M, j->y, j->w->N, n0, n1);
+  }
+};
+
+// An int4 weight: int8 activations by the VNNI kernel when asked (the int8_activations option), the
+// chosen instruction set is AVX-512 on a CPU with VNNI and K % 64 == 0; else fp32 activations.
+void gemv_int4(const pk::Int4Dense& w, const float* x, int64_t M, float* y, int isa, bool int8x) {
+  if (int8x && g_vnni && isa == kAvx512 && w.K % 64 == 0 && g_int8x.load(std::memory_order_relaxed)) {
+    thread_local std::vector<int8_t> bytes;
+    thread_local std::vector<float> scales, sums;
+    const int64_t nb = w.K / pk::kInt4Block;
+    bytes.resize(size_t(M * w.K));
+    scales.resize(size_t(M * nb));
+    sums.resize(size_t(M * nb));
+    pk::quantize_x_int4_avx512(x, M, w.K, w.K, bytes.data(), scales.data(), sums.data());
+    Int4xJob job{&w, {bytes.data(), scales.data(), sums.data(), w.K}, M, y, gemv_tasks(w.N)};
+    pool().run(job.tasks, &Int4xJob::task, &job);
+    return;
+  }
+  gemv<pk::Int4Dense>(w, x, M, y, isa);
+}
+
 template <class W>
 struct DecompressJob {
   const W* w;
@@ -284,7 +316,7 @@ struct SparseXJob {
 // c = row offsets or null); kind 1: 2:4 (a = values, b = positions); kind 2: input-major dense
 // (a = Wᵀ, K rows of N) with an activation threshold (< 0: none). With `scales` set (kinds 0 and 1)
 // the values are int8 codes with a scale per row and block of `block` inputs. kind 3: 4-bit dense
-// (a = codes, b = scales, c = offsets; pk::Int4Dense).
+// (a = codes, b = scales, c = offsets; pk::Int4Dense); kind 4: the same with int8 activations.
 struct PkWeight {
   int64_t kind, N, K;
   const void* a;
@@ -336,8 +368,9 @@ void apply(const PkWeight& w, const float* x, float* y, int isa, std::vector<int
     gemv(pk::Bitmask{w.N, w.K, static_cast<const uint16_t*>(w.a), float_values(w.b, w.scales), static_cast<const int64_t*>(w.c),
                      int8_values(w.b, w.scales, w.block, w.corr)},
          x, 1, y, isa);
-  } else if (w.kind == 3) {
-    gemv(pk::Int4Dense{w.N, w.K, static_cast<const uint8_t*>(w.a), static_cast<const float*>(w.b), static_cast<const float*>(w.c)}, x, 1, y, isa);
+  } else if (w.kind == 3 || w.kind == 4) {
+    gemv_int4(pk::Int4Dense{w.N, w.K, static_cast<const uint8_t*>(w.a), static_cast<const float*>(w.b), static_cast<const float*>(w.c)}, x, 1, y, isa,
+              w.kind == 4);
   } else if (w.kind == 1) {
     gemv(pk::TwoFour{w.N, w.K, float_values(w.a, w.scales), static_cast<const uint8_t*>(w.b), int8_values(w.a, w.scales, w.block)}, x, 1, y, isa);
   } else {
@@ -423,8 +456,10 @@ PK_API void pk_decompress_24(int64_t N, int64_t K, const void* values, const uin
 }
 
 // y[M][N] = x[M][K] · Wᵀ, W 4-bit dense (codes, a scale and an offset per row and 32 inputs; kernels.h).
-PK_API void pk_gemv_int4(int64_t N, int64_t K, const uint8_t* codes, const float* scales, const float* offsets, const float* x, int64_t M, float* y) {
-  gemv(pk::Int4Dense{N, K, codes, scales, offsets}, x, M, y, g_isa.load(std::memory_order_relaxed));
+// int8x: int8 activations where the CPU has AVX-512 VNNI (K % 64 == 0; see int4_vnni_avx512.cpp).
+PK_API void pk_gemv_int4(int64_t N, int64_t K, const uint8_t* codes, const float* scales, const float* offsets, int int8x, const float* x, int64_t M,
+                         float* y) {
+  gemv_int4(pk::Int4Dense{N, K, codes, scales, offsets}, x, M, y, g_isa.load(std::memory_order_relaxed), int8x != 0);
 }
 
 PK_API void pk_decompress_int4(int64_t N, int64_t K, const uint8_t* codes, const float* scales, const float* offsets, int64_t n0, int64_t n1, float* out) {

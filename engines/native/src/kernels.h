@@ -97,6 +97,18 @@ void gemv_int4_scalar(const Int4Dense& w, const float* x, int64_t M, int64_t ldx
 void gemv_int4_avx2(const Int4Dense& w, const float* x, int64_t M, int64_t ldx, float* y, int64_t ldy, int64_t n0, int64_t n1);
 void gemv_int4_avx512(const Int4Dense& w, const float* x, int64_t M, int64_t ldx, float* y, int64_t ldy, int64_t n0, int64_t n1);
 
+// Int4 weights × int8 activations (AVX-512 VNNI; K % 64 == 0): x quantized first by
+// quantize_x_int4 into bytes int8[M][K] laid out per 128 inputs as the kernel reads them, scales and
+// float sums per block of 32 (int4_vnni_avx512.cpp).
+struct Int4X {
+  const int8_t* bytes;
+  const float* scales;
+  const float* sums;
+  int64_t ld;
+};
+void quantize_x_int4_avx512(const float* x, int64_t M, int64_t ldx, int64_t K, int8_t* bytes, float* scales, float* sums);
+void gemv_int4x_avx512(const Int4Dense& w, const Int4X& xq, int64_t M, float* y, int64_t ldy, int64_t n0, int64_t n1);
+
 // Dense int8 weights × int8 activations (AVX-512 VNNI; w.q.corr set): x quantized first by quantize_x.
 void quantize_x_avx512(const float* x, int64_t M, int64_t ldx, int64_t K, uint8_t* u8, float* scales);
 void gemv_int8x_avx512(const Bitmask& w, const QuantizedX& xq, int64_t M, float* y, int64_t ldy, int64_t n0, int64_t n1);
