@@ -34,6 +34,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -89,8 +90,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-fused", action="store_true", help="do not run dense on onnxruntime-fused (built here when the build has none)")
     ap.add_argument("--ppl-windows", type=int, default=0, help="perplexity of each native variant on this many 512-token windows of both texts (0: none)")
-    ap.add_argument("--dense-without-exact-grids", action="store_true",
-                    help="also run dense built with the engine option exact_grids off (its Q4_1 linears and Q8_0 embedding/head as float32), as 'dense[exact_grids=false]'")
+    ap.add_argument("--dense-with", action="append", default=[], metavar="OPTION=VALUE",
+                    help="also run dense on native-cpu built with this engine option (a YAML value), as 'dense[OPTION=VALUE]'; "
+                         "repeatable: e.g. exact_grids=false (its Q4_1 linears and Q8_0 head as float32), int8_activations=true")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "native_decode.json")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -143,8 +145,9 @@ def main() -> None:
             runners["onnxruntime-fused:dense"] = ("generates", stack.enter_context(fused.runner(fused_art, threads=args.threads)))
         sizes = {}
         builds = [(v, v, native_engine) for v in names]
-        if args.dense_without_exact_grids:
-            builds.insert(1, ("dense[exact_grids=false]", "dense", NativeCpuEngine({"threads": args.threads, "exact_grids": False})))
+        for i, spec in enumerate(args.dense_with, start=1):
+            key, _, value = spec.partition("=")
+            builds.insert(i, (f"dense[{key}={value}]", "dense", NativeCpuEngine({"threads": args.threads, key: yaml.safe_load(value)})))
         for v, model_of, engine in builds:
             out = Path(tmp) / v
             out.mkdir()

@@ -59,10 +59,11 @@ class NativeOptions:
 
     int8_activations: bool = False
     """Multiply int8 activations (x quantized per block of 32, AVX-512 VNNI where the CPU has it), as
-    ONNX Runtime's MatMulNBits does at ``accuracy_level`` 4: the dense int8 weights of an INT8 model
-    quantized at that level, and every ``int4``-format weight (``exact_grids``) of any model. Off by
-    default: fp32 activations compute exactly the model's result; on, the result moves by the
-    activations' rounding (measured in ``benchmarks/results/native_exact_grids_decode.json``)."""
+    ONNX Runtime's MatMulNBits does at ``accuracy_level`` 4, wherever a weight has such a kernel: dense
+    int8 values in blocks of 32 (an INT8 model's — unless it was quantized at another accuracy_level —
+    or an exact int8 grid's, such as the bundled SmolLM2's head) and every ``int4``-format weight. Off
+    by default: fp32 activations compute exactly the model's result; on, the result moves by the
+    activations' rounding, which validation measures like any variant's error."""
 
     exact_grids: bool = True
     """Store a weight that has no quantization grid but lies exactly on a 4-bit or int8 block grid as
@@ -149,7 +150,7 @@ def _quantized_note(quant: dict[str, Any], linears: dict[str, Any], head: dict[s
     return note
 
 
-def _exact_note(linears: dict[str, Any], embed: dict[str, Any], head: dict[str, Any], tied: bool, int4_int8x: bool = False) -> str:
+def _exact_note(linears: dict[str, Any], embed: dict[str, Any], head: dict[str, Any], tied: bool, int8x: bool = False) -> str:
     """Which weights were found on an exact grid and stored as its codes (option ``exact_grids``)."""
     parts = []
     if embed.get("exact_grid"):
@@ -163,11 +164,11 @@ def _exact_note(linears: dict[str, Any], embed: dict[str, Any], head: dict[str, 
     if not parts:
         return "none found"
     note = "codes on the weights' own grids, lossless: " + ", ".join(parts)
-    if int4_int8x:
+    if int8x:
         from engines import native
 
         here = "this CPU has it" if native.int8_activations() else "this CPU lacks it: fp32 activations"
-        note += f"; option int8_activations: the int4 weights multiply int8 activations (per block of 32) where the CPU has AVX-512 VNNI ({here}), not exact"
+        note += f"; option int8_activations: these weights multiply int8 activations (per block of 32) where the CPU has AVX-512 VNNI ({here}), not exact"
     return note
 
 
@@ -330,8 +331,8 @@ class NativeCpuEngine(Engine):
             "embed": embed_name,
             "embed_storage": embed_entry,
             "min_sparsity": self.options["min_sparsity"],
-            "int8_activations": bool(self.options["int8_activations"] and quant and int(quant.get("bits", 0)) == 8 and int(quant.get("accuracy_level", 0)) == 4),
-            "int4_int8_activations": bool(self.options["int8_activations"] and any(e["format"] == "int4" for e in linears.values())),
+            # an INT8 model quantized at another accuracy_level keeps fp32 activations: that level is its own
+            "int8_activations": bool(self.options["int8_activations"] and not (quant and int(quant.get("bits", 0)) == 8 and int(quant.get("accuracy_level", 0)) != 4)),
             "linears": linears,
             "linear_bytes": sum(e["bytes"] for e in linears.values()),
             "linear_dense_bytes": sum(e["dense_bytes"] for e in linears.values()),
@@ -348,7 +349,7 @@ class NativeCpuEngine(Engine):
             "bytes": size,
             "formats": formats,
             "linear_bytes_ratio": round(manifest["linear_bytes"] / manifest["linear_dense_bytes"], 4),
-            "exact_grids": _exact_note(linears, embed_entry, head_entry, tied, manifest["int4_int8_activations"]),
+            "exact_grids": _exact_note(linears, embed_entry, head_entry, tied, manifest["int8_activations"]),
             **({"quantized_weights": _quantized_note(quant, linears, head_entry, manifest["int8_activations"])} if quant else {}),
         }
         log.info("native-cpu engine built in %.1f s: %s, %.1f MB (%s)", seconds, ARTIFACT, size / 1e6, formats)
@@ -403,7 +404,6 @@ class NativeDecoder:
 
         # the engine option (accuracy_level 4 models only): dense int8 weights multiply int8 activations where the CPU has AVX-512 VNNI
         int8_activations = bool(manifest.get("int8_activations", False))
-        int4_int8x = bool(manifest.get("int4_int8_activations", False))  # the option on a model with int4-format weights
 
         def weight(name: str, entry: dict[str, Any]) -> Any:
             from core.sparse_format import CompressedWeight
@@ -413,7 +413,7 @@ class NativeDecoder:
                 return native.NativeWeight(t[name])
             if fmt == "int4":
                 arrays = {k: t[f"{name}{SEP}{k}"] for k in ("values", "scales", "offsets")}
-                return native.NativeWeight(CompressedWeight("int4", tuple(entry["shape"]), arrays, 32), int8_activations=int4_int8x)
+                return native.NativeWeight(CompressedWeight("int4", tuple(entry["shape"]), arrays, 32), int8_activations=int8_activations)
             keys = {"2:4": ("values", "positions"), "bitmask": ("masks", "values", "row_offsets"), "dense": ("values",)}[fmt] + (("scales",) if block else ())
             arrays = {k: t[f"{name}{SEP}{k}"] for k in keys}
             shape = tuple(arrays["values"].shape if fmt == "dense" else entry["shape"])
