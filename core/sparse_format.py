@@ -21,7 +21,9 @@ A weight ``W`` is ``(N, K)``: N outputs, K inputs (the reduction axis). Two form
 ``int4`` (dense, 4-bit codes, lossless for a weight on such a grid)
     ``values`` uint8 ``(N, K/2)``: per block of 32 inputs 16 bytes, byte j holding input j in its low
     nibble and input j + 16 in its high one (GGUF's Q4_1 order); ``scales`` and ``offsets`` float32
-    ``(N, K/32)``: weight = ``fma(code, scale, offset)`` rounded once to float32. A weight dequantized
+    ``(N, K/32)``: weight = ``fma(code, scale, offset)`` rounded once to float32 — or, in the
+    zero-point form (the ``quantize`` pass's 4-bit grid), ``scales`` and ``zeros``: weight =
+    ``(code − zero) · scale``. A weight dequantized
     from an asymmetric 4-bit block format (Q4_1: a scale and a minimum per 32 weights, as the bundled
     SmolLM2's block linears are in its GGUF) is on such a grid exactly (:func:`exact_int4_grid`), so
     the codes are the same weights bit for bit: 0.75 bytes per weight, 0.19× dense fp32.
@@ -88,10 +90,13 @@ def is_two_four(w: np.ndarray) -> bool:
     return bool(((w.reshape(n, k // 4, 4) != 0).sum(-1) <= 2).all())
 
 
-def compress(w: np.ndarray, fmt: str = "auto", grid: tuple[np.ndarray, int] | None = None, name: str = "weight") -> CompressedWeight:
+def compress(w: np.ndarray, fmt: str = "auto", grid: tuple[np.ndarray, ...] | None = None, name: str = "weight") -> CompressedWeight:
     """``w`` (N, K) float32 in the given format; ``auto`` takes 2:4 where it holds, else bitmask.
     ``grid`` = (scales (N, ceil(K/block)), block): store int8 codes of ``w``, which must lie on that
-    int8 grid exactly (a quantized model's dequantized weight); ``name`` names it in the error."""
+    int8 grid exactly (a quantized model's dequantized weight); ``name`` names it in the error. For
+    ``int4``, no grid: the weight's own exact scale-and-offset grid is found (:func:`exact_int4_grid`);
+    or ``grid`` = (scales, zeros, block), the quantize pass's 4-bit grid (``(code − zero) · scale``,
+    block a multiple of 32), stored in the zero-point form."""
     if w.ndim != 2:
         raise ValueError(f"compress: weight of shape {w.shape} is not 2-D (N outputs, K inputs)")
     w = np.ascontiguousarray(w, dtype=np.float32)
@@ -104,9 +109,11 @@ def compress(w: np.ndarray, fmt: str = "auto", grid: tuple[np.ndarray, int] | No
     elif fmt == "dense":
         c = CompressedWeight("dense", w.shape, {"values": w})
     elif fmt == "int4":
-        if grid is not None:
-            raise ValueError(f"compress: '{name}': the int4 format finds its own exact grid; an int8 grid does not apply")
-        return _compress_int4(w, name)
+        if grid is None:
+            return _compress_int4(w, name)
+        if len(grid) != 3:
+            raise ValueError(f"compress: '{name}': an int4 grid is (scales, zeros, block), got {len(grid)} items")
+        return _compress_int4_zero_point(w, *grid, name=name)
     else:
         raise ValueError(f"compress: format '{fmt}' is not one of auto, {', '.join(FORMATS)}")
     return c if grid is None else _to_int8(c, *grid, name=name)
@@ -168,6 +175,27 @@ def _compress_int4(w: np.ndarray, name: str) -> CompressedWeight:
     codes = np.rint((b - offsets[..., None]) / np.where(s > 0, s, 1.0)).astype(np.uint8)
     packed = (codes[..., :16] | (codes[..., 16:] << 4)).astype(np.uint8).reshape(n, k // 2)
     return CompressedWeight("int4", (n, k), {"values": np.ascontiguousarray(packed), "scales": scales, "offsets": offsets}, INT4_BLOCK)
+
+
+def _compress_int4_zero_point(w: np.ndarray, scales: np.ndarray, zeros: np.ndarray, block: int, name: str) -> CompressedWeight:
+    """The int4 format's zero-point form from a 4-bit grid with a scale and zero point per ``block``
+    inputs (repeated to the format's 32 when the block is larger); every weight must be
+    ``(code − zero) · scale`` in float32 bit for bit."""
+    n, k = w.shape
+    if block % INT4_BLOCK or k % block:
+        raise ValueError(f"compress: '{name}': the int4 format needs blocks that are a multiple of {INT4_BLOCK} inputs dividing K = {k}; the grid's block is {block}")
+    if scales.shape != (n, k // block) or zeros.shape != (n, k // block):
+        raise ValueError(f"compress: '{name}': scales {scales.shape} / zeros {zeros.shape} do not fit a ({n}, {k}) weight in blocks of {block}")
+    rep = block // INT4_BLOCK
+    s = np.repeat(np.asarray(scales, np.float32), rep, axis=1)
+    z = np.repeat(np.asarray(zeros, np.float32), rep, axis=1)
+    b = w.reshape(n, k // INT4_BLOCK, INT4_BLOCK)
+    codes = np.rint(b / np.where(s > 0, s, 1.0)[..., None]) + z[..., None]
+    if codes.min(initial=0) < 0 or codes.max(initial=0) > 15 or not np.array_equal(((codes - z[..., None]).astype(np.float32) * s[..., None]).astype(np.float32), b):
+        raise ValueError(f"compress: '{name}' is not on its 4-bit grid: not every weight is (code − zero) · scale with a code in 0..15")
+    codes = codes.astype(np.uint8)
+    packed = (codes[..., :16] | (codes[..., 16:] << 4)).astype(np.uint8).reshape(n, k // 2)
+    return CompressedWeight("int4", (n, k), {"values": np.ascontiguousarray(packed), "scales": np.ascontiguousarray(s), "zeros": np.ascontiguousarray(z)}, INT4_BLOCK)
 
 
 def _value_scales(c: CompressedWeight, scales: np.ndarray, block: int) -> np.ndarray:
@@ -237,7 +265,10 @@ def decompress(c: CompressedWeight) -> np.ndarray:
     if c.format == "int4":
         packed = c.arrays["values"].reshape(n, k // INT4_BLOCK, 16)
         codes = np.concatenate([packed & 15, packed >> 4], axis=-1).astype(np.float64)
-        w = codes * c.arrays["scales"].astype(np.float64)[..., None] + c.arrays["offsets"].astype(np.float64)[..., None]
+        s = c.arrays["scales"].astype(np.float64)[..., None]
+        if "zeros" in c.arrays:  # the zero-point form: (code − zero) · scale, one float32 rounding
+            return ((codes - c.arrays["zeros"].astype(np.float64)[..., None]).astype(np.float32) * s.astype(np.float32)).astype(np.float32).reshape(n, k)
+        w = codes * s + c.arrays["offsets"].astype(np.float64)[..., None]
         return w.astype(np.float32).reshape(n, k)
     if c.int8:
         values = (c.arrays["values"].astype(np.float32) * _value_scales(c, c.arrays["scales"], c.block)).astype(np.float32)

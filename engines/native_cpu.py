@@ -132,12 +132,31 @@ def _int8_grids(model_dir: Path, quant: dict[str, Any] | None) -> dict[str, tupl
     return grids
 
 
+def _int4_grids(model_dir: Path, quant: dict[str, Any] | None) -> dict[str, tuple[np.ndarray, np.ndarray, int]]:
+    """``{weight name: (scales, zeros, block)}`` of a model quantized to 4 bits in blocks that are a
+    multiple of 32 (the int4 format's zero-point form); empty otherwise (other blocks run in fp32)."""
+    if not quant or int(quant.get("bits", 0)) != 4 or int(quant["block_size"]) % 32:
+        return {}
+    from core.errors import ModelLoadError
+    from core.models import quantization_arrays
+
+    try:
+        arrays = quantization_arrays(model_dir, quant)
+    except ModelLoadError as exc:
+        raise PipelineError(f"engine 'native-cpu': {exc}") from None
+    block = int(quant["block_size"])
+    return {name: (np.asarray(arrays[f"{name}.scale"], np.float32), np.asarray(arrays[f"{name}.zero"], np.float32), block) for name in quant.get("weights", [])}
+
+
 def _quantized_note(quant: dict[str, Any], linears: dict[str, Any], head: dict[str, Any], int8_activations: bool) -> str:
     """What the artifact did with a quantized model's weights."""
     if int(quant.get("bits", 0)) != 8:
-        exact = sum(e["format"] == "int4" for e in linears.values())
-        return (f"int{quant.get('bits')} weights run dequantized in fp32 ({exact} of {len(linears)} block linears were on an exact int4 "
-                "scale-and-offset grid and read as 4-bit codes; the quantize pass's zero-point grid is otherwise not that form)")
+        n = sum(e["format"] == "int4" for e in linears.values())
+        rest = len(linears) - n
+        note = f"int4 weights read as 4-bit codes with a scale and zero point per 32 inputs ({n} block linears{', the LM head' if head.get('values') == 'int4' else ''})"
+        if rest:
+            note += f"; {rest} block linears run dequantized in fp32 (kept sparse, or blocks of {quant.get('block_size')} inputs: the int4 format needs a multiple of 32)"
+        return note + ("; option int8_activations: int8 activations (VNNI)" if int8_activations else "; fp32 activations (the model's own result)")
     from engines import native
 
     n = sum(e["values"] == "int8" for e in linears.values())
@@ -223,10 +242,11 @@ class NativeCpuEngine(Engine):
     """Built from the variant's saved model directory (not its ONNX graph)."""
     generates = True
     options_class = NativeOptions
-    quantized_weights = "int8 kernels; 4-bit dequantized unless on an exact int4 grid"
+    quantized_weights = "int8 and int4 kernels"
     """INT8 weights are stored and read as int8 codes with their scales (every format: 2:4, bitmask,
-    dense, the LM head too); the quantize pass's 4-bit weights run their dequantized values in fp32
-    unless a weight lies exactly on the int4 format's scale-and-offset grid (the artifact says how many).
+    dense, the LM head too); the quantize pass's 4-bit weights (blocks a multiple of 32) are read as
+    4-bit codes in the ``int4`` format's zero-point form where they are dense, and run as fp32 values
+    where they are kept sparse (2:4 / bitmask have no 4-bit values; the artifact says how many).
     Weights with no quantization at all that lie exactly on a 4-bit or int8 grid (a GGUF source's
     Q4_1 / Q8_0) are stored as their codes (option ``exact_grids``)."""
 
@@ -260,6 +280,7 @@ class NativeCpuEngine(Engine):
         linears: dict[str, Any] = {}
         quant = getattr(config, "weight_quantization", None)
         grids = _int8_grids(model_dir, quant)
+        grids4 = _int4_grids(model_dir, quant)
 
         def store(name: str, w: np.ndarray, compressed: bool, int4: bool = True) -> dict[str, Any]:
             """Write weight ``name`` into the artifact: compressed or dense, as codes where the model holds
@@ -268,7 +289,12 @@ class NativeCpuEngine(Engine):
             grid = grids.get(name)
             exact = None
             c = None
-            if grid is None and self.options["exact_grids"]:
+            if name in grids4 and int4 and not compressed:  # the quantize pass's 4-bit grid: the int4 format's zero-point form
+                try:
+                    c = compress(w, "int4", grid=grids4[name], name=name)
+                except ValueError as exc:
+                    raise PipelineError(f"engine 'native-cpu': {exc}") from None
+            if c is None and grid is None and self.options["exact_grids"]:
                 if int4 and not compressed:
                     try:
                         c, exact = compress(w, "int4", name=name), "int4"
@@ -412,7 +438,8 @@ class NativeDecoder:
             if fmt == "dense" and not block:
                 return native.NativeWeight(t[name])
             if fmt == "int4":
-                arrays = {k: t[f"{name}{SEP}{k}"] for k in ("values", "scales", "offsets")}
+                second = "zeros" if f"{name}{SEP}zeros" in t else "offsets"
+                arrays = {k: t[f"{name}{SEP}{k}"] for k in ("values", "scales", second)}
                 return native.NativeWeight(CompressedWeight("int4", tuple(entry["shape"]), arrays, 32), int8_activations=int8_activations)
             keys = {"2:4": ("values", "positions"), "bitmask": ("masks", "values", "row_offsets"), "dense": ("values",)}[fmt] + (("scales",) if block else ())
             arrays = {k: t[f"{name}{SEP}{k}"] for k in keys}

@@ -102,7 +102,7 @@ def _check_quantized_variant(recipe: Any, where: str, v: Any) -> None:
         if engine_class(e.backend).quantized_weights is None:
             raise RecipeError(
                 f"recipe key '{where}': variant '{v.name}' is quantized, and engine '{e.backend}' (engines[{k}]) cannot run "
-                "quantized weights; put quantized variants in a recipe whose engines are onnxruntime-cpu (int8/int4 kernels) or native-cpu (fp32)"
+                "quantized weights; put quantized variants in a recipe whose engines are onnxruntime-cpu, onnxruntime-fused or native-cpu (int8/int4 kernels)"
             )
     if "fp16" in recipe.export.graph_passes:
         raise RecipeError(f"recipe key '{where}': variant '{v.name}' is quantized; the 'fp16' graph pass would rewrite its weights first (drop one of them)")

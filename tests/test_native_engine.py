@@ -499,3 +499,37 @@ def test_int4_weights_with_the_int8_activations_option(tmp_path):
     for a, b in zip(outs[True][1], outs[False][1]):
         assert not np.array_equal(a, b)
         np.testing.assert_allclose(a, b, atol=0.05 * (1 + np.abs(b).max()), rtol=0)
+
+
+def test_a_4bit_model_is_read_as_int4_codes_and_computes_its_own_weights(tmp_path):
+    """The quantize pass at 4 bits, blocks of 32, the head too, on a dense tiny Llama: every block linear
+    and the untied head stored in the int4 format's zero-point form (codes + scale + zero point); logits
+    and 32 greedy tokens equal the PyTorch model, which holds the same dequantized weights."""
+    from core.adapters import adapter_for
+    from core.models import save_hf_dir
+    from passes import PassContext, get_pass_class
+    from tests.conftest import byte_tokenizer
+
+    model = tiny_model("llama", seed=9)
+    cls = get_pass_class("quantize")
+    cls(cls.config_class(bits=4, block_size=32, head=True)).run(model, PassContext(adapter_for(model.config)))
+    save_hf_dir(model, byte_tokenizer(), tmp_path / "model")
+    (tmp_path / "engine").mkdir()
+    art = NativeCpuEngine({"threads": 2}).build(tmp_path / "model", tmp_path / "engine")
+    manifest = json.loads((art.path.parent / "manifest.json").read_text())
+    assert art.info["formats"] == {"int4": 14} and manifest["head_storage"]["format"] == "int4" and not manifest["tied_head"]
+    assert "int4 weights read as 4-bit codes" in art.info["quantized_weights"] and "the LM head" in art.info["quantized_weights"]
+    assert "dequantized" not in art.info["quantized_weights"]
+    assert manifest["linear_bytes"] < 0.2 * manifest["linear_dense_bytes"]
+    ids = np.random.default_rng(5).integers(0, 257, (2, 24)).astype(np.int64)
+    prompt = ids[:1, :20]
+    with torch.no_grad():
+        ref = model(input_ids=torch.from_numpy(ids)).logits.numpy()
+        gen = model.generate(torch.from_numpy(prompt), attention_mask=torch.ones(prompt.shape, dtype=torch.long), max_new_tokens=32, do_sample=False,
+                             pad_token_id=0, eos_token_id=None)
+    with NativeCpuEngine({"threads": 2}).runner(art) as r:
+        assert r.decoder.head.format == "int4" and "zeros" in r.decoder.head.arrays
+        got = r.infer({"input_ids": ids, "attention_mask": np.ones_like(ids)})["logits"]
+        g = r.generate(prompt, 32)
+    np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4)
+    np.testing.assert_array_equal(g.tokens, gen[:, 20:].numpy())

@@ -359,3 +359,44 @@ def test_int4_int8_activation_kernel_computes_the_block_quantized_product():
             native.int8_activations(True)
     odd = native.NativeWeight(compress(_on_q4_grid(rng.standard_normal((4, 96)).astype(np.float32)), "int4"), int8_activations=True)
     assert not odd.int8_activations  # K % 64 != 0: fp32 activations
+
+
+@pytest.mark.parametrize("block", [32, 64])
+def test_int4_zero_point_form_is_the_quantize_pass_grid_bit_for_bit(block):
+    """The quantize pass's 4-bit grid ((code − zero) · scale, blocks of 32 or 64) in the int4 format's
+    zero-point form: decompresses to the weight bit for bit, and every ISA's GEMV equals the float32
+    dense kernel's bit for bit; with int8 activations (VNNI) close to it; a weight off the grid and a
+    block of 16 are refused by name."""
+    import torch
+
+    from core.quant import QuantScheme, rtn
+    from core.sparse_format import compress, decompress
+
+    rng = np.random.default_rng(10)
+    w = rng.standard_normal((24, 192)).astype(np.float32)
+    w[3, :64] = 0.0
+    deq, scales, zeros = (t.numpy() for t in rtn(torch.from_numpy(w), QuantScheme(4, block)))
+    c = compress(deq, "int4", grid=(scales, zeros, block), name="blk.0.up")
+    assert "zeros" in c.arrays and c.arrays["scales"].shape == (24, 6) and np.array_equal(decompress(c), deq)
+    x = rng.standard_normal((3, 192)).astype(np.float32)
+    best = native.isa()
+    try:
+        for isa in ISAS:
+            native.set_isa(isa)
+            nw, fw = native.NativeWeight(c), native.NativeWeight(deq)
+            assert np.array_equal(nw.to_dense(), deq)
+            assert np.array_equal(nw.gemv(x), fw.gemv(x))
+    finally:
+        native.set_isa(best)
+    if native.int8_activations():
+        y = native.NativeWeight(c, int8_activations=True).gemv(x)
+        exact = native.NativeWeight(c).gemv(x)
+        assert not np.array_equal(y, exact)
+        np.testing.assert_allclose(y, exact, atol=0.05 * (1 + np.abs(exact).max()), rtol=0)
+    off = deq.copy()
+    off[1, 1] = np.nextafter(off[1, 1], np.float32(9))
+    with pytest.raises(ValueError, match="'blk.0.up' is not on its 4-bit grid"):
+        compress(off, "int4", grid=(scales, zeros, block), name="blk.0.up")
+    d16, s16, z16 = (t.numpy() for t in rtn(torch.from_numpy(w), QuantScheme(4, 16)))
+    with pytest.raises(ValueError, match="multiple of 32"):
+        compress(d16, "int4", grid=(s16, z16, 16), name="blk.0.up")

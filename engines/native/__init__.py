@@ -69,8 +69,8 @@ def lib() -> ctypes.CDLL:
             L.pk_decompress.argtypes = [_i64, _i64, vp, vp, vp, vp, _i64, _i64, _i64, vp]
             L.pk_gemv_24.argtypes = [_i64, _i64, vp, vp, vp, _i64, vp, _i64, vp]
             L.pk_decompress_24.argtypes = [_i64, _i64, vp, vp, vp, _i64, _i64, _i64, vp]
-            L.pk_gemv_int4.argtypes = [_i64, _i64, vp, vp, vp, ctypes.c_int, vp, _i64, vp]
-            L.pk_decompress_int4.argtypes = [_i64, _i64, vp, vp, vp, _i64, _i64, vp]
+            L.pk_gemv_int4.argtypes = [_i64, _i64, vp, vp, vp, ctypes.c_int, ctypes.c_int, vp, _i64, vp]
+            L.pk_decompress_int4.argtypes = [_i64, _i64, vp, vp, vp, ctypes.c_int, _i64, _i64, vp]
             L.pk_gemv_sparse_x.argtypes = [_i64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, _i64, ctypes.c_void_p]
             L.pk_decode_layers.restype = ctypes.c_int
             L.pk_decode_layers.argtypes = [_i64, ctypes.c_void_p, _i64, ctypes.c_void_p, _i64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float,
@@ -176,7 +176,7 @@ def pk_weight(w: "NativeWeight | InputMajorWeight", threshold: float | None = No
     if isinstance(w, InputMajorWeight):
         return PkWeight(2, w.n, w.k, w.wt.ctypes.data, None, None, -1.0 if threshold is None else float(threshold), None, 0, None)
     if w.format == "int4":
-        return PkWeight(4 if w.int8_activations else 3, w.n, w.k, *w._args, -1.0, None, 0, None)
+        return PkWeight(4 if w.int8_activations else 3, w.n, w.k, *w._args[:3], -1.0, None, w._args[3], None)
     if w.format == "2:4":
         return PkWeight(1, w.n, w.k, w.arrays["values"].ctypes.data, w.arrays["positions"].ctypes.data, None, -1.0, *w._q, None)
     return PkWeight(0, w.n, w.k, *w._args, -1.0, *w._q, w._corr)
@@ -279,15 +279,16 @@ class NativeWeight:
         """Int8 values with a scale per row and block of this many inputs; 0: float32 values."""
         self.nbytes = c.nbytes
         """Bytes of the stored format (what the file holds and the kernel reads, row offsets aside)."""
-        if c.format == "int4":  # 4-bit dense codes with a scale and an offset per row and 32 inputs
+        if c.format == "int4":  # 4-bit dense codes with a scale and an offset (or zero point) per row and 32 inputs
             self.block = 0  # (``block`` is the int8 scale block; int4 has its own, fixed at 32)
             codes = np.ascontiguousarray(c.arrays["values"], np.uint8)
-            grid = {k: np.ascontiguousarray(c.arrays[k], np.float32) for k in ("scales", "offsets")}
+            second = "zeros" if "zeros" in c.arrays else "offsets"
+            grid = {k: np.ascontiguousarray(c.arrays[k], np.float32) for k in ("scales", second)}
             if self.k % 32 or codes.shape != (self.n, self.k // 2) or any(g.shape != (self.n, self.k // 32) for g in grid.values()):
-                raise ValueError(f"int4 weight: codes {codes.shape} / scales {grid['scales'].shape} / offsets {grid['offsets'].shape} do not fit a ({self.n}, {self.k}) weight")
+                raise ValueError(f"int4 weight: codes {codes.shape} / scales {grid['scales'].shape} / {second} {grid[second].shape} do not fit a ({self.n}, {self.k}) weight")
             self.arrays = {"values": np.concatenate([codes.reshape(-1), np.zeros(VALUE_PAD, np.uint8)]), **grid}
             self._q = (None, 0)
-            self._args = (self.arrays["values"].ctypes.data, grid["scales"].ctypes.data, grid["offsets"].ctypes.data)
+            self._args = (self.arrays["values"].ctypes.data, grid["scales"].ctypes.data, grid[second].ctypes.data, int(second == "zeros"))
             self._int4x = bool(int8_activations and self.k % 64 == 0)
             return
         vdtype = np.int8 if self.block else np.float32
@@ -366,8 +367,9 @@ class NativeWeight:
         k = parts[0].k
         if any(p.k != k for p in parts):
             raise ValueError(f"stacked weight: parts have different input widths {[p.k for p in parts]}")
-        if all(p.format == "int4" for p in parts):
-            grids = {key: np.concatenate([p.arrays[key] for p in parts]) for key in ("scales", "offsets")}
+        if all(p.format == "int4" for p in parts) and len({"zeros" in p.arrays for p in parts}) == 1:
+            second = "zeros" if "zeros" in parts[0].arrays else "offsets"
+            grids = {key: np.concatenate([p.arrays[key] for p in parts]) for key in ("scales", second)}
             codes = np.concatenate([p.stored_values.reshape(p.n, k // 2) for p in parts])
             return cls(CompressedWeight("int4", (sum(p.n for p in parts), k), {"values": codes, **grids}, 32),
                        int8_activations=all(p.int8_activations for p in parts))

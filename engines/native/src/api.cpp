@@ -316,7 +316,8 @@ struct SparseXJob {
 // c = row offsets or null); kind 1: 2:4 (a = values, b = positions); kind 2: input-major dense
 // (a = Wᵀ, K rows of N) with an activation threshold (< 0: none). With `scales` set (kinds 0 and 1)
 // the values are int8 codes with a scale per row and block of `block` inputs. kind 3: 4-bit dense
-// (a = codes, b = scales, c = offsets; pk::Int4Dense); kind 4: the same with int8 activations.
+// (a = codes, b = scales, c = offsets or zero points, block = 1 for the zero-point form;
+// pk::Int4Dense); kind 4: the same with int8 activations.
 struct PkWeight {
   int64_t kind, N, K;
   const void* a;
@@ -369,8 +370,8 @@ void apply(const PkWeight& w, const float* x, float* y, int isa, std::vector<int
                      int8_values(w.b, w.scales, w.block, w.corr)},
          x, 1, y, isa);
   } else if (w.kind == 3 || w.kind == 4) {
-    gemv_int4(pk::Int4Dense{w.N, w.K, static_cast<const uint8_t*>(w.a), static_cast<const float*>(w.b), static_cast<const float*>(w.c)}, x, 1, y, isa,
-              w.kind == 4);
+    gemv_int4(pk::Int4Dense{w.N, w.K, static_cast<const uint8_t*>(w.a), static_cast<const float*>(w.b), static_cast<const float*>(w.c), w.block == 1}, x, 1,
+              y, isa, w.kind == 4);
   } else if (w.kind == 1) {
     gemv(pk::TwoFour{w.N, w.K, float_values(w.a, w.scales), static_cast<const uint8_t*>(w.b), int8_values(w.a, w.scales, w.block)}, x, 1, y, isa);
   } else {
@@ -457,13 +458,15 @@ PK_API void pk_decompress_24(int64_t N, int64_t K, const void* values, const uin
 
 // y[M][N] = x[M][K] · Wᵀ, W 4-bit dense (codes, a scale and an offset per row and 32 inputs; kernels.h).
 // int8x: int8 activations where the CPU has AVX-512 VNNI (K % 64 == 0; see int4_vnni_avx512.cpp).
-PK_API void pk_gemv_int4(int64_t N, int64_t K, const uint8_t* codes, const float* scales, const float* offsets, int int8x, const float* x, int64_t M,
-                         float* y) {
-  gemv_int4(pk::Int4Dense{N, K, codes, scales, offsets}, x, M, y, g_isa.load(std::memory_order_relaxed), int8x != 0);
+// zero_point: offsets holds zero points ((code − zero) · scale).
+PK_API void pk_gemv_int4(int64_t N, int64_t K, const uint8_t* codes, const float* scales, const float* offsets, int zero_point, int int8x, const float* x,
+                         int64_t M, float* y) {
+  gemv_int4(pk::Int4Dense{N, K, codes, scales, offsets, zero_point != 0}, x, M, y, g_isa.load(std::memory_order_relaxed), int8x != 0);
 }
 
-PK_API void pk_decompress_int4(int64_t N, int64_t K, const uint8_t* codes, const float* scales, const float* offsets, int64_t n0, int64_t n1, float* out) {
-  const pk::Int4Dense w{N, K, codes, scales, offsets};
+PK_API void pk_decompress_int4(int64_t N, int64_t K, const uint8_t* codes, const float* scales, const float* offsets, int zero_point, int64_t n0, int64_t n1,
+                               float* out) {
+  const pk::Int4Dense w{N, K, codes, scales, offsets, zero_point != 0};
   DecompressJob<pk::Int4Dense> job{&w, n0, n1, out, g_isa.load(std::memory_order_relaxed)};
   pool().run((n1 - n0 + kRowsPerTask - 1) / kRowsPerTask, &DecompressJob<pk::Int4Dense>::task, &job);
 }

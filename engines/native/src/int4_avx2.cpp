@@ -12,7 +12,13 @@ namespace {
 
 inline const uint8_t* row_codes(const Int4Dense& w, int64_t n) { return w.codes + n * (w.K / 2); }
 
-template <int MM, int RB>
+template <bool ZP>
+inline __m256 weights(__m256i codes, __m256 s, __m256 o) {
+  const __m256 c = _mm256_cvtepi32_ps(codes);
+  return ZP ? _mm256_mul_ps(_mm256_sub_ps(c, o), s) : _mm256_fmadd_ps(c, s, o);
+}
+
+template <bool ZP, int MM, int RB>
 void block(const Int4Dense& w, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t n) {
   const int64_t K = w.K, nb = K / kInt4Block;
   const uint8_t* q[RB];
@@ -37,10 +43,10 @@ void block(const Int4Dense& w, const float* x, int64_t ldx, float* y, int64_t ld
       const __m256i v1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q[r] + b * 16 + 8)));
       const __m256 s = _mm256_set1_ps(sc[r][b]), o = _mm256_set1_ps(of[r][b]);
       const __m256 w[4] = {
-          _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v0, low)), s, o),  // inputs 0-7
-          _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v1, low)), s, o),  // 8-15
-          _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v0, 4)), s, o),   // 16-23
-          _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v1, 4)), s, o),   // 24-31
+          weights<ZP>(_mm256_and_si256(v0, low), s, o),  // inputs 0-7
+          weights<ZP>(_mm256_and_si256(v1, low), s, o),  // 8-15
+          weights<ZP>(_mm256_srli_epi32(v0, 4), s, o),   // 16-23
+          weights<ZP>(_mm256_srli_epi32(v1, 4), s, o),   // 24-31
       };
       PK_UNROLL
       for (int part = 0; part < 4; ++part)
@@ -54,17 +60,20 @@ void block(const Int4Dense& w, const float* x, int64_t ldx, float* y, int64_t ld
     for (int m = 0; m < MM; ++m) y[m * ldy + n + r] = hsum(acc[r][m]);
 }
 
-template <int MM>
+template <bool ZP, int MM>
 void rows(const Int4Dense& w, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t n0, int64_t n1) {
   int64_t n = n0;
-  for (; n + 4 <= n1; n += 4) block<MM, 4>(w, x, ldx, y, ldy, n);
-  for (; n < n1; ++n) block<MM, 1>(w, x, ldx, y, ldy, n);
+  for (; n + 4 <= n1; n += 4) block<ZP, MM, 4>(w, x, ldx, y, ldy, n);
+  for (; n < n1; ++n) block<ZP, MM, 1>(w, x, ldx, y, ldy, n);
 }
 
 }  // namespace
 
 void gemv_int4_avx2(const Int4Dense& w, const float* x, int64_t M, int64_t ldx, float* y, int64_t ldy, int64_t n0, int64_t n1) {
-  by_chunks_of_four(M, [&](auto mm, int64_t m) { rows<decltype(mm)::value>(w, x + m * ldx, ldx, y + m * ldy, ldy, n0, n1); });
+  by_chunks_of_four(M, [&](auto mm, int64_t m) {
+    if (w.zero_point) rows<true, decltype(mm)::value>(w, x + m * ldx, ldx, y + m * ldy, ldy, n0, n1);
+    else rows<false, decltype(mm)::value>(w, x + m * ldx, ldx, y + m * ldy, ldy, n0, n1);
+  });
 }
 
 }  // namespace pk

@@ -15,7 +15,14 @@ constexpr int64_t kAhead = 8;
 
 inline const uint8_t* row_codes(const Int4Dense& w, int64_t n) { return w.codes + n * (w.K / 2); }
 
-template <int MM, int RB>
+// The weights of 16 codes: fma(code, scale, offset), or (code − zero) · scale in the zero-point form.
+template <bool ZP>
+inline __m512 weights(__m512i codes, __m512 s, __m512 o) {
+  const __m512 c = _mm512_cvtepi32_ps(codes);
+  return ZP ? _mm512_mul_ps(_mm512_sub_ps(c, o), s) : _mm512_fmadd_ps(c, s, o);
+}
+
+template <bool ZP, int MM, int RB>
 void block(const Int4Dense& w, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t n) {
   const int64_t K = w.K, nb = K / kInt4Block;
   const uint8_t* q[RB];
@@ -48,8 +55,8 @@ void block(const Int4Dense& w, const float* x, int64_t ldx, float* y, int64_t ld
       if ((b & 3) == 0) _mm_prefetch(next[r] + b * 16, _MM_HINT_T0);  // 4 blocks = one 64-byte line
       const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q[r] + b * 16)));
       const __m512 s = _mm512_set1_ps(sc[r][b]), o = _mm512_set1_ps(of[r][b]);
-      const __m512 w0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(v, low)), s, o);
-      const __m512 w1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)), s, o);
+      const __m512 w0 = weights<ZP>(_mm512_and_si512(v, low), s, o);
+      const __m512 w1 = weights<ZP>(_mm512_srli_epi32(v, 4), s, o);
       PK_UNROLL
       for (int m = 0; m < MM; ++m) acc[r][m] = _mm512_fmadd_ps(w0, x0[m], acc[r][m]);
       PK_UNROLL
@@ -62,17 +69,20 @@ void block(const Int4Dense& w, const float* x, int64_t ldx, float* y, int64_t ld
     for (int m = 0; m < MM; ++m) y[m * ldy + n + r] = hsum(acc[r][m]);
 }
 
-template <int MM>
+template <bool ZP, int MM>
 void rows(const Int4Dense& w, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t n0, int64_t n1) {
   int64_t n = n0;
-  for (; n + 4 <= n1; n += 4) block<MM, 4>(w, x, ldx, y, ldy, n);
-  for (; n < n1; ++n) block<MM, 1>(w, x, ldx, y, ldy, n);
+  for (; n + 4 <= n1; n += 4) block<ZP, MM, 4>(w, x, ldx, y, ldy, n);
+  for (; n < n1; ++n) block<ZP, MM, 1>(w, x, ldx, y, ldy, n);
 }
 
 }  // namespace
 
 void gemv_int4_avx512(const Int4Dense& w, const float* x, int64_t M, int64_t ldx, float* y, int64_t ldy, int64_t n0, int64_t n1) {
-  by_chunks_of_four(M, [&](auto mm, int64_t m) { rows<decltype(mm)::value>(w, x + m * ldx, ldx, y + m * ldy, ldy, n0, n1); });
+  by_chunks_of_four(M, [&](auto mm, int64_t m) {
+    if (w.zero_point) rows<true, decltype(mm)::value>(w, x + m * ldx, ldx, y + m * ldy, ldy, n0, n1);
+    else rows<false, decltype(mm)::value>(w, x + m * ldx, ldx, y + m * ldy, ldy, n0, n1);
+  });
 }
 
 void decompress_avx512(const Int4Dense& w, int64_t n0, int64_t n1, float* out) {
@@ -84,8 +94,9 @@ void decompress_avx512(const Int4Dense& w, int64_t n0, int64_t n1, float* out) {
     for (int64_t b = 0; b < nb; ++b) {
       const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + b * 16)));
       const __m512 s = _mm512_set1_ps(w.scales[n * nb + b]), o = _mm512_set1_ps(w.offsets[n * nb + b]);
-      _mm512_storeu_ps(row + b * 32, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(v, low)), s, o));
-      _mm512_storeu_ps(row + b * 32 + 16, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)), s, o));
+      const __m512i lo = _mm512_and_si512(v, low), hi = _mm512_srli_epi32(v, 4);
+      _mm512_storeu_ps(row + b * 32, w.zero_point ? weights<true>(lo, s, o) : weights<false>(lo, s, o));
+      _mm512_storeu_ps(row + b * 32 + 16, w.zero_point ? weights<true>(hi, s, o) : weights<false>(hi, s, o));
     }
   }
 }

@@ -100,7 +100,8 @@ void block(const Int4Dense& w, const Int4X& xq, float* y, int64_t ldy, int64_t n
   for (int r = 0; r < RB; ++r) {
     for (int64_t b = 0; b < nb; b += 16) {
       const __mmask16 lanes = nb - b >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (nb - b)) - 1u);
-      const __m512 o = _mm512_maskz_loadu_ps(lanes, of[r] + b);
+      __m512 o = _mm512_maskz_loadu_ps(lanes, of[r] + b);
+      if (w.zero_point) o = _mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(o, _mm512_maskz_loadu_ps(lanes, sc[r] + b)));  // −zero · scale
       PK_UNROLL
       for (int m = 0; m < MM; ++m) acc[r][m] = _mm512_fmadd_ps(o, _mm512_maskz_loadu_ps(lanes, xq.sums + m * nb + b), acc[r][m]);
     }

@@ -60,11 +60,14 @@ struct TwoFour {
 // high nibble (GGUF's Q4_1 order). A weight dequantized from an asymmetric 4-bit block format (Q4_1:
 // scale and minimum per 32 weights) is held exactly, so the kernels compute with the model's own
 // weights while reading an eighth of the float bytes (plus 8 bytes of scale and offset per block).
+// Zero-point form (zero_point set): `offsets` holds each block's zero point z (a small integer, as a
+// float) and a weight is (code − z) · scale rounded once — the quantize pass's 4-bit grid, exactly.
 struct Int4Dense {
   int64_t N, K;
   const uint8_t* codes;
   const float* scales;
   const float* offsets;
+  bool zero_point = false;
 };
 constexpr int64_t kInt4Block = 32;
 

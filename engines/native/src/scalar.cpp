@@ -108,12 +108,14 @@ void decompress(const TwoFour& w, int64_t n0, int64_t n1, float* out) {
   }
 }
 
-// 4-bit dense (Int4Dense): weight k of row n, fma(code, scale, offset) rounded once, as the SIMD paths.
+// 4-bit dense (Int4Dense): weight k of row n, fma(code, scale, offset) rounded once (zero-point form:
+// (code − zero) · scale), as the SIMD paths.
 inline float int4_weight(const Int4Dense& w, int64_t n, int64_t k) {
   const int64_t nb = w.K / kInt4Block, b = k / kInt4Block, j = k % kInt4Block;
   const uint8_t byte = w.codes[n * (w.K / 2) + b * 16 + (j & 15)];
   const int code = j < 16 ? (byte & 15) : (byte >> 4);
-  return std::fma(float(code), w.scales[n * nb + b], w.offsets[n * nb + b]);
+  const float s = w.scales[n * nb + b], o = w.offsets[n * nb + b];
+  return w.zero_point ? (float(code) - o) * s : std::fma(float(code), s, o);
 }
 
 void gemv_int4_scalar(const Int4Dense& w, const float* x, int64_t M, int64_t ldx, float* y, int64_t ldy, int64_t n0, int64_t n1) {
