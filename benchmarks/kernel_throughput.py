@@ -32,9 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import ROOT, markdown_table, write_result  # noqa: E402
 
 SHAPES = [(1536, 576), (576, 576), (3072, 576), (576, 1536)]
-KINDS = ["dense", "dense-int4", "dense-int8", "dense-int8x", "2:4", "2:4-int8", "50", "50-int8"]
+KINDS = ["dense", "dense-int4", "dense-int4x", "dense-int8", "dense-int8x", "2:4", "2:4-int8", "50", "50-int8"]
 """``-int8``: int8 values (fp32 activations); ``-int8x``: int8 activations too (AVX-512 VNNI); ``-int4``:
-the int4 format (4-bit codes, a scale and an offset per 32 inputs: weights on a Q4_1 grid)."""
+the int4 format (4-bit codes, a scale and an offset per 32 inputs: weights on a Q4_1 grid); ``-int4x``: the
+same with int8 activations (AVX-512 VNNI)."""
 
 
 def make_weight(kind: str, n: int, k: int, rng: np.random.Generator):
@@ -54,12 +55,12 @@ def make_weight(kind: str, n: int, k: int, rng: np.random.Generator):
     elif kind.startswith("50"):
         w[rng.random((n, k)) < 0.5] = 0.0
         fmt = "bitmask"
-    if kind.endswith("int4"):  # the weights put on a Q4_1 grid (fp16 scale and minimum per 32), stored as int4
+    if "int4" in kind:  # the weights put on a Q4_1 grid (fp16 scale and minimum per 32), stored as int4
         b = w.reshape(n, k // 32, 32)
         lo, hi = b.min(-1, keepdims=True), b.max(-1, keepdims=True)
         d, m = ((hi - lo) / 15).astype(np.float16).astype(np.float32), lo.astype(np.float16).astype(np.float32)
         q = np.clip(np.rint((b - m) / np.where(d > 0, d, 1)), 0, 15)
-        return native.NativeWeight(compress((q * d + m).astype(np.float32).reshape(n, k), "int4"))
+        return native.NativeWeight(compress((q * d + m).astype(np.float32).reshape(n, k), "int4"), int8_activations=kind.endswith("x"))
     if "int8" not in kind:
         return native.NativeWeight(compress(w, fmt))
     deq, scales, _ = rtn(torch.from_numpy(w), QuantScheme(8, 32))  # the quantize pass's own INT8 (zeros stay zero)
