@@ -110,18 +110,23 @@ def supports(adapter: Any, config: Any) -> str | None:
     return reason
 
 
+def _grid_arrays(model_dir: Path, quant: dict[str, Any]) -> dict[str, np.ndarray]:
+    """A quantized model's grids (``<weight>.scale`` / ``<weight>.zero``), or an error naming the engine."""
+    from core.errors import ModelLoadError
+    from core.models import quantization_arrays
+
+    try:
+        return quantization_arrays(model_dir, quant)
+    except ModelLoadError as exc:
+        raise PipelineError(f"engine 'native-cpu': {exc}") from None
+
+
 def _int8_grids(model_dir: Path, quant: dict[str, Any] | None) -> dict[str, tuple[np.ndarray, int]]:
     """``{weight name: (scales, block)}`` of a model quantized to INT8 (its grids' zero points must be
     128: the symmetric int8 of ``core.quant``); empty for an unquantized or 4-bit model."""
     if not quant or int(quant.get("bits", 0)) != 8:
         return {}
-    from core.errors import ModelLoadError
-    from core.models import quantization_arrays
-
-    try:
-        arrays = quantization_arrays(model_dir, quant)
-    except ModelLoadError as exc:
-        raise PipelineError(f"engine 'native-cpu': {exc}") from None
+    arrays = _grid_arrays(model_dir, quant)
     block = int(quant["block_size"])
     grids = {}
     for name in quant.get("weights", []):
@@ -137,13 +142,7 @@ def _int4_grids(model_dir: Path, quant: dict[str, Any] | None) -> dict[str, tupl
     multiple of 32 (the int4 format's zero-point form); empty otherwise (other blocks run in fp32)."""
     if not quant or int(quant.get("bits", 0)) != 4 or int(quant["block_size"]) % 32:
         return {}
-    from core.errors import ModelLoadError
-    from core.models import quantization_arrays
-
-    try:
-        arrays = quantization_arrays(model_dir, quant)
-    except ModelLoadError as exc:
-        raise PipelineError(f"engine 'native-cpu': {exc}") from None
+    arrays = _grid_arrays(model_dir, quant)
     block = int(quant["block_size"])
     return {name: (np.asarray(arrays[f"{name}.scale"], np.float32), np.asarray(arrays[f"{name}.zero"], np.float32), block) for name in quant.get("weights", [])}
 
