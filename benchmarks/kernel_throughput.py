@@ -72,13 +72,17 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=30)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--isa", default=None, help="force an instruction set no better than the CPU's (scalar, avx2+fma, avx512f): "
+                    "the AVX2 path's speed on an AVX-512 machine, not an AVX2-only machine's")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "kernel_throughput.json")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S")
     from engines import native
 
     native.set_threads(args.threads)
-    kinds = [k for k in KINDS if not k.endswith("x") or native.int8_activations()]
+    if args.isa:
+        native.set_isa(args.isa)
+    kinds = [k for k in KINDS if not k.endswith("x") or (native.int8_activations() and native.isa() == "avx512f")]
     rng = np.random.default_rng(0)
     stream = {kind: [make_weight(kind, n, k, rng) for _ in range(args.layers) for n, k in SHAPES] for kind in kinds}
     cached = {kind: make_weight(kind, 768, 576, rng) for kind in kinds}
@@ -101,7 +105,7 @@ def main() -> None:
             samples[kind]["stream_ms"].append(step(stream[kind]) * 1e3)
             samples[kind]["cached_us"].append(step([cached[kind]] * 500) / 500 * 1e6)
     bw = native.copy_bandwidth()
-    result: dict = {"threads": args.threads, "layers": args.layers, "repeats": args.repeats, "isa": native.best_isa(),
+    result: dict = {"threads": args.threads, "layers": args.layers, "repeats": args.repeats, "isa": native.isa(),
                     "int8_activations": native.int8_activations(), "copy_bandwidth_gb_s": round(bw / 1e9, 2), "shapes": SHAPES, "kinds": {}}
     weights = args.layers * sum(n * k for n, k in SHAPES)
     dense_ms = statistics.median(samples["dense"]["stream_ms"])
