@@ -140,12 +140,9 @@ def exact_int8_grid(w: np.ndarray, block: int = 32) -> np.ndarray | None:
     return scales
 
 
-def exact_int4_grid(w: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-    """``(scales, offsets)`` ``(N, K/32)`` of an asymmetric 4-bit grid on which ``w`` lies exactly — per
-    row and block of 32 inputs, ``offset`` = the block's minimum, ``scale`` = (max − min) / 15, every
-    weight ``code · scale + offset`` (codes 0..15) rounded once to float32 bit for bit — or None. A
-    weight dequantized from GGUF's Q4_1 is on one: its minimum has code 0 and its maximum code 15, so
-    the block's own min and max give back the fp16 scale and minimum exactly. K must be a multiple of 32."""
+def _int4_fit(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """``(scales, offsets, codes)`` of the exact asymmetric 4-bit grid of ``w`` (see
+    :func:`exact_int4_grid`), codes uint8 ``(N, K/32, 32)``; None when ``w`` is off such a grid."""
     if w.ndim != 2 or w.shape[1] % INT4_BLOCK or w.size == 0:
         return None
     w = np.asarray(w, np.float32)
@@ -161,20 +158,38 @@ def exact_int4_grid(w: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
             return None
         if not np.array_equal((codes * s + offsets[..., None]).astype(np.float32), b.astype(np.float32)):
             return None
-    return scales, offsets
+    return scales, offsets, codes.astype(np.uint8)
+
+
+def exact_int4_grid(w: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(scales, offsets)`` ``(N, K/32)`` of an asymmetric 4-bit grid on which ``w`` lies exactly — per
+    row and block of 32 inputs, ``offset`` = the block's minimum, ``scale`` = (max − min) / 15, every
+    weight ``code · scale + offset`` (codes 0..15) rounded once to float32 bit for bit — or None. A
+    weight dequantized from GGUF's Q4_1 is on one: its minimum has code 0 and its maximum code 15, so
+    the block's own min and max give back the fp16 scale and minimum exactly. K must be a multiple of 32."""
+    fit = _int4_fit(w)
+    return None if fit is None else fit[:2]
+
+
+def int4_offset_key(arrays: dict[str, np.ndarray]) -> str:
+    """Which second grid an ``int4`` weight's arrays hold: ``offsets`` (code · scale + offset) or
+    ``zeros`` (the zero-point form, (code − zero) · scale)."""
+    return "zeros" if "zeros" in arrays else "offsets"
+
+
+def _pack_nibbles(codes: np.ndarray) -> np.ndarray:
+    """Codes ``(N, K/32, 32)`` (0..15) → the ``int4`` format's bytes ``(N, K/2)``: per block, byte j holds
+    code j in its low nibble and code j + 16 in its high one."""
+    n, nb, _ = codes.shape
+    return np.ascontiguousarray((codes[..., :16] | (codes[..., 16:] << 4)).astype(np.uint8).reshape(n, nb * 16))
 
 
 def _compress_int4(w: np.ndarray, name: str) -> CompressedWeight:
-    grid = exact_int4_grid(w)
-    if grid is None:
+    fit = _int4_fit(w)
+    if fit is None:
         raise ValueError(f"compress: '{name}' is not on an exact 4-bit grid (a scale and offset per 32 inputs, codes 0..15; K = {w.shape[1]})")
-    scales, offsets = grid
-    n, k = w.shape
-    s = scales.astype(np.float64)[..., None]
-    b = w.reshape(n, k // INT4_BLOCK, INT4_BLOCK).astype(np.float64)
-    codes = np.rint((b - offsets[..., None]) / np.where(s > 0, s, 1.0)).astype(np.uint8)
-    packed = (codes[..., :16] | (codes[..., 16:] << 4)).astype(np.uint8).reshape(n, k // 2)
-    return CompressedWeight("int4", (n, k), {"values": np.ascontiguousarray(packed), "scales": scales, "offsets": offsets}, INT4_BLOCK)
+    scales, offsets, codes = fit
+    return CompressedWeight("int4", w.shape, {"values": _pack_nibbles(codes), "scales": scales, "offsets": offsets}, INT4_BLOCK)
 
 
 def _compress_int4_zero_point(w: np.ndarray, scales: np.ndarray, zeros: np.ndarray, block: int, name: str) -> CompressedWeight:
@@ -193,9 +208,7 @@ def _compress_int4_zero_point(w: np.ndarray, scales: np.ndarray, zeros: np.ndarr
     codes = np.rint(b / np.where(s > 0, s, 1.0)[..., None]) + z[..., None]
     if codes.min(initial=0) < 0 or codes.max(initial=0) > 15 or not np.array_equal(((codes - z[..., None]).astype(np.float32) * s[..., None]).astype(np.float32), b):
         raise ValueError(f"compress: '{name}' is not on its 4-bit grid: not every weight is (code − zero) · scale with a code in 0..15")
-    codes = codes.astype(np.uint8)
-    packed = (codes[..., :16] | (codes[..., 16:] << 4)).astype(np.uint8).reshape(n, k // 2)
-    return CompressedWeight("int4", (n, k), {"values": np.ascontiguousarray(packed), "scales": np.ascontiguousarray(s), "zeros": np.ascontiguousarray(z)}, INT4_BLOCK)
+    return CompressedWeight("int4", (n, k), {"values": _pack_nibbles(codes.astype(np.uint8)), "scales": np.ascontiguousarray(s), "zeros": np.ascontiguousarray(z)}, INT4_BLOCK)
 
 
 def _value_scales(c: CompressedWeight, scales: np.ndarray, block: int) -> np.ndarray:

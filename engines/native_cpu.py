@@ -147,6 +147,13 @@ def _int4_grids(model_dir: Path, quant: dict[str, Any] | None) -> dict[str, tupl
     return {name: (np.asarray(arrays[f"{name}.scale"], np.float32), np.asarray(arrays[f"{name}.zero"], np.float32), block) for name in quant.get("weights", [])}
 
 
+def _vnni_here() -> str:
+    """Whether this CPU runs the int8-activation kernels, for the artifact's notes."""
+    from engines import native
+
+    return "this CPU has it" if native.int8_activations() else "this CPU lacks it: fp32 activations"
+
+
 def _quantized_note(quant: dict[str, Any], linears: dict[str, Any], head: dict[str, Any], int8_activations: bool) -> str:
     """What the artifact did with a quantized model's weights."""
     if int(quant.get("bits", 0)) != 8:
@@ -155,14 +162,12 @@ def _quantized_note(quant: dict[str, Any], linears: dict[str, Any], head: dict[s
         note = f"int4 weights read as 4-bit codes with a scale and zero point per 32 inputs ({n} block linears{', the LM head' if head.get('values') == 'int4' else ''})"
         if rest:
             note += f"; {rest} block linears run dequantized in fp32 (kept sparse, or blocks of {quant.get('block_size')} inputs: the int4 format needs a multiple of 32)"
-        return note + ("; option int8_activations: int8 activations (VNNI)" if int8_activations else "; fp32 activations (the model's own result)")
-    from engines import native
-
+        return note + (f"; option int8_activations: int8 activations (per block of 32) where the CPU has AVX-512 VNNI ({_vnni_here()})"
+                       if int8_activations else "; fp32 activations (the model's own result)")
     n = sum(e["values"] == "int8" for e in linears.values())
     note = f"int8 weights read as int8 codes with a scale per {quant['block_size']} inputs ({n} block linears{', the LM head' if head['values'] == 'int8' else ''})"
     if int8_activations:
-        here = "this CPU has it" if native.int8_activations() else "this CPU lacks it: fp32 activations"
-        note += f"; option int8_activations: dense ones multiply int8 activations (per block of 32) where the CPU has AVX-512 VNNI ({here})"
+        note += f"; option int8_activations: dense ones multiply int8 activations (per block of 32) where the CPU has AVX-512 VNNI ({_vnni_here()})"
     else:
         note += "; fp32 activations (the model's own result)"
     return note
@@ -183,10 +188,7 @@ def _exact_note(linears: dict[str, Any], embed: dict[str, Any], head: dict[str, 
         return "none found"
     note = "codes on the weights' own grids, lossless: " + ", ".join(parts)
     if int8x:
-        from engines import native
-
-        here = "this CPU has it" if native.int8_activations() else "this CPU lacks it: fp32 activations"
-        note += f"; option int8_activations: these weights multiply int8 activations (per block of 32) where the CPU has AVX-512 VNNI ({here}), not exact"
+        note += f"; option int8_activations: these weights multiply int8 activations (per block of 32) where the CPU has AVX-512 VNNI ({_vnni_here()}), not exact"
     return note
 
 
@@ -437,7 +439,7 @@ class NativeDecoder:
             if fmt == "dense" and not block:
                 return native.NativeWeight(t[name])
             if fmt == "int4":
-                second = "zeros" if f"{name}{SEP}zeros" in t else "offsets"
+                second = "zeros" if f"{name}{SEP}zeros" in t else "offsets"  # the zero-point form, or code · scale + offset
                 arrays = {k: t[f"{name}{SEP}{k}"] for k in ("values", "scales", second)}
                 return native.NativeWeight(CompressedWeight("int4", tuple(entry["shape"]), arrays, 32), int8_activations=int8_activations)
             keys = {"2:4": ("values", "positions"), "bitmask": ("masks", "values", "row_offsets"), "dense": ("values",)}[fmt] + (("scales",) if block else ())

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from core.errors import EngineUnavailable
-from core.sparse_format import CompressedWeight, compress
+from core.sparse_format import CompressedWeight, compress, int4_offset_key
 
 log = logging.getLogger(__name__)
 
@@ -282,7 +282,7 @@ class NativeWeight:
         if c.format == "int4":  # 4-bit dense codes with a scale and an offset (or zero point) per row and 32 inputs
             self.block = 0  # (``block`` is the int8 scale block; int4 has its own, fixed at 32)
             codes = np.ascontiguousarray(c.arrays["values"], np.uint8)
-            second = "zeros" if "zeros" in c.arrays else "offsets"
+            second = int4_offset_key(c.arrays)
             grid = {k: np.ascontiguousarray(c.arrays[k], np.float32) for k in ("scales", second)}
             if self.k % 32 or codes.shape != (self.n, self.k // 2) or any(g.shape != (self.n, self.k // 32) for g in grid.values()):
                 raise ValueError(f"int4 weight: codes {codes.shape} / scales {grid['scales'].shape} / {second} {grid[second].shape} do not fit a ({self.n}, {self.k}) weight")
@@ -367,8 +367,8 @@ class NativeWeight:
         k = parts[0].k
         if any(p.k != k for p in parts):
             raise ValueError(f"stacked weight: parts have different input widths {[p.k for p in parts]}")
-        if all(p.format == "int4" for p in parts) and len({"zeros" in p.arrays for p in parts}) == 1:
-            second = "zeros" if "zeros" in parts[0].arrays else "offsets"
+        if all(p.format == "int4" for p in parts) and len({int4_offset_key(p.arrays) for p in parts}) == 1:
+            second = int4_offset_key(parts[0].arrays)
             grids = {key: np.concatenate([p.arrays[key] for p in parts]) for key in ("scales", second)}
             codes = np.concatenate([p.stored_values.reshape(p.n, k // 2) for p in parts])
             return cls(CompressedWeight("int4", (sum(p.n for p in parts), k), {"values": codes, **grids}, 32),
