@@ -41,9 +41,6 @@ class LayerShape:
 
 
 def head_dim(adapter: ModelAdapter, config: Any) -> int:
-    explicit = getattr(config, "head_dim", None)
-    if isinstance(explicit, int) and explicit > 0:
-        return explicit
     return adapter.dims(config)["head_dim"]
 
 
@@ -51,11 +48,15 @@ def _refs(model: torch.nn.Module, adapter: ModelAdapter, block: int) -> dict[str
     return {r.role: r for r in adapter.linears(model, blocks=[block])}
 
 
+def _ffn_width(refs: dict[str, LinearRef]) -> int:
+    return refs["gate_up"].out_features // 2 if "gate_up" in refs else refs["up"].out_features
+
+
 def _block_shape(refs: dict[str, LinearRef], hd: int) -> LayerShape:
-    if "qkv" in refs:
-        heads = refs["qkv"].out_features // 3 // hd
-        return LayerShape(heads, heads, refs["up"].out_features)
-    return LayerShape(refs["q"].out_features // hd, refs["k"].out_features // hd, refs["up"].out_features)
+    if "qkv" in refs:  # fused [q | k | v]: the query width is the output projection's input
+        heads = refs["o"].in_features // hd
+        return LayerShape(heads, (refs["qkv"].out_features // hd - heads) // 2, _ffn_width(refs))
+    return LayerShape(refs["q"].out_features // hd, refs["k"].out_features // hd, _ffn_width(refs))
 
 
 def layer_shapes(model: torch.nn.Module, adapter: ModelAdapter) -> list[LayerShape]:
@@ -141,9 +142,14 @@ def _plan(model: torch.nn.Module, adapter: ModelAdapter, block: int, keep_heads:
 
 
 def _qkv_rows(plan: _Plan) -> torch.Tensor:
-    """Rows of GPT-2's fused [q | k | v] projection that the plan keeps."""
-    width = plan.shape.heads * plan.hd
-    return torch.cat([plan.q_rows, plan.q_rows + width, plan.q_rows + 2 * width])
+    """Rows of a fused [q | k | v] projection (GPT-2; Phi-3 with GQA) that the plan keeps."""
+    q_width, kv_width = plan.shape.heads * plan.hd, plan.shape.kv_heads * plan.hd
+    return torch.cat([plan.q_rows, plan.kv_rows + q_width, plan.kv_rows + q_width + kv_width])
+
+
+def _ffn_rows(plan: _Plan, role: str) -> torch.Tensor:
+    """Rows of an FFN input projection that the plan keeps: a fused [gate | up] (Phi-3) keeps each channel twice."""
+    return torch.cat([plan.ffn, plan.ffn + plan.shape.ffn]) if role == "gate_up" else plan.ffn
 
 
 def slice_block(
@@ -171,9 +177,9 @@ def slice_block(
             for attr, what in adapter.head_attrs.items():
                 setattr(attn, attr, values[what])
         if plan.ffn is not None:
-            for role in ("up", "gate"):
+            for role in ("up", "gate", "gate_up"):
                 if role in refs:
-                    _rows(refs[role], plan.ffn)
+                    _rows(refs[role], _ffn_rows(plan, role))
             _cols(refs["down"], plan.ffn)
     return plan.kept
 
@@ -199,7 +205,7 @@ def mask_block(
         if plan.q_rows is not None:
             gone = _dropped(plan.q_rows, plan.shape.heads * plan.hd)
             if "qkv" in refs:
-                refs["qkv"].weight_out_in()[_dropped(_qkv_rows(plan), 3 * plan.shape.heads * plan.hd)] = 0
+                refs["qkv"].weight_out_in()[_dropped(_qkv_rows(plan), refs["qkv"].out_features)] = 0
             else:
                 gone_kv = _dropped(plan.kv_rows, plan.shape.kv_heads * plan.hd)
                 refs["q"].weight_out_in()[gone] = 0
@@ -208,9 +214,9 @@ def mask_block(
             refs["o"].weight_out_in()[:, gone] = 0
         if plan.ffn is not None:
             gone_c = _dropped(plan.ffn, plan.shape.ffn)
-            for role in ("up", "gate"):
+            for role in ("up", "gate", "gate_up"):
                 if role in refs:
-                    refs[role].weight_out_in()[gone_c] = 0
+                    refs[role].weight_out_in()[_dropped(_ffn_rows(plan, role), refs[role].out_features)] = 0
             refs["down"].weight_out_in()[:, gone_c] = 0
     return plan.kept
 

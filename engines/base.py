@@ -58,11 +58,13 @@ def llama_style_family(facts: Any, decoder: str) -> str | None:
 
     adapter = next((a for a in ADAPTERS if a.family == facts.family), None)
     if adapter is None or not adapter.native or facts.task != "causal-lm":
-        return _no_llama_decoder(facts.family, facts.task, decoder)
+        return _no_llama_decoder(facts.family, facts.task, decoder, adapter.native_refusal if adapter is not None else "")
     return None
 
 
-def _no_llama_decoder(family: str, task: str, decoder: str) -> str:
+def _no_llama_decoder(family: str, task: str, decoder: str, why: str = "") -> str:
+    if why:
+        return f"family '{family}' has no {decoder}: {why}; use onnxruntime-cpu"
     return f"family '{family}' ({task}) has no {decoder} (Llama-style blocks only: its adapter does not fill 'native'); use onnxruntime-cpu"
 
 
@@ -78,7 +80,7 @@ def sliding_window(config: Any) -> int:
 def llama_style_unsupported(adapter: Any, config: Any, decoder: str) -> str | None:
     """None when an engine's own Llama-style ``decoder`` can run this model (read from its config), else the reason."""
     if not adapter.native or adapter.task != "causal-lm":
-        return _no_llama_decoder(adapter.family, adapter.task, decoder)
+        return _no_llama_decoder(adapter.family, adapter.task, decoder, adapter.native_refusal)
     params = getattr(config, "rope_parameters", None) or {}
     rope_type = params.get("rope_type", (getattr(config, "rope_scaling", None) or {}).get("rope_type", "default"))
     if rope_type not in (None, "default"):

@@ -76,8 +76,12 @@ class _Prefill(torch.nn.Module):
         self.model, self.layers = model, layers
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        from transformers import DynamicCache
+
         pos = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, use_cache=True)
+        # a full-length cache in every layer (no config: no sliding-window layers that drop old positions):
+        # the presents keep one shape rule, and a sliding window (Gemma, Mistral) is applied by the attention mask
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, past_key_values=DynamicCache(), use_cache=True)
         return (out.logits, *_presents(out.past_key_values, self.layers))
 
 
@@ -89,7 +93,7 @@ class _Decode(torch.nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, past: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         from transformers import DynamicCache
 
-        cache = DynamicCache(ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(self.layers)], config=self.model.config)
+        cache = DynamicCache(ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(self.layers)])  # full layers, as in _Prefill
         pos = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1] :]
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, past_key_values=cache, use_cache=True)
         return (out.logits, *_presents(out.past_key_values, self.layers))

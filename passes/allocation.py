@@ -114,7 +114,7 @@ def allocate(
 # --- report ---------------------------------------------------------------------------------------
 
 ALLOCATION_TITLE = "Mixed sparsity (per block and role, measured from the weights)"
-ROLE_ORDER = ("q", "k", "v", "qkv", "o", "gate", "up", "down")
+ROLE_ORDER = ("q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down")
 
 
 def sparsity_by_layer(result: dict) -> tuple[dict, dict[str, dict[int, float]]] | None:

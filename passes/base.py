@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
     from core.adapters.base import ModelAdapter, ModelFacts
 
-ROLES = ("q", "k", "v", "qkv", "o", "up", "gate", "down")
+ROLES = ("q", "k", "v", "qkv", "o", "up", "gate", "gate_up", "down")
 """Linear roles an adapter can name; passes filter on them."""
 
 

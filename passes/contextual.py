@@ -172,6 +172,8 @@ class ContextualPass(Pass):
             raise OptionError("selector", f"contextual sparsity runs KV-cache decoding of causal LMs; this {model.family} model is an {model.task}")
         if not model.gated_mlp:
             raise OptionError("selector", f"contextual sparsity selects units of a gated MLP (act(gate) · up); this {model.family} model's MLP is not gated")
+        if "gate" not in model.roles:
+            raise OptionError("selector", f"contextual sparsity gathers rows of separate gate and up linears; this {model.family} model fuses them into one (gate_up)")
         n = model.layers
         outside = [b for b in config.dense_blocks if not -n <= b < n]
         if outside:

@@ -24,7 +24,7 @@ import torch
 
 from calibrate.importance import METHODS, Importance, activation_importance, taylor_importance
 from calibrate.runner import resolve_compute_dtype
-from passes.base import NEEDS_GRAPH_SHRINK, NEEDS_NOTHING, LayerChange, Pass, PassContext, PassResult, SpeedupNeed, register_pass
+from passes.base import NEEDS_GRAPH_SHRINK, NEEDS_NOTHING, DataFacts, LayerChange, OptionError, Pass, PassContext, PassResult, SpeedupNeed, register_pass
 from core.structure import head_dim, layer_shapes, mask_block, record_shapes, slice_block
 from core.models import count_parameters
 
@@ -197,6 +197,11 @@ class StructuredPass(Pass):
     @classmethod
     def shapes_change(cls, options: dict) -> bool:
         return options.get("apply", "slice") == "slice"
+
+    @classmethod
+    def check(cls, config: Any, model: Any, data: DataFacts) -> None:
+        if config.heads > 0 and config.apply == "slice" and model.head_slicing_refusal:
+            raise OptionError("heads", f"{model.family}: {model.head_slicing_refusal}")
 
     @classmethod
     def speedup_need(cls, options: dict[str, Any]) -> SpeedupNeed | None:

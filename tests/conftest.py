@@ -49,6 +49,36 @@ def tiny_config(family: str):
         )
     if family == "bert":
         return BertConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=512)
+    return decoder_family_config(family)
+
+
+DECODER_FAMILIES = ("qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3")
+"""The decoder families beyond Llama/GPT-2/OPT (issue 30), each a tiny random model of its own architecture."""
+
+
+def decoder_family_config(family: str):
+    """A tiny config of one of :data:`DECODER_FAMILIES`: GQA (4 query heads, 2 KV heads) everywhere; the
+    families' own features kept small but present — Qwen2's q/k/v biases, Qwen3's and Gemma's explicit
+    head_dim (32, not hidden / heads = 16), Gemma's sliding window (16 positions, shorter than the decode
+    tests' prompt + new tokens), Phi-3's fused qkv_proj and gate_up_proj."""
+    import transformers as t
+
+    common = dict(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+    )
+    if family == "qwen2":
+        return t.Qwen2Config(**common)
+    if family == "qwen3":
+        return t.Qwen3Config(**common, head_dim=32)
+    if family == "mistral":
+        return t.MistralConfig(**common, sliding_window=None)
+    if family == "gemma2":
+        return t.Gemma2Config(**common, head_dim=32, query_pre_attn_scalar=32, sliding_window=16)
+    if family == "gemma3":
+        return t.Gemma3TextConfig(**common, head_dim=32, query_pre_attn_scalar=32, sliding_window=16)
+    if family == "phi3":
+        return t.Phi3Config(**common, pad_token_id=VOCAB - 1, eos_token_id=VOCAB - 1, bos_token_id=VOCAB - 1)
     raise ValueError(family)
 
 
@@ -82,6 +112,20 @@ def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
         d = root / fam
         save_hf_dir(tiny_model(fam), tok, d)
         out[fam] = d
+    return out
+
+
+@pytest.fixture(scope="session")
+def family_dirs(tmp_path_factory) -> dict[str, Path]:
+    """Saved tiny models of :data:`DECODER_FAMILIES` (+ byte tokenizer), one directory each."""
+    from core.models import save_hf_dir
+
+    root = tmp_path_factory.mktemp("family-models")
+    tok = byte_tokenizer()
+    out = {}
+    for fam in DECODER_FAMILIES:
+        save_hf_dir(tiny_model(fam), tok, root / fam)
+        out[fam] = root / fam
     return out
 
 

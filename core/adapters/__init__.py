@@ -8,11 +8,11 @@ from core.adapters.base import LinearRef, ModelAdapter
 from core.adapters.bert import BERT
 from core.adapters.gguf import config_from_gguf
 from core.adapters.gpt2 import GPT2
-from core.adapters.llama import LLAMA
+from core.adapters.llama import GEMMA, LLAMA, PHI3, QWEN3
 from core.adapters.opt import OPT
 from core.errors import ModelLoadError
 
-ADAPTERS: tuple[ModelAdapter, ...] = (LLAMA, GPT2, OPT, BERT)
+ADAPTERS: tuple[ModelAdapter, ...] = (LLAMA, QWEN3, GEMMA, PHI3, GPT2, OPT, BERT)
 
 __all__ = ["ADAPTERS", "LinearRef", "ModelAdapter", "adapter_for", "config_from_gguf"]
 

@@ -114,6 +114,8 @@ class ModelFacts:
     gated_mlp: bool
     roles: tuple[str, ...]
     vocab: int | None = None
+    head_slicing_refusal: str = ""
+    """Why attention heads cannot be sliced out of this family's blocks (the adapter's reason); empty when they can."""
 
     def in_features(self, role: str) -> int:
         """Width of the reduction (input) axis of a linear of this role."""
@@ -151,6 +153,13 @@ class ModelAdapter:
     head_attrs: dict[str, str] = field(default_factory=dict)
     """Attention attribute → what it holds after head removal: 'heads' (query heads), 'kv_heads',
     'groups' (query heads per KV head) or 'width' (query heads × head_dim)."""
+    native_refusal: str = ""
+    """Why the engines that run Llama-style blocks themselves (native-cpu, the fused ONNX Runtime graph)
+    cannot run this family although its blocks look Llama-like (e.g. Qwen3's per-head q/k norms); empty
+    when they can or when ``native`` is empty."""
+    head_slicing_refusal: str = ""
+    """Why structured removal cannot slice attention heads out of this family's blocks (e.g. Phi-3 slices its
+    fused qkv_proj by the config's head counts); empty when it can."""
 
     @property
     def output_name(self) -> str:
@@ -189,6 +198,12 @@ class ModelAdapter:
             raise ValueError(f"{self.family} config has no value for '{key}' (attribute '{attr}')")
         return int(value)
 
+    def _head_dim(self, config: Any, hidden: int, heads: int) -> int:
+        """The config's own head width where the family states one (Qwen3, Gemma: not hidden / heads), else hidden / heads."""
+        attr = self.config_keys.get("head_dim")
+        explicit = getattr(config, attr, None) if attr else None
+        return int(explicit) if isinstance(explicit, int) and explicit > 0 else hidden // heads
+
     def dims(self, config: Any) -> dict[str, int]:
         heads = self.config_value(config, "heads")
         hidden = self.config_value(config, "hidden")
@@ -197,7 +212,7 @@ class ModelAdapter:
             "hidden": hidden,
             "heads": heads,
             "kv_heads": self.config_value(config, "kv_heads") if "kv_heads" in self.config_keys else heads,
-            "head_dim": hidden // heads,
+            "head_dim": self._head_dim(config, hidden, heads),
             "ffn": self.config_value(config, "ffn"),
         }
 
@@ -210,6 +225,7 @@ class ModelAdapter:
             self.family, self.task, d["layers"], d["hidden"], d["heads"], d["kv_heads"], d["head_dim"], d["ffn"],
             int(context) if isinstance(context, int) else None, self.gated_mlp, tuple(self.linear_paths),
             int(vocab) if isinstance(vocab := getattr(config, "vocab_size", None), int) else None,
+            self.head_slicing_refusal,
         )
 
     def blocks(self, model: torch.nn.Module) -> list[torch.nn.Module]:
