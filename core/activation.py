@@ -17,7 +17,7 @@ import torch
 from core.adapters.base import ModelAdapter
 
 CONFIG_KEY = "activation_sparsity"
-GROUPS: dict[str, tuple[str, ...]] = {"attn_in": ("q", "k", "v"), "o_in": ("o",), "mlp_in": ("gate", "up"), "down_in": ("down",)}
+GROUPS: dict[str, tuple[str, ...]] = {"attn_in": ("q", "k", "v", "qkv"), "o_in": ("o",), "mlp_in": ("gate", "up", "gate_up"), "down_in": ("down",)}
 _HOOK_ATTR = "_activation_sparsity_hook"
 
 
