@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -23,21 +22,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, markdown_table, write_result  # noqa: E402
 
 CELLS = {
-    "one-shot (Wanda 2:4)": "test_one_shot",
-    "structured (heads + FFN sliced)": "test_structured",
-    "structured heads": "test_structured_head_slicing",
-    "slice = mask (PyTorch)": "test_slicing_equals_masking",
-    "contextual": "test_contextual",
-    "ONNX prefill, ORT = PyTorch": "test_onnx_prefill_and_ort_equals_pytorch",
-    "KV decode (greedy = PyTorch)": "test_kv_decode",
-    "native-cpu": "test_engines_that_run_llama_blocks_themselves[native-cpu",
-    "onnxruntime-fused": "test_engines_that_run_llama_blocks_themselves[onnxruntime-fused",
+    "one-shot (Wanda 2:4)": ("test_one_shot", ""),
+    "structured FFN (sliced)": ("test_structured", ""),
+    "structured heads (sliced)": ("test_structured_head_slicing", ""),
+    "slice = mask (PyTorch)": ("test_slicing_equals_masking", ""),
+    "contextual": ("test_contextual", ""),
+    "ONNX prefill, ORT = PyTorch": ("test_onnx_prefill_and_ort_equals_pytorch", ""),
+    "KV decode (greedy = PyTorch)": ("test_kv_decode", ""),
+    "native-cpu": ("test_engines_that_run_llama_blocks_themselves", "native-cpu-"),
+    "onnxruntime-fused": ("test_engines_that_run_llama_blocks_themselves", "onnxruntime-fused-"),
 }
+"""Matrix column → (test function, its parameter id's prefix before the family)."""
 
 
-def _family(name: str) -> str:
-    params = re.search(r"\[(.*)\]", name).group(1).split("-")
-    return params[-1]
+def _cell(name: str) -> tuple[str, str] | None:
+    """A JUnit test case name 'test_x[params]' → (column, family), or None for a test outside the matrix."""
+    func, _, params = name.partition("[")
+    params = params.rstrip("]")
+    for column, (test, prefix) in CELLS.items():
+        if func == test and params.startswith(prefix) and params:
+            return column, params[len(prefix):]
+    return None
 
 
 def main() -> None:
@@ -51,14 +56,14 @@ def main() -> None:
         cases = ET.parse(report).getroot().iter("testcase")
         matrix: dict[str, dict[str, dict[str, str]]] = {}
         for case in cases:
-            name = case.get("name", "")
-            cell = next((c for c, prefix in CELLS.items() if name.startswith(prefix + "[") or name.startswith(prefix)), None)
-            if cell is None or "[" not in name:
+            found = _cell(case.get("name", ""))
+            if found is None:
                 continue
-            family = _family(name)
+            cell, family = found
             props = {p.get("name"): p.get("value") for p in case.iter("property")}
-            if case.find("failure") is not None or case.find("error") is not None:
-                entry = {"status": "failed", "detail": (case.find("failure") or case.find("error")).get("message", "")[:300]}
+            bad = case.find("failure") if case.find("failure") is not None else case.find("error")
+            if bad is not None:
+                entry = {"status": "failed", "detail": bad.get("message", "")[:300]}
             elif case.find("skipped") is not None:
                 entry = {"status": "not applicable", "detail": case.find("skipped").get("message", "")}
             elif "refused" in props:

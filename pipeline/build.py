@@ -98,6 +98,30 @@ class Builder:
         self._write_manifest(seconds)
         return BuildSummary(self.out, results, ctx.stages, seconds)
 
+    # --- one worker's share of a fanned-out build (pipeline/fanout.py) ---------------------------
+
+    def run_variant_stages(self, names: list[str]) -> list[dict[str, Any]]:
+        """Only the per-variant stages (model, ONNX, KV graphs, engines, validation) of the named variants,
+        into the same content-keyed stage store as a whole build; no timing stage, no report, no build lock
+        (the driver of the fan-out holds it, and no two workers are given the same variant). A stage that is
+        finished and intact is reused, so a retried worker resumes where its killed attempt stopped.
+        Returns the stage records of this call."""
+        ctx = self.ctx
+        dense_v = next(v for v in self.recipe.variants if v.name == "dense")
+        ctx.ordered = [dense_v] + [v for v in self.recipe.variants if v.name != "dense"]
+        unknown = sorted(set(names) - {v.name for v in ctx.ordered})
+        if unknown:
+            raise PipelineError(f"variants {unknown} are not in recipe '{self.recipe.name}'")
+        for group in self._groups():
+            if group[0].scope not in (Scope.VARIANT, Scope.VARIANT_ENGINE):
+                continue
+            for v, e in self._items(group[0]):
+                if v.name in names:
+                    for stage in group:
+                        if stage.applies(ctx, v, e):
+                            self._run_stage(stage, v, e)
+        return ctx.stages
+
     def _groups(self) -> list[list[Stage]]:
         """The enabled stages in order; consecutive per-variant ones grouped (run variant by variant)."""
         groups: list[list[Stage]] = []

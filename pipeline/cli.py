@@ -30,6 +30,11 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("recipe", nargs="?", default=None, help="recipe YAML file, or the name of a shipped recipe (default: default)")
     b.add_argument("--output", "-o", type=Path, default=None, help="build directory (default: build/<recipe name>)")
     b.add_argument("--verbose", "-v", action="store_true", help="debug logging, and the traceback of an error")
+    b.add_argument(
+        "--executor", default="serial",
+        help="serial (default), or ray: each variant's model/ONNX/engine/validation stages as Ray tasks (a local Ray with "
+             "this machine's CPUs, or RAY_ADDRESS's cluster; ray://HOST:PORT for another), then timing and the report here",
+    )
     c = sub.add_parser(
         "check", help="validate a recipe without building anything",
         description="Check RECIPE without loading a model: every key and option, each pass against the model's config and the data, and the build's memory and disk estimate.",
@@ -100,9 +105,11 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         log.info("recipe '%s' is valid (%d variants) [%.2f s]", recipe.name, len(recipe.variants), time.perf_counter() - t0)
         from pipeline.build import build
+        from pipeline.fanout import build_on_ray, parse_executor
         from pipeline.report import terminal_table
 
-        summary = build(recipe, args.output)
+        executor, address = parse_executor(args.executor)
+        summary = build(recipe, args.output) if executor == "serial" else build_on_ray(recipe, args.output, address)
         print(terminal_table(summary.results))
         print(f"\nreport: {summary.report_path}")
         return 0

