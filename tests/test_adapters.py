@@ -93,7 +93,9 @@ def family_names() -> set[str]:
         names.update(a.linear_size_attrs.values())
         if a.mlp_activation:
             names.add(a.mlp_activation)
-    return names - GENERIC - {"in_features", "out_features"}
+    # head_dim: also the project's own name for the head width (ModelAdapter.dims), which Qwen3's and
+    # Gemma's configs happen to spell the same way; only the adapters read it from a config
+    return names - GENERIC - {"in_features", "out_features", "head_dim"}
 
 
 def family_names_in(path, names: set[str]) -> list[tuple[int, str]]:
