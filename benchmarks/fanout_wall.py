@@ -25,7 +25,7 @@ TIMING = {"seconds", "created", "finished", "latency", "samples", "decision", "e
 
 def _untimed(x):
     if isinstance(x, dict):
-        return {k: _untimed(v) for k, v in x.items() if k not in TIMING and not k.endswith(("_ms", "_seconds")) and "ms_per" not in k}
+        return {k: _untimed(v) for k, v in x.items() if k not in TIMING and not k.endswith(("_ms", "_seconds")) and not k.startswith("seconds") and "ms_per" not in k}
     if isinstance(x, list):
         return [_untimed(v) for v in x]
     return x

@@ -94,10 +94,18 @@ def _node_id() -> str | None:
 
 
 def build_on_ray(recipe: Any, out_dir: Path | None = None, address: str | None = None, cpus_per_variant: int = 1,
-                 max_retries: int = 2, num_cpus: int | None = None) -> Any:
+                 max_retries: int = 2, num_cpus: int | None = None, threads: int | None = None) -> Any:
     """Build ``recipe`` with its variants' per-variant stages fanned out as Ray tasks, then finish the
     build (timing stages, report) on this node. Returns the :class:`pipeline.build.BuildSummary`, whose
-    results carry a ``fanout`` section: each variant's task, its attempts' stage reuse and seconds."""
+    results carry a ``fanout`` section: each variant's task, its attempts' stage reuse and seconds.
+
+    ``cpus_per_variant`` is what Ray reserves for each non-dense variant (how many run at once on a node);
+    ``threads`` is how many PyTorch threads each task computes with — by default this process's count, as a
+    serial build here would use, because PyTorch's float reductions (SparseGPT's solve, the dense reference
+    logits) round differently with another thread count: with the same count the results equal a serial
+    build's to the last bit, with fewer they differ in the last digits. On a small machine the tasks then
+    share the cores (two tasks of two threads on two cores). The dense variant, which runs alone, reserves
+    a whole node."""
     try:
         import ray
     except ImportError as exc:
@@ -118,15 +126,20 @@ def build_on_ray(recipe: Any, out_dir: Path | None = None, address: str | None =
     t0 = time.perf_counter()
     try:
         names = ["dense"] + [v.name for v in recipe.variants if v.name != "dense"]
-        log.info("fan-out on Ray: %d variants, %s CPUs in the cluster, %d per variant", len(names), ray.cluster_resources().get("CPU"), cpus_per_variant)
+        log.info("fan-out on Ray: %d variants, %s CPUs in the cluster, %d reserved per variant", len(names), ray.cluster_resources().get("CPU"), cpus_per_variant)
+        import torch
+
+        threads = threads or torch.get_num_threads()
+        node_cpus = max(int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive"))
         task = ray.remote(num_cpus=cpus_per_variant, max_retries=max_retries)(_variant_task)
+        dense_task = task.options(num_cpus=max(1, node_cpus))
         fault = os.environ.get(FAULT_ENV, "")
         with file_lock(out / ".build.lock", f"build directory {out}", wait=False):
             from pipeline.checks import check_recipe
 
             check_recipe(recipe, out, source=builder.ctx.source)
-            records = [ray.get(task.remote(recipe, str(out), "dense", cpus_per_variant, fault))]  # every other variant builds on it
-            pending = {task.remote(recipe, str(out), n, cpus_per_variant, fault): n for n in names[1:]}
+            records = [ray.get(dense_task.remote(recipe, str(out), "dense", threads, fault))]  # every other variant builds on it
+            pending = {task.remote(recipe, str(out), n, threads, fault): n for n in names[1:]}
             while pending:
                 done, _ = ray.wait(list(pending), num_returns=1)
                 rec = ray.get(done[0])
@@ -138,7 +151,7 @@ def build_on_ray(recipe: Any, out_dir: Path | None = None, address: str | None =
         if started_here:
             ray.shutdown()
     summary.results["fanout"] = {
-        "executor": "ray", "address": address or "local", "seconds": round(fanout_s, 2), "cpus_per_variant": cpus_per_variant,
+        "executor": "ray", "address": address or "local", "seconds": round(fanout_s, 2), "cpus_per_variant": cpus_per_variant, "threads": threads,
         "max_retries": max_retries, "tasks": records,
     }
     from core.artifacts import atomic_write_json

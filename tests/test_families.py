@@ -208,3 +208,27 @@ def test_slicing_equals_masking(family):
     assert all(s.ffn == 64 for s in shapes)
     assert all((s.heads, s.kv_heads) == ((4, 2) if keep_heads is None else (2, 1)) for s in shapes)
     assert sum(p.numel() for p in sliced.parameters()) < sum(p.numel() for p in masked.parameters())
+
+
+def test_fused_qkv_masking_zeroes_the_heads_of_each_part():
+    """Phi-3's fused [q | k | v] with GQA (4 query heads of width 16 on 2 KV heads): masking to query heads
+    {0, 1} (KV head 0) zeroes q rows 32–63, k rows 16–31 and v rows 16–31 of the fused weight, nothing else."""
+    import torch
+
+    from conftest import tiny_model
+    from core.adapters import adapter_for
+    from core.structure import mask_block
+
+    model = tiny_model("phi3")
+    adapter = adapter_for(model.config)
+    (qkv,) = adapter.linears(model, roles=["qkv"], blocks=[0])
+    before = qkv.weight_out_in().clone()
+    mask_block(model, adapter, 0, keep_heads=[0, 1])
+    after = qkv.weight_out_in()
+    q, k, v = 64, 32, 32
+    gone = torch.zeros(q + k + v, dtype=torch.bool)
+    gone[32:64] = True
+    gone[q + 16:q + 32] = True
+    gone[q + k + 16:] = True
+    assert torch.all(after[gone] == 0)
+    torch.testing.assert_close(after[~gone], before[~gone], rtol=0, atol=0)
