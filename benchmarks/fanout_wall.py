@@ -20,17 +20,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, write_result  # noqa: E402
 
-TIMING = {"seconds", "created", "finished", "latency", "samples", "decision", "environment", "fanout", "train_seconds"}
-
-
-def _untimed(x):
-    if isinstance(x, dict):
-        return {k: _untimed(v) for k, v in x.items() if k not in TIMING and not k.endswith(("_ms", "_seconds")) and not k.startswith("seconds") and "ms_per" not in k}
-    if isinstance(x, list):
-        return [_untimed(v) for v in x]
-    return x
-
-
 def _differences(a, b, path=""):
     if type(a) is not type(b):
         return [path]
@@ -48,7 +37,7 @@ def main() -> None:
     args = ap.parse_args()
     from pipeline.build import build
     from pipeline.cli import _setup_logging
-    from pipeline.fanout import build_on_ray
+    from pipeline.fanout import build_on_ray, untimed
     from pipeline.recipe import load_recipe
 
     _setup_logging(False)
@@ -66,7 +55,7 @@ def main() -> None:
         results[mode] = json.loads((out / "results.json").read_text())
         results[mode]["recipe"].pop("output", None)
         print(f"{mode}: {walls[mode]} s", flush=True)
-    diffs = _differences(_untimed(results["serial"]), _untimed(results["ray"]))
+    diffs = _differences(untimed(results["serial"]), untimed(results["ray"]))
     tasks = results["ray"]["fanout"]["tasks"]
     write_result(args.out, {
         "recipe": args.recipe,

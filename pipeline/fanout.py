@@ -35,6 +35,21 @@ log = logging.getLogger(__name__)
 FAULT_ENV = "PIPELINE_FANOUT_FAULT"
 
 
+TIMING_FIELDS = {"seconds", "created", "finished", "latency", "samples", "decision", "environment", "fanout", "train_seconds"}
+"""results.json fields that measure time or the run itself (plus the fan-out's own section)."""
+
+
+def untimed(results: Any) -> Any:
+    """``results`` without the fields that measure time (``TIMING_FIELDS``, names ending in ``_ms`` or
+    ``_seconds`` or starting with ``seconds``): what two builds of one recipe must agree on, whatever ran them."""
+    if isinstance(results, dict):
+        return {k: untimed(v) for k, v in results.items()
+                if k not in TIMING_FIELDS and not k.endswith(("_ms", "_seconds")) and not k.startswith("seconds") and "ms_per" not in k}
+    if isinstance(results, list):
+        return [untimed(v) for v in results]
+    return results
+
+
 def parse_executor(text: str) -> tuple[str, str | None]:
     """'serial' → ('serial', None); 'ray' → ('ray', None): a local Ray with this machine's CPUs, or the
     cluster ``RAY_ADDRESS`` names; 'ray://host:port' (or 'ray:auto') → ('ray', that address)."""
@@ -101,7 +116,7 @@ def build_on_ray(recipe: Any, out_dir: Path | None = None, address: str | None =
 
     ``cpus_per_variant`` is what Ray reserves for each non-dense variant (how many run at once on a node);
     ``threads`` is how many PyTorch threads each task computes with — by default this process's count, as a
-    serial build here would use, because PyTorch's float reductions (SparseGPT's solve, the dense reference
+    serial build here would use, because PyTorch's float reductions (a pass's least-squares solve, the dense reference
     logits) round differently with another thread count: with the same count the results equal a serial
     build's to the last bit, with fewer they differ in the last digits. On a small machine the tasks then
     share the cores (two tasks of two threads on two cores). The dense variant, which runs alone, reserves

@@ -19,8 +19,9 @@ import os
 import pytest
 from conftest import DECODER_FAMILIES
 
+from test_build import tiny_recipe
+
 from pipeline.build import build
-from pipeline.recipe import recipe_from_dict
 
 BUILT_FAMILIES = DECODER_FAMILIES if os.environ.get("FAMILY_MATRIX") == "all" else ("gemma2", "phi3")
 
@@ -33,25 +34,12 @@ LLAMA_BLOCKS = {"qwen2", "mistral"}
 
 
 def _recipe(model_dir, text_file, out, variants):
-    return recipe_from_dict({
-        "name": "family",
-        "model": {"source": str(model_dir)},
-        "data": {
-            "source": str(text_file),
-            "eval_fraction": 0.25,
-            "calibration": {"windows": 4, "length": 32},
-            "evaluation": {"windows": 4, "length": 64},
-        },
-        "variants": variants,
-        "export": {"kv_cache": True},
-        "validation": {
-            "agreement_windows": 1,
-            "parity": {"batch": 1, "length": 8},
-            "latency": None,
-            # prompt + new tokens (22) run past the Gemma models' 16-position sliding window
-            "decode": {"prompt": 16, "new_tokens": 6, "greedy_tokens": 8, "repeats": 1},
-        },
-        "output": str(out),
+    return tiny_recipe(model_dir, text_file, out, variants=variants, export={"kv_cache": True}, validation={
+        "agreement_windows": 1,
+        "parity": {"batch": 1, "length": 8},
+        "latency": None,
+        # prompt + new tokens (22) run past the Gemma models' 16-position sliding window
+        "decode": {"prompt": 16, "new_tokens": 6, "greedy_tokens": 8, "repeats": 1},
     })
 
 

@@ -16,22 +16,11 @@ from pipeline.build import build  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
-TIMING = {"seconds", "created", "finished", "latency", "samples", "decision", "environment", "fanout", "train_seconds"}
-"""Fields that measure time (and the fan-out's own section); everything else must match."""
-
 VARIANTS = [
     {"name": "magnitude-50", "passes": [{"magnitude": {"sparsity": 0.5}}]},
     {"name": "magnitude-2of4", "passes": [{"magnitude": {"pattern": "2:4"}}]},
     {"name": "ffn50", "passes": [{"structured": {"ffn": 0.5}}]},
 ]
-
-
-def _untimed(x):
-    if isinstance(x, dict):
-        return {k: _untimed(v) for k, v in x.items() if k not in TIMING and not k.endswith(("_ms", "_seconds")) and not k.startswith("seconds") and "ms_per" not in k}
-    if isinstance(x, list):
-        return [_untimed(v) for v in x]
-    return x
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +33,7 @@ def local_ray():
 
 
 def test_ray_fanout_equals_serial_and_a_killed_worker_resumes(local_ray, tiny_dirs, text_file, tmp_path, monkeypatch):
-    from pipeline.fanout import FAULT_ENV, build_on_ray
+    from pipeline.fanout import FAULT_ENV, build_on_ray, untimed
 
     build(tiny_recipe(tiny_dirs["llama"], text_file, tmp_path / "serial", variants=VARIANTS))
     monkeypatch.setenv(FAULT_ENV, "ffn50/onnx")  # the first attempt of ffn50's task dies by SIGKILL after its ONNX stage
@@ -54,7 +43,7 @@ def test_ray_fanout_equals_serial_and_a_killed_worker_resumes(local_ray, tiny_di
     serial_disk = json.loads((tmp_path / "serial" / "results.json").read_text())
     for results in (on_disk, serial_disk):
         results["recipe"].pop("output")  # the two build directories
-    assert _untimed(on_disk) == _untimed(serial_disk)
+    assert untimed(on_disk) == untimed(serial_disk)
     tasks = {t["variant"]: t for t in on_disk["fanout"]["tasks"]}
     assert set(tasks) == {"dense", "magnitude-50", "magnitude-2of4", "ffn50"}
     assert len({t["pid"] for t in tasks.values()}) >= 2  # the variants ran in Ray worker processes, not all in one
