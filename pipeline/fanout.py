@@ -146,7 +146,10 @@ def build_on_ray(recipe: Any, out_dir: Path | None = None, address: str | None =
 
         threads = threads or torch.get_num_threads()
         node_cpus = max(int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive"))
-        task = ray.remote(num_cpus=cpus_per_variant, max_retries=max_retries)(_variant_task)
+        # Ray starts workers with OMP_NUM_THREADS = the CPUs reserved (1), which changes the float rounding of
+        # the validation's reference computations; the workers get the thread count the serial build has
+        env = {"OMP_NUM_THREADS": str(threads)}
+        task = ray.remote(num_cpus=cpus_per_variant, max_retries=max_retries, runtime_env={"env_vars": env})(_variant_task)
         dense_task = task.options(num_cpus=max(1, node_cpus))
         fault = os.environ.get(FAULT_ENV, "")
         with file_lock(out / ".build.lock", f"build directory {out}", wait=False):
