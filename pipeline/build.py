@@ -77,8 +77,7 @@ class Builder:
         t0 = time.perf_counter()
         log.info("build '%s' → %s (%d variants, engines: %s)", self.recipe.name, self.out, len(self.recipe.variants), ", ".join(e.backend for e in self.recipe.engines))
         ctx = self.ctx
-        dense_v = next(v for v in self.recipe.variants if v.name == "dense")
-        ctx.ordered = [dense_v] + [v for v in self.recipe.variants if v.name != "dense"]
+        ctx.ordered = self._dense_first()
         self._preflight(ctx.ordered)
         done: list[tuple[Stage, Any, Any]] = []
         for group in self._groups():
@@ -107,8 +106,7 @@ class Builder:
         finished and intact is reused, so a retried worker resumes where its killed attempt stopped.
         Returns the stage records of this call."""
         ctx = self.ctx
-        dense_v = next(v for v in self.recipe.variants if v.name == "dense")
-        ctx.ordered = [dense_v] + [v for v in self.recipe.variants if v.name != "dense"]
+        ctx.ordered = self._dense_first()
         unknown = sorted(set(names) - {v.name for v in ctx.ordered})
         if unknown:
             raise PipelineError(f"variants {unknown} are not in recipe '{self.recipe.name}'")
@@ -121,6 +119,11 @@ class Builder:
                         if stage.applies(ctx, v, e):
                             self._run_stage(stage, v, e)
         return ctx.stages
+
+    def _dense_first(self) -> list[VariantSpec]:
+        """The recipe's variants, dense first (every other variant's stages build on dense's)."""
+        dense_v = next(v for v in self.recipe.variants if v.name == "dense")
+        return [dense_v] + [v for v in self.recipe.variants if v.name != "dense"]
 
     def _groups(self) -> list[list[Stage]]:
         """The enabled stages in order; consecutive per-variant ones grouped (run variant by variant)."""

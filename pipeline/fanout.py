@@ -65,14 +65,13 @@ def parse_executor(text: str) -> tuple[str, str | None]:
 
 
 def _variant_task(recipe: Any, out_dir: str, name: str, threads: int, fault: str = "") -> dict[str, Any]:
-    """One Ray task: the per-variant stages of one variant (a fresh process state per attempt)."""
+    """One Ray task: the per-variant stages of one variant (a retry may run in a new worker process or a reused one)."""
     import torch
 
     from pipeline.build import Builder
 
     torch.set_num_threads(max(1, threads))
     marker = Path(out_dir) / f".fanout-fault-{name}"
-    builder = Builder(recipe, Path(out_dir))
     # the dense variant's stages (finished by the first task) are reused, not rebuilt: the other variants'
     # stage keys read their records (a rebound graph hashes the dense graph it was rebound from)
     names = ["dense"] if name == "dense" else ["dense", name]
@@ -88,7 +87,7 @@ def _variant_task(recipe: Any, out_dir: str, name: str, threads: int, fault: str
         marker.write_text(f"killed after {fault} at {time.time()}\n", encoding="utf-8")
         os.kill(os.getpid(), signal.SIGKILL)
     t0 = time.perf_counter()
-    stages = builder.run_variant_stages(names)
+    stages = Builder(recipe, Path(out_dir)).run_variant_stages(names)
     return {
         "variant": name,
         "pid": os.getpid(),
