@@ -11,7 +11,9 @@
    collectors to ``apply``, which may change the block's weights; re-run the
    (changed) block to produce the next block's inputs.
 
-Memory stays one block deep plus the window activations (windows × length × hidden floats).
+Memory stays one block deep plus the window activations (windows × length × hidden floats) —
+with a :class:`core.streaming.BlockStream`, the *model's* memory too: each block is read from
+disk when reached and written out once calibrated.
 """
 
 from __future__ import annotations
@@ -20,13 +22,16 @@ import copy
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
 from calibrate.stats import Collector
 from core.adapters.base import LinearRef, ModelAdapter
 from core.progress import progress
+
+if TYPE_CHECKING:
+    from core.streaming import BlockStream
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +131,7 @@ class LayerwiseRunner:
         batch_size: int = 8,
         show_progress: bool = True,
         compute_dtype: torch.dtype = torch.float32,
+        stream: "BlockStream | None" = None,
     ):
         if windows.dim() != 2:
             raise ValueError(f"calibration windows must be (N, L) token ids, got shape {tuple(windows.shape)}")
@@ -135,6 +141,10 @@ class LayerwiseRunner:
         self.batch_size = max(1, batch_size)
         self.show_progress = show_progress
         self.compute_dtype = compute_dtype
+        self.stream = stream
+        """With a :class:`core.streaming.BlockStream`, each block is loaded from disk when it is reached and
+        written to the output (then released) once calibrated; blocks after the last chosen one are
+        left to the stream's ``finish``."""
         self.current_inputs: list[_Batch] = []
         """The inputs of the block being calibrated (for ``apply`` callbacks that need them)."""
         self.current_teacher_inputs: list[_Batch] = []
@@ -148,7 +158,7 @@ class LayerwiseRunner:
         blocks = self.adapter.blocks(self.model)
         parent, attr = _parent_and_attr(self.model, self.adapter.blocks_path)
         original = getattr(parent, attr)
-        recorder = _Recorder(blocks[0])
+        recorder = _Recorder(self.stream.load(0) if self.stream is not None else blocks[0])
         head_parent = head_attr = head = None
         if self.adapter.head_path:
             head_parent, head_attr = _parent_and_attr(self.model, self.adapter.head_path)
@@ -223,7 +233,7 @@ class LayerwiseRunner:
             if b > last:
                 break
             tb = time.perf_counter()
-            block = all_blocks[b]
+            block = self.stream.load(b) if self.stream is not None else all_blocks[b]
             work = self.compute_copy(block)
             teacher_inputs = teacher_batches
             if teacher:  # the block is still unchanged here
@@ -241,6 +251,8 @@ class LayerwiseRunner:
             if b < last:  # the pruned block's outputs feed the next block
                 batches = self.next_inputs(work, batches)
             del work
+            if self.stream is not None:
+                self.stream.done(b)
             report.seconds_per_block.append(time.perf_counter() - tb)
             report.blocks += 1
             log.info("block %d/%d calibrated in %.1f s", b + 1, len(all_blocks), report.seconds_per_block[-1])

@@ -37,6 +37,9 @@ class PassContext:
     """Results shared between variants of one build (e.g. importance scores), keyed by the caller."""
     prefix_key: str | None = None
     """Identifies the model a pass receives (source, calibration data, earlier passes); None = do not share."""
+    stream: Any = None
+    """A :class:`core.streaming.BlockStream` when the pass runs block-streamed: the model it gets is a
+    skeleton whose blocks hold weights only between ``stream.load(b)`` and ``stream.done(b)``."""
 
     def calibration_windows(self, pass_name: str) -> "torch.Tensor":
         """The calibration windows, or a clear error naming the pass when the context has none."""
@@ -167,6 +170,8 @@ class Pass(ABC):
     """True when the pass works on what every other pass of its variant left (quantization): it must come last."""
     quantizes: ClassVar[bool] = False
     """True when the pass leaves quantized weights, which only engines with quantized kernels run."""
+    streams: ClassVar[bool] = False
+    """True when ``run`` can work block by block from disk (``ctx.stream``), for models larger than memory."""
 
     report_title: ClassVar[str | None] = None
     """Title of the report section this pass contributes to (passes may share one); None = none."""
@@ -195,6 +200,13 @@ class Pass(ABC):
         if target is not None:
             check_blocks("blocks", target.blocks, model)
             check_nm_divides("pattern", target.nm, target.targets, model)
+
+    @classmethod
+    def stream_refusal(cls, config: Any) -> str | None:
+        """Why this pass, with this config, cannot run block-streamed; None when it can."""
+        if not cls.streams:
+            return f"pass '{cls.name}' works on the whole model in memory; it has no block-streamed form"
+        return None
 
     def __init__(self, config: Any):
         if not isinstance(config, self.config_class):

@@ -29,14 +29,28 @@ class MagnitudeConfig(SparsityTarget):
 class MagnitudePass(Pass):
     name = "magnitude"
     config_class = MagnitudeConfig
+    streams = True
 
     def run(self, model: torch.nn.Module, ctx: PassContext) -> PassResult:
         cfg = self.config
         t0 = time.perf_counter()
         result = PassResult(self.name, info={"pattern": cfg.pattern, "sparsity": cfg.sparsity, "scope": cfg.scope})
-        refs = ctx.adapter.linears(model, roles=cfg.targets, blocks=cfg.blocks)
-        if not refs:
+        if ctx.stream is None:
+            self._prune(ctx.adapter.linears(model, roles=cfg.targets, blocks=cfg.blocks), result)
+        else:  # one block in memory at a time; blocks not targeted are copied by the stream's finish
+            chosen = set(cfg.blocks) if cfg.blocks else None
+            for b in ctx.stream.blocks():
+                if chosen is None or b in chosen:
+                    ctx.stream.load(b)
+                    self._prune(ctx.adapter.linears(model, roles=cfg.targets, blocks=[b]), result)
+                    ctx.stream.done(b)
+        if not result.layers:
             raise ValueError(f"pass 'magnitude': no linear matches targets {cfg.targets} and blocks {cfg.blocks}")
+        result.seconds = time.perf_counter() - t0
+        return result
+
+    def _prune(self, refs: list, result: PassResult) -> None:
+        cfg = self.config
         with torch.no_grad():
             for ref in refs:
                 w = ref.weight_out_in()
@@ -48,5 +62,3 @@ class MagnitudePass(Pass):
                 w.mul_(mask)
                 result.layers.append(LayerChange.of(ref))
                 log.debug("magnitude: %s → sparsity %.3f", ref.name, result.layers[-1].sparsity)
-        result.seconds = time.perf_counter() - t0
-        return result

@@ -166,6 +166,17 @@ def check_reconstruct_batches(cfg: OneShotConfig, windows: int) -> None:
 class OneShotPass(Pass):
     """Base of the calibrated one-shot passes: their shared checks before a build."""
 
+    streams = True
+
+    @classmethod
+    def stream_refusal(cls, config: Any) -> str | None:
+        if config.allocation != "uniform":
+            return (
+                f"pass '{cls.name}' with allocation '{config.allocation}' sweeps the dense model once more to plan the "
+                "per-layer sparsities; only 'uniform' allocation runs block-streamed"
+            )
+        return super().stream_refusal(config)
+
     @classmethod
     def check(cls, config: Any, model: Any, data: DataFacts) -> None:
         super().check(config, model, data)
@@ -182,6 +193,8 @@ def run_oneshot(
     saliency: SaliencyFn | None = None,
 ) -> PassResult:
     t0 = time.perf_counter()
+    if ctx.stream is not None and cfg.allocation != "uniform":
+        raise ValueError(f"pass '{name}': allocation '{cfg.allocation}' does not run block-streamed (only 'uniform')")
     windows = ctx.calibration_windows(name)
     check_reconstruct_batches(cfg, int(windows.shape[0]))
     if cfg.reconstruct == "sublayer":
@@ -233,7 +246,7 @@ def run_oneshot(
             result.layers.append(LayerChange.of(ref))
 
     result.info["calibration_dtype"] = str(dtype).replace("torch.", "")
-    runner = LayerwiseRunner(model, ctx.adapter, windows, batch_size=cfg.batch_size, show_progress=ctx.progress, compute_dtype=dtype)
+    runner = LayerwiseRunner(model, ctx.adapter, windows, batch_size=cfg.batch_size, show_progress=ctx.progress, compute_dtype=dtype, stream=ctx.stream)
     report = runner.run(make_collector, apply, roles=cfg.targets, blocks=cfg.blocks, teacher=cfg.reconstruct != "none")
     if not result.layers:
         raise ValueError(f"pass '{name}': no linear matches targets {cfg.targets} and blocks {cfg.blocks}")

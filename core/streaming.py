@@ -1,0 +1,334 @@
+"""Block-streamed models: prune a model larger than memory one block at a time, from disk to disk.
+
+A :class:`BlockStream` reads a Hugging Face directory's safetensors (one file or shards with
+``model.safetensors.index.json``) with plain ``read`` calls — no ``mmap``, so file pages never count
+against the process's memory — into a model *skeleton* whose parameters live on the ``meta`` device
+(buffers such as rotary frequencies are real: they are computed, not stored). Only what the
+calibration capture needs outside the blocks (embeddings, final norm) is materialised; the output
+head stays on ``meta`` unless it is the embedding itself.
+
+Each block is materialised on :meth:`BlockStream.load`, changed by the caller in place, and written
+by :meth:`BlockStream.done` into a pre-sized ``model.safetensors`` (its header — every tensor's name,
+float32 shape and offset — is known before any block is pruned, because streamed passes keep shapes),
+then released. :meth:`BlockStream.finish` copies the blocks nobody loaded, makes the file durable and
+renames it into place: the output never exists half-written under its final name.
+
+Peak memory: the materialised outer parts + one block (+ whatever the caller holds: the calibration
+activations and a block's statistics) — not the model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import struct
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from core.errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+INDEX_FILE = "model.safetensors.index.json"
+OUTPUT_FILE = "model.safetensors"
+
+_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+_CODE = {v: k for k, v in _DTYPES.items()}
+
+
+class SafetensorsIndex:
+    """Every tensor of a directory's ``*.safetensors`` (or of the shards its index names): file,
+    dtype, shape and byte range, read from the headers only."""
+
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+        index = self.directory / INDEX_FILE
+        if index.is_file():
+            try:
+                files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+            except (ValueError, KeyError, TypeError) as exc:
+                raise ModelLoadError(f"'{index}' is not a safetensors index (expected a 'weight_map' of tensor → file): {exc}") from exc
+        else:
+            files = sorted(p.name for p in self.directory.glob("*.safetensors") if p.name != "quantization.safetensors")
+        if not files:
+            raise ModelLoadError(f"model directory '{self.directory}' has no .safetensors weights to stream")
+        self.entries: dict[str, tuple[Path, str, tuple[int, ...], int, int]] = {}
+        """name → (file, dtype code, shape, absolute start, absolute end)."""
+        for name in files:
+            path = self.directory / name
+            header, data_start = read_header(path)
+            for key, meta in header.items():
+                if key == "__metadata__":
+                    continue
+                if meta["dtype"] not in _DTYPES:
+                    raise ModelLoadError(f"'{path}': tensor '{key}' has dtype {meta['dtype']}; streaming reads {', '.join(_DTYPES)}")
+                begin, end = meta["data_offsets"]
+                self.entries[key] = (path, meta["dtype"], tuple(meta["shape"]), data_start + begin, data_start + end)
+
+    def names(self) -> list[str]:
+        """Tensor names in file order (the order the output file keeps)."""
+        return sorted(self.entries, key=lambda n: (str(self.entries[n][0]), self.entries[n][3]))
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.entries[name][2]
+
+    def read(self, name: str, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
+        """One tensor read from disk into fresh memory (``dtype`` None: as stored)."""
+        path, code, shape, start, end = self.entries[name]
+        raw = torch.empty(end - start, dtype=torch.uint8)
+        with open(path, "rb") as f:
+            f.seek(start)
+            got = f.readinto(memoryview(raw.numpy()))
+        if got != end - start:
+            raise ModelLoadError(f"'{path}' ends inside tensor '{name}' (read {got} of {end - start} bytes)")
+        t = raw.view(_DTYPES[code]).reshape(shape)
+        return t if dtype is None or t.dtype == dtype else t.to(dtype)
+
+
+def read_header(path: Path) -> tuple[dict[str, Any], int]:
+    """A safetensors file's JSON header and the offset where its data starts."""
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > 100 << 20:
+                raise ValueError(f"header length {n} is implausible")
+            header = json.loads(f.read(n))
+    except (OSError, ValueError, struct.error) as exc:
+        raise ModelLoadError(f"'{path}' is not a readable safetensors file: {exc}") from exc
+    return header, 8 + n
+
+
+class SafetensorsWriter:
+    """A float32 safetensors file whose layout is fixed up front and whose tensors arrive in any order."""
+
+    def __init__(self, path: Path, shapes: dict[str, tuple[int, ...]]):
+        self.path = Path(path)
+        self.partial = self.path.with_name(self.path.name + ".partial")
+        self.offsets: dict[str, tuple[int, int]] = {}
+        pos = 0
+        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        for name, shape in shapes.items():
+            n = 4 * _numel(shape)
+            self.offsets[name] = (pos, pos + n)
+            header[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [pos, pos + n]}
+            pos += n
+        blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        blob += b" " * (-len(blob) % 8)
+        self.data_start = 8 + len(blob)
+        self.shapes = dict(shapes)
+        self.written: set[str] = set()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = open(self.partial, "wb")
+        self._f.write(struct.pack("<Q", len(blob)) + blob)
+        self._f.truncate(self.data_start + pos)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        if name not in self.shapes:
+            raise ValueError(f"tensor '{name}' is not in the source model; a streamed pass must not add tensors")
+        if tuple(tensor.shape) != self.shapes[name]:
+            raise ValueError(
+                f"tensor '{name}' has shape {tuple(tensor.shape)}, the source {self.shapes[name]}: "
+                "streamed passes must keep every shape (structured removal runs in memory)"
+            )
+        data = tensor.detach().to(torch.float32).contiguous().cpu()
+        self._f.seek(self.data_start + self.offsets[name][0])
+        self._f.write(memoryview(data.view(torch.uint8).reshape(-1).numpy()))
+        self.written.add(name)
+
+    def close(self) -> None:
+        """Make the file durable and give it its final name; raises if a tensor was never written."""
+        missing = [n for n in self.shapes if n not in self.written]
+        if missing:
+            self._f.close()
+            raise RuntimeError(f"{len(missing)} tensors were never written to '{self.path}' (first: {missing[:3]})")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+        os.replace(self.partial, self.path)
+
+    def abort(self) -> None:
+        if not self._f.closed:
+            self._f.close()
+        self.partial.unlink(missing_ok=True)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _set_param(model: torch.nn.Module, name: str, value: torch.Tensor) -> None:
+    parent_path, _, attr = name.rpartition(".")
+    mod = model.get_submodule(parent_path) if parent_path else model
+    if attr in mod._parameters:
+        mod._parameters[attr] = torch.nn.Parameter(value, requires_grad=value.is_floating_point())
+    elif attr in mod._buffers:
+        mod._buffers[attr] = value
+    else:
+        raise ModelLoadError(f"the model has no parameter or buffer '{name}' for the stored tensor of that name")
+
+
+STREAM_REFUSALS = ("pruned_layers", "contextual", "weight_quantization", "activation_sparsity")
+"""Config keys of saved variants whose modules differ from the family's: streaming builds the family's own."""
+
+
+class BlockStream:
+    """One sweep over a saved model's blocks (see the module docstring). ``out_dir`` receives
+    ``model.safetensors``, the config and the tokenizer files of ``source``."""
+
+    def __init__(self, source: Path, out_dir: Path):
+        from accelerate import init_empty_weights
+        from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+        from core.adapters import adapter_for
+
+        self.source = Path(source)
+        self.out_dir = Path(out_dir)
+        try:
+            self.config = AutoConfig.from_pretrained(self.source)
+        except Exception as exc:
+            raise ModelLoadError(f"'{self.source}/config.json' could not be read: {exc}") from exc
+        for key in STREAM_REFUSALS:
+            if getattr(self.config, key, None) is not None:
+                raise ModelLoadError(f"'{self.source}' is a saved variant with '{key}' in its config; streaming reads a family's own layout only")
+        self.adapter = adapter_for(self.config)
+        self.index = SafetensorsIndex(self.source)
+        cls = AutoModelForCausalLM if self.adapter.task == "causal-lm" else AutoModel
+        with init_empty_weights(include_buffers=False):
+            self.model = cls.from_config(self.config, dtype=torch.float32).eval()
+        if hasattr(self.model, "tie_weights"):  # not done on meta weights; the groups below need it
+            self.model.tie_weights()
+        self.prefix = self.adapter.blocks_path + "."
+        self.layers = len(self.adapter.blocks(self.model))
+        self._check_names()
+        self.writer = SafetensorsWriter(self.out_dir / OUTPUT_FILE, {n: self.index.shape(n) for n in self.index.names()})
+        self.loaded: set[int] = set()
+        self.written: set[int] = set()
+        self.bytes_loaded = 0
+        self._materialise_outer()
+
+    def _block_of(self, name: str) -> int | None:
+        if not name.startswith(self.prefix):
+            return None
+        head = name[len(self.prefix):].split(".", 1)[0]
+        return int(head) if head.isdigit() else None
+
+    def _groups(self) -> dict[str, list[str]]:
+        """Every parameter name → all names of that parameter (more than one when tied, e.g. an output
+        head that is the embedding), the first being the one the model owns it under."""
+        by_id: dict[int, list[str]] = {}
+        for name, p in self.model.named_parameters(remove_duplicate=False):
+            by_id.setdefault(id(p), []).append(name)
+        return {n: names for names in by_id.values() for n in names}
+
+    def _check_names(self) -> None:
+        stored = set(self.index.entries)
+        missing = sorted({names[0] for names in self._groups().values() if not stored.intersection(names)})
+        if missing:
+            raise ModelLoadError(f"'{self.source}' lacks {len(missing)} of the model's weights (first: {missing[:3]})")
+
+    def _materialise_outer(self) -> None:
+        """Load every stored tensor outside the blocks, except an untied output head (the calibration
+        capture replaces it), and write them all to the output."""
+        head = self.adapter.head_path
+        groups = self._groups()
+        buffers = {n for n, _ in self.model.named_buffers()}
+        for name in self.index.names():
+            if self._block_of(name) is not None:
+                continue
+            t = self.index.read(name)
+            self.writer.write(name, t)
+            names = groups.get(name)
+            if names is not None:
+                only_head = head is not None and all(n.startswith(head + ".") for n in names)
+                if not only_head:
+                    _set_param(self.model, names[0], t)
+                    self.bytes_loaded += t.numel() * t.element_size()
+            elif name in buffers:
+                _set_param(self.model, name, t)
+        if hasattr(self.model, "tie_weights"):
+            self.model.tie_weights()
+
+    def load(self, b: int) -> torch.nn.Module:
+        """Block ``b`` with its stored weights (float32)."""
+        if b in self.written:
+            raise RuntimeError(f"block {b} was already written; a stream sweeps each block once")
+        block = self.adapter.blocks(self.model)[b]
+        if b not in self.loaded:
+            prefix = f"{self.prefix}{b}."
+            for name in self.index.names():
+                if name.startswith(prefix):
+                    _set_param(self.model, name, self.index.read(name))
+            left = [n for n, p in block.named_parameters() if p.is_meta]
+            if left:
+                raise ModelLoadError(f"'{self.source}' lacks block {b}'s {left[:3]}")
+            self.loaded.add(b)
+        return block
+
+    def done(self, b: int) -> None:
+        """Write block ``b``'s (changed) tensors to the output and release its memory."""
+        block = self.load(b) if b not in self.loaded else self.adapter.blocks(self.model)[b]
+        prefix = f"{self.prefix}{b}."
+        state = block.state_dict()
+        for name in self.index.names():
+            if not name.startswith(prefix):
+                continue
+            local = name[len(prefix):]
+            if local not in state:
+                raise ValueError(f"block {b} no longer has '{local}' (stored in the source); streamed passes must keep every tensor")
+            self.writer.write(name, state[local])
+        block.to("meta")
+        self.loaded.discard(b)
+        self.written.add(b)
+
+    def blocks(self) -> Iterator[int]:
+        return iter(range(self.layers))
+
+    def finish(self) -> Path:
+        """Copy every block not yet written, tensor by tensor, then put the output in place with the
+        config and tokenizer; returns the output directory."""
+        for name in self.index.names():
+            b = self._block_of(name)
+            if b is not None and b not in self.written and b not in self.loaded:
+                self.writer.write(name, self.index.read(name))
+        for b in sorted(self.loaded):
+            self.done(b)
+        self.writer.close()
+        write_config(self.config, self.out_dir, type(self.model).__name__)
+        for p in self.source.iterdir():  # tokenizer and generation files travel as they are
+            if p.is_file() and p.suffix in (".json", ".txt", ".model", ".jinja") and p.name not in ("config.json", INDEX_FILE):
+                shutil.copy2(p, self.out_dir / p.name)
+        return self.out_dir
+
+    def abort(self) -> None:
+        self.writer.abort()
+
+
+def write_config(config: Any, out: Path, architecture: str) -> None:
+    """The config as the project saves it: no quantisation metadata, an ``architectures`` list."""
+    cfg = config.to_dict()
+    cfg.pop("quantization_config", None)
+    if not cfg.get("architectures"):
+        cfg["architectures"] = [architecture]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True), encoding="utf-8")
+
+
+def peak_rss_bytes() -> int | None:
+    """This process's peak resident set (VmHWM) in bytes; None where /proc is not there."""
+    try:
+        for line in Path("/proc/self/status").read_text(encoding="ascii").splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        return None
+    return None
