@@ -46,6 +46,10 @@ class _Batch:
     kwargs: dict[str, Any]
 
 
+LAYER_ATTRS = ("attention_type", "layer_type", "is_sliding", "sliding_window", "layer_idx")
+"""Attributes a family's model code may read off its blocks while looping over them (copied to stand-ins)."""
+
+
 class _Recorder(torch.nn.Module):
     """Wraps block 0: records its inputs, then runs it so the caller sees a normal output."""
 
@@ -53,10 +57,41 @@ class _Recorder(torch.nn.Module):
         super().__init__()
         self.block = block
         self.seen: list[_Batch] = []
+        self.tuple_out = False
+        _copy_layer_attrs(block, self)
 
     def forward(self, hidden: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         self.seen.append(_Batch(hidden.detach(), args, kwargs))
-        return self.block(hidden, *args, **kwargs)
+        out = self.block(hidden, *args, **kwargs)
+        self.tuple_out = isinstance(out, (tuple, list))
+        return out
+
+
+class PassThrough(torch.nn.Module):
+    """Stands in for a later block while block 0's inputs are captured: records the extra arguments the
+    model gives that block (families with alternating sliding/global attention give each block its own
+    mask) and returns its input, shaped like a real block's output."""
+
+    def __init__(self, block: torch.nn.Module, first: "_Recorder | None" = None, tuple_out: bool = False):
+        super().__init__()
+        self.first = first
+        self.tuple_out = tuple_out
+        self.seen: list[tuple[tuple, dict[str, Any]]] = []
+        _copy_layer_attrs(block, self)
+
+    def forward(self, hidden: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        self.seen.append((args, kwargs))
+        as_tuple = self.first.tuple_out if self.first is not None else self.tuple_out
+        return (hidden,) if as_tuple else hidden
+
+
+def _copy_layer_attrs(block: torch.nn.Module, to: torch.nn.Module) -> None:
+    for a in LAYER_ATTRS:
+        if a in block.__dict__ or hasattr(type(block), a):
+            try:
+                object.__setattr__(to, a, getattr(block, a))
+            except AttributeError:
+                pass
 
 
 def _parent_and_attr(model: torch.nn.Module, path: str) -> tuple[torch.nn.Module, str]:
@@ -145,6 +180,10 @@ class LayerwiseRunner:
         """With a :class:`core.streaming.BlockStream`, each block is loaded from disk when it is reached and
         written to the output (then released) once calibrated; blocks after the last chosen one are
         left to the stream's ``finish``."""
+        self.block_args: list[list[tuple[tuple, dict[str, Any]]]] = []
+        """Per block, per batch: the extra arguments the model gives that block (set by ``capture``)."""
+        self.tuple_out = False
+        """Whether the family's blocks return a tuple (set by ``capture``)."""
         self.current_inputs: list[_Batch] = []
         """The inputs of the block being calibrated (for ``apply`` callbacks that need them)."""
         self.current_teacher_inputs: list[_Batch] = []
@@ -159,12 +198,13 @@ class LayerwiseRunner:
         parent, attr = _parent_and_attr(self.model, self.adapter.blocks_path)
         original = getattr(parent, attr)
         recorder = _Recorder(self.stream.load(0) if self.stream is not None else blocks[0])
+        stand_ins = [PassThrough(blk, recorder) for blk in blocks[1:]]
         head_parent = head_attr = head = None
         if self.adapter.head_path:
             head_parent, head_attr = _parent_and_attr(self.model, self.adapter.head_path)
             head = getattr(head_parent, head_attr)
         try:
-            setattr(parent, attr, torch.nn.ModuleList([recorder]))
+            setattr(parent, attr, torch.nn.ModuleList([recorder, *stand_ins]))
             if head is not None:
                 setattr(head_parent, head_attr, torch.nn.Identity())
             with torch.inference_mode():
@@ -178,8 +218,11 @@ class LayerwiseRunner:
             setattr(parent, attr, original)
             if head is not None:
                 setattr(head_parent, head_attr, head)
-        if len(recorder.seen) != -(-self.windows.shape[0] // self.batch_size):
-            raise RuntimeError(f"{self.adapter.family}: block 0 was called {len(recorder.seen)} times while capturing its inputs")
+        n = -(-self.windows.shape[0] // self.batch_size)
+        if len(recorder.seen) != n or any(len(s.seen) != n for s in stand_ins):
+            raise RuntimeError(f"{self.adapter.family}: the blocks were not each called once per batch while capturing block 0's inputs")
+        self.block_args = [[(b.args, b.kwargs) for b in recorder.seen]] + [s.seen for s in stand_ins]
+        self.tuple_out = recorder.tuple_out
         return [_Batch(b.hidden.to(self.compute_dtype), _cast(b.args, self.compute_dtype), _cast(b.kwargs, self.compute_dtype)) for b in recorder.seen]
 
     def compute_copy(self, block: torch.nn.Module) -> torch.nn.Module:
@@ -198,6 +241,13 @@ class LayerwiseRunner:
                 mod.weight.copy_(ref.module.weight)
                 if getattr(mod, "bias", None) is not None:
                     mod.bias.copy_(ref.module.bias)
+
+    def for_block(self, b: int, batches: list[_Batch]) -> list[_Batch]:
+        """``batches`` with block ``b``'s own extra arguments (its attention mask where blocks differ)."""
+        if not self.block_args or b == 0:
+            return batches
+        own = self.block_args[b]
+        return [_Batch(x.hidden, _cast(a, self.compute_dtype), _cast(k, self.compute_dtype)) for x, (a, k) in zip(batches, own)]
 
     def run_block(self, block: torch.nn.Module, batches: list[_Batch]) -> None:
         with torch.inference_mode():
@@ -235,6 +285,9 @@ class LayerwiseRunner:
             tb = time.perf_counter()
             block = self.stream.load(b) if self.stream is not None else all_blocks[b]
             work = self.compute_copy(block)
+            batches = self.for_block(b, batches)
+            if teacher:
+                teacher_batches = self.for_block(b, teacher_batches)
             teacher_inputs = teacher_batches
             if teacher:  # the block is still unchanged here
                 teacher_batches = self.next_inputs(work, teacher_batches)

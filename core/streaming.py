@@ -185,14 +185,17 @@ class BlockStream:
     """One sweep over a saved model's blocks (see the module docstring). ``out_dir`` receives
     ``model.safetensors``, the config and the tokenizer files of ``source``."""
 
-    def __init__(self, source: Path, out_dir: Path):
+    def __init__(self, source: Path, out_dir: Path | None, head: bool = False):
+        """``out_dir`` None: read only (blocks are released, nothing is written). ``head``: materialise
+        the output head too (to compute logits)."""
         from accelerate import init_empty_weights
         from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
         from core.adapters import adapter_for
 
         self.source = Path(source)
-        self.out_dir = Path(out_dir)
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.want_head = head
         try:
             self.config = AutoConfig.from_pretrained(self.source)
         except Exception as exc:
@@ -210,7 +213,9 @@ class BlockStream:
         self.prefix = self.adapter.blocks_path + "."
         self.layers = len(self.adapter.blocks(self.model))
         self._check_names()
-        self.writer = SafetensorsWriter(self.out_dir / OUTPUT_FILE, {n: self.index.shape(n) for n in self.index.names()})
+        self.writer = (
+            SafetensorsWriter(self.out_dir / OUTPUT_FILE, {n: self.index.shape(n) for n in self.index.names()}) if self.out_dir is not None else None
+        )
         self.loaded: set[int] = set()
         self.written: set[int] = set()
         self.bytes_loaded = 0
@@ -239,14 +244,15 @@ class BlockStream:
     def _materialise_outer(self) -> None:
         """Load every stored tensor outside the blocks, except an untied output head (the calibration
         capture replaces it), and write them all to the output."""
-        head = self.adapter.head_path
+        head = None if self.want_head else self.adapter.head_path
         groups = self._groups()
         buffers = {n for n, _ in self.model.named_buffers()}
         for name in self.index.names():
             if self._block_of(name) is not None:
                 continue
             t = self.index.read(name)
-            self.writer.write(name, t)
+            if self.writer is not None:
+                self.writer.write(name, t)
             names = groups.get(name)
             if names is not None:
                 only_head = head is not None and all(n.startswith(head + ".") for n in names)
@@ -280,7 +286,7 @@ class BlockStream:
         prefix = f"{self.prefix}{b}."
         state = block.state_dict()
         for name in self.index.names():
-            if not name.startswith(prefix):
+            if self.writer is None or not name.startswith(prefix):
                 continue
             local = name[len(prefix):]
             if local not in state:
@@ -296,6 +302,8 @@ class BlockStream:
     def finish(self) -> Path:
         """Copy every block not yet written, tensor by tensor, then put the output in place with the
         config and tokenizer; returns the output directory."""
+        if self.writer is None or self.out_dir is None:
+            raise RuntimeError("a read-only stream has no output to finish")
         for name in self.index.names():
             b = self._block_of(name)
             if b is not None and b not in self.written and b not in self.loaded:
@@ -310,7 +318,8 @@ class BlockStream:
         return self.out_dir
 
     def abort(self) -> None:
-        self.writer.abort()
+        if self.writer is not None:
+            self.writer.abort()
 
 
 def write_config(config: Any, out: Path, architecture: str) -> None:
