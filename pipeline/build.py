@@ -97,6 +97,48 @@ class Builder:
         self._write_manifest(seconds)
         return BuildSummary(self.out, results, ctx.stages, seconds)
 
+    # --- pruning only (python -m pipeline prune) -------------------------------------------------
+
+    def prune(self, perplexity: bool = False) -> dict[str, Any]:
+        """Only the model stage of every variant (block-streamed where ``model.stream`` says so): the pruned
+        Hugging Face directories, without ONNX, engines or the report — for a model whose export and
+        validation do not fit here. With ``perplexity``, each (and the dense model) is evaluated
+        block-streamed on the evaluation windows. Writes and returns ``prune.json``."""
+        from pipeline.checks import check_passes, check_streaming, model_facts
+        from pipeline.stages.model import STAGE as MODEL_STAGE
+
+        self.out.mkdir(parents=True, exist_ok=True)
+        with file_lock(self.out / ".build.lock", f"build directory {self.out}", wait=False):
+            ctx = self.ctx
+            ctx.ordered = self._dense_first()
+            facts, _ = model_facts(self.recipe, ctx.source)
+            check_passes(self.recipe, facts)
+            check_streaming(self.recipe)
+            rows = []
+            for v in ctx.ordered:
+                row: dict[str, Any] = {"variant": v.name}
+                if v.passes:
+                    self._run_stage(MODEL_STAGE, v, None)
+                    rec = ctx.records[(v.name, MODEL_STAGE.kind)]
+                    directory = self.out / v.name / "model" / "model"
+                    layers = (rec.info.get("passes") or [{}])[-1].get("layers", [])
+                    numel = sum(_prod(c["shape"]) for c in layers)
+                    row.update(
+                        directory=str(directory), streamed=bool(rec.info.get("streamed")), seconds=rec.seconds,
+                        sparsity=round(sum(_prod(c["shape"]) * c["sparsity"] for c in layers) / max(1, numel), 6),
+                    )
+                else:
+                    directory = ctx.dense_dir()
+                    row["directory"] = str(directory)
+                if perplexity:
+                    row["perplexity"] = _streamed_perplexity(directory, ctx.eval_windows(), v.name)
+                rows.append(row)
+            from core.streaming import peak_rss_bytes
+
+            result = {"recipe": self.recipe.to_dict(), "variants": rows, "peak_rss_bytes": peak_rss_bytes(), "environment": _environment()}
+            atomic_write_json(self.out / "prune.json", result)
+            return result
+
     # --- one worker's share of a fanned-out build (pipeline/fanout.py) ---------------------------
 
     def run_variant_stages(self, names: list[str]) -> list[dict[str, Any]]:
@@ -203,6 +245,20 @@ class Builder:
                 "environment": _environment(),
             },
         )
+
+
+def _prod(shape: list[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _streamed_perplexity(directory: Path, windows: Any, name: str) -> float:
+    from calibrate.streamed import streamed_logits_fn
+    from pipeline.validate import perplexity
+
+    return perplexity(streamed_logits_fn(directory, windows), windows, f"{name} perplexity (streamed)")["perplexity"]
 
 
 def _environment() -> dict[str, Any]:

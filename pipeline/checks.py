@@ -93,6 +93,18 @@ def check_passes(recipe: Any, facts: Any) -> None:
                 raise RecipeError(f"recipe key '{where}': {exc} (variant '{v.name}')") from None
 
 
+def check_streaming(recipe: Any) -> None:
+    """With ``model.stream: always``, every variant's passes must run block-streamed."""
+    if recipe.model.stream != "always":
+        return
+    from pipeline.preflight import stream_refusal_of
+
+    for i, v in enumerate(recipe.variants):
+        why = stream_refusal_of(v) if v.passes else None
+        if why:
+            raise RecipeError(f"recipe key 'model.stream': 'always', but variant '{v.name}' ({v.where or f'variants[{i}]'}) cannot run block-streamed: {why}")
+
+
 def _check_quantized_variant(recipe: Any, where: str, v: Any) -> None:
     """A quantized variant's graph carries ONNX Runtime's quantized ops: every engine must run them, and
     no graph pass may rewrite the weights first."""
@@ -117,6 +129,7 @@ def check_recipe(recipe: Any, out_dir: Path | None = None, source: Any = None) -
     facts, weights = model_facts(recipe, source)
     _check_model(recipe, facts)
     check_passes(recipe, facts)
+    check_streaming(recipe)
     out = Path(out_dir or recipe.output or Path("build") / recipe.name).resolve()
     todo = [v for v in recipe.variants if not (out / v.name / "onnx" / "stage.json").is_file()]
     if not todo:

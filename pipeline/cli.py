@@ -35,6 +35,16 @@ def _parser() -> argparse.ArgumentParser:
         help="serial (default), or ray: each variant's model/ONNX/engine/validation stages as Ray tasks (a local Ray with "
              "this machine's CPUs, or RAY_ADDRESS's cluster; ray://HOST:PORT for another), then timing and the report here",
     )
+    pr = sub.add_parser(
+        "prune", help="prune every variant of a recipe into Hugging Face directories (no ONNX, engines or report)",
+        description="Run only the passes of every variant of RECIPE — block by block from disk where model.stream says so — "
+                    "and write each pruned model as a Hugging Face directory, with prune.json; for models whose export "
+                    "and validation do not fit on this machine.",
+    )
+    pr.add_argument("recipe", nargs="?", default=None)
+    pr.add_argument("--output", "-o", type=Path, default=None, help="build directory (default: build/<recipe name>)")
+    pr.add_argument("--perplexity", action="store_true", help="also evaluate every variant and the dense model block-streamed on the evaluation windows")
+    pr.add_argument("--verbose", "-v", action="store_true", help="debug logging, and the traceback of an error")
     c = sub.add_parser(
         "check", help="validate a recipe without building anything",
         description="Check RECIPE without loading a model: every key and option, each pass against the model's config and the data, and the build's memory and disk estimate.",
@@ -104,6 +114,17 @@ def main(argv: list[str] | None = None) -> int:
                 print(est)
             return 0
         log.info("recipe '%s' is valid (%d variants) [%.2f s]", recipe.name, len(recipe.variants), time.perf_counter() - t0)
+        if args.command == "prune":
+            from pipeline.build import Builder
+
+            result = Builder(recipe, args.output).prune(perplexity=args.perplexity)
+            for row in result["variants"]:
+                extra = f"  sparsity {row['sparsity']:.3f}{'  streamed' if row.get('streamed') else ''}" if "sparsity" in row else ""
+                ppl = f"  perplexity {row['perplexity']:.4f}" if "perplexity" in row else ""
+                print(f"{row['variant']:<24} {row['directory']}{extra}{ppl}")
+            if result["peak_rss_bytes"]:
+                print(f"peak resident memory: {result['peak_rss_bytes'] / 2**30:.2f} GiB")
+            return 0
         from pipeline.build import build
         from pipeline.fanout import build_on_ray, parse_executor
         from pipeline.report import terminal_table

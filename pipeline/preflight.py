@@ -104,3 +104,48 @@ def check(est: Estimate, out_dir: Path, memory_available: int | None = None, dis
 
 def _terms(terms: dict[str, int]) -> str:
     return ", ".join(f"{name} {b / GiB:.2f} GiB" for name, b in sorted(terms.items(), key=lambda kv: -kv[1]))
+
+
+def stream_refusal_of(variant: Any) -> str | None:
+    """Why ``variant``'s passes cannot run block-streamed (the first pass that cannot); None when they can."""
+    from passes import get_pass_class
+    from passes.streamed import stream_refusal
+
+    classes = [get_pass_class(p.name) for p in variant.passes]
+    return stream_refusal([(c, c.config_class(**p.options)) for c, p in zip(classes, variant.passes)])
+
+
+def in_memory_pruning_bytes(recipe: Any, facts: Any, weights_bytes: int, variant: Any) -> int:
+    """What pruning ``variant`` in memory holds: the dense model and its copy (+ training state), and the
+    calibration activations (see :func:`estimate`)."""
+    from passes import get_pass_class
+
+    classes = [get_pass_class(p.name) for p in variant.passes]
+    cal = recipe.data.calibration
+    need = 2 * weights_bytes + cal.windows * cal.length * facts.hidden * 4 * 2
+    if any(c.trains for c in classes):
+        need += (3 + max((c.state_copies for c in classes), default=0)) * weights_bytes
+    return need
+
+
+def streamed_pruning_bytes(recipe: Any, facts: Any, weights_bytes: int) -> int:
+    """What pruning block-streamed holds: the parts outside the blocks (embeddings, and an untied head
+    only when counted here to stay on the safe side), two blocks (the one being pruned and its
+    float32 statistics' worth), and the calibration activations (inputs and outputs)."""
+    cal = recipe.data.calibration
+    outer = 2 * (facts.vocab or 0) * facts.hidden * 4
+    block = max(0, weights_bytes - outer) // max(1, facts.layers)
+    return outer + 2 * block + cal.windows * cal.length * facts.hidden * 4 * 2
+
+
+def streaming_needed(recipe: Any, source: Any, variant: Any, memory_available: int | None = None) -> bool:
+    """``model.stream: auto``: whether pruning ``variant`` in memory would not fit in the memory available."""
+    from pipeline.checks import model_facts
+
+    facts, weights = model_facts(recipe, source)
+    avail = available_memory() if memory_available is None else memory_available
+    need = in_memory_pruning_bytes(recipe, facts, weights, variant)
+    if avail is None or need <= avail:
+        return False
+    log.info("variant '%s': pruning in memory needs about %.1f GiB, %.1f GiB is available: its passes run block-streamed", variant.name, need / GiB, avail / GiB)
+    return True

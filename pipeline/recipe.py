@@ -35,14 +35,23 @@ MAX_RECIPE_BYTES = 1 << 20
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
+STREAM_MODES = ("auto", "always", "never")
+
+
 @dataclass
 class ModelSpec:
     source: str = "smollm2-135m"
     """Bundled name (smollm2-135m, minilm-l6), a local Hugging Face directory, or a .gguf file."""
     dtype: str = "float32"
+    stream: str = "auto"
+    """How a variant's passes read the model: 'never' (the whole model in memory), 'always' (block by
+    block from disk — every variant's passes must support it), or 'auto' (block by block for the
+    variants whose passes support it when the in-memory pruning would not fit in the memory available)."""
 
     def validate(self, where: str) -> None:
         from core.models import BUNDLED_MODELS  # light import: no torch
+
+        check(self.stream in STREAM_MODES, f"{where}.stream", f"'{self.stream}' is not one of {', '.join(STREAM_MODES)}")
 
         check("\x00" not in self.source, f"{where}.source", "contains a NUL byte; expected a model name or a path")
         check(self.dtype == "float32", f"{where}.dtype", f"'{self.dtype}' is not supported; expected 'float32'")

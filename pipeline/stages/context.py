@@ -65,6 +65,8 @@ class BuildContext:
         self.source = resolve_source(recipe.model.source)
         self.model_key = stable_hash("source", self.source.fingerprint, STAGE_SCHEMA)
         self.dense = Lazy(self._load_dense)
+        self.tokenizer = Lazy(self._load_tokenizer)
+        self.dense_dir = Lazy(self._dense_dir)
         self.splits = Lazy(self._load_splits)
         self.eval_windows = Lazy(self._make_eval_windows)
         self.calib_windows = Lazy(self._make_calib_windows)
@@ -80,6 +82,36 @@ class BuildContext:
 
         return load_model(self.recipe.model.source)
 
+    def _dense_dir(self) -> Path:
+        """The source model's fp32 Hugging Face directory (the GGUF's cache entry, built once)."""
+        from core.models import cached_fp32_dir
+
+        return cached_fp32_dir(self.source)
+
+    def _load_tokenizer(self) -> Any:
+        """The dense model's tokenizer; read from its directory alone when the model is not loaded."""
+        if self.dense.ready:
+            return self.dense().tokenizer
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.dense_dir())
+
+    def streams(self, v: Any) -> bool:
+        """Whether variant ``v``'s passes run block-streamed (``model.stream``; see :mod:`passes.streamed`)."""
+        mode = self.recipe.model.stream
+        if mode == "never" or not v.passes:
+            return False
+        from pipeline.preflight import stream_refusal_of, streaming_needed
+
+        why = stream_refusal_of(v)
+        if mode == "always":
+            if why:
+                from core.errors import RecipeError
+
+                raise RecipeError(f"recipe key 'model.stream': 'always', but variant '{v.name}' cannot stream: {why}")
+            return True
+        return why is None and streaming_needed(self.recipe, self.source, v)
+
     def _load_splits(self) -> Any:
         from calibrate.data import load_splits
 
@@ -90,7 +122,7 @@ class BuildContext:
         from calibrate.data import evaluation_windows, tokenize
 
         ev = self.recipe.data.evaluation
-        ids = tokenize(self.dense().tokenizer, self.splits().evaluation)
+        ids = tokenize(self.tokenizer(), self.splits().evaluation)
         w = evaluation_windows(ids, ev.length, ev.windows)
         log.info("evaluation: %d windows × %d tokens (%s)", w.shape[0], w.shape[1], self.splits().description)
         return w
@@ -100,7 +132,7 @@ class BuildContext:
 
         c = self.recipe.data.calibration
         t0 = time.perf_counter()
-        ids = tokenize(self.dense().tokenizer, self.splits().calibration)
+        ids = tokenize(self.tokenizer(), self.splits().calibration)
         w = calibration_windows(ids, c.windows, c.length, c.seed)
         log.info("calibration: %d windows × %d tokens, seed %d (%.1f s)", w.shape[0], w.shape[1], c.seed, time.perf_counter() - t0)
         return w

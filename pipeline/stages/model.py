@@ -25,16 +25,19 @@ class ModelStage(Stage):
 
     def key(self, ctx: BuildContext, v: Any, e: Any = None) -> str:
         calib = ctx.data_key("calibration") if variant_uses_calibration(v) else None
-        return stable_hash("model", ctx.model_key, v.to_dict()["passes"], calib, STAGE_SCHEMA)
+        streamed = ["streamed"] if ctx.streams(v) else []
+        return stable_hash("model", ctx.model_key, v.to_dict()["passes"], calib, STAGE_SCHEMA, *streamed)
 
     def options(self, ctx: BuildContext, v: Any, e: Any = None) -> dict[str, Any]:
-        return {"passes": v.to_dict()["passes"]}
+        return {"passes": v.to_dict()["passes"], "streamed": ctx.streams(v)}
 
     def work_dir(self, ctx: BuildContext, v: Any) -> Path:
         """Survives an interrupted stage (e.g. recovery checkpoints); keyed so other settings never resume it."""
         return ctx.out / v.name / f"model.work-{self.key(ctx, v)[:12]}"
 
     def build(self, ctx: BuildContext, tmp: Path, v: Any, e: Any = None) -> dict[str, Any]:
+        if ctx.streams(v):
+            return self._build_streamed(ctx, tmp, v)
         from core.models import save_hf_dir
         from passes import PassContext, get_pass_class
 
@@ -72,6 +75,35 @@ class ModelStage(Stage):
         ctx.hold_model(v.name, model)
         # each pass's result, with the per-linear shapes and sparsities it measured from the weights
         return {"passes": results, **({"started_from": base.name} if base is not None else {})}
+
+    def _build_streamed(self, ctx: BuildContext, tmp: Path, v: Any) -> dict[str, Any]:
+        """The variant's passes block by block from disk (:mod:`passes.streamed`): the dense model is
+        never loaded whole; a variant whose passes extend another's starts from that one's saved model."""
+        from transformers import AutoConfig
+
+        from core.adapters import adapter_for
+        from passes import PassContext, get_pass_class
+        from passes.streamed import run_streamed
+
+        base = self._base_variant(ctx, v)
+        source = ctx.dense_dir() if base is None else ctx.out / base.name / "model" / "model"
+        results = [] if base is None else list(ctx.records[(base.name, self.kind)].info.get("passes", []))
+        start = 0 if base is None else len(base.passes)
+        pctx = PassContext(
+            adapter_for(AutoConfig.from_pretrained(source)),
+            calibration=ctx.calib_windows,
+            seed=ctx.recipe.data.calibration.seed,
+            work_dir=self.work_dir(ctx, v),
+        )
+        todo = [(get_pass_class(p.name), get_pass_class(p.name).config_class(**p.options)) for p in v.passes[start:]]
+        try:
+            results += run_streamed(source, todo, tmp / "model", pctx, self.work_dir(ctx, v))
+        except Exception as exc:  # named by the builder with the variant and stage
+            raise PassFailure(v.passes[start].name, exc) from exc
+        if not (tmp / "model" / "tokenizer_config.json").is_file():
+            ctx.tokenizer().save_pretrained(str(tmp / "model"))
+        (tmp / "passes.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
+        return {"passes": results, "streamed": True, **({"started_from": base.name} if base is not None else {})}
 
     def _base_variant(self, ctx: BuildContext, v: Any) -> Any:
         """The variant built before this one in this build whose passes (options included) are the longest

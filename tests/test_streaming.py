@@ -1,0 +1,175 @@
+"""Block-streamed pruning (issue 30): one block in memory at a time, from disk to disk — the same
+weights as in memory, for every family and one-shot pass; refusals where a pass needs the whole model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import byte_tokenizer, tiny_model
+from core.models import load_hf_dir, save_hf_dir, weight_arrays
+from core.streaming import BlockStream, SafetensorsIndex, SafetensorsWriter
+from passes import PassContext, get_pass_class
+from passes.streamed import run_streamed
+from test_build import tiny_recipe
+
+PASSES = [
+    ("magnitude", {"pattern": "2:4"}),
+    ("wanda", {"sparsity": 0.5, "batch_size": 2, "calibration_dtype": "float32"}),
+    ("sparsegpt", {"pattern": "2:4", "batch_size": 2, "calibration_dtype": "float32"}),
+]
+
+
+def _windows():
+    return torch.randint(0, 256, (6, 40), generator=torch.Generator().manual_seed(0))
+
+
+def _pass(name, opts):
+    cls = get_pass_class(name)
+    return cls, cls.config_class(**opts)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma2", "phi3"])
+def test_streamed_passes_write_the_in_memory_weights(family, tmp_path):
+    """Every one-shot pass, streamed, leaves bit-identical weights to the same pass in memory — also
+    Gemma 2, whose windows (40) pass its sliding window (16), so each block's own mask matters."""
+    src = tmp_path / "src"
+    save_hf_dir(tiny_model(family), byte_tokenizer(), src)
+    windows = _windows()
+    for name, opts in PASSES:
+        model, _, adapter = load_hf_dir(src)
+        ctx = PassContext(adapter, calibration=lambda: windows, progress=False)
+        cls, cfg = _pass(name, opts)
+        cls(cfg).run(model, ctx)
+        out = tmp_path / name
+        results = run_streamed(src, [(cls, cfg)], out, ctx, tmp_path / "work")
+        streamed = weight_arrays(out)
+        state = model.state_dict()
+        assert set(streamed) <= set(state)
+        for key, value in streamed.items():
+            assert torch.equal(torch.from_numpy(value), state[key]), (family, name, key)
+        layers = results[0]["layers"]
+        assert layers and all(abs(c["sparsity"] - 0.5) < 0.02 for c in layers), (family, name)
+        assert results[0]["info"]["stream"]["blocks"] == 2
+        reloaded, _, _ = load_hf_dir(out)  # a valid Hugging Face directory with the pruned weights
+        assert torch.equal(reloaded(windows[:2]).logits, model(windows[:2]).logits)
+
+
+def test_streamed_logits_equal_the_models(tmp_path):
+    from calibrate.streamed import streamed_logits_fn
+
+    for family in ("llama", "gemma2", "opt"):
+        src = tmp_path / family
+        model = tiny_model(family)
+        save_hf_dir(model, byte_tokenizer(), src)
+        windows = _windows()
+        fn = streamed_logits_fn(src, windows, batch_size=4, show_progress=False)
+        with torch.inference_mode():
+            assert torch.allclose(fn(windows[2:4]), model(windows[2:4]).logits, rtol=0, atol=1e-5), family
+        with pytest.raises(ValueError, match="given up front"):
+            fn(torch.zeros(1, 40, dtype=torch.long))
+
+
+def test_sharded_bf16_source_streams(tmp_path):
+    """A model saved in shards (with an index) and in bfloat16 streams into one float32 file."""
+    model = tiny_model("llama").to(torch.bfloat16)
+    src = tmp_path / "sharded"
+    model.save_pretrained(src, max_shard_size="40KB")
+    byte_tokenizer().save_pretrained(src)
+    assert (src / "model.safetensors.index.json").is_file() and len(list(src.glob("*.safetensors"))) > 2
+    index = SafetensorsIndex(src)
+    assert index.read("model.norm.weight").dtype == torch.float32
+    windows = _windows()
+    ref, _, adapter = load_hf_dir(src)
+    ctx = PassContext(adapter, calibration=lambda: windows, progress=False)
+    cls, cfg = _pass(*PASSES[1])
+    cls(cfg).run(ref, ctx)
+    run_streamed(src, [(cls, cfg)], tmp_path / "out", ctx, tmp_path / "work")
+    out = weight_arrays(tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.safetensors")) == ["model.safetensors"]
+    for k, v in out.items():
+        assert torch.equal(torch.from_numpy(v), ref.state_dict()[k]), k
+
+
+def test_writer_refuses_a_changed_shape_and_leaves_no_partial_file(tmp_path):
+    w = SafetensorsWriter(tmp_path / "model.safetensors", {"a": (2, 3), "b": (4,)})
+    w.write("a", torch.ones(2, 3))
+    with pytest.raises(ValueError, match="must keep every shape"):
+        w.write("b", torch.ones(5))
+    with pytest.raises(ValueError, match="not in the source"):
+        w.write("c", torch.ones(1))
+    with pytest.raises(RuntimeError, match="never written"):
+        w.close()
+    w.abort()
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_failing_pass_leaves_no_output(tmp_path):
+    src = tmp_path / "src"
+    save_hf_dir(tiny_model("llama"), byte_tokenizer(), src)
+    stream = BlockStream(src, tmp_path / "out")
+    stream.load(0)
+    stream.done(0)
+    with pytest.raises(RuntimeError, match="already written"):
+        stream.load(0)
+    stream.abort()
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+    assert not list((tmp_path / "out").glob("*.partial"))
+
+
+def test_refusals_name_the_reason(tiny_dirs, text_file, tmp_path):
+    from core.errors import RecipeError
+    from pipeline.checks import check_recipe
+
+    cls, cfg = _pass("wanda", {"sparsity": 0.5, "allocation": "owl"})
+    assert "only 'uniform'" in cls.stream_refusal(cfg)
+    cls, cfg = _pass("structured", {"heads": 0.25})
+    assert "whole model in memory" in cls.stream_refusal(cfg)
+    recipe = tiny_recipe(
+        tiny_dirs["llama"], text_file, tmp_path / "b", model={"source": str(tiny_dirs["llama"]), "stream": "always"},
+        variants=[{"name": "heads", "passes": [{"structured": {"heads": 0.25}}]}],
+    )
+    with pytest.raises(RecipeError, match="model.stream.*'heads'.*cannot run block-streamed"):
+        check_recipe(recipe, tmp_path / "b")
+    with pytest.raises(RecipeError, match="model.stream"):
+        tiny_recipe(tiny_dirs["llama"], text_file, tmp_path / "c", model={"source": str(tiny_dirs["llama"]), "stream": "sometimes"})
+
+
+def test_build_streamed_equals_in_memory_and_prune_reports_the_same_perplexity(tiny_dirs, text_file, tmp_path):
+    """The whole build with ``model.stream: always`` gives the in-memory build's weights and perplexities;
+    ``pipeline prune --perplexity`` evaluates the streamed variant block by block to the same figure."""
+    from pipeline.build import Builder, build
+    from pipeline.validate import perplexity, torch_outputs_fn
+
+    variants = [
+        {"name": "sgpt", "passes": [{"sparsegpt": {"pattern": "2:4", "batch_size": 2, "calibration_dtype": "float32"}}]},
+        {"name": "sgpt-mag", "passes": [
+            {"sparsegpt": {"pattern": "2:4", "batch_size": 2, "calibration_dtype": "float32"}}, {"magnitude": {"sparsity": 0.6}},
+        ]},
+    ]
+    res = {}
+    for mode in ("never", "always"):
+        recipe = tiny_recipe(tiny_dirs["llama"], text_file, tmp_path / mode, model={"source": str(tiny_dirs["llama"]), "stream": mode}, variants=variants)
+        res[mode] = build(recipe).results
+    for a, b in zip(res["never"]["variants"], res["always"]["variants"]):
+        for key in ("perplexity_engine", "perplexity_torch"):
+            assert a["engines"]["onnxruntime-cpu"][key]["perplexity"] == b["engines"]["onnxruntime-cpu"][key]["perplexity"], (a["name"], key)
+    for name in ("sgpt", "sgpt-mag"):
+        w_mem, w_str = weight_arrays(tmp_path / "never" / name / "model" / "model"), weight_arrays(tmp_path / "always" / name / "model" / "model")
+        assert all((w_mem[k] == w_str[k]).all() for k in w_str)
+        stage = json.loads((tmp_path / "always" / name / "model" / "stage.json").read_text())
+        assert stage["info"]["streamed"] is True
+    assert res["always"]["variants"][2]["pass_results"][1]["info"]["stream"]["blocks"] == 2  # the second pass started from sgpt's model
+
+    recipe = tiny_recipe(tiny_dirs["llama"], text_file, tmp_path / "prune", model={"source": str(tiny_dirs["llama"]), "stream": "always"}, variants=variants[:1])
+    builder = Builder(recipe)
+    out = builder.prune(perplexity=True)
+    row = {r["variant"]: r for r in out["variants"]}
+    assert row["sgpt"]["streamed"] and abs(row["sgpt"]["sparsity"] - 0.5) < 0.01
+    assert (tmp_path / "prune" / "prune.json").is_file() and not (tmp_path / "prune" / "sgpt" / "onnx").exists()
+    model, _, _ = load_hf_dir(tmp_path / "never" / "sgpt" / "model" / "model")
+    windows = builder.ctx.eval_windows()
+    expected = perplexity(torch_outputs_fn(model, "causal-lm"), windows, "in memory")["perplexity"]
+    assert row["sgpt"]["perplexity"] == pytest.approx(expected, rel=1e-5)
