@@ -135,7 +135,7 @@ class Builder:
                 rows.append(row)
             from core.streaming import peak_rss_bytes
 
-            result = {"recipe": self.recipe.to_dict(), "variants": rows, "peak_rss_bytes": peak_rss_bytes(), "environment": _environment()}
+            result = {"recipe": self.recipe.to_dict(), "variants": rows, "peak_rss_bytes": peak_rss_bytes(), "peak_address_space_bytes": peak_rss_bytes("VmPeak"), "environment": _environment()}
             atomic_write_json(self.out / "prune.json", result)
             return result
 
