@@ -330,15 +330,3 @@ def write_config(config: Any, out: Path, architecture: str) -> None:
         cfg["architectures"] = [architecture]
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True), encoding="utf-8")
-
-
-def peak_rss_bytes(field: str = "VmHWM") -> int | None:
-    """This process's peak resident set (``VmHWM``; ``VmPeak``: peak address space) in bytes; None where
-    /proc is not there."""
-    try:
-        for line in Path("/proc/self/status").read_text(encoding="ascii").splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        return None
-    return None

@@ -170,10 +170,10 @@ class OneShotPass(Pass):
 
     @classmethod
     def stream_refusal(cls, config: Any) -> str | None:
-        if config.allocation != "uniform":
+        if config.allocation == "sensitivity" and config.sensitivity_measure != "relative":
             return (
-                f"pass '{cls.name}' with allocation '{config.allocation}' sweeps the dense model once more to plan the "
-                "per-layer sparsities; only 'uniform' allocation runs block-streamed"
+                f"pass '{cls.name}' with sensitivity_measure '{config.sensitivity_measure}' measures the loss through the "
+                "whole model (every later block at once); block-streamed, sensitivity allocation needs sensitivity_measure 'relative'"
             )
         return super().stream_refusal(config)
 
@@ -193,8 +193,8 @@ def run_oneshot(
     saliency: SaliencyFn | None = None,
 ) -> PassResult:
     t0 = time.perf_counter()
-    if ctx.stream is not None and cfg.allocation != "uniform":
-        raise ValueError(f"pass '{name}': allocation '{cfg.allocation}' does not run block-streamed (only 'uniform')")
+    if ctx.stream is not None and cfg.allocation == "sensitivity" and cfg.sensitivity_measure != "relative":
+        raise ValueError(f"pass '{name}': sensitivity_measure '{cfg.sensitivity_measure}' does not run block-streamed (only 'relative')")
     windows = ctx.calibration_windows(name)
     check_reconstruct_batches(cfg, int(windows.shape[0]))
     if cfg.reconstruct == "sublayer":
@@ -268,6 +268,18 @@ def run_oneshot(
     return result
 
 
+def measuring_sweep(model: torch.nn.Module, ctx: PassContext) -> tuple[torch.nn.Module, Any]:
+    """The model a dense measuring sweep runs over, and its stream: ``model`` itself in memory; when the
+    pass runs block-streamed, a read-only stream over the same source (its own skeleton), so the
+    measurement reads each block from disk and the pruning sweep that follows writes them."""
+    if ctx.stream is None:
+        return model, None
+    from core.streaming import BlockStream
+
+    ro = BlockStream(ctx.stream.source, None)
+    return ro.model, ro
+
+
 def _owl(cfg: OneShotConfig, model: torch.nn.Module, ctx: PassContext, windows: torch.Tensor, dtype: torch.dtype) -> tuple[dict[int, float], dict]:
     """OWL's dense calibration pass: per block, the outlier ratio of its Wanda scores; then the
     block sparsities (see :mod:`passes.allocation`). The weights are not changed here."""
@@ -283,7 +295,8 @@ def _owl(cfg: OneShotConfig, model: torch.nn.Module, ctx: PassContext, windows: 
         lod[block] = outlier_ratio(scores, cfg.owl_m)
         sizes[block] = sum(s.numel() for s in scores)
 
-    runner = LayerwiseRunner(model, ctx.adapter, windows, batch_size=cfg.batch_size, show_progress=ctx.progress, compute_dtype=dtype)
+    sweep_model, sweep_stream = measuring_sweep(model, ctx)
+    runner = LayerwiseRunner(sweep_model, ctx.adapter, windows, batch_size=cfg.batch_size, show_progress=ctx.progress, compute_dtype=dtype, stream=sweep_stream)
     runner.run(lambda ref: InputNormCollector(ref.in_features), measure, roles=cfg.targets, blocks=cfg.blocks)
     blocks = sorted(lod)
     sp = owl_sparsities([lod[b] for b in blocks], cfg.sparsity, cfg.owl_lambda, [sizes[b] for b in blocks])
@@ -337,7 +350,8 @@ class _SensitivityPlanner:
         self = cls(cfg, model, ctx.adapter, windows, saliency, prune)
         if cfg.sensitivity_measure == "hutchinson":
             self.traces = hutchinson_traces(model, ctx.adapter, windows[: cfg.hutchinson_windows], cfg.hutchinson_samples, roles=cfg.targets, show_progress=ctx.progress)
-        runner = LayerwiseRunner(model, ctx.adapter, windows, batch_size=cfg.batch_size, show_progress=ctx.progress, compute_dtype=dtype)
+        sweep_model, sweep_stream = measuring_sweep(model, ctx)
+        runner = LayerwiseRunner(sweep_model, ctx.adapter, windows, batch_size=cfg.batch_size, show_progress=ctx.progress, compute_dtype=dtype, stream=sweep_stream)
 
         def measure(block: int, refs: list[LinearRef], collectors: dict[str, Collector]) -> None:
             for r in refs:

@@ -206,6 +206,7 @@ class SDSPass(Pass):
     name = "sds"
     config_class = SDSConfig
     uses_calibration = True
+    streams = True
     report_title = "SDS (sparse → dense → sparse)"
 
     @classmethod
@@ -250,7 +251,7 @@ class SDSPass(Pass):
             )
         make_collector, prune = pruner_for(cfg)
         dtype = resolve_compute_dtype(cfg.calibration_dtype)
-        runner = LayerwiseRunner(model, ctx.adapter, windows, batch_size=cfg.batch_size, show_progress=ctx.progress, compute_dtype=dtype)
+        runner = LayerwiseRunner(model, ctx.adapter, windows, batch_size=cfg.batch_size, show_progress=ctx.progress, compute_dtype=dtype, stream=ctx.stream)
         blocks_mod = ctx.adapter.blocks(model)
         result = PassResult(self.name, info={
             "base": cfg.base, "pattern": cfg.pattern, "sparsity": cfg.sparsity, "iterations": cfg.iterations,

@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from core.streaming import BlockStream, peak_rss_bytes
+from core.resources import peak_rss_bytes
+from core.streaming import BlockStream
 from passes.base import Pass, PassContext
 
 log = logging.getLogger(__name__)

@@ -133,7 +133,7 @@ class Builder:
                 if perplexity:
                     row["perplexity"] = _streamed_perplexity(directory, ctx.eval_windows(), v.name)
                 rows.append(row)
-            from core.streaming import peak_rss_bytes
+            from core.resources import peak_rss_bytes
 
             result = {"recipe": self.recipe.to_dict(), "variants": rows, "peak_rss_bytes": peak_rss_bytes(), "peak_address_space_bytes": peak_rss_bytes("VmPeak"), "environment": _environment()}
             atomic_write_json(self.out / "prune.json", result)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Generic, TypeVar
 
 from core.artifacts import StageOutcome, stable_hash
+from core.resources import peak_rss_bytes
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +189,7 @@ class BuildContext:
                 "key": outcome.record.key,
                 "reused": outcome.reused,
                 "seconds": outcome.record.seconds,
+                "peak_rss_bytes": peak_rss_bytes(),  # the process's peak so far: the stage that raised it shows
             }
         )
         return outcome
