@@ -111,9 +111,12 @@ class Builder:
         with file_lock(self.out / ".build.lock", f"build directory {self.out}", wait=False):
             ctx = self.ctx
             ctx.ordered = self._dense_first()
-            facts, _ = model_facts(self.recipe, ctx.source)
+            facts, weights = model_facts(self.recipe, ctx.source)
             check_passes(self.recipe, facts)
             check_streaming(self.recipe)
+            from pipeline.preflight import check_prune
+
+            check_prune(self.recipe, facts, weights, ctx.ordered, {v.name: ctx.streams(v) for v in ctx.ordered})
             rows = []
             for v in ctx.ordered:
                 row: dict[str, Any] = {"variant": v.name}

@@ -92,6 +92,11 @@ def check(est: Estimate, out_dir: Path, memory_available: int | None = None, dis
             f"this build needs about {need_mem / GiB:.1f} GiB of memory but {memory_available / GiB:.1f} GiB is available: "
             + _terms(est.memory)
             + "; lower data.calibration.windows or .length (or data.evaluation.length), or free memory"
+            + (
+                ". The model alone does not fit twice: `python -m pipeline prune RECIPE` prunes it block by block from disk "
+                "(model.stream) into Hugging Face directories, without the ONNX export and validation that load it whole"
+                if max(est.memory, key=est.memory.get).startswith("models") else ""
+            )
         )
     if need_disk > disk_available:
         raise ResourceError(
@@ -138,14 +143,31 @@ def streamed_pruning_bytes(recipe: Any, facts: Any, weights_bytes: int) -> int:
     return outer + 2 * block + cal.windows * cal.length * facts.hidden * 4 * 2
 
 
-def streaming_needed(recipe: Any, source: Any, variant: Any, memory_available: int | None = None) -> bool:
-    """``model.stream: auto``: whether pruning ``variant`` in memory would not fit in the memory available."""
-    from pipeline.checks import model_facts
-
-    facts, weights = model_facts(recipe, source)
+def streaming_needed(recipe: Any, facts: Any, weights: int, variant: Any, memory_available: int | None = None) -> bool:
+    """``model.stream: auto``: whether pruning ``variant`` in memory would not fit in the memory available
+    (``facts``, ``weights``: the model's, from :func:`pipeline.checks.model_facts`)."""
     avail = available_memory() if memory_available is None else memory_available
     need = in_memory_pruning_bytes(recipe, facts, weights, variant)
     if avail is None or need <= avail:
         return False
     log.info("variant '%s': pruning in memory needs about %.1f GiB, %.1f GiB is available: its passes run block-streamed", variant.name, need / GiB, avail / GiB)
     return True
+
+
+def check_prune(recipe: Any, facts: Any, weights_bytes: int, variants: list[Any], streamed: dict[str, bool], memory_available: int | None = None) -> str:
+    """``python -m pipeline prune``'s memory check: the largest variant's pruning (block-streamed or in
+    memory); raises :class:`ResourceError` when it does not fit."""
+    avail = available_memory() if memory_available is None else memory_available
+    needs = {
+        v.name: streamed_pruning_bytes(recipe, facts, weights_bytes) if streamed.get(v.name) else in_memory_pruning_bytes(recipe, facts, weights_bytes, v)
+        for v in variants if v.passes
+    }
+    if not needs:
+        return "preflight: no variant has passes"
+    name = max(needs, key=needs.get)
+    line = f"preflight: pruning needs about {needs[name] / GiB:.1f} GiB of memory (variant '{name}', {'block-streamed' if streamed.get(name) else 'in memory'}); {(avail or 0) / GiB:.1f} GiB available"
+    log.info("%s", line)
+    if avail is not None and needs[name] > avail:
+        hint = "lower data.calibration.windows or .length" if streamed.get(name) else "set model.stream: always (if its passes can stream) or lower data.calibration.windows"
+        raise ResourceError(f"variant '{name}' needs about {needs[name] / GiB:.1f} GiB of memory to prune but {avail / GiB:.1f} GiB is available; {hint}")
+    return line

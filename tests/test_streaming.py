@@ -181,3 +181,23 @@ def test_build_streamed_equals_in_memory_and_prune_reports_the_same_perplexity(t
     windows = builder.ctx.eval_windows()
     expected = perplexity(torch_outputs_fn(model, "causal-lm"), windows, "in memory")["perplexity"]
     assert row["sgpt"]["perplexity"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_prune_preflight_chooses_streaming_and_names_the_variant(tiny_dirs, text_file, tmp_path):
+    from core.errors import ResourceError
+    from pipeline.checks import model_facts
+    from pipeline.preflight import check, check_prune, estimate, in_memory_pruning_bytes, streamed_pruning_bytes, streaming_needed
+
+    recipe = tiny_recipe(tiny_dirs["llama"], text_file, tmp_path / "b", variants=[{"name": "sgpt", "passes": [{"sparsegpt": {"pattern": "2:4"}}]}])
+    facts, weights = model_facts(recipe)
+    v = next(x for x in recipe.variants if x.name == "sgpt")
+    in_memory, streamed = in_memory_pruning_bytes(recipe, facts, weights, v), streamed_pruning_bytes(recipe, facts, weights)
+    assert streamed < in_memory
+    assert streaming_needed(recipe, facts, weights, v, memory_available=in_memory - 1)
+    assert not streaming_needed(recipe, facts, weights, v, memory_available=in_memory)
+    assert "block-streamed" in check_prune(recipe, facts, weights, recipe.variants, {"sgpt": True}, memory_available=streamed)
+    with pytest.raises(ResourceError, match="variant 'sgpt'.*model.stream: always"):
+        check_prune(recipe, facts, weights, recipe.variants, {"sgpt": False}, memory_available=streamed)
+    est = estimate(recipe, facts, weights, recipe.variants, trains=False, calibrates=True)
+    with pytest.raises(ResourceError, match="pipeline prune RECIPE"):  # the whole build cannot stream its export
+        check(est, tmp_path, memory_available=2 * weights - 1, disk_available=1 << 40)

@@ -74,6 +74,7 @@ class BuildContext:
         self.memo: dict[str, Any] = {}
         """Shared between the variants of this build (e.g. importance scores a pass computed once)."""
         self._variant_models: dict[str, Any] = {}
+        self._streams: dict[str, bool] = {}
         self._engines: dict[str, Any] = {}
 
     # --- lazily loaded inputs ---------------------------------------------------------------
@@ -98,7 +99,13 @@ class BuildContext:
         return AutoTokenizer.from_pretrained(self.dense_dir())
 
     def streams(self, v: Any) -> bool:
-        """Whether variant ``v``'s passes run block-streamed (``model.stream``; see :mod:`passes.streamed`)."""
+        """Whether variant ``v``'s passes run block-streamed (``model.stream``; see :mod:`passes.streamed`);
+        decided once per variant per build."""
+        if v.name not in self._streams:
+            self._streams[v.name] = self._decide_streaming(v)
+        return self._streams[v.name]
+
+    def _decide_streaming(self, v: Any) -> bool:
         mode = self.recipe.model.stream
         if mode == "never" or not v.passes:
             return False
@@ -111,7 +118,12 @@ class BuildContext:
 
                 raise RecipeError(f"recipe key 'model.stream': 'always', but variant '{v.name}' cannot stream: {why}")
             return True
-        return why is None and streaming_needed(self.recipe, self.source, v)
+        if why is not None:
+            return False
+        from pipeline.checks import model_facts
+
+        facts, weights = model_facts(self.recipe, self.source)
+        return streaming_needed(self.recipe, facts, weights, v)
 
     def _load_splits(self) -> Any:
         from calibrate.data import load_splits
