@@ -6,11 +6,13 @@ the size of an enforced memory cap pruned within it.
    every weight of the two pruned directories compared, and the two streamed perplexities (dense and
    pruned, on the Shakespeare evaluation split and the second text) compared.
 2. A random Llama-architecture model (bf16 on disk, float32 in the pipeline) whose float32 weights are
-   ≥ 2 × the cap: the same command under ``prlimit --as=CAP`` (the kernel refuses any allocation past
-   CAP bytes of *address space*, stricter than resident memory), streamed — and, to show the cap
-   binds, in memory under the same cap (expected to fail).
+   ≥ 2 × the cap: the same command inside a cgroup (v1) whose ``memory.limit_in_bytes`` is the cap —
+   the kernel reclaims page cache and OOM-kills the process when its memory passes the cap; there is
+   no swap — with ``model.stream: auto`` (the preflight reads the cgroup's limit and chooses
+   streaming), and, to show the cap binds, ``never`` (in memory) under the same cap (expected to be
+   killed). Needs a writable cgroup v1 memory controller (root in this container).
 
-Usage: python benchmarks/streamed_prune.py [--cap-gib 1.5] [--calibration 32] [--skip-smollm2]
+Usage: python benchmarks/streamed_prune.py [--cap-gib 3] [--layers 34] [--calibration 32] [--skip-smollm2]
 """
 
 from __future__ import annotations
@@ -46,14 +48,34 @@ def recipe_yaml(path: Path, source: str, stream: str, calibration: int, length: 
     return path
 
 
+CGROUP = Path("/sys/fs/cgroup/memory")
+
+
 def prune(recipe: Path, out: Path, cap_bytes: int | None = None, perplexity: bool = True) -> dict:
     cmd = [sys.executable, "-m", "pipeline", "prune", str(recipe), "--output", str(out)] + (["--perplexity"] if perplexity else [])
+    shown = "python " + " ".join(cmd[1:])
+    cg = None
     if cap_bytes is not None:
-        cmd = ["prlimit", f"--as={cap_bytes}", "--"] + cmd
+        if not (CGROUP / "memory.limit_in_bytes").is_file():
+            raise SystemExit(f"the memory cap needs a cgroup v1 memory controller at {CGROUP} (writable: root)")
+        cg = CGROUP / f"streamed-prune-{out.name}"
+        cg.mkdir(exist_ok=True)
+        (cg / "memory.limit_in_bytes").write_text(str(cap_bytes))
+        cmd = ["sh", "-c", f'echo $$ > {cg}/cgroup.procs && exec "$@"', "sh", *cmd]
+        shown = f"(cgroup memory.limit_in_bytes={cap_bytes}) " + shown
     t0 = time.perf_counter()
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     wall = time.perf_counter() - t0
-    row = {"command": " ".join(cmd[cmd.index("-m") - 1 :] if cap_bytes is None else cmd), "exit": p.returncode, "wall_s": round(wall, 1)}
+    row = {"command": shown, "exit": p.returncode, "wall_s": round(wall, 1)}
+    if cg is not None:
+        stat = {line.split()[0]: int(line.split()[1]) for line in (cg / "memory.oom_control").read_text().splitlines()}
+        row["cgroup"] = {
+            "limit_bytes": cap_bytes,
+            "max_usage_bytes_incl_page_cache": int((cg / "memory.max_usage_in_bytes").read_text()),
+            "limit_hits": int((cg / "memory.failcnt").read_text()),
+            "oom_kills": stat.get("oom_kill"),
+        }
+        cg.rmdir()
     if p.returncode == 0:
         res = json.loads((out / "prune.json").read_text())
         row.update(peak_rss_bytes=res["peak_rss_bytes"], peak_address_space_bytes=res.get("peak_address_space_bytes"), variants=res["variants"])
@@ -115,24 +137,24 @@ def capped(args, tmp: Path) -> dict:
     spec = synthetic_dir(model_dir, args.hidden, args.ffn, args.layers, cached_fp32_dir(resolve_source("smollm2-135m")))
     print("synthetic", spec, flush=True)
     rows = {}
-    for mode in ("always", "never"):
+    for mode in ("auto", "never"):  # auto: the preflight sees the cgroup's cap and streams
         r = recipe_yaml(tmp / f"synthetic-{mode}.yaml", str(model_dir), mode, args.synthetic_calibration, 128, 4, None)
-        rows[mode] = prune(r, tmp / f"syn-{mode}", cap_bytes=cap, perplexity=mode == "always")
+        rows[mode] = prune(r, tmp / f"syn-{mode}", cap_bytes=cap, perplexity=mode == "auto")
         print(mode, {k: v for k, v in rows[mode].items() if k != "variants"}, flush=True)
         shutil.rmtree(tmp / f"syn-{mode}", ignore_errors=True)
-    return {"cap_bytes": cap, "cap_how": "prlimit --as (RLIMIT_AS: the kernel refuses address space past the cap)", "model": spec,
+    return {"cap_bytes": cap, "cap_how": "cgroup v1 memory.limit_in_bytes on the process (no swap): past it the kernel reclaims page cache, then OOM-kills", "model": spec,
             "weights_over_cap": round(spec["float32_bytes"] / cap, 2), "runs": rows}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cap-gib", type=float, default=1.5)
+    ap.add_argument("--cap-gib", type=float, default=3.0)
     ap.add_argument("--calibration", type=int, default=32, help="SmolLM2 calibration windows of 512 tokens")
     ap.add_argument("--evaluation", type=int, default=16, help="SmolLM2 evaluation windows of 512 tokens")
     ap.add_argument("--synthetic-calibration", type=int, default=8, help="synthetic model: calibration windows of 128 tokens")
     ap.add_argument("--hidden", type=int, default=2048)
     ap.add_argument("--ffn", type=int, default=5632)
-    ap.add_argument("--layers", type=int, default=14)
+    ap.add_argument("--layers", type=int, default=34)
     ap.add_argument("--skip-smollm2", action="store_true")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="streamed-prune-", dir=ROOT / "build"))

@@ -29,14 +29,66 @@ GiB = 1 << 30
 
 
 def available_memory() -> int | None:
-    """MemAvailable from /proc/meminfo in bytes (None where it cannot be read)."""
+    """Memory this process can still use, in bytes: MemAvailable from /proc/meminfo, or less when the
+    process's memory cgroup (a container's limit) leaves less; None where neither can be read."""
+    avail = None
     try:
         for line in Path("/proc/meminfo").read_text(encoding="utf-8").splitlines():
             if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
+                avail = int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
+        avail = None
+    left = cgroup_memory_left()
+    if left is not None and (avail is None or left < avail):
+        log.debug("memory cgroup leaves %.1f GiB (MemAvailable %s)", left / GiB, f"{avail / GiB:.1f} GiB" if avail else "unknown")
+        return left
+    return avail
+
+
+NO_LIMIT = 1 << 60
+"""Cgroup limits at or above this are "no limit" (v1 writes 2^63 rounded down to a page)."""
+
+
+def cgroup_memory_left(proc_cgroup: Path = Path("/proc/self/cgroup"), root: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """limit − usage + reclaimable file cache of this process's memory cgroup (v2 ``memory.max``, or v1
+    ``memory.limit_in_bytes``), in bytes; None without a limit or where it cannot be read."""
+    try:
+        lines = proc_cgroup.read_text(encoding="utf-8").splitlines()
+    except OSError:
         return None
+    for line in lines:
+        hierarchy, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        if hierarchy == "0" and controllers == "":  # v2: one unified hierarchy
+            files = ("memory.max", "memory.current", "inactive_file")
+            dirs = [root / path.lstrip("/"), root]
+        elif "memory" in controllers.split(","):
+            files = ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+            dirs = [root / "memory" / path.lstrip("/"), root / "memory"]
+        else:
+            continue
+        for d in dirs:
+            left = _cgroup_left(d, *files)
+            if left is not None:
+                return left
     return None
+
+
+def _cgroup_left(d: Path, limit_file: str, usage_file: str, inactive_key: str) -> int | None:
+    try:
+        raw = (d / limit_file).read_text(encoding="ascii").strip()
+        if raw == "max" or int(raw) >= NO_LIMIT:
+            return None
+        usage = int((d / usage_file).read_text(encoding="ascii").strip())
+        inactive = 0
+        stat = d / "memory.stat"
+        if stat.is_file():
+            for line in stat.read_text(encoding="ascii").splitlines():
+                key, _, value = line.partition(" ")
+                if key == inactive_key:
+                    inactive = int(value)
+        return max(0, int(raw) - usage + inactive)
+    except (OSError, ValueError):
+        return None
 
 
 def free_disk(path: Path) -> int:

@@ -201,3 +201,29 @@ def test_prune_preflight_chooses_streaming_and_names_the_variant(tiny_dirs, text
     est = estimate(recipe, facts, weights, recipe.variants, trains=False, calibrates=True)
     with pytest.raises(ResourceError, match="pipeline prune RECIPE"):  # the whole build cannot stream its export
         check(est, tmp_path, memory_available=2 * weights - 1, disk_available=1 << 40)
+
+
+def test_available_memory_honours_a_memory_cgroup(tmp_path):
+    """Inside a container whose cgroup caps memory, the preflight (and model.stream: auto) sees the cap."""
+    from pipeline.preflight import cgroup_memory_left
+
+    proc = tmp_path / "cgroup"
+    v1 = tmp_path / "v1"
+    (v1 / "memory" / "job").mkdir(parents=True)
+    (v1 / "memory" / "job" / "memory.limit_in_bytes").write_text("3221225472\n")
+    (v1 / "memory" / "job" / "memory.usage_in_bytes").write_text("1073741824\n")
+    (v1 / "memory" / "job" / "memory.stat").write_text("cache 5\ntotal_inactive_file 1048576\n")
+    proc.write_text("5:devices:/\n4:memory:/job\n0::/\n")
+    assert cgroup_memory_left(proc, v1) == 3221225472 - 1073741824 + 1048576
+    (v1 / "memory" / "job" / "memory.limit_in_bytes").write_text("9223372036854771712\n")
+    assert cgroup_memory_left(proc, v1) is None  # no limit
+    v2 = tmp_path / "v2"
+    (v2 / "kube").mkdir(parents=True)
+    (v2 / "kube" / "memory.max").write_text("2147483648\n")
+    (v2 / "kube" / "memory.current").write_text("147483648\n")
+    proc.write_text("0::/kube\n")
+    assert cgroup_memory_left(proc, v2) == 2000000000
+    (v2 / "kube" / "memory.max").write_text("max\n")
+    assert cgroup_memory_left(proc, v2) is None
+    proc.write_text("garbage")
+    assert cgroup_memory_left(proc, v2) is None
