@@ -67,6 +67,18 @@ class _Recorder(torch.nn.Module):
         return out
 
 
+class _ArgsRecorder(_Recorder):
+    """Block 0's stand-in when its weights are not there (a resumed stream): records, runs nothing."""
+
+    def __init__(self, block: torch.nn.Module, tuple_out: bool):
+        super().__init__(block)
+        self.tuple_out = tuple_out
+
+    def forward(self, hidden: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        self.seen.append(_Batch(hidden.detach(), args, kwargs))
+        return (hidden,) if self.tuple_out else hidden
+
+
 class PassThrough(torch.nn.Module):
     """Stands in for a later block while block 0's inputs are captured: records the extra arguments the
     model gives that block (families with alternating sliding/global attention give each block its own
@@ -192,12 +204,17 @@ class LayerwiseRunner:
         """With ``run(teacher=True)``: the unchanged model's output of the block being calibrated, per
         batch — the dense block run on the dense model's own inputs (targets for reconstruction)."""
 
-    def capture(self) -> list[_Batch]:
-        """Inputs of block 0 for every window, in batches of ``batch_size``."""
+    def capture(self, tuple_out: bool | None = None) -> list[_Batch]:
+        """Inputs of block 0 for every window, in batches of ``batch_size``. ``tuple_out`` given (a resumed
+        stream, whose block 0 is already written): block 0 is not run either — only every block's extra
+        arguments are recorded, and the hidden states returned are the embeddings'."""
         blocks = self.adapter.blocks(self.model)
         parent, attr = _parent_and_attr(self.model, self.adapter.blocks_path)
         original = getattr(parent, attr)
-        recorder = _Recorder(self.stream.load(0) if self.stream is not None else blocks[0])
+        if tuple_out is None:
+            recorder: Any = _Recorder(self.stream.load(0) if self.stream is not None else blocks[0])
+        else:
+            recorder = _ArgsRecorder(blocks[0], tuple_out)
         stand_ins = [PassThrough(blk, recorder) for blk in blocks[1:]]
         head_parent = head_attr = head = None
         if self.adapter.head_path:
@@ -265,16 +282,36 @@ class LayerwiseRunner:
         roles: list[str] | tuple[str, ...] | None = None,
         blocks: list[int] | None = None,
         teacher: bool = False,
+        state: "tuple[Callable[[], dict[str, Any]], Callable[[dict[str, Any]], None]] | None" = None,
     ) -> RunnerReport:
         """Calibrate the chosen blocks in order (see the module docstring). With ``teacher``, a second
         stream of activations runs through the blocks *before* ``apply`` changes them, so
         ``current_targets`` holds what the unchanged model computes there (one more forward per block
-        and one more set of window activations in memory)."""
+        and one more set of window activations in memory).
+
+        With a stream that checkpoints and ``state`` = (get, set) of the caller's JSON-able progress,
+        a checkpoint is written after a block once the stream's ``checkpoint_seconds`` passed since the last one,
+        and a stream that resumes a killed sweep starts at its next block with the saved inputs and
+        state (a stream without ``state`` support restarts from block 0)."""
         report = RunnerReport(windows=int(self.windows.shape[0]), tokens=int(self.windows.numel()))
         t0 = time.perf_counter()
-        batches = self.capture()
-        teacher_batches = batches if teacher else []
+        resume = self.stream.resume if self.stream is not None and state is not None else None
+        start = 0
+        if resume is not None:
+            embedded = self.capture(tuple_out=resume["tuple_out"])
+            self.tuple_out = resume["tuple_out"]
+            hidden, teacher_hidden = self.stream.resumed_inputs()
+            batches = [_Batch(h.to(self.compute_dtype), x.args, x.kwargs) for h, x in zip(hidden, embedded)]
+            teacher_batches = [_Batch(h.to(self.compute_dtype), x.args, x.kwargs) for h, x in zip(teacher_hidden, embedded)] if teacher else []
+            state[1](resume["state"])
+            start = int(resume["next_block"])
+        else:
+            if self.stream is not None and self.stream.resume is not None:  # cannot continue it: start over
+                raise RuntimeError("this pass cannot resume a streamed sweep; remove the stage's work directory")
+            batches = self.capture()
+            teacher_batches = batches if teacher else []
         report.seconds_capture = time.perf_counter() - t0
+        last_checkpoint = time.perf_counter()
         all_blocks = self.adapter.blocks(self.model)
         chosen = set(range(len(all_blocks))) if not blocks else set(blocks)
         last = max(chosen) if chosen else -1
@@ -282,6 +319,8 @@ class LayerwiseRunner:
         for b in progress(blocks_iter, desc="calibrated blocks") if self.show_progress else blocks_iter:
             if b > last:
                 break
+            if b < start:  # written before the sweep was killed
+                continue
             tb = time.perf_counter()
             block = self.stream.load(b) if self.stream is not None else all_blocks[b]
             work = self.compute_copy(block)
@@ -306,6 +345,9 @@ class LayerwiseRunner:
             del work
             if self.stream is not None:
                 self.stream.done(b)
+                if state is not None and b < last and time.perf_counter() - last_checkpoint >= self.stream.checkpoint_seconds:
+                    self.stream.checkpoint(b + 1, [x.hidden for x in batches], [x.hidden for x in teacher_batches] if teacher else [], self.tuple_out, state[0]())
+                    last_checkpoint = time.perf_counter()
             report.seconds_per_block.append(time.perf_counter() - tb)
             report.blocks += 1
             log.info("block %d/%d calibrated in %.1f s", b + 1, len(all_blocks), report.seconds_per_block[-1])

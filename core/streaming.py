@@ -35,6 +35,10 @@ log = logging.getLogger(__name__)
 
 INDEX_FILE = "model.safetensors.index.json"
 OUTPUT_FILE = "model.safetensors"
+CHECKPOINT_FILE = "stream-checkpoint.json"
+CHECKPOINT_SECONDS_ENV = "PIPELINE_STREAM_CHECKPOINT_SECONDS"
+FAULT_ENV = "PIPELINE_STREAM_FAULT"
+"""Tests only: the process kills itself (SIGKILL) right after the checkpoint before this block."""
 
 _DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -108,7 +112,9 @@ def read_header(path: Path) -> tuple[dict[str, Any], int]:
 class SafetensorsWriter:
     """A float32 safetensors file whose layout is fixed up front and whose tensors arrive in any order."""
 
-    def __init__(self, path: Path, shapes: dict[str, tuple[int, ...]]):
+    def __init__(self, path: Path, shapes: dict[str, tuple[int, ...]], reopen: bool = False):
+        """``reopen``: continue an existing ``.partial`` file with the same layout (a resumed stream);
+        otherwise, or when its header differs, start a new one."""
         self.path = Path(path)
         self.partial = self.path.with_name(self.path.name + ".partial")
         self.offsets: dict[str, tuple[int, int]] = {}
@@ -125,9 +131,22 @@ class SafetensorsWriter:
         self.shapes = dict(shapes)
         self.written: set[str] = set()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._f = open(self.partial, "wb")
-        self._f.write(struct.pack("<Q", len(blob)) + blob)
-        self._f.truncate(self.data_start + pos)
+        head = struct.pack("<Q", len(blob)) + blob
+        self.reopened = False
+        if reopen and self.partial.is_file() and self.partial.stat().st_size == self.data_start + pos:
+            with open(self.partial, "rb") as f:
+                self.reopened = f.read(len(head)) == head
+        if self.reopened:
+            self._f = open(self.partial, "r+b")
+        else:
+            self._f = open(self.partial, "wb")
+            self._f.write(head)
+            self._f.truncate(self.data_start + pos)
+
+    def sync(self) -> None:
+        """Make every tensor written so far durable."""
+        self._f.flush()
+        os.fsync(self._f.fileno())
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         if name not in self.shapes:
@@ -185,9 +204,11 @@ class BlockStream:
     """One sweep over a saved model's blocks (see the module docstring). ``out_dir`` receives
     ``model.safetensors``, the config and the tokenizer files of ``source``."""
 
-    def __init__(self, source: Path, out_dir: Path | None, head: bool = False):
+    def __init__(self, source: Path, out_dir: Path | None, head: bool = False, checkpoint_key: str | None = None):
         """``out_dir`` None: read only (blocks are released, nothing is written). ``head``: materialise
-        the output head too (to compute logits)."""
+        the output head too (to compute logits). ``checkpoint_key``: identifies the sweep (source, pass,
+        options, data); a killed sweep with the same key left in ``out_dir`` is continued (see
+        :meth:`checkpoint`), anything else there is replaced."""
         from accelerate import init_empty_weights
         from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
@@ -213,11 +234,22 @@ class BlockStream:
         self.prefix = self.adapter.blocks_path + "."
         self.layers = len(self.adapter.blocks(self.model))
         self._check_names()
+        self.checkpoint_key = checkpoint_key
+        self.checkpoint_seconds = float(os.environ.get(CHECKPOINT_SECONDS_ENV, "60"))
+        """Seconds between checkpoints (after the block during which they passed); 0 = after every block."""
+        self.resume: dict[str, Any] | None = self._resumable()
         self.writer = (
-            SafetensorsWriter(self.out_dir / OUTPUT_FILE, {n: self.index.shape(n) for n in self.index.names()}) if self.out_dir is not None else None
+            SafetensorsWriter(self.out_dir / OUTPUT_FILE, {n: self.index.shape(n) for n in self.index.names()}, reopen=self.resume is not None)
+            if self.out_dir is not None else None
         )
+        if self.resume is not None and not self.writer.reopened:
+            log.warning("'%s': the checkpoint's partial output does not match its layout; starting over", self.out_dir)
+            self.resume = None
         self.loaded: set[int] = set()
-        self.written: set[int] = set()
+        self.written: set[int] = set(self.resume["written"]) if self.resume else set()
+        if self.resume:  # the written blocks' tensors are in the reopened file already
+            self.writer.written.update(n for n in self.index.names() if self._block_of(n) in self.written)
+            log.info("'%s': resuming a killed sweep at block %d (%d blocks written)", self.out_dir, self.resume["next_block"], len(self.written))
         self.bytes_loaded = 0
         self._materialise_outer()
 
@@ -226,6 +258,63 @@ class BlockStream:
             return None
         head = name[len(self.prefix):].split(".", 1)[0]
         return int(head) if head.isdigit() else None
+
+    def _resumable(self) -> dict[str, Any] | None:
+        """The checkpoint left in ``out_dir`` by a killed sweep with this key, else None (and a fresh ``out_dir``)."""
+        if self.out_dir is None:
+            return None
+        meta = self.out_dir / CHECKPOINT_FILE
+        if self.checkpoint_key is not None and meta.is_file():
+            try:
+                state = json.loads(meta.read_text(encoding="utf-8"))
+            except ValueError:
+                state = {}
+            if state.get("key") == self.checkpoint_key and (self.out_dir / state.get("inputs", "-")).is_file():
+                return state
+        if self.out_dir.exists():
+            shutil.rmtree(self.out_dir)
+        return None
+
+    def checkpoint(self, next_block: int, hidden: list[torch.Tensor], teacher: list[torch.Tensor], tuple_out: bool, state: dict[str, Any]) -> None:
+        """Record that every block before ``next_block`` is written: the inputs of ``next_block`` (and the
+        dense stream's, for passes with a teacher), the caller's JSON-able ``state``, then the progress
+        file — in that order, each durable before the next, so a kill at any point leaves a consistent
+        checkpoint (the previous one or this one)."""
+        from safetensors.torch import save_file
+
+        if self.writer is None or self.out_dir is None or self.checkpoint_key is None:
+            return
+        name = f"inputs-{next_block}.safetensors"
+        tensors = {f"h.{i}": h.contiguous() for i, h in enumerate(hidden)}
+        tensors.update({f"t.{i}": t.contiguous() for i, t in enumerate(teacher)})
+        tmp = self.out_dir / (name + ".tmp")
+        save_file(tensors, str(tmp))
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, self.out_dir / name)
+        self.writer.sync()
+        progress = {"key": self.checkpoint_key, "next_block": next_block, "written": sorted(self.written), "inputs": name,
+                    "batches": len(hidden), "teacher_batches": len(teacher), "tuple_out": tuple_out, "state": state}
+        tmp_meta = self.out_dir / (CHECKPOINT_FILE + ".tmp")
+        tmp_meta.write_text(json.dumps(progress), encoding="utf-8")
+        with open(tmp_meta, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp_meta, self.out_dir / CHECKPOINT_FILE)
+        for old in self.out_dir.glob("inputs-*.safetensors"):
+            if old.name != name:
+                old.unlink(missing_ok=True)
+        log.debug("checkpoint: blocks < %d written", next_block)
+        fault = os.environ.get(FAULT_ENV)
+        if fault and fault == str(next_block):  # tests: a kill right after this checkpoint
+            os.kill(os.getpid(), 9)
+
+    def resumed_inputs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The hidden states (and teacher hidden states) the checkpoint saved for ``resume['next_block']``."""
+        from safetensors.torch import load_file
+
+        assert self.resume is not None and self.out_dir is not None
+        t = load_file(str(self.out_dir / self.resume["inputs"]))
+        return [t[f"h.{i}"] for i in range(self.resume["batches"])], [t[f"t.{i}"] for i in range(self.resume["teacher_batches"])]
 
     def _groups(self) -> dict[str, list[str]]:
         """Every parameter name → all names of that parameter (more than one when tied, e.g. an output
@@ -311,14 +400,21 @@ class BlockStream:
         for b in sorted(self.loaded):
             self.done(b)
         self.writer.close()
+        for f in [self.out_dir / CHECKPOINT_FILE, *self.out_dir.glob("inputs-*.safetensors")]:
+            f.unlink(missing_ok=True)
         write_config(self.config, self.out_dir, type(self.model).__name__)
         for p in self.source.iterdir():  # tokenizer and generation files travel as they are
-            if p.is_file() and p.suffix in (".json", ".txt", ".model", ".jinja") and p.name not in ("config.json", INDEX_FILE):
+            if p.is_file() and p.suffix in (".json", ".txt", ".model", ".jinja") and p.name not in ("config.json", INDEX_FILE) and not p.name.startswith("stream-"):
                 shutil.copy2(p, self.out_dir / p.name)
         return self.out_dir
 
     def abort(self) -> None:
-        if self.writer is not None:
+        """After a failure: close the output; keep it when a checkpoint can continue it, else delete it."""
+        if self.writer is None:
+            return
+        if self.checkpoint_key is not None and self.out_dir is not None and (self.out_dir / CHECKPOINT_FILE).is_file():
+            self.writer._f.close()
+        else:
             self.writer.abort()
 
 

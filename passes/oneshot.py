@@ -246,8 +246,21 @@ def run_oneshot(
             result.layers.append(LayerChange.of(ref))
 
     result.info["calibration_dtype"] = str(dtype).replace("torch.", "")
+
+    def get_state() -> dict[str, Any]:  # what a resumed streamed sweep needs of the blocks already done
+        return {"layers": [c.to_dict() for c in result.layers], "info": result.info, "solver_seconds": solver_seconds,
+                "recon_seconds": recon_seconds, "done": planner.done if planner is not None else {}}
+
+    def set_state(saved: dict[str, Any]) -> None:
+        nonlocal solver_seconds, recon_seconds
+        result.layers[:] = [LayerChange(**{**c, "shape": tuple(c["shape"])}) for c in saved["layers"]]
+        result.info.update(saved["info"])
+        solver_seconds, recon_seconds = saved["solver_seconds"], saved["recon_seconds"]
+        if planner is not None:
+            planner.done.update(saved["done"])
+
     runner = LayerwiseRunner(model, ctx.adapter, windows, batch_size=cfg.batch_size, show_progress=ctx.progress, compute_dtype=dtype, stream=ctx.stream)
-    report = runner.run(make_collector, apply, roles=cfg.targets, blocks=cfg.blocks, teacher=cfg.reconstruct != "none")
+    report = runner.run(make_collector, apply, roles=cfg.targets, blocks=cfg.blocks, teacher=cfg.reconstruct != "none", state=(get_state, set_state))
     if not result.layers:
         raise ValueError(f"pass '{name}': no linear matches targets {cfg.targets} and blocks {cfg.blocks}")
     if planner is not None:

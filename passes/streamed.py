@@ -11,17 +11,22 @@ before anything is read.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
+from core.artifacts import atomic_write_json, stable_hash
 from core.resources import peak_rss_bytes
 from core.streaming import BlockStream
 from passes.base import Pass, PassContext
 
 log = logging.getLogger(__name__)
+
+DONE_FILE = "stream-result.json"
+"""Beside a finished pass's output under the work directory: its key and result (a resumed variant skips it)."""
 
 
 def stream_refusal(passes: list[tuple[type[Pass], Any]]) -> str | None:
@@ -35,7 +40,12 @@ def stream_refusal(passes: list[tuple[type[Pass], Any]]) -> str | None:
 
 def run_streamed(source: Path, passes: list[tuple[type[Pass], Any]], out_dir: Path, ctx: PassContext, work_dir: Path) -> list[dict[str, Any]]:
     """Run ``passes`` (class, config) block-streamed from ``source`` into ``out_dir``; returns each
-    pass's result as a dict, with a ``stream`` section (blocks, seconds, this process's peak RSS so far)."""
+    pass's result as a dict, with a ``stream`` section (blocks, seconds, this process's peak RSS so far).
+
+    Every pass writes under ``work_dir`` (``stream-<i>/``), which survives a killed run: a pass that
+    finished is not run again (its result is kept beside its output), and a pass killed mid-sweep
+    continues from its last checkpoint when it can (:meth:`core.streaming.BlockStream.checkpoint`);
+    the last pass's directory then moves to ``out_dir``."""
     why = stream_refusal(passes)
     if why:
         raise ValueError(why)
@@ -44,12 +54,19 @@ def run_streamed(source: Path, passes: list[tuple[type[Pass], Any]], out_dir: Pa
     results: list[dict[str, Any]] = []
     current = Path(source)
     work_dir = Path(work_dir)
+    calib = ctx.calibration_windows("streamed") if any(cls.uses_calibration for cls, _ in passes) else None
+    data_key = stable_hash(calib.tolist()) if calib is not None else None
     for i, (cls, cfg) in enumerate(passes):
-        last = i == len(passes) - 1
-        target = Path(out_dir) if last else work_dir / f"stream-{i}"
-        shutil.rmtree(target, ignore_errors=True)
+        target = work_dir / f"stream-{i}"
+        key = stable_hash("stream", str(current), cls.name, dataclasses.asdict(cfg), data_key, i)
+        done_file = target / DONE_FILE
+        if done_file.is_file() and json.loads(done_file.read_text(encoding="utf-8")).get("key") == key:
+            results.append(json.loads(done_file.read_text(encoding="utf-8"))["result"])
+            log.info("%s: its streamed sweep finished before; kept", cls.name)
+            current = target
+            continue
         t0 = time.perf_counter()
-        stream = BlockStream(current, target)
+        stream = BlockStream(current, target, checkpoint_key=key)
         try:
             result = cls(cfg).run(stream.model, dataclasses.replace(ctx, stream=stream))
             stream.finish()
@@ -63,11 +80,18 @@ def run_streamed(source: Path, passes: list[tuple[type[Pass], Any]], out_dir: Pa
             "seconds": round(time.perf_counter() - t0, 2),
             "outer_bytes_loaded": stream.bytes_loaded,
             "peak_rss_bytes": peak,
+            **({"resumed_at_block": stream.resume["next_block"]} if stream.resume else {}),
         }
         log.info("%s: streamed over %d blocks in %.1f s (peak RSS %s)", cls.name, stream.layers, time.perf_counter() - t0,
                  f"{peak / 2**30:.2f} GiB" if peak else "unknown")
+        atomic_write_json(done_file, {"key": key, "result": r})
         results.append(r)
-        if current != Path(source) and current.is_relative_to(work_dir):
-            shutil.rmtree(current, ignore_errors=True)
         current = target
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    shutil.move(str(current), str(out_dir))
+    (out_dir / DONE_FILE).unlink(missing_ok=True)
+    for stale in work_dir.glob("stream-*"):
+        shutil.rmtree(stale, ignore_errors=True)
     return results

@@ -227,3 +227,41 @@ def test_available_memory_honours_a_memory_cgroup(tmp_path):
     assert cgroup_memory_left(proc, v2) is None
     proc.write_text("garbage")
     assert cgroup_memory_left(proc, v2) is None
+
+
+def test_a_killed_streamed_prune_resumes_from_its_checkpoint(tiny_dirs, text_file, tmp_path):
+    """SIGKILL right after the checkpoint before block 1: the rerun continues at block 1 (block 0 is not
+    pruned again) and writes the weights an uninterrupted run writes."""
+    import os
+    import subprocess
+    import sys
+
+    from core.streaming import CHECKPOINT_SECONDS_ENV, FAULT_ENV
+
+    variants = [{"name": "sgpt", "passes": [
+        {"sparsegpt": {"pattern": "2:4", "batch_size": 2, "calibration_dtype": "float32", "reconstruct": "block", "reconstruct_steps": 2,
+                       "reconstruct_holdout": 1}},
+        {"wanda": {"sparsity": 0.6, "batch_size": 2, "calibration_dtype": "float32"}},
+    ]}]
+    outs = {}
+    for name, env in (("whole", {}), ("killed", {FAULT_ENV: "1"})):
+        recipe = tiny_recipe(tiny_dirs["llama"], text_file, tmp_path / name, model={"source": str(tiny_dirs["llama"]), "stream": "always"}, variants=variants)
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(recipe.to_dict()))
+        cmd = [sys.executable, "-m", "pipeline", "prune", str(path), "--output", str(tmp_path / name)]
+        base_env = {**os.environ, CHECKPOINT_SECONDS_ENV: "0"}
+        p = subprocess.run(cmd, env={**base_env, **env}, capture_output=True, text=True)
+        if name == "killed":
+            assert p.returncode == -9, p.stderr[-2000:]
+            work = next((tmp_path / name / "sgpt").glob("model.work-*"))
+            assert (work / "stream-0" / "stream-checkpoint.json").is_file()
+            p = subprocess.run(cmd, env=base_env, capture_output=True, text=True)
+            assert "resuming a killed sweep at block 1" in p.stderr
+        assert p.returncode == 0, p.stderr[-2000:]
+        outs[name] = weight_arrays(tmp_path / name / "sgpt" / "model" / "model")
+        passes = json.loads((tmp_path / name / "sgpt" / "model" / "passes.json").read_text())
+        assert [len(r["layers"]) for r in passes] == [14, 14]  # 7 linears × 2 blocks, restored on resume
+        if name == "killed":
+            assert passes[0]["info"]["stream"]["resumed_at_block"] == 1
+            assert sorted(passes[0]["info"]["reconstruct"]) == ["0", "1"]
+    assert all((outs["whole"][k] == outs["killed"][k]).all() for k in outs["whole"])
