@@ -265,3 +265,12 @@ def test_a_killed_streamed_prune_resumes_from_its_checkpoint(tiny_dirs, text_fil
             assert passes[0]["info"]["stream"]["resumed_at_block"] == 1
             assert sorted(passes[0]["info"]["reconstruct"]) == ["0", "1"]
     assert all((outs["whole"][k] == outs["killed"][k]).all() for k in outs["whole"])
+
+
+def test_the_shipped_streamed_recipe_streams_every_variant():
+    from pipeline.checks import check_streaming
+    from pipeline.recipe import load_recipe
+
+    recipe = load_recipe("streamed")
+    assert recipe.model.stream == "always" and len(recipe.variants) == 3
+    check_streaming(recipe)  # raises naming the variant if one of its passes cannot stream
