@@ -166,9 +166,13 @@ class _Inject(torch.nn.Module):
         return self.block(self.hidden.to(hidden.dtype), *args, **kwargs)
 
 
-def loss_from_block(model: torch.nn.Module, adapter: ModelAdapter, block: int, hidden: torch.Tensor, ids: torch.Tensor) -> float:
+def loss_from_block(model: torch.nn.Module, adapter: ModelAdapter, block: int, hidden: torch.Tensor, ids: torch.Tensor, tuple_out: bool = False) -> float:
     """Mean next-token loss of ``ids`` when block ``block`` receives ``hidden`` (its inputs for those
-    windows) and the blocks from it on, then the head, run as they are now."""
+    windows) and the blocks from it on, then the head, run as they are now. The blocks before it are
+    pass-through stand-ins (``tuple_out``: the family's blocks return tuples), so every block keeps its
+    own index — and its own attention mask where blocks alternate sliding-window and global attention."""
+    from calibrate.runner import PassThrough
+
     if adapter.task != "causal-lm":
         raise ValueError(f"loss-based sensitivity needs a language-model loss; a {adapter.task} model has none")
     if hidden.shape[:2] != ids.shape:
@@ -178,7 +182,8 @@ def loss_from_block(model: torch.nn.Module, adapter: ModelAdapter, block: int, h
     original = getattr(parent, attr)
     blocks = list(original)
     try:
-        setattr(parent, attr, torch.nn.ModuleList([_Inject(blocks[block], hidden), *blocks[block + 1 :]]))
+        stand_ins = [PassThrough(blocks[i], tuple_out=tuple_out) for i in range(block)]
+        setattr(parent, attr, torch.nn.ModuleList([*stand_ins, _Inject(blocks[block], hidden), *blocks[block + 1 :]]))
         with torch.inference_mode():
             out = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids, use_cache=False)
     finally:

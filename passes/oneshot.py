@@ -347,6 +347,7 @@ class _SensitivityPlanner:
         self.unit_loss: dict[str, list[tuple[float, float]]] = {}  # unit -> measured (sparsity, Δloss), dense pass
         self.remeasured: dict[str, list[tuple[float, float]]] = {}  # the same on the pruned model's inputs
         self.traces: dict[str, float] | None = None
+        self.tuple_out = False
         self.scale: dict[str, float] = {}
         self.done: dict[str, float] = {}
         self.seconds = 0.0
@@ -367,6 +368,7 @@ class _SensitivityPlanner:
         runner = LayerwiseRunner(sweep_model, ctx.adapter, windows, batch_size=cfg.batch_size, show_progress=ctx.progress, compute_dtype=dtype, stream=sweep_stream)
 
         def measure(block: int, refs: list[LinearRef], collectors: dict[str, Collector]) -> None:
+            self.tuple_out = runner.tuple_out  # known once the runner captured block 0
             for r in refs:
                 self.numel[r.name] = r.weight_out_in().numel()
                 self.block_of[r.name] = block
@@ -416,7 +418,7 @@ class _SensitivityPlanner:
             held.append(b.hidden[: k - rows])
             rows += held[-1].shape[0]
         hidden = torch.cat(held, 0).float()
-        base = loss_from_block(self.model, self.adapter, block, hidden, self.loss_ids)
+        base = loss_from_block(self.model, self.adapter, block, hidden, self.loss_ids, self.tuple_out)
         units: dict[str, list[list[LinearRef]]] = {}
         for group in by_collector(refs, collectors):
             units.setdefault(self.unit_of[group[0].name], []).append(group)
@@ -429,7 +431,7 @@ class _SensitivityPlanner:
                 try:
                     for group in groups:
                         self.prune(group, collectors[group[0].name], s)
-                    points.append((s, loss_from_block(self.model, self.adapter, block, hidden, self.loss_ids) - base))
+                    points.append((s, loss_from_block(self.model, self.adapter, block, hidden, self.loss_ids, self.tuple_out) - base))
                 finally:
                     for r, w in zip(members, saved):
                         r.weight_out_in().copy_(w)
