@@ -90,6 +90,7 @@ class SafetensorsIndex:
         with open(path, "rb") as f:
             f.seek(start)
             got = f.readinto(memoryview(raw.numpy()))
+            _drop_cache(f.fileno(), start, end - start)  # read once: keep the page cache (and a cgroup's charge) small
         if got != end - start:
             raise ModelLoadError(f"'{path}' ends inside tensor '{name}' (read {got} of {end - start} bytes)")
         t = raw.view(_DTYPES[code]).reshape(shape)
@@ -148,6 +149,14 @@ class SafetensorsWriter:
         self._f.flush()
         os.fsync(self._f.fileno())
 
+    def release_cache(self) -> None:
+        """Write what is buffered to disk and drop the file's pages from the page cache: a stream writes
+        a model's worth of data, which would otherwise sit in memory as dirty pages (and count against
+        a container's memory cgroup)."""
+        self._f.flush()
+        os.fdatasync(self._f.fileno())
+        _drop_cache(self._f.fileno(), 0, 0)
+
     def write(self, name: str, tensor: torch.Tensor) -> None:
         if name not in self.shapes:
             raise ValueError(f"tensor '{name}' is not in the source model; a streamed pass must not add tensors")
@@ -176,6 +185,35 @@ class SafetensorsWriter:
         if not self._f.closed:
             self._f.close()
         self.partial.unlink(missing_ok=True)
+
+
+def _drop_cache(fd: int, offset: int, length: int) -> None:
+    """Advise the kernel that these pages of ``fd`` are not needed again (no-op where unsupported)."""
+    if hasattr(os, "posix_fadvise"):
+        try:
+            os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+        except OSError:
+            pass
+
+
+def _trim_heap() -> None:
+    """Give freed heap memory back to the system (glibc ``malloc_trim``): a block's tensors of a few MB
+    come from the heap, and without it the resident set creeps up block after block."""
+    global _LIBC
+    if _LIBC is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC: Any = None
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -384,6 +422,9 @@ class BlockStream:
         block.to("meta")
         self.loaded.discard(b)
         self.written.add(b)
+        if self.writer is not None:
+            self.writer.release_cache()
+        _trim_heap()
 
     def blocks(self) -> Iterator[int]:
         return iter(range(self.layers))
