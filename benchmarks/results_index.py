@@ -20,6 +20,8 @@ GROUPS = [
     ("minilm", "Structured pruning: MiniLM heads"),
     ("quant", "Prune, then quantize"),
     ("fused", "Fused decoder graph (onnxruntime-fused) against ONNX Runtime GenAI"),
+    ("streamed", "Block-streamed pruning: the same weights, and a model twice a memory cap"),
+    ("large_model", "Block-streamed pruning: what the whole build needs in memory"),
     ("", "Whole builds and others"),
 ]
 
