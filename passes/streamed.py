@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from core.artifacts import atomic_write_json, stable_hash
+from core.errors import PassFailure
 from core.resources import peak_rss_bytes
 from core.streaming import BlockStream
 from passes.base import Pass, PassContext
@@ -70,6 +71,9 @@ def run_streamed(source: Path, passes: list[tuple[type[Pass], Any]], out_dir: Pa
         try:
             result = cls(cfg).run(stream.model, dataclasses.replace(ctx, stream=stream))
             stream.finish()
+        except Exception as exc:
+            stream.abort()
+            raise PassFailure(cls.name, exc) from exc
         except BaseException:
             stream.abort()
             raise

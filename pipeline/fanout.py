@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 FAULT_ENV = "PIPELINE_FANOUT_FAULT"
 
 
-TIMING_FIELDS = {"seconds", "created", "finished", "latency", "samples", "decision", "environment", "fanout", "train_seconds"}
+TIMING_FIELDS = {"seconds", "created", "finished", "latency", "samples", "decision", "environment", "fanout", "train_seconds", "peak_rss_bytes"}
 """results.json fields that measure time or the run itself (plus the fan-out's own section)."""
 
 

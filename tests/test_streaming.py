@@ -124,6 +124,12 @@ def test_a_failing_pass_leaves_no_output(tmp_path):
     stream.abort()
     assert not (tmp_path / "out" / "model.safetensors").exists()
     assert not list((tmp_path / "out").glob("*.partial"))
+    from core.errors import PassFailure
+
+    cls, cfg = _pass("magnitude", {"sparsity": 0.5, "blocks": [7]})  # no such block: the pass raises inside its sweep
+    with pytest.raises(PassFailure, match="pass 'magnitude': .*no linear matches"):
+        run_streamed(src, [(cls, cfg)], tmp_path / "out2", PassContext(BlockStream(src, None).adapter, progress=False), tmp_path / "work")
+    assert not list((tmp_path / "work").rglob("model.safetensors*"))
 
 
 def test_refusals_name_the_reason(tiny_dirs, text_file, tmp_path):

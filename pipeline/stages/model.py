@@ -96,10 +96,7 @@ class ModelStage(Stage):
             work_dir=self.work_dir(ctx, v),
         )
         todo = [(get_pass_class(p.name), get_pass_class(p.name).config_class(**p.options)) for p in v.passes[start:]]
-        try:
-            results += run_streamed(source, todo, tmp / "model", pctx, self.work_dir(ctx, v))
-        except Exception as exc:  # named by the builder with the variant and stage
-            raise PassFailure(v.passes[start].name, exc) from exc
+        results += run_streamed(source, todo, tmp / "model", pctx, self.work_dir(ctx, v))  # a failure names its pass
         if not (tmp / "model" / "tokenizer_config.json").is_file():
             ctx.tokenizer().save_pretrained(str(tmp / "model"))
         (tmp / "passes.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
