@@ -98,3 +98,31 @@ def sentence_embeddings(model: Any, tokenizer: Any, lines: list[str], batch: int
             m = enc["attention_mask"].unsqueeze(-1).float()
             out.append((h * m).sum(1) / m.sum(1))
     return torch.cat(out)
+
+
+def synthetic_llama_dir(path: Path, hidden: int, ffn: int, layers: int) -> dict[str, Any]:
+    """A random Llama-architecture model (GQA with a quarter of the query heads as KV heads, tied
+    embeddings, weights N(0, 0.02)) with SmolLM2's tokenizer, saved like a downloaded checkpoint: bf16
+    safetensors shards of at most 500 MB. For measuring memory on models larger than the bundled ones."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from core.models import cached_fp32_dir, resolve_source
+
+    tok = AutoTokenizer.from_pretrained(cached_fp32_dir(resolve_source("smollm2-135m")))
+    cfg = LlamaConfig(
+        vocab_size=len(tok), hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers, num_attention_heads=hidden // 64,
+        num_key_value_heads=hidden // 64 // 4, max_position_embeddings=2048, tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.02)
+    params = sum(p.numel() for p in model.parameters())
+    model.to(torch.bfloat16).save_pretrained(path, max_shard_size="500MB")
+    tok.save_pretrained(path)
+    del model
+    return {"hidden": hidden, "ffn": ffn, "layers": layers, "vocab": len(tok), "parameters": params, "float32_bytes": 4 * params,
+            "stored": "bfloat16 safetensors shards of ≤ 500 MB", "stored_bytes": sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))}

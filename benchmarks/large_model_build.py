@@ -22,32 +22,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import ROOT, write_result  # noqa: E402
+from benchmarks.common import ROOT, synthetic_llama_dir, write_result  # noqa: E402
 
 RESULT = ROOT / "benchmarks" / "results" / "large_model_build.json"
-
-
-def synthetic_dir(path: Path, hidden: int, ffn: int, layers: int) -> dict:
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from core.models import cached_fp32_dir, resolve_source
-
-    tok = AutoTokenizer.from_pretrained(cached_fp32_dir(resolve_source("smollm2-135m")))
-    cfg = LlamaConfig(
-        vocab_size=len(tok), hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers, num_attention_heads=hidden // 64,
-        num_key_value_heads=hidden // 64 // 4, max_position_embeddings=2048, tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.02)
-    params = sum(p.numel() for p in model.parameters())
-    model.to(torch.bfloat16).save_pretrained(path, max_shard_size="500MB")
-    tok.save_pretrained(path)
-    return {"hidden": hidden, "ffn": ffn, "layers": layers, "vocab": len(tok), "parameters": params, "float32_bytes": 4 * params}
 
 
 def main() -> None:
@@ -58,7 +35,7 @@ def main() -> None:
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="large-build-", dir=ROOT / "build"))
     try:
-        spec = synthetic_dir(tmp / "model", args.hidden, args.ffn, args.layers)
+        spec = synthetic_llama_dir(tmp / "model", args.hidden, args.ffn, args.layers)
         print("model", spec, flush=True)
         recipe = {
             "name": "large",

@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import ROOT, write_result  # noqa: E402
+from benchmarks.common import ROOT, synthetic_llama_dir, write_result  # noqa: E402
 
 RESULT = ROOT / "benchmarks" / "results" / "streamed_prune.json"
 
@@ -106,35 +106,10 @@ def smollm2(args, tmp: Path) -> dict:
     return out
 
 
-def synthetic_dir(path: Path, hidden: int, ffn: int, layers: int, tokenizer_dir: Path) -> dict:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    cfg = LlamaConfig(
-        vocab_size=len(tok), hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers, num_attention_heads=hidden // 64,
-        num_key_value_heads=hidden // 64 // 4, max_position_embeddings=2048, tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.02)
-    params = sum(p.numel() for p in model.parameters())
-    model.to(torch.bfloat16).save_pretrained(path, max_shard_size="500MB")
-    tok.save_pretrained(path)
-    del model
-    return {"hidden": hidden, "ffn": ffn, "layers": layers, "vocab": len(tok), "parameters": params, "float32_bytes": 4 * params,
-            "stored": "bfloat16 safetensors shards of ≤ 500 MB", "stored_bytes": sum(f.stat().st_size for f in path.glob("*.safetensors"))}
-
-
 def capped(args, tmp: Path) -> dict:
-    from core.models import cached_fp32_dir, resolve_source
-
     cap = int(args.cap_gib * 2**30)
     model_dir = tmp / "synthetic"
-    spec = synthetic_dir(model_dir, args.hidden, args.ffn, args.layers, cached_fp32_dir(resolve_source("smollm2-135m")))
+    spec = synthetic_llama_dir(model_dir, args.hidden, args.ffn, args.layers)
     print("synthetic", spec, flush=True)
     rows = {}
     for mode in ("auto", "never"):  # auto: the preflight sees the cgroup's cap and streams

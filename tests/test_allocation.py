@@ -252,34 +252,11 @@ def test_sensitivity_variant_through_the_whole_build(tiny_dirs, text_file, tmp_p
     assert "sparsity by block and role: wanda60-sens" in (out / "report.html").read_text()
 
 
-def test_loss_from_block_equals_the_full_model_loss_on_true_inputs():
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt2"])
+def test_loss_from_block_equals_the_full_model_loss_on_true_inputs(family):
     """Feeding block b its true inputs and running the rest must give the model's own loss; changing
-    block b's weights must change it."""
-    from conftest import tiny_model
-
-    from calibrate.sensitivity import loss_from_block
-
-    model = tiny_model("llama")
-    adapter = adapter_for(model.config)
-    ids = torch.randint(0, 257, (2, 24), generator=torch.Generator().manual_seed(1))
-    seen = {}
-    handle = adapter.blocks(model)[1].register_forward_pre_hook(lambda m, a: seen.setdefault("h", a[0].detach().clone()))
-    with torch.no_grad():
-        full = float(model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids, use_cache=False).loss)
-    handle.remove()
-    assert loss_from_block(model, adapter, 1, seen["h"], ids) == pytest.approx(full, rel=1e-5)
-    assert len(adapter.blocks(model)) == 2  # the block list is restored
-    with torch.no_grad():
-        adapter.linears(model, blocks=[1])[0].weight_out_in().mul_(0)
-    assert loss_from_block(model, adapter, 1, seen["h"], ids) != pytest.approx(full, rel=1e-4)
-    with pytest.raises(ValueError, match="do not match windows"):
-        loss_from_block(model, adapter, 1, seen["h"][:1], ids)
-
-
-@pytest.mark.parametrize("family", ["gemma2", "gpt2"])
-def test_loss_from_a_later_block_keeps_each_blocks_own_mask(family):
-    """Gemma 2 alternates sliding-window (block 0) and global (block 1) attention; with windows (40) past
-    its window (16), block 1 must still get the global mask when it is fed its inputs directly."""
+    block b's weights must change it. Gemma 2 alternates sliding-window (block 0) and global (block 1)
+    attention: with windows (40) past its window (16), block 1 must still get the global mask."""
     from conftest import tiny_model
 
     from calibrate.runner import LayerwiseRunner
@@ -295,4 +272,11 @@ def test_loss_from_a_later_block_keeps_each_blocks_own_mask(family):
     handle.remove()
     runner = LayerwiseRunner(model, adapter, ids, batch_size=2, show_progress=False)
     runner.capture()  # learns whether the family's blocks return tuples
-    assert loss_from_block(model, adapter, 1, seen["h"], ids, runner.tuple_out) == pytest.approx(full, rel=1e-5)
+    tuple_out = runner.tuple_out
+    assert loss_from_block(model, adapter, 1, seen["h"], ids, tuple_out) == pytest.approx(full, rel=1e-5)
+    assert len(adapter.blocks(model)) == 2  # the block list is restored
+    with torch.no_grad():
+        adapter.linears(model, blocks=[1])[0].weight_out_in().mul_(0)
+    assert loss_from_block(model, adapter, 1, seen["h"], ids, tuple_out) != pytest.approx(full, rel=1e-4)
+    with pytest.raises(ValueError, match="do not match windows"):
+        loss_from_block(model, adapter, 1, seen["h"][:1], ids, tuple_out)
