@@ -299,7 +299,6 @@ class LayerwiseRunner:
         start = 0
         if resume is not None:
             embedded = self.capture(tuple_out=resume["tuple_out"])
-            self.tuple_out = resume["tuple_out"]
             hidden, teacher_hidden = self.stream.resumed_inputs()
             batches = [_Batch(h.to(self.compute_dtype), x.args, x.kwargs) for h, x in zip(hidden, embedded)]
             teacher_batches = [_Batch(h.to(self.compute_dtype), x.args, x.kwargs) for h, x in zip(teacher_hidden, embedded)] if teacher else []

@@ -200,14 +200,7 @@ def save_hf_dir(model: Any, tokenizer: Any, out: Path) -> None:
     """Save fp32 weights (tied weights once), the config without quantisation metadata, and the tokenizer."""
     from safetensors.torch import save_model
 
-    out.mkdir(parents=True, exist_ok=True)
-    cfg = model.config.to_dict()
-    cfg.pop("quantization_config", None)
-    if not cfg.get("architectures"):
-        # a GGUF-loaded config has none; tools that read Hugging Face directories (ONNX Runtime GenAI's
-        # model builder, transformers pipelines) pick the model class from this list
-        cfg["architectures"] = [type(model).__name__]
-    (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True), encoding="utf-8")
+    write_config(model.config, out, type(model).__name__)
     save_model(model, str(out / "model.safetensors"))
     quant = getattr(model, "quantization_tensors", None)
     if quant:  # the grids of a quantized model (passes/quantize.py); its weights above are dequantized
@@ -216,6 +209,18 @@ def save_hf_dir(model: Any, tokenizer: Any, out: Path) -> None:
         save_file(quant, str(out / QUANT_FILE))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
+
+
+def write_config(config: Any, out: Path, architecture: str) -> None:
+    """The config as the project saves it: no quantisation metadata, and an ``architectures`` list (a
+    GGUF-loaded config has none; tools that read Hugging Face directories — ONNX Runtime GenAI's model
+    builder, transformers pipelines — pick the model class from it)."""
+    cfg = config.to_dict()
+    cfg.pop("quantization_config", None)
+    if not cfg.get("architectures"):
+        cfg["architectures"] = [architecture]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True), encoding="utf-8")
 
 
 def _cache_entry(src: ResolvedSource) -> tuple[str, Path]:

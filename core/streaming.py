@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import struct
@@ -29,7 +30,9 @@ from typing import Any, Iterator
 
 import torch
 
+from core.artifacts import atomic_write_json
 from core.errors import ModelLoadError
+from core.models import QUANT_FILE, write_config
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +47,6 @@ _DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
 }
-_CODE = {v: k for k, v in _DTYPES.items()}
 
 
 class SafetensorsIndex:
@@ -60,7 +62,7 @@ class SafetensorsIndex:
             except (ValueError, KeyError, TypeError) as exc:
                 raise ModelLoadError(f"'{index}' is not a safetensors index (expected a 'weight_map' of tensor → file): {exc}") from exc
         else:
-            files = sorted(p.name for p in self.directory.glob("*.safetensors") if p.name != "quantization.safetensors")
+            files = sorted(p.name for p in self.directory.glob("*.safetensors") if p.name != QUANT_FILE)
         if not files:
             raise ModelLoadError(f"model directory '{self.directory}' has no .safetensors weights to stream")
         self.entries: dict[str, tuple[Path, str, tuple[int, ...], int, int]] = {}
@@ -75,10 +77,11 @@ class SafetensorsIndex:
                     raise ModelLoadError(f"'{path}': tensor '{key}' has dtype {meta['dtype']}; streaming reads {', '.join(_DTYPES)}")
                 begin, end = meta["data_offsets"]
                 self.entries[key] = (path, meta["dtype"], tuple(meta["shape"]), data_start + begin, data_start + end)
+        self._names = sorted(self.entries, key=lambda n: (str(self.entries[n][0]), self.entries[n][3]))
 
     def names(self) -> list[str]:
         """Tensor names in file order (the order the output file keeps)."""
-        return sorted(self.entries, key=lambda n: (str(self.entries[n][0]), self.entries[n][3]))
+        return self._names
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self.entries[name][2]
@@ -122,7 +125,7 @@ class SafetensorsWriter:
         pos = 0
         header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
         for name, shape in shapes.items():
-            n = 4 * _numel(shape)
+            n = 4 * math.prod(shape)
             self.offsets[name] = (pos, pos + n)
             header[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [pos, pos + n]}
             pos += n
@@ -181,10 +184,12 @@ class SafetensorsWriter:
         self._f.close()
         os.replace(self.partial, self.path)
 
-    def abort(self) -> None:
+    def abort(self, keep: bool = False) -> None:
+        """Close the file; delete it unless ``keep`` (a checkpoint can continue it)."""
         if not self._f.closed:
             self._f.close()
-        self.partial.unlink(missing_ok=True)
+        if not keep:
+            self.partial.unlink(missing_ok=True)
 
 
 def _drop_cache(fd: int, offset: int, length: int) -> None:
@@ -214,13 +219,6 @@ def _trim_heap() -> None:
 
 
 _LIBC: Any = None
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def _set_param(model: torch.nn.Module, name: str, value: torch.Tensor) -> None:
@@ -271,6 +269,10 @@ class BlockStream:
             self.model.tie_weights()
         self.prefix = self.adapter.blocks_path + "."
         self.layers = len(self.adapter.blocks(self.model))
+        self.names_of: dict[int | None, list[str]] = {}
+        """Block index (None: outside the blocks) → its stored tensor names, in file order."""
+        for n in self.index.names():
+            self.names_of.setdefault(self._block_of(n), []).append(n)
         self._check_names()
         self.checkpoint_key = checkpoint_key
         self.checkpoint_seconds = float(os.environ.get(CHECKPOINT_SECONDS_ENV, "60"))
@@ -286,7 +288,7 @@ class BlockStream:
         self.loaded: set[int] = set()
         self.written: set[int] = set(self.resume["written"]) if self.resume else set()
         if self.resume:  # the written blocks' tensors are in the reopened file already
-            self.writer.written.update(n for n in self.index.names() if self._block_of(n) in self.written)
+            self.writer.written.update(n for b in self.written for n in self.names_of.get(b, []))
             log.info("'%s': resuming a killed sweep at block %d (%d blocks written)", self.out_dir, self.resume["next_block"], len(self.written))
         self.bytes_loaded = 0
         self._materialise_outer()
@@ -333,11 +335,7 @@ class BlockStream:
         self.writer.sync()
         progress = {"key": self.checkpoint_key, "next_block": next_block, "written": sorted(self.written), "inputs": name,
                     "batches": len(hidden), "teacher_batches": len(teacher), "tuple_out": tuple_out, "state": state}
-        tmp_meta = self.out_dir / (CHECKPOINT_FILE + ".tmp")
-        tmp_meta.write_text(json.dumps(progress), encoding="utf-8")
-        with open(tmp_meta, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp_meta, self.out_dir / CHECKPOINT_FILE)
+        atomic_write_json(self.out_dir / CHECKPOINT_FILE, progress)
         for old in self.out_dir.glob("inputs-*.safetensors"):
             if old.name != name:
                 old.unlink(missing_ok=True)
@@ -374,9 +372,7 @@ class BlockStream:
         head = None if self.want_head else self.adapter.head_path
         groups = self._groups()
         buffers = {n for n, _ in self.model.named_buffers()}
-        for name in self.index.names():
-            if self._block_of(name) is not None:
-                continue
+        for name in self.names_of.get(None, []):
             t = self.index.read(name)
             if self.writer is not None:
                 self.writer.write(name, t)
@@ -397,10 +393,8 @@ class BlockStream:
             raise RuntimeError(f"block {b} was already written; a stream sweeps each block once")
         block = self.adapter.blocks(self.model)[b]
         if b not in self.loaded:
-            prefix = f"{self.prefix}{b}."
-            for name in self.index.names():
-                if name.startswith(prefix):
-                    _set_param(self.model, name, self.index.read(name))
+            for name in self.names_of.get(b, []):
+                _set_param(self.model, name, self.index.read(name))
             left = [n for n, p in block.named_parameters() if p.is_meta]
             if left:
                 raise ModelLoadError(f"'{self.source}' lacks block {b}'s {left[:3]}")
@@ -412,9 +406,7 @@ class BlockStream:
         block = self.load(b) if b not in self.loaded else self.adapter.blocks(self.model)[b]
         prefix = f"{self.prefix}{b}."
         state = block.state_dict()
-        for name in self.index.names():
-            if self.writer is None or not name.startswith(prefix):
-                continue
+        for name in self.names_of.get(b, []) if self.writer is not None else []:
             local = name[len(prefix):]
             if local not in state:
                 raise ValueError(f"block {b} no longer has '{local}' (stored in the source); streamed passes must keep every tensor")
@@ -434,10 +426,10 @@ class BlockStream:
         config and tokenizer; returns the output directory."""
         if self.writer is None or self.out_dir is None:
             raise RuntimeError("a read-only stream has no output to finish")
-        for name in self.index.names():
-            b = self._block_of(name)
-            if b is not None and b not in self.written and b not in self.loaded:
-                self.writer.write(name, self.index.read(name))
+        for b in range(self.layers):
+            if b not in self.written and b not in self.loaded:
+                for name in self.names_of.get(b, []):
+                    self.writer.write(name, self.index.read(name))
         for b in sorted(self.loaded):
             self.done(b)
         self.writer.close()
@@ -453,17 +445,4 @@ class BlockStream:
         """After a failure: close the output; keep it when a checkpoint can continue it, else delete it."""
         if self.writer is None:
             return
-        if self.checkpoint_key is not None and self.out_dir is not None and (self.out_dir / CHECKPOINT_FILE).is_file():
-            self.writer._f.close()
-        else:
-            self.writer.abort()
-
-
-def write_config(config: Any, out: Path, architecture: str) -> None:
-    """The config as the project saves it: no quantisation metadata, an ``architectures`` list."""
-    cfg = config.to_dict()
-    cfg.pop("quantization_config", None)
-    if not cfg.get("architectures"):
-        cfg["architectures"] = [architecture]
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True), encoding="utf-8")
+        self.writer.abort(keep=self.checkpoint_key is not None and self.out_dir is not None and (self.out_dir / CHECKPOINT_FILE).is_file())

@@ -163,6 +163,16 @@ def check_reconstruct_batches(cfg: OneShotConfig, windows: int) -> None:
         )
 
 
+def _stream_refusal(name: str, cfg: OneShotConfig) -> str | None:
+    """Why the one-shot driver cannot run ``cfg`` block-streamed; None when it can."""
+    if cfg.allocation == "sensitivity" and cfg.sensitivity_measure != "relative":
+        return (
+            f"pass '{name}' with sensitivity_measure '{cfg.sensitivity_measure}' measures the loss through the "
+            "whole model (every later block at once); block-streamed, sensitivity allocation needs sensitivity_measure 'relative'"
+        )
+    return None
+
+
 class OneShotPass(Pass):
     """Base of the calibrated one-shot passes: their shared checks before a build."""
 
@@ -170,12 +180,7 @@ class OneShotPass(Pass):
 
     @classmethod
     def stream_refusal(cls, config: Any) -> str | None:
-        if config.allocation == "sensitivity" and config.sensitivity_measure != "relative":
-            return (
-                f"pass '{cls.name}' with sensitivity_measure '{config.sensitivity_measure}' measures the loss through the "
-                "whole model (every later block at once); block-streamed, sensitivity allocation needs sensitivity_measure 'relative'"
-            )
-        return super().stream_refusal(config)
+        return _stream_refusal(cls.name, config) or super().stream_refusal(config)
 
     @classmethod
     def check(cls, config: Any, model: Any, data: DataFacts) -> None:
@@ -193,8 +198,9 @@ def run_oneshot(
     saliency: SaliencyFn | None = None,
 ) -> PassResult:
     t0 = time.perf_counter()
-    if ctx.stream is not None and cfg.allocation == "sensitivity" and cfg.sensitivity_measure != "relative":
-        raise ValueError(f"pass '{name}': sensitivity_measure '{cfg.sensitivity_measure}' does not run block-streamed (only 'relative')")
+    why = _stream_refusal(name, cfg) if ctx.stream is not None else None
+    if why:
+        raise ValueError(why)
     windows = ctx.calibration_windows(name)
     check_reconstruct_batches(cfg, int(windows.shape[0]))
     if cfg.reconstruct == "sublayer":

@@ -2,8 +2,9 @@
 
 Pass *i* reads the directory pass *i − 1* wrote (the first reads the source model), loads one block
 at a time into a skeleton of the model (:class:`core.streaming.BlockStream`), and writes a complete
-``model.safetensors`` + config + tokenizer; the last pass writes into ``out_dir``. Intermediate
-directories live under ``work_dir`` and are removed once the next pass has read them. Only passes
+``model.safetensors`` + config + tokenizer under ``work_dir``; the last pass's directory then moves to
+``out_dir``. Every pass's directory stays under ``work_dir`` until the variant is done (a resumed run
+skips the passes that finished). Only passes
 whose :meth:`passes.base.Pass.stream_refusal` is None run here; the first refusal stops the variant
 before anything is read.
 """
@@ -11,6 +12,7 @@ before anything is read.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import shutil
@@ -56,13 +58,14 @@ def run_streamed(source: Path, passes: list[tuple[type[Pass], Any]], out_dir: Pa
     current = Path(source)
     work_dir = Path(work_dir)
     calib = ctx.calibration_windows("streamed") if any(cls.uses_calibration for cls, _ in passes) else None
-    data_key = stable_hash(calib.tolist()) if calib is not None else None
+    data_key = hashlib.sha256(calib.numpy().tobytes()).hexdigest() if calib is not None else None
     for i, (cls, cfg) in enumerate(passes):
         target = work_dir / f"stream-{i}"
         key = stable_hash("stream", str(current), cls.name, dataclasses.asdict(cfg), data_key, i)
         done_file = target / DONE_FILE
-        if done_file.is_file() and json.loads(done_file.read_text(encoding="utf-8")).get("key") == key:
-            results.append(json.loads(done_file.read_text(encoding="utf-8"))["result"])
+        done = json.loads(done_file.read_text(encoding="utf-8")) if done_file.is_file() else {}
+        if done.get("key") == key:
+            results.append(done["result"])
             log.info("%s: its streamed sweep finished before; kept", cls.name)
             current = target
             continue

@@ -21,6 +21,7 @@ module in ``pipeline/stages/`` (a :class:`pipeline.stages.base.Stage`) and one e
 from __future__ import annotations
 
 import logging
+import math
 import platform
 import time
 from dataclasses import asdict, dataclass, field
@@ -104,14 +105,14 @@ class Builder:
         Hugging Face directories, without ONNX, engines or the report — for a model whose export and
         validation do not fit here. With ``perplexity``, each (and the dense model) is evaluated
         block-streamed on the evaluation windows. Writes and returns ``prune.json``."""
-        from pipeline.checks import check_passes, check_streaming, model_facts
+        from pipeline.checks import check_passes, check_streaming
         from pipeline.stages.model import STAGE as MODEL_STAGE
 
         self.out.mkdir(parents=True, exist_ok=True)
         with file_lock(self.out / ".build.lock", f"build directory {self.out}", wait=False):
             ctx = self.ctx
             ctx.ordered = self._dense_first()
-            facts, weights = model_facts(self.recipe, ctx.source)
+            facts, weights = ctx.facts()
             check_passes(self.recipe, facts)
             check_streaming(self.recipe)
             from pipeline.preflight import check_prune
@@ -125,10 +126,10 @@ class Builder:
                     rec = ctx.records[(v.name, MODEL_STAGE.kind)]
                     directory = self.out / v.name / "model" / "model"
                     layers = (rec.info.get("passes") or [{}])[-1].get("layers", [])
-                    numel = sum(_prod(c["shape"]) for c in layers)
+                    numel = sum(math.prod(c["shape"]) for c in layers)
                     row.update(
                         directory=str(directory), streamed=bool(rec.info.get("streamed")), seconds=rec.seconds,
-                        sparsity=round(sum(_prod(c["shape"]) * c["sparsity"] for c in layers) / max(1, numel), 6),
+                        sparsity=round(sum(math.prod(c["shape"]) * c["sparsity"] for c in layers) / max(1, numel), 6),
                     )
                 else:
                     directory = ctx.dense_dir()
@@ -248,13 +249,6 @@ class Builder:
                 "environment": _environment(),
             },
         )
-
-
-def _prod(shape: list[int]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def _streamed_perplexity(directory: Path, windows: Any, name: str) -> float:

@@ -152,8 +152,8 @@ def check(est: Estimate, out_dir: Path, memory_available: int | None = None, dis
             + _terms(est.memory)
             + "; lower data.calibration.windows or .length (or data.evaluation.length), or free memory"
             + (
-                ". The model alone does not fit twice: `python -m pipeline prune RECIPE` prunes it block by block from disk "
-                "(model.stream) into Hugging Face directories, without the ONNX export and validation that load it whole"
+                f". The model alone does not fit {BUILD_PEAK_WEIGHTS} times over: `python -m pipeline prune RECIPE` prunes it block by "
+                "block from disk (model.stream) into Hugging Face directories, without the ONNX export and validation that load it whole"
                 if max(est.memory, key=est.memory.get).startswith("models") else ""
             )
         )

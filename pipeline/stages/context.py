@@ -68,6 +68,7 @@ class BuildContext:
         self.dense = Lazy(self._load_dense)
         self.tokenizer = Lazy(self._load_tokenizer)
         self.dense_dir = Lazy(self._dense_dir)
+        self.facts = Lazy(self._model_facts)
         self.splits = Lazy(self._load_splits)
         self.eval_windows = Lazy(self._make_eval_windows)
         self.calib_windows = Lazy(self._make_calib_windows)
@@ -89,6 +90,12 @@ class BuildContext:
         from core.models import cached_fp32_dir
 
         return cached_fp32_dir(self.source)
+
+    def _model_facts(self) -> tuple[Any, int]:
+        """(ModelFacts, float32 weight bytes) from the model's config alone."""
+        from pipeline.checks import model_facts
+
+        return model_facts(self.recipe, self.source)
 
     def _load_tokenizer(self) -> Any:
         """The dense model's tokenizer; read from its directory alone when the model is not loaded."""
@@ -120,9 +127,7 @@ class BuildContext:
             return True
         if why is not None:
             return False
-        from pipeline.checks import model_facts
-
-        facts, weights = model_facts(self.recipe, self.source)
+        facts, weights = self.facts()
         return streaming_needed(self.recipe, facts, weights, v)
 
     def _load_splits(self) -> Any:

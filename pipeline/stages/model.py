@@ -24,9 +24,10 @@ class ModelStage(Stage):
     scope = Scope.VARIANT
 
     def key(self, ctx: BuildContext, v: Any, e: Any = None) -> str:
+        # not whether it streams: streamed and in-memory passes write the same weights (tests/test_streaming.py),
+        # and with model.stream: auto that choice depends on the memory free now, which must not change a key
         calib = ctx.data_key("calibration") if variant_uses_calibration(v) else None
-        streamed = ["streamed"] if ctx.streams(v) else []
-        return stable_hash("model", ctx.model_key, v.to_dict()["passes"], calib, STAGE_SCHEMA, *streamed)
+        return stable_hash("model", ctx.model_key, v.to_dict()["passes"], calib, STAGE_SCHEMA)
 
     def options(self, ctx: BuildContext, v: Any, e: Any = None) -> dict[str, Any]:
         return {"passes": v.to_dict()["passes"], "streamed": ctx.streams(v)}
@@ -42,13 +43,8 @@ class ModelStage(Stage):
         from passes import PassContext, get_pass_class
 
         dense = ctx.dense()
-        base = self._base_variant(ctx, v)
-        if base is None:
-            model, results, start = copy.deepcopy(dense.model), [], 0
-        else:  # its passes are this variant's first ones: start from its saved model, not from dense
-            model = copy.deepcopy(ctx.variant_model(base.name))
-            results, start = list(ctx.records[(base.name, self.kind)].info.get("passes", [])), len(base.passes)
-            log.info("%s: starts from variant '%s' (its %d passes done), runs the remaining %d", v.name, base.name, start, len(v.passes) - start)
+        base, results, start = self._start_point(ctx, v)
+        model = copy.deepcopy(dense.model if base is None else ctx.variant_model(base.name))
         pctx = PassContext(
             dense.adapter,
             calibration=ctx.calib_windows,
@@ -85,10 +81,8 @@ class ModelStage(Stage):
         from passes import PassContext, get_pass_class
         from passes.streamed import run_streamed
 
-        base = self._base_variant(ctx, v)
+        base, results, start = self._start_point(ctx, v)
         source = ctx.dense_dir() if base is None else ctx.out / base.name / "model" / "model"
-        results = [] if base is None else list(ctx.records[(base.name, self.kind)].info.get("passes", []))
-        start = 0 if base is None else len(base.passes)
         pctx = PassContext(
             adapter_for(AutoConfig.from_pretrained(source)),
             calibration=ctx.calib_windows,
@@ -101,6 +95,16 @@ class ModelStage(Stage):
             ctx.tokenizer().save_pretrained(str(tmp / "model"))
         (tmp / "passes.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
         return {"passes": results, "streamed": True, **({"started_from": base.name} if base is not None else {})}
+
+    def _start_point(self, ctx: BuildContext, v: Any) -> tuple[Any, list[dict[str, Any]], int]:
+        """(the variant this one starts from or None for dense, the results of the passes it already ran,
+        how many of this variant's passes that is)."""
+        base = self._base_variant(ctx, v)
+        if base is None:
+            return None, [], 0
+        start = len(base.passes)  # its passes are this variant's first ones: start from its saved model, not from dense
+        log.info("%s: starts from variant '%s' (its %d passes done), runs the remaining %d", v.name, base.name, start, len(v.passes) - start)
+        return base, list(ctx.records[(base.name, self.kind)].info.get("passes", [])), start
 
     def _base_variant(self, ctx: BuildContext, v: Any) -> Any:
         """The variant built before this one in this build whose passes (options included) are the longest
