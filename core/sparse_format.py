@@ -28,6 +28,13 @@ A weight ``W`` is ``(N, K)``: N outputs, K inputs (the reduction axis). Two form
     SmolLM2's block linears are in its GGUF) is on such a grid exactly (:func:`exact_int4_grid`), so
     the codes are the same weights bit for bit: 0.75 bytes per weight, 0.19× dense fp32.
 
+``2:4-int4`` (2:4 with 4-bit values: a 2:4 weight the ``quantize`` pass put on its 4-bit grid)
+    ``positions`` as ``2:4``; ``values`` uint8 ``(N, K/4)``: per window of 32 inputs (16 kept values)
+    8 bytes, byte j holding the window's kept value j in its low nibble and kept value j + 8 in its
+    high one; ``scales`` float32 and ``zeros`` uint8 ``(N, ceil(K/block))``: a value is
+    ``(code − zero) · scale`` rounded once to float32, the grid's own value bit for bit. K % 32 == 0,
+    ``block`` a power of two ≥ 32. 4.25 bits per weight at block 32, 3.6 at block 64 (``int4``: 6).
+
 A group of a 2:4 row that keeps fewer than two stores a zero value at an unused position, so the
 format holds any weight whose groups have at most two non-zeros.
 
@@ -47,7 +54,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-FORMATS = ("2:4", "bitmask", "dense", "int4")
+FORMATS = ("2:4", "bitmask", "dense", "int4", "2:4-int4")
+INT4_FORMATS = ("int4", "2:4-int4")
+"""Formats whose values are 4-bit codes (``block`` is then their grid's block, not an int8 scale block)."""
 INT4_BLOCK = 32
 """Inputs per scale and offset of the ``int4`` format (GGUF's Q4_1 block)."""
 
@@ -63,12 +72,12 @@ class CompressedWeight:
 
     @property
     def int8(self) -> bool:
-        return self.block > 0 and self.format != "int4"
+        return self.block > 0 and self.format not in INT4_FORMATS
 
     @property
     def value_type(self) -> str:
         """How the values are stored: float32, int8 or int4."""
-        return "int4" if self.format == "int4" else "int8" if self.block else "float32"
+        return "int4" if self.format in INT4_FORMATS else "int8" if self.block else "float32"
 
     @property
     def nbytes(self) -> int:
@@ -108,6 +117,10 @@ def compress(w: np.ndarray, fmt: str = "auto", grid: tuple[np.ndarray, ...] | No
         c = _compress_bitmask(w)
     elif fmt == "dense":
         c = CompressedWeight("dense", w.shape, {"values": w})
+    elif fmt == "2:4-int4":
+        if grid is None or len(grid) != 3:
+            raise ValueError(f"compress: '{name}': the 2:4-int4 format needs its 4-bit grid (scales, zeros, block)")
+        return _compress_two_four_int4(w, *grid, name=name)
     elif fmt == "int4":
         if grid is None:
             return _compress_int4(w, name)
@@ -211,6 +224,43 @@ def _compress_int4_zero_point(w: np.ndarray, scales: np.ndarray, zeros: np.ndarr
     return CompressedWeight("int4", (n, k), {"values": _pack_nibbles(codes.astype(np.uint8)), "scales": np.ascontiguousarray(s), "zeros": np.ascontiguousarray(z)}, INT4_BLOCK)
 
 
+def _compress_two_four_int4(w: np.ndarray, scales: np.ndarray, zeros: np.ndarray, block: int, name: str) -> CompressedWeight:
+    """``w`` (2:4, on the 4-bit grid ``(code − zero) · scale`` per row and ``block`` inputs) as the
+    ``2:4-int4`` format; every kept value must be on its grid bit for bit."""
+    n, k = w.shape
+    if k % 32 or block < 32 or block & (block - 1):
+        raise ValueError(f"compress: '{name}': the 2:4-int4 format needs K % 32 == 0 and a block that is a power of two >= 32; K = {k}, block {block}")
+    nb = -(-k // block)
+    if np.shape(scales) != (n, nb) or np.shape(zeros) != (n, nb):
+        raise ValueError(f"compress: '{name}': scales {np.shape(scales)} / zeros {np.shape(zeros)} do not fit a ({n}, {k}) weight in blocks of {block}")
+    z = np.asarray(zeros, np.float32)
+    if not np.array_equal(z, np.rint(z)) or z.min(initial=0) < 0 or z.max(initial=0) > 15:
+        raise ValueError(f"compress: '{name}': zero points must be integers in 0..15 for 4-bit codes")
+    c = _compress_two_four(w)
+    values = c.arrays["values"]
+    blk = (4 * (np.arange(k // 2) // 2)) // block  # each value's grid block (a group of four is inside one block)
+    s = np.asarray(scales, np.float32)[:, blk]
+    zz = z[:, blk]
+    codes = np.rint(values / np.where(s > 0, s, 1.0)) + zz
+    if codes.min(initial=0) < 0 or codes.max(initial=0) > 15 or not np.array_equal(((codes - zz).astype(np.float32) * s).astype(np.float32), values):
+        raise ValueError(f"compress: '{name}' is not on its 4-bit grid: not every kept value is (code − zero) · scale with a code in 0..15")
+    q = codes.astype(np.uint8).reshape(n, k // 32, 16)
+    packed = np.ascontiguousarray((q[..., :8] | (q[..., 8:] << 4)).reshape(n, k // 4))
+    return CompressedWeight("2:4-int4", (n, k), {"values": packed, "positions": c.arrays["positions"], "scales": np.ascontiguousarray(scales, np.float32),
+                                                  "zeros": np.ascontiguousarray(z.astype(np.uint8))}, int(block))
+
+
+def _two_four_int4_values(c: CompressedWeight) -> np.ndarray:
+    """The float32 kept values ``(N, K/2)`` of a ``2:4-int4`` weight (what the kernels compute with)."""
+    n, k = c.shape
+    packed = c.arrays["values"].reshape(n, k // 32, 8)
+    codes = np.concatenate([packed & 15, packed >> 4], axis=-1).reshape(n, k // 2).astype(np.float32)
+    blk = (4 * (np.arange(k // 2) // 2)) // c.block
+    s = c.arrays["scales"].astype(np.float32)[:, blk]
+    z = c.arrays["zeros"].astype(np.float32)[:, blk]
+    return ((codes - z) * s).astype(np.float32)
+
+
 def _value_scales(c: CompressedWeight, scales: np.ndarray, block: int) -> np.ndarray:
     """The scale of each stored value of ``c`` (shaped like ``c.arrays['values']``)."""
     n, k = c.shape
@@ -283,6 +333,8 @@ def decompress(c: CompressedWeight) -> np.ndarray:
             return ((codes - c.arrays["zeros"].astype(np.float64)[..., None]).astype(np.float32) * s.astype(np.float32)).astype(np.float32).reshape(n, k)
         w = codes * s + c.arrays["offsets"].astype(np.float64)[..., None]
         return w.astype(np.float32).reshape(n, k)
+    if c.format == "2:4-int4":
+        return decompress(CompressedWeight("2:4", c.shape, {"values": _two_four_int4_values(c), "positions": c.arrays["positions"]}))
     if c.int8:
         values = (c.arrays["values"].astype(np.float32) * _value_scales(c, c.arrays["scales"], c.block)).astype(np.float32)
         plain = {key: a for key, a in c.arrays.items() if key != "scales"}

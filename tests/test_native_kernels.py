@@ -400,3 +400,82 @@ def test_int4_zero_point_form_is_the_quantize_pass_grid_bit_for_bit(block):
     d16, s16, z16 = (t.numpy() for t in rtn(torch.from_numpy(w), QuantScheme(4, 16)))
     with pytest.raises(ValueError, match="multiple of 32"):
         compress(d16, "int4", grid=(s16, z16, 16), name="blk.0.up")
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    n=st.integers(1, 40),
+    windows=st.integers(1, 20),
+    rows=st.sampled_from([1, 2, 3, 4, 5, 6, 9]),
+    block=st.sampled_from([32, 64, 128]),
+    seed=st.integers(0, 2**16),
+)
+def test_two_four_int4_matches_the_float32_two_four_kernel_bit_for_bit(n, windows, rows, block, seed):
+    """2:4 weights on the quantize pass's 4-bit grid (RTN, blocks of 32-128, a partial last block when K is
+    not a multiple of it, all-zero rows): ``2:4-int4`` decompresses to the weight bit for bit (NumPy and
+    every ISA), its GEMV equals a float64 dense product on every ISA and the float32 2:4 kernel's result
+    bit for bit on the SIMD ones (same values, same order); the tiled prefill path agrees."""
+    import torch
+
+    from core.quant import QuantScheme, rtn
+
+    rng = np.random.default_rng(seed)
+    k = 32 * windows
+    w = prune_two_four(rng.standard_normal((n, k)).astype(np.float32))
+    if n > 2:
+        w[1] = 0.0
+    deq, scales, zeros = (t.numpy() for t in rtn(torch.from_numpy(w), QuantScheme(4, block)))
+    assert np.array_equal(deq == 0, (deq == 0) | (w == 0)) and not (deq[w == 0]).any()  # RTN keeps the zeros
+    c = compress(deq, "2:4-int4", grid=(scales, zeros, block), name="blk.0.up")
+    assert c.value_type == "int4" and c.arrays["values"].shape == (n, k // 4) and c.arrays["zeros"].dtype == np.uint8
+    assert np.array_equal(decompress(c), deq)
+    x = rng.standard_normal((rows, k)).astype(np.float32)
+    ref = x.astype(np.float64) @ deq.T.astype(np.float64)
+    for isa in ISAS:
+        native.set_isa(isa)
+        nw, fw = native.NativeWeight(c), native.NativeWeight(compress(deq, "2:4"))
+        assert np.array_equal(nw.to_dense(), deq), isa
+        y = nw.gemv(x)
+        bound = 1e-5 * (np.abs(x).astype(np.float64) @ np.abs(deq).T.astype(np.float64)) + 1e-6
+        assert (np.abs(y - ref) <= bound).all(), (isa, float(np.abs(y - ref).max()))
+        if isa != "scalar":
+            assert np.array_equal(y, fw.gemv(x)), isa
+        assert (np.abs(nw.gemm_tiled(np.repeat(x, 4, 0)) - np.repeat(ref, 4, 0)) <= np.repeat(bound, 4, 0)).all(), isa
+
+
+def test_two_four_int4_format_errors_and_stacking():
+    """The format refuses what it cannot hold, naming the weight: a value off the grid, K not a multiple
+    of 32, a block under 32, a pattern that is not 2:4; q, k and v stack into one ``2:4-int4`` weight,
+    and with a float32 2:4 part the stack falls back to float32 2:4 values (bit for bit the same)."""
+    import torch
+
+    from core.quant import QuantScheme, rtn
+
+    rng = np.random.default_rng(3)
+    parts, deqs = [], []
+    for n in (8, 4, 4):
+        w = prune_two_four(rng.standard_normal((n, 64)).astype(np.float32))
+        deq, s, z = (t.numpy() for t in rtn(torch.from_numpy(w), QuantScheme(4, 32)))
+        parts.append(native.NativeWeight(compress(deq, "2:4-int4", grid=(s, z, 32), name="q")))
+        deqs.append(deq)
+    grid0 = parts[0].compressed().arrays
+    off = deqs[0].copy()
+    off[0, np.flatnonzero(off[0])[0]] *= 1.0001
+    with pytest.raises(ValueError, match="'blk.3.q' is not on its 4-bit grid"):
+        compress(off, "2:4-int4", grid=(grid0["scales"], grid0["zeros"].astype(np.float32), 32), name="blk.3.q")
+    w48 = prune_two_four(rng.standard_normal((2, 48)).astype(np.float32))
+    with pytest.raises(ValueError, match="K % 32 == 0"):
+        compress(w48, "2:4-int4", grid=(np.ones((2, 2), np.float32), np.zeros((2, 2), np.float32), 32), name="blk.0.o")
+    with pytest.raises(ValueError, match="power of two >= 32"):
+        compress(deqs[1], "2:4-int4", grid=(np.ones((4, 4), np.float32), np.zeros((4, 4), np.float32), 16), name="blk.0.o")
+    dense = rng.standard_normal((2, 64)).astype(np.float32)
+    with pytest.raises(ValueError, match="not 2:4"):
+        compress(dense, "2:4-int4", grid=(np.ones((2, 2), np.float32), np.full((2, 2), 8, np.float32), 32), name="blk.0.o")
+    with pytest.raises(ValueError, match="needs its 4-bit grid"):
+        compress(deqs[1], "2:4-int4", name="blk.0.o")
+    x = rng.standard_normal((2, 64)).astype(np.float32)
+    stacked = native.NativeWeight.stacked(parts)
+    assert stacked.format == "2:4-int4" and stacked.n == 16
+    assert np.array_equal(stacked.gemv(x), np.concatenate([p.gemv(x) for p in parts], axis=1))
+    mixed = native.NativeWeight.stacked([parts[0], native.NativeWeight(compress(deqs[1], "2:4"))])
+    assert mixed.format == "2:4" and np.array_equal(mixed.to_dense(), np.concatenate(deqs[:2]))

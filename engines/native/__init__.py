@@ -69,6 +69,8 @@ def lib() -> ctypes.CDLL:
             L.pk_decompress.argtypes = [_i64, _i64, vp, vp, vp, vp, _i64, _i64, _i64, vp]
             L.pk_gemv_24.argtypes = [_i64, _i64, vp, vp, vp, _i64, vp, _i64, vp]
             L.pk_decompress_24.argtypes = [_i64, _i64, vp, vp, vp, _i64, _i64, _i64, vp]
+            L.pk_gemv_24_int4.argtypes = [_i64, _i64, vp, vp, vp, vp, _i64, vp, _i64, vp]
+            L.pk_decompress_24_int4.argtypes = [_i64, _i64, vp, vp, vp, vp, _i64, _i64, _i64, vp]
             L.pk_gemv_int4.argtypes = [_i64, _i64, vp, vp, vp, ctypes.c_int, ctypes.c_int, vp, _i64, vp]
             L.pk_decompress_int4.argtypes = [_i64, _i64, vp, vp, vp, ctypes.c_int, _i64, _i64, vp]
             L.pk_gemv_sparse_x.argtypes = [_i64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, _i64, ctypes.c_void_p]
@@ -177,6 +179,9 @@ def pk_weight(w: "NativeWeight | InputMajorWeight", threshold: float | None = No
         return PkWeight(2, w.n, w.k, w.wt.ctypes.data, None, None, -1.0 if threshold is None else float(threshold), None, 0, None)
     if w.format == "int4":
         return PkWeight(4 if w.int8_activations else 3, w.n, w.k, *w._args[:3], -1.0, None, w._args[3], None)
+    if w.format == "2:4-int4":
+        codes, positions, scales, zeros, block = w._args
+        return PkWeight(5, w.n, w.k, codes, positions, zeros, -1.0, scales, block, None)
     if w.format == "2:4":
         return PkWeight(1, w.n, w.k, w.arrays["values"].ctypes.data, w.arrays["positions"].ctypes.data, None, -1.0, *w._q, None)
     return PkWeight(0, w.n, w.k, *w._args, -1.0, *w._q, w._corr)
@@ -279,6 +284,18 @@ class NativeWeight:
         """Int8 values with a scale per row and block of this many inputs; 0: float32 values."""
         self.nbytes = c.nbytes
         """Bytes of the stored format (what the file holds and the kernel reads, row offsets aside)."""
+        if c.format == "2:4-int4":  # 2:4 with 4-bit values: codes, positions, a scale and a uint8 zero point per row and block
+            arrays = {"values": np.ascontiguousarray(c.arrays["values"], np.uint8), "positions": np.ascontiguousarray(c.arrays["positions"], np.uint8),
+                      "scales": np.ascontiguousarray(c.arrays["scales"], np.float32), "zeros": np.ascontiguousarray(c.arrays["zeros"], np.uint8)}
+            nb = -(-self.k // max(self.block, 1))
+            if (self.k % 32 or self.block < 32 or self.block & (self.block - 1) or arrays["values"].shape != (self.n, self.k // 4)
+                    or arrays["positions"].shape != (self.n, self.k // 8) or arrays["scales"].shape != (self.n, nb) or arrays["zeros"].shape != (self.n, nb)):
+                raise ValueError(f"2:4-int4 weight: codes {arrays['values'].shape} / positions {arrays['positions'].shape} / scales {arrays['scales'].shape} / "
+                                 f"zeros {arrays['zeros'].shape} in blocks of {self.block} do not fit a ({self.n}, {self.k}) weight")
+            self.arrays = arrays
+            self._q = (None, 0)
+            self._args = (arrays["values"].ctypes.data, arrays["positions"].ctypes.data, arrays["scales"].ctypes.data, arrays["zeros"].ctypes.data, self.block)
+            return
         if c.format == "int4":  # 4-bit dense codes with a scale and an offset (or zero point) per row and 32 inputs
             self.block = 0  # (``block`` is the int8 scale block; int4 has its own, fixed at 32)
             codes = np.ascontiguousarray(c.arrays["values"], np.uint8)
@@ -344,12 +361,16 @@ class NativeWeight:
     @property
     def stored_values(self) -> np.ndarray:
         """The values as stored (without the padding)."""
+        if self.format == "2:4-int4":
+            return self.arrays["values"]
         return self.arrays["values"][: self.arrays["values"].size - VALUE_PAD]
 
     def compressed(self) -> CompressedWeight:
         """This weight as a :class:`CompressedWeight` (sharing its arrays)."""
         if "+" in self.format:
             raise ValueError(f"native weight: a stacked weight of formats {self.format} has no single format")
+        if self.format == "2:4-int4":  # stored unpadded
+            return CompressedWeight(self.format, (self.n, self.k), dict(self.arrays), self.block)
         arrays = {k: v for k, v in self.arrays.items() if k != "values"} | {"values": self.stored_values}
         if self.format == "int4":
             return CompressedWeight("int4", (self.n, self.k), arrays | {"values": arrays["values"].reshape(self.n, self.k // 2)}, 32)
@@ -373,8 +394,13 @@ class NativeWeight:
             codes = np.concatenate([p.stored_values.reshape(p.n, k // 2) for p in parts])
             return cls(CompressedWeight("int4", (sum(p.n for p in parts), k), {"values": codes, **grids}, 32),
                        int8_activations=all(p.int8_activations for p in parts))
+        if all(p.format == "2:4-int4" for p in parts) and len({p.block for p in parts}) == 1:
+            arrays = {key: np.concatenate([p.arrays[key] for p in parts]) for key in ("values", "positions", "scales", "zeros")}
+            return cls(CompressedWeight("2:4-int4", (sum(p.n for p in parts), k), arrays, parts[0].block))
         if any(p.format == "int4" for p in parts):  # int4 with other formats: the int4 parts' exact float32 values
             parts = [cls(p.to_dense()) if p.format == "int4" else p for p in parts]
+        if any(p.format == "2:4-int4" for p in parts):  # with other formats or blocks: their exact float32 values, still 2:4
+            parts = [cls(compress(p.to_dense(), "2:4")) if p.format == "2:4-int4" else p for p in parts]
         blocks = {p.block for p in parts}
         if len(blocks) > 1:  # mixed precisions: the dequantized values, in each part's own format
             parts = [cls(p.to_dense()) if p.format == "dense" else cls(compress(p.to_dense(), p.format)) for p in parts]
@@ -429,6 +455,8 @@ class NativeWeight:
         """The kernel on raw buffers (x (m, K), y (m, N), float32, contiguous): for hosts with their own tensors."""
         if self.format == "2:4":
             lib().pk_gemv_24(self.n, self.k, *self._args, *self._q, x_ptr, m, y_ptr)
+        elif self.format == "2:4-int4":
+            lib().pk_gemv_24_int4(self.n, self.k, *self._args, x_ptr, m, y_ptr)
         elif self.format == "int4":
             lib().pk_gemv_int4(self.n, self.k, *self._args, int(self._int4x), x_ptr, m, y_ptr)
         else:
@@ -437,6 +465,8 @@ class NativeWeight:
     def decompress_rows(self, n0: int, n1: int, out: np.ndarray) -> np.ndarray:
         if self.format == "2:4":
             lib().pk_decompress_24(self.n, self.k, *self._args, *self._q, n0, n1, out.ctypes.data)
+        elif self.format == "2:4-int4":
+            lib().pk_decompress_24_int4(self.n, self.k, *self._args, n0, n1, out.ctypes.data)
         elif self.format == "int4":
             lib().pk_decompress_int4(self.n, self.k, *self._args, n0, n1, out.ctypes.data)
         else:

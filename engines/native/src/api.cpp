@@ -188,6 +188,12 @@ inline void gemv_rows(const pk::TwoFour& w, const float* x, int64_t M, float* y,
   else pk::gemv_twofour_scalar(w, x, M, w.K, y, w.N, n0, n1);
 }
 
+inline void gemv_rows(const pk::TwoFourInt4& w, const float* x, int64_t M, float* y, int isa, int64_t n0, int64_t n1) {
+  if (isa == kAvx512) pk::gemv_twofour_int4_avx512(w, x, M, w.K, y, w.N, n0, n1);
+  else if (isa == kAvx2) pk::gemv_twofour_int4_avx2(w, x, M, w.K, y, w.N, n0, n1);
+  else pk::gemv_twofour_int4_scalar(w, x, M, w.K, y, w.N, n0, n1);
+}
+
 inline void gemv_rows(const pk::Int4Dense& w, const float* x, int64_t M, float* y, int isa, int64_t n0, int64_t n1) {
   if (isa == kAvx512) pk::gemv_int4_avx512(w, x, M, w.K, y, w.N, n0, n1);
   else if (isa == kAvx2) pk::gemv_int4_avx2(w, x, M, w.K, y, w.N, n0, n1);
@@ -317,7 +323,8 @@ struct SparseXJob {
 // (a = Wᵀ, K rows of N) with an activation threshold (< 0: none). With `scales` set (kinds 0 and 1)
 // the values are int8 codes with a scale per row and block of `block` inputs. kind 3: 4-bit dense
 // (a = codes, b = scales, c = offsets or zero points, block = 1 for the zero-point form;
-// pk::Int4Dense); kind 4: the same with int8 activations.
+// pk::Int4Dense); kind 4: the same with int8 activations; kind 5: 2:4 with 4-bit values (a = codes,
+// b = positions, c = uint8 zero points, scales, block; pk::TwoFourInt4).
 struct PkWeight {
   int64_t kind, N, K;
   const void* a;
@@ -372,6 +379,9 @@ void apply(const PkWeight& w, const float* x, float* y, int isa, std::vector<int
   } else if (w.kind == 3 || w.kind == 4) {
     gemv_int4(pk::Int4Dense{w.N, w.K, static_cast<const uint8_t*>(w.a), static_cast<const float*>(w.b), static_cast<const float*>(w.c), w.block == 1}, x, 1,
               y, isa, w.kind == 4);
+  } else if (w.kind == 5) {
+    gemv(pk::TwoFourInt4{w.N, w.K, static_cast<const uint8_t*>(w.a), static_cast<const uint8_t*>(w.b), w.scales, static_cast<const uint8_t*>(w.c), w.block},
+         x, 1, y, isa);
   } else if (w.kind == 1) {
     gemv(pk::TwoFour{w.N, w.K, float_values(w.a, w.scales), static_cast<const uint8_t*>(w.b), int8_values(w.a, w.scales, w.block)}, x, 1, y, isa);
   } else {
@@ -469,6 +479,20 @@ PK_API void pk_decompress_int4(int64_t N, int64_t K, const uint8_t* codes, const
   const pk::Int4Dense w{N, K, codes, scales, offsets, zero_point != 0};
   DecompressJob<pk::Int4Dense> job{&w, n0, n1, out, g_isa.load(std::memory_order_relaxed)};
   pool().run((n1 - n0 + kRowsPerTask - 1) / kRowsPerTask, &DecompressJob<pk::Int4Dense>::task, &job);
+}
+
+// y[M][N] = x[M][K] · Wᵀ, W 2:4 with 4-bit values (codes, positions, a scale and a uint8 zero point per
+// row and block of `block` inputs; kernels.h).
+PK_API void pk_gemv_24_int4(int64_t N, int64_t K, const uint8_t* codes, const uint8_t* positions, const float* scales, const uint8_t* zeros, int64_t block,
+                            const float* x, int64_t M, float* y) {
+  gemv(pk::TwoFourInt4{N, K, codes, positions, scales, zeros, block}, x, M, y, g_isa.load(std::memory_order_relaxed));
+}
+
+PK_API void pk_decompress_24_int4(int64_t N, int64_t K, const uint8_t* codes, const uint8_t* positions, const float* scales, const uint8_t* zeros,
+                                  int64_t block, int64_t n0, int64_t n1, float* out) {
+  const pk::TwoFourInt4 w{N, K, codes, positions, scales, zeros, block};
+  DecompressJob<pk::TwoFourInt4> job{&w, n0, n1, out, g_isa.load(std::memory_order_relaxed)};
+  pool().run((n1 - n0 + kRowsPerTask - 1) / kRowsPerTask, &DecompressJob<pk::TwoFourInt4>::task, &job);
 }
 
 // y[N] = Σ_a vals[a] · wt[idx[a], :] (wt: K × N input-major; the inputs not listed are skipped).

@@ -54,6 +54,22 @@ struct TwoFour {
   Int8Values q = {};
 };
 
+// 2:4 with 4-bit values (a 2:4 weight quantized to 4 bits by the quantize pass, zeros kept): positions
+// as TwoFour; codes uint8[N][K/4], per 32-input window 8 bytes, byte j holding the window's kept value j
+// in its low nibble and kept value j + 8 in its high one; a value is (code − zero) · scale rounded
+// once, with one float scale and one uint8 zero point per output row and block of `block` inputs (a
+// power of two ≥ 32; scales and zeros [N][ceil(K/block)]). K % 32 == 0. Per weight: 2 bits of code,
+// 1 of position, and the block's 5 bytes: 4.25 bits at block 32, 3.6 at 64 (the int4 dense format
+// below: 6).
+struct TwoFourInt4 {
+  int64_t N, K;
+  const uint8_t* codes;
+  const uint8_t* positions;
+  const float* scales;
+  const uint8_t* zeros;
+  int64_t block;
+};
+
 // 4-bit codes (dense): every weight w[n][k] = fma(code, scale, offset) rounded once to float, one
 // scale and one offset per output row and block of 32 inputs (K % 32 == 0). Row n's codes are K/2
 // bytes, 16 per block: byte j of a block holds input j in its low nibble and input j + 16 in its
@@ -100,6 +116,10 @@ void gemv_int4_scalar(const Int4Dense& w, const float* x, int64_t M, int64_t ldx
 void gemv_int4_avx2(const Int4Dense& w, const float* x, int64_t M, int64_t ldx, float* y, int64_t ldy, int64_t n0, int64_t n1);
 void gemv_int4_avx512(const Int4Dense& w, const float* x, int64_t M, int64_t ldx, float* y, int64_t ldy, int64_t n0, int64_t n1);
 
+void gemv_twofour_int4_scalar(const TwoFourInt4& w, const float* x, int64_t M, int64_t ldx, float* y, int64_t ldy, int64_t n0, int64_t n1);
+void gemv_twofour_int4_avx2(const TwoFourInt4& w, const float* x, int64_t M, int64_t ldx, float* y, int64_t ldy, int64_t n0, int64_t n1);
+void gemv_twofour_int4_avx512(const TwoFourInt4& w, const float* x, int64_t M, int64_t ldx, float* y, int64_t ldy, int64_t n0, int64_t n1);
+
 // Int4 weights × int8 activations (AVX-512 VNNI; K % 64 == 0): x quantized first by
 // quantize_x_int4 into bytes int8[M][K] laid out per 128 inputs as the kernel reads them, scales and
 // float sums per block of 32 (int4_vnni_avx512.cpp).
@@ -133,6 +153,8 @@ void decompress(const TwoFour& w, int64_t n0, int64_t n1, float* out);
 void decompress_avx512(const Bitmask& w, int64_t n0, int64_t n1, float* out);
 void decompress_avx512(const TwoFour& w, int64_t n0, int64_t n1, float* out);
 void decompress(const Int4Dense& w, int64_t n0, int64_t n1, float* out);
+void decompress(const TwoFourInt4& w, int64_t n0, int64_t n1, float* out);
+void decompress_avx512(const TwoFourInt4& w, int64_t n0, int64_t n1, float* out);
 void decompress_avx512(const Int4Dense& w, int64_t n0, int64_t n1, float* out);
 
 }  // namespace pk

@@ -132,4 +132,42 @@ void decompress(const Int4Dense& w, int64_t n0, int64_t n1, float* out) {
     for (int64_t k = 0; k < w.K; ++k) out[(n - n0) * w.K + k] = int4_weight(w, n, k);
 }
 
+// 2:4 with 4-bit values (TwoFourInt4): kept value i of row n, (code − zero) · scale rounded once.
+inline float twofour_int4_value(const TwoFourInt4& w, int64_t n, int64_t i) {
+  const int64_t win = i / 16, j = i % 16, nb = (w.K + w.block - 1) / w.block;
+  const uint8_t byte = w.codes[n * (w.K / 4) + win * 8 + (j & 7)];
+  const int code = j < 8 ? (byte & 15) : (byte >> 4);
+  const int64_t g = (4 * (i / 2)) / w.block;
+  return (float(code) - float(w.zeros[n * nb + g])) * w.scales[n * nb + g];
+}
+
+void gemv_twofour_int4_scalar(const TwoFourInt4& w, const float* x, int64_t M, int64_t ldx, float* y, int64_t ldy, int64_t n0, int64_t n1) {
+  const int64_t pb = position_bytes(w.K), groups = w.K / 4;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* p = w.positions + n * pb;
+    for (int64_t m = 0; m < M; ++m) {
+      float acc = 0.f;
+      for (int64_t g = 0; g < groups; ++g) {
+        const int nib = (p[g / 2] >> (4 * (g % 2))) & 0xF;
+        acc += twofour_int4_value(w, n, 2 * g) * x[m * ldx + 4 * g + (nib & 3)] + twofour_int4_value(w, n, 2 * g + 1) * x[m * ldx + 4 * g + (nib >> 2)];
+      }
+      y[m * ldy + n] = acc;
+    }
+  }
+}
+
+void decompress(const TwoFourInt4& w, int64_t n0, int64_t n1, float* out) {
+  const int64_t pb = position_bytes(w.K), groups = w.K / 4;
+  for (int64_t n = n0; n < n1; ++n) {
+    float* row = out + (n - n0) * w.K;
+    for (int64_t k = 0; k < w.K; ++k) row[k] = 0.f;
+    const uint8_t* p = w.positions + n * pb;
+    for (int64_t g = 0; g < groups; ++g) {
+      const int nib = (p[g / 2] >> (4 * (g % 2))) & 0xF;
+      row[4 * g + (nib & 3)] = twofour_int4_value(w, n, 2 * g);
+      row[4 * g + (nib >> 2)] = twofour_int4_value(w, n, 2 * g + 1);
+    }
+  }
+}
+
 }  // namespace pk

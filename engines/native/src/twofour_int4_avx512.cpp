@@ -1,0 +1,135 @@
+// 2:4 with 4-bit values (kernels.h, TwoFourInt4), AVX-512F: as twofour_avx512.cpp (a 32-input window
+// holds 16 kept values, one vector; their x picked by one two-source permutation from the window's
+// position bits), with the 16 values rebuilt from the window's 8 code bytes: low nibbles are kept
+// values 0-7, high nibbles 8-15, each (code − zero) · scale rounded once. The values are the ones the
+// float32 2:4 kernel reads and the products are summed in its order, so a weight stored here gives
+// that kernel's result bit for bit while an eighth of its value bytes is read.
+#include <immintrin.h>
+
+#include <cstring>
+
+#include "kernels.h"
+#include "simd.h"
+
+namespace pk {
+namespace {
+
+// Rows are a sixteenth of the float 2:4 rows' value bytes: fetch further ahead (the int8 2:4 kernel's
+// 4 blocks of rows, doubled by the row size as in int4_avx512.cpp; not tuned by measurement).
+constexpr int64_t kAhead = 8;
+
+inline int shift_of(const TwoFourInt4& w) { return __builtin_ctzll(uint64_t(w.block)); }
+inline int64_t grid_blocks(const TwoFourInt4& w) { return (w.K + w.block - 1) / w.block; }
+
+// The 16 kept values of a window from its 8 code bytes.
+inline __m512 window_values(const uint8_t* codes, float scale, float zero) {
+  uint64_t bytes;
+  std::memcpy(&bytes, codes, 8);
+  const __m128i v = _mm_cvtsi64_si128(static_cast<long long>(bytes));
+  const __m128i low = _mm_set1_epi8(15);
+  const __m128i both = _mm_unpacklo_epi64(_mm_and_si128(v, low), _mm_and_si128(_mm_srli_epi16(v, 4), low));
+  const __m512 c = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(both));
+  return _mm512_mul_ps(_mm512_sub_ps(c, _mm512_set1_ps(zero)), _mm512_set1_ps(scale));
+}
+
+template <int MM, int RB>
+void block(const TwoFourInt4& w, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t n) {
+  const int64_t K = w.K, windows = K / 32, pb = position_bytes(K), nb = grid_blocks(w);
+  const int shift = shift_of(w);
+  const __m512i shifts = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i base = _mm512_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12, 16, 16, 20, 20, 24, 24, 28, 28);
+  const __m512i three = _mm512_set1_epi32(3);
+  const uint8_t* q[RB];
+  const uint8_t* p[RB];
+  const float* sc[RB];
+  const uint8_t* zp[RB];
+  const uint8_t* next_q[RB];
+  const uint8_t* next_p[RB];
+  __m512 acc[RB][MM];
+  PK_UNROLL
+  for (int r = 0; r < RB; ++r) {
+    q[r] = w.codes + (n + r) * (K / 4);
+    p[r] = w.positions + (n + r) * pb;
+    sc[r] = w.scales + (n + r) * nb;
+    zp[r] = w.zeros + (n + r) * nb;
+    const int64_t nn = n + kAhead * RB + r < w.N ? n + kAhead * RB + r : n + r;
+    next_q[r] = w.codes + nn * (K / 4);
+    next_p[r] = w.positions + nn * pb;
+    _mm_prefetch(reinterpret_cast<const char*>(w.scales + nn * nb), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(w.zeros + nn * nb), _MM_HINT_T0);
+    PK_UNROLL
+    for (int m = 0; m < MM; ++m) acc[r][m] = _mm512_setzero_ps();
+  }
+  for (int64_t win = 0; win < windows; ++win) {
+    __m512 x0[MM], x1[MM];
+    PK_UNROLL
+    for (int m = 0; m < MM; ++m) {
+      x0[m] = _mm512_loadu_ps(x + m * ldx + win * 32);
+      x1[m] = _mm512_loadu_ps(x + m * ldx + win * 32 + 16);
+    }
+    const int64_t g = (win * 32) >> shift;
+    PK_UNROLL
+    for (int r = 0; r < RB; ++r) {
+      if ((win & 7) == 0) _mm_prefetch(reinterpret_cast<const char*>(next_q[r] + win * 8), _MM_HINT_T0);  // 8 windows = one 64-byte line
+      if ((win & 15) == 0) _mm_prefetch(reinterpret_cast<const char*>(next_p[r] + win * 4), _MM_HINT_T0);
+      uint32_t bits;
+      std::memcpy(&bits, p[r] + win * 4, 4);
+      const __m512i idx = _mm512_add_epi32(base, _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32(int(bits)), shifts), three));
+      const __m512 wv = window_values(q[r] + win * 8, sc[r][g], float(zp[r][g]));
+      PK_UNROLL
+      for (int m = 0; m < MM; ++m) acc[r][m] = _mm512_fmadd_ps(wv, _mm512_permutex2var_ps(x0[m], idx, x1[m]), acc[r][m]);
+    }
+  }
+  PK_UNROLL
+  for (int r = 0; r < RB; ++r)
+    PK_UNROLL
+    for (int m = 0; m < MM; ++m) y[m * ldy + n + r] = hsum(acc[r][m]);
+}
+
+template <int MM>
+void rows(const TwoFourInt4& w, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t n0, int64_t n1) {
+  int64_t n = n0;
+  for (; n + 4 <= n1; n += 4) block<MM, 4>(w, x, ldx, y, ldy, n);
+  for (; n < n1; ++n) block<MM, 1>(w, x, ldx, y, ldy, n);
+}
+
+}  // namespace
+
+void gemv_twofour_int4_avx512(const TwoFourInt4& w, const float* x, int64_t M, int64_t ldx, float* y, int64_t ldy, int64_t n0, int64_t n1) {
+  by_chunks_of_four(M, [&](auto mm, int64_t m) { rows<decltype(mm)::value>(w, x + m * ldx, ldx, y + m * ldy, ldy, n0, n1); });
+}
+
+// The 4-bit input mask of each position nibble (two 2-bit positions), for a byte: two groups.
+constexpr uint8_t mask_of_byte(int b) {
+  return uint8_t((1 << (b & 3)) | (1 << ((b >> 2) & 3)) | ((1 << ((b >> 4) & 3)) << 4) | ((1 << ((b >> 6) & 3)) << 4));
+}
+struct PosTable {
+  uint8_t m[256];
+  constexpr PosTable() : m() {
+    for (int b = 0; b < 256; ++b) m[b] = mask_of_byte(b);
+  }
+};
+constexpr PosTable kPosToMask{};
+
+// Rows to dense: a window's values 0-7 expanded into the lanes of inputs 0-15 their positions name,
+// values 8-15 into inputs 16-31 (every group of a stored 2:4 row names two distinct positions).
+void decompress_avx512(const TwoFourInt4& w, int64_t n0, int64_t n1, float* out) {
+  const int64_t K = w.K, windows = K / 32, pb = position_bytes(K), nb = grid_blocks(w);
+  const int shift = shift_of(w);
+  for (int64_t n = n0; n < n1; ++n) {
+    float* row = out + (n - n0) * K;
+    const uint8_t* q = w.codes + n * (K / 4);
+    const uint8_t* p = w.positions + n * pb;
+    for (int64_t win = 0; win < windows; ++win) {
+      const int64_t g = (win * 32) >> shift;
+      const __m512 v = window_values(q + win * 8, w.scales[n * nb + g], float(w.zeros[n * nb + g]));
+      const uint8_t* b = p + win * 4;
+      const __mmask16 lo = __mmask16(kPosToMask.m[b[0]] | (kPosToMask.m[b[1]] << 8));
+      const __mmask16 hi = __mmask16(kPosToMask.m[b[2]] | (kPosToMask.m[b[3]] << 8));
+      _mm512_storeu_ps(row + win * 32, _mm512_maskz_expand_ps(lo, v));
+      _mm512_storeu_ps(row + win * 32 + 16, _mm512_maskz_expand_ps(hi, _mm512_shuffle_f32x4(v, v, _MM_SHUFFLE(3, 2, 3, 2))));
+    }
+  }
+}
+
+}  // namespace pk
