@@ -1,5 +1,5 @@
 """Throughput of the native kernels alone, per storage (dense / 2:4 / 50 % bitmask) and value type
-(fp32, int8, int8 weights × int8 activations; dense int4), on SmolLM2-shaped weights, batch-1 (one row of x).
+(fp32, int8, int8 weights × int8 activations; dense int4, 2:4 int4), on SmolLM2-shaped weights, batch-1 (one row of x).
 
 Two settings, each kind timed in the same run, the kinds interleaved round-robin (the starting kind
 rotates per repeat):
@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import ROOT, markdown_table, write_result  # noqa: E402
 
 SHAPES = [(1536, 576), (576, 576), (3072, 576), (576, 1536)]
-KINDS = ["dense", "dense-int4", "dense-int4x", "dense-int8", "dense-int8x", "2:4", "2:4-int8", "50", "50-int8"]
+KINDS = ["dense", "dense-int4", "dense-int4x", "dense-int8", "dense-int8x", "2:4", "2:4-int8", "2:4-int4", "2:4-int4-b64", "50", "50-int8", "50-int4-b64"]
 """``-int8``: int8 values (fp32 activations); ``-int8x``: int8 activations too (AVX-512 VNNI); ``-int4``:
 the int4 format (4-bit codes, a scale and an offset per 32 inputs: weights on a Q4_1 grid); ``-int4x``: the
 same with int8 activations (AVX-512 VNNI)."""
@@ -55,6 +55,11 @@ def make_weight(kind: str, n: int, k: int, rng: np.random.Generator):
     elif kind.startswith("50"):
         w[rng.random((n, k)) < 0.5] = 0.0
         fmt = "bitmask"
+    if "int4" in kind and fmt != "dense":  # the quantize pass's 4-bit RTN (zeros stay zero), stored as 2:4-int4 / bitmask-int4
+        block = 64 if kind.endswith("b64") else 32
+        deq, scales, zeros = rtn(torch.from_numpy(w), QuantScheme(4, block))
+        deq = np.where(w == 0, np.float32(0), deq.numpy())
+        return native.NativeWeight(compress(deq, f"{fmt}-int4", grid=(scales.numpy(), zeros.numpy(), block)))
     if "int4" in kind:  # the weights put on a Q4_1 grid (fp16 scale and minimum per 32), stored as int4
         b = w.reshape(n, k // 32, 32)
         lo, hi = b.min(-1, keepdims=True), b.max(-1, keepdims=True)

@@ -35,6 +35,13 @@ A weight ``W`` is ``(N, K)``: N outputs, K inputs (the reduction axis). Two form
     ``(code − zero) · scale`` rounded once to float32, the grid's own value bit for bit. K % 32 == 0,
     ``block`` a power of two ≥ 32. 4.25 bits per weight at block 32, 3.6 at block 64 (``int4``: 6).
 
+``bitmask-int4`` (an unstructured weight the ``quantize`` pass put on its 4-bit grid)
+    ``masks`` as ``bitmask``; ``values`` uint8: row by row, per 16-input word its kept values' codes
+    two a byte (the word's kept value 2i in the low nibble, 2i + 1 in the high one), ``ceil(c/2)``
+    bytes for c kept, so each word starts on a byte; ``row_offsets`` int64 ``(N + 1,)`` in bytes;
+    ``scales`` float32 and ``zeros`` uint8 ``(N, ceil(K/block))``, a value ``(code − zero) · scale``
+    rounded once, ``block`` a power of two ≥ 16. At 50 %: about 3.7 bits per weight at block 64.
+
 A group of a 2:4 row that keeps fewer than two stores a zero value at an unused position, so the
 format holds any weight whose groups have at most two non-zeros.
 
@@ -54,8 +61,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-FORMATS = ("2:4", "bitmask", "dense", "int4", "2:4-int4")
-INT4_FORMATS = ("int4", "2:4-int4")
+FORMATS = ("2:4", "bitmask", "dense", "int4", "2:4-int4", "bitmask-int4")
+INT4_FORMATS = ("int4", "2:4-int4", "bitmask-int4")
 """Formats whose values are 4-bit codes (``block`` is then their grid's block, not an int8 scale block)."""
 INT4_BLOCK = 32
 """Inputs per scale and offset of the ``int4`` format (GGUF's Q4_1 block)."""
@@ -121,6 +128,10 @@ def compress(w: np.ndarray, fmt: str = "auto", grid: tuple[np.ndarray, ...] | No
         if grid is None or len(grid) != 3:
             raise ValueError(f"compress: '{name}': the 2:4-int4 format needs its 4-bit grid (scales, zeros, block)")
         return _compress_two_four_int4(w, *grid, name=name)
+    elif fmt == "bitmask-int4":
+        if grid is None or len(grid) != 3:
+            raise ValueError(f"compress: '{name}': the bitmask-int4 format needs its 4-bit grid (scales, zeros, block)")
+        return _compress_bitmask_int4(w, *grid, name=name)
     elif fmt == "int4":
         if grid is None:
             return _compress_int4(w, name)
@@ -228,26 +239,82 @@ def _compress_two_four_int4(w: np.ndarray, scales: np.ndarray, zeros: np.ndarray
     """``w`` (2:4, on the 4-bit grid ``(code − zero) · scale`` per row and ``block`` inputs) as the
     ``2:4-int4`` format; every kept value must be on its grid bit for bit."""
     n, k = w.shape
-    if k % 32 or block < 32 or block & (block - 1):
-        raise ValueError(f"compress: '{name}': the 2:4-int4 format needs K % 32 == 0 and a block that is a power of two >= 32; K = {k}, block {block}")
+    if k % 32:
+        raise ValueError(f"compress: '{name}': the 2:4-int4 format needs K % 32 == 0; K = {k}")
+    z = _grid_zeros(scales, zeros, w.shape, block, 32, name)
+    c = _compress_two_four(w)
+    blk = (4 * (np.arange(k // 2) // 2)) // block  # each value's grid block (a group of four is inside one block)
+    q = _codes_on_grid(c.arrays["values"], np.asarray(scales, np.float32)[:, blk], z[:, blk], name).reshape(n, k // 32, 16)
+    packed = np.ascontiguousarray((q[..., :8] | (q[..., 8:] << 4)).reshape(n, k // 4))
+    return CompressedWeight("2:4-int4", (n, k), {"values": packed, "positions": c.arrays["positions"], "scales": np.ascontiguousarray(scales, np.float32),
+                                                  "zeros": np.ascontiguousarray(z.astype(np.uint8))}, int(block))
+
+
+def _grid_zeros(scales: np.ndarray, zeros: np.ndarray, shape: tuple[int, int], block: int, smallest: int, name: str) -> np.ndarray:
+    """The zero points of a 4-bit grid as float32 integers, after checking the grid's shape and block."""
+    n, k = shape
+    if block < smallest or block & (block - 1):
+        raise ValueError(f"compress: '{name}': the block of a 4-bit sparse format must be a power of two >= {smallest}, got {block}")
     nb = -(-k // block)
     if np.shape(scales) != (n, nb) or np.shape(zeros) != (n, nb):
         raise ValueError(f"compress: '{name}': scales {np.shape(scales)} / zeros {np.shape(zeros)} do not fit a ({n}, {k}) weight in blocks of {block}")
     z = np.asarray(zeros, np.float32)
     if not np.array_equal(z, np.rint(z)) or z.min(initial=0) < 0 or z.max(initial=0) > 15:
         raise ValueError(f"compress: '{name}': zero points must be integers in 0..15 for 4-bit codes")
-    c = _compress_two_four(w)
-    values = c.arrays["values"]
-    blk = (4 * (np.arange(k // 2) // 2)) // block  # each value's grid block (a group of four is inside one block)
-    s = np.asarray(scales, np.float32)[:, blk]
-    zz = z[:, blk]
-    codes = np.rint(values / np.where(s > 0, s, 1.0)) + zz
-    if codes.min(initial=0) < 0 or codes.max(initial=0) > 15 or not np.array_equal(((codes - zz).astype(np.float32) * s).astype(np.float32), values):
+    return z
+
+
+def _codes_on_grid(values: np.ndarray, s: np.ndarray, z: np.ndarray, name: str) -> np.ndarray:
+    """The uint8 codes of ``values`` on the grid ``(code − z) · s`` (each value's own s and z), or an error
+    naming the weight when a value is off it."""
+    codes = np.rint(values / np.where(s > 0, s, 1.0)) + z
+    if codes.size and (codes.min() < 0 or codes.max() > 15 or not np.array_equal(((codes - z).astype(np.float32) * s).astype(np.float32), values)):
         raise ValueError(f"compress: '{name}' is not on its 4-bit grid: not every kept value is (code − zero) · scale with a code in 0..15")
-    q = codes.astype(np.uint8).reshape(n, k // 32, 16)
-    packed = np.ascontiguousarray((q[..., :8] | (q[..., 8:] << 4)).reshape(n, k // 4))
-    return CompressedWeight("2:4-int4", (n, k), {"values": packed, "positions": c.arrays["positions"], "scales": np.ascontiguousarray(scales, np.float32),
-                                                  "zeros": np.ascontiguousarray(z.astype(np.uint8))}, int(block))
+    return codes.astype(np.uint8)
+
+
+def _bitmask_int4_layout(keep: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Where each kept value of a ``(N, K)`` keep mask goes in the ``bitmask-int4`` code bytes: (rows,
+    cols, byte, high nibble, row byte offsets), values in row-major order."""
+    n, k = keep.shape
+    kw = (k + 15) // 16
+    rows, cols = np.nonzero(keep)
+    padded = np.zeros((n, kw * 16), bool)
+    padded[:, :k] = keep
+    word_bytes = (padded.reshape(n, kw, 16).sum(-1) + 1) // 2
+    word_start = np.concatenate([[0], np.cumsum(word_bytes.reshape(-1))])[:-1].astype(np.int64)
+    word = rows.astype(np.int64) * kw + cols // 16
+    rank = np.arange(word.size) - np.searchsorted(word, word, side="left")
+    row_offsets = np.concatenate([[0], np.cumsum(word_bytes.sum(1))]).astype(np.int64)
+    return rows, cols, word_start[word] + rank // 2, (rank % 2).astype(bool), row_offsets
+
+
+def _compress_bitmask_int4(w: np.ndarray, scales: np.ndarray, zeros: np.ndarray, block: int, name: str) -> CompressedWeight:
+    z = _grid_zeros(scales, zeros, w.shape, block, 16, name)
+    keep = w != 0
+    rows, cols, byte, high, row_offsets = _bitmask_int4_layout(keep)
+    blk = cols // block
+    codes = _codes_on_grid(w[rows, cols], np.asarray(scales, np.float32)[rows, blk], z[rows, blk], name)
+    out = np.zeros(int(row_offsets[-1]), np.uint8)
+    out[byte[~high]] = codes[~high]
+    out[byte[high]] |= codes[high] << 4
+    masks = _compress_bitmask(w).arrays["masks"]
+    return CompressedWeight("bitmask-int4", w.shape, {"masks": masks, "values": out, "row_offsets": row_offsets,
+                                                      "scales": np.ascontiguousarray(scales, np.float32), "zeros": z.astype(np.uint8)}, int(block))
+
+
+def _bitmask_int4_dense(c: CompressedWeight) -> np.ndarray:
+    n, k = c.shape
+    kw = (k + 15) // 16
+    bits = np.unpackbits(c.arrays["masks"].astype("<u2").view(np.uint8).reshape(n, kw * 2), axis=-1, bitorder="little")
+    keep = bits.reshape(n, kw * 16)[:, :k].astype(bool)
+    rows, cols, byte, high, _ = _bitmask_int4_layout(keep)
+    b = c.arrays["values"][byte]
+    codes = np.where(high, b >> 4, b & 15).astype(np.float32)
+    blk = cols // c.block
+    out = np.zeros((n, k), np.float32)
+    out[rows, cols] = ((codes - c.arrays["zeros"].astype(np.float32)[rows, blk]) * c.arrays["scales"].astype(np.float32)[rows, blk]).astype(np.float32)
+    return out
 
 
 def _two_four_int4_values(c: CompressedWeight) -> np.ndarray:
@@ -333,6 +400,8 @@ def decompress(c: CompressedWeight) -> np.ndarray:
             return ((codes - c.arrays["zeros"].astype(np.float64)[..., None]).astype(np.float32) * s.astype(np.float32)).astype(np.float32).reshape(n, k)
         w = codes * s + c.arrays["offsets"].astype(np.float64)[..., None]
         return w.astype(np.float32).reshape(n, k)
+    if c.format == "bitmask-int4":
+        return _bitmask_int4_dense(c)
     if c.format == "2:4-int4":
         return decompress(CompressedWeight("2:4", c.shape, {"values": _two_four_int4_values(c), "positions": c.arrays["positions"]}))
     if c.int8:

@@ -17,7 +17,7 @@ linear with at least ``min_sparsity`` zeros compressed (2:4 where the pattern ho
 :mod:`core.sparse_format`), the rest dense, in one safetensors file with the config and a manifest —
 the file shrinks with the kept weights. Values are float32, or the codes of the weights' own grid:
 int8 for an INT8-quantized model, 4-bit codes for a 4-bit one (the ``int4`` format where a weight is
-dense, ``2:4-int4`` where it is 2:4), and (option ``exact_grids``) the ``int4`` format for a dense weight
+dense, ``2:4-int4`` where it is 2:4, ``bitmask-int4`` where it is otherwise sparse), and (option ``exact_grids``) the ``int4`` format for a dense weight
 lying exactly on a 4-bit scale-and-offset grid or int8 values for one on a symmetric int8 grid — a
 GGUF source's Q4_1 / Q8_0 weights, stored as they were shipped, bit for bit. Families: those whose adapter fills ``native`` (Llama-style:
 Llama, SmolLM2, Mistral, Qwen2 with its q/k/v biases); others are refused with the reason.
@@ -148,12 +148,12 @@ def _int4_grids(model_dir: Path, quant: dict[str, Any] | None) -> dict[str, tupl
     return {name: (np.asarray(arrays[f"{name}.scale"], np.float32), np.asarray(arrays[f"{name}.zero"], np.float32), block) for name in quant.get("weights", [])}
 
 
-def _two_four_int4_fits(w: np.ndarray, block: int) -> bool:
-    """Whether a kept-sparse weight on a 4-bit grid can be stored as ``2:4-int4`` (2:4, K % 32 == 0, the
-    grid's block a power of two ≥ 32); else its values run as float32."""
+def _sparse_int4_format(w: np.ndarray, block: int) -> str:
+    """The 4-bit format of a kept-sparse weight on a 4-bit grid (blocks a power of two ≥ 32): ``2:4-int4``
+    where the weight is 2:4 and K % 32 == 0, else ``bitmask-int4``."""
     from core.sparse_format import is_two_four
 
-    return w.shape[1] % 32 == 0 and block >= 32 and not block & (block - 1) and is_two_four(w)
+    return "2:4-int4" if w.shape[1] % 32 == 0 and is_two_four(w) else "bitmask-int4"
 
 
 def _vnni_here() -> str:
@@ -168,13 +168,15 @@ def _quantized_note(quant: dict[str, Any], linears: dict[str, Any], head: dict[s
     if int(quant.get("bits", 0)) != 8:
         n = sum(e["format"] == "int4" for e in linears.values())
         n24 = sum(e["format"] == "2:4-int4" for e in linears.values())
-        rest = len(linears) - n - n24
+        nbm = sum(e["format"] == "bitmask-int4" for e in linears.values())
+        rest = len(linears) - n - n24 - nbm
         note = f"int4 weights read as 4-bit codes with a scale and zero point per 32 inputs ({n} block linears{', the LM head' if head.get('values') == 'int4' else ''})"
         if n24:
             note += f"; {n24} 2:4 block linears read as 4-bit codes of their kept values with 2-bit positions (2:4-int4, a scale and zero point per {quant.get('block_size')} inputs)"
+        if nbm:
+            note += f"; {nbm} sparse block linears read as 4-bit codes of their kept values with a bit per weight (bitmask-int4, a scale and zero point per {quant.get('block_size')} inputs)"
         if rest:
-            note += (f"; {rest} block linears run dequantized in fp32 (kept sparse without a 2:4 pattern, or blocks of {quant.get('block_size')} inputs: "
-                     "the int4 formats need a multiple of 32)")
+            note += f"; {rest} block linears run dequantized in fp32 (blocks of {quant.get('block_size')} inputs: the int4 formats need a multiple of 32)"
         return note + (f"; option int8_activations: int8 activations (per block of 32) where the CPU has AVX-512 VNNI ({_vnni_here()})"
                        if int8_activations else "; fp32 activations (the model's own result)")
     n = sum(e["values"] == "int8" for e in linears.values())
@@ -260,8 +262,8 @@ class NativeCpuEngine(Engine):
     """INT8 weights are stored and read as int8 codes with their scales (every format: 2:4, bitmask,
     dense, the LM head too); the quantize pass's 4-bit weights (blocks a multiple of 32) are read as
     4-bit codes in the ``int4`` format's zero-point form where they are dense, as 4-bit codes of their
-    kept values in ``2:4-int4`` where they are 2:4, and run as fp32 values where they are kept sparse
-    without a 2:4 pattern (bitmask has no 4-bit values; the artifact says how many).
+    kept values in ``2:4-int4`` where they are 2:4 and in ``bitmask-int4`` where they are otherwise
+    kept sparse; other blocks (16) run as fp32 values (the artifact says how many).
     Weights with no quantization at all that lie exactly on a 4-bit or int8 grid (a GGUF source's
     Q4_1 / Q8_0) are stored as their codes (option ``exact_grids``)."""
 
@@ -309,9 +311,9 @@ class NativeCpuEngine(Engine):
                     c = compress(w, "int4", grid=grids4[name], name=name)
                 except ValueError as exc:
                     raise PipelineError(f"engine 'native-cpu': {exc}") from None
-            elif name in grids4 and int4 and compressed and _two_four_int4_fits(w, grids4[name][2]):  # 2:4 on a 4-bit grid: codes and positions
+            elif name in grids4 and int4 and compressed:  # kept sparse on a 4-bit grid: 4-bit codes of the kept values
                 try:
-                    c = compress(w, "2:4-int4", grid=grids4[name], name=name)
+                    c = compress(w, _sparse_int4_format(w, grids4[name][2]), grid=grids4[name], name=name)
                 except ValueError as exc:
                     raise PipelineError(f"engine 'native-cpu': {exc}") from None
             if c is None and grid is None and self.options["exact_grids"]:
@@ -457,8 +459,9 @@ class NativeDecoder:
             fmt, block = entry["format"], int(entry.get("scale_block", 0))
             if fmt == "dense" and not block:
                 return native.NativeWeight(t[name])
-            if fmt == "2:4-int4":
-                arrays = {k: t[f"{name}{SEP}{k}"] for k in ("values", "positions", "scales", "zeros")}
+            if fmt in ("2:4-int4", "bitmask-int4"):
+                keys = ("values", "positions", "scales", "zeros") if fmt == "2:4-int4" else ("masks", "values", "row_offsets", "scales", "zeros")
+                arrays = {k: t[f"{name}{SEP}{k}"] for k in keys}
                 return native.NativeWeight(CompressedWeight(fmt, tuple(entry["shape"]), arrays, block))
             if fmt == "int4":
                 second = "zeros" if f"{name}{SEP}zeros" in t else "offsets"  # the zero-point form, or code · scale + offset

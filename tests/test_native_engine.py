@@ -535,27 +535,31 @@ def test_a_4bit_model_is_read_as_int4_codes_and_computes_its_own_weights(tmp_pat
     np.testing.assert_array_equal(g.tokens, gen[:, 20:].numpy())
 
 
-@pytest.mark.parametrize("block", [32, 64])
-def test_a_2of4_model_quantized_to_4_bits_is_read_as_2of4_int4(tmp_path, block):
-    """2:4 then the quantize pass at 4 bits (zeros kept): every block linear stored as ``2:4-int4`` (4-bit
-    codes of the kept values, 2-bit positions, a scale and zero point per block), under 0.15 of the
-    dense float32 bytes; logits and 32 greedy tokens equal the PyTorch model holding the same weights;
-    the one-token decode step (native) equals the NumPy path."""
+@pytest.mark.parametrize("kind,block", [("2:4", 32), ("2:4", 64), ("mixed", 64), ("70", 32)])
+def test_a_sparse_model_quantized_to_4_bits_is_read_as_sparse_int4(tmp_path, kind, block):
+    """Pruned (2:4, 70 % unstructured, or 2:4 attention with a 70 % MLP), then the quantize pass at 4
+    bits (zeros kept): every block linear stored as ``2:4-int4`` where it is 2:4 and ``bitmask-int4``
+    elsewhere (4-bit codes of the kept values, a scale and zero point per block), under 0.15 of the
+    dense float32 bytes; logits and 32 greedy tokens (the native decode step) equal the PyTorch model
+    holding the same weights."""
     from core.adapters import adapter_for
     from core.models import save_hf_dir
     from passes import PassContext, get_pass_class
     from tests.conftest import byte_tokenizer
 
     model = tiny_model("llama", seed=4)
-    prune(model, "2:4")
+    prune(model, kind)
     cls = get_pass_class("quantize")
     cls(cls.config_class(bits=4, block_size=block)).run(model, PassContext(adapter_for(model.config)))
     save_hf_dir(model, byte_tokenizer(), tmp_path / "model")
     (tmp_path / "engine").mkdir()
     art = NativeCpuEngine({"threads": 2}).build(tmp_path / "model", tmp_path / "engine")
     manifest = json.loads((art.path.parent / "manifest.json").read_text())
-    assert art.info["formats"] == {"2:4-int4": 14}, art.info["formats"]
-    assert "14 2:4 block linears read as 4-bit codes" in art.info["quantized_weights"] and "dequantized" not in art.info["quantized_weights"]
+    expected = {"2:4": {"2:4-int4": 14}, "70": {"bitmask-int4": 14}, "mixed": {"2:4-int4": 8, "bitmask-int4": 6}}[kind]
+    assert art.info["formats"] == expected, art.info["formats"]
+    for fmt, what in (("2:4-int4", "2:4 block linears read as 4-bit codes"), ("bitmask-int4", "sparse block linears read as 4-bit codes")):
+        assert (f"{expected.get(fmt)} {what}" in art.info["quantized_weights"]) == (fmt in expected)
+    assert "dequantized" not in art.info["quantized_weights"]
     assert manifest["linear_bytes"] < 0.15 * manifest["linear_dense_bytes"]
     ids = np.random.default_rng(6).integers(0, 257, (2, 24)).astype(np.int64)
     prompt = ids[:1, :20]
@@ -564,7 +568,7 @@ def test_a_2of4_model_quantized_to_4_bits_is_read_as_2of4_int4(tmp_path, block):
         gen = model.generate(torch.from_numpy(prompt), attention_mask=torch.ones(prompt.shape, dtype=torch.long), max_new_tokens=32, do_sample=False,
                              pad_token_id=0, eos_token_id=None)
     with NativeCpuEngine({"threads": 2}).runner(art) as r:
-        assert {L.qkv.format for L in r.decoder.layers} == {"2:4-int4"}  # q, k, v stacked keep the format
+        assert {L.qkv.format for L in r.decoder.layers} == {"bitmask-int4" if kind == "70" else "2:4-int4"}  # q, k, v stacked keep the format
         got = r.infer({"input_ids": ids, "attention_mask": np.ones_like(ids)})["logits"]
         g = r.generate(prompt, 32)
     np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4)

@@ -479,3 +479,69 @@ def test_two_four_int4_format_errors_and_stacking():
     assert np.array_equal(stacked.gemv(x), np.concatenate([p.gemv(x) for p in parts], axis=1))
     mixed = native.NativeWeight.stacked([parts[0], native.NativeWeight(compress(deqs[1], "2:4"))])
     assert mixed.format == "2:4" and np.array_equal(mixed.to_dense(), np.concatenate(deqs[:2]))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    n=st.integers(1, 40),
+    k=st.integers(1, 300),
+    rows=st.sampled_from([1, 2, 3, 4, 5, 6, 9]),
+    sparsity=st.sampled_from([0.0, 0.3, 0.5, 0.7, 0.95, 1.0]),
+    block=st.sampled_from([16, 32, 64, 128]),
+    seed=st.integers(0, 2**16),
+)
+def test_bitmask_int4_matches_the_float32_bitmask_kernel_bit_for_bit(n, k, rows, sparsity, block, seed):
+    """Unstructured weights (any K, a partial last word and block, empty and full words) on the quantize
+    pass's 4-bit grid stored as ``bitmask-int4``: decompresses to the weight bit for bit (NumPy and every
+    ISA); the GEMV equals a float64 dense product on every ISA and the float32 bitmask kernel's result
+    bit for bit on the SIMD ones; the tiled prefill path agrees."""
+    import torch
+
+    from core.quant import QuantScheme, rtn
+
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    w[rng.random((n, k)) < sparsity] = 0.0
+    deq, scales, zeros = (t.numpy() for t in rtn(torch.from_numpy(w), QuantScheme(4, block)))
+    deq = np.where(w == 0, np.float32(0), deq)  # the pattern is the pruned one (a kept weight may also round to 0)
+    c = compress(deq, "bitmask-int4", grid=(scales, zeros, block), name="blk.0.down")
+    assert c.value_type == "int4" and c.arrays["row_offsets"][-1] == c.arrays["values"].size
+    assert np.array_equal(decompress(c), deq)
+    x = rng.standard_normal((rows, k)).astype(np.float32)
+    ref = x.astype(np.float64) @ deq.T.astype(np.float64)
+    bound = 1e-5 * (np.abs(x).astype(np.float64) @ np.abs(deq).T.astype(np.float64)) + 1e-6
+    for isa in ISAS:
+        native.set_isa(isa)
+        nw, fw = native.NativeWeight(c), native.NativeWeight(compress(deq, "bitmask"))
+        assert np.array_equal(nw.to_dense(), deq), isa
+        y = nw.gemv(x)
+        assert (np.abs(y - ref) <= bound).all(), (isa, float(np.abs(y - ref).max()))
+        if isa != "scalar":
+            assert np.array_equal(y, fw.gemv(x)), isa
+        assert (np.abs(nw.gemm_tiled(np.repeat(x, 4, 0)) - np.repeat(ref, 4, 0)) <= np.repeat(bound, 4, 0)).all(), isa
+
+
+def test_bitmask_int4_by_hand_stacking_and_errors():
+    """One row by hand (the codes of a word two a byte, an odd count padded to a whole byte), stacking
+    keeps the format (and falls back to float32 bitmask values beside another format), and values off
+    the grid or a block under 16 are refused by name."""
+    w = np.zeros((1, 32), np.float32)
+    w[0, [0, 3, 5]] = [1.0, -1.0, 2.0]  # word 0: three kept → 2 bytes; word 1: none
+    w[0, 17] = 0.5                       # word 1: one kept → 1 byte
+    scales, zeros = np.full((1, 1), 0.5, np.float32), np.full((1, 1), 8.0, np.float32)
+    c = compress(w, "bitmask-int4", grid=(scales, zeros, 32), name="w")
+    # codes: 1.0 → 10, -1.0 → 6, 2.0 → 12, 0.5 → 9
+    assert c.arrays["values"].tolist() == [10 | (6 << 4), 12, 9] and c.arrays["row_offsets"].tolist() == [0, 3]
+    assert np.array_equal(decompress(c), w)
+    x = np.arange(32, dtype=np.float32)[None]
+    assert native.NativeWeight(c).gemv(x)[0, 0] == 1.0 * 0 - 3.0 + 2.0 * 5 + 0.5 * 17
+    both = native.NativeWeight.stacked([native.NativeWeight(c), native.NativeWeight(c)])
+    assert both.format == "bitmask-int4" and np.array_equal(both.to_dense(), np.concatenate([w, w]))
+    mixed = native.NativeWeight.stacked([native.NativeWeight(c), native.NativeWeight(compress(w, "bitmask"))])
+    assert mixed.format == "bitmask" and np.array_equal(mixed.to_dense(), np.concatenate([w, w]))
+    off = w.copy()
+    off[0, 0] = 1.1
+    with pytest.raises(ValueError, match="'blk.2.down' is not on its 4-bit grid"):
+        compress(off, "bitmask-int4", grid=(scales, zeros, 32), name="blk.2.down")
+    with pytest.raises(ValueError, match="power of two >= 16"):
+        compress(w, "bitmask-int4", grid=(np.ones((1, 4), np.float32), np.zeros((1, 4), np.float32), 8), name="blk.2.down")

@@ -71,6 +71,8 @@ def lib() -> ctypes.CDLL:
             L.pk_decompress_24.argtypes = [_i64, _i64, vp, vp, vp, _i64, _i64, _i64, vp]
             L.pk_gemv_24_int4.argtypes = [_i64, _i64, vp, vp, vp, vp, _i64, vp, _i64, vp]
             L.pk_decompress_24_int4.argtypes = [_i64, _i64, vp, vp, vp, vp, _i64, _i64, _i64, vp]
+            L.pk_gemv_bitmask_int4.argtypes = [_i64, _i64, vp, vp, vp, vp, vp, _i64, vp, _i64, vp]
+            L.pk_decompress_bitmask_int4.argtypes = [_i64, _i64, vp, vp, vp, vp, vp, _i64, _i64, _i64, vp]
             L.pk_gemv_int4.argtypes = [_i64, _i64, vp, vp, vp, ctypes.c_int, ctypes.c_int, vp, _i64, vp]
             L.pk_decompress_int4.argtypes = [_i64, _i64, vp, vp, vp, ctypes.c_int, _i64, _i64, vp]
             L.pk_gemv_sparse_x.argtypes = [_i64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, _i64, ctypes.c_void_p]
@@ -160,7 +162,7 @@ class PkWeight(ctypes.Structure):
     """A layer's linear for the native decode step (``PkWeight`` in api.cpp)."""
 
     _fields_ = [("kind", _i64), ("N", _i64), ("K", _i64), ("a", ctypes.c_void_p), ("b", ctypes.c_void_p), ("c", ctypes.c_void_p), ("threshold", ctypes.c_double),
-                ("scales", ctypes.c_void_p), ("block", _i64), ("corr", ctypes.c_void_p)]
+                ("scales", ctypes.c_void_p), ("block", _i64), ("corr", ctypes.c_void_p), ("d", ctypes.c_void_p)]
 
 
 class PkLayer(ctypes.Structure):
@@ -182,6 +184,9 @@ def pk_weight(w: "NativeWeight | InputMajorWeight", threshold: float | None = No
     if w.format == "2:4-int4":
         codes, positions, scales, zeros, block = w._args
         return PkWeight(5, w.n, w.k, codes, positions, zeros, -1.0, scales, block, None)
+    if w.format == "bitmask-int4":
+        masks, codes, offsets, scales, zeros, block = w._args
+        return PkWeight(6, w.n, w.k, masks, codes, offsets, -1.0, scales, block, None, zeros)
     if w.format == "2:4":
         return PkWeight(1, w.n, w.k, w.arrays["values"].ctypes.data, w.arrays["positions"].ctypes.data, None, -1.0, *w._q, None)
     return PkWeight(0, w.n, w.k, *w._args, -1.0, *w._q, w._corr)
@@ -296,6 +301,20 @@ class NativeWeight:
             self._q = (None, 0)
             self._args = (arrays["values"].ctypes.data, arrays["positions"].ctypes.data, arrays["scales"].ctypes.data, arrays["zeros"].ctypes.data, self.block)
             return
+        if c.format == "bitmask-int4":  # masks, 4-bit codes per word from a byte row offset, a scale and a uint8 zero point per row and block
+            a = {"masks": np.ascontiguousarray(c.arrays["masks"], np.uint16), "row_offsets": np.ascontiguousarray(c.arrays["row_offsets"], np.int64),
+                 "scales": np.ascontiguousarray(c.arrays["scales"], np.float32), "zeros": np.ascontiguousarray(c.arrays["zeros"], np.uint8)}
+            codes = np.ascontiguousarray(c.arrays["values"], np.uint8).reshape(-1)
+            nb = -(-self.k // max(self.block, 1))
+            if (self.block < 16 or self.block & (self.block - 1) or a["masks"].shape != (self.n, (self.k + 15) // 16) or a["row_offsets"].shape != (self.n + 1,)
+                    or int(a["row_offsets"][-1]) != codes.size or a["scales"].shape != (self.n, nb) or a["zeros"].shape != (self.n, nb)):
+                raise ValueError(f"bitmask-int4 weight: masks {a['masks'].shape} / {codes.size} code bytes / row_offsets {a['row_offsets'].shape} / "
+                                 f"scales {a['scales'].shape} / zeros {a['zeros'].shape} in blocks of {self.block} do not fit a ({self.n}, {self.k}) weight")
+            self.arrays = {"values": np.concatenate([codes, np.zeros(8, np.uint8)]), **a}  # 8 bytes of padding: a word's codes are read 8 at once
+            self._q = (None, 0)
+            self._args = (a["masks"].ctypes.data, self.arrays["values"].ctypes.data, a["row_offsets"].ctypes.data, a["scales"].ctypes.data,
+                          a["zeros"].ctypes.data, self.block)
+            return
         if c.format == "int4":  # 4-bit dense codes with a scale and an offset (or zero point) per row and 32 inputs
             self.block = 0  # (``block`` is the int8 scale block; int4 has its own, fixed at 32)
             codes = np.ascontiguousarray(c.arrays["values"], np.uint8)
@@ -363,14 +382,16 @@ class NativeWeight:
         """The values as stored (without the padding)."""
         if self.format == "2:4-int4":
             return self.arrays["values"]
+        if self.format == "bitmask-int4":
+            return self.arrays["values"][:-8]
         return self.arrays["values"][: self.arrays["values"].size - VALUE_PAD]
 
     def compressed(self) -> CompressedWeight:
         """This weight as a :class:`CompressedWeight` (sharing its arrays)."""
         if "+" in self.format:
             raise ValueError(f"native weight: a stacked weight of formats {self.format} has no single format")
-        if self.format == "2:4-int4":  # stored unpadded
-            return CompressedWeight(self.format, (self.n, self.k), dict(self.arrays), self.block)
+        if self.format in ("2:4-int4", "bitmask-int4"):
+            return CompressedWeight(self.format, (self.n, self.k), dict(self.arrays) | {"values": self.stored_values}, self.block)
         arrays = {k: v for k, v in self.arrays.items() if k != "values"} | {"values": self.stored_values}
         if self.format == "int4":
             return CompressedWeight("int4", (self.n, self.k), arrays | {"values": arrays["values"].reshape(self.n, self.k // 2)}, 32)
@@ -397,6 +418,16 @@ class NativeWeight:
         if all(p.format == "2:4-int4" for p in parts) and len({p.block for p in parts}) == 1:
             arrays = {key: np.concatenate([p.arrays[key] for p in parts]) for key in ("values", "positions", "scales", "zeros")}
             return cls(CompressedWeight("2:4-int4", (sum(p.n for p in parts), k), arrays, parts[0].block))
+        if all(p.format == "bitmask-int4" for p in parts) and len({p.block for p in parts}) == 1:
+            offsets, start = [np.zeros(1, np.int64)], 0
+            for p in parts:
+                offsets.append(p.arrays["row_offsets"][1:] + start)
+                start += int(p.arrays["row_offsets"][-1])
+            arrays = {key: np.concatenate([p.arrays[key] for p in parts]) for key in ("masks", "scales", "zeros")}
+            arrays |= {"values": np.concatenate([p.stored_values for p in parts]), "row_offsets": np.concatenate(offsets)}
+            return cls(CompressedWeight("bitmask-int4", (sum(p.n for p in parts), k), arrays, parts[0].block))
+        if any(p.format == "bitmask-int4" for p in parts):  # with other formats or blocks: their exact float32 values
+            parts = [cls(compress(p.to_dense(), "bitmask")) if p.format == "bitmask-int4" else p for p in parts]
         if any(p.format == "int4" for p in parts):  # int4 with other formats: the int4 parts' exact float32 values
             parts = [cls(p.to_dense()) if p.format == "int4" else p for p in parts]
         if any(p.format == "2:4-int4" for p in parts):  # with other formats or blocks: their exact float32 values, still 2:4
@@ -457,6 +488,8 @@ class NativeWeight:
             lib().pk_gemv_24(self.n, self.k, *self._args, *self._q, x_ptr, m, y_ptr)
         elif self.format == "2:4-int4":
             lib().pk_gemv_24_int4(self.n, self.k, *self._args, x_ptr, m, y_ptr)
+        elif self.format == "bitmask-int4":
+            lib().pk_gemv_bitmask_int4(self.n, self.k, *self._args, x_ptr, m, y_ptr)
         elif self.format == "int4":
             lib().pk_gemv_int4(self.n, self.k, *self._args, int(self._int4x), x_ptr, m, y_ptr)
         else:
@@ -467,6 +500,8 @@ class NativeWeight:
             lib().pk_decompress_24(self.n, self.k, *self._args, *self._q, n0, n1, out.ctypes.data)
         elif self.format == "2:4-int4":
             lib().pk_decompress_24_int4(self.n, self.k, *self._args, n0, n1, out.ctypes.data)
+        elif self.format == "bitmask-int4":
+            lib().pk_decompress_bitmask_int4(self.n, self.k, *self._args, n0, n1, out.ctypes.data)
         elif self.format == "int4":
             lib().pk_decompress_int4(self.n, self.k, *self._args, n0, n1, out.ctypes.data)
         else:

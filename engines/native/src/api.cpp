@@ -194,6 +194,12 @@ inline void gemv_rows(const pk::TwoFourInt4& w, const float* x, int64_t M, float
   else pk::gemv_twofour_int4_scalar(w, x, M, w.K, y, w.N, n0, n1);
 }
 
+inline void gemv_rows(const pk::BitmaskInt4& w, const float* x, int64_t M, float* y, int isa, int64_t n0, int64_t n1) {
+  if (isa == kAvx512) pk::gemv_bitmask_int4_avx512(w, x, M, w.K, y, w.N, n0, n1);
+  else if (isa == kAvx2) pk::gemv_bitmask_int4_avx2(w, x, M, w.K, y, w.N, n0, n1);
+  else pk::gemv_bitmask_int4_scalar(w, x, M, w.K, y, w.N, n0, n1);
+}
+
 inline void gemv_rows(const pk::Int4Dense& w, const float* x, int64_t M, float* y, int isa, int64_t n0, int64_t n1) {
   if (isa == kAvx512) pk::gemv_int4_avx512(w, x, M, w.K, y, w.N, n0, n1);
   else if (isa == kAvx2) pk::gemv_int4_avx2(w, x, M, w.K, y, w.N, n0, n1);
@@ -324,7 +330,8 @@ struct SparseXJob {
 // the values are int8 codes with a scale per row and block of `block` inputs. kind 3: 4-bit dense
 // (a = codes, b = scales, c = offsets or zero points, block = 1 for the zero-point form;
 // pk::Int4Dense); kind 4: the same with int8 activations; kind 5: 2:4 with 4-bit values (a = codes,
-// b = positions, c = uint8 zero points, scales, block; pk::TwoFourInt4).
+// b = positions, c = uint8 zero points, scales, block; pk::TwoFourInt4); kind 6: bitmask with 4-bit
+// values (a = masks, b = codes, c = row offsets, d = uint8 zero points, scales, block; pk::BitmaskInt4).
 struct PkWeight {
   int64_t kind, N, K;
   const void* a;
@@ -334,6 +341,7 @@ struct PkWeight {
   const float* scales;
   int64_t block;
   const float* corr;  // int8 activations allowed (see pk::Int8Values)
+  const void* d;
 };
 
 // Float values, or int8 codes when scales are given.
@@ -381,6 +389,10 @@ void apply(const PkWeight& w, const float* x, float* y, int isa, std::vector<int
               y, isa, w.kind == 4);
   } else if (w.kind == 5) {
     gemv(pk::TwoFourInt4{w.N, w.K, static_cast<const uint8_t*>(w.a), static_cast<const uint8_t*>(w.b), w.scales, static_cast<const uint8_t*>(w.c), w.block},
+         x, 1, y, isa);
+  } else if (w.kind == 6) {
+    gemv(pk::BitmaskInt4{w.N, w.K, static_cast<const uint16_t*>(w.a), static_cast<const uint8_t*>(w.b), static_cast<const int64_t*>(w.c), w.scales,
+                         static_cast<const uint8_t*>(w.d), w.block},
          x, 1, y, isa);
   } else if (w.kind == 1) {
     gemv(pk::TwoFour{w.N, w.K, float_values(w.a, w.scales), static_cast<const uint8_t*>(w.b), int8_values(w.a, w.scales, w.block)}, x, 1, y, isa);
@@ -493,6 +505,20 @@ PK_API void pk_decompress_24_int4(int64_t N, int64_t K, const uint8_t* codes, co
   const pk::TwoFourInt4 w{N, K, codes, positions, scales, zeros, block};
   DecompressJob<pk::TwoFourInt4> job{&w, n0, n1, out, g_isa.load(std::memory_order_relaxed)};
   pool().run((n1 - n0 + kRowsPerTask - 1) / kRowsPerTask, &DecompressJob<pk::TwoFourInt4>::task, &job);
+}
+
+// y[M][N] = x[M][K] · Wᵀ, W a bitmask with 4-bit values (masks, codes from byte row_off[n], a scale and
+// a uint8 zero point per row and block of `block` inputs; kernels.h).
+PK_API void pk_gemv_bitmask_int4(int64_t N, int64_t K, const uint16_t* masks, const uint8_t* codes, const int64_t* row_off, const float* scales,
+                                 const uint8_t* zeros, int64_t block, const float* x, int64_t M, float* y) {
+  gemv(pk::BitmaskInt4{N, K, masks, codes, row_off, scales, zeros, block}, x, M, y, g_isa.load(std::memory_order_relaxed));
+}
+
+PK_API void pk_decompress_bitmask_int4(int64_t N, int64_t K, const uint16_t* masks, const uint8_t* codes, const int64_t* row_off, const float* scales,
+                                       const uint8_t* zeros, int64_t block, int64_t n0, int64_t n1, float* out) {
+  const pk::BitmaskInt4 w{N, K, masks, codes, row_off, scales, zeros, block};
+  DecompressJob<pk::BitmaskInt4> job{&w, n0, n1, out, g_isa.load(std::memory_order_relaxed)};
+  pool().run((n1 - n0 + kRowsPerTask - 1) / kRowsPerTask, &DecompressJob<pk::BitmaskInt4>::task, &job);
 }
 
 // y[N] = Σ_a vals[a] · wt[idx[a], :] (wt: K × N input-major; the inputs not listed are skipped).

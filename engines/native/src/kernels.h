@@ -70,6 +70,22 @@ struct TwoFourInt4 {
   int64_t block;
 };
 
+// Bitmask with 4-bit values (an unstructured weight quantized to 4 bits, zeros kept): masks as Bitmask;
+// codes uint8, row n's starting at byte row_off[n]: per 16-input word its c kept values' codes, two a
+// byte (kept value 2i of the word in the low nibble, 2i + 1 in the high one), ceil(c / 2) bytes, so
+// every word starts on a byte; a value is (code − zero) · scale rounded once, one float scale and one
+// uint8 zero point per output row and block of `block` inputs (a power of two ≥ 16; scales and zeros
+// [N][ceil(K/block)]). The code buffer is padded by 8 bytes (a word's codes are read 8 bytes at once).
+struct BitmaskInt4 {
+  int64_t N, K;
+  const uint16_t* masks;
+  const uint8_t* codes;
+  const int64_t* row_off;
+  const float* scales;
+  const uint8_t* zeros;
+  int64_t block;
+};
+
 // 4-bit codes (dense): every weight w[n][k] = fma(code, scale, offset) rounded once to float, one
 // scale and one offset per output row and block of 32 inputs (K % 32 == 0). Row n's codes are K/2
 // bytes, 16 per block: byte j of a block holds input j in its low nibble and input j + 16 in its
@@ -120,6 +136,10 @@ void gemv_twofour_int4_scalar(const TwoFourInt4& w, const float* x, int64_t M, i
 void gemv_twofour_int4_avx2(const TwoFourInt4& w, const float* x, int64_t M, int64_t ldx, float* y, int64_t ldy, int64_t n0, int64_t n1);
 void gemv_twofour_int4_avx512(const TwoFourInt4& w, const float* x, int64_t M, int64_t ldx, float* y, int64_t ldy, int64_t n0, int64_t n1);
 
+void gemv_bitmask_int4_scalar(const BitmaskInt4& w, const float* x, int64_t M, int64_t ldx, float* y, int64_t ldy, int64_t n0, int64_t n1);
+void gemv_bitmask_int4_avx2(const BitmaskInt4& w, const float* x, int64_t M, int64_t ldx, float* y, int64_t ldy, int64_t n0, int64_t n1);
+void gemv_bitmask_int4_avx512(const BitmaskInt4& w, const float* x, int64_t M, int64_t ldx, float* y, int64_t ldy, int64_t n0, int64_t n1);
+
 // Int4 weights × int8 activations (AVX-512 VNNI; K % 64 == 0): x quantized first by
 // quantize_x_int4 into bytes int8[M][K] laid out per 128 inputs as the kernel reads them, scales and
 // float sums per block of 32 (int4_vnni_avx512.cpp).
@@ -155,6 +175,8 @@ void decompress_avx512(const TwoFour& w, int64_t n0, int64_t n1, float* out);
 void decompress(const Int4Dense& w, int64_t n0, int64_t n1, float* out);
 void decompress(const TwoFourInt4& w, int64_t n0, int64_t n1, float* out);
 void decompress_avx512(const TwoFourInt4& w, int64_t n0, int64_t n1, float* out);
+void decompress(const BitmaskInt4& w, int64_t n0, int64_t n1, float* out);
+void decompress_avx512(const BitmaskInt4& w, int64_t n0, int64_t n1, float* out);
 void decompress_avx512(const Int4Dense& w, int64_t n0, int64_t n1, float* out);
 
 }  // namespace pk

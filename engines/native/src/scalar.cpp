@@ -170,4 +170,39 @@ void decompress(const TwoFourInt4& w, int64_t n0, int64_t n1, float* out) {
   }
 }
 
+// Bitmask with 4-bit values (BitmaskInt4): calls f(k, value) for every kept input k of row n in order.
+template <class F>
+inline void for_each_bitmask_int4(const BitmaskInt4& w, int64_t n, F f) {
+  const int64_t KW = (w.K + 15) / 16, nb = (w.K + w.block - 1) / w.block;
+  const uint8_t* q = w.codes + w.row_off[n];
+  for (int64_t word = 0; word < KW; ++word) {
+    const uint32_t bits = w.masks[n * KW + word];
+    const int64_t g = (word * 16) / w.block;
+    const float s = w.scales[n * nb + g], z = float(w.zeros[n * nb + g]);
+    int i = 0;
+    for (uint32_t b = bits; b; b &= b - 1, ++i) {
+      const int code = (i & 1) ? (q[i / 2] >> 4) : (q[i / 2] & 15);
+      f(word * 16 + __builtin_ctz(b), (float(code) - z) * s);
+    }
+    q += (i + 1) / 2;
+  }
+}
+
+void gemv_bitmask_int4_scalar(const BitmaskInt4& w, const float* x, int64_t M, int64_t ldx, float* y, int64_t ldy, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n)
+    for (int64_t m = 0; m < M; ++m) {
+      float acc = 0.f;
+      for_each_bitmask_int4(w, n, [&](int64_t k, float v) { acc += v * x[m * ldx + k]; });
+      y[m * ldy + n] = acc;
+    }
+}
+
+void decompress(const BitmaskInt4& w, int64_t n0, int64_t n1, float* out) {
+  for (int64_t n = n0; n < n1; ++n) {
+    float* row = out + (n - n0) * w.K;
+    for (int64_t k = 0; k < w.K; ++k) row[k] = 0.f;
+    for_each_bitmask_int4(w, n, [&](int64_t k, float v) { row[k] = v; });
+  }
+}
+
 }  // namespace pk

@@ -21,6 +21,22 @@ constexpr int64_t kAhead = 8;
 inline int shift_of(const TwoFourInt4& w) { return __builtin_ctzll(uint64_t(w.block)); }
 inline int64_t grid_blocks(const TwoFourInt4& w) { return (w.K + w.block - 1) / w.block; }
 
+// The window's 8 code bytes as 16 dword indices whose low 4 bits are the codes in value order (bytes
+// 0-7: the bytes themselves, low nibbles; 8-15: the bytes shifted right by 4, high nibbles — the bits
+// above the nibble are ignored by the permutation that reads them).
+inline __m512i window_codes(const uint8_t* codes) {
+  uint64_t bytes;
+  std::memcpy(&bytes, codes, 8);
+  const __m128i v = _mm_cvtsi64_si128(static_cast<long long>(bytes));
+  return _mm512_cvtepu8_epi32(_mm_unpacklo_epi64(v, _mm_srli_epi16(v, 4)));
+}
+
+// The 16 values a block's codes stand for: lane c = (c − zero) · scale, rounded once.
+inline __m512 value_table(float scale, float zero) {
+  const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  return _mm512_mul_ps(_mm512_sub_ps(iota, _mm512_set1_ps(zero)), _mm512_set1_ps(scale));
+}
+
 // The 16 kept values of a window from its 8 code bytes.
 inline __m512 window_values(const uint8_t* codes, float scale, float zero) {
   uint64_t bytes;
@@ -46,6 +62,7 @@ void block(const TwoFourInt4& w, const float* x, int64_t ldx, float* y, int64_t 
   const uint8_t* next_q[RB];
   const uint8_t* next_p[RB];
   __m512 acc[RB][MM];
+  __m512 table[RB];
   PK_UNROLL
   for (int r = 0; r < RB; ++r) {
     q[r] = w.codes + (n + r) * (K / 4);
@@ -68,6 +85,9 @@ void block(const TwoFourInt4& w, const float* x, int64_t ldx, float* y, int64_t 
       x1[m] = _mm512_loadu_ps(x + m * ldx + win * 32 + 16);
     }
     const int64_t g = (win * 32) >> shift;
+    if (((win * 32) & (w.block - 1)) == 0)  // a new block: its 16 values
+      PK_UNROLL
+      for (int r = 0; r < RB; ++r) table[r] = value_table(sc[r][g], float(zp[r][g]));
     PK_UNROLL
     for (int r = 0; r < RB; ++r) {
       if ((win & 7) == 0) _mm_prefetch(reinterpret_cast<const char*>(next_q[r] + win * 8), _MM_HINT_T0);  // 8 windows = one 64-byte line
@@ -75,7 +95,7 @@ void block(const TwoFourInt4& w, const float* x, int64_t ldx, float* y, int64_t 
       uint32_t bits;
       std::memcpy(&bits, p[r] + win * 4, 4);
       const __m512i idx = _mm512_add_epi32(base, _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32(int(bits)), shifts), three));
-      const __m512 wv = window_values(q[r] + win * 8, sc[r][g], float(zp[r][g]));
+      const __m512 wv = _mm512_permutexvar_ps(window_codes(q[r] + win * 8), table[r]);
       PK_UNROLL
       for (int m = 0; m < MM; ++m) acc[r][m] = _mm512_fmadd_ps(wv, _mm512_permutex2var_ps(x0[m], idx, x1[m]), acc[r][m]);
     }
