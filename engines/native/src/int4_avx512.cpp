@@ -23,6 +23,12 @@ inline __m512 weights(__m512i codes, __m512 s, __m512 o) {
   return ZP ? _mm512_mul_ps(_mm512_sub_ps(c, o), s) : _mm512_fmadd_ps(c, s, o);
 }
 
+// The 16 weights a block's codes stand for: lane c = fma(c, scale, offset), or (c − zero) · scale.
+template <bool ZP>
+inline __m512 value_table(__m512 s, __m512 o) {
+  return weights<ZP>(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), s, o);
+}
+
 template <bool ZP, int MM, int RB>
 void block(const Int4Dense& w, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t n) {
   const int64_t K = w.K, nb = K / kInt4Block;
@@ -43,7 +49,6 @@ void block(const Int4Dense& w, const float* x, int64_t ldx, float* y, int64_t ld
     PK_UNROLL
     for (int m = 0; m < MM; ++m) acc[r][m] = _mm512_setzero_ps();
   }
-  const __m512i low = _mm512_set1_epi32(15);
   for (int64_t b = 0; b < nb; ++b) {
     __m512 x0[MM], x1[MM];
     PK_UNROLL
@@ -54,10 +59,11 @@ void block(const Int4Dense& w, const float* x, int64_t ldx, float* y, int64_t ld
     PK_UNROLL
     for (int r = 0; r < RB; ++r) {
       if ((b & 3) == 0) _mm_prefetch(next[r] + b * 16, _MM_HINT_T0);  // 4 blocks = one 64-byte line
+      // the codes index the block's 16 weights (a permutation reads the low 4 bits of each lane)
       const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q[r] + b * 16)));
-      const __m512 s = _mm512_set1_ps(sc[r][b]), o = _mm512_set1_ps(of[r][b]);
-      const __m512 w0 = weights<ZP>(_mm512_and_si512(v, low), s, o);
-      const __m512 w1 = weights<ZP>(_mm512_srli_epi32(v, 4), s, o);
+      const __m512 table = value_table<ZP>(_mm512_set1_ps(sc[r][b]), _mm512_set1_ps(of[r][b]));
+      const __m512 w0 = _mm512_permutexvar_ps(v, table);
+      const __m512 w1 = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table);
       PK_UNROLL
       for (int m = 0; m < MM; ++m) acc[r][m] = _mm512_fmadd_ps(w0, x0[m], acc[r][m]);
       PK_UNROLL

@@ -91,7 +91,8 @@ void block(const TwoFour& w, const float* x, int64_t ldx, float* y, int64_t ldy,
     for (int r = 0; r < RB; ++r) {
       if (!Q || (win & 3) == 0) _mm_prefetch(next[r] + win * 16 * value_bytes, _MM_HINT_T0);
       const uint32_t bits = window_bits(p[r], win, pb);
-      const __m512i idx = _mm512_add_epi32(base, _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32(int(bits)), shifts), three));
+      // base + (field & 3) as one ternary-logic op ((A & B) | C: base's low two bits are zero)
+      const __m512i idx = _mm512_ternarylogic_epi32(_mm512_srlv_epi32(_mm512_set1_epi32(int(bits)), shifts), three, base, 0xEA);
       const __m512 wv = window_values<Q>(w, v[r], q[r], sc[r], shift, win, vals);
       PK_UNROLL
       for (int m = 0; m < MM; ++m) acc[r][m] = _mm512_fmadd_ps(wv, _mm512_permutex2var_ps(x0[m], idx, x1[m]), acc[r][m]);

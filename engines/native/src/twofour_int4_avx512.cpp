@@ -94,7 +94,8 @@ void block(const TwoFourInt4& w, const float* x, int64_t ldx, float* y, int64_t 
       if ((win & 15) == 0) _mm_prefetch(reinterpret_cast<const char*>(next_p[r] + win * 4), _MM_HINT_T0);
       uint32_t bits;
       std::memcpy(&bits, p[r] + win * 4, 4);
-      const __m512i idx = _mm512_add_epi32(base, _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32(int(bits)), shifts), three));
+      // base + (field & 3) as one ternary-logic op ((A & B) | C: base's low two bits are zero)
+      const __m512i idx = _mm512_ternarylogic_epi32(_mm512_srlv_epi32(_mm512_set1_epi32(int(bits)), shifts), three, base, 0xEA);
       const __m512 wv = _mm512_permutexvar_ps(window_codes(q[r] + win * 8), table[r]);
       PK_UNROLL
       for (int m = 0; m < MM; ++m) acc[r][m] = _mm512_fmadd_ps(wv, _mm512_permutex2var_ps(x0[m], idx, x1[m]), acc[r][m]);
