@@ -30,8 +30,9 @@ A weight ``W`` is ``(N, K)``: N outputs, K inputs (the reduction axis). Two form
 
 ``2:4-int4`` (2:4 with 4-bit values: a 2:4 weight the ``quantize`` pass put on its 4-bit grid)
     ``positions`` as ``2:4``; ``values`` uint8 ``(N, K/4)``: per window of 32 inputs (16 kept values)
-    8 bytes, byte j holding the window's kept value j in its low nibble and kept value j + 8 in its
-    high one; ``scales`` float32 and ``zeros`` uint8 ``(N, ceil(K/block))``: a value is
+    8 bytes, read as a little-endian 64-bit word whose nibble ``8·(j % 2) + j // 2`` is the window's
+    kept value j (even values in the low 32 bits, odd ones in the high: a kernel broadcasts the word
+    and shifts each lane by its value's place); ``scales`` float32 and ``zeros`` uint8 ``(N, ceil(K/block))``: a value is
     ``(code − zero) · scale`` rounded once to float32, the grid's own value bit for bit. K % 32 == 0,
     ``block`` a power of two ≥ 32. 4.25 bits per weight at block 32, 3.6 at block 64 (``int4``: 6).
 
@@ -245,7 +246,8 @@ def _compress_two_four_int4(w: np.ndarray, scales: np.ndarray, zeros: np.ndarray
     c = _compress_two_four(w)
     blk = (4 * (np.arange(k // 2) // 2)) // block  # each value's grid block (a group of four is inside one block)
     q = _codes_on_grid(c.arrays["values"], np.asarray(scales, np.float32)[:, blk], z[:, blk], name).reshape(n, k // 32, 16)
-    packed = np.ascontiguousarray((q[..., :8] | (q[..., 8:] << 4)).reshape(n, k // 4))
+    nib = np.concatenate([q[..., 0::2], q[..., 1::2]], axis=-1)  # by nibble: the even values, then the odd ones
+    packed = np.ascontiguousarray((nib[..., 0::2] | (nib[..., 1::2] << 4)).reshape(n, k // 4))
     return CompressedWeight("2:4-int4", (n, k), {"values": packed, "positions": c.arrays["positions"], "scales": np.ascontiguousarray(scales, np.float32),
                                                   "zeros": np.ascontiguousarray(z.astype(np.uint8))}, int(block))
 
@@ -321,7 +323,10 @@ def _two_four_int4_values(c: CompressedWeight) -> np.ndarray:
     """The float32 kept values ``(N, K/2)`` of a ``2:4-int4`` weight (what the kernels compute with)."""
     n, k = c.shape
     packed = c.arrays["values"].reshape(n, k // 32, 8)
-    codes = np.concatenate([packed & 15, packed >> 4], axis=-1).reshape(n, k // 2).astype(np.float32)
+    nib = np.stack([packed & 15, packed >> 4], axis=-1).reshape(n, k // 32, 16)  # by nibble
+    codes = np.empty_like(nib)
+    codes[..., 0::2], codes[..., 1::2] = nib[..., :8], nib[..., 8:]
+    codes = codes.reshape(n, k // 2).astype(np.float32)
     blk = (4 * (np.arange(k // 2) // 2)) // c.block
     s = c.arrays["scales"].astype(np.float32)[:, blk]
     z = c.arrays["zeros"].astype(np.float32)[:, blk]

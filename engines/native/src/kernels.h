@@ -55,8 +55,9 @@ struct TwoFour {
 };
 
 // 2:4 with 4-bit values (a 2:4 weight quantized to 4 bits by the quantize pass, zeros kept): positions
-// as TwoFour; codes uint8[N][K/4], per 32-input window 8 bytes, byte j holding the window's kept value j
-// in its low nibble and kept value j + 8 in its high one; a value is (code − zero) · scale rounded
+// as TwoFour; codes uint8[N][K/4], per 32-input window 8 bytes read as one little-endian qword whose
+// nibble 8·(j & 1) + (j >> 1) is the window's kept value j (even values in the low dword, odd ones in
+// the high one: a broadcast qword and one shift per lane give every value its own lane); a value is (code − zero) · scale rounded
 // once, with one float scale and one uint8 zero point per output row and block of `block` inputs (a
 // power of two ≥ 32; scales and zeros [N][ceil(K/block)]). K % 32 == 0. Per weight: 2 bits of code,
 // 1 of position, and the block's 5 bytes: 4.25 bits at block 32, 3.6 at 64 (the int4 dense format

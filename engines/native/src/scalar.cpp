@@ -135,8 +135,9 @@ void decompress(const Int4Dense& w, int64_t n0, int64_t n1, float* out) {
 // 2:4 with 4-bit values (TwoFourInt4): kept value i of row n, (code − zero) · scale rounded once.
 inline float twofour_int4_value(const TwoFourInt4& w, int64_t n, int64_t i) {
   const int64_t win = i / 16, j = i % 16, nb = (w.K + w.block - 1) / w.block;
-  const uint8_t byte = w.codes[n * (w.K / 4) + win * 8 + (j & 7)];
-  const int code = j < 8 ? (byte & 15) : (byte >> 4);
+  const int64_t nibble = 8 * (j & 1) + (j >> 1);
+  const uint8_t byte = w.codes[n * (w.K / 4) + win * 8 + nibble / 2];
+  const int code = (nibble & 1) ? (byte >> 4) : (byte & 15);
   const int64_t g = (4 * (i / 2)) / w.block;
   return (float(code) - float(w.zeros[n * nb + g])) * w.scales[n * nb + g];
 }

@@ -1,7 +1,7 @@
 // 2:4 with 4-bit values (kernels.h, TwoFourInt4), AVX2 + FMA: as twofour_avx2.cpp (16-input halves of
 // 8 kept values, their x picked by two permutations and a blend), with a 32-input window's 8 code
-// bytes widened once: their low nibbles are the first half's values, their high nibbles the second's,
-// each (code − zero) · scale rounded once. Same values and order as the float32 2:4 kernel: its
+// bytes broadcast as one qword and each value's nibble shifted down in its lane (first half: values
+// 0-7, second: 8-15), each (code − zero) · scale rounded once. Same values and order as the float32 2:4 kernel: its
 // result bit for bit.
 #include <immintrin.h>
 
@@ -22,6 +22,7 @@ void block(const TwoFourInt4& w, const float* x, int64_t ldx, float* y, int64_t 
   const __m256i shifts = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
   const __m256i base = _mm256_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12);
   const __m256i three = _mm256_set1_epi32(3), seven = _mm256_set1_epi32(7), low = _mm256_set1_epi32(15);
+  const __m256i nib0 = _mm256_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12), nib1 = _mm256_setr_epi32(16, 16, 20, 20, 24, 24, 28, 28);
   const uint8_t* q[RB];
   const uint8_t* p[RB];
   const float* sc[RB];
@@ -48,10 +49,12 @@ void block(const TwoFourInt4& w, const float* x, int64_t ldx, float* y, int64_t 
       if ((win & 7) == 0) _mm_prefetch(reinterpret_cast<const char*>(next_q[r] + win * 8), _MM_HINT_T0);
       uint32_t bits;
       std::memcpy(&bits, p[r] + win * 4, 4);
-      const __m256i codes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q[r] + win * 8)));
+      int64_t qv;  // kept value j at nibble 8·(j & 1) + (j >> 1) of the window's qword (kernels.h)
+      std::memcpy(&qv, q[r] + win * 8, 8);
+      const __m256i codes = _mm256_set1_epi64x(qv);
       const __m256 s = _mm256_set1_ps(sc[r][g]), z = _mm256_set1_ps(float(zp[r][g]));
-      const __m256 wv[2] = {_mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_and_si256(codes, low)), z), s),
-                            _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(codes, 4)), z), s)};
+      const __m256 wv[2] = {_mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(codes, nib0), low)), z), s),
+                            _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(codes, nib1), low)), z), s)};
       PK_UNROLL
       for (int h = 0; h < 2; ++h) {
         const __m256i idx = _mm256_add_epi32(base, _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(int(bits >> (16 * h))), shifts), three));

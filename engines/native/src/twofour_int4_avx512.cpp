@@ -1,7 +1,7 @@
 // 2:4 with 4-bit values (kernels.h, TwoFourInt4), AVX-512F: as twofour_avx512.cpp (a 32-input window
 // holds 16 kept values, one vector; their x picked by one two-source permutation from the window's
-// position bits), with the 16 values rebuilt from the window's 8 code bytes: low nibbles are kept
-// values 0-7, high nibbles 8-15, each (code − zero) · scale rounded once. The values are the ones the
+// position bits), with the 16 values looked up from the window's 8 code bytes in the block's table of
+// its 16 values ((code − zero) · scale rounded once). The values are the ones the
 // float32 2:4 kernel reads and the products are summed in its order, so a weight stored here gives
 // that kernel's result bit for bit while an eighth of its value bytes is read.
 #include <immintrin.h>
@@ -21,14 +21,15 @@ constexpr int64_t kAhead = 8;
 inline int shift_of(const TwoFourInt4& w) { return __builtin_ctzll(uint64_t(w.block)); }
 inline int64_t grid_blocks(const TwoFourInt4& w) { return (w.K + w.block - 1) / w.block; }
 
-// The window's 8 code bytes as 16 dword indices whose low 4 bits are the codes in value order (bytes
-// 0-7: the bytes themselves, low nibbles; 8-15: the bytes shifted right by 4, high nibbles — the bits
-// above the nibble are ignored by the permutation that reads them).
+// The window's 8 code bytes (one little-endian qword: kept value j at nibble 8·(j & 1) + (j >> 1), so
+// even values fill the low dword and odd ones the high one) as 16 dword lanes whose low 4 bits are the
+// codes in value order: the qword broadcast from memory (a load, no shuffle), each lane shifted by its
+// nibble's place; the bits above are ignored by the permutation that reads them.
 inline __m512i window_codes(const uint8_t* codes) {
-  uint64_t bytes;
-  std::memcpy(&bytes, codes, 8);
-  const __m128i v = _mm_cvtsi64_si128(static_cast<long long>(bytes));
-  return _mm512_cvtepu8_epi32(_mm_unpacklo_epi64(v, _mm_srli_epi16(v, 4)));
+  const __m512i shifts = _mm512_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12, 16, 16, 20, 20, 24, 24, 28, 28);
+  int64_t q;
+  std::memcpy(&q, codes, 8);
+  return _mm512_srlv_epi32(_mm512_set1_epi64(q), shifts);
 }
 
 // The 16 values a block's codes stand for: lane c = (c − zero) · scale, rounded once.
@@ -38,15 +39,7 @@ inline __m512 value_table(float scale, float zero) {
 }
 
 // The 16 kept values of a window from its 8 code bytes.
-inline __m512 window_values(const uint8_t* codes, float scale, float zero) {
-  uint64_t bytes;
-  std::memcpy(&bytes, codes, 8);
-  const __m128i v = _mm_cvtsi64_si128(static_cast<long long>(bytes));
-  const __m128i low = _mm_set1_epi8(15);
-  const __m128i both = _mm_unpacklo_epi64(_mm_and_si128(v, low), _mm_and_si128(_mm_srli_epi16(v, 4), low));
-  const __m512 c = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(both));
-  return _mm512_mul_ps(_mm512_sub_ps(c, _mm512_set1_ps(zero)), _mm512_set1_ps(scale));
-}
+inline __m512 window_values(const uint8_t* codes, float scale, float zero) { return _mm512_permutexvar_ps(window_codes(codes), value_table(scale, zero)); }
 
 template <int MM, int RB>
 void block(const TwoFourInt4& w, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t n) {
