@@ -69,12 +69,12 @@ def lib() -> ctypes.CDLL:
             L.pk_decompress.argtypes = [_i64, _i64, vp, vp, vp, vp, _i64, _i64, _i64, vp]
             L.pk_gemv_24.argtypes = [_i64, _i64, vp, vp, vp, _i64, vp, _i64, vp]
             L.pk_decompress_24.argtypes = [_i64, _i64, vp, vp, vp, _i64, _i64, _i64, vp]
-            L.pk_gemv_24_int4.argtypes = [_i64, _i64, vp, vp, vp, vp, _i64, vp, _i64, vp]
-            L.pk_decompress_24_int4.argtypes = [_i64, _i64, vp, vp, vp, vp, _i64, _i64, _i64, vp]
+            L.pk_gemv_24_int4.argtypes = [_i64, _i64, vp, vp, vp, vp, _i64, _i64, vp, _i64, vp]
+            L.pk_decompress_24_int4.argtypes = [_i64, _i64, vp, vp, vp, vp, _i64, _i64, _i64, _i64, vp]
             L.pk_gemv_bitmask_int4.argtypes = [_i64, _i64, vp, vp, vp, vp, vp, _i64, vp, _i64, vp]
             L.pk_decompress_bitmask_int4.argtypes = [_i64, _i64, vp, vp, vp, vp, vp, _i64, _i64, _i64, vp]
-            L.pk_gemv_int4.argtypes = [_i64, _i64, vp, vp, vp, ctypes.c_int, ctypes.c_int, vp, _i64, vp]
-            L.pk_decompress_int4.argtypes = [_i64, _i64, vp, vp, vp, ctypes.c_int, _i64, _i64, vp]
+            L.pk_gemv_int4.argtypes = [_i64, _i64, vp, vp, vp, ctypes.c_int, _i64, ctypes.c_int, vp, _i64, vp]
+            L.pk_decompress_int4.argtypes = [_i64, _i64, vp, vp, vp, ctypes.c_int, _i64, _i64, _i64, vp]
             L.pk_gemv_sparse_x.argtypes = [_i64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, _i64, ctypes.c_void_p]
             L.pk_decode_layers.restype = ctypes.c_int
             L.pk_decode_layers.argtypes = [_i64, ctypes.c_void_p, _i64, ctypes.c_void_p, _i64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float,
@@ -162,7 +162,7 @@ class PkWeight(ctypes.Structure):
     """A layer's linear for the native decode step (``PkWeight`` in api.cpp)."""
 
     _fields_ = [("kind", _i64), ("N", _i64), ("K", _i64), ("a", ctypes.c_void_p), ("b", ctypes.c_void_p), ("c", ctypes.c_void_p), ("threshold", ctypes.c_double),
-                ("scales", ctypes.c_void_p), ("block", _i64), ("corr", ctypes.c_void_p), ("d", ctypes.c_void_p)]
+                ("scales", ctypes.c_void_p), ("block", _i64), ("corr", ctypes.c_void_p), ("d", ctypes.c_void_p), ("stride", _i64)]
 
 
 class PkLayer(ctypes.Structure):
@@ -180,10 +180,11 @@ def pk_weight(w: "NativeWeight | InputMajorWeight", threshold: float | None = No
     if isinstance(w, InputMajorWeight):
         return PkWeight(2, w.n, w.k, w.wt.ctypes.data, None, None, -1.0 if threshold is None else float(threshold), None, 0, None)
     if w.format == "int4":
-        return PkWeight(4 if w.int8_activations else 3, w.n, w.k, *w._args[:3], -1.0, None, w._args[3], None)
+        codes, scales, second, zero_point, stride = w._args
+        return PkWeight(4 if w.int8_activations else 3, w.n, w.k, codes, scales, second, -1.0, None, zero_point, None, None, stride)
     if w.format == "2:4-int4":
-        codes, positions, scales, zeros, block = w._args
-        return PkWeight(5, w.n, w.k, codes, positions, zeros, -1.0, scales, block, None)
+        codes, positions, scales, zeros, block, stride = w._args
+        return PkWeight(5, w.n, w.k, codes, positions, zeros, -1.0, scales, block, None, None, stride)
     if w.format == "bitmask-int4":
         masks, codes, offsets, scales, zeros, block = w._args
         return PkWeight(6, w.n, w.k, masks, codes, offsets, -1.0, scales, block, None, zeros)
@@ -270,6 +271,23 @@ class InputMajorWeight:
         return dense_gemm(trans_b=False)(x, self.wt)
 
 
+def _interleave_rows(n: int, parts: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray], int]:
+    """Arrays of ``n`` rows each laid out in one buffer, row by row in the given order (each row padded
+    to a multiple of 8 bytes, and 64 bytes of zeros after the last: a kernel's wide loads never leave
+    it): (buffer, the arrays as views of it, row stride in bytes)."""
+    widths = {k: a.nbytes // n for k, a in parts.items()}
+    stride = -(-sum(widths.values()) // 8) * 8
+    flat = np.zeros(n * stride + 64, np.uint8)
+    rows = flat[: n * stride].reshape(n, stride)
+    views, at = {}, 0
+    for key, a in parts.items():
+        part = rows[:, at : at + widths[key]]
+        part[...] = np.ascontiguousarray(a).view(np.uint8).reshape(n, widths[key])
+        views[key] = part.view(a.dtype)
+        at += widths[key]
+    return flat, views, stride
+
+
 class NativeWeight:
     """A weight held in the layout the kernels read (contiguous arrays, kept alive here): a
     :class:`CompressedWeight` (2:4, bitmask or dense; float32 or int8 values with their scales), or a
@@ -297,9 +315,12 @@ class NativeWeight:
                     or arrays["positions"].shape != (self.n, self.k // 8) or arrays["scales"].shape != (self.n, nb) or arrays["zeros"].shape != (self.n, nb)):
                 raise ValueError(f"2:4-int4 weight: codes {arrays['values'].shape} / positions {arrays['positions'].shape} / scales {arrays['scales'].shape} / "
                                  f"zeros {arrays['zeros'].shape} in blocks of {self.block} do not fit a ({self.n}, {self.k}) weight")
-            self.arrays = arrays
+            # one buffer, row by row: scales, zeros, codes, positions (a matrix is one sequential stream,
+            # not four: docs/native.md); the arrays are views of it
+            self._rows, self.arrays, stride = _interleave_rows(self.n, {k: arrays[k] for k in ("scales", "zeros", "values", "positions")})
             self._q = (None, 0)
-            self._args = (arrays["values"].ctypes.data, arrays["positions"].ctypes.data, arrays["scales"].ctypes.data, arrays["zeros"].ctypes.data, self.block)
+            a = self.arrays
+            self._args = (a["values"].ctypes.data, a["positions"].ctypes.data, a["scales"].ctypes.data, a["zeros"].ctypes.data, self.block, stride)
             return
         if c.format == "bitmask-int4":  # masks, 4-bit codes per word from a byte row offset, a scale and a uint8 zero point per row and block
             a = {"masks": np.ascontiguousarray(c.arrays["masks"], np.uint16), "row_offsets": np.ascontiguousarray(c.arrays["row_offsets"], np.int64),
@@ -322,9 +343,12 @@ class NativeWeight:
             grid = {k: np.ascontiguousarray(c.arrays[k], np.float32) for k in ("scales", second)}
             if self.k % 32 or codes.shape != (self.n, self.k // 2) or any(g.shape != (self.n, self.k // 32) for g in grid.values()):
                 raise ValueError(f"int4 weight: codes {codes.shape} / scales {grid['scales'].shape} / {second} {grid[second].shape} do not fit a ({self.n}, {self.k}) weight")
-            self.arrays = {"values": np.concatenate([codes.reshape(-1), np.zeros(VALUE_PAD, np.uint8)]), **grid}
+            # one buffer, row by row: scales, offsets (or zero points), codes — a matrix is one sequential
+            # stream, not three (docs/native.md); the arrays are views of it
+            self._rows, views, stride = _interleave_rows(self.n, {"scales": grid["scales"], second: grid[second], "values": codes})
+            self.arrays = views
             self._q = (None, 0)
-            self._args = (self.arrays["values"].ctypes.data, grid["scales"].ctypes.data, grid[second].ctypes.data, int(second == "zeros"))
+            self._args = (views["values"].ctypes.data, views["scales"].ctypes.data, views[second].ctypes.data, int(second == "zeros"), stride)
             self._int4x = bool(int8_activations and self.k % 64 == 0)
             return
         vdtype = np.int8 if self.block else np.float32
@@ -380,7 +404,7 @@ class NativeWeight:
     @property
     def stored_values(self) -> np.ndarray:
         """The values as stored (without the padding)."""
-        if self.format == "2:4-int4":
+        if self.format in ("2:4-int4", "int4"):
             return self.arrays["values"]
         if self.format == "bitmask-int4":
             return self.arrays["values"][:-8]
@@ -394,7 +418,7 @@ class NativeWeight:
             return CompressedWeight(self.format, (self.n, self.k), dict(self.arrays) | {"values": self.stored_values}, self.block)
         arrays = {k: v for k, v in self.arrays.items() if k != "values"} | {"values": self.stored_values}
         if self.format == "int4":
-            return CompressedWeight("int4", (self.n, self.k), arrays | {"values": arrays["values"].reshape(self.n, self.k // 2)}, 32)
+            return CompressedWeight("int4", (self.n, self.k), arrays, 32)
         if self.format == "2:4":
             arrays["values"] = arrays["values"].reshape(self.n, self.k // 2)
         elif self.format == "dense":

@@ -342,6 +342,7 @@ struct PkWeight {
   int64_t block;
   const float* corr;  // int8 activations allowed (see pk::Int8Values)
   const void* d;
+  int64_t stride;  // kinds 3-5: the row stride of interleaved arrays (pk::Int4Dense, pk::TwoFourInt4), 0: separate
 };
 
 // Float values, or int8 codes when scales are given.
@@ -385,10 +386,11 @@ void apply(const PkWeight& w, const float* x, float* y, int isa, std::vector<int
                      int8_values(w.b, w.scales, w.block, w.corr)},
          x, 1, y, isa);
   } else if (w.kind == 3 || w.kind == 4) {
-    gemv_int4(pk::Int4Dense{w.N, w.K, static_cast<const uint8_t*>(w.a), static_cast<const float*>(w.b), static_cast<const float*>(w.c), w.block == 1}, x, 1,
+    gemv_int4(pk::Int4Dense{w.N, w.K, static_cast<const uint8_t*>(w.a), static_cast<const float*>(w.b), static_cast<const float*>(w.c), w.block == 1, w.stride}, x, 1,
               y, isa, w.kind == 4);
   } else if (w.kind == 5) {
-    gemv(pk::TwoFourInt4{w.N, w.K, static_cast<const uint8_t*>(w.a), static_cast<const uint8_t*>(w.b), w.scales, static_cast<const uint8_t*>(w.c), w.block},
+    gemv(pk::TwoFourInt4{w.N, w.K, static_cast<const uint8_t*>(w.a), static_cast<const uint8_t*>(w.b), w.scales, static_cast<const uint8_t*>(w.c), w.block,
+                         w.stride},
          x, 1, y, isa);
   } else if (w.kind == 6) {
     gemv(pk::BitmaskInt4{w.N, w.K, static_cast<const uint16_t*>(w.a), static_cast<const uint8_t*>(w.b), static_cast<const int64_t*>(w.c), w.scales,
@@ -480,29 +482,29 @@ PK_API void pk_decompress_24(int64_t N, int64_t K, const void* values, const uin
 
 // y[M][N] = x[M][K] · Wᵀ, W 4-bit dense (codes, a scale and an offset per row and 32 inputs; kernels.h).
 // int8x: int8 activations where the CPU has AVX-512 VNNI (K % 64 == 0; see int4_vnni_avx512.cpp).
-// zero_point: offsets holds zero points ((code − zero) · scale).
-PK_API void pk_gemv_int4(int64_t N, int64_t K, const uint8_t* codes, const float* scales, const float* offsets, int zero_point, int int8x, const float* x,
-                         int64_t M, float* y) {
-  gemv_int4(pk::Int4Dense{N, K, codes, scales, offsets, zero_point != 0}, x, M, y, g_isa.load(std::memory_order_relaxed), int8x != 0);
+// zero_point: offsets holds zero points ((code − zero) · scale). stride: rows interleaved (kernels.h), 0: separate.
+PK_API void pk_gemv_int4(int64_t N, int64_t K, const uint8_t* codes, const float* scales, const float* offsets, int zero_point, int64_t stride, int int8x,
+                         const float* x, int64_t M, float* y) {
+  gemv_int4(pk::Int4Dense{N, K, codes, scales, offsets, zero_point != 0, stride}, x, M, y, g_isa.load(std::memory_order_relaxed), int8x != 0);
 }
 
-PK_API void pk_decompress_int4(int64_t N, int64_t K, const uint8_t* codes, const float* scales, const float* offsets, int zero_point, int64_t n0, int64_t n1,
-                               float* out) {
-  const pk::Int4Dense w{N, K, codes, scales, offsets, zero_point != 0};
+PK_API void pk_decompress_int4(int64_t N, int64_t K, const uint8_t* codes, const float* scales, const float* offsets, int zero_point, int64_t stride,
+                               int64_t n0, int64_t n1, float* out) {
+  const pk::Int4Dense w{N, K, codes, scales, offsets, zero_point != 0, stride};
   DecompressJob<pk::Int4Dense> job{&w, n0, n1, out, g_isa.load(std::memory_order_relaxed)};
   pool().run((n1 - n0 + kRowsPerTask - 1) / kRowsPerTask, &DecompressJob<pk::Int4Dense>::task, &job);
 }
 
 // y[M][N] = x[M][K] · Wᵀ, W 2:4 with 4-bit values (codes, positions, a scale and a uint8 zero point per
-// row and block of `block` inputs; kernels.h).
+// row and block of `block` inputs, interleaved by rows of `stride` bytes or separate (0); kernels.h).
 PK_API void pk_gemv_24_int4(int64_t N, int64_t K, const uint8_t* codes, const uint8_t* positions, const float* scales, const uint8_t* zeros, int64_t block,
-                            const float* x, int64_t M, float* y) {
-  gemv(pk::TwoFourInt4{N, K, codes, positions, scales, zeros, block}, x, M, y, g_isa.load(std::memory_order_relaxed));
+                            int64_t stride, const float* x, int64_t M, float* y) {
+  gemv(pk::TwoFourInt4{N, K, codes, positions, scales, zeros, block, stride}, x, M, y, g_isa.load(std::memory_order_relaxed));
 }
 
 PK_API void pk_decompress_24_int4(int64_t N, int64_t K, const uint8_t* codes, const uint8_t* positions, const float* scales, const uint8_t* zeros,
-                                  int64_t block, int64_t n0, int64_t n1, float* out) {
-  const pk::TwoFourInt4 w{N, K, codes, positions, scales, zeros, block};
+                                  int64_t block, int64_t stride, int64_t n0, int64_t n1, float* out) {
+  const pk::TwoFourInt4 w{N, K, codes, positions, scales, zeros, block, stride};
   DecompressJob<pk::TwoFourInt4> job{&w, n0, n1, out, g_isa.load(std::memory_order_relaxed)};
   pool().run((n1 - n0 + kRowsPerTask - 1) / kRowsPerTask, &DecompressJob<pk::TwoFourInt4>::task, &job);
 }

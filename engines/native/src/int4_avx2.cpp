@@ -10,7 +10,6 @@
 namespace pk {
 namespace {
 
-inline const uint8_t* row_codes(const Int4Dense& w, int64_t n) { return w.codes + n * (w.K / 2); }
 
 template <bool ZP>
 inline __m256 weights(__m256i codes, __m256 s, __m256 o) {
@@ -28,8 +27,8 @@ void block(const Int4Dense& w, const float* x, int64_t ldx, float* y, int64_t ld
   PK_UNROLL
   for (int r = 0; r < RB; ++r) {
     q[r] = row_codes(w, n + r);
-    sc[r] = w.scales + (n + r) * nb;
-    of[r] = w.offsets + (n + r) * nb;
+    sc[r] = row_grid(w, w.scales, n + r);
+    of[r] = row_grid(w, w.offsets, n + r);
     if (n + 4 * RB + r < w.N) _mm_prefetch(reinterpret_cast<const char*>(row_codes(w, n + 4 * RB + r)), _MM_HINT_T0);
     PK_UNROLL
     for (int m = 0; m < MM; ++m) acc[r][m] = _mm256_setzero_ps();

@@ -14,7 +14,6 @@ namespace {
 // the int8 kernel's 4, by the row size; not tuned by measurement).
 constexpr int64_t kAhead = 8;
 
-inline const uint8_t* row_codes(const Int4Dense& w, int64_t n) { return w.codes + n * (w.K / 2); }
 
 // The weights of 16 codes: fma(code, scale, offset), or (code − zero) · scale in the zero-point form.
 template <bool ZP>
@@ -41,11 +40,11 @@ void block(const Int4Dense& w, const float* x, int64_t ldx, float* y, int64_t ld
   for (int r = 0; r < RB; ++r) {
     const int64_t nn = n + kAhead * RB + r < w.N ? n + kAhead * RB + r : n + r;
     q[r] = row_codes(w, n + r);
-    sc[r] = w.scales + (n + r) * nb;
-    of[r] = w.offsets + (n + r) * nb;
+    sc[r] = row_grid(w, w.scales, n + r);
+    of[r] = row_grid(w, w.offsets, n + r);
     next[r] = reinterpret_cast<const char*>(row_codes(w, nn));
-    _mm_prefetch(reinterpret_cast<const char*>(w.scales + nn * nb), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(w.offsets + nn * nb), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(row_grid(w, w.scales, nn)), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(row_grid(w, w.offsets, nn)), _MM_HINT_T0);
     PK_UNROLL
     for (int m = 0; m < MM; ++m) acc[r][m] = _mm512_setzero_ps();
   }
@@ -100,7 +99,7 @@ void decompress_avx512(const Int4Dense& w, int64_t n0, int64_t n1, float* out) {
     const uint8_t* q = row_codes(w, n);
     for (int64_t b = 0; b < nb; ++b) {
       const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + b * 16)));
-      const __m512 s = _mm512_set1_ps(w.scales[n * nb + b]), o = _mm512_set1_ps(w.offsets[n * nb + b]);
+      const __m512 s = _mm512_set1_ps(row_grid(w, w.scales, n)[b]), o = _mm512_set1_ps(row_grid(w, w.offsets, n)[b]);
       const __m512i lo = _mm512_and_si512(v, low), hi = _mm512_srli_epi32(v, 4);
       _mm512_storeu_ps(row + b * 32, w.zero_point ? weights<true>(lo, s, o) : weights<false>(lo, s, o));
       _mm512_storeu_ps(row + b * 32 + 16, w.zero_point ? weights<true>(hi, s, o) : weights<false>(hi, s, o));

@@ -43,12 +43,12 @@ void block(const Int4Dense& w, const Int4X& xq, float* y, int64_t ldy, int64_t n
   PK_UNROLL
   for (int r = 0; r < RB; ++r) {
     const int64_t nn = n + kAhead * RB + r < w.N ? n + kAhead * RB + r : n + r;
-    q[r] = w.codes + (n + r) * (K / 2);
-    sc[r] = w.scales + (n + r) * nb;
-    of[r] = w.offsets + (n + r) * nb;
-    next[r] = reinterpret_cast<const char*>(w.codes + nn * (K / 2));
-    _mm_prefetch(reinterpret_cast<const char*>(w.scales + nn * nb), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(w.offsets + nn * nb), _MM_HINT_T0);
+    q[r] = row_codes(w, n + r);
+    sc[r] = row_grid(w, w.scales, n + r);
+    of[r] = row_grid(w, w.offsets, n + r);
+    next[r] = reinterpret_cast<const char*>(row_codes(w, nn));
+    _mm_prefetch(reinterpret_cast<const char*>(row_grid(w, w.scales, nn)), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(row_grid(w, w.offsets, nn)), _MM_HINT_T0);
     PK_UNROLL
     for (int m = 0; m < MM; ++m) acc[r][m] = _mm512_setzero_ps();
   }

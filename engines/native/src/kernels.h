@@ -62,6 +62,9 @@ struct TwoFour {
 // power of two ≥ 32; scales and zeros [N][ceil(K/block)]). K % 32 == 0. Per weight: 2 bits of code,
 // 1 of position, and the block's 5 bytes: 4.25 bits at block 32, 3.6 at 64 (the int4 dense format
 // below: 6).
+// With `stride` set, the four arrays are interleaved row by row (the host lays each row out as scales,
+// zeros, codes, positions, `stride` bytes per row, so a matrix is one sequential stream): row n of each
+// starts `n · stride` bytes after its pointer.
 struct TwoFourInt4 {
   int64_t N, K;
   const uint8_t* codes;
@@ -69,6 +72,7 @@ struct TwoFourInt4 {
   const float* scales;
   const uint8_t* zeros;
   int64_t block;
+  int64_t stride = 0;
 };
 
 // Bitmask with 4-bit values (an unstructured weight quantized to 4 bits, zeros kept): masks as Bitmask;
@@ -95,12 +99,15 @@ struct BitmaskInt4 {
 // weights while reading an eighth of the float bytes (plus 8 bytes of scale and offset per block).
 // Zero-point form (zero_point set): `offsets` holds each block's zero point z (a small integer, as a
 // float) and a weight is (code − z) · scale rounded once — the quantize pass's 4-bit grid, exactly.
+// With `stride` set, codes, scales and offsets are interleaved row by row (`stride` bytes per row, each
+// array's row n `n · stride` bytes after its pointer: a matrix is one sequential stream).
 struct Int4Dense {
   int64_t N, K;
   const uint8_t* codes;
   const float* scales;
   const float* offsets;
   bool zero_point = false;
+  int64_t stride = 0;
 };
 constexpr int64_t kInt4Block = 32;
 
@@ -118,6 +125,19 @@ inline int block_shift(const Int8Values& q) { return __builtin_ctzll(uint64_t(q.
 // Where row n's int8 values start (the same offsets as the float values'), and its scales.
 inline const int8_t* row_qvalues(const Bitmask& w, int64_t n) { return dense(w) ? w.q.values + n * w.K : w.q.values + w.row_off[n]; }
 inline const float* row_scales(int64_t K, const Int8Values& q, int64_t n) { return q.scales + n * scale_blocks(K, q); }
+// Row n of an Int4Dense's arrays (interleaved or separate).
+inline const uint8_t* row_codes(const Int4Dense& w, int64_t n) { return w.codes + n * (w.stride ? w.stride : w.K / 2); }
+inline const float* row_grid(const Int4Dense& w, const float* grid, int64_t n) {
+  return reinterpret_cast<const float*>(reinterpret_cast<const uint8_t*>(grid) + n * (w.stride ? w.stride : 4 * (w.K / 32)));
+}
+// Row n of a TwoFourInt4's arrays (interleaved or separate).
+inline int64_t grid_blocks(const TwoFourInt4& w) { return (w.K + w.block - 1) / w.block; }
+inline const uint8_t* row_codes(const TwoFourInt4& w, int64_t n) { return w.codes + n * (w.stride ? w.stride : w.K / 4); }
+inline const uint8_t* row_positions(const TwoFourInt4& w, int64_t n) { return w.positions + n * (w.stride ? w.stride : position_bytes(w.K)); }
+inline const float* row_scales(const TwoFourInt4& w, int64_t n) {
+  return reinterpret_cast<const float*>(reinterpret_cast<const uint8_t*>(w.scales) + n * (w.stride ? w.stride : 4 * grid_blocks(w)));
+}
+inline const uint8_t* row_zeros(const TwoFourInt4& w, int64_t n) { return w.zeros + n * (w.stride ? w.stride : grid_blocks(w)); }
 }  // namespace
 
 // One implementation per instruction set, each in its own file: rows [n0, n1) of y, any M.

@@ -111,10 +111,10 @@ void decompress(const TwoFour& w, int64_t n0, int64_t n1, float* out) {
 // 4-bit dense (Int4Dense): weight k of row n, fma(code, scale, offset) rounded once (zero-point form:
 // (code − zero) · scale), as the SIMD paths.
 inline float int4_weight(const Int4Dense& w, int64_t n, int64_t k) {
-  const int64_t nb = w.K / kInt4Block, b = k / kInt4Block, j = k % kInt4Block;
-  const uint8_t byte = w.codes[n * (w.K / 2) + b * 16 + (j & 15)];
+  const int64_t b = k / kInt4Block, j = k % kInt4Block;
+  const uint8_t byte = row_codes(w, n)[b * 16 + (j & 15)];
   const int code = j < 16 ? (byte & 15) : (byte >> 4);
-  const float s = w.scales[n * nb + b], o = w.offsets[n * nb + b];
+  const float s = row_grid(w, w.scales, n)[b], o = row_grid(w, w.offsets, n)[b];
   return w.zero_point ? (float(code) - o) * s : std::fma(float(code), s, o);
 }
 
@@ -134,18 +134,18 @@ void decompress(const Int4Dense& w, int64_t n0, int64_t n1, float* out) {
 
 // 2:4 with 4-bit values (TwoFourInt4): kept value i of row n, (code − zero) · scale rounded once.
 inline float twofour_int4_value(const TwoFourInt4& w, int64_t n, int64_t i) {
-  const int64_t win = i / 16, j = i % 16, nb = (w.K + w.block - 1) / w.block;
+  const int64_t win = i / 16, j = i % 16;
   const int64_t nibble = 8 * (j & 1) + (j >> 1);
-  const uint8_t byte = w.codes[n * (w.K / 4) + win * 8 + nibble / 2];
+  const uint8_t byte = row_codes(w, n)[win * 8 + nibble / 2];
   const int code = (nibble & 1) ? (byte >> 4) : (byte & 15);
   const int64_t g = (4 * (i / 2)) / w.block;
-  return (float(code) - float(w.zeros[n * nb + g])) * w.scales[n * nb + g];
+  return (float(code) - float(row_zeros(w, n)[g])) * row_scales(w, n)[g];
 }
 
 void gemv_twofour_int4_scalar(const TwoFourInt4& w, const float* x, int64_t M, int64_t ldx, float* y, int64_t ldy, int64_t n0, int64_t n1) {
-  const int64_t pb = position_bytes(w.K), groups = w.K / 4;
+  const int64_t groups = w.K / 4;
   for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* p = w.positions + n * pb;
+    const uint8_t* p = row_positions(w, n);
     for (int64_t m = 0; m < M; ++m) {
       float acc = 0.f;
       for (int64_t g = 0; g < groups; ++g) {
@@ -158,11 +158,11 @@ void gemv_twofour_int4_scalar(const TwoFourInt4& w, const float* x, int64_t M, i
 }
 
 void decompress(const TwoFourInt4& w, int64_t n0, int64_t n1, float* out) {
-  const int64_t pb = position_bytes(w.K), groups = w.K / 4;
+  const int64_t groups = w.K / 4;
   for (int64_t n = n0; n < n1; ++n) {
     float* row = out + (n - n0) * w.K;
     for (int64_t k = 0; k < w.K; ++k) row[k] = 0.f;
-    const uint8_t* p = w.positions + n * pb;
+    const uint8_t* p = row_positions(w, n);
     for (int64_t g = 0; g < groups; ++g) {
       const int nib = (p[g / 2] >> (4 * (g % 2))) & 0xF;
       row[4 * g + (nib & 3)] = twofour_int4_value(w, n, 2 * g);

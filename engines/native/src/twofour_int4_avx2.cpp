@@ -17,7 +17,7 @@ constexpr int64_t kAhead = 8;  // blocks of rows ahead for the next rows' codes 
 
 template <int MM, int RB>
 void block(const TwoFourInt4& w, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t n) {
-  const int64_t K = w.K, windows = K / 32, pb = position_bytes(K), nb = (K + w.block - 1) / w.block;
+  const int64_t K = w.K, windows = K / 32;
   const int shift = __builtin_ctzll(uint64_t(w.block));
   const __m256i shifts = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
   const __m256i base = _mm256_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12);
@@ -31,14 +31,14 @@ void block(const TwoFourInt4& w, const float* x, int64_t ldx, float* y, int64_t 
   __m256 acc[RB][MM];
   PK_UNROLL
   for (int r = 0; r < RB; ++r) {
-    q[r] = w.codes + (n + r) * (K / 4);
-    p[r] = w.positions + (n + r) * pb;
-    sc[r] = w.scales + (n + r) * nb;
-    zp[r] = w.zeros + (n + r) * nb;
+    q[r] = row_codes(w, n + r);
+    p[r] = row_positions(w, n + r);
+    sc[r] = row_scales(w, n + r);
+    zp[r] = row_zeros(w, n + r);
     const int64_t nn = n + kAhead * RB + r < w.N ? n + kAhead * RB + r : n + r;
-    next_q[r] = w.codes + nn * (K / 4);
-    _mm_prefetch(reinterpret_cast<const char*>(w.positions + nn * pb), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(w.scales + nn * nb), _MM_HINT_T0);
+    next_q[r] = row_codes(w, nn);
+    _mm_prefetch(reinterpret_cast<const char*>(row_positions(w, nn)), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(row_scales(w, nn)), _MM_HINT_T0);
     PK_UNROLL
     for (int m = 0; m < MM; ++m) acc[r][m] = _mm256_setzero_ps();
   }

@@ -19,7 +19,6 @@ namespace {
 constexpr int64_t kAhead = 8;
 
 inline int shift_of(const TwoFourInt4& w) { return __builtin_ctzll(uint64_t(w.block)); }
-inline int64_t grid_blocks(const TwoFourInt4& w) { return (w.K + w.block - 1) / w.block; }
 
 // The window's 8 code bytes (one little-endian qword: kept value j at nibble 8·(j & 1) + (j >> 1), so
 // even values fill the low dword and odd ones the high one) as 16 dword lanes whose low 4 bits are the
@@ -43,7 +42,7 @@ inline __m512 window_values(const uint8_t* codes, float scale, float zero) { ret
 
 template <int MM, int RB>
 void block(const TwoFourInt4& w, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t n) {
-  const int64_t K = w.K, windows = K / 32, pb = position_bytes(K), nb = grid_blocks(w);
+  const int64_t K = w.K, windows = K / 32;
   const int shift = shift_of(w);
   const __m512i shifts = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
   const __m512i base = _mm512_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12, 16, 16, 20, 20, 24, 24, 28, 28);
@@ -58,15 +57,15 @@ void block(const TwoFourInt4& w, const float* x, int64_t ldx, float* y, int64_t 
   __m512 table[RB];
   PK_UNROLL
   for (int r = 0; r < RB; ++r) {
-    q[r] = w.codes + (n + r) * (K / 4);
-    p[r] = w.positions + (n + r) * pb;
-    sc[r] = w.scales + (n + r) * nb;
-    zp[r] = w.zeros + (n + r) * nb;
+    q[r] = row_codes(w, n + r);
+    p[r] = row_positions(w, n + r);
+    sc[r] = row_scales(w, n + r);
+    zp[r] = row_zeros(w, n + r);
     const int64_t nn = n + kAhead * RB + r < w.N ? n + kAhead * RB + r : n + r;
-    next_q[r] = w.codes + nn * (K / 4);
-    next_p[r] = w.positions + nn * pb;
-    _mm_prefetch(reinterpret_cast<const char*>(w.scales + nn * nb), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(w.zeros + nn * nb), _MM_HINT_T0);
+    next_q[r] = row_codes(w, nn);
+    next_p[r] = row_positions(w, nn);
+    _mm_prefetch(reinterpret_cast<const char*>(row_scales(w, nn)), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(row_zeros(w, nn)), _MM_HINT_T0);
     PK_UNROLL
     for (int m = 0; m < MM; ++m) acc[r][m] = _mm512_setzero_ps();
   }
@@ -128,15 +127,17 @@ constexpr PosTable kPosToMask{};
 // Rows to dense: a window's values 0-7 expanded into the lanes of inputs 0-15 their positions name,
 // values 8-15 into inputs 16-31 (every group of a stored 2:4 row names two distinct positions).
 void decompress_avx512(const TwoFourInt4& w, int64_t n0, int64_t n1, float* out) {
-  const int64_t K = w.K, windows = K / 32, pb = position_bytes(K), nb = grid_blocks(w);
+  const int64_t K = w.K, windows = K / 32;
   const int shift = shift_of(w);
   for (int64_t n = n0; n < n1; ++n) {
     float* row = out + (n - n0) * K;
-    const uint8_t* q = w.codes + n * (K / 4);
-    const uint8_t* p = w.positions + n * pb;
+    const uint8_t* q = row_codes(w, n);
+    const uint8_t* p = row_positions(w, n);
+    const float* sc = row_scales(w, n);
+    const uint8_t* zp = row_zeros(w, n);
     for (int64_t win = 0; win < windows; ++win) {
       const int64_t g = (win * 32) >> shift;
-      const __m512 v = window_values(q + win * 8, w.scales[n * nb + g], float(w.zeros[n * nb + g]));
+      const __m512 v = window_values(q + win * 8, sc[g], float(zp[g]));
       const uint8_t* b = p + win * 4;
       const __mmask16 lo = __mmask16(kPosToMask.m[b[0]] | (kPosToMask.m[b[1]] << 8));
       const __mmask16 hi = __mmask16(kPosToMask.m[b[2]] | (kPosToMask.m[b[3]] << 8));
