@@ -501,38 +501,53 @@ def test_int4_weights_with_the_int8_activations_option(tmp_path):
         np.testing.assert_allclose(a, b, atol=0.05 * (1 + np.abs(b).max()), rtol=0)
 
 
-def test_a_4bit_model_is_read_as_int4_codes_and_computes_its_own_weights(tmp_path):
-    """The quantize pass at 4 bits, blocks of 32, the head too, on a dense tiny Llama: every block linear
-    and the untied head stored in the int4 format's zero-point form (codes + scale + zero point); logits
-    and 32 greedy tokens equal the PyTorch model, which holds the same dequantized weights."""
+def _quantized_artifact(tmp_path, model: torch.nn.Module, **quantize: object) -> tuple[object, dict]:
+    """``model`` through the quantize pass with these options, saved and built by native-cpu: (artifact, manifest)."""
     from core.adapters import adapter_for
     from core.models import save_hf_dir
     from passes import PassContext, get_pass_class
     from tests.conftest import byte_tokenizer
 
-    model = tiny_model("llama", seed=9)
     cls = get_pass_class("quantize")
-    cls(cls.config_class(bits=4, block_size=32, head=True)).run(model, PassContext(adapter_for(model.config)))
+    cls(cls.config_class(**quantize)).run(model, PassContext(adapter_for(model.config)))
     save_hf_dir(model, byte_tokenizer(), tmp_path / "model")
     (tmp_path / "engine").mkdir()
     art = NativeCpuEngine({"threads": 2}).build(tmp_path / "model", tmp_path / "engine")
-    manifest = json.loads((art.path.parent / "manifest.json").read_text())
-    assert art.info["formats"] == {"int4": 14} and manifest["head_storage"]["format"] == "int4" and not manifest["tied_head"]
-    assert "int4 weights read as 4-bit codes" in art.info["quantized_weights"] and "the LM head" in art.info["quantized_weights"]
-    assert "dequantized" not in art.info["quantized_weights"]
-    assert manifest["linear_bytes"] < 0.2 * manifest["linear_dense_bytes"]
-    ids = np.random.default_rng(5).integers(0, 257, (2, 24)).astype(np.int64)
+    return art, json.loads((art.path.parent / "manifest.json").read_text())
+
+
+def _runs_as_pytorch(model: torch.nn.Module, art, seed: int, check=lambda runner: None) -> None:
+    """Logits of a batch and 32 greedy tokens (the native decode step) equal the PyTorch model's;
+    ``check(runner)`` looks at the opened runner first."""
+    ids = np.random.default_rng(seed).integers(0, 257, (2, 24)).astype(np.int64)
     prompt = ids[:1, :20]
     with torch.no_grad():
         ref = model(input_ids=torch.from_numpy(ids)).logits.numpy()
         gen = model.generate(torch.from_numpy(prompt), attention_mask=torch.ones(prompt.shape, dtype=torch.long), max_new_tokens=32, do_sample=False,
                              pad_token_id=0, eos_token_id=None)
     with NativeCpuEngine({"threads": 2}).runner(art) as r:
-        assert r.decoder.head.format == "int4" and "zeros" in r.decoder.head.arrays
+        check(r)
         got = r.infer({"input_ids": ids, "attention_mask": np.ones_like(ids)})["logits"]
         g = r.generate(prompt, 32)
     np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4)
     np.testing.assert_array_equal(g.tokens, gen[:, 20:].numpy())
+
+
+def test_a_4bit_model_is_read_as_int4_codes_and_computes_its_own_weights(tmp_path):
+    """The quantize pass at 4 bits, blocks of 32, the head too, on a dense tiny Llama: every block linear
+    and the untied head stored in the int4 format's zero-point form (codes + scale + zero point); logits
+    and 32 greedy tokens equal the PyTorch model, which holds the same dequantized weights."""
+    model = tiny_model("llama", seed=9)
+    art, manifest = _quantized_artifact(tmp_path, model, bits=4, block_size=32, head=True)
+    assert art.info["formats"] == {"int4": 14} and manifest["head_storage"]["format"] == "int4" and not manifest["tied_head"]
+    assert "int4 weights read as 4-bit codes" in art.info["quantized_weights"] and "the LM head" in art.info["quantized_weights"]
+    assert "dequantized" not in art.info["quantized_weights"]
+    assert manifest["linear_bytes"] < 0.2 * manifest["linear_dense_bytes"]
+
+    def head_is_int4(r) -> None:
+        assert r.decoder.head.format == "int4" and "zeros" in r.decoder.head.arrays
+
+    _runs_as_pytorch(model, art, 5, head_is_int4)
 
 
 @pytest.mark.parametrize("kind,block", [("2:4", 32), ("2:4", 64), ("mixed", 64), ("70", 32)])
@@ -542,34 +557,17 @@ def test_a_sparse_model_quantized_to_4_bits_is_read_as_sparse_int4(tmp_path, kin
     elsewhere (4-bit codes of the kept values, a scale and zero point per block), under 0.15 of the
     dense float32 bytes; logits and 32 greedy tokens (the native decode step) equal the PyTorch model
     holding the same weights."""
-    from core.adapters import adapter_for
-    from core.models import save_hf_dir
-    from passes import PassContext, get_pass_class
-    from tests.conftest import byte_tokenizer
-
     model = tiny_model("llama", seed=4)
     prune(model, kind)
-    cls = get_pass_class("quantize")
-    cls(cls.config_class(bits=4, block_size=block)).run(model, PassContext(adapter_for(model.config)))
-    save_hf_dir(model, byte_tokenizer(), tmp_path / "model")
-    (tmp_path / "engine").mkdir()
-    art = NativeCpuEngine({"threads": 2}).build(tmp_path / "model", tmp_path / "engine")
-    manifest = json.loads((art.path.parent / "manifest.json").read_text())
+    art, manifest = _quantized_artifact(tmp_path, model, bits=4, block_size=block)
     expected = {"2:4": {"2:4-int4": 14}, "70": {"bitmask-int4": 14}, "mixed": {"2:4-int4": 8, "bitmask-int4": 6}}[kind]
     assert art.info["formats"] == expected, art.info["formats"]
     for fmt, what in (("2:4-int4", "2:4 block linears read as 4-bit codes"), ("bitmask-int4", "sparse block linears read as 4-bit codes")):
         assert (f"{expected.get(fmt)} {what}" in art.info["quantized_weights"]) == (fmt in expected)
     assert "dequantized" not in art.info["quantized_weights"]
     assert manifest["linear_bytes"] < 0.15 * manifest["linear_dense_bytes"]
-    ids = np.random.default_rng(6).integers(0, 257, (2, 24)).astype(np.int64)
-    prompt = ids[:1, :20]
-    with torch.no_grad():
-        ref = model(input_ids=torch.from_numpy(ids)).logits.numpy()
-        gen = model.generate(torch.from_numpy(prompt), attention_mask=torch.ones(prompt.shape, dtype=torch.long), max_new_tokens=32, do_sample=False,
-                             pad_token_id=0, eos_token_id=None)
-    with NativeCpuEngine({"threads": 2}).runner(art) as r:
-        assert {L.qkv.format for L in r.decoder.layers} == {"bitmask-int4" if kind == "70" else "2:4-int4"}  # q, k, v stacked keep the format
-        got = r.infer({"input_ids": ids, "attention_mask": np.ones_like(ids)})["logits"]
-        g = r.generate(prompt, 32)
-    np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4)
-    np.testing.assert_array_equal(g.tokens, gen[:, 20:].numpy())
+
+    def stacked_keep_the_format(r) -> None:  # q, k and v stacked into one weight stay in their 4-bit format
+        assert {L.qkv.format for L in r.decoder.layers} == {"bitmask-int4" if kind == "70" else "2:4-int4"}
+
+    _runs_as_pytorch(model, art, 6, stacked_keep_the_format)

@@ -175,35 +175,29 @@ inline int64_t sparse_x_columns(int64_t N) {
 }
 
 
-// M rows of x through one weight, a task per kRowsPerTask output rows, on the chosen instruction set.
-inline void gemv_rows(const pk::Bitmask& w, const float* x, int64_t M, float* y, int isa, int64_t n0, int64_t n1) {
-  if (isa == kAvx512) pk::gemv_avx512(w, x, M, w.K, y, w.N, n0, n1);
-  else if (isa == kAvx2) pk::gemv_avx2(w, x, M, w.K, y, w.N, n0, n1);
-  else pk::gemv_scalar(w, x, M, w.K, y, w.N, n0, n1);
-}
+// Each weight kind's kernels, one per instruction set.
+template <class W>
+struct Kernels;
+#define PK_KERNELS(W, scalar_, avx2_, avx512_)                                                                     \
+  template <>                                                                                                     \
+  struct Kernels<W> {                                                                                             \
+    static constexpr void (*scalar)(const W&, const float*, int64_t, int64_t, float*, int64_t, int64_t, int64_t) = scalar_; \
+    static constexpr void (*avx2)(const W&, const float*, int64_t, int64_t, float*, int64_t, int64_t, int64_t) = avx2_;     \
+    static constexpr void (*avx512)(const W&, const float*, int64_t, int64_t, float*, int64_t, int64_t, int64_t) = avx512_; \
+  };
+PK_KERNELS(pk::Bitmask, pk::gemv_scalar, pk::gemv_avx2, pk::gemv_avx512)
+PK_KERNELS(pk::TwoFour, pk::gemv_twofour_scalar, pk::gemv_twofour_avx2, pk::gemv_twofour_avx512)
+PK_KERNELS(pk::TwoFourInt4, pk::gemv_twofour_int4_scalar, pk::gemv_twofour_int4_avx2, pk::gemv_twofour_int4_avx512)
+PK_KERNELS(pk::BitmaskInt4, pk::gemv_bitmask_int4_scalar, pk::gemv_bitmask_int4_avx2, pk::gemv_bitmask_int4_avx512)
+PK_KERNELS(pk::Int4Dense, pk::gemv_int4_scalar, pk::gemv_int4_avx2, pk::gemv_int4_avx512)
+#undef PK_KERNELS
 
-inline void gemv_rows(const pk::TwoFour& w, const float* x, int64_t M, float* y, int isa, int64_t n0, int64_t n1) {
-  if (isa == kAvx512) pk::gemv_twofour_avx512(w, x, M, w.K, y, w.N, n0, n1);
-  else if (isa == kAvx2) pk::gemv_twofour_avx2(w, x, M, w.K, y, w.N, n0, n1);
-  else pk::gemv_twofour_scalar(w, x, M, w.K, y, w.N, n0, n1);
-}
-
-inline void gemv_rows(const pk::TwoFourInt4& w, const float* x, int64_t M, float* y, int isa, int64_t n0, int64_t n1) {
-  if (isa == kAvx512) pk::gemv_twofour_int4_avx512(w, x, M, w.K, y, w.N, n0, n1);
-  else if (isa == kAvx2) pk::gemv_twofour_int4_avx2(w, x, M, w.K, y, w.N, n0, n1);
-  else pk::gemv_twofour_int4_scalar(w, x, M, w.K, y, w.N, n0, n1);
-}
-
-inline void gemv_rows(const pk::BitmaskInt4& w, const float* x, int64_t M, float* y, int isa, int64_t n0, int64_t n1) {
-  if (isa == kAvx512) pk::gemv_bitmask_int4_avx512(w, x, M, w.K, y, w.N, n0, n1);
-  else if (isa == kAvx2) pk::gemv_bitmask_int4_avx2(w, x, M, w.K, y, w.N, n0, n1);
-  else pk::gemv_bitmask_int4_scalar(w, x, M, w.K, y, w.N, n0, n1);
-}
-
-inline void gemv_rows(const pk::Int4Dense& w, const float* x, int64_t M, float* y, int isa, int64_t n0, int64_t n1) {
-  if (isa == kAvx512) pk::gemv_int4_avx512(w, x, M, w.K, y, w.N, n0, n1);
-  else if (isa == kAvx2) pk::gemv_int4_avx2(w, x, M, w.K, y, w.N, n0, n1);
-  else pk::gemv_int4_scalar(w, x, M, w.K, y, w.N, n0, n1);
+// M rows of x through one weight, output rows [n0, n1), on the chosen instruction set.
+template <class W>
+inline void gemv_rows(const W& w, const float* x, int64_t M, float* y, int isa, int64_t n0, int64_t n1) {
+  if (isa == kAvx512) Kernels<W>::avx512(w, x, M, w.K, y, w.N, n0, n1);
+  else if (isa == kAvx2) Kernels<W>::avx2(w, x, M, w.K, y, w.N, n0, n1);
+  else Kernels<W>::scalar(w, x, M, w.K, y, w.N, n0, n1);
 }
 
 template <class W>

@@ -4,33 +4,14 @@
 // Int8 values are widened to floats and multiplied by their block's scale.
 #include <immintrin.h>
 
-#include <array>
 
 #include "kernels.h"
+#include "mask_tables.h"
 #include "simd.h"
 
 namespace pk {
 namespace {
 
-struct Tables {
-  alignas(32) int32_t perm[256][8];    // lane j takes packed value perm[m][j]
-  alignas(32) int32_t select[256][8];  // -1 where bit j of m is set
-  alignas(32) int32_t prefix[9][8];    // -1 in the first c lanes
-  Tables() {
-    for (int m = 0; m < 256; ++m) {
-      int c = 0;
-      for (int j = 0; j < 8; ++j) {
-        const bool on = (m >> j) & 1;
-        perm[m][j] = on ? c : 0;
-        select[m][j] = on ? -1 : 0;
-        c += on;
-      }
-    }
-    for (int c = 0; c <= 8; ++c)
-      for (int j = 0; j < 8; ++j) prefix[c][j] = j < c ? -1 : 0;
-  }
-};
-const Tables kT;
 
 constexpr int kPrefetchFloats = 128;
 
@@ -78,10 +59,10 @@ void block(const Bitmask& w, const float* x, int64_t ldx, float* y, int64_t ldy,
           continue;
         }
         const int c = __builtin_popcount(b);
-        const __m256 packed = Q ? int8x8(q[r]) : _mm256_maskload_ps(v[r], _mm256_load_si256(reinterpret_cast<const __m256i*>(kT.prefix[c])));
-        const __m256i sel = _mm256_load_si256(reinterpret_cast<const __m256i*>(kT.select[b]));
+        const __m256 packed = Q ? int8x8(q[r]) : _mm256_maskload_ps(v[r], _mm256_load_si256(reinterpret_cast<const __m256i*>(kMask.prefix[c])));
+        const __m256i sel = _mm256_load_si256(reinterpret_cast<const __m256i*>(kMask.select[b]));
         __m256 wv = _mm256_and_ps(
-            _mm256_permutevar8x32_ps(packed, _mm256_load_si256(reinterpret_cast<const __m256i*>(kT.perm[b]))), _mm256_castsi256_ps(sel));
+            _mm256_permutevar8x32_ps(packed, _mm256_load_si256(reinterpret_cast<const __m256i*>(kMask.perm[b]))), _mm256_castsi256_ps(sel));
         if (Q) wv = _mm256_mul_ps(wv, scale);
         const int64_t k = word * 16 + half * 8;
         PK_UNROLL

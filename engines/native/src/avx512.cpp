@@ -5,22 +5,12 @@
 #include <immintrin.h>
 
 #include "kernels.h"
+#include "mask_tables.h"
 #include "simd.h"
 
 namespace pk {
 namespace {
 
-// Lane j of a mask byte m takes packed value idx[m][j] (the count of set bits below j).
-struct PermTable {
-  alignas(32) int32_t idx[256][8];
-  PermTable() {
-    for (int m = 0; m < 256; ++m) {
-      int c = 0;
-      for (int j = 0; j < 8; ++j) idx[m][j] = ((m >> j) & 1) ? c++ : 0;
-    }
-  }
-};
-const PermTable kPerm;
 
 // Rows of int8 values are a quarter of the bytes of float ones, so the next rows' fetch starts this
 // many blocks of rows ahead (4 was chosen over 1, 2 and 8 by ad-hoc timing on the AVX-512 EPYC; no
@@ -96,10 +86,7 @@ void block(const Bitmask& w, const float* x, int64_t ldx, float* y, int64_t ldy,
 #endif
       const __m512 packed = Q ? int8x16(q[r]) : _mm512_loadu_ps(v[r]);
 #if PK_BITMASK_PERMUTE
-      const uint32_t lo = bits & 0xFFu, hi = uint32_t(bits) >> 8;
-      const __m256i ilo = _mm256_load_si256(reinterpret_cast<const __m256i*>(kPerm.idx[lo]));
-      const __m256i ihi = _mm256_add_epi32(_mm256_load_si256(reinterpret_cast<const __m256i*>(kPerm.idx[hi])), _mm256_set1_epi32(__builtin_popcount(lo)));
-      __m512 wv = _mm512_maskz_permutexvar_ps(bits, _mm512_inserti64x4(_mm512_castsi256_si512(ilo), ihi, 1), packed);
+      __m512 wv = _mm512_maskz_permutexvar_ps(bits, lanes_of(bits), packed);
 #else
       __m512 wv = _mm512_maskz_expand_ps(bits, packed);
 #endif

@@ -8,27 +8,12 @@
 #include <cstring>
 
 #include "kernels.h"
+#include "mask_tables.h"
 #include "simd.h"
 
 namespace pk {
 namespace {
 
-struct Tables {
-  alignas(32) int32_t perm[256][8];    // lane j takes packed value perm[m][j]
-  alignas(32) int32_t select[256][8];  // -1 where bit j of m is set
-  Tables() {
-    for (int m = 0; m < 256; ++m) {
-      int c = 0;
-      for (int j = 0; j < 8; ++j) {
-        const bool on = (m >> j) & 1;
-        perm[m][j] = on ? c : 0;
-        select[m][j] = on ? -1 : 0;
-        c += on;
-      }
-    }
-  }
-};
-const Tables kT;
 
 constexpr int64_t kAhead = 8;
 
@@ -73,8 +58,8 @@ void block(const BitmaskInt4& w, const float* x, int64_t ldx, float* y, int64_t 
         if (!b) continue;
         const __m128i from = half ? _mm_shuffle_epi8(inter, _mm_add_epi8(iota, _mm_set1_epi8(char(before)))) : inter;
         const __m256 packed = _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(from)), z), s);
-        const __m256i sel = _mm256_load_si256(reinterpret_cast<const __m256i*>(kT.select[b]));
-        const __m256 wv = _mm256_and_ps(_mm256_permutevar8x32_ps(packed, _mm256_load_si256(reinterpret_cast<const __m256i*>(kT.perm[b]))), _mm256_castsi256_ps(sel));
+        const __m256i sel = _mm256_load_si256(reinterpret_cast<const __m256i*>(kMask.select[b]));
+        const __m256 wv = _mm256_and_ps(_mm256_permutevar8x32_ps(packed, _mm256_load_si256(reinterpret_cast<const __m256i*>(kMask.perm[b]))), _mm256_castsi256_ps(sel));
         const int64_t k = word * 16 + half * 8;
         PK_UNROLL
         for (int m = 0; m < MM; ++m) acc[r][m] = _mm256_fmadd_ps(wv, _mm256_maskload_ps(x + m * ldx + k, sel), acc[r][m]);

@@ -8,21 +8,12 @@
 #include <cstring>
 
 #include "kernels.h"
+#include "mask_tables.h"
 #include "simd.h"
 
 namespace pk {
 namespace {
 
-struct PermTable {  // lane j of a mask byte m takes packed value idx[m][j] (the count of set bits below j)
-  alignas(32) int32_t idx[256][8];
-  PermTable() {
-    for (int m = 0; m < 256; ++m) {
-      int c = 0;
-      for (int j = 0; j < 8; ++j) idx[m][j] = ((m >> j) & 1) ? c++ : 0;
-    }
-  }
-};
-const PermTable kPerm;
 
 constexpr int64_t kAhead = 8;  // blocks of rows ahead for the next rows' codes (as int4_avx512.cpp; not tuned by measurement)
 
@@ -52,13 +43,6 @@ inline __m512 word_values(const uint8_t* codes, float scale, float zero) {
   const __m128i inter = _mm_unpacklo_epi8(_mm_and_si128(v, low), _mm_and_si128(_mm_srli_epi16(v, 4), low));
   const __m512 c = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(inter));
   return _mm512_mul_ps(_mm512_sub_ps(c, _mm512_set1_ps(zero)), _mm512_set1_ps(scale));
-}
-
-inline __m512i lanes_of(uint32_t bits) {
-  const uint32_t lo = bits & 0xFFu, hi = bits >> 8;
-  const __m256i ilo = _mm256_load_si256(reinterpret_cast<const __m256i*>(kPerm.idx[lo]));
-  const __m256i ihi = _mm256_add_epi32(_mm256_load_si256(reinterpret_cast<const __m256i*>(kPerm.idx[hi])), _mm256_set1_epi32(__builtin_popcount(lo)));
-  return _mm512_inserti64x4(_mm512_castsi256_si512(ilo), ihi, 1);
 }
 
 template <int MM, int RB>
