@@ -148,9 +148,9 @@ def _int4_grids(model_dir: Path, quant: dict[str, Any] | None) -> dict[str, tupl
     return {name: (np.asarray(arrays[f"{name}.scale"], np.float32), np.asarray(arrays[f"{name}.zero"], np.float32), block) for name in quant.get("weights", [])}
 
 
-def _sparse_int4_format(w: np.ndarray, block: int) -> str:
-    """The 4-bit format of a kept-sparse weight on a 4-bit grid (blocks a power of two ≥ 32): ``2:4-int4``
-    where the weight is 2:4 and K % 32 == 0, else ``bitmask-int4``."""
+def _sparse_int4_format(w: np.ndarray) -> str:
+    """The 4-bit format of a kept-sparse weight on a 4-bit grid: ``2:4-int4`` where the weight is 2:4 and
+    K % 32 == 0, else ``bitmask-int4``."""
     from core.sparse_format import is_two_four
 
     return "2:4-int4" if w.shape[1] % 32 == 0 and is_two_four(w) else "bitmask-int4"
@@ -306,14 +306,9 @@ class NativeCpuEngine(Engine):
             grid = grids.get(name)
             exact = None
             c = None
-            if name in grids4 and int4 and not compressed:  # the quantize pass's 4-bit grid: the int4 format's zero-point form
+            if name in grids4 and int4:  # the quantize pass's 4-bit grid: the int4 format's zero-point form, or 4-bit codes of the kept values
                 try:
-                    c = compress(w, "int4", grid=grids4[name], name=name)
-                except ValueError as exc:
-                    raise PipelineError(f"engine 'native-cpu': {exc}") from None
-            elif name in grids4 and int4 and compressed:  # kept sparse on a 4-bit grid: 4-bit codes of the kept values
-                try:
-                    c = compress(w, _sparse_int4_format(w, grids4[name][2]), grid=grids4[name], name=name)
+                    c = compress(w, _sparse_int4_format(w) if compressed else "int4", grid=grids4[name], name=name)
                 except ValueError as exc:
                     raise PipelineError(f"engine 'native-cpu': {exc}") from None
             if c is None and grid is None and self.options["exact_grids"]:
