@@ -37,9 +37,6 @@ inline __m512 value_table(float scale, float zero) {
   return _mm512_mul_ps(_mm512_sub_ps(iota, _mm512_set1_ps(zero)), _mm512_set1_ps(scale));
 }
 
-// The 16 kept values of a window from its 8 code bytes.
-inline __m512 window_values(const uint8_t* codes, float scale, float zero) { return _mm512_permutexvar_ps(window_codes(codes), value_table(scale, zero)); }
-
 template <int MM, int RB>
 void block(const TwoFourInt4& w, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t n) {
   const int64_t K = w.K, windows = K / 32;
@@ -135,9 +132,11 @@ void decompress_avx512(const TwoFourInt4& w, int64_t n0, int64_t n1, float* out)
     const uint8_t* p = row_positions(w, n);
     const float* sc = row_scales(w, n);
     const uint8_t* zp = row_zeros(w, n);
+    __m512 table = _mm512_setzero_ps();
     for (int64_t win = 0; win < windows; ++win) {
       const int64_t g = (win * 32) >> shift;
-      const __m512 v = window_values(q + win * 8, sc[g], float(zp[g]));
+      if (((win * 32) & (w.block - 1)) == 0) table = value_table(sc[g], float(zp[g]));  // a new block
+      const __m512 v = _mm512_permutexvar_ps(window_codes(q + win * 8), table);
       const uint8_t* b = p + win * 4;
       const __mmask16 lo = __mmask16(kPosToMask.m[b[0]] | (kPosToMask.m[b[1]] << 8));
       const __mmask16 hi = __mmask16(kPosToMask.m[b[2]] | (kPosToMask.m[b[3]] << 8));
