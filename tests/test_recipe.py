@@ -39,14 +39,18 @@ def test_latency_recipe_keeps_the_full_sweep_and_every_one_shot_method():
     assert r.validation.latency.batch_sizes == [1, 4] and r.validation.latency.sequence_lengths == [128, 512]
 
 
-def test_sparse_cpu_recipe_ships_sparse_int8_on_the_native_engine():
+def test_sparse_cpu_recipe_ships_sparse_int8_and_int4_on_the_native_engine():
     r = load_recipe("sparse-cpu")
     assert "native-cpu" in [e.backend for e in r.engines]
-    int8 = {v.name: v.passes for v in r.variants if v.passes and v.passes[-1].name == "quantize"}
-    assert set(int8) == {"dense-int8-head", "sds-sparsegpt-2of4-int8", "sds-sparsegpt-50-int8"}
-    for passes in int8.values():
-        assert passes[-1].options["bits"] == 8 and passes[-1].options["head"]
-    assert int8["sds-sparsegpt-2of4-int8"][0].options["pattern"] == "2:4" and int8["sds-sparsegpt-50-int8"][0].options["sparsity"] == 0.5
+    quantized = {v.name: v.passes for v in r.variants if v.passes and v.passes[-1].name == "quantize"}
+    assert set(quantized) == {"dense-int8-head", "sds-sparsegpt-2of4-int8", "sds-sparsegpt-50-int8", "sds-sparsegpt-2of4-int4"}
+    for name, passes in quantized.items():
+        q = passes[-1].options
+        assert (q["bits"], q.get("head", False)) == ((4, False) if name.endswith("int4") else (8, True))
+    assert quantized["sds-sparsegpt-2of4-int8"][0].options["pattern"] == "2:4" and quantized["sds-sparsegpt-50-int8"][0].options["sparsity"] == 0.5
+    # 2:4 in 4 bits: mask-aware GPTQ in blocks of 64, read by native-cpu as 2:4-int4
+    int4 = quantized["sds-sparsegpt-2of4-int4"]
+    assert int4[0].options["pattern"] == "2:4" and int4[-1].options["method"] == "gptq" and int4[-1].options["block_size"] == 64
 
 
 def test_recipe_file_round_trip(tmp_path):
