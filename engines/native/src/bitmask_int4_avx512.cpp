@@ -28,12 +28,6 @@ inline __m512i word_codes(const uint8_t* codes) {
   return _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(v, _mm_srli_epi16(v, 4)));
 }
 
-// The 16 values a block's codes stand for: lane c = (c − zero) · scale, rounded once.
-inline __m512 value_table(float scale, float zero) {
-  const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  return _mm512_mul_ps(_mm512_sub_ps(iota, _mm512_set1_ps(zero)), _mm512_set1_ps(scale));
-}
-
 // The (up to) 16 values of a word from its code bytes, in value order.
 inline __m512 word_values(const uint8_t* codes, float scale, float zero) {
   uint64_t bytes;
@@ -77,7 +71,7 @@ void block(const BitmaskInt4& w, const float* x, int64_t ldx, float* y, int64_t 
     const int64_t g = (word * 16) >> shift;
     if (((word * 16) & (w.block - 1)) == 0)  // a new block: its 16 values
       PK_UNROLL
-      for (int r = 0; r < RB; ++r) table[r] = value_table(sc[r][g], float(zp[r][g]));
+      for (int r = 0; r < RB; ++r) table[r] = value_table<true>(sc[r][g], float(zp[r][g]));
     PK_UNROLL
     for (int r = 0; r < RB; ++r) {
       if ((word & 7) == 0) {

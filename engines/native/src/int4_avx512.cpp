@@ -14,18 +14,11 @@ namespace {
 // the int8 kernel's 4, by the row size; not tuned by measurement).
 constexpr int64_t kAhead = 8;
 
-
 // The weights of 16 codes: fma(code, scale, offset), or (code − zero) · scale in the zero-point form.
 template <bool ZP>
 inline __m512 weights(__m512i codes, __m512 s, __m512 o) {
   const __m512 c = _mm512_cvtepi32_ps(codes);
   return ZP ? _mm512_mul_ps(_mm512_sub_ps(c, o), s) : _mm512_fmadd_ps(c, s, o);
-}
-
-// The 16 weights a block's codes stand for: lane c = fma(c, scale, offset), or (c − zero) · scale.
-template <bool ZP>
-inline __m512 value_table(__m512 s, __m512 o) {
-  return weights<ZP>(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), s, o);
 }
 
 template <bool ZP, int MM, int RB>
@@ -60,7 +53,7 @@ void block(const Int4Dense& w, const float* x, int64_t ldx, float* y, int64_t ld
       if ((b & 3) == 0) _mm_prefetch(next[r] + b * 16, _MM_HINT_T0);  // 4 blocks = one 64-byte line
       // the codes index the block's 16 weights (a permutation reads the low 4 bits of each lane)
       const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q[r] + b * 16)));
-      const __m512 table = value_table<ZP>(_mm512_set1_ps(sc[r][b]), _mm512_set1_ps(of[r][b]));
+      const __m512 table = value_table<ZP>(sc[r][b], of[r][b]);
       const __m512 w0 = _mm512_permutexvar_ps(v, table);
       const __m512 w1 = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table);
       PK_UNROLL

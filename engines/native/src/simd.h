@@ -30,6 +30,18 @@ inline float hsum(__m512 v) {
 }
 #endif
 
+#ifdef __AVX512F__
+// The 16 values a 4-bit block's codes stand for, lane c = (c − zero) · scale (ZP, the zero-point form) or
+// fma(c, scale, offset), each rounded once: a permutation of the table by the codes gives the weights
+// (the 4-bit kernels' lookup, in place of a conversion and an FMA per weight).
+template <bool ZP>
+inline __m512 value_table(float scale, float zero_or_offset) {
+  const __m512 c = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512 s = _mm512_set1_ps(scale), o = _mm512_set1_ps(zero_or_offset);
+  return ZP ? _mm512_mul_ps(_mm512_sub_ps(c, o), s) : _mm512_fmadd_ps(c, s, o);
+}
+#endif
+
 #ifdef __AVX2__
 inline float hsum(__m256 v) {
   const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));

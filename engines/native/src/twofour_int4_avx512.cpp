@@ -31,12 +31,6 @@ inline __m512i window_codes(const uint8_t* codes) {
   return _mm512_srlv_epi32(_mm512_set1_epi64(q), shifts);
 }
 
-// The 16 values a block's codes stand for: lane c = (c − zero) · scale, rounded once.
-inline __m512 value_table(float scale, float zero) {
-  const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  return _mm512_mul_ps(_mm512_sub_ps(iota, _mm512_set1_ps(zero)), _mm512_set1_ps(scale));
-}
-
 template <int MM, int RB>
 void block(const TwoFourInt4& w, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t n) {
   const int64_t K = w.K, windows = K / 32;
@@ -76,7 +70,7 @@ void block(const TwoFourInt4& w, const float* x, int64_t ldx, float* y, int64_t 
     const int64_t g = (win * 32) >> shift;
     if (((win * 32) & (w.block - 1)) == 0)  // a new block: its 16 values
       PK_UNROLL
-      for (int r = 0; r < RB; ++r) table[r] = value_table(sc[r][g], float(zp[r][g]));
+      for (int r = 0; r < RB; ++r) table[r] = value_table<true>(sc[r][g], float(zp[r][g]));
     PK_UNROLL
     for (int r = 0; r < RB; ++r) {
       if ((win & 7) == 0) _mm_prefetch(reinterpret_cast<const char*>(next_q[r] + win * 8), _MM_HINT_T0);  // 8 windows = one 64-byte line
@@ -135,7 +129,7 @@ void decompress_avx512(const TwoFourInt4& w, int64_t n0, int64_t n1, float* out)
     __m512 table = _mm512_setzero_ps();
     for (int64_t win = 0; win < windows; ++win) {
       const int64_t g = (win * 32) >> shift;
-      if (((win * 32) & (w.block - 1)) == 0) table = value_table(sc[g], float(zp[g]));  // a new block
+      if (((win * 32) & (w.block - 1)) == 0) table = value_table<true>(sc[g], float(zp[g]));  // a new block
       const __m512 v = _mm512_permutexvar_ps(window_codes(q + win * 8), table);
       const uint8_t* b = p + win * 4;
       const __mmask16 lo = __mmask16(kPosToMask.m[b[0]] | (kPosToMask.m[b[1]] << 8));
