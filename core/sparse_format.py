@@ -229,11 +229,8 @@ def _compress_int4_zero_point(w: np.ndarray, scales: np.ndarray, zeros: np.ndarr
     rep = block // INT4_BLOCK
     s = np.repeat(np.asarray(scales, np.float32), rep, axis=1)
     z = np.repeat(np.asarray(zeros, np.float32), rep, axis=1)
-    b = w.reshape(n, k // INT4_BLOCK, INT4_BLOCK)
-    codes = np.rint(b / np.where(s > 0, s, 1.0)[..., None]) + z[..., None]
-    if codes.min(initial=0) < 0 or codes.max(initial=0) > 15 or not np.array_equal(((codes - z[..., None]).astype(np.float32) * s[..., None]).astype(np.float32), b):
-        raise ValueError(f"compress: '{name}' is not on its 4-bit grid: not every weight is (code − zero) · scale with a code in 0..15")
-    return CompressedWeight("int4", (n, k), {"values": _pack_nibbles(codes.astype(np.uint8)), "scales": np.ascontiguousarray(s), "zeros": np.ascontiguousarray(z)}, INT4_BLOCK)
+    codes = _codes_on_grid(w.reshape(n, k // INT4_BLOCK, INT4_BLOCK), s[..., None], z[..., None], name)
+    return CompressedWeight("int4", (n, k), {"values": _pack_nibbles(codes), "scales": np.ascontiguousarray(s), "zeros": np.ascontiguousarray(z)}, INT4_BLOCK)
 
 
 def _compress_two_four_int4(w: np.ndarray, scales: np.ndarray, zeros: np.ndarray, block: int, name: str) -> CompressedWeight:
@@ -271,7 +268,7 @@ def _codes_on_grid(values: np.ndarray, s: np.ndarray, z: np.ndarray, name: str) 
     naming the weight when a value is off it."""
     codes = np.rint(values / np.where(s > 0, s, 1.0)) + z
     if codes.size and (codes.min() < 0 or codes.max() > 15 or not np.array_equal(((codes - z).astype(np.float32) * s).astype(np.float32), values)):
-        raise ValueError(f"compress: '{name}' is not on its 4-bit grid: not every kept value is (code − zero) · scale with a code in 0..15")
+        raise ValueError(f"compress: '{name}' is not on its 4-bit grid: not every value is (code − zero) · scale with a code in 0..15")
     return codes.astype(np.uint8)
 
 
@@ -300,17 +297,13 @@ def _compress_bitmask_int4(w: np.ndarray, scales: np.ndarray, zeros: np.ndarray,
     out = np.zeros(int(row_offsets[-1]), np.uint8)
     out[byte[~high]] = codes[~high]
     out[byte[high]] |= codes[high] << 4
-    masks = _compress_bitmask(w).arrays["masks"]
-    return CompressedWeight("bitmask-int4", w.shape, {"masks": masks, "values": out, "row_offsets": row_offsets,
+    return CompressedWeight("bitmask-int4", w.shape, {"masks": _masks_of(keep), "values": out, "row_offsets": row_offsets,
                                                       "scales": np.ascontiguousarray(scales, np.float32), "zeros": z.astype(np.uint8)}, int(block))
 
 
 def _bitmask_int4_dense(c: CompressedWeight) -> np.ndarray:
     n, k = c.shape
-    kw = (k + 15) // 16
-    bits = np.unpackbits(c.arrays["masks"].astype("<u2").view(np.uint8).reshape(n, kw * 2), axis=-1, bitorder="little")
-    keep = bits.reshape(n, kw * 16)[:, :k].astype(bool)
-    rows, cols, byte, high, _ = _bitmask_int4_layout(keep)
+    rows, cols, byte, high, _ = _bitmask_int4_layout(_keep_of(c.arrays["masks"], c.shape))
     b = c.arrays["values"][byte]
     codes = np.where(high, b >> 4, b & 15).astype(np.float32)
     blk = cols // c.block
@@ -341,8 +334,7 @@ def _value_scales(c: CompressedWeight, scales: np.ndarray, block: int) -> np.nda
         return scales[:, cols // block]
     if c.format == "dense":
         return scales[:, np.arange(k) // block]
-    keep = decompress(CompressedWeight("bitmask", c.shape, {**c.arrays, "values": np.ones(c.arrays["values"].shape, np.float32)})) != 0
-    rows, cols = np.nonzero(keep)  # row-major: the values' order
+    rows, cols = np.nonzero(_keep_of(c.arrays["masks"], c.shape))  # row-major: the values' order
     return scales[rows, cols // block]
 
 
@@ -362,16 +354,30 @@ def _to_int8(c: CompressedWeight, scales: np.ndarray, block: int, name: str) -> 
     return CompressedWeight(c.format, c.shape, {**c.arrays, "values": codes.astype(np.int8), "scales": scales}, block)
 
 
+def _masks_of(keep: np.ndarray) -> np.ndarray:
+    """The ``bitmask`` format's uint16 words ``(N, ceil(K/16))`` of a keep mask ``(N, K)``."""
+    n, k = keep.shape
+    kw = (k + 15) // 16
+    padded = np.zeros((n, kw * 16), dtype=bool)
+    padded[:, :k] = keep
+    masks = np.packbits(padded.reshape(n, kw, 16), axis=-1, bitorder="little").reshape(n, kw * 2)
+    return np.ascontiguousarray(masks).view("<u2").reshape(n, kw).astype(np.uint16)
+
+
+def _keep_of(masks: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """The keep mask ``(N, K)`` of the ``bitmask`` format's words (the inverse of :func:`_masks_of`)."""
+    n, k = shape
+    kw = (k + 15) // 16
+    bits = np.unpackbits(masks.astype("<u2").view(np.uint8).reshape(n, kw * 2), axis=-1, bitorder="little")
+    return bits.reshape(n, kw * 16)[:, :k].astype(bool)
+
+
 def _compress_bitmask(w: np.ndarray) -> CompressedWeight:
     n, k = w.shape
-    kw = (k + 15) // 16
-    keep = np.zeros((n, kw * 16), dtype=bool)
-    keep[:, :k] = w != 0
-    masks = np.packbits(keep.reshape(n, kw, 16), axis=-1, bitorder="little").reshape(n, kw * 2)
-    masks = np.ascontiguousarray(masks).view("<u2").reshape(n, kw).astype(np.uint16)
-    values = np.ascontiguousarray(w[keep[:, :k]], dtype=np.float32)
+    keep = w != 0
+    values = np.ascontiguousarray(w[keep], dtype=np.float32)
     row_offsets = np.concatenate([[0], np.cumsum(keep.sum(1), dtype=np.int64)]).astype(np.int64)
-    return CompressedWeight("bitmask", (n, k), {"masks": masks, "values": values, "row_offsets": row_offsets})
+    return CompressedWeight("bitmask", (n, k), {"masks": _masks_of(keep), "values": values, "row_offsets": row_offsets})
 
 
 def _compress_two_four(w: np.ndarray) -> CompressedWeight:
@@ -416,9 +422,7 @@ def decompress(c: CompressedWeight) -> np.ndarray:
     if c.format == "dense":
         return np.array(c.arrays["values"], np.float32).reshape(n, k)
     if c.format == "bitmask":
-        kw = (k + 15) // 16
-        bits = np.unpackbits(c.arrays["masks"].astype("<u2").view(np.uint8).reshape(n, kw * 2), axis=-1, bitorder="little")
-        keep = bits.reshape(n, kw * 16)[:, :k].astype(bool)
+        keep = _keep_of(c.arrays["masks"], c.shape)
         out = np.zeros((n, k), np.float32)
         out[keep] = c.arrays["values"]
         return out

@@ -448,22 +448,19 @@ class NativeDecoder:
         # the engine option (accuracy_level 4 models only): dense int8 weights multiply int8 activations where the CPU has AVX-512 VNNI
         int8_activations = bool(manifest.get("int8_activations", False))
 
+        stored: dict[str, dict[str, np.ndarray]] = {}  # a compressed weight's arrays, as the build wrote them ("<weight>::<array>")
+        for key, arr in t.items():
+            if SEP in key:
+                weight_name, _, part = key.partition(SEP)
+                stored.setdefault(weight_name, {})[part] = arr
+
         def weight(name: str, entry: dict[str, Any]) -> Any:
             from core.sparse_format import CompressedWeight
 
             fmt, block = entry["format"], int(entry.get("scale_block", 0))
             if fmt == "dense" and not block:
                 return native.NativeWeight(t[name])
-            if fmt in ("2:4-int4", "bitmask-int4"):
-                keys = ("values", "positions", "scales", "zeros") if fmt == "2:4-int4" else ("masks", "values", "row_offsets", "scales", "zeros")
-                arrays = {k: t[f"{name}{SEP}{k}"] for k in keys}
-                return native.NativeWeight(CompressedWeight(fmt, tuple(entry["shape"]), arrays, block))
-            if fmt == "int4":
-                second = "zeros" if f"{name}{SEP}zeros" in t else "offsets"  # the zero-point form, or code · scale + offset
-                arrays = {k: t[f"{name}{SEP}{k}"] for k in ("values", "scales", second)}
-                return native.NativeWeight(CompressedWeight("int4", tuple(entry["shape"]), arrays, 32), int8_activations=int8_activations)
-            keys = {"2:4": ("values", "positions"), "bitmask": ("masks", "values", "row_offsets"), "dense": ("values",)}[fmt] + (("scales",) if block else ())
-            arrays = {k: t[f"{name}{SEP}{k}"] for k in keys}
+            arrays = stored[name]
             shape = tuple(arrays["values"].shape if fmt == "dense" else entry["shape"])
             return native.NativeWeight(CompressedWeight(fmt, shape, arrays, block), int8_activations=int8_activations)
 

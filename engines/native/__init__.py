@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from core.errors import EngineUnavailable
-from core.sparse_format import CompressedWeight, compress, int4_offset_key
+from core.sparse_format import INT4_FORMATS, CompressedWeight, compress, int4_offset_key
 
 log = logging.getLogger(__name__)
 
@@ -271,10 +271,19 @@ class InputMajorWeight:
         return dense_gemm(trans_b=False)(x, self.wt)
 
 
-def _interleave_rows(n: int, parts: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray], int]:
+def _join_row_offsets(offsets: "list[np.ndarray]") -> np.ndarray:
+    """The row offsets of weights stacked by rows: each part's offsets shifted by the values before it."""
+    out, start = [np.zeros(1, np.int64)], 0
+    for o in offsets:
+        out.append(np.asarray(o[1:], np.int64) + start)
+        start += int(o[-1])
+    return np.concatenate(out)
+
+
+def _interleave_rows(n: int, parts: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int]:
     """Arrays of ``n`` rows each laid out in one buffer, row by row in the given order (each row padded
     to a multiple of 8 bytes, and 64 bytes of zeros after the last: a kernel's wide loads never leave
-    it): (buffer, the arrays as views of it, row stride in bytes)."""
+    it): the arrays as views of it (which keep it alive), and the row stride in bytes."""
     widths = {k: a.nbytes // n for k, a in parts.items()}
     stride = -(-sum(widths.values()) // 8) * 8
     flat = np.zeros(n * stride + 64, np.uint8)
@@ -285,7 +294,7 @@ def _interleave_rows(n: int, parts: dict[str, np.ndarray]) -> tuple[np.ndarray, 
         part[...] = np.ascontiguousarray(a).view(np.uint8).reshape(n, widths[key])
         views[key] = part.view(a.dtype)
         at += widths[key]
-    return flat, views, stride
+    return views, stride
 
 
 class NativeWeight:
@@ -317,7 +326,7 @@ class NativeWeight:
                                  f"zeros {arrays['zeros'].shape} in blocks of {self.block} do not fit a ({self.n}, {self.k}) weight")
             # one buffer, row by row: scales, zeros, codes, positions (a matrix is one sequential stream,
             # not four: docs/native.md); the arrays are views of it
-            self._rows, self.arrays, stride = _interleave_rows(self.n, {k: arrays[k] for k in ("scales", "zeros", "values", "positions")})
+            self.arrays, stride = _interleave_rows(self.n, {k: arrays[k] for k in ("scales", "zeros", "values", "positions")})
             self._q = (None, 0)
             a = self.arrays
             self._args = (a["values"].ctypes.data, a["positions"].ctypes.data, a["scales"].ctypes.data, a["zeros"].ctypes.data, self.block, stride)
@@ -345,8 +354,8 @@ class NativeWeight:
                 raise ValueError(f"int4 weight: codes {codes.shape} / scales {grid['scales'].shape} / {second} {grid[second].shape} do not fit a ({self.n}, {self.k}) weight")
             # one buffer, row by row: scales, offsets (or zero points), codes — a matrix is one sequential
             # stream, not three (docs/native.md); the arrays are views of it
-            self._rows, views, stride = _interleave_rows(self.n, {"scales": grid["scales"], second: grid[second], "values": codes})
-            self.arrays = views
+            self.arrays, stride = _interleave_rows(self.n, {"scales": grid["scales"], second: grid[second], "values": codes})
+            views = self.arrays
             self._q = (None, 0)
             self._args = (views["values"].ctypes.data, views["scales"].ctypes.data, views[second].ctypes.data, int(second == "zeros"), stride)
             self._int4x = bool(int8_activations and self.k % 64 == 0)
@@ -414,11 +423,9 @@ class NativeWeight:
         """This weight as a :class:`CompressedWeight` (sharing its arrays)."""
         if "+" in self.format:
             raise ValueError(f"native weight: a stacked weight of formats {self.format} has no single format")
-        if self.format in ("2:4-int4", "bitmask-int4"):
-            return CompressedWeight(self.format, (self.n, self.k), dict(self.arrays) | {"values": self.stored_values}, self.block)
         arrays = {k: v for k, v in self.arrays.items() if k != "values"} | {"values": self.stored_values}
-        if self.format == "int4":
-            return CompressedWeight("int4", (self.n, self.k), arrays, 32)
+        if self.format in INT4_FORMATS:  # (the int4 format's block is fixed; ``self.block`` is the int8 scale block)
+            return CompressedWeight(self.format, (self.n, self.k), arrays, 32 if self.format == "int4" else self.block)
         if self.format == "2:4":
             arrays["values"] = arrays["values"].reshape(self.n, self.k // 2)
         elif self.format == "dense":
@@ -433,29 +440,15 @@ class NativeWeight:
         k = parts[0].k
         if any(p.k != k for p in parts):
             raise ValueError(f"stacked weight: parts have different input widths {[p.k for p in parts]}")
-        if all(p.format == "int4" for p in parts) and len({int4_offset_key(p.arrays) for p in parts}) == 1:
-            second = int4_offset_key(parts[0].arrays)
-            grids = {key: np.concatenate([p.arrays[key] for p in parts]) for key in ("scales", second)}
-            codes = np.concatenate([p.stored_values.reshape(p.n, k // 2) for p in parts])
-            return cls(CompressedWeight("int4", (sum(p.n for p in parts), k), {"values": codes, **grids}, 32),
-                       int8_activations=all(p.int8_activations for p in parts))
-        if all(p.format == "2:4-int4" for p in parts) and len({p.block for p in parts}) == 1:
-            arrays = {key: np.concatenate([p.arrays[key] for p in parts]) for key in ("values", "positions", "scales", "zeros")}
-            return cls(CompressedWeight("2:4-int4", (sum(p.n for p in parts), k), arrays, parts[0].block))
-        if all(p.format == "bitmask-int4" for p in parts) and len({p.block for p in parts}) == 1:
-            offsets, start = [np.zeros(1, np.int64)], 0
-            for p in parts:
-                offsets.append(p.arrays["row_offsets"][1:] + start)
-                start += int(p.arrays["row_offsets"][-1])
-            arrays = {key: np.concatenate([p.arrays[key] for p in parts]) for key in ("masks", "scales", "zeros")}
-            arrays |= {"values": np.concatenate([p.stored_values for p in parts]), "row_offsets": np.concatenate(offsets)}
-            return cls(CompressedWeight("bitmask-int4", (sum(p.n for p in parts), k), arrays, parts[0].block))
-        if any(p.format == "bitmask-int4" for p in parts):  # with other formats or blocks: their exact float32 values
-            parts = [cls(compress(p.to_dense(), "bitmask")) if p.format == "bitmask-int4" else p for p in parts]
-        if any(p.format == "int4" for p in parts):  # int4 with other formats: the int4 parts' exact float32 values
-            parts = [cls(p.to_dense()) if p.format == "int4" else p for p in parts]
-        if any(p.format == "2:4-int4" for p in parts):  # with other formats or blocks: their exact float32 values, still 2:4
-            parts = [cls(compress(p.to_dense(), "2:4")) if p.format == "2:4-int4" else p for p in parts]
+        fmt = parts[0].format
+        if fmt in INT4_FORMATS and all(p.format == fmt and p.block == parts[0].block and p.arrays.keys() == parts[0].arrays.keys() for p in parts):
+            cs = [p.compressed() for p in parts]  # one 4-bit format, one block and grid form: the arrays stacked by rows
+            arrays = {key: _join_row_offsets([c.arrays[key] for c in cs]) if key == "row_offsets" else np.concatenate([c.arrays[key] for c in cs])
+                      for key in cs[0].arrays}
+            return cls(CompressedWeight(fmt, (sum(p.n for p in parts), k), arrays, cs[0].block), int8_activations=all(p.int8_activations for p in parts))
+        float_form = {"int4": "dense", "2:4-int4": "2:4", "bitmask-int4": "bitmask"}
+        if any(p.format in float_form for p in parts):  # 4-bit parts beside other formats, blocks or grids: their exact float32 values
+            parts = [cls(compress(p.to_dense(), float_form[p.format])) if p.format in float_form else p for p in parts]
         blocks = {p.block for p in parts}
         if len(blocks) > 1:  # mixed precisions: the dequantized values, in each part's own format
             parts = [cls(p.to_dense()) if p.format == "dense" else cls(compress(p.to_dense(), p.format)) for p in parts]
@@ -469,7 +462,7 @@ class NativeWeight:
         if all(p.format == "2:4" for p in parts):
             values = np.concatenate([p.stored_values for p in parts]).reshape(-1, k // 2)
             return cls(CompressedWeight("2:4", (n, k), {"values": values, "positions": np.concatenate([p.arrays["positions"] for p in parts])} | scales, block))
-        masks, values, offsets, start = [], [], [np.zeros(1, np.int64)], 0
+        masks, values, offsets = [], [], []
         for p in parts:
             if p.format == "bitmask":
                 a = p.compressed().arrays
@@ -478,9 +471,8 @@ class NativeWeight:
                 a = compress(p.to_dense(), "bitmask", grid=grid).arrays
             masks.append(a["masks"])
             values.append(a["values"][: int(a["row_offsets"][-1])])
-            offsets.append(a["row_offsets"][1:] + start)
-            start += int(a["row_offsets"][-1])
-        c = CompressedWeight("bitmask", (n, k), {"masks": np.concatenate(masks), "values": np.concatenate(values), "row_offsets": np.concatenate(offsets)} | scales, block)
+            offsets.append(a["row_offsets"])
+        c = CompressedWeight("bitmask", (n, k), {"masks": np.concatenate(masks), "values": np.concatenate(values), "row_offsets": _join_row_offsets(offsets)} | scales, block)
         out = cls(c)
         out.nbytes = sum(p.nbytes for p in parts)
         out.format = "+".join(sorted({p.format for p in parts}))

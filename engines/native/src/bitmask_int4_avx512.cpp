@@ -1,7 +1,8 @@
 // Bitmask with 4-bit values (kernels.h, BitmaskInt4), AVX-512F: as avx512.cpp's bitmask kernel, with a
 // word's kept values rebuilt from its code bytes first: 8 bytes read, their nibbles interleaved into 16
-// bytes in value order (low nibble of byte i = value 2i, high = 2i + 1), widened, each (code − zero) ·
-// scale rounded once, then put in their lanes by the permutation of the word's mask. The values and
+// bytes in value order (low nibble of byte i = value 2i, high = 2i + 1), widened, looked up in the
+// block's table of its 16 values ((code − zero) · scale rounded once), then put in their lanes by the
+// permutation of the word's mask. The values and
 // the order of the sums are the float32 bitmask kernel's: its result bit for bit.
 #include <immintrin.h>
 
@@ -14,7 +15,6 @@
 namespace pk {
 namespace {
 
-
 constexpr int64_t kAhead = 8;  // blocks of rows ahead for the next rows' codes (as int4_avx512.cpp; not tuned by measurement)
 
 inline int64_t grid_blocks(const BitmaskInt4& w) { return (w.K + w.block - 1) / w.block; }
@@ -26,17 +26,6 @@ inline __m512i word_codes(const uint8_t* codes) {
   std::memcpy(&bytes, codes, 8);
   const __m128i v = _mm_cvtsi64_si128(static_cast<long long>(bytes));
   return _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(v, _mm_srli_epi16(v, 4)));
-}
-
-// The (up to) 16 values of a word from its code bytes, in value order.
-inline __m512 word_values(const uint8_t* codes, float scale, float zero) {
-  uint64_t bytes;
-  std::memcpy(&bytes, codes, 8);
-  const __m128i v = _mm_cvtsi64_si128(static_cast<long long>(bytes));
-  const __m128i low = _mm_set1_epi8(15);
-  const __m128i inter = _mm_unpacklo_epi8(_mm_and_si128(v, low), _mm_and_si128(_mm_srli_epi16(v, 4), low));
-  const __m512 c = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(inter));
-  return _mm512_mul_ps(_mm512_sub_ps(c, _mm512_set1_ps(zero)), _mm512_set1_ps(scale));
 }
 
 template <int MM, int RB>
@@ -111,10 +100,12 @@ void decompress_avx512(const BitmaskInt4& w, int64_t n0, int64_t n1, float* out)
     float* row = out + (n - n0) * K;
     const uint8_t* q = w.codes + w.row_off[n];
     const uint16_t* mk = w.masks + n * KW;
+    __m512 table = _mm512_setzero_ps();
     for (int64_t word = 0; word < KW; ++word) {
       const int64_t g = (word * 16) >> shift;
+      if (((word * 16) & (w.block - 1)) == 0) table = value_table<true>(w.scales[n * nb + g], float(w.zeros[n * nb + g]));  // a new block
       const __mmask16 lanes = word < full ? __mmask16(0xFFFF) : __mmask16((1u << (K % 16)) - 1u);
-      const __m512 v = word_values(q, w.scales[n * nb + g], float(w.zeros[n * nb + g]));
+      const __m512 v = _mm512_permutexvar_ps(word_codes(q), table);
       _mm512_mask_storeu_ps(row + word * 16, lanes, _mm512_maskz_expand_ps(__mmask16(mk[word]), v));
       q += (__builtin_popcount(mk[word]) + 1) / 2;
     }
