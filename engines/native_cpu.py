@@ -423,6 +423,19 @@ class _Layer:
 
 
 
+def _input_major(parts: "list[Any]") -> Any:
+    """The input-major form of the parts of an activation-sparse group: ``int4`` parts with one grid form
+    keep their 4-bit codes (:class:`engines.native.InputMajorInt4Weight`); any other mix runs float32."""
+    from core.sparse_format import int4_offset_key
+
+    from engines import native
+
+    if all(p.format == "int4" for p in parts) and len({int4_offset_key(p.arrays) for p in parts}) == 1:
+        return native.InputMajorInt4Weight([p.compressed() for p in parts])
+    stacked = parts[0] if len(parts) == 1 else native.NativeWeight.stacked(parts)
+    return native.InputMajorWeight(stacked.to_dense())
+
+
 class NativeDecoder:
     """The decoder in NumPy around the native kernels: ``forward`` (a whole batch, no cache) for
     validation, ``prefill`` + ``step`` with a preallocated KV cache for decoding."""
@@ -482,9 +495,12 @@ class NativeDecoder:
             stacks = {"attn_in": [w["q"], w["k"], w["v"]], "o_in": [w["o"]], "mlp_in": [w["gate"], w["up"]], "down_in": [w["down"]]}
             built = {}
             for group, parts in stacks.items():
-                stacked = parts[0] if len(parts) == 1 else native.NativeWeight.stacked(parts)
-                # an activation-sparse input reads whole weight rows of the inputs that remain: stored input-major, dense
-                built[group] = native.InputMajorWeight(stacked.to_dense()) if group in act else stacked
+                if group in act:
+                    # an activation-sparse input reads whole weight rows of the inputs that remain: stored
+                    # input-major — in 4 bits when every part is int4 with one grid form, else float32
+                    built[group] = _input_major(parts)
+                    continue
+                built[group] = parts[0] if len(parts) == 1 else native.NativeWeight.stacked(parts)
             self.layers.append(
                 _Layer(
                     attn_norm=t[p + a.native["attn_norm"] + ".weight"],
@@ -537,7 +553,7 @@ class NativeDecoder:
 
         x = np.ascontiguousarray(x, np.float32)
         t = L.act.get(group) if sparse_inputs else None
-        if isinstance(w, native.InputMajorWeight):
+        if isinstance(w, (native.InputMajorWeight, native.InputMajorInt4Weight)):
             if t is not None and x.shape[0] == 1:
                 y, used = w.gemv_sparse(x, t)
                 self.inputs_read += used

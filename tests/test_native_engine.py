@@ -178,6 +178,96 @@ def test_activation_sparsity_pass_engine_and_reload(tmp_path):
     np.testing.assert_array_equal(g.tokens, out[:, 20:].numpy())
 
 
+@pytest.mark.parametrize("grid", ["q4_1", "zero_point"])
+def test_activation_sparsity_on_4bit_weights_reads_the_4bit_rows(tmp_path, grid):
+    """TEAL thresholds on a tiny Llama whose block linears lie on a 4-bit grid (GGUF's Q4_1 form, as the
+    bundled SmolLM2's, or the quantize pass's zero-point form): native-cpu keeps every activation-sparse
+    group's weights in 4 bits, input-major (an eighth of the float32 rows' bytes); logits (prefill: the
+    rows decompressed slab by slab) and 32 greedy tokens through the native decode step equal PyTorch,
+    and the decode steps read about (1 − sparsity) of the inputs."""
+    from core.adapters import adapter_for
+    from core.models import save_hf_dir
+    from passes import PassContext, get_pass_class
+    from passes.activation import ActivationConfig, ActivationSparsityPass
+    from tests.conftest import byte_tokenizer
+
+    model = tiny_model("llama", seed=6)
+    adapter = adapter_for(model.config)
+    if grid == "q4_1":
+        with torch.no_grad():
+            for role, path in adapter.linear_paths.items():
+                for layer in adapter.blocks(model):
+                    lin = layer.get_submodule(path)
+                    lin.weight.copy_(torch.from_numpy(_on_q4_grid(lin.weight.numpy())))
+    else:
+        cls = get_pass_class("quantize")
+        cls(cls.config_class(bits=4, block_size=32)).run(model, PassContext(adapter))
+    windows = torch.randint(0, 257, (8, 64), generator=torch.Generator().manual_seed(0))
+    ActivationSparsityPass(ActivationConfig(sparsity=0.4)).run(model, PassContext(adapter=adapter, calibration=lambda: windows, progress=False))
+    save_hf_dir(model, byte_tokenizer(), tmp_path / "model")
+    (tmp_path / "engine").mkdir()
+    art = NativeCpuEngine({"threads": 2}).build(tmp_path / "model", tmp_path / "engine")
+    assert art.info["formats"] == {"int4": 14}
+
+    def input_major_4bit(r) -> None:
+        for L in r.decoder.layers:
+            for w in (L.qkv, L.o, L.gate_up, L.down):
+                assert isinstance(w, native.InputMajorInt4Weight) and w.zero_point == (grid == "zero_point")
+                assert w.nbytes < 0.2 * 4 * w.n * w.k
+
+    _runs_as_pytorch(model, art, 3, input_major_4bit)
+    with NativeCpuEngine({"threads": 2}).runner(art) as r:
+        r.generate(np.arange(3, 23, dtype=np.int64)[None], 16)
+        read = r.decoder.inputs_read / r.decoder.inputs_total
+    assert 0.35 < read < 0.8, read
+
+
+def test_input_major_4bit_kernel_matches_reference_on_every_isa():
+    """The input-major 4-bit GEMV (both grid forms) against a float64 reference of the same weights at
+    thresholds from none to all skipped, on odd output counts (a partial last chunk of 32, a padded
+    row) and stacked parts; the prefill path (decompression, exact) and a few rows by the kernel."""
+    from core.sparse_format import CompressedWeight, decompress
+
+    rng = np.random.default_rng(1)
+
+    def part(n, k, zero_point):
+        codes = rng.integers(0, 16, (n, k // 32, 32)).astype(np.uint8)
+        arrays = {"values": (codes[..., :16] | (codes[..., 16:] << 4)).reshape(n, k // 2), "scales": rng.uniform(0.01, 0.1, (n, k // 32)).astype(np.float32)}
+        if zero_point:
+            arrays["zeros"] = rng.integers(0, 16, (n, k // 32)).astype(np.float32)
+        else:
+            arrays["offsets"] = rng.uniform(-0.5, 0.1, (n, k // 32)).astype(np.float32)
+        return CompressedWeight("int4", (n, k), arrays, 32)
+
+    best = native.best_isa()
+    try:
+        for isa in [i for i in ("scalar", "avx2+fma", "avx512f") if list(native.ISA_NAMES.values()).index(i) <= list(native.ISA_NAMES.values()).index(best)]:
+            native.set_isa(isa)
+            for shapes, k, zp in [([7], 32, False), ([300, 33], 64, True), ([1536], 576, False), ([257, 64, 64], 96, True), ([31], 1536, False)]:
+                parts = [part(n, k, zp) for n in shapes]
+                w = native.InputMajorInt4Weight(parts)
+                dense = np.concatenate([decompress(p) for p in parts])
+                assert w.n == dense.shape[0] and np.array_equal(w.to_dense(), dense)
+                x = rng.standard_normal((1, k)).astype(np.float32)
+                x[0, : min(k, 40)] = 0.0  # a whole block of inputs inactive
+                for t in (-1.0, 0.0, 0.7, 100.0):
+                    y, used = w.gemv_sparse(x, t)
+                    kept = np.abs(x) > t
+                    assert used == int(kept.sum())
+                    ref = np.where(kept, x, 0).astype(np.float64) @ dense.T.astype(np.float64)
+                    np.testing.assert_allclose(y, ref, atol=1e-5 * (1 + np.abs(ref).max()), rtol=0)
+                xs = rng.standard_normal((20, k)).astype(np.float32)
+                ref = xs.astype(np.float64) @ dense.T.astype(np.float64)
+                for m in (3, 20):  # by the kernel, and by the prefill path
+                    np.testing.assert_allclose(w(xs[:m]), ref[:m], atol=1e-4 * (1 + np.abs(ref).max()), rtol=0)
+    finally:
+        native.set_isa(best)
+    with pytest.raises(ValueError, match="expected int4"):
+        native.InputMajorInt4Weight([CompressedWeight("dense", (4, 32), {"values": np.zeros((4, 32), np.float32)})])
+    with pytest.raises(ValueError, match="grid forms"):
+        native.InputMajorInt4Weight([part(4, 32, True), part(4, 32, False)])
+
+
 def test_activation_pass_options_are_checked():
     from passes.activation import ActivationConfig
     from passes.base import OptionError

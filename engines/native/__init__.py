@@ -76,6 +76,9 @@ def lib() -> ctypes.CDLL:
             L.pk_gemv_int4.argtypes = [_i64, _i64, vp, vp, vp, ctypes.c_int, _i64, ctypes.c_int, vp, _i64, vp]
             L.pk_decompress_int4.argtypes = [_i64, _i64, vp, vp, vp, ctypes.c_int, _i64, _i64, _i64, vp]
             L.pk_gemv_sparse_x.argtypes = [_i64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, _i64, ctypes.c_void_p]
+            L.pk_gemv_int4_x.restype = _i64
+            L.pk_gemv_int4_x.argtypes = [_i64, _i64, vp, vp, vp, _i64, ctypes.c_int, vp, ctypes.c_double, vp]
+            L.pk_decompress_int4_x.argtypes = [_i64, _i64, vp, vp, vp, _i64, ctypes.c_int, _i64, _i64, vp]
             L.pk_decode_layers.restype = ctypes.c_int
             L.pk_decode_layers.argtypes = [_i64, ctypes.c_void_p, _i64, ctypes.c_void_p, _i64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float,
                                            ctypes.POINTER(_i64), ctypes.POINTER(_i64)]
@@ -176,7 +179,10 @@ class PkLayer(ctypes.Structure):
     ]
 
 
-def pk_weight(w: "NativeWeight | InputMajorWeight", threshold: float | None = None) -> PkWeight:
+def pk_weight(w: "NativeWeight | InputMajorWeight | InputMajorInt4Weight", threshold: float | None = None) -> PkWeight:
+    if isinstance(w, InputMajorInt4Weight):
+        t = -1.0 if threshold is None else float(threshold)
+        return PkWeight(7, w.n, w.k, w.codes.ctypes.data, w.scales.ctypes.data, w.offsets.ctypes.data, t, None, int(w.zero_point), None, None, w.ld)
     if isinstance(w, InputMajorWeight):
         return PkWeight(2, w.n, w.k, w.wt.ctypes.data, None, None, -1.0 if threshold is None else float(threshold), None, 0, None)
     if w.format == "int4":
@@ -269,6 +275,85 @@ class InputMajorWeight:
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """Dense ``x`` (M, K) → (M, N) (prefill: every input)."""
         return dense_gemm(trans_b=False)(x, self.wt)
+
+
+class InputMajorInt4Weight:
+    """4-bit weights (the ``int4`` format's codes, scales and offsets or zero points) stored input-major
+    for activation-sparse decoding: each active input reads its row of 4-bit codes (N/2 bytes), and a
+    block of 32 inputs none of which is active is skipped with its scales — the 4-bit twin of
+    :class:`InputMajorWeight`, an eighth of its code bytes. ``parts``: the ``int4`` weights stacked by
+    output rows (q, k, v; gate, up), one grid form. Layout: ``pk::Int4InputMajor`` (kernels.h)."""
+
+    def __init__(self, parts: "list[CompressedWeight]"):
+        if not parts or any(p.format != "int4" for p in parts):
+            raise ValueError(f"input-major int4 weight: parts of formats {[p.format for p in parts]}, expected int4")
+        forms = {int4_offset_key(p.arrays) for p in parts}
+        if len(forms) > 1 or len({p.shape[1] for p in parts}) > 1:
+            raise ValueError(f"input-major int4 weight: parts mix grid forms {sorted(forms)} or input widths {[p.shape[1] for p in parts]}")
+        second = forms.pop()
+        self.zero_point = second == "zeros"
+        self.k = int(parts[0].shape[1])
+        self.n = sum(int(p.shape[0]) for p in parts)
+        n, k = self.n, self.k
+        packed = np.concatenate([np.asarray(p.arrays["values"], np.uint8) for p in parts]).reshape(n, k // 32, 16)
+        codes = np.concatenate([packed & 15, packed >> 4], axis=-1).reshape(n, k)  # (N, K), 0..15
+        width = -(-n // 128) * 128  # outputs per stored row: a multiple of 128 (64 bytes of codes)
+        self.ld = width // 2
+        t = np.zeros((k, width), np.uint8)
+        t[:, :n] = codes.T
+        chunks = t.reshape(k, width // 32, 32)
+        self.codes = np.ascontiguousarray((chunks[..., :16] | (chunks[..., 16:] << 4)).reshape(k, self.ld))
+
+        def grid(key: str) -> np.ndarray:
+            g = np.zeros((k // 32, width), np.float32)
+            g[:, :n] = np.concatenate([np.asarray(p.arrays[key], np.float32) for p in parts]).T
+            return g
+
+        self.scales, self.offsets = grid("scales"), grid(second)
+        self.nbytes = int(n * k // 2 + 8 * n * (k // 32))
+        """Bytes of the stored weight (codes + a scale and an offset per 32 inputs), the padding aside."""
+        self._tile: np.ndarray | None = None
+
+    def _args(self) -> tuple:
+        return (self.n, self.k, self.codes.ctypes.data, self.scales.ctypes.data, self.offsets.ctypes.data, self.ld, int(self.zero_point))
+
+    def gemv_sparse(self, x: np.ndarray, threshold: float) -> tuple[np.ndarray, int]:
+        """``x`` (1, K) → ((1, N), inputs read): inputs with |x| ≤ threshold are skipped (threshold < 0: none)."""
+        x = np.ascontiguousarray(x, np.float32).reshape(-1)
+        if x.size != self.k:
+            raise ValueError(f"input-major int4 weight: input has {x.size} features, the weight expects {self.k}")
+        y = np.empty((1, self.n), np.float32)
+        used = lib().pk_gemv_int4_x(*self._args(), x.ctypes.data, float(threshold), y.ctypes.data)
+        return y, int(used)
+
+    def decompress_inputs(self, k0: int, k1: int, out: np.ndarray) -> np.ndarray:
+        """``Wᵀ`` rows [k0, k1) (float32, exact) into ``out`` (at least (k1 − k0) × N)."""
+        lib().pk_decompress_int4_x(*self._args(), k0, k1, out.ctypes.data)
+        return out.reshape(-1)[: (k1 - k0) * self.n].reshape(k1 - k0, self.n)
+
+    def to_dense(self) -> np.ndarray:
+        """The (N, K) weight (a copy)."""
+        return np.ascontiguousarray(self.decompress_inputs(0, self.k, np.empty((self.k, self.n), np.float32)).T)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """Dense ``x`` (M, K) → (M, N), every input: up to :data:`GEMV_MAX_ROWS` rows by the kernel, more
+        (prefill) a slab of input rows of ``Wᵀ`` at a time decompressed into one reused buffer (at most
+        about TILE_ROWS × 1536 floats) and multiplied by the dense GEMM, summed over slabs."""
+        x = np.ascontiguousarray(x, np.float32)
+        m = x.shape[0]
+        if m <= GEMV_MAX_ROWS:
+            return np.concatenate([self.gemv_sparse(x[i : i + 1], -1.0)[0] for i in range(m)]) if m else np.empty((0, self.n), np.float32)
+        slabs = -(-self.k * self.n // (TILE_ROWS * 1536))
+        rows = -(-self.k // slabs // 32) * 32
+        if self._tile is None or self._tile.size < rows * self.n:
+            self._tile = np.empty(rows * self.n, np.float32)
+        gemm = dense_gemm(trans_b=False)
+        y = None
+        for k0 in range(0, self.k, rows):
+            k1 = min(self.k, k0 + rows)
+            part = gemm(x[:, k0:k1], self.decompress_inputs(k0, k1, self._tile))
+            y = part if y is None else y + part
+        return y
 
 
 def _join_row_offsets(offsets: "list[np.ndarray]") -> np.ndarray:

@@ -316,6 +316,90 @@ struct SparseXJob {
   }
 };
 
+// The active inputs of x (|x_k| > threshold; threshold < 0: all) grouped by block of 32, in buffers
+// of the calling thread. Returns how many inputs are active.
+struct Active {
+  std::vector<int32_t> idx, blocks;
+  std::vector<float> vals;
+  std::vector<int64_t> starts;
+  pk::ActiveInputs view() const { return {idx.data(), vals.data(), blocks.data(), starts.data(), int64_t(blocks.size())}; }
+};
+int64_t find_active(const float* x, int64_t K, double threshold, Active& a) {
+  a.idx.clear();
+  a.vals.clear();
+  a.blocks.clear();
+  a.starts.clear();
+  for (int64_t k = 0; k < K; ++k) {
+    if (threshold < 0 || std::fabs(x[k]) > threshold) {
+      if (a.blocks.empty() || a.blocks.back() != int32_t(k / 32)) {
+        a.blocks.push_back(int32_t(k / 32));
+        a.starts.push_back(int64_t(a.idx.size()));
+      }
+      a.idx.push_back(int32_t(k));
+      a.vals.push_back(x[k]);
+    }
+  }
+  a.starts.push_back(int64_t(a.idx.size()));
+  return int64_t(a.idx.size());
+}
+
+// Input-major 4-bit: each task owns a run of active blocks (about as many active inputs as the
+// others) and every output, so it streams whole rows (a block's rows are contiguous: one sequential
+// run when most of its inputs are active); its partial sums go to its own buffer, added up after.
+struct Int4InputMajorJob {
+  const pk::Int4InputMajor* w;
+  pk::ActiveInputs a;
+  const int64_t* cuts;  // task i: active blocks [cuts[i], cuts[i + 1])
+  float* partial;       // tasks × padded N
+  int64_t padded;
+  int isa;
+  static void task(void* p, int64_t i) {
+    auto* j = static_cast<Int4InputMajorJob*>(p);
+    const pk::ActiveInputs a{j->a.idx, j->a.vals, j->a.blocks + j->cuts[i], j->a.starts + j->cuts[i], j->cuts[i + 1] - j->cuts[i]};
+    float* out = j->partial + i * j->padded;
+    if (j->isa == kAvx512) pk::gemv_int4_x_avx512(*j->w, a, out, 0, j->w->N);
+    else if (j->isa == kAvx2) pk::gemv_int4_x_avx2(*j->w, a, out, 0, j->w->N);
+    else pk::gemv_int4_x_scalar(*j->w, a, out, 0, j->w->N);
+  }
+};
+
+int64_t gemv_int4_x(const pk::Int4InputMajor& w, const float* x, double threshold, float* y, int isa) {
+  thread_local Active a;
+  thread_local std::vector<float> partial;
+  thread_local std::vector<int64_t> cuts;
+  const int64_t used = find_active(x, w.K, threshold, a);
+  const int64_t nb = int64_t(a.blocks.size());
+  const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(pool().threads(), nb));
+  cuts.assign(size_t(tasks + 1), nb);
+  cuts[0] = 0;
+  for (int64_t i = 1, t = 0; i < tasks; ++i) {  // the first block whose inputs start at or after i/tasks of them
+    while (t < nb && a.starts[size_t(t)] * tasks < used * i) ++t;
+    cuts[size_t(i)] = t;
+  }
+  const int64_t padded = (w.N + 31) / 32 * 32;
+  partial.resize(size_t(tasks * padded));
+  Int4InputMajorJob job{&w, a.view(), cuts.data(), partial.data(), padded, isa};
+  pool().run(tasks, &Int4InputMajorJob::task, &job);
+  std::memcpy(y, partial.data(), size_t(w.N) * sizeof(float));
+  for (int64_t i = 1; i < tasks; ++i)
+    for (int64_t n = 0; n < w.N; ++n) y[n] += partial[size_t(i * padded + n)];
+  return used;
+}
+
+struct Int4InputMajorDecompressJob {
+  const pk::Int4InputMajor* w;
+  int64_t k0, k1;
+  float* out;
+  int isa;
+  static void task(void* p, int64_t i) {
+    auto* j = static_cast<Int4InputMajorDecompressJob*>(p);
+    const int64_t a = j->k0 + i * 32, b = std::min(j->k1, a + 32);
+    float* dst = j->out + (a - j->k0) * j->w->N;
+    if (j->isa >= kAvx2) pk::decompress_int4_x_avx2(*j->w, a, b, 0, j->w->N, dst, j->w->N);
+    else pk::decompress_int4_x_scalar(*j->w, a, b, 0, j->w->N, dst, j->w->N);
+  }
+};
+
 // --- one decode step through every layer (the native engine's decoder) ---------------------------
 
 // A layer's linear as the decoder holds it. kind 0: bitmask or dense (a = masks or null, b = values,
@@ -325,7 +409,9 @@ struct SparseXJob {
 // (a = codes, b = scales, c = offsets or zero points, block = 1 for the zero-point form;
 // pk::Int4Dense); kind 4: the same with int8 activations; kind 5: 2:4 with 4-bit values (a = codes,
 // b = positions, c = uint8 zero points, scales, block; pk::TwoFourInt4); kind 6: bitmask with 4-bit
-// values (a = masks, b = codes, c = row offsets, d = uint8 zero points, scales, block; pk::BitmaskInt4).
+// values (a = masks, b = codes, c = row offsets, d = uint8 zero points, scales, block; pk::BitmaskInt4);
+// kind 7: input-major 4-bit (a = codes, b = scales, c = offsets or zero points, stride = ld, block = 1
+// for the zero-point form; pk::Int4InputMajor) with an activation threshold (< 0: none).
 struct PkWeight {
   int64_t kind, N, K;
   const void* a;
@@ -390,6 +476,11 @@ void apply(const PkWeight& w, const float* x, float* y, int isa, std::vector<int
     gemv(pk::BitmaskInt4{w.N, w.K, static_cast<const uint16_t*>(w.a), static_cast<const uint8_t*>(w.b), static_cast<const int64_t*>(w.c), w.scales,
                          static_cast<const uint8_t*>(w.d), w.block},
          x, 1, y, isa);
+  } else if (w.kind == 7) {
+    const pk::Int4InputMajor im{w.N, w.K, static_cast<const uint8_t*>(w.a), static_cast<const float*>(w.b), static_cast<const float*>(w.c), w.stride,
+                                w.block == 1};
+    *read += gemv_int4_x(im, x, w.threshold, y, isa);
+    *total += w.K;
   } else if (w.kind == 1) {
     gemv(pk::TwoFour{w.N, w.K, float_values(w.a, w.scales), static_cast<const uint8_t*>(w.b), int8_values(w.a, w.scales, w.block)}, x, 1, y, isa);
   } else {
@@ -522,6 +613,21 @@ PK_API void pk_gemv_sparse_x(int64_t N, const float* wt, const int32_t* idx, con
   const int64_t cols = sparse_x_columns(N);
   SparseXJob job{wt, N, idx, vals, count, y, cols, g_isa.load(std::memory_order_relaxed)};
   pool().run((N + cols - 1) / cols, &SparseXJob::task, &job);
+}
+
+// y[N] = x[K] · Wᵀ for an input-major 4-bit W (pk::Int4InputMajor), reading only the inputs with
+// |x_k| > threshold (threshold < 0: every input). Returns how many were read.
+PK_API int64_t pk_gemv_int4_x(int64_t N, int64_t K, const uint8_t* codes, const float* scales, const float* offsets, int64_t ld, int zero_point,
+                              const float* x, double threshold, float* y) {
+  return gemv_int4_x(pk::Int4InputMajor{N, K, codes, scales, offsets, ld, zero_point != 0}, x, threshold, y, g_isa.load(std::memory_order_relaxed));
+}
+
+// Wᵀ rows [k0, k1) of an input-major 4-bit W, dense, into out[(k1-k0)][N] (the prefill path).
+PK_API void pk_decompress_int4_x(int64_t N, int64_t K, const uint8_t* codes, const float* scales, const float* offsets, int64_t ld, int zero_point,
+                                 int64_t k0, int64_t k1, float* out) {
+  const pk::Int4InputMajor w{N, K, codes, scales, offsets, ld, zero_point != 0};
+  Int4InputMajorDecompressJob job{&w, k0, k1, out, g_isa.load(std::memory_order_relaxed)};
+  pool().run((k1 - k0 + 31) / 32, &Int4InputMajorDecompressJob::task, &job);
 }
 
 // One decode step of a token through every layer: h (hidden) in and out; the new K/V written at

@@ -182,6 +182,41 @@ void gemv_sparse_x_scalar(const float* wt, int64_t N, const int32_t* idx, const 
 void gemv_sparse_x_avx2(const float* wt, int64_t N, const int32_t* idx, const float* vals, int64_t count, float* y, int64_t n0, int64_t n1);
 void gemv_sparse_x_avx512(const float* wt, int64_t N, const int32_t* idx, const float* vals, int64_t count, float* y, int64_t n0, int64_t n1);
 
+// Activation-sparse GEMV with 4-bit weights stored input-major (the input-major twin of Int4Dense,
+// for inputs thresholded TEAL-style): codes uint8[K][ld] — row k holds W[0..N)[k], per 32 outputs 16
+// bytes, byte j with output j in its low nibble and output j + 16 in its high one (ld a multiple of 64
+// bytes, ≥ 16 · ceil(N/32); the padding codes 0); scales and offsets float[ceil(K/32)][2 · ld]
+// (padding 0): w[n][k] = code · scale + offset of (k/32, n), or with zero_point set (code − offset) ·
+// scale. An active input reads its row's codes only; a block of 32 inputs none of which is active
+// is skipped with its scales. Per active block b the kernels form acc[n] = Σ x_k · code[k][n] and
+// xs = Σ x_k over its active inputs, then y[n] += scale · acc + offset · xs (zero point: scale ·
+// (acc − zero · xs)): the model's result up to float32 rounding, not bit for bit.
+struct Int4InputMajor {
+  int64_t N, K;
+  const uint8_t* codes;
+  const float* scales;
+  const float* offsets;
+  int64_t ld;
+  bool zero_point = false;
+};
+// The active inputs of one x, grouped by block of 32: idx/vals in input order, blocks[t] the t-th
+// active block and starts[t] .. starts[t + 1] its inputs' range in idx/vals.
+struct ActiveInputs {
+  const int32_t* idx;
+  const float* vals;
+  const int32_t* blocks;
+  const int64_t* starts;
+  int64_t nblocks;
+};
+// out[0, n1 − n0) = y[n0, n1) (n0 % 32 == 0; out holds n1 − n0 rounded up to 32 floats).
+void gemv_int4_x_scalar(const Int4InputMajor& w, const ActiveInputs& a, float* out, int64_t n0, int64_t n1);
+void gemv_int4_x_avx2(const Int4InputMajor& w, const ActiveInputs& a, float* out, int64_t n0, int64_t n1);
+void gemv_int4_x_avx512(const Int4InputMajor& w, const ActiveInputs& a, float* out, int64_t n0, int64_t n1);
+// Wᵀ rows [k0, k1) of outputs [n0, n1) (n0 % 32 == 0) into out[(k1 − k0)][ldo] (the prefill path: a
+// tile of the input-major weight decompressed, then one GEMM).
+void decompress_int4_x_scalar(const Int4InputMajor& w, int64_t k0, int64_t k1, int64_t n0, int64_t n1, float* out, int64_t ldo);
+void decompress_int4_x_avx2(const Int4InputMajor& w, int64_t k0, int64_t k1, int64_t n0, int64_t n1, float* out, int64_t ldo);
+
 // Decode-step operations (layer_ops.cpp, AVX2 + FMA).
 void rmsnorm(const float* x, const float* w, int64_t n, float eps, float* out);
 void rope(float* v, int64_t heads, int64_t d, const float* cos, const float* sin);

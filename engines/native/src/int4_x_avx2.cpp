@@ -1,0 +1,92 @@
+// Activation-sparse GEMV with input-major 4-bit weights, AVX2 + FMA (pk::Int4InputMajor, kernels.h):
+// as int4_x_avx512.cpp with tiles of up to 64 outputs (8 accumulators of 8). Also the prefill path's
+// decompression of a slab of input rows (used on AVX-512 CPUs too: it is not the hot path).
+#include <immintrin.h>
+
+#include <cmath>
+
+#include "kernels.h"
+
+namespace pk {
+namespace {
+
+// The 32 codes of a chunk's 16 bytes as four vectors of 8: outputs 0-7, 8-15, 16-23, 24-31.
+inline void chunk_codes(const uint8_t* r, __m256 v[4]) {
+  const __m256i low = _mm256_set1_epi32(15);
+  const __m256i d0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(r)));
+  const __m256i d1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(r + 8)));
+  v[0] = _mm256_cvtepi32_ps(_mm256_and_si256(d0, low));
+  v[1] = _mm256_cvtepi32_ps(_mm256_and_si256(d1, low));
+  v[2] = _mm256_cvtepi32_ps(_mm256_srli_epi32(d0, 4));
+  v[3] = _mm256_cvtepi32_ps(_mm256_srli_epi32(d1, 4));
+}
+
+template <int C>  // 32-output chunks in this tile (1..2)
+inline void tile(const Int4InputMajor& w, const ActiveInputs& a, int64_t p0, int64_t p1, const uint8_t* base, const float* s, const float* o,
+                 __m256 xs, float* out) {
+  __m256 acc[4 * C];
+  for (int j = 0; j < 4 * C; ++j) acc[j] = _mm256_setzero_ps();
+  for (int64_t p = p0; p < p1; ++p) {
+    const uint8_t* r = base + int64_t(a.idx[p]) * w.ld;
+    _mm_prefetch(reinterpret_cast<const char*>(r + 128), _MM_HINT_T0);
+    const __m256 xv = _mm256_set1_ps(a.vals[p]);
+    for (int q = 0; q < C; ++q) {
+      __m256 v[4];
+      chunk_codes(r + 16 * q, v);
+      for (int h = 0; h < 4; ++h) acc[4 * q + h] = _mm256_fmadd_ps(xv, v[h], acc[4 * q + h]);
+    }
+  }
+  for (int j = 0; j < 4 * C; ++j) {
+    const __m256 sv = _mm256_loadu_ps(s + 8 * j), ov = _mm256_loadu_ps(o + 8 * j), y = _mm256_loadu_ps(out + 8 * j);
+    _mm256_storeu_ps(out + 8 * j, w.zero_point ? _mm256_fmadd_ps(sv, _mm256_fnmadd_ps(ov, xs, acc[j]), y)
+                                               : _mm256_fmadd_ps(sv, acc[j], _mm256_fmadd_ps(ov, xs, y)));
+  }
+}
+
+}  // namespace
+
+void gemv_int4_x_avx2(const Int4InputMajor& w, const ActiveInputs& a, float* out, int64_t n0, int64_t n1) {
+  const int64_t chunks = (n1 - n0 + 31) / 32, ldg = 2 * w.ld;
+  for (int64_t j = 0; j < 4 * chunks; ++j) _mm256_storeu_ps(out + 8 * j, _mm256_setzero_ps());
+  for (int64_t t = 0; t < a.nblocks; ++t) {
+    const int64_t p0 = a.starts[t], p1 = a.starts[t + 1];
+    float sum = 0.f;
+    for (int64_t p = p0; p < p1; ++p) sum += a.vals[p];
+    const __m256 xs = _mm256_set1_ps(sum);
+    const float* s = w.scales + a.blocks[t] * ldg + n0;
+    const float* o = w.offsets + a.blocks[t] * ldg + n0;
+    const uint8_t* base = w.codes + n0 / 2;
+    for (int64_t c = 0; c < chunks; c += 2) {
+      const int64_t at = 32 * c;
+      if (chunks - c >= 2) tile<2>(w, a, p0, p1, base + at / 2, s + at, o + at, xs, out + at);
+      else tile<1>(w, a, p0, p1, base + at / 2, s + at, o + at, xs, out + at);
+    }
+  }
+}
+
+void decompress_int4_x_avx2(const Int4InputMajor& w, int64_t k0, int64_t k1, int64_t n0, int64_t n1, float* out, int64_t ldo) {
+  const int64_t ldg = 2 * w.ld, full = (n1 - n0) / 32;
+  for (int64_t k = k0; k < k1; ++k) {
+    const uint8_t* r = w.codes + k * w.ld + n0 / 2;
+    const float* s = w.scales + (k / 32) * ldg + n0;
+    const float* o = w.offsets + (k / 32) * ldg + n0;
+    float* dst = out + (k - k0) * ldo;
+    for (int64_t c = 0; c < full; ++c) {
+      __m256 v[4];
+      chunk_codes(r + 16 * c, v);
+      for (int h = 0; h < 4; ++h) {
+        const int64_t at = 32 * c + 8 * h;
+        const __m256 sv = _mm256_loadu_ps(s + at), ov = _mm256_loadu_ps(o + at);
+        _mm256_storeu_ps(dst + at, w.zero_point ? _mm256_mul_ps(_mm256_sub_ps(v[h], ov), sv) : _mm256_fmadd_ps(v[h], sv, ov));
+      }
+    }
+    for (int64_t n = n0 + 32 * full; n < n1; ++n) {  // a last partial chunk
+      const int64_t j = n - n0, q = n % 32;
+      const uint8_t byte = w.codes[k * w.ld + (n / 32) * 16 + (q & 15)];
+      const float code = float(q < 16 ? byte & 15 : byte >> 4);
+      dst[j] = w.zero_point ? (code - o[j]) * s[j] : std::fma(code, s[j], o[j]);
+    }
+  }
+}
+
+}  // namespace pk
