@@ -32,10 +32,33 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import ROOT, markdown_table, write_result  # noqa: E402
 
 SHAPES = [(1536, 576), (576, 576), (3072, 576), (576, 1536)]
-KINDS = ["dense", "dense-int4", "dense-int4x", "dense-int8", "dense-int8x", "2:4", "2:4-int8", "2:4-int4", "2:4-int4-b64", "50", "50-int8", "50-int4-b64"]
+KINDS = ["dense", "dense-int4", "dense-int4x", "dense-int8", "dense-int8x", "2:4", "2:4-int8", "2:4-int4", "2:4-int4-b64", "50", "50-int8", "50-int4-b64",
+         "int4-act30", "int4-act50"]
 """``-int8``: int8 values (fp32 activations); ``-int8x``: int8 activations too (AVX-512 VNNI); ``-int4``:
 the int4 format (4-bit codes, a scale and an offset per 32 inputs: weights on a Q4_1 grid); ``-int4x``: the
-same with int8 activations (AVX-512 VNNI)."""
+same with int8 activations (AVX-512 VNNI); ``int4-actNN``: the same dense 4-bit weights stored input-major
+for activation sparsity (:class:`engines.native.InputMajorInt4Weight`), NN % of each x's entries zero
+(random positions) and skipped."""
+
+
+class ActivationSparse:
+    """An input-major 4-bit weight with its own x, NN % of whose entries are zero (the kernel reads the
+    rows of the others): ``gemv_into`` multiplies that x whatever x it is handed, so the kind is timed
+    on the same loop as the others; ``nbytes`` counts what it reads (the active rows' codes and the
+    scales and offsets of the blocks with an active input)."""
+
+    def __init__(self, w, zero_share: float, rng: np.random.Generator):
+        from engines import native
+
+        self.w, self.n, self.k = w, w.n, w.k
+        self.x = rng.standard_normal(w.k).astype(np.float32)
+        self.x[rng.random(w.k) < zero_share] = 0.0
+        active = self.x != 0
+        self.nbytes = int(active.sum()) * w.n // 2 + 8 * w.n * int(active.reshape(-1, 32).any(-1).sum())
+        self._lib = native.lib()
+
+    def gemv_into(self, _x_ptr: int, _m: int, y_ptr: int) -> None:
+        self._lib.pk_gemv_int4_x(*self.w._args(), self.x.ctypes.data, 0.0, y_ptr)
 
 
 def make_weight(kind: str, n: int, k: int, rng: np.random.Generator):
@@ -60,6 +83,9 @@ def make_weight(kind: str, n: int, k: int, rng: np.random.Generator):
         deq, scales, zeros = rtn(torch.from_numpy(w), QuantScheme(4, block))
         deq = np.where(w == 0, np.float32(0), deq.numpy())
         return native.NativeWeight(compress(deq, f"{fmt}-int4", grid=(scales.numpy(), zeros.numpy(), block)))
+    if kind.startswith("int4-act"):  # the int4 weight below, input-major, its x NN % zeros
+        c = make_weight("dense-int4", n, k, rng).compressed()
+        return ActivationSparse(native.InputMajorInt4Weight([c]), int(kind[len("int4-act"):]) / 100, rng)
     if "int4" in kind:  # the weights put on a Q4_1 grid (fp16 scale and minimum per 32), stored as int4
         b = w.reshape(n, k // 32, 32)
         lo, hi = b.min(-1, keepdims=True), b.max(-1, keepdims=True)

@@ -77,8 +77,8 @@ def lib() -> ctypes.CDLL:
             L.pk_decompress_int4.argtypes = [_i64, _i64, vp, vp, vp, ctypes.c_int, _i64, _i64, _i64, vp]
             L.pk_gemv_sparse_x.argtypes = [_i64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, _i64, ctypes.c_void_p]
             L.pk_gemv_int4_x.restype = _i64
-            L.pk_gemv_int4_x.argtypes = [_i64, _i64, vp, vp, vp, _i64, ctypes.c_int, vp, ctypes.c_double, vp]
-            L.pk_decompress_int4_x.argtypes = [_i64, _i64, vp, vp, vp, _i64, ctypes.c_int, _i64, _i64, vp]
+            L.pk_gemv_int4_x.argtypes = [_i64, _i64, vp, _i64, ctypes.c_int, vp, ctypes.c_double, vp]
+            L.pk_decompress_int4_x.argtypes = [_i64, _i64, vp, _i64, ctypes.c_int, _i64, _i64, vp]
             L.pk_decode_layers.restype = ctypes.c_int
             L.pk_decode_layers.argtypes = [_i64, ctypes.c_void_p, _i64, ctypes.c_void_p, _i64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float,
                                            ctypes.POINTER(_i64), ctypes.POINTER(_i64)]
@@ -182,7 +182,7 @@ class PkLayer(ctypes.Structure):
 def pk_weight(w: "NativeWeight | InputMajorWeight | InputMajorInt4Weight", threshold: float | None = None) -> PkWeight:
     if isinstance(w, InputMajorInt4Weight):
         t = -1.0 if threshold is None else float(threshold)
-        return PkWeight(7, w.n, w.k, w.codes.ctypes.data, w.scales.ctypes.data, w.offsets.ctypes.data, t, None, int(w.zero_point), None, None, w.ld)
+        return PkWeight(7, w.n, w.k, w.data.ctypes.data, None, None, t, None, int(w.zero_point), None, None, w.ld)
     if isinstance(w, InputMajorWeight):
         return PkWeight(2, w.n, w.k, w.wt.ctypes.data, None, None, -1.0 if threshold is None else float(threshold), None, 0, None)
     if w.format == "int4":
@@ -282,7 +282,8 @@ class InputMajorInt4Weight:
     for activation-sparse decoding: each active input reads its row of 4-bit codes (N/2 bytes), and a
     block of 32 inputs none of which is active is skipped with its scales — the 4-bit twin of
     :class:`InputMajorWeight`, an eighth of its code bytes. ``parts``: the ``int4`` weights stacked by
-    output rows (q, k, v; gate, up), one grid form. Layout: ``pk::Int4InputMajor`` (kernels.h)."""
+    output rows (q, k, v; gate, up), one grid form. Layout (one buffer, blocks of 32 inputs, each its
+    rows of codes then its scales and offsets): ``pk::Int4InputMajor`` (kernels.h)."""
 
     def __init__(self, parts: "list[CompressedWeight]"):
         if not parts or any(p.format != "int4" for p in parts):
@@ -302,20 +303,22 @@ class InputMajorInt4Weight:
         t = np.zeros((k, width), np.uint8)
         t[:, :n] = codes.T
         chunks = t.reshape(k, width // 32, 32)
-        self.codes = np.ascontiguousarray((chunks[..., :16] | (chunks[..., 16:] << 4)).reshape(k, self.ld))
-
-        def grid(key: str) -> np.ndarray:
-            g = np.zeros((k // 32, width), np.float32)
+        # one buffer, block by block of 32 inputs: their rows of codes, then the block's scales, then its
+        # offsets (or zero points) — with every input active the weight is one sequential stream
+        nb = k // 32
+        self.data = np.zeros(nb * 48 * self.ld + 64, np.uint8)
+        blocks = self.data[: nb * 48 * self.ld].reshape(nb, 48 * self.ld)
+        blocks[:, : 32 * self.ld] = (chunks[..., :16] | (chunks[..., 16:] << 4)).reshape(nb, 32 * self.ld)
+        for at, key in ((32 * self.ld, "scales"), (40 * self.ld, second)):
+            g = np.zeros((nb, width), np.float32)
             g[:, :n] = np.concatenate([np.asarray(p.arrays[key], np.float32) for p in parts]).T
-            return g
-
-        self.scales, self.offsets = grid("scales"), grid(second)
+            blocks[:, at : at + 8 * self.ld] = g.view(np.uint8)
         self.nbytes = int(n * k // 2 + 8 * n * (k // 32))
         """Bytes of the stored weight (codes + a scale and an offset per 32 inputs), the padding aside."""
         self._tile: np.ndarray | None = None
 
     def _args(self) -> tuple:
-        return (self.n, self.k, self.codes.ctypes.data, self.scales.ctypes.data, self.offsets.ctypes.data, self.ld, int(self.zero_point))
+        return (self.n, self.k, self.data.ctypes.data, self.ld, int(self.zero_point))
 
     def gemv_sparse(self, x: np.ndarray, threshold: float) -> tuple[np.ndarray, int]:
         """``x`` (1, K) → ((1, N), inputs read): inputs with |x| ≤ threshold are skipped (threshold < 0: none)."""

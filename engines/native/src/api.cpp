@@ -325,22 +325,25 @@ struct Active {
   pk::ActiveInputs view() const { return {idx.data(), vals.data(), blocks.data(), starts.data(), int64_t(blocks.size())}; }
 };
 int64_t find_active(const float* x, int64_t K, double threshold, Active& a) {
-  a.idx.clear();
-  a.vals.clear();
+  a.idx.resize(size_t(K));
+  a.vals.resize(size_t(K));
   a.blocks.clear();
   a.starts.clear();
-  for (int64_t k = 0; k < K; ++k) {
-    if (threshold < 0 || std::fabs(x[k]) > threshold) {
-      if (a.blocks.empty() || a.blocks.back() != int32_t(k / 32)) {
-        a.blocks.push_back(int32_t(k / 32));
-        a.starts.push_back(int64_t(a.idx.size()));
-      }
-      a.idx.push_back(int32_t(k));
-      a.vals.push_back(x[k]);
+  int64_t count = 0;
+  for (int64_t b0 = 0; b0 < K; b0 += 32) {  // branch-free within a block: every input written, the active ones kept
+    const int64_t start = count, b1 = std::min(K, b0 + 32);
+    for (int64_t k = b0; k < b1; ++k) {
+      a.idx[size_t(count)] = int32_t(k);
+      a.vals[size_t(count)] = x[k];
+      count += std::fabs(double(x[k])) > threshold ? 1 : 0;  // (threshold < 0: every input)
+    }
+    if (count > start) {
+      a.blocks.push_back(int32_t(b0 / 32));
+      a.starts.push_back(start);
     }
   }
-  a.starts.push_back(int64_t(a.idx.size()));
-  return int64_t(a.idx.size());
+  a.starts.push_back(count);
+  return count;
 }
 
 // Input-major 4-bit: each task owns a run of active blocks (about as many active inputs as the
@@ -410,8 +413,8 @@ struct Int4InputMajorDecompressJob {
 // pk::Int4Dense); kind 4: the same with int8 activations; kind 5: 2:4 with 4-bit values (a = codes,
 // b = positions, c = uint8 zero points, scales, block; pk::TwoFourInt4); kind 6: bitmask with 4-bit
 // values (a = masks, b = codes, c = row offsets, d = uint8 zero points, scales, block; pk::BitmaskInt4);
-// kind 7: input-major 4-bit (a = codes, b = scales, c = offsets or zero points, stride = ld, block = 1
-// for the zero-point form; pk::Int4InputMajor) with an activation threshold (< 0: none).
+// kind 7: input-major 4-bit (a = the buffer, stride = ld, block = 1 for the zero-point form;
+// pk::Int4InputMajor) with an activation threshold (< 0: none).
 struct PkWeight {
   int64_t kind, N, K;
   const void* a;
@@ -477,8 +480,7 @@ void apply(const PkWeight& w, const float* x, float* y, int isa, std::vector<int
                          static_cast<const uint8_t*>(w.d), w.block},
          x, 1, y, isa);
   } else if (w.kind == 7) {
-    const pk::Int4InputMajor im{w.N, w.K, static_cast<const uint8_t*>(w.a), static_cast<const float*>(w.b), static_cast<const float*>(w.c), w.stride,
-                                w.block == 1};
+    const pk::Int4InputMajor im{w.N, w.K, static_cast<const uint8_t*>(w.a), w.stride, w.block == 1};
     *read += gemv_int4_x(im, x, w.threshold, y, isa);
     *total += w.K;
   } else if (w.kind == 1) {
@@ -617,15 +619,13 @@ PK_API void pk_gemv_sparse_x(int64_t N, const float* wt, const int32_t* idx, con
 
 // y[N] = x[K] · Wᵀ for an input-major 4-bit W (pk::Int4InputMajor), reading only the inputs with
 // |x_k| > threshold (threshold < 0: every input). Returns how many were read.
-PK_API int64_t pk_gemv_int4_x(int64_t N, int64_t K, const uint8_t* codes, const float* scales, const float* offsets, int64_t ld, int zero_point,
-                              const float* x, double threshold, float* y) {
-  return gemv_int4_x(pk::Int4InputMajor{N, K, codes, scales, offsets, ld, zero_point != 0}, x, threshold, y, g_isa.load(std::memory_order_relaxed));
+PK_API int64_t pk_gemv_int4_x(int64_t N, int64_t K, const uint8_t* data, int64_t ld, int zero_point, const float* x, double threshold, float* y) {
+  return gemv_int4_x(pk::Int4InputMajor{N, K, data, ld, zero_point != 0}, x, threshold, y, g_isa.load(std::memory_order_relaxed));
 }
 
 // Wᵀ rows [k0, k1) of an input-major 4-bit W, dense, into out[(k1-k0)][N] (the prefill path).
-PK_API void pk_decompress_int4_x(int64_t N, int64_t K, const uint8_t* codes, const float* scales, const float* offsets, int64_t ld, int zero_point,
-                                 int64_t k0, int64_t k1, float* out) {
-  const pk::Int4InputMajor w{N, K, codes, scales, offsets, ld, zero_point != 0};
+PK_API void pk_decompress_int4_x(int64_t N, int64_t K, const uint8_t* data, int64_t ld, int zero_point, int64_t k0, int64_t k1, float* out) {
+  const pk::Int4InputMajor w{N, K, data, ld, zero_point != 0};
   Int4InputMajorDecompressJob job{&w, k0, k1, out, g_isa.load(std::memory_order_relaxed)};
   pool().run((k1 - k0 + 31) / 32, &Int4InputMajorDecompressJob::task, &job);
 }

@@ -1,5 +1,5 @@
 // Activation-sparse GEMV with input-major 4-bit weights, AVX2 + FMA (pk::Int4InputMajor, kernels.h):
-// as int4_x_avx512.cpp with tiles of up to 64 outputs (8 accumulators of 8). Also the prefill path's
+// as int4_x_avx512.cpp with vectors of 8 (tiles of up to 64 outputs, 8 accumulators). Also the prefill path's
 // decompression of a slab of input rows (used on AVX-512 CPUs too: it is not the hot path).
 #include <immintrin.h>
 
@@ -21,13 +21,13 @@ inline void chunk_codes(const uint8_t* r, __m256 v[4]) {
   v[3] = _mm256_cvtepi32_ps(_mm256_srli_epi32(d1, 4));
 }
 
-template <int C>  // 32-output chunks in this tile (1..2)
-inline void tile(const Int4InputMajor& w, const ActiveInputs& a, int64_t p0, int64_t p1, const uint8_t* base, const float* s, const float* o,
-                 __m256 xs, float* out) {
+template <int C>  // 32-output chunks in this tile (1 or 2): 4 · C accumulators in registers
+inline void tile(const Int4InputMajor& w, const ActiveInputs& a, int64_t p0, int64_t p1, int64_t at, const float* s, const float* o, __m256 xs,
+                 float* out) {
   __m256 acc[4 * C];
   for (int j = 0; j < 4 * C; ++j) acc[j] = _mm256_setzero_ps();
   for (int64_t p = p0; p < p1; ++p) {
-    const uint8_t* r = base + int64_t(a.idx[p]) * w.ld;
+    const uint8_t* r = input_row(w, a.idx[p]) + at;
     _mm_prefetch(reinterpret_cast<const char*>(r + 128), _MM_HINT_T0);
     const __m256 xv = _mm256_set1_ps(a.vals[p]);
     for (int q = 0; q < C; ++q) {
@@ -46,30 +46,29 @@ inline void tile(const Int4InputMajor& w, const ActiveInputs& a, int64_t p0, int
 }  // namespace
 
 void gemv_int4_x_avx2(const Int4InputMajor& w, const ActiveInputs& a, float* out, int64_t n0, int64_t n1) {
-  const int64_t chunks = (n1 - n0 + 31) / 32, ldg = 2 * w.ld;
+  const int64_t chunks = (n1 - n0 + 31) / 32;
   for (int64_t j = 0; j < 4 * chunks; ++j) _mm256_storeu_ps(out + 8 * j, _mm256_setzero_ps());
   for (int64_t t = 0; t < a.nblocks; ++t) {
     const int64_t p0 = a.starts[t], p1 = a.starts[t + 1];
     float sum = 0.f;
     for (int64_t p = p0; p < p1; ++p) sum += a.vals[p];
     const __m256 xs = _mm256_set1_ps(sum);
-    const float* s = w.scales + a.blocks[t] * ldg + n0;
-    const float* o = w.offsets + a.blocks[t] * ldg + n0;
-    const uint8_t* base = w.codes + n0 / 2;
+    const float* s = block_scales(w, a.blocks[t]) + n0;
+    const float* o = block_offsets(w, a.blocks[t]) + n0;
     for (int64_t c = 0; c < chunks; c += 2) {
       const int64_t at = 32 * c;
-      if (chunks - c >= 2) tile<2>(w, a, p0, p1, base + at / 2, s + at, o + at, xs, out + at);
-      else tile<1>(w, a, p0, p1, base + at / 2, s + at, o + at, xs, out + at);
+      if (chunks - c >= 2) tile<2>(w, a, p0, p1, (n0 + at) / 2, s + at, o + at, xs, out + at);
+      else tile<1>(w, a, p0, p1, (n0 + at) / 2, s + at, o + at, xs, out + at);
     }
   }
 }
 
 void decompress_int4_x_avx2(const Int4InputMajor& w, int64_t k0, int64_t k1, int64_t n0, int64_t n1, float* out, int64_t ldo) {
-  const int64_t ldg = 2 * w.ld, full = (n1 - n0) / 32;
+  const int64_t full = (n1 - n0) / 32;
   for (int64_t k = k0; k < k1; ++k) {
-    const uint8_t* r = w.codes + k * w.ld + n0 / 2;
-    const float* s = w.scales + (k / 32) * ldg + n0;
-    const float* o = w.offsets + (k / 32) * ldg + n0;
+    const uint8_t* r = input_row(w, k) + n0 / 2;
+    const float* s = block_scales(w, k / 32) + n0;
+    const float* o = block_offsets(w, k / 32) + n0;
     float* dst = out + (k - k0) * ldo;
     for (int64_t c = 0; c < full; ++c) {
       __m256 v[4];
@@ -82,7 +81,7 @@ void decompress_int4_x_avx2(const Int4InputMajor& w, int64_t k0, int64_t k1, int
     }
     for (int64_t n = n0 + 32 * full; n < n1; ++n) {  // a last partial chunk
       const int64_t j = n - n0, q = n % 32;
-      const uint8_t byte = w.codes[k * w.ld + (n / 32) * 16 + (q & 15)];
+      const uint8_t byte = input_row(w, k)[(n / 32) * 16 + (q & 15)];
       const float code = float(q < 16 ? byte & 15 : byte >> 4);
       dst[j] = w.zero_point ? (code - o[j]) * s[j] : std::fma(code, s[j], o[j]);
     }

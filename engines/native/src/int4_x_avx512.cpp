@@ -1,9 +1,11 @@
 // Activation-sparse GEMV with input-major 4-bit weights, AVX-512F (pk::Int4InputMajor, kernels.h).
-// A task owns a range of outputs; for each active block of 32 inputs it sweeps the range in tiles of
-// up to 128 outputs (one 64-byte line of each active input's row), the tile's 8 accumulators in
-// registers while the block's active rows stream through them, then folds them into out with the
-// block's scales and offsets. Each active row is one sequential stream over the range; the line two
-// tiles ahead is prefetched.
+// A task owns a run of active blocks of 32 inputs and the output range [n0, n1). For each block it
+// sweeps the range in tiles of up to 128 outputs (one 64-byte line of each active input's row), the
+// tile's 8 accumulators in registers while the block's active rows stream through them, then folds
+// them into out with the block's scales and offsets (which follow its rows in the buffer). Each
+// active row's line two tiles ahead is prefetched. Chosen over reading whole rows eight at a time
+// into an L1 accumulator, over tiles of 256 outputs, and over splitting the outputs (not the blocks)
+// between threads, by ad-hoc timing during development (not kept; docs/native.md).
 #include <immintrin.h>
 
 #include "kernels.h"
@@ -12,13 +14,13 @@ namespace pk {
 namespace {
 
 template <int C>  // 32-output chunks in this tile (1..4)
-inline void tile(const Int4InputMajor& w, const ActiveInputs& a, int64_t p0, int64_t p1, const uint8_t* base, const float* s, const float* o,
+inline void tile(const Int4InputMajor& w, const ActiveInputs& a, int64_t p0, int64_t p1, int64_t at, const float* s, const float* o,
                  __m512 xs, float* out) {
   const __m512i low = _mm512_set1_epi32(15);
   __m512 acc[2 * C];
   for (int j = 0; j < 2 * C; ++j) acc[j] = _mm512_setzero_ps();
   for (int64_t p = p0; p < p1; ++p) {
-    const uint8_t* r = base + int64_t(a.idx[p]) * w.ld;
+    const uint8_t* r = input_row(w, a.idx[p]) + at;
     _mm_prefetch(reinterpret_cast<const char*>(r + 128), _MM_HINT_T0);
     const __m512 xv = _mm512_set1_ps(a.vals[p]);
     for (int q = 0; q < C; ++q) {
@@ -37,23 +39,22 @@ inline void tile(const Int4InputMajor& w, const ActiveInputs& a, int64_t p0, int
 }  // namespace
 
 void gemv_int4_x_avx512(const Int4InputMajor& w, const ActiveInputs& a, float* out, int64_t n0, int64_t n1) {
-  const int64_t chunks = (n1 - n0 + 31) / 32, ldg = 2 * w.ld;
+  const int64_t chunks = (n1 - n0 + 31) / 32;
   for (int64_t j = 0; j < 2 * chunks; ++j) _mm512_storeu_ps(out + 16 * j, _mm512_setzero_ps());
   for (int64_t t = 0; t < a.nblocks; ++t) {
     const int64_t p0 = a.starts[t], p1 = a.starts[t + 1];
     float sum = 0.f;
     for (int64_t p = p0; p < p1; ++p) sum += a.vals[p];
     const __m512 xs = _mm512_set1_ps(sum);
-    const float* s = w.scales + a.blocks[t] * ldg + n0;
-    const float* o = w.offsets + a.blocks[t] * ldg + n0;
-    const uint8_t* base = w.codes + n0 / 2;
+    const float* s = block_scales(w, a.blocks[t]) + n0;
+    const float* o = block_offsets(w, a.blocks[t]) + n0;
     for (int64_t c = 0; c < chunks; c += 4) {
       const int64_t at = 32 * c;
       switch (chunks - c < 4 ? chunks - c : 4) {
-        case 4: tile<4>(w, a, p0, p1, base + at / 2, s + at, o + at, xs, out + at); break;
-        case 3: tile<3>(w, a, p0, p1, base + at / 2, s + at, o + at, xs, out + at); break;
-        case 2: tile<2>(w, a, p0, p1, base + at / 2, s + at, o + at, xs, out + at); break;
-        default: tile<1>(w, a, p0, p1, base + at / 2, s + at, o + at, xs, out + at); break;
+        case 4: tile<4>(w, a, p0, p1, (n0 + at) / 2, s + at, o + at, xs, out + at); break;
+        case 3: tile<3>(w, a, p0, p1, (n0 + at) / 2, s + at, o + at, xs, out + at); break;
+        case 2: tile<2>(w, a, p0, p1, (n0 + at) / 2, s + at, o + at, xs, out + at); break;
+        default: tile<1>(w, a, p0, p1, (n0 + at) / 2, s + at, o + at, xs, out + at); break;
       }
     }
   }

@@ -183,22 +183,27 @@ void gemv_sparse_x_avx2(const float* wt, int64_t N, const int32_t* idx, const fl
 void gemv_sparse_x_avx512(const float* wt, int64_t N, const int32_t* idx, const float* vals, int64_t count, float* y, int64_t n0, int64_t n1);
 
 // Activation-sparse GEMV with 4-bit weights stored input-major (the input-major twin of Int4Dense,
-// for inputs thresholded TEAL-style): codes uint8[K][ld] — row k holds W[0..N)[k], per 32 outputs 16
-// bytes, byte j with output j in its low nibble and output j + 16 in its high one (ld a multiple of 64
-// bytes, ≥ 16 · ceil(N/32); the padding codes 0); scales and offsets float[ceil(K/32)][2 · ld]
-// (padding 0): w[n][k] = code · scale + offset of (k/32, n), or with zero_point set (code − offset) ·
-// scale. An active input reads its row's codes only; a block of 32 inputs none of which is active
-// is skipped with its scales. Per active block b the kernels form acc[n] = Σ x_k · code[k][n] and
-// xs = Σ x_k over its active inputs, then y[n] += scale · acc + offset · xs (zero point: scale ·
-// (acc − zero · xs)): the model's result up to float32 rounding, not bit for bit.
+// for inputs thresholded TEAL-style), one buffer in blocks of 32 inputs, each block 48 · ld bytes:
+// its 32 rows of codes (row k: W[0..N)[k], ld bytes, per 32 outputs 16 bytes, byte j with output j in
+// its low nibble and output j + 16 in its high one; ld a multiple of 64, ≥ 16 · ceil(N/32), the
+// padding codes 0), then its 2 · ld float scales, then its 2 · ld float offsets (padding 0): w[n][k] =
+// code · scale + offset of (k/32, n), or with zero_point set (code − offset) · scale. K % 32 == 0.
+// Read with every input active, the weight is one sequential stream; an inactive input's row is
+// skipped, and so is a block with no active input, scales included. Per active block b the kernels
+// form acc[n] = Σ x_k · code[k][n] and xs = Σ x_k over its active inputs, then y[n] += scale · acc +
+// offset · xs (zero point: scale · (acc − zero · xs)): the model's result up to float32 rounding.
 struct Int4InputMajor {
   int64_t N, K;
-  const uint8_t* codes;
-  const float* scales;
-  const float* offsets;
+  const uint8_t* data;
   int64_t ld;
   bool zero_point = false;
 };
+namespace {
+inline int64_t block_bytes(const Int4InputMajor& w) { return 48 * w.ld; }
+inline const uint8_t* input_row(const Int4InputMajor& w, int64_t k) { return w.data + (k >> 5) * block_bytes(w) + (k & 31) * w.ld; }
+inline const float* block_scales(const Int4InputMajor& w, int64_t b) { return reinterpret_cast<const float*>(w.data + b * block_bytes(w) + 32 * w.ld); }
+inline const float* block_offsets(const Int4InputMajor& w, int64_t b) { return block_scales(w, b) + 2 * w.ld; }
+}  // namespace
 // The active inputs of one x, grouped by block of 32: idx/vals in input order, blocks[t] the t-th
 // active block and starts[t] .. starts[t + 1] its inputs' range in idx/vals.
 struct ActiveInputs {

@@ -58,7 +58,7 @@ void gemv_sparse_x_scalar(const float* wt, int64_t N, const int32_t* idx, const 
 
 namespace {
 inline float int4_x_code(const Int4InputMajor& w, int64_t k, int64_t n) {
-  const uint8_t byte = w.codes[k * w.ld + (n / 32) * 16 + (n % 32 & 15)];
+  const uint8_t byte = input_row(w, k)[(n / 32) * 16 + (n % 32 & 15)];
   return float(n % 32 < 16 ? byte & 15 : byte >> 4);
 }
 }  // namespace
@@ -68,8 +68,8 @@ void gemv_int4_x_scalar(const Int4InputMajor& w, const ActiveInputs& a, float* o
   for (int64_t t = 0; t < a.nblocks; ++t) {
     float xs = 0.f;
     for (int64_t p = a.starts[t]; p < a.starts[t + 1]; ++p) xs += a.vals[p];
-    const float* s = w.scales + a.blocks[t] * 2 * w.ld;
-    const float* o = w.offsets + a.blocks[t] * 2 * w.ld;
+    const float* s = block_scales(w, a.blocks[t]);
+    const float* o = block_offsets(w, a.blocks[t]);
     for (int64_t n = n0; n < n1; ++n) {
       float acc = 0.f;
       for (int64_t p = a.starts[t]; p < a.starts[t + 1]; ++p) acc += a.vals[p] * int4_x_code(w, a.idx[p], n);
@@ -80,8 +80,8 @@ void gemv_int4_x_scalar(const Int4InputMajor& w, const ActiveInputs& a, float* o
 
 void decompress_int4_x_scalar(const Int4InputMajor& w, int64_t k0, int64_t k1, int64_t n0, int64_t n1, float* out, int64_t ldo) {
   for (int64_t k = k0; k < k1; ++k) {
-    const float* s = w.scales + (k / 32) * 2 * w.ld;
-    const float* o = w.offsets + (k / 32) * 2 * w.ld;
+    const float* s = block_scales(w, k / 32);
+    const float* o = block_offsets(w, k / 32);
     for (int64_t n = n0; n < n1; ++n) {
       const float code = int4_x_code(w, k, n);
       out[(k - k0) * ldo + (n - n0)] = w.zero_point ? (code - o[n]) * s[n] : std::fma(code, s[n], o[n]);
