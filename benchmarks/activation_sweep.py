@@ -4,6 +4,7 @@ at several target sparsities on both texts — the Shakespeare evaluation split 
 recipe ships is chosen on the second text (never on the evaluation split); both are reported.
 
     python benchmarks/activation_sweep.py --sparsities 0.25,0.35,0.45 --windows 16
+    python benchmarks/activation_sweep.py --groups mlp_in --sparsities 0.4,0.5,0.6 --out benchmarks/results/activation_sweep_mlp_in.json
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ def main() -> None:
     ap.add_argument("--sparsities", default="0.25,0.35,0.45,0.55")
     ap.add_argument("--calibration", type=int, default=16, help="calibration windows of 512 tokens (the recipe's)")
     ap.add_argument("--windows", type=int, default=16, help="evaluation windows of 512 tokens per text")
+    ap.add_argument("--groups", default="", help="comma-separated input groups to sparsify (default: every group; e.g. mlp_in)")
     ap.add_argument("--budget", type=float, default=1.10, help="perplexity budget (× dense) the choice must meet on the second text")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "activation_sweep.json")
     args = ap.parse_args()
@@ -45,12 +47,13 @@ def main() -> None:
     def ppl(model) -> dict[str, float]:
         return {t: round(perplexity(torch_outputs_fn(model, "causal-lm"), w, t)["perplexity"], 3) for t, w in texts.items()}
 
+    groups = [g for g in args.groups.split(",") if g] or None
     dense = ppl(loaded.model)
     rows = [{"sparsity": 0.0, **dense, "ratio_shakespeare": 1.0, "ratio_second": 1.0}]
     for sp in [float(x) for x in args.sparsities.split(",") if x]:
         model = copy.deepcopy(loaded.model)
         t0 = time.perf_counter()
-        res = ActivationSparsityPass(ActivationConfig(sparsity=sp)).run(model, PassContext(loaded.adapter, calibration=lambda: cal, progress=False))
+        res = ActivationSparsityPass(ActivationConfig(sparsity=sp, groups=groups)).run(model, PassContext(loaded.adapter, calibration=lambda: cal, progress=False))
         p = ppl(model)
         rows.append({
             "sparsity": sp, **p,
@@ -63,7 +66,7 @@ def main() -> None:
     fits = [r for r in rows[1:] if r["ratio_second"] <= args.budget]
     choice = max(fits, key=lambda r: r["sparsity"])["sparsity"] if fits else None
     result = {
-        "model": "smollm2-135m", "calibration_windows": args.calibration, "evaluation_windows": args.windows,
+        "model": "smollm2-135m", "groups": groups or "all", "calibration_windows": args.calibration, "evaluation_windows": args.windows,
         "budget": args.budget, "chosen_on": "second_text", "chosen_sparsity": choice, "rows": rows,
     }
     write_result(args.out, result)

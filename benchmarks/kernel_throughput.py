@@ -55,10 +55,11 @@ class ActivationSparse:
         self.x[rng.random(w.k) < zero_share] = 0.0
         active = self.x != 0
         self.nbytes = int(active.sum()) * w.n // 2 + 8 * w.n * int(active.reshape(-1, 32).any(-1).sum())
-        self._lib = native.lib()
+        self._call = native.lib().pk_gemv_int4_x
+        self._args = (*w._args(), self.x.ctypes.data, 0.0)
 
     def gemv_into(self, _x_ptr: int, _m: int, y_ptr: int) -> None:
-        self._lib.pk_gemv_int4_x(*self.w._args(), self.x.ctypes.data, 0.0, y_ptr)
+        self._call(*self._args, y_ptr)
 
 
 def make_weight(kind: str, n: int, k: int, rng: np.random.Generator):

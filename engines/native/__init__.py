@@ -341,12 +341,12 @@ class InputMajorInt4Weight:
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """Dense ``x`` (M, K) → (M, N), every input: up to :data:`GEMV_MAX_ROWS` rows by the kernel, more
         (prefill) a slab of input rows of ``Wᵀ`` at a time decompressed into one reused buffer (at most
-        about TILE_ROWS × 1536 floats) and multiplied by the dense GEMM, summed over slabs."""
+        about 2 · TILE_ROWS × 1536 floats, 12 MB) and multiplied by the dense GEMM, summed over slabs."""
         x = np.ascontiguousarray(x, np.float32)
         m = x.shape[0]
         if m <= GEMV_MAX_ROWS:
             return np.concatenate([self.gemv_sparse(x[i : i + 1], -1.0)[0] for i in range(m)]) if m else np.empty((0, self.n), np.float32)
-        slabs = -(-self.k * self.n // (TILE_ROWS * 1536))
+        slabs = -(-self.k * self.n // (2 * TILE_ROWS * 1536))  # (one slab for SmolLM2's gate/up: 7 MB)
         rows = -(-self.k // slabs // 32) * 32
         if self._tile is None or self._tile.size < rows * self.n:
             self._tile = np.empty(rows * self.n, np.float32)

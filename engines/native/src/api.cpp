@@ -398,7 +398,8 @@ struct Int4InputMajorDecompressJob {
     auto* j = static_cast<Int4InputMajorDecompressJob*>(p);
     const int64_t a = j->k0 + i * 32, b = std::min(j->k1, a + 32);
     float* dst = j->out + (a - j->k0) * j->w->N;
-    if (j->isa >= kAvx2) pk::decompress_int4_x_avx2(*j->w, a, b, 0, j->w->N, dst, j->w->N);
+    if (j->isa == kAvx512) pk::decompress_int4_x_avx512(*j->w, a, b, 0, j->w->N, dst, j->w->N);
+    else if (j->isa == kAvx2) pk::decompress_int4_x_avx2(*j->w, a, b, 0, j->w->N, dst, j->w->N);
     else pk::decompress_int4_x_scalar(*j->w, a, b, 0, j->w->N, dst, j->w->N);
   }
 };

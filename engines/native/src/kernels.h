@@ -221,6 +221,7 @@ void gemv_int4_x_avx512(const Int4InputMajor& w, const ActiveInputs& a, float* o
 // tile of the input-major weight decompressed, then one GEMM).
 void decompress_int4_x_scalar(const Int4InputMajor& w, int64_t k0, int64_t k1, int64_t n0, int64_t n1, float* out, int64_t ldo);
 void decompress_int4_x_avx2(const Int4InputMajor& w, int64_t k0, int64_t k1, int64_t n0, int64_t n1, float* out, int64_t ldo);
+void decompress_int4_x_avx512(const Int4InputMajor& w, int64_t k0, int64_t k1, int64_t n0, int64_t n1, float* out, int64_t ldo);
 
 // Decode-step operations (layer_ops.cpp, AVX2 + FMA).
 void rmsnorm(const float* x, const float* w, int64_t n, float eps, float* out);
