@@ -46,21 +46,11 @@ inline void tile(const Int4InputMajor& w, const ActiveInputs& a, int64_t p0, int
 }  // namespace
 
 void gemv_int4_x_avx2(const Int4InputMajor& w, const ActiveInputs& a, float* out, int64_t n0, int64_t n1) {
-  const int64_t chunks = (n1 - n0 + 31) / 32;
-  for (int64_t j = 0; j < 4 * chunks; ++j) _mm256_storeu_ps(out + 8 * j, _mm256_setzero_ps());
-  for (int64_t t = 0; t < a.nblocks; ++t) {
-    const int64_t p0 = a.starts[t], p1 = a.starts[t + 1];
-    float sum = 0.f;
-    for (int64_t p = p0; p < p1; ++p) sum += a.vals[p];
+  for_each_block_tile(w, a, n0, n1, 2, out, [&](int64_t p0, int64_t p1, int64_t at, const float* s, const float* o, float sum, int64_t chunks, float* y) {
     const __m256 xs = _mm256_set1_ps(sum);
-    const float* s = block_scales(w, a.blocks[t]) + n0;
-    const float* o = block_offsets(w, a.blocks[t]) + n0;
-    for (int64_t c = 0; c < chunks; c += 2) {
-      const int64_t at = 32 * c;
-      if (chunks - c >= 2) tile<2>(w, a, p0, p1, (n0 + at) / 2, s + at, o + at, xs, out + at);
-      else tile<1>(w, a, p0, p1, (n0 + at) / 2, s + at, o + at, xs, out + at);
-    }
-  }
+    if (chunks == 2) tile<2>(w, a, p0, p1, at, s, o, xs, y);
+    else tile<1>(w, a, p0, p1, at, s, o, xs, y);
+  });
 }
 
 void decompress_int4_x_avx2(const Int4InputMajor& w, int64_t k0, int64_t k1, int64_t n0, int64_t n1, float* out, int64_t ldo) {

@@ -39,25 +39,15 @@ inline void tile(const Int4InputMajor& w, const ActiveInputs& a, int64_t p0, int
 }  // namespace
 
 void gemv_int4_x_avx512(const Int4InputMajor& w, const ActiveInputs& a, float* out, int64_t n0, int64_t n1) {
-  const int64_t chunks = (n1 - n0 + 31) / 32;
-  for (int64_t j = 0; j < 2 * chunks; ++j) _mm512_storeu_ps(out + 16 * j, _mm512_setzero_ps());
-  for (int64_t t = 0; t < a.nblocks; ++t) {
-    const int64_t p0 = a.starts[t], p1 = a.starts[t + 1];
-    float sum = 0.f;
-    for (int64_t p = p0; p < p1; ++p) sum += a.vals[p];
+  for_each_block_tile(w, a, n0, n1, 4, out, [&](int64_t p0, int64_t p1, int64_t at, const float* s, const float* o, float sum, int64_t chunks, float* y) {
     const __m512 xs = _mm512_set1_ps(sum);
-    const float* s = block_scales(w, a.blocks[t]) + n0;
-    const float* o = block_offsets(w, a.blocks[t]) + n0;
-    for (int64_t c = 0; c < chunks; c += 4) {
-      const int64_t at = 32 * c;
-      switch (chunks - c < 4 ? chunks - c : 4) {
-        case 4: tile<4>(w, a, p0, p1, (n0 + at) / 2, s + at, o + at, xs, out + at); break;
-        case 3: tile<3>(w, a, p0, p1, (n0 + at) / 2, s + at, o + at, xs, out + at); break;
-        case 2: tile<2>(w, a, p0, p1, (n0 + at) / 2, s + at, o + at, xs, out + at); break;
-        default: tile<1>(w, a, p0, p1, (n0 + at) / 2, s + at, o + at, xs, out + at); break;
-      }
+    switch (chunks) {
+      case 4: tile<4>(w, a, p0, p1, at, s, o, xs, y); break;
+      case 3: tile<3>(w, a, p0, p1, at, s, o, xs, y); break;
+      case 2: tile<2>(w, a, p0, p1, at, s, o, xs, y); break;
+      default: tile<1>(w, a, p0, p1, at, s, o, xs, y); break;
     }
-  }
+  });
 }
 
 void decompress_int4_x_avx512(const Int4InputMajor& w, int64_t k0, int64_t k1, int64_t n0, int64_t n1, float* out, int64_t ldo) {

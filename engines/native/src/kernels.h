@@ -213,6 +213,28 @@ struct ActiveInputs {
   const int64_t* starts;
   int64_t nblocks;
 };
+namespace {
+// The block loop of the input-major 4-bit kernels of every instruction set: out[0, n1 − n0) zeroed;
+// then for each active block, the sum of its active inputs, its scales and offsets, and
+// tile(p0, p1, code byte offset, scales, offsets, sum, chunks, out) for each tile of at most `most`
+// 32-output chunks of the range, in order.
+template <class Tile>
+inline void for_each_block_tile(const Int4InputMajor& w, const ActiveInputs& a, int64_t n0, int64_t n1, int64_t most, float* out, Tile tile) {
+  const int64_t chunks = (n1 - n0 + 31) / 32;
+  for (int64_t j = 0; j < 32 * chunks; ++j) out[j] = 0.f;
+  for (int64_t t = 0; t < a.nblocks; ++t) {
+    const int64_t p0 = a.starts[t], p1 = a.starts[t + 1];
+    float sum = 0.f;
+    for (int64_t p = p0; p < p1; ++p) sum += a.vals[p];
+    const float* s = block_scales(w, a.blocks[t]) + n0;
+    const float* o = block_offsets(w, a.blocks[t]) + n0;
+    for (int64_t c = 0; c < chunks; c += most) {
+      const int64_t at = 32 * c;
+      tile(p0, p1, (n0 + at) / 2, s + at, o + at, sum, chunks - c < most ? chunks - c : most, out + at);
+    }
+  }
+}
+}  // namespace
 // out[0, n1 − n0) = y[n0, n1) (n0 % 32 == 0; out holds n1 − n0 rounded up to 32 floats).
 void gemv_int4_x_scalar(const Int4InputMajor& w, const ActiveInputs& a, float* out, int64_t n0, int64_t n1);
 void gemv_int4_x_avx2(const Int4InputMajor& w, const ActiveInputs& a, float* out, int64_t n0, int64_t n1);
