@@ -266,6 +266,10 @@ def test_input_major_4bit_kernel_matches_reference_on_every_isa():
         native.InputMajorInt4Weight([CompressedWeight("dense", (4, 32), {"values": np.zeros((4, 32), np.float32)})])
     with pytest.raises(ValueError, match="grid forms"):
         native.InputMajorInt4Weight([part(4, 32, True), part(4, 32, False)])
+    bad = part(4, 64, False)
+    bad.arrays["scales"] = bad.arrays["scales"][:, :1]
+    with pytest.raises(ValueError, match=r"scales \(4, 1\)"):
+        native.InputMajorInt4Weight([bad])
 
 
 def test_activation_pass_options_are_checked():

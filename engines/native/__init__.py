@@ -296,6 +296,13 @@ class InputMajorInt4Weight:
         self.k = int(parts[0].shape[1])
         self.n = sum(int(p.shape[0]) for p in parts)
         n, k = self.n, self.k
+        for p in parts:
+            rows = int(p.shape[0])
+            if k % 32 or any(np.shape(p.arrays[key]) != want for key, want in
+                             (("values", (rows, k // 2)), ("scales", (rows, k // 32)), (second, (rows, k // 32)))):
+                raise ValueError(f"input-major int4 weight: a ({rows}, {k}) part has codes {np.shape(p.arrays['values'])} / scales "
+                                 f"{np.shape(p.arrays['scales'])} / {second} {np.shape(p.arrays[second])}; expected K % 32 == 0, "
+                                 f"codes ({rows}, {k // 2}) and ({rows}, {k // 32}) per block")
         packed = np.concatenate([np.asarray(p.arrays["values"], np.uint8) for p in parts]).reshape(n, k // 32, 16)
         codes = np.concatenate([packed & 15, packed >> 4], axis=-1).reshape(n, k)  # (N, K), 0..15
         width = -(-n // 128) * 128  # outputs per stored row: a multiple of 128 (64 bytes of codes)
