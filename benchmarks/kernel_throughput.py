@@ -53,10 +53,9 @@ class ActivationSparse:
         self.w, self.n, self.k = w, w.n, w.k
         self.x = rng.standard_normal(w.k).astype(np.float32)
         self.x[rng.random(w.k) < zero_share] = 0.0
-        active = self.x != 0
-        self.nbytes = int(active.sum()) * w.n // 2 + 8 * w.n * int(active.reshape(-1, 32).any(-1).sum())
+        self.nbytes = w.bytes_read(self.x != 0)
         self._call = native.lib().pk_gemv_int4_x
-        self._args = (*w._args(), self.x.ctypes.data, 0.0)
+        self._args = (*w._args, self.x.ctypes.data, 0.0)
 
     def gemv_into(self, _x_ptr: int, _m: int, y_ptr: int) -> None:
         self._call(*self._args, y_ptr)

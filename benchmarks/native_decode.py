@@ -68,9 +68,7 @@ def linear_step(runner, share: float, reps: int = 5) -> tuple[float, int]:
             x = rng.standard_normal((1, w.k)).astype(np.float32)
             if isinstance(w, native.InputMajorInt4Weight):  # the active rows' 4-bit codes + the active blocks' scales and offsets
                 x[0, rng.random(w.k) >= share] = 0.0
-                active = x[0] != 0
-                blocks = int(active.reshape(-1, 32).any(-1).sum())
-                calls.append((lambda w=w, x=x: w.gemv_sparse(x, 0.0), int(active.sum()) * w.n // 2 + 8 * w.n * blocks))
+                calls.append((lambda w=w, x=x: w.gemv_sparse(x, 0.0), w.bytes_read(x[0] != 0)))
             elif isinstance(w, native.InputMajorWeight):
                 x[0, rng.random(w.k) >= share] = 0.0
                 calls.append((lambda w=w, x=x: w.gemv_sparse(x, 0.0), int(w.nbytes * float((x != 0).mean()))))

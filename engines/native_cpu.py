@@ -426,11 +426,9 @@ class _Layer:
 def _input_major(parts: "list[Any]") -> Any:
     """The input-major form of the parts of an activation-sparse group: ``int4`` parts with one grid form
     keep their 4-bit codes (:class:`engines.native.InputMajorInt4Weight`); any other mix runs float32."""
-    from core.sparse_format import int4_offset_key
-
     from engines import native
 
-    if all(p.format == "int4" for p in parts) and len({int4_offset_key(p.arrays) for p in parts}) == 1:
+    if native.InputMajorInt4Weight.accepts(parts):
         return native.InputMajorInt4Weight([p.compressed() for p in parts])
     stacked = parts[0] if len(parts) == 1 else native.NativeWeight.stacked(parts)
     return native.InputMajorWeight(stacked.to_dense())

@@ -285,13 +285,18 @@ class InputMajorInt4Weight:
     output rows (q, k, v; gate, up), one grid form. Layout (one buffer, blocks of 32 inputs, each its
     rows of codes then its scales and offsets): ``pk::Int4InputMajor`` (kernels.h)."""
 
+    @staticmethod
+    def accepts(parts: "list[CompressedWeight | NativeWeight]") -> bool:
+        """Whether ``parts`` can be held as one: all ``int4``, one grid form, one input width."""
+        return (bool(parts) and all(p.format == "int4" for p in parts) and len({int4_offset_key(p.arrays) for p in parts}) == 1
+                and len({int(p.k if isinstance(p, NativeWeight) else p.shape[1]) for p in parts}) == 1)
+
     def __init__(self, parts: "list[CompressedWeight]"):
-        if not parts or any(p.format != "int4" for p in parts):
-            raise ValueError(f"input-major int4 weight: parts of formats {[p.format for p in parts]}, expected int4")
-        forms = {int4_offset_key(p.arrays) for p in parts}
-        if len(forms) > 1 or len({p.shape[1] for p in parts}) > 1:
-            raise ValueError(f"input-major int4 weight: parts mix grid forms {sorted(forms)} or input widths {[p.shape[1] for p in parts]}")
-        second = forms.pop()
+        if not self.accepts(parts):
+            raise ValueError(f"input-major int4 weight: parts of formats {[p.format for p in parts]}, grid forms "
+                             f"{sorted({int4_offset_key(p.arrays) for p in parts if p.format == 'int4'})} and input widths "
+                             f"{[p.shape[1] for p in parts]}: expected int4 parts of one grid form and one input width")
+        second = int4_offset_key(parts[0].arrays)
         self.zero_point = second == "zeros"
         self.k = int(parts[0].shape[1])
         self.n = sum(int(p.shape[0]) for p in parts)
@@ -323,9 +328,12 @@ class InputMajorInt4Weight:
         self.nbytes = int(n * k // 2 + 8 * n * (k // 32))
         """Bytes of the stored weight (codes + a scale and an offset per 32 inputs), the padding aside."""
         self._tile: np.ndarray | None = None
+        self._args = (self.n, self.k, self.data.ctypes.data, self.ld, int(self.zero_point))
 
-    def _args(self) -> tuple:
-        return (self.n, self.k, self.data.ctypes.data, self.ld, int(self.zero_point))
+    def bytes_read(self, active: np.ndarray) -> int:
+        """Bytes a GEMV reads for these active inputs (a (K,) bool mask): their rows' codes and the scales
+        and offsets of the blocks with an active input."""
+        return int(active.sum()) * self.n // 2 + 8 * self.n * int(active.reshape(-1, 32).any(-1).sum())
 
     def gemv_sparse(self, x: np.ndarray, threshold: float) -> tuple[np.ndarray, int]:
         """``x`` (1, K) → ((1, N), inputs read): inputs with |x| ≤ threshold are skipped (threshold < 0: none)."""
@@ -333,12 +341,12 @@ class InputMajorInt4Weight:
         if x.size != self.k:
             raise ValueError(f"input-major int4 weight: input has {x.size} features, the weight expects {self.k}")
         y = np.empty((1, self.n), np.float32)
-        used = lib().pk_gemv_int4_x(*self._args(), x.ctypes.data, float(threshold), y.ctypes.data)
+        used = lib().pk_gemv_int4_x(*self._args, x.ctypes.data, float(threshold), y.ctypes.data)
         return y, int(used)
 
     def decompress_inputs(self, k0: int, k1: int, out: np.ndarray) -> np.ndarray:
         """``Wᵀ`` rows [k0, k1) (float32, exact) into ``out`` (at least (k1 − k0) × N)."""
-        lib().pk_decompress_int4_x(*self._args(), k0, k1, out.ctypes.data)
+        lib().pk_decompress_int4_x(*self._args, k0, k1, out.ctypes.data)
         return out.reshape(-1)[: (k1 - k0) * self.n].reshape(k1 - k0, self.n)
 
     def to_dense(self) -> np.ndarray:

@@ -360,9 +360,9 @@ struct Int4InputMajorJob {
     auto* j = static_cast<Int4InputMajorJob*>(p);
     const pk::ActiveInputs a{j->a.idx, j->a.vals, j->a.blocks + j->cuts[i], j->a.starts + j->cuts[i], j->cuts[i + 1] - j->cuts[i]};
     float* out = j->partial + i * j->padded;
-    if (j->isa == kAvx512) pk::gemv_int4_x_avx512(*j->w, a, out, 0, j->w->N);
-    else if (j->isa == kAvx2) pk::gemv_int4_x_avx2(*j->w, a, out, 0, j->w->N);
-    else pk::gemv_int4_x_scalar(*j->w, a, out, 0, j->w->N);
+    if (j->isa == kAvx512) pk::gemv_int4_x_avx512(*j->w, a, out);
+    else if (j->isa == kAvx2) pk::gemv_int4_x_avx2(*j->w, a, out);
+    else pk::gemv_int4_x_scalar(*j->w, a, out);
   }
 };
 
@@ -464,7 +464,7 @@ struct AttnJob {
   }
 };
 
-void apply(const PkWeight& w, const float* x, float* y, int isa, std::vector<int32_t>& idx, std::vector<float>& vals, int64_t* read, int64_t* total) {
+void apply(const PkWeight& w, const float* x, float* y, int isa, int64_t* read, int64_t* total) {
   if (w.kind == 0) {
     gemv(pk::Bitmask{w.N, w.K, static_cast<const uint16_t*>(w.a), float_values(w.b, w.scales), static_cast<const int64_t*>(w.c),
                      int8_values(w.b, w.scales, w.block, w.corr)},
@@ -487,18 +487,12 @@ void apply(const PkWeight& w, const float* x, float* y, int isa, std::vector<int
   } else if (w.kind == 1) {
     gemv(pk::TwoFour{w.N, w.K, float_values(w.a, w.scales), static_cast<const uint8_t*>(w.b), int8_values(w.a, w.scales, w.block)}, x, 1, y, isa);
   } else {
-    idx.clear();
-    vals.clear();
-    for (int64_t k = 0; k < w.K; ++k) {
-      if (w.threshold < 0 || std::fabs(x[k]) > w.threshold) {
-        idx.push_back(int32_t(k));
-        vals.push_back(x[k]);
-      }
-    }
-    *read += int64_t(idx.size());
+    thread_local Active act;
+    const int64_t count = find_active(x, w.K, w.threshold, act);
+    *read += count;
     *total += w.K;
     const int64_t cols = sparse_x_columns(w.N);
-    SparseXJob job{static_cast<const float*>(w.a), w.N, idx.data(), vals.data(), int64_t(idx.size()), y, cols, isa};
+    SparseXJob job{static_cast<const float*>(w.a), w.N, act.idx.data(), act.vals.data(), count, y, cols, isa};
     pool().run((w.N + cols - 1) / cols, &SparseXJob::task, &job);
   }
 }
@@ -640,8 +634,6 @@ PK_API int pk_decode_layers(int64_t n_layers, const PkLayer* layers, int64_t hid
   if (g_best < kAvx2) return -1;
   const int isa = g_isa.load(std::memory_order_relaxed);
   std::vector<float> a(static_cast<size_t>(hidden)), tmp(static_cast<size_t>(hidden)), buf, attn, gu, act, scores;
-  std::vector<int32_t> idx;
-  std::vector<float> vals;
   const int64_t n = pos + 1;
   for (int64_t l = 0; l < n_layers; ++l) {
     const PkLayer& L = layers[l];
@@ -651,7 +643,7 @@ PK_API int pk_decode_layers(int64_t n_layers, const PkLayer* layers, int64_t hid
     attn.resize(size_t(qn));
     scores.resize(size_t(L.heads * n));
     pk::rmsnorm(h, L.attn_norm, hidden, eps, a.data());
-    apply(L.qkv, a.data(), buf.data(), isa, idx, vals, read, total);
+    apply(L.qkv, a.data(), buf.data(), isa, read, total);
     if (L.qkv_bias)
       for (int64_t i = 0; i < qn + 2 * kn; ++i) buf[size_t(i)] += L.qkv_bias[i];
     float* q = buf.data();
@@ -665,14 +657,14 @@ PK_API int pk_decode_layers(int64_t n_layers, const PkLayer* layers, int64_t hid
     }
     AttnJob aj{&L, q, n, 1.0f / std::sqrt(float(d)), attn.data(), scores.data()};
     pool().run(L.heads, &AttnJob::task, &aj);
-    apply(L.o, attn.data(), tmp.data(), isa, idx, vals, read, total);
+    apply(L.o, attn.data(), tmp.data(), isa, read, total);
     for (int64_t i = 0; i < hidden; ++i) h[i] += tmp[size_t(i)];
     pk::rmsnorm(h, L.mlp_norm, hidden, eps, a.data());
     gu.resize(size_t(2 * L.ffn));
     act.resize(size_t(L.ffn));
-    apply(L.gate_up, a.data(), gu.data(), isa, idx, vals, read, total);
+    apply(L.gate_up, a.data(), gu.data(), isa, read, total);
     pk::silu_mul(gu.data(), gu.data() + L.ffn, L.ffn, act.data());
-    apply(L.down, act.data(), tmp.data(), isa, idx, vals, read, total);
+    apply(L.down, act.data(), tmp.data(), isa, read, total);
     for (int64_t i = 0; i < hidden; ++i) h[i] += tmp[size_t(i)];
   }
   return 0;

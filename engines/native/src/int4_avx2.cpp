@@ -10,13 +10,6 @@
 namespace pk {
 namespace {
 
-
-template <bool ZP>
-inline __m256 weights(__m256i codes, __m256 s, __m256 o) {
-  const __m256 c = _mm256_cvtepi32_ps(codes);
-  return ZP ? _mm256_mul_ps(_mm256_sub_ps(c, o), s) : _mm256_fmadd_ps(c, s, o);
-}
-
 template <bool ZP, int MM, int RB>
 void block(const Int4Dense& w, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t n) {
   const int64_t K = w.K, nb = K / kInt4Block;
@@ -42,10 +35,10 @@ void block(const Int4Dense& w, const float* x, int64_t ldx, float* y, int64_t ld
       const __m256i v1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q[r] + b * 16 + 8)));
       const __m256 s = _mm256_set1_ps(sc[r][b]), o = _mm256_set1_ps(of[r][b]);
       const __m256 w[4] = {
-          weights<ZP>(_mm256_and_si256(v0, low), s, o),  // inputs 0-7
-          weights<ZP>(_mm256_and_si256(v1, low), s, o),  // 8-15
-          weights<ZP>(_mm256_srli_epi32(v0, 4), s, o),   // 16-23
-          weights<ZP>(_mm256_srli_epi32(v1, 4), s, o),   // 24-31
+          int4_weights<ZP>(_mm256_and_si256(v0, low), s, o),  // inputs 0-7
+          int4_weights<ZP>(_mm256_and_si256(v1, low), s, o),  // 8-15
+          int4_weights<ZP>(_mm256_srli_epi32(v0, 4), s, o),   // 16-23
+          int4_weights<ZP>(_mm256_srli_epi32(v1, 4), s, o),   // 24-31
       };
       PK_UNROLL
       for (int part = 0; part < 4; ++part)

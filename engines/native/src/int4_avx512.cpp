@@ -14,30 +14,14 @@ namespace {
 // the int8 kernel's 4, by the row size; not tuned by measurement).
 constexpr int64_t kAhead = 8;
 
-// The weights of 16 codes: fma(code, scale, offset), or (code − zero) · scale in the zero-point form.
-template <bool ZP>
-inline __m512 weights(__m512i codes, __m512 s, __m512 o) {
-  const __m512 c = _mm512_cvtepi32_ps(codes);
-  return ZP ? _mm512_mul_ps(_mm512_sub_ps(c, o), s) : _mm512_fmadd_ps(c, s, o);
-}
-
 template <bool ZP, int MM, int RB>
 void block(const Int4Dense& w, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t n) {
   const int64_t K = w.K, nb = K / kInt4Block;
-  const uint8_t* q[RB];
-  const float* sc[RB];
-  const float* of[RB];
-  const char* next[RB];
+  const Int4Rows<RB> rows(w, n, kAhead);
+  const auto &q = rows.q, &sc = rows.sc, &of = rows.of, &next = rows.next;
   __m512 acc[RB][MM];
   PK_UNROLL
   for (int r = 0; r < RB; ++r) {
-    const int64_t nn = n + kAhead * RB + r < w.N ? n + kAhead * RB + r : n + r;
-    q[r] = row_codes(w, n + r);
-    sc[r] = row_grid(w, w.scales, n + r);
-    of[r] = row_grid(w, w.offsets, n + r);
-    next[r] = reinterpret_cast<const char*>(row_codes(w, nn));
-    _mm_prefetch(reinterpret_cast<const char*>(row_grid(w, w.scales, nn)), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(row_grid(w, w.offsets, nn)), _MM_HINT_T0);
     PK_UNROLL
     for (int m = 0; m < MM; ++m) acc[r][m] = _mm512_setzero_ps();
   }
@@ -94,8 +78,8 @@ void decompress_avx512(const Int4Dense& w, int64_t n0, int64_t n1, float* out) {
       const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + b * 16)));
       const __m512 s = _mm512_set1_ps(row_grid(w, w.scales, n)[b]), o = _mm512_set1_ps(row_grid(w, w.offsets, n)[b]);
       const __m512i lo = _mm512_and_si512(v, low), hi = _mm512_srli_epi32(v, 4);
-      _mm512_storeu_ps(row + b * 32, w.zero_point ? weights<true>(lo, s, o) : weights<false>(lo, s, o));
-      _mm512_storeu_ps(row + b * 32 + 16, w.zero_point ? weights<true>(hi, s, o) : weights<false>(hi, s, o));
+      _mm512_storeu_ps(row + b * 32, w.zero_point ? int4_weights<true>(lo, s, o) : int4_weights<false>(lo, s, o));
+      _mm512_storeu_ps(row + b * 32 + 16, w.zero_point ? int4_weights<true>(hi, s, o) : int4_weights<false>(hi, s, o));
     }
   }
 }

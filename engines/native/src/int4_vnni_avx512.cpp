@@ -35,20 +35,11 @@ constexpr int64_t kAhead = 8;  // as int4_avx512.cpp (not tuned by measurement)
 template <int MM, int RB>
 void block(const Int4Dense& w, const Int4X& xq, float* y, int64_t ldy, int64_t n) {
   const int64_t K = w.K, nb = K / kInt4Block, quads = K / 128;
-  const uint8_t* q[RB];
-  const float* sc[RB];
-  const float* of[RB];
-  const char* next[RB];
+  const Int4Rows<RB> rows(w, n, kAhead);
+  const auto &q = rows.q, &sc = rows.sc, &of = rows.of, &next = rows.next;
   __m512 acc[RB][MM];
   PK_UNROLL
   for (int r = 0; r < RB; ++r) {
-    const int64_t nn = n + kAhead * RB + r < w.N ? n + kAhead * RB + r : n + r;
-    q[r] = row_codes(w, n + r);
-    sc[r] = row_grid(w, w.scales, n + r);
-    of[r] = row_grid(w, w.offsets, n + r);
-    next[r] = reinterpret_cast<const char*>(row_codes(w, nn));
-    _mm_prefetch(reinterpret_cast<const char*>(row_grid(w, w.scales, nn)), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(row_grid(w, w.offsets, nn)), _MM_HINT_T0);
     PK_UNROLL
     for (int m = 0; m < MM; ++m) acc[r][m] = _mm512_setzero_ps();
   }

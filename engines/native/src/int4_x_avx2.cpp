@@ -3,22 +3,21 @@
 // decompression of a slab of input rows (used on AVX-512 CPUs too: it is not the hot path).
 #include <immintrin.h>
 
-#include <cmath>
-
 #include "kernels.h"
+#include "simd.h"
 
 namespace pk {
 namespace {
 
 // The 32 codes of a chunk's 16 bytes as four vectors of 8: outputs 0-7, 8-15, 16-23, 24-31.
-inline void chunk_codes(const uint8_t* r, __m256 v[4]) {
+inline void chunk_codes(const uint8_t* r, __m256i v[4]) {
   const __m256i low = _mm256_set1_epi32(15);
   const __m256i d0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(r)));
   const __m256i d1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(r + 8)));
-  v[0] = _mm256_cvtepi32_ps(_mm256_and_si256(d0, low));
-  v[1] = _mm256_cvtepi32_ps(_mm256_and_si256(d1, low));
-  v[2] = _mm256_cvtepi32_ps(_mm256_srli_epi32(d0, 4));
-  v[3] = _mm256_cvtepi32_ps(_mm256_srli_epi32(d1, 4));
+  v[0] = _mm256_and_si256(d0, low);
+  v[1] = _mm256_and_si256(d1, low);
+  v[2] = _mm256_srli_epi32(d0, 4);
+  v[3] = _mm256_srli_epi32(d1, 4);
 }
 
 template <int C>  // 32-output chunks in this tile (1 or 2): 4 · C accumulators in registers
@@ -31,9 +30,9 @@ inline void tile(const Int4InputMajor& w, const ActiveInputs& a, int64_t p0, int
     _mm_prefetch(reinterpret_cast<const char*>(r + 128), _MM_HINT_T0);
     const __m256 xv = _mm256_set1_ps(a.vals[p]);
     for (int q = 0; q < C; ++q) {
-      __m256 v[4];
+      __m256i v[4];
       chunk_codes(r + 16 * q, v);
-      for (int h = 0; h < 4; ++h) acc[4 * q + h] = _mm256_fmadd_ps(xv, v[h], acc[4 * q + h]);
+      for (int h = 0; h < 4; ++h) acc[4 * q + h] = _mm256_fmadd_ps(xv, _mm256_cvtepi32_ps(v[h]), acc[4 * q + h]);
     }
   }
   for (int j = 0; j < 4 * C; ++j) {
@@ -45,8 +44,8 @@ inline void tile(const Int4InputMajor& w, const ActiveInputs& a, int64_t p0, int
 
 }  // namespace
 
-void gemv_int4_x_avx2(const Int4InputMajor& w, const ActiveInputs& a, float* out, int64_t n0, int64_t n1) {
-  for_each_block_tile(w, a, n0, n1, 2, out, [&](int64_t p0, int64_t p1, int64_t at, const float* s, const float* o, float sum, int64_t chunks, float* y) {
+void gemv_int4_x_avx2(const Int4InputMajor& w, const ActiveInputs& a, float* out) {
+  for_each_block_tile(w, a, 2, out, [&](int64_t p0, int64_t p1, int64_t at, const float* s, const float* o, float sum, int64_t chunks, float* y) {
     const __m256 xs = _mm256_set1_ps(sum);
     if (chunks == 2) tile<2>(w, a, p0, p1, at, s, o, xs, y);
     else tile<1>(w, a, p0, p1, at, s, o, xs, y);
@@ -61,20 +60,15 @@ void decompress_int4_x_avx2(const Int4InputMajor& w, int64_t k0, int64_t k1, int
     const float* o = block_offsets(w, k / 32) + n0;
     float* dst = out + (k - k0) * ldo;
     for (int64_t c = 0; c < full; ++c) {
-      __m256 v[4];
+      __m256i v[4];
       chunk_codes(r + 16 * c, v);
       for (int h = 0; h < 4; ++h) {
         const int64_t at = 32 * c + 8 * h;
         const __m256 sv = _mm256_loadu_ps(s + at), ov = _mm256_loadu_ps(o + at);
-        _mm256_storeu_ps(dst + at, w.zero_point ? _mm256_mul_ps(_mm256_sub_ps(v[h], ov), sv) : _mm256_fmadd_ps(v[h], sv, ov));
+        _mm256_storeu_ps(dst + at, w.zero_point ? int4_weights<true>(v[h], sv, ov) : int4_weights<false>(v[h], sv, ov));
       }
     }
-    for (int64_t n = n0 + 32 * full; n < n1; ++n) {  // a last partial chunk
-      const int64_t j = n - n0, q = n % 32;
-      const uint8_t byte = input_row(w, k)[(n / 32) * 16 + (q & 15)];
-      const float code = float(q < 16 ? byte & 15 : byte >> 4);
-      dst[j] = w.zero_point ? (code - o[j]) * s[j] : std::fma(code, s[j], o[j]);
-    }
+    if (full * 32 < n1 - n0) decompress_int4_x_scalar(w, k, k + 1, n0 + 32 * full, n1, dst + 32 * full, ldo);  // a last partial chunk
   }
 }
 

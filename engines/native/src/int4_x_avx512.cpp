@@ -1,6 +1,6 @@
 // Activation-sparse GEMV with input-major 4-bit weights, AVX-512F (pk::Int4InputMajor, kernels.h).
-// A task owns a run of active blocks of 32 inputs and the output range [n0, n1). For each block it
-// sweeps the range in tiles of up to 128 outputs (one 64-byte line of each active input's row), the
+// A task owns a run of active blocks of 32 inputs and every output. For each block it
+// sweeps the outputs in tiles of up to 128 outputs (one 64-byte line of each active input's row), the
 // tile's 8 accumulators in registers while the block's active rows stream through them, then folds
 // them into out with the block's scales and offsets (which follow its rows in the buffer). Each
 // active row's line two tiles ahead is prefetched. Chosen over reading whole rows eight at a time
@@ -9,6 +9,7 @@
 #include <immintrin.h>
 
 #include "kernels.h"
+#include "simd.h"
 
 namespace pk {
 namespace {
@@ -38,8 +39,8 @@ inline void tile(const Int4InputMajor& w, const ActiveInputs& a, int64_t p0, int
 
 }  // namespace
 
-void gemv_int4_x_avx512(const Int4InputMajor& w, const ActiveInputs& a, float* out, int64_t n0, int64_t n1) {
-  for_each_block_tile(w, a, n0, n1, 4, out, [&](int64_t p0, int64_t p1, int64_t at, const float* s, const float* o, float sum, int64_t chunks, float* y) {
+void gemv_int4_x_avx512(const Int4InputMajor& w, const ActiveInputs& a, float* out) {
+  for_each_block_tile(w, a, 4, out, [&](int64_t p0, int64_t p1, int64_t at, const float* s, const float* o, float sum, int64_t chunks, float* y) {
     const __m512 xs = _mm512_set1_ps(sum);
     switch (chunks) {
       case 4: tile<4>(w, a, p0, p1, at, s, o, xs, y); break;
@@ -60,14 +61,14 @@ void decompress_int4_x_avx512(const Int4InputMajor& w, int64_t k0, int64_t k1, i
     float* dst = out + (k - k0) * ldo;
     for (int64_t c = 0; c < full; ++c) {
       const __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r + 16 * c)));
-      const __m512 v[2] = {_mm512_cvtepi32_ps(_mm512_and_si512(d, low)), _mm512_cvtepi32_ps(_mm512_srli_epi32(d, 4))};
+      const __m512i v[2] = {_mm512_and_si512(d, low), _mm512_srli_epi32(d, 4)};
       for (int h = 0; h < 2; ++h) {
         const int64_t at = 32 * c + 16 * h;
         const __m512 sv = _mm512_loadu_ps(s + at), ov = _mm512_loadu_ps(o + at);
-        _mm512_storeu_ps(dst + at, w.zero_point ? _mm512_mul_ps(_mm512_sub_ps(v[h], ov), sv) : _mm512_fmadd_ps(v[h], sv, ov));
+        _mm512_storeu_ps(dst + at, w.zero_point ? int4_weights<true>(v[h], sv, ov) : int4_weights<false>(v[h], sv, ov));
       }
     }
-    if (full * 32 < n1 - n0) decompress_int4_x_avx2(w, k, k + 1, n0 + 32 * full, n1, dst + 32 * full, ldo);  // a last partial chunk
+    if (full * 32 < n1 - n0) decompress_int4_x_scalar(w, k, k + 1, n0 + 32 * full, n1, dst + 32 * full, ldo);  // a last partial chunk
   }
 }
 

@@ -130,6 +130,27 @@ inline const uint8_t* row_codes(const Int4Dense& w, int64_t n) { return w.codes 
 inline const float* row_grid(const Int4Dense& w, const float* grid, int64_t n) {
   return reinterpret_cast<const float*>(reinterpret_cast<const uint8_t*>(grid) + n * (w.stride ? w.stride : 4 * (w.K / 32)));
 }
+// A 4-bit kernel's rows n .. n + RB − 1 of an Int4Dense: their codes, scales and offsets, and the codes
+// of the rows `ahead` · RB on (for the kernel to prefetch line by line; their scales and offsets are
+// prefetched here).
+template <int RB>
+struct Int4Rows {
+  const uint8_t* q[RB];
+  const float* sc[RB];
+  const float* of[RB];
+  const char* next[RB];
+  Int4Rows(const Int4Dense& w, int64_t n, int64_t ahead) {
+    for (int r = 0; r < RB; ++r) {
+      const int64_t nn = n + ahead * RB + r < w.N ? n + ahead * RB + r : n + r;
+      q[r] = row_codes(w, n + r);
+      sc[r] = row_grid(w, w.scales, n + r);
+      of[r] = row_grid(w, w.offsets, n + r);
+      next[r] = reinterpret_cast<const char*>(row_codes(w, nn));
+      __builtin_prefetch(row_grid(w, w.scales, nn));
+      __builtin_prefetch(row_grid(w, w.offsets, nn));
+    }
+  }
+};
 // Row n of a TwoFourInt4's arrays (interleaved or separate).
 inline int64_t grid_blocks(const TwoFourInt4& w) { return (w.K + w.block - 1) / w.block; }
 inline const uint8_t* row_codes(const TwoFourInt4& w, int64_t n) { return w.codes + n * (w.stride ? w.stride : w.K / 4); }
@@ -214,31 +235,31 @@ struct ActiveInputs {
   int64_t nblocks;
 };
 namespace {
-// The block loop of the input-major 4-bit kernels of every instruction set: out[0, n1 − n0) zeroed;
-// then for each active block, the sum of its active inputs, its scales and offsets, and
-// tile(p0, p1, code byte offset, scales, offsets, sum, chunks, out) for each tile of at most `most`
-// 32-output chunks of the range, in order.
+// The block loop of the input-major 4-bit kernels of every instruction set: out (N rounded up to 32
+// floats) zeroed; then for each active block, the sum of its active inputs, its scales and offsets,
+// and tile(p0, p1, code byte offset, scales, offsets, sum, chunks, out) for each tile of at most
+// `most` 32-output chunks, in order.
 template <class Tile>
-inline void for_each_block_tile(const Int4InputMajor& w, const ActiveInputs& a, int64_t n0, int64_t n1, int64_t most, float* out, Tile tile) {
-  const int64_t chunks = (n1 - n0 + 31) / 32;
+inline void for_each_block_tile(const Int4InputMajor& w, const ActiveInputs& a, int64_t most, float* out, Tile tile) {
+  const int64_t chunks = (w.N + 31) / 32;
   for (int64_t j = 0; j < 32 * chunks; ++j) out[j] = 0.f;
   for (int64_t t = 0; t < a.nblocks; ++t) {
     const int64_t p0 = a.starts[t], p1 = a.starts[t + 1];
     float sum = 0.f;
     for (int64_t p = p0; p < p1; ++p) sum += a.vals[p];
-    const float* s = block_scales(w, a.blocks[t]) + n0;
-    const float* o = block_offsets(w, a.blocks[t]) + n0;
+    const float* s = block_scales(w, a.blocks[t]);
+    const float* o = block_offsets(w, a.blocks[t]);
     for (int64_t c = 0; c < chunks; c += most) {
       const int64_t at = 32 * c;
-      tile(p0, p1, (n0 + at) / 2, s + at, o + at, sum, chunks - c < most ? chunks - c : most, out + at);
+      tile(p0, p1, at / 2, s + at, o + at, sum, chunks - c < most ? chunks - c : most, out + at);
     }
   }
 }
 }  // namespace
-// out[0, n1 − n0) = y[n0, n1) (n0 % 32 == 0; out holds n1 − n0 rounded up to 32 floats).
-void gemv_int4_x_scalar(const Int4InputMajor& w, const ActiveInputs& a, float* out, int64_t n0, int64_t n1);
-void gemv_int4_x_avx2(const Int4InputMajor& w, const ActiveInputs& a, float* out, int64_t n0, int64_t n1);
-void gemv_int4_x_avx512(const Int4InputMajor& w, const ActiveInputs& a, float* out, int64_t n0, int64_t n1);
+// out[0, N) = the active inputs' part of y (out holds N rounded up to 32 floats).
+void gemv_int4_x_scalar(const Int4InputMajor& w, const ActiveInputs& a, float* out);
+void gemv_int4_x_avx2(const Int4InputMajor& w, const ActiveInputs& a, float* out);
+void gemv_int4_x_avx512(const Int4InputMajor& w, const ActiveInputs& a, float* out);
 // Wᵀ rows [k0, k1) of outputs [n0, n1) (n0 % 32 == 0) into out[(k1 − k0)][ldo] (the prefill path: a
 // tile of the input-major weight decompressed, then one GEMM).
 void decompress_int4_x_scalar(const Int4InputMajor& w, int64_t k0, int64_t k1, int64_t n0, int64_t n1, float* out, int64_t ldo);

@@ -63,19 +63,14 @@ inline float int4_x_code(const Int4InputMajor& w, int64_t k, int64_t n) {
 }
 }  // namespace
 
-void gemv_int4_x_scalar(const Int4InputMajor& w, const ActiveInputs& a, float* out, int64_t n0, int64_t n1) {
-  for (int64_t n = n0; n < n1; ++n) out[n - n0] = 0.f;
-  for (int64_t t = 0; t < a.nblocks; ++t) {
-    float xs = 0.f;
-    for (int64_t p = a.starts[t]; p < a.starts[t + 1]; ++p) xs += a.vals[p];
-    const float* s = block_scales(w, a.blocks[t]);
-    const float* o = block_offsets(w, a.blocks[t]);
-    for (int64_t n = n0; n < n1; ++n) {
+void gemv_int4_x_scalar(const Int4InputMajor& w, const ActiveInputs& a, float* out) {
+  for_each_block_tile(w, a, 1, out, [&](int64_t p0, int64_t p1, int64_t at, const float* s, const float* o, float xs, int64_t, float* y) {
+    for (int64_t j = 0; j < 32; ++j) {  // (outputs past N: the padding's codes, scales and offsets are 0)
       float acc = 0.f;
-      for (int64_t p = a.starts[t]; p < a.starts[t + 1]; ++p) acc += a.vals[p] * int4_x_code(w, a.idx[p], n);
-      out[n - n0] += w.zero_point ? s[n] * (acc - o[n] * xs) : s[n] * acc + o[n] * xs;
+      for (int64_t p = p0; p < p1; ++p) acc += a.vals[p] * int4_x_code(w, a.idx[p], 2 * at + j);
+      y[j] += w.zero_point ? s[j] * (acc - o[j] * xs) : s[j] * acc + o[j] * xs;
     }
-  }
+  });
 }
 
 void decompress_int4_x_scalar(const Int4InputMajor& w, int64_t k0, int64_t k1, int64_t n0, int64_t n1, float* out, int64_t ldo) {

@@ -31,18 +31,28 @@ inline float hsum(__m512 v) {
 #endif
 
 #ifdef __AVX512F__
-// The 16 values a 4-bit block's codes stand for, lane c = (c − zero) · scale (ZP, the zero-point form) or
-// fma(c, scale, offset), each rounded once: a permutation of the table by the codes gives the weights
-// (the 4-bit kernels' lookup, in place of a conversion and an FMA per weight).
+// The weights of 4-bit codes (one per lane, 0..15): fma(code, scale, offset), or (code − zero) · scale in
+// the zero-point form (ZP), each rounded once — every 4-bit kernel's rebuild of the model's weights.
+template <bool ZP>
+inline __m512 int4_weights(__m512i codes, __m512 s, __m512 o) {
+  const __m512 c = _mm512_cvtepi32_ps(codes);
+  return ZP ? _mm512_mul_ps(_mm512_sub_ps(c, o), s) : _mm512_fmadd_ps(c, s, o);
+}
+// The 16 values a 4-bit block's codes stand for (lane c: code c's weight): a permutation of the table by
+// the codes gives the weights (the 4-bit kernels' lookup, in place of a conversion and an FMA per weight).
 template <bool ZP>
 inline __m512 value_table(float scale, float zero_or_offset) {
-  const __m512 c = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const __m512 s = _mm512_set1_ps(scale), o = _mm512_set1_ps(zero_or_offset);
-  return ZP ? _mm512_mul_ps(_mm512_sub_ps(c, o), s) : _mm512_fmadd_ps(c, s, o);
+  return int4_weights<ZP>(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_ps(scale), _mm512_set1_ps(zero_or_offset));
 }
 #endif
 
 #ifdef __AVX2__
+template <bool ZP>
+inline __m256 int4_weights(__m256i codes, __m256 s, __m256 o) {
+  const __m256 c = _mm256_cvtepi32_ps(codes);
+  return ZP ? _mm256_mul_ps(_mm256_sub_ps(c, o), s) : _mm256_fmadd_ps(c, s, o);
+}
+
 inline float hsum(__m256 v) {
   const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   const __m128 s2 = _mm_add_ps(s, _mm_movehl_ps(s, s));
