@@ -50,10 +50,13 @@ class QuantizeConfig:
     mask_aware: bool = True
     """GPTQ: weights that are zero before quantization stay exactly zero (the pattern survives)."""
     targets: list[str] = field(default_factory=lambda: list(ROLES))
+    """The block linears' roles to quantize; empty (``[]``) with ``head`` quantizes the LM head alone
+    (the block linears keep their weights, e.g. a GGUF model's own 4-bit grid)."""
     head: bool = False
-    """Also quantize the LM head (round to nearest: the layer-wise runner calibrates block linears only).
-    A head tied to the input embedding gets its own quantized copy; the embedding stays fp32, so the
-    saved model holds one more vocab × hidden matrix and the variant's graph is exported afresh."""
+    """Also quantize the LM head, by ``method``: GPTQ's Hessian is that of the head's inputs (the final
+    norm's outputs over the calibration windows, after the block linears are quantized). A head tied
+    to the input embedding gets its own quantized copy; the embedding stays fp32, so the saved model
+    holds one more vocab × hidden matrix and the variant's graph is exported afresh."""
     damp: float = 0.01
     """GPTQ: relative damping of the Hessian diagonal."""
     blocksize: int = 128
@@ -68,7 +71,8 @@ class QuantizeConfig:
         if self.method not in METHODS:
             raise ValueError(f"method '{self.method}' is not one of {', '.join(METHODS)}")
         self.scheme()  # block size and accuracy level
-        check_roles(self.targets)
+        if self.targets or not self.head:  # empty targets: the head alone
+            check_roles(self.targets)
         if not 0.0 < self.damp < 10.0:
             raise ValueError(f"damp {self.damp} is outside (0, 10)")
         if self.blocksize < 1 or self.blocksize % self.block_size:
@@ -124,6 +128,36 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, keep: t
     return W, scale, zero, {"damping": lam, "damp_steps": steps, "dead_inputs": int(dead.sum())}
 
 
+class _HeadReached(Exception):
+    """Raised by the head's hook: the forward has given the head its input and need go no further."""
+
+
+def head_input_hessian(model: torch.nn.Module, head: torch.nn.Module, windows: torch.Tensor, batch_size: int) -> HessianCollector:
+    """The Hessian statistics of ``head``'s inputs over ``windows`` (token ids ``(n, length)``), from
+    forwards of the whole model in batches that stop where the head would start (its logits are never
+    computed). Progress is logged per batch."""
+    collector = HessianCollector(int(head.weight.shape[1]))
+
+    def hook(_module: torch.nn.Module, args: tuple[Any, ...]) -> None:
+        collector.add(args[0].detach())
+        raise _HeadReached
+
+    handle = head.register_forward_pre_hook(hook)
+    try:
+        with torch.no_grad():
+            for i in range(0, windows.shape[0], batch_size):
+                try:
+                    model(input_ids=windows[i : i + batch_size], use_cache=False)
+                except _HeadReached:
+                    pass
+                else:
+                    raise ValueError("pass 'quantize': the model's forward never reached its LM head")
+                log.info("quantize: head inputs, %d of %d windows", min(i + batch_size, windows.shape[0]), windows.shape[0])
+    finally:
+        handle.remove()
+    return collector
+
+
 @register_pass
 class QuantizePass(Pass):
     name = "quantize"
@@ -156,18 +190,22 @@ class QuantizePass(Pass):
         z = info["zeros"]
         kept = "every one still zero" if z["lost"] == 0 else f"**{z['lost']:,} of them now non-zero** (the pattern is lost)"
         head = info.get("head")
-        head_text = "" if not head else f" and the LM head by rtn{' (untied from the embedding, which stays fp32)' if head['untied'] else ''}"
+        head_text = "" if not head else f"the LM head by {head['method']}{' (untied from the embedding, which stays fp32)' if head['untied'] else ''}"
+        body = info["linears"] - (1 if head else 0)
+        what = " and ".join(t for t in (f"{body} block linears" if body else "", head_text) if t)
         return [Paragraph(
             f"**{variant['name']}**: {info['label']} by {info['method']}"
-            f"{' (mask-aware)' if info['method'] == 'gptq' and info['mask_aware'] else ''} on {info['linears'] - (1 if head else 0)} block linears{head_text}; "
+            f"{' (mask-aware)' if info['method'] == 'gptq' and info['mask_aware'] else ''} on {what}; "
             f"{z['before']:,} weights were zero before, {kept}; relative weight change ‖W′−W‖/‖W‖ {info['relative_error']:.4f}."
         )]
 
     @staticmethod
-    def _quantize_head(model: torch.nn.Module, adapter: Any, scheme: QuantScheme, record: Any) -> dict[str, Any]:
-        """RTN of the LM head; a head tied to the input embedding is untied first (its own parameter)."""
+    def _quantize_head(model: torch.nn.Module, adapter: Any, cfg: QuantizeConfig, record: Any, windows: "torch.Tensor | None") -> dict[str, Any]:
+        """The LM head by ``cfg.method`` (GPTQ on the Hessian of the head's inputs over ``windows``); a
+        head tied to the input embedding is untied first (its own parameter)."""
         if adapter.head_path is None:
             raise ValueError(f"pass 'quantize': head: true, but the '{adapter.family}' adapter names no LM head")
+        scheme = cfg.scheme()
         head = model.get_submodule(adapter.head_path)
         embed = model.get_input_embeddings()
         tied = embed is not None and head.weight is embed.weight
@@ -178,9 +216,17 @@ class QuantizePass(Pass):
                 model.config.get_text_config().tie_word_embeddings = False
         name = f"{adapter.head_path}.weight"
         w = head.weight.detach()
-        new, s, z = rtn(w, scheme)
+        facts: dict[str, Any] = {"name": name, "shape": list(w.shape), "method": cfg.method, "untied": tied}
+        if cfg.method == "rtn":
+            new, s, z = rtn(w, scheme)
+        else:
+            assert windows is not None
+            t0 = time.perf_counter()
+            H = head_input_hessian(model, head, windows, cfg.batch_size)
+            new, s, z, solve = gptq_quantize(w.float(), H.hessian(), scheme, (w != 0) if cfg.mask_aware else None, cfg.blocksize, cfg.damp, name)
+            facts |= solve | {"seconds": round(time.perf_counter() - t0, 2), "tokens": H.rows}
         record(name, head.weight.data, new, s, z, w == 0)
-        return {"name": name, "shape": list(w.shape), "method": "rtn", "untied": tied}
+        return facts
 
     def run(self, model: torch.nn.Module, ctx: PassContext) -> PassResult:
         from calibrate.runner import LayerwiseRunner, resolve_compute_dtype
@@ -210,14 +256,15 @@ class QuantizePass(Pass):
             record(f"{ref.name}.weight", ref.weight_out_in(), new, s, z, was_zero)
             result.layers.append(LayerChange.of(ref))
 
-        if cfg.method == "rtn":
+        windows = ctx.calibration_windows(self.name) if cfg.method == "gptq" else None
+        if not cfg.targets:
+            pass  # the head alone (checked by the config)
+        elif cfg.method == "rtn":
             for ref in ctx.adapter.linears(model, roles=cfg.targets):
                 w = ref.weight_out_in().detach()
                 new, s, z = rtn(w, scheme)
                 finish(ref, new, s, z, w == 0)
         else:
-            windows = ctx.calibration_windows(self.name)
-
             def apply(block: int, refs: list[Any], collectors: dict[str, Any]) -> None:
                 # linears fed the same input (q/k/v, gate/up) share one Hessian: GPTQ treats rows independently
                 # given H, so their rows are solved stacked, one factorisation per input (as SparseGPT does)
@@ -234,10 +281,10 @@ class QuantizePass(Pass):
 
             runner = LayerwiseRunner(model, ctx.adapter, windows, batch_size=cfg.batch_size, show_progress=ctx.progress, compute_dtype=resolve_compute_dtype(cfg.calibration_dtype))
             result.info["runner"] = runner.run(lambda ref: HessianCollector(ref.in_features), apply, roles=cfg.targets).to_dict()
-        if not result.layers:
+        if cfg.targets and not result.layers:
             raise ValueError(f"pass 'quantize': no linear matches targets {cfg.targets}")
         if cfg.head:
-            result.info["head"] = self._quantize_head(model, ctx.adapter, scheme, record)
+            result.info["head"] = self._quantize_head(model, ctx.adapter, cfg, record, windows)
         model.quantization_tensors = tensors
         model.config.weight_quantization = {**scheme.to_dict(), "method": cfg.method, "weights": sorted(k[: -len(".scale")] for k in tensors if k.endswith(".scale"))}
         result.info["linears"] = len(result.layers) + (1 if cfg.head else 0)

@@ -152,6 +152,7 @@ def test_quantized_variants_through_the_build(tiny_dirs, text_file, tmp_path):
         {"name": "m2of4-int4-gptq", "passes": [{"magnitude": {"pattern": "2:4"}}, {"quantize": {"bits": 4, "block_size": 16, "method": "gptq", "accuracy_level": 0}}]},
         {"name": "m2of4-int4-plain", "passes": [{"magnitude": {"pattern": "2:4"}}, {"quantize": {"bits": 4, "block_size": 16, "method": "gptq", "mask_aware": False}}]},
         {"name": "int8-head", "passes": [{"quantize": {"bits": 8, "head": True, "accuracy_level": 0}}]},
+        {"name": "head4-gptq", "passes": [{"quantize": {"bits": 4, "block_size": 16, "method": "gptq", "head": True, "targets": [], "accuracy_level": 0}}]},
     ]
     recipe = tiny_recipe(
         tiny_dirs["llama"], text_file, tmp_path / "q", variants=variants, export={"kv_cache": True},
@@ -178,6 +179,10 @@ def test_quantized_variants_through_the_build(tiny_dirs, text_file, tmp_path):
     assert head["export"]["exporter"] != "rebind"
     assert head["engines"]["onnxruntime-cpu"]["parity"]["passed"] and head["engines"]["onnxruntime-cpu"]["parity"]["atol"] == 1e-3
     assert head["pass_results"][-1]["info"]["head"] == {"name": "lm_head.weight", "shape": [257, 64], "method": "rtn", "untied": True}
+    alone = by["head4-gptq"]  # the head alone, by GPTQ on its own inputs: the block linears keep their weights
+    assert alone["export"]["quantization"]["weights"] == 1 and alone["engines"]["onnxruntime-cpu"]["parity"]["passed"]
+    facts = alone["pass_results"][-1]["info"]["head"]
+    assert facts["method"] == "gptq" and facts["tokens"] > 0 and facts["untied"] and alone["pass_results"][-1]["info"]["linears"] == 1
     cfg = json.loads((tmp_path / "q" / "int8-head" / "model" / "model" / "config.json").read_text())
     assert cfg["tie_word_embeddings"] is False and "lm_head.weight" in cfg["weight_quantization"]["weights"]
     info = lambda n: by[n]["pass_results"][-1]["info"]
@@ -268,3 +273,34 @@ def test_graph_rewrite_finds_a_weight_named_after_an_equal_parameter(tmp_path):
     assert info["weights"] == 1
     with pytest.raises(QuantizeGraphError, match="lm_head.weight"):  # other values: not taken for it
         rewrite_quantized(tmp_path / "m.onnx", tmp_path / "q.onnx", spec, grids, lambda name: (wq * 2).numpy())
+
+
+def test_head_gptq_on_its_own_inputs_beats_rtn():
+    """The head's Hessian is XᵀX of the final norm's outputs (the forward stops before the logits), and
+    GPTQ on it reconstructs the head's outputs on those inputs better than round to nearest."""
+    from passes.quantize import gptq_quantize, head_input_hessian
+    from tests.conftest import tiny_model
+
+    model = tiny_model("llama").eval()
+    windows = torch.randint(0, model.config.vocab_size, (5, 24), generator=torch.Generator().manual_seed(0))
+    h = head_input_hessian(model, model.lm_head, windows, batch_size=2)
+    with torch.no_grad():
+        x = model(input_ids=windows, output_hidden_states=True).hidden_states[-1].reshape(-1, model.config.hidden_size).double()
+    assert h.rows == windows.numel()
+    ref = x.t() @ x  # (the collector multiplies in float32, batch by batch: float32 rounding apart)
+    torch.testing.assert_close(h.sum, ref, rtol=1e-4, atol=1e-5 * float(ref.diagonal().max()))
+    w = model.lm_head.weight.detach().float()
+    scheme = QuantScheme(4, 16, 0)
+    g, _, _, facts = gptq_quantize(w, h.hessian(), scheme, None)
+    r, _, _ = rtn(w, scheme)
+    err = lambda q: float(((x @ (q.double() - w.double()).t()) ** 2).sum())
+    assert err(g) < 0.9 * err(r), (err(g), err(r))
+    assert facts["dead_inputs"] == 0
+
+
+def test_head_alone_needs_the_head():
+    from passes.quantize import QuantizeConfig
+
+    assert QuantizeConfig(bits=4, method="gptq", head=True, targets=[]).targets == []
+    with pytest.raises(ValueError, match="targets is empty"):
+        QuantizeConfig(bits=4, targets=[])
