@@ -32,10 +32,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import ROOT, markdown_table, write_result  # noqa: E402
 
 SHAPES = [(1536, 576), (576, 576), (3072, 576), (576, 1536)]
-KINDS = ["dense", "dense-int4", "dense-int4x", "dense-int8", "dense-int8x", "2:4", "2:4-int8", "2:4-int4", "2:4-int4-b64", "50", "50-int8", "50-int4-b64",
+KINDS = ["dense", "dense-int4", "dense-int4-f32grid", "dense-int4x", "dense-int8", "dense-int8x", "2:4", "2:4-int8", "2:4-int4", "2:4-int4-b64", "50", "50-int8", "50-int4-b64",
          "int4-act30", "int4-act50"]
 """``-int8``: int8 values (fp32 activations); ``-int8x``: int8 activations too (AVX-512 VNNI); ``-int4``:
-the int4 format (4-bit codes, a scale and an offset per 32 inputs: weights on a Q4_1 grid); ``-int4x``: the
+the int4 format (4-bit codes, a scale and an offset per 32 inputs: weights on a Q4_1 grid, whose fp16
+scales and minima the kernel reads as fp16); ``-int4-f32grid``: the same with the grid read as float32; ``-int4x``: the
 same with int8 activations (AVX-512 VNNI); ``int4-actNN``: the same dense 4-bit weights stored input-major
 for activation sparsity (:class:`engines.native.InputMajorInt4Weight`), NN % of each x's entries zero
 (random positions) and skipped."""
@@ -91,7 +92,8 @@ def make_weight(kind: str, n: int, k: int, rng: np.random.Generator):
         lo, hi = b.min(-1, keepdims=True), b.max(-1, keepdims=True)
         d, m = ((hi - lo) / 15).astype(np.float16).astype(np.float32), lo.astype(np.float16).astype(np.float32)
         q = np.clip(np.rint((b - m) / np.where(d > 0, d, 1)), 0, 15)
-        return native.NativeWeight(compress((q * d + m).astype(np.float32).reshape(n, k), "int4"), int8_activations=kind.endswith("x"))
+        return native.NativeWeight(compress((q * d + m).astype(np.float32).reshape(n, k), "int4"), int8_activations=kind.endswith("x"),
+                                   half_grid=not kind.endswith("f32grid"))
     if "int8" not in kind:
         return native.NativeWeight(compress(w, fmt))
     deq, scales, _ = rtn(torch.from_numpy(w), QuantScheme(8, 32))  # the quantize pass's own INT8 (zeros stay zero)
@@ -105,15 +107,20 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--isa", default=None, help="force an instruction set no better than the CPU's (scalar, avx2+fma, avx512f): "
                     "the AVX2 path's speed on an AVX-512 machine, not an AVX2-only machine's")
+    ap.add_argument("--kinds", default="", help="comma-separated kinds to time (default: all; 'dense' is always timed, the ratios' base)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "kernel_throughput.json")
     args = ap.parse_args()
+    chosen = [k for k in args.kinds.split(",") if k]
+    unknown = [k for k in chosen if k not in KINDS]
+    if unknown:
+        ap.error(f"--kinds: {', '.join(unknown)} not among {', '.join(KINDS)}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S")
     from engines import native
 
     native.set_threads(args.threads)
     if args.isa:
         native.set_isa(args.isa)
-    kinds = [k for k in KINDS if not k.endswith("x") or (native.int8_activations() and native.isa() == "avx512f")]
+    kinds = [k for k in KINDS if (not chosen or k == "dense" or k in chosen) and (not k.endswith("x") or (native.int8_activations() and native.isa() == "avx512f"))]
     rng = np.random.default_rng(0)
     stream = {kind: [make_weight(kind, n, k, rng) for _ in range(args.layers) for n, k in SHAPES] for kind in kinds}
     cached = {kind: make_weight(kind, 768, 576, rng) for kind in kinds}

@@ -291,5 +291,6 @@ class QuantizePass(Pass):
         result.info["zeros"] = {"before": stats["before"], "lost": stats["lost"]}
         result.info["relative_error"] = (stats["err2"] / stats["norm2"]) ** 0.5 if stats["norm2"] else 0.0
         result.seconds = time.perf_counter() - t0
-        log.info("quantize: %s by %s on %d linears in %.1f s; %d of %d zeros lost", scheme.label, cfg.method, len(result.layers), result.seconds, stats["lost"], stats["before"])
+        log.info("quantize: %s by %s on %d block linears%s in %.1f s; %d of %d zeros lost", scheme.label, cfg.method, len(result.layers),
+                 " and the LM head" if cfg.head else "", result.seconds, stats["lost"], stats["before"])
         return result

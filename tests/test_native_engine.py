@@ -514,6 +514,8 @@ def test_weights_on_an_exact_int8_grid_are_stored_as_codes_and_compute_the_same(
     assert off["embed_storage"]["values"] == "float32" and not any(e["values"] == "int8" for e in off["linears"].values())
     assert arts[False].info["exact_grids"] == "none found"
     assert arts[True].path.stat().st_size < arts[False].path.stat().st_size - 3 * emb.numel()  # ~3 bytes saved per embedding weight
+    (tmp_path / "engine-float-grids").mkdir()  # Q4_1 grids held as float32 instead of fp16: the same weights
+    float_grids = NativeCpuEngine({"threads": 2, "half_grids": False}).build(tmp_path / "model", tmp_path / "engine-float-grids")
     ids = np.random.default_rng(3).integers(0, 257, (2, 20)).astype(np.int64)
     with torch.no_grad():
         ref = model(input_ids=torch.from_numpy(ids)).logits.numpy()
@@ -527,10 +529,20 @@ def test_weights_on_an_exact_int8_grid_are_stored_as_codes_and_compute_the_same(
                 assert isinstance(d.embed, np.ndarray) != exact
                 assert (d.layers[0].qkv.format == "int4") == exact
                 logits = r.infer({"input_ids": ids, "attention_mask": np.ones_like(ids)})["logits"]
+                assert d.layers[0].qkv.half_grid == exact  # the Q4_1 grid's fp16 scales and minima, read as fp16
                 d.prefill(ids[:1, :12])
                 outs[exact] = (logits, [d.step(t) for t in (5, 7, 9)], d.embed[ids])
+        with NativeCpuEngine({"threads": 2}).runner(float_grids) as r:
+            d = r.decoder
+            assert d.layers[0].qkv.format == "int4" and not d.layers[0].qkv.half_grid
+            logits = r.infer({"input_ids": ids, "attention_mask": np.ones_like(ids)})["logits"]
+            d.prefill(ids[:1, :12])
+            outs["float-grids"] = (logits, [d.step(t) for t in (5, 7, 9)], d.embed[ids])
     finally:
         native.set_isa(best)
+    for a, b in zip(outs[True][1], outs["float-grids"][1]):
+        assert np.array_equal(a, b)
+    assert np.array_equal(outs[True][0], outs["float-grids"][0])
     np.testing.assert_allclose(outs[True][0], ref, atol=1e-4, rtol=1e-4)
     assert np.array_equal(outs[True][2], emb.detach().numpy()[ids])  # the rows looked up are the model's own, bit for bit
     assert np.array_equal(outs[True][0], outs[False][0])

@@ -4,6 +4,8 @@ shapes including odd sizes, all-zero and all-kept rows, 1–4 decode rows and th
 
 from __future__ import annotations
 
+import ctypes
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -293,15 +295,43 @@ def test_int4_kernel_matches_dense_reference_and_the_float32_kernel(isa):
             assert c.nbytes == n * k // 2 + 2 * 4 * n * k // 32 and c.value_type == "int4"
             assert np.array_equal(decompress(c), w)
             nw, fw = native.NativeWeight(c), native.NativeWeight(w)
+            # Q4_1's scales and minima are fp16: the kernel reads them so (2 bytes each), exactly
+            assert nw.half_grid and nw.nbytes == n * k // 2 + 2 * 2 * n * k // 32
             assert np.array_equal(nw.to_dense(), w)
+            assert np.array_equal(decompress(nw.compressed()), w) and nw.compressed().arrays["scales"].dtype == np.float32
             for m in (1, 2, 3, 4, 6):
                 x = rng.standard_normal((m, k)).astype(np.float32)
                 y = nw.gemv(x)
                 ref = x.astype(np.float64) @ w.T.astype(np.float64)
                 np.testing.assert_allclose(y, ref, atol=1e-4 * (1 + np.abs(ref).max()), rtol=0)
                 assert np.array_equal(y, fw.gemv(x))
+                # the same half grid as separate arrays (stride 0), by the C API: the same result
+                half = {key: np.ascontiguousarray(c.arrays[key], np.float16) for key in ("scales", "offsets")}
+                y2 = np.empty((m, n), np.float32)
+                ptr = lambda a: a.ctypes.data_as(ctypes.c_void_p)  # noqa: E731
+                native.lib().pk_gemv_int4(n, k, ptr(c.arrays["values"]), ptr(half["scales"]), ptr(half["offsets"]), 2, 0, 0, ptr(x), m, ptr(y2))
+                assert np.array_equal(y2, y)
     finally:
         native.set_isa(best)
+
+
+def test_int4_grid_that_is_not_fp16_stays_float32():
+    """A grid value that fp16 cannot hold exactly (or only as a subnormal, outside the kernels' exact
+    widening) keeps the weight's grid in float32; the result is the float32 kernel's either way."""
+    from core.sparse_format import compress
+
+    rng = np.random.default_rng(11)
+    w = _on_q4_grid(rng.standard_normal((4, 64)).astype(np.float32))
+    c = compress(w, "int4")
+    for row, value in ((1, np.float32(0.1)), (2, np.float32(2.0**-20))):  # 0.1: not an fp16; 2^-20: an fp16 subnormal
+        odd = {k: v.copy() for k, v in c.arrays.items()}
+        odd["scales"][row, 0] = value
+        cw = type(c)("int4", c.shape, odd, c.block)
+        nw = native.NativeWeight(cw)
+        assert not nw.half_grid and nw.nbytes == cw.nbytes
+        x = rng.standard_normal((2, 64)).astype(np.float32)
+        dense = nw.to_dense()
+        assert np.array_equal(nw.gemv(x), native.NativeWeight(dense).gemv(x))
 
 
 def test_int4_format_errors_and_stacking():
@@ -320,7 +350,10 @@ def test_int4_format_errors_and_stacking():
     x = rng.standard_normal((1, 64)).astype(np.float32)
     ref = np.concatenate([p.gemv(x) for p in parts], axis=1)
     st = native.NativeWeight.stacked(parts)
-    assert st.format == "int4" and np.array_equal(st.gemv(x), ref)
+    assert st.format == "int4" and st.half_grid and np.array_equal(st.gemv(x), ref)
+    floats = [native.NativeWeight(p.compressed(), half_grid=False) for p in parts]  # grids kept float32: the same result
+    assert not any(p.half_grid for p in floats) and np.array_equal(np.concatenate([p.gemv(x) for p in floats], axis=1), ref)
+    assert not native.NativeWeight.stacked(floats).half_grid
     mixed = native.NativeWeight.stacked(parts[:2] + [native.NativeWeight(parts[2].to_dense())])
     assert mixed.format == "dense" and np.array_equal(mixed.gemv(x), ref)
 
@@ -550,7 +583,6 @@ def test_bitmask_int4_by_hand_stacking_and_errors():
 def test_4bit_kernels_read_separate_arrays_and_interleaved_rows_alike():
     """The engine lays a 4-bit matrix's rows out in one buffer (row stride > 0); the kernels also take the
     format's separate arrays (stride 0): both give the same result bit for bit, for dense int4 and 2:4-int4."""
-    import ctypes
 
     import torch
 

@@ -186,8 +186,8 @@ def pk_weight(w: "NativeWeight | InputMajorWeight | InputMajorInt4Weight", thres
     if isinstance(w, InputMajorWeight):
         return PkWeight(2, w.n, w.k, w.wt.ctypes.data, None, None, -1.0 if threshold is None else float(threshold), None, 0, None)
     if w.format == "int4":
-        codes, scales, second, zero_point, stride = w._args
-        return PkWeight(4 if w.int8_activations else 3, w.n, w.k, codes, scales, second, -1.0, None, zero_point, None, None, stride)
+        codes, scales, second, grid_flags, stride = w._args
+        return PkWeight(4 if w.int8_activations else 3, w.n, w.k, codes, scales, second, -1.0, None, grid_flags, None, None, stride)
     if w.format == "2:4-int4":
         codes, positions, scales, zeros, block, stride = w._args
         return PkWeight(5, w.n, w.k, codes, positions, zeros, -1.0, scales, block, None, None, stride)
@@ -383,6 +383,16 @@ def _join_row_offsets(offsets: "list[np.ndarray]") -> np.ndarray:
     return np.concatenate(out)
 
 
+def _exact_half(a: np.ndarray) -> bool:
+    """Whether every value of the float32 array ``a`` is an fp16 number exactly, normal or zero (the
+    kernels widen fp16 grids without subnormals or infinities: ``half_to_float`` in kernels.h)."""
+    h = a.astype(np.float16)
+    if not np.array_equal(h.astype(np.float32), a):
+        return False
+    mag = np.abs(h)
+    return bool(np.all((mag == 0) | ((mag >= np.finfo(np.float16).tiny) & np.isfinite(mag))))
+
+
 def _interleave_rows(n: int, parts: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int]:
     """Arrays of ``n`` rows each laid out in one buffer, row by row in the given order (each row padded
     to a multiple of 8 bytes, and 64 bytes of zeros after the last: a kernel's wide loads never leave
@@ -405,10 +415,12 @@ class NativeWeight:
     :class:`CompressedWeight` (2:4, bitmask or dense; float32 or int8 values with their scales), or a
     dense float32 ``(N, K)`` array (``format`` 'dense', every bit set)."""
 
-    def __init__(self, c: CompressedWeight | np.ndarray, int8_activations: bool = False):
+    def __init__(self, c: CompressedWeight | np.ndarray, int8_activations: bool = False, half_grid: bool = True):
         self._tile: np.ndarray | None = None
         self._corr: int | None = None
         self._int4x = False
+        self.half_grid = False
+        """An int4 weight whose scales and offsets are held as fp16 (exactly; see the int4 branch)."""
         if isinstance(c, np.ndarray):
             if c.ndim != 2:
                 raise ValueError(f"native weight: dense weight of shape {c.shape} is not 2-D")
@@ -418,7 +430,8 @@ class NativeWeight:
         self.block = int(c.block)
         """Int8 values with a scale per row and block of this many inputs; 0: float32 values."""
         self.nbytes = c.nbytes
-        """Bytes of the stored format (what the file holds and the kernel reads, row offsets aside)."""
+        """Bytes of the stored format (what the file holds and the kernel reads, row offsets aside; for an
+        int4 weight with a half grid, what the kernel reads: the file holds its grid as float32)."""
         if c.format == "2:4-int4":  # 2:4 with 4-bit values: codes, positions, a scale and a uint8 zero point per row and block
             arrays = {"values": np.ascontiguousarray(c.arrays["values"], np.uint8), "positions": np.ascontiguousarray(c.arrays["positions"], np.uint8),
                       "scales": np.ascontiguousarray(c.arrays["scales"], np.float32), "zeros": np.ascontiguousarray(c.arrays["zeros"], np.uint8)}
@@ -455,13 +468,21 @@ class NativeWeight:
             grid = {k: np.ascontiguousarray(c.arrays[k], np.float32) for k in ("scales", second)}
             if self.k % 32 or codes.shape != (self.n, self.k // 2) or any(g.shape != (self.n, self.k // 32) for g in grid.values()):
                 raise ValueError(f"int4 weight: codes {codes.shape} / scales {grid['scales'].shape} / {second} {grid[second].shape} do not fit a ({self.n}, {self.k}) weight")
+            self._int4x = bool(int8_activations and self.k % 64 == 0)
+            # a grid every value of which is an fp16 number (GGUF's Q4_1 stores its scales and minima as
+            # fp16) is held as fp16, exactly: 5 bits per weight read instead of 6 (the VNNI kernel of
+            # int8 activations reads float grids)
+            self.half_grid = half_grid and not self._int4x and all(_exact_half(g) for g in grid.values())
+            if self.half_grid:
+                grid = {k: g.astype(np.float16) for k, g in grid.items()}
+                self.nbytes = codes.nbytes + sum(g.nbytes for g in grid.values())
             # one buffer, row by row: scales, offsets (or zero points), codes — a matrix is one sequential
             # stream, not three (docs/native.md); the arrays are views of it
             self.arrays, stride = _interleave_rows(self.n, {"scales": grid["scales"], second: grid[second], "values": codes})
             views = self.arrays
             self._q = (None, 0)
-            self._args = (views["values"].ctypes.data, views["scales"].ctypes.data, views[second].ctypes.data, int(second == "zeros"), stride)
-            self._int4x = bool(int8_activations and self.k % 64 == 0)
+            flags = int(second == "zeros") | (2 if self.half_grid else 0)
+            self._args = (views["values"].ctypes.data, views["scales"].ctypes.data, views[second].ctypes.data, flags, stride)
             return
         vdtype = np.int8 if self.block else np.float32
         raw = c.arrays["values"]
@@ -526,7 +547,7 @@ class NativeWeight:
         """This weight as a :class:`CompressedWeight` (sharing its arrays)."""
         if "+" in self.format:
             raise ValueError(f"native weight: a stacked weight of formats {self.format} has no single format")
-        arrays = {k: v for k, v in self.arrays.items() if k != "values"} | {"values": self.stored_values}
+        arrays = {k: v.astype(np.float32) if v.dtype == np.float16 else v for k, v in self.arrays.items() if k != "values"} | {"values": self.stored_values}
         if self.format in INT4_FORMATS:  # (the int4 format's block is fixed; ``self.block`` is the int8 scale block)
             return CompressedWeight(self.format, (self.n, self.k), arrays, 32 if self.format == "int4" else self.block)
         if self.format == "2:4":
@@ -548,7 +569,8 @@ class NativeWeight:
             cs = [p.compressed() for p in parts]  # one 4-bit format, one block and grid form: the arrays stacked by rows
             arrays = {key: _join_row_offsets([c.arrays[key] for c in cs]) if key == "row_offsets" else np.concatenate([c.arrays[key] for c in cs])
                       for key in cs[0].arrays}
-            return cls(CompressedWeight(fmt, (sum(p.n for p in parts), k), arrays, cs[0].block), int8_activations=all(p.int8_activations for p in parts))
+            return cls(CompressedWeight(fmt, (sum(p.n for p in parts), k), arrays, cs[0].block), int8_activations=all(p.int8_activations for p in parts),
+                       half_grid=all(p.half_grid for p in parts))
         float_form = {"int4": "dense", "2:4-int4": "2:4", "bitmask-int4": "bitmask"}
         if any(p.format in float_form for p in parts):  # 4-bit parts beside other formats, blocks or grids: their exact float32 values
             parts = [cls(compress(p.to_dense(), float_form[p.format])) if p.format in float_form else p for p in parts]

@@ -269,7 +269,7 @@ struct Int4xJob {
 // An int4 weight: int8 activations by the VNNI kernel when asked (the int8_activations option), the
 // chosen instruction set is AVX-512 on a CPU with VNNI and K % 64 == 0; else fp32 activations.
 void gemv_int4(const pk::Int4Dense& w, const float* x, int64_t M, float* y, int isa, bool int8x) {
-  if (int8x && g_vnni && isa == kAvx512 && w.K % 64 == 0 && g_int8x.load(std::memory_order_relaxed)) {
+  if (int8x && !w.half && g_vnni && isa == kAvx512 && w.K % 64 == 0 && g_int8x.load(std::memory_order_relaxed)) {
     thread_local std::vector<int8_t> bytes;
     thread_local std::vector<float> scales, sums;
     const int64_t nb = w.K / pk::kInt4Block;
@@ -410,8 +410,8 @@ struct Int4InputMajorDecompressJob {
 // c = row offsets or null); kind 1: 2:4 (a = values, b = positions); kind 2: input-major dense
 // (a = Wᵀ, K rows of N) with an activation threshold (< 0: none). With `scales` set (kinds 0 and 1)
 // the values are int8 codes with a scale per row and block of `block` inputs. kind 3: 4-bit dense
-// (a = codes, b = scales, c = offsets or zero points, block = 1 for the zero-point form;
-// pk::Int4Dense); kind 4: the same with int8 activations; kind 5: 2:4 with 4-bit values (a = codes,
+// (a = codes, b = scales, c = offsets or zero points, block: bit 0 the zero-point form, bit 1 a half
+// grid; pk::Int4Dense); kind 4: the same with int8 activations; kind 5: 2:4 with 4-bit values (a = codes,
 // b = positions, c = uint8 zero points, scales, block; pk::TwoFourInt4); kind 6: bitmask with 4-bit
 // values (a = masks, b = codes, c = row offsets, d = uint8 zero points, scales, block; pk::BitmaskInt4);
 // kind 7: input-major 4-bit (a = the buffer, stride = ld, block = 1 for the zero-point form;
@@ -470,8 +470,9 @@ void apply(const PkWeight& w, const float* x, float* y, int isa, int64_t* read, 
                      int8_values(w.b, w.scales, w.block, w.corr)},
          x, 1, y, isa);
   } else if (w.kind == 3 || w.kind == 4) {
-    gemv_int4(pk::Int4Dense{w.N, w.K, static_cast<const uint8_t*>(w.a), static_cast<const float*>(w.b), static_cast<const float*>(w.c), w.block == 1, w.stride}, x, 1,
-              y, isa, w.kind == 4);
+    gemv_int4(pk::Int4Dense{w.N, w.K, static_cast<const uint8_t*>(w.a), static_cast<const float*>(w.b), static_cast<const float*>(w.c), (w.block & 1) != 0, w.stride,
+                            (w.block & 2) != 0},
+              x, 1, y, isa, w.kind == 4);
   } else if (w.kind == 5) {
     gemv(pk::TwoFourInt4{w.N, w.K, static_cast<const uint8_t*>(w.a), static_cast<const uint8_t*>(w.b), w.scales, static_cast<const uint8_t*>(w.c), w.block,
                          w.stride},
@@ -564,15 +565,17 @@ PK_API void pk_decompress_24(int64_t N, int64_t K, const void* values, const uin
 
 // y[M][N] = x[M][K] · Wᵀ, W 4-bit dense (codes, a scale and an offset per row and 32 inputs; kernels.h).
 // int8x: int8 activations where the CPU has AVX-512 VNNI (K % 64 == 0; see int4_vnni_avx512.cpp).
-// zero_point: offsets holds zero points ((code − zero) · scale). stride: rows interleaved (kernels.h), 0: separate.
-PK_API void pk_gemv_int4(int64_t N, int64_t K, const uint8_t* codes, const float* scales, const float* offsets, int zero_point, int64_t stride, int int8x,
+// grid: bit 0 the zero-point form (offsets holds zero points: (code − zero) · scale), bit 1 a half grid
+// (scales and offsets fp16; kernels.h). stride: rows interleaved (kernels.h), 0: separate. A half grid
+// runs with fp32 activations (the VNNI kernel reads float grids).
+PK_API void pk_gemv_int4(int64_t N, int64_t K, const uint8_t* codes, const float* scales, const float* offsets, int grid, int64_t stride, int int8x,
                          const float* x, int64_t M, float* y) {
-  gemv_int4(pk::Int4Dense{N, K, codes, scales, offsets, zero_point != 0, stride}, x, M, y, g_isa.load(std::memory_order_relaxed), int8x != 0);
+  gemv_int4(pk::Int4Dense{N, K, codes, scales, offsets, (grid & 1) != 0, stride, (grid & 2) != 0}, x, M, y, g_isa.load(std::memory_order_relaxed), int8x != 0);
 }
 
-PK_API void pk_decompress_int4(int64_t N, int64_t K, const uint8_t* codes, const float* scales, const float* offsets, int zero_point, int64_t stride,
+PK_API void pk_decompress_int4(int64_t N, int64_t K, const uint8_t* codes, const float* scales, const float* offsets, int grid, int64_t stride,
                                int64_t n0, int64_t n1, float* out) {
-  const pk::Int4Dense w{N, K, codes, scales, offsets, zero_point != 0, stride};
+  const pk::Int4Dense w{N, K, codes, scales, offsets, (grid & 1) != 0, stride, (grid & 2) != 0};
   DecompressJob<pk::Int4Dense> job{&w, n0, n1, out, g_isa.load(std::memory_order_relaxed)};
   pool().run((n1 - n0 + kRowsPerTask - 1) / kRowsPerTask, &DecompressJob<pk::Int4Dense>::task, &job);
 }

@@ -10,7 +10,7 @@
 namespace pk {
 namespace {
 
-template <bool ZP, int MM, int RB>
+template <bool ZP, bool HALF, int MM, int RB>
 void block(const Int4Dense& w, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t n) {
   const int64_t K = w.K, nb = K / kInt4Block;
   const uint8_t* q[RB];
@@ -33,7 +33,7 @@ void block(const Int4Dense& w, const float* x, int64_t ldx, float* y, int64_t ld
       if ((b & 3) == 0) _mm_prefetch(reinterpret_cast<const char*>(q[r] + b * 16 + 256), _MM_HINT_T0);
       const __m256i v0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q[r] + b * 16)));
       const __m256i v1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q[r] + b * 16 + 8)));
-      const __m256 s = _mm256_set1_ps(sc[r][b]), o = _mm256_set1_ps(of[r][b]);
+      const __m256 s = _mm256_set1_ps(grid_at<HALF>(sc[r], b)), o = _mm256_set1_ps(grid_at<HALF>(of[r], b));
       const __m256 w[4] = {
           int4_weights<ZP>(_mm256_and_si256(v0, low), s, o),  // inputs 0-7
           int4_weights<ZP>(_mm256_and_si256(v1, low), s, o),  // 8-15
@@ -52,19 +52,20 @@ void block(const Int4Dense& w, const float* x, int64_t ldx, float* y, int64_t ld
     for (int m = 0; m < MM; ++m) y[m * ldy + n + r] = hsum(acc[r][m]);
 }
 
-template <bool ZP, int MM>
+template <bool ZP, bool HALF, int MM>
 void rows(const Int4Dense& w, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t n0, int64_t n1) {
   int64_t n = n0;
-  for (; n + 4 <= n1; n += 4) block<ZP, MM, 4>(w, x, ldx, y, ldy, n);
-  for (; n < n1; ++n) block<ZP, MM, 1>(w, x, ldx, y, ldy, n);
+  for (; n + 4 <= n1; n += 4) block<ZP, HALF, MM, 4>(w, x, ldx, y, ldy, n);
+  for (; n < n1; ++n) block<ZP, HALF, MM, 1>(w, x, ldx, y, ldy, n);
 }
 
 }  // namespace
 
 void gemv_int4_avx2(const Int4Dense& w, const float* x, int64_t M, int64_t ldx, float* y, int64_t ldy, int64_t n0, int64_t n1) {
-  by_chunks_of_four(M, [&](auto mm, int64_t m) {
-    if (w.zero_point) rows<true, decltype(mm)::value>(w, x + m * ldx, ldx, y + m * ldy, ldy, n0, n1);
-    else rows<false, decltype(mm)::value>(w, x + m * ldx, ldx, y + m * ldy, ldy, n0, n1);
+  by_int4_grid(w, [&](auto zp, auto half) {
+    by_chunks_of_four(M, [&](auto mm, int64_t m) {
+      rows<decltype(zp)::value, decltype(half)::value, decltype(mm)::value>(w, x + m * ldx, ldx, y + m * ldy, ldy, n0, n1);
+    });
   });
 }
 

@@ -14,7 +14,7 @@ namespace {
 // the int8 kernel's 4, by the row size; not tuned by measurement).
 constexpr int64_t kAhead = 8;
 
-template <bool ZP, int MM, int RB>
+template <bool ZP, bool HALF, int MM, int RB>
 void block(const Int4Dense& w, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t n) {
   const int64_t K = w.K, nb = K / kInt4Block;
   const Int4Rows<RB> rows(w, n, kAhead);
@@ -37,7 +37,7 @@ void block(const Int4Dense& w, const float* x, int64_t ldx, float* y, int64_t ld
       if ((b & 3) == 0) _mm_prefetch(next[r] + b * 16, _MM_HINT_T0);  // 4 blocks = one 64-byte line
       // the codes index the block's 16 weights (a permutation reads the low 4 bits of each lane)
       const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q[r] + b * 16)));
-      const __m512 table = value_table<ZP>(sc[r][b], of[r][b]);
+      const __m512 table = value_table<ZP>(grid_at<HALF>(sc[r], b), grid_at<HALF>(of[r], b));
       const __m512 w0 = _mm512_permutexvar_ps(v, table);
       const __m512 w1 = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table);
       PK_UNROLL
@@ -52,19 +52,20 @@ void block(const Int4Dense& w, const float* x, int64_t ldx, float* y, int64_t ld
     for (int m = 0; m < MM; ++m) y[m * ldy + n + r] = hsum(acc[r][m]);
 }
 
-template <bool ZP, int MM>
+template <bool ZP, bool HALF, int MM>
 void rows(const Int4Dense& w, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t n0, int64_t n1) {
   int64_t n = n0;
-  for (; n + 4 <= n1; n += 4) block<ZP, MM, 4>(w, x, ldx, y, ldy, n);
-  for (; n < n1; ++n) block<ZP, MM, 1>(w, x, ldx, y, ldy, n);
+  for (; n + 4 <= n1; n += 4) block<ZP, HALF, MM, 4>(w, x, ldx, y, ldy, n);
+  for (; n < n1; ++n) block<ZP, HALF, MM, 1>(w, x, ldx, y, ldy, n);
 }
 
 }  // namespace
 
 void gemv_int4_avx512(const Int4Dense& w, const float* x, int64_t M, int64_t ldx, float* y, int64_t ldy, int64_t n0, int64_t n1) {
-  by_chunks_of_four(M, [&](auto mm, int64_t m) {
-    if (w.zero_point) rows<true, decltype(mm)::value>(w, x + m * ldx, ldx, y + m * ldy, ldy, n0, n1);
-    else rows<false, decltype(mm)::value>(w, x + m * ldx, ldx, y + m * ldy, ldy, n0, n1);
+  by_int4_grid(w, [&](auto zp, auto half) {
+    by_chunks_of_four(M, [&](auto mm, int64_t m) {
+      rows<decltype(zp)::value, decltype(half)::value, decltype(mm)::value>(w, x + m * ldx, ldx, y + m * ldy, ldy, n0, n1);
+    });
   });
 }
 
@@ -76,7 +77,7 @@ void decompress_avx512(const Int4Dense& w, int64_t n0, int64_t n1, float* out) {
     const uint8_t* q = row_codes(w, n);
     for (int64_t b = 0; b < nb; ++b) {
       const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + b * 16)));
-      const __m512 s = _mm512_set1_ps(row_grid(w, w.scales, n)[b]), o = _mm512_set1_ps(row_grid(w, w.offsets, n)[b]);
+      const __m512 s = _mm512_set1_ps(grid_at(w, row_grid(w, w.scales, n), b)), o = _mm512_set1_ps(grid_at(w, row_grid(w, w.offsets, n), b));
       const __m512i lo = _mm512_and_si512(v, low), hi = _mm512_srli_epi32(v, 4);
       _mm512_storeu_ps(row + b * 32, w.zero_point ? int4_weights<true>(lo, s, o) : int4_weights<false>(lo, s, o));
       _mm512_storeu_ps(row + b * 32 + 16, w.zero_point ? int4_weights<true>(hi, s, o) : int4_weights<false>(hi, s, o));

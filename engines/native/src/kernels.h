@@ -8,6 +8,7 @@
 // kept values and the bit per weight: that is the point.
 #pragma once
 #include <cstdint>
+#include <type_traits>
 
 namespace pk {
 
@@ -101,6 +102,10 @@ struct BitmaskInt4 {
 // float) and a weight is (code − z) · scale rounded once — the quantize pass's 4-bit grid, exactly.
 // With `stride` set, codes, scales and offsets are interleaved row by row (`stride` bytes per row, each
 // array's row n `n · stride` bytes after its pointer: a matrix is one sequential stream).
+// Half grid (half set): scales and offsets are IEEE fp16 (uint16) instead of float — GGUF's Q4_1 stores
+// its scale and minimum as fp16, so they are held exactly in 2 bytes each (5 bits per weight instead of
+// 6); each is widened exactly to float before use, so the weights, and the results, are the same. The
+// host sets it only when every value is a normal fp16 number or zero (half_to_float's domain).
 struct Int4Dense {
   int64_t N, K;
   const uint8_t* codes;
@@ -108,6 +113,7 @@ struct Int4Dense {
   const float* offsets;
   bool zero_point = false;
   int64_t stride = 0;
+  bool half = false;
 };
 constexpr int64_t kInt4Block = 32;
 
@@ -128,7 +134,36 @@ inline const float* row_scales(int64_t K, const Int8Values& q, int64_t n) { retu
 // Row n of an Int4Dense's arrays (interleaved or separate).
 inline const uint8_t* row_codes(const Int4Dense& w, int64_t n) { return w.codes + n * (w.stride ? w.stride : w.K / 2); }
 inline const float* row_grid(const Int4Dense& w, const float* grid, int64_t n) {
-  return reinterpret_cast<const float*>(reinterpret_cast<const uint8_t*>(grid) + n * (w.stride ? w.stride : 4 * (w.K / 32)));
+  return reinterpret_cast<const float*>(reinterpret_cast<const uint8_t*>(grid) + n * (w.stride ? w.stride : (w.half ? 2 : 4) * (w.K / 32)));
+}
+// An fp16 number (normal or ±0) widened to float exactly: its exponent and mantissa moved into a
+// float's fields, then rebiased by 2^112 (exact: a power of two, no rounding), and the sign put back.
+inline float half_to_float(uint16_t h) {
+  const uint32_t bits = uint32_t(h & 0x7fff) << 13;
+  float f;
+  __builtin_memcpy(&f, &bits, 4);
+  f *= 0x1p112f;
+  uint32_t out;
+  __builtin_memcpy(&out, &f, 4);
+  out |= uint32_t(h & 0x8000) << 16;
+  __builtin_memcpy(&f, &out, 4);
+  return f;
+}
+// Block b's scale or offset in a row of an Int4Dense grid (row_grid), float or half (HALF: w.half).
+template <bool HALF>
+inline float grid_at(const float* row, int64_t b) {
+  if constexpr (HALF) return half_to_float(reinterpret_cast<const uint16_t*>(row)[b]);
+  else return row[b];
+}
+inline float grid_at(const Int4Dense& w, const float* row, int64_t b) { return w.half ? grid_at<true>(row, b) : grid_at<false>(row, b); }
+// Calls f(zp, half) with std::bool_constant values for an Int4Dense's grid form, so a kernel
+// instantiates its row template once per form.
+template <class F>
+inline void by_int4_grid(const Int4Dense& w, F f) {
+  using T = std::true_type;
+  using N = std::false_type;
+  if (w.zero_point) w.half ? f(T{}, T{}) : f(T{}, N{});
+  else w.half ? f(N{}, T{}) : f(N{}, N{});
 }
 // A 4-bit kernel's rows n .. n + RB − 1 of an Int4Dense: their codes, scales and offsets, and the codes
 // of the rows `ahead` · RB on (for the kernel to prefetch line by line; their scales and offsets are

@@ -142,7 +142,7 @@ inline float int4_weight(const Int4Dense& w, int64_t n, int64_t k) {
   const int64_t b = k / kInt4Block, j = k % kInt4Block;
   const uint8_t byte = row_codes(w, n)[b * 16 + (j & 15)];
   const int code = j < 16 ? (byte & 15) : (byte >> 4);
-  const float s = row_grid(w, w.scales, n)[b], o = row_grid(w, w.offsets, n)[b];
+  const float s = grid_at(w, row_grid(w, w.scales, n), b), o = grid_at(w, row_grid(w, w.offsets, n), b);
   return w.zero_point ? (float(code) - o) * s : std::fma(float(code), s, o);
 }
 
