@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build the native sparse kernels (C++17) with the system compiler into engines/native/lib/.
 # Each instruction set's file is compiled with its own flags; the library picks one at run time
-# (AVX-512F where present, else AVX2+FMA, else the scalar reference), so it runs on any x86-64.
+# (AVX-512F where present, else AVX2+FMA+F16C, else the scalar reference), so it runs on any x86-64.
 set -euo pipefail
 cd "$(dirname "$0")"
 CXX=${CXX:-}
@@ -34,7 +34,7 @@ FLAGS="-std=c++17 -O3 -fPIC -Wall -Wextra -fvisibility=hidden -DNDEBUG ${PK_EXTR
 "$CXX" $FLAGS -Wno-uninitialized -Wno-maybe-uninitialized -mavx512f -mavx2 -mfma -c src/twofour_int4_avx512.cpp -o obj/twofour_int4_avx512.o
 "$CXX" $FLAGS -Wno-uninitialized -Wno-maybe-uninitialized -mavx512f -mavx512bw -mavx512vl -mavx512vnni -mavx2 -mfma -c src/vnni_avx512.cpp -o obj/vnni_avx512.o
 "$CXX" $FLAGS -Wno-uninitialized -Wno-maybe-uninitialized -mavx512f -mavx2 -mfma -c src/int4_avx512.cpp -o obj/int4_avx512.o
-"$CXX" $FLAGS -mavx2 -mfma -c src/int4_avx2.cpp -o obj/int4_avx2.o
+"$CXX" $FLAGS -mavx2 -mfma -mf16c -c src/int4_avx2.cpp -o obj/int4_avx2.o
 "$CXX" $FLAGS -Wno-uninitialized -Wno-maybe-uninitialized -mavx512f -mavx512bw -mavx512vl -mavx512vnni -mavx2 -mfma -c src/int4_vnni_avx512.cpp -o obj/int4_vnni_avx512.o
 "$CXX" $FLAGS -mavx2 -mfma -c src/sparse_x_avx2.cpp -o obj/sparse_x_avx2.o
 "$CXX" $FLAGS -Wno-uninitialized -Wno-maybe-uninitialized -mavx512f -mavx2 -mfma -c src/sparse_x_avx512.cpp -o obj/sparse_x_avx512.o

@@ -60,6 +60,33 @@ inline float hsum(__m256 v) {
 }
 #endif
 
+// The fp16 grid values (kernels.h, Int4Dense's half grid) of blocks [b0, b0 + count), count ≤ 16,
+// widened exactly to float into out[0, 16) by the F16C / AVX-512 conversion — once per 16 blocks of a
+// row, so the block loop reads floats as it does from a float grid. With `overread` the 16 values are
+// read whatever count is (lanes past count unused): an interleaved row's grid is followed by more of
+// the row, and the buffer by 64 bytes of padding (engines/native: _interleave_rows); else a partial
+// chunk is copied first (separate arrays may end right after it).
+inline const uint16_t* sixteen_halves(const float* row, int64_t b0, int64_t count, bool overread, uint16_t* tail) {
+  const uint16_t* h = reinterpret_cast<const uint16_t*>(row) + b0;
+  if (overread || count == 16) return h;
+  for (int64_t i = 0; i < 16; ++i) tail[i] = i < count ? h[i] : 0;
+  return tail;
+}
+#if defined(__AVX512F__)
+inline void widen_halves(const float* row, int64_t b0, int64_t count, bool overread, float* out) {
+  alignas(32) uint16_t tail[16];
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sixteen_halves(row, b0, count, overread, tail)));
+  _mm512_storeu_ps(out, _mm512_cvtph_ps(v));
+}
+#elif defined(__F16C__)
+inline void widen_halves(const float* row, int64_t b0, int64_t count, bool overread, float* out) {
+  alignas(32) uint16_t tail[16];
+  const uint16_t* src = sixteen_halves(row, b0, count, overread, tail);
+  _mm256_storeu_ps(out, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src))));
+  _mm256_storeu_ps(out + 8, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 8))));
+}
+#endif
+
 // Runs rows(mm, m) over M rows of x in chunks of four: mm is std::integral_constant<int, 4> for the
 // full chunks, then 3, 2 or 1 for the rest (a kernel keeps one accumulator per row of x).
 template <class Rows>
