@@ -1,5 +1,5 @@
 """Measure the figures ``tests/test_oneshot_guard.py`` pins: Wanda and SparseGPT 2:4 on the bundled
-SmolLM2, 8 × 256 calibration tokens (seed 0, fp32 calibration), perplexity on the first 4 × 256-token
+SmolLM2, 8 × 512 calibration tokens (seed 0, fp32 calibration), perplexity on the first 4 × 256-token
 evaluation windows. Rerun it and update the test's PINNED values only when a change is meant to move
 them (say so in the commit).
 
@@ -25,7 +25,7 @@ def main() -> None:
     loaded = load_model("smollm2-135m")
     s = shakespeare_splits()
     ev = evaluation_windows(tokenize(loaded.tokenizer, s.evaluation), 256, 4)
-    cal = calibration_windows(tokenize(loaded.tokenizer, s.calibration), 8, 256, 0)
+    cal = calibration_windows(tokenize(loaded.tokenizer, s.calibration), 8, 512, 0)
     for method in ("wanda", "sparsegpt"):
         model = copy.deepcopy(loaded.model)
         cls = get_pass_class(method)

@@ -76,9 +76,9 @@ class NativeOptions:
     dense SmolLM2 reads 0.19× of its float32 bytes per token, exactly the same model."""
 
     half_grids: bool = True
-    """Hold an ``int4`` weight's scales and offsets as fp16 where every one of them is an fp16 number
-    (GGUF's Q4_1 stores them so): exactly the same weights, 5 bits read per weight instead of 6. Off:
-    float32 grids (kept to measure the difference)."""
+    """Store and read an ``int4`` weight's scales and offsets as fp16 where every one of them is an fp16
+    number (GGUF's Q4_1 stores them so): exactly the same weights, 5 bits per weight in the file and
+    read per token instead of 6. Off: float32 grids (kept to measure the difference)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.half_grids, bool):
@@ -294,6 +294,7 @@ class NativeCpuEngine(Engine):
         from safetensors.numpy import save_file
 
         from core.sparse_format import compress, exact_int8_grid
+        from engines import native
 
         self.check_available()
         t0 = time.perf_counter()
@@ -330,6 +331,8 @@ class NativeCpuEngine(Engine):
                 c = c or compress(w, "auto" if compressed else "dense", grid=grid, name=name)
             except ValueError as exc:
                 raise PipelineError(f"engine 'native-cpu': {exc}") from None
+            if self.options["half_grids"]:
+                c = native.half_grid_form(c)  # an int4 grid of fp16 numbers (Q4_1's) stored as fp16, exactly
             if c.format == "dense" and not c.int8:
                 out[name] = c.arrays["values"]
             else:

@@ -508,7 +508,7 @@ def test_weights_on_an_exact_int8_grid_are_stored_as_codes_and_compute_the_same(
     int4 = ("int4", "int4", "int4")
     assert exact == {"model.layers.1.mlp.down_proj.weight": ("int8", "dense", "int8"), "model.layers.1.mlp.up_proj.weight": int4,
                      **{f"model.layers.0.self_attn.{p}_proj.weight": int4 for p in "qkv"}}
-    assert on["linears"]["model.layers.1.mlp.up_proj.weight"]["bytes"] == 128 * 64 // 2 + 2 * 4 * 128 * 2
+    assert on["linears"]["model.layers.1.mlp.up_proj.weight"]["bytes"] == 128 * 64 // 2 + 2 * 2 * 128 * 2  # codes, fp16 scales and minima
     info = arts[True].info["exact_grids"]
     assert "token embedding (the tied LM head) as int8" in info and "4 block linears as int4" in info and "1 block linears as int8" in info
     assert off["embed_storage"]["values"] == "float32" and not any(e["values"] == "int8" for e in off["linears"].values())
@@ -516,6 +516,9 @@ def test_weights_on_an_exact_int8_grid_are_stored_as_codes_and_compute_the_same(
     assert arts[True].path.stat().st_size < arts[False].path.stat().st_size - 3 * emb.numel()  # ~3 bytes saved per embedding weight
     (tmp_path / "engine-float-grids").mkdir()  # Q4_1 grids held as float32 instead of fp16: the same weights
     float_grids = NativeCpuEngine({"threads": 2, "half_grids": False}).build(tmp_path / "model", tmp_path / "engine-float-grids")
+    floats = json.loads((float_grids.path.parent / "manifest.json").read_text())
+    assert floats["linears"]["model.layers.1.mlp.up_proj.weight"]["bytes"] == 128 * 64 // 2 + 2 * 4 * 128 * 2  # float32 scales and minima
+    assert float_grids.path.stat().st_size > arts[True].path.stat().st_size
     ids = np.random.default_rng(3).integers(0, 257, (2, 20)).astype(np.int64)
     with torch.no_grad():
         ref = model(input_ids=torch.from_numpy(ids)).logits.numpy()

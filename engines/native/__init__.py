@@ -393,6 +393,18 @@ def _exact_half(a: np.ndarray) -> bool:
     return bool(np.all((mag == 0) | ((mag >= np.finfo(np.float16).tiny) & np.isfinite(mag))))
 
 
+def half_grid_form(c: CompressedWeight) -> CompressedWeight:
+    """An ``int4`` weight with its scales and offsets (or zero points) as fp16 where every one of them
+    is an fp16 number (:func:`_exact_half`: GGUF's Q4_1 grids are), else ``c`` itself: the same weights
+    in 4 bytes fewer per 32 (native-cpu's artifact; :class:`NativeWeight` reads either)."""
+    if c.format != "int4":
+        return c
+    second = int4_offset_key(c.arrays)
+    if not all(_exact_half(np.asarray(c.arrays[k], np.float32)) for k in ("scales", second)):
+        return c
+    return CompressedWeight("int4", c.shape, {**c.arrays, "scales": c.arrays["scales"].astype(np.float16), second: c.arrays[second].astype(np.float16)}, c.block)
+
+
 def _interleave_rows(n: int, parts: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int]:
     """Arrays of ``n`` rows each laid out in one buffer, row by row in the given order (each row padded
     to a multiple of 8 bytes, and 64 bytes of zeros after the last: a kernel's wide loads never leave
@@ -475,7 +487,7 @@ class NativeWeight:
             self.half_grid = half_grid and not self._int4x and all(_exact_half(g) for g in grid.values())
             if self.half_grid:
                 grid = {k: g.astype(np.float16) for k, g in grid.items()}
-                self.nbytes = codes.nbytes + sum(g.nbytes for g in grid.values())
+            self.nbytes = codes.nbytes + sum(g.nbytes for g in grid.values())
             # one buffer, row by row: scales, offsets (or zero points), codes — a matrix is one sequential
             # stream, not three (docs/native.md); the arrays are views of it
             self.arrays, stride = _interleave_rows(self.n, {"scales": grid["scales"], second: grid[second], "values": codes})
