@@ -28,40 +28,28 @@ void block(const Int4Dense& w, const float* x, int64_t ldx, float* y, int64_t ld
   }
   const __m256i low = _mm256_set1_epi32(15);
   for (int64_t b0 = 0; b0 < nb; b0 += 16) {
-  const int64_t bn = nb - b0 < 16 ? nb - b0 : 16;
-  // this chunk's scales and offsets as floats: a float grid read in place, a half grid widened once
-  alignas(32) float hs[HALF ? RB : 1][16], ho[HALF ? RB : 1][16];
-  const float* S[RB];
-  const float* O[RB];
-  PK_UNROLL
-  for (int r = 0; r < RB; ++r) {
-    if constexpr (HALF) {
-      widen_halves(sc[r], b0, bn, w.stride != 0, hs[r]);
-      widen_halves(of[r], b0, bn, w.stride != 0, ho[r]);
-      S[r] = hs[r], O[r] = ho[r];
-    } else {
-      S[r] = sc[r] + b0, O[r] = of[r] + b0;
-    }
-  }
-  for (int64_t b = b0; b < b0 + bn; ++b) {
-    PK_UNROLL
-    for (int r = 0; r < RB; ++r) {
-      if ((b & 3) == 0) _mm_prefetch(reinterpret_cast<const char*>(q[r] + b * 16 + 256), _MM_HINT_T0);
-      const __m256i v0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q[r] + b * 16)));
-      const __m256i v1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q[r] + b * 16 + 8)));
-      const __m256 s = _mm256_set1_ps(S[r][b - b0]), o = _mm256_set1_ps(O[r][b - b0]);
-      const __m256 w[4] = {
-          int4_weights<ZP>(_mm256_and_si256(v0, low), s, o),  // inputs 0-7
-          int4_weights<ZP>(_mm256_and_si256(v1, low), s, o),  // 8-15
-          int4_weights<ZP>(_mm256_srli_epi32(v0, 4), s, o),   // 16-23
-          int4_weights<ZP>(_mm256_srli_epi32(v1, 4), s, o),   // 24-31
-      };
+    const int64_t bn = nb - b0 < 16 ? nb - b0 : 16;
+    const GridChunk<HALF, RB> g(w, sc, of, b0, bn);
+    const auto &S = g.S, &O = g.O;
+    for (int64_t b = b0; b < b0 + bn; ++b) {
       PK_UNROLL
-      for (int part = 0; part < 4; ++part)
+      for (int r = 0; r < RB; ++r) {
+        if ((b & 3) == 0) _mm_prefetch(reinterpret_cast<const char*>(q[r] + b * 16 + 256), _MM_HINT_T0);
+        const __m256i v0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q[r] + b * 16)));
+        const __m256i v1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q[r] + b * 16 + 8)));
+        const __m256 s = _mm256_set1_ps(S[r][b - b0]), o = _mm256_set1_ps(O[r][b - b0]);
+        const __m256 w[4] = {
+            int4_weights<ZP>(_mm256_and_si256(v0, low), s, o),  // inputs 0-7
+            int4_weights<ZP>(_mm256_and_si256(v1, low), s, o),  // 8-15
+            int4_weights<ZP>(_mm256_srli_epi32(v0, 4), s, o),   // 16-23
+            int4_weights<ZP>(_mm256_srli_epi32(v1, 4), s, o),   // 24-31
+        };
         PK_UNROLL
-        for (int m = 0; m < MM; ++m) acc[r][m] = _mm256_fmadd_ps(w[part], _mm256_loadu_ps(x + m * ldx + b * 32 + part * 8), acc[r][m]);
+        for (int part = 0; part < 4; ++part)
+          PK_UNROLL
+          for (int m = 0; m < MM; ++m) acc[r][m] = _mm256_fmadd_ps(w[part], _mm256_loadu_ps(x + m * ldx + b * 32 + part * 8), acc[r][m]);
+      }
     }
-  }
   }
   PK_UNROLL
   for (int r = 0; r < RB; ++r)

@@ -26,42 +26,30 @@ void block(const Int4Dense& w, const float* x, int64_t ldx, float* y, int64_t ld
     for (int m = 0; m < MM; ++m) acc[r][m] = _mm512_setzero_ps();
   }
   for (int64_t b0 = 0; b0 < nb; b0 += 16) {
-  const int64_t bn = nb - b0 < 16 ? nb - b0 : 16;
-  // this chunk's scales and offsets as floats: a float grid read in place, a half grid widened once
-  alignas(64) float hs[HALF ? RB : 1][16], ho[HALF ? RB : 1][16];
-  const float* S[RB];
-  const float* O[RB];
-  PK_UNROLL
-  for (int r = 0; r < RB; ++r) {
-    if constexpr (HALF) {
-      widen_halves(sc[r], b0, bn, w.stride != 0, hs[r]);
-      widen_halves(of[r], b0, bn, w.stride != 0, ho[r]);
-      S[r] = hs[r], O[r] = ho[r];
-    } else {
-      S[r] = sc[r] + b0, O[r] = of[r] + b0;
-    }
-  }
-  for (int64_t b = b0; b < b0 + bn; ++b) {
-    __m512 x0[MM], x1[MM];
-    PK_UNROLL
-    for (int m = 0; m < MM; ++m) {
-      x0[m] = _mm512_loadu_ps(x + m * ldx + b * 32);
-      x1[m] = _mm512_loadu_ps(x + m * ldx + b * 32 + 16);
-    }
-    PK_UNROLL
-    for (int r = 0; r < RB; ++r) {
-      if ((b & 3) == 0) _mm_prefetch(next[r] + b * 16, _MM_HINT_T0);  // 4 blocks = one 64-byte line
-      // the codes index the block's 16 weights (a permutation reads the low 4 bits of each lane)
-      const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q[r] + b * 16)));
-      const __m512 table = value_table<ZP>(S[r][b - b0], O[r][b - b0]);
-      const __m512 w0 = _mm512_permutexvar_ps(v, table);
-      const __m512 w1 = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table);
+    const int64_t bn = nb - b0 < 16 ? nb - b0 : 16;
+    const GridChunk<HALF, RB> g(w, sc, of, b0, bn);
+    const auto &S = g.S, &O = g.O;
+    for (int64_t b = b0; b < b0 + bn; ++b) {
+      __m512 x0[MM], x1[MM];
       PK_UNROLL
-      for (int m = 0; m < MM; ++m) acc[r][m] = _mm512_fmadd_ps(w0, x0[m], acc[r][m]);
+      for (int m = 0; m < MM; ++m) {
+        x0[m] = _mm512_loadu_ps(x + m * ldx + b * 32);
+        x1[m] = _mm512_loadu_ps(x + m * ldx + b * 32 + 16);
+      }
       PK_UNROLL
-      for (int m = 0; m < MM; ++m) acc[r][m] = _mm512_fmadd_ps(w1, x1[m], acc[r][m]);
+      for (int r = 0; r < RB; ++r) {
+        if ((b & 3) == 0) _mm_prefetch(next[r] + b * 16, _MM_HINT_T0);  // 4 blocks = one 64-byte line
+        // the codes index the block's 16 weights (a permutation reads the low 4 bits of each lane)
+        const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q[r] + b * 16)));
+        const __m512 table = value_table<ZP>(S[r][b - b0], O[r][b - b0]);
+        const __m512 w0 = _mm512_permutexvar_ps(v, table);
+        const __m512 w1 = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), table);
+        PK_UNROLL
+        for (int m = 0; m < MM; ++m) acc[r][m] = _mm512_fmadd_ps(w0, x0[m], acc[r][m]);
+        PK_UNROLL
+        for (int m = 0; m < MM; ++m) acc[r][m] = _mm512_fmadd_ps(w1, x1[m], acc[r][m]);
+      }
     }
-  }
   }
   PK_UNROLL
   for (int r = 0; r < RB; ++r)

@@ -6,6 +6,8 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "kernels.h"
+
 // Fully unroll a loop over a kernel's rows of output or of x before the compiler's scalar replacement
 // runs, so arrays of accumulators live in registers (GCC otherwise keeps them in memory and stores
 // every accumulator on every step: measured 2-3x slower in kernels reading cached weights).
@@ -85,6 +87,33 @@ inline void widen_halves(const float* row, int64_t b0, int64_t count, bool overr
   _mm256_storeu_ps(out, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src))));
   _mm256_storeu_ps(out + 8, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 8))));
 }
+#endif
+
+#if defined(__AVX512F__) || defined(__F16C__)
+// The grid of an Int4Dense kernel's RB rows (row pointers sc, of: Int4Rows) for blocks [b0, b0 + bn),
+// bn ≤ 16: S[r][j] and O[r][j] are block b0 + j's scale and offset — a float grid read in place, a half
+// grid widened once per chunk of 16 blocks.
+template <bool HALF, int RB>
+struct GridChunk {
+  alignas(64) float hs[HALF ? RB : 1][16];
+  alignas(64) float ho[HALF ? RB : 1][16];
+  const float* S[RB];
+  const float* O[RB];
+  GridChunk(const Int4Dense& w, const float* const* sc, const float* const* of, int64_t b0, int64_t bn) {
+    PK_UNROLL
+    for (int r = 0; r < RB; ++r) {
+      if constexpr (HALF) {
+        widen_halves(sc[r], b0, bn, w.stride != 0, hs[r]);
+        widen_halves(of[r], b0, bn, w.stride != 0, ho[r]);
+        S[r] = hs[r], O[r] = ho[r];
+      } else {
+        S[r] = sc[r] + b0, O[r] = of[r] + b0;
+      }
+    }
+  }
+  GridChunk(const GridChunk&) = delete;  // S and O may point into it
+  GridChunk& operator=(const GridChunk&) = delete;
+};
 #endif
 
 // Runs rows(mm, m) over M rows of x in chunks of four: mm is std::integral_constant<int, 4> for the
