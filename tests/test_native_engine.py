@@ -138,6 +138,8 @@ def test_options_are_checked():
         NativeCpuEngine({"threads": -1})
     with pytest.raises(OptionError, match="int8_activations"):
         NativeCpuEngine({"int8_activations": "yes"})
+    with pytest.raises(OptionError, match="half_grids"):
+        NativeCpuEngine({"half_grids": 1})
 
 
 def test_activation_sparsity_pass_engine_and_reload(tmp_path):
