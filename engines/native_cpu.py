@@ -293,8 +293,7 @@ class NativeCpuEngine(Engine):
     def build(self, model_dir: Path, out_dir: Path) -> EngineArtifact:
         from safetensors.numpy import save_file
 
-        from core.sparse_format import compress, exact_int8_grid
-        from engines import native
+        from core.sparse_format import compress, exact_int8_grid, half_grid_form
 
         self.check_available()
         t0 = time.perf_counter()
@@ -332,7 +331,7 @@ class NativeCpuEngine(Engine):
             except ValueError as exc:
                 raise PipelineError(f"engine 'native-cpu': {exc}") from None
             if self.options["half_grids"]:
-                c = native.half_grid_form(c)  # an int4 grid of fp16 numbers (Q4_1's) stored as fp16, exactly
+                c = half_grid_form(c)  # an int4 grid of fp16 numbers (Q4_1's) stored as fp16, exactly
             if c.format == "dense" and not c.int8:
                 out[name] = c.arrays["values"]
             else:

@@ -257,14 +257,12 @@ class QuantizePass(Pass):
             result.layers.append(LayerChange.of(ref))
 
         windows = ctx.calibration_windows(self.name) if cfg.method == "gptq" else None
-        if not cfg.targets:
-            pass  # the head alone (checked by the config)
-        elif cfg.method == "rtn":
+        if cfg.targets and cfg.method == "rtn":  # (no targets: the head alone, checked by the config)
             for ref in ctx.adapter.linears(model, roles=cfg.targets):
                 w = ref.weight_out_in().detach()
                 new, s, z = rtn(w, scheme)
                 finish(ref, new, s, z, w == 0)
-        else:
+        elif cfg.targets:
             def apply(block: int, refs: list[Any], collectors: dict[str, Any]) -> None:
                 # linears fed the same input (q/k/v, gate/up) share one Hessian: GPTQ treats rows independently
                 # given H, so their rows are solved stacked, one factorisation per input (as SparseGPT does)

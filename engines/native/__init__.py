@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from core.errors import EngineUnavailable
-from core.sparse_format import INT4_FORMATS, CompressedWeight, compress, int4_offset_key
+from core.sparse_format import INT4_FORMATS, CompressedWeight, compress, exact_half, int4_offset_key
 
 log = logging.getLogger(__name__)
 
@@ -383,28 +383,6 @@ def _join_row_offsets(offsets: "list[np.ndarray]") -> np.ndarray:
     return np.concatenate(out)
 
 
-def _exact_half(a: np.ndarray) -> bool:
-    """Whether every value of the float32 array ``a`` is an fp16 number exactly, normal or zero (the
-    kernels widen fp16 grids without subnormals or infinities: ``half_to_float`` in kernels.h)."""
-    h = a.astype(np.float16)
-    if not np.array_equal(h.astype(np.float32), a):
-        return False
-    mag = np.abs(h)
-    return bool(np.all((mag == 0) | ((mag >= np.finfo(np.float16).tiny) & np.isfinite(mag))))
-
-
-def half_grid_form(c: CompressedWeight) -> CompressedWeight:
-    """An ``int4`` weight with its scales and offsets (or zero points) as fp16 where every one of them
-    is an fp16 number (:func:`_exact_half`: GGUF's Q4_1 grids are), else ``c`` itself: the same weights
-    in 4 bytes fewer per 32 (native-cpu's artifact; :class:`NativeWeight` reads either)."""
-    if c.format != "int4":
-        return c
-    second = int4_offset_key(c.arrays)
-    if not all(_exact_half(np.asarray(c.arrays[k], np.float32)) for k in ("scales", second)):
-        return c
-    return CompressedWeight("int4", c.shape, {**c.arrays, "scales": c.arrays["scales"].astype(np.float16), second: c.arrays[second].astype(np.float16)}, c.block)
-
-
 def _interleave_rows(n: int, parts: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int]:
     """Arrays of ``n`` rows each laid out in one buffer, row by row in the given order (each row padded
     to a multiple of 8 bytes, and 64 bytes of zeros after the last: a kernel's wide loads never leave
@@ -442,8 +420,8 @@ class NativeWeight:
         self.block = int(c.block)
         """Int8 values with a scale per row and block of this many inputs; 0: float32 values."""
         self.nbytes = c.nbytes
-        """Bytes of the stored format (what the file holds and the kernel reads, row offsets aside; for an
-        int4 weight with a half grid, what the kernel reads: the file holds its grid as float32)."""
+        """Bytes of the stored format (what the file holds and the kernel reads, row offsets aside; an
+        int4 weight's grid counted as held here, fp16 or float32)."""
         if c.format == "2:4-int4":  # 2:4 with 4-bit values: codes, positions, a scale and a uint8 zero point per row and block
             arrays = {"values": np.ascontiguousarray(c.arrays["values"], np.uint8), "positions": np.ascontiguousarray(c.arrays["positions"], np.uint8),
                       "scales": np.ascontiguousarray(c.arrays["scales"], np.float32), "zeros": np.ascontiguousarray(c.arrays["zeros"], np.uint8)}
@@ -484,7 +462,7 @@ class NativeWeight:
             # a grid every value of which is an fp16 number (GGUF's Q4_1 stores its scales and minima as
             # fp16) is held as fp16, exactly: 5 bits per weight read instead of 6 (the VNNI kernel of
             # int8 activations reads float grids)
-            self.half_grid = half_grid and not self._int4x and all(_exact_half(g) for g in grid.values())
+            self.half_grid = half_grid and not self._int4x and all(exact_half(g) for g in grid.values())
             if self.half_grid:
                 grid = {k: g.astype(np.float16) for k, g in grid.items()}
             self.nbytes = codes.nbytes + sum(g.nbytes for g in grid.values())

@@ -53,23 +53,14 @@ void gemv_int4_x_avx2(const Int4InputMajor& w, const ActiveInputs& a, float* out
 }
 
 void decompress_int4_x_avx2(const Int4InputMajor& w, int64_t k0, int64_t k1, int64_t n0, int64_t n1, float* out, int64_t ldo) {
-  const int64_t full = (n1 - n0) / 32;
-  for (int64_t k = k0; k < k1; ++k) {
-    const uint8_t* r = input_row(w, k) + n0 / 2;
-    const float* s = block_scales(w, k / 32) + n0;
-    const float* o = block_offsets(w, k / 32) + n0;
-    float* dst = out + (k - k0) * ldo;
-    for (int64_t c = 0; c < full; ++c) {
-      __m256i v[4];
-      chunk_codes(r + 16 * c, v);
-      for (int h = 0; h < 4; ++h) {
-        const int64_t at = 32 * c + 8 * h;
-        const __m256 sv = _mm256_loadu_ps(s + at), ov = _mm256_loadu_ps(o + at);
-        _mm256_storeu_ps(dst + at, w.zero_point ? int4_weights<true>(v[h], sv, ov) : int4_weights<false>(v[h], sv, ov));
-      }
+  for_each_decompress_chunk(w, k0, k1, n0, n1, out, ldo, [&](const uint8_t* r, const float* s, const float* o, float* dst) {
+    __m256i v[4];
+    chunk_codes(r, v);
+    for (int h = 0; h < 4; ++h) {
+      const __m256 sv = _mm256_loadu_ps(s + 8 * h), ov = _mm256_loadu_ps(o + 8 * h);
+      _mm256_storeu_ps(dst + 8 * h, w.zero_point ? int4_weights<true>(v[h], sv, ov) : int4_weights<false>(v[h], sv, ov));
     }
-    if (full * 32 < n1 - n0) decompress_int4_x_scalar(w, k, k + 1, n0 + 32 * full, n1, dst + 32 * full, ldo);  // a last partial chunk
-  }
+  });
 }
 
 }  // namespace pk

@@ -52,24 +52,15 @@ void gemv_int4_x_avx512(const Int4InputMajor& w, const ActiveInputs& a, float* o
 }
 
 void decompress_int4_x_avx512(const Int4InputMajor& w, int64_t k0, int64_t k1, int64_t n0, int64_t n1, float* out, int64_t ldo) {
-  const int64_t full = (n1 - n0) / 32;
   const __m512i low = _mm512_set1_epi32(15);
-  for (int64_t k = k0; k < k1; ++k) {
-    const uint8_t* r = input_row(w, k) + n0 / 2;
-    const float* s = block_scales(w, k / 32) + n0;
-    const float* o = block_offsets(w, k / 32) + n0;
-    float* dst = out + (k - k0) * ldo;
-    for (int64_t c = 0; c < full; ++c) {
-      const __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r + 16 * c)));
-      const __m512i v[2] = {_mm512_and_si512(d, low), _mm512_srli_epi32(d, 4)};
-      for (int h = 0; h < 2; ++h) {
-        const int64_t at = 32 * c + 16 * h;
-        const __m512 sv = _mm512_loadu_ps(s + at), ov = _mm512_loadu_ps(o + at);
-        _mm512_storeu_ps(dst + at, w.zero_point ? int4_weights<true>(v[h], sv, ov) : int4_weights<false>(v[h], sv, ov));
-      }
+  for_each_decompress_chunk(w, k0, k1, n0, n1, out, ldo, [&](const uint8_t* r, const float* s, const float* o, float* dst) {
+    const __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r)));
+    const __m512i v[2] = {_mm512_and_si512(d, low), _mm512_srli_epi32(d, 4)};
+    for (int h = 0; h < 2; ++h) {
+      const __m512 sv = _mm512_loadu_ps(s + 16 * h), ov = _mm512_loadu_ps(o + 16 * h);
+      _mm512_storeu_ps(dst + 16 * h, w.zero_point ? int4_weights<true>(v[h], sv, ov) : int4_weights<false>(v[h], sv, ov));
     }
-    if (full * 32 < n1 - n0) decompress_int4_x_scalar(w, k, k + 1, n0 + 32 * full, n1, dst + 32 * full, ldo);  // a last partial chunk
-  }
+  });
 }
 
 }  // namespace pk

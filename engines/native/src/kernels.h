@@ -300,6 +300,23 @@ void gemv_int4_x_avx512(const Int4InputMajor& w, const ActiveInputs& a, float* o
 void decompress_int4_x_scalar(const Int4InputMajor& w, int64_t k0, int64_t k1, int64_t n0, int64_t n1, float* out, int64_t ldo);
 void decompress_int4_x_avx2(const Int4InputMajor& w, int64_t k0, int64_t k1, int64_t n0, int64_t n1, float* out, int64_t ldo);
 void decompress_int4_x_avx512(const Int4InputMajor& w, int64_t k0, int64_t k1, int64_t n0, int64_t n1, float* out, int64_t ldo);
+namespace {
+// The row loop of those decompressions: for each input k in [k0, k1), chunk(codes, scales, offsets,
+// dst) for each whole 32-output chunk of its row in order (the pointers at that chunk), and the
+// scalar path for a last partial chunk.
+template <class Chunk>
+inline void for_each_decompress_chunk(const Int4InputMajor& w, int64_t k0, int64_t k1, int64_t n0, int64_t n1, float* out, int64_t ldo, Chunk chunk) {
+  const int64_t full = (n1 - n0) / 32;
+  for (int64_t k = k0; k < k1; ++k) {
+    const uint8_t* r = input_row(w, k) + n0 / 2;
+    const float* s = block_scales(w, k / 32) + n0;
+    const float* o = block_offsets(w, k / 32) + n0;
+    float* dst = out + (k - k0) * ldo;
+    for (int64_t c = 0; c < full; ++c) chunk(r + 16 * c, s + 32 * c, o + 32 * c, dst + 32 * c);
+    if (full * 32 < n1 - n0) decompress_int4_x_scalar(w, k, k + 1, n0 + 32 * full, n1, dst + 32 * full, ldo);
+  }
+}
+}  // namespace
 
 // Decode-step operations (layer_ops.cpp, AVX2 + FMA).
 void rmsnorm(const float* x, const float* w, int64_t n, float eps, float* out);
