@@ -184,9 +184,9 @@ def test_activation_sparsity_pass_engine_and_reload(tmp_path):
 def test_activation_sparsity_on_4bit_weights_reads_the_4bit_rows(tmp_path, grid):
     """TEAL thresholds on a tiny Llama whose block linears lie on a 4-bit grid (GGUF's Q4_1 form, as the
     bundled SmolLM2's, or the quantize pass's zero-point form): native-cpu keeps every activation-sparse
-    group's weights in 4 bits, input-major (an eighth of the float32 rows' bytes); logits (prefill: the
-    rows decompressed slab by slab) and 32 greedy tokens through the native decode step equal PyTorch,
-    and the decode steps read about (1 − sparsity) of the inputs."""
+    group's weights in 4 bits, input-major (an eighth of the float32 rows' bytes; Q4_1's grids in fp16);
+    logits (prefill: the rows decompressed slab by slab) and 32 greedy tokens through the native decode
+    step equal PyTorch, and the decode steps read about (1 − sparsity) of the inputs."""
     from core.adapters import adapter_for
     from core.models import save_hf_dir
     from passes import PassContext, get_pass_class
@@ -215,7 +215,9 @@ def test_activation_sparsity_on_4bit_weights_reads_the_4bit_rows(tmp_path, grid)
         for L in r.decoder.layers:
             for w in (L.qkv, L.o, L.gate_up, L.down):
                 assert isinstance(w, native.InputMajorInt4Weight) and w.zero_point == (grid == "zero_point")
-                assert w.nbytes < 0.2 * 4 * w.n * w.k
+                # Q4_1's fp16 grids held as fp16 (5 bits per weight); the quantize pass's float32 ones not
+                assert w.half_grid == (grid == "q4_1")
+                assert w.nbytes < (0.16 if w.half_grid else 0.2) * 4 * w.n * w.k
 
     _runs_as_pytorch(model, art, 3, input_major_4bit)
     with NativeCpuEngine({"threads": 2}).runner(art) as r:
@@ -225,31 +227,43 @@ def test_activation_sparsity_on_4bit_weights_reads_the_4bit_rows(tmp_path, grid)
 
 
 def test_input_major_4bit_kernel_matches_reference_on_every_isa():
-    """The input-major 4-bit GEMV (both grid forms) against a float64 reference of the same weights at
-    thresholds from none to all skipped, on odd output counts (a partial last chunk of 32, a padded
-    row) and stacked parts; the prefill path (decompression, exact) and a few rows by the kernel."""
+    """The input-major 4-bit GEMV (both grid forms, float32 and fp16 grids) against a float64 reference
+    of the same weights at thresholds from none to all skipped, on odd output counts (a partial last
+    chunk of 32, a padded row) and stacked parts; the prefill path (decompression, exact) and a few
+    rows by the kernel."""
     from core.sparse_format import CompressedWeight, decompress
 
     rng = np.random.default_rng(1)
 
-    def part(n, k, zero_point):
+    def part(n, k, zero_point, half=False):
         codes = rng.integers(0, 16, (n, k // 32, 32)).astype(np.uint8)
         arrays = {"values": (codes[..., :16] | (codes[..., 16:] << 4)).reshape(n, k // 2), "scales": rng.uniform(0.01, 0.1, (n, k // 32)).astype(np.float32)}
         if zero_point:
             arrays["zeros"] = rng.integers(0, 16, (n, k // 32)).astype(np.float32)
         else:
-            arrays["offsets"] = rng.uniform(-0.5, 0.1, (n, k // 32)).astype(np.float32)
+            arrays["offsets"] = (rng.choice([-1, 1], (n, k // 32)) * rng.uniform(0.01, 0.5, (n, k // 32))).astype(np.float32)
+        if half:  # Q4_1's grid: every scale and offset a normal fp16 number (or 0)
+            arrays = {key: a.astype(np.float16).astype(np.float32) if a.dtype == np.float32 else a for key, a in arrays.items()}
+            arrays.get("offsets", arrays["scales"])[:, 0] = 0.0
         return CompressedWeight("int4", (n, k), arrays, 32)
 
     best = native.best_isa()
     try:
         for isa in [i for i in ("scalar", "avx2+fma", "avx512f") if list(native.ISA_NAMES.values()).index(i) <= list(native.ISA_NAMES.values()).index(best)]:
             native.set_isa(isa)
-            for shapes, k, zp in [([7], 32, False), ([300, 33], 64, True), ([1536], 576, False), ([257, 64, 64], 96, True), ([31], 1536, False)]:
-                parts = [part(n, k, zp) for n in shapes]
+            for shapes, k, zp, half in [([7], 32, False, False), ([300, 33], 64, True, False), ([1536], 576, False, True), ([257, 64, 64], 96, True, True),
+                                        ([31], 1536, False, False), ([45], 64, False, True)]:
+                parts = [part(n, k, zp, half) for n in shapes]
                 w = native.InputMajorInt4Weight(parts)
+                assert w.half_grid == half and w.grid_flags == int(zp) | (2 * half)
+                assert w.nbytes == sum(shapes) * k // 2 + (4 if half else 8) * sum(shapes) * (k // 32)
                 dense = np.concatenate([decompress(p) for p in parts])
                 assert w.n == dense.shape[0] and np.array_equal(w.to_dense(), dense)
+                if half:  # the same weight with float32 grids: the same results, bit for bit
+                    wf = native.InputMajorInt4Weight(parts, half_grid=False)
+                    assert not wf.half_grid and wf.nbytes > w.nbytes and np.array_equal(wf.to_dense(), dense)
+                    xh = rng.standard_normal((1, k)).astype(np.float32)
+                    assert np.array_equal(wf.gemv_sparse(xh, 0.5)[0], w.gemv_sparse(xh, 0.5)[0])
                 x = rng.standard_normal((1, k)).astype(np.float32)
                 x[0, : min(k, 40)] = 0.0  # a whole block of inputs inactive
                 for t in (-1.0, 0.0, 0.7, 100.0):

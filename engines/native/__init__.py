@@ -182,7 +182,7 @@ class PkLayer(ctypes.Structure):
 def pk_weight(w: "NativeWeight | InputMajorWeight | InputMajorInt4Weight", threshold: float | None = None) -> PkWeight:
     if isinstance(w, InputMajorInt4Weight):
         t = -1.0 if threshold is None else float(threshold)
-        return PkWeight(7, w.n, w.k, w.data.ctypes.data, None, None, t, None, int(w.zero_point), None, None, w.ld)
+        return PkWeight(7, w.n, w.k, w.data.ctypes.data, None, None, t, None, w.grid_flags, None, None, w.ld)
     if isinstance(w, InputMajorWeight):
         return PkWeight(2, w.n, w.k, w.wt.ctypes.data, None, None, -1.0 if threshold is None else float(threshold), None, 0, None)
     if w.format == "int4":
@@ -283,7 +283,9 @@ class InputMajorInt4Weight:
     block of 32 inputs none of which is active is skipped with its scales — the 4-bit twin of
     :class:`InputMajorWeight`, an eighth of its code bytes. ``parts``: the ``int4`` weights stacked by
     output rows (q, k, v; gate, up), one grid form. Layout (one buffer, blocks of 32 inputs, each its
-    rows of codes then its scales and offsets): ``pk::Int4InputMajor`` (kernels.h)."""
+    rows of codes then its scales and offsets): ``pk::Int4InputMajor`` (kernels.h). With ``half_grid``
+    the scales and offsets are held as fp16 when every one of them is an fp16 number
+    (:func:`core.sparse_format.exact_half`; GGUF Q4_1's are), exactly: 2 bytes each instead of 4."""
 
     @staticmethod
     def accepts(parts: "list[CompressedWeight | NativeWeight]") -> bool:
@@ -291,7 +293,7 @@ class InputMajorInt4Weight:
         return (bool(parts) and all(p.format == "int4" for p in parts) and len({int4_offset_key(p.arrays) for p in parts}) == 1
                 and len({int(p.k if isinstance(p, NativeWeight) else p.shape[1]) for p in parts}) == 1)
 
-    def __init__(self, parts: "list[CompressedWeight]"):
+    def __init__(self, parts: "list[CompressedWeight]", half_grid: bool = True):
         if not self.accepts(parts):
             raise ValueError(f"input-major int4 weight: parts of formats {[p.format for p in parts]}, grid forms "
                              f"{sorted({int4_offset_key(p.arrays) for p in parts if p.format == 'int4'})} and input widths "
@@ -308,6 +310,9 @@ class InputMajorInt4Weight:
                 raise ValueError(f"input-major int4 weight: a ({rows}, {k}) part has codes {np.shape(p.arrays['values'])} / scales "
                                  f"{np.shape(p.arrays['scales'])} / {second} {np.shape(p.arrays[second])}; expected K % 32 == 0, "
                                  f"codes ({rows}, {k // 2}) and ({rows}, {k // 32}) per block")
+        grids = {key: np.concatenate([np.asarray(p.arrays[key], np.float32) for p in parts]) for key in ("scales", second)}
+        self.half_grid = bool(half_grid) and all(exact_half(g) for g in grids.values())
+        gtype, gbytes = (np.float16, 4) if self.half_grid else (np.float32, 8)  # a block's scales: 2 · ld values, gbytes · ld bytes
         packed = np.concatenate([np.asarray(p.arrays["values"], np.uint8) for p in parts]).reshape(n, k // 32, 16)
         codes = np.concatenate([packed & 15, packed >> 4], axis=-1).reshape(n, k)  # (N, K), 0..15
         width = -(-n // 128) * 128  # outputs per stored row: a multiple of 128 (64 bytes of codes)
@@ -318,22 +323,26 @@ class InputMajorInt4Weight:
         # one buffer, block by block of 32 inputs: their rows of codes, then the block's scales, then its
         # offsets (or zero points) — with every input active the weight is one sequential stream
         nb = k // 32
-        self.data = np.zeros(nb * 48 * self.ld + 64, np.uint8)
-        blocks = self.data[: nb * 48 * self.ld].reshape(nb, 48 * self.ld)
+        block = (32 + 2 * gbytes) * self.ld
+        self.data = np.zeros(nb * block + 64, np.uint8)
+        blocks = self.data[: nb * block].reshape(nb, block)
         blocks[:, : 32 * self.ld] = (chunks[..., :16] | (chunks[..., 16:] << 4)).reshape(nb, 32 * self.ld)
-        for at, key in ((32 * self.ld, "scales"), (40 * self.ld, second)):
-            g = np.zeros((nb, width), np.float32)
-            g[:, :n] = np.concatenate([np.asarray(p.arrays[key], np.float32) for p in parts]).T
-            blocks[:, at : at + 8 * self.ld] = g.view(np.uint8)
-        self.nbytes = int(n * k // 2 + 8 * n * (k // 32))
+        for at, key in ((32 * self.ld, "scales"), ((32 + gbytes) * self.ld, second)):
+            g = np.zeros((nb, width), gtype)
+            g[:, :n] = grids[key].T
+            blocks[:, at : at + gbytes * self.ld] = g.view(np.uint8)
+        self._grid_value_bytes = 2 if self.half_grid else 4
+        self.nbytes = int(n * k // 2 + 2 * self._grid_value_bytes * n * (k // 32))
         """Bytes of the stored weight (codes + a scale and an offset per 32 inputs), the padding aside."""
+        self.grid_flags = int(self.zero_point) | (2 if self.half_grid else 0)
+        """The kernels' grid flags: bit 0 the zero-point form, bit 1 a half grid."""
         self._tile: np.ndarray | None = None
-        self._args = (self.n, self.k, self.data.ctypes.data, self.ld, int(self.zero_point))
+        self._args = (self.n, self.k, self.data.ctypes.data, self.ld, self.grid_flags)
 
     def bytes_read(self, active: np.ndarray) -> int:
         """Bytes a GEMV reads for these active inputs (a (K,) bool mask): their rows' codes and the scales
         and offsets of the blocks with an active input."""
-        return int(active.sum()) * self.n // 2 + 8 * self.n * int(active.reshape(-1, 32).any(-1).sum())
+        return int(active.sum()) * self.n // 2 + 2 * self._grid_value_bytes * self.n * int(active.reshape(-1, 32).any(-1).sum())
 
     def gemv_sparse(self, x: np.ndarray, threshold: float) -> tuple[np.ndarray, int]:
         """``x`` (1, K) → ((1, N), inputs read): inputs with |x| ≤ threshold are skipped (threshold < 0: none)."""

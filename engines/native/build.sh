@@ -38,7 +38,7 @@ FLAGS="-std=c++17 -O3 -fPIC -Wall -Wextra -fvisibility=hidden -DNDEBUG ${PK_EXTR
 "$CXX" $FLAGS -Wno-uninitialized -Wno-maybe-uninitialized -mavx512f -mavx512bw -mavx512vl -mavx512vnni -mavx2 -mfma -c src/int4_vnni_avx512.cpp -o obj/int4_vnni_avx512.o
 "$CXX" $FLAGS -mavx2 -mfma -c src/sparse_x_avx2.cpp -o obj/sparse_x_avx2.o
 "$CXX" $FLAGS -Wno-uninitialized -Wno-maybe-uninitialized -mavx512f -mavx2 -mfma -c src/sparse_x_avx512.cpp -o obj/sparse_x_avx512.o
-"$CXX" $FLAGS -mavx2 -mfma -c src/int4_x_avx2.cpp -o obj/int4_x_avx2.o
+"$CXX" $FLAGS -mavx2 -mfma -mf16c -c src/int4_x_avx2.cpp -o obj/int4_x_avx2.o
 "$CXX" $FLAGS -Wno-uninitialized -Wno-maybe-uninitialized -mavx512f -mavx2 -mfma -c src/int4_x_avx512.cpp -o obj/int4_x_avx512.o
 "$CXX" $FLAGS -mavx2 -mfma -c src/layer_ops.cpp -o obj/layer_ops.o
 "$CXX" $FLAGS -c src/api.cpp -o obj/api.o

@@ -415,8 +415,8 @@ struct Int4InputMajorDecompressJob {
 // grid; pk::Int4Dense); kind 4: the same with int8 activations; kind 5: 2:4 with 4-bit values (a = codes,
 // b = positions, c = uint8 zero points, scales, block; pk::TwoFourInt4); kind 6: bitmask with 4-bit
 // values (a = masks, b = codes, c = row offsets, d = uint8 zero points, scales, block; pk::BitmaskInt4);
-// kind 7: input-major 4-bit (a = the buffer, stride = ld, block = 1 for the zero-point form;
-// pk::Int4InputMajor) with an activation threshold (< 0: none).
+// kind 7: input-major 4-bit (a = the buffer, stride = ld, block: bit 0 the zero-point form, bit 1 a
+// half grid; pk::Int4InputMajor) with an activation threshold (< 0: none).
 struct PkWeight {
   int64_t kind, N, K;
   const void* a;
@@ -483,7 +483,7 @@ void apply(const PkWeight& w, const float* x, float* y, int isa, int64_t* read, 
                          static_cast<const uint8_t*>(w.d), w.block},
          x, 1, y, isa);
   } else if (w.kind == 7) {
-    const pk::Int4InputMajor im{w.N, w.K, static_cast<const uint8_t*>(w.a), w.stride, w.block == 1};
+    const pk::Int4InputMajor im{w.N, w.K, static_cast<const uint8_t*>(w.a), w.stride, (w.block & 1) != 0, (w.block & 2) != 0};
     *read += gemv_int4_x(im, x, w.threshold, y, isa);
     *total += w.K;
   } else if (w.kind == 1) {
@@ -618,13 +618,14 @@ PK_API void pk_gemv_sparse_x(int64_t N, const float* wt, const int32_t* idx, con
 
 // y[N] = x[K] · Wᵀ for an input-major 4-bit W (pk::Int4InputMajor), reading only the inputs with
 // |x_k| > threshold (threshold < 0: every input). Returns how many were read.
-PK_API int64_t pk_gemv_int4_x(int64_t N, int64_t K, const uint8_t* data, int64_t ld, int zero_point, const float* x, double threshold, float* y) {
-  return gemv_int4_x(pk::Int4InputMajor{N, K, data, ld, zero_point != 0}, x, threshold, y, g_isa.load(std::memory_order_relaxed));
+// grid: bit 0 the zero-point form, bit 1 a half grid.
+PK_API int64_t pk_gemv_int4_x(int64_t N, int64_t K, const uint8_t* data, int64_t ld, int grid, const float* x, double threshold, float* y) {
+  return gemv_int4_x(pk::Int4InputMajor{N, K, data, ld, (grid & 1) != 0, (grid & 2) != 0}, x, threshold, y, g_isa.load(std::memory_order_relaxed));
 }
 
 // Wᵀ rows [k0, k1) of an input-major 4-bit W, dense, into out[(k1-k0)][N] (the prefill path).
-PK_API void pk_decompress_int4_x(int64_t N, int64_t K, const uint8_t* data, int64_t ld, int zero_point, int64_t k0, int64_t k1, float* out) {
-  const pk::Int4InputMajor w{N, K, data, ld, zero_point != 0};
+PK_API void pk_decompress_int4_x(int64_t N, int64_t K, const uint8_t* data, int64_t ld, int grid, int64_t k0, int64_t k1, float* out) {
+  const pk::Int4InputMajor w{N, K, data, ld, (grid & 1) != 0, (grid & 2) != 0};
   Int4InputMajorDecompressJob job{&w, k0, k1, out, g_isa.load(std::memory_order_relaxed)};
   pool().run((k1 - k0 + 31) / 32, &Int4InputMajorDecompressJob::task, &job);
 }

@@ -1,4 +1,4 @@
-// Activation-sparse GEMV with input-major 4-bit weights, AVX2 + FMA (pk::Int4InputMajor, kernels.h):
+// Activation-sparse GEMV with input-major 4-bit weights, AVX2 + FMA + F16C (pk::Int4InputMajor, kernels.h):
 // as int4_x_avx512.cpp with vectors of 8 (tiles of up to 64 outputs, 8 accumulators). Also the prefill path's
 // decompression of a slab of input rows (used on AVX-512 CPUs too: it is not the hot path).
 #include <immintrin.h>
@@ -20,8 +20,8 @@ inline void chunk_codes(const uint8_t* r, __m256i v[4]) {
   v[3] = _mm256_srli_epi32(d1, 4);
 }
 
-template <int C>  // 32-output chunks in this tile (1 or 2): 4 · C accumulators in registers
-inline void tile(const Int4InputMajor& w, const ActiveInputs& a, int64_t p0, int64_t p1, int64_t at, const float* s, const float* o, __m256 xs,
+template <int C, bool HALF>  // 32-output chunks in this tile (1 or 2): 4 · C accumulators in registers; the grid's form
+inline void tile(const Int4InputMajor& w, const ActiveInputs& a, int64_t p0, int64_t p1, int64_t at, const uint8_t* s, const uint8_t* o, __m256 xs,
                  float* out) {
   __m256 acc[4 * C];
   for (int j = 0; j < 4 * C; ++j) acc[j] = _mm256_setzero_ps();
@@ -36,7 +36,7 @@ inline void tile(const Int4InputMajor& w, const ActiveInputs& a, int64_t p0, int
     }
   }
   for (int j = 0; j < 4 * C; ++j) {
-    const __m256 sv = _mm256_loadu_ps(s + 8 * j), ov = _mm256_loadu_ps(o + 8 * j), y = _mm256_loadu_ps(out + 8 * j);
+    const __m256 sv = grid8<HALF>(s, j), ov = grid8<HALF>(o, j), y = _mm256_loadu_ps(out + 8 * j);
     _mm256_storeu_ps(out + 8 * j, w.zero_point ? _mm256_fmadd_ps(sv, _mm256_fnmadd_ps(ov, xs, acc[j]), y)
                                                : _mm256_fmadd_ps(sv, acc[j], _mm256_fmadd_ps(ov, xs, y)));
   }
@@ -45,21 +45,27 @@ inline void tile(const Int4InputMajor& w, const ActiveInputs& a, int64_t p0, int
 }  // namespace
 
 void gemv_int4_x_avx2(const Int4InputMajor& w, const ActiveInputs& a, float* out) {
-  for_each_block_tile(w, a, 2, out, [&](int64_t p0, int64_t p1, int64_t at, const float* s, const float* o, float sum, int64_t chunks, float* y) {
-    const __m256 xs = _mm256_set1_ps(sum);
-    if (chunks == 2) tile<2>(w, a, p0, p1, at, s, o, xs, y);
-    else tile<1>(w, a, p0, p1, at, s, o, xs, y);
+  by_input_major_grid(w, [&](auto half) {
+    constexpr bool H = decltype(half)::value;
+    for_each_block_tile(w, a, 2, out, [&](int64_t p0, int64_t p1, int64_t at, const uint8_t* s, const uint8_t* o, float sum, int64_t chunks, float* y) {
+      const __m256 xs = _mm256_set1_ps(sum);
+      if (chunks == 2) tile<2, H>(w, a, p0, p1, at, s, o, xs, y);
+      else tile<1, H>(w, a, p0, p1, at, s, o, xs, y);
+    });
   });
 }
 
 void decompress_int4_x_avx2(const Int4InputMajor& w, int64_t k0, int64_t k1, int64_t n0, int64_t n1, float* out, int64_t ldo) {
-  for_each_decompress_chunk(w, k0, k1, n0, n1, out, ldo, [&](const uint8_t* r, const float* s, const float* o, float* dst) {
-    __m256i v[4];
-    chunk_codes(r, v);
-    for (int h = 0; h < 4; ++h) {
-      const __m256 sv = _mm256_loadu_ps(s + 8 * h), ov = _mm256_loadu_ps(o + 8 * h);
-      _mm256_storeu_ps(dst + 8 * h, w.zero_point ? int4_weights<true>(v[h], sv, ov) : int4_weights<false>(v[h], sv, ov));
-    }
+  by_input_major_grid(w, [&](auto half) {
+    constexpr bool H = decltype(half)::value;
+    for_each_decompress_chunk(w, k0, k1, n0, n1, out, ldo, [&](const uint8_t* r, const uint8_t* s, const uint8_t* o, float* dst) {
+      __m256i v[4];
+      chunk_codes(r, v);
+      for (int h = 0; h < 4; ++h) {
+        const __m256 sv = grid8<H>(s, h), ov = grid8<H>(o, h);
+        _mm256_storeu_ps(dst + 8 * h, w.zero_point ? int4_weights<true>(v[h], sv, ov) : int4_weights<false>(v[h], sv, ov));
+      }
+    });
   });
 }
 

@@ -14,8 +14,8 @@
 namespace pk {
 namespace {
 
-template <int C>  // 32-output chunks in this tile (1..4)
-inline void tile(const Int4InputMajor& w, const ActiveInputs& a, int64_t p0, int64_t p1, int64_t at, const float* s, const float* o,
+template <int C, bool HALF>  // 32-output chunks in this tile (1..4); the grid's form
+inline void tile(const Int4InputMajor& w, const ActiveInputs& a, int64_t p0, int64_t p1, int64_t at, const uint8_t* s, const uint8_t* o,
                  __m512 xs, float* out) {
   const __m512i low = _mm512_set1_epi32(15);
   __m512 acc[2 * C];
@@ -31,7 +31,7 @@ inline void tile(const Int4InputMajor& w, const ActiveInputs& a, int64_t p0, int
     }
   }
   for (int j = 0; j < 2 * C; ++j) {
-    const __m512 sv = _mm512_loadu_ps(s + 16 * j), ov = _mm512_loadu_ps(o + 16 * j), y = _mm512_loadu_ps(out + 16 * j);
+    const __m512 sv = grid16<HALF>(s, j), ov = grid16<HALF>(o, j), y = _mm512_loadu_ps(out + 16 * j);
     _mm512_storeu_ps(out + 16 * j, w.zero_point ? _mm512_fmadd_ps(sv, _mm512_fnmadd_ps(ov, xs, acc[j]), y)
                                                 : _mm512_fmadd_ps(sv, acc[j], _mm512_fmadd_ps(ov, xs, y)));
   }
@@ -40,26 +40,32 @@ inline void tile(const Int4InputMajor& w, const ActiveInputs& a, int64_t p0, int
 }  // namespace
 
 void gemv_int4_x_avx512(const Int4InputMajor& w, const ActiveInputs& a, float* out) {
-  for_each_block_tile(w, a, 4, out, [&](int64_t p0, int64_t p1, int64_t at, const float* s, const float* o, float sum, int64_t chunks, float* y) {
-    const __m512 xs = _mm512_set1_ps(sum);
-    switch (chunks) {
-      case 4: tile<4>(w, a, p0, p1, at, s, o, xs, y); break;
-      case 3: tile<3>(w, a, p0, p1, at, s, o, xs, y); break;
-      case 2: tile<2>(w, a, p0, p1, at, s, o, xs, y); break;
-      default: tile<1>(w, a, p0, p1, at, s, o, xs, y); break;
-    }
+  by_input_major_grid(w, [&](auto half) {
+    constexpr bool H = decltype(half)::value;
+    for_each_block_tile(w, a, 4, out, [&](int64_t p0, int64_t p1, int64_t at, const uint8_t* s, const uint8_t* o, float sum, int64_t chunks, float* y) {
+      const __m512 xs = _mm512_set1_ps(sum);
+      switch (chunks) {
+        case 4: tile<4, H>(w, a, p0, p1, at, s, o, xs, y); break;
+        case 3: tile<3, H>(w, a, p0, p1, at, s, o, xs, y); break;
+        case 2: tile<2, H>(w, a, p0, p1, at, s, o, xs, y); break;
+        default: tile<1, H>(w, a, p0, p1, at, s, o, xs, y); break;
+      }
+    });
   });
 }
 
 void decompress_int4_x_avx512(const Int4InputMajor& w, int64_t k0, int64_t k1, int64_t n0, int64_t n1, float* out, int64_t ldo) {
   const __m512i low = _mm512_set1_epi32(15);
-  for_each_decompress_chunk(w, k0, k1, n0, n1, out, ldo, [&](const uint8_t* r, const float* s, const float* o, float* dst) {
-    const __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r)));
-    const __m512i v[2] = {_mm512_and_si512(d, low), _mm512_srli_epi32(d, 4)};
-    for (int h = 0; h < 2; ++h) {
-      const __m512 sv = _mm512_loadu_ps(s + 16 * h), ov = _mm512_loadu_ps(o + 16 * h);
-      _mm512_storeu_ps(dst + 16 * h, w.zero_point ? int4_weights<true>(v[h], sv, ov) : int4_weights<false>(v[h], sv, ov));
-    }
+  by_input_major_grid(w, [&](auto half) {
+    constexpr bool H = decltype(half)::value;
+    for_each_decompress_chunk(w, k0, k1, n0, n1, out, ldo, [&](const uint8_t* r, const uint8_t* s, const uint8_t* o, float* dst) {
+      const __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r)));
+      const __m512i v[2] = {_mm512_and_si512(d, low), _mm512_srli_epi32(d, 4)};
+      for (int h = 0; h < 2; ++h) {
+        const __m512 sv = grid16<H>(s, h), ov = grid16<H>(o, h);
+        _mm512_storeu_ps(dst + 16 * h, w.zero_point ? int4_weights<true>(v[h], sv, ov) : int4_weights<false>(v[h], sv, ov));
+      }
+    });
   });
 }
 

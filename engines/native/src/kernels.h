@@ -244,6 +244,9 @@ void gemv_sparse_x_avx512(const float* wt, int64_t N, const int32_t* idx, const 
 // its low nibble and output j + 16 in its high one; ld a multiple of 64, ≥ 16 · ceil(N/32), the
 // padding codes 0), then its 2 · ld float scales, then its 2 · ld float offsets (padding 0): w[n][k] =
 // code · scale + offset of (k/32, n), or with zero_point set (code − offset) · scale. K % 32 == 0.
+// Half grid (half set): the scales and offsets are fp16 (Int4Dense's half grid: every value a normal
+// fp16 number or zero, widened exactly), each block 40 · ld bytes — a third of the grid bytes a block
+// read with every input active, a sixth of it in all.
 // Read with every input active, the weight is one sequential stream; an inactive input's row is
 // skipped, and so is a block with no active input, scales included. Per active block b the kernels
 // form acc[n] = Σ x_k · code[k][n] and xs = Σ x_k over its active inputs, then y[n] += scale · acc +
@@ -253,12 +256,28 @@ struct Int4InputMajor {
   const uint8_t* data;
   int64_t ld;
   bool zero_point = false;
+  bool half = false;
 };
 namespace {
-inline int64_t block_bytes(const Int4InputMajor& w) { return 48 * w.ld; }
+inline int64_t grid_value_bytes(const Int4InputMajor& w) { return w.half ? 2 : 4; }
+inline int64_t block_bytes(const Int4InputMajor& w) { return 32 * w.ld + 4 * w.ld * grid_value_bytes(w); }
 inline const uint8_t* input_row(const Int4InputMajor& w, int64_t k) { return w.data + (k >> 5) * block_bytes(w) + (k & 31) * w.ld; }
-inline const float* block_scales(const Int4InputMajor& w, int64_t b) { return reinterpret_cast<const float*>(w.data + b * block_bytes(w) + 32 * w.ld); }
-inline const float* block_offsets(const Int4InputMajor& w, int64_t b) { return block_scales(w, b) + 2 * w.ld; }
+// A block's scales, and its offsets (2 · ld values each, float or fp16: read them with grid_value).
+inline const uint8_t* block_scales(const Int4InputMajor& w, int64_t b) { return w.data + b * block_bytes(w) + 32 * w.ld; }
+inline const uint8_t* block_offsets(const Int4InputMajor& w, int64_t b) { return block_scales(w, b) + 2 * w.ld * grid_value_bytes(w); }
+// Value n of a block's scales or offsets from g (block_scales, block_offsets, or a point in them).
+template <bool HALF>
+inline float grid_value(const uint8_t* g, int64_t n) {
+  if constexpr (HALF) return half_to_float(reinterpret_cast<const uint16_t*>(g)[n]);
+  else return reinterpret_cast<const float*>(g)[n];
+}
+inline float grid_value(const Int4InputMajor& w, const uint8_t* g, int64_t n) { return w.half ? grid_value<true>(g, n) : grid_value<false>(g, n); }
+// Calls f(half) with a std::bool_constant for the weight's grid form (a kernel's tile template per form).
+template <class F>
+inline void by_input_major_grid(const Int4InputMajor& w, F f) {
+  if (w.half) f(std::true_type{});
+  else f(std::false_type{});
+}
 }  // namespace
 // The active inputs of one x, grouped by block of 32: idx/vals in input order, blocks[t] the t-th
 // active block and starts[t] .. starts[t + 1] its inputs' range in idx/vals.
@@ -273,7 +292,7 @@ namespace {
 // The block loop of the input-major 4-bit kernels of every instruction set: out (N rounded up to 32
 // floats) zeroed; then for each active block, the sum of its active inputs, its scales and offsets,
 // and tile(p0, p1, code byte offset, scales, offsets, sum, chunks, out) for each tile of at most
-// `most` 32-output chunks, in order.
+// `most` 32-output chunks, in order (scales and offsets: the grid bytes at the tile's first output).
 template <class Tile>
 inline void for_each_block_tile(const Int4InputMajor& w, const ActiveInputs& a, int64_t most, float* out, Tile tile) {
   const int64_t chunks = (w.N + 31) / 32;
@@ -282,11 +301,11 @@ inline void for_each_block_tile(const Int4InputMajor& w, const ActiveInputs& a, 
     const int64_t p0 = a.starts[t], p1 = a.starts[t + 1];
     float sum = 0.f;
     for (int64_t p = p0; p < p1; ++p) sum += a.vals[p];
-    const float* s = block_scales(w, a.blocks[t]);
-    const float* o = block_offsets(w, a.blocks[t]);
+    const uint8_t* s = block_scales(w, a.blocks[t]);
+    const uint8_t* o = block_offsets(w, a.blocks[t]);
     for (int64_t c = 0; c < chunks; c += most) {
-      const int64_t at = 32 * c;
-      tile(p0, p1, at / 2, s + at, o + at, sum, chunks - c < most ? chunks - c : most, out + at);
+      const int64_t at = 32 * c, g = at * grid_value_bytes(w);
+      tile(p0, p1, at / 2, s + g, o + g, sum, chunks - c < most ? chunks - c : most, out + at);
     }
   }
 }
@@ -302,17 +321,17 @@ void decompress_int4_x_avx2(const Int4InputMajor& w, int64_t k0, int64_t k1, int
 void decompress_int4_x_avx512(const Int4InputMajor& w, int64_t k0, int64_t k1, int64_t n0, int64_t n1, float* out, int64_t ldo);
 namespace {
 // The row loop of those decompressions: for each input k in [k0, k1), chunk(codes, scales, offsets,
-// dst) for each whole 32-output chunk of its row in order (the pointers at that chunk), and the
-// scalar path for a last partial chunk.
+// dst) for each whole 32-output chunk of its row in order (the pointers at that chunk; scales and
+// offsets the grid bytes), and the scalar path for a last partial chunk.
 template <class Chunk>
 inline void for_each_decompress_chunk(const Int4InputMajor& w, int64_t k0, int64_t k1, int64_t n0, int64_t n1, float* out, int64_t ldo, Chunk chunk) {
-  const int64_t full = (n1 - n0) / 32;
+  const int64_t full = (n1 - n0) / 32, vb = grid_value_bytes(w);
   for (int64_t k = k0; k < k1; ++k) {
     const uint8_t* r = input_row(w, k) + n0 / 2;
-    const float* s = block_scales(w, k / 32) + n0;
-    const float* o = block_offsets(w, k / 32) + n0;
+    const uint8_t* s = block_scales(w, k / 32) + n0 * vb;
+    const uint8_t* o = block_offsets(w, k / 32) + n0 * vb;
     float* dst = out + (k - k0) * ldo;
-    for (int64_t c = 0; c < full; ++c) chunk(r + 16 * c, s + 32 * c, o + 32 * c, dst + 32 * c);
+    for (int64_t c = 0; c < full; ++c) chunk(r + 16 * c, s + 32 * c * vb, o + 32 * c * vb, dst + 32 * c);
     if (full * 32 < n1 - n0) decompress_int4_x_scalar(w, k, k + 1, n0 + 32 * full, n1, dst + 32 * full, ldo);
   }
 }

@@ -64,22 +64,23 @@ inline float int4_x_code(const Int4InputMajor& w, int64_t k, int64_t n) {
 }  // namespace
 
 void gemv_int4_x_scalar(const Int4InputMajor& w, const ActiveInputs& a, float* out) {
-  for_each_block_tile(w, a, 1, out, [&](int64_t p0, int64_t p1, int64_t at, const float* s, const float* o, float xs, int64_t, float* y) {
+  for_each_block_tile(w, a, 1, out, [&](int64_t p0, int64_t p1, int64_t at, const uint8_t* s, const uint8_t* o, float xs, int64_t, float* y) {
     for (int64_t j = 0; j < 32; ++j) {  // (outputs past N: the padding's codes, scales and offsets are 0)
       float acc = 0.f;
       for (int64_t p = p0; p < p1; ++p) acc += a.vals[p] * int4_x_code(w, a.idx[p], 2 * at + j);
-      y[j] += w.zero_point ? s[j] * (acc - o[j] * xs) : s[j] * acc + o[j] * xs;
+      const float sj = grid_value(w, s, j), oj = grid_value(w, o, j);
+      y[j] += w.zero_point ? sj * (acc - oj * xs) : sj * acc + oj * xs;
     }
   });
 }
 
 void decompress_int4_x_scalar(const Int4InputMajor& w, int64_t k0, int64_t k1, int64_t n0, int64_t n1, float* out, int64_t ldo) {
   for (int64_t k = k0; k < k1; ++k) {
-    const float* s = block_scales(w, k / 32);
-    const float* o = block_offsets(w, k / 32);
+    const uint8_t* s = block_scales(w, k / 32);
+    const uint8_t* o = block_offsets(w, k / 32);
     for (int64_t n = n0; n < n1; ++n) {
-      const float code = int4_x_code(w, k, n);
-      out[(k - k0) * ldo + (n - n0)] = w.zero_point ? (code - o[n]) * s[n] : std::fma(code, s[n], o[n]);
+      const float code = int4_x_code(w, k, n), sn = grid_value(w, s, n), on = grid_value(w, o, n);
+      out[(k - k0) * ldo + (n - n0)] = w.zero_point ? (code - on) * sn : std::fma(code, sn, on);
     }
   }
 }

@@ -62,6 +62,23 @@ inline float hsum(__m256 v) {
 }
 #endif
 
+#ifdef __AVX512F__
+// Values 16j .. 16j + 15 of an input-major 4-bit block's scales or offsets from g (kernels.h,
+// Int4InputMajor): floats, or (HALF) fp16 widened exactly.
+template <bool HALF>
+inline __m512 grid16(const uint8_t* g, int64_t j) {
+  if constexpr (HALF) return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(g + 32 * j)));
+  else return _mm512_loadu_ps(reinterpret_cast<const float*>(g) + 16 * j);
+}
+#elif defined(__AVX2__) && defined(__F16C__)
+// Values 8j .. 8j + 7 of the same, by AVX2 and F16C.
+template <bool HALF>
+inline __m256 grid8(const uint8_t* g, int64_t j) {
+  if constexpr (HALF) return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(g + 16 * j)));
+  else return _mm256_loadu_ps(reinterpret_cast<const float*>(g) + 8 * j);
+}
+#endif
+
 // The fp16 grid values (kernels.h, Int4Dense's half grid) of blocks [b0, b0 + count), count ≤ 16,
 // widened exactly to float into out[0, 16) by the F16C / AVX-512 conversion — once per 16 blocks of a
 // row, so the block loop reads floats as it does from a float grid. With `overread` the 16 values are
