@@ -283,7 +283,7 @@ class InputMajorInt4Weight:
     block of 32 inputs none of which is active is skipped with its scales — the 4-bit twin of
     :class:`InputMajorWeight`, an eighth of its code bytes. ``parts``: the ``int4`` weights stacked by
     output rows (q, k, v; gate, up), one grid form. Layout (one buffer, blocks of 32 inputs, each its
-    rows of codes then its scales and offsets): ``pk::Int4InputMajor`` (kernels.h). With ``half_grid``
+    rows of codes, line by line, then its scales and offsets): ``pk::Int4InputMajor`` (kernels.h). With ``half_grid``
     the scales and offsets are held as fp16 when every one of them is an fp16 number
     (:func:`core.sparse_format.exact_half`; GGUF Q4_1's are), exactly: 2 bytes each instead of 4."""
 
@@ -326,7 +326,8 @@ class InputMajorInt4Weight:
         block = (32 + 2 * gbytes) * self.ld
         self.data = np.zeros(nb * block + 64, np.uint8)
         blocks = self.data[: nb * block].reshape(nb, block)
-        blocks[:, : 32 * self.ld] = (chunks[..., :16] | (chunks[..., 16:] << 4)).reshape(nb, 32 * self.ld)
+        rows = (chunks[..., :16] | (chunks[..., 16:] << 4)).reshape(nb, 32, self.ld // 64, 64)  # (block, row, line, byte)
+        blocks[:, : 32 * self.ld] = rows.transpose(0, 2, 1, 3).reshape(nb, 32 * self.ld)  # line by line: line j of every row, then j + 1
         for at, key in ((32 * self.ld, "scales"), ((32 + gbytes) * self.ld, second)):
             g = np.zeros((nb, width), gtype)
             g[:, :n] = grids[key].T

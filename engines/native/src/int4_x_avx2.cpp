@@ -26,8 +26,8 @@ inline void tile(const Int4InputMajor& w, const ActiveInputs& a, int64_t p0, int
   __m256 acc[4 * C];
   for (int j = 0; j < 4 * C; ++j) acc[j] = _mm256_setzero_ps();
   for (int64_t p = p0; p < p1; ++p) {
-    const uint8_t* r = input_row(w, a.idx[p]) + at;
-    _mm_prefetch(reinterpret_cast<const char*>(r + 128), _MM_HINT_T0);
+    const uint8_t* r = input_codes(w, a.idx[p], at);
+    _mm_prefetch(reinterpret_cast<const char*>(r + kInt4xAhead), _MM_HINT_T0);
     const __m256 xv = _mm256_set1_ps(a.vals[p]);
     for (int q = 0; q < C; ++q) {
       __m256i v[4];

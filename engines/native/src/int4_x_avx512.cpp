@@ -21,8 +21,8 @@ inline void tile(const Int4InputMajor& w, const ActiveInputs& a, int64_t p0, int
   __m512 acc[2 * C];
   for (int j = 0; j < 2 * C; ++j) acc[j] = _mm512_setzero_ps();
   for (int64_t p = p0; p < p1; ++p) {
-    const uint8_t* r = input_row(w, a.idx[p]) + at;
-    _mm_prefetch(reinterpret_cast<const char*>(r + 128), _MM_HINT_T0);
+    const uint8_t* r = input_codes(w, a.idx[p], at);
+    _mm_prefetch(reinterpret_cast<const char*>(r + kInt4xAhead), _MM_HINT_T0);
     const __m512 xv = _mm512_set1_ps(a.vals[p]);
     for (int q = 0; q < C; ++q) {
       const __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r + 16 * q)));

@@ -242,7 +242,8 @@ void gemv_sparse_x_avx512(const float* wt, int64_t N, const int32_t* idx, const 
 // for inputs thresholded TEAL-style), one buffer in blocks of 32 inputs, each block 48 · ld bytes:
 // its 32 rows of codes (row k: W[0..N)[k], ld bytes, per 32 outputs 16 bytes, byte j with output j in
 // its low nibble and output j + 16 in its high one; ld a multiple of 64, ≥ 16 · ceil(N/32), the
-// padding codes 0), then its 2 · ld float scales, then its 2 · ld float offsets (padding 0): w[n][k] =
+// padding codes 0; held line by line, input_codes), then its 2 · ld float scales, then its 2 · ld
+// float offsets (padding 0): w[n][k] =
 // code · scale + offset of (k/32, n), or with zero_point set (code − offset) · scale. K % 32 == 0.
 // Half grid (half set): the scales and offsets are fp16 (Int4Dense's half grid: every value a normal
 // fp16 number or zero, widened exactly), each block 40 · ld bytes — a third of the grid bytes a block
@@ -261,7 +262,14 @@ struct Int4InputMajor {
 namespace {
 inline int64_t grid_value_bytes(const Int4InputMajor& w) { return w.half ? 2 : 4; }
 inline int64_t block_bytes(const Int4InputMajor& w) { return 32 * w.ld + 4 * w.ld * grid_value_bytes(w); }
-inline const uint8_t* input_row(const Int4InputMajor& w, int64_t k) { return w.data + (k >> 5) * block_bytes(w) + (k & 31) * w.ld; }
+// Byte `byte` of input k's row of codes. A block holds its 32 rows line by line: the 64-byte line j
+// (outputs 128j .. 128j + 127) of each of its rows in turn, then line j + 1, so a tile of outputs reads
+// its active rows from one contiguous 2 KB run of the block and the block is read front to back. With
+// rows held whole (a tile's active rows ld bytes apart) the streamed kernel ran 5-15 % slower, relative
+// to the row-major 4-bit GEMV, in ad-hoc runs of benchmarks/kernel_throughput.py (not kept).
+inline const uint8_t* input_codes(const Int4InputMajor& w, int64_t k, int64_t byte) {
+  return w.data + (k >> 5) * block_bytes(w) + (byte >> 6) * 2048 + (k & 31) * 64 + (byte & 63);
+}
 // A block's scales, and its offsets (2 · ld values each, float or fp16: read them with grid_value).
 inline const uint8_t* block_scales(const Int4InputMajor& w, int64_t b) { return w.data + b * block_bytes(w) + 32 * w.ld; }
 inline const uint8_t* block_offsets(const Int4InputMajor& w, int64_t b) { return block_scales(w, b) + 2 * w.ld * grid_value_bytes(w); }
@@ -272,6 +280,10 @@ inline float grid_value(const uint8_t* g, int64_t n) {
   else return reinterpret_cast<const float*>(g)[n];
 }
 inline float grid_value(const Int4InputMajor& w, const uint8_t* g, int64_t n) { return w.half ? grid_value<true>(g, n) : grid_value<false>(g, n); }
+// How far ahead of the line a tile reads in a row the input-major kernels prefetch: the same row's line
+// two tiles of 128 outputs on (two 2 KB runs). 4 KB was faster than 128 B, 2, 8 and 16 KB in ad-hoc
+// runs of benchmarks/kernel_throughput.py (not kept).
+constexpr int64_t kInt4xAhead = 4096;
 // Calls f(half) with a std::bool_constant for the weight's grid form (a kernel's tile template per form).
 template <class F>
 inline void by_input_major_grid(const Int4InputMajor& w, F f) {
@@ -327,11 +339,10 @@ template <class Chunk>
 inline void for_each_decompress_chunk(const Int4InputMajor& w, int64_t k0, int64_t k1, int64_t n0, int64_t n1, float* out, int64_t ldo, Chunk chunk) {
   const int64_t full = (n1 - n0) / 32, vb = grid_value_bytes(w);
   for (int64_t k = k0; k < k1; ++k) {
-    const uint8_t* r = input_row(w, k) + n0 / 2;
     const uint8_t* s = block_scales(w, k / 32) + n0 * vb;
     const uint8_t* o = block_offsets(w, k / 32) + n0 * vb;
     float* dst = out + (k - k0) * ldo;
-    for (int64_t c = 0; c < full; ++c) chunk(r + 16 * c, s + 32 * c * vb, o + 32 * c * vb, dst + 32 * c);
+    for (int64_t c = 0; c < full; ++c) chunk(input_codes(w, k, n0 / 2 + 16 * c), s + 32 * c * vb, o + 32 * c * vb, dst + 32 * c);
     if (full * 32 < n1 - n0) decompress_int4_x_scalar(w, k, k + 1, n0 + 32 * full, n1, dst + 32 * full, ldo);
   }
 }

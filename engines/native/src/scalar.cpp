@@ -58,7 +58,7 @@ void gemv_sparse_x_scalar(const float* wt, int64_t N, const int32_t* idx, const 
 
 namespace {
 inline float int4_x_code(const Int4InputMajor& w, int64_t k, int64_t n) {
-  const uint8_t byte = input_row(w, k)[(n / 32) * 16 + (n % 32 & 15)];
+  const uint8_t byte = *input_codes(w, k, (n / 32) * 16 + (n % 32 & 15));
   return float(n % 32 < 16 ? byte & 15 : byte >> 4);
 }
 }  // namespace
