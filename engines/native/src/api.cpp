@@ -193,12 +193,18 @@ PK_KERNELS(pk::BitmaskInt4, pk::gemv_bitmask_int4_scalar, pk::gemv_bitmask_int4_
 PK_KERNELS(pk::Int4Dense, pk::gemv_int4_scalar, pk::gemv_int4_avx2, pk::gemv_int4_avx512)
 #undef PK_KERNELS
 
+// Calls the chosen instruction set's one of three functions with the same arguments.
+template <class F512, class F2, class F1, class... A>
+inline void on_isa(int isa, F512 avx512, F2 avx2, F1 scalar, const A&... a) {
+  if (isa == kAvx512) avx512(a...);
+  else if (isa == kAvx2) avx2(a...);
+  else scalar(a...);
+}
+
 // M rows of x through one weight, output rows [n0, n1), on the chosen instruction set.
 template <class W>
 inline void gemv_rows(const W& w, const float* x, int64_t M, float* y, int isa, int64_t n0, int64_t n1) {
-  if (isa == kAvx512) Kernels<W>::avx512(w, x, M, w.K, y, w.N, n0, n1);
-  else if (isa == kAvx2) Kernels<W>::avx2(w, x, M, w.K, y, w.N, n0, n1);
-  else Kernels<W>::scalar(w, x, M, w.K, y, w.N, n0, n1);
+  on_isa(isa, Kernels<W>::avx512, Kernels<W>::avx2, Kernels<W>::scalar, w, x, M, w.K, y, w.N, n0, n1);
 }
 
 template <class W>
@@ -311,9 +317,7 @@ struct SparseXJob {
   static void task(void* p, int64_t i) {
     auto* j = static_cast<SparseXJob*>(p);
     const int64_t n0 = i * j->cols, n1 = std::min(j->N, n0 + j->cols);
-    if (j->isa == kAvx512) pk::gemv_sparse_x_avx512(j->wt, j->N, j->idx, j->vals, j->count, j->y, n0, n1);
-    else if (j->isa == kAvx2) pk::gemv_sparse_x_avx2(j->wt, j->N, j->idx, j->vals, j->count, j->y, n0, n1);
-    else pk::gemv_sparse_x_scalar(j->wt, j->N, j->idx, j->vals, j->count, j->y, n0, n1);
+    on_isa(j->isa, pk::gemv_sparse_x_avx512, pk::gemv_sparse_x_avx2, pk::gemv_sparse_x_scalar, j->wt, j->N, j->idx, j->vals, j->count, j->y, n0, n1);
   }
 };
 
@@ -361,9 +365,7 @@ struct Int4InputMajorJob {
     auto* j = static_cast<Int4InputMajorJob*>(p);
     const pk::ActiveInputs a{j->a.idx, j->a.vals, j->a.blocks + j->cuts[i], j->a.starts + j->cuts[i], j->cuts[i + 1] - j->cuts[i]};
     float* out = j->partial + i * j->padded;
-    if (j->isa == kAvx512) pk::gemv_int4_x_avx512(*j->w, a, out);
-    else if (j->isa == kAvx2) pk::gemv_int4_x_avx2(*j->w, a, out);
-    else pk::gemv_int4_x_scalar(*j->w, a, out);
+    on_isa(j->isa, pk::gemv_int4_x_avx512, pk::gemv_int4_x_avx2, pk::gemv_int4_x_scalar, *j->w, a, out);
   }
 };
 
@@ -399,9 +401,8 @@ struct Int4InputMajorDecompressJob {
     auto* j = static_cast<Int4InputMajorDecompressJob*>(p);
     const int64_t a = j->k0 + i * 32, b = std::min(j->k1, a + 32);
     float* dst = j->out + (a - j->k0) * j->w->N;
-    if (j->isa == kAvx512) pk::decompress_int4_x_avx512(*j->w, a, b, 0, j->w->N, dst, j->w->N);
-    else if (j->isa == kAvx2) pk::decompress_int4_x_avx2(*j->w, a, b, 0, j->w->N, dst, j->w->N);
-    else pk::decompress_int4_x_scalar(*j->w, a, b, 0, j->w->N, dst, j->w->N);
+    on_isa(j->isa, pk::decompress_int4_x_avx512, pk::decompress_int4_x_avx2, pk::decompress_int4_x_scalar, *j->w, a, b, int64_t(0), j->w->N, dst,
+           j->w->N);
   }
 };
 
