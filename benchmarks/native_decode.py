@@ -96,6 +96,8 @@ def main() -> None:
     ap.add_argument("--dense-with", action="append", default=[], metavar="OPTION=VALUE",
                     help="also run dense on native-cpu built with this engine option (a YAML value), as 'dense[OPTION=VALUE]'; "
                          "repeatable: e.g. exact_grids=false (its Q4_1 linears and Q8_0 head as float32), int8_activations=true")
+    ap.add_argument("--isa", default=None, help="force native-cpu's instruction set, no better than the CPU's (scalar, avx2+fma, avx512f): "
+                    "the AVX2 path's speed on an AVX-512 machine, not an AVX2-only machine's")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "native_decode.json")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -108,6 +110,8 @@ def main() -> None:
     from pipeline.validate import round_robin
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    if args.isa:
+        native.set_isa(args.isa)
     build = args.build
     names = [v for v in args.variants.split(",") if v] or sorted(p.name for p in build.iterdir() if (p / "model" / "model").is_dir())
     if "dense" not in names:
@@ -228,7 +232,8 @@ def main() -> None:
             if "perplexity" in entry and dense_ppl:
                 entry["perplexity_vs_dense"] = {t: round(entry["perplexity"][t] / dense_ppl[t], 4) for t in dense_ppl}
     result["copy_bandwidth_gb_s"] = round(bw / 1e9, 2)
-    result["isa"] = native.best_isa()
+    result["isa"] = native.isa()
+    result["cpu_best_isa"] = native.best_isa()
     result["baseline"] = "onnxruntime-cpu dense KV-cache graphs (kv/prefill.onnx + kv/decode.onnx), spinning off"
     write_result(args.out, result)
     rows = []
