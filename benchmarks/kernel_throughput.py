@@ -37,7 +37,7 @@ KINDS = ["dense", "dense-int4", "dense-int4-f32grid", "dense-int4x", "dense-int8
 """``-int8``: int8 values (fp32 activations); ``-int8x``: int8 activations too (AVX-512 VNNI); ``-int4``:
 the int4 format (4-bit codes, a scale and an offset per 32 inputs: weights on a Q4_1 grid, whose fp16
 scales and minima the kernel reads as fp16); ``-int4-f32grid``: the same with the grid read as float32; ``-int4x``: the
-same with int8 activations (AVX-512 VNNI); ``int4-actNN``: the same dense 4-bit weights stored input-major
+same with int8 activations (AVX-512 VNNI, or AVX2 on that path); ``int4-actNN``: the same dense 4-bit weights stored input-major
 for activation sparsity (:class:`engines.native.InputMajorInt4Weight`, its grid as fp16), NN % of each x's
 entries zero (random positions) and skipped; ``int4-actNN-f32grid``: the same with the grid as float32."""
 
@@ -121,7 +121,12 @@ def main() -> None:
     native.set_threads(args.threads)
     if args.isa:
         native.set_isa(args.isa)
-    kinds = [k for k in KINDS if (not chosen or k == "dense" or k in chosen) and (not k.endswith("x") or (native.int8_activations() and native.isa() == "avx512f"))]
+    def runs_here(kind: str) -> bool:  # the int8-activation kinds: int4 on AVX-512 VNNI or AVX2, int8 on AVX-512 VNNI
+        if not kind.endswith("x"):
+            return True
+        return native.int4_int8_activations() if "int4" in kind else native.int8_activations() and native.isa() == "avx512f"
+
+    kinds = [k for k in KINDS if (not chosen or k == "dense" or k in chosen) and runs_here(k)]
     rng = np.random.default_rng(0)
     stream = {kind: [make_weight(kind, n, k, rng) for _ in range(args.layers) for n, k in SHAPES] for kind in kinds}
     cached = {kind: make_weight(kind, 768, 576, rng) for kind in kinds}

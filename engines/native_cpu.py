@@ -164,10 +164,18 @@ def _sparse_int4_format(w: np.ndarray) -> str:
 
 
 def _vnni_here() -> str:
-    """Whether this CPU runs the int8-activation kernels, for the artifact's notes."""
+    """Whether this CPU runs the int8-weight × int8-activation kernel, for the artifact's notes."""
     from engines import native
 
     return "this CPU has it" if native.int8_activations() else "this CPU lacks it: fp32 activations"
+
+
+def _int4x_here() -> str:
+    """Where the int4 × int8-activation kernels run, and whether this CPU runs one, for the notes."""
+    from engines import native
+
+    here = "this CPU runs it" if native.int4_int8_activations() else "not on this CPU: fp32 activations"
+    return f"where the CPU has AVX-512 VNNI (float grids) or AVX2 ({here})"
 
 
 def _quantized_note(quant: dict[str, Any], linears: dict[str, Any], head: dict[str, Any], int8_activations: bool) -> str:
@@ -184,7 +192,7 @@ def _quantized_note(quant: dict[str, Any], linears: dict[str, Any], head: dict[s
             note += f"; {nbm} sparse block linears read as 4-bit codes of their kept values with a bit per weight (bitmask-int4, a scale and zero point per {quant.get('block_size')} inputs)"
         if rest:
             note += f"; {rest} block linears run dequantized in fp32 (blocks of {quant.get('block_size')} inputs: the int4 formats need a multiple of 32)"
-        return note + (f"; option int8_activations: int8 activations (per block of 32) where the CPU has AVX-512 VNNI ({_vnni_here()})"
+        return note + (f"; option int8_activations: int8 activations (per block of 32) {_int4x_here()}"
                        if int8_activations else "; fp32 activations (the model's own result)")
     n = sum(e["values"] == "int8" for e in linears.values())
     note = f"int8 weights read as int8 codes with a scale per {quant['block_size']} inputs ({n} block linears{', the LM head' if head['values'] == 'int8' else ''})"
@@ -210,7 +218,8 @@ def _exact_note(linears: dict[str, Any], embed: dict[str, Any], head: dict[str, 
         return "none found"
     note = "codes on the weights' own grids, lossless: " + ", ".join(parts)
     if int8x:
-        note += f"; option int8_activations: these weights multiply int8 activations (per block of 32) where the CPU has AVX-512 VNNI ({_vnni_here()}), not exact"
+        note += (f"; option int8_activations: these weights multiply int8 activations (per block of 32), not exact — int4 {_int4x_here()}, "
+                 f"int8 where the CPU has AVX-512 VNNI ({_vnni_here()})")
     return note
 
 

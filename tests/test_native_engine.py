@@ -586,11 +586,26 @@ def test_exact_int8_grid_finds_q8_grids_only():
     np.testing.assert_array_equal(exact_int8_grid(zero), np.zeros((4, 2), np.float32))
 
 
-@pytest.mark.skipif(not native.int8_activations(), reason="this CPU has no AVX-512 VNNI: int4 weights run with fp32 activations")
-def test_int4_weights_with_the_int8_activations_option(tmp_path):
+@pytest.mark.parametrize("isa", ["best", "avx2+fma"])
+def test_int4_weights_with_the_int8_activations_option(tmp_path, isa):
     """A tiny Llama whose block linears are all on a Q4_1 grid (as the bundled SmolLM2's are): stored as
     int4; with int8_activations the decode steps and whole sequences multiply int8 activations — close
-    to the model, not equal — and the artifact says so; switched off, the same artifact is exact."""
+    to the model, not equal — and the artifact says so; switched off, the same artifact is exact. On
+    the CPU's best instruction set (AVX-512 VNNI) and on the AVX2 kernel."""
+    best = native.isa()
+    if isa != "best":
+        if list(native.ISA_NAMES.values()).index(isa) > list(native.ISA_NAMES.values()).index(native.best_isa()):
+            pytest.skip(f"this CPU has no {isa}")
+        native.set_isa(isa)
+    try:
+        if not native.int4_int8_activations():
+            pytest.skip(f"int4 weights run with fp32 activations on {native.isa()} here (no AVX-512 VNNI)")
+        _int4_weights_with_int8_activations(tmp_path)
+    finally:
+        native.set_isa(best)
+
+
+def _int4_weights_with_int8_activations(tmp_path) -> None:
     from core.models import save_hf_dir
     from tests.conftest import byte_tokenizer
 

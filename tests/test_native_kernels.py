@@ -358,40 +358,58 @@ def test_int4_format_errors_and_stacking():
     assert mixed.format == "dense" and np.array_equal(mixed.gemv(x), ref)
 
 
-@pytest.mark.skipif(not native.int8_activations(), reason="this CPU has no AVX-512 VNNI (the int4 × int8-activation kernel's only path)")
-def test_int4_int8_activation_kernel_computes_the_block_quantized_product():
-    """int4 weights with int8 activations (VNNI): equal to the same per-block activation quantization
-    done in float64 (scale max|x|/127 per 32 inputs, round to nearest even, Σ offset · Σx in float),
-    not exactly the float32 result; K % 64 != 0 and the switch off give the exact path."""
+@pytest.mark.parametrize("isa", ["avx512f", "avx2+fma"])
+def test_int4_int8_activation_kernel_computes_the_block_quantized_product(isa):
+    """int4 weights with int8 activations (AVX-512 VNNI, or AVX2's maddubs): equal to the same
+    per-block activation quantization done in float64 (scale max|x|/127 per 32 inputs, round to
+    nearest even, Σ offset · Σx in float), not exactly the float32 result; on AVX2 an fp16 grid gives
+    the float grid's result bit for bit; K % 64 != 0 and the switch off give the exact path."""
     from core.sparse_format import compress
 
+    if isa not in ISAS:
+        pytest.skip(f"this CPU has no {isa}")
+    if isa == "avx512f" and not native.int8_activations():
+        pytest.skip("this CPU has no AVX-512 VNNI: its int4 × int8-activation kernel does not run here")
+    best = native.isa()
     rng = np.random.default_rng(9)
-    for n, k, m in [(7, 128, 1), (40, 576, 1), (9, 1536, 3), (5, 256, 6), (3, 64, 2), (6, 192, 5)]:
-        w = _on_q4_grid(rng.standard_normal((n, k)).astype(np.float32))
-        c = compress(w, "int4")
-        nw = native.NativeWeight(c, int8_activations=True)
-        assert nw.int8_activations
-        x = (rng.standard_normal((m, k)) * rng.uniform(0.1, 3.0, (m, 1))).astype(np.float32)
-        xb = x.reshape(m, k // 32, 32)
-        sx = (np.abs(xb).max(-1) / np.float32(127)).astype(np.float32)
-        qx = np.clip(np.rint(xb * (np.float32(1) / sx)[..., None]), -127, 127)
-        packed = c.arrays["values"].reshape(n, k // 32, 16)
-        codes = np.concatenate([packed & 15, packed >> 4], axis=-1).astype(np.float64)  # (n, nb, 32)
-        dots = np.einsum("nbj,mbj->mnb", codes, qx.astype(np.float64))
-        ref = (dots * c.arrays["scales"].astype(np.float64)[None] * sx.astype(np.float64)[:, None, :]).sum(-1)
-        ref += xb.astype(np.float32).sum(-1).astype(np.float64) @ c.arrays["offsets"].astype(np.float64).T
-        y = nw.gemv(x)
-        np.testing.assert_allclose(y, ref, atol=2e-5 * (1 + np.abs(ref).max()), rtol=0)
-        exact = native.NativeWeight(c).gemv(x)
-        assert not np.array_equal(y, exact)  # really int8 activations
-        np.testing.assert_allclose(y, exact, atol=0.05 * (1 + np.abs(exact).max()), rtol=0)
-        native.int8_activations(False)
-        try:
-            assert np.array_equal(nw.gemv(x), exact)
-        finally:
-            native.int8_activations(True)
-    odd = native.NativeWeight(compress(_on_q4_grid(rng.standard_normal((4, 96)).astype(np.float32)), "int4"), int8_activations=True)
-    assert not odd.int8_activations  # K % 64 != 0: fp32 activations
+    ptr = lambda a: a.ctypes.data_as(ctypes.c_void_p)  # noqa: E731
+    try:
+        native.set_isa(isa)
+        assert native.int4_int8_activations(64)
+        assert native.int4_int8_activations(64, half_grid=True) == (isa == "avx2+fma")  # the VNNI kernel reads float grids only
+        for n, k, m in [(7, 128, 1), (40, 576, 1), (9, 1536, 3), (5, 256, 6), (3, 64, 2), (6, 192, 5)]:
+            w = _on_q4_grid(rng.standard_normal((n, k)).astype(np.float32))
+            c = compress(w, "int4")
+            nw = native.NativeWeight(c, int8_activations=True)
+            assert nw.int8_activations
+            x = (rng.standard_normal((m, k)) * rng.uniform(0.1, 3.0, (m, 1))).astype(np.float32)
+            xb = x.reshape(m, k // 32, 32)
+            sx = (np.abs(xb).max(-1) / np.float32(127)).astype(np.float32)
+            qx = np.clip(np.rint(xb * (np.float32(1) / sx)[..., None]), -127, 127)
+            packed = c.arrays["values"].reshape(n, k // 32, 16)
+            codes = np.concatenate([packed & 15, packed >> 4], axis=-1).astype(np.float64)  # (n, nb, 32)
+            dots = np.einsum("nbj,mbj->mnb", codes, qx.astype(np.float64))
+            ref = (dots * c.arrays["scales"].astype(np.float64)[None] * sx.astype(np.float64)[:, None, :]).sum(-1)
+            ref += xb.astype(np.float32).sum(-1).astype(np.float64) @ c.arrays["offsets"].astype(np.float64).T
+            y = nw.gemv(x)
+            np.testing.assert_allclose(y, ref, atol=2e-5 * (1 + np.abs(ref).max()), rtol=0)
+            exact = native.NativeWeight(c).gemv(x)
+            assert not np.array_equal(y, exact)  # really int8 activations
+            np.testing.assert_allclose(y, exact, atol=0.05 * (1 + np.abs(exact).max()), rtol=0)
+            if isa == "avx2+fma":  # the grid as fp16 (separate arrays, by the C API): the same result
+                half = {key: np.ascontiguousarray(c.arrays[key], np.float16) for key in ("scales", "offsets")}
+                y2 = np.empty((m, n), np.float32)
+                native.lib().pk_gemv_int4(n, k, ptr(c.arrays["values"]), ptr(half["scales"]), ptr(half["offsets"]), 2, 0, 1, ptr(x), m, ptr(y2))
+                assert np.array_equal(y2, y)
+            native.int8_activations(False)
+            try:
+                assert np.array_equal(nw.gemv(x), exact)
+            finally:
+                native.int8_activations(True)
+        odd = native.NativeWeight(compress(_on_q4_grid(rng.standard_normal((4, 96)).astype(np.float32)), "int4"), int8_activations=True)
+        assert not odd.int8_activations  # K % 64 != 0: fp32 activations
+    finally:
+        native.set_isa(best)
 
 
 @pytest.mark.parametrize("block", [32, 64])

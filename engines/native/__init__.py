@@ -66,6 +66,8 @@ def lib() -> ctypes.CDLL:
             L.pk_gemv.argtypes = [_i64, _i64, vp, vp, vp, vp, _i64, vp, vp, _i64, vp]
             L.pk_int8_activations.restype = ctypes.c_int
             L.pk_int8_activations.argtypes = [ctypes.c_int]
+            L.pk_int4_int8_activations.restype = ctypes.c_int
+            L.pk_int4_int8_activations.argtypes = [_i64, ctypes.c_int]
             L.pk_decompress.argtypes = [_i64, _i64, vp, vp, vp, vp, _i64, _i64, _i64, vp]
             L.pk_gemv_24.argtypes = [_i64, _i64, vp, vp, vp, _i64, vp, _i64, vp]
             L.pk_decompress_24.argtypes = [_i64, _i64, vp, vp, vp, _i64, _i64, _i64, vp]
@@ -117,6 +119,13 @@ def int8_activations(on: bool | None = None) -> bool:
     VNNI, x quantized per block of 32 at run time, as ONNX Runtime's MatMulNBits does): False on a CPU
     without VNNI. ``on`` switches their use (tests compare both paths)."""
     return bool(lib().pk_int8_activations(-1 if on is None else int(bool(on))))
+
+
+def int4_int8_activations(k: int = 64, half_grid: bool = False) -> bool:
+    """Whether an ``int4`` weight of ``k`` inputs with the int8_activations option multiplies int8
+    activations on the chosen instruction set: by the VNNI kernel on AVX-512 (float grids, k % 64 ==
+    0) or by the AVX2 kernel (``int4_int8x_avx2.cpp``); else fp32 activations."""
+    return bool(lib().pk_int4_int8_activations(int(k), int(bool(half_grid))))
 
 
 def set_threads(n: int) -> None:
@@ -674,8 +683,9 @@ class NativeWeight:
             raise ValueError(f"sparse linear: input has {x.shape[-1]} features, the weight expects {self.k}")
         lead = x.shape[:-1]
         x2 = np.ascontiguousarray(x.reshape(-1, self.k), dtype=np.float32)
-        # int8 activations (accuracy_level 4 on a VNNI CPU) for every row count, prefill included, as
-        # ONNX Runtime's MatMulNBits does: the kernel reads the weight once per four rows of x
-        small = x2.shape[0] <= GEMV_MAX_ROWS or (self.int8_activations and int8_activations())
+        # int8 activations (the option, where the instruction set runs them) for every row count, prefill
+        # included, as ONNX Runtime's MatMulNBits does: the kernel reads the weight once per four rows of x
+        int8x = int4_int8_activations(self.k, self.half_grid) if self._int4x else (self._corr is not None and int8_activations())
+        small = x2.shape[0] <= GEMV_MAX_ROWS or int8x
         y = self.gemv(x2) if small else self.gemm_tiled(x2)
         return y.reshape(*lead, self.n)

@@ -12,6 +12,7 @@
 #include <cstring>
 #include <mutex>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "kernels.h"
@@ -265,26 +266,37 @@ struct Int4xJob {
   int64_t M;
   float* y;
   int64_t tasks;
+  bool avx512;
   static void task(void* p, int64_t i) {
     auto* j = static_cast<Int4xJob*>(p);
     int64_t n0, n1;
     task_rows(j->w->N, j->tasks, i, n0, n1);
-    if (n0 < n1) pk::gemv_int4x_avx512(*j->w, j->xq, j->M, j->y, j->w->N, n0, n1);
+    if (n0 >= n1) return;
+    if (j->avx512) pk::gemv_int4x_avx512(*j->w, j->xq, j->M, j->y, j->w->N, n0, n1);
+    else pk::gemv_int4x_avx2(*j->w, j->xq, j->M, j->y, j->w->N, n0, n1);
   }
 };
 
-// An int4 weight: int8 activations by the VNNI kernel when asked (the int8_activations option), the
-// chosen instruction set is AVX-512 on a CPU with VNNI and K % 64 == 0; else fp32 activations.
+// Whether an int4 weight asked for int8 activations (the int8_activations option) gets them: by the
+// VNNI kernel where the chosen instruction set is AVX-512 on a CPU with VNNI (float grids, K % 64 ==
+// 0), by the AVX2 kernel where it is AVX2; else the weight runs with fp32 activations.
+bool int4_int8x(const pk::Int4Dense& w, int isa) {
+  if (!g_int8x.load(std::memory_order_relaxed)) return false;
+  if (isa == kAvx512) return g_vnni && !w.half && w.K % 64 == 0;
+  return isa == kAvx2;
+}
+
 void gemv_int4(const pk::Int4Dense& w, const float* x, int64_t M, float* y, int isa, bool int8x) {
-  if (int8x && !w.half && g_vnni && isa == kAvx512 && w.K % 64 == 0 && g_int8x.load(std::memory_order_relaxed)) {
+  if (int8x && int4_int8x(w, isa)) {
     thread_local std::vector<int8_t> bytes;
     thread_local std::vector<float> scales, sums;
     const int64_t nb = w.K / pk::kInt4Block;
     bytes.resize(size_t(M * w.K));
     scales.resize(size_t(M * nb));
     sums.resize(size_t(M * nb));
-    pk::quantize_x_int4_avx512(x, M, w.K, w.K, bytes.data(), scales.data(), sums.data());
-    Int4xJob job{&w, {bytes.data(), scales.data(), sums.data(), w.K}, M, y, gemv_tasks(w.N)};
+    const bool avx512 = isa == kAvx512;
+    (avx512 ? pk::quantize_x_int4_avx512 : pk::quantize_x_int4_avx2)(x, M, w.K, w.K, bytes.data(), scales.data(), sums.data());
+    Int4xJob job{&w, {bytes.data(), scales.data(), sums.data(), w.K}, M, y, gemv_tasks(w.N), avx512};
     pool().run(job.tasks, &Int4xJob::task, &job);
     return;
   }
@@ -300,8 +312,12 @@ struct DecompressJob {
   static void task(void* p, int64_t i) {
     auto* j = static_cast<DecompressJob<W>*>(p);
     const int64_t a = j->n0 + i * kRowsPerTask, b = std::min(j->n1, a + kRowsPerTask);
-    if (j->isa == kAvx512) pk::decompress_avx512(*j->w, a, b, j->out + (a - j->n0) * j->w->K);
-    else pk::decompress(*j->w, a, b, j->out + (a - j->n0) * j->w->K);
+    float* dst = j->out + (a - j->n0) * j->w->K;
+    if (j->isa == kAvx512) pk::decompress_avx512(*j->w, a, b, dst);
+    else if constexpr (std::is_same_v<W, pk::Int4Dense>) {  // (the other formats' AVX2 decompression is the scalar one)
+      if (j->isa == kAvx2) pk::decompress_avx2(*j->w, a, b, dst);
+      else pk::decompress(*j->w, a, b, dst);
+    } else pk::decompress(*j->w, a, b, dst);
   }
 };
 
@@ -542,6 +558,14 @@ PK_API void pk_gemv(int64_t N, int64_t K, const uint16_t* masks, const void* val
 PK_API int pk_int8_activations(int on) {
   if (on >= 0) g_int8x.store(on != 0);
   return g_vnni && g_int8x.load() ? 1 : 0;
+}
+
+// Whether an int4 weight of K inputs (K % 64 == 0) with the int8_activations option runs int8
+// activations on the chosen instruction set (AVX-512 VNNI, or AVX2), with float grids (half = 0) or fp16 ones.
+PK_API int pk_int4_int8_activations(int64_t K, int half) {
+  pk::Int4Dense w{0, K, nullptr, nullptr, nullptr};
+  w.half = half != 0;
+  return int4_int8x(w, g_isa.load(std::memory_order_relaxed)) ? 1 : 0;
 }
 
 // Rows [n0, n1) of W, dense, into out[(n1-n0)][K].

@@ -228,6 +228,10 @@ struct Int4X {
 };
 void quantize_x_int4_avx512(const float* x, int64_t M, int64_t ldx, int64_t K, int8_t* bytes, float* scales, float* sums);
 void gemv_int4x_avx512(const Int4Dense& w, const Int4X& xq, int64_t M, float* y, int64_t ldy, int64_t n0, int64_t n1);
+// The same on AVX2 (int4_int8x_avx2.cpp; K % 32 == 0, either grid form): x quantized to the same
+// values by quantize_x_int4_avx2, its bytes in input order.
+void quantize_x_int4_avx2(const float* x, int64_t M, int64_t ldx, int64_t K, int8_t* bytes, float* scales, float* sums);
+void gemv_int4x_avx2(const Int4Dense& w, const Int4X& xq, int64_t M, float* y, int64_t ldy, int64_t n0, int64_t n1);
 
 // Dense int8 weights × int8 activations (AVX-512 VNNI; w.q.corr set): x quantized first by quantize_x.
 void quantize_x_avx512(const float* x, int64_t M, int64_t ldx, int64_t K, uint8_t* u8, float* scales);
@@ -365,5 +369,6 @@ void decompress_avx512(const TwoFourInt4& w, int64_t n0, int64_t n1, float* out)
 void decompress(const BitmaskInt4& w, int64_t n0, int64_t n1, float* out);
 void decompress_avx512(const BitmaskInt4& w, int64_t n0, int64_t n1, float* out);
 void decompress_avx512(const Int4Dense& w, int64_t n0, int64_t n1, float* out);
+void decompress_avx2(const Int4Dense& w, int64_t n0, int64_t n1, float* out);
 
 }  // namespace pk
