@@ -479,9 +479,11 @@ class NativeWeight:
                 raise ValueError(f"int4 weight: codes {codes.shape} / scales {grid['scales'].shape} / {second} {grid[second].shape} do not fit a ({self.n}, {self.k}) weight")
             self._int4x = bool(int8_activations and self.k % 64 == 0)
             # a grid every value of which is an fp16 number (GGUF's Q4_1 stores its scales and minima as
-            # fp16) is held as fp16, exactly: 5 bits per weight read instead of 6 (the VNNI kernel of
-            # int8 activations reads float grids)
-            self.half_grid = half_grid and not self._int4x and all(exact_half(g) for g in grid.values())
+            # fp16) is held as fp16, exactly: 5 bits per weight read instead of 6. With int8 activations
+            # only where the instruction set chosen now reads fp16 grids with them (AVX2; the VNNI kernel
+            # reads float grids): a weight whose kernel cannot gets fp32 activations, not int8
+            half_ok = not self._int4x or int4_int8_activations(self.k, True) or not int4_int8_activations(self.k, False)
+            self.half_grid = half_grid and half_ok and all(exact_half(g) for g in grid.values())
             if self.half_grid:
                 grid = {k: g.astype(np.float16) for k, g in grid.items()}
             self.nbytes = codes.nbytes + sum(g.nbytes for g in grid.values())
