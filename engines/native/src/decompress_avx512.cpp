@@ -60,10 +60,7 @@ void decompress_avx512(const TwoFour& w, int64_t n0, int64_t n1, float* out) {
   const int shift = Q ? block_shift(w.q) : 0;
   for (int64_t n = n0; n < n1; ++n) {
     float* row = out + (n - n0) * K;
-    const float* v = Q ? nullptr : w.values + n * (K / 2);
-    const int8_t* q = Q ? w.q.values + n * (K / 2) : nullptr;
-    const float* sc = Q ? row_scales(K, w.q, n) : nullptr;
-    const uint8_t* p = w.positions + n * pb;
+    auto [v, q, sc, p] = two_four_row(w, n);
     for (int64_t word = 0; word < KW; ++word) {
       uint32_t lo = kPosToMask[p[2 * word]], hi = 2 * word + 1 < pb ? kPosToMask[p[2 * word + 1]] : 0u;
       if (word == KW - 1 && (K % 8) == 4) {  // the unused high half of the row's last byte

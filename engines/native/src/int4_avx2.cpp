@@ -75,21 +75,15 @@ void gemv_int4_avx2(const Int4Dense& w, const float* x, int64_t M, int64_t ldx, 
 }
 
 void decompress_avx2(const Int4Dense& w, int64_t n0, int64_t n1, float* out) {
-  const int64_t K = w.K, nb = K / kInt4Block;
   const __m256i low = _mm256_set1_epi32(15);
-  for (int64_t n = n0; n < n1; ++n) {
-    float* row = out + (n - n0) * K;
-    const uint8_t* q = row_codes(w, n);
-    const float *sc = row_grid(w, w.scales, n), *of = row_grid(w, w.offsets, n);
-    for (int64_t b = 0; b < nb; ++b) {
-      const __m256i v0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + b * 16)));
-      const __m256i v1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + b * 16 + 8)));
-      const __m256 s = _mm256_set1_ps(grid_at(w, sc, b)), o = _mm256_set1_ps(grid_at(w, of, b));
-      const __m256i c[4] = {_mm256_and_si256(v0, low), _mm256_and_si256(v1, low), _mm256_srli_epi32(v0, 4), _mm256_srli_epi32(v1, 4)};
-      for (int part = 0; part < 4; ++part)  // inputs 0-7, 8-15, 16-23, 24-31
-        _mm256_storeu_ps(row + b * 32 + 8 * part, w.zero_point ? int4_weights<true>(c[part], s, o) : int4_weights<false>(c[part], s, o));
-    }
-  }
+  for_each_int4_block(w, n0, n1, out, [&](const uint8_t* q, float scale, float offset, float* dst) {
+    const __m256i v0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q)));
+    const __m256i v1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + 8)));
+    const __m256 s = _mm256_set1_ps(scale), o = _mm256_set1_ps(offset);
+    const __m256i c[4] = {_mm256_and_si256(v0, low), _mm256_and_si256(v1, low), _mm256_srli_epi32(v0, 4), _mm256_srli_epi32(v1, 4)};
+    for (int part = 0; part < 4; ++part)  // inputs 0-7, 8-15, 16-23, 24-31
+      _mm256_storeu_ps(dst + 8 * part, w.zero_point ? int4_weights<true>(c[part], s, o) : int4_weights<false>(c[part], s, o));
+  });
 }
 
 }  // namespace pk

@@ -75,19 +75,14 @@ void gemv_int4_avx512(const Int4Dense& w, const float* x, int64_t M, int64_t ldx
 }
 
 void decompress_avx512(const Int4Dense& w, int64_t n0, int64_t n1, float* out) {
-  const int64_t K = w.K, nb = K / kInt4Block;
   const __m512i low = _mm512_set1_epi32(15);
-  for (int64_t n = n0; n < n1; ++n) {
-    float* row = out + (n - n0) * K;
-    const uint8_t* q = row_codes(w, n);
-    for (int64_t b = 0; b < nb; ++b) {
-      const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + b * 16)));
-      const __m512 s = _mm512_set1_ps(grid_at(w, row_grid(w, w.scales, n), b)), o = _mm512_set1_ps(grid_at(w, row_grid(w, w.offsets, n), b));
-      const __m512i lo = _mm512_and_si512(v, low), hi = _mm512_srli_epi32(v, 4);
-      _mm512_storeu_ps(row + b * 32, w.zero_point ? int4_weights<true>(lo, s, o) : int4_weights<false>(lo, s, o));
-      _mm512_storeu_ps(row + b * 32 + 16, w.zero_point ? int4_weights<true>(hi, s, o) : int4_weights<false>(hi, s, o));
-    }
-  }
+  for_each_int4_block(w, n0, n1, out, [&](const uint8_t* q, float scale, float offset, float* dst) {
+    const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
+    const __m512 s = _mm512_set1_ps(scale), o = _mm512_set1_ps(offset);
+    const __m512i lo = _mm512_and_si512(v, low), hi = _mm512_srli_epi32(v, 4);
+    _mm512_storeu_ps(dst, w.zero_point ? int4_weights<true>(lo, s, o) : int4_weights<false>(lo, s, o));
+    _mm512_storeu_ps(dst + 16, w.zero_point ? int4_weights<true>(hi, s, o) : int4_weights<false>(hi, s, o));
+  });
 }
 
 }  // namespace pk

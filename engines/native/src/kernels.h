@@ -186,6 +186,30 @@ struct Int4Rows {
     }
   }
 };
+// The row loop of the int4 decompressions (the prefill path) of every instruction set: for each row n
+// in [n0, n1) and block b, block(its 16 code bytes, its scale, its offset, its 32 floats of out).
+template <class Block>
+inline void for_each_int4_block(const Int4Dense& w, int64_t n0, int64_t n1, float* out, Block block) {
+  const int64_t nb = w.K / kInt4Block;
+  for (int64_t n = n0; n < n1; ++n) {
+    float* row = out + (n - n0) * w.K;
+    const uint8_t* q = row_codes(w, n);
+    const float *sc = row_grid(w, w.scales, n), *of = row_grid(w, w.offsets, n);
+    for (int64_t b = 0; b < nb; ++b) block(q + b * 16, grid_at(w, sc, b), grid_at(w, of, b), row + b * 32);
+  }
+}
+// Row n of a TwoFour: its float values, or its int8 codes and their scales, and its position bytes.
+struct TwoFourRow {
+  const float* v;
+  const int8_t* q;
+  const float* sc;
+  const uint8_t* p;
+};
+inline TwoFourRow two_four_row(const TwoFour& w, int64_t n) {
+  const bool Q = int8(w.q);
+  return {Q ? nullptr : w.values + n * (w.K / 2), Q ? w.q.values + n * (w.K / 2) : nullptr, Q ? row_scales(w.K, w.q, n) : nullptr,
+          w.positions + n * position_bytes(w.K)};
+}
 // Row n of a TwoFourInt4's arrays (interleaved or separate).
 inline int64_t grid_blocks(const TwoFourInt4& w) { return (w.K + w.block - 1) / w.block; }
 inline const uint8_t* row_codes(const TwoFourInt4& w, int64_t n) { return w.codes + n * (w.stride ? w.stride : w.K / 4); }
@@ -370,5 +394,6 @@ void decompress(const BitmaskInt4& w, int64_t n0, int64_t n1, float* out);
 void decompress_avx512(const BitmaskInt4& w, int64_t n0, int64_t n1, float* out);
 void decompress_avx512(const Int4Dense& w, int64_t n0, int64_t n1, float* out);
 void decompress_avx2(const Int4Dense& w, int64_t n0, int64_t n1, float* out);
+void decompress_avx2(const TwoFour& w, int64_t n0, int64_t n1, float* out);
 
 }  // namespace pk

@@ -92,4 +92,60 @@ void gemv_twofour_avx2(const TwoFour& w, const float* x, int64_t M, int64_t ldx,
                                                             : rows<false, decltype(mm)::value>(w, x + m * ldx, ldx, y + m * ldy, ldy, n0, n1); });
 }
 
+namespace {
+
+// Per position byte (two groups of 4 inputs): which of 4 kept values each of its 8 lanes takes
+// (vpermps indices) and whether it takes one (-1) or is zero — the scalar decompression's writes in
+// its order (a later value wins a lane written twice).
+struct ExpandTable {
+  alignas(32) int32_t idx[256][8];
+  alignas(32) int32_t keep[256][8];
+};
+constexpr ExpandTable make_expand_table() {
+  ExpandTable t{};
+  for (int b = 0; b < 256; ++b) {
+    const int lanes[4] = {b & 3, (b >> 2) & 3, 4 + ((b >> 4) & 3), 4 + ((b >> 6) & 3)};
+    for (int value = 0; value < 4; ++value) {
+      t.idx[b][lanes[value]] = value;
+      t.keep[b][lanes[value]] = -1;
+    }
+  }
+  return t;
+}
+constexpr ExpandTable kExpand = make_expand_table();
+
+}  // namespace
+
+// Rows [n0, n1) of a 2:4 weight written dense (the prefill path), 8 inputs (a position byte, 4 kept
+// values) per step: the values loaded as 4 lanes and moved to their inputs' lanes by one vpermps.
+void decompress_avx2(const TwoFour& w, int64_t n0, int64_t n1, float* out) {
+  const int64_t K = w.K, full = K / 8;
+  const bool Q = int8(w.q);
+  const int shift = Q ? block_shift(w.q) : 0;
+  for (int64_t n = n0; n < n1; ++n) {
+    float* row = out + (n - n0) * K;
+    const auto [v, q, sc, p] = two_four_row(w, n);
+    for (int64_t j = 0; j < full; ++j) {
+      __m128 four;
+      if (Q) {
+        int32_t bytes;
+        std::memcpy(&bytes, q + 4 * j, 4);
+        four = _mm_mul_ps(_mm_cvtepi32_ps(_mm_cvtepi8_epi32(_mm_cvtsi32_si128(bytes))), _mm_set1_ps(sc[(8 * j) >> shift]));
+      } else {
+        four = _mm_loadu_ps(v + 4 * j);
+      }
+      const __m256i idx = _mm256_load_si256(reinterpret_cast<const __m256i*>(kExpand.idx[p[j]]));
+      const __m256 keep = _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(kExpand.keep[p[j]])));
+      _mm256_storeu_ps(row + 8 * j, _mm256_and_ps(_mm256_permutevar8x32_ps(_mm256_castps128_ps256(four), idx), keep));
+    }
+    if (K % 8) {  // a last group of 4 inputs (the low half of its position byte)
+      for (int64_t k = 8 * full; k < K; ++k) row[k] = 0.f;
+      const int nib = p[full] & 0xF;
+      const int64_t i = 4 * full;
+      row[8 * full + (nib & 3)] = Q ? float(q[i]) * sc[(8 * full) >> shift] : v[i];
+      row[8 * full + (nib >> 2)] = Q ? float(q[i + 1]) * sc[(8 * full) >> shift] : v[i + 1];
+    }
+  }
+}
+
 }  // namespace pk
