@@ -624,3 +624,26 @@ def test_4bit_kernels_read_separate_arrays_and_interleaved_rows_alike():
         a = {k: np.ascontiguousarray(v) for k, v in c4.arrays.items()}
         L.pk_gemv_int4(20, 128, ptr(a["values"]), ptr(a["scales"]), ptr(a["zeros"]), 1, 0, 0, ptr(x), 3, ptr(y))
         assert np.array_equal(y, native.NativeWeight(c4).gemv(x)), isa
+
+
+def test_prefill_tiles_share_one_buffer(monkeypatch):
+    """The prefill path (more rows than the kernel takes) decompresses tile by tile into one buffer all
+    weights share: with tiles of 16 rows (several per weight) and slabs of input rows, two weights
+    multiplied in turn each give the float64 reference, and the buffer holds one tile, not a copy of
+    each weight."""
+    import threading
+
+    rng = np.random.default_rng(21)
+    monkeypatch.setattr(native, "TILE_ROWS", 16)
+    monkeypatch.setattr(native, "_tiles", threading.local())  # a fresh buffer: other tests' tiles may be larger
+    w24 = prune_two_four(rng.standard_normal((70, 96)).astype(np.float32))
+    w4 = _on_q4_grid(rng.standard_normal((45, 128)).astype(np.float32))
+    weights = [(native.NativeWeight(compress(w24, "2:4")), w24), (native.NativeWeight(compress(w4, "int4")), w4),
+               (native.InputMajorInt4Weight([compress(w4, "int4")]), w4)]
+    for _ in range(2):
+        for weight, w in weights:
+            x = rng.standard_normal((native.GEMV_MAX_ROWS + 5, w.shape[1])).astype(np.float32)
+            ref = x.astype(np.float64) @ w.T.astype(np.float64)
+            np.testing.assert_allclose(weight(x), ref, atol=1e-4 * (1 + np.abs(ref).max()), rtol=0)
+    # the largest tile: the input-major weight's one slab of 128 input rows × 45 outputs
+    assert native.tile_buffer(0).size == max(16 * 96, 16 * 128, 128 * 45)

@@ -8,7 +8,8 @@ reference at run time. :func:`linear` computes ``y = x · Wᵀ`` from a
 * up to :data:`GEMV_MAX_ROWS` rows of ``x`` (decode): the sparse kernel, which reads only the kept
   values and a bit per weight;
 * more rows (prefill): the weight is decompressed a tile of :data:`TILE_ROWS` output rows at a time
-  into one reused buffer and multiplied by NumPy's BLAS, so no second dense copy of the weight exists.
+  into one buffer shared by every weight (:func:`tile_buffer`) and multiplied by ONNX Runtime's GEMM,
+  so no second dense copy of the model exists.
 """
 
 from __future__ import annotations
@@ -29,9 +30,11 @@ LIB_PATH = Path(__file__).resolve().parent / "lib" / "libprune_kernels.so"
 ISA_NAMES = {0: "scalar", 1: "avx2+fma", 2: "avx512f"}
 GEMV_MAX_ROWS = 8
 """Rows of x up to which the sparse kernel runs (it reads the weight once per 4 rows)."""
-TILE_ROWS = 1024
-"""Output rows decompressed per tile on the prefill path: a reused buffer of at most 1024 × K floats
-(6 MB at K = 1536), large enough that the GEMM calls' fixed cost stays small."""
+TILE_ROWS = 4096
+"""Output rows decompressed per tile on the prefill path, into the one shared buffer of at most
+4096 × K floats (SmolLM2's largest tile, gate/up's 3072 × 576: 7 MB). The 128-token prefill of the
+bundled model took 273 / 236 / 216 / 213 / 202 ms with 256 / 512 / 1024 / 2048 / 4096 rows (ad-hoc
+interleaved rounds on a 2-core Xeon, not kept): fewer, larger GEMM calls."""
 
 _lib = None
 _lock = threading.Lock()
@@ -262,6 +265,19 @@ def dense_gemm(trans_b: bool = True) -> DenseGemm:
     return _gemms[key]
 
 
+_tiles = threading.local()
+
+
+def tile_buffer(floats: int) -> np.ndarray:
+    """One float32 buffer of at least ``floats`` values for the calling thread, shared by every weight's
+    prefill tiles (grown, never shrunk): each tile is multiplied before the next is decompressed into
+    it, so the model holds one tile, not a decompressed copy of each weight, and the tile stays cached."""
+    buf = getattr(_tiles, "buf", None)
+    if buf is None or buf.size < floats:
+        buf = _tiles.buf = np.empty(floats, np.float32)
+    return buf
+
+
 class InputMajorWeight:
     """A dense weight stored input-major (``Wᵀ``, K rows of N) for activation-sparse decoding: each
     non-zero input reads one contiguous row; the inputs that are zero are never read."""
@@ -346,7 +362,6 @@ class InputMajorInt4Weight:
         """Bytes of the stored weight (codes + a scale and an offset per 32 inputs), the padding aside."""
         self.grid_flags = int(self.zero_point) | (2 if self.half_grid else 0)
         """The kernels' grid flags: bit 0 the zero-point form, bit 1 a half grid."""
-        self._tile: np.ndarray | None = None
         self._args = (self.n, self.k, self.data.ctypes.data, self.ld, self.grid_flags)
 
     def bytes_read(self, active: np.ndarray) -> int:
@@ -374,21 +389,20 @@ class InputMajorInt4Weight:
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """Dense ``x`` (M, K) → (M, N), every input: up to :data:`GEMV_MAX_ROWS` rows by the kernel, more
-        (prefill) a slab of input rows of ``Wᵀ`` at a time decompressed into one reused buffer (at most
-        about 2 · TILE_ROWS × 1536 floats, 12 MB) and multiplied by the dense GEMM, summed over slabs."""
+        (prefill) a slab of input rows of ``Wᵀ`` at a time decompressed into the shared tile buffer (at
+        most about 2 · TILE_ROWS × 1536 floats) and multiplied by the dense GEMM, summed over slabs."""
         x = np.ascontiguousarray(x, np.float32)
         m = x.shape[0]
         if m <= GEMV_MAX_ROWS:
             return np.concatenate([self.gemv_sparse(x[i : i + 1], -1.0)[0] for i in range(m)]) if m else np.empty((0, self.n), np.float32)
-        slabs = -(-self.k * self.n // (2 * TILE_ROWS * 1536))  # (one slab for SmolLM2's gate/up: 7 MB)
+        slabs = -(-self.k * self.n // (2 * TILE_ROWS * 1536))  # (one slab for SmolLM2's gate/up)
         rows = -(-self.k // slabs // 32) * 32
-        if self._tile is None or self._tile.size < rows * self.n:
-            self._tile = np.empty(rows * self.n, np.float32)
+        tile = tile_buffer(rows * self.n)
         gemm = dense_gemm(trans_b=False)
         y = None
         for k0 in range(0, self.k, rows):
             k1 = min(self.k, k0 + rows)
-            part = gemm(x[:, k0:k1], self.decompress_inputs(k0, k1, self._tile))
+            part = gemm(x[:, k0:k1], self.decompress_inputs(k0, k1, tile))
             y = part if y is None else y + part
         return y
 
@@ -425,7 +439,6 @@ class NativeWeight:
     dense float32 ``(N, K)`` array (``format`` 'dense', every bit set)."""
 
     def __init__(self, c: CompressedWeight | np.ndarray, int8_activations: bool = False, half_grid: bool = True):
-        self._tile: np.ndarray | None = None
         self._corr: int | None = None
         self._int4x = False
         self.half_grid = False
@@ -669,11 +682,10 @@ class NativeWeight:
         m = x.shape[0]
         y = np.empty((m, self.n), np.float32)
         rows = min(TILE_ROWS, self.n)
-        if self._tile is None or self._tile.shape[0] < rows:
-            self._tile = np.empty((rows, self.k), np.float32)
+        buf = tile_buffer(rows * self.k)[: rows * self.k].reshape(rows, self.k)
         for n0 in range(0, self.n, rows):
             n1 = min(self.n, n0 + rows)
-            tile = self.decompress_rows(n0, n1, self._tile)
+            tile = self.decompress_rows(n0, n1, buf)
             if n0 == 0 and n1 == self.n:
                 return gemm(x, tile)
             y[:, n0:n1] = gemm(x, tile)
