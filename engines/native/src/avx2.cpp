@@ -97,4 +97,38 @@ void gemv_avx2(const Bitmask& w, const float* x, int64_t M, int64_t ldx, float* 
   gemv(w, x, M, ldx, y, ldy, n0, n1);
 }
 
+// Rows [n0, n1) written dense (the prefill path), 8 inputs (a mask byte) per step: the byte's kept
+// values loaded packed and put in their lanes by the GEMV's permutation, the other lanes zero.
+void decompress_avx2(const Bitmask& w, int64_t n0, int64_t n1, float* out) {
+  const int64_t K = w.K, KW = words(w);
+  const bool Q = int8(w.q), D = dense(w);
+  const int shift = Q ? block_shift(w.q) : 0;
+  for (int64_t n = n0; n < n1; ++n) {
+    float* row = out + (n - n0) * K;
+    const float* v = Q ? nullptr : row_values(w, n);
+    const int8_t* q = Q ? row_qvalues(w, n) : nullptr;
+    const float* sc = Q ? row_scales(K, w.q, n) : nullptr;
+    const uint16_t* mk = D ? nullptr : row_masks(w, n);
+    for (int64_t word = 0; word < KW; ++word) {
+      const uint32_t bits = D ? (word * 16 + 16 <= K ? 0xFFFFu : (1u << (K % 16)) - 1u) : mk[word];
+      const __m256 scale = _mm256_set1_ps(Q ? sc[(word * 16) >> shift] : 0.f);
+      for (int half = 0; half < 2 && word * 16 + half * 8 < K; ++half) {
+        const int64_t k = word * 16 + half * 8, lanes = K - k < 8 ? K - k : 8;
+        const int b = (bits >> (8 * half)) & 0xFF, c = __builtin_popcount(b);
+        __m256 wv = _mm256_setzero_ps();
+        if (b) {
+          const __m256 packed = Q ? int8x8(q) : _mm256_maskload_ps(v, _mm256_load_si256(reinterpret_cast<const __m256i*>(kMask.prefix[c])));
+          wv = _mm256_and_ps(_mm256_permutevar8x32_ps(packed, _mm256_load_si256(reinterpret_cast<const __m256i*>(kMask.perm[b]))),
+                             _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(kMask.select[b]))));
+          if (Q) wv = _mm256_mul_ps(wv, scale);
+        }
+        if (lanes == 8) _mm256_storeu_ps(row + k, wv);
+        else _mm256_maskstore_ps(row + k, _mm256_load_si256(reinterpret_cast<const __m256i*>(kMask.prefix[lanes])), wv);
+        if (Q) q += D ? 8 : c;
+        else v += D ? 8 : c;
+      }
+    }
+  }
+}
+
 }  // namespace pk
