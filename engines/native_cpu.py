@@ -59,8 +59,9 @@ class NativeOptions:
     bitmask costs more than it saves and the linear stays dense."""
 
     int8_activations: bool = False
-    """Multiply int8 activations (x quantized per block of 32, AVX-512 VNNI where the CPU has it), as
-    ONNX Runtime's MatMulNBits does at ``accuracy_level`` 4, wherever a weight has such a kernel: dense
+    """Multiply int8 activations (x quantized per block of 32; AVX-512 VNNI where the CPU has it, and
+    AVX2 for int4 weights), as ONNX Runtime's MatMulNBits does at ``accuracy_level`` 4, wherever a
+    weight has such a kernel: dense
     int8 values in blocks of 32 (an INT8 model's — unless it was quantized at another accuracy_level —
     or an exact int8 grid's, such as the bundled SmolLM2's head) and every ``int4``-format weight. Off
     by default: fp32 activations compute exactly the model's result; on, the result moves by the

@@ -120,7 +120,8 @@ def set_isa(name: str) -> None:
 def int8_activations(on: bool | None = None) -> bool:
     """Whether dense int8 weights of an ``accuracy_level`` 4 model run with int8 activations (AVX-512
     VNNI, x quantized per block of 32 at run time, as ONNX Runtime's MatMulNBits does): False on a CPU
-    without VNNI. ``on`` switches their use (tests compare both paths)."""
+    without VNNI (for ``int4`` weights see :func:`int4_int8_activations`). ``on`` switches the use of
+    int8 activations by every kernel (tests compare both paths)."""
     return bool(lib().pk_int8_activations(-1 if on is None else int(bool(on))))
 
 
@@ -554,8 +555,8 @@ class NativeWeight:
     @property
     def int8_activations(self) -> bool:
         """Its activations may be quantized to int8 per block (dense int8 in blocks of 32, K % 64 == 0,
-        from an accuracy_level 4 model; int4 with K % 64 == 0 when asked); the VNNI kernel does it where
-        the CPU has one."""
+        from an accuracy_level 4 model; int4 with K % 64 == 0 when asked): the VNNI kernel does it where
+        the CPU has one, and for int4 the AVX2 kernel where the instruction set is AVX2."""
         return self._corr is not None or self._int4x
 
     @property
