@@ -314,8 +314,7 @@ struct DecompressJob {
     const int64_t a = j->n0 + i * kRowsPerTask, b = std::min(j->n1, a + kRowsPerTask);
     float* dst = j->out + (a - j->n0) * j->w->K;
     if (j->isa == kAvx512) pk::decompress_avx512(*j->w, a, b, dst);
-    else if constexpr (std::is_same_v<W, pk::Int4Dense> || std::is_same_v<W, pk::TwoFour> || std::is_same_v<W, pk::Bitmask>) {
-      // (the 4-bit sparse formats' AVX2 decompression is the scalar one)
+    else if constexpr (!std::is_same_v<W, pk::BitmaskInt4>) {  // (bitmask-int4's AVX2 decompression is the scalar one)
       if (j->isa == kAvx2) pk::decompress_avx2(*j->w, a, b, dst);
       else pk::decompress(*j->w, a, b, dst);
     } else pk::decompress(*j->w, a, b, dst);
