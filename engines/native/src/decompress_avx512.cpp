@@ -38,10 +38,7 @@ void decompress_avx512(const Bitmask& w, int64_t n0, int64_t n1, float* out) {
   const int shift = Q ? block_shift(w.q) : 0;
   for (int64_t n = n0; n < n1; ++n) {
     float* row = out + (n - n0) * K;
-    const float* v = Q ? nullptr : row_values(w, n);
-    const int8_t* q = Q ? row_qvalues(w, n) : nullptr;
-    const float* sc = Q ? row_scales(K, w.q, n) : nullptr;
-    const uint16_t* mk = dense(w) ? nullptr : row_masks(w, n);
+    auto [v, q, sc, mk] = bitmask_row(w, n);
     for (int64_t word = 0; word < KW; ++word) {
       const __mmask16 lanes = word < full ? __mmask16(0xFFFF) : __mmask16((1u << (K % 16)) - 1u);
       const __mmask16 bits = mk ? mk[word] : lanes;

@@ -210,6 +210,17 @@ inline TwoFourRow two_four_row(const TwoFour& w, int64_t n) {
   return {Q ? nullptr : w.values + n * (w.K / 2), Q ? w.q.values + n * (w.K / 2) : nullptr, Q ? row_scales(w.K, w.q, n) : nullptr,
           w.positions + n * position_bytes(w.K)};
 }
+// Row n of a Bitmask: its float values, or its int8 codes and their scales, and its masks (null: dense).
+struct BitmaskRow {
+  const float* v;
+  const int8_t* q;
+  const float* sc;
+  const uint16_t* mk;
+};
+inline BitmaskRow bitmask_row(const Bitmask& w, int64_t n) {
+  const bool Q = int8(w.q);
+  return {Q ? nullptr : row_values(w, n), Q ? row_qvalues(w, n) : nullptr, Q ? row_scales(w.K, w.q, n) : nullptr, dense(w) ? nullptr : row_masks(w, n)};
+}
 // Row n of a TwoFourInt4's arrays (interleaved or separate).
 inline int64_t grid_blocks(const TwoFourInt4& w) { return (w.K + w.block - 1) / w.block; }
 inline const uint8_t* row_codes(const TwoFourInt4& w, int64_t n) { return w.codes + n * (w.stride ? w.stride : w.K / 4); }
@@ -218,6 +229,24 @@ inline const float* row_scales(const TwoFourInt4& w, int64_t n) {
   return reinterpret_cast<const float*>(reinterpret_cast<const uint8_t*>(w.scales) + n * (w.stride ? w.stride : 4 * grid_blocks(w)));
 }
 inline const uint8_t* row_zeros(const TwoFourInt4& w, int64_t n) { return w.zeros + n * (w.stride ? w.stride : grid_blocks(w)); }
+// The row and window loop of the 2:4-int4 decompressions (the prefill path) of every instruction set:
+// for each row n in [n0, n1) and 32-input window, window(its 8 code bytes, its 4 position bytes, its
+// block's scale and zero point, whether it starts a block, its 32 floats of out).
+template <class Window>
+inline void for_each_two_four_int4_window(const TwoFourInt4& w, int64_t n0, int64_t n1, float* out, Window window) {
+  const int shift = __builtin_ctzll(uint64_t(w.block));
+  for (int64_t n = n0; n < n1; ++n) {
+    float* row = out + (n - n0) * w.K;
+    const uint8_t* q = row_codes(w, n);
+    const uint8_t* p = row_positions(w, n);
+    const float* sc = row_scales(w, n);
+    const uint8_t* zp = row_zeros(w, n);
+    for (int64_t win = 0; win < w.K / 32; ++win) {
+      const int64_t g = (win * 32) >> shift;
+      window(q + win * 8, p + win * 4, sc[g], float(zp[g]), ((win * 32) & (w.block - 1)) == 0, row + win * 32);
+    }
+  }
+}
 }  // namespace
 
 // One implementation per instruction set, each in its own file: rows [n0, n1) of y, any M.

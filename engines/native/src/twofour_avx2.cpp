@@ -153,34 +153,23 @@ void decompress_avx2(const TwoFour& w, int64_t n0, int64_t n1, float* out) {
 // low dword, odd ones in the high one, one variable shift per lane), (code − zero) · scale, then each
 // position byte's 4 values moved to their lanes as for float values.
 void decompress_avx2(const TwoFourInt4& w, int64_t n0, int64_t n1, float* out) {
-  const int64_t K = w.K, windows = K / 32;
-  const int shift = __builtin_ctzll(uint64_t(w.block));
   const __m256i shifts_lo = _mm256_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12), shifts_hi = _mm256_setr_epi32(16, 16, 20, 20, 24, 24, 28, 28);
   const __m256i nib = _mm256_set1_epi32(15), upper = _mm256_set1_epi32(4);
-  for (int64_t n = n0; n < n1; ++n) {
-    float* row = out + (n - n0) * K;
-    const uint8_t* q = row_codes(w, n);
-    const uint8_t* p = row_positions(w, n);
-    const float* sc = row_scales(w, n);
-    const uint8_t* zp = row_zeros(w, n);
-    for (int64_t win = 0; win < windows; ++win) {
-      const int64_t g = (win * 32) >> shift;
-      uint32_t dw[2];
-      std::memcpy(dw, q + win * 8, 8);
-      const __m256i pair = _mm256_setr_epi32(int(dw[0]), int(dw[1]), int(dw[0]), int(dw[1]), int(dw[0]), int(dw[1]), int(dw[0]), int(dw[1]));
-      const __m256 s = _mm256_set1_ps(sc[g]), z = _mm256_set1_ps(float(zp[g]));
-      const __m256 vals[2] = {  // values 0-7, 8-15
-          _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(pair, shifts_lo), nib)), z), s),
-          _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(pair, shifts_hi), nib)), z), s)};
-      for (int j = 0; j < 4; ++j) {  // position byte j: inputs 8j .. 8j + 7, values 4j .. 4j + 3
-        const uint8_t b = p[win * 4 + j];
-        __m256i idx = _mm256_load_si256(reinterpret_cast<const __m256i*>(kExpand.idx[b]));
-        if (j & 1) idx = _mm256_add_epi32(idx, upper);
-        const __m256 keep = _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(kExpand.keep[b])));
-        _mm256_storeu_ps(row + win * 32 + 8 * j, _mm256_and_ps(_mm256_permutevar8x32_ps(vals[j >> 1], idx), keep));
-      }
+  for_each_two_four_int4_window(w, n0, n1, out, [&](const uint8_t* q, const uint8_t* p, float scale, float zero, bool, float* dst) {
+    uint32_t dw[2];
+    std::memcpy(dw, q, 8);
+    const __m256i pair = _mm256_setr_epi32(int(dw[0]), int(dw[1]), int(dw[0]), int(dw[1]), int(dw[0]), int(dw[1]), int(dw[0]), int(dw[1]));
+    const __m256 s = _mm256_set1_ps(scale), z = _mm256_set1_ps(zero);
+    const __m256 vals[2] = {  // values 0-7, 8-15
+        _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(pair, shifts_lo), nib)), z), s),
+        _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(pair, shifts_hi), nib)), z), s)};
+    for (int j = 0; j < 4; ++j) {  // position byte j: inputs 8j .. 8j + 7, values 4j .. 4j + 3
+      __m256i idx = _mm256_load_si256(reinterpret_cast<const __m256i*>(kExpand.idx[p[j]]));
+      if (j & 1) idx = _mm256_add_epi32(idx, upper);
+      const __m256 keep = _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(kExpand.keep[p[j]])));
+      _mm256_storeu_ps(dst + 8 * j, _mm256_and_ps(_mm256_permutevar8x32_ps(vals[j >> 1], idx), keep));
     }
-  }
+  });
 }
 
 }  // namespace pk

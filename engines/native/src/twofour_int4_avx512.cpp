@@ -118,26 +118,15 @@ constexpr PosTable kPosToMask{};
 // Rows to dense: a window's values 0-7 expanded into the lanes of inputs 0-15 their positions name,
 // values 8-15 into inputs 16-31 (every group of a stored 2:4 row names two distinct positions).
 void decompress_avx512(const TwoFourInt4& w, int64_t n0, int64_t n1, float* out) {
-  const int64_t K = w.K, windows = K / 32;
-  const int shift = shift_of(w);
-  for (int64_t n = n0; n < n1; ++n) {
-    float* row = out + (n - n0) * K;
-    const uint8_t* q = row_codes(w, n);
-    const uint8_t* p = row_positions(w, n);
-    const float* sc = row_scales(w, n);
-    const uint8_t* zp = row_zeros(w, n);
-    __m512 table = _mm512_setzero_ps();
-    for (int64_t win = 0; win < windows; ++win) {
-      const int64_t g = (win * 32) >> shift;
-      if (((win * 32) & (w.block - 1)) == 0) table = value_table<true>(sc[g], float(zp[g]));  // a new block
-      const __m512 v = _mm512_permutexvar_ps(window_codes(q + win * 8), table);
-      const uint8_t* b = p + win * 4;
-      const __mmask16 lo = __mmask16(kPosToMask.m[b[0]] | (kPosToMask.m[b[1]] << 8));
-      const __mmask16 hi = __mmask16(kPosToMask.m[b[2]] | (kPosToMask.m[b[3]] << 8));
-      _mm512_storeu_ps(row + win * 32, _mm512_maskz_expand_ps(lo, v));
-      _mm512_storeu_ps(row + win * 32 + 16, _mm512_maskz_expand_ps(hi, _mm512_shuffle_f32x4(v, v, _MM_SHUFFLE(3, 2, 3, 2))));
-    }
-  }
+  __m512 table = _mm512_setzero_ps();
+  for_each_two_four_int4_window(w, n0, n1, out, [&](const uint8_t* q, const uint8_t* b, float scale, float zero, bool starts_block, float* dst) {
+    if (starts_block) table = value_table<true>(scale, zero);
+    const __m512 v = _mm512_permutexvar_ps(window_codes(q), table);
+    const __mmask16 lo = __mmask16(kPosToMask.m[b[0]] | (kPosToMask.m[b[1]] << 8));
+    const __mmask16 hi = __mmask16(kPosToMask.m[b[2]] | (kPosToMask.m[b[3]] << 8));
+    _mm512_storeu_ps(dst, _mm512_maskz_expand_ps(lo, v));
+    _mm512_storeu_ps(dst + 16, _mm512_maskz_expand_ps(hi, _mm512_shuffle_f32x4(v, v, _MM_SHUFFLE(3, 2, 3, 2))));
+  });
 }
 
 }  // namespace pk
