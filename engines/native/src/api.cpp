@@ -12,7 +12,6 @@
 #include <cstring>
 #include <mutex>
 #include <thread>
-#include <type_traits>
 #include <vector>
 
 #include "kernels.h"
@@ -314,10 +313,8 @@ struct DecompressJob {
     const int64_t a = j->n0 + i * kRowsPerTask, b = std::min(j->n1, a + kRowsPerTask);
     float* dst = j->out + (a - j->n0) * j->w->K;
     if (j->isa == kAvx512) pk::decompress_avx512(*j->w, a, b, dst);
-    else if constexpr (!std::is_same_v<W, pk::BitmaskInt4>) {  // (bitmask-int4's AVX2 decompression is the scalar one)
-      if (j->isa == kAvx2) pk::decompress_avx2(*j->w, a, b, dst);
-      else pk::decompress(*j->w, a, b, dst);
-    } else pk::decompress(*j->w, a, b, dst);
+    else if (j->isa == kAvx2) pk::decompress_avx2(*j->w, a, b, dst);
+    else pk::decompress(*j->w, a, b, dst);
   }
 };
 

@@ -87,4 +87,41 @@ void gemv_bitmask_int4_avx2(const BitmaskInt4& w, const float* x, int64_t M, int
   by_chunks_of_four(M, [&](auto mm, int64_t m) { rows<decltype(mm)::value>(w, x + m * ldx, ldx, y + m * ldy, ldy, n0, n1); });
 }
 
+// Rows [n0, n1) written dense (the prefill path), a 16-input word per step: its up to 16 kept values
+// (value i in nibble i of the word's code qword) decoded by per-lane shifts into two vectors, (code −
+// zero) · scale; each mask byte's values put in their lanes by the GEMV's permutation, the high byte's
+// taken from the low byte's count on (across the two vectors: a blend on the index).
+void decompress_avx2(const BitmaskInt4& w, int64_t n0, int64_t n1, float* out) {
+  const int64_t K = w.K, KW = (K + 15) / 16, nb = (K + w.block - 1) / w.block;
+  const int shift = __builtin_ctzll(uint64_t(w.block));
+  const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28), nib = _mm256_set1_epi32(15), seven = _mm256_set1_epi32(7);
+  for (int64_t n = n0; n < n1; ++n) {
+    float* row = out + (n - n0) * K;
+    const uint8_t* q = w.codes + w.row_off[n];
+    const uint16_t* mk = w.masks + n * KW;
+    for (int64_t word = 0; word < KW; ++word) {
+      const int64_t g = (word * 16) >> shift;
+      const __m256 s = _mm256_set1_ps(w.scales[n * nb + g]), z = _mm256_set1_ps(float(w.zeros[n * nb + g]));
+      uint32_t dw[2];
+      std::memcpy(dw, q, 8);  // (the code buffer is padded: 8 bytes past a row's last word)
+      __m256 vals[2];  // values 0-7, 8-15
+      for (int h = 0; h < 2; ++h)
+        vals[h] = _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(int(dw[h])), shifts), nib)), z), s);
+      const uint32_t bits = mk[word];
+      const int c0 = __builtin_popcount(bits & 0xFFu);
+      for (int half = 0; half < 2 && word * 16 + half * 8 < K; ++half) {
+        const int64_t k = word * 16 + half * 8, lanes = K - k < 8 ? K - k : 8;
+        const int b = (bits >> (8 * half)) & 0xFF;
+        const __m256i idx = _mm256_add_epi32(_mm256_load_si256(reinterpret_cast<const __m256i*>(kMask.perm[b])), _mm256_set1_epi32(half ? c0 : 0));
+        const __m256 picked = _mm256_blendv_ps(_mm256_permutevar8x32_ps(vals[0], idx), _mm256_permutevar8x32_ps(vals[1], idx),
+                                               _mm256_castsi256_ps(_mm256_cmpgt_epi32(idx, seven)));
+        const __m256 wv = _mm256_and_ps(picked, _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(kMask.select[b]))));
+        if (lanes == 8) _mm256_storeu_ps(row + k, wv);
+        else _mm256_maskstore_ps(row + k, _mm256_load_si256(reinterpret_cast<const __m256i*>(kMask.prefix[lanes])), wv);
+      }
+      q += (__builtin_popcount(bits) + 1) / 2;
+    }
+  }
+}
+
 }  // namespace pk

@@ -426,5 +426,6 @@ void decompress_avx2(const Int4Dense& w, int64_t n0, int64_t n1, float* out);
 void decompress_avx2(const TwoFour& w, int64_t n0, int64_t n1, float* out);
 void decompress_avx2(const Bitmask& w, int64_t n0, int64_t n1, float* out);
 void decompress_avx2(const TwoFourInt4& w, int64_t n0, int64_t n1, float* out);
+void decompress_avx2(const BitmaskInt4& w, int64_t n0, int64_t n1, float* out);
 
 }  // namespace pk
