@@ -43,6 +43,17 @@ FLAGS="-std=c++17 -O3 -fPIC -Wall -Wextra -fvisibility=hidden -DNDEBUG ${PK_EXTR
 "$CXX" $FLAGS -Wno-uninitialized -Wno-maybe-uninitialized -mavx512f -mavx2 -mfma -c src/int4_x_avx512.cpp -o obj/int4_x_avx512.o
 "$CXX" $FLAGS -mavx2 -mfma -c src/layer_ops.cpp -o obj/layer_ops.o
 "$CXX" $FLAGS -c src/api.cpp -o obj/api.o
+# An AVX-512 file must hold nothing that runs or is shared outside the dispatch: no load-time
+# constructor (_GLOBAL__sub_I_*) and no weak symbol the linker could pick for another file's caller —
+# either would execute AVX-512 instructions on an AVX2-only CPU (SIGILL at load or at a call).
+if command -v nm >/dev/null 2>&1; then
+  for o in obj/*avx512*.o obj/vnni_avx512.o; do
+    if nm "$o" | grep -E '_GLOBAL__sub_I| [WVu] ' >/dev/null; then
+      echo "engines/native/build.sh: $o has a load-time constructor or a weak symbol (nm: $(nm "$o" | grep -E '_GLOBAL__sub_I| [WVu] ' | head -3 | tr '\n' ' ')); it would run AVX-512 code on AVX2-only CPUs" >&2
+      exit 1
+    fi
+  done
+fi
 tmp=lib/.libprune_kernels.so.$$
 "$CXX" -shared -o "$tmp" obj/scalar.o obj/avx2.o obj/avx512.o obj/twofour_avx2.o obj/twofour_avx512.o obj/decompress_avx512.o obj/twofour_int4_avx2.o obj/twofour_int4_avx512.o obj/bitmask_int4_avx2.o obj/bitmask_int4_avx512.o obj/vnni_avx512.o obj/int4_avx512.o obj/int4_avx2.o obj/int4_vnni_avx512.o obj/int4_int8x_avx2.o obj/sparse_x_avx2.o obj/sparse_x_avx512.o obj/int4_x_avx2.o obj/int4_x_avx512.o obj/layer_ops.o obj/api.o -pthread
 mv -f "$tmp" lib/libprune_kernels.so

@@ -1,7 +1,8 @@
 // Lookup tables of the bitmask kernels, by mask byte m: `perm[m][j]`, the packed value lane j takes (the
 // count of set bits below j; 0 where bit j is clear), `select[m][j]`, all ones where bit j is set, and
 // `prefix[c][j]`, all ones in the first c lanes. Internal linkage: every kernel file that includes it has
-// its own copy, compiled with its own flags.
+// its own copy. Computed at compile time (constexpr), never by a constructor at load: a constructor in an
+// AVX-512 file is compiled with AVX-512 instructions and would run, and fault, on an AVX2-only CPU.
 #pragma once
 #include <immintrin.h>
 
@@ -11,10 +12,10 @@ namespace pk {
 namespace {
 
 struct MaskTables {
-  alignas(32) int32_t perm[256][8];
-  alignas(32) int32_t select[256][8];
-  alignas(32) int32_t prefix[9][8];
-  MaskTables() {
+  alignas(32) int32_t perm[256][8]{};
+  alignas(32) int32_t select[256][8]{};
+  alignas(32) int32_t prefix[9][8]{};
+  constexpr MaskTables() {
     for (int m = 0; m < 256; ++m) {
       int c = 0;
       for (int j = 0; j < 8; ++j) {
@@ -28,7 +29,7 @@ struct MaskTables {
       for (int j = 0; j < 8; ++j) prefix[c][j] = j < c ? -1 : 0;
   }
 };
-const MaskTables kMask;
+constexpr MaskTables kMask{};
 
 #ifdef __AVX512F__
 // The 16 lane indices that put a 16-bit word's packed values in the lanes of its set bits.
