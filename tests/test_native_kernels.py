@@ -412,6 +412,41 @@ def test_int4_int8_activation_kernel_computes_the_block_quantized_product(isa):
         native.set_isa(best)
 
 
+def test_int4_int8_activation_prefill_on_avx2_is_the_kernels_result():
+    """Prefill (more than GEMV_MAX_ROWS rows) of an int4 weight with int8 activations on the AVX2 path:
+    the activations rounded as the kernel rounds them, by the decompressed tiles and the dense GEMM,
+    plus the offsets times the float sums' remainder — each row equal to the kernel's own result for
+    that row (float rounding apart), in both grid forms; not the fp32-activation result."""
+    import torch
+
+    from core.quant import QuantScheme, rtn
+    from core.sparse_format import compress
+
+    if "avx2+fma" not in ISAS:
+        pytest.skip("this CPU has no AVX2")
+    rng = np.random.default_rng(12)
+    best = native.isa()
+    try:
+        native.set_isa("avx2+fma")
+        for n, k, zp in [(40, 576, False), (33, 192, True), (1536, 576, False)]:
+            w = rng.standard_normal((n, k)).astype(np.float32)
+            if zp:
+                deq, scales, zeros = (t.numpy() for t in rtn(torch.from_numpy(w), QuantScheme(4, 32)))
+                c = compress(deq, "int4", grid=(scales, zeros, 32))
+            else:
+                c = compress(_on_q4_grid(w), "int4")
+            nw = native.NativeWeight(c, int8_activations=True)
+            x = (rng.standard_normal((native.GEMV_MAX_ROWS + 9, k)) * rng.uniform(0.1, 3.0, (native.GEMV_MAX_ROWS + 9, 1))).astype(np.float32)
+            x[2, :32] = 0.0  # an all-zero block
+            y = nw(x)
+            rows = np.concatenate([nw.gemv(x[i : i + 1]) for i in range(x.shape[0])])
+            np.testing.assert_allclose(y, rows, atol=3e-5 * (1 + np.abs(rows).max()), rtol=0)
+            exact = native.NativeWeight(c)(x)
+            assert np.abs(y - exact).max() > 10 * np.abs(y - rows).max()  # the int8 result, not the fp32 one
+    finally:
+        native.set_isa(best)
+
+
 @pytest.mark.parametrize("block", [32, 64])
 def test_int4_zero_point_form_is_the_quantize_pass_grid_bit_for_bit(block):
     """The quantize pass's 4-bit grid ((code − zero) · scale, blocks of 32 or 64) in the int4 format's

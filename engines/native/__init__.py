@@ -269,6 +269,21 @@ def dense_gemm(trans_b: bool = True) -> DenseGemm:
 _tiles = threading.local()
 
 
+def int8_block_activations(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``x`` (M, K), K % 32 == 0, rounded as the int8-activation kernels round it — per row and block of
+    32 inputs ``sx = max|x| / 127``, ``q = round(x / sx)`` in [−127, 127] — returned as floats ``q · sx``
+    (M, K), with each block's ``Σx − Σ q · sx`` (M, K/32): the kernels multiply the offsets (the zero
+    points' ``−zero · scale``) by the blocks' float sums of x, not of the rounded x."""
+    m, k = x.shape
+    b = np.asarray(x, np.float32).reshape(m, k // 32, 32)
+    amax = np.abs(b).max(-1, keepdims=True)
+    s = np.where(amax > 0, amax / np.float32(127), np.float32(1)).astype(np.float32)
+    q = np.clip(np.rint(b * (np.float32(1) / s)), -127, 127)
+    xq = (q * s).astype(np.float32)
+    d = (b.sum(-1, dtype=np.float64) - xq.sum(-1, dtype=np.float64)).astype(np.float32)
+    return xq.reshape(m, k), d
+
+
 def tile_buffer(floats: int) -> np.ndarray:
     """One float32 buffer of at least ``floats`` values for the calling thread, shared by every weight's
     prefill tiles (grown, never shrunk): each tile is multiplied before the next is decompressed into
@@ -701,6 +716,23 @@ class NativeWeight:
         # int8 activations (the option, where the instruction set runs them) for every row count, prefill
         # included, as ONNX Runtime's MatMulNBits does: the kernel reads the weight once per four rows of x
         int8x = int4_int8_activations(self.k, self.half_grid) if self._int4x else (self._corr is not None and int8_activations())
+        if int8x and self._int4x and x2.shape[0] > GEMV_MAX_ROWS and isa() == "avx2+fma":
+            # prefill on the AVX2 path: the kernel's result (its rounded activations, its offsets times
+            # the float sums) by the decompressed tiles and the dense GEMM — the AVX2 int4 × int8 kernel
+            # multiplies every 32 weights by five instructions per row of x and ran prefill at 0.52× of
+            # ONNX Runtime dense (benchmarks/results/native_int4x_decode_avx2_path.json)
+            xq, d = int8_block_activations(x2)
+            return (self.gemm_tiled(xq) + d @ self.int4_offsets().T).reshape(*lead, self.n)
         small = x2.shape[0] <= GEMV_MAX_ROWS or int8x
         y = self.gemv(x2) if small else self.gemm_tiled(x2)
         return y.reshape(*lead, self.n)
+
+    def int4_offsets(self) -> np.ndarray:
+        """An ``int4`` weight's offset per row and block of 32 inputs (N, K/32) as float32: its offsets,
+        or ``−zero · scale`` in the zero-point form (a weight is ``scale · code + offset``)."""
+        if self.format != "int4":
+            raise ValueError(f"int4_offsets: the weight is {self.format}, not int4")
+        scales = self.arrays["scales"].astype(np.float32)
+        if "zeros" in self.arrays:
+            return -self.arrays["zeros"].astype(np.float32) * scales
+        return self.arrays["offsets"].astype(np.float32)
