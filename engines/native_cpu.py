@@ -449,7 +449,8 @@ def _input_major(parts: "list[Any]") -> Any:
     from engines import native
 
     if native.InputMajorInt4Weight.accepts(parts):
-        return native.InputMajorInt4Weight([p.compressed() for p in parts], half_grid=all(p.half_grid for p in parts))
+        return native.InputMajorInt4Weight([p.compressed() for p in parts], half_grid=all(p.half_grid for p in parts),
+                                           int8_activations=all(p.int8_activations for p in parts))
     stacked = parts[0] if len(parts) == 1 else native.NativeWeight.stacked(parts)
     return native.InputMajorWeight(stacked.to_dense())
 

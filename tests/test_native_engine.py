@@ -4,6 +4,7 @@ file shrinking with the kept weights; families it cannot run are refused with th
 
 from __future__ import annotations
 
+import functools
 import json
 
 import numpy as np
@@ -226,6 +227,23 @@ def test_activation_sparsity_on_4bit_weights_reads_the_4bit_rows(tmp_path, grid)
     assert 0.35 < read < 0.8, read
 
 
+def _int4_part(rng, n, k, zero_point, half=False):
+    """A random ``int4`` weight (n, k): codes, scales and offsets or zero points; with ``half`` every scale
+    and offset an fp16 number (Q4_1's grid)."""
+    from core.sparse_format import CompressedWeight
+
+    codes = rng.integers(0, 16, (n, k // 32, 32)).astype(np.uint8)
+    arrays = {"values": (codes[..., :16] | (codes[..., 16:] << 4)).reshape(n, k // 2), "scales": rng.uniform(0.01, 0.1, (n, k // 32)).astype(np.float32)}
+    if zero_point:
+        arrays["zeros"] = rng.integers(0, 16, (n, k // 32)).astype(np.float32)
+    else:
+        arrays["offsets"] = (rng.choice([-1, 1], (n, k // 32)) * rng.uniform(0.01, 0.5, (n, k // 32))).astype(np.float32)
+    if half:
+        arrays = {key: a.astype(np.float16).astype(np.float32) if a.dtype == np.float32 else a for key, a in arrays.items()}
+        arrays.get("offsets", arrays["scales"])[:, 0] = 0.0
+    return CompressedWeight("int4", (n, k), arrays, 32)
+
+
 def test_input_major_4bit_kernel_matches_reference_on_every_isa():
     """The input-major 4-bit GEMV (both grid forms, float32 and fp16 grids) against a float64 reference
     of the same weights at thresholds from none to all skipped, on odd output counts (a partial last
@@ -234,19 +252,7 @@ def test_input_major_4bit_kernel_matches_reference_on_every_isa():
     from core.sparse_format import CompressedWeight, decompress
 
     rng = np.random.default_rng(1)
-
-    def part(n, k, zero_point, half=False):
-        codes = rng.integers(0, 16, (n, k // 32, 32)).astype(np.uint8)
-        arrays = {"values": (codes[..., :16] | (codes[..., 16:] << 4)).reshape(n, k // 2), "scales": rng.uniform(0.01, 0.1, (n, k // 32)).astype(np.float32)}
-        if zero_point:
-            arrays["zeros"] = rng.integers(0, 16, (n, k // 32)).astype(np.float32)
-        else:
-            arrays["offsets"] = (rng.choice([-1, 1], (n, k // 32)) * rng.uniform(0.01, 0.5, (n, k // 32))).astype(np.float32)
-        if half:  # Q4_1's grid: every scale and offset a normal fp16 number (or 0)
-            arrays = {key: a.astype(np.float16).astype(np.float32) if a.dtype == np.float32 else a for key, a in arrays.items()}
-            arrays.get("offsets", arrays["scales"])[:, 0] = 0.0
-        return CompressedWeight("int4", (n, k), arrays, 32)
-
+    part = functools.partial(_int4_part, rng)
     best = native.best_isa()
     try:
         for isa in [i for i in ("scalar", "avx2+fma", "avx512f") if list(native.ISA_NAMES.values()).index(i) <= list(native.ISA_NAMES.values()).index(best)]:
@@ -286,6 +292,60 @@ def test_input_major_4bit_kernel_matches_reference_on_every_isa():
     bad.arrays["scales"] = bad.arrays["scales"][:, :1]
     with pytest.raises(ValueError, match=r"scales \(4, 1\)"):
         native.InputMajorInt4Weight([bad])
+
+
+def test_input_major_4bit_int8_activation_kernel_computes_the_block_rounded_product():
+    """The input-major 4-bit GEMV with int8 activations (AVX2's vpmaddubsw on pairs of active inputs,
+    and the scalar reference): per block of active inputs, scale max|x| / 127, x rounded to nearest
+    even, Σ code · q in integers times scale · that scale, plus offset · Σx in float — against that
+    computed in float64, at thresholds from none (every input: 16 pairs per block, past the 16-bit
+    sums' flush) to all skipped, odd active counts, both grid forms; AVX2 and scalar bit for bit; the
+    prefill path (rows rounded the same way, dense GEMM) equal to the kernel row by row; on AVX-512
+    the float kernel's result."""
+    from core.sparse_format import decompress
+
+    rng = np.random.default_rng(3)
+    best = native.best_isa()
+    isas = [i for i in ("scalar", "avx2+fma") if list(native.ISA_NAMES.values()).index(i) <= list(native.ISA_NAMES.values()).index(best)]
+    try:
+        for shapes, k, zp, half in [([7], 32, False, False), ([300, 33], 64, True, False), ([1536], 576, False, True), ([45, 64], 96, True, True)]:
+            parts = [_int4_part(rng, n, k, zp, half) for n in shapes]
+            w8 = native.InputMajorInt4Weight(parts, int8_activations=True)
+            assert w8.grid_flags == int(zp) | (2 * half) | 4
+            dense = np.concatenate([decompress(p) for p in parts]).astype(np.float64)
+            offsets = np.concatenate([p.arrays["offsets"] if not zp else -p.arrays["zeros"] * p.arrays["scales"] for p in parts]).astype(np.float64)
+            scales = np.concatenate([p.arrays["scales"] for p in parts]).astype(np.float64)
+            packed = np.concatenate([p.arrays["values"] for p in parts]).reshape(-1, k // 32, 16)
+            codes = np.concatenate([packed & 15, packed >> 4], axis=-1).astype(np.float64)  # (N, K/32, 32), 0..15
+            np.testing.assert_allclose((codes * scales[..., None] + offsets[..., None]).reshape(dense.shape), dense, atol=1e-6, rtol=0)
+            x = (rng.standard_normal((1, k)) * rng.uniform(0.2, 3.0, k)).astype(np.float32)
+            x[0, : min(k, 40)] = 0.0  # a whole block of inputs inactive
+            for t in (-1.0, 0.0, 0.3, 0.9, 100.0):
+                kept = np.where(np.abs(x) > t, x, np.float32(0))[0]
+                xb = kept.reshape(-1, 32)
+                sx = np.where(np.abs(xb).max(-1) > 0, np.abs(xb).max(-1) / np.float32(127), np.float32(1)).astype(np.float32)
+                q = np.clip(np.rint(xb * (np.float32(1) / sx)[:, None]), -127, 127)
+                dots = np.einsum("nbj,bj->nb", codes, q)
+                ref = (dots * scales * sx.astype(np.float64)).sum(-1) + offsets @ xb.sum(-1, dtype=np.float32).astype(np.float64)
+                ys = []
+                for isa in isas:
+                    native.set_isa(isa)
+                    y, used = w8.gemv_sparse(x, t)
+                    assert used == int((np.abs(x) > t).sum())
+                    np.testing.assert_allclose(y[0], ref, atol=2e-5 * (1 + np.abs(ref).max()), rtol=0)
+                    ys.append(y)
+                assert all(np.array_equal(ys[0], y) for y in ys[1:])
+                if 0 < t < 1 and kept.any():  # really int8: not the float kernel's result
+                    assert not np.array_equal(ys[-1], native.InputMajorInt4Weight(parts).gemv_sparse(x, t)[0])
+            xs = (rng.standard_normal((native.GEMV_MAX_ROWS + 4, k)) * rng.uniform(0.2, 3.0, k)).astype(np.float32)
+            rows = np.concatenate([w8.gemv_sparse(xs[i : i + 1], -1.0)[0] for i in range(xs.shape[0])])
+            np.testing.assert_allclose(w8(xs), rows, atol=3e-5 * (1 + np.abs(rows).max()), rtol=0)
+            if best == "avx512f":
+                native.set_isa("avx512f")
+                assert not w8.int8_now
+                assert np.array_equal(w8.gemv_sparse(x, 0.3)[0], native.InputMajorInt4Weight(parts).gemv_sparse(x, 0.3)[0])
+    finally:
+        native.set_isa(best)
 
 
 def test_activation_pass_options_are_checked():

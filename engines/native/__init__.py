@@ -334,7 +334,7 @@ class InputMajorInt4Weight:
         return (bool(parts) and all(p.format == "int4" for p in parts) and len({int4_offset_key(p.arrays) for p in parts}) == 1
                 and len({int(p.k if isinstance(p, NativeWeight) else p.shape[1]) for p in parts}) == 1)
 
-    def __init__(self, parts: "list[CompressedWeight]", half_grid: bool = True):
+    def __init__(self, parts: "list[CompressedWeight]", half_grid: bool = True, int8_activations: bool = False):
         if not self.accepts(parts):
             raise ValueError(f"input-major int4 weight: parts of formats {[p.format for p in parts]}, grid forms "
                              f"{sorted({int4_offset_key(p.arrays) for p in parts if p.format == 'int4'})} and input widths "
@@ -376,8 +376,13 @@ class InputMajorInt4Weight:
         self._grid_value_bytes = 2 if self.half_grid else 4
         self.nbytes = int(n * k // 2 + 2 * self._grid_value_bytes * n * (k // 32))
         """Bytes of the stored weight (codes + a scale and an offset per 32 inputs), the padding aside."""
-        self.grid_flags = int(self.zero_point) | (2 if self.half_grid else 0)
-        """The kernels' grid flags: bit 0 the zero-point form, bit 1 a half grid."""
+        self.int8_activations = bool(int8_activations)
+        """The engine's int8_activations option: where the instruction set is AVX2 (or scalar) the kernel
+        rounds the active inputs to int8 per block of 32 (:func:`int8_block_activations`) and multiplies
+        pairs of them by ``vpmaddubsw``; AVX-512 multiplies float activations (see :attr:`int8_now`)."""
+        self._offsets = (grids[second] if not self.zero_point else -grids["zeros"] * grids["scales"]).astype(np.float32) if int8_activations else None
+        self.grid_flags = int(self.zero_point) | (2 if self.half_grid else 0) | (4 if self.int8_activations else 0)
+        """The kernels' grid flags: bit 0 the zero-point form, bit 1 a half grid, bit 2 int8 activations."""
         self._args = (self.n, self.k, self.data.ctypes.data, self.ld, self.grid_flags)
 
     def bytes_read(self, active: np.ndarray) -> int:
@@ -406,11 +411,24 @@ class InputMajorInt4Weight:
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """Dense ``x`` (M, K) → (M, N), every input: up to :data:`GEMV_MAX_ROWS` rows by the kernel, more
         (prefill) a slab of input rows of ``Wᵀ`` at a time decompressed into the shared tile buffer (at
-        most about 2 · TILE_ROWS × 1536 floats) and multiplied by the dense GEMM, summed over slabs."""
+        most about 2 · TILE_ROWS × 1536 floats) and multiplied by the dense GEMM, summed over slabs — with
+        int8 activations (:attr:`int8_now`) on x rounded as the kernel rounds it, so that every row count
+        gives the kernel's result."""
         x = np.ascontiguousarray(x, np.float32)
         m = x.shape[0]
         if m <= GEMV_MAX_ROWS:
             return np.concatenate([self.gemv_sparse(x[i : i + 1], -1.0)[0] for i in range(m)]) if m else np.empty((0, self.n), np.float32)
+        if self.int8_now:  # the kernel's result: its rounded activations, its offsets times the float sums
+            xq, d = int8_block_activations(x)
+            return self._dense(xq) + d @ self._offsets.T
+        return self._dense(x)
+
+    @property
+    def int8_now(self) -> bool:
+        """Whether the kernel multiplies int8 activations now: the option, on the AVX2 or scalar path."""
+        return self.int8_activations and isa() != "avx512f"
+
+    def _dense(self, x: np.ndarray) -> np.ndarray:
         slabs = -(-self.k * self.n // (2 * TILE_ROWS * 1536))  # (one slab for SmolLM2's gate/up)
         rows = -(-self.k // slabs // 32) * 32
         tile = tile_buffer(rows * self.n)

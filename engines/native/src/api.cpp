@@ -338,9 +338,12 @@ struct SparseXJob {
 // of the calling thread. Returns how many inputs are active.
 struct Active {
   std::vector<int32_t> idx, blocks;
-  std::vector<float> vals;
+  std::vector<float> vals, qs;
   std::vector<int64_t> starts;
-  pk::ActiveInputs view() const { return {idx.data(), vals.data(), blocks.data(), starts.data(), int64_t(blocks.size())}; }
+  std::vector<int8_t> q;
+  pk::ActiveInputs view() const {
+    return {idx.data(), vals.data(), blocks.data(), starts.data(), int64_t(blocks.size()), q.empty() ? nullptr : q.data(), q.empty() ? nullptr : qs.data()};
+  }
 };
 int64_t find_active(const float* x, int64_t K, double threshold, Active& a) {
   a.idx.resize(size_t(K));
@@ -361,7 +364,26 @@ int64_t find_active(const float* x, int64_t K, double threshold, Active& a) {
     }
   }
   a.starts.push_back(count);
+  a.q.clear();
   return count;
+}
+
+// The active inputs rounded to int8 per block as the int4 × int8 kernels round x (quantize_x_int4_*):
+// scale = the block's largest |x| / 127, q = round to nearest even of x · (1 / scale), in [−127, 127].
+void quantize_active(Active& a) {
+  const int64_t count = a.starts.back();
+  a.q.resize(size_t(count));
+  a.qs.resize(size_t(count));
+  for (size_t t = 0; t + 1 < a.starts.size(); ++t) {
+    const int64_t p0 = a.starts[t], p1 = a.starts[t + 1];
+    float amax = 0.f;
+    for (int64_t p = p0; p < p1; ++p) amax = std::max(amax, std::fabs(a.vals[size_t(p)]));
+    const float s = amax > 0.f ? amax / 127.f : 1.f, inv = 1.f / s;
+    for (int64_t p = p0; p < p1; ++p) {
+      a.q[size_t(p)] = int8_t(std::min(127.f, std::max(-127.f, std::nearbyint(a.vals[size_t(p)] * inv))));
+      a.qs[size_t(p)] = s;
+    }
+  }
 }
 
 // Input-major 4-bit: each task owns a run of active blocks (about as many active inputs as the
@@ -376,9 +398,10 @@ struct Int4InputMajorJob {
   int isa;
   static void task(void* p, int64_t i) {
     auto* j = static_cast<Int4InputMajorJob*>(p);
-    const pk::ActiveInputs a{j->a.idx, j->a.vals, j->a.blocks + j->cuts[i], j->a.starts + j->cuts[i], j->cuts[i + 1] - j->cuts[i]};
+    const pk::ActiveInputs a{j->a.idx, j->a.vals, j->a.blocks + j->cuts[i], j->a.starts + j->cuts[i], j->cuts[i + 1] - j->cuts[i], j->a.q, j->a.qs};
     float* out = j->partial + i * j->padded;
-    on_isa(j->isa, pk::gemv_int4_x_avx512, pk::gemv_int4_x_avx2, pk::gemv_int4_x_scalar, *j->w, a, out);
+    if (a.q) on_isa(j->isa, pk::gemv_int4_x_int8_avx2, pk::gemv_int4_x_int8_avx2, pk::gemv_int4_x_int8_scalar, *j->w, a, out);
+    else on_isa(j->isa, pk::gemv_int4_x_avx512, pk::gemv_int4_x_avx2, pk::gemv_int4_x_scalar, *j->w, a, out);
   }
 };
 
@@ -387,6 +410,7 @@ int64_t gemv_int4_x(const pk::Int4InputMajor& w, const float* x, double threshol
   thread_local std::vector<float> partial;
   thread_local std::vector<int64_t> cuts;
   const int64_t used = find_active(x, w.K, threshold, a);
+  if (w.int8 && isa != kAvx512) quantize_active(a);  // (AVX-512 runs its float kernel)
   const int64_t nb = int64_t(a.blocks.size());
   const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(pool().threads(), nb));
   cuts.assign(size_t(tasks + 1), nb);
@@ -430,7 +454,7 @@ struct Int4InputMajorDecompressJob {
 // b = positions, c = uint8 zero points, scales, block; pk::TwoFourInt4); kind 6: bitmask with 4-bit
 // values (a = masks, b = codes, c = row offsets, d = uint8 zero points, scales, block; pk::BitmaskInt4);
 // kind 7: input-major 4-bit (a = the buffer, stride = ld, block: bit 0 the zero-point form, bit 1 a
-// half grid; pk::Int4InputMajor) with an activation threshold (< 0: none).
+// half grid, bit 2 int8 activations; pk::Int4InputMajor) with an activation threshold (< 0: none).
 struct PkWeight {
   int64_t kind, N, K;
   const void* a;
@@ -497,7 +521,7 @@ void apply(const PkWeight& w, const float* x, float* y, int isa, int64_t* read, 
                          static_cast<const uint8_t*>(w.d), w.block},
          x, 1, y, isa);
   } else if (w.kind == 7) {
-    const pk::Int4InputMajor im{w.N, w.K, static_cast<const uint8_t*>(w.a), w.stride, (w.block & 1) != 0, (w.block & 2) != 0};
+    const pk::Int4InputMajor im{w.N, w.K, static_cast<const uint8_t*>(w.a), w.stride, (w.block & 1) != 0, (w.block & 2) != 0, (w.block & 4) != 0};
     *read += gemv_int4_x(im, x, w.threshold, y, isa);
     *total += w.K;
   } else if (w.kind == 1) {
@@ -640,9 +664,11 @@ PK_API void pk_gemv_sparse_x(int64_t N, const float* wt, const int32_t* idx, con
 
 // y[N] = x[K] · Wᵀ for an input-major 4-bit W (pk::Int4InputMajor), reading only the inputs with
 // |x_k| > threshold (threshold < 0: every input). Returns how many were read.
-// grid: bit 0 the zero-point form, bit 1 a half grid.
+// grid: bit 0 the zero-point form, bit 1 a half grid, bit 2 int8 activations (where the instruction set
+// is AVX2 or scalar; AVX-512 multiplies float activations).
 PK_API int64_t pk_gemv_int4_x(int64_t N, int64_t K, const uint8_t* data, int64_t ld, int grid, const float* x, double threshold, float* y) {
-  return gemv_int4_x(pk::Int4InputMajor{N, K, data, ld, (grid & 1) != 0, (grid & 2) != 0}, x, threshold, y, g_isa.load(std::memory_order_relaxed));
+  return gemv_int4_x(pk::Int4InputMajor{N, K, data, ld, (grid & 1) != 0, (grid & 2) != 0, (grid & 4) != 0}, x, threshold, y,
+                     g_isa.load(std::memory_order_relaxed));
 }
 
 // Wᵀ rows [k0, k1) of an input-major 4-bit W, dense, into out[(k1-k0)][N] (the prefill path).

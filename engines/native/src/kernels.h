@@ -315,6 +315,7 @@ struct Int4InputMajor {
   int64_t ld;
   bool zero_point = false;
   bool half = false;
+  bool int8 = false;  // the int8_activations option: the AVX2 and scalar kernels round the active inputs to int8 (not AVX-512's)
 };
 namespace {
 inline int64_t grid_value_bytes(const Int4InputMajor& w) { return w.half ? 2 : 4; }
@@ -356,6 +357,10 @@ struct ActiveInputs {
   const int32_t* blocks;
   const int64_t* starts;
   int64_t nblocks;
+  // int8 activations (null: float): q[p] = round(vals[p] / qs[p]) in [−127, 127], qs[p] = the largest
+  // |vals| of p's block / 127 (every input of a block has its block's scale)
+  const int8_t* q = nullptr;
+  const float* qs = nullptr;
 };
 namespace {
 // The block loop of the input-major 4-bit kernels of every instruction set: out (N rounded up to 32
@@ -383,6 +388,10 @@ inline void for_each_block_tile(const Int4InputMajor& w, const ActiveInputs& a, 
 void gemv_int4_x_scalar(const Int4InputMajor& w, const ActiveInputs& a, float* out);
 void gemv_int4_x_avx2(const Int4InputMajor& w, const ActiveInputs& a, float* out);
 void gemv_int4_x_avx512(const Int4InputMajor& w, const ActiveInputs& a, float* out);
+// The same with int8 activations (a.q, a.qs): per block, Σ code · q in integers, times scale · qs, plus
+// offset · Σ vals (the float sum), as the row-major int4 × int8 kernels do.
+void gemv_int4_x_int8_scalar(const Int4InputMajor& w, const ActiveInputs& a, float* out);
+void gemv_int4_x_int8_avx2(const Int4InputMajor& w, const ActiveInputs& a, float* out);
 // Wᵀ rows [k0, k1) of outputs [n0, n1) (n0 % 32 == 0) into out[(k1 − k0)][ldo] (the prefill path: a
 // tile of the input-major weight decompressed, then one GEMM).
 void decompress_int4_x_scalar(const Int4InputMajor& w, int64_t k0, int64_t k1, int64_t n0, int64_t n1, float* out, int64_t ldo);

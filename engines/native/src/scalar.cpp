@@ -74,6 +74,18 @@ void gemv_int4_x_scalar(const Int4InputMajor& w, const ActiveInputs& a, float* o
   });
 }
 
+void gemv_int4_x_int8_scalar(const Int4InputMajor& w, const ActiveInputs& a, float* out) {
+  for_each_block_tile(w, a, 1, out, [&](int64_t p0, int64_t p1, int64_t at, const uint8_t* s, const uint8_t* o, float xs, int64_t, float* y) {
+    const float sx = a.qs[p0];
+    for (int64_t j = 0; j < 32; ++j) {
+      int32_t dot = 0;
+      for (int64_t p = p0; p < p1; ++p) dot += int32_t(a.q[p]) * int32_t(int4_x_code(w, a.idx[p], 2 * at + j));
+      const float acc = float(dot), sj = grid_value(w, s, j), oj = grid_value(w, o, j);
+      y[j] = w.zero_point ? std::fma(sj, std::fma(-oj, xs, sx * acc), y[j]) : std::fma(sj * sx, acc, std::fma(oj, xs, y[j]));
+    }
+  });
+}
+
 void decompress_int4_x_scalar(const Int4InputMajor& w, int64_t k0, int64_t k1, int64_t n0, int64_t n1, float* out, int64_t ldo) {
   for (int64_t k = k0; k < k1; ++k) {
     const uint8_t* s = block_scales(w, k / 32);
