@@ -96,6 +96,9 @@ def main() -> None:
     ap.add_argument("--dense-with", action="append", default=[], metavar="OPTION=VALUE",
                     help="also run dense on native-cpu built with this engine option (a YAML value), as 'dense[OPTION=VALUE]'; "
                          "repeatable: e.g. exact_grids=false (its Q4_1 linears and Q8_0 head as float32), int8_activations=true")
+    ap.add_argument("--variants-with", action="append", default=[], metavar="OPTION=VALUE",
+                    help="also run every other variant on native-cpu built with this engine option, as 'VARIANT[OPTION=VALUE]' "
+                         "(e.g. int8_activations=true beside --dense-with int8_activations=true)")
     ap.add_argument("--isa", default=None, help="force native-cpu's instruction set, no better than the CPU's (scalar, avx2+fma, avx512f): "
                     "the AVX2 path's speed on an AVX-512 machine, not an AVX2-only machine's")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "native_decode.json")
@@ -155,6 +158,10 @@ def main() -> None:
         for i, spec in enumerate(args.dense_with, start=1):
             key, _, value = spec.partition("=")
             builds.insert(i, (f"dense[{key}={value}]", "dense", NativeCpuEngine({"threads": args.threads, key: yaml.safe_load(value)})))
+        for spec in args.variants_with:
+            key, _, value = spec.partition("=")
+            engine = NativeCpuEngine({"threads": args.threads, key: yaml.safe_load(value)})
+            builds += [(f"{v}[{key}={value}]", v, engine) for v in names if v != "dense"]
         for v, model_of, engine in builds:
             out = Path(tmp) / v
             out.mkdir()

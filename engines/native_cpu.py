@@ -63,7 +63,9 @@ class NativeOptions:
     AVX2 for int4 weights), as ONNX Runtime's MatMulNBits does at ``accuracy_level`` 4, wherever a
     weight has such a kernel: dense
     int8 values in blocks of 32 (an INT8 model's — unless it was quantized at another accuracy_level —
-    or an exact int8 grid's, such as the bundled SmolLM2's head) and every ``int4``-format weight. Off
+    or an exact int8 grid's, such as the bundled SmolLM2's head) and every ``int4``-format weight —
+    an activation-sparse group's input-major 4-bit weights too, on the AVX2 path (AVX-512 multiplies
+    their float activations). Off
     by default: fp32 activations compute exactly the model's result; on, the result moves by the
     activations' rounding, which validation measures like any variant's error."""
 
