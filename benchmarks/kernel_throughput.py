@@ -33,13 +33,14 @@ from benchmarks.common import ROOT, markdown_table, write_result  # noqa: E402
 
 SHAPES = [(1536, 576), (576, 576), (3072, 576), (576, 1536)]
 KINDS = ["dense", "dense-int4", "dense-int4-f32grid", "dense-int4x", "dense-int8", "dense-int8x", "2:4", "2:4-int8", "2:4-int4", "2:4-int4-b64", "50", "50-int8", "50-int4-b64",
-         "int4-act0", "int4-act10", "int4-act30", "int4-act50", "int4-act30-f32grid"]
+         "int4-act0", "int4-act10", "int4-act30", "int4-act50", "int4-act30-f32grid", "int4-act0x", "int4-act30x", "int4-act50x"]
 """``-int8``: int8 values (fp32 activations); ``-int8x``: int8 activations too (AVX-512 VNNI); ``-int4``:
 the int4 format (4-bit codes, a scale and an offset per 32 inputs: weights on a Q4_1 grid, whose fp16
 scales and minima the kernel reads as fp16); ``-int4-f32grid``: the same with the grid read as float32; ``-int4x``: the
 same with int8 activations (AVX-512 VNNI, or AVX2 on that path); ``int4-actNN``: the same dense 4-bit weights stored input-major
 for activation sparsity (:class:`engines.native.InputMajorInt4Weight`, its grid as fp16), NN % of each x's
-entries zero (random positions) and skipped; ``int4-actNN-f32grid``: the same with the grid as float32."""
+entries zero (random positions) and skipped; ``int4-actNN-f32grid``: the same with the grid as float32;
+``int4-actNNx``: the same with int8 activations (the AVX2 path: pairs of active inputs by vpmaddubsw)."""
 
 
 class ActivationSparse:
@@ -86,8 +87,8 @@ def make_weight(kind: str, n: int, k: int, rng: np.random.Generator):
         return native.NativeWeight(compress(deq, f"{fmt}-int4", grid=(scales.numpy(), zeros.numpy(), block)))
     if kind.startswith("int4-act"):  # the int4 weight below, input-major, its x NN % zeros
         c = make_weight("dense-int4", n, k, rng).compressed()
-        share = int(kind[len("int4-act"):].split("-")[0]) / 100
-        return ActivationSparse(native.InputMajorInt4Weight([c], half_grid=not kind.endswith("f32grid")), share, rng)
+        share = int(kind[len("int4-act"):].split("-")[0].rstrip("x")) / 100
+        return ActivationSparse(native.InputMajorInt4Weight([c], half_grid=not kind.endswith("f32grid"), int8_activations=kind.endswith("x")), share, rng)
     if "int4" in kind:  # the weights put on a Q4_1 grid (fp16 scale and minimum per 32), stored as int4
         b = w.reshape(n, k // 32, 32)
         lo, hi = b.min(-1, keepdims=True), b.max(-1, keepdims=True)
@@ -121,9 +122,11 @@ def main() -> None:
     native.set_threads(args.threads)
     if args.isa:
         native.set_isa(args.isa)
-    def runs_here(kind: str) -> bool:  # the int8-activation kinds: int4 on AVX-512 VNNI or AVX2, int8 on AVX-512 VNNI
+    def runs_here(kind: str) -> bool:  # the int8-activation kinds: int4 on AVX-512 VNNI or AVX2, int8 on AVX-512 VNNI, input-major int4 on AVX2
         if not kind.endswith("x"):
             return True
+        if kind.startswith("int4-act"):
+            return native.isa() != "avx512f"
         return native.int4_int8_activations() if "int4" in kind else native.int8_activations() and native.isa() == "avx512f"
 
     kinds = [k for k in KINDS if (not chosen or k == "dense" or k in chosen) and runs_here(k)]

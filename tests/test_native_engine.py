@@ -308,7 +308,8 @@ def test_input_major_4bit_int8_activation_kernel_computes_the_block_rounded_prod
     best = native.best_isa()
     isas = [i for i in ("scalar", "avx2+fma") if list(native.ISA_NAMES.values()).index(i) <= list(native.ISA_NAMES.values()).index(best)]
     try:
-        for shapes, k, zp, half in [([7], 32, False, False), ([300, 33], 64, True, False), ([1536], 576, False, True), ([45, 64], 96, True, True)]:
+        for shapes, k, zp, half in [([7], 32, False, False), ([300, 33], 64, True, False), ([1536], 576, False, True), ([45, 64], 96, True, True),
+                                    ([50], 64, False, False), ([40, 30], 128, True, False)]:
             parts = [_int4_part(rng, n, k, zp, half) for n in shapes]
             w8 = native.InputMajorInt4Weight(parts, int8_activations=True)
             assert w8.grid_flags == int(zp) | (2 * half) | 4

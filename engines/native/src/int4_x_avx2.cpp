@@ -46,45 +46,83 @@ inline void tile(const Int4InputMajor& w, const ActiveInputs& a, int64_t p0, int
 // int8 activations: two active inputs at a time, their codes interleaved byte by byte per output and
 // multiplied by the pair (q_a, q_b) with vpmaddubsw (code_a · q_a + code_b · q_b in 16 bits), summed in
 // 16 bits over at most 8 pairs (|sum| ≤ 8 · 2 · 15 · 127 < 2^15), then widened into float accumulators
-// (integers below 2^24: exact); at the block's end × scale · qs, plus offset · Σ vals. 14 instructions
-// per 64 weights where the float kernel above takes 14 per 32.
-template <int C, bool HALF>
-inline void tile_int8(const Int4InputMajor& w, const ActiveInputs& a, int64_t p0, int64_t p1, int64_t at, const uint8_t* s, const uint8_t* o, float xs,
-                      float* out) {
-  __m256 acc[4 * C];
-  for (int j = 0; j < 4 * C; ++j) acc[j] = _mm256_setzero_ps();
+// (integers below 2^24: exact); at the block's end × scale · qs, plus offset · Σ vals. PAIRS pairs of
+// 32-output chunks per tile, each pair one 32-byte load per row: [low nibbles | high nibbles] come out of
+// the load already split by chunk, lane by lane — 20 instructions per 128 weights where the float
+// kernel above takes 14 per 32. (A tile's rows lie 64 bytes apart in their block: one base pointer.)
+template <int PAIRS>
+inline void int8_sums(const ActiveInputs& a, int64_t p0, int64_t p1, const uint8_t* base, __m256 acc[]) {
   const __m256i nib = _mm256_set1_epi8(15);
   for (int64_t p = p0; p < p1;) {
-    __m256i sum[2 * C];
-    for (int j = 0; j < 2 * C; ++j) sum[j] = _mm256_setzero_si256();
+    __m256i sum[4 * PAIRS];
+    for (int j = 0; j < 4 * PAIRS; ++j) sum[j] = _mm256_setzero_si256();
     const int64_t end = p1 - p < 16 ? p1 : p + 16;
     for (; p < end; p += 2) {
       const bool two = p + 1 < end;
-      const uint8_t* ra = input_codes(w, a.idx[p], at);
-      const uint8_t* rb = two ? input_codes(w, a.idx[p + 1], at) : ra;
+      const uint8_t* ra = base + (a.idx[p] & 31) * 64;
+      const uint8_t* rb = two ? base + (a.idx[p + 1] & 31) * 64 : ra;
       _mm_prefetch(reinterpret_cast<const char*>(ra + kInt4xAhead), _MM_HINT_T0);
       _mm_prefetch(reinterpret_cast<const char*>(rb + kInt4xAhead), _MM_HINT_T0);
       const uint16_t qa = uint8_t(a.q[p]), qb = two ? uint8_t(a.q[p + 1]) : 0;
       const __m256i xp = _mm256_set1_epi16(int16_t(qa | (qb << 8)));
-      for (int c = 0; c < C; ++c) {
-        const __m128i va = _mm_loadu_si128(reinterpret_cast<const __m128i*>(ra + 16 * c));
-        const __m128i vb = _mm_loadu_si128(reinterpret_cast<const __m128i*>(rb + 16 * c));
-        // [outputs 0-15 | 16-31] of the chunk, one code per byte
-        const __m256i ca = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(va, 4), va), nib);
-        const __m256i cb = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(vb, 4), vb), nib);
-        sum[2 * c] = _mm256_add_epi16(sum[2 * c], _mm256_maddubs_epi16(_mm256_unpacklo_epi8(ca, cb), xp));          // outputs 0-7 | 16-23
-        sum[2 * c + 1] = _mm256_add_epi16(sum[2 * c + 1], _mm256_maddubs_epi16(_mm256_unpackhi_epi8(ca, cb), xp));  // 8-15 | 24-31
+      PK_UNROLL
+      for (int c = 0; c < PAIRS; ++c) {
+        const __m256i va = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ra + 32 * c));
+        const __m256i vb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rb + 32 * c));
+        // lane 0 chunk 2c, lane 1 chunk 2c + 1: low nibbles outputs 0-15, high nibbles 16-31
+        const __m256i la = _mm256_and_si256(va, nib), ha = _mm256_and_si256(_mm256_srli_epi16(va, 4), nib);
+        const __m256i lb = _mm256_and_si256(vb, nib), hb = _mm256_and_si256(_mm256_srli_epi16(vb, 4), nib);
+        sum[4 * c] = _mm256_add_epi16(sum[4 * c], _mm256_maddubs_epi16(_mm256_unpacklo_epi8(la, lb), xp));          // outputs 0-7
+        sum[4 * c + 1] = _mm256_add_epi16(sum[4 * c + 1], _mm256_maddubs_epi16(_mm256_unpackhi_epi8(la, lb), xp));  // 8-15
+        sum[4 * c + 2] = _mm256_add_epi16(sum[4 * c + 2], _mm256_maddubs_epi16(_mm256_unpacklo_epi8(ha, hb), xp));  // 16-23
+        sum[4 * c + 3] = _mm256_add_epi16(sum[4 * c + 3], _mm256_maddubs_epi16(_mm256_unpackhi_epi8(ha, hb), xp));  // 24-31
       }
     }
-    for (int c = 0; c < C; ++c)
-      for (int h = 0; h < 2; ++h) {
-        const __m256i v = sum[2 * c + h];
-        acc[4 * c + h] = _mm256_add_ps(acc[4 * c + h], _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(v))));
-        acc[4 * c + 2 + h] = _mm256_add_ps(acc[4 * c + 2 + h], _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(v, 1))));
+    for (int c = 0; c < PAIRS; ++c)
+      for (int h = 0; h < 4; ++h) {  // lane 0 → chunk 2c, lane 1 → chunk 2c + 1
+        const __m256i v = sum[4 * c + h];
+        acc[8 * c + h] = _mm256_add_ps(acc[8 * c + h], _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(v))));
+        acc[8 * c + 4 + h] = _mm256_add_ps(acc[8 * c + 4 + h], _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(v, 1))));
       }
   }
+}
+
+// One chunk of 32 outputs (a tile's odd last one): its 16 bytes per row split into [0-15 | 16-31].
+inline void int8_sums_one(const ActiveInputs& a, int64_t p0, int64_t p1, const uint8_t* base, __m256 acc[]) {
+  const __m256i nib = _mm256_set1_epi8(15);
+  for (int64_t p = p0; p < p1;) {
+    __m256i sum[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
+    const int64_t end = p1 - p < 16 ? p1 : p + 16;
+    for (; p < end; p += 2) {
+      const bool two = p + 1 < end;
+      const uint8_t* ra = base + (a.idx[p] & 31) * 64;
+      const uint8_t* rb = two ? base + (a.idx[p + 1] & 31) * 64 : ra;
+      const uint16_t qa = uint8_t(a.q[p]), qb = two ? uint8_t(a.q[p + 1]) : 0;
+      const __m256i xp = _mm256_set1_epi16(int16_t(qa | (qb << 8)));
+      const __m128i va = _mm_loadu_si128(reinterpret_cast<const __m128i*>(ra)), vb = _mm_loadu_si128(reinterpret_cast<const __m128i*>(rb));
+      const __m256i ca = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(va, 4), va), nib);
+      const __m256i cb = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(vb, 4), vb), nib);
+      sum[0] = _mm256_add_epi16(sum[0], _mm256_maddubs_epi16(_mm256_unpacklo_epi8(ca, cb), xp));  // outputs 0-7 | 16-23
+      sum[1] = _mm256_add_epi16(sum[1], _mm256_maddubs_epi16(_mm256_unpackhi_epi8(ca, cb), xp));  // 8-15 | 24-31
+    }
+    for (int h = 0; h < 2; ++h) {
+      acc[h] = _mm256_add_ps(acc[h], _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_castsi256_si128(sum[h]))));
+      acc[2 + h] = _mm256_add_ps(acc[2 + h], _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm256_extracti128_si256(sum[h], 1))));
+    }
+  }
+}
+
+template <bool HALF>
+inline void tile_int8(const Int4InputMajor& w, const ActiveInputs& a, int64_t p0, int64_t p1, int64_t at, const uint8_t* s, const uint8_t* o, float xs,
+                      int64_t chunks, float* out) {
+  __m256 acc[16];
+  for (int j = 0; j < 16; ++j) acc[j] = _mm256_setzero_ps();
+  const uint8_t* base = input_codes(w, a.idx[p0] & ~int32_t(31), at);  // row k of the tile: base + (k % 32) · 64
+  if (chunks == 4) int8_sums<2>(a, p0, p1, base, acc);
+  else if (chunks >= 2) int8_sums<1>(a, p0, p1, base, acc);
+  if (chunks & 1) int8_sums_one(a, p0, p1, base + 16 * (chunks - 1), acc + 4 * (chunks - 1));
   const __m256 sx = _mm256_set1_ps(a.qs[p0]), xsv = _mm256_set1_ps(xs);
-  for (int j = 0; j < 4 * C; ++j) {
+  for (int j = 0; j < 4 * chunks; ++j) {
     const __m256 sv = grid8<HALF>(s, j), ov = grid8<HALF>(o, j), y = _mm256_loadu_ps(out + 8 * j);
     _mm256_storeu_ps(out + 8 * j, w.zero_point ? _mm256_fmadd_ps(sv, _mm256_fnmadd_ps(ov, xsv, _mm256_mul_ps(sx, acc[j])), y)
                                                : _mm256_fmadd_ps(_mm256_mul_ps(sv, sx), acc[j], _mm256_fmadd_ps(ov, xsv, y)));
@@ -96,9 +134,8 @@ inline void tile_int8(const Int4InputMajor& w, const ActiveInputs& a, int64_t p0
 void gemv_int4_x_int8_avx2(const Int4InputMajor& w, const ActiveInputs& a, float* out) {
   by_input_major_grid(w, [&](auto half) {
     constexpr bool H = decltype(half)::value;
-    for_each_block_tile(w, a, 2, out, [&](int64_t p0, int64_t p1, int64_t at, const uint8_t* s, const uint8_t* o, float sum, int64_t chunks, float* y) {
-      if (chunks == 2) tile_int8<2, H>(w, a, p0, p1, at, s, o, sum, y);
-      else tile_int8<1, H>(w, a, p0, p1, at, s, o, sum, y);
+    for_each_block_tile(w, a, 4, out, [&](int64_t p0, int64_t p1, int64_t at, const uint8_t* s, const uint8_t* o, float sum, int64_t chunks, float* y) {
+      tile_int8<H>(w, a, p0, p1, at, s, o, sum, chunks, y);
     });
   });
 }
