@@ -1,7 +1,8 @@
 """Measure the figures ``tests/test_oneshot_guard.py`` pins: Wanda and SparseGPT 2:4 on the bundled
 SmolLM2, 8 × 512 calibration tokens (seed 0, fp32 calibration), perplexity on the first 4 × 256-token
-evaluation windows. Rerun it and update the test's PINNED values only when a change is meant to move
-them (say so in the commit).
+evaluation windows. Rerun it and update the test's PINNED_BY_CAPABILITY values (this CPU's PyTorch
+capability, printed) only when a change is meant to move them (say so in the commit), or to pin a new
+capability on a CPU of that kind.
 
     python benchmarks/oneshot_guard_measure.py
 """
@@ -34,6 +35,9 @@ def main() -> None:
         seconds = time.perf_counter() - t0
         print(method, "2:4 float32", round(perplexity(torch_outputs_fn(model, "causal-lm"), ev, method)["perplexity"], 4), f"{seconds:.1f} s")
     print("dense", round(perplexity(torch_outputs_fn(loaded.model, "causal-lm"), ev, "dense")["perplexity"], 4))
+    import torch
+
+    print("PyTorch CPU capability", torch.backends.cpu.get_cpu_capability())
 
 
 if __name__ == "__main__":

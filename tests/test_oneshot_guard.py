@@ -13,6 +13,13 @@ benchmarks/oneshot_guard_measure.py`` (the same code as the test): Wanda 2:4 105
 inputs of ``down``: a near-singular Hessian), moved SparseGPT 2:4 by 10 % between those two code paths
 (78.24 / 71.31; 70.18 pinned on an AMD EPYC) — a guard cannot tell that from a regression; at 8 × 512
 the two paths agree to 0.01 % (16 × 256: 3.9 %).
+
+MKL's path is not the whole of it: on a 2-core AMD EPYC with AVX2 only (no AVX-512; PyTorch's own
+kernels then run their AVX2 builds too, ``torch.backends.cpu.get_cpu_capability()`` "AVX2") the same
+test gave Wanda 2:4 102.4715 (−2.8 %) and SparseGPT 2:4 70.7749 (+5.6 %), dense 26.6009 unchanged
+(2026-12-03, the CI run of a clean clone; ``benchmarks/oneshot_guard_measure.py`` gave the same there).
+So the figures are pinned per capability, each measured on a CPU of that kind; a capability without
+a pin skips, saying so.
 """
 
 from __future__ import annotations
@@ -23,11 +30,25 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-PINNED = {"dense": 26.6009, "wanda": 105.4738, "sparsegpt": 66.9969}
+PINNED_BY_CAPABILITY = {
+    "AVX512": {"dense": 26.6009, "wanda": 105.4738, "sparsegpt": 66.9969},  # 2-core Intel Xeon (AVX-512, AMX)
+    "AVX2": {"dense": 26.6009, "wanda": 102.4715, "sparsegpt": 70.7749},  # 2-core AMD EPYC (AVX2 only)
+}
 TOLERANCE = 0.015
 """Relative. fp32 matmuls reduce in another order on another ISA (AVX2 vs AVX-512), which can flip a
 mask at a near-tie (Wanda: 1.0 % between MKL's two paths above); the regression the guard exists for
 moved a row by 5.9 %."""
+
+
+@pytest.fixture(scope="module")
+def pinned() -> dict[str, float]:
+    import torch
+
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability not in PINNED_BY_CAPABILITY:
+        pytest.skip(f"no one-shot figures pinned for PyTorch CPU capability {capability!r} (pinned: {', '.join(PINNED_BY_CAPABILITY)}): "
+                    "measure them on such a CPU with benchmarks/oneshot_guard_measure.py and add them")
+    return PINNED_BY_CAPABILITY[capability]
 
 
 @pytest.fixture(scope="module")
@@ -48,13 +69,13 @@ def _ppl(model, ev) -> float:
     return perplexity(torch_outputs_fn(model, "causal-lm"), ev, "guard")["perplexity"]
 
 
-def test_dense_reference(setting):
+def test_dense_reference(setting, pinned):
     loaded, _, ev = setting
-    assert _ppl(loaded.model, ev) == pytest.approx(PINNED["dense"], rel=1e-4)  # the model and the windows themselves
+    assert _ppl(loaded.model, ev) == pytest.approx(pinned["dense"], rel=1e-4)  # the model and the windows themselves
 
 
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
-def test_one_shot_2of4_stays_where_it_was(method, setting):
+def test_one_shot_2of4_stays_where_it_was(method, setting, pinned):
     from core.masks import is_nm_sparse
     from passes import PassContext, get_pass_class
 
@@ -64,4 +85,4 @@ def test_one_shot_2of4_stays_where_it_was(method, setting):
     cls(cls.config_class(pattern="2:4", calibration_dtype="float32")).run(model, PassContext(loaded.adapter, calibration=lambda: cal, progress=False))
     assert all(is_nm_sparse(r.weight_out_in(), 2, 4) for r in loaded.adapter.linears(model))
     got = _ppl(model, ev)
-    assert got == pytest.approx(PINNED[method], rel=TOLERANCE), f"{method} 2:4 moved: {got:.4f} vs pinned {PINNED[method]} (±{TOLERANCE:.1%})"
+    assert got == pytest.approx(pinned[method], rel=TOLERANCE), f"{method} 2:4 moved: {got:.4f} vs pinned {pinned[method]} (±{TOLERANCE:.1%})"
