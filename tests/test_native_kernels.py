@@ -412,6 +412,27 @@ def test_int4_int8_activation_kernel_computes_the_block_quantized_product(isa):
         native.set_isa(best)
 
 
+def test_int8_block_rounding_is_numpys_round_half_even():
+    """The prefill path's rounding of x (C, per row and block of 32): q · scale with scale = max|x| / 127
+    and q NumPy's round-half-to-even of x · (1 / scale), clipped to ±127, bit for bit — halves included
+    (x = (j + 0.5) · scale) and an all-zero block (scale 1) — and d = Σx − Σ q · scale per block."""
+    rng = np.random.default_rng(13)
+    x = (rng.standard_normal((5, 96)) * rng.uniform(0.01, 30.0, (5, 1))).astype(np.float32)
+    x[1, 32:64] = 0.0
+    x[2, :32] = (np.arange(32) - 16 + 0.5).astype(np.float32) * np.float32(0.25)  # halves of the step 0.25 · 17 / 127 … exactly
+    x[2, 0] = np.float32(127 * 0.25)  # the block's largest |x|: scale 0.25 exactly
+    xq, d = native.int8_block_activations(x)
+    b = x.reshape(5, 3, 32)
+    amax = np.abs(b).max(-1, keepdims=True)
+    sx = np.where(amax > 0, amax / np.float32(127), np.float32(1)).astype(np.float32)
+    ref = (np.clip(np.rint(b * (np.float32(1) / sx)), -127, 127) * sx).astype(np.float32)
+    assert np.array_equal(xq, ref.reshape(5, 96))
+    assert np.array_equal(xq[2, 1:32], np.rint(x[2, 1:32] / np.float32(0.25)) * np.float32(0.25))  # halves to even
+    np.testing.assert_allclose(d, (b.astype(np.float64).sum(-1) - ref.astype(np.float64).sum(-1)), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="blocks of 32"):
+        native.int8_block_activations(x[:, :40])
+
+
 def test_int4_int8_activation_prefill_on_avx2_is_the_kernels_result():
     """Prefill (more than GEMV_MAX_ROWS rows) of an int4 weight with int8 activations on the AVX2 path:
     the activations rounded as the kernel rounds them, by the decompressed tiles and the dense GEMM,

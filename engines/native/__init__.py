@@ -84,6 +84,7 @@ def lib() -> ctypes.CDLL:
             L.pk_gemv_int4_x.restype = _i64
             L.pk_gemv_int4_x.argtypes = [_i64, _i64, vp, _i64, ctypes.c_int, vp, ctypes.c_double, vp]
             L.pk_decompress_int4_x.argtypes = [_i64, _i64, vp, _i64, ctypes.c_int, _i64, _i64, vp]
+            L.pk_round_int8_blocks.argtypes = [vp, _i64, _i64, vp, vp]
             L.pk_decode_layers.restype = ctypes.c_int
             L.pk_decode_layers.argtypes = [_i64, ctypes.c_void_p, _i64, ctypes.c_void_p, _i64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float,
                                            ctypes.POINTER(_i64), ctypes.POINTER(_i64)]
@@ -273,15 +274,16 @@ def int8_block_activations(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``x`` (M, K), K % 32 == 0, rounded as the int8-activation kernels round it — per row and block of
     32 inputs ``sx = max|x| / 127``, ``q = round(x / sx)`` in [−127, 127] — returned as floats ``q · sx``
     (M, K), with each block's ``Σx − Σ q · sx`` (M, K/32): the kernels multiply the offsets (the zero
-    points' ``−zero · scale``) by the blocks' float sums of x, not of the rounded x."""
+    points' ``−zero · scale``) by the blocks' float sums of x, not of the rounded x. (In C: NumPy's
+    passes over a prompt's rows cost more than the GEMM's gain.)"""
+    x = np.ascontiguousarray(x, np.float32)
     m, k = x.shape
-    b = np.asarray(x, np.float32).reshape(m, k // 32, 32)
-    amax = np.abs(b).max(-1, keepdims=True)
-    s = np.where(amax > 0, amax / np.float32(127), np.float32(1)).astype(np.float32)
-    q = np.clip(np.rint(b * (np.float32(1) / s)), -127, 127)
-    xq = (q * s).astype(np.float32)
-    d = (b.sum(-1, dtype=np.float64) - xq.sum(-1, dtype=np.float64)).astype(np.float32)
-    return xq.reshape(m, k), d
+    if k % 32:
+        raise ValueError(f"int8_block_activations: {k} inputs are not a whole number of blocks of 32")
+    xq = np.empty_like(x)
+    d = np.empty((m, k // 32), np.float32)
+    lib().pk_round_int8_blocks(x.ctypes.data, m, k, xq.ctypes.data, d.ctypes.data)
+    return xq, d
 
 
 def tile_buffer(floats: int) -> np.ndarray:

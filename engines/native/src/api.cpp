@@ -368,6 +368,17 @@ int64_t find_active(const float* x, int64_t K, double threshold, Active& a) {
   return count;
 }
 
+// x rounded to int8 as the int4 × int8 kernels round a block of it (quantize_x_int4_*): round to nearest
+// even of x · inv, in [−127, 127] — by adding and taking away 1.5 · 2^23 (|x · inv| ≤ 127 + an ulp;
+// exact without -ffast-math, which build.sh never uses), so that loops over it vectorize, where
+// std::nearbyint is a library call per value.
+inline float round_int8(float x, float inv) {
+  constexpr float kMagic = 12582912.f;
+  return std::min(127.f, std::max(-127.f, (x * inv + kMagic) - kMagic));
+}
+// A block's scale: its largest |x| / 127 (1 for an all-zero block).
+inline float int8_scale(float amax) { return amax > 0.f ? amax / 127.f : 1.f; }
+
 // The active inputs rounded to int8 per block as the int4 × int8 kernels round x (quantize_x_int4_*):
 // scale = the block's largest |x| / 127, q = round to nearest even of x · (1 / scale), in [−127, 127].
 void quantize_active(Active& a) {
@@ -378,9 +389,9 @@ void quantize_active(Active& a) {
     const int64_t p0 = a.starts[t], p1 = a.starts[t + 1];
     float amax = 0.f;
     for (int64_t p = p0; p < p1; ++p) amax = std::max(amax, std::fabs(a.vals[size_t(p)]));
-    const float s = amax > 0.f ? amax / 127.f : 1.f, inv = 1.f / s;
+    const float s = int8_scale(amax), inv = 1.f / s;
     for (int64_t p = p0; p < p1; ++p) {
-      a.q[size_t(p)] = int8_t(std::min(127.f, std::max(-127.f, std::nearbyint(a.vals[size_t(p)] * inv))));
+      a.q[size_t(p)] = int8_t(round_int8(a.vals[size_t(p)], inv));
       a.qs[size_t(p)] = s;
     }
   }
@@ -672,6 +683,26 @@ PK_API int64_t pk_gemv_int4_x(int64_t N, int64_t K, const uint8_t* data, int64_t
 }
 
 // Wᵀ rows [k0, k1) of an input-major 4-bit W, dense, into out[(k1-k0)][N] (the prefill path).
+// x[M][K] (K % 32 == 0) rounded as the int8-activation kernels round it, as floats: xq = q · scale per
+// row and block of 32, and d[M][K/32] = Σx − Σxq per block (the kernels multiply offsets by Σx). The
+// prefill path's input: decompressed tiles times xq, plus offsets times d, is the kernels' result.
+PK_API void pk_round_int8_blocks(const float* x, int64_t M, int64_t K, float* xq, float* d) {
+  for (int64_t b = 0; b < M * (K / 32); ++b) {
+    const float* v = x + b * 32;
+    float amax = 0.f;
+    for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(v[j]));
+    const float s = int8_scale(amax), inv = 1.f / s;
+    double sx = 0.0, sq = 0.0;
+    for (int j = 0; j < 32; ++j) {
+      const float r = round_int8(v[j], inv) * s;
+      xq[b * 32 + j] = r;
+      sx += double(v[j]);
+      sq += double(r);
+    }
+    d[b] = float(sx - sq);
+  }
+}
+
 PK_API void pk_decompress_int4_x(int64_t N, int64_t K, const uint8_t* data, int64_t ld, int grid, int64_t k0, int64_t k1, float* out) {
   const pk::Int4InputMajor w{N, K, data, ld, (grid & 1) != 0, (grid & 2) != 0};
   Int4InputMajorDecompressJob job{&w, k0, k1, out, g_isa.load(std::memory_order_relaxed)};
