@@ -50,6 +50,24 @@ log = logging.getLogger("fused_decode")
 MATMUL_OPS = {"MatMul", "MatMulNBits", "Gemm", "FusedMatMul", "FusedGemm"}
 
 
+def matmul_weight_bytes(onnx_path: Path) -> int:
+    """Bytes of the initializers that the graph's matrix products read (MatMul, Gemm, MatMulNBits and
+    their fused forms: weights, scales, zero points) — what a decode step streams from memory; an
+    embedding that only a ``Gather`` reads counts one row per token, i.e. nothing here. A tied LM head
+    (``Gemm`` on the embedding) counts once."""
+    import onnx
+    from onnx import helper
+
+    g = onnx.load(str(onnx_path), load_external_data=False).graph
+    inits = {t.name: t for t in g.initializer}
+    used = {i for n in g.node if n.op_type in MATMUL_OPS for i in n.input if i in inits}
+    total = 0
+    for name in used:
+        t = inits[name]
+        total += int(np.prod(t.dims, dtype=np.int64)) * np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+    return total
+
+
 def genai_layout(genai_dir: Path):
     from engines.fused_graph import FusedLayout
 
@@ -179,7 +197,7 @@ def main() -> None:
         out.mkdir(parents=True, exist_ok=True)
         arts[name] = engine.build(d, out)
         info = arts[name].info
-        result["fused"][name] = {"nodes": info["nodes"], "op_counts": info["op_counts"], "bytes": info["bytes"], **({"quantization": info["quantization"]} if "quantization" in info else {})}
+        result["fused"][name] = {"matmul_weight_bytes": matmul_weight_bytes(Path(arts[name].path)), "nodes": info["nodes"], "op_counts": info["op_counts"], "bytes": info["bytes"], **({"quantization": info["quantization"]} if "quantization" in info else {})}
     for name, d in genai.items():
         import onnx
 
@@ -188,7 +206,7 @@ def main() -> None:
         for n in g.node:
             counts[n.op_type] = counts.get(n.op_type, 0) + 1
         size = sum(p.stat().st_size for p in d.glob("model.onnx*"))
-        result["genai"][name] = {"nodes": len(g.node), "op_counts": dict(sorted(counts.items())), "bytes": size}
+        result["genai"][name] = {"matmul_weight_bytes": matmul_weight_bytes(d / "model.onnx"), "nodes": len(g.node), "op_counts": dict(sorted(counts.items())), "bytes": size}
 
     with ExitStack() as stack:
         runners: dict = {}
@@ -265,7 +283,12 @@ def main() -> None:
 
         for key in runners:  # warm-up
             run(key)
+        from engines import native as native_lib
+
+        bandwidth = [native_lib.copy_bandwidth()]  # the roofline: the machine's copy bandwidth before and after the timed rounds
         samples = round_robin(list(runners), args.repeats, run)
+        bandwidth.append(native_lib.copy_bandwidth())
+        result["copy_bandwidth_gb_s"] = {"before": round(bandwidth[0] / 1e9, 2), "after": round(bandwidth[1] / 1e9, 2)}
 
         if args.ppl_windows:
             texts = {
@@ -311,17 +334,25 @@ def main() -> None:
             if ref in med and ref != key:
                 entry[f"speedup_vs_{ref}"] = round(med[ref]["decode_ms_per_token"] / med[key]["decode_ms_per_token"], 4)
                 entry[f"prefill_speedup_vs_{ref}"] = round(med[ref]["prefill_ms"] / med[key]["prefill_ms"], 4)
+        kind, _, name = key.partition(":")
+        wbytes = (result["fused"].get(name, {}) if kind.startswith("onnxruntime-fused") else result["genai"].get(name, {}) if kind.startswith("genai") else {}).get("matmul_weight_bytes")
+        if wbytes:  # weight bytes read per decode step / its time, against the copy bandwidth of the same run
+            gbs = wbytes / med[key]["decode_ms_per_token"] / 1e6
+            entry["roofline"] = {"matmul_weight_bytes": wbytes, "weight_read_gb_s": round(gbs, 2),
+                                 "fraction_of_copy_bandwidth": round(gbs / max(result["copy_bandwidth_gb_s"].values()), 3)}
         result["runners"][key] = entry
         p = result.get("perplexity", {}).get("runners", {}).get(key, {})
         rows.append([
             key, f"{entry['decode_ms_per_token']:.2f} [{entry['decode_ms_range'][0]:.2f}–{entry['decode_ms_range'][1]:.2f}]", f"{entry['prefill_ms']:.1f}",
             f"×{entry['speedup_vs_fastest_dense']:.2f}", f"×{entry['speedup_vs_genai:fp32']:.2f}" if "speedup_vs_genai:fp32" in entry else "—",
             f"{p['shakespeare']:.2f} / {p['stdlib-docstrings']:.2f}" if p else "—",
+            f"{entry['roofline']['weight_read_gb_s']:.1f} ({entry['roofline']['fraction_of_copy_bandwidth']:.2f})" if "roofline" in entry else "—",
         ])
     write_result(args.out, result)
-    print(markdown_table(["runner", "ms/token [min–max]", "prefill ms", "speed-up vs fastest dense", "vs GenAI fp32 (own runtime)", "ppl Shakespeare / docstrings"], rows))
+    print(markdown_table(["runner", "ms/token [min–max]", "prefill ms", "speed-up vs fastest dense", "vs GenAI fp32 (own runtime)", "ppl Shakespeare / docstrings", "weight GB/s (of copy)"], rows))
     for k, pr in result.get("op_profile", {}).items():
         print(f"{k}: {pr['kernel_ms_per_step']} ms kernel time per decode step, {100 * pr['non_matmul_share']:.1f} % outside MatMul")
+    print(f"copy bandwidth {result['copy_bandwidth_gb_s']} GB/s")
     print(f"wrote {args.out}")
 
 
