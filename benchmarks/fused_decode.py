@@ -50,22 +50,16 @@ log = logging.getLogger("fused_decode")
 MATMUL_OPS = {"MatMul", "MatMulNBits", "Gemm", "FusedMatMul", "FusedGemm"}
 
 
-def matmul_weight_bytes(onnx_path: Path) -> int:
-    """Bytes of the initializers that the graph's matrix products read (MatMul, Gemm, MatMulNBits and
-    their fused forms: weights, scales, zero points) — what a decode step streams from memory; an
-    embedding that only a ``Gather`` reads counts one row per token, i.e. nothing here. A tied LM head
-    (``Gemm`` on the embedding) counts once."""
-    import onnx
+def matmul_weight_bytes(graph) -> int:
+    """Bytes of the initializers that ``graph``'s (an ONNX GraphProto, loaded without external data)
+    matrix products read (MatMul, Gemm, MatMulNBits and their fused forms: weights, scales, zero points) —
+    what a decode step streams from memory; an embedding that only a ``Gather`` reads counts one row per
+    token, i.e. nothing here. A tied LM head (``Gemm`` on the embedding) counts once."""
     from onnx import helper
 
-    g = onnx.load(str(onnx_path), load_external_data=False).graph
-    inits = {t.name: t for t in g.initializer}
-    used = {i for n in g.node if n.op_type in MATMUL_OPS for i in n.input if i in inits}
-    total = 0
-    for name in used:
-        t = inits[name]
-        total += int(np.prod(t.dims, dtype=np.int64)) * np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
-    return total
+    inits = {t.name: t for t in graph.initializer}
+    used = {i for n in graph.node if n.op_type in MATMUL_OPS for i in n.input if i in inits}
+    return sum(int(np.prod(inits[i].dims, dtype=np.int64)) * helper.tensor_dtype_to_np_dtype(inits[i].data_type).itemsize for i in used)
 
 
 def genai_layout(genai_dir: Path):
@@ -139,6 +133,7 @@ def op_profile(model_dir: Path, graph: str, layout, prompt: np.ndarray, steps: i
     return {
         "steps": steps,
         "kernel_ms_per_step": round(total, 3),
+        "non_matmul_ms_per_step": round(non_mm, 3),
         "non_matmul_share": round(non_mm / total, 4),
         "by_op_ms_per_step": {op: round(v, 4) for op, v in sorted(per.items(), key=lambda kv: -kv[1])},
     }
@@ -191,22 +186,23 @@ def main() -> None:
         "spinning": "off for every ONNX Runtime session (they alternate in one process) except the '+spin' rows; GenAI's runtime uses its own default",
         "fused": {}, "genai": {},
     }
+    import onnx
+
     arts = {}
     for name, d in models.items():
         out = args.work / name
         out.mkdir(parents=True, exist_ok=True)
         arts[name] = engine.build(d, out)
         info = arts[name].info
-        result["fused"][name] = {"matmul_weight_bytes": matmul_weight_bytes(Path(arts[name].path)), "nodes": info["nodes"], "op_counts": info["op_counts"], "bytes": info["bytes"], **({"quantization": info["quantization"]} if "quantization" in info else {})}
+        graph = onnx.load(str(arts[name].path), load_external_data=False).graph
+        result["fused"][name] = {"matmul_weight_bytes": matmul_weight_bytes(graph), "nodes": info["nodes"], "op_counts": info["op_counts"], "bytes": info["bytes"], **({"quantization": info["quantization"]} if "quantization" in info else {})}
     for name, d in genai.items():
-        import onnx
-
         g = onnx.load(str(d / "model.onnx"), load_external_data=False).graph
         counts: dict[str, int] = {}
         for n in g.node:
             counts[n.op_type] = counts.get(n.op_type, 0) + 1
         size = sum(p.stat().st_size for p in d.glob("model.onnx*"))
-        result["genai"][name] = {"matmul_weight_bytes": matmul_weight_bytes(d / "model.onnx"), "nodes": len(g.node), "op_counts": dict(sorted(counts.items())), "bytes": size}
+        result["genai"][name] = {"matmul_weight_bytes": matmul_weight_bytes(g), "nodes": len(g.node), "op_counts": dict(sorted(counts.items())), "bytes": size}
 
     with ExitStack() as stack:
         runners: dict = {}
@@ -335,7 +331,8 @@ def main() -> None:
                 entry[f"speedup_vs_{ref}"] = round(med[ref]["decode_ms_per_token"] / med[key]["decode_ms_per_token"], 4)
                 entry[f"prefill_speedup_vs_{ref}"] = round(med[ref]["prefill_ms"] / med[key]["prefill_ms"], 4)
         kind, _, name = key.partition(":")
-        wbytes = (result["fused"].get(name, {}) if kind.startswith("onnxruntime-fused") else result["genai"].get(name, {}) if kind.startswith("genai") else {}).get("matmul_weight_bytes")
+        graphs = result["fused"] if kind.startswith("onnxruntime-fused") else result["genai"] if kind.startswith("genai") else {}
+        wbytes = graphs.get(name, {}).get("matmul_weight_bytes")
         if wbytes:  # weight bytes read per decode step / its time, against the copy bandwidth of the same run
             gbs = wbytes / med[key]["decode_ms_per_token"] / 1e6
             entry["roofline"] = {"matmul_weight_bytes": wbytes, "weight_read_gb_s": round(gbs, 2),
@@ -351,7 +348,7 @@ def main() -> None:
     write_result(args.out, result)
     print(markdown_table(["runner", "ms/token [min–max]", "prefill ms", "speed-up vs fastest dense", "vs GenAI fp32 (own runtime)", "ppl Shakespeare / docstrings", "weight GB/s (of copy)"], rows))
     for k, pr in result.get("op_profile", {}).items():
-        print(f"{k}: {pr['kernel_ms_per_step']} ms kernel time per decode step, {100 * pr['non_matmul_share']:.1f} % outside MatMul")
+        print(f"{k}: {pr['kernel_ms_per_step']} ms kernel time per decode step, {pr['non_matmul_ms_per_step']} ms ({100 * pr['non_matmul_share']:.1f} %) outside MatMul")
     print(f"copy bandwidth {result['copy_bandwidth_gb_s']} GB/s")
     print(f"wrote {args.out}")
 

@@ -274,8 +274,8 @@ def int8_block_activations(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``x`` (M, K), K % 32 == 0, rounded as the int8-activation kernels round it — per row and block of
     32 inputs ``sx = max|x| / 127``, ``q = round(x / sx)`` in [−127, 127] — returned as floats ``q · sx``
     (M, K), with each block's ``Σx − Σ q · sx`` (M, K/32): the kernels multiply the offsets (the zero
-    points' ``−zero · scale``) by the blocks' float sums of x, not of the rounded x. (In C: NumPy's
-    passes over a prompt's rows cost more than the GEMM's gain.)"""
+    points' ``−zero · scale``) by the blocks' float sums of x, not of the rounded x. (One pass in C, ``pk_round_int8_blocks``, with
+    the kernels' own rounding helper.)"""
     x = np.ascontiguousarray(x, np.float32)
     m, k = x.shape
     if k % 32:

@@ -682,7 +682,6 @@ PK_API int64_t pk_gemv_int4_x(int64_t N, int64_t K, const uint8_t* data, int64_t
                      g_isa.load(std::memory_order_relaxed));
 }
 
-// Wᵀ rows [k0, k1) of an input-major 4-bit W, dense, into out[(k1-k0)][N] (the prefill path).
 // x[M][K] (K % 32 == 0) rounded as the int8-activation kernels round it, as floats: xq = q · scale per
 // row and block of 32, and d[M][K/32] = Σx − Σxq per block (the kernels multiply offsets by Σx). The
 // prefill path's input: decompressed tiles times xq, plus offsets times d, is the kernels' result.
@@ -703,6 +702,7 @@ PK_API void pk_round_int8_blocks(const float* x, int64_t M, int64_t K, float* xq
   }
 }
 
+// Wᵀ rows [k0, k1) of an input-major 4-bit W, dense, into out[(k1-k0)][N] (the prefill path).
 PK_API void pk_decompress_int4_x(int64_t N, int64_t K, const uint8_t* data, int64_t ld, int grid, int64_t k0, int64_t k1, float* out) {
   const pk::Int4InputMajor w{N, K, data, ld, (grid & 1) != 0, (grid & 2) != 0};
   Int4InputMajorDecompressJob job{&w, k0, k1, out, g_isa.load(std::memory_order_relaxed)};
