@@ -65,6 +65,13 @@ def layer_shapes(model: torch.nn.Module, adapter: ModelAdapter) -> list[LayerSha
     return [_block_shape(_refs(model, adapter, b), hd) for b in range(len(adapter.blocks(model)))]
 
 
+def linear_macs(model: torch.nn.Module, adapter: ModelAdapter) -> int:
+    """Multiply-adds per token of every decoder block's linears (in × out of each weight as stored; a
+    masked channel still counts: the graph computes it). Passes record it before and after
+    (``info['linear_macs_per_token']``) so the report can place variants at the same work."""
+    return sum(ref.in_features * ref.out_features for ref in adapter.linears(model))
+
+
 def _set_weight(ref: LinearRef, weight_out_in: torch.Tensor, bias: torch.Tensor | None) -> None:
     """Replace a linear's weight (given as (out, in)) and bias, keeping the module's storage convention."""
     m = ref.module

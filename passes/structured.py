@@ -25,7 +25,7 @@ import torch
 from calibrate.importance import METHODS, Importance, activation_importance, taylor_importance
 from calibrate.runner import resolve_compute_dtype
 from passes.base import NEEDS_GRAPH_SHRINK, NEEDS_NOTHING, DataFacts, LayerChange, OptionError, Pass, PassContext, PassResult, SpeedupNeed, register_pass
-from core.structure import head_dim, layer_shapes, mask_block, record_shapes, slice_block
+from core.structure import head_dim, layer_shapes, linear_macs, mask_block, record_shapes, slice_block
 from core.models import count_parameters
 
 log = logging.getLogger(__name__)
@@ -242,6 +242,7 @@ class StructuredPass(Pass):
         adapter = ctx.adapter
         before = layer_shapes(model, adapter)
         params_before = count_parameters(model)
+        macs_before = linear_macs(model, adapter)
         gqa = any(s.kv_heads < s.heads for s in before)
         unit = cfg.head_unit if cfg.head_unit != "auto" else ("kv-group" if gqa else "query")
         imp = compute_importance(model, ctx, cfg)
@@ -266,6 +267,8 @@ class StructuredPass(Pass):
             "parameters_before": params_before,
             "parameters_after": count_parameters(model),
             "kept": per_layer,
+            # a masked channel is still computed by the graph: only slicing lowers the work
+            "linear_macs_per_token": {"before": macs_before, "after": linear_macs(model, adapter)},
         }
         log.info(
             "structured: %s importance, %d → %d parameters (%.1f%%) in %.1f s",

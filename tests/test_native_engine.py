@@ -159,6 +159,15 @@ def test_activation_sparsity_pass_engine_and_reload(tmp_path):
     res = ActivationSparsityPass(ActivationConfig(sparsity=0.5)).run(model, PassContext(adapter=adapter, calibration=lambda: windows, progress=False))
     for group, share in res.info["measured_sparsity"].items():
         assert 0.35 < share < 0.7, (group, share)
+    # the work an input-skipping kernel does: each linear's in × out times its group's nonzero share
+    from core.activation import group_of
+
+    sizes = [(m.in_features * m.out_features, group_of(n.rsplit(".", 1)[-1].removesuffix("_proj"))) for n, m in model.named_modules()
+             if isinstance(m, torch.nn.Linear) and ".layers." in n]
+    macs = res.info["linear_macs_per_token"]
+    assert macs["before"] == sum(s for s, _ in sizes)
+    assert macs["after"] == pytest.approx(sum(s * (1 - res.info["measured_sparsity"][g]) for s, g in sizes))
+    assert 0.3 < macs["after"] / macs["before"] < 0.65
     save_hf_dir(model, byte_tokenizer(), tmp_path / "model")
     reloaded, _, _ = load_hf_dir(tmp_path / "model")
     ids = torch.randint(0, 257, (1, 30), generator=torch.Generator().manual_seed(1))

@@ -63,3 +63,50 @@ def test_speedup_needs_by_pass_kind():
     assert "sparse-matrix kernel" in speedup_needs({"name": "x", "passes": [{"magnitude": {"sparsity": 0.5}}]})
     assert "smaller" in speedup_needs({"name": "x", "passes": [{"structured": {"ffn": 0.5}}, {"distill": {"steps": 3}}]})
     assert speedup_needs({"name": "dense", "passes": []}) == "baseline"
+
+
+def test_sparsity_frontier_places_variants_by_their_work():
+    """Variants whose passes record the decoder linears' multiply-adds per token are placed by that share
+    of dense, with perplexity / dense on the engine and decode speed against the fastest dense decode;
+    others (a 2:4 variant here) are left out, and dense anchors the curve."""
+    from core.document import Document
+    from pipeline.report import summary_rows
+    from pipeline.report.compose import _frontier_section
+    from pipeline.report.plots import frontier_points, render_frontier
+    from pipeline.report.render import to_markdown
+
+    ppl = {"dense": 10.0, "teal-30": 10.5, "ffn50": 30.0, "nm": 12.0}
+    passes = {
+        "dense": [],
+        "teal-30": [{"name": "activation", "info": {"linear_macs_per_token": {"before": 1000, "after": 690.0}}}],
+        "ffn50": [{"name": "structured", "info": {"linear_macs_per_token": {"before": 1000, "after": 620}}},
+                  {"name": "quantize", "info": {"bits": 4}}],
+        "nm": [{"name": "sparsegpt", "info": {"pattern": "2:4"}}],
+    }
+    native = {"dense": 0.5, "teal-30": 0.45, "ffn50": 0.36, "nm": 0.5}
+    variants = []
+    for n, p in ppl.items():
+        r = {"status": "ok", "perplexity_engine": {"perplexity": p}, "perplexity_torch": {"perplexity": p, "windows": 1},
+             "perplexity_engine_vs_torch": 0.0}
+        variants.append({"name": n, "passes": [], "pass_results": passes[n],
+                         "engines": {"onnxruntime-cpu": r, "native-cpu": dict(r, perplexity_engine={"perplexity": p * 1.01})},
+                         "decode": {"decode_ratio": 1.0 if n == "dense" else 0.98, "engines": {"native-cpu": {"decode_ratio": native[n]}}}})
+    results = {"variants": variants, "decode": {"runtime": "onnxruntime-cpu"}}
+    points = frontier_points(results, summary_rows(results))
+    by = {(p["variant"], p["engine"]): p for p in points}
+    assert sorted({p["variant"] for p in points}) == ["dense", "ffn50", "teal-30"]
+    assert by[("teal-30", "native-cpu")]["macs"] == pytest.approx(0.69) and by[("ffn50", "native-cpu")]["macs"] == pytest.approx(0.62)
+    assert by[("dense", "native-cpu")]["macs"] == 1.0 and by[("ffn50", "onnxruntime-cpu")]["kind"] == "structured"
+    assert by[("teal-30", "native-cpu")]["ppl_vs_dense"] == pytest.approx(1.05)  # on that engine, against its own dense
+    assert by[("ffn50", "native-cpu")]["decode_ratio"] == 0.36 and by[("ffn50", "onnxruntime-cpu")]["decode_ratio"] == 0.98
+    png = render_frontier(points)
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    doc = Document("t")
+    doc.add(_frontier_section(points, png))
+    md = to_markdown(doc)
+    assert "| teal-30 | activation | 0.690 | native-cpu | 1.050 | ×0.450 (speed-up ×2.22) |" in md
+    assert "| ffn50 | structured | 0.620 | native-cpu | 3.000 | ×0.360 (speed-up ×2.78) |" in md
+    assert doc.figures()[0].name == "sparsity_frontier.png"
+    # nothing to place: no section
+    plain = {"variants": [v for v in variants if v["name"] in ("dense", "nm")], "decode": {"runtime": "onnxruntime-cpu"}}
+    assert frontier_points(plain, summary_rows(plain)) == []

@@ -144,6 +144,12 @@ def test_structured_pass_shrinks_and_reports(importance):
     assert [k["ffn"] for k in kept] == [64, 64]
     assert r.info["parameters_after"] < r.info["parameters_before"]
     assert model.config.pruned_layers[0] == {"heads": 2, "kv_heads": 1, "ffn": 64}
+    # multiply-adds per token of the block linears (hidden 64, head width 16): q and o hidden·16·heads
+    # each, k and v hidden·16·kv_heads each, gate, up and down hidden·ffn each
+    def macs(heads: int, kv: int, ffn: int) -> int:
+        return 2 * (64 * 16 * (2 * heads + 2 * kv) + 3 * 64 * ffn)
+
+    assert r.info["linear_macs_per_token"] == {"before": macs(4, 2, 128), "after": macs(2, 1, 64)}
     _out(model, windows[:2])
 
 
@@ -182,6 +188,8 @@ def test_mask_mode_keeps_shapes():
     assert model.model.layers[0].mlp.down_proj.weight.shape == (64, 128)
     assert r.info["kept"][0]["ffn"] == 64
     assert float((model.model.layers[0].mlp.down_proj.weight == 0).all(0).sum()) == 64
+    macs = r.info["linear_macs_per_token"]
+    assert macs["after"] == macs["before"]  # masked channels are still computed
     assert StructuredPass.shapes_change({"apply": "mask"}) is False and StructuredPass.shapes_change({}) is True
 
 

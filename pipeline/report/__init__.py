@@ -2,7 +2,7 @@
 
 One document model (:mod:`core.document`) built once by :mod:`pipeline.report.compose` and rendered by
 :mod:`pipeline.report.render`; the decision maths in :mod:`pipeline.report.decision`, the
-accuracy-vs-latency plot in :mod:`pipeline.report.plots`; every pass writes its own section.
+accuracy-vs-latency plot and the sparsity frontier in :mod:`pipeline.report.plots`; every pass writes its own section.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 from core.artifacts import atomic_write_bytes, atomic_write_json, atomic_write_text
 from pipeline.report.compose import build_document, fmt
 from pipeline.report.decision import decision, judge, pareto_front, ratio_band, ratio_text, reference_point, speedup_needs, summary_rows
-from pipeline.report.plots import render_plot
+from pipeline.report.plots import frontier_points, render_frontier, render_plot
 from pipeline.report.render import to_html, to_markdown
 
 __all__ = ["decision", "judge", "pareto_front", "ratio_band", "ratio_text", "speedup_needs", "summary_rows", "terminal_table", "write_reports"]
@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 def write_reports(out: Path, results: dict[str, Any]) -> None:
     rows = summary_rows(results)
     results["decision"] = decision(results, rows)
-    doc = build_document(results, rows, results["decision"], render_plot(rows, results["decision"]))
+    frontier = frontier_points(results, rows)
+    doc = build_document(results, rows, results["decision"], render_plot(rows, results["decision"]), frontier, render_frontier(frontier))
     atomic_write_json(out / "results.json", results)
     for fig in doc.figures():
         atomic_write_bytes(out / fig.name, fig.png)

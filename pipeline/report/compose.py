@@ -8,7 +8,7 @@ from typing import Any
 
 from core.document import Bullets, Document, Figure, Paragraph, Section, Table
 from pipeline.report.decision import judge, ratio_text
-from pipeline.report.plots import PLOT_NAME
+from pipeline.report.plots import FRONTIER_NAME, PLOT_NAME
 
 PARITY_FLOOR_NOTE = (
     "A failed parity is re-checked against the same model run in float64: \"fp32 floor\" is PyTorch fp32's own distance "
@@ -193,7 +193,31 @@ def pass_sections(results: dict[str, Any]) -> list[Section]:
     return doc.sections
 
 
-def build_document(results: dict[str, Any], rows: list[dict[str, Any]], d: dict[str, Any], plot: bytes | None) -> Document:
+def _frontier_section(points: list[dict[str, Any]], png: bytes | None) -> Section:
+    """Variants placed by the work their decoder linears do per token (activation sparsity as its kernel
+    skips inputs, structured removal as sliced): quality and decode speed at the same multiply-adds."""
+    if not points:
+        return Section("")
+    rows = [
+        [p["variant"], p["kind"], f"{p['macs']:.3f}", p["engine"] or "—", fmt(p["ppl_vs_dense"], 3),
+         "—" if not p["decode_ratio"] else f"×{p['decode_ratio']:.3f} (speed-up ×{1.0 / p['decode_ratio']:.2f})"]
+        for p in sorted(points, key=lambda p: (p["kind"] != "dense", p["kind"], -p["macs"], p["engine"] or ""))
+    ]
+    blocks: list[Any] = [
+        Paragraph(
+            "Decoder-linear multiply-adds per token as a share of dense (activation sparsity: those an input-skipping kernel does "
+            "at the zero share measured on held-out calibration tokens; structured removal: the sliced matrices), perplexity / "
+            "dense on the engine (eval split) and decode ms/token against the fastest dense decode of the run."
+        ),
+        Table(["variant", "work changed by", "multiply-adds / dense", "decode engine", "ppl / dense", "decode ms/token ratio"], rows),
+    ]
+    if png:
+        blocks.append(Figure(FRONTIER_NAME, "sparsity frontier", png))
+    return Section("Sparsity frontier: quality and decode speed at the same work", blocks)
+
+
+def build_document(results: dict[str, Any], rows: list[dict[str, Any]], d: dict[str, Any], plot: bytes | None,
+                   frontier: list[dict[str, Any]] | None = None, frontier_png: bytes | None = None) -> Document:
     ev, cal = results["data"]["evaluation"], results["data"]["calibration"]
     doc = Document(f"Build report: {results['recipe']['name']}")
     doc.preamble += [
@@ -221,6 +245,7 @@ def build_document(results: dict[str, Any], rows: list[dict[str, Any]], d: dict[
             [Table(["variant", "backend", "latency"], lat)],
         ))
     doc.add(_decode_section(results))
+    doc.add(_frontier_section(frontier or [], frontier_png))
     for s in pass_sections(results):
         doc.add(s)
     if results.get("skips"):

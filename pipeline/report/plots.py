@@ -57,3 +57,86 @@ def render_plot(rows: list[dict[str, Any]], d: dict[str, Any]) -> bytes | None:
     fig.savefig(buf, format="png")
     plt.close(fig)
     return buf.getvalue()
+
+
+FRONTIER_NAME = "sparsity_frontier.png"
+
+
+def frontier_points(results: dict[str, Any], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One point per variant whose passes recorded the decoder linears' multiply-adds per token
+    (``info['linear_macs_per_token']``: activation sparsity as its kernel skips inputs, structured
+    removal as sliced) and per engine that decoded it: the work as a share of dense, perplexity / dense
+    on that engine (or the first engine with one) and decode ms/token as a ratio to the fastest dense
+    decode. Dense is the point (1, 1, its own ratio)."""
+    ppl: dict[tuple[str, str], float] = {(r["variant"], r["backend"]): r["ppl_vs_dense"] for r in rows if r.get("status") == "ok" and r.get("ppl_vs_dense") is not None}
+    runtime = (results.get("decode") or {}).get("runtime", "onnxruntime-cpu")
+    points = []
+    for v in results["variants"]:
+        macs = [pr["info"]["linear_macs_per_token"] for pr in v.get("pass_results", []) if "linear_macs_per_token" in (pr.get("info") or {})]
+        kinds = [pr["name"] for pr in v.get("pass_results", []) if "linear_macs_per_token" in (pr.get("info") or {})]
+        if v["name"] != "dense" and not macs:
+            continue
+        share = macs[-1]["after"] / macs[0]["before"] if macs else 1.0
+        decodes = {}
+        dec = v.get("decode") or {}
+        if "decode_ratio" in dec:
+            decodes[runtime] = dec["decode_ratio"]
+        for backend, g in (dec.get("engines") or {}).items():
+            if "decode_ratio" in g:
+                decodes[backend] = g["decode_ratio"]
+        first_ppl = next((p for (n, _), p in ppl.items() if n == v["name"]), None)
+        for backend, ratio in sorted(decodes.items()) or [(None, None)]:
+            points.append({"variant": v["name"], "kind": "+".join(kinds) or "dense", "macs": share, "engine": backend,
+                           "ppl_vs_dense": ppl.get((v["name"], backend), first_ppl), "decode_ratio": ratio})
+    return points if any(p["variant"] != "dense" for p in points) else []
+
+
+def render_frontier(points: list[dict[str, Any]]) -> bytes | None:
+    """Two panels over the decoder linears' multiply-adds per token (share of dense): perplexity / dense,
+    and decode speed-up against the fastest dense decode, one line per kind of variant (and engine)."""
+    if not points:
+        return None
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12.4, 4.4), dpi=110)
+    kinds = sorted({p["kind"] for p in points if p["kind"] != "dense"})
+    dense = [p for p in points if p["kind"] == "dense"]
+    for i, kind in enumerate(kinds):
+        pts = sorted((p for p in points if p["kind"] == kind), key=lambda p: -p["macs"])
+        q = [p for p in pts if p["ppl_vs_dense"] is not None]
+        seen: dict[str, tuple[float, float]] = {}
+        for p in q:
+            seen.setdefault(p["variant"], (p["macs"], p["ppl_vs_dense"]))
+        xs, ys = zip(*([(1.0, 1.0)] + list(seen.values()))) if seen else ((), ())
+        a.plot(xs, ys, "-o", color=f"C{i}", label=kind)
+        for name, (x, y) in seen.items():
+            a.annotate(name, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        for j, engine in enumerate(sorted({p["engine"] for p in pts if p["decode_ratio"]})):
+            base = [p for p in dense if p["engine"] == engine and p["decode_ratio"]]
+            e = [(p["macs"], 1.0 / p["decode_ratio"]) for p in pts if p["engine"] == engine and p["decode_ratio"]]
+            e = [(1.0, 1.0 / base[0]["decode_ratio"])] + e if base else e
+            b.plot(*zip(*e), ["-o", "--s", ":^"][j % 3], color=f"C{i}", label=f"{kind} on {engine}")
+    a.axhline(1.0, color="0.3", lw=0.8, ls="--")
+    b.axhline(1.0, color="0.3", lw=0.8, ls="--")
+    for ax in (a, b):
+        ax.invert_xaxis()
+        ax.set_xlabel("decoder-linear multiply-adds per token / dense")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    ys = [p["ppl_vs_dense"] for p in points if p["ppl_vs_dense"] is not None]
+    if ys and max(ys) > 5:
+        a.set_yscale("log")
+    a.set_ylabel("perplexity / dense (eval split)")
+    b.set_ylabel("decode speed-up (fastest dense ms/token ÷ variant's)")
+    a.set_title("quality against work", fontsize=9)
+    b.set_title("speed against work (1.0: the fastest dense decode)", fontsize=9)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
