@@ -5,6 +5,7 @@ recipe ships is chosen on the second text (never on the evaluation split); both 
 
     python benchmarks/activation_sweep.py --sparsities 0.25,0.35,0.45 --windows 16
     python benchmarks/activation_sweep.py --groups mlp_in --sparsities 0.4,0.5,0.6 --out benchmarks/results/activation_sweep_mlp_in.json
+    python benchmarks/activation_sweep.py --forms threshold,topk --sparsities 0.3,0.4,0.5 --out benchmarks/results/activation_sweep_topk.json
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ def main() -> None:
     ap.add_argument("--calibration", type=int, default=16, help="calibration windows of 512 tokens (the recipe's)")
     ap.add_argument("--windows", type=int, default=16, help="evaluation windows of 512 tokens per text")
     ap.add_argument("--groups", default="", help="comma-separated input groups to sparsify (default: every group; e.g. mlp_in)")
+    ap.add_argument("--forms", default="threshold", help="comma-separated forms of the pass: threshold (TEAL), topk")
     ap.add_argument("--budget", type=float, default=1.10, help="perplexity budget (× dense) the choice must meet on the second text")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "activation_sweep.json")
     args = ap.parse_args()
@@ -50,28 +52,33 @@ def main() -> None:
     groups = [g for g in args.groups.split(",") if g] or None
     dense = ppl(loaded.model)
     rows = [{"sparsity": 0.0, **dense, "ratio_shakespeare": 1.0, "ratio_second": 1.0}]
-    for sp in [float(x) for x in args.sparsities.split(",") if x]:
+    forms = [f for f in args.forms.split(",") if f]
+    for sp, form in [(float(x), f) for x in args.sparsities.split(",") if x for f in forms]:
         model = copy.deepcopy(loaded.model)
         t0 = time.perf_counter()
-        res = ActivationSparsityPass(ActivationConfig(sparsity=sp, groups=groups)).run(model, PassContext(loaded.adapter, calibration=lambda: cal, progress=False))
+        res = ActivationSparsityPass(ActivationConfig(sparsity=sp, groups=groups, form=form)).run(
+            model, PassContext(loaded.adapter, calibration=lambda: cal, progress=False))
         p = ppl(model)
         rows.append({
-            "sparsity": sp, **p,
+            "sparsity": sp, "form": form, **p,
             "ratio_shakespeare": round(p["shakespeare_eval"] / dense["shakespeare_eval"], 4),
             "ratio_second": round(p["second_text"] / dense["second_text"], 4),
             "measured_sparsity": res.info["measured_sparsity"],
             "calibrate_seconds": round(time.perf_counter() - t0, 1),
         })
         print(rows[-1], flush=True)
-    fits = [r for r in rows[1:] if r["ratio_second"] <= args.budget]
-    choice = max(fits, key=lambda r: r["sparsity"])["sparsity"] if fits else None
+    choices = {}
+    for form in forms:
+        fits = [r for r in rows[1:] if r["form"] == form and r["ratio_second"] <= args.budget]
+        choices[form] = max(fits, key=lambda r: r["sparsity"])["sparsity"] if fits else None
+    choice = choices[forms[0]] if len(forms) == 1 else choices
     result = {
         "model": "smollm2-135m", "groups": groups or "all", "calibration_windows": args.calibration, "evaluation_windows": args.windows,
         "budget": args.budget, "chosen_on": "second_text", "chosen_sparsity": choice, "rows": rows,
     }
     write_result(args.out, result)
-    print(markdown_table(["target sparsity", "ppl Shakespeare", "× dense", "ppl second text", "× dense"],
-                         [[r["sparsity"], r["shakespeare_eval"], r["ratio_shakespeare"], r["second_text"], r["ratio_second"]] for r in rows]))
+    print(markdown_table(["target sparsity", "form", "ppl Shakespeare", "× dense", "ppl second text", "× dense"],
+                         [[r["sparsity"], r.get("form", "—"), r["shakespeare_eval"], r["ratio_shakespeare"], r["second_text"], r["ratio_second"]] for r in rows]))
     print(f"chosen on the second text within ×{args.budget}: {choice}; wrote {args.out}")
 
 

@@ -6,6 +6,13 @@ and are applied by forward pre-hooks on the linears, so a saved model reloads wi
 
 Inputs are grouped by what they read: ``attn_in`` (q, k, v: the normed hidden state), ``o_in``,
 ``mlp_in`` (gate, up) and ``down_in`` (the gated activation); one threshold per group per block.
+
+Two forms (``spec['method']``): ``teal`` — calibrated magnitude thresholds (``thresholds``: block →
+group → t; an entry is kept when |x| > t); ``topk`` — per token, the ``keep`` largest magnitudes of
+each group's input (``keep``: block → group → k; an entry is kept when |x| is greater than the
+(k+1)-th largest |x| of its row, so ties at that value go, and at most k remain). The top-k form needs
+no calibration and keeps the same share of every token's inputs; thresholds keep more on some tokens
+and fewer on others.
 """
 
 from __future__ import annotations
@@ -33,12 +40,39 @@ def _threshold_hook(threshold: float):
     return hook
 
 
+def topk_threshold(a: torch.Tensor, keep: int) -> torch.Tensor:
+    """Per row of magnitudes ``a`` (..., K): the (keep+1)-th largest value, shape (..., 1); entries above it
+    are the kept ones (at most ``keep``). ``keep`` must be in [1, K-1]."""
+    return torch.topk(a, keep + 1, dim=-1).values[..., -1:]
+
+
+def _topk_hook(keep: int):
+    def hook(module: torch.nn.Module, args: tuple) -> tuple:
+        x = args[0]
+        a = x.abs()
+        return (torch.where(a > topk_threshold(a, keep), x, torch.zeros((), dtype=x.dtype, device=x.device)),) + tuple(args[1:])
+
+    return hook
+
+
+def spec_values(spec: dict[str, Any]) -> tuple[str, dict[str, dict[str, Any]]]:
+    """(method, block → group → value) of a spec: thresholds for ``teal``, kept counts for ``topk``;
+    a malformed spec is a ValueError naming the key."""
+    method = spec.get("method", "teal")
+    key = {"teal": "thresholds", "topk": "keep"}.get(method)
+    if key is None:
+        raise ValueError(f"config '{CONFIG_KEY}': method {method!r} is not 'teal' or 'topk'")
+    values = spec.get(key)
+    if not isinstance(values, dict):
+        raise ValueError(f"config '{CONFIG_KEY}': method {method!r} expects a '{key}' mapping of block → group → value, got {values!r}")
+    return method, values
+
+
 def apply_activation_spec(model: torch.nn.Module, adapter: ModelAdapter, spec: dict[str, Any]) -> int:
-    """Install (or replace) the threshold hooks ``spec['thresholds']`` describes: {block index (str): {group: t}}.
-    Returns the number of linears hooked; a block or group the model does not have is a ValueError."""
-    thresholds = spec.get("thresholds")
-    if not isinstance(thresholds, dict):
-        raise ValueError(f"config '{CONFIG_KEY}': expected a 'thresholds' mapping of block → group → threshold, got {thresholds!r}")
+    """Install (or replace) the hooks a spec describes (:func:`spec_values`): {block index (str): {group: t or k}}.
+    Returns the number of linears hooked; a block or group the model does not have, or a kept count
+    outside [1, in_features - 1], is a ValueError."""
+    method, thresholds = spec_values(spec)
     blocks = adapter.blocks(model)
     count = 0
     for ref in adapter.linears(model):
@@ -54,7 +88,13 @@ def apply_activation_spec(model: torch.nn.Module, adapter: ModelAdapter, spec: d
             if group not in GROUPS:
                 raise ValueError(f"config '{CONFIG_KEY}': group '{group}' is not one of {', '.join(GROUPS)}")
             for ref in adapter.linears(model, roles=list(GROUPS[group]), blocks=[i]):
-                setattr(ref.module, _HOOK_ATTR, ref.module.register_forward_pre_hook(_threshold_hook(float(t))))
+                if method == "topk":
+                    if not isinstance(t, int) or not 1 <= t < ref.in_features:
+                        raise ValueError(f"config '{CONFIG_KEY}': block {i} group '{group}' keeps {t!r} inputs; expected an integer in [1, {ref.in_features - 1}]")
+                    hook = _topk_hook(t)
+                else:
+                    hook = _threshold_hook(float(t))
+                setattr(ref.module, _HOOK_ATTR, ref.module.register_forward_pre_hook(hook))
                 count += 1
     return count
 

@@ -32,7 +32,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -442,6 +442,8 @@ class _Layer:
     ffn: int
     act: dict[str, float]
     """Activation-sparsity thresholds by input group (attn_in, o_in, mlp_in, down_in); empty = none."""
+    keep: dict[str, int] = field(default_factory=dict)
+    """The top-k form instead: inputs kept per token by input group."""
 
 
 
@@ -502,8 +504,10 @@ class NativeDecoder:
         head = manifest["embed"] if manifest["tied_head"] else manifest["head"]
         self.head = weight(head, manifest.get("head_storage", {"format": "dense"}))
 
-        spec = getattr(c, "activation_sparsity", None) or {}
-        thresholds = spec.get("thresholds", {})
+        from core.activation import spec_values
+
+        spec = getattr(c, "activation_sparsity", None)
+        method, values = spec_values(spec) if spec else ("teal", {})
         self.inputs_read = 0
         self.inputs_total = 0
         self.layers: list[_Layer] = []
@@ -513,11 +517,12 @@ class NativeDecoder:
             biases = [t.get(p + a.linear_paths[r] + ".bias") for r in ("q", "k", "v")]
             heads = w["q"].n // self.head_dim
             kv = w["k"].n // self.head_dim
-            act = {g: float(v) for g, v in thresholds.get(str(i), {}).items()}
+            act = {g: float(v) for g, v in values.get(str(i), {}).items()} if method == "teal" else {}
+            keep = {g: int(v) for g, v in values.get(str(i), {}).items()} if method == "topk" else {}
             stacks = {"attn_in": [w["q"], w["k"], w["v"]], "o_in": [w["o"]], "mlp_in": [w["gate"], w["up"]], "down_in": [w["down"]]}
             built = {}
             for group, parts in stacks.items():
-                if group in act:
+                if group in act or group in keep:
                     # an activation-sparse input reads whole weight rows of the inputs that remain: stored
                     # input-major — in 4 bits when every part is int4 with one grid form, else float32
                     built[group] = _input_major(parts)
@@ -536,6 +541,7 @@ class NativeDecoder:
                     kv_heads=kv,
                     ffn=w["gate"].n,
                     act=act,
+                    keep=keep,
                 )
             )
         self._table = None  # the ctypes layer table of the native decode step, rebuilt when the cache moves
@@ -575,9 +581,13 @@ class NativeDecoder:
 
         x = np.ascontiguousarray(x, np.float32)
         t = L.act.get(group) if sparse_inputs else None
+        k = L.keep.get(group) if sparse_inputs else None
+        if k is not None:  # the top-k form: each row keeps entries above its (k+1)-th largest |x|
+            a = np.abs(x)
+            t = np.partition(a, a.shape[1] - k - 1, axis=1)[:, a.shape[1] - k - 1 : a.shape[1] - k] if k < a.shape[1] else None
         if isinstance(w, (native.InputMajorWeight, native.InputMajorInt4Weight)):
             if t is not None and x.shape[0] == 1:
-                y, used = w.gemv_sparse(x, t)
+                y, used = w.gemv_sparse(x, float(np.asarray(t).reshape(-1)[0]))
                 self.inputs_read += used
                 self.inputs_total += w.k
                 return y
@@ -690,8 +700,7 @@ class NativeDecoder:
                 table[i] = native.PkLayer(
                     L.heads, L.kv_heads, self.head_dim, L.ffn, L.attn_norm.ctypes.data, L.mlp_norm.ctypes.data,
                     L.qkv_bias.ctypes.data if L.qkv_bias is not None else None,
-                    native.pk_weight(L.qkv, L.act.get("attn_in")), native.pk_weight(L.o, L.act.get("o_in")),
-                    native.pk_weight(L.gate_up, L.act.get("mlp_in")), native.pk_weight(L.down, L.act.get("down_in")),
+                    *(native.pk_weight(w, L.act.get(g), L.keep.get(g)) for w, g in ((L.qkv, "attn_in"), (L.o, "o_in"), (L.gate_up, "mlp_in"), (L.down, "down_in"))),
                     kc.ctypes.data, vc.ctypes.data, kc.shape[1],
                 )
             self._table, self._table_cache = table, self.cache

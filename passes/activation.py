@@ -3,6 +3,8 @@ entry of a decoder linear whose magnitude is at or below its layer's threshold i
 thresholds are calibrated per block and per input group (q/k/v's input, o's, gate/up's, down's —
 :data:`core.activation.GROUPS`) as the ``sparsity`` quantile of |x| over calibration tokens of the
 model as it is when the pass runs, so each input is zero on about ``sparsity`` of its entries.
+With ``form: topk`` each token instead keeps the round((1 − sparsity) · K) largest magnitudes of each
+group's K inputs (no thresholds to calibrate; every token reads the same share).
 
 The model computes the same function everywhere (forward pre-hooks, saved in the config, exported
 in the graph), so perplexity on any engine is the quality of sparse decoding: the thresholding is
@@ -35,6 +37,10 @@ NEEDS_INPUT_SKIPPING_KERNEL = SpeedupNeed(
 class ActivationConfig:
     sparsity: float = 0.4
     """Target share of zero input entries of every hooked linear (per block and input group)."""
+    form: str = "threshold"
+    """``threshold`` (TEAL: one calibrated magnitude threshold per block and group) or ``topk`` (each token
+    keeps the round((1 - sparsity) · K) largest magnitudes of each group's K inputs; no calibration of
+    thresholds — the calibration windows only measure the result)."""
     groups: list[str] | None = None
     """Input groups to sparsify (default: all of attn_in, o_in, mlp_in, down_in)."""
     dense_blocks: list[int] | None = None
@@ -45,6 +51,8 @@ class ActivationConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.sparsity, (int, float)) or not 0.0 < float(self.sparsity) < 1.0:
             raise OptionError("sparsity", f"sparsity {self.sparsity!r} is outside (0, 1)")
+        if self.form not in ("threshold", "topk"):
+            raise OptionError("form", f"form {self.form!r} is not 'threshold' or 'topk'")
         unknown = [g for g in self.groups or [] if g not in GROUPS]
         if unknown:
             raise OptionError("groups", f"groups {unknown} are not among {', '.join(GROUPS)}")
@@ -57,7 +65,7 @@ class ActivationSparsityPass(Pass):
     name = "activation"
     config_class = ActivationConfig
     uses_calibration = True
-    report_title = "Activation sparsity (TEAL)"
+    report_title = "Activation sparsity (TEAL, top-k)"
 
     @classmethod
     def speedup_need(cls, options: dict[str, Any]) -> SpeedupNeed | None:
@@ -86,8 +94,9 @@ class ActivationSparsityPass(Pass):
         dec = variant.get("decode") or {}
         eng = (dec.get("engines") or {}).get("native-cpu") or {}
         speed = f"; decode on native-cpu ×{eng['decode_ratio']:.3f} of the fastest dense decode's ms/token" if "decode_ratio" in eng else ""
+        how = "top-k per token" if info.get("form") == "topk" else "TEAL thresholds"
         return [Paragraph(
-            f"**{variant['name']}**: TEAL thresholds for {info['sparsity']:.2f} zero inputs in {info['blocks']} blocks; zero share on "
+            f"**{variant['name']}**: {how} for {info['sparsity']:.2f} zero inputs in {info['blocks']} blocks; zero share on "
             f"held-out calibration tokens by input group: {parts}{speed}."
         )]
 
@@ -104,6 +113,8 @@ class ActivationSparsityPass(Pass):
         remove_activation_hooks(model, adapter)
         held = max(1, windows.shape[0] // 4)  # the last quarter of the windows measures the result
         calib, check = windows[:-held], windows[-held:]
+        if cfg.form == "topk":
+            return self._topk(model, adapter, groups, dense, check, t0)
         samples: dict[tuple[int, str], list[torch.Tensor]] = {}
         gen = torch.Generator().manual_seed(ctx.seed)
         hooks = []
@@ -152,6 +163,31 @@ class ActivationSparsityPass(Pass):
         result.seconds = time.perf_counter() - t0
         log.info("activation: thresholds for %.2f zero inputs in %d blocks; held-out zero share %s (%.1f s)",
                  cfg.sparsity, len(blocks) - len(dense), {g: round(s, 3) for g, s in measured.items()}, result.seconds)
+        return result
+
+    def _topk(self, model: torch.nn.Module, adapter: Any, groups: list[str], dense: set[int], check: torch.Tensor, t0: float) -> PassResult:
+        """The top-k form: every hooked group keeps round((1 - sparsity) · K) of its K inputs per token."""
+        cfg = self.config
+        keep: dict[str, dict[str, int]] = {}
+        for ref in adapter.linears(model):
+            g = group_of(ref.role)
+            if g in groups and ref.block not in dense:
+                keep.setdefault(str(ref.block), {})[g] = min(ref.in_features - 1, max(1, round((1.0 - cfg.sparsity) * ref.in_features)))
+        if not keep:
+            raise ValueError(f"pass 'activation': no linear of groups {groups} outside dense_blocks {sorted(dense)}")
+        spec = {"method": "topk", "sparsity": float(cfg.sparsity), "keep": keep}
+        apply_activation_spec(model, adapter, spec)
+        setattr(model.config, CONFIG_KEY, spec)
+        measured = self._measure(model, adapter, check, groups, dense)
+        macs = self._macs(model, adapter, measured, groups, dense)
+        result = PassResult(
+            self.name,
+            info={"sparsity": float(cfg.sparsity), "form": "topk", "groups": groups, "blocks": len(keep), "keep": keep,
+                  "measured_sparsity": measured, "linear_macs_per_token": macs, "held_out_windows": int(check.shape[0])},
+        )
+        result.seconds = time.perf_counter() - t0
+        log.info("activation (top-k): %.2f of each group's inputs zero per token in %d blocks; held-out zero share %s (%.1f s)",
+                 cfg.sparsity, len(keep), {g: round(s, 3) for g, s in measured.items()}, result.seconds)
         return result
 
     @staticmethod

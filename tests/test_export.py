@@ -124,3 +124,28 @@ def test_rebinding_carries_trained_norms_or_refuses(exporter, tmp_path):
     np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4)
     stale, _ = _run_both(variant, "causal-lm", tmp_path / "dense.onnx", ids, np.ones_like(ids))
     assert np.abs(stale - ref).max() > 1e-2  # the check above can fail: the norms matter
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+@pytest.mark.parametrize("form", ["threshold", "topk"])
+def test_activation_sparsity_is_in_the_exported_graph(form, exporter, tmp_path):
+    """The activation pass's hooks (thresholds, or the per-token top-k) are traced into the graph:
+    ONNX Runtime's logits equal the sparsified PyTorch model's and differ from the dense one's."""
+    from passes.activation import ActivationConfig, ActivationSparsityPass
+    from passes.base import PassContext
+
+    model = tiny_model("llama", seed=3)
+    dense = tiny_model("llama", seed=3)
+    windows = torch.randint(0, VOCAB, (8, 32), generator=torch.Generator().manual_seed(0))
+    ActivationSparsityPass(ActivationConfig(sparsity=0.5, form=form)).run(
+        model, PassContext(adapter=adapter_for(model.config), calibration=lambda: windows, progress=False))
+    path = tmp_path / "model.onnx"
+    export_onnx(model, "causal-lm", path, opset=18, exporter=exporter)
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert ("TopK" in ops) == (form == "topk")
+    ids = np.random.default_rng(1).integers(0, VOCAB, (2, 24)).astype(np.int64)
+    got, ref = _run_both(model, "causal-lm", path, ids, np.ones_like(ids))
+    np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4)
+    with torch.no_grad():
+        plain = dense(input_ids=torch.from_numpy(ids)).logits.numpy()
+    assert np.abs(plain - ref).max() > 1e-2

@@ -143,10 +143,12 @@ def test_options_are_checked():
         NativeCpuEngine({"half_grids": 1})
 
 
-def test_activation_sparsity_pass_engine_and_reload(tmp_path):
-    """TEAL thresholds: calibrated shares near the target on held-out windows, saved in the config and
-    reinstalled on load; the native engine's logits and greedy decoding equal PyTorch's, and its
-    decode steps read about (1 - sparsity) of the inputs' weight rows."""
+@pytest.mark.parametrize("form", ["threshold", "topk"])
+def test_activation_sparsity_pass_engine_and_reload(tmp_path, form):
+    """TEAL thresholds (or the top-k form): calibrated shares near the target on held-out windows, saved
+    in the config and reinstalled on load; the native engine's logits and greedy decoding equal
+    PyTorch's, and its decode steps read about (1 - sparsity) of the inputs' weight rows — top-k:
+    exactly its kept counts."""
     from core.adapters import adapter_for
     from core.models import load_hf_dir, save_hf_dir
     from passes.activation import ActivationConfig, ActivationSparsityPass
@@ -156,9 +158,15 @@ def test_activation_sparsity_pass_engine_and_reload(tmp_path):
     model = tiny_model("llama", seed=2)
     adapter = adapter_for(model.config)
     windows = torch.randint(0, 257, (8, 64), generator=torch.Generator().manual_seed(0))
-    res = ActivationSparsityPass(ActivationConfig(sparsity=0.5)).run(model, PassContext(adapter=adapter, calibration=lambda: windows, progress=False))
+    res = ActivationSparsityPass(ActivationConfig(sparsity=0.5, form=form)).run(model, PassContext(adapter=adapter, calibration=lambda: windows, progress=False))
     for group, share in res.info["measured_sparsity"].items():
         assert 0.35 < share < 0.7, (group, share)
+    if form == "topk":  # every token keeps exactly half of each group's inputs (no ties among random floats)
+        assert model.config.activation_sparsity["method"] == "topk"
+        widths = {"attn_in": 64, "o_in": 64, "mlp_in": 64, "down_in": 128}
+        assert res.info["keep"] == {str(b): {g: k // 2 for g, k in widths.items()} for b in range(2)}
+        for group, share in res.info["measured_sparsity"].items():
+            assert share == pytest.approx(0.5, abs=1e-6), (group, share)
     # the work an input-skipping kernel does: each linear's in × out times its group's nonzero share
     from core.activation import group_of
 
@@ -184,14 +192,16 @@ def test_activation_sparsity_pass_engine_and_reload(tmp_path):
         g = r.generate(ids.numpy()[:, :20], 16)
         read = r.decoder.inputs_read / r.decoder.inputs_total
     assert 0.3 < read < 0.65
+    if form == "topk":
+        assert read == 0.5
     with torch.no_grad():
         out = reloaded.generate(ids[:, :20], attention_mask=torch.ones(1, 20, dtype=torch.long), max_new_tokens=16, do_sample=False,
                                 pad_token_id=0, eos_token_id=None)
     np.testing.assert_array_equal(g.tokens, out[:, 20:].numpy())
 
 
-@pytest.mark.parametrize("grid", ["q4_1", "zero_point"])
-def test_activation_sparsity_on_4bit_weights_reads_the_4bit_rows(tmp_path, grid):
+@pytest.mark.parametrize("grid,form", [("q4_1", "threshold"), ("zero_point", "threshold"), ("q4_1", "topk")])
+def test_activation_sparsity_on_4bit_weights_reads_the_4bit_rows(tmp_path, grid, form):
     """TEAL thresholds on a tiny Llama whose block linears lie on a 4-bit grid (GGUF's Q4_1 form, as the
     bundled SmolLM2's, or the quantize pass's zero-point form): native-cpu keeps every activation-sparse
     group's weights in 4 bits, input-major (an eighth of the float32 rows' bytes; Q4_1's grids in fp16);
@@ -215,7 +225,7 @@ def test_activation_sparsity_on_4bit_weights_reads_the_4bit_rows(tmp_path, grid)
         cls = get_pass_class("quantize")
         cls(cls.config_class(bits=4, block_size=32)).run(model, PassContext(adapter))
     windows = torch.randint(0, 257, (8, 64), generator=torch.Generator().manual_seed(0))
-    ActivationSparsityPass(ActivationConfig(sparsity=0.4)).run(model, PassContext(adapter=adapter, calibration=lambda: windows, progress=False))
+    ActivationSparsityPass(ActivationConfig(sparsity=0.4, form=form)).run(model, PassContext(adapter=adapter, calibration=lambda: windows, progress=False))
     save_hf_dir(model, byte_tokenizer(), tmp_path / "model")
     (tmp_path / "engine").mkdir()
     art = NativeCpuEngine({"threads": 2}).build(tmp_path / "model", tmp_path / "engine")
@@ -234,6 +244,8 @@ def test_activation_sparsity_on_4bit_weights_reads_the_4bit_rows(tmp_path, grid)
         r.generate(np.arange(3, 23, dtype=np.int64)[None], 16)
         read = r.decoder.inputs_read / r.decoder.inputs_total
     assert 0.35 < read < 0.8, read
+    if form == "topk":  # round(0.6 · 64) = 38 of 64 inputs (attn_in, o_in, mlp_in), 77 of 128 (down_in), every step
+        assert read == pytest.approx((3 * 38 + 77) / (3 * 64 + 128))
 
 
 def _int4_part(rng, n, k, zero_point, half=False):
@@ -366,6 +378,8 @@ def test_activation_pass_options_are_checked():
         ActivationConfig(sparsity=1.0)
     with pytest.raises(OptionError, match="groups"):
         ActivationConfig(groups=["qkv"])
+    with pytest.raises(OptionError, match="form"):
+        ActivationConfig(form="cats")
 
 
 def test_input_skipping_kernel_matches_reference_on_every_isa():

@@ -179,7 +179,8 @@ class PkWeight(ctypes.Structure):
     """A layer's linear for the native decode step (``PkWeight`` in api.cpp)."""
 
     _fields_ = [("kind", _i64), ("N", _i64), ("K", _i64), ("a", ctypes.c_void_p), ("b", ctypes.c_void_p), ("c", ctypes.c_void_p), ("threshold", ctypes.c_double),
-                ("scales", ctypes.c_void_p), ("block", _i64), ("corr", ctypes.c_void_p), ("d", ctypes.c_void_p), ("stride", _i64)]
+                ("scales", ctypes.c_void_p), ("block", _i64), ("corr", ctypes.c_void_p), ("d", ctypes.c_void_p), ("stride", _i64),
+                ("keep", _i64)]
 
 
 class PkLayer(ctypes.Structure):
@@ -193,12 +194,16 @@ class PkLayer(ctypes.Structure):
     ]
 
 
-def pk_weight(w: "NativeWeight | InputMajorWeight | InputMajorInt4Weight", threshold: float | None = None) -> PkWeight:
+def pk_weight(w: "NativeWeight | InputMajorWeight | InputMajorInt4Weight", threshold: float | None = None, keep: int | None = None) -> PkWeight:
+    """The decode step's view of a weight; an input-major one skips inputs with |x| ≤ ``threshold``, or,
+    with ``keep``, all but each token's ``keep`` largest |x| (the top-k form)."""
+    t = -1.0 if threshold is None else float(threshold)
     if isinstance(w, InputMajorInt4Weight):
-        t = -1.0 if threshold is None else float(threshold)
-        return PkWeight(7, w.n, w.k, w.data.ctypes.data, None, None, t, None, w.grid_flags, None, None, w.ld)
+        return PkWeight(7, w.n, w.k, w.data.ctypes.data, None, None, t, None, w.grid_flags, None, None, w.ld, int(keep or 0))
     if isinstance(w, InputMajorWeight):
-        return PkWeight(2, w.n, w.k, w.wt.ctypes.data, None, None, -1.0 if threshold is None else float(threshold), None, 0, None)
+        return PkWeight(2, w.n, w.k, w.wt.ctypes.data, None, None, t, None, 0, None, None, 0, int(keep or 0))
+    if keep is not None or threshold is not None:
+        raise ValueError("pk_weight: only an input-major weight skips inputs (threshold / keep)")
     if w.format == "int4":
         codes, scales, second, grid_flags, stride = w._args
         return PkWeight(4 if w.int8_activations else 3, w.n, w.k, codes, scales, second, -1.0, None, grid_flags, None, None, stride)

@@ -345,6 +345,19 @@ struct Active {
     return {idx.data(), vals.data(), blocks.data(), starts.data(), int64_t(blocks.size()), q.empty() ? nullptr : q.data(), q.empty() ? nullptr : qs.data()};
   }
 };
+// The top-k form of activation sparsity: the (keep+1)-th largest |x_k|, so that the inputs above it
+// (at most keep; ties at that value go) are the kept ones — core.activation.topk_threshold's rule.
+// keep >= K: every input (-1).
+double topk_threshold(const float* x, int64_t K, int64_t keep) {
+  if (keep >= K) return -1.0;
+  thread_local std::vector<float> a;
+  a.resize(size_t(K));
+  for (int64_t k = 0; k < K; ++k) a[size_t(k)] = std::fabs(x[k]);
+  const auto nth = a.begin() + (K - keep - 1);
+  std::nth_element(a.begin(), nth, a.end());
+  return double(*nth);
+}
+
 int64_t find_active(const float* x, int64_t K, double threshold, Active& a) {
   a.idx.resize(size_t(K));
   a.vals.resize(size_t(K));
@@ -466,6 +479,8 @@ struct Int4InputMajorDecompressJob {
 // values (a = masks, b = codes, c = row offsets, d = uint8 zero points, scales, block; pk::BitmaskInt4);
 // kind 7: input-major 4-bit (a = the buffer, stride = ld, block: bit 0 the zero-point form, bit 1 a
 // half grid, bit 2 int8 activations; pk::Int4InputMajor) with an activation threshold (< 0: none).
+// keep (kinds 2 and 7): > 0, the top-k form — each call keeps the keep largest |x| (topk_threshold)
+// instead of the fixed threshold.
 struct PkWeight {
   int64_t kind, N, K;
   const void* a;
@@ -477,6 +492,7 @@ struct PkWeight {
   const float* corr;  // int8 activations allowed (see pk::Int8Values)
   const void* d;
   int64_t stride;  // kinds 3-5: the row stride of interleaved arrays (pk::Int4Dense, pk::TwoFourInt4), 0: separate
+  int64_t keep;
 };
 
 // Float values, or int8 codes when scales are given.
@@ -533,13 +549,13 @@ void apply(const PkWeight& w, const float* x, float* y, int isa, int64_t* read, 
          x, 1, y, isa);
   } else if (w.kind == 7) {
     const pk::Int4InputMajor im{w.N, w.K, static_cast<const uint8_t*>(w.a), w.stride, (w.block & 1) != 0, (w.block & 2) != 0, (w.block & 4) != 0};
-    *read += gemv_int4_x(im, x, w.threshold, y, isa);
+    *read += gemv_int4_x(im, x, w.keep > 0 ? topk_threshold(x, w.K, w.keep) : w.threshold, y, isa);
     *total += w.K;
   } else if (w.kind == 1) {
     gemv(pk::TwoFour{w.N, w.K, float_values(w.a, w.scales), static_cast<const uint8_t*>(w.b), int8_values(w.a, w.scales, w.block)}, x, 1, y, isa);
   } else {
     thread_local Active act;
-    const int64_t count = find_active(x, w.K, w.threshold, act);
+    const int64_t count = find_active(x, w.K, w.keep > 0 ? topk_threshold(x, w.K, w.keep) : w.threshold, act);
     *read += count;
     *total += w.K;
     const int64_t cols = sparse_x_columns(w.N);
