@@ -95,9 +95,12 @@ class ActivationSparsityPass(Pass):
         eng = (dec.get("engines") or {}).get("native-cpu") or {}
         speed = f"; decode on native-cpu ×{eng['decode_ratio']:.3f} of the fastest dense decode's ms/token" if "decode_ratio" in eng else ""
         how = "top-k per token" if info.get("form") == "topk" else "TEAL thresholds"
+        macs = info.get("linear_macs_per_token")
+        work = (f"; an input-skipping kernel does {macs['after'] / macs['before']:.3f} of the decoder linears' multiply-adds "
+                "at those shares" if macs else "")
         return [Paragraph(
             f"**{variant['name']}**: {how} for {info['sparsity']:.2f} zero inputs in {info['blocks']} blocks; zero share on "
-            f"held-out calibration tokens by input group: {parts}{speed}."
+            f"held-out calibration tokens by input group: {parts}{work}{speed}."
         )]
 
     def run(self, model: torch.nn.Module, ctx: PassContext) -> PassResult:

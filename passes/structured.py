@@ -227,9 +227,12 @@ class StructuredPass(Pass):
                 first, last = kept[start]["block"], kept[i - 1]["block"]
                 rows.append([str(first) if first == last else f"{first}–{last}", *cells(kept[start])])
                 start = i
+        macs = info.get("linear_macs_per_token")
+        work = (f"; the decoder linears do {macs['after'] / macs['before']:.3f} of their multiply-adds per token"
+                + (" (masked channels are still computed)" if info["apply"] == "mask" else "") if macs else "")
         return [
             Paragraph(
-                f"**{variant['name']}**: {before / 1e6:.2f}M → {after / 1e6:.2f}M parameters ({100 * after / before:.1f} %); "
+                f"**{variant['name']}**: {before / 1e6:.2f}M → {after / 1e6:.2f}M parameters ({100 * after / before:.1f} %){work}; "
                 f"{info['importance']} importance, {info['head_unit']} head units, {info['allocation']} allocation, {info['apply']}."
             ),
             Table(["block", "heads", "KV heads", "FFN channels"], rows),

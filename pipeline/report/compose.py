@@ -194,8 +194,8 @@ def pass_sections(results: dict[str, Any]) -> list[Section]:
 
 
 def _frontier_section(points: list[dict[str, Any]], png: bytes | None) -> Section:
-    """Variants placed by the work their decoder linears do per token (activation sparsity as its kernel
-    skips inputs, structured removal as sliced): quality and decode speed at the same multiply-adds."""
+    """Variants placed by the work their decoder linears do per token, as the passes that change it count
+    it (``linear_macs_per_token``): quality and decode speed at the same multiply-adds."""
     if not points:
         return Section("")
     rows = [
@@ -205,9 +205,9 @@ def _frontier_section(points: list[dict[str, Any]], png: bytes | None) -> Sectio
     ]
     blocks: list[Any] = [
         Paragraph(
-            "Decoder-linear multiply-adds per token as a share of dense (activation sparsity: those an input-skipping kernel does "
-            "at the zero share measured on held-out calibration tokens; structured removal: the sliced matrices), perplexity / "
-            "dense on the engine (eval split) and decode ms/token against the fastest dense decode of the run."
+            "Decoder-linear multiply-adds per token as a share of dense, as the pass that changed them counts them (its own "
+            "section says how: inputs a kernel skips at the share measured on held-out calibration tokens, or matrices sliced), "
+            "perplexity / dense on the engine (eval split) and decode ms/token against the fastest dense decode of the run."
         ),
         Table(["variant", "work changed by", "multiply-adds / dense", "decode engine", "ppl / dense", "decode ms/token ratio"], rows),
     ]

@@ -64,8 +64,8 @@ FRONTIER_NAME = "sparsity_frontier.png"
 
 def frontier_points(results: dict[str, Any], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One point per variant whose passes recorded the decoder linears' multiply-adds per token
-    (``info['linear_macs_per_token']``: activation sparsity as its kernel skips inputs, structured
-    removal as sliced) and per engine that decoded it: the work as a share of dense, perplexity / dense
+    (``info['linear_macs_per_token']``, as each pass counts them: inputs skipped by a kernel, matrices
+    sliced) and per engine that decoded it: the work as a share of dense, perplexity / dense
     on that engine (or the first engine with one) and decode ms/token as a ratio to the fastest dense
     decode. Dense is the point (1, 1, its own ratio)."""
     ppl: dict[tuple[str, str], float] = {(r["variant"], r["backend"]): r["ppl_vs_dense"] for r in rows if r.get("status") == "ok" and r.get("ppl_vs_dense") is not None}
