@@ -329,7 +329,9 @@ class NativeCpuEngine(Engine):
                 try:
                     c = compress(w, _sparse_int4_format(w) if compressed else "int4", grid=grids4[name], name=name)
                 except ValueError as exc:
-                    raise PipelineError(f"engine 'native-cpu': {exc}") from None
+                    hint = (" (a structured variant keeps such widths with the structured pass's round_to: 32, or more)"
+                            if w.shape[1] % 32 else "")
+                    raise PipelineError(f"engine 'native-cpu': {exc}{hint}") from None
             if c is None and grid is None and self.options["exact_grids"]:
                 if int4 and not compressed:
                     try:

@@ -797,3 +797,29 @@ def test_a_sparse_model_quantized_to_4_bits_is_read_as_sparse_int4(tmp_path, kin
         assert {L.qkv.format for L in r.decoder.layers} == {"bitmask-int4" if kind == "70" else "2:4-int4"}
 
     _runs_as_pytorch(model, art, 6, stacked_keep_the_format)
+
+
+def test_a_4bit_width_off_the_block_is_refused_with_the_fix(tmp_path):
+    """FFN channels removed to a width that is not a multiple of 32, then 4-bit blocks of 32: the
+    native engine cannot hold down's grid and says so, naming the weight and the structured pass's
+    round_to; with round_to: 32 the same variant builds and computes the model's weights."""
+    from core.adapters import adapter_for
+    from core.errors import PipelineError
+    from passes import PassContext
+    from passes.structured import StructuredConfig, StructuredPass
+
+    windows = torch.randint(0, 257, (4, 32), generator=torch.Generator().manual_seed(0))
+    for round_to, width in ((1, 102), (32, 96)):
+        model = tiny_model("llama", seed=4)
+        StructuredPass(StructuredConfig(ffn=0.2, round_to=round_to)).run(
+            model, PassContext(adapter=adapter_for(model.config), calibration=lambda: windows, progress=False))
+        assert model.model.layers[0].mlp.down_proj.weight.shape[1] == width
+        out = tmp_path / str(round_to)
+        out.mkdir()
+        if round_to == 1:
+            with pytest.raises(PipelineError, match=r"down_proj.weight.*round_to: 32"):
+                _quantized_artifact(out, model, bits=4, block_size=32)
+        else:
+            art, _ = _quantized_artifact(out, model, bits=4, block_size=32)
+            assert art.info["formats"] == {"int4": 14}
+            _runs_as_pytorch(model, art, 5)
