@@ -160,7 +160,7 @@ class ActivationSparsityPass(Pass):
         macs = self._macs(model, adapter, measured, groups, dense)
         result = PassResult(
             self.name,
-            info={"sparsity": float(cfg.sparsity), "groups": groups, "blocks": len(blocks) - len(dense), "thresholds": thresholds,
+            info={"sparsity": float(cfg.sparsity), "form": "threshold", "groups": groups, "blocks": len(blocks) - len(dense), "thresholds": thresholds,
                   "measured_sparsity": measured, "linear_macs_per_token": macs, "calibration_windows": int(calib.shape[0]), "held_out_windows": int(held)},
         )
         result.seconds = time.perf_counter() - t0

@@ -703,3 +703,21 @@ def test_prefill_tiles_share_one_buffer(monkeypatch):
             np.testing.assert_allclose(weight(x), ref, atol=1e-4 * (1 + np.abs(ref).max()), rtol=0)
     # the largest tile: the input-major weight's one slab of 128 input rows × 45 outputs
     assert native.tile_buffer(0).size == max(16 * 96, 16 * 128, 128 * 45)
+
+
+def test_topk_threshold_is_the_kth_largest_magnitude():
+    """The decode step's top-k threshold (bisection on the magnitudes' bits) against a sort, on odd
+    lengths, ties, zeros of both signs, a constant vector and heavy tails: the (keep+1)-th largest |x|."""
+    if native.best_isa() == "scalar":
+        pytest.skip("the top-k threshold is AVX2 code; this CPU lacks AVX2 + FMA")
+    rng = np.random.default_rng(0)
+    cases = [rng.standard_normal(576).astype(np.float32), rng.standard_cauchy(1537).astype(np.float32),
+             np.round(rng.standard_normal(67) * 2).astype(np.float32),  # many ties, +0 and -0
+             np.full(9, -3.5, np.float32), np.zeros(33, np.float32), rng.standard_normal(7).astype(np.float32) * 1e-40]
+    for x in cases:
+        mags = np.sort(np.abs(x))[::-1]
+        for keep in sorted({1, 2, x.size // 3, x.size // 2, x.size - 1}):
+            t = native.topk_threshold(x, keep)
+            assert t == float(mags[keep]), (x.size, keep)
+            assert int((np.abs(x) > t).sum()) <= keep
+        assert native.topk_threshold(x, x.size) == -1.0

@@ -78,7 +78,7 @@ def test_sparsity_frontier_places_variants_by_their_work():
     ppl = {"dense": 10.0, "teal-30": 10.5, "ffn50": 30.0, "nm": 12.0}
     passes = {
         "dense": [],
-        "teal-30": [{"name": "activation", "info": {"linear_macs_per_token": {"before": 1000, "after": 690.0}}}],
+        "teal-30": [{"name": "activation", "info": {"form": "threshold", "linear_macs_per_token": {"before": 1000, "after": 690.0}}}],
         "ffn50": [{"name": "structured", "info": {"linear_macs_per_token": {"before": 1000, "after": 620}}},
                   {"name": "quantize", "info": {"bits": 4}}],
         "nm": [{"name": "sparsegpt", "info": {"pattern": "2:4"}}],
@@ -104,7 +104,7 @@ def test_sparsity_frontier_places_variants_by_their_work():
     doc = Document("t")
     doc.add(_frontier_section(points, png))
     md = to_markdown(doc)
-    assert "| teal-30 | activation | 0.690 | native-cpu | 1.050 | ×0.450 (speed-up ×2.22) |" in md
+    assert "| teal-30 | activation[threshold] | 0.690 | native-cpu | 1.050 | ×0.450 (speed-up ×2.22) |" in md
     assert "| ffn50 | structured | 0.620 | native-cpu | 3.000 | ×0.360 (speed-up ×2.78) |" in md
     assert doc.figures()[0].name == "sparsity_frontier.png"
     # nothing to place: no section

@@ -85,6 +85,8 @@ def lib() -> ctypes.CDLL:
             L.pk_gemv_int4_x.argtypes = [_i64, _i64, vp, _i64, ctypes.c_int, vp, ctypes.c_double, vp]
             L.pk_decompress_int4_x.argtypes = [_i64, _i64, vp, _i64, ctypes.c_int, _i64, _i64, vp]
             L.pk_round_int8_blocks.argtypes = [vp, _i64, _i64, vp, vp]
+            L.pk_topk_threshold.restype = ctypes.c_double
+            L.pk_topk_threshold.argtypes = [vp, _i64, _i64]
             L.pk_decode_layers.restype = ctypes.c_int
             L.pk_decode_layers.argtypes = [_i64, ctypes.c_void_p, _i64, ctypes.c_void_p, _i64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float,
                                            ctypes.POINTER(_i64), ctypes.POINTER(_i64)]
@@ -109,6 +111,15 @@ def isa() -> str:
 
 def best_isa() -> str:
     return ISA_NAMES[lib().pk_best_isa()]
+
+
+def topk_threshold(x: np.ndarray, keep: int) -> float:
+    """The decode step's top-k threshold of a float32 vector: its (keep+1)-th largest |x| (-1.0 when
+    keep >= its length). Needs AVX2, as the decode step does."""
+    x = np.ascontiguousarray(x, np.float32).reshape(-1)
+    if ISA_NAMES[lib().pk_best_isa()] == "scalar":
+        raise RuntimeError("native.topk_threshold: this CPU lacks AVX2 + FMA")
+    return float(lib().pk_topk_threshold(x.ctypes.data, x.size, int(keep)))
 
 
 def set_isa(name: str) -> None:

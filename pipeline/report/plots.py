@@ -72,8 +72,10 @@ def frontier_points(results: dict[str, Any], rows: list[dict[str, Any]]) -> list
     runtime = (results.get("decode") or {}).get("runtime", "onnxruntime-cpu")
     points = []
     for v in results["variants"]:
-        macs = [pr["info"]["linear_macs_per_token"] for pr in v.get("pass_results", []) if "linear_macs_per_token" in (pr.get("info") or {})]
-        kinds = [pr["name"] for pr in v.get("pass_results", []) if "linear_macs_per_token" in (pr.get("info") or {})]
+        counted = [pr for pr in v.get("pass_results", []) if "linear_macs_per_token" in (pr.get("info") or {})]
+        macs = [pr["info"]["linear_macs_per_token"] for pr in counted]
+        # a pass's variants form one series per form of it (``info['form']`` where the pass has several)
+        kinds = [pr["name"] + (f"[{pr['info']['form']}]" if pr["info"].get("form") else "") for pr in counted]
         if v["name"] != "dense" and not macs:
             continue
         share = macs[-1]["after"] / macs[0]["before"] if macs else 1.0
@@ -130,7 +132,11 @@ def render_frontier(points: list[dict[str, Any]]) -> bytes | None:
         ax.legend(fontsize=8)
     ys = [p["ppl_vs_dense"] for p in points if p["ppl_vs_dense"] is not None]
     if ys and max(ys) > 5:
+        from matplotlib.ticker import ScalarFormatter
+
         a.set_yscale("log")
+        a.yaxis.set_major_formatter(ScalarFormatter())
+        a.yaxis.set_minor_formatter(ScalarFormatter())
     a.set_ylabel("perplexity / dense (eval split)")
     b.set_ylabel("decode speed-up (fastest dense ms/token ÷ variant's)")
     a.set_title("quality against work", fontsize=9)

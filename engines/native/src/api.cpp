@@ -345,19 +345,6 @@ struct Active {
     return {idx.data(), vals.data(), blocks.data(), starts.data(), int64_t(blocks.size()), q.empty() ? nullptr : q.data(), q.empty() ? nullptr : qs.data()};
   }
 };
-// The top-k form of activation sparsity: the (keep+1)-th largest |x_k|, so that the inputs above it
-// (at most keep; ties at that value go) are the kept ones — core.activation.topk_threshold's rule.
-// keep >= K: every input (-1).
-double topk_threshold(const float* x, int64_t K, int64_t keep) {
-  if (keep >= K) return -1.0;
-  thread_local std::vector<float> a;
-  a.resize(size_t(K));
-  for (int64_t k = 0; k < K; ++k) a[size_t(k)] = std::fabs(x[k]);
-  const auto nth = a.begin() + (K - keep - 1);
-  std::nth_element(a.begin(), nth, a.end());
-  return double(*nth);
-}
-
 int64_t find_active(const float* x, int64_t K, double threshold, Active& a) {
   a.idx.resize(size_t(K));
   a.vals.resize(size_t(K));
@@ -549,13 +536,13 @@ void apply(const PkWeight& w, const float* x, float* y, int isa, int64_t* read, 
          x, 1, y, isa);
   } else if (w.kind == 7) {
     const pk::Int4InputMajor im{w.N, w.K, static_cast<const uint8_t*>(w.a), w.stride, (w.block & 1) != 0, (w.block & 2) != 0, (w.block & 4) != 0};
-    *read += gemv_int4_x(im, x, w.keep > 0 ? topk_threshold(x, w.K, w.keep) : w.threshold, y, isa);
+    *read += gemv_int4_x(im, x, w.keep > 0 ? pk::topk_threshold(x, w.K, w.keep) : w.threshold, y, isa);
     *total += w.K;
   } else if (w.kind == 1) {
     gemv(pk::TwoFour{w.N, w.K, float_values(w.a, w.scales), static_cast<const uint8_t*>(w.b), int8_values(w.a, w.scales, w.block)}, x, 1, y, isa);
   } else {
     thread_local Active act;
-    const int64_t count = find_active(x, w.K, w.keep > 0 ? topk_threshold(x, w.K, w.keep) : w.threshold, act);
+    const int64_t count = find_active(x, w.K, w.keep > 0 ? pk::topk_threshold(x, w.K, w.keep) : w.threshold, act);
     *read += count;
     *total += w.K;
     const int64_t cols = sparse_x_columns(w.N);
@@ -583,6 +570,10 @@ extern "C" {
 
 // 0 scalar, 1 AVX2+FMA, 2 AVX-512F.
 PK_API int pk_best_isa() { return g_best; }
+
+// The top-k form's threshold (pk::topk_threshold): the (keep+1)-th largest |x_k|; -1 when keep >= K.
+// AVX2 code: only on CPUs with AVX2 (the decode step that uses it requires them too).
+PK_API double pk_topk_threshold(const float* x, int64_t K, int64_t keep) { return pk::topk_threshold(x, K, keep); }
 PK_API int pk_isa() { return g_isa.load(); }
 // Force an instruction set no better than the CPU's (tests compare every path); -1 if not available.
 PK_API int pk_set_isa(int isa) {

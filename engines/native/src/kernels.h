@@ -419,6 +419,7 @@ void rmsnorm(const float* x, const float* w, int64_t n, float eps, float* out);
 void rope(float* v, int64_t heads, int64_t d, const float* cos, const float* sin);
 void attention_head(const float* q, const float* kc, const float* vc, int64_t n, int64_t d, float scale, float* out, float* scores);
 void silu_mul(const float* g, const float* u, int64_t n, float* out);
+double topk_threshold(const float* x, int64_t K, int64_t keep);
 
 // Rows [n0, n1) of W written dense into out[(n1-n0)][K] (the prefill path decompresses tile by tile).
 void decompress(const Bitmask& w, int64_t n0, int64_t n1, float* out);
