@@ -43,7 +43,12 @@ def test_sparse_cpu_recipe_ships_sparse_int8_and_int4_on_the_native_engine():
     r = load_recipe("sparse-cpu")
     assert "native-cpu" in [e.backend for e in r.engines]
     quantized = {v.name: v.passes for v in r.variants if v.passes and v.passes[-1].name == "quantize"}
-    assert set(quantized) == {"dense-int8-head", "sds-sparsegpt-2of4-int8", "sds-sparsegpt-50-int8", "sds-sparsegpt-2of4-int4", "head4-gptq"}
+    assert set(quantized) == {"dense-int8-head", "sds-sparsegpt-2of4-int8", "sds-sparsegpt-50-int8", "sds-sparsegpt-2of4-int4", "head4-gptq", "ffn40-int4"}
+    # the frontier's structured companion of teal-30: FFN widths the 4-bit blocks of 32 divide
+    ffn = quantized.pop("ffn40-int4")
+    assert ffn[0].name == "structured" and ffn[0].options["round_to"] == 32 and ffn[-1].options["bits"] == 4
+    forms = {v.name: v.passes[0].options.get("form", "threshold") for v in r.variants if v.passes and v.passes[0].name == "activation"}
+    assert forms == {"teal-30": "threshold", "topk-30": "topk"}
     head = quantized.pop("head4-gptq")[-1].options  # the head alone, by GPTQ: the block linears keep the model's own 4-bit grid
     assert (head["bits"], head["method"], head["head"], head["targets"]) == (4, "gptq", True, [])
     for name, passes in quantized.items():
