@@ -153,11 +153,7 @@ class ActivationSparsityPass(Pass):
         thresholds: dict[str, dict[str, float]] = {}
         for (b, g), xs in sorted(samples.items()):
             thresholds.setdefault(str(b), {})[g] = float(torch.quantile(torch.cat(xs), cfg.sparsity))
-        spec = {"method": "teal", "sparsity": float(cfg.sparsity), "thresholds": thresholds}
-        apply_activation_spec(model, adapter, spec)
-        setattr(model.config, CONFIG_KEY, spec)
-        measured = self._measure(model, adapter, check, groups, dense)
-        macs = self._macs(model, adapter, measured, groups, dense)
+        measured, macs = self._install(model, adapter, {"method": "teal", "sparsity": float(cfg.sparsity), "thresholds": thresholds}, check, groups, dense)
         result = PassResult(
             self.name,
             info={"sparsity": float(cfg.sparsity), "form": "threshold", "groups": groups, "blocks": len(blocks) - len(dense), "thresholds": thresholds,
@@ -178,11 +174,7 @@ class ActivationSparsityPass(Pass):
                 keep.setdefault(str(ref.block), {})[g] = min(ref.in_features - 1, max(1, round((1.0 - cfg.sparsity) * ref.in_features)))
         if not keep:
             raise ValueError(f"pass 'activation': no linear of groups {groups} outside dense_blocks {sorted(dense)}")
-        spec = {"method": "topk", "sparsity": float(cfg.sparsity), "keep": keep}
-        apply_activation_spec(model, adapter, spec)
-        setattr(model.config, CONFIG_KEY, spec)
-        measured = self._measure(model, adapter, check, groups, dense)
-        macs = self._macs(model, adapter, measured, groups, dense)
+        measured, macs = self._install(model, adapter, {"method": "topk", "sparsity": float(cfg.sparsity), "keep": keep}, check, groups, dense)
         result = PassResult(
             self.name,
             info={"sparsity": float(cfg.sparsity), "form": "topk", "groups": groups, "blocks": len(keep), "keep": keep,
@@ -192,6 +184,14 @@ class ActivationSparsityPass(Pass):
         log.info("activation (top-k): %.2f of each group's inputs zero per token in %d blocks; held-out zero share %s (%.1f s)",
                  cfg.sparsity, len(keep), {g: round(s, 3) for g, s in measured.items()}, result.seconds)
         return result
+
+    def _install(self, model: torch.nn.Module, adapter: Any, spec: dict[str, Any], check: torch.Tensor, groups: list[str],
+                 dense: set[int]) -> tuple[dict[str, float], dict[str, float]]:
+        """Hook ``spec`` into the model and its config; (zero share by group on the held-out windows, multiply-adds)."""
+        apply_activation_spec(model, adapter, spec)
+        setattr(model.config, CONFIG_KEY, spec)
+        measured = self._measure(model, adapter, check, groups, dense)
+        return measured, self._macs(model, adapter, measured, groups, dense)
 
     @staticmethod
     def _macs(model: torch.nn.Module, adapter: Any, measured: dict[str, float], groups: list[str], dense: set[int]) -> dict[str, float]:
