@@ -129,7 +129,10 @@ def render_frontier(points: list[dict[str, Any]]) -> bytes | None:
         ax.invert_xaxis()
         ax.set_xlabel("decoder-linear multiply-adds per token / dense")
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    if not b.get_legend_handles_labels()[0]:
+        b.text(0.5, 0.5, "no decode measured in this build", transform=b.transAxes, ha="center", va="center", color="0.4")
     ys = [p["ppl_vs_dense"] for p in points if p["ppl_vs_dense"] is not None]
     if ys and max(ys) > 5:
         from matplotlib.ticker import ScalarFormatter
