@@ -584,12 +584,12 @@ class NativeDecoder:
         x = np.ascontiguousarray(x, np.float32)
         t = L.act.get(group) if sparse_inputs else None
         k = L.keep.get(group) if sparse_inputs else None
-        if k is not None:  # the top-k form: each row keeps entries above its (k+1)-th largest |x|
-            a = np.abs(x)
-            t = np.partition(a, a.shape[1] - k - 1, axis=1)[:, a.shape[1] - k - 1 : a.shape[1] - k] if k < a.shape[1] else None
+        if k is not None and k < x.shape[1]:  # the top-k form: each row keeps entries above its (k+1)-th largest |x|
+            i = x.shape[1] - k - 1
+            t = np.partition(np.abs(x), i, axis=1)[:, i : i + 1]
         if isinstance(w, (native.InputMajorWeight, native.InputMajorInt4Weight)):
             if t is not None and x.shape[0] == 1:
-                y, used = w.gemv_sparse(x, float(np.asarray(t).reshape(-1)[0]))
+                y, used = w.gemv_sparse(x, float(np.max(t)))
                 self.inputs_read += used
                 self.inputs_total += w.k
                 return y

@@ -24,6 +24,7 @@ import torch
 
 from core.activation import CONFIG_KEY, GROUPS, apply_activation_spec, group_of, remove_activation_hooks
 from core.progress import progress
+from core.structure import linear_macs
 from passes.base import DataFacts, OptionError, Pass, PassContext, PassResult, SpeedupNeed, register_pass
 
 log = logging.getLogger(__name__)
@@ -197,13 +198,12 @@ class ActivationSparsityPass(Pass):
     def _macs(model: torch.nn.Module, adapter: Any, measured: dict[str, float], groups: list[str], dense: set[int]) -> dict[str, float]:
         """Block-linear multiply-adds per token before, and after as an input-skipping kernel does them: a
         hooked linear's in × out times the share of its inputs left nonzero (held-out calibration tokens)."""
-        before = after = 0.0
+        after = 0.0
         for ref in adapter.linears(model):
             m = ref.in_features * ref.out_features
             g = group_of(ref.role)
-            before += m
             after += m * (1.0 - measured[g]) if g in groups and ref.block not in dense and g in measured else m
-        return {"before": int(before), "after": after}
+        return {"before": linear_macs(model, adapter), "after": after}
 
     @staticmethod
     def _measure(model: torch.nn.Module, adapter: Any, windows: torch.Tensor, groups: list[str], dense: set[int]) -> dict[str, float]:

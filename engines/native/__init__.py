@@ -117,7 +117,7 @@ def topk_threshold(x: np.ndarray, keep: int) -> float:
     """The decode step's top-k threshold of a float32 vector: its (keep+1)-th largest |x| (-1.0 when
     keep >= its length). Needs AVX2, as the decode step does."""
     x = np.ascontiguousarray(x, np.float32).reshape(-1)
-    if ISA_NAMES[lib().pk_best_isa()] == "scalar":
+    if best_isa() == "scalar":
         raise RuntimeError("native.topk_threshold: this CPU lacks AVX2 + FMA")
     return float(lib().pk_topk_threshold(x.ctypes.data, x.size, int(keep)))
 

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 def write_reports(out: Path, results: dict[str, Any]) -> None:
     rows = summary_rows(results)
     results["decision"] = decision(results, rows)
-    frontier = frontier_points(results, rows)
+    frontier = frontier_points(results, rows, results["decision"])
     doc = build_document(results, rows, results["decision"], render_plot(rows, results["decision"]), frontier, render_frontier(frontier))
     atomic_write_json(out / "results.json", results)
     for fig in doc.figures():

@@ -198,9 +198,15 @@ def _frontier_section(points: list[dict[str, Any]], png: bytes | None) -> Sectio
     it (``linear_macs_per_token``): quality and decode speed at the same multiply-adds."""
     if not points:
         return Section("")
+    def cell(e: dict[str, Any] | None) -> str:
+        if not e:
+            return "—"
+        if e["within_noise"]:
+            return ratio_text(e["ratio"], e["band"], True)
+        return f"×{e['ratio']:.3f} (speed-up ×{1.0 / e['ratio']:.2f})"
+
     rows = [
-        [p["variant"], p["kind"], f"{p['macs']:.3f}", p["engine"] or "—", fmt(p["ppl_vs_dense"], 3),
-         "—" if not p["decode_ratio"] else f"×{p['decode_ratio']:.3f} (speed-up ×{1.0 / p['decode_ratio']:.2f})"]
+        [p["variant"], p["kind"], f"{p['macs']:.3f}", p["engine"] or "—", fmt(p["ppl_vs_dense"], 3), cell(p["decode"])]
         for p in sorted(points, key=lambda p: (p["kind"] != "dense", p["kind"], -p["macs"], p["engine"] or ""))
     ]
     blocks: list[Any] = [

@@ -62,40 +62,39 @@ def render_plot(rows: list[dict[str, Any]], d: dict[str, Any]) -> bytes | None:
 FRONTIER_NAME = "sparsity_frontier.png"
 
 
-def frontier_points(results: dict[str, Any], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def frontier_points(results: dict[str, Any], rows: list[dict[str, Any]], d: dict[str, Any]) -> list[dict[str, Any]]:
     """One point per variant whose passes recorded the decoder linears' multiply-adds per token
     (``info['linear_macs_per_token']``, as each pass counts them: inputs skipped by a kernel, matrices
-    sliced) and per engine that decoded it: the work as a share of dense, perplexity / dense
-    on that engine (or the first engine with one) and decode ms/token as a ratio to the fastest dense
-    decode. Dense is the point (1, 1, its own ratio)."""
+    sliced) and per engine that decoded it: the work as a share of dense, perplexity / dense on that
+    engine (or the first engine with one) and the decision's decode entry (``d['latency']['decode
+    ms/token']['variants']``: ratio to the fastest dense decode, its band, within noise). Dense is the point at 1."""
+    from pipeline.report.decision import engine_label
+
     ppl: dict[tuple[str, str], float] = {(r["variant"], r["backend"]): r["ppl_vs_dense"] for r in rows if r.get("status") == "ok" and r.get("ppl_vs_dense") is not None}
     runtime = (results.get("decode") or {}).get("runtime", "onnxruntime-cpu")
+    decoded = d["latency"].get("decode ms/token", {}).get("variants", {})
     points = []
     for v in results["variants"]:
         counted = [pr for pr in v.get("pass_results", []) if "linear_macs_per_token" in (pr.get("info") or {})]
+        if v["name"] != "dense" and not counted:
+            continue
         macs = [pr["info"]["linear_macs_per_token"] for pr in counted]
         # a pass's variants form one series per form of it (``info['form']`` where the pass has several)
         kinds = [pr["name"] + (f"[{pr['info']['form']}]" if pr["info"].get("form") else "") for pr in counted]
-        if v["name"] != "dense" and not macs:
-            continue
-        share = macs[-1]["after"] / macs[0]["before"] if macs else 1.0
-        decodes = {}
-        dec = v.get("decode") or {}
-        if "decode_ratio" in dec:
-            decodes[runtime] = dec["decode_ratio"]
-        for backend, g in (dec.get("engines") or {}).items():
-            if "decode_ratio" in g:
-                decodes[backend] = g["decode_ratio"]
+        engines = {runtime: v["name"], **{b: engine_label(v["name"], b) for b in ((v.get("decode") or {}).get("engines") or {})}}
+        runs = {b: decoded[key] for b, key in engines.items() if key in decoded}
         first_ppl = next((p for (n, _), p in ppl.items() if n == v["name"]), None)
-        for backend, ratio in sorted(decodes.items()) or [(None, None)]:
-            points.append({"variant": v["name"], "kind": "+".join(kinds) or "dense", "macs": share, "engine": backend,
-                           "ppl_vs_dense": ppl.get((v["name"], backend), first_ppl), "decode_ratio": ratio})
+        for backend, e in sorted(runs.items()) or [(None, None)]:
+            points.append({"variant": v["name"], "kind": "+".join(kinds) or "dense", "engine": backend,
+                           "macs": macs[-1]["after"] / macs[0]["before"] if macs else 1.0,
+                           "ppl_vs_dense": ppl.get((v["name"], backend), first_ppl), "decode": e})
     return points if any(p["variant"] != "dense" for p in points) else []
 
 
 def render_frontier(points: list[dict[str, Any]]) -> bytes | None:
     """Two panels over the decoder linears' multiply-adds per token (share of dense): perplexity / dense,
-    and decode speed-up against the fastest dense decode, one line per kind of variant (and engine)."""
+    and decode speed-up against the fastest dense decode (within noise: 1.0), one line per kind of
+    variant (and engine)."""
     if not points:
         return None
     import io
@@ -114,14 +113,12 @@ def render_frontier(points: list[dict[str, Any]]) -> bytes | None:
         seen: dict[str, tuple[float, float]] = {}
         for p in q:
             seen.setdefault(p["variant"], (p["macs"], p["ppl_vs_dense"]))
-        xs, ys = zip(*([(1.0, 1.0)] + list(seen.values()))) if seen else ((), ())
-        a.plot(xs, ys, "-o", color=f"C{i}", label=kind)
+        a.plot(*zip((1.0, 1.0), *seen.values()), "-o", color=f"C{i}", label=kind)
         for name, (x, y) in seen.items():
             a.annotate(name, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
-        for j, engine in enumerate(sorted({p["engine"] for p in pts if p["decode_ratio"]})):
-            base = [p for p in dense if p["engine"] == engine and p["decode_ratio"]]
-            e = [(p["macs"], 1.0 / p["decode_ratio"]) for p in pts if p["engine"] == engine and p["decode_ratio"]]
-            e = [(1.0, 1.0 / base[0]["decode_ratio"])] + e if base else e
+        for j, engine in enumerate(sorted({p["engine"] for p in pts if p["decode"]})):
+            # a ratio within noise is drawn at 1.0, as in the accuracy-vs-latency plot
+            e = [(p["macs"], 1.0 if p["decode"]["within_noise"] else 1.0 / p["decode"]["ratio"]) for p in dense + pts if p["engine"] == engine and p["decode"]]
             b.plot(*zip(*e), ["-o", "--s", ":^"][j % 3], color=f"C{i}", label=f"{kind} on {engine}")
     a.axhline(1.0, color="0.3", lw=0.8, ls="--")
     b.axhline(1.0, color="0.3", lw=0.8, ls="--")

@@ -71,8 +71,8 @@ void attention_head(const float* q, const float* kc, const float* vc, int64_t n,
 // (at most keep; ties at that value go) are the kept ones — core.activation.topk_threshold's rule.
 // keep >= K: every input (-1). The magnitudes' bit patterns (sign cleared) order as the magnitudes
 // do, so the value is found exactly by bisecting on them, counting with 8-wide compares: about 31
-// branch-free passes over K ints. std::nth_element took 0.82 ms per SmolLM2 token in place (120 calls;
-// its data-dependent branches mispredict on real activations), this a small fraction of that.
+// branch-free passes over K ints. A first version with std::nth_element took 0.82 ms per SmolLM2 token
+// in place (120 calls; a temporary timer, not kept — presumably its data-dependent branches).
 double topk_threshold(const float* x, int64_t K, int64_t keep) {
   if (keep >= K) return -1.0;
   thread_local std::vector<int32_t> b;
