@@ -6,6 +6,7 @@ recipe ships is chosen on the second text (never on the evaluation split); both 
     python benchmarks/activation_sweep.py --sparsities 0.25,0.35,0.45 --windows 16
     python benchmarks/activation_sweep.py --groups mlp_in --sparsities 0.4,0.5,0.6 --out benchmarks/results/activation_sweep_mlp_in.json
     python benchmarks/activation_sweep.py --forms threshold,topk --sparsities 0.3,0.4,0.5 --out benchmarks/results/activation_sweep_topk.json
+    python benchmarks/activation_sweep.py --groups gate_out --sparsities 0.4,0.5,0.6,0.7 --out benchmarks/results/activation_sweep_cats.json
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ def main() -> None:
     ap.add_argument("--sparsities", default="0.25,0.35,0.45,0.55")
     ap.add_argument("--calibration", type=int, default=16, help="calibration windows of 512 tokens (the recipe's)")
     ap.add_argument("--windows", type=int, default=16, help="evaluation windows of 512 tokens per text")
-    ap.add_argument("--groups", default="", help="comma-separated input groups to sparsify (default: every group; e.g. mlp_in)")
+    ap.add_argument("--groups", default="", help="comma-separated groups to sparsify (default: every input group; e.g. mlp_in, or gate_out for CATS)")
     ap.add_argument("--forms", default="threshold", help="comma-separated forms of the pass: threshold (TEAL), topk")
     ap.add_argument("--budget", type=float, default=1.10, help="perplexity budget (× dense) the choice must meet on the second text")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "activation_sweep.json")
@@ -64,6 +65,7 @@ def main() -> None:
             "ratio_shakespeare": round(p["shakespeare_eval"] / dense["shakespeare_eval"], 4),
             "ratio_second": round(p["second_text"] / dense["second_text"], 4),
             "measured_sparsity": res.info["measured_sparsity"],
+            "work_share": round(res.info["linear_macs_per_token"]["after"] / res.info["linear_macs_per_token"]["before"], 4),
             "calibrate_seconds": round(time.perf_counter() - t0, 1),
         })
         print(rows[-1], flush=True)
@@ -77,8 +79,9 @@ def main() -> None:
         "budget": args.budget, "chosen_on": "second_text", "chosen_sparsity": choice, "rows": rows,
     }
     write_result(args.out, result)
-    print(markdown_table(["target sparsity", "form", "ppl Shakespeare", "× dense", "ppl second text", "× dense"],
-                         [[r["sparsity"], r.get("form", "—"), r["shakespeare_eval"], r["ratio_shakespeare"], r["second_text"], r["ratio_second"]] for r in rows]))
+    print(markdown_table(["target sparsity", "form", "work / dense", "ppl Shakespeare", "× dense", "ppl second text", "× dense"],
+                         [[r["sparsity"], r.get("form", "—"), r.get("work_share", 1.0), r["shakespeare_eval"], r["ratio_shakespeare"], r["second_text"],
+                           r["ratio_second"]] for r in rows]))
     print(f"chosen on the second text within ×{args.budget}: {choice}; wrote {args.out}")
 
 

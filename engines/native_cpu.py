@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from core.activation import GATE_OUT
 from core.errors import EngineUnavailable, OptionError, PipelineError
 from engines.base import Engine, EngineArtifact, Generation, Runner, TensorMeta, llama_style_family, llama_style_unsupported, sliding_window
 
@@ -446,6 +447,9 @@ class _Layer:
     """Activation-sparsity thresholds by input group (attn_in, o_in, mlp_in, down_in); empty = none."""
     keep: dict[str, int] = field(default_factory=dict)
     """The top-k form instead: inputs kept per token by input group."""
+    gate_t: float | None = None
+    """CATS: gate activations with |SiLU(g)| at or below it are zero (up's rows and down's inputs for
+    them skipped at decode); None: none."""
 
 
 
@@ -521,10 +525,11 @@ class NativeDecoder:
             kv = w["k"].n // self.head_dim
             act = {g: float(v) for g, v in values.get(str(i), {}).items()} if method == "teal" else {}
             keep = {g: int(v) for g, v in values.get(str(i), {}).items()} if method == "topk" else {}
+            gate_t = act.pop(GATE_OUT, None)
             stacks = {"attn_in": [w["q"], w["k"], w["v"]], "o_in": [w["o"]], "mlp_in": [w["gate"], w["up"]], "down_in": [w["down"]]}
             built = {}
             for group, parts in stacks.items():
-                if group in act or group in keep:
+                if group in act or group in keep or (group == "down_in" and gate_t is not None):
                     # an activation-sparse input reads whole weight rows of the inputs that remain: stored
                     # input-major — in 4 bits when every part is int4 with one grid form, else float32
                     built[group] = _input_major(parts)
@@ -544,6 +549,7 @@ class NativeDecoder:
                     ffn=w["gate"].n,
                     act=act,
                     keep=keep,
+                    gate_t=gate_t,
                 )
             )
         self._table = None  # the ctypes layer table of the native decode step, rebuilt when the cache moves
@@ -599,9 +605,40 @@ class NativeDecoder:
         return w(x)
 
     def _mlp(self, L: _Layer, x: np.ndarray, sparse_inputs: bool = True) -> np.ndarray:
+        if L.gate_t is not None and sparse_inputs:
+            return self._mlp_cats(L, x)
         gu = self._lin(L, "mlp_in", L.gate_up, x, sparse_inputs)
         g, u = gu[:, : L.ffn], gu[:, L.ffn :]
         return self._lin(L, "down_in", L.down, g / (1.0 + np.exp(-g)) * u, sparse_inputs)
+
+    def _mlp_cats(self, L: _Layer, x: np.ndarray) -> np.ndarray:
+        """CATS: SiLU(gate) thresholded; at a single row of a 4-bit gate_up only the gate rows and the up
+        rows of the active activations are computed, and down reads only their inputs."""
+        from engines import native
+
+        x = np.ascontiguousarray(x, np.float32)
+        single = x.shape[0] == 1 and isinstance(L.gate_up, native.NativeWeight) and L.gate_up.format == "int4"
+        if single:
+            g = L.gate_up.gemv_rows(x, np.arange(L.ffn))[None]
+        else:
+            gu = L.gate_up(x)
+            g, u = gu[:, : L.ffn], gu[:, L.ffn :]
+        a = g / (1.0 + np.exp(-g))
+        a = np.where(np.abs(a) > L.gate_t, a, np.float32(0.0))
+        if single:
+            on = np.flatnonzero(a[0])
+            a[0, on] *= L.gate_up.gemv_rows(x, on + L.ffn)
+            self.inputs_read += on.size
+            self.inputs_total += L.ffn
+        else:
+            a = a * u
+        a = np.ascontiguousarray(a, np.float32)
+        if a.shape[0] == 1:
+            y, used = L.down.gemv_sparse(a, 0.0)
+            self.inputs_read += used
+            self.inputs_total += L.down.k
+            return y
+        return L.down(a)
 
     def _qkv(self, L: _Layer, x: np.ndarray, sparse_inputs: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         qkv = self._lin(L, "attn_in", L.qkv, x, sparse_inputs)
@@ -702,8 +739,10 @@ class NativeDecoder:
                 table[i] = native.PkLayer(
                     L.heads, L.kv_heads, self.head_dim, L.ffn, L.attn_norm.ctypes.data, L.mlp_norm.ctypes.data,
                     L.qkv_bias.ctypes.data if L.qkv_bias is not None else None,
-                    *(native.pk_weight(w, L.act.get(g), L.keep.get(g)) for w, g in ((L.qkv, "attn_in"), (L.o, "o_in"), (L.gate_up, "mlp_in"), (L.down, "down_in"))),
-                    kc.ctypes.data, vc.ctypes.data, kc.shape[1],
+                    *(native.pk_weight(w, L.act.get(g), L.keep.get(g)) for w, g in ((L.qkv, "attn_in"), (L.o, "o_in"), (L.gate_up, "mlp_in"))),
+                    # CATS: down's input is zero where the gate's activation is; it reads the nonzero ones
+                    native.pk_weight(L.down, 0.0 if L.gate_t is not None else L.act.get("down_in"), L.keep.get("down_in")),
+                    kc.ctypes.data, vc.ctypes.data, kc.shape[1], -1.0 if L.gate_t is None else float(L.gate_t),
                 )
             self._table, self._table_cache = table, self.cache
         return self._table

@@ -6,6 +6,11 @@ model as it is when the pass runs, so each input is zero on about ``sparsity`` o
 With ``form: topk`` each token instead keeps the round((1 − sparsity) · K) largest magnitudes of each
 group's K inputs (no thresholds to calibrate; every token reads the same share).
 
+CATS-style (Lee et al. 2024): ``groups: [gate_out]`` thresholds the gate's SiLU activation instead of an
+input — the ``sparsity`` quantile of |SiLU(gate(x))| per block — so an engine skips both the up
+projection's rows and the down projection's inputs of the entries that are zero (threshold form; not
+with ``mlp_in`` or ``down_in``, which sparsify the same MLP; ``attn_in`` and ``o_in`` may join it).
+
 The model computes the same function everywhere (forward pre-hooks, saved in the config, exported
 in the graph), so perplexity on any engine is the quality of sparse decoding: the thresholding is
 per token, so applying it at every position of a window is what decoding each token does. Only an
@@ -22,7 +27,7 @@ from typing import Any
 
 import torch
 
-from core.activation import CONFIG_KEY, GROUPS, apply_activation_spec, group_of, remove_activation_hooks
+from core.activation import ALL_GROUPS, CONFIG_KEY, GATE_OUT, GATE_OUT_EXCLUDES, GROUPS, apply_activation_spec, check_gate_out, group_of, remove_activation_hooks
 from core.progress import progress
 from core.structure import linear_macs
 from passes.base import DataFacts, OptionError, Pass, PassContext, PassResult, SpeedupNeed, register_pass
@@ -43,7 +48,8 @@ class ActivationConfig:
     keeps the round((1 - sparsity) · K) largest magnitudes of each group's K inputs; no calibration of
     thresholds — the calibration windows only measure the result)."""
     groups: list[str] | None = None
-    """Input groups to sparsify (default: all of attn_in, o_in, mlp_in, down_in)."""
+    """Input groups to sparsify (default: all of attn_in, o_in, mlp_in, down_in), or ``gate_out`` (CATS:
+    the gate's SiLU activation; with attn_in / o_in at most)."""
     dense_blocks: list[int] | None = None
     """Blocks left dense."""
     samples_per_window: int = 8192
@@ -54,9 +60,15 @@ class ActivationConfig:
             raise OptionError("sparsity", f"sparsity {self.sparsity!r} is outside (0, 1)")
         if self.form not in ("threshold", "topk"):
             raise OptionError("form", f"form {self.form!r} is not 'threshold' or 'topk'")
-        unknown = [g for g in self.groups or [] if g not in GROUPS]
+        unknown = [g for g in self.groups or [] if g not in ALL_GROUPS]
         if unknown:
-            raise OptionError("groups", f"groups {unknown} are not among {', '.join(GROUPS)}")
+            raise OptionError("groups", f"groups {unknown} are not among {', '.join(ALL_GROUPS)}")
+        if GATE_OUT in (self.groups or []):
+            clash = [g for g in GATE_OUT_EXCLUDES if g in self.groups]
+            if clash:
+                raise OptionError("groups", f"'{GATE_OUT}' and {clash} both sparsify the MLP; choose one")
+            if self.form != "threshold":
+                raise OptionError("form", f"group '{GATE_OUT}' has the threshold form only, not {self.form!r}")
         if not isinstance(self.samples_per_window, int) or self.samples_per_window < 256:
             raise OptionError("samples_per_window", f"samples_per_window {self.samples_per_window!r} must be an integer >= 256")
 
@@ -66,7 +78,7 @@ class ActivationSparsityPass(Pass):
     name = "activation"
     config_class = ActivationConfig
     uses_calibration = True
-    report_title = "Activation sparsity (TEAL, top-k)"
+    report_title = "Activation sparsity (TEAL, top-k, CATS)"
 
     @classmethod
     def speedup_need(cls, options: dict[str, Any]) -> SpeedupNeed | None:
@@ -95,7 +107,9 @@ class ActivationSparsityPass(Pass):
         dec = variant.get("decode") or {}
         eng = (dec.get("engines") or {}).get("native-cpu") or {}
         speed = f"; decode on native-cpu ×{eng['decode_ratio']:.3f} of the fastest dense decode's ms/token" if "decode_ratio" in eng else ""
-        how = "top-k per token" if info.get("form") == "topk" else "TEAL thresholds"
+        how = ("top-k per token" if info.get("form") == "topk" else
+               "CATS thresholds on the gate's activation" + (" and TEAL on inputs" if len(info.get("groups", [])) > 1 else "")
+               if GATE_OUT in info.get("groups", []) else "TEAL thresholds")
         macs = info.get("linear_macs_per_token")
         work = (f"; an input-skipping kernel does {macs['after'] / macs['before']:.3f} of the decoder linears' multiply-adds "
                 "at those shares" if macs else "")
@@ -119,6 +133,8 @@ class ActivationSparsityPass(Pass):
         calib, check = windows[:-held], windows[-held:]
         if cfg.form == "topk":
             return self._topk(model, adapter, groups, dense, check, t0)
+        if GATE_OUT in groups:
+            check_gate_out(model, adapter)
         samples: dict[tuple[int, str], list[torch.Tensor]] = {}
         gen = torch.Generator().manual_seed(ctx.seed)
         hooks = []
@@ -136,10 +152,20 @@ class ActivationSparsityPass(Pass):
 
             return hook
 
+        def gate_sampler(block: int):
+            pre = sampler(block, GATE_OUT)
+
+            def hook(module: torch.nn.Module, args: tuple, out: torch.Tensor) -> None:
+                pre(module, (torch.nn.functional.silu(out),))
+
+            return hook
+
         for ref in adapter.linears(model):
             g = group_of(ref.role)
             if g in groups and ref.block not in dense:
                 hooks.append(ref.module.register_forward_pre_hook(sampler(ref.block, g)))
+            if GATE_OUT in groups and ref.role == "gate" and ref.block not in dense:
+                hooks.append(ref.module.register_forward_hook(gate_sampler(ref.block)))
         try:
             with torch.no_grad():
                 steps = range(calib.shape[0])
@@ -197,12 +223,16 @@ class ActivationSparsityPass(Pass):
     @staticmethod
     def _macs(model: torch.nn.Module, adapter: Any, measured: dict[str, float], groups: list[str], dense: set[int]) -> dict[str, float]:
         """Block-linear multiply-adds per token before, and after as an input-skipping kernel does them: a
-        hooked linear's in × out times the share of its inputs left nonzero (held-out calibration tokens)."""
+        hooked linear's in × out times the share of its inputs left nonzero (held-out calibration tokens);
+        with ``gate_out``, up's and down's times the share of gate activations left nonzero."""
         after = 0.0
         for ref in adapter.linears(model):
             m = ref.in_features * ref.out_features
             g = group_of(ref.role)
-            after += m * (1.0 - measured[g]) if g in groups and ref.block not in dense and g in measured else m
+            if GATE_OUT in measured and ref.role in ("up", "down") and ref.block not in dense:
+                after += m * (1.0 - measured[GATE_OUT])
+            else:
+                after += m * (1.0 - measured[g]) if g in groups and ref.block not in dense and g in measured else m
         return {"before": linear_macs(model, adapter), "after": after}
 
     @staticmethod
@@ -217,11 +247,16 @@ class ActivationSparsityPass(Pass):
 
             return hook
 
+        def gate_counter(module: torch.nn.Module, args: tuple, out: torch.Tensor) -> None:
+            zeros[GATE_OUT].append(float((out == 0).float().mean()))
+
         for ref in adapter.linears(model):
             g = group_of(ref.role)
             if g in groups and ref.block not in dense:
                 # a pre-hook registered after the threshold hook sees the thresholded input
                 hooks.append(ref.module.register_forward_pre_hook(counter(g)))
+            if GATE_OUT in groups and ref.role == "gate" and ref.block not in dense:
+                hooks.append(ref.module.register_forward_hook(gate_counter))  # after the threshold hook: its output
         try:
             with torch.no_grad():
                 for w in range(windows.shape[0]):

@@ -127,17 +127,19 @@ def test_rebinding_carries_trained_norms_or_refuses(exporter, tmp_path):
 
 
 @pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
-@pytest.mark.parametrize("form", ["threshold", "topk"])
+@pytest.mark.parametrize("form", ["threshold", "topk", "cats"])
 def test_activation_sparsity_is_in_the_exported_graph(form, exporter, tmp_path):
-    """The activation pass's hooks (thresholds, or the per-token top-k) are traced into the graph:
-    ONNX Runtime's logits equal the sparsified PyTorch model's and differ from the dense one's."""
+    """The activation pass's hooks (thresholds, the per-token top-k, or CATS's threshold on the gate's
+    activation) are traced into the graph: ONNX Runtime's logits equal the sparsified PyTorch model's
+    and differ from the dense one's."""
     from passes.activation import ActivationConfig, ActivationSparsityPass
     from passes.base import PassContext
 
     model = tiny_model("llama", seed=3)
     dense = tiny_model("llama", seed=3)
     windows = torch.randint(0, VOCAB, (8, 32), generator=torch.Generator().manual_seed(0))
-    ActivationSparsityPass(ActivationConfig(sparsity=0.5, form=form)).run(
+    options = {"groups": ["gate_out"]} if form == "cats" else {"form": form}
+    ActivationSparsityPass(ActivationConfig(sparsity=0.5, **options)).run(
         model, PassContext(adapter=adapter_for(model.config), calibration=lambda: windows, progress=False))
     path = tmp_path / "model.onnx"
     export_onnx(model, "causal-lm", path, opset=18, exporter=exporter)

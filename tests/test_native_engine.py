@@ -4,6 +4,7 @@ file shrinking with the kept weights; families it cannot run are refused with th
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 
@@ -246,6 +247,96 @@ def test_activation_sparsity_on_4bit_weights_reads_the_4bit_rows(tmp_path, grid,
     assert 0.35 < read < 0.8, read
     if form == "topk":  # round(0.6 · 64) = 38 of 64 inputs (attn_in, o_in, mlp_in), 77 of 128 (down_in), every step
         assert read == pytest.approx((3 * 38 + 77) / (3 * 64 + 128))
+
+
+@pytest.mark.parametrize("grid,groups", [("q4_1", ["gate_out"]), ("float32", ["gate_out"]), ("q4_1", ["gate_out", "attn_in", "o_in"])])
+def test_cats_gate_thresholds_skip_up_rows_and_down_inputs(tmp_path, grid, groups):
+    """CATS (``groups: [gate_out]``): thresholds on |SiLU(gate)| calibrated near the target share, saved as
+    the spec's ``gate_out`` group and reinstalled on load; the work counted is gate whole, up and down at
+    the nonzero share. native-cpu keeps a 4-bit gate_up row-major (the up rows of the active activations
+    computed by the row-subset kernel) and down input-major; logits and 32 greedy tokens equal PyTorch's,
+    and its decode reads about (1 − sparsity) of the gate activations (any other gate_up: computed whole,
+    the same result). With attn_in / o_in, TEAL thresholds join on those groups."""
+    from core.activation import GATE_OUT
+    from core.adapters import adapter_for
+    from core.models import load_hf_dir, save_hf_dir
+    from passes.activation import ActivationConfig, ActivationSparsityPass
+    from passes.base import PassContext
+    from tests.conftest import byte_tokenizer
+
+    model = tiny_model("llama", seed=11)
+    adapter = adapter_for(model.config)
+    if grid == "q4_1":
+        with torch.no_grad():
+            for path in adapter.linear_paths.values():
+                for layer in adapter.blocks(model):
+                    lin = layer.get_submodule(path)
+                    lin.weight.copy_(torch.from_numpy(_on_q4_grid(lin.weight.numpy())))
+    dense = copy.deepcopy(model)
+    windows = torch.randint(0, 257, (8, 64), generator=torch.Generator().manual_seed(0))
+    res = ActivationSparsityPass(ActivationConfig(sparsity=0.5, groups=groups)).run(model, PassContext(adapter=adapter, calibration=lambda: windows, progress=False))
+    spec = model.config.activation_sparsity
+    assert spec["method"] == "teal" and all(set(g) == set(groups) for g in spec["thresholds"].values())
+    share = res.info["measured_sparsity"]
+    assert set(share) == set(groups) and 0.35 < share[GATE_OUT] < 0.65, share
+    # the work: gate whole; up and down at the gate's nonzero share; q/k/v and o at theirs when hooked
+    sizes = {n.rsplit(".", 1)[-1].removesuffix("_proj"): m.in_features * m.out_features for n, m in model.named_modules()
+             if isinstance(m, torch.nn.Linear) and ".layers.0." in n}
+    keep = {"gate": 1.0, "up": 1 - share[GATE_OUT], "down": 1 - share[GATE_OUT], **{r: 1 - share.get("attn_in", 0.0) for r in "qkv"}, "o": 1 - share.get("o_in", 0.0)}
+    macs = res.info["linear_macs_per_token"]
+    assert macs["before"] == 2 * sum(sizes.values())
+    assert macs["after"] == pytest.approx(2 * sum(sizes[r] * keep[r] for r in sizes))
+    save_hf_dir(model, byte_tokenizer(), tmp_path / "model")
+    reloaded, _, _ = load_hf_dir(tmp_path / "model")
+    ids = torch.randint(0, 257, (1, 30), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+        assert torch.equal(reloaded(input_ids=ids).logits, ref)
+        assert (dense(input_ids=ids).logits - ref).abs().max() > 1e-3  # the thresholds change the function
+    (tmp_path / "engine").mkdir()
+    art = NativeCpuEngine({"threads": 2}).build(tmp_path / "model", tmp_path / "engine")
+
+    def layout(r) -> None:
+        for L in r.decoder.layers:
+            assert L.gate_t is not None and GATE_OUT not in L.act
+            assert isinstance(L.gate_up, native.NativeWeight) and L.gate_up.format == ("int4" if grid == "q4_1" else "dense")
+            assert isinstance(L.down, native.InputMajorInt4Weight if grid == "q4_1" else native.InputMajorWeight)
+            assert isinstance(L.qkv, native.NativeWeight) == ("attn_in" not in groups)
+
+    _runs_as_pytorch(model, art, 4, layout)
+    for native_step in (True, False):  # the decode step in native code, and the NumPy path
+        with NativeCpuEngine({"threads": 2}).runner(art) as r:
+            r.decoder.native_step = native_step
+            r.decoder.prefill(np.arange(3, 23, dtype=np.int64)[None])
+            r.decoder.inputs_read = r.decoder.inputs_total = 0
+            logits = [r.decoder.step(t) for t in range(30, 42)]
+            if grid == "q4_1" and groups == ["gate_out"]:  # 2 layers × (the gate's activations + down's inputs) per step
+                assert r.decoder.inputs_total == 12 * 2 * 2 * 128
+            read = r.decoder.inputs_read / r.decoder.inputs_total
+            assert 0.3 < read < 0.7, read
+            steps = np.concatenate(logits)
+            if native_step:
+                first = steps
+            else:
+                np.testing.assert_allclose(steps, first, atol=1e-4, rtol=1e-4)
+
+
+def test_cats_needs_a_silu_gated_mlp_and_one_mlp_group():
+    from passes.activation import ActivationConfig, ActivationSparsityPass
+    from passes.base import OptionError, PassContext
+
+    with pytest.raises(OptionError, match="both sparsify the MLP"):
+        ActivationConfig(groups=["gate_out", "mlp_in"])
+    with pytest.raises(OptionError, match="both sparsify the MLP"):
+        ActivationConfig(groups=["down_in", "gate_out"])
+    with pytest.raises(OptionError, match="threshold form only"):
+        ActivationConfig(groups=["gate_out"], form="topk")
+    from core.adapters import adapter_for
+
+    model = tiny_model("gpt2")
+    windows = torch.randint(0, 257, (4, 32), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="needs a SiLU-gated MLP with a separate gate projection"):
+        ActivationSparsityPass(ActivationConfig(groups=["gate_out"])).run(model, PassContext(adapter=adapter_for(model.config), calibration=lambda: windows, progress=False))
 
 
 def _int4_part(rng, n, k, zero_point, half=False):

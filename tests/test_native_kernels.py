@@ -315,6 +315,31 @@ def test_int4_kernel_matches_dense_reference_and_the_float32_kernel(isa):
         native.set_isa(best)
 
 
+@given(n=st.integers(1, 70), kb=st.integers(1, 6), pick=st.sampled_from(["none", "one", "some", "all", "repeat"]), int8x=st.booleans(),
+       seed=st.integers(0, 2**16))
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_int4_row_subset_is_those_rows_of_the_full_product(n, kb, pick, int8x, seed):
+    """The CATS decode's up projection: a row subset of a 4-bit weight (``gemv_rows``, any listed rows in
+    any order, none, all, repeats; fp16 grids interleaved, on every instruction set, with and without
+    int8 activations) equals those rows of the full GEMV bit for bit."""
+    rng = np.random.default_rng(seed)
+    k = 32 * kb * 2
+    w = _on_q4_grid(rng.standard_normal((n, k)).astype(np.float32))
+    x = rng.standard_normal((1, k)).astype(np.float32)
+    rows = {"none": np.zeros(0, np.int64), "one": rng.integers(0, n, 1), "some": rng.permutation(n)[: max(1, n // 3)],
+            "all": np.arange(n), "repeat": rng.integers(0, n, 2 * n)}[pick]
+    for isa in ISAS:
+        native.set_isa(isa)
+        nw = native.NativeWeight(compress(w, "int4"), int8_activations=int8x)
+        assert nw.half_grid or int8x  # (the int8-activation option widens the grids to float32)
+        full = nw.gemv(x)[0]
+        assert np.array_equal(nw.gemv_rows(x, rows), full[rows]), (isa, pick)
+    with pytest.raises(ValueError, match=r"rows must be in \[0, "):
+        nw.gemv_rows(x, np.array([n]))
+    with pytest.raises(ValueError, match="row subsets run on int4"):
+        native.NativeWeight(w).gemv_rows(x, np.array([0]))
+
+
 def test_int4_grid_that_is_not_fp16_stays_float32():
     """A grid value that fp16 cannot hold exactly (or only as a subnormal, outside the kernels' exact
     widening) keeps the weight's grid in float32; the result is the float32 kernel's either way."""

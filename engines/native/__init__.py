@@ -80,6 +80,7 @@ def lib() -> ctypes.CDLL:
             L.pk_decompress_bitmask_int4.argtypes = [_i64, _i64, vp, vp, vp, vp, vp, _i64, _i64, _i64, vp]
             L.pk_gemv_int4.argtypes = [_i64, _i64, vp, vp, vp, ctypes.c_int, _i64, ctypes.c_int, vp, _i64, vp]
             L.pk_decompress_int4.argtypes = [_i64, _i64, vp, vp, vp, ctypes.c_int, _i64, _i64, _i64, vp]
+            L.pk_gemv_int4_rows.argtypes = [_i64, vp, vp, vp, ctypes.c_int, _i64, vp, _i64, ctypes.c_int, vp, vp]
             L.pk_gemv_sparse_x.argtypes = [_i64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, _i64, ctypes.c_void_p]
             L.pk_gemv_int4_x.restype = _i64
             L.pk_gemv_int4_x.argtypes = [_i64, _i64, vp, _i64, ctypes.c_int, vp, ctypes.c_double, vp]
@@ -202,6 +203,7 @@ class PkLayer(ctypes.Structure):
         ("attn_norm", ctypes.c_void_p), ("mlp_norm", ctypes.c_void_p), ("qkv_bias", ctypes.c_void_p),
         ("qkv", PkWeight), ("o", PkWeight), ("gate_up", PkWeight), ("down", PkWeight),
         ("k_cache", ctypes.c_void_p), ("v_cache", ctypes.c_void_p), ("capacity", _i64),
+        ("gate_threshold", ctypes.c_double),
     ]
 
 
@@ -711,6 +713,20 @@ class NativeWeight:
             lib().pk_gemv_int4(self.n, self.k, *self._args, int(self._int4x), x_ptr, m, y_ptr)
         else:
             lib().pk_gemv(self.n, self.k, *self._args, *self._q, self._corr, x_ptr, m, y_ptr)
+
+    def gemv_rows(self, x: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Rows ``rows`` of W times one row ``x`` (1, K) → (len(rows),): a row subset of an ``int4`` weight,
+        as the CATS decode computes up's rows (only the listed rows are read)."""
+        if self.format != "int4":
+            raise ValueError(f"gemv_rows: the weight is {self.format}; row subsets run on int4 weights")
+        rows = np.ascontiguousarray(rows, np.int32)
+        if rows.size and (rows.min() < 0 or rows.max() >= self.n):
+            raise ValueError(f"gemv_rows: rows must be in [0, {self.n}), got [{rows.min()}, {rows.max()}]")
+        x = np.ascontiguousarray(x, np.float32)
+        y = np.empty(rows.size, np.float32)
+        if rows.size:
+            lib().pk_gemv_int4_rows(self.k, *self._args, rows.ctypes.data, rows.size, int(self._int4x), x.ctypes.data, y.ctypes.data)
+        return y
 
     def decompress_rows(self, n0: int, n1: int, out: np.ndarray) -> np.ndarray:
         if self.format == "2:4":

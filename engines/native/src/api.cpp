@@ -498,6 +498,10 @@ struct PkLayer {
   float* k_cache;  // kv_heads × capacity × head_dim
   float* v_cache;
   int64_t capacity;
+  // CATS (>= 0): gate activations with |SiLU(g)| at or below it are zero; for a 4-bit gate_up (kinds 3
+  // and 4) only the up rows of the others are computed, and down (input-major, threshold 0) reads only
+  // their inputs. < 0: none.
+  double gate_threshold;
 };
 
 struct AttnJob {
@@ -549,6 +553,39 @@ void apply(const PkWeight& w, const float* x, float* y, int isa, int64_t* read, 
     SparseXJob job{static_cast<const float*>(w.a), w.N, act.idx.data(), act.vals.data(), count, y, cols, isa};
     pool().run((w.N + cols - 1) / cols, &SparseXJob::task, &job);
   }
+}
+
+// The gated MLP's activation act[ffn] = SiLU(gate · x) ⊙ (up · x), with CATS (L.gate_threshold >= 0):
+// the gate rows first, then up only for the active activations (a row subset of a 4-bit gate_up;
+// any other kind computes all of up and zeros the rest). read/total count active activations.
+void gated_activation(const PkLayer& L, const float* x, std::vector<float>& gu, float* act, int isa, int64_t* read, int64_t* total) {
+  const PkWeight& w = L.gate_up;
+  gu.resize(size_t(2 * L.ffn));
+  if (L.gate_threshold < 0) {
+    apply(w, x, gu.data(), isa, read, total);
+    pk::silu_mul(gu.data(), gu.data() + L.ffn, L.ffn, act);
+    return;
+  }
+  thread_local std::vector<int32_t> rows;
+  rows.resize(size_t(L.ffn));
+  int64_t count = 0;
+  if (w.kind == 3 || w.kind == 4) {
+    pk::Int4Dense gate{L.ffn, w.K, static_cast<const uint8_t*>(w.a), static_cast<const float*>(w.b), static_cast<const float*>(w.c), (w.block & 1) != 0,
+                       w.stride, (w.block & 2) != 0};
+    gemv_int4(gate, x, 1, gu.data(), isa, w.kind == 4);
+    count = pk::silu_active(gu.data(), L.ffn, L.gate_threshold, act, rows.data(), int32_t(L.ffn));
+    pk::Int4Dense up = gate;
+    up.N = count;
+    up.rows = rows.data();
+    if (count > 0) gemv_int4(up, x, 1, gu.data() + L.ffn, isa, w.kind == 4);
+    for (int64_t j = 0; j < count; ++j) act[rows[size_t(j)] - L.ffn] *= gu[size_t(L.ffn + j)];
+  } else {
+    apply(w, x, gu.data(), isa, read, total);
+    count = pk::silu_active(gu.data(), L.ffn, L.gate_threshold, act, rows.data(), 0);
+    for (int64_t i = 0; i < L.ffn; ++i) act[i] *= gu[size_t(L.ffn + i)];
+  }
+  *read += count;
+  *total += L.ffn;
 }
 
 struct CopyJob {
@@ -636,6 +673,15 @@ PK_API void pk_decompress_24(int64_t N, int64_t K, const void* values, const uin
 PK_API void pk_gemv_int4(int64_t N, int64_t K, const uint8_t* codes, const float* scales, const float* offsets, int grid, int64_t stride, int int8x,
                          const float* x, int64_t M, float* y) {
   gemv_int4(pk::Int4Dense{N, K, codes, scales, offsets, (grid & 1) != 0, stride, (grid & 2) != 0}, x, M, y, g_isa.load(std::memory_order_relaxed), int8x != 0);
+}
+
+// y[j] = row rows[j] of W · x for j < count (x one row): a row subset of a 4-bit dense W, as the CATS
+// decode computes up's rows (arguments as pk_gemv_int4's).
+PK_API void pk_gemv_int4_rows(int64_t K, const uint8_t* codes, const float* scales, const float* offsets, int grid, int64_t stride, const int32_t* rows,
+                              int64_t count, int int8x, const float* x, float* y) {
+  pk::Int4Dense w{count, K, codes, scales, offsets, (grid & 1) != 0, stride, (grid & 2) != 0};
+  w.rows = rows;
+  gemv_int4(w, x, 1, y, g_isa.load(std::memory_order_relaxed), int8x != 0);
 }
 
 PK_API void pk_decompress_int4(int64_t N, int64_t K, const uint8_t* codes, const float* scales, const float* offsets, int grid, int64_t stride,
@@ -751,10 +797,8 @@ PK_API int pk_decode_layers(int64_t n_layers, const PkLayer* layers, int64_t hid
     apply(L.o, attn.data(), tmp.data(), isa, read, total);
     for (int64_t i = 0; i < hidden; ++i) h[i] += tmp[size_t(i)];
     pk::rmsnorm(h, L.mlp_norm, hidden, eps, a.data());
-    gu.resize(size_t(2 * L.ffn));
     act.resize(size_t(L.ffn));
-    apply(L.gate_up, a.data(), gu.data(), isa, read, total);
-    pk::silu_mul(gu.data(), gu.data() + L.ffn, L.ffn, act.data());
+    gated_activation(L, a.data(), gu, act.data(), isa, read, total);
     apply(L.down, act.data(), tmp.data(), isa, read, total);
     for (int64_t i = 0; i < hidden; ++i) h[i] += tmp[size_t(i)];
   }

@@ -114,6 +114,9 @@ struct Int4Dense {
   bool zero_point = false;
   int64_t stride = 0;
   bool half = false;
+  // A row subset (the CATS decode's up projection): row n of this view is row rows[n] of the arrays,
+  // and N counts the listed rows; null: rows 0 .. N-1.
+  const int32_t* rows = nullptr;
 };
 constexpr int64_t kInt4Block = 32;
 
@@ -132,9 +135,10 @@ inline int block_shift(const Int8Values& q) { return __builtin_ctzll(uint64_t(q.
 inline const int8_t* row_qvalues(const Bitmask& w, int64_t n) { return dense(w) ? w.q.values + n * w.K : w.q.values + w.row_off[n]; }
 inline const float* row_scales(int64_t K, const Int8Values& q, int64_t n) { return q.scales + n * scale_blocks(K, q); }
 // Row n of an Int4Dense's arrays (interleaved or separate).
-inline const uint8_t* row_codes(const Int4Dense& w, int64_t n) { return w.codes + n * (w.stride ? w.stride : w.K / 2); }
+inline int64_t stored_row(const Int4Dense& w, int64_t n) { return w.rows ? int64_t(w.rows[n]) : n; }
+inline const uint8_t* row_codes(const Int4Dense& w, int64_t n) { return w.codes + stored_row(w, n) * (w.stride ? w.stride : w.K / 2); }
 inline const float* row_grid(const Int4Dense& w, const float* grid, int64_t n) {
-  return reinterpret_cast<const float*>(reinterpret_cast<const uint8_t*>(grid) + n * (w.stride ? w.stride : (w.half ? 2 : 4) * (w.K / 32)));
+  return reinterpret_cast<const float*>(reinterpret_cast<const uint8_t*>(grid) + stored_row(w, n) * (w.stride ? w.stride : (w.half ? 2 : 4) * (w.K / 32)));
 }
 // An fp16 number (normal or ±0) widened to float exactly: its exponent and mantissa moved into a
 // float's fields, then rebiased by 2^112 (exact: a power of two, no rounding), and the sign put back.
@@ -419,6 +423,9 @@ void rmsnorm(const float* x, const float* w, int64_t n, float eps, float* out);
 void rope(float* v, int64_t heads, int64_t d, const float* cos, const float* sin);
 void attention_head(const float* q, const float* kc, const float* vc, int64_t n, int64_t d, float scale, float* out, float* scores);
 void silu_mul(const float* g, const float* u, int64_t n, float* out);
+// CATS: act[i] = SiLU(g[i]) where |SiLU(g[i])| > threshold, else 0; the active i (plus base) listed in
+// rows (n entries of room). Returns how many are active.
+int64_t silu_active(const float* g, int64_t n, double threshold, float* act, int32_t* rows, int32_t base);
 double topk_threshold(const float* x, int64_t K, int64_t keep);
 
 // Rows [n0, n1) of W written dense into out[(n1-n0)][K] (the prefill path decompresses tile by tile).

@@ -116,4 +116,16 @@ void silu_mul(const float* g, const float* u, int64_t n, float* out) {
   for (int64_t i = 0; i < n; ++i) out[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
 }
 
+int64_t silu_active(const float* g, int64_t n, double threshold, float* act, int32_t* rows, int32_t base) {
+  int64_t count = 0;
+  for (int64_t i = 0; i < n; ++i) {  // branch-free: every index written, the active ones kept
+    const float s = g[i] / (1.0f + std::exp(-g[i]));
+    const bool on = std::fabs(double(s)) > threshold;
+    act[i] = on ? s : 0.f;
+    rows[count] = base + int32_t(i);
+    count += on ? 1 : 0;
+  }
+  return count;
+}
+
 }  // namespace pk
