@@ -107,9 +107,9 @@ class ActivationSparsityPass(Pass):
         dec = variant.get("decode") or {}
         eng = (dec.get("engines") or {}).get("native-cpu") or {}
         speed = f"; decode on native-cpu ×{eng['decode_ratio']:.3f} of the fastest dense decode's ms/token" if "decode_ratio" in eng else ""
-        how = ("top-k per token" if info.get("form") == "topk" else
-               "CATS thresholds on the gate's activation" + (" and TEAL on inputs" if len(info.get("groups", [])) > 1 else "")
-               if GATE_OUT in info.get("groups", []) else "TEAL thresholds")
+        how = {"topk": "top-k per token",
+               "cats": "CATS thresholds on the gate's activation" + (" and TEAL on inputs" if len(info.get("groups", [])) > 1 else "")}.get(
+            info.get("form"), "TEAL thresholds")
         macs = info.get("linear_macs_per_token")
         work = (f"; an input-skipping kernel does {macs['after'] / macs['before']:.3f} of the decoder linears' multiply-adds "
                 "at those shares" if macs else "")
@@ -183,12 +183,12 @@ class ActivationSparsityPass(Pass):
         measured, macs = self._install(model, adapter, {"method": "teal", "sparsity": float(cfg.sparsity), "thresholds": thresholds}, check, groups, dense)
         result = PassResult(
             self.name,
-            info={"sparsity": float(cfg.sparsity), "form": "threshold", "groups": groups, "blocks": len(blocks) - len(dense), "thresholds": thresholds,
+            info={"sparsity": float(cfg.sparsity), "form": "cats" if GATE_OUT in groups else "threshold", "groups": groups, "blocks": len(blocks) - len(dense), "thresholds": thresholds,
                   "measured_sparsity": measured, "linear_macs_per_token": macs, "calibration_windows": int(calib.shape[0]), "held_out_windows": int(held)},
         )
         result.seconds = time.perf_counter() - t0
-        log.info("activation: thresholds for %.2f zero inputs in %d blocks; held-out zero share %s (%.1f s)",
-                 cfg.sparsity, len(blocks) - len(dense), {g: round(s, 3) for g, s in measured.items()}, result.seconds)
+        log.info("activation (%s): thresholds for %.2f zero entries in %d blocks; held-out zero share %s (%.1f s)",
+                 result.info["form"], cfg.sparsity, len(blocks) - len(dense), {g: round(s, 3) for g, s in measured.items()}, result.seconds)
         return result
 
     def _topk(self, model: torch.nn.Module, adapter: Any, groups: list[str], dense: set[int], check: torch.Tensor, t0: float) -> PassResult:

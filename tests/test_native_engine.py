@@ -275,6 +275,7 @@ def test_cats_gate_thresholds_skip_up_rows_and_down_inputs(tmp_path, grid, group
     dense = copy.deepcopy(model)
     windows = torch.randint(0, 257, (8, 64), generator=torch.Generator().manual_seed(0))
     res = ActivationSparsityPass(ActivationConfig(sparsity=0.5, groups=groups)).run(model, PassContext(adapter=adapter, calibration=lambda: windows, progress=False))
+    assert res.info["form"] == "cats"
     spec = model.config.activation_sparsity
     assert spec["method"] == "teal" and all(set(g) == set(groups) for g in spec["thresholds"].values())
     share = res.info["measured_sparsity"]
