@@ -560,7 +560,8 @@ class NativeDecoder:
         self._table_cache = None
         self.length = 0
         self.native_step = True
-        """Run decode steps' layers in one native call (False: the NumPy path, also the fallback without AVX2)."""
+        """Run decode steps' layers in one native call and a prefill's attention in native code (False: the
+        NumPy paths, also the fallback without AVX2)."""
 
     # -- pieces ---------------------------------------------------------------------------------
     def _norm(self, x: np.ndarray, w: np.ndarray) -> np.ndarray:
@@ -699,6 +700,8 @@ class NativeDecoder:
 
     def prefill(self, input_ids: np.ndarray) -> np.ndarray:
         """Start a sequence (batch 1): fills the KV cache, returns the last position's logits (1, vocab)."""
+        from engines import native
+
         if input_ids.ndim != 2 or input_ids.shape[0] != 1:
             raise PipelineError(f"native decoder: prefill takes input_ids of shape (1, T), got {input_ids.shape}")
         t = input_ids.shape[1]
@@ -712,17 +715,20 @@ class NativeDecoder:
         for i, L in enumerate(self.layers):
             # thresholded inputs as the model defines them, multiplied densely (the speed-up is decoding's)
             q, k, v = self._qkv(L, self._norm(h, L.attn_norm))
-            q = self._rotate(q.reshape(t, L.heads, d).transpose(1, 0, 2), cos, sin)  # (H, T, D)
-            k = self._rotate(k.reshape(t, L.kv_heads, d).transpose(1, 0, 2), cos, sin)
-            v = v.reshape(t, L.kv_heads, d).transpose(1, 0, 2)
             kc, vc = self.cache[i]
-            kc[:, :t] = k
-            vc[:, :t] = v
-            g = L.heads // L.kv_heads
-            s = (q.reshape(L.kv_heads, g * t, d) @ k.transpose(0, 2, 1)).reshape(L.kv_heads, g, t, t) / math.sqrt(d) + causal
-            s = np.exp(s - s.max(-1, keepdims=True))
-            s /= s.sum(-1, keepdims=True)
-            o = (s.reshape(L.kv_heads, g * t, t) @ v).reshape(L.heads, t, d).transpose(1, 0, 2).reshape(t, L.heads * d)
+            o = native.prefill_attention(np.ascontiguousarray(q), np.ascontiguousarray(k), np.ascontiguousarray(v), cos, sin, kc, vc, L.heads,
+                                         L.kv_heads) if self.native_step else None
+            if o is None:  # no AVX2 + FMA: the same in NumPy
+                q = self._rotate(q.reshape(t, L.heads, d).transpose(1, 0, 2), cos, sin)  # (H, T, D)
+                k = self._rotate(k.reshape(t, L.kv_heads, d).transpose(1, 0, 2), cos, sin)
+                v = v.reshape(t, L.kv_heads, d).transpose(1, 0, 2)
+                kc[:, :t] = k
+                vc[:, :t] = v
+                g = L.heads // L.kv_heads
+                s = (q.reshape(L.kv_heads, g * t, d) @ k.transpose(0, 2, 1)).reshape(L.kv_heads, g, t, t) / math.sqrt(d) + causal
+                s = np.exp(s - s.max(-1, keepdims=True))
+                s /= s.sum(-1, keepdims=True)
+                o = (s.reshape(L.kv_heads, g * t, t) @ v).reshape(L.heads, t, d).transpose(1, 0, 2).reshape(t, L.heads * d)
             h = h + self._lin(L, "o_in", L.o, o, True)
             h = h + self._mlp(L, self._norm(h, L.mlp_norm))
         self.length = t

@@ -915,3 +915,41 @@ def test_a_4bit_width_off_the_block_is_refused_with_the_fix(tmp_path):
             art, _ = _quantized_artifact(out, model, bits=4, block_size=32)
             assert art.info["formats"] == {"int4": 14}
             _runs_as_pytorch(model, art, 5)
+
+
+@pytest.mark.parametrize("t,heads,kv_heads,d", [(1, 2, 1, 8), (37, 9, 3, 64), (128, 4, 4, 32)])
+def test_prefill_attention_is_rotary_causal_softmax_attention(t, heads, kv_heads, d):
+    """The prefill's native attention against a float64 NumPy reference: q and k rotated (rotate-half),
+    k and v in the caches at positions 0..T-1 (the rest untouched), causal softmax attention per head
+    with grouped KV heads; shape, dtype and capacity errors name the input."""
+    rng = np.random.default_rng(t)
+    q, k, v = (rng.standard_normal((t, n * d)).astype(np.float32) for n in (heads, kv_heads, kv_heads))
+    pos = np.arange(t)[:, None] / (10000.0 ** (np.arange(0, d // 2) * 2.0 / d))[None]
+    emb = np.concatenate([pos, pos], -1)
+    cos, sin = np.cos(emb).astype(np.float32), np.sin(emb).astype(np.float32)
+    cap = t + 5
+    kc, vc = np.full((kv_heads, cap, d), 7.0, np.float32), np.full((kv_heads, cap, d), 7.0, np.float32)
+
+    def rot(x, n):
+        x = x.astype(np.float64).reshape(t, n, d)
+        r = np.concatenate([-x[..., d // 2:], x[..., : d // 2]], -1)
+        return x * cos[:, None] + r * sin[:, None]
+
+    qr, kr, vr = rot(q, heads), rot(k, kv_heads), v.astype(np.float64).reshape(t, kv_heads, d)
+    ref = np.empty((t, heads, d))
+    for h in range(heads):
+        g = h // (heads // kv_heads)
+        s = qr[:, h] @ kr[:, g].T / np.sqrt(d) + np.triu(np.full((t, t), -np.inf), 1)
+        p = np.exp(s - s.max(-1, keepdims=True))
+        ref[:, h] = (p / p.sum(-1, keepdims=True)) @ vr[:, g]
+    out = native.prefill_attention(q.copy(), k.copy(), v, cos, sin, kc, vc, heads, kv_heads)
+    np.testing.assert_allclose(out.reshape(t, heads, d), ref, atol=2e-5, rtol=0)
+    np.testing.assert_allclose(kc[:, :t], kr.transpose(1, 0, 2), atol=2e-6, rtol=0)
+    assert np.array_equal(vc[:, :t], v.reshape(t, kv_heads, d).transpose(1, 0, 2)) and (kc[:, t:] == 7.0).all() and (vc[:, t:] == 7.0).all()
+    with pytest.raises(ValueError, match="q must be float32 and C-contiguous"):
+        native.prefill_attention(np.asfortranarray(q) if t > 1 else q.astype(np.float64), k, v, cos, sin, kc, vc, heads, kv_heads)
+    with pytest.raises(ValueError, match="do not fit"):
+        native.prefill_attention(q, k, v, cos, sin, kc, vc, heads + 1, kv_heads)
+    small = np.zeros((kv_heads, max(0, t - 1), d), np.float32)
+    with pytest.raises(ValueError, match="exceed the KV cache"):
+        native.prefill_attention(q, k, v, cos, sin, small, small.copy(), heads, kv_heads)

@@ -80,6 +80,7 @@ def lib() -> ctypes.CDLL:
             L.pk_decompress_bitmask_int4.argtypes = [_i64, _i64, vp, vp, vp, vp, vp, _i64, _i64, _i64, vp]
             L.pk_gemv_int4.argtypes = [_i64, _i64, vp, vp, vp, ctypes.c_int, _i64, ctypes.c_int, vp, _i64, vp]
             L.pk_decompress_int4.argtypes = [_i64, _i64, vp, vp, vp, ctypes.c_int, _i64, _i64, _i64, vp]
+            L.pk_prefill_attention.argtypes = [_i64, _i64, _i64, _i64, vp, vp, vp, vp, vp, vp, vp, _i64, vp]
             L.pk_gemv_int4_rows.argtypes = [_i64, vp, vp, vp, ctypes.c_int, _i64, vp, _i64, ctypes.c_int, vp, vp]
             L.pk_gemv_sparse_x.argtypes = [_i64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, _i64, ctypes.c_void_p]
             L.pk_gemv_int4_x.restype = _i64
@@ -240,6 +241,27 @@ def decode_layers(layers: "ctypes.Array[PkLayer]", hidden: int, h: np.ndarray, p
     if rc == -2:
         raise ValueError(f"native decode step: position {pos} is beyond a layer's KV cache")
     return rc, read.value, total.value
+
+
+def prefill_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, cos: np.ndarray, sin: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray,
+                      heads: int, kv_heads: int) -> np.ndarray | None:
+    """A prefill's causal attention in native code (``pk_prefill_attention``): q (T, heads · d) and k
+    (T, kv_heads · d) rotated in place by the rotary rows cos/sin (T, d), k and v written into the caches
+    (kv_heads, capacity, d) at positions 0..T-1; returns the attention output (T, heads · d), or None on
+    a CPU without AVX2 + FMA (the caller runs its own path). Every array float32 and C-contiguous."""
+    t, d = q.shape[0], k_cache.shape[2]
+    for name, a in (("q", q), ("k", k), ("v", v), ("cos", cos), ("sin", sin), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if a.dtype != np.float32 or not a.flags.c_contiguous:
+            raise ValueError(f"prefill_attention: {name} must be float32 and C-contiguous, got {a.dtype}{'' if a.flags.c_contiguous else ' (strided)'}")
+    if q.shape != (t, heads * d) or k.shape != (t, kv_heads * d) or v.shape != k.shape or cos.shape != (t, d) or sin.shape != (t, d):
+        raise ValueError(f"prefill_attention: shapes q {q.shape}, k {k.shape}, v {v.shape}, cos {cos.shape}, sin {sin.shape} do not fit "
+                         f"{t} positions, {heads} heads, {kv_heads} KV heads of {d}")
+    out = np.empty((t, heads * d), np.float32)
+    rc = lib().pk_prefill_attention(t, heads, kv_heads, d, q.ctypes.data, k.ctypes.data, v.ctypes.data, cos.ctypes.data, sin.ctypes.data,
+                                    k_cache.ctypes.data, v_cache.ctypes.data, k_cache.shape[1], out.ctypes.data)
+    if rc == -2:
+        raise ValueError(f"prefill_attention: {t} positions exceed the KV cache's {k_cache.shape[1]}")
+    return out if rc == 0 else None
 
 
 class DenseGemm:

@@ -805,6 +805,46 @@ PK_API int pk_decode_layers(int64_t n_layers, const PkLayer* layers, int64_t hid
   return 0;
 }
 
+// The attention of a prefill (batch 1, T positions from 0): q (T × heads × d) and k (T × kv_heads × d)
+// rotated in place by the rotary rows cos/sin (T × d each); k and v written into the caches at
+// positions 0..T-1 (kv_heads × capacity × d); out (T × heads × d) = causal softmax(q·kᵀ / √d)·v per
+// head, each query by the decode step's attention_head over the keys up to it. Tasks: a head and a
+// run of queries each. Returns 0, -1 without AVX2 + FMA (the caller runs its own path), -2 when T
+// exceeds the capacity.
+PK_API int pk_prefill_attention(int64_t T, int64_t heads, int64_t kv_heads, int64_t d, float* q, float* k, const float* v, const float* cos,
+                                const float* sin, float* k_cache, float* v_cache, int64_t capacity, float* out) {
+  if (g_best < kAvx2) return -1;
+  if (T > capacity) return -2;
+  for (int64_t t = 0; t < T; ++t) {
+    pk::rope(q + t * heads * d, heads, d, cos + t * d, sin + t * d);
+    pk::rope(k + t * kv_heads * d, kv_heads, d, cos + t * d, sin + t * d);
+    for (int64_t g = 0; g < kv_heads; ++g) {
+      std::memcpy(k_cache + (g * capacity + t) * d, k + (t * kv_heads + g) * d, size_t(d) * sizeof(float));
+      std::memcpy(v_cache + (g * capacity + t) * d, v + (t * kv_heads + g) * d, size_t(d) * sizeof(float));
+    }
+  }
+  struct Job {
+    int64_t T, heads, group, d, capacity, chunk;
+    const float *q, *kc, *vc;
+    float* out;
+    float scale;
+    static void task(void* p, int64_t i) {
+      auto* j = static_cast<Job*>(p);
+      const int64_t chunks = (j->T + j->chunk - 1) / j->chunk, h = i / chunks, t0 = (i % chunks) * j->chunk, t1 = std::min(j->T, t0 + j->chunk);
+      thread_local std::vector<float> scores;
+      scores.resize(size_t(j->T));
+      const int64_t g = h / j->group;
+      for (int64_t t = t0; t < t1; ++t)
+        pk::attention_head(j->q + (t * j->heads + h) * j->d, j->kc + g * j->capacity * j->d, j->vc + g * j->capacity * j->d, t + 1, j->d, j->scale,
+                           j->out + (t * j->heads + h) * j->d, scores.data());
+    }
+  };
+  const int64_t chunk = 16;
+  Job job{T, heads, heads / kv_heads, d, capacity, chunk, q, k_cache, v_cache, out, 1.0f / std::sqrt(float(d))};
+  pool().run(heads * ((T + chunk - 1) / chunk), &Job::task, &job);
+  return 0;
+}
+
 // Copy bandwidth of this machine with the pool's threads, in bytes moved (read + written) per second.
 PK_API double pk_copy_bandwidth(int64_t bytes, int reps) {
   std::vector<char> src(size_t(bytes), 1), dst(size_t(bytes), 0);
