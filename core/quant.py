@@ -8,7 +8,9 @@ zero, so a pruned pattern survives quantization by construction, whatever the gr
 - **int8**: symmetric, ``scale = max|w| / 127``, ``q = clamp(round(w / scale), −127, 127) + 128``
   (uint8 with zero point 128), ``w' = (q − 128) · scale``. 0 → 128 → 0.
 - **int4**: asymmetric over a range that always contains 0: ``lo = min(min w, 0)``,
-  ``hi = max(max w, 0)``, ``scale = (hi − lo) / 15``, ``zero = clamp(round(−lo / scale), 0, 15)``,
+  ``hi = max(max w, 0)``, ``scale = (hi − lo) / 15`` rounded up to an fp16 number (where that is a
+  normal fp16 number: as GGUF's Q4 grids, so ``native-cpu`` holds the grid in 2 bytes per value, not
+  4; rounding up keeps ``hi − lo ≤ 15 · scale``), ``zero = clamp(round(−lo / scale), 0, 15)``,
   ``q = clamp(round(w / scale) + zero, 0, 15)``, ``w' = (q − zero) · scale``. 0 → zero → 0.
 
 A quantized model keeps its dequantized weights ``w'`` in fp32 (the PyTorch reference the engine is
@@ -70,6 +72,19 @@ def code_range(bits: int) -> tuple[int, int]:
     return (1, 255) if bits == 8 else (0, 15)
 
 
+HALF_MIN_NORMAL = 2.0**-14
+HALF_MAX = 65504.0
+
+
+def half_up(x: torch.Tensor) -> torch.Tensor:
+    """Each value of float32 ``x`` in fp16's normal range rounded up to the nearest fp16 number at or
+    above it (exact, so the value is the same read as fp16 or float32); values outside that range
+    (zero and subnormal scales included) unchanged."""
+    h = x.half()
+    h = torch.where(h.float() < x, torch.nextafter(h, torch.full_like(h, float("inf"))), h).float()
+    return torch.where((x >= HALF_MIN_NORMAL) & (h <= HALF_MAX), h, x)
+
+
 def grid(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point of each row of ``w`` ``(rows, cols)`` (one group per row): float32 ``(rows,)`` each."""
     w = w.float()
@@ -79,7 +94,7 @@ def grid(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     else:
         lo = w.amin(dim=1).clamp(max=0.0)
         hi = w.amax(dim=1).clamp(min=0.0)
-        scale = (hi - lo) / 15.0
+        scale = half_up((hi - lo) / 15.0)
         zero = torch.zeros_like(scale)
         nz = scale > 0
         zero[nz] = torch.round(-lo[nz] / scale[nz]).clamp(0, 15)

@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from core.quant import QuantScheme, codes_of, pack_matmul_nbits, rtn, unpack_matmul_nbits
+from core.quant import QuantScheme, codes_of, pack_matmul_nbits, quantize_dequantize, rtn, unpack_matmul_nbits
 
 INT8 = QuantScheme(8, 16, 0)
 INT4 = QuantScheme(4, 16, 0)
@@ -28,15 +28,36 @@ def test_int8_by_hand():
 
 
 def test_int4_by_hand_keeps_zero_exact():
-    # one block of 16: range [-0.5, 1.0] → scale 0.1, zero point round(5) = 5; 0 ↦ 5 ↦ 0
+    # one block of 16: range [-0.5, 1.0] → scale 0.1, rounded up to the fp16 number 0.10003662109375
+    # (= 1639 · 2^-14), zero point round(5.0) = 5; 0 ↦ 5 ↦ 0
     w = torch.tensor([[-0.5, 0.0, 1.0, 0.26] + [0.0] * 12])
     wq, s, z = rtn(w, INT4)
-    assert s.item() == pytest.approx(0.1)
+    assert s.item() == 1639 * 2.0**-14 and s.half().float().item() == s.item()
     assert z.item() == 5
     assert wq[0, 1].item() == 0.0 and wq[0, 4:].abs().sum().item() == 0.0
-    assert wq[0, 3].item() == pytest.approx(0.3)
+    assert wq[0, 3].item() == pytest.approx(3 * 1639 * 2.0**-14)
     codes = codes_of(wq.numpy(), s.numpy(), z.numpy(), INT4)
     assert codes[0, :4].tolist() == [0, 5, 15, 8]
+
+
+def test_int4_scales_are_fp16_numbers_rounded_up():
+    """4-bit scales are the smallest fp16 number at or above (hi − lo) / 15 where that is a normal fp16
+    number (so every code stays in 0..15), and the float32 value elsewhere (tiny or huge ranges)."""
+    from core.quant import HALF_MIN_NORMAL, grid, half_up
+
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(200, 32, generator=gen) * torch.logspace(-7, 5, 200)[:, None]
+    scale, zero = grid(w, 4)
+    raw = (w.amax(1).clamp(min=0) - w.amin(1).clamp(max=0)) / 15
+    normal = (raw >= HALF_MIN_NORMAL) & (raw <= 65504)
+    assert normal.any() and (~normal).any()
+    assert torch.equal(scale[normal].half().float(), scale[normal]) and (scale[normal] >= raw[normal]).all()
+    assert (scale[normal] < raw[normal] * (1 + 2.0**-10)).all()  # at most one fp16 step above
+    assert torch.equal(scale[~normal & (raw > 0)], raw[~normal & (raw > 0)])
+    assert torch.equal(half_up(torch.tensor([0.0, 1.0, 65504.0])), torch.tensor([0.0, 1.0, 65504.0]))
+    wq = quantize_dequantize(w, scale[:, None], zero[:, None], 4)
+    codes = torch.round(wq / scale[:, None]) + zero[:, None]
+    assert codes.min() >= 0 and codes.max() <= 15
 
 
 def test_matmul_nbits_packing_by_hand():
