@@ -61,7 +61,7 @@ def main() -> None:
             model, PassContext(loaded.adapter, calibration=lambda: cal, progress=False))
         p = ppl(model)
         rows.append({
-            "sparsity": sp, "form": form, **p,
+            "sparsity": sp, "form": form, "pass_form": res.info["form"], **p,
             "ratio_shakespeare": round(p["shakespeare_eval"] / dense["shakespeare_eval"], 4),
             "ratio_second": round(p["second_text"] / dense["second_text"], 4),
             "measured_sparsity": res.info["measured_sparsity"],

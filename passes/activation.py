@@ -92,6 +92,8 @@ class ActivationSparsityPass(Pass):
     def check(cls, config: Any, model: Any, data: DataFacts) -> None:
         if model.task != "causal-lm":
             raise OptionError("sparsity", f"activation sparsity speeds up decoding of causal LMs; this {model.family} model is an {model.task}")
+        if GATE_OUT in (config.groups or []) and not model.gated_mlp:
+            raise OptionError("groups", f"'{GATE_OUT}' (CATS) thresholds the gate of a gated MLP; this {model.family} model's MLP has no gate")
         outside = [b for b in config.dense_blocks or [] if not 0 <= b < model.layers]
         if outside:
             raise OptionError("dense_blocks", f"blocks {outside} are outside the model's {model.layers} blocks (0–{model.layers - 1})")

@@ -336,6 +336,9 @@ def test_cats_needs_a_silu_gated_mlp_and_one_mlp_group():
     from core.adapters import adapter_for
 
     model = tiny_model("gpt2")
+    facts = adapter_for(model.config).facts(model.config)
+    with pytest.raises(OptionError, match="has no gate"):  # early, at `pipeline check`
+        ActivationSparsityPass.check(ActivationConfig(groups=["gate_out"]), facts, None)
     windows = torch.randint(0, 257, (4, 32), generator=torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match="needs a SiLU-gated MLP with a separate gate projection"):
         ActivationSparsityPass(ActivationConfig(groups=["gate_out"])).run(model, PassContext(adapter=adapter_for(model.config), calibration=lambda: windows, progress=False))
