@@ -47,8 +47,9 @@ def test_sparse_cpu_recipe_ships_sparse_int8_and_int4_on_the_native_engine():
     # the frontier's structured companion of teal-30: FFN widths the 4-bit blocks of 32 divide
     ffn = quantized.pop("ffn40-int4")
     assert ffn[0].name == "structured" and ffn[0].options["round_to"] == 32 and ffn[-1].options["bits"] == 4
-    forms = {v.name: v.passes[0].options.get("form", "threshold") for v in r.variants if v.passes and v.passes[0].name == "activation"}
-    assert forms == {"teal-30": "threshold", "topk-30": "topk"}
+    forms = {v.name: (v.passes[0].options.get("form", "threshold"), v.passes[0].options.get("groups")) for v in r.variants
+             if v.passes and v.passes[0].name == "activation"}
+    assert forms == {"teal-30": ("threshold", None), "topk-30": ("topk", None), "cats-30": ("threshold", ["gate_out"])}
     head = quantized.pop("head4-gptq")[-1].options  # the head alone, by GPTQ: the block linears keep the model's own 4-bit grid
     assert (head["bits"], head["method"], head["head"], head["targets"]) == (4, "gptq", True, [])
     for name, passes in quantized.items():
