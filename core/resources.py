@@ -15,3 +15,56 @@ def peak_rss_bytes(field: str = "VmHWM") -> int | None:
     except (OSError, ValueError):
         return None
     return None
+
+
+def _cpu_jiffies() -> tuple[int, int] | None:
+    """(busy, total) clock ticks of all CPUs since boot from /proc/stat's first line; None where it is not
+    there. Busy: user, nice, system, irq, softirq and steal (time another guest held a CPU of this one)."""
+    try:
+        fields = Path("/proc/stat").read_text(encoding="ascii").splitlines()[0].split()
+    except (OSError, IndexError):
+        return None
+    if not fields or fields[0] != "cpu" or len(fields) < 9:
+        return None
+    user, nice, system, idle, iowait, irq, softirq, steal = (int(x) for x in fields[1:9])
+    busy = user + nice + system + irq + softirq + steal
+    return busy, busy + idle + iowait
+
+
+class HostLoad:
+    """How much of the machine's CPU time went to anything but this process while a timed block ran
+    (other processes, and steal: a hypervisor giving this guest's CPU to another): ``start()`` and
+    ``stop()`` around the block, then ``others_share`` = (all CPUs' busy time − this process's CPU
+    time) / all CPUs' time. Timing ratios taken while others held a real share of the cores are
+    skewed, unevenly between what is compared. None where /proc/stat is not there."""
+
+    def __init__(self) -> None:
+        self._start: tuple[tuple[int, int], float] | None = None
+        self.others_share: float | None = None
+
+    @staticmethod
+    def _own_seconds() -> float:
+        import os
+
+        t = os.times()
+        return t.user + t.system
+
+    def start(self) -> "HostLoad":
+        j = _cpu_jiffies()
+        self._start = (j, self._own_seconds()) if j else None
+        return self
+
+    def stop(self) -> float | None:
+        import os
+
+        j = _cpu_jiffies()
+        if self._start is None or j is None:
+            return None
+        (busy0, total0), own0 = self._start
+        ticks = os.sysconf("SC_CLK_TCK")
+        total = (j[1] - total0) / ticks
+        if total <= 0:
+            return None
+        others = (j[0] - busy0) / ticks - (self._own_seconds() - own0)
+        self.others_share = max(0.0, min(1.0, others / total))
+        return self.others_share

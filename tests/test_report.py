@@ -119,3 +119,37 @@ def test_sparsity_frontier_places_variants_by_their_work():
     plain = {"variants": [v for v in variants if v["name"] in ("dense", "nm")], "decode": {"runtime": "onnxruntime-cpu"}}
     plain_rows = summary_rows(plain)
     assert frontier_points(plain, plain_rows, decision(plain, plain_rows)) == []
+
+
+def test_a_busy_host_is_measured_and_flagged_in_the_report():
+    """HostLoad sees CPU time another process takes while a block runs (a busy-looping child on this
+    machine's cores), and a decode stage marked busy puts a warning before its table and in "what to ship"."""
+    import subprocess
+    import sys
+    import time
+
+    from core.document import Paragraph
+    from core.resources import HostLoad
+    from pipeline.report.compose import _decode_section, _ship_section
+
+    busy = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 3: pass"])
+    try:
+        time.sleep(0.3)
+        load = HostLoad().start()
+        time.sleep(1.5)  # this process idles; the child holds one core
+        share = load.stop()
+    finally:
+        busy.wait()
+    if share is None:
+        pytest.skip("no /proc/stat on this system: HostLoad measures nothing here")
+    import os
+
+    assert share > 0.5 / (os.cpu_count() or 1), share  # one core of the machine's, at least half of it
+    d = {"runtime": "onnxruntime-cpu", "batch": 1, "prompt_tokens": 8, "host_others_cpu_share": 0.42, "host_busy": True}
+    section = _decode_section({"decode": d, "variants": []})
+    first = section.blocks[0]
+    assert isinstance(first, Paragraph) and "The host was busy" in first.text and "42%" in first.text
+    quiet = _decode_section({"decode": {**d, "host_busy": False}, "variants": []})
+    assert not any(isinstance(b, Paragraph) for b in quiet.blocks)
+    decision = {"latency": {}, "needs_other_hardware": []}
+    assert "busy host" in _ship_section(decision, True).blocks[0].text and not _ship_section(decision, False).blocks[0].text.startswith("**Decode")

@@ -127,8 +127,11 @@ def _summary_table(rows: list[dict[str, Any]]) -> Table:
     return Table(header, body)
 
 
-def _ship_section(d: dict[str, Any]) -> Section:
+def _ship_section(d: dict[str, Any], host_busy: bool = False) -> Section:
     blocks: list[Any] = []
+    if host_busy:
+        blocks.append(Paragraph("**Decode ratios taken on a busy host** (see the decode section): the choices below that rest on decode "
+                                "speed need a rebuild of the decode stage on a quiet machine."))
     for kind, k in d["latency"].items():
         blocks.append(Paragraph(f"**{kind}** — Pareto front (latency ratio vs perplexity ratio): {', '.join(k['pareto'])}."))
         items = []
@@ -170,10 +173,13 @@ def _decode_section(results: dict[str, Any]) -> Section:
         f"decode ratios to the fastest dense decode (dense on {base['decode_ms_per_token']['engine']}), prefill ratios to the fastest dense prefill (dense on {base['prefill_ms']['engine']})"
         if base else f"every ratio to dense on {d['runtime']}'s KV-cache graphs"
     )
-    return Section(
-        f"Decode (KV cache, batch {d['batch']}, {d['prompt_tokens']}-token prompt; {against}, interleaved in one process)",
-        [Table(["variant", "engine", "greedy tokens = PyTorch", "max abs Δlogit", "decode ms/token", "ratio", "prefill ms", "ratio"], rows)],
-    )
+    blocks: list[Any] = [Table(["variant", "engine", "greedy tokens = PyTorch", "max abs Δlogit", "decode ms/token", "ratio", "prefill ms", "ratio"], rows)]
+    if d.get("host_busy"):
+        blocks.insert(0, Paragraph(
+            f"**The host was busy**: other processes (or the hypervisor) held {100 * d['host_others_cpu_share']:.0f}% of this machine's CPU time "
+            "while these rounds ran. Load that lasts the whole stage skews the ratios unevenly between variants and engines, and the noise "
+            "bands (from the rounds' own spread) cannot see it: rebuild the decode stage on a quiet machine before trusting them."))
+    return Section(f"Decode (KV cache, batch {d['batch']}, {d['prompt_tokens']}-token prompt; {against}, interleaved in one process)", blocks)
 
 
 def pass_sections(results: dict[str, Any]) -> list[Section]:
@@ -243,7 +249,7 @@ def build_document(results: dict[str, Any], rows: list[dict[str, Any]], d: dict[
         doc.preamble.append(Paragraph("Parity (Polygraphy Comparator against PyTorch) ran on the engine's own runner — " + "; ".join(ran_on) + "."))
     if any("within_floor" in (r.get("parity_fp64") or {}) for r in rows):
         doc.preamble.append(Paragraph(PARITY_FLOOR_NOTE))
-    doc.add(_ship_section(d))
+    doc.add(_ship_section(d, bool((results.get("decode") or {}).get("host_busy"))))
     lat = [[r["variant"], r["backend"], _latency_cells(r["latency"], r["variant"] == "dense")] for r in rows if r["status"] == "ok" and r.get("latency")]
     if lat:
         doc.add(Section(

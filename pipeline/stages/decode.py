@@ -16,6 +16,9 @@ from pipeline.stages.base import Scope, Stage
 from pipeline.stages.context import STAGE_SCHEMA, BuildContext
 
 log = logging.getLogger(__name__)
+BUSY_HOST_SHARE = 0.1
+"""Above this share of the machine's CPU time held by anything else during the timed rounds, the decode
+stage warns and the report flags its ratios."""
 
 
 @dataclass
@@ -76,6 +79,7 @@ class DecodeStage(Stage):
         from engines.onnxruntime import OnnxRuntimeCpuEngine
         from export.kv_export import GreedyResult, cache_layout, compare_with_generate, decode_timing, greedy_generate
         from pipeline.stages import engine as engine_stage
+        from core.resources import HostLoad
         from pipeline.validate import round_robin
 
         dense = ctx.dense()
@@ -129,7 +133,15 @@ class DecodeStage(Stage):
                 greedy_generate(*runners[name], layouts[name], prompt, 4)
             for key in own:
                 own[key][2].generate(prompt, 4)
+            load = HostLoad().start()
             samples = round_robin(list(runners) + list(own), spec.repeats, timed)
+            others = load.stop()
+            if others is not None:
+                result["host_others_cpu_share"] = round(others, 4)
+                result["host_busy"] = others > BUSY_HOST_SHARE
+                if others > BUSY_HOST_SHARE:
+                    log.warning("decode timing: other processes (or the hypervisor) held %.0f%% of this machine's CPU time while the "
+                                "rounds ran; the ratios may be skewed, unevenly between variants", 100 * others)
         # every ratio is to the fastest dense decode (and, separately, prefill) measured in this run
         dense_runs = {"onnxruntime-cpu": samples["dense"], **{b: samples[k] for k, (vn, b, _) in own.items() if vn == "dense"}}
         baseline = {}
