@@ -36,7 +36,9 @@ class HostLoad:
     (other processes, and steal: a hypervisor giving this guest's CPU to another): ``start()`` and
     ``stop()`` around the block, then ``others_share`` = (all CPUs' busy time − this process's CPU
     time) / all CPUs' time. Timing ratios taken while others held a real share of the cores are
-    skewed, unevenly between what is compared. None where /proc/stat is not there."""
+    skewed, unevenly between what is compared. None where /proc/stat is not there. In a container,
+    /proc/stat may count the whole host's CPUs: then load on cores this build does not use counts too
+    (a warning that errs towards caution)."""
 
     def __init__(self) -> None:
         self._start: tuple[tuple[int, int], float] | None = None
