@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 
 def peak_rss_bytes(field: str = "VmHWM") -> int | None:
@@ -31,6 +32,11 @@ def _cpu_jiffies() -> tuple[int, int] | None:
     return busy, busy + idle + iowait
 
 
+BUSY_HOST_SHARE = 0.1
+"""Above this share of the machine's CPU time held by anything else while a stage's timed rounds ran,
+the stage warns and the report flags its ratios."""
+
+
 class HostLoad:
     """How much of the machine's CPU time went to anything but this process while a timed block ran
     (other processes, and steal: a hypervisor giving this guest's CPU to another): ``start()`` and
@@ -55,6 +61,17 @@ class HostLoad:
         j = _cpu_jiffies()
         self._start = (j, self._own_seconds()) if j else None
         return self
+
+    @property
+    def busy(self) -> bool:
+        """Whether the last ``stop()`` found others above :data:`BUSY_HOST_SHARE`."""
+        return self.others_share is not None and self.others_share > BUSY_HOST_SHARE
+
+    def record(self) -> dict[str, Any]:
+        """The measurement for a stage's JSON: ``host_others_cpu_share`` and ``host_busy`` (empty when none)."""
+        if self.others_share is None:
+            return {}
+        return {"host_others_cpu_share": round(self.others_share, 4), "host_busy": self.busy}
 
     def stop(self) -> float | None:
         import os

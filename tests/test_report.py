@@ -152,4 +152,8 @@ def test_a_busy_host_is_measured_and_flagged_in_the_report():
     quiet = _decode_section({"decode": {**d, "host_busy": False}, "variants": []})
     assert not any(isinstance(b, Paragraph) for b in quiet.blocks)
     decision = {"latency": {}, "needs_other_hardware": []}
+    from pipeline.report.compose import latency_busy
+
+    entry = {"latency": {"points": [], "host_busy": True, "host_others_cpu_share": 0.3}}
+    assert latency_busy({"variants": [{"engines": {"onnxruntime-cpu": entry, "native-cpu": {"latency": {"points": []}}}}]}) == {"onnxruntime-cpu": 0.3}
     assert "busy host" in _ship_section(decision, True).blocks[0].text and not _ship_section(decision, False).blocks[0].text.startswith("**Decode")

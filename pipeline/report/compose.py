@@ -127,11 +127,22 @@ def _summary_table(rows: list[dict[str, Any]]) -> Table:
     return Table(header, body)
 
 
+def latency_busy(results: dict[str, Any]) -> dict[str, float]:
+    """Backends whose latency stage found the host busy (core.resources.HostLoad): backend → others' CPU share."""
+    busy: dict[str, float] = {}
+    for x in results.get("variants", []):
+        for backend, e in (x.get("engines") or {}).items():
+            lat = e.get("latency") if isinstance(e, dict) else None
+            if isinstance(lat, dict) and lat.get("host_busy"):
+                busy[backend] = float(lat["host_others_cpu_share"])
+    return busy
+
+
 def _ship_section(d: dict[str, Any], host_busy: bool = False) -> Section:
     blocks: list[Any] = []
     if host_busy:
-        blocks.append(Paragraph("**Decode ratios taken on a busy host** (see the decode section): the choices below that rest on decode "
-                                "speed need a rebuild of the decode stage on a quiet machine."))
+        blocks.append(Paragraph("**Ratios taken on a busy host** (see the latency and decode sections): the choices below rest on "
+                                "timings that need a rebuild of those stages on a quiet machine."))
     for kind, k in d["latency"].items():
         blocks.append(Paragraph(f"**{kind}** — Pareto front (latency ratio vs perplexity ratio): {', '.join(k['pareto'])}."))
         items = []
@@ -249,12 +260,18 @@ def build_document(results: dict[str, Any], rows: list[dict[str, Any]], d: dict[
         doc.preamble.append(Paragraph("Parity (Polygraphy Comparator against PyTorch) ran on the engine's own runner — " + "; ".join(ran_on) + "."))
     if any("within_floor" in (r.get("parity_fp64") or {}) for r in rows):
         doc.preamble.append(Paragraph(PARITY_FLOOR_NOTE))
-    doc.add(_ship_section(d, bool((results.get("decode") or {}).get("host_busy"))))
+    doc.add(_ship_section(d, bool((results.get("decode") or {}).get("host_busy")) or bool(latency_busy(results))))
     lat = [[r["variant"], r["backend"], _latency_cells(r["latency"], r["variant"] == "dense")] for r in rows if r["status"] == "ok" and r.get("latency")]
     if lat:
+        busy = latency_busy(results)
+        warn = [Paragraph(
+            "**The host was busy** while these rounds ran: other processes (or the hypervisor) held "
+            + ", ".join(f"{100 * share:.0f}% of this machine's CPU time during {b}'s" for b, share in busy.items())
+            + ". Such load skews ratios unevenly and the per-round bands cannot see it: rebuild the latency stage on a quiet machine before trusting them."
+        )] if busy else []
         doc.add(Section(
             "Prefill latency (median [min–max] over the interleaved repeats; variant/dense ratio [min–max of per-round ratios])",
-            [Table(["variant", "backend", "latency"], lat)],
+            [*warn, Table(["variant", "backend", "latency"], lat)],
         ))
     doc.add(_decode_section(results))
     doc.add(_frontier_section(frontier or [], frontier_png))

@@ -16,9 +16,6 @@ from pipeline.stages.base import Scope, Stage
 from pipeline.stages.context import STAGE_SCHEMA, BuildContext
 
 log = logging.getLogger(__name__)
-BUSY_HOST_SHARE = 0.1
-"""Above this share of the machine's CPU time held by anything else during the timed rounds, the decode
-stage warns and the report flags its ratios."""
 
 
 @dataclass
@@ -135,13 +132,11 @@ class DecodeStage(Stage):
                 own[key][2].generate(prompt, 4)
             load = HostLoad().start()
             samples = round_robin(list(runners) + list(own), spec.repeats, timed)
-            others = load.stop()
-            if others is not None:
-                result["host_others_cpu_share"] = round(others, 4)
-                result["host_busy"] = others > BUSY_HOST_SHARE
-                if others > BUSY_HOST_SHARE:
-                    log.warning("decode timing: other processes (or the hypervisor) held %.0f%% of this machine's CPU time while the "
-                                "rounds ran; the ratios may be skewed, unevenly between variants", 100 * others)
+            load.stop()
+            result.update(load.record())
+            if load.busy:
+                log.warning("decode timing: other processes (or the hypervisor) held %.0f%% of this machine's CPU time while the "
+                            "rounds ran; the ratios may be skewed, unevenly between variants", 100 * load.others_share)
         # every ratio is to the fastest dense decode (and, separately, prefill) measured in this run
         dense_runs = {"onnxruntime-cpu": samples["dense"], **{b: samples[k] for k, (vn, b, _) in own.items() if vn == "dense"}}
         baseline = {}

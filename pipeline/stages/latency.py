@@ -4,6 +4,7 @@ in one process (``latency.json``, raw samples included)."""
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,8 @@ from pipeline.schema import check
 from pipeline.stages import engine as engine_stage
 from pipeline.stages.base import Scope, Stage
 from pipeline.stages.context import STAGE_SCHEMA, BuildContext
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -55,6 +58,7 @@ class LatencyStage(Stage):
     def build(self, ctx: BuildContext, tmp: Path, v: Any, e: Any) -> dict[str, Any]:
         from contextlib import ExitStack
 
+        from core.resources import HostLoad
         from pipeline import validate as V
 
         lat = ctx.recipe.validation.latency
@@ -66,8 +70,14 @@ class LatencyStage(Stage):
             for x in ctx.ordered:
                 art = engine_stage.artifact(ctx, x.name, e.backend)
                 runners[x.name] = stack.enter_context(engine.runner(art, threads=lat.threads, spinning=False))
+            load = HostLoad().start()
             points = V.interleaved_latency(runners, shapes, vocab, lat.warmup, lat.repeats, baseline="dense")
+            load.stop()
+        if load.busy:
+            log.warning("%s latency: other processes (or the hypervisor) held %.0f%% of this machine's CPU time while the rounds ran; "
+                        "the ratios may be skewed", e.backend, 100 * load.others_share)
         out = {
+            **load.record(),
             "backend": e.backend,
             "warmup": lat.warmup,
             "repeats": lat.repeats,
@@ -83,7 +93,8 @@ class LatencyStage(Stage):
         for x in results["variants"]:
             entry = x["engines"].get(e.backend, {})
             if entry.get("status") == "ok" and x["name"] in L["variants"]:
-                entry["latency"] = {"points": L["variants"][x["name"]], **{k: L[k] for k in ("warmup", "repeats", "threads", "order")}}
+                entry["latency"] = {"points": L["variants"][x["name"]], **{k: L[k] for k in ("warmup", "repeats", "threads", "order", "host_busy",
+                                                                                          "host_others_cpu_share") if k in L}}
 
 
 STAGE = LatencyStage()
