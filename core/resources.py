@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +74,8 @@ class HostLoad:
             return {}
         return {"host_others_cpu_share": round(self.others_share, 4), "host_busy": self.busy}
 
-    def stop(self) -> float | None:
+    def stop(self, what: str = "timing") -> float | None:
+        """End the block; logs a warning naming ``what`` was timed when the host was busy."""
         import os
 
         j = _cpu_jiffies()
@@ -86,4 +88,8 @@ class HostLoad:
             return None
         others = (j[0] - busy0) / ticks - (self._own_seconds() - own0)
         self.others_share = max(0.0, min(1.0, others / total))
+        if self.busy:
+            logging.getLogger(__name__).warning(
+                "%s: other processes (or the hypervisor) held %.0f%% of this machine's CPU time while the rounds ran; the ratios may be "
+                "skewed, unevenly between what was compared", what, 100 * self.others_share)
         return self.others_share

@@ -448,8 +448,8 @@ class _Layer:
     keep: dict[str, int] = field(default_factory=dict)
     """The top-k form instead: inputs kept per token by input group."""
     gate_t: float | None = None
-    """CATS: gate activations with |SiLU(g)| at or below it are zero (up's rows and down's inputs for
-    them skipped at decode); None: none."""
+    """CATS: gate activations with |SiLU(g)| at or below it are zero (up's rows skipped at decode; down
+    gets a threshold of 0 in ``act``, so it reads only the nonzero inputs); None: none."""
 
 
 
@@ -526,10 +526,12 @@ class NativeDecoder:
             act = {g: float(v) for g, v in values.get(str(i), {}).items()} if method == "teal" else {}
             keep = {g: int(v) for g, v in values.get(str(i), {}).items()} if method == "topk" else {}
             gate_t = act.pop(GATE_OUT, None)
+            if gate_t is not None:  # down's input is zero where the gate's activation is: it reads the nonzero inputs
+                act["down_in"] = 0.0  # (the spec refuses gate_out with a down_in threshold of its own)
             stacks = {"attn_in": [w["q"], w["k"], w["v"]], "o_in": [w["o"]], "mlp_in": [w["gate"], w["up"]], "down_in": [w["down"]]}
             built = {}
             for group, parts in stacks.items():
-                if group in act or group in keep or (group == "down_in" and gate_t is not None):
+                if group in act or group in keep:
                     # an activation-sparse input reads whole weight rows of the inputs that remain: stored
                     # input-major — in 4 bits when every part is int4 with one grid form, else float32
                     built[group] = _input_major(parts)
@@ -633,13 +635,7 @@ class NativeDecoder:
             self.inputs_total += L.ffn
         else:
             a = a * u
-        a = np.ascontiguousarray(a, np.float32)
-        if a.shape[0] == 1:
-            y, used = L.down.gemv_sparse(a, 0.0)
-            self.inputs_read += used
-            self.inputs_total += L.down.k
-            return y
-        return L.down(a)
+        return self._lin(L, "down_in", L.down, a, True)
 
     def _qkv(self, L: _Layer, x: np.ndarray, sparse_inputs: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         qkv = self._lin(L, "attn_in", L.qkv, x, sparse_inputs)
@@ -745,9 +741,7 @@ class NativeDecoder:
                 table[i] = native.PkLayer(
                     L.heads, L.kv_heads, self.head_dim, L.ffn, L.attn_norm.ctypes.data, L.mlp_norm.ctypes.data,
                     L.qkv_bias.ctypes.data if L.qkv_bias is not None else None,
-                    *(native.pk_weight(w, L.act.get(g), L.keep.get(g)) for w, g in ((L.qkv, "attn_in"), (L.o, "o_in"), (L.gate_up, "mlp_in"))),
-                    # CATS: down's input is zero where the gate's activation is; it reads the nonzero ones
-                    native.pk_weight(L.down, 0.0 if L.gate_t is not None else L.act.get("down_in"), L.keep.get("down_in")),
+                    *(native.pk_weight(w, L.act.get(g), L.keep.get(g)) for w, g in ((L.qkv, "attn_in"), (L.o, "o_in"), (L.gate_up, "mlp_in"), (L.down, "down_in"))),
                     kc.ctypes.data, vc.ctypes.data, kc.shape[1], -1.0 if L.gate_t is None else float(L.gate_t),
                 )
             self._table, self._table_cache = table, self.cache

@@ -127,6 +127,14 @@ def _summary_table(rows: list[dict[str, Any]]) -> Table:
     return Table(header, body)
 
 
+def _busy_note(stage: str, shares: dict[str, float]) -> list[Paragraph]:
+    """The warning above a timing table whose rounds ran on a busy host (core.resources.HostLoad)."""
+    held = ", ".join(f"{100 * share:.0f}% of this machine's CPU time during {when}" for when, share in shares.items())
+    return [Paragraph(f"**The host was busy**: other processes (or the hypervisor) held {held}. Load that lasts the whole stage skews "
+                      f"the ratios unevenly, and the noise bands (from the rounds' own spread) cannot see it: rebuild the {stage} stage on "
+                      "a quiet machine before trusting them.")]
+
+
 def latency_busy(results: dict[str, Any]) -> dict[str, float]:
     """Backends whose latency stage found the host busy (core.resources.HostLoad): backend → others' CPU share."""
     busy: dict[str, float] = {}
@@ -184,13 +192,9 @@ def _decode_section(results: dict[str, Any]) -> Section:
         f"decode ratios to the fastest dense decode (dense on {base['decode_ms_per_token']['engine']}), prefill ratios to the fastest dense prefill (dense on {base['prefill_ms']['engine']})"
         if base else f"every ratio to dense on {d['runtime']}'s KV-cache graphs"
     )
-    blocks: list[Any] = [Table(["variant", "engine", "greedy tokens = PyTorch", "max abs Δlogit", "decode ms/token", "ratio", "prefill ms", "ratio"], rows)]
-    if d.get("host_busy"):
-        blocks.insert(0, Paragraph(
-            f"**The host was busy**: other processes (or the hypervisor) held {100 * d['host_others_cpu_share']:.0f}% of this machine's CPU time "
-            "while these rounds ran. Load that lasts the whole stage skews the ratios unevenly between variants and engines, and the noise "
-            "bands (from the rounds' own spread) cannot see it: rebuild the decode stage on a quiet machine before trusting them."))
-    return Section(f"Decode (KV cache, batch {d['batch']}, {d['prompt_tokens']}-token prompt; {against}, interleaved in one process)", blocks)
+    busy = _busy_note("decode", {"the decode rounds": d["host_others_cpu_share"]}) if d.get("host_busy") else []
+    table = Table(["variant", "engine", "greedy tokens = PyTorch", "max abs Δlogit", "decode ms/token", "ratio", "prefill ms", "ratio"], rows)
+    return Section(f"Decode (KV cache, batch {d['batch']}, {d['prompt_tokens']}-token prompt; {against}, interleaved in one process)", [*busy, table])
 
 
 def pass_sections(results: dict[str, Any]) -> list[Section]:
@@ -260,15 +264,11 @@ def build_document(results: dict[str, Any], rows: list[dict[str, Any]], d: dict[
         doc.preamble.append(Paragraph("Parity (Polygraphy Comparator against PyTorch) ran on the engine's own runner — " + "; ".join(ran_on) + "."))
     if any("within_floor" in (r.get("parity_fp64") or {}) for r in rows):
         doc.preamble.append(Paragraph(PARITY_FLOOR_NOTE))
-    doc.add(_ship_section(d, bool((results.get("decode") or {}).get("host_busy")) or bool(latency_busy(results))))
+    busy = latency_busy(results)
+    doc.add(_ship_section(d, bool((results.get("decode") or {}).get("host_busy")) or bool(busy)))
     lat = [[r["variant"], r["backend"], _latency_cells(r["latency"], r["variant"] == "dense")] for r in rows if r["status"] == "ok" and r.get("latency")]
     if lat:
-        busy = latency_busy(results)
-        warn = [Paragraph(
-            "**The host was busy** while these rounds ran: other processes (or the hypervisor) held "
-            + ", ".join(f"{100 * share:.0f}% of this machine's CPU time during {b}'s" for b, share in busy.items())
-            + ". Such load skews ratios unevenly and the per-round bands cannot see it: rebuild the latency stage on a quiet machine before trusting them."
-        )] if busy else []
+        warn = _busy_note("latency", {f"{b}'s latency rounds": share for b, share in busy.items()}) if busy else []
         doc.add(Section(
             "Prefill latency (median [min–max] over the interleaved repeats; variant/dense ratio [min–max of per-round ratios])",
             [*warn, Table(["variant", "backend", "latency"], lat)],

@@ -75,8 +75,8 @@ class DecodeStage(Stage):
 
         from engines.onnxruntime import OnnxRuntimeCpuEngine
         from export.kv_export import GreedyResult, cache_layout, compare_with_generate, decode_timing, greedy_generate
-        from pipeline.stages import engine as engine_stage
         from core.resources import HostLoad
+        from pipeline.stages import engine as engine_stage
         from pipeline.validate import round_robin
 
         dense = ctx.dense()
@@ -132,11 +132,8 @@ class DecodeStage(Stage):
                 own[key][2].generate(prompt, 4)
             load = HostLoad().start()
             samples = round_robin(list(runners) + list(own), spec.repeats, timed)
-            load.stop()
+            load.stop("decode timing")
             result.update(load.record())
-            if load.busy:
-                log.warning("decode timing: other processes (or the hypervisor) held %.0f%% of this machine's CPU time while the "
-                            "rounds ran; the ratios may be skewed, unevenly between variants", 100 * load.others_share)
         # every ratio is to the fastest dense decode (and, separately, prefill) measured in this run
         dense_runs = {"onnxruntime-cpu": samples["dense"], **{b: samples[k] for k, (vn, b, _) in own.items() if vn == "dense"}}
         baseline = {}

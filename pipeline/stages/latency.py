@@ -4,7 +4,6 @@ in one process (``latency.json``, raw samples included)."""
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,8 +13,6 @@ from pipeline.schema import check
 from pipeline.stages import engine as engine_stage
 from pipeline.stages.base import Scope, Stage
 from pipeline.stages.context import STAGE_SCHEMA, BuildContext
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -72,10 +69,7 @@ class LatencyStage(Stage):
                 runners[x.name] = stack.enter_context(engine.runner(art, threads=lat.threads, spinning=False))
             load = HostLoad().start()
             points = V.interleaved_latency(runners, shapes, vocab, lat.warmup, lat.repeats, baseline="dense")
-            load.stop()
-        if load.busy:
-            log.warning("%s latency: other processes (or the hypervisor) held %.0f%% of this machine's CPU time while the rounds ran; "
-                        "the ratios may be skewed", e.backend, 100 * load.others_share)
+            load.stop(f"{e.backend} latency")
         out = {
             **load.record(),
             "backend": e.backend,

@@ -504,22 +504,42 @@ struct PkLayer {
   double gate_threshold;
 };
 
-struct AttnJob {
-  const PkLayer* L;
-  const float* q;
-  int64_t n;
-  float scale;
-  float* out;
-  float* scores;  // heads × n
-  static void task(void* p, int64_t h) {
-    auto* j = static_cast<AttnJob*>(p);
-    const PkLayer& L = *j->L;
-    const int64_t d = L.head_dim, kvh = h / (L.heads / L.kv_heads);
-    const float* kc = L.k_cache + kvh * L.capacity * d;
-    const float* vc = L.v_cache + kvh * L.capacity * d;
-    pk::attention_head(j->q + h * d, kc, vc, j->n, d, j->scale, j->out + h * d, j->scores + h * j->n);
+// Attention for T positions p0 .. p0 + T - 1 (a decode step: T = 1; a prefill: p0 = 0): q (T × heads × d)
+// and k (T × kv_heads × d) rotated in place by the rotary rows cos/sin (T × d each, row t for position
+// p0 + t), k and v written into the caches (kv_heads × capacity × d) at those positions, then out
+// (T × heads × d) = causal softmax(q·kᵀ / √d)·v, each query by attention_head over the keys up to its
+// position. Tasks: a head and a run of up to 16 queries each. The caller checks p0 + T <= capacity.
+void attend(int64_t T, int64_t p0, int64_t heads, int64_t kv_heads, int64_t d, float* q, float* k, const float* v, const float* cos,
+            const float* sin, float* k_cache, float* v_cache, int64_t capacity, float* out) {
+  for (int64_t t = 0; t < T; ++t) {
+    pk::rope(q + t * heads * d, heads, d, cos + t * d, sin + t * d);
+    pk::rope(k + t * kv_heads * d, kv_heads, d, cos + t * d, sin + t * d);
+    for (int64_t g = 0; g < kv_heads; ++g) {
+      std::memcpy(k_cache + (g * capacity + p0 + t) * d, k + (t * kv_heads + g) * d, size_t(d) * sizeof(float));
+      std::memcpy(v_cache + (g * capacity + p0 + t) * d, v + (t * kv_heads + g) * d, size_t(d) * sizeof(float));
+    }
   }
-};
+  struct Job {
+    int64_t T, p0, heads, group, d, capacity, chunk;
+    const float *q, *kc, *vc;
+    float* out;
+    float scale;
+    static void task(void* p, int64_t i) {
+      auto* j = static_cast<Job*>(p);
+      const int64_t chunks = (j->T + j->chunk - 1) / j->chunk, h = i / chunks, t0 = (i % chunks) * j->chunk, t1 = std::min(j->T, t0 + j->chunk);
+      thread_local std::vector<float> scores;
+      scores.resize(size_t(j->p0 + j->T));
+      const int64_t g = h / j->group;
+      for (int64_t t = t0; t < t1; ++t)
+        pk::attention_head(j->q + (t * j->heads + h) * j->d, j->kc + g * j->capacity * j->d, j->vc + g * j->capacity * j->d, j->p0 + t + 1, j->d,
+                           j->scale, j->out + (t * j->heads + h) * j->d, scores.data());
+    }
+  };
+  const int64_t chunk = 16;
+  Job job{T, p0, heads, heads / kv_heads, d, capacity, chunk, q, k_cache, v_cache, out, 1.0f / std::sqrt(float(d))};
+  pool().run(heads * ((T + chunk - 1) / chunk), &Job::task, &job);
+}
+
 
 void apply(const PkWeight& w, const float* x, float* y, int isa, int64_t* read, int64_t* total) {
   if (w.kind == 0) {
@@ -770,30 +790,19 @@ PK_API int pk_decode_layers(int64_t n_layers, const PkLayer* layers, int64_t hid
                             float eps, int64_t* read, int64_t* total) {
   if (g_best < kAvx2) return -1;
   const int isa = g_isa.load(std::memory_order_relaxed);
-  std::vector<float> a(static_cast<size_t>(hidden)), tmp(static_cast<size_t>(hidden)), buf, attn, gu, act, scores;
-  const int64_t n = pos + 1;
+  std::vector<float> a(static_cast<size_t>(hidden)), tmp(static_cast<size_t>(hidden)), buf, attn, gu, act;
   for (int64_t l = 0; l < n_layers; ++l) {
     const PkLayer& L = layers[l];
     const int64_t d = L.head_dim, qn = L.heads * d, kn = L.kv_heads * d;
     if (pos >= L.capacity) return -2;
     buf.resize(size_t(qn + 2 * kn));
     attn.resize(size_t(qn));
-    scores.resize(size_t(L.heads * n));
     pk::rmsnorm(h, L.attn_norm, hidden, eps, a.data());
     apply(L.qkv, a.data(), buf.data(), isa, read, total);
     if (L.qkv_bias)
       for (int64_t i = 0; i < qn + 2 * kn; ++i) buf[size_t(i)] += L.qkv_bias[i];
     float* q = buf.data();
-    float* k = q + qn;
-    float* v = k + kn;
-    pk::rope(q, L.heads, d, cos, sin);
-    pk::rope(k, L.kv_heads, d, cos, sin);
-    for (int64_t g = 0; g < L.kv_heads; ++g) {
-      std::memcpy(L.k_cache + (g * L.capacity + pos) * d, k + g * d, size_t(d) * sizeof(float));
-      std::memcpy(L.v_cache + (g * L.capacity + pos) * d, v + g * d, size_t(d) * sizeof(float));
-    }
-    AttnJob aj{&L, q, n, 1.0f / std::sqrt(float(d)), attn.data(), scores.data()};
-    pool().run(L.heads, &AttnJob::task, &aj);
+    attend(1, pos, L.heads, L.kv_heads, d, q, q + qn, q + qn + kn, cos, sin, L.k_cache, L.v_cache, L.capacity, attn.data());
     apply(L.o, attn.data(), tmp.data(), isa, read, total);
     for (int64_t i = 0; i < hidden; ++i) h[i] += tmp[size_t(i)];
     pk::rmsnorm(h, L.mlp_norm, hidden, eps, a.data());
@@ -805,43 +814,13 @@ PK_API int pk_decode_layers(int64_t n_layers, const PkLayer* layers, int64_t hid
   return 0;
 }
 
-// The attention of a prefill (batch 1, T positions from 0): q (T × heads × d) and k (T × kv_heads × d)
-// rotated in place by the rotary rows cos/sin (T × d each); k and v written into the caches at
-// positions 0..T-1 (kv_heads × capacity × d); out (T × heads × d) = causal softmax(q·kᵀ / √d)·v per
-// head, each query by the decode step's attention_head over the keys up to it. Tasks: a head and a
-// run of queries each. Returns 0, -1 without AVX2 + FMA (the caller runs its own path), -2 when T
-// exceeds the capacity.
+// The attention of a prefill (batch 1, positions 0 .. T-1): attend() with p0 = 0, the decode step's own
+// code. Returns 0, -1 without AVX2 + FMA (the caller runs its own path), -2 when T exceeds the capacity.
 PK_API int pk_prefill_attention(int64_t T, int64_t heads, int64_t kv_heads, int64_t d, float* q, float* k, const float* v, const float* cos,
                                 const float* sin, float* k_cache, float* v_cache, int64_t capacity, float* out) {
   if (g_best < kAvx2) return -1;
   if (T > capacity) return -2;
-  for (int64_t t = 0; t < T; ++t) {
-    pk::rope(q + t * heads * d, heads, d, cos + t * d, sin + t * d);
-    pk::rope(k + t * kv_heads * d, kv_heads, d, cos + t * d, sin + t * d);
-    for (int64_t g = 0; g < kv_heads; ++g) {
-      std::memcpy(k_cache + (g * capacity + t) * d, k + (t * kv_heads + g) * d, size_t(d) * sizeof(float));
-      std::memcpy(v_cache + (g * capacity + t) * d, v + (t * kv_heads + g) * d, size_t(d) * sizeof(float));
-    }
-  }
-  struct Job {
-    int64_t T, heads, group, d, capacity, chunk;
-    const float *q, *kc, *vc;
-    float* out;
-    float scale;
-    static void task(void* p, int64_t i) {
-      auto* j = static_cast<Job*>(p);
-      const int64_t chunks = (j->T + j->chunk - 1) / j->chunk, h = i / chunks, t0 = (i % chunks) * j->chunk, t1 = std::min(j->T, t0 + j->chunk);
-      thread_local std::vector<float> scores;
-      scores.resize(size_t(j->T));
-      const int64_t g = h / j->group;
-      for (int64_t t = t0; t < t1; ++t)
-        pk::attention_head(j->q + (t * j->heads + h) * j->d, j->kc + g * j->capacity * j->d, j->vc + g * j->capacity * j->d, t + 1, j->d, j->scale,
-                           j->out + (t * j->heads + h) * j->d, scores.data());
-    }
-  };
-  const int64_t chunk = 16;
-  Job job{T, heads, heads / kv_heads, d, capacity, chunk, q, k_cache, v_cache, out, 1.0f / std::sqrt(float(d))};
-  pool().run(heads * ((T + chunk - 1) / chunk), &Job::task, &job);
+  attend(T, 0, heads, kv_heads, d, q, k, v, cos, sin, k_cache, v_cache, capacity, out);
   return 0;
 }
 
