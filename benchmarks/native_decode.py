@@ -99,6 +99,9 @@ def main() -> None:
     ap.add_argument("--variants-with", action="append", default=[], metavar="OPTION=VALUE",
                     help="also run every other variant on native-cpu built with this engine option, as 'VARIANT[OPTION=VALUE]' "
                          "(e.g. int8_activations=true beside --dense-with int8_activations=true)")
+    ap.add_argument("--float-kernel-too", action="store_true",
+                    help="also run every variant other than dense with input-major 4-bit weights' float kernel instead of the 16-bit one "
+                         "(AVX-512 VNNI; engines.native.int16_activations switched before each of its runs), as 'VARIANT[float-kernel]'")
     ap.add_argument("--isa", default=None, help="force native-cpu's instruction set, no better than the CPU's (scalar, avx2+fma, avx512f): "
                     "the AVX2 path's speed on an AVX-512 machine, not an AVX2-only machine's")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "native_decode.json")
@@ -162,6 +165,12 @@ def main() -> None:
             key, _, value = spec.partition("=")
             engine = NativeCpuEngine({"threads": args.threads, key: yaml.safe_load(value)})
             builds += [(f"{v}[{key}={value}]", v, engine) for v in names if v != "dense"]
+        if args.float_kernel_too:
+            builds += [(f"{v}[float-kernel]", v, native_engine) for v in names if v != "dense"]
+
+        def kernel_for(key: str) -> None:  # the input-major 4-bit kernel this key runs (a global switch of the library)
+            native.int16_activations(not key.endswith("[float-kernel]"))
+
         for v, model_of, engine in builds:
             out = Path(tmp) / v
             out.mkdir()
@@ -180,6 +189,7 @@ def main() -> None:
             if kind == "ort":
                 g = greedy_generate(*r, layout, prompt, args.new)
                 return {"decode_ms_per_token": statistics.mean(g.decode_ms), "prefill_ms": g.prefill_ms}
+            kernel_for(key)
             g = r.generate(prompt, args.new)  # native and fused runners generate themselves
             return {"decode_ms_per_token": statistics.mean(g.decode_ms), "prefill_ms": g.prefill_ms}
 
@@ -209,6 +219,8 @@ def main() -> None:
                 "samples": smp,
             }
             if kind == "native":
+                kernel_for(key)
+                entry["input_major_kernel"] = "16-bit (AVX-512 VNNI)" if native.int16_activations() else "float"
                 entry.update(sizes[v])
                 if args.ppl_windows:
                     entry["perplexity"] = {name: round(perplexity(runner_outputs_fn(r, "logits"), w, f"{v} {name}")["perplexity"], 4) for name, w in texts.items()}

@@ -70,6 +70,8 @@ def lib() -> ctypes.CDLL:
             L.pk_int8_activations.restype = ctypes.c_int
             L.pk_int8_activations.argtypes = [ctypes.c_int]
             L.pk_int4_int8_activations.restype = ctypes.c_int
+            L.pk_int16_activations.restype = ctypes.c_int
+            L.pk_int16_activations.argtypes = [ctypes.c_int]
             L.pk_int4_int8_activations.argtypes = [_i64, ctypes.c_int]
             L.pk_decompress.argtypes = [_i64, _i64, vp, vp, vp, vp, _i64, _i64, _i64, vp]
             L.pk_gemv_24.argtypes = [_i64, _i64, vp, vp, vp, _i64, vp, _i64, vp]
@@ -137,6 +139,14 @@ def int8_activations(on: bool | None = None) -> bool:
     without VNNI (for ``int4`` weights see :func:`int4_int8_activations`). ``on`` switches the use of
     int8 activations by every kernel (tests compare both paths)."""
     return bool(lib().pk_int8_activations(-1 if on is None else int(bool(on))))
+
+
+def int16_activations(on: bool | None = None) -> bool:
+    """Whether input-major 4-bit weights (activation sparsity) multiply 16-bit activations by the AVX-512
+    VNNI kernel (``int4_x_vnni_avx512.cpp``: each active input rounded to 1/32639 of its block's largest
+    |x|) instead of the float kernel: False on a CPU without VNNI or when another instruction set is
+    forced. ``on`` switches it (tests and benchmarks compare both)."""
+    return bool(lib().pk_int16_activations(-1 if on is None else int(bool(on)))) and isa() == "avx512f"
 
 
 def int4_int8_activations(k: int = 64, half_grid: bool = False) -> bool:

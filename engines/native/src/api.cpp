@@ -36,6 +36,7 @@ bool detect_vnni() {
   return g_best == kAvx512 && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni");
 }
 const bool g_vnni = detect_vnni();
+std::atomic<bool> g_x16{true};  // input-major 4-bit weights × 16-bit activations where the CPU has AVX-512 VNNI (tests switch it off)
 std::atomic<bool> g_int8x{true};  // int8 activations where a weight allows them (tests switch it off)
 
 // A pool of (threads - 1) workers plus the calling thread. A job is `ntasks` calls of fn(ctx, i);
@@ -397,12 +398,65 @@ void quantize_active(Active& a) {
   }
 }
 
+// The active inputs in quads for the 16-bit kernel (pk::ActiveQuads): per active block its largest |x|
+// sets qs, each input is rounded to xq = round(x / qs) (to nearest even, as round_int8, in [−32639,
+// 32639]) and split into bytes xh = floor((xq + 128) / 256), xl = xq − 256 · xh; a last quad short of
+// four inputs repeats the block's first row with zero activations.
+struct Quads {
+  std::vector<int32_t> rows, xh, xl;
+  std::vector<int64_t> starts;
+  std::vector<float> qs, sums;
+};
+constexpr float kX16 = 32639.f;  // 127 · 256 + 127: xh stays within a signed byte
+void make_quads(const Active& a, Quads& qd) {
+  const int64_t nb = int64_t(a.blocks.size()), count = a.starts.back();
+  const int64_t most = count / 4 + nb;
+  qd.rows.resize(size_t(4 * most));
+  qd.xh.resize(size_t(most));
+  qd.xl.resize(size_t(most));
+  qd.starts.resize(size_t(nb + 1));
+  qd.qs.resize(size_t(nb));
+  qd.sums.resize(size_t(nb));
+  int64_t q = 0;
+  for (int64_t t = 0; t < nb; ++t) {
+    const int64_t p0 = a.starts[size_t(t)], p1 = a.starts[size_t(t + 1)];
+    float amax = 0.f, sum = 0.f;
+    for (int64_t p = p0; p < p1; ++p) {
+      amax = std::max(amax, std::fabs(a.vals[size_t(p)]));
+      sum += a.vals[size_t(p)];
+    }
+    const float s = amax > 0.f ? amax / kX16 : 1.f, inv = 1.f / s;
+    qd.qs[size_t(t)] = s;
+    qd.sums[size_t(t)] = sum;
+    qd.starts[size_t(t)] = q;
+    for (int64_t p = p0; p < p1; p += 4, ++q) {
+      uint32_t h = 0, l = 0;
+      for (int64_t j = 0; j < 4; ++j) {
+        int32_t xq = 0, row = (a.idx[size_t(p0)] & 31) * 64;
+        if (p + j < p1) {
+          constexpr float kMagic = 12582912.f;  // 1.5 · 2^23: round to nearest even (see round_int8)
+          xq = int32_t(std::min(kX16, std::max(-kX16, (a.vals[size_t(p + j)] * inv + kMagic) - kMagic)));
+          row = (a.idx[size_t(p + j)] & 31) * 64;
+        }
+        const int32_t xh = (xq + 128) >> 8, xl = xq - 256 * xh;
+        h |= uint32_t(uint8_t(int8_t(xh))) << (8 * j);
+        l |= uint32_t(uint8_t(int8_t(xl))) << (8 * j);
+        qd.rows[size_t(4 * q + j)] = row;
+      }
+      qd.xh[size_t(q)] = int32_t(h);
+      qd.xl[size_t(q)] = int32_t(l);
+    }
+  }
+  qd.starts[size_t(nb)] = q;
+}
+
 // Input-major 4-bit: each task owns a run of active blocks (about as many active inputs as the
 // others) and every output, so it streams whole rows (a block's rows are contiguous: one sequential
 // run when most of its inputs are active); its partial sums go to its own buffer, added up after.
 struct Int4InputMajorJob {
   const pk::Int4InputMajor* w;
   pk::ActiveInputs a;
+  const Quads* quads;  // the 16-bit kernel's form of a (null: the float or int8 kernels)
   const int64_t* cuts;  // task i: active blocks [cuts[i], cuts[i + 1])
   float* partial;       // tasks × padded N
   int64_t padded;
@@ -411,7 +465,13 @@ struct Int4InputMajorJob {
     auto* j = static_cast<Int4InputMajorJob*>(p);
     const pk::ActiveInputs a{j->a.idx, j->a.vals, j->a.blocks + j->cuts[i], j->a.starts + j->cuts[i], j->cuts[i + 1] - j->cuts[i], j->a.q, j->a.qs};
     float* out = j->partial + i * j->padded;
-    if (a.q) on_isa(j->isa, pk::gemv_int4_x_int8_avx2, pk::gemv_int4_x_int8_avx2, pk::gemv_int4_x_int8_scalar, *j->w, a, out);
+    if (j->quads) {
+      const Quads& qd = *j->quads;
+      const int64_t t0 = j->cuts[i];
+      pk::gemv_int4_x_i16_avx512(*j->w, pk::ActiveQuads{a.blocks, qd.starts.data() + t0, qd.rows.data(), qd.xh.data(), qd.xl.data(), qd.qs.data() + t0,
+                                                        qd.sums.data() + t0, a.nblocks},
+                                 0, j->padded / 32, out);
+    } else if (a.q) on_isa(j->isa, pk::gemv_int4_x_int8_avx2, pk::gemv_int4_x_int8_avx2, pk::gemv_int4_x_int8_scalar, *j->w, a, out);
     else on_isa(j->isa, pk::gemv_int4_x_avx512, pk::gemv_int4_x_avx2, pk::gemv_int4_x_scalar, *j->w, a, out);
   }
 };
@@ -421,7 +481,10 @@ int64_t gemv_int4_x(const pk::Int4InputMajor& w, const float* x, double threshol
   thread_local std::vector<float> partial;
   thread_local std::vector<int64_t> cuts;
   const int64_t used = find_active(x, w.K, threshold, a);
-  if (w.int8 && isa != kAvx512) quantize_active(a);  // (AVX-512 runs its float kernel)
+  thread_local Quads quads;
+  const bool x16 = isa == kAvx512 && g_vnni && g_x16.load(std::memory_order_relaxed);
+  if (x16) make_quads(a, quads);
+  else if (w.int8 && isa != kAvx512) quantize_active(a);  // (AVX-512 without VNNI runs its float kernel)
   const int64_t nb = int64_t(a.blocks.size());
   const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(pool().threads(), nb));
   cuts.assign(size_t(tasks + 1), nb);
@@ -432,7 +495,7 @@ int64_t gemv_int4_x(const pk::Int4InputMajor& w, const float* x, double threshol
   }
   const int64_t padded = (w.N + 31) / 32 * 32;
   partial.resize(size_t(tasks * padded));
-  Int4InputMajorJob job{&w, a.view(), cuts.data(), partial.data(), padded, isa};
+  Int4InputMajorJob job{&w, a.view(), x16 ? &quads : nullptr, cuts.data(), partial.data(), padded, isa};
   pool().run(tasks, &Int4InputMajorJob::task, &job);
   std::memcpy(y, partial.data(), size_t(w.N) * sizeof(float));
   for (int64_t i = 1; i < tasks; ++i)
@@ -651,6 +714,12 @@ PK_API void pk_gemv(int64_t N, int64_t K, const uint16_t* masks, const void* val
 }
 
 // 1 when this CPU runs int8 activations (AVX-512 VNNI); set 0/1 to turn their use off/on (tests).
+// Whether input-major 4-bit weights (activation sparsity) run the 16-bit kernel (int4_x_vnni_avx512.cpp)
+// on AVX-512 VNNI; on >= 0 switches it, -1 only asks.
+PK_API int pk_int16_activations(int on) {
+  if (on >= 0) g_x16.store(on != 0);
+  return g_vnni && g_x16.load() ? 1 : 0;
+}
 PK_API int pk_int8_activations(int on) {
   if (on >= 0) g_int8x.store(on != 0);
   return g_vnni && g_int8x.load() ? 1 : 0;

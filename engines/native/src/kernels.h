@@ -388,6 +388,25 @@ inline void for_each_block_tile(const Int4InputMajor& w, const ActiveInputs& a, 
   }
 }
 }  // namespace
+// The active inputs of one x for the 16-bit kernel (int4_x_vnni_avx512.cpp), per active block t
+// (blocks[t]): quads [starts[t], starts[t + 1]) of four inputs each (the last one padded with zero
+// activations), quad q's rows rows[4q .. 4q + 3] as byte offsets (k % 32) · 64 of their lines in a
+// 2 KB run, its activations rounded to xq = round(x / qs[t]) in [−32639, 32639], qs[t] = the block's
+// largest |x| / 32639, split as xq = 256 · xh + xl (xh, xl signed bytes; xh[q] / xl[q] the quad's four,
+// row a in the low byte); sums[t] = Σ x of the block (float, in input order).
+struct ActiveQuads {
+  const int32_t* blocks;
+  const int64_t* starts;
+  const int32_t* rows;
+  const int32_t* xh;
+  const int32_t* xl;
+  const float* qs;
+  const float* sums;
+  int64_t nblocks;
+};
+// out[32 · c0, 32 · c1) = those outputs' Σ over the quads' inputs (chunks of 32 outputs [c0, c1), c0 %
+// 4 == 0, c1 ≤ ceil(N / 32); out indexed from output 0). AVX-512 VNNI.
+void gemv_int4_x_i16_avx512(const Int4InputMajor& w, const ActiveQuads& a, int64_t c0, int64_t c1, float* out);
 // out[0, N) = the active inputs' part of y (out holds N rounded up to 32 floats).
 void gemv_int4_x_scalar(const Int4InputMajor& w, const ActiveInputs& a, float* out);
 void gemv_int4_x_avx2(const Int4InputMajor& w, const ActiveInputs& a, float* out);
