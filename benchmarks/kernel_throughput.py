@@ -33,13 +33,15 @@ from benchmarks.common import ROOT, markdown_table, write_result  # noqa: E402
 
 SHAPES = [(1536, 576), (576, 576), (3072, 576), (576, 1536)]
 KINDS = ["dense", "dense-int4", "dense-int4-f32grid", "dense-int4x", "dense-int8", "dense-int8x", "2:4", "2:4-int8", "2:4-int4", "2:4-int4-b64", "50", "50-int8", "50-int4-b64",
-         "int4-act0", "int4-act10", "int4-act30", "int4-act50", "int4-act30-f32grid", "int4-act0x", "int4-act30x", "int4-act50x"]
+         "int4-act0", "int4-act10", "int4-act30", "int4-act50", "int4-act30c", "int4-act50c", "int4-act30-f32grid", "int4-act0x", "int4-act30x", "int4-act50x"]
 """``-int8``: int8 values (fp32 activations); ``-int8x``: int8 activations too (AVX-512 VNNI); ``-int4``:
 the int4 format (4-bit codes, a scale and an offset per 32 inputs: weights on a Q4_1 grid, whose fp16
 scales and minima the kernel reads as fp16); ``-int4-f32grid``: the same with the grid read as float32; ``-int4x``: the
 same with int8 activations (AVX-512 VNNI, or AVX2 on that path); ``int4-actNN``: the same dense 4-bit weights stored input-major
 for activation sparsity (:class:`engines.native.InputMajorInt4Weight`, its grid as fp16), NN % of each x's
-entries zero (random positions) and skipped; ``int4-actNN-f32grid``: the same with the grid as float32;
+entries zero (random positions) and skipped — by the 16-bit kernel on AVX-512 VNNI, else the float one;
+``int4-actNNc``: the same share of zeros in whole blocks of 32 inputs (random blocks: the bytes a skip could
+save if zeros clustered; real activations do not); ``int4-actNN-f32grid``: the same with the grid as float32;
 ``int4-actNNx``: the same with int8 activations (the AVX2 path: pairs of active inputs by vpmaddubsw)."""
 
 
@@ -49,12 +51,15 @@ class ActivationSparse:
     on the same loop as the others; ``nbytes`` counts what it reads (the active rows' codes and the
     scales and offsets of the blocks with an active input)."""
 
-    def __init__(self, w, zero_share: float, rng: np.random.Generator):
+    def __init__(self, w, zero_share: float, rng: np.random.Generator, whole_blocks: bool = False):
         from engines import native
 
         self.w, self.n, self.k = w, w.n, w.k
         self.x = rng.standard_normal(w.k).astype(np.float32)
-        self.x[rng.random(w.k) < zero_share] = 0.0
+        if whole_blocks:
+            self.x[np.repeat(rng.permutation(w.k // 32) < round(zero_share * (w.k // 32)), 32)] = 0.0
+        else:
+            self.x[rng.random(w.k) < zero_share] = 0.0
         self.nbytes = w.bytes_read(self.x != 0)
         self._call = native.lib().pk_gemv_int4_x
         self._args = (*w._args, self.x.ctypes.data, 0.0)
@@ -87,8 +92,9 @@ def make_weight(kind: str, n: int, k: int, rng: np.random.Generator):
         return native.NativeWeight(compress(deq, f"{fmt}-int4", grid=(scales.numpy(), zeros.numpy(), block)))
     if kind.startswith("int4-act"):  # the int4 weight below, input-major, its x NN % zeros
         c = make_weight("dense-int4", n, k, rng).compressed()
-        share = int(kind[len("int4-act"):].split("-")[0].rstrip("x")) / 100
-        return ActivationSparse(native.InputMajorInt4Weight([c], half_grid=not kind.endswith("f32grid"), int8_activations=kind.endswith("x")), share, rng)
+        share = int(kind[len("int4-act"):].split("-")[0].rstrip("xc")) / 100
+        return ActivationSparse(native.InputMajorInt4Weight([c], half_grid=not kind.endswith("f32grid"), int8_activations=kind.endswith("x")), share, rng,
+                                whole_blocks=kind.endswith("c"))
     if "int4" in kind:  # the weights put on a Q4_1 grid (fp16 scale and minimum per 32), stored as int4
         b = w.reshape(n, k // 32, 32)
         lo, hi = b.min(-1, keepdims=True), b.max(-1, keepdims=True)
@@ -153,7 +159,7 @@ def main() -> None:
             samples[kind]["cached_us"].append(step([cached[kind]] * 500) / 500 * 1e6)
     bw = native.copy_bandwidth()
     result: dict = {"threads": args.threads, "layers": args.layers, "repeats": args.repeats, "isa": native.isa(),
-                    "int8_activations": native.int8_activations(), "copy_bandwidth_gb_s": round(bw / 1e9, 2), "shapes": SHAPES, "kinds": {}}
+                    "int8_activations": native.int8_activations(), "input_major_int16_kernel": native.int16_activations(), "copy_bandwidth_gb_s": round(bw / 1e9, 2), "shapes": SHAPES, "kinds": {}}
     weights = args.layers * sum(n * k for n, k in SHAPES)
     dense_ms = statistics.median(samples["dense"]["stream_ms"])
     rows = []
