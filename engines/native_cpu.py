@@ -65,10 +65,11 @@ class NativeOptions:
     weight has such a kernel: dense
     int8 values in blocks of 32 (an INT8 model's — unless it was quantized at another accuracy_level —
     or an exact int8 grid's, such as the bundled SmolLM2's head) and every ``int4``-format weight —
-    an activation-sparse group's input-major 4-bit weights too, on the AVX2 path (AVX-512 multiplies
-    their float activations). Off
+    an activation-sparse group's input-major 4-bit weights too, on the AVX2 path. Off
     by default: fp32 activations compute exactly the model's result; on, the result moves by the
-    activations' rounding, which validation measures like any variant's error."""
+    activations' rounding, which validation measures like any variant's error. (Whatever this option,
+    on AVX-512 VNNI an activation-sparse group's input-major 4-bit weights multiply 16-bit activations,
+    each active input rounded to 1/32639 of its block's largest — ``engines.native.int16_activations``.)"""
 
     exact_grids: bool = True
     """Store a weight that has no quantization grid but lies exactly on a 4-bit or int8 block grid as
