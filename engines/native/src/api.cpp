@@ -713,13 +713,13 @@ PK_API void pk_gemv(int64_t N, int64_t K, const uint16_t* masks, const void* val
        g_isa.load(std::memory_order_relaxed));
 }
 
-// 1 when this CPU runs int8 activations (AVX-512 VNNI); set 0/1 to turn their use off/on (tests).
 // Whether input-major 4-bit weights (activation sparsity) run the 16-bit kernel (int4_x_vnni_avx512.cpp)
 // on AVX-512 VNNI; on >= 0 switches it, -1 only asks.
 PK_API int pk_int16_activations(int on) {
   if (on >= 0) g_x16.store(on != 0);
   return g_vnni && g_x16.load() ? 1 : 0;
 }
+// 1 when this CPU runs int8 activations (AVX-512 VNNI); set 0/1 to turn their use off/on (tests).
 PK_API int pk_int8_activations(int on) {
   if (on >= 0) g_int8x.store(on != 0);
   return g_vnni && g_int8x.load() ? 1 : 0;
