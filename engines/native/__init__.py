@@ -70,9 +70,9 @@ def lib() -> ctypes.CDLL:
             L.pk_int8_activations.restype = ctypes.c_int
             L.pk_int8_activations.argtypes = [ctypes.c_int]
             L.pk_int4_int8_activations.restype = ctypes.c_int
+            L.pk_int4_int8_activations.argtypes = [_i64, ctypes.c_int]
             L.pk_int16_activations.restype = ctypes.c_int
             L.pk_int16_activations.argtypes = [ctypes.c_int]
-            L.pk_int4_int8_activations.argtypes = [_i64, ctypes.c_int]
             L.pk_decompress.argtypes = [_i64, _i64, vp, vp, vp, vp, _i64, _i64, _i64, vp]
             L.pk_gemv_24.argtypes = [_i64, _i64, vp, vp, vp, _i64, vp, _i64, vp]
             L.pk_decompress_24.argtypes = [_i64, _i64, vp, vp, vp, _i64, _i64, _i64, vp]
