@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -53,8 +54,6 @@ class HostLoad:
 
     @staticmethod
     def _own_seconds() -> float:
-        import os
-
         t = os.times()
         return t.user + t.system
 
@@ -76,8 +75,6 @@ class HostLoad:
 
     def stop(self, what: str = "timing") -> float | None:
         """End the block; logs a warning naming ``what`` was timed when the host was busy."""
-        import os
-
         j = _cpu_jiffies()
         if self._start is None or j is None:
             return None

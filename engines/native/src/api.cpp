@@ -369,14 +369,15 @@ int64_t find_active(const float* x, int64_t K, double threshold, Active& a) {
   return count;
 }
 
-// x rounded to int8 as the int4 × int8 kernels round a block of it (quantize_x_int4_*): round to nearest
-// even of x · inv, in [−127, 127] — by adding and taking away 1.5 · 2^23 (|x · inv| ≤ 127 + an ulp;
-// exact without -ffast-math, which build.sh never uses), so that loops over it vectorize, where
-// std::nearbyint is a library call per value.
-inline float round_int8(float x, float inv) {
+// x · inv rounded to the nearest integer (ties to even) within [−most, most] — by adding and taking
+// away 1.5 · 2^23 (exact for |x · inv| < 2^22 without -ffast-math, which build.sh never uses), so that
+// loops over it vectorize, where std::nearbyint is a library call per value. round_int8: x rounded to
+// int8 as the int4 × int8 kernels round a block of it (quantize_x_int4_*).
+inline float round_within(float x, float inv, float most) {
   constexpr float kMagic = 12582912.f;
-  return std::min(127.f, std::max(-127.f, (x * inv + kMagic) - kMagic));
+  return std::min(most, std::max(-most, (x * inv + kMagic) - kMagic));
 }
+inline float round_int8(float x, float inv) { return round_within(x, inv, 127.f); }
 // A block's scale: its largest |x| / 127 (1 for an all-zero block).
 inline float int8_scale(float amax) { return amax > 0.f ? amax / 127.f : 1.f; }
 
@@ -434,8 +435,7 @@ void make_quads(const Active& a, Quads& qd) {
       for (int64_t j = 0; j < 4; ++j) {
         int32_t xq = 0, row = (a.idx[size_t(p0)] & 31) * 64;
         if (p + j < p1) {
-          constexpr float kMagic = 12582912.f;  // 1.5 · 2^23: round to nearest even (see round_int8)
-          xq = int32_t(std::min(kX16, std::max(-kX16, (a.vals[size_t(p + j)] * inv + kMagic) - kMagic)));
+          xq = int32_t(round_within(a.vals[size_t(p + j)], inv, kX16));
           row = (a.idx[size_t(p + j)] & 31) * 64;
         }
         const int32_t xh = (xq + 128) >> 8, xl = xq - 256 * xh;
@@ -470,7 +470,7 @@ struct Int4InputMajorJob {
       const int64_t t0 = j->cuts[i];
       pk::gemv_int4_x_i16_avx512(*j->w, pk::ActiveQuads{a.blocks, qd.starts.data() + t0, qd.rows.data(), qd.xh.data(), qd.xl.data(), qd.qs.data() + t0,
                                                         qd.sums.data() + t0, a.nblocks},
-                                 0, j->padded / 32, out);
+                                 out);
     } else if (a.q) on_isa(j->isa, pk::gemv_int4_x_int8_avx2, pk::gemv_int4_x_int8_avx2, pk::gemv_int4_x_int8_scalar, *j->w, a, out);
     else on_isa(j->isa, pk::gemv_int4_x_avx512, pk::gemv_int4_x_avx2, pk::gemv_int4_x_scalar, *j->w, a, out);
   }

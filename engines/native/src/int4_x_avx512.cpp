@@ -30,11 +30,7 @@ inline void tile(const Int4InputMajor& w, const ActiveInputs& a, int64_t p0, int
       acc[2 * q + 1] = _mm512_fmadd_ps(xv, _mm512_cvtepi32_ps(_mm512_srli_epi32(d, 4)), acc[2 * q + 1]);
     }
   }
-  for (int j = 0; j < 2 * C; ++j) {
-    const __m512 sv = grid16<HALF>(s, j), ov = grid16<HALF>(o, j), y = _mm512_loadu_ps(out + 16 * j);
-    _mm512_storeu_ps(out + 16 * j, w.zero_point ? _mm512_fmadd_ps(sv, _mm512_fnmadd_ps(ov, xs, acc[j]), y)
-                                                : _mm512_fmadd_ps(sv, acc[j], _mm512_fmadd_ps(ov, xs, y)));
-  }
+  for (int j = 0; j < 2 * C; ++j) fold16<HALF>(w.zero_point, s, o, j, acc[j], xs, out);
 }
 
 }  // namespace

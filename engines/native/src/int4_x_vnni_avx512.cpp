@@ -66,27 +66,25 @@ inline void tile(const Int4InputMajor& w, const uint8_t* base, const ActiveQuads
                           _mm512_shuffle_i32x4(B, D, 0xDD)};
     for (int64_t c = 0; c < chunks; ++c) {
       const int64_t j = 2 * c + half;
-      const __m512 acc = _mm512_mul_ps(qv, _mm512_cvtepi32_ps(z[c]));
-      const __m512 sv = grid16<HALF>(s, j), ov = grid16<HALF>(o, j), y = _mm512_loadu_ps(out + 16 * j);
-      _mm512_storeu_ps(out + 16 * j, w.zero_point ? _mm512_fmadd_ps(sv, _mm512_fnmadd_ps(ov, xs, acc), y) : _mm512_fmadd_ps(sv, acc, _mm512_fmadd_ps(ov, xs, y)));
+      fold16<HALF>(w.zero_point, s, o, j, _mm512_mul_ps(qv, _mm512_cvtepi32_ps(z[c])), xs, out);
     }
   }
 }
 
 }  // namespace
 
-void gemv_int4_x_i16_avx512(const Int4InputMajor& w, const ActiveQuads& a, int64_t c0, int64_t c1, float* out) {
-  const int64_t vb = w.half ? 2 : 4;
-  for (int64_t j = 32 * c0; j < 32 * c1; ++j) out[j] = 0.f;
+void gemv_int4_x_i16_avx512(const Int4InputMajor& w, const ActiveQuads& a, float* out) {
+  const int64_t chunks = (w.N + 31) / 32, vb = w.half ? 2 : 4;
+  for (int64_t j = 0; j < 32 * chunks; ++j) out[j] = 0.f;
   by_input_major_grid(w, [&](auto half) {
     constexpr bool H = decltype(half)::value;
     for (int64_t t = 0; t < a.nblocks; ++t) {
       const int64_t b = a.blocks[t];
       const uint8_t* s = block_scales(w, b);
       const uint8_t* o = block_offsets(w, b);
-      for (int64_t c = c0; c < c1; c += 4)  // a tile: 128 outputs, one 64-byte line of each row
+      for (int64_t c = 0; c < chunks; c += 4)  // a tile: 128 outputs, one 64-byte line of each row
         tile<H>(w, input_codes(w, 32 * b, 16 * c), a, a.starts[t], a.starts[t + 1], s + 32 * c * vb, o + 32 * c * vb, a.qs[t], a.sums[t],
-                c1 - c < 4 ? c1 - c : 4, out + 32 * c);
+                chunks - c < 4 ? chunks - c : 4, out + 32 * c);
     }
   });
 }

@@ -404,9 +404,8 @@ struct ActiveQuads {
   const float* sums;
   int64_t nblocks;
 };
-// out[32 · c0, 32 · c1) = those outputs' Σ over the quads' inputs (chunks of 32 outputs [c0, c1), c0 %
-// 4 == 0, c1 ≤ ceil(N / 32); out indexed from output 0). AVX-512 VNNI.
-void gemv_int4_x_i16_avx512(const Int4InputMajor& w, const ActiveQuads& a, int64_t c0, int64_t c1, float* out);
+// out[0, N) = Σ over the quads' inputs (out holds N rounded up to 32 floats). AVX-512 VNNI.
+void gemv_int4_x_i16_avx512(const Int4InputMajor& w, const ActiveQuads& a, float* out);
 // out[0, N) = the active inputs' part of y (out holds N rounded up to 32 floats).
 void gemv_int4_x_scalar(const Int4InputMajor& w, const ActiveInputs& a, float* out);
 void gemv_int4_x_avx2(const Int4InputMajor& w, const ActiveInputs& a, float* out);

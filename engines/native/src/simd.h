@@ -70,6 +70,14 @@ inline __m512 grid16(const uint8_t* g, int64_t j) {
   if constexpr (HALF) return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(g + 32 * j)));
   else return _mm512_loadu_ps(reinterpret_cast<const float*>(g) + 16 * j);
 }
+// An active block's sums for outputs 16j .. 16j + 15 folded into out by the input-major 4-bit kernels:
+// out += scale · acc + offset · xs, or with a zero point scale · (acc − zero · xs); acc = Σ x · code
+// over the block's active inputs, xs = Σ x (s, o: the block's scales and offsets at the tile's start).
+template <bool HALF>
+inline void fold16(bool zero_point, const uint8_t* s, const uint8_t* o, int64_t j, __m512 acc, __m512 xs, float* out) {
+  const __m512 sv = grid16<HALF>(s, j), ov = grid16<HALF>(o, j), y = _mm512_loadu_ps(out + 16 * j);
+  _mm512_storeu_ps(out + 16 * j, zero_point ? _mm512_fmadd_ps(sv, _mm512_fnmadd_ps(ov, xs, acc), y) : _mm512_fmadd_ps(sv, acc, _mm512_fmadd_ps(ov, xs, y)));
+}
 #elif defined(__AVX2__) && defined(__F16C__)
 // Values 8j .. 8j + 7 of the same, by AVX2 and F16C.
 template <bool HALF>
