@@ -39,9 +39,10 @@ A weight ``W`` is ``(N, K)``: N outputs, K inputs (the reduction axis). Two form
     ``block`` a power of two ≥ 32. 4.25 bits per weight at block 32, 3.6 at block 64 (``int4``: 6).
 
 ``bitmask-int4`` (an unstructured weight the ``quantize`` pass put on its 4-bit grid)
-    ``masks`` as ``bitmask``; ``values`` uint8: row by row, per 16-input word its kept values' codes
-    two a byte (the word's kept value 2i in the low nibble, 2i + 1 in the high one), ``ceil(c/2)``
-    bytes for c kept, so each word starts on a byte; ``row_offsets`` int64 ``(N + 1,)`` in bytes;
+    ``masks`` as ``bitmask``; ``values`` uint8: row by row, per group of 64 inputs (four mask words)
+    its kept values' codes two a byte (the group's kept value 2i in the low nibble, 2i + 1 in the high
+    one), ``ceil(c/2)`` bytes for c kept, so each group starts on a byte and a word's codes start at
+    the nibble after the previous word's; ``row_offsets`` int64 ``(N + 1,)`` in bytes;
     ``scales`` float32 and ``zeros`` uint8 ``(N, ceil(K/block))``, a value ``(code − zero) · scale``
     rounded once, ``block`` a power of two ≥ 16. At 50 %: about 3.7 bits per weight at block 64.
 
@@ -66,6 +67,9 @@ import numpy as np
 
 FORMATS = ("2:4", "bitmask", "dense", "int4", "2:4-int4", "bitmask-int4")
 INT4_FORMATS = ("int4", "2:4-int4", "bitmask-int4")
+BITMASK_INT4_GROUP = 64
+"""Inputs per group of ``bitmask-int4`` codes (each group starts on a byte): one 64-bit mask, one byte vector
+of the AVX-512 kernel."""
 """Formats whose values are 4-bit codes (``block`` is then their grid's block, not an int8 scale block)."""
 INT4_BLOCK = 32
 """Inputs per scale and offset of the ``int4`` format (GGUF's Q4_1 block)."""
@@ -298,18 +302,20 @@ def _codes_on_grid(values: np.ndarray, s: np.ndarray, z: np.ndarray, name: str) 
 
 def _bitmask_int4_layout(keep: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Where each kept value of a ``(N, K)`` keep mask goes in the ``bitmask-int4`` code bytes: (rows,
-    cols, byte, high nibble, row byte offsets), values in row-major order."""
+    cols, byte, high nibble, row byte offsets), values in row-major order. Codes are packed per group of
+    ``BITMASK_INT4_GROUP`` inputs, each group starting on a byte."""
     n, k = keep.shape
-    kw = (k + 15) // 16
+    g = BITMASK_INT4_GROUP
+    kg = -(-k // g)
     rows, cols = np.nonzero(keep)
-    padded = np.zeros((n, kw * 16), bool)
+    padded = np.zeros((n, kg * g), bool)
     padded[:, :k] = keep
-    word_bytes = (padded.reshape(n, kw, 16).sum(-1) + 1) // 2
-    word_start = np.concatenate([[0], np.cumsum(word_bytes.reshape(-1))])[:-1].astype(np.int64)
-    word = rows.astype(np.int64) * kw + cols // 16
-    rank = np.arange(word.size) - np.searchsorted(word, word, side="left")
-    row_offsets = np.concatenate([[0], np.cumsum(word_bytes.sum(1))]).astype(np.int64)
-    return rows, cols, word_start[word] + rank // 2, (rank % 2).astype(bool), row_offsets
+    group_bytes = (padded.reshape(n, kg, g).sum(-1) + 1) // 2
+    group_start = np.concatenate([[0], np.cumsum(group_bytes.reshape(-1))])[:-1].astype(np.int64)
+    group = rows.astype(np.int64) * kg + cols // g
+    rank = np.arange(group.size) - np.searchsorted(group, group, side="left")
+    row_offsets = np.concatenate([[0], np.cumsum(group_bytes.sum(1))]).astype(np.int64)
+    return rows, cols, group_start[group] + rank // 2, (rank % 2).astype(bool), row_offsets
 
 
 def _compress_bitmask_int4(w: np.ndarray, scales: np.ndarray, zeros: np.ndarray, block: int, name: str) -> CompressedWeight:

@@ -40,6 +40,7 @@ import numpy as np
 
 from core.activation import GATE_OUT
 from core.errors import EngineUnavailable, OptionError, PipelineError
+from core.sparse_format import BITMASK_INT4_GROUP
 from engines.base import Engine, EngineArtifact, Generation, Runner, TensorMeta, llama_style_family, llama_style_unsupported, sliding_window
 
 log = logging.getLogger(__name__)
@@ -401,6 +402,7 @@ class NativeCpuEngine(Engine):
             "min_sparsity": self.options["min_sparsity"],
             # an INT8 model quantized at another accuracy_level keeps fp32 activations: that level is its own
             "half_grids": self.options["half_grids"],
+            "bitmask_int4_group": BITMASK_INT4_GROUP,  # the layout of bitmask-int4 codes (earlier artifacts: per 16-input word)
             "int8_activations": bool(self.options["int8_activations"] and not (quant and int(quant.get("bits", 0)) == 8 and int(quant.get("accuracy_level", 0)) != 4)),
             "linears": linears,
             "linear_bytes": sum(e["bytes"] for e in linears.values()),
@@ -492,6 +494,9 @@ class NativeDecoder:
         int8_activations = bool(manifest.get("int8_activations", False))
         half_grids = bool(manifest.get("half_grids", True))
 
+        if manifest.get("bitmask_int4_group") != BITMASK_INT4_GROUP and any(e.get("format") == "bitmask-int4" for e in manifest.get("linears", {}).values()):
+            raise PipelineError(f"engine 'native-cpu': {artifact_dir} holds bitmask-int4 weights in an earlier layout (codes per 16-input word); "
+                                f"rebuild it (the build's engine stage does so when the kernel library changed)")
         stored: dict[str, dict[str, np.ndarray]] = {}  # a compressed weight's arrays, as the build wrote them ("<weight>::<array>")
         for key, arr in t.items():
             if SEP in key:

@@ -654,19 +654,27 @@ def test_bitmask_int4_matches_the_float32_bitmask_kernel_bit_for_bit(n, k, rows,
 
 
 def test_bitmask_int4_by_hand_stacking_and_errors():
-    """One row by hand (the codes of a word two a byte, an odd count padded to a whole byte), stacking
-    keeps the format (and falls back to float32 bitmask values beside another format), and values off
-    the grid or a block under 16 are refused by name."""
-    w = np.zeros((1, 32), np.float32)
-    w[0, [0, 3, 5]] = [1.0, -1.0, 2.0]  # word 0: three kept → 2 bytes; word 1: none
-    w[0, 17] = 0.5                       # word 1: one kept → 1 byte
+    """One row by hand (per group of 64 inputs its codes two a byte, a word's codes from the nibble after
+    the previous word's, an odd count padded to a whole byte per group), stacking keeps the format (and
+    falls back to float32 bitmask values beside another format), and values off the grid or a block
+    under 16 are refused by name."""
+    w = np.zeros((1, 80), np.float32)
+    w[0, [0, 3, 5]] = [1.0, -1.0, 2.0]  # group 0, word 0: three kept
+    w[0, 17] = 0.5                       # group 0, word 1: one kept, from the fourth nibble → 2 bytes in all
+    w[0, 70] = -0.5                      # group 1 (inputs 64-79): one kept → 1 byte
     scales, zeros = np.full((1, 1), 0.5, np.float32), np.full((1, 1), 8.0, np.float32)
+    with pytest.raises(ValueError, match="do not fit"):
+        compress(w, "bitmask-int4", grid=(scales, zeros, 32), name="w")
+    scales, zeros = np.full((1, 3), 0.5, np.float32), np.full((1, 3), 8.0, np.float32)
     c = compress(w, "bitmask-int4", grid=(scales, zeros, 32), name="w")
-    # codes: 1.0 → 10, -1.0 → 6, 2.0 → 12, 0.5 → 9
-    assert c.arrays["values"].tolist() == [10 | (6 << 4), 12, 9] and c.arrays["row_offsets"].tolist() == [0, 3]
+    # codes: 1.0 → 10, -1.0 → 6, 2.0 → 12, 0.5 → 9, -0.5 → 7
+    assert c.arrays["values"].tolist() == [10 | (6 << 4), 12 | (9 << 4), 7] and c.arrays["row_offsets"].tolist() == [0, 3]
     assert np.array_equal(decompress(c), w)
-    x = np.arange(32, dtype=np.float32)[None]
-    assert native.NativeWeight(c).gemv(x)[0, 0] == 1.0 * 0 - 3.0 + 2.0 * 5 + 0.5 * 17
+    x = np.arange(80, dtype=np.float32)[None]
+    for isa in ISAS:
+        native.set_isa(isa)
+        assert native.NativeWeight(c).gemv(x)[0, 0] == 1.0 * 0 - 3.0 + 2.0 * 5 + 0.5 * 17 - 0.5 * 70, isa
+        assert np.array_equal(native.NativeWeight(c).to_dense(), w), isa
     both = native.NativeWeight.stacked([native.NativeWeight(c), native.NativeWeight(c)])
     assert both.format == "bitmask-int4" and np.array_equal(both.to_dense(), np.concatenate([w, w]))
     mixed = native.NativeWeight.stacked([native.NativeWeight(c), native.NativeWeight(compress(w, "bitmask"))])

@@ -172,6 +172,8 @@ def copy_bandwidth(nbytes: int = 256 << 20, reps: int = 5) -> float:
 
 
 VALUE_PAD = 16
+BITMASK_INT4_PAD = 40
+"""Bytes after a ``bitmask-int4`` weight's codes: a group's codes are read up to 40 bytes from its start (kernels.h)."""
 """Values (floats or int8 codes) of zeros after the last kept value: the AVX-512 kernels load 16 at a time."""
 
 
@@ -564,7 +566,11 @@ class NativeWeight:
                     or int(a["row_offsets"][-1]) != codes.size or a["scales"].shape != (self.n, nb) or a["zeros"].shape != (self.n, nb)):
                 raise ValueError(f"bitmask-int4 weight: masks {a['masks'].shape} / {codes.size} code bytes / row_offsets {a['row_offsets'].shape} / "
                                  f"scales {a['scales'].shape} / zeros {a['zeros'].shape} in blocks of {self.block} do not fit a ({self.n}, {self.k}) weight")
-            self.arrays = {"values": np.concatenate([codes, np.zeros(8, np.uint8)]), **a}  # 8 bytes of padding: a word's codes are read 8 at once
+            # padding (kernels.h, BitmaskInt4): a group's codes are read 40 bytes at once at most, its four mask words as one 64-bit load
+            masks = np.zeros(a["masks"].size + 4, np.uint16)
+            masks[: a["masks"].size] = a["masks"].reshape(-1)
+            a["masks"] = masks[: a["masks"].size].reshape(a["masks"].shape)  # a view: the 8 bytes after it are the buffer's
+            self.arrays = {"values": np.concatenate([codes, np.zeros(BITMASK_INT4_PAD, np.uint8)]), **a}
             self._q = (None, 0)
             self._args = (a["masks"].ctypes.data, self.arrays["values"].ctypes.data, a["row_offsets"].ctypes.data, a["scales"].ctypes.data,
                           a["zeros"].ctypes.data, self.block)
@@ -650,7 +656,7 @@ class NativeWeight:
         if self.format in ("2:4-int4", "int4"):
             return self.arrays["values"]
         if self.format == "bitmask-int4":
-            return self.arrays["values"][:-8]
+            return self.arrays["values"][:-BITMASK_INT4_PAD]
         return self.arrays["values"][: self.arrays["values"].size - VALUE_PAD]
 
     def compressed(self) -> CompressedWeight:

@@ -27,10 +27,12 @@ void block(const BitmaskInt4& w, const float* x, int64_t ldx, float* y, int64_t 
   const float* sc[RB];
   const uint8_t* zp[RB];
   const uint8_t* next[RB];
+  int nib[RB];  // kept values of the current group before this word
   __m256 acc[RB][MM];
   PK_UNROLL
   for (int r = 0; r < RB; ++r) {
     q[r] = w.codes + w.row_off[n + r];
+    nib[r] = 0;
     mk[r] = w.masks + (n + r) * KW;
     sc[r] = w.scales + (n + r) * nb;
     zp[r] = w.zeros + (n + r) * nb;
@@ -45,10 +47,13 @@ void block(const BitmaskInt4& w, const float* x, int64_t ldx, float* y, int64_t 
     PK_UNROLL
     for (int r = 0; r < RB; ++r) {
       if ((word & 7) == 0) _mm_prefetch(reinterpret_cast<const char*>(next[r] + word * 4), _MM_HINT_T0);
+      if ((word & 3) == 0) {  // a new group of codes starts on a byte
+        q[r] += (nib[r] + 1) / 2;
+        nib[r] = 0;
+      }
       const uint32_t bits = mk[r][word];
       if (!bits) continue;
-      uint64_t bytes;
-      std::memcpy(&bytes, q[r], 8);
+      const uint64_t bytes = word_nibbles(q[r], nib[r]);
       const __m128i v = _mm_cvtsi64_si128(static_cast<long long>(bytes));
       const __m128i inter = _mm_unpacklo_epi8(_mm_and_si128(v, low), _mm_and_si128(_mm_srli_epi16(v, 4), low));
       const __m256 s = _mm256_set1_ps(sc[r][g]), z = _mm256_set1_ps(float(zp[r][g]));
@@ -65,7 +70,7 @@ void block(const BitmaskInt4& w, const float* x, int64_t ldx, float* y, int64_t 
         for (int m = 0; m < MM; ++m) acc[r][m] = _mm256_fmadd_ps(wv, _mm256_maskload_ps(x + m * ldx + k, sel), acc[r][m]);
         before = __builtin_popcount(b);
       }
-      q[r] += (__builtin_popcount(bits) + 1) / 2;
+      nib[r] += __builtin_popcount(bits);
     }
   }
   PK_UNROLL
@@ -99,11 +104,17 @@ void decompress_avx2(const BitmaskInt4& w, int64_t n0, int64_t n1, float* out) {
     float* row = out + (n - n0) * K;
     const uint8_t* q = w.codes + w.row_off[n];
     const uint16_t* mk = w.masks + n * KW;
+    int used = 0;
     for (int64_t word = 0; word < KW; ++word) {
+      if ((word & 3) == 0) {  // a new group of codes starts on a byte
+        q += (used + 1) / 2;
+        used = 0;
+      }
       const int64_t g = (word * 16) >> shift;
       const __m256 s = _mm256_set1_ps(w.scales[n * nb + g]), z = _mm256_set1_ps(float(w.zeros[n * nb + g]));
+      const uint64_t bytes = word_nibbles(q, used);  // (the code buffer is padded past a row's last group)
       uint32_t dw[2];
-      std::memcpy(dw, q, 8);  // (the code buffer is padded: 8 bytes past a row's last word)
+      std::memcpy(dw, &bytes, 8);
       __m256 vals[2];  // values 0-7, 8-15
       for (int h = 0; h < 2; ++h)
         vals[h] = _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(int(dw[h])), shifts), nib)), z), s);
@@ -119,7 +130,7 @@ void decompress_avx2(const BitmaskInt4& w, int64_t n0, int64_t n1, float* out) {
         if (lanes == 8) _mm256_storeu_ps(row + k, wv);
         else _mm256_maskstore_ps(row + k, _mm256_load_si256(reinterpret_cast<const __m256i*>(kMask.prefix[lanes])), wv);
       }
-      q += (__builtin_popcount(bits) + 1) / 2;
+      used += __builtin_popcount(bits);
     }
   }
 }

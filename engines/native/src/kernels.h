@@ -8,6 +8,7 @@
 // kept values and the bit per weight: that is the point.
 #pragma once
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 namespace pk {
@@ -77,11 +78,14 @@ struct TwoFourInt4 {
 };
 
 // Bitmask with 4-bit values (an unstructured weight quantized to 4 bits, zeros kept): masks as Bitmask;
-// codes uint8, row n's starting at byte row_off[n]: per 16-input word its c kept values' codes, two a
-// byte (kept value 2i of the word in the low nibble, 2i + 1 in the high one), ceil(c / 2) bytes, so
-// every word starts on a byte; a value is (code − zero) · scale rounded once, one float scale and one
+// codes uint8, row n's starting at byte row_off[n]: per group of 64 inputs (four mask words) its c kept
+// values' codes, two a byte (the group's kept value 2i in the low nibble, 2i + 1 in the high one),
+// ceil(c / 2) bytes, so every group starts on a byte and a word's codes start at the nibble after the
+// previous word's (word_nibbles); a value is (code − zero) · scale rounded once, one float scale and one
 // uint8 zero point per output row and block of `block` inputs (a power of two ≥ 16; scales and zeros
-// [N][ceil(K/block)]). The code buffer is padded by 8 bytes (a word's codes are read 8 bytes at once).
+// [N][ceil(K/block)]). The code buffer is padded by 16 bytes and the mask buffer by 8 (a word's codes
+// are read 9 bytes at once, a group's 32; a group's four mask words as one 64-bit load).
+// row_sums (optional): each row's Σ of its values, for the 16-bit kernel (bitmask_int4_vnni_avx512.cpp).
 struct BitmaskInt4 {
   int64_t N, K;
   const uint16_t* masks;
@@ -90,7 +94,17 @@ struct BitmaskInt4 {
   const float* scales;
   const uint8_t* zeros;
   int64_t block;
+  const float* row_sums = nullptr;
 };
+constexpr int64_t kBitmaskInt4Group = 64;  // inputs per group of codes (core.sparse_format.BITMASK_INT4_GROUP)
+
+// The 16 nibbles from nibble `nib` of a group's codes (nib < 64; bytes up to nib / 2 + 8 are read).
+inline uint64_t word_nibbles(const uint8_t* group, int nib) {
+  uint64_t lo;
+  std::memcpy(&lo, group + nib / 2, 8);
+  const int s = (nib & 1) * 4;
+  return (lo >> s) | (uint64_t(group[nib / 2 + 8]) << 1 << (63 - s));
+}
 
 // 4-bit codes (dense): every weight w[n][k] = fma(code, scale, offset) rounded once to float, one
 // scale and one offset per output row and block of 32 inputs (K % 32 == 0). Row n's codes are K/2

@@ -217,16 +217,19 @@ template <class F>
 inline void for_each_bitmask_int4(const BitmaskInt4& w, int64_t n, F f) {
   const int64_t KW = (w.K + 15) / 16, nb = (w.K + w.block - 1) / w.block;
   const uint8_t* q = w.codes + w.row_off[n];
+  int i = 0;  // kept values of the group so far
   for (int64_t word = 0; word < KW; ++word) {
+    if (word % 4 == 0) {  // a new group of 64 inputs starts on a byte
+      q += (i + 1) / 2;
+      i = 0;
+    }
     const uint32_t bits = w.masks[n * KW + word];
     const int64_t g = (word * 16) / w.block;
     const float s = w.scales[n * nb + g], z = float(w.zeros[n * nb + g]);
-    int i = 0;
     for (uint32_t b = bits; b; b &= b - 1, ++i) {
       const int code = (i & 1) ? (q[i / 2] >> 4) : (q[i / 2] & 15);
       f(word * 16 + __builtin_ctz(b), (float(code) - z) * s);
     }
-    q += (i + 1) / 2;
   }
 }
 
