@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import ROOT, markdown_table, write_result  # noqa: E402
 
 SHAPES = [(1536, 576), (576, 576), (3072, 576), (576, 1536)]
-KINDS = ["dense", "dense-int4", "dense-int4-f32grid", "dense-int4x", "dense-int8", "dense-int8x", "2:4", "2:4-int8", "2:4-int4", "2:4-int4-b64", "50", "50-int8", "50-int4-b64",
+KINDS = ["dense", "dense-int4", "dense-int4-f32grid", "dense-int4x", "dense-int8", "dense-int8x", "2:4", "2:4-int8", "2:4-int4", "2:4-int4-b64", "50", "50-int8", "50-int4-b64", "70-int4-b64",
          "int4-act0", "int4-act10", "int4-act30", "int4-act50", "int4-act30c", "int4-act50c", "int4-act30-f32grid", "int4-act0x", "int4-act30x", "int4-act50x"]
 """``-int8``: int8 values (fp32 activations); ``-int8x``: int8 activations too (AVX-512 VNNI); ``-int4``:
 the int4 format (4-bit codes, a scale and an offset per 32 inputs: weights on a Q4_1 grid, whose fp16
@@ -42,7 +42,9 @@ for activation sparsity (:class:`engines.native.InputMajorInt4Weight`, its grid 
 entries zero (random positions) and skipped — by the 16-bit kernel on AVX-512 VNNI, else the float one;
 ``int4-actNNc``: the same share of zeros in whole blocks of 32 inputs (random blocks: the bytes a skip could
 save if zeros clustered; real activations do not); ``int4-actNN-f32grid``: the same with the grid as float32;
-``int4-actNNx``: the same with int8 activations (the AVX2 path: pairs of active inputs by vpmaddubsw)."""
+``int4-actNNx``: the same with int8 activations (the AVX2 path: pairs of active inputs by vpmaddubsw);
+``50-int4-b64`` / ``70-int4-b64``: 50 % / 70 % random zeros, 4-bit RTN in blocks of 64, ``bitmask-int4`` (by the
+16-bit kernel where the CPU has AVX-512 VNNI + VBMI2, ``engines.native.bitmask_int4_int16``)."""
 
 
 class ActivationSparse:
@@ -82,8 +84,8 @@ def make_weight(kind: str, n: int, k: int, rng: np.random.Generator):
         g = w.reshape(n, k // 4, 4)
         np.put_along_axis(g, np.argsort(np.abs(g), -1)[..., :2], 0.0, -1)
         w, fmt = g.reshape(n, k), "2:4"
-    elif kind.startswith("50"):
-        w[rng.random((n, k)) < 0.5] = 0.0
+    elif kind[:2] in ("50", "70"):  # unstructured: that share of random zeros
+        w[rng.random((n, k)) < int(kind[:2]) / 100] = 0.0
         fmt = "bitmask"
     if "int4" in kind and fmt != "dense":  # the quantize pass's 4-bit RTN (zeros stay zero), stored as 2:4-int4 / bitmask-int4
         block = 64 if kind.endswith("b64") else 32
@@ -159,7 +161,7 @@ def main() -> None:
             samples[kind]["cached_us"].append(step([cached[kind]] * 500) / 500 * 1e6)
     bw = native.copy_bandwidth()
     result: dict = {"threads": args.threads, "layers": args.layers, "repeats": args.repeats, "isa": native.isa(),
-                    "int8_activations": native.int8_activations(), "input_major_int16_kernel": native.int16_activations(), "copy_bandwidth_gb_s": round(bw / 1e9, 2), "shapes": SHAPES, "kinds": {}}
+                    "int8_activations": native.int8_activations(), "input_major_int16_kernel": native.int16_activations(), "bitmask_int4_int16_kernel": native.bitmask_int4_int16(), "copy_bandwidth_gb_s": round(bw / 1e9, 2), "shapes": SHAPES, "kinds": {}}
     weights = args.layers * sum(n * k for n, k in SHAPES)
     dense_ms = statistics.median(samples["dense"]["stream_ms"])
     rows = []

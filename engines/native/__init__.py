@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from core.errors import EngineUnavailable
-from core.sparse_format import INT4_FORMATS, CompressedWeight, compress, exact_half, int4_offset_key
+from core.sparse_format import INT4_FORMATS, CompressedWeight, compress, decompress, exact_half, int4_offset_key
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,8 @@ def lib() -> ctypes.CDLL:
             L.pk_decompress_24.argtypes = [_i64, _i64, vp, vp, vp, _i64, _i64, _i64, vp]
             L.pk_gemv_24_int4.argtypes = [_i64, _i64, vp, vp, vp, vp, _i64, _i64, vp, _i64, vp]
             L.pk_decompress_24_int4.argtypes = [_i64, _i64, vp, vp, vp, vp, _i64, _i64, _i64, _i64, vp]
-            L.pk_gemv_bitmask_int4.argtypes = [_i64, _i64, vp, vp, vp, vp, vp, _i64, vp, _i64, vp]
+            L.pk_gemv_bitmask_int4.argtypes = [_i64, _i64, vp, vp, vp, vp, vp, _i64, vp, vp, _i64, vp]
+            L.pk_bitmask_int4_int16.restype = ctypes.c_int
             L.pk_decompress_bitmask_int4.argtypes = [_i64, _i64, vp, vp, vp, vp, vp, _i64, _i64, _i64, vp]
             L.pk_gemv_int4.argtypes = [_i64, _i64, vp, vp, vp, ctypes.c_int, _i64, ctypes.c_int, vp, _i64, vp]
             L.pk_decompress_int4.argtypes = [_i64, _i64, vp, vp, vp, ctypes.c_int, _i64, _i64, _i64, vp]
@@ -147,6 +148,14 @@ def int16_activations(on: bool | None = None) -> bool:
     |x|) instead of the float kernel: False on a CPU without VNNI or when another instruction set is
     forced. ``on`` switches it (tests and benchmarks compare both)."""
     return bool(lib().pk_int16_activations(-1 if on is None else int(bool(on)))) and isa() == "avx512f"
+
+
+def bitmask_int4_int16() -> bool:
+    """Whether ``bitmask-int4`` weights whose grid blocks are multiples of 64 inputs multiply 16-bit
+    activations (``bitmask_int4_vnni_avx512.cpp``: x rounded to 1/32639 of its largest |x|) instead of
+    running the float kernel: a CPU with AVX-512 VNNI, VBMI and VBMI2, AVX-512 chosen, and
+    :func:`int16_activations` on."""
+    return bool(lib().pk_bitmask_int4_int16()) and isa() == "avx512f"
 
 
 def int4_int8_activations(k: int = 64, half_grid: bool = False) -> bool:
@@ -238,7 +247,7 @@ def pk_weight(w: "NativeWeight | InputMajorWeight | InputMajorInt4Weight", thres
         return PkWeight(5, w.n, w.k, codes, positions, zeros, -1.0, scales, block, None, None, stride)
     if w.format == "bitmask-int4":
         masks, codes, offsets, scales, zeros, block = w._args
-        return PkWeight(6, w.n, w.k, masks, codes, offsets, -1.0, scales, block, None, zeros)
+        return PkWeight(6, w.n, w.k, masks, codes, offsets, -1.0, scales, block, w._row_sums.ctypes.data, zeros)
     if w.format == "2:4":
         return PkWeight(1, w.n, w.k, w.arrays["values"].ctypes.data, w.arrays["positions"].ctypes.data, None, -1.0, *w._q, None)
     return PkWeight(0, w.n, w.k, *w._args, -1.0, *w._q, w._corr)
@@ -574,6 +583,8 @@ class NativeWeight:
             self._q = (None, 0)
             self._args = (a["masks"].ctypes.data, self.arrays["values"].ctypes.data, a["row_offsets"].ctypes.data, a["scales"].ctypes.data,
                           a["zeros"].ctypes.data, self.block)
+            # each row's Σ of its values (float64, rounded once): the 16-bit kernel's offset term
+            self._row_sums = np.ascontiguousarray(decompress(c).sum(1, dtype=np.float64), np.float32)
             return
         if c.format == "int4":  # 4-bit dense codes with a scale and an offset (or zero point) per row and 32 inputs
             self.block = 0  # (``block`` is the int8 scale block; int4 has its own, fixed at 32)
@@ -746,7 +757,7 @@ class NativeWeight:
         elif self.format == "2:4-int4":
             lib().pk_gemv_24_int4(self.n, self.k, *self._args, x_ptr, m, y_ptr)
         elif self.format == "bitmask-int4":
-            lib().pk_gemv_bitmask_int4(self.n, self.k, *self._args, x_ptr, m, y_ptr)
+            lib().pk_gemv_bitmask_int4(self.n, self.k, *self._args, self._row_sums.ctypes.data, x_ptr, m, y_ptr)
         elif self.format == "int4":
             lib().pk_gemv_int4(self.n, self.k, *self._args, int(self._int4x), x_ptr, m, y_ptr)
         else:

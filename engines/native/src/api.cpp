@@ -36,6 +36,12 @@ bool detect_vnni() {
   return g_best == kAvx512 && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni");
 }
 const bool g_vnni = detect_vnni();
+// the bitmask-int4 × 16-bit kernel's byte permutations (vpmultishiftqb, vpexpandb) as well
+bool detect_vbmi2() {
+  __builtin_cpu_init();
+  return g_vnni && __builtin_cpu_supports("avx512vbmi") && __builtin_cpu_supports("avx512vbmi2");
+}
+const bool g_vbmi2 = detect_vbmi2();
 std::atomic<bool> g_x16{true};  // input-major 4-bit weights × 16-bit activations where the CPU has AVX-512 VNNI (tests switch it off)
 std::atomic<bool> g_int8x{true};  // int8 activations where a weight allows them (tests switch it off)
 
@@ -258,6 +264,43 @@ void gemv(const pk::Bitmask& w, const float* x, int64_t M, float* y, int isa) {
     return;
   }
   gemv<pk::Bitmask>(w, x, M, y, isa);
+}
+
+struct BitmaskInt4x16Job {
+  const pk::BitmaskInt4* w;
+  pk::X16 x;
+  int64_t M;
+  float* y;
+  int64_t tasks;
+  static void task(void* p, int64_t i) {
+    auto* j = static_cast<BitmaskInt4x16Job*>(p);
+    int64_t n0, n1;
+    task_rows(j->w->N, j->tasks, i, n0, n1);
+    if (n0 < n1) pk::gemv_bitmask_int4_x16_avx512(*j->w, j->x, j->M, j->y, j->w->N, n0, n1);
+  }
+};
+
+// Whether a bitmask-int4 weight runs the 16-bit kernel (bitmask_int4_vnni_avx512.cpp): AVX-512 chosen on
+// a CPU with VNNI, VBMI and VBMI2, the 16-bit switch on (pk_int16_activations), the weight's row sums
+// given and its grid blocks whole groups of 64 inputs.
+bool bitmask_int4_x16(const pk::BitmaskInt4& w, int isa) {
+  return isa == kAvx512 && g_vbmi2 && g_x16.load(std::memory_order_relaxed) && w.row_sums && w.block % pk::kBitmaskInt4Group == 0;
+}
+
+void gemv(const pk::BitmaskInt4& w, const float* x, int64_t M, float* y, int isa) {
+  if (!bitmask_int4_x16(w, isa)) {
+    gemv<pk::BitmaskInt4>(w, x, M, y, isa);
+    return;
+  }
+  thread_local std::vector<uint8_t> bytes;
+  thread_local std::vector<float> scales;
+  const int64_t ld = (w.K + 63) / 64 * 64;
+  bytes.resize(size_t(2 * M * ld));
+  scales.resize(size_t(M));
+  const pk::X16 xq{bytes.data(), bytes.data() + M * ld, scales.data(), ld};
+  pk::quantize_x16_avx512(x, M, w.K, w.K, xq);
+  BitmaskInt4x16Job job{&w, xq, M, y, gemv_tasks(w.N)};
+  pool().run(job.tasks, &BitmaskInt4x16Job::task, &job);
 }
 
 struct Int4xJob {
@@ -619,7 +662,7 @@ void apply(const PkWeight& w, const float* x, float* y, int isa, int64_t* read, 
          x, 1, y, isa);
   } else if (w.kind == 6) {
     gemv(pk::BitmaskInt4{w.N, w.K, static_cast<const uint16_t*>(w.a), static_cast<const uint8_t*>(w.b), static_cast<const int64_t*>(w.c), w.scales,
-                         static_cast<const uint8_t*>(w.d), w.block},
+                         static_cast<const uint8_t*>(w.d), w.block, w.corr},
          x, 1, y, isa);
   } else if (w.kind == 7) {
     const pk::Int4InputMajor im{w.N, w.K, static_cast<const uint8_t*>(w.a), w.stride, (w.block & 1) != 0, (w.block & 2) != 0, (w.block & 4) != 0};
@@ -719,6 +762,9 @@ PK_API int pk_int16_activations(int on) {
   if (on >= 0) g_x16.store(on != 0);
   return g_vnni && g_x16.load() ? 1 : 0;
 }
+// 1 when bitmask-int4 weights (with row sums, blocks of 64k) run the 16-bit kernel: the switch above on,
+// a CPU with AVX-512 VNNI, VBMI and VBMI2 (bitmask_int4_vnni_avx512.cpp).
+PK_API int pk_bitmask_int4_int16(void) { return g_vbmi2 && g_x16.load() ? 1 : 0; }
 // 1 when this CPU runs int8 activations (AVX-512 VNNI); set 0/1 to turn their use off/on (tests).
 PK_API int pk_int8_activations(int on) {
   if (on >= 0) g_int8x.store(on != 0);
@@ -796,9 +842,10 @@ PK_API void pk_decompress_24_int4(int64_t N, int64_t K, const uint8_t* codes, co
 
 // y[M][N] = x[M][K] · Wᵀ, W a bitmask with 4-bit values (masks, codes from byte row_off[n], a scale and
 // a uint8 zero point per row and block of `block` inputs; kernels.h).
+// row_sums (optional: each row's Σ of its values) lets the 16-bit kernel run where the CPU has it.
 PK_API void pk_gemv_bitmask_int4(int64_t N, int64_t K, const uint16_t* masks, const uint8_t* codes, const int64_t* row_off, const float* scales,
-                                 const uint8_t* zeros, int64_t block, const float* x, int64_t M, float* y) {
-  gemv(pk::BitmaskInt4{N, K, masks, codes, row_off, scales, zeros, block}, x, M, y, g_isa.load(std::memory_order_relaxed));
+                                 const uint8_t* zeros, int64_t block, const float* row_sums, const float* x, int64_t M, float* y) {
+  gemv(pk::BitmaskInt4{N, K, masks, codes, row_off, scales, zeros, block, row_sums}, x, M, y, g_isa.load(std::memory_order_relaxed));
 }
 
 PK_API void pk_decompress_bitmask_int4(int64_t N, int64_t K, const uint16_t* masks, const uint8_t* codes, const int64_t* row_off, const float* scales,
