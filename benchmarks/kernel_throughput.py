@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import ROOT, markdown_table, write_result  # noqa: E402
 
 SHAPES = [(1536, 576), (576, 576), (3072, 576), (576, 1536)]
-KINDS = ["dense", "dense-int4", "dense-int4-f32grid", "dense-int4x", "dense-int8", "dense-int8x", "2:4", "2:4-int8", "2:4-int4", "2:4-int4-b64", "50", "50-int8", "50-int4-b64", "70-int4-b64",
+KINDS = ["dense", "dense-int4", "dense-int4-f32grid", "dense-int4x", "dense-int8", "dense-int8x", "2:4", "2:4-int8", "2:4-int4", "2:4-int4-b64", "50", "50-int8", "50-int4-b64", "70-int4-b64", "70-int4-b128",
          "int4-act0", "int4-act10", "int4-act30", "int4-act50", "int4-act30c", "int4-act50c", "int4-act30-f32grid", "int4-act0x", "int4-act30x", "int4-act50x"]
 """``-int8``: int8 values (fp32 activations); ``-int8x``: int8 activations too (AVX-512 VNNI); ``-int4``:
 the int4 format (4-bit codes, a scale and an offset per 32 inputs: weights on a Q4_1 grid, whose fp16
@@ -43,7 +43,7 @@ entries zero (random positions) and skipped — by the 16-bit kernel on AVX-512 
 ``int4-actNNc``: the same share of zeros in whole blocks of 32 inputs (random blocks: the bytes a skip could
 save if zeros clustered; real activations do not); ``int4-actNN-f32grid``: the same with the grid as float32;
 ``int4-actNNx``: the same with int8 activations (the AVX2 path: pairs of active inputs by vpmaddubsw);
-``50-int4-b64`` / ``70-int4-b64``: 50 % / 70 % random zeros, 4-bit RTN in blocks of 64, ``bitmask-int4`` (by the
+``50-int4-b64`` / ``70-int4-b64`` / ``70-int4-b128``: 50 % / 70 % random zeros, 4-bit RTN in blocks of 64 (128), ``bitmask-int4`` (by the
 16-bit kernel where the CPU has AVX-512 VNNI + VBMI2, ``engines.native.bitmask_int4_int16``)."""
 
 
@@ -88,7 +88,7 @@ def make_weight(kind: str, n: int, k: int, rng: np.random.Generator):
         w[rng.random((n, k)) < int(kind[:2]) / 100] = 0.0
         fmt = "bitmask"
     if "int4" in kind and fmt != "dense":  # the quantize pass's 4-bit RTN (zeros stay zero), stored as 2:4-int4 / bitmask-int4
-        block = 64 if kind.endswith("b64") else 32
+        block = int(kind.rsplit("-b", 1)[1]) if "-b" in kind else 32
         deq, scales, zeros = rtn(torch.from_numpy(w), QuantScheme(4, block))
         deq = np.where(w == 0, np.float32(0), deq.numpy())
         return native.NativeWeight(compress(deq, f"{fmt}-int4", grid=(scales.numpy(), zeros.numpy(), block)))

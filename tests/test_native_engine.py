@@ -918,13 +918,14 @@ def test_a_4bit_model_is_read_as_int4_codes_and_computes_its_own_weights(tmp_pat
     _runs_as_pytorch(model, art, 5, head_is_int4)
 
 
-@pytest.mark.parametrize("kind,block", [("2:4", 32), ("2:4", 64), ("mixed", 64), ("70", 32)])
+@pytest.mark.parametrize("kind,block", [("2:4", 32), ("2:4", 64), ("mixed", 64), ("70", 32), ("70", 64), ("70", 128)])
 def test_a_sparse_model_quantized_to_4_bits_is_read_as_sparse_int4(tmp_path, kind, block):
     """Pruned (2:4, 70 % unstructured, or 2:4 attention with a 70 % MLP), then the quantize pass at 4
     bits (zeros kept): every block linear stored as ``2:4-int4`` where it is 2:4 and ``bitmask-int4``
     elsewhere (4-bit codes of the kept values, a scale and zero point per block), under 0.15 of the
     dense float32 bytes; logits and 32 greedy tokens (the native decode step) equal the PyTorch model
-    holding the same weights."""
+    holding the same weights — with blocks of 64 and 128 the bitmask-int4 weights run the 16-bit kernel
+    where the CPU has it (x rounded to 1/32639 of its largest |x|)."""
     model = tiny_model("llama", seed=4)
     prune(model, kind)
     art, manifest = _quantized_artifact(tmp_path, model, bits=4, block_size=block)

@@ -642,15 +642,106 @@ def test_bitmask_int4_matches_the_float32_bitmask_kernel_bit_for_bit(n, k, rows,
     x = rng.standard_normal((rows, k)).astype(np.float32)
     ref = x.astype(np.float64) @ deq.T.astype(np.float64)
     bound = 1e-5 * (np.abs(x).astype(np.float64) @ np.abs(deq).T.astype(np.float64)) + 1e-6
-    for isa in ISAS:
-        native.set_isa(isa)
-        nw, fw = native.NativeWeight(c), native.NativeWeight(compress(deq, "bitmask"))
-        assert np.array_equal(nw.to_dense(), deq), isa
-        y = nw.gemv(x)
-        assert (np.abs(y - ref) <= bound).all(), (isa, float(np.abs(y - ref).max()))
-        if isa != "scalar":
-            assert np.array_equal(y, fw.gemv(x)), isa
-        assert (np.abs(nw.gemm_tiled(np.repeat(x, 4, 0)) - np.repeat(ref, 4, 0)) <= np.repeat(bound, 4, 0)).all(), isa
+    native.int16_activations(False)  # the float kernels (the 16-bit one: the next test)
+    try:
+        for isa in ISAS:
+            native.set_isa(isa)
+            nw, fw = native.NativeWeight(c), native.NativeWeight(compress(deq, "bitmask"))
+            assert np.array_equal(nw.to_dense(), deq), isa
+            y = nw.gemv(x)
+            assert (np.abs(y - ref) <= bound).all(), (isa, float(np.abs(y - ref).max()))
+            if isa != "scalar":
+                assert np.array_equal(y, fw.gemv(x)), isa
+            assert (np.abs(nw.gemm_tiled(np.repeat(x, 4, 0)) - np.repeat(ref, 4, 0)) <= np.repeat(bound, 4, 0)).all(), isa
+    finally:
+        native.int16_activations(True)
+
+
+def _x16_rounded(x: np.ndarray) -> np.ndarray:
+    """x as the 16-bit bitmask-int4 kernel rounds it: per row, to the nearest multiple of 1/32639 of its
+    largest |x| (float32 arithmetic, ties to even), as float64."""
+    top = np.abs(x).max(1, keepdims=True)
+    inv = np.where(top > 0, np.float32(32639) / np.where(top > 0, top, 1), 0).astype(np.float32)
+    q = np.clip(np.rint((x * inv).astype(np.float32)), -32639, 32639).astype(np.float64)
+    return q * (top / np.float32(32639)).astype(np.float32).astype(np.float64)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    n=st.integers(1, 40),
+    k=st.integers(1, 400),
+    rows=st.sampled_from([1, 2, 3, 4, 5, 9]),
+    sparsity=st.sampled_from([0.0, 0.3, 0.5, 0.7, 0.95, 1.0]),
+    block=st.sampled_from([64, 128, 256]),
+    seed=st.integers(0, 2**16),
+)
+def test_bitmask_int4_int16_activation_kernel_computes_the_rounded_product(n, k, rows, sparsity, block, seed):
+    """The bitmask-int4 × 16-bit kernel (bitmask_int4_vnni_avx512.cpp; grid blocks of 64k inputs, AVX-512
+    VNNI + VBMI2): any K (a partial last group whose mask words run into the next row's), empty and full
+    groups, 1-9 rows of x, zero rows of x: equals the float64 product of x rounded to 1/32639 of each
+    row's largest |x| within float32 summation error; within 2e-5 of the unrounded product (relative to
+    the row's largest |x| · Σ|w|); not the float kernel's result where the rounding shows; stacked parts
+    agree."""
+    import torch
+
+    from core.quant import QuantScheme, rtn
+
+    if not native.bitmask_int4_int16():
+        pytest.skip(f"the 16-bit bitmask-int4 kernel needs AVX-512 VNNI and VBMI2 (this CPU's best: {native.best_isa()})")
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    w[rng.random((n, k)) < sparsity] = 0.0
+    deq, scales, zeros = (t.numpy() for t in rtn(torch.from_numpy(w), QuantScheme(4, block)))
+    deq = np.where(w == 0, np.float32(0), deq)
+    c = compress(deq, "bitmask-int4", grid=(scales, zeros, block), name="blk.0.down")
+    x = (rng.standard_normal((rows, k)) * rng.uniform(0.1, 5.0, k)).astype(np.float32)
+    x[rows // 2] = 0.0  # a row of x that is all zero
+    # the scale of the rounding and of the offset term's cancellation: each row's largest |x| · Σ|w|
+    scale = np.abs(x).max(1, keepdims=True).astype(np.float64) * np.abs(deq).sum(1, dtype=np.float64)[None]
+    nw = native.NativeWeight(c)
+    y = nw.gemv(x)
+    ref = _x16_rounded(x) @ deq.T.astype(np.float64)
+    assert (np.abs(y - ref) <= 2e-6 * scale + 1e-7).all(), float(np.abs(y - ref).max())
+    exact = x.astype(np.float64) @ deq.T.astype(np.float64)
+    assert (np.abs(y - exact) <= 2e-5 * scale + 1e-7).all()
+    assert not y[rows // 2].any()
+    native.int16_activations(False)
+    try:
+        floats = nw.gemv(x)
+    finally:
+        native.int16_activations(True)
+    if (np.abs(ref - exact) > 1e-5 * np.abs(exact) + 1e-5).any():  # the rounding shows: the float kernel's result is not this one
+        assert not np.array_equal(y, floats)
+    both = native.NativeWeight.stacked([nw, native.NativeWeight(c)])
+    assert np.array_equal(both.gemv(x), np.concatenate([y, y], axis=1))
+
+
+def test_bitmask_int4_int16_kernel_is_used_only_where_it_applies():
+    """Grid blocks under 64 inputs, another instruction set forced, or the switch off: the float kernels
+    (bit for bit the float32 bitmask kernel's result)."""
+    import torch
+
+    from core.quant import QuantScheme, rtn
+
+    if not native.bitmask_int4_int16():
+        pytest.skip(f"the 16-bit bitmask-int4 kernel needs AVX-512 VNNI and VBMI2 (this CPU's best: {native.best_isa()})")
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((24, 200)).astype(np.float32)
+    w[rng.random(w.shape) < 0.6] = 0.0
+    x = rng.standard_normal((1, 200)).astype(np.float32)
+    for block in (32, 64):
+        deq, scales, zeros = (t.numpy() for t in rtn(torch.from_numpy(w), QuantScheme(4, block)))
+        deq = np.where(w == 0, np.float32(0), deq)
+        nw, fw = native.NativeWeight(compress(deq, "bitmask-int4", grid=(scales, zeros, block))), native.NativeWeight(compress(deq, "bitmask"))
+        assert np.array_equal(nw.gemv(x), fw.gemv(x)) == (block == 32)
+        native.set_isa("avx2+fma")
+        assert not native.bitmask_int4_int16() and np.array_equal(nw.gemv(x), fw.gemv(x))
+        native.set_isa(native.best_isa())
+        native.int16_activations(False)
+        try:
+            assert not native.bitmask_int4_int16() and np.array_equal(nw.gemv(x), fw.gemv(x))
+        finally:
+            native.int16_activations(True)
 
 
 def test_bitmask_int4_by_hand_stacking_and_errors():

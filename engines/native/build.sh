@@ -42,7 +42,7 @@ FLAGS="-std=c++17 -O3 -fPIC -Wall -Wextra -fvisibility=hidden -DNDEBUG ${PK_EXTR
 "$CXX" $FLAGS -mavx2 -mfma -mf16c -c src/int4_x_avx2.cpp -o obj/int4_x_avx2.o
 "$CXX" $FLAGS -Wno-uninitialized -Wno-maybe-uninitialized -mavx512f -mavx2 -mfma -c src/int4_x_avx512.cpp -o obj/int4_x_avx512.o
 "$CXX" $FLAGS -Wno-uninitialized -Wno-maybe-uninitialized -mavx512f -mavx512bw -mavx512vl -mavx512vnni -mavx2 -mfma -c src/int4_x_vnni_avx512.cpp -o obj/int4_x_vnni_avx512.o
-"$CXX" $FLAGS -Wno-uninitialized -Wno-maybe-uninitialized -mavx512f -mavx512bw -mavx512vl -mavx512vnni -mavx512vbmi -mavx512vbmi2 -mpopcnt -mavx2 -mfma -c src/bitmask_int4_vnni_avx512.cpp -o obj/bitmask_int4_vnni_avx512.o
+"$CXX" $FLAGS -Wno-uninitialized -Wno-maybe-uninitialized -mavx512f -mavx512bw -mavx512vl -mavx512vnni -mavx512vbmi2 -mpopcnt -mavx2 -mfma -c src/bitmask_int4_vnni_avx512.cpp -o obj/bitmask_int4_vnni_avx512.o
 "$CXX" $FLAGS -mavx2 -mfma -c src/layer_ops.cpp -o obj/layer_ops.o
 "$CXX" $FLAGS -c src/api.cpp -o obj/api.o
 # An AVX-512 file must hold nothing that runs or is shared outside the dispatch: no load-time

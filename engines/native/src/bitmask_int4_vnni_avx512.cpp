@@ -1,10 +1,9 @@
-// Bitmask with 4-bit values × 16-bit activations, AVX-512 VNNI + VBMI + VBMI2 (compiled with those
+// Bitmask with 4-bit values × 16-bit activations, AVX-512 VNNI + VBMI2 (compiled with those
 // flags; pk::BitmaskInt4 with row_sums, pk::X16 in kernels.h). The float kernel (bitmask_int4_avx512.cpp)
 // spends three permutations, a widening and an FMA on every 16 inputs of a row whatever their density:
 // it reads fewer bytes than the dense 4-bit kernel and computes more. Here a row's group of 64 inputs
 // costs the same few instructions at any density: its codes (32 bytes, two a byte in kept order) are
-// spread to one byte each (`vpmovzxdq` puts four code bytes in each qword, `vpmultishiftqb` picks each
-// nibble to a byte, an AND keeps it), moved to their inputs' lanes by `vpexpandb` under the group's
+// spread to one byte each (`vpmovzxbw`, then (w | w << 4) & 0x0F0F by one `vpternlogd`), moved to their inputs' lanes by `vpexpandb` under the group's
 // 64-bit mask, the zero point subtracted in the kept lanes only (the others stay 0: w = code − zero, a
 // signed byte), and two `vpdpbusd` add w · xh and w · xl into 16 lanes — x as a 16-bit integer xq
 // rounded to 1/32639 of the token's largest |x| and stored as xq + 32768 = 256 · xh + xl, two unsigned
@@ -26,98 +25,137 @@ constexpr int64_t kAhead = 8;  // blocks of rows ahead for the next rows' codes 
 constexpr int kX16Max = 32639;  // |xq| at most: xq + 32768 + 128 stays below 65536 (the int4_x_vnni kernel's bound)
 
 // The group's kept values (code − zero, signed bytes) in their inputs' lanes, 0 elsewhere.
-inline __m512i group_weights(const uint8_t* codes, __mmask64 bits, __m512i zero, __m512i ctrl, __m512i nib) {
-  const __m512i wide = _mm512_cvtepu32_epi64(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes)));  // qword i: code bytes 4i..4i+3
-  const __m512i spread = _mm512_and_si512(_mm512_multishift_epi64_epi8(ctrl, wide), nib);                   // byte j of qword i: code 8i + j
+inline __m512i group_weights(const uint8_t* codes, __mmask64 bits, __m512i zero, __m512i nibs) {
+  const __m512i wide = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes)));  // word i: code byte i
+  // (w | w << 4) & 0x0F0F: byte 2i = code 2i (low nibble), byte 2i + 1 = code 2i + 1 (high nibble)
+  const __m512i spread = _mm512_ternarylogic_epi32(wide, _mm512_slli_epi16(wide, 4), nibs, 0xA8);
   return _mm512_maskz_sub_epi8(bits, _mm512_maskz_expand_epi8(bits, spread), zero);
 }
 
+// The sums of four vectors' lanes, as one vector of four.
+inline __m128 hsum4(__m512 a, __m512 b, __m512 c, __m512 d) {
+  const __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));  // [a lo + a hi | b lo + b hi] (256-bit halves)
+  const __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(c, d, 0x44), _mm512_shuffle_f32x4(c, d, 0xEE));
+  const __m512 t = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xDD));  // 128-bit lane i: vector i's four partial sums
+  const __m512 u = _mm512_add_ps(t, _mm512_permute_ps(t, 0x4E));
+  const __m512 v = _mm512_add_ps(u, _mm512_permute_ps(u, 0xB1));  // every lane of 128-bit lane i: vector i's sum
+  return _mm512_castps512_ps128(_mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0), v));
+}
+
+// A row block's running state (rows n .. n + RB − 1).
 template <int MM, int RB>
-void block(const BitmaskInt4& w, const X16& x, float* y, int64_t ldy, int64_t n) {
-  const int64_t K = w.K, KW = (K + 15) / 16, G = (K + 63) / 64, nb = (K + w.block - 1) / w.block, gpb = w.block / 64;
-  // the last group's mask words beyond K's are the next row's: only its own words count
-  const uint64_t last = KW % 4 ? (uint64_t(1) << (16 * (KW % 4))) - 1 : ~uint64_t(0);
-  const __m512i ctrl = _mm512_set1_epi64(0x1C1814100C080400LL), nib = _mm512_set1_epi8(15);
-  const uint8_t* q[RB];
-  const uint16_t* mk[RB];
-  const uint8_t* next[RB];
-  const uint16_t* next_mk[RB];
-  __m512 f[RB][MM];
-  __m512i h[RB][MM], l[RB][MM], zero[RB];
-  float scale[RB];
+struct Rows {
+  const uint8_t* q[RB];  // each row's codes of its next group
+  __m512 f[RB][MM];      // float sums of the blocks so far
+};
+
+// Groups [g0, g1) of one block of the grid (its zero points `zero`, scales sc[r · nb + b]) into st.f.
+// With G1 > 0 the block has exactly G1 groups (fully unrolled: no accumulator is carried by a loop).
+template <int MM, int RB, int G1, bool PARTIAL>
+inline void grid_block(Rows<MM, RB>& st, const uint16_t* mk, int64_t KW, const X16& x, int64_t g0, int64_t g1, uint64_t own_last, int64_t G,
+                       const __m512i* zero, const float* sc, int64_t nb, int64_t b) {
+  const __m512i nibs = _mm512_set1_epi16(0x0F0F);
+  __m512i h[RB][MM], l[RB][MM];
   PK_UNROLL
-  for (int r = 0; r < RB; ++r) {
-    q[r] = w.codes + w.row_off[n + r];
-    mk[r] = w.masks + (n + r) * KW;
-    const int64_t nn = n + kAhead * RB + r < w.N ? n + kAhead * RB + r : n + r;
-    next[r] = w.codes + w.row_off[nn];
-    next_mk[r] = w.masks + nn * KW;
-    _mm_prefetch(reinterpret_cast<const char*>(w.scales + nn * nb), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(w.zeros + nn * nb), _MM_HINT_T0);
-    scale[r] = 0.f;
-    zero[r] = _mm512_setzero_si512();
+  for (int r = 0; r < RB; ++r)
     PK_UNROLL
-    for (int m = 0; m < MM; ++m) {
-      f[r][m] = _mm512_setzero_ps();
-      h[r][m] = l[r][m] = _mm512_setzero_si512();
-    }
-  }
-  for (int64_t g = 0; g < G; ++g) {
-    if (g % gpb == 0) {  // a new block of the grid: fold the last one's sums, take this one's scale and zero point
-      const int64_t b = g / gpb;
-      PK_UNROLL
-      for (int r = 0; r < RB; ++r) {
-        if (g) {
-          const __m512 s = _mm512_set1_ps(scale[r]);
-          PK_UNROLL
-          for (int m = 0; m < MM; ++m) {
-            f[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(h[r][m], 8), l[r][m])), s, f[r][m]);
-            h[r][m] = l[r][m] = _mm512_setzero_si512();
-          }
-        }
-        scale[r] = w.scales[(n + r) * nb + b];
-        zero[r] = _mm512_set1_epi8(char(w.zeros[(n + r) * nb + b]));
-      }
-    }
+    for (int m = 0; m < MM; ++m) h[r][m] = l[r][m] = _mm512_setzero_si512();
+  auto group = [&](int64_t g) __attribute__((always_inline)) {
     __m512i xh[MM], xl[MM];
     PK_UNROLL
     for (int m = 0; m < MM; ++m) {
       xh[m] = _mm512_loadu_si512(x.hi + m * x.ld + 64 * g);
       xl[m] = _mm512_loadu_si512(x.lo + m * x.ld + 64 * g);
     }
+    const uint64_t own = !PARTIAL || g != G - 1 ? ~uint64_t(0) : own_last;
     PK_UNROLL
     for (int r = 0; r < RB; ++r) {
-      if ((g & 1) == 0) _mm_prefetch(reinterpret_cast<const char*>(next[r] + 16 * g), _MM_HINT_T0);  // ≈ 32 code bytes per 2 groups at half density
-      if ((g & 7) == 0) _mm_prefetch(reinterpret_cast<const char*>(next_mk[r] + 4 * g), _MM_HINT_T0);
       uint64_t bits;
-      std::memcpy(&bits, mk[r] + 4 * g, 8);
-      if (g == G - 1) bits &= last;
-      const __m512i wv = group_weights(q[r], __mmask64(bits), zero[r], ctrl, nib);
-      q[r] += (_mm_popcnt_u64(bits) + 1) / 2;
+      std::memcpy(&bits, mk + r * KW + 4 * g, 8);
+      bits &= own;
+      const __m512i wv = group_weights(st.q[r], _cvtu64_mask64(bits), zero[r], nibs);
+      st.q[r] += (_mm_popcnt_u64(bits) + 1) / 2;
       PK_UNROLL
       for (int m = 0; m < MM; ++m) {
         h[r][m] = _mm512_dpbusd_epi32(h[r][m], xh[m], wv);
         l[r][m] = _mm512_dpbusd_epi32(l[r][m], xl[m], wv);
       }
     }
+  };
+  if constexpr (G1 > 0) {
+    PK_UNROLL
+    for (int i = 0; i < G1; ++i) group(g0 + i);
+  } else {
+    for (int64_t g = g0; g < g1; ++g) group(g);
   }
   PK_UNROLL
-  for (int r = 0; r < RB; ++r) {
-    const __m512 s = _mm512_set1_ps(scale[r]);
+  for (int r = 0; r < RB; ++r) {  // the block's exact integer sums (h · 256 + l) into float, times its scale
+    const __m512 s = _mm512_set1_ps(sc[r * nb + b]);
     PK_UNROLL
-    for (int m = 0; m < MM; ++m) {
-      f[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(h[r][m], 8), l[r][m])), s, f[r][m]);
-      y[m * ldy + n + r] = x.scale[m] * (hsum(f[r][m]) - 32768.f * w.row_sums[n + r]);
+    for (int m = 0; m < MM; ++m) st.f[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(h[r][m], 8), l[r][m])), s, st.f[r][m]);
+  }
+}
+
+template <int MM, int RB, int GPB>
+void block(const BitmaskInt4& w, const X16& x, float* y, int64_t ldy, int64_t n) {
+  const int64_t K = w.K, KW = (K + 15) / 16, G = (K + 63) / 64, nb = (K + w.block - 1) / w.block, gpb = w.block / 64;
+  // a last group with mask words beyond K's (they are the next row's) is masked to its own words
+  const uint64_t last = KW % 4 ? (uint64_t(1) << (16 * (KW % 4))) - 1 : ~uint64_t(0);
+  const uint16_t* mk = w.masks + n * KW;  // row r's: mk + r · KW
+  const float* sc = w.scales + n * nb;
+  const uint8_t* zp = w.zeros + n * nb;
+  const int64_t ahead = n + kAhead * RB < w.N ? kAhead * RB : 0;  // the rows whose codes and masks are prefetched meanwhile
+  Rows<MM, RB> st;
+  int64_t to_next[RB];  // from row n + r's codes to row n + r + ahead's
+  PK_UNROLL
+  for (int r = 0; r < RB; ++r) {
+    st.q[r] = w.codes + w.row_off[n + r];
+    const int64_t nn = n + r + ahead < w.N ? n + r + ahead : n + r;
+    to_next[r] = w.row_off[nn] - w.row_off[n + r];
+    _mm_prefetch(reinterpret_cast<const char*>(w.scales + nn * nb), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(w.zeros + nn * nb), _MM_HINT_T0);
+    PK_UNROLL
+    for (int m = 0; m < MM; ++m) st.f[r][m] = _mm512_setzero_ps();
+  }
+  for (int64_t b = 0, g0 = 0; g0 < G; ++b, g0 += gpb) {  // a block of the grid: gpb groups, one scale and zero point per row
+    __m512i zero[RB];
+    PK_UNROLL
+    for (int r = 0; r < RB; ++r) {
+      // the next rows' codes from where this row's are now, their masks of this block
+      _mm_prefetch(reinterpret_cast<const char*>(st.q[r] + to_next[r] + 64), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(mk + (r + ahead) * KW + 4 * g0), _MM_HINT_T0);
+      zero[r] = _mm512_set1_epi8(char(zp[r * nb + b]));
+    }
+    if (GPB > 0 && g0 + GPB < G) grid_block<MM, RB, GPB, false>(st, mk, KW, x, g0, g0 + GPB, last, G, zero, sc, nb, b);
+    else if (g0 + gpb < G) grid_block<MM, RB, 0, false>(st, mk, KW, x, g0, g0 + gpb, last, G, zero, sc, nb, b);
+    else grid_block<MM, RB, 0, true>(st, mk, KW, x, g0, G, last, G, zero, sc, nb, b);  // the last block: its last group may be partial
+  }
+  PK_UNROLL
+  for (int m = 0; m < MM; ++m) {
+    if constexpr (RB == 4) {
+      const __m128 sums = _mm_sub_ps(hsum4(st.f[0][m], st.f[1][m], st.f[2][m], st.f[3][m]), _mm_mul_ps(_mm_set1_ps(32768.f), _mm_loadu_ps(w.row_sums + n)));
+      _mm_storeu_ps(y + m * ldy + n, _mm_mul_ps(_mm_set1_ps(x.scale[m]), sums));
+    } else {
+      PK_UNROLL
+      for (int r = 0; r < RB; ++r) y[m * ldy + n + r] = x.scale[m] * (hsum(st.f[r][m]) - 32768.f * w.row_sums[n + r]);
     }
   }
 }
 
-template <int MM>
-void rows(const BitmaskInt4& w, const X16& x, float* y, int64_t ldy, int64_t n0, int64_t n1) {
+template <int MM, int GPB>
+void rows_of(const BitmaskInt4& w, const X16& x, float* y, int64_t ldy, int64_t n0, int64_t n1) {
   constexpr int RB = MM == 1 ? 4 : (MM == 2 ? 2 : 1);  // accumulators: 3 · RB · MM registers
   int64_t n = n0;
-  for (; n + RB <= n1; n += RB) block<MM, RB>(w, x, y, ldy, n);
-  for (; n < n1; ++n) block<MM, 1>(w, x, y, ldy, n);
+  for (; n + RB <= n1; n += RB) block<MM, RB, GPB>(w, x, y, ldy, n);
+  for (; n < n1; ++n) block<MM, 1, GPB>(w, x, y, ldy, n);
+}
+
+// Blocks of 64 and 128 inputs unrolled whole; larger ones loop over their groups.
+template <int MM>
+void rows(const BitmaskInt4& w, const X16& x, float* y, int64_t ldy, int64_t n0, int64_t n1) {
+  if (w.block == 64) rows_of<MM, 1>(w, x, y, ldy, n0, n1);
+  else if (w.block == 128) rows_of<MM, 2>(w, x, y, ldy, n0, n1);
+  else rows_of<MM, 0>(w, x, y, ldy, n0, n1);
 }
 
 }  // namespace
