@@ -100,8 +100,9 @@ def main() -> None:
                     help="also run every other variant on native-cpu built with this engine option, as 'VARIANT[OPTION=VALUE]' "
                          "(e.g. int8_activations=true beside --dense-with int8_activations=true)")
     ap.add_argument("--float-kernel-too", action="store_true",
-                    help="also run every variant other than dense with input-major 4-bit weights' float kernel instead of the 16-bit one "
-                         "(AVX-512 VNNI; engines.native.int16_activations switched before each of its runs), as 'VARIANT[float-kernel]'")
+                    help="also run every variant other than dense with the float kernels of input-major 4-bit weights and of bitmask-int4 "
+                         "weights instead of the 16-bit ones (AVX-512 VNNI, + VBMI2 for bitmask-int4; engines.native.int16_activations "
+                         "switched before each of its runs), as 'VARIANT[float-kernel]'")
     ap.add_argument("--isa", default=None, help="force native-cpu's instruction set, no better than the CPU's (scalar, avx2+fma, avx512f): "
                     "the AVX2 path's speed on an AVX-512 machine, not an AVX2-only machine's")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "native_decode.json")
@@ -221,6 +222,8 @@ def main() -> None:
             if kind == "native":
                 kernel_for(key)
                 entry["input_major_kernel"] = "16-bit (AVX-512 VNNI)" if native.int16_activations() else "float"
+                if "bitmask-int4" in sizes[v]["formats"]:
+                    entry["bitmask_int4_kernel"] = "16-bit (AVX-512 VNNI + VBMI2; blocks of 64k inputs)" if native.bitmask_int4_int16() else "float"
                 entry.update(sizes[v])
                 if args.ppl_windows:
                     entry["perplexity"] = {name: round(perplexity(runner_outputs_fn(r, "logits"), w, f"{v} {name}")["perplexity"], 4) for name, w in texts.items()}
