@@ -236,19 +236,24 @@ void gemv(const W& w, const float* x, int64_t M, float* y, int isa) {
   pool().run(job.tasks, &GemvJob<W>::task, &job);
 }
 
-struct Int8xJob {
-  const pk::Bitmask* w;
-  pk::QuantizedX xq;
+// M rows of x, prepared once (quantized: X), through a weight by one kernel F, output rows split over the pool.
+template <class W, class X, void (*F)(const W&, const X&, int64_t, float*, int64_t, int64_t, int64_t)>
+struct PreparedJob {
+  const W* w;
+  X xq;
   int64_t M;
   float* y;
   int64_t tasks;
   static void task(void* p, int64_t i) {
-    auto* j = static_cast<Int8xJob*>(p);
+    auto* j = static_cast<PreparedJob*>(p);
     int64_t n0, n1;
     task_rows(j->w->N, j->tasks, i, n0, n1);
-    if (n0 < n1) pk::gemv_int8x_avx512(*j->w, j->xq, j->M, j->y, j->w->N, n0, n1);
+    if (n0 < n1) F(*j->w, j->xq, j->M, j->y, j->w->N, n0, n1);
   }
+  void run() { pool().run(tasks, &PreparedJob::task, this); }
 };
+using Int8xJob = PreparedJob<pk::Bitmask, pk::QuantizedX, pk::gemv_int8x_avx512>;
+using BitmaskInt4x16Job = PreparedJob<pk::BitmaskInt4, pk::X16, pk::gemv_bitmask_int4_x16_avx512>;
 
 // A bitmask/dense weight: int8 activations by the VNNI kernel where the weight allows them
 // (w.q.corr, accuracy_level 4) and the chosen instruction set is AVX-512 on a CPU with VNNI.
@@ -265,20 +270,6 @@ void gemv(const pk::Bitmask& w, const float* x, int64_t M, float* y, int isa) {
   }
   gemv<pk::Bitmask>(w, x, M, y, isa);
 }
-
-struct BitmaskInt4x16Job {
-  const pk::BitmaskInt4* w;
-  pk::X16 x;
-  int64_t M;
-  float* y;
-  int64_t tasks;
-  static void task(void* p, int64_t i) {
-    auto* j = static_cast<BitmaskInt4x16Job*>(p);
-    int64_t n0, n1;
-    task_rows(j->w->N, j->tasks, i, n0, n1);
-    if (n0 < n1) pk::gemv_bitmask_int4_x16_avx512(*j->w, j->x, j->M, j->y, j->w->N, n0, n1);
-  }
-};
 
 // Whether a bitmask-int4 weight runs the 16-bit kernel (bitmask_int4_vnni_avx512.cpp): AVX-512 chosen on
 // a CPU with VNNI, VBMI and VBMI2, the 16-bit switch on (pk_int16_activations), the weight's row sums
@@ -299,8 +290,7 @@ void gemv(const pk::BitmaskInt4& w, const float* x, int64_t M, float* y, int isa
   scales.resize(size_t(M));
   const pk::X16 xq{bytes.data(), bytes.data() + M * ld, scales.data(), ld};
   pk::quantize_x16_avx512(x, M, w.K, w.K, xq);
-  BitmaskInt4x16Job job{&w, xq, M, y, gemv_tasks(w.N)};
-  pool().run(job.tasks, &BitmaskInt4x16Job::task, &job);
+  BitmaskInt4x16Job{&w, xq, M, y, gemv_tasks(w.N)}.run();
 }
 
 struct Int4xJob {
@@ -569,7 +559,8 @@ struct Int4InputMajorDecompressJob {
 // (a = codes, b = scales, c = offsets or zero points, block: bit 0 the zero-point form, bit 1 a half
 // grid; pk::Int4Dense); kind 4: the same with int8 activations; kind 5: 2:4 with 4-bit values (a = codes,
 // b = positions, c = uint8 zero points, scales, block; pk::TwoFourInt4); kind 6: bitmask with 4-bit
-// values (a = masks, b = codes, c = row offsets, d = uint8 zero points, scales, block; pk::BitmaskInt4);
+// values (a = masks, b = codes, c = row offsets, d = uint8 zero points, scales, block, corr = the rows'
+// sums of their values for the 16-bit kernel; pk::BitmaskInt4);
 // kind 7: input-major 4-bit (a = the buffer, stride = ld, block: bit 0 the zero-point form, bit 1 a
 // half grid, bit 2 int8 activations; pk::Int4InputMajor) with an activation threshold (< 0: none).
 // keep (kinds 2 and 7): > 0, the top-k form — each call keeps the keep largest |x| (topk_threshold)
