@@ -672,12 +672,12 @@ def _x16_rounded(x: np.ndarray) -> np.ndarray:
     k=st.integers(1, 400),
     rows=st.sampled_from([1, 2, 3, 4, 5, 9]),
     sparsity=st.sampled_from([0.0, 0.3, 0.5, 0.7, 0.95, 1.0]),
-    block=st.sampled_from([64, 128, 256]),
+    block=st.sampled_from([32, 64, 128, 256]),
     seed=st.integers(0, 2**16),
 )
 def test_bitmask_int4_int16_activation_kernel_computes_the_rounded_product(n, k, rows, sparsity, block, seed):
-    """The bitmask-int4 × 16-bit kernel (bitmask_int4_vnni_avx512.cpp; grid blocks of 64k inputs, AVX-512
-    VNNI + VBMI2): any K (a partial last group whose mask words run into the next row's), empty and full
+    """The bitmask-int4 × 16-bit kernel (bitmask_int4_vnni_avx512.cpp; grid blocks of 32 or 64k inputs,
+    AVX-512 VNNI + VBMI2): any K (a partial last group whose mask words run into the next row's), empty and full
     groups, 1-9 rows of x, zero rows of x: equals the float64 product of x rounded to 1/32639 of each
     row's largest |x| within float32 summation error; within 2e-5 of the unrounded product (relative to
     the row's largest |x| · Σ|w|); not the float kernel's result where the rounding shows; stacked parts
@@ -717,7 +717,7 @@ def test_bitmask_int4_int16_activation_kernel_computes_the_rounded_product(n, k,
 
 
 def test_bitmask_int4_int16_kernel_is_used_only_where_it_applies():
-    """Grid blocks under 64 inputs, another instruction set forced, or the switch off: the float kernels
+    """Grid blocks of 16 inputs, another instruction set forced, or the switch off: the float kernels
     (bit for bit the float32 bitmask kernel's result)."""
     import torch
 
@@ -729,11 +729,11 @@ def test_bitmask_int4_int16_kernel_is_used_only_where_it_applies():
     w = rng.standard_normal((24, 200)).astype(np.float32)
     w[rng.random(w.shape) < 0.6] = 0.0
     x = rng.standard_normal((1, 200)).astype(np.float32)
-    for block in (32, 64):
+    for block in (16, 32, 64):
         deq, scales, zeros = (t.numpy() for t in rtn(torch.from_numpy(w), QuantScheme(4, block)))
         deq = np.where(w == 0, np.float32(0), deq)
         nw, fw = native.NativeWeight(compress(deq, "bitmask-int4", grid=(scales, zeros, block))), native.NativeWeight(compress(deq, "bitmask"))
-        assert np.array_equal(nw.gemv(x), fw.gemv(x)) == (block == 32)
+        assert np.array_equal(nw.gemv(x), fw.gemv(x)) == (block == 16)
         native.set_isa("avx2+fma")
         assert not native.bitmask_int4_int16() and np.array_equal(nw.gemv(x), fw.gemv(x))
         native.set_isa(native.best_isa())
@@ -762,10 +762,17 @@ def test_bitmask_int4_by_hand_stacking_and_errors():
     assert c.arrays["values"].tolist() == [10 | (6 << 4), 12 | (9 << 4), 7] and c.arrays["row_offsets"].tolist() == [0, 3]
     assert np.array_equal(decompress(c), w)
     x = np.arange(80, dtype=np.float32)[None]
-    for isa in ISAS:
-        native.set_isa(isa)
-        assert native.NativeWeight(c).gemv(x)[0, 0] == 1.0 * 0 - 3.0 + 2.0 * 5 + 0.5 * 17 - 0.5 * 70, isa
-        assert np.array_equal(native.NativeWeight(c).to_dense(), w), isa
+    expected = 1.0 * 0 - 3.0 + 2.0 * 5 + 0.5 * 17 - 0.5 * 70
+    native.int16_activations(False)  # the float kernels: exact here
+    try:
+        for isa in ISAS:
+            native.set_isa(isa)
+            assert native.NativeWeight(c).gemv(x)[0, 0] == expected, isa
+            assert np.array_equal(native.NativeWeight(c).to_dense(), w), isa
+    finally:
+        native.int16_activations(True)
+    native.set_isa(native.best_isa())
+    assert abs(native.NativeWeight(c).gemv(x)[0, 0] - expected) <= 1e-4  # (the 16-bit kernel where the CPU has it: x rounded)
     both = native.NativeWeight.stacked([native.NativeWeight(c), native.NativeWeight(c)])
     assert both.format == "bitmask-int4" and np.array_equal(both.to_dense(), np.concatenate([w, w]))
     mixed = native.NativeWeight.stacked([native.NativeWeight(c), native.NativeWeight(compress(w, "bitmask"))])

@@ -9,7 +9,7 @@
 // rounded to 1/32639 of the token's largest |x| and stored as xq + 32768 = 256 · xh + xl, two unsigned
 // bytes. Per block of the grid the integer sums (h · 256 + l, exact) become float and are scaled by
 // the block's scale; at the end y = sx · (Σ − 32768 · Σ_k W[n][k]): the offset's products are the row's
-// sum of its values, computed when the weight is loaded (row_sums). Needs block % 64 == 0. Not bit-exact
+// sum of its values, computed when the weight is loaded (row_sums). Needs block 32 or a multiple of 64. Not bit-exact
 // (each input rounded to 1/32639 of the largest |x|: relative error ≤ 1.6e-5 of it).
 #include <immintrin.h>
 
@@ -49,11 +49,12 @@ struct Rows {
   __m512 f[RB][MM];      // float sums of the blocks so far
 };
 
-// Groups [g0, g1) of one block of the grid (its zero points `zero`, scales sc[r · nb + b]) into st.f.
-// With G1 > 0 the block has exactly G1 groups (fully unrolled: no accumulator is carried by a loop).
+// Groups [g0, g1) of one block of the grid (row r's zero point in every byte of zero[r], its scale in
+// every lane of scale[r]; blocks of 32: the two blocks' in the halves) into st.f. With G1 > 0 the block
+// has exactly G1 groups (fully unrolled: no accumulator is carried by a loop).
 template <int MM, int RB, int G1, bool PARTIAL>
 inline void grid_block(Rows<MM, RB>& st, const uint16_t* mk, int64_t KW, const X16& x, int64_t g0, int64_t g1, uint64_t own_last, int64_t G,
-                       const __m512i* zero, const float* sc, int64_t nb, int64_t b) {
+                       const __m512i* zero, const __m512* scale) {
   const __m512i nibs = _mm512_set1_epi16(0x0F0F);
   __m512i h[RB][MM], l[RB][MM];
   PK_UNROLL
@@ -89,16 +90,14 @@ inline void grid_block(Rows<MM, RB>& st, const uint16_t* mk, int64_t KW, const X
     for (int64_t g = g0; g < g1; ++g) group(g);
   }
   PK_UNROLL
-  for (int r = 0; r < RB; ++r) {  // the block's exact integer sums (h · 256 + l) into float, times its scale
-    const __m512 s = _mm512_set1_ps(sc[r * nb + b]);
+  for (int r = 0; r < RB; ++r)  // the block's exact integer sums (h · 256 + l) into float, times its scale
     PK_UNROLL
-    for (int m = 0; m < MM; ++m) st.f[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(h[r][m], 8), l[r][m])), s, st.f[r][m]);
-  }
+    for (int m = 0; m < MM; ++m) st.f[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(h[r][m], 8), l[r][m])), scale[r], st.f[r][m]);
 }
 
 template <int MM, int RB, int GPB>
 void block(const BitmaskInt4& w, const X16& x, float* y, int64_t ldy, int64_t n) {
-  const int64_t K = w.K, KW = (K + 15) / 16, G = (K + 63) / 64, nb = (K + w.block - 1) / w.block, gpb = w.block / 64;
+  const int64_t K = w.K, KW = (K + 15) / 16, G = (K + 63) / 64, nb = (K + w.block - 1) / w.block, gpb = w.block / 64;  // (gpb 0: blocks of 32)
   // a last group with mask words beyond K's (they are the next row's) is masked to its own words
   const uint64_t last = KW % 4 ? (uint64_t(1) << (16 * (KW % 4))) - 1 : ~uint64_t(0);
   const uint16_t* mk = w.masks + n * KW;  // row r's: mk + r · KW
@@ -117,18 +116,35 @@ void block(const BitmaskInt4& w, const X16& x, float* y, int64_t ldy, int64_t n)
     PK_UNROLL
     for (int m = 0; m < MM; ++m) st.f[r][m] = _mm512_setzero_ps();
   }
-  for (int64_t b = 0, g0 = 0; g0 < G; ++b, g0 += gpb) {  // a block of the grid: gpb groups, one scale and zero point per row
-    __m512i zero[RB];
-    PK_UNROLL
-    for (int r = 0; r < RB; ++r) {
-      // the next rows' codes from where this row's are now, their masks of this block
-      _mm_prefetch(reinterpret_cast<const char*>(st.q[r] + to_next[r] + 64), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(mk + (r + ahead) * KW + 4 * g0), _MM_HINT_T0);
-      zero[r] = _mm512_set1_epi8(char(zp[r * nb + b]));
+  __m512i zero[RB];
+  __m512 scale[RB];
+  if constexpr (GPB < 0) {  // blocks of 32 inputs: a group holds two (lanes 0-7 and bytes 0-31 the first; nb may end after it)
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t b0 = 2 * g, b1 = 2 * g + 1 < nb ? 2 * g + 1 : 2 * g;
+      PK_UNROLL
+      for (int r = 0; r < RB; ++r) {
+        _mm_prefetch(reinterpret_cast<const char*>(st.q[r] + to_next[r] + 64), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(mk + (r + ahead) * KW + 4 * g), _MM_HINT_T0);
+        zero[r] = _mm512_mask_blend_epi8(__mmask64(0xFFFFFFFF00000000ULL), _mm512_set1_epi8(char(zp[r * nb + b0])), _mm512_set1_epi8(char(zp[r * nb + b1])));
+        scale[r] = _mm512_mask_blend_ps(__mmask16(0xFF00), _mm512_set1_ps(sc[r * nb + b0]), _mm512_set1_ps(sc[r * nb + b1]));
+      }
+      if (g + 1 < G) grid_block<MM, RB, 1, false>(st, mk, KW, x, g, g + 1, last, G, zero, scale);
+      else grid_block<MM, RB, 1, true>(st, mk, KW, x, g, g + 1, last, G, zero, scale);
     }
-    if (GPB > 0 && g0 + GPB < G) grid_block<MM, RB, GPB, false>(st, mk, KW, x, g0, g0 + GPB, last, G, zero, sc, nb, b);
-    else if (g0 + gpb < G) grid_block<MM, RB, 0, false>(st, mk, KW, x, g0, g0 + gpb, last, G, zero, sc, nb, b);
-    else grid_block<MM, RB, 0, true>(st, mk, KW, x, g0, G, last, G, zero, sc, nb, b);  // the last block: its last group may be partial
+  } else {
+    for (int64_t b = 0, g0 = 0; g0 < G; ++b, g0 += gpb) {  // a block of the grid: gpb groups, one scale and zero point per row
+      PK_UNROLL
+      for (int r = 0; r < RB; ++r) {
+        // the next rows' codes from where this row's are now, their masks of this block
+        _mm_prefetch(reinterpret_cast<const char*>(st.q[r] + to_next[r] + 64), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(mk + (r + ahead) * KW + 4 * g0), _MM_HINT_T0);
+        zero[r] = _mm512_set1_epi8(char(zp[r * nb + b]));
+        scale[r] = _mm512_set1_ps(sc[r * nb + b]);
+      }
+      if (GPB > 0 && g0 + GPB < G) grid_block<MM, RB, GPB, false>(st, mk, KW, x, g0, g0 + GPB, last, G, zero, scale);
+      else if (g0 + gpb < G) grid_block<MM, RB, 0, false>(st, mk, KW, x, g0, g0 + gpb, last, G, zero, scale);
+      else grid_block<MM, RB, 0, true>(st, mk, KW, x, g0, G, last, G, zero, scale);  // the last block: its last group may be partial
+    }
   }
   PK_UNROLL
   for (int m = 0; m < MM; ++m) {
@@ -150,10 +166,11 @@ void rows_of(const BitmaskInt4& w, const X16& x, float* y, int64_t ldy, int64_t 
   for (; n < n1; ++n) block<MM, 1, GPB>(w, x, y, ldy, n);
 }
 
-// Blocks of 64 and 128 inputs unrolled whole; larger ones loop over their groups.
+// Blocks of 64 and 128 inputs unrolled whole, larger ones loop over their groups, two blocks of 32 a group.
 template <int MM>
 void rows(const BitmaskInt4& w, const X16& x, float* y, int64_t ldy, int64_t n0, int64_t n1) {
-  if (w.block == 64) rows_of<MM, 1>(w, x, y, ldy, n0, n1);
+  if (w.block == 32) rows_of<MM, -1>(w, x, y, ldy, n0, n1);
+  else if (w.block == 64) rows_of<MM, 1>(w, x, y, ldy, n0, n1);
   else if (w.block == 128) rows_of<MM, 2>(w, x, y, ldy, n0, n1);
   else rows_of<MM, 0>(w, x, y, ldy, n0, n1);
 }

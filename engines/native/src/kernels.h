@@ -298,7 +298,7 @@ struct X16 {
   int64_t ld;
 };
 void quantize_x16_avx512(const float* x, int64_t M, int64_t ldx, int64_t K, const X16& out);
-// Needs w.row_sums and w.block % 64 == 0; AVX-512 BW, VNNI, VBMI and VBMI2.
+// Needs w.row_sums and w.block 32 or a multiple of 64; AVX-512 BW, VNNI and VBMI2.
 void gemv_bitmask_int4_x16_avx512(const BitmaskInt4& w, const X16& x, int64_t M, float* y, int64_t ldy, int64_t n0, int64_t n1);
 
 // Int4 weights × int8 activations (AVX-512 VNNI; K % 64 == 0): x quantized first by
