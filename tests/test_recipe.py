@@ -43,7 +43,8 @@ def test_sparse_cpu_recipe_ships_sparse_int8_and_int4_on_the_native_engine():
     r = load_recipe("sparse-cpu")
     assert "native-cpu" in [e.backend for e in r.engines]
     quantized = {v.name: v.passes for v in r.variants if v.passes and v.passes[-1].name == "quantize"}
-    assert set(quantized) == {"dense-int8-head", "sds-sparsegpt-2of4-int8", "sds-sparsegpt-50-int8", "sds-sparsegpt-2of4-int4", "head4-gptq", "ffn40-int4"}
+    assert set(quantized) == {"dense-int8-head", "sds-sparsegpt-2of4-int8", "sds-sparsegpt-50-int8", "sds-sparsegpt-2of4-int4", "head4-gptq", "ffn40-int4",
+                              "sds-sparsegpt-50-int4", "sparsegpt-70-sens-int4"}
     # the frontier's structured companion of teal-30: FFN widths the 4-bit blocks of 32 divide
     ffn = quantized.pop("ffn40-int4")
     assert ffn[0].name == "structured" and ffn[0].options["round_to"] == 32 and ffn[-1].options["bits"] == 4
@@ -59,6 +60,10 @@ def test_sparse_cpu_recipe_ships_sparse_int8_and_int4_on_the_native_engine():
     # 2:4 in 4 bits: mask-aware GPTQ in blocks of 64, read by native-cpu as 2:4-int4
     int4 = quantized["sds-sparsegpt-2of4-int4"]
     assert int4[0].options["pattern"] == "2:4" and int4[-1].options["method"] == "gptq" and int4[-1].options["block_size"] == 64
+    # unstructured in 4 bits (bitmask-int4, the 16-bit kernel): 50 % SDS at blocks of 64, 70 % sensitivity at 128
+    sds50, sens70 = quantized["sds-sparsegpt-50-int4"], quantized["sparsegpt-70-sens-int4"]
+    assert (sds50[0].name, sds50[0].options["sparsity"], sds50[-1].options["method"], sds50[-1].options["block_size"]) == ("sds", 0.5, "gptq", 64)
+    assert (sens70[0].name, sens70[0].options["sparsity"], sens70[0].options["allocation"], sens70[-1].options["block_size"]) == ("sparsegpt", 0.7, "sensitivity", 128)
 
 
 def test_recipe_file_round_trip(tmp_path):
