@@ -945,6 +945,24 @@ def test_a_sparse_model_quantized_to_4_bits_is_read_as_sparse_int4(tmp_path, kin
     _runs_as_pytorch(model, art, 6, stacked_keep_the_format)
 
 
+def test_an_artifact_with_bitmask_int4_codes_in_the_earlier_layout_is_refused_by_name(tmp_path):
+    """An artifact written before bitmask-int4 codes were packed per group of 64 inputs (its manifest
+    without ``bitmask_int4_group``) would be misread: opening it fails with the directory and the fix."""
+    from core.errors import PipelineError
+
+    model = tiny_model("llama", seed=4)
+    prune(model, "70")
+    art, manifest = _quantized_artifact(tmp_path, model, bits=4, block_size=64)
+    assert manifest["bitmask_int4_group"] == 64
+    with NativeCpuEngine({"threads": 1}).runner(art):
+        pass
+    del manifest["bitmask_int4_group"]
+    (art.path.parent / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    with pytest.raises(PipelineError, match="earlier layout.*rebuild it"):
+        with NativeCpuEngine({"threads": 1}).runner(art):
+            pass
+
+
 def test_a_4bit_width_off_the_block_is_refused_with_the_fix(tmp_path):
     """FFN channels removed to a width that is not a multiple of 32, then 4-bit blocks of 32: the
     native engine cannot hold down's grid and says so, naming the weight and the structured pass's
