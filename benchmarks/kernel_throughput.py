@@ -74,10 +74,11 @@ class ActivationSparse:
 def make_weight(kind: str, n: int, k: int, rng: np.random.Generator):
     import torch
 
-    kind = kind.removesuffix("-f")  # (the same weights; the float kernel is a switch while timing)
     from core.quant import QuantScheme, rtn
     from core.sparse_format import compress
     from engines import native
+
+    kind = kind.removesuffix("-f")  # (the same weights; the float kernel is a switch while timing)
 
     w = rng.standard_normal((n, k)).astype(np.float32)
     w *= np.repeat(np.where(rng.random((n, -(-k // 32))) < 0.25, 4.0, 1.0), 32, axis=1)[:, :k].astype(np.float32)

@@ -67,10 +67,10 @@ import numpy as np
 
 FORMATS = ("2:4", "bitmask", "dense", "int4", "2:4-int4", "bitmask-int4")
 INT4_FORMATS = ("int4", "2:4-int4", "bitmask-int4")
+"""Formats whose values are 4-bit codes (``block`` is then their grid's block, not an int8 scale block)."""
 BITMASK_INT4_GROUP = 64
 """Inputs per group of ``bitmask-int4`` codes (each group starts on a byte): one 64-bit mask, one byte vector
 of the AVX-512 kernel."""
-"""Formats whose values are 4-bit codes (``block`` is then their grid's block, not an int8 scale block)."""
 INT4_BLOCK = 32
 """Inputs per scale and offset of the ``int4`` format (GGUF's Q4_1 block)."""
 

@@ -196,13 +196,11 @@ def _quantized_note(quant: dict[str, Any], linears: dict[str, Any], head: dict[s
             note += f"; {n24} 2:4 block linears read as 4-bit codes of their kept values with 2-bit positions (2:4-int4, a scale and zero point per {quant.get('block_size')} inputs)"
         if nbm:
             note += f"; {nbm} sparse block linears read as 4-bit codes of their kept values with a bit per weight (bitmask-int4, a scale and zero point per {quant.get('block_size')} inputs)"
-            block = int(quant.get("block_size") or 0)
-            if block == 32 or block % 64 == 0:
-                from engines import native
+            from engines import native
 
-                here = "this CPU runs it" if native.bitmask_int4_int16() else "not on this CPU: fp32 activations"
-                note += (", their activations rounded to 16 bits per token (1/32639 of the largest |x|) by the kernel for AVX-512 VNNI + VBMI2"
-                         f" ({here})")
+            here = "this CPU runs it" if native.bitmask_int4_int16(int(quant.get("block_size") or 0)) else "not on this CPU: fp32 activations"
+            note += (", their activations rounded to 16 bits per token (1/32639 of the largest |x|) by the kernel for AVX-512 VNNI + VBMI2 "
+                     f"where the blocks are 32 or a multiple of 64 inputs ({here})")
         if rest:
             note += f"; {rest} block linears run dequantized in fp32 (blocks of {quant.get('block_size')} inputs: the int4 formats need a multiple of 32)"
         return note + (f"; option int8_activations: int8 activations (per block of 32) {_int4x_here()}"

@@ -937,7 +937,7 @@ def test_a_sparse_model_quantized_to_4_bits_is_read_as_sparse_int4(tmp_path, kin
     assert manifest["linear_bytes"] < 0.15 * manifest["linear_dense_bytes"]
     if "bitmask-int4" in expected:  # the note says where the 16-bit kernel rounds the activations, and whether this CPU does
         assert "rounded to 16 bits per token" in art.info["quantized_weights"]
-        assert ("(this CPU runs it)" in art.info["quantized_weights"]) == native.bitmask_int4_int16()
+        assert ("(this CPU runs it)" in art.info["quantized_weights"]) == native.bitmask_int4_int16(block)
 
     def stacked_keep_the_format(r) -> None:  # q, k and v stacked into one weight stay in their 4-bit format
         assert {L.qkv.format for L in r.decoder.layers} == {"bitmask-int4" if kind == "70" else "2:4-int4"}

@@ -729,6 +729,7 @@ def test_bitmask_int4_int16_kernel_is_used_only_where_it_applies():
     w = rng.standard_normal((24, 200)).astype(np.float32)
     w[rng.random(w.shape) < 0.6] = 0.0
     x = rng.standard_normal((1, 200)).astype(np.float32)
+    assert native.bitmask_int4_int16(32) and native.bitmask_int4_int16(128) and not native.bitmask_int4_int16(16) and not native.bitmask_int4_int16(96)
     for block in (16, 32, 64):
         deq, scales, zeros = (t.numpy() for t in rtn(torch.from_numpy(w), QuantScheme(4, block)))
         deq = np.where(w == 0, np.float32(0), deq)

@@ -80,6 +80,7 @@ def lib() -> ctypes.CDLL:
             L.pk_decompress_24_int4.argtypes = [_i64, _i64, vp, vp, vp, vp, _i64, _i64, _i64, _i64, vp]
             L.pk_gemv_bitmask_int4.argtypes = [_i64, _i64, vp, vp, vp, vp, vp, _i64, vp, vp, _i64, vp]
             L.pk_bitmask_int4_int16.restype = ctypes.c_int
+            L.pk_bitmask_int4_int16.argtypes = [_i64]
             L.pk_decompress_bitmask_int4.argtypes = [_i64, _i64, vp, vp, vp, vp, vp, _i64, _i64, _i64, vp]
             L.pk_gemv_int4.argtypes = [_i64, _i64, vp, vp, vp, ctypes.c_int, _i64, ctypes.c_int, vp, _i64, vp]
             L.pk_decompress_int4.argtypes = [_i64, _i64, vp, vp, vp, ctypes.c_int, _i64, _i64, _i64, vp]
@@ -150,12 +151,12 @@ def int16_activations(on: bool | None = None) -> bool:
     return bool(lib().pk_int16_activations(-1 if on is None else int(bool(on)))) and isa() == "avx512f"
 
 
-def bitmask_int4_int16() -> bool:
-    """Whether ``bitmask-int4`` weights whose grid blocks are multiples of 64 inputs multiply 16-bit
-    activations (``bitmask_int4_vnni_avx512.cpp``: x rounded to 1/32639 of its largest |x|) instead of
-    running the float kernel: a CPU with AVX-512 VNNI, VBMI and VBMI2, AVX-512 chosen, and
-    :func:`int16_activations` on."""
-    return bool(lib().pk_bitmask_int4_int16()) and isa() == "avx512f"
+def bitmask_int4_int16(block: int = 64) -> bool:
+    """Whether ``bitmask-int4`` weights with grid blocks of ``block`` inputs multiply 16-bit activations
+    (``bitmask_int4_vnni_avx512.cpp``: x rounded to 1/32639 of its largest |x|) instead of running the
+    float kernel: a CPU with AVX-512 VNNI and VBMI2, AVX-512 chosen, :func:`int16_activations` on, and
+    blocks of 32 or a multiple of 64 (the library's own rule, ``pk_bitmask_int4_int16``)."""
+    return bool(lib().pk_bitmask_int4_int16(int(block)))
 
 
 def int4_int8_activations(k: int = 64, half_grid: bool = False) -> bool:
@@ -181,9 +182,9 @@ def copy_bandwidth(nbytes: int = 256 << 20, reps: int = 5) -> float:
 
 
 VALUE_PAD = 16
+"""Values (floats or int8 codes) of zeros after the last kept value: the AVX-512 kernels load 16 at a time."""
 BITMASK_INT4_PAD = 40
 """Bytes after a ``bitmask-int4`` weight's codes: a group's codes are read up to 40 bytes from its start (kernels.h)."""
-"""Values (floats or int8 codes) of zeros after the last kept value: the AVX-512 kernels load 16 at a time."""
 
 
 def numpy_blas_threads(n: int | None) -> int | None:

@@ -274,12 +274,12 @@ void gemv(const pk::Bitmask& w, const float* x, int64_t M, float* y, int isa) {
 // Whether a bitmask-int4 weight runs the 16-bit kernel (bitmask_int4_vnni_avx512.cpp): AVX-512 chosen on
 // a CPU with VNNI and VBMI2, the 16-bit switch on (pk_int16_activations), the weight's row sums
 // given and its grid blocks 32 inputs or whole groups of 64.
-bool bitmask_int4_x16(const pk::BitmaskInt4& w, int isa) {
-  return isa == kAvx512 && g_vbmi2 && g_x16.load(std::memory_order_relaxed) && w.row_sums && (w.block == 32 || w.block % pk::kBitmaskInt4Group == 0);
+bool bitmask_int4_x16(int64_t block, int isa) {
+  return isa == kAvx512 && g_vbmi2 && g_x16.load(std::memory_order_relaxed) && (block == 32 || (block > 0 && block % pk::kBitmaskInt4Group == 0));
 }
 
 void gemv(const pk::BitmaskInt4& w, const float* x, int64_t M, float* y, int isa) {
-  if (!bitmask_int4_x16(w, isa)) {
+  if (!w.row_sums || !bitmask_int4_x16(w.block, isa)) {
     gemv<pk::BitmaskInt4>(w, x, M, y, isa);
     return;
   }
@@ -753,9 +753,10 @@ PK_API int pk_int16_activations(int on) {
   if (on >= 0) g_x16.store(on != 0);
   return g_vnni && g_x16.load() ? 1 : 0;
 }
-// 1 when bitmask-int4 weights (with row sums, blocks of 32 or 64k) run the 16-bit kernel: the switch above on,
-// a CPU with AVX-512 VNNI and VBMI2 (bitmask_int4_vnni_avx512.cpp).
-PK_API int pk_bitmask_int4_int16(void) { return g_vbmi2 && g_x16.load() ? 1 : 0; }
+// 1 when bitmask-int4 weights (with row sums) in grid blocks of `block` inputs run the 16-bit kernel on the
+// chosen instruction set: the switch above on, AVX-512 chosen on a CPU with VNNI and VBMI2, blocks of 32 or
+// a multiple of 64 (bitmask_int4_vnni_avx512.cpp).
+PK_API int pk_bitmask_int4_int16(int64_t block) { return bitmask_int4_x16(block, g_isa.load()) ? 1 : 0; }
 // 1 when this CPU runs int8 activations (AVX-512 VNNI); set 0/1 to turn their use off/on (tests).
 PK_API int pk_int8_activations(int on) {
   if (on >= 0) g_int8x.store(on != 0);
