@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from core.errors import EngineUnavailable
-from core.sparse_format import INT4_FORMATS, CompressedWeight, compress, decompress, exact_half, int4_offset_key
+from core.sparse_format import INT4_FORMATS, CompressedWeight, compress, exact_half, int4_offset_key
 
 log = logging.getLogger(__name__)
 
@@ -584,8 +584,9 @@ class NativeWeight:
             self._q = (None, 0)
             self._args = (a["masks"].ctypes.data, self.arrays["values"].ctypes.data, a["row_offsets"].ctypes.data, a["scales"].ctypes.data,
                           a["zeros"].ctypes.data, self.block)
-            # each row's Σ of its values (float64, rounded once): the 16-bit kernel's offset term
-            self._row_sums = np.ascontiguousarray(decompress(c).sum(1, dtype=np.float64), np.float32)
+            # each row's Σ of its values (float64, rounded once): the 16-bit kernel's offset term, from a few
+            # rows at a time decompressed by the kernels (no dense copy of the whole weight)
+            self._row_sums = self._row_sums_by_tiles()
             return
         if c.format == "int4":  # 4-bit dense codes with a scale and an offset (or zero point) per row and 32 inputs
             self.block = 0  # (``block`` is the int8 scale block; int4 has its own, fixed at 32)
@@ -777,6 +778,17 @@ class NativeWeight:
         if rows.size:
             lib().pk_gemv_int4_rows(self.k, *self._args, rows.ctypes.data, rows.size, int(self._int4x), x.ctypes.data, y.ctypes.data)
         return y
+
+    def _row_sums_by_tiles(self) -> np.ndarray:
+        """Each row's Σ of its values (float64 sums rounded once to float32), rows of 2^20 values at
+        most decompressed at a time."""
+        rows = max(1, min(self.n, (1 << 20) // max(self.k, 1)))
+        tile = np.empty((rows, self.k), np.float32)
+        sums = np.empty(self.n, np.float64)
+        for n0 in range(0, self.n, rows):
+            n1 = min(self.n, n0 + rows)
+            sums[n0:n1] = self.decompress_rows(n0, n1, tile).sum(1, dtype=np.float64)
+        return sums.astype(np.float32)
 
     def decompress_rows(self, n0: int, n1: int, out: np.ndarray) -> np.ndarray:
         if self.format == "2:4":

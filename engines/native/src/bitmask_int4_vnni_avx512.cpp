@@ -118,33 +118,32 @@ void block(const BitmaskInt4& w, const X16& x, float* y, int64_t ldy, int64_t n)
   }
   __m512i zero[RB];
   __m512 scale[RB];
-  if constexpr (GPB < 0) {  // blocks of 32 inputs: a group holds two (lanes 0-7 and bytes 0-31 the first; nb may end after it)
-    for (int64_t g = 0; g < G; ++g) {
-      const int64_t b0 = 2 * g, b1 = 2 * g + 1 < nb ? 2 * g + 1 : 2 * g;
-      PK_UNROLL
-      for (int r = 0; r < RB; ++r) {
-        _mm_prefetch(reinterpret_cast<const char*>(st.q[r] + to_next[r] + 64), _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(mk + (r + ahead) * KW + 4 * g), _MM_HINT_T0);
-        zero[r] = _mm512_mask_blend_epi8(__mmask64(0xFFFFFFFF00000000ULL), _mm512_set1_epi8(char(zp[r * nb + b0])), _mm512_set1_epi8(char(zp[r * nb + b1])));
-        scale[r] = _mm512_mask_blend_ps(__mmask16(0xFF00), _mm512_set1_ps(sc[r * nb + b0]), _mm512_set1_ps(sc[r * nb + b1]));
-      }
-      if (g + 1 < G) grid_block<MM, RB, 1, false>(st, mk, KW, x, g, g + 1, last, G, zero, scale);
-      else grid_block<MM, RB, 1, true>(st, mk, KW, x, g, g + 1, last, G, zero, scale);
-    }
-  } else {
-    for (int64_t b = 0, g0 = 0; g0 < G; ++b, g0 += gpb) {  // a block of the grid: gpb groups, one scale and zero point per row
-      PK_UNROLL
-      for (int r = 0; r < RB; ++r) {
-        // the next rows' codes from where this row's are now, their masks of this block
-        _mm_prefetch(reinterpret_cast<const char*>(st.q[r] + to_next[r] + 64), _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(mk + (r + ahead) * KW + 4 * g0), _MM_HINT_T0);
+  // One step of the grid per iteration: a block of gpb groups (one scale and zero point per row) or, in
+  // blocks of 32 inputs, one group holding two blocks (lanes 0-7 and bytes 0-31 the first; nb may end after it).
+  constexpr bool kHalves = GPB < 0;
+  constexpr int G1 = kHalves ? 1 : GPB;  // groups per step known at compile time (0: a loop over them)
+  const int64_t step = kHalves ? 1 : gpb;
+  for (int64_t g0 = 0, b = 0; g0 < G; g0 += step, b += kHalves ? 2 : 1) {
+    const int64_t b1 = kHalves && b + 1 < nb ? b + 1 : b;
+    PK_UNROLL
+    for (int r = 0; r < RB; ++r) {
+      // the next rows' codes from where this row's are now, their masks of this step
+      _mm_prefetch(reinterpret_cast<const char*>(st.q[r] + to_next[r] + 64), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(mk + (r + ahead) * KW + 4 * g0), _MM_HINT_T0);
+      if constexpr (kHalves) {
+        zero[r] = _mm512_mask_blend_epi8(__mmask64(0xFFFFFFFF00000000ULL), _mm512_set1_epi8(char(zp[r * nb + b])), _mm512_set1_epi8(char(zp[r * nb + b1])));
+        scale[r] = _mm512_mask_blend_ps(__mmask16(0xFF00), _mm512_set1_ps(sc[r * nb + b]), _mm512_set1_ps(sc[r * nb + b1]));
+      } else {
         zero[r] = _mm512_set1_epi8(char(zp[r * nb + b]));
         scale[r] = _mm512_set1_ps(sc[r * nb + b]);
       }
-      if (GPB > 0 && g0 + GPB < G) grid_block<MM, RB, GPB, false>(st, mk, KW, x, g0, g0 + GPB, last, G, zero, scale);
-      else if (g0 + gpb < G) grid_block<MM, RB, 0, false>(st, mk, KW, x, g0, g0 + gpb, last, G, zero, scale);
-      else grid_block<MM, RB, 0, true>(st, mk, KW, x, g0, G, last, G, zero, scale);  // the last block: its last group may be partial
     }
+    if (g0 + step >= G)  // the last step: its last group may be partial
+      grid_block<MM, RB, kHalves ? 1 : 0, true>(st, mk, KW, x, g0, G, last, G, zero, scale);
+    else if constexpr (G1 > 0)
+      grid_block<MM, RB, G1, false>(st, mk, KW, x, g0, g0 + step, last, G, zero, scale);
+    else
+      grid_block<MM, RB, 0, false>(st, mk, KW, x, g0, g0 + step, last, G, zero, scale);
   }
   PK_UNROLL
   for (int m = 0; m < MM; ++m) {
