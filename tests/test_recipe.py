@@ -156,6 +156,8 @@ def test_every_shipped_recipe_loads_with_valid_pass_options():
         for v in r.variants:
             for p in v.passes:  # every option of every pass is accepted by its config class
                 build_dataclass(get_pass_config_class(p.name), p.options, f"{name}: {v.name}.{p.name}")
+    long = next(v for v in load_recipe("sds").variants if v.name == "sds-sparsegpt-2of4-long").passes
+    assert [(p.name, p.options["iterations"], p.options["recon_steps"], p.options["reconstruct"]) for p in long] == [("sds", 2, 128, "block")]
     admm = load_recipe("admm")
     kd = next(v for v in admm.variants if v.name == "sparsegpt-2of4-kd").passes[1].options
     ad = next(v for v in admm.variants if v.name == "admm-2of4").passes[0].options
