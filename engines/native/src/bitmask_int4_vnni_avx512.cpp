@@ -4,10 +4,10 @@
 // it reads fewer bytes than the dense 4-bit kernel and computes more. Here a row's group of 64 inputs
 // costs the same few instructions at any density: its codes (32 bytes, two a byte in kept order) are
 // spread to one byte each (`vpmovzxbw`, then (w | w << 4) & 0x0F0F by one `vpternlogd`), moved to their
-// inputs' lanes by `vpexpandb` under the group's 64-bit mask, the zero point subtracted in the kept lanes only (the others stay 0: w = code − zero, a
-// signed byte), and two `vpdpbusd` add w · xh and w · xl into 16 lanes — x as a 16-bit integer xq
-// rounded to 1/32639 of the token's largest |x| and stored as xq + 32768 = 256 · xh + xl, two unsigned
-// bytes. Per block of the grid the integer sums (h · 256 + l, exact) become float and are scaled by
+// inputs' lanes by `vpexpandb` under the group's 64-bit mask, the zero point subtracted in the kept lanes
+// only (the others stay 0: w = code − zero, a signed byte), and two `vpdpbusd` add w · xh and w · xl
+// into 16 lanes — x as a 16-bit integer xq rounded to 1/32639 of the token's largest |x| and stored as
+// xq + 32768 = 256 · xh + xl, two unsigned bytes. Per block of the grid the integer sums (h · 256 + l, exact) become float and are scaled by
 // the block's scale; at the end y = sx · (Σ − 32768 · Σ_k W[n][k]): the offset's products are the row's
 // sum of its values, computed when the weight is loaded (row_sums). Needs block 32 or a multiple of 64.
 // Not bit-exact (each input rounded to 1/32639 of the largest |x|: an error ≤ 1.6e-5 of that |x|).
