@@ -224,6 +224,8 @@ def main() -> None:
                 entry["input_major_kernel"] = "16-bit (AVX-512 VNNI)" if native.int16_activations() else "float"
                 if "bitmask-int4" in sizes[v]["formats"]:
                     entry["bitmask_int4_kernel"] = "16-bit (AVX-512 VNNI + VBMI2; blocks of 32 or 64k inputs)" if native.bitmask_int4_int16() else "float"
+                if "2:4-int4" in sizes[v]["formats"]:
+                    entry["twofour_int4_kernel"] = "16-bit (AVX-512 VNNI + VBMI; blocks of at most 512 inputs)" if native.twofour_int4_int16() else "float"
                 entry.update(sizes[v])
                 if args.ppl_windows:
                     entry["perplexity"] = {name: round(perplexity(runner_outputs_fn(r, "logits"), w, f"{v} {name}")["perplexity"], 4) for name, w in texts.items()}

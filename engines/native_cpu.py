@@ -193,7 +193,12 @@ def _quantized_note(quant: dict[str, Any], linears: dict[str, Any], head: dict[s
         rest = len(linears) - n - n24 - nbm
         note = f"int4 weights read as 4-bit codes with a scale and zero point per 32 inputs ({n} block linears{', the LM head' if head.get('values') == 'int4' else ''})"
         if n24:
+            from engines import native
+
             note += f"; {n24} 2:4 block linears read as 4-bit codes of their kept values with 2-bit positions (2:4-int4, a scale and zero point per {quant.get('block_size')} inputs)"
+            here = "this CPU runs it" if native.twofour_int4_int16(int(quant.get("block_size") or 0)) else "not on this CPU: fp32 activations"
+            note += (", their activations rounded to 16 bits per token (1/32639 of the largest |x|) by the kernel for AVX-512 VNNI + VBMI "
+                     f"where the blocks are at most 512 inputs ({here})")
         if nbm:
             note += f"; {nbm} sparse block linears read as 4-bit codes of their kept values with a bit per weight (bitmask-int4, a scale and zero point per {quant.get('block_size')} inputs)"
             from engines import native

@@ -924,8 +924,8 @@ def test_a_sparse_model_quantized_to_4_bits_is_read_as_sparse_int4(tmp_path, kin
     bits (zeros kept): every block linear stored as ``2:4-int4`` where it is 2:4 and ``bitmask-int4``
     elsewhere (4-bit codes of the kept values, a scale and zero point per block), under 0.15 of the
     dense float32 bytes; logits and 32 greedy tokens (the native decode step) equal the PyTorch model
-    holding the same weights — with blocks of 64 and 128 the bitmask-int4 weights run the 16-bit kernel
-    where the CPU has it (x rounded to 1/32639 of its largest |x|)."""
+    holding the same weights — with blocks of 64 and 128 the bitmask-int4 and 2:4-int4 weights run their
+    16-bit kernels where the CPU has them (x rounded to 1/32639 of its largest |x|)."""
     model = tiny_model("llama", seed=4)
     prune(model, kind)
     art, manifest = _quantized_artifact(tmp_path, model, bits=4, block_size=block)
@@ -935,9 +935,11 @@ def test_a_sparse_model_quantized_to_4_bits_is_read_as_sparse_int4(tmp_path, kin
         assert (f"{expected.get(fmt)} {what}" in art.info["quantized_weights"]) == (fmt in expected)
     assert "dequantized" not in art.info["quantized_weights"]
     assert manifest["linear_bytes"] < 0.15 * manifest["linear_dense_bytes"]
-    if "bitmask-int4" in expected:  # the note says where the 16-bit kernel rounds the activations, and whether this CPU does
-        assert "rounded to 16 bits per token" in art.info["quantized_weights"]
-        assert ("(this CPU runs it)" in art.info["quantized_weights"]) == native.bitmask_int4_int16(block)
+    # the note says, per sparse 4-bit format, where its 16-bit kernel rounds the activations and whether this CPU runs it
+    note = art.info["quantized_weights"]
+    assert note.count("rounded to 16 bits per token") == len(expected)
+    assert note.count("(this CPU runs it)") == (("bitmask-int4" in expected and native.bitmask_int4_int16(block))
+                                                + ("2:4-int4" in expected and native.twofour_int4_int16(block)))
 
     def stacked_keep_the_format(r) -> None:  # q, k and v stacked into one weight stay in their 4-bit format
         assert {L.qkv.format for L in r.decoder.layers} == {"bitmask-int4" if kind == "70" else "2:4-int4"}

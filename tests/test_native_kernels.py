@@ -563,16 +563,103 @@ def test_two_four_int4_matches_the_float32_two_four_kernel_bit_for_bit(n, window
     assert np.array_equal(decompress(c), deq)
     x = rng.standard_normal((rows, k)).astype(np.float32)
     ref = x.astype(np.float64) @ deq.T.astype(np.float64)
-    for isa in ISAS:
-        native.set_isa(isa)
+    native.int16_activations(False)  # the float kernels (the 16-bit one: test_two_four_int4_int16_...)
+    try:
+        for isa in ISAS:
+            native.set_isa(isa)
+            nw, fw = native.NativeWeight(c), native.NativeWeight(compress(deq, "2:4"))
+            assert np.array_equal(nw.to_dense(), deq), isa
+            y = nw.gemv(x)
+            bound = 1e-5 * (np.abs(x).astype(np.float64) @ np.abs(deq).T.astype(np.float64)) + 1e-6
+            assert (np.abs(y - ref) <= bound).all(), (isa, float(np.abs(y - ref).max()))
+            if isa != "scalar":
+                assert np.array_equal(y, fw.gemv(x)), isa
+            assert (np.abs(nw.gemm_tiled(np.repeat(x, 4, 0)) - np.repeat(ref, 4, 0)) <= np.repeat(bound, 4, 0)).all(), isa
+    finally:
+        native.int16_activations(True)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    n=st.integers(1, 40),
+    windows=st.integers(1, 25),
+    rows=st.sampled_from([1, 2, 3, 4, 5, 9]),
+    block=st.sampled_from([32, 64, 128, 256, 512]),
+    seed=st.integers(0, 2**16),
+)
+def test_two_four_int4_int16_activation_kernel_computes_the_rounded_product(n, windows, rows, block, seed):
+    """The 2:4-int4 × 16-bit kernel (twofour_int4_vnni_avx512.cpp; AVX-512 VNNI + VBMI): any K of whole
+    windows (a partial last step of 1-3 windows, a partial last block), all-zero rows and groups holding
+    fewer than two non-zeros, 1-9 rows of x, a zero row of x, blocks of 32-512 (a grid per lane or per
+    step): equals the float64 product of x rounded to 1/32639 of each row's largest |x| within float32
+    summation error; within 2e-5 of the unrounded product (relative to the row's largest |x| · Σ|w|);
+    separate arrays (stride 0) give the interleaved rows' result; stacked parts agree."""
+    import torch
+
+    from core.quant import QuantScheme, rtn
+
+    if not native.twofour_int4_int16():
+        pytest.skip(f"the 16-bit 2:4-int4 kernel needs AVX-512 VNNI and VBMI (this CPU's best: {native.best_isa()})")
+    rng = np.random.default_rng(seed)
+    k = 32 * windows
+    w = prune_two_four(rng.standard_normal((n, k)).astype(np.float32))
+    w[rng.random((n, k)) < 0.2] = 0.0  # groups with one or no kept value
+    if n > 2:
+        w[1] = 0.0
+    deq, scales, zeros = (t.numpy() for t in rtn(torch.from_numpy(w), QuantScheme(4, block)))
+    c = compress(deq, "2:4-int4", grid=(scales, zeros, block), name="blk.0.up")
+    x = (rng.standard_normal((rows, k)) * rng.uniform(0.1, 5.0, k)).astype(np.float32)
+    x[rows // 2] = 0.0
+    scale = np.abs(x).max(1, keepdims=True).astype(np.float64) * np.abs(deq).sum(1, dtype=np.float64)[None]
+    nw = native.NativeWeight(c)
+    y = nw.gemv(x)
+    ref = _x16_rounded(x) @ deq.T.astype(np.float64)
+    assert (np.abs(y - ref) <= 2e-6 * scale + 1e-7).all(), float(np.abs(y - ref).max())
+    exact = x.astype(np.float64) @ deq.T.astype(np.float64)
+    assert (np.abs(y - exact) <= 2e-5 * scale + 1e-7).all()
+    assert not y[rows // 2].any()
+    a = {key: np.ascontiguousarray(v) for key, v in c.arrays.items()}
+    ptr = lambda arr: arr.ctypes.data_as(ctypes.c_void_p)  # noqa: E731
+    xs = np.ascontiguousarray(x)
+    separate = np.empty((rows, n), np.float32)
+    native.lib().pk_gemv_24_int4(n, k, ptr(a["values"]), ptr(a["positions"]), ptr(a["scales"]), ptr(a["zeros"]), block, 0, ptr(nw._row_sums), ptr(xs), rows,
+                                 ptr(separate))
+    assert np.array_equal(separate, y)
+    both = native.NativeWeight.stacked([nw, native.NativeWeight(c)])
+    assert np.array_equal(both.gemv(x), np.concatenate([y, y], axis=1))
+
+
+def test_two_four_int4_int16_kernel_is_used_only_where_it_applies():
+    """Grid blocks over 512 inputs, another instruction set forced, the switch off, or no row sums given:
+    the float kernel (bit for bit the float32 2:4 kernel's result); otherwise not (the rounding shows)."""
+    import torch
+
+    from core.quant import QuantScheme, rtn
+
+    if not native.twofour_int4_int16():
+        pytest.skip(f"the 16-bit 2:4-int4 kernel needs AVX-512 VNNI and VBMI (this CPU's best: {native.best_isa()})")
+    rng = np.random.default_rng(5)
+    w = prune_two_four(rng.standard_normal((24, 1024)).astype(np.float32))
+    x = rng.standard_normal((1, 1024)).astype(np.float32)
+    assert native.twofour_int4_int16(32) and native.twofour_int4_int16(512) and not native.twofour_int4_int16(1024)
+    for block in (64, 1024):
+        deq, scales, zeros = (t.numpy() for t in rtn(torch.from_numpy(w), QuantScheme(4, block)))
+        c = compress(deq, "2:4-int4", grid=(scales, zeros, block))
         nw, fw = native.NativeWeight(c), native.NativeWeight(compress(deq, "2:4"))
-        assert np.array_equal(nw.to_dense(), deq), isa
-        y = nw.gemv(x)
-        bound = 1e-5 * (np.abs(x).astype(np.float64) @ np.abs(deq).T.astype(np.float64)) + 1e-6
-        assert (np.abs(y - ref) <= bound).all(), (isa, float(np.abs(y - ref).max()))
-        if isa != "scalar":
-            assert np.array_equal(y, fw.gemv(x)), isa
-        assert (np.abs(nw.gemm_tiled(np.repeat(x, 4, 0)) - np.repeat(ref, 4, 0)) <= np.repeat(bound, 4, 0)).all(), isa
+        assert np.array_equal(nw.gemv(x), fw.gemv(x)) == (block == 1024)
+        a = {key: np.ascontiguousarray(v) for key, v in c.arrays.items()}
+        ptr = lambda arr: arr.ctypes.data_as(ctypes.c_void_p)  # noqa: E731
+        y = np.empty((1, 24), np.float32)
+        native.lib().pk_gemv_24_int4(24, 1024, ptr(a["values"]), ptr(a["positions"]), ptr(a["scales"]), ptr(a["zeros"]), block, 0, None, ptr(x), 1, ptr(y))
+        assert np.array_equal(y, fw.gemv(x))  # no row sums: the float kernel
+        native.set_isa("avx2+fma")
+        assert not native.twofour_int4_int16() and np.array_equal(nw.gemv(x), fw.gemv(x))
+        native.set_isa(native.best_isa())
+        native.int16_activations(False)
+        try:
+            assert not native.twofour_int4_int16() and np.array_equal(nw.gemv(x), fw.gemv(x))
+        finally:
+            native.int16_activations(True)
 
 
 def test_two_four_int4_format_errors_and_stacking():
@@ -806,8 +893,9 @@ def test_4bit_kernels_read_separate_arrays_and_interleaved_rows_alike():
         c = compress(deq, "2:4-int4", grid=(scales, zeros, 64))
         a = {k: np.ascontiguousarray(v) for k, v in c.arrays.items()}
         y = np.empty((3, 20), np.float32)
-        L.pk_gemv_24_int4(20, 128, ptr(a["values"]), ptr(a["positions"]), ptr(a["scales"]), ptr(a["zeros"]), 64, 0, ptr(x), 3, ptr(y))
-        assert np.array_equal(y, native.NativeWeight(c).gemv(x)), isa
+        nw = native.NativeWeight(c)
+        L.pk_gemv_24_int4(20, 128, ptr(a["values"]), ptr(a["positions"]), ptr(a["scales"]), ptr(a["zeros"]), 64, 0, ptr(nw._row_sums), ptr(x), 3, ptr(y))
+        assert np.array_equal(y, nw.gemv(x)), isa
         dense, s, z = (t.numpy() for t in rtn(torch.from_numpy(rng.standard_normal((20, 128)).astype(np.float32)), QuantScheme(4, 32)))
         c4 = compress(dense, "int4", grid=(s, z, 32))
         a = {k: np.ascontiguousarray(v) for k, v in c4.arrays.items()}

@@ -76,11 +76,13 @@ def lib() -> ctypes.CDLL:
             L.pk_decompress.argtypes = [_i64, _i64, vp, vp, vp, vp, _i64, _i64, _i64, vp]
             L.pk_gemv_24.argtypes = [_i64, _i64, vp, vp, vp, _i64, vp, _i64, vp]
             L.pk_decompress_24.argtypes = [_i64, _i64, vp, vp, vp, _i64, _i64, _i64, vp]
-            L.pk_gemv_24_int4.argtypes = [_i64, _i64, vp, vp, vp, vp, _i64, _i64, vp, _i64, vp]
+            L.pk_gemv_24_int4.argtypes = [_i64, _i64, vp, vp, vp, vp, _i64, _i64, vp, vp, _i64, vp]
             L.pk_decompress_24_int4.argtypes = [_i64, _i64, vp, vp, vp, vp, _i64, _i64, _i64, _i64, vp]
             L.pk_gemv_bitmask_int4.argtypes = [_i64, _i64, vp, vp, vp, vp, vp, _i64, vp, vp, _i64, vp]
             L.pk_bitmask_int4_int16.restype = ctypes.c_int
             L.pk_bitmask_int4_int16.argtypes = [_i64]
+            L.pk_twofour_int4_int16.restype = ctypes.c_int
+            L.pk_twofour_int4_int16.argtypes = [_i64]
             L.pk_decompress_bitmask_int4.argtypes = [_i64, _i64, vp, vp, vp, vp, vp, _i64, _i64, _i64, vp]
             L.pk_gemv_int4.argtypes = [_i64, _i64, vp, vp, vp, ctypes.c_int, _i64, ctypes.c_int, vp, _i64, vp]
             L.pk_decompress_int4.argtypes = [_i64, _i64, vp, vp, vp, ctypes.c_int, _i64, _i64, _i64, vp]
@@ -157,6 +159,14 @@ def bitmask_int4_int16(block: int = 64) -> bool:
     float kernel: a CPU with AVX-512 VNNI and VBMI2, AVX-512 chosen, :func:`int16_activations` on, and
     blocks of 32 or a multiple of 64 (the library's own rule, ``pk_bitmask_int4_int16``)."""
     return bool(lib().pk_bitmask_int4_int16(int(block)))
+
+
+def twofour_int4_int16(block: int = 64) -> bool:
+    """Whether ``2:4-int4`` weights with grid blocks of ``block`` inputs multiply 16-bit activations
+    (``twofour_int4_vnni_avx512.cpp``: x rounded to 1/32639 of its largest |x|) instead of running the
+    float kernel: a CPU with AVX-512 VNNI and VBMI, AVX-512 chosen, :func:`int16_activations` on, and
+    blocks of at most 512 inputs (the library's own rule, ``pk_twofour_int4_int16``)."""
+    return bool(lib().pk_twofour_int4_int16(int(block)))
 
 
 def int4_int8_activations(k: int = 64, half_grid: bool = False) -> bool:
@@ -245,7 +255,7 @@ def pk_weight(w: "NativeWeight | InputMajorWeight | InputMajorInt4Weight", thres
         return PkWeight(4 if w.int8_activations else 3, w.n, w.k, codes, scales, second, -1.0, None, grid_flags, None, None, stride)
     if w.format == "2:4-int4":
         codes, positions, scales, zeros, block, stride = w._args
-        return PkWeight(5, w.n, w.k, codes, positions, zeros, -1.0, scales, block, None, None, stride)
+        return PkWeight(5, w.n, w.k, codes, positions, zeros, -1.0, scales, block, w._row_sums.ctypes.data, None, stride)
     if w.format == "bitmask-int4":
         masks, codes, offsets, scales, zeros, block = w._args
         return PkWeight(6, w.n, w.k, masks, codes, offsets, -1.0, scales, block, w._row_sums.ctypes.data, zeros)
@@ -566,6 +576,7 @@ class NativeWeight:
             self._q = (None, 0)
             a = self.arrays
             self._args = (a["values"].ctypes.data, a["positions"].ctypes.data, a["scales"].ctypes.data, a["zeros"].ctypes.data, self.block, stride)
+            self._row_sums = self._row_sums_by_tiles()  # the 16-bit kernel's offset term, as for bitmask-int4 below
             return
         if c.format == "bitmask-int4":  # masks, 4-bit codes per word from a byte row offset, a scale and a uint8 zero point per row and block
             a = {"masks": np.ascontiguousarray(c.arrays["masks"], np.uint16), "row_offsets": np.ascontiguousarray(c.arrays["row_offsets"], np.int64),
@@ -757,7 +768,7 @@ class NativeWeight:
         if self.format == "2:4":
             lib().pk_gemv_24(self.n, self.k, *self._args, *self._q, x_ptr, m, y_ptr)
         elif self.format == "2:4-int4":
-            lib().pk_gemv_24_int4(self.n, self.k, *self._args, x_ptr, m, y_ptr)
+            lib().pk_gemv_24_int4(self.n, self.k, *self._args, self._row_sums.ctypes.data, x_ptr, m, y_ptr)
         elif self.format == "bitmask-int4":
             lib().pk_gemv_bitmask_int4(self.n, self.k, *self._args, self._row_sums.ctypes.data, x_ptr, m, y_ptr)
         elif self.format == "int4":

@@ -42,6 +42,12 @@ bool detect_vbmi2() {
   return g_vnni && __builtin_cpu_supports("avx512vbmi2");
 }
 const bool g_vbmi2 = detect_vbmi2();
+// the 2:4-int4 × 16-bit kernel's byte permutations (vpermi2b, vpmultishiftqb)
+bool detect_vbmi() {
+  __builtin_cpu_init();
+  return g_vnni && __builtin_cpu_supports("avx512vbmi");
+}
+const bool g_vbmi = detect_vbmi();
 std::atomic<bool> g_x16{true};  // input-major 4-bit weights × 16-bit activations where the CPU has AVX-512 VNNI (tests switch it off)
 std::atomic<bool> g_int8x{true};  // int8 activations where a weight allows them (tests switch it off)
 
@@ -254,6 +260,23 @@ struct PreparedJob {
 };
 using Int8xJob = PreparedJob<pk::Bitmask, pk::QuantizedX, pk::gemv_int8x_avx512>;
 using BitmaskInt4x16Job = PreparedJob<pk::BitmaskInt4, pk::X16, pk::gemv_bitmask_int4_x16_avx512>;
+using TwoFourInt4x16Job = PreparedJob<pk::TwoFourInt4, pk::X16, pk::gemv_twofour_int4_x16_avx512>;
+
+// Rows of x as the 16-bit kernels read them (pk::X16), in buffers of this thread, rows ld = K rounded up
+// to 128 bytes apart (the inputs after K hold xq = 0).
+pk::X16 x16_of(const float* x, int64_t M, int64_t K) {
+  thread_local std::vector<uint8_t> bytes;
+  thread_local std::vector<float> scales;
+  const int64_t ld = (K + 127) / 128 * 128;
+  bytes.assign(size_t(2 * M * ld), 0);
+  scales.resize(size_t(M));
+  const pk::X16 xq{bytes.data(), bytes.data() + M * ld, scales.data(), ld};
+  pk::quantize_x16_avx512(x, M, K, K, xq);
+  // quantize_x16 writes xq = 0 (bytes 128, 0) up to the next multiple of 64; the rest up to ld likewise
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = (K + 63) / 64 * 64; k < ld; ++k) xq.hi[m * ld + k] = 128;
+  return xq;
+}
 
 // A bitmask/dense weight: int8 activations by the VNNI kernel where the weight allows them
 // (w.q.corr, accuracy_level 4) and the chosen instruction set is AVX-512 on a CPU with VNNI.
@@ -283,14 +306,22 @@ void gemv(const pk::BitmaskInt4& w, const float* x, int64_t M, float* y, int isa
     gemv<pk::BitmaskInt4>(w, x, M, y, isa);
     return;
   }
-  thread_local std::vector<uint8_t> bytes;
-  thread_local std::vector<float> scales;
-  const int64_t ld = (w.K + 63) / 64 * 64;
-  bytes.resize(size_t(2 * M * ld));
-  scales.resize(size_t(M));
-  const pk::X16 xq{bytes.data(), bytes.data() + M * ld, scales.data(), ld};
-  pk::quantize_x16_avx512(x, M, w.K, w.K, xq);
-  BitmaskInt4x16Job{&w, xq, M, y, gemv_tasks(w.N)}.run();
+  BitmaskInt4x16Job{&w, x16_of(x, M, w.K), M, y, gemv_tasks(w.N)}.run();
+}
+
+// Whether a 2:4-int4 weight runs the 16-bit kernel (twofour_int4_vnni_avx512.cpp): AVX-512 chosen on a
+// CPU with VNNI and VBMI, the 16-bit switch on, the weight's row sums given and its grid blocks at most
+// 512 inputs (so each block's integer sums stay below 2^24, exact in float).
+bool twofour_int4_x16(int64_t block, int isa) {
+  return isa == kAvx512 && g_vbmi && g_x16.load(std::memory_order_relaxed) && block >= 32 && block <= 512;
+}
+
+void gemv(const pk::TwoFourInt4& w, const float* x, int64_t M, float* y, int isa) {
+  if (!w.row_sums || !twofour_int4_x16(w.block, isa)) {
+    gemv<pk::TwoFourInt4>(w, x, M, y, isa);
+    return;
+  }
+  TwoFourInt4x16Job{&w, x16_of(x, M, w.K), M, y, gemv_tasks(w.N)}.run();
 }
 
 struct Int4xJob {
@@ -558,7 +589,8 @@ struct Int4InputMajorDecompressJob {
 // the values are int8 codes with a scale per row and block of `block` inputs. kind 3: 4-bit dense
 // (a = codes, b = scales, c = offsets or zero points, block: bit 0 the zero-point form, bit 1 a half
 // grid; pk::Int4Dense); kind 4: the same with int8 activations; kind 5: 2:4 with 4-bit values (a = codes,
-// b = positions, c = uint8 zero points, scales, block; pk::TwoFourInt4); kind 6: bitmask with 4-bit
+// b = positions, c = uint8 zero points, scales, block, corr = the rows' sums of their values for the
+// 16-bit kernel; pk::TwoFourInt4); kind 6: bitmask with 4-bit
 // values (a = masks, b = codes, c = row offsets, d = uint8 zero points, scales, block, corr = the rows'
 // sums of their values for the 16-bit kernel; pk::BitmaskInt4);
 // kind 7: input-major 4-bit (a = the buffer, stride = ld, block: bit 0 the zero-point form, bit 1 a
@@ -649,7 +681,7 @@ void apply(const PkWeight& w, const float* x, float* y, int isa, int64_t* read, 
               x, 1, y, isa, w.kind == 4);
   } else if (w.kind == 5) {
     gemv(pk::TwoFourInt4{w.N, w.K, static_cast<const uint8_t*>(w.a), static_cast<const uint8_t*>(w.b), w.scales, static_cast<const uint8_t*>(w.c), w.block,
-                         w.stride},
+                         w.stride, w.corr},
          x, 1, y, isa);
   } else if (w.kind == 6) {
     gemv(pk::BitmaskInt4{w.N, w.K, static_cast<const uint16_t*>(w.a), static_cast<const uint8_t*>(w.b), static_cast<const int64_t*>(w.c), w.scales,
@@ -757,6 +789,7 @@ PK_API int pk_int16_activations(int on) {
 // chosen instruction set: the switch above on, AVX-512 chosen on a CPU with VNNI and VBMI2, blocks of 32 or
 // a multiple of 64 (bitmask_int4_vnni_avx512.cpp).
 PK_API int pk_bitmask_int4_int16(int64_t block) { return bitmask_int4_x16(block, g_isa.load()) ? 1 : 0; }
+PK_API int pk_twofour_int4_int16(int64_t block) { return twofour_int4_x16(block, g_isa.load()) ? 1 : 0; }
 // 1 when this CPU runs int8 activations (AVX-512 VNNI); set 0/1 to turn their use off/on (tests).
 PK_API int pk_int8_activations(int on) {
   if (on >= 0) g_int8x.store(on != 0);
@@ -820,9 +853,10 @@ PK_API void pk_decompress_int4(int64_t N, int64_t K, const uint8_t* codes, const
 
 // y[M][N] = x[M][K] · Wᵀ, W 2:4 with 4-bit values (codes, positions, a scale and a uint8 zero point per
 // row and block of `block` inputs, interleaved by rows of `stride` bytes or separate (0); kernels.h).
+// row_sums (optional: each row's Σ of its values) lets the 16-bit kernel run where the CPU has it.
 PK_API void pk_gemv_24_int4(int64_t N, int64_t K, const uint8_t* codes, const uint8_t* positions, const float* scales, const uint8_t* zeros, int64_t block,
-                            int64_t stride, const float* x, int64_t M, float* y) {
-  gemv(pk::TwoFourInt4{N, K, codes, positions, scales, zeros, block, stride}, x, M, y, g_isa.load(std::memory_order_relaxed));
+                            int64_t stride, const float* row_sums, const float* x, int64_t M, float* y) {
+  gemv(pk::TwoFourInt4{N, K, codes, positions, scales, zeros, block, stride, row_sums}, x, M, y, g_isa.load(std::memory_order_relaxed));
 }
 
 PK_API void pk_decompress_24_int4(int64_t N, int64_t K, const uint8_t* codes, const uint8_t* positions, const float* scales, const uint8_t* zeros,

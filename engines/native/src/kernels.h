@@ -67,6 +67,7 @@ struct TwoFour {
 // With `stride` set, the four arrays are interleaved row by row (the host lays each row out as scales,
 // zeros, codes, positions, `stride` bytes per row, so a matrix is one sequential stream): row n of each
 // starts `n · stride` bytes after its pointer.
+// row_sums (optional): each row's Σ of its values, for the 16-bit kernel (twofour_int4_vnni_avx512.cpp).
 struct TwoFourInt4 {
   int64_t N, K;
   const uint8_t* codes;
@@ -75,6 +76,7 @@ struct TwoFourInt4 {
   const uint8_t* zeros;
   int64_t block;
   int64_t stride = 0;
+  const float* row_sums = nullptr;
 };
 
 // Bitmask with 4-bit values (an unstructured weight quantized to 4 bits, zeros kept): masks as Bitmask;
@@ -300,6 +302,8 @@ struct X16 {
 void quantize_x16_avx512(const float* x, int64_t M, int64_t ldx, int64_t K, const X16& out);
 // Needs w.row_sums and w.block 32 or a multiple of 64; AVX-512 BW, VNNI and VBMI2.
 void gemv_bitmask_int4_x16_avx512(const BitmaskInt4& w, const X16& x, int64_t M, float* y, int64_t ldy, int64_t n0, int64_t n1);
+// Needs w.row_sums, w.block ≤ 512 and x.ld a multiple of 128 (inputs from K on xq = 0); AVX-512 BW, VNNI and VBMI.
+void gemv_twofour_int4_x16_avx512(const TwoFourInt4& w, const X16& x, int64_t M, float* y, int64_t ldy, int64_t n0, int64_t n1);
 
 // Int4 weights × int8 activations (AVX-512 VNNI; K % 64 == 0): x quantized first by
 // quantize_x_int4 into bytes int8[M][K] laid out per 128 inputs as the kernel reads them, scales and
