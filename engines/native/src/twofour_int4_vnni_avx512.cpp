@@ -1,22 +1,24 @@
 // 2:4 with 4-bit values × 16-bit activations, AVX-512 VNNI + VBMI (compiled with those flags;
 // pk::TwoFourInt4 with row_sums, pk::X16 in kernels.h). The float kernel (twofour_int4_avx512.cpp)
-// computes 16 kept values per 32 inputs with a table lookup, a permutation of x and an FMA; here a step
-// of 128 inputs (four windows, 64 kept values) of a row costs about ten instructions, proportional to
-// the kept values rather than the inputs:
-//   codes: the four windows' 32 code bytes, each window's qword copied into the two 64-bit lanes that
-//          hold its 16 values (`vpermq`), each value's nibble moved to its own byte (`vpmultishiftqb`),
-//          masked to 4 bits and the zero point subtracted (w = code − zero, a signed byte);
-//   inputs: the window's 2-bit positions, broadcast 16 bytes a step (a load), each value's field moved to
-//          its byte (`vpmultishiftqb`), and base | field (`vpternlogd`) is its input within the step;
-//          the inputs' two bytes picked out of the step's 128 (`vpermi2b`, two sources) — no zero lanes;
-//   two `vpdpbusd` add w · xh and w · xl into 16 lanes (x as in bitmask_int4_vnni_avx512.cpp:
-//          xq + 32768 = 256 · xh + xl, the token's one scale).
-// The 64-bit lane L holds window 2 · (L & 1) + (L >> 2), values 8 · ((L >> 1) & 1) .. + 7: the lane's own
-// qword of the broadcast positions then holds its window's bits, so the positions need no shuffle.
-// Per block of the grid the exact integer sums (h · 256 + l) become float times the block's scale (blocks
-// of 32 or 64: a scale per lane, every step); at the end y = sx · (Σ − 32768 · Σ_k W[n][k]) with the row's
-// sum of its values computed when the weight is loaded (row_sums). Not bit-exact: each input is rounded
-// to 1/32639 of the token's largest |x|, as in the bitmask kernel.
+// spends a table lookup, a two-source permutation of x and an FMA on every 16 kept values; here one
+// vector holds two rows' 32 kept values of a step of 64 inputs (two windows), 64 products per two
+// `vpdpbusd`, and every instruction but the two-row loads serves both rows:
+//   codes: each row's two windows' 16 code bytes broadcast to its half of the vector (a load; the
+//          second row's under a mask), so each window's qword sits in two 64-bit lanes; each value's
+//          nibble moved to its own byte (`vpmultishiftqb`), masked to 4 bits and the zero point
+//          subtracted (w = code − zero, a signed byte);
+//   inputs: each row's 8 position bytes broadcast the same way, each value's 2-bit field moved to its
+//          byte (`vpmultishiftqb`) and base | field (`vpternlogd`) is its input within the step; the
+//          inputs' two bytes picked out of the step's 64 by `vpermb` (both rows read the same inputs,
+//          so one 64-byte table serves them — `vpermb` issues once a cycle where the two-source
+//          `vpermi2b` of 128 inputs takes two);
+//   two `vpdpbusd` add w · xh and w · xl into 16 lanes, the first row's in lanes 0-7 (x as in
+//          bitmask_int4_vnni_avx512.cpp: xq + 32768 = 256 · xh + xl, the token's one scale).
+// 64-bit lane L holds row L >> 2, window L & 1, values 8 · ((L >> 1) & 1) .. + 7. Per block of the grid
+// the exact integer sums (h · 256 + l) become float times the block's scale (blocks of 32: a scale per
+// window, every step); at the end y = sx · (Σ − 32768 · Σ_k W[n][k]) with the row's sum of its values
+// computed when the weight is loaded (row_sums). Not bit-exact: each input is rounded to 1/32639 of the
+// token's largest |x|, as in the bitmask kernel.
 #include <immintrin.h>
 
 #include <cstring>
@@ -29,192 +31,204 @@ namespace {
 
 constexpr int64_t kAhead = 8;  // blocks of rows ahead for the next rows' codes and positions (as the other kernels; not tuned)
 
-// The lane map above: window and first value of 64-bit lane L.
-constexpr int window_of(int L) { return 2 * (L & 1) + (L >> 2); }
-constexpr int half_of(int L) { return (L >> 1) & 1; }
-
 struct Consts {
-  __m512i code_lanes;  // vpermq: lane L ← the window's code qword
-  __m512i code_shift;  // vpmultishiftqb: byte i of lane L ← the nibble of value 8h + i (nibble 8·(j & 1) + (j >> 1))
-  __m512i pos_shift;   // vpmultishiftqb: byte i of lane L ← the 2 bits of value j = 8h + i (bit 32 · (L >> 2) + 2j of the lane's qword)
+  __m512i code_shift;  // vpmultishiftqb: byte i of lane L ← the nibble of value j = 8h + i (nibble 8·(j & 1) + (j >> 1))
+  __m512i pos_shift;   // vpmultishiftqb: byte i of lane L ← value j's 2 bits (bit 32 · window + 2j of the lane's qword)
   __m512i base;        // byte i of lane L: the input of value j's group within the step, 32 · window + 4 · (j >> 1)
   __m512i nib, three;
-  __m512i grid_bytes[2], grid_lanes[2];  // blocks of 32 [0] / 64 [1]: each byte's / dword lane's block within the step
+  __m512i window_bytes;  // blocks of 32: each byte's (row, window) entry 2 · row + window of the step's four zero points
+  __m512i window_lanes;  // and each dword lane's of its four scales
   Consts() {
-    alignas(64) uint8_t cs[64], ps[64], b[64], gb[2][64];
-    alignas(64) int64_t cl[8];
-    alignas(64) int32_t gl[2][16];
+    alignas(64) uint8_t cs[64], ps[64], b[64], wb[64];
+    alignas(64) int32_t wl[16];
     for (int L = 0; L < 8; ++L) {
-      const int win = window_of(L), h = half_of(L);
-      cl[L] = win;
-      for (int wide = 0; wide < 2; ++wide) {
-        for (int i = 0; i < 8; ++i) gb[wide][8 * L + i] = uint8_t(win >> wide);
-        gl[wide][2 * L] = gl[wide][2 * L + 1] = win >> wide;
-      }
+      const int row = L >> 2, win = L & 1, h = (L >> 1) & 1;
       for (int i = 0; i < 8; ++i) {
         const int j = 8 * h + i;
         cs[8 * L + i] = uint8_t(4 * (8 * (j & 1) + (j >> 1)));
-        ps[8 * L + i] = uint8_t(32 * (L >> 2) + 2 * j);
+        ps[8 * L + i] = uint8_t(32 * win + 2 * j);
         b[8 * L + i] = uint8_t(32 * win + 4 * (j >> 1));
+        wb[8 * L + i] = uint8_t(2 * row + win);
       }
+      wl[2 * L] = wl[2 * L + 1] = 2 * row + win;
     }
-    code_lanes = _mm512_load_si512(cl);
     code_shift = _mm512_load_si512(cs);
     pos_shift = _mm512_load_si512(ps);
     base = _mm512_load_si512(b);
+    window_bytes = _mm512_load_si512(wb);
+    window_lanes = _mm512_load_si512(wl);
     nib = _mm512_set1_epi8(0x0F);
     three = _mm512_set1_epi8(3);
-    for (int wide = 0; wide < 2; ++wide) {
-      grid_bytes[wide] = _mm512_load_si512(gb[wide]);
-      grid_lanes[wide] = _mm512_load_si512(gl[wide]);
-    }
   }
 };
 
-// Bytes (64-bit lanes) and dword lanes of the step's first `windows` windows.
-inline __mmask64 window_bytes(int windows) {
-  uint64_t m = 0;
-  for (int L = 0; L < 8; ++L)
-    if (window_of(L) < windows) m |= uint64_t(0xFF) << (8 * L);
-  return __mmask64(m);
-}
+constexpr __mmask8 kSecond = 0xF0;  // 64-bit lanes of the pair's second row
+constexpr __mmask64 kFirstWindow = 0x00FF00FF00FF00FFULL;  // bytes of window 0 (a last step of one window)
 
-// The step's grid for blocks of 32 or 64 inputs: each lane's window's block's zero point (bytes) and
-// scale (dword lanes), from the row's entries from block b0 (`count` ≤ 4 of them exist).
-__attribute__((always_inline)) inline void lane_grid(const Consts& c, int wide, const float* sc, const uint8_t* zp, int64_t b0, int64_t count, __m512i& zero, __m512& scale) {
-  const __mmask16 k = __mmask16((1u << count) - 1u);
-  zero = _mm512_permutexvar_epi8(c.grid_bytes[wide], _mm512_castsi128_si512(_mm_maskz_loadu_epi8(k, zp + b0)));
-  scale = _mm512_permutexvar_ps(c.grid_lanes[wide], _mm512_castps128_ps512(_mm_maskz_loadu_ps(__mmask8(k), sc + b0)));
-}
-
-template <int MM, int RB>
-struct Acc {
-  __m512i h[RB][MM], l[RB][MM];
-  __m512 f[RB][MM];
+// A pair of rows (n + 2i, n + 2i + 1: the same row twice for an odd last row) and its sums.
+template <int MM, int P>
+struct Pairs {
+  const uint8_t* q[P][2];
+  const uint8_t* p[P][2];
+  const float* sc[P][2];
+  const uint8_t* zp[P][2];
+  __m512i h[P][MM], l[P][MM];
+  __m512 f[P][MM];
 };
 
-// One step (inputs 128 s .. 128 s + 127) of rows q/p into the integer sums.
-template <int MM, int RB, bool PARTIAL>
-__attribute__((always_inline)) inline void step(Acc<MM, RB>& a, const Consts& c, const uint8_t* const* q, const uint8_t* const* p, const X16& x, int64_t s, int windows,
-                 const __m512i* zero) {
-  __m512i xh0[MM], xh1[MM], xl0[MM], xl1[MM];
+// One step (inputs 64 s .. 64 s + 63; ONE: only its first window exists) of the pairs into the integer sums.
+template <int MM, int P, bool ONE>
+__attribute__((always_inline)) inline void step(Pairs<MM, P>& a, const Consts& c, const X16& x, int64_t s, const __m512i* zero) {
+  __m512i xh[MM], xl[MM];
   PK_UNROLL
   for (int m = 0; m < MM; ++m) {
-    xh0[m] = _mm512_loadu_si512(x.hi + m * x.ld + 128 * s);
-    xh1[m] = _mm512_loadu_si512(x.hi + m * x.ld + 128 * s + 64);
-    xl0[m] = _mm512_loadu_si512(x.lo + m * x.ld + 128 * s);
-    xl1[m] = _mm512_loadu_si512(x.lo + m * x.ld + 128 * s + 64);
+    xh[m] = _mm512_loadu_si512(x.hi + m * x.ld + 64 * s);
+    xl[m] = _mm512_loadu_si512(x.lo + m * x.ld + 64 * s);
   }
-  const __mmask64 kept = PARTIAL ? window_bytes(windows) : ~__mmask64(0);
   PK_UNROLL
-  for (int r = 0; r < RB; ++r) {
-    const __m256i cq = !PARTIAL ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q[r] + 32 * s))
-                                : _mm256_maskz_loadu_epi8(__mmask32((uint64_t(1) << (8 * windows)) - 1), q[r] + 32 * s);
-    const __m128i pq = !PARTIAL ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(p[r] + 16 * s))
-                                : _mm_maskz_loadu_epi8(__mmask16((1u << (4 * windows)) - 1u), p[r] + 16 * s);
-    const __m512i codes = _mm512_multishift_epi64_epi8(c.code_shift, _mm512_permutexvar_epi64(c.code_lanes, _mm512_castsi256_si512(cq)));
-    const __m512i wv = PARTIAL ? _mm512_maskz_sub_epi8(kept, _mm512_and_si512(codes, c.nib), zero[r]) : _mm512_sub_epi8(_mm512_and_si512(codes, c.nib), zero[r]);
-    const __m512i fields = _mm512_multishift_epi64_epi8(c.pos_shift, _mm512_broadcast_i32x4(pq));
-    const __m512i idx = _mm512_ternarylogic_epi32(fields, c.three, c.base, 0xEA);  // (fields & 3) | base
+  for (int i = 0; i < P; ++i) {
+    __m128i c0, c1, p0, p1;
+    if constexpr (ONE) {
+      c0 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(a.q[i][0] + 16 * s));
+      c1 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(a.q[i][1] + 16 * s));
+      p0 = _mm_cvtsi32_si128(*reinterpret_cast<const int*>(a.p[i][0] + 8 * s));
+      p1 = _mm_cvtsi32_si128(*reinterpret_cast<const int*>(a.p[i][1] + 8 * s));
+    } else {
+      c0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(a.q[i][0] + 16 * s));
+      c1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(a.q[i][1] + 16 * s));
+      p0 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(a.p[i][0] + 8 * s));
+      p1 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(a.p[i][1] + 8 * s));
+    }
+    const __m512i codes = _mm512_mask_broadcast_i32x4(_mm512_broadcast_i32x4(c0), __mmask16(0xFF00), c1);
+    const __m512i pos = _mm512_mask_broadcastq_epi64(_mm512_broadcastq_epi64(p0), kSecond, p1);
+    const __m512i sel = _mm512_and_si512(_mm512_multishift_epi64_epi8(c.code_shift, codes), c.nib);
+    const __m512i wv = ONE ? _mm512_maskz_sub_epi8(kFirstWindow, sel, zero[i]) : _mm512_sub_epi8(sel, zero[i]);
+    const __m512i idx = _mm512_ternarylogic_epi32(_mm512_multishift_epi64_epi8(c.pos_shift, pos), c.three, c.base, 0xEA);  // (fields & 3) | base
     PK_UNROLL
     for (int m = 0; m < MM; ++m) {
-      a.h[r][m] = _mm512_dpbusd_epi32(a.h[r][m], _mm512_permutex2var_epi8(xh0[m], idx, xh1[m]), wv);
-      a.l[r][m] = _mm512_dpbusd_epi32(a.l[r][m], _mm512_permutex2var_epi8(xl0[m], idx, xl1[m]), wv);
+      a.h[i][m] = _mm512_dpbusd_epi32(a.h[i][m], _mm512_permutexvar_epi8(idx, xh[m]), wv);
+      a.l[i][m] = _mm512_dpbusd_epi32(a.l[i][m], _mm512_permutexvar_epi8(idx, xl[m]), wv);
     }
   }
 }
 
 // The integer sums into the float ones, times the scales; the integer sums restart.
-template <int MM, int RB>
-__attribute__((always_inline)) inline void fold(Acc<MM, RB>& a, const __m512* scale) {
+template <int MM, int P>
+__attribute__((always_inline)) inline void fold(Pairs<MM, P>& a, const __m512* scale) {
   PK_UNROLL
-  for (int r = 0; r < RB; ++r)
+  for (int i = 0; i < P; ++i)
     PK_UNROLL
     for (int m = 0; m < MM; ++m) {
-      a.f[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(a.h[r][m], 8), a.l[r][m])), scale[r], a.f[r][m]);
-      a.h[r][m] = a.l[r][m] = _mm512_setzero_si512();
+      a.f[i][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(a.h[i][m], 8), a.l[i][m])), scale[i], a.f[i][m]);
+      a.h[i][m] = a.l[i][m] = _mm512_setzero_si512();
     }
 }
 
-// Rows n .. n + RB − 1. SB > 0: blocks of 128 · SB inputs (a zero point and scale broadcast per block);
-// SB == 0: blocks of 32 or 64 (a zero point and scale per lane, every step).
-template <int MM, int RB, int SB>
-void block(const TwoFourInt4& w, const Consts& c, const X16& x, float* y, int64_t ldy, int64_t n) {
-  const int64_t K = w.K, S = (K + 127) / 128, nb = grid_blocks(w);
-  const int last_windows = int((K / 32) % 4 ? (K / 32) % 4 : 4);
-  const uint8_t* q[RB];
-  const uint8_t* p[RB];
-  const float* sc[RB];
-  const uint8_t* zp[RB];
-  const uint8_t* next_q[RB];
-  const uint8_t* next_p[RB];
-  Acc<MM, RB> a;
+// Rows n .. n + R − 1 (R ≤ 2P; pairs beyond R repeat row n + R − 1, their sums unused). SB > 0: blocks of
+// 64 · SB inputs (a zero point and scale per row and block); SB == 0: blocks of 32 (one per window).
+template <int MM, int P, int SB>
+void rows_block(const TwoFourInt4& w, const Consts& c, const X16& x, float* y, int64_t ldy, int64_t n, int R) {
+  const int64_t K = w.K, S = (K + 63) / 64;
+  const bool one_last = (K / 32) % 2 != 0;
+  Pairs<MM, P> a;
   PK_UNROLL
-  for (int r = 0; r < RB; ++r) {
-    q[r] = row_codes(w, n + r);
-    p[r] = row_positions(w, n + r);
-    sc[r] = row_scales(w, n + r);
-    zp[r] = row_zeros(w, n + r);
-    const int64_t nn = n + kAhead * RB + r < w.N ? n + kAhead * RB + r : n + r;
-    next_q[r] = row_codes(w, nn);
-    next_p[r] = row_positions(w, nn);
-    _mm_prefetch(reinterpret_cast<const char*>(row_scales(w, nn)), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(row_zeros(w, nn)), _MM_HINT_T0);
+  for (int i = 0; i < P; ++i) {
+    PK_UNROLL
+    for (int e = 0; e < 2; ++e) {
+      const int64_t row = n + (2 * i + e < R ? 2 * i + e : R - 1);
+      a.q[i][e] = row_codes(w, row);
+      a.p[i][e] = row_positions(w, row);
+      a.sc[i][e] = row_scales(w, row);
+      a.zp[i][e] = row_zeros(w, row);
+      const int64_t nn = row + kAhead * 2 * P < w.N ? row + kAhead * 2 * P : row;
+      _mm_prefetch(reinterpret_cast<const char*>(row_scales(w, nn)), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(row_zeros(w, nn)), _MM_HINT_T0);
+    }
     PK_UNROLL
     for (int m = 0; m < MM; ++m) {
-      a.h[r][m] = a.l[r][m] = _mm512_setzero_si512();
-      a.f[r][m] = _mm512_setzero_ps();
+      a.h[i][m] = a.l[i][m] = _mm512_setzero_si512();
+      a.f[i][m] = _mm512_setzero_ps();
     }
   }
-  __m512i zero[RB];
-  __m512 scale[RB];
-  const int wide = w.block == 64;  // blocks of 32 (0) or 64 (1) with SB == 0
-  const int64_t per_step = 4 >> wide;  // grid entries a step spans
+  const int64_t ahead = (n + kAhead * 2 * P < w.N ? kAhead * 2 * P : 0) * (w.stride ? w.stride : w.K / 4);  // the rows prefetched meanwhile (interleaved rows: one stream)
+  __m512i zero[P];
+  __m512 scale[P];
   for (int64_t s = 0; s < S; ++s) {
     PK_UNROLL
-    for (int r = 0; r < RB; ++r) {
-      if ((s & 1) == 0) _mm_prefetch(reinterpret_cast<const char*>(next_q[r] + 32 * s), _MM_HINT_T0);  // two steps = one 64-byte line
-      if ((s & 3) == 0) _mm_prefetch(reinterpret_cast<const char*>(next_p[r] + 16 * s), _MM_HINT_T0);
-      if constexpr (SB == 0) {
-        const int64_t b0 = per_step * s;
-        lane_grid(c, wide, sc[r], zp[r], b0, nb - b0 < per_step ? nb - b0 : per_step, zero[r], scale[r]);
+    for (int i = 0; i < P; ++i) {
+      if ((s & 3) == 0) {  // a 64-byte line of each row's codes ahead (four steps)
+        _mm_prefetch(reinterpret_cast<const char*>(a.q[i][0] + ahead + 16 * s), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(a.q[i][1] + ahead + 16 * s), _MM_HINT_T0);
+      }
+      if (w.stride == 0 && (s & 7) == 0) {  // separate arrays: the positions are another stream
+        _mm_prefetch(reinterpret_cast<const char*>(a.p[i][0] + ahead / 2 + 8 * s), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(a.p[i][1] + ahead / 2 + 8 * s), _MM_HINT_T0);
+      }
+      if constexpr (SB == 0) {  // blocks of 32: each window its own zero point and scale (a last lone window: the next entries are not the row's)
+        uint16_t z0, z1;
+        __m128 four;
+        if (!(one_last && s + 1 == S)) {
+          std::memcpy(&z0, a.zp[i][0] + 2 * s, 2);
+          std::memcpy(&z1, a.zp[i][1] + 2 * s, 2);
+          four = _mm_castpd_ps(_mm_loadh_pd(_mm_load_sd(reinterpret_cast<const double*>(a.sc[i][0] + 2 * s)), reinterpret_cast<const double*>(a.sc[i][1] + 2 * s)));
+        } else {
+          z0 = a.zp[i][0][2 * s];
+          z1 = a.zp[i][1][2 * s];
+          four = _mm_setr_ps(a.sc[i][0][2 * s], 0.f, a.sc[i][1][2 * s], 0.f);
+        }
+        zero[i] = _mm512_permutexvar_epi8(c.window_bytes, _mm512_castsi128_si512(_mm_cvtsi32_si128(int(uint32_t(z0) | uint32_t(z1) << 16))));
+        scale[i] = _mm512_permutexvar_ps(c.window_lanes, _mm512_castps128_ps512(four));
       } else if (s % SB == 0) {
-        zero[r] = _mm512_set1_epi8(char(zp[r][s / SB]));
-        scale[r] = _mm512_set1_ps(sc[r][s / SB]);
+        const int64_t b = s / SB;
+        zero[i] = _mm512_mask_set1_epi8(_mm512_set1_epi8(char(a.zp[i][0][b])), __mmask64(0xFFFFFFFF00000000ULL), char(a.zp[i][1][b]));
+        scale[i] = _mm512_mask_mov_ps(_mm512_set1_ps(a.sc[i][0][b]), __mmask16(0xFF00), _mm512_set1_ps(a.sc[i][1][b]));
       }
     }
-    if (s + 1 == S && last_windows < 4)
-      step<MM, RB, true>(a, c, q, p, x, s, last_windows, zero);
+    if (one_last && s + 1 == S)
+      step<MM, P, true>(a, c, x, s, zero);
     else
-      step<MM, RB, false>(a, c, q, p, x, s, 4, zero);
-    if (SB == 0 || (s + 1) % SB == 0 || s + 1 == S) fold<MM, RB>(a, scale);
+      step<MM, P, false>(a, c, x, s, zero);
+    if (SB <= 1 || (s + 1) % SB == 0 || s + 1 == S) fold<MM, P>(a, scale);
   }
   PK_UNROLL
   for (int m = 0; m < MM; ++m) {
-    if constexpr (RB == 4) {
-      const __m128 sums = _mm_sub_ps(hsum4(a.f[0][m], a.f[1][m], a.f[2][m], a.f[3][m]), _mm_mul_ps(_mm_set1_ps(32768.f), _mm_loadu_ps(w.row_sums + n)));
-      _mm_storeu_ps(y + m * ldy + n, _mm_mul_ps(_mm_set1_ps(x.scale[m]), sums));
-    } else {
-      PK_UNROLL
-      for (int r = 0; r < RB; ++r) y[m * ldy + n + r] = x.scale[m] * (hsum(a.f[r][m]) - 32768.f * w.row_sums[n + r]);
+    if constexpr (P == 2) {
+      if (R == 4) {
+        // 128-bit lane i: row n + i's partial sums ([pair 0 | pair 1] by 256-bit halves)
+        const __m512 u = _mm512_add_ps(_mm512_shuffle_f32x4(a.f[0][m], a.f[1][m], _MM_SHUFFLE(2, 0, 2, 0)), _mm512_shuffle_f32x4(a.f[0][m], a.f[1][m], _MM_SHUFFLE(3, 1, 3, 1)));
+        const __m512 v = _mm512_add_ps(u, _mm512_permute_ps(u, 0x4E));
+        const __m512 t = _mm512_add_ps(v, _mm512_permute_ps(v, 0xB1));
+        const __m128 sums = _mm512_castps512_ps128(_mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0), t));
+        _mm_storeu_ps(y + m * ldy + n, _mm_mul_ps(_mm_set1_ps(x.scale[m]), _mm_sub_ps(sums, _mm_mul_ps(_mm_set1_ps(32768.f), _mm_loadu_ps(w.row_sums + n)))));
+        continue;
+      }
     }
+    PK_UNROLL
+    for (int i = 0; i < P; ++i)
+      PK_UNROLL
+      for (int e = 0; e < 2; ++e)
+        if (2 * i + e < R) {
+          const __m512 half = e ? _mm512_shuffle_f32x4(a.f[i][m], a.f[i][m], _MM_SHUFFLE(3, 2, 3, 2)) : a.f[i][m];
+          y[m * ldy + n + 2 * i + e] = x.scale[m] * (hsum(_mm512_castps512_ps256(half)) - 32768.f * w.row_sums[n + 2 * i + e]);
+        }
   }
 }
 
 template <int MM, int SB>
 void rows_of(const TwoFourInt4& w, const Consts& c, const X16& x, float* y, int64_t ldy, int64_t n0, int64_t n1) {
-  constexpr int RB = MM == 1 ? 4 : (MM == 2 ? 2 : 1);  // accumulators: 3 · RB · MM registers
+  constexpr int P = MM == 1 ? 2 : 1;  // pairs of rows at a time: accumulators 3 · P · MM registers
   int64_t n = n0;
-  for (; n + RB <= n1; n += RB) block<MM, RB, SB>(w, c, x, y, ldy, n);
-  for (; n < n1; ++n) block<MM, 1, SB>(w, c, x, y, ldy, n);
+  for (; n + 2 * P <= n1; n += 2 * P) rows_block<MM, P, SB>(w, c, x, y, ldy, n, 2 * P);
+  for (; n < n1; n += 2) rows_block<MM, 1, SB>(w, c, x, y, ldy, n, n1 - n < 2 ? int(n1 - n) : 2);
 }
 
 template <int MM>
 void rows(const TwoFourInt4& w, const Consts& c, const X16& x, float* y, int64_t ldy, int64_t n0, int64_t n1) {
-  if (w.block <= 64) rows_of<MM, 0>(w, c, x, y, ldy, n0, n1);
-  else if (w.block == 128) rows_of<MM, 1>(w, c, x, y, ldy, n0, n1);
-  else if (w.block == 256) rows_of<MM, 2>(w, c, x, y, ldy, n0, n1);
-  else rows_of<MM, 4>(w, c, x, y, ldy, n0, n1);  // 512 (checked by the caller: twofour_int4_x16)
+  if (w.block == 32) rows_of<MM, 0>(w, c, x, y, ldy, n0, n1);
+  else if (w.block == 64) rows_of<MM, 1>(w, c, x, y, ldy, n0, n1);
+  else if (w.block == 128) rows_of<MM, 2>(w, c, x, y, ldy, n0, n1);
+  else if (w.block == 256) rows_of<MM, 4>(w, c, x, y, ldy, n0, n1);
+  else rows_of<MM, 8>(w, c, x, y, ldy, n0, n1);  // 512 (checked by the caller: twofour_int4_x16)
 }
 
 }  // namespace
