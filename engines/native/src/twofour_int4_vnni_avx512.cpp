@@ -150,19 +150,21 @@ void rows_block(const TwoFourInt4& w, const Consts& c, const X16& x, float* y, i
       a.f[i][m] = _mm512_setzero_ps();
     }
   }
-  const int64_t ahead = (n + kAhead * 2 * P < w.N ? kAhead * 2 * P : 0) * (w.stride ? w.stride : w.K / 4);  // the rows prefetched meanwhile (interleaved rows: one stream)
+  // the rows prefetched meanwhile, as byte distances from a row's codes and positions (interleaved rows: the same)
+  const int64_t rows_ahead = n + kAhead * 2 * P < w.N ? kAhead * 2 * P : 0;
+  const int64_t ahead_q = rows_ahead * (w.stride ? w.stride : w.K / 4), ahead_p = rows_ahead * (w.stride ? w.stride : position_bytes(w.K));
   __m512i zero[P];
   __m512 scale[P];
   for (int64_t s = 0; s < S; ++s) {
     PK_UNROLL
     for (int i = 0; i < P; ++i) {
       if ((s & 3) == 0) {  // a 64-byte line of each row's codes ahead (four steps)
-        _mm_prefetch(reinterpret_cast<const char*>(a.q[i][0] + ahead + 16 * s), _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(a.q[i][1] + ahead + 16 * s), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(a.q[i][0] + ahead_q + 16 * s), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(a.q[i][1] + ahead_q + 16 * s), _MM_HINT_T0);
       }
-      if (w.stride == 0 && (s & 7) == 0) {  // separate arrays: the positions are another stream
-        _mm_prefetch(reinterpret_cast<const char*>(a.p[i][0] + ahead / 2 + 8 * s), _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(a.p[i][1] + ahead / 2 + 8 * s), _MM_HINT_T0);
+      if ((s & 7) == 0) {  // and of its positions (eight steps)
+        _mm_prefetch(reinterpret_cast<const char*>(a.p[i][0] + ahead_p + 8 * s), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(a.p[i][1] + ahead_p + 8 * s), _MM_HINT_T0);
       }
       if constexpr (SB == 0) {  // blocks of 32: each window its own zero point and scale (a last lone window: the next entries are not the row's)
         uint16_t z0, z1;
