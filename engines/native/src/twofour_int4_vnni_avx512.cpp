@@ -91,8 +91,11 @@ __attribute__((always_inline)) inline void step(Pairs<MM, P>& a, const Consts& c
     if constexpr (ONE) {
       c0 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(a.q[i][0] + 16 * s));
       c1 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(a.q[i][1] + 16 * s));
-      p0 = _mm_cvtsi32_si128(*reinterpret_cast<const int*>(a.p[i][0] + 8 * s));
-      p1 = _mm_cvtsi32_si128(*reinterpret_cast<const int*>(a.p[i][1] + 8 * s));
+      int b0, b1;
+      std::memcpy(&b0, a.p[i][0] + 8 * s, 4);
+      std::memcpy(&b1, a.p[i][1] + 8 * s, 4);
+      p0 = _mm_cvtsi32_si128(b0);
+      p1 = _mm_cvtsi32_si128(b1);
     } else {
       c0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(a.q[i][0] + 16 * s));
       c1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(a.q[i][1] + 16 * s));
@@ -223,8 +226,8 @@ void rows_block(const TwoFourInt4& w, const Consts& c, const X16& x, float* y, i
 
 template <int MM, int SB>
 void rows_of(const TwoFourInt4& w, const Consts& c, const X16& x, float* y, int64_t ldy, int64_t n0, int64_t n1) {
-  // pairs of rows at a time (accumulators 3 · P · MM registers): four pairs were 8 % faster than two at
-  // blocks of 64 and no slower at 128 in an ad-hoc timing of one 3072 × 576 weight (not kept)
+  // pairs of rows at a time (accumulators 3 · P · MM registers): four pairs were faster than two at
+  // blocks of 64 and no slower at 128 in an ad-hoc timing of one weight (not kept)
   constexpr int P = MM == 1 ? 4 : 1;
   int64_t n = n0;
   for (; n + 2 * P <= n1; n += 2 * P) rows_block<MM, P, SB>(w, c, x, y, ldy, n, 2 * P);
