@@ -561,16 +561,22 @@ def test_two_four_int4_matches_the_float32_two_four_kernel_bit_for_bit(n, window
     c = compress(deq, "2:4-int4", grid=(scales, zeros, block), name="blk.0.up")
     assert c.value_type == "int4" and c.arrays["values"].shape == (n, k // 4) and c.arrays["zeros"].dtype == np.uint8
     assert np.array_equal(decompress(c), deq)
-    x = rng.standard_normal((rows, k)).astype(np.float32)
+    _float_kernels_match(c, deq, "2:4", rng.standard_normal((rows, k)).astype(np.float32))  # (the 16-bit kernel: test_two_four_int4_int16_...)
+
+
+def _float_kernels_match(c: CompressedWeight, deq: np.ndarray, float_format: str, x: np.ndarray) -> None:
+    """The 16-bit kernels switched off, on every instruction set: the 4-bit weight ``c`` decompresses to
+    ``deq``, its GEMV is within float32 error of the float64 product and, on the SIMD paths, bit for bit
+    the float32 ``float_format`` kernel's result (same values, same order); the tiled prefill agrees."""
     ref = x.astype(np.float64) @ deq.T.astype(np.float64)
-    native.int16_activations(False)  # the float kernels (the 16-bit one: test_two_four_int4_int16_...)
+    bound = 1e-5 * (np.abs(x).astype(np.float64) @ np.abs(deq).T.astype(np.float64)) + 1e-6
+    native.int16_activations(False)
     try:
         for isa in ISAS:
             native.set_isa(isa)
-            nw, fw = native.NativeWeight(c), native.NativeWeight(compress(deq, "2:4"))
+            nw, fw = native.NativeWeight(c), native.NativeWeight(compress(deq, float_format))
             assert np.array_equal(nw.to_dense(), deq), isa
             y = nw.gemv(x)
-            bound = 1e-5 * (np.abs(x).astype(np.float64) @ np.abs(deq).T.astype(np.float64)) + 1e-6
             assert (np.abs(y - ref) <= bound).all(), (isa, float(np.abs(y - ref).max()))
             if isa != "scalar":
                 assert np.array_equal(y, fw.gemv(x)), isa
@@ -610,14 +616,8 @@ def test_two_four_int4_int16_activation_kernel_computes_the_rounded_product(n, w
     c = compress(deq, "2:4-int4", grid=(scales, zeros, block), name="blk.0.up")
     x = (rng.standard_normal((rows, k)) * rng.uniform(0.1, 5.0, k)).astype(np.float32)
     x[rows // 2] = 0.0
-    scale = np.abs(x).max(1, keepdims=True).astype(np.float64) * np.abs(deq).sum(1, dtype=np.float64)[None]
     nw = native.NativeWeight(c)
-    y = nw.gemv(x)
-    ref = _x16_rounded(x) @ deq.T.astype(np.float64)
-    assert (np.abs(y - ref) <= 2e-6 * scale + 1e-7).all(), float(np.abs(y - ref).max())
-    exact = x.astype(np.float64) @ deq.T.astype(np.float64)
-    assert (np.abs(y - exact) <= 2e-5 * scale + 1e-7).all()
-    assert not y[rows // 2].any()
+    y = _x16_product_checked(nw, deq, x)
     a = {key: np.ascontiguousarray(v) for key, v in c.arrays.items()}
     ptr = lambda arr: arr.ctypes.data_as(ctypes.c_void_p)  # noqa: E731
     xs = np.ascontiguousarray(x)
@@ -652,14 +652,7 @@ def test_two_four_int4_int16_kernel_is_used_only_where_it_applies():
         y = np.empty((1, 24), np.float32)
         native.lib().pk_gemv_24_int4(24, 1024, ptr(a["values"]), ptr(a["positions"]), ptr(a["scales"]), ptr(a["zeros"]), block, 0, None, ptr(x), 1, ptr(y))
         assert np.array_equal(y, fw.gemv(x))  # no row sums: the float kernel
-        native.set_isa("avx2+fma")
-        assert not native.twofour_int4_int16() and np.array_equal(nw.gemv(x), fw.gemv(x))
-        native.set_isa(native.best_isa())
-        native.int16_activations(False)
-        try:
-            assert not native.twofour_int4_int16() and np.array_equal(nw.gemv(x), fw.gemv(x))
-        finally:
-            native.int16_activations(True)
+        _float_kernel_when_16_bit_is_off(nw, fw, x, native.twofour_int4_int16)
 
 
 def test_two_four_int4_format_errors_and_stacking():
@@ -726,22 +719,37 @@ def test_bitmask_int4_matches_the_float32_bitmask_kernel_bit_for_bit(n, k, rows,
     c = compress(deq, "bitmask-int4", grid=(scales, zeros, block), name="blk.0.down")
     assert c.value_type == "int4" and c.arrays["row_offsets"][-1] == c.arrays["values"].size
     assert np.array_equal(decompress(c), deq)
-    x = rng.standard_normal((rows, k)).astype(np.float32)
-    ref = x.astype(np.float64) @ deq.T.astype(np.float64)
-    bound = 1e-5 * (np.abs(x).astype(np.float64) @ np.abs(deq).T.astype(np.float64)) + 1e-6
-    native.int16_activations(False)  # the float kernels (the 16-bit one: the next test)
+    _float_kernels_match(c, deq, "bitmask", rng.standard_normal((rows, k)).astype(np.float32))  # (the 16-bit kernel: the next test)
+
+
+def _float_kernel_when_16_bit_is_off(nw, fw, x: np.ndarray, runs) -> None:
+    """AVX2 forced, then the 16-bit switch off: ``runs()`` (whether the 16-bit kernel runs) is False and the
+    4-bit weight ``nw`` gives the float32 weight ``fw``'s result bit for bit (the float kernel)."""
+    native.set_isa("avx2+fma")
     try:
-        for isa in ISAS:
-            native.set_isa(isa)
-            nw, fw = native.NativeWeight(c), native.NativeWeight(compress(deq, "bitmask"))
-            assert np.array_equal(nw.to_dense(), deq), isa
-            y = nw.gemv(x)
-            assert (np.abs(y - ref) <= bound).all(), (isa, float(np.abs(y - ref).max()))
-            if isa != "scalar":
-                assert np.array_equal(y, fw.gemv(x)), isa
-            assert (np.abs(nw.gemm_tiled(np.repeat(x, 4, 0)) - np.repeat(ref, 4, 0)) <= np.repeat(bound, 4, 0)).all(), isa
+        assert not runs() and np.array_equal(nw.gemv(x), fw.gemv(x))
+    finally:
+        native.set_isa(native.best_isa())
+    native.int16_activations(False)
+    try:
+        assert not runs() and np.array_equal(nw.gemv(x), fw.gemv(x))
     finally:
         native.int16_activations(True)
+
+
+def _x16_product_checked(nw, deq: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """``nw.gemv(x)`` by a 16-bit kernel, checked: equal to the float64 product of x rounded as the kernel
+    rounds it within float32 summation error, within 2e-5 of the unrounded product (both relative to
+    each row's largest |x| · Σ|w|, the scale of the rounding and of the offset term's cancellation), and
+    0 for the zero row of x at ``len(x) // 2``. Returns the result."""
+    scale = np.abs(x).max(1, keepdims=True).astype(np.float64) * np.abs(deq).sum(1, dtype=np.float64)[None]
+    y = nw.gemv(x)
+    ref = _x16_rounded(x) @ deq.T.astype(np.float64)
+    assert (np.abs(y - ref) <= 2e-6 * scale + 1e-7).all(), float(np.abs(y - ref).max())
+    exact = x.astype(np.float64) @ deq.T.astype(np.float64)
+    assert (np.abs(y - exact) <= 2e-5 * scale + 1e-7).all()
+    assert not y[len(x) // 2].any()
+    return y
 
 
 def _x16_rounded(x: np.ndarray) -> np.ndarray:
@@ -783,15 +791,9 @@ def test_bitmask_int4_int16_activation_kernel_computes_the_rounded_product(n, k,
     c = compress(deq, "bitmask-int4", grid=(scales, zeros, block), name="blk.0.down")
     x = (rng.standard_normal((rows, k)) * rng.uniform(0.1, 5.0, k)).astype(np.float32)
     x[rows // 2] = 0.0  # a row of x that is all zero
-    # the scale of the rounding and of the offset term's cancellation: each row's largest |x| · Σ|w|
-    scale = np.abs(x).max(1, keepdims=True).astype(np.float64) * np.abs(deq).sum(1, dtype=np.float64)[None]
     nw = native.NativeWeight(c)
-    y = nw.gemv(x)
-    ref = _x16_rounded(x) @ deq.T.astype(np.float64)
-    assert (np.abs(y - ref) <= 2e-6 * scale + 1e-7).all(), float(np.abs(y - ref).max())
-    exact = x.astype(np.float64) @ deq.T.astype(np.float64)
-    assert (np.abs(y - exact) <= 2e-5 * scale + 1e-7).all()
-    assert not y[rows // 2].any()
+    y = _x16_product_checked(nw, deq, x)
+    ref, exact = _x16_rounded(x) @ deq.T.astype(np.float64), x.astype(np.float64) @ deq.T.astype(np.float64)
     native.int16_activations(False)
     try:
         floats = nw.gemv(x)
@@ -822,14 +824,7 @@ def test_bitmask_int4_int16_kernel_is_used_only_where_it_applies():
         deq = np.where(w == 0, np.float32(0), deq)
         nw, fw = native.NativeWeight(compress(deq, "bitmask-int4", grid=(scales, zeros, block))), native.NativeWeight(compress(deq, "bitmask"))
         assert np.array_equal(nw.gemv(x), fw.gemv(x)) == (block == 16)
-        native.set_isa("avx2+fma")
-        assert not native.bitmask_int4_int16() and np.array_equal(nw.gemv(x), fw.gemv(x))
-        native.set_isa(native.best_isa())
-        native.int16_activations(False)
-        try:
-            assert not native.bitmask_int4_int16() and np.array_equal(nw.gemv(x), fw.gemv(x))
-        finally:
-            native.int16_activations(True)
+        _float_kernel_when_16_bit_is_off(nw, fw, x, native.bitmask_int4_int16)
 
 
 def test_bitmask_int4_by_hand_stacking_and_errors():
