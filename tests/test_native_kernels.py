@@ -622,7 +622,7 @@ def test_two_four_int4_int16_activation_kernel_computes_the_rounded_product(n, w
     ptr = lambda arr: arr.ctypes.data_as(ctypes.c_void_p)  # noqa: E731
     xs = np.ascontiguousarray(x)
     separate = np.empty((rows, n), np.float32)
-    native.lib().pk_gemv_24_int4(n, k, ptr(a["values"]), ptr(a["positions"]), ptr(a["scales"]), ptr(a["zeros"]), block, 0, ptr(nw._row_sums), ptr(xs), rows,
+    native.lib().pk_gemv_24_int4(n, k, ptr(a["values"]), ptr(a["positions"]), ptr(a["scales"]), ptr(a["zeros"]), block, 0, nw.row_sums_ptr(), ptr(xs), rows,
                                  ptr(separate))
     assert np.array_equal(separate, y)
     both = native.NativeWeight.stacked([nw, native.NativeWeight(c)])
@@ -889,7 +889,7 @@ def test_4bit_kernels_read_separate_arrays_and_interleaved_rows_alike():
         a = {k: np.ascontiguousarray(v) for k, v in c.arrays.items()}
         y = np.empty((3, 20), np.float32)
         nw = native.NativeWeight(c)
-        L.pk_gemv_24_int4(20, 128, ptr(a["values"]), ptr(a["positions"]), ptr(a["scales"]), ptr(a["zeros"]), 64, 0, ptr(nw._row_sums), ptr(x), 3, ptr(y))
+        L.pk_gemv_24_int4(20, 128, ptr(a["values"]), ptr(a["positions"]), ptr(a["scales"]), ptr(a["zeros"]), 64, 0, nw.row_sums_ptr(), ptr(x), 3, ptr(y))
         assert np.array_equal(y, nw.gemv(x)), isa
         dense, s, z = (t.numpy() for t in rtn(torch.from_numpy(rng.standard_normal((20, 128)).astype(np.float32)), QuantScheme(4, 32)))
         c4 = compress(dense, "int4", grid=(s, z, 32))
@@ -937,3 +937,29 @@ def test_topk_threshold_is_the_kth_largest_magnitude():
             assert t == float(mags[keep]), (x.size, keep)
             assert int((np.abs(x) > t).sum()) <= keep
         assert native.topk_threshold(x, x.size) == -1.0
+
+
+def test_sparse_4bit_weights_hold_no_row_sums_where_no_16_bit_kernel_runs(monkeypatch):
+    """On a CPU without the 16-bit kernels (``pk_x16_sparse_kernels`` 0, simulated), a 2:4-int4 or
+    bitmask-int4 weight computes no row sums at load (no decompression of the weight) and its GEMV is the
+    float kernel's — bit for bit the float32 format's on a SIMD instruction set."""
+    import torch
+
+    from core.quant import QuantScheme, rtn
+
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((1, 256)).astype(np.float32)
+    w24 = prune_two_four(rng.standard_normal((12, 256)).astype(np.float32))
+    wbm = rng.standard_normal((12, 256)).astype(np.float32)
+    wbm[rng.random(wbm.shape) < 0.6] = 0.0
+    monkeypatch.setattr(native.lib(), "pk_x16_sparse_kernels", lambda: 0)
+    for w, fmt, float_fmt in ((w24, "2:4-int4", "2:4"), (wbm, "bitmask-int4", "bitmask")):
+        deq, scales, zeros = (t.numpy() for t in rtn(torch.from_numpy(w), QuantScheme(4, 64)))
+        deq = np.where(w == 0, np.float32(0), deq)
+        nw = native.NativeWeight(compress(deq, fmt, grid=(scales, zeros, 64)))
+        assert nw.row_sums_ptr() is None, fmt
+        y = nw.gemv(x)
+        if native.best_isa() != "scalar":
+            assert np.array_equal(y, native.NativeWeight(compress(deq, float_fmt)).gemv(x)), fmt
+        ref = x.astype(np.float64) @ deq.T.astype(np.float64)
+        assert np.allclose(y, ref, rtol=1e-5, atol=1e-4), fmt

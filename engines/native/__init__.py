@@ -83,6 +83,7 @@ def lib() -> ctypes.CDLL:
             L.pk_bitmask_int4_int16.argtypes = [_i64]
             L.pk_twofour_int4_int16.restype = ctypes.c_int
             L.pk_twofour_int4_int16.argtypes = [_i64]
+            L.pk_x16_sparse_kernels.restype = ctypes.c_int
             L.pk_decompress_bitmask_int4.argtypes = [_i64, _i64, vp, vp, vp, vp, vp, _i64, _i64, _i64, vp]
             L.pk_gemv_int4.argtypes = [_i64, _i64, vp, vp, vp, ctypes.c_int, _i64, ctypes.c_int, vp, _i64, vp]
             L.pk_decompress_int4.argtypes = [_i64, _i64, vp, vp, vp, ctypes.c_int, _i64, _i64, _i64, vp]
@@ -255,10 +256,10 @@ def pk_weight(w: "NativeWeight | InputMajorWeight | InputMajorInt4Weight", thres
         return PkWeight(4 if w.int8_activations else 3, w.n, w.k, codes, scales, second, -1.0, None, grid_flags, None, None, stride)
     if w.format == "2:4-int4":
         codes, positions, scales, zeros, block, stride = w._args
-        return PkWeight(5, w.n, w.k, codes, positions, zeros, -1.0, scales, block, w._row_sums.ctypes.data, None, stride)
+        return PkWeight(5, w.n, w.k, codes, positions, zeros, -1.0, scales, block, w.row_sums_ptr(), None, stride)
     if w.format == "bitmask-int4":
         masks, codes, offsets, scales, zeros, block = w._args
-        return PkWeight(6, w.n, w.k, masks, codes, offsets, -1.0, scales, block, w._row_sums.ctypes.data, zeros)
+        return PkWeight(6, w.n, w.k, masks, codes, offsets, -1.0, scales, block, w.row_sums_ptr(), zeros)
     if w.format == "2:4":
         return PkWeight(1, w.n, w.k, w.arrays["values"].ctypes.data, w.arrays["positions"].ctypes.data, None, -1.0, *w._q, None)
     return PkWeight(0, w.n, w.k, *w._args, -1.0, *w._q, w._corr)
@@ -576,7 +577,7 @@ class NativeWeight:
             self._q = (None, 0)
             a = self.arrays
             self._args = (a["values"].ctypes.data, a["positions"].ctypes.data, a["scales"].ctypes.data, a["zeros"].ctypes.data, self.block, stride)
-            self._row_sums = self._row_sums_by_tiles()  # the 16-bit kernel's offset term, as for bitmask-int4 below
+            self._row_sums = self._row_sums_by_tiles(2)  # the 16-bit kernel's offset term, as for bitmask-int4 below
             return
         if c.format == "bitmask-int4":  # masks, 4-bit codes per word from a byte row offset, a scale and a uint8 zero point per row and block
             a = {"masks": np.ascontiguousarray(c.arrays["masks"], np.uint16), "row_offsets": np.ascontiguousarray(c.arrays["row_offsets"], np.int64),
@@ -597,7 +598,7 @@ class NativeWeight:
                           a["zeros"].ctypes.data, self.block)
             # each row's Σ of its values (float64, rounded once): the 16-bit kernel's offset term, from a few
             # rows at a time decompressed by the kernels (no dense copy of the whole weight)
-            self._row_sums = self._row_sums_by_tiles()
+            self._row_sums = self._row_sums_by_tiles(1)
             return
         if c.format == "int4":  # 4-bit dense codes with a scale and an offset (or zero point) per row and 32 inputs
             self.block = 0  # (``block`` is the int8 scale block; int4 has its own, fixed at 32)
@@ -768,9 +769,9 @@ class NativeWeight:
         if self.format == "2:4":
             lib().pk_gemv_24(self.n, self.k, *self._args, *self._q, x_ptr, m, y_ptr)
         elif self.format == "2:4-int4":
-            lib().pk_gemv_24_int4(self.n, self.k, *self._args, self._row_sums.ctypes.data, x_ptr, m, y_ptr)
+            lib().pk_gemv_24_int4(self.n, self.k, *self._args, self.row_sums_ptr(), x_ptr, m, y_ptr)
         elif self.format == "bitmask-int4":
-            lib().pk_gemv_bitmask_int4(self.n, self.k, *self._args, self._row_sums.ctypes.data, x_ptr, m, y_ptr)
+            lib().pk_gemv_bitmask_int4(self.n, self.k, *self._args, self.row_sums_ptr(), x_ptr, m, y_ptr)
         elif self.format == "int4":
             lib().pk_gemv_int4(self.n, self.k, *self._args, int(self._int4x), x_ptr, m, y_ptr)
         else:
@@ -790,9 +791,17 @@ class NativeWeight:
             lib().pk_gemv_int4_rows(self.k, *self._args, rows.ctypes.data, rows.size, int(self._int4x), x.ctypes.data, y.ctypes.data)
         return y
 
-    def _row_sums_by_tiles(self) -> np.ndarray:
+    def row_sums_ptr(self) -> int | None:
+        """The address of each row's Σ of its values (a 4-bit sparse weight's 16-bit kernel's offset term),
+        None where this CPU has no such kernel (the float kernel then runs)."""
+        return None if self._row_sums is None else self._row_sums.ctypes.data
+
+    def _row_sums_by_tiles(self, kernel_bit: int) -> np.ndarray | None:
         """Each row's Σ of its values (float64 sums rounded once to float32), rows of 2^20 values at
-        most decompressed at a time."""
+        most decompressed at a time; None where this CPU cannot run the 16-bit kernel that reads them
+        (``pk_x16_sparse_kernels``' bit ``kernel_bit``: a decompression of the whole weight saved)."""
+        if not lib().pk_x16_sparse_kernels() & kernel_bit:
+            return None
         rows = max(1, min(self.n, (1 << 20) // max(self.k, 1)))
         tile = np.empty((rows, self.k), np.float32)
         sums = np.empty(self.n, np.float64)

@@ -790,6 +790,10 @@ PK_API int pk_int16_activations(int on) {
 // a multiple of 64 (bitmask_int4_vnni_avx512.cpp).
 PK_API int pk_bitmask_int4_int16(int64_t block) { return bitmask_int4_x16(block, g_isa.load()) ? 1 : 0; }
 PK_API int pk_twofour_int4_int16(int64_t block) { return twofour_int4_x16(block, g_isa.load()) ? 1 : 0; }
+// Which 16-bit 4-bit sparse kernels this CPU can run at all (whatever the switch and the chosen
+// instruction set): bit 0 bitmask-int4 (VNNI + VBMI2), bit 1 2:4-int4 (VNNI + VBMI). Where neither can,
+// a weight needs no row sums.
+PK_API int pk_x16_sparse_kernels() { return (g_vbmi2 ? 1 : 0) | (g_vbmi ? 2 : 0); }
 // 1 when this CPU runs int8 activations (AVX-512 VNNI); set 0/1 to turn their use off/on (tests).
 PK_API int pk_int8_activations(int on) {
   if (on >= 0) g_int8x.store(on != 0);
