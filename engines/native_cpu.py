@@ -192,20 +192,19 @@ def _quantized_note(quant: dict[str, Any], linears: dict[str, Any], head: dict[s
         nbm = sum(e["format"] == "bitmask-int4" for e in linears.values())
         rest = len(linears) - n - n24 - nbm
         note = f"int4 weights read as 4-bit codes with a scale and zero point per 32 inputs ({n} block linears{', the LM head' if head.get('values') == 'int4' else ''})"
-        if n24:
+        block = int(quant.get("block_size") or 0)
+        if n24 or nbm:
             from engines import native
 
+            def x16(runs: bool, isa: str, blocks: str) -> str:  # where the format's 16-bit kernel rounds the activations
+                return (f", their activations rounded to 16 bits per token (1/32639 of the largest |x|) by the kernel for AVX-512 VNNI + {isa} "
+                        f"where the blocks are {blocks} inputs ({'this CPU runs it' if runs else 'not on this CPU: fp32 activations'})")
+        if n24:
             note += f"; {n24} 2:4 block linears read as 4-bit codes of their kept values with 2-bit positions (2:4-int4, a scale and zero point per {quant.get('block_size')} inputs)"
-            here = "this CPU runs it" if native.twofour_int4_int16(int(quant.get("block_size") or 0)) else "not on this CPU: fp32 activations"
-            note += (", their activations rounded to 16 bits per token (1/32639 of the largest |x|) by the kernel for AVX-512 VNNI + VBMI "
-                     f"where the blocks are at most 512 inputs ({here})")
+            note += x16(native.twofour_int4_int16(block), "VBMI", "at most 512")
         if nbm:
             note += f"; {nbm} sparse block linears read as 4-bit codes of their kept values with a bit per weight (bitmask-int4, a scale and zero point per {quant.get('block_size')} inputs)"
-            from engines import native
-
-            here = "this CPU runs it" if native.bitmask_int4_int16(int(quant.get("block_size") or 0)) else "not on this CPU: fp32 activations"
-            note += (", their activations rounded to 16 bits per token (1/32639 of the largest |x|) by the kernel for AVX-512 VNNI + VBMI2 "
-                     f"where the blocks are 32 or a multiple of 64 inputs ({here})")
+            note += x16(native.bitmask_int4_int16(block), "VBMI2", "32 or a multiple of 64")
         if rest:
             note += f"; {rest} block linears run dequantized in fp32 (blocks of {quant.get('block_size')} inputs: the int4 formats need a multiple of 32)"
         return note + (f"; option int8_activations: int8 activations (per block of 32) {_int4x_here()}"

@@ -619,11 +619,10 @@ def test_two_four_int4_int16_activation_kernel_computes_the_rounded_product(n, w
     nw = native.NativeWeight(c)
     y = _x16_product_checked(nw, deq, x)
     a = {key: np.ascontiguousarray(v) for key, v in c.arrays.items()}
-    ptr = lambda arr: arr.ctypes.data_as(ctypes.c_void_p)  # noqa: E731
     xs = np.ascontiguousarray(x)
     separate = np.empty((rows, n), np.float32)
-    native.lib().pk_gemv_24_int4(n, k, ptr(a["values"]), ptr(a["positions"]), ptr(a["scales"]), ptr(a["zeros"]), block, 0, nw.row_sums_ptr(), ptr(xs), rows,
-                                 ptr(separate))
+    native.lib().pk_gemv_24_int4(n, k, _ptr(a["values"]), _ptr(a["positions"]), _ptr(a["scales"]), _ptr(a["zeros"]), block, 0, nw.row_sums_ptr(), _ptr(xs), rows,
+                                 _ptr(separate))
     assert np.array_equal(separate, y)
     both = native.NativeWeight.stacked([nw, native.NativeWeight(c)])
     assert np.array_equal(both.gemv(x), np.concatenate([y, y], axis=1))
@@ -648,9 +647,8 @@ def test_two_four_int4_int16_kernel_is_used_only_where_it_applies():
         nw, fw = native.NativeWeight(c), native.NativeWeight(compress(deq, "2:4"))
         assert np.array_equal(nw.gemv(x), fw.gemv(x)) == (block == 1024)
         a = {key: np.ascontiguousarray(v) for key, v in c.arrays.items()}
-        ptr = lambda arr: arr.ctypes.data_as(ctypes.c_void_p)  # noqa: E731
         y = np.empty((1, 24), np.float32)
-        native.lib().pk_gemv_24_int4(24, 1024, ptr(a["values"]), ptr(a["positions"]), ptr(a["scales"]), ptr(a["zeros"]), block, 0, None, ptr(x), 1, ptr(y))
+        native.lib().pk_gemv_24_int4(24, 1024, _ptr(a["values"]), _ptr(a["positions"]), _ptr(a["scales"]), _ptr(a["zeros"]), block, 0, None, _ptr(x), 1, _ptr(y))
         assert np.array_equal(y, fw.gemv(x))  # no row sums: the float kernel
         _float_kernel_when_16_bit_is_off(nw, fw, x, native.twofour_int4_int16)
 
@@ -737,6 +735,10 @@ def _float_kernel_when_16_bit_is_off(nw, fw, x: np.ndarray, runs) -> None:
         native.int16_activations(True)
 
 
+def _ptr(a: np.ndarray) -> ctypes.c_void_p:
+    return a.ctypes.data_as(ctypes.c_void_p)
+
+
 def _x16_product_checked(nw, deq: np.ndarray, x: np.ndarray) -> np.ndarray:
     """``nw.gemv(x)`` by a 16-bit kernel, checked: equal to the float64 product of x rounded as the kernel
     rounds it within float32 summation error, within 2e-5 of the unrounded product (both relative to
@@ -753,7 +755,7 @@ def _x16_product_checked(nw, deq: np.ndarray, x: np.ndarray) -> np.ndarray:
 
 
 def _x16_rounded(x: np.ndarray) -> np.ndarray:
-    """x as the 16-bit bitmask-int4 kernel rounds it: per row, to the nearest multiple of 1/32639 of its
+    """x as the 16-bit 4-bit sparse kernels round it: per row, to the nearest multiple of 1/32639 of its
     largest |x| (float32 arithmetic, ties to even), as float64."""
     top = np.abs(x).max(1, keepdims=True)
     inv = np.where(top > 0, np.float32(32639) / np.where(top > 0, top, 1), 0).astype(np.float32)

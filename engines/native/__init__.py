@@ -162,6 +162,10 @@ def bitmask_int4_int16(block: int = 64) -> bool:
     return bool(lib().pk_bitmask_int4_int16(int(block)))
 
 
+X16_BITMASK_INT4, X16_TWOFOUR_INT4 = 1, 2
+"""Bits of ``pk_x16_sparse_kernels()``: the CPU can run the 16-bit bitmask-int4 / 2:4-int4 kernel."""
+
+
 def twofour_int4_int16(block: int = 64) -> bool:
     """Whether ``2:4-int4`` weights with grid blocks of ``block`` inputs multiply 16-bit activations
     (``twofour_int4_vnni_avx512.cpp``: x rounded to 1/32639 of its largest |x|) instead of running the
@@ -577,7 +581,7 @@ class NativeWeight:
             self._q = (None, 0)
             a = self.arrays
             self._args = (a["values"].ctypes.data, a["positions"].ctypes.data, a["scales"].ctypes.data, a["zeros"].ctypes.data, self.block, stride)
-            self._row_sums = self._row_sums_by_tiles(2)  # the 16-bit kernel's offset term, as for bitmask-int4 below
+            self._row_sums = self._row_sums_by_tiles(X16_TWOFOUR_INT4)  # the 16-bit kernel's offset term, as for bitmask-int4 below
             return
         if c.format == "bitmask-int4":  # masks, 4-bit codes per word from a byte row offset, a scale and a uint8 zero point per row and block
             a = {"masks": np.ascontiguousarray(c.arrays["masks"], np.uint16), "row_offsets": np.ascontiguousarray(c.arrays["row_offsets"], np.int64),
@@ -598,7 +602,7 @@ class NativeWeight:
                           a["zeros"].ctypes.data, self.block)
             # each row's Σ of its values (float64, rounded once): the 16-bit kernel's offset term, from a few
             # rows at a time decompressed by the kernels (no dense copy of the whole weight)
-            self._row_sums = self._row_sums_by_tiles(1)
+            self._row_sums = self._row_sums_by_tiles(X16_BITMASK_INT4)
             return
         if c.format == "int4":  # 4-bit dense codes with a scale and an offset (or zero point) per row and 32 inputs
             self.block = 0  # (``block`` is the int8 scale block; int4 has its own, fixed at 32)

@@ -42,7 +42,7 @@ bool detect_vbmi2() {
   return g_vnni && __builtin_cpu_supports("avx512vbmi2");
 }
 const bool g_vbmi2 = detect_vbmi2();
-// the 2:4-int4 × 16-bit kernel's byte permutations (vpermi2b, vpmultishiftqb)
+// the 2:4-int4 × 16-bit kernel's byte permutations (vpermb, vpmultishiftqb)
 bool detect_vbmi() {
   __builtin_cpu_init();
   return g_vnni && __builtin_cpu_supports("avx512vbmi");
@@ -262,19 +262,16 @@ using Int8xJob = PreparedJob<pk::Bitmask, pk::QuantizedX, pk::gemv_int8x_avx512>
 using BitmaskInt4x16Job = PreparedJob<pk::BitmaskInt4, pk::X16, pk::gemv_bitmask_int4_x16_avx512>;
 using TwoFourInt4x16Job = PreparedJob<pk::TwoFourInt4, pk::X16, pk::gemv_twofour_int4_x16_avx512>;
 
-// Rows of x as the 16-bit kernels read them (pk::X16), in buffers of this thread, rows ld = K rounded up
-// to 128 bytes apart (the inputs after K hold xq = 0).
+// Rows of x as the 16-bit kernels read them (pk::X16), in buffers of this thread, rows K rounded up to
+// 64 inputs apart (both kernels read whole 64-input steps).
 pk::X16 x16_of(const float* x, int64_t M, int64_t K) {
   thread_local std::vector<uint8_t> bytes;
   thread_local std::vector<float> scales;
-  const int64_t ld = (K + 127) / 128 * 128;
-  bytes.assign(size_t(2 * M * ld), 0);
+  const int64_t ld = (K + 63) / 64 * 64;
+  bytes.resize(size_t(2 * M * ld));
   scales.resize(size_t(M));
   const pk::X16 xq{bytes.data(), bytes.data() + M * ld, scales.data(), ld};
   pk::quantize_x16_avx512(x, M, K, K, xq);
-  // quantize_x16 writes xq = 0 (bytes 128, 0) up to the next multiple of 64; the rest up to ld likewise
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t k = (K + 63) / 64 * 64; k < ld; ++k) xq.hi[m * ld + k] = 128;
   return xq;
 }
 

@@ -7,8 +7,8 @@
 // inputs' lanes by `vpexpandb` under the group's 64-bit mask, the zero point subtracted in the kept lanes
 // only (the others stay 0: w = code − zero, a signed byte), and two `vpdpbusd` add w · xh and w · xl
 // into 16 lanes — x as a 16-bit integer xq rounded to 1/32639 of the token's largest |x| and stored as
-// xq + 32768 = 256 · xh + xl, two unsigned bytes. Per block of the grid the integer sums (h · 256 + l, exact) become float and are scaled by
-// the block's scale; at the end y = sx · (Σ − 32768 · Σ_k W[n][k]): the offset's products are the row's
+// xq + 32768 = 256 · xh + xl, two unsigned bytes. Per block of the grid the integer sums (h · 256 + l,
+// exact) become float and are scaled by the block's scale; at the end y = sx · (Σ − 32768 · Σ_k W[n][k]): the offset's products are the row's
 // sum of its values, computed when the weight is loaded (row_sums). Needs block 32 or a multiple of 64.
 // Not bit-exact (each input rounded to 1/32639 of the largest |x|: an error ≤ 1.6e-5 of that |x|).
 #include <immintrin.h>
@@ -167,7 +167,6 @@ void rows(const BitmaskInt4& w, const X16& x, float* y, int64_t ldy, int64_t n0,
 }  // namespace
 
 void quantize_x16_avx512(const float* x, int64_t M, int64_t ldx, int64_t K, const X16& out) {
-  const int64_t G = (K + 63) / 64;
   for (int64_t m = 0; m < M; ++m) {
     const float* row = x + m * ldx;
     __m512 most = _mm512_setzero_ps();
@@ -181,7 +180,7 @@ void quantize_x16_avx512(const float* x, int64_t M, int64_t ldx, int64_t K, cons
     const __m512i lo_most = _mm512_set1_epi32(-kX16Max), hi_most = _mm512_set1_epi32(kX16Max), offset = _mm512_set1_epi32(32768);
     uint8_t* hi = out.hi + m * out.ld;
     uint8_t* lo = out.lo + m * out.ld;
-    for (int64_t k = 0; k < 64 * G; k += 16) {
+    for (int64_t k = 0; k < out.ld; k += 16) {  // inputs from K to ld: xq = 0
       const __mmask16 lanes = k >= K ? __mmask16(0) : (K - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (K - k)) - 1u));
       __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(lanes, row + k), inv));  // round to nearest even
       v = _mm512_add_epi32(_mm512_min_epi32(_mm512_max_epi32(v, lo_most), hi_most), offset);

@@ -290,9 +290,10 @@ void gemv_bitmask_int4_scalar(const BitmaskInt4& w, const float* x, int64_t M, i
 void gemv_bitmask_int4_avx2(const BitmaskInt4& w, const float* x, int64_t M, int64_t ldx, float* y, int64_t ldy, int64_t n0, int64_t n1);
 void gemv_bitmask_int4_avx512(const BitmaskInt4& w, const float* x, int64_t M, int64_t ldx, float* y, int64_t ldy, int64_t n0, int64_t n1);
 
-// Rows of x as 16-bit integers for the bitmask-int4 × 16-bit kernel (bitmask_int4_vnni_avx512.cpp): per
-// row m, x[k] ≈ scale[m] · xq with xq = 256 · hi − 32768 + lo (hi, lo unsigned bytes, row m at m · ld;
-// inputs from K to the next multiple of 64 hold xq = 0).
+// Rows of x as 16-bit integers for the 16-bit 4-bit sparse kernels (bitmask_int4_vnni_avx512.cpp,
+// twofour_int4_vnni_avx512.cpp): per row m, x[k] ≈ scale[m] · xq with xq = 256 · hi − 32768 + lo (hi, lo
+// unsigned bytes, row m at m · ld, ld a multiple of 64 ≥ K; quantize_x16_avx512 writes xq = 0 for the
+// inputs from K to ld).
 struct X16 {
   uint8_t* hi;
   uint8_t* lo;
@@ -302,7 +303,7 @@ struct X16 {
 void quantize_x16_avx512(const float* x, int64_t M, int64_t ldx, int64_t K, const X16& out);
 // Needs w.row_sums and w.block 32 or a multiple of 64; AVX-512 BW, VNNI and VBMI2.
 void gemv_bitmask_int4_x16_avx512(const BitmaskInt4& w, const X16& x, int64_t M, float* y, int64_t ldy, int64_t n0, int64_t n1);
-// Needs w.row_sums, w.block ≤ 512 and x.ld a multiple of 128 (inputs from K on xq = 0); AVX-512 BW, VNNI and VBMI.
+// Needs w.row_sums and w.block ≤ 512; AVX-512 BW, VNNI and VBMI.
 void gemv_twofour_int4_x16_avx512(const TwoFourInt4& w, const X16& x, int64_t M, float* y, int64_t ldy, int64_t n0, int64_t n1);
 
 // Int4 weights × int8 activations (AVX-512 VNNI; K % 64 == 0): x quantized first by

@@ -30,14 +30,17 @@ inline float hsum(__m512 v) {
   q = _mm_add_ps(q, _mm_movehl_ps(q, q));
   return _mm_cvtss_f32(_mm_add_ss(q, _mm_shuffle_ps(q, q, 1)));
 }
+// The sums of each 128-bit lane's four floats, as one vector of four.
+inline __m128 lane_sums4(__m512 t) {
+  const __m512 u = _mm512_add_ps(t, _mm512_permute_ps(t, 0x4E));
+  const __m512 v = _mm512_add_ps(u, _mm512_permute_ps(u, 0xB1));  // every lane of 128-bit lane i: its sum
+  return _mm512_castps512_ps128(_mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0), v));
+}
 // The sums of four vectors' lanes, as one vector of four.
 inline __m128 hsum4(__m512 a, __m512 b, __m512 c, __m512 d) {
   const __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));  // [a lo + a hi | b lo + b hi] (256-bit halves)
   const __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(c, d, 0x44), _mm512_shuffle_f32x4(c, d, 0xEE));
-  const __m512 t = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xDD));  // 128-bit lane i: vector i's four partial sums
-  const __m512 u = _mm512_add_ps(t, _mm512_permute_ps(t, 0x4E));
-  const __m512 v = _mm512_add_ps(u, _mm512_permute_ps(u, 0xB1));  // every lane of 128-bit lane i: vector i's sum
-  return _mm512_castps512_ps128(_mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0), v));
+  return lane_sums4(_mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xDD)));  // 128-bit lane i: vector i's four partial sums
 }
 #endif
 

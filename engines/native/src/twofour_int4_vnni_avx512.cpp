@@ -10,8 +10,8 @@
 //   inputs: each row's 8 position bytes broadcast the same way, each value's 2-bit field moved to its
 //          byte (`vpmultishiftqb`) and base | field (`vpternlogd`) is its input within the step; the
 //          inputs' two bytes picked out of the step's 64 by `vpermb` (both rows read the same inputs,
-//          so one 64-byte table serves them — `vpermb` issues once a cycle where the two-source
-//          `vpermi2b` of 128 inputs takes two);
+//          so one 64-byte table serves them; a first version gathered 128 inputs by the two-source
+//          `vpermi2b` per row and was slower: docs/native.md);
 //   two `vpdpbusd` add w · xh and w · xl into 16 lanes, the first row's in lanes 0-7 (x as in
 //          bitmask_int4_vnni_avx512.cpp: xq + 32768 = 256 · xh + xl, the token's one scale).
 // 64-bit lane L holds row L >> 2, window L & 1, values 8 · ((L >> 1) & 1) .. + 7. Per block of the grid
@@ -31,35 +31,37 @@ namespace {
 
 constexpr int64_t kAhead = 8;  // blocks of rows ahead for the next rows' codes and positions (as the other kernels; not tuned)
 
-struct Consts {
-  __m512i code_shift;  // vpmultishiftqb: byte i of lane L ← the nibble of value j = 8h + i (nibble 8·(j & 1) + (j >> 1))
-  __m512i pos_shift;   // vpmultishiftqb: byte i of lane L ← value j's 2 bits (bit 32 · window + 2j of the lane's qword)
-  __m512i base;        // byte i of lane L: the input of value j's group within the step, 32 · window + 4 · (j >> 1)
-  __m512i nib, three;
-  __m512i window_bytes;  // blocks of 32: each byte's (row, window) entry 2 · row + window of the step's four zero points
-  __m512i window_lanes;  // and each dword lane's of its four scales
-  Consts() {
-    alignas(64) uint8_t cs[64], ps[64], b[64], wb[64];
-    alignas(64) int32_t wl[16];
+// The lane map's constant tables (64-bit lane L: row L >> 2, window L & 1, values j = 8 · ((L >> 1) & 1) + i
+// for its bytes i), computed at compile time.
+struct Tables {
+  alignas(64) uint8_t code_shift[64];    // vpmultishiftqb: byte ← value j's nibble (nibble 8·(j & 1) + (j >> 1) of the window's qword)
+  alignas(64) uint8_t pos_shift[64];     // vpmultishiftqb: byte ← value j's 2 bits (bit 32 · window + 2j of the row's 8 position bytes)
+  alignas(64) uint8_t base[64];          // the input of value j's group within the step, 32 · window + 4 · (j >> 1)
+  alignas(64) uint8_t window_bytes[64];  // blocks of 32: each byte's (row, window) entry 2 · row + window of the step's four zero points
+  alignas(64) int32_t window_lanes[16];  // and each dword lane's of its four scales
+  constexpr Tables() : code_shift(), pos_shift(), base(), window_bytes(), window_lanes() {
     for (int L = 0; L < 8; ++L) {
       const int row = L >> 2, win = L & 1, h = (L >> 1) & 1;
       for (int i = 0; i < 8; ++i) {
         const int j = 8 * h + i;
-        cs[8 * L + i] = uint8_t(4 * (8 * (j & 1) + (j >> 1)));
-        ps[8 * L + i] = uint8_t(32 * win + 2 * j);
-        b[8 * L + i] = uint8_t(32 * win + 4 * (j >> 1));
-        wb[8 * L + i] = uint8_t(2 * row + win);
+        code_shift[8 * L + i] = uint8_t(4 * (8 * (j & 1) + (j >> 1)));
+        pos_shift[8 * L + i] = uint8_t(32 * win + 2 * j);
+        base[8 * L + i] = uint8_t(32 * win + 4 * (j >> 1));
+        window_bytes[8 * L + i] = uint8_t(2 * row + win);
       }
-      wl[2 * L] = wl[2 * L + 1] = 2 * row + win;
+      window_lanes[2 * L] = window_lanes[2 * L + 1] = 2 * row + win;
     }
-    code_shift = _mm512_load_si512(cs);
-    pos_shift = _mm512_load_si512(ps);
-    base = _mm512_load_si512(b);
-    window_bytes = _mm512_load_si512(wb);
-    window_lanes = _mm512_load_si512(wl);
-    nib = _mm512_set1_epi8(0x0F);
-    three = _mm512_set1_epi8(3);
   }
+};
+constexpr Tables kTables{};
+
+struct Consts {
+  __m512i code_shift = _mm512_load_si512(kTables.code_shift);
+  __m512i pos_shift = _mm512_load_si512(kTables.pos_shift);
+  __m512i base = _mm512_load_si512(kTables.base);
+  __m512i nib = _mm512_set1_epi8(0x0F), three = _mm512_set1_epi8(3);
+  __m512i window_bytes = _mm512_load_si512(kTables.window_bytes);
+  __m512i window_lanes = _mm512_load_si512(kTables.window_lanes);
 };
 
 constexpr __mmask8 kSecond = 0xF0;  // 64-bit lanes of the pair's second row
@@ -202,11 +204,8 @@ void rows_block(const TwoFourInt4& w, const Consts& c, const X16& x, float* y, i
         PK_UNROLL
         for (int i = 0; i < P; i += 2) {
           // 128-bit lane k: row n + 2i + k's partial sums (pairs i and i + 1 by 256-bit halves)
-          const __m512 u = _mm512_add_ps(_mm512_shuffle_f32x4(a.f[i][m], a.f[i + 1][m], _MM_SHUFFLE(2, 0, 2, 0)),
-                                         _mm512_shuffle_f32x4(a.f[i][m], a.f[i + 1][m], _MM_SHUFFLE(3, 1, 3, 1)));
-          const __m512 v = _mm512_add_ps(u, _mm512_permute_ps(u, 0x4E));
-          const __m512 t = _mm512_add_ps(v, _mm512_permute_ps(v, 0xB1));
-          const __m128 sums = _mm512_castps512_ps128(_mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0), t));
+          const __m128 sums = lane_sums4(_mm512_add_ps(_mm512_shuffle_f32x4(a.f[i][m], a.f[i + 1][m], _MM_SHUFFLE(2, 0, 2, 0)),
+                                                       _mm512_shuffle_f32x4(a.f[i][m], a.f[i + 1][m], _MM_SHUFFLE(3, 1, 3, 1))));
           const int64_t r0 = n + 2 * i;
           _mm_storeu_ps(y + m * ldy + r0, _mm_mul_ps(_mm_set1_ps(x.scale[m]), _mm_sub_ps(sums, _mm_mul_ps(_mm_set1_ps(32768.f), _mm_loadu_ps(w.row_sums + r0)))));
         }
