@@ -991,7 +991,7 @@ def test_a_4bit_width_off_the_block_is_refused_with_the_fix(tmp_path):
             _runs_as_pytorch(model, art, 5)
 
 
-@pytest.mark.parametrize("t,heads,kv_heads,d", [(1, 2, 1, 8), (37, 9, 3, 64), (128, 4, 4, 32)])
+@pytest.mark.parametrize("t,heads,kv_heads,d", [(1, 2, 1, 8), (37, 9, 3, 64), (128, 4, 4, 32), (45, 6, 2, 80), (19, 2, 2, 20), (9, 4, 1, 128)])
 def test_prefill_attention_is_rotary_causal_softmax_attention(t, heads, kv_heads, d):
     """The prefill's native attention against a float64 NumPy reference: q and k rotated (rotate-half),
     k and v in the caches at positions 0..T-1 (the rest untouched), causal softmax attention per head

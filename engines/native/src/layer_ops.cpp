@@ -46,24 +46,93 @@ void rope(float* v, int64_t heads, int64_t d, const float* cos, const float* sin
   }
 }
 
+// e^x for 8 lanes (x ≤ 88; below −87.3 the result is clamped to e^−87.3 ≈ 1.2e−38): x = n·ln 2 + r
+// with |r| ≤ ln 2 / 2 (ln 2 in two parts), e^r by its degree-6 Taylor polynomial (relative error
+// below 2e−7 there), times 2^n built in the exponent bits. Within a few float ulps of std::exp.
+inline __m256 exp8(__m256 x) {
+  x = _mm256_max_ps(_mm256_set1_ps(-87.3f), x);  // (a NaN stays NaN: maxps returns its second operand)
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145752f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.42860677e-6f), r);
+  __m256 p = _mm256_set1_ps(1.f / 720);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 120));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 24));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 6));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+// The sums of eight 8-wide vectors, one per lane: lane j = Σ of a[j]'s lanes.
+inline __m256 sums8(const __m256* a) {
+  const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+  const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+// One query against n cached keys and values (a decode step's head, or one prefill query). A first
+// version took a dot product per key, each ending in a horizontal sum, std::exp per score and the
+// output vector re-read and re-written per key; it was about a sixth of a SmolLM2 decode step in a
+// profile (perf, docs/native.md). Here, for d a multiple of 8, eight keys' dot products at a time (one
+// accumulator each, summed together by sums8), the exponentials eight at a time (exp8), and the output
+// in registers 64 lanes at a time over all keys.
 void attention_head(const float* q, const float* kc, const float* vc, int64_t n, int64_t d, float scale, float* out, float* scores) {
+  int64_t t = 0;
+  if (d % 8 == 0) {
+    for (; t + 8 <= n; t += 8) {
+      __m256 acc[8];
+      for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
+      const float* k = kc + t * d;
+      for (int64_t i = 0; i < d; i += 8) {
+        const __m256 qi = _mm256_loadu_ps(q + i);
+        for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(qi, _mm256_loadu_ps(k + j * d + i), acc[j]);
+      }
+      _mm256_storeu_ps(scores + t, _mm256_mul_ps(sums8(acc), _mm256_set1_ps(scale)));
+    }
+  }
+  for (; t < n; ++t) scores[t] = dot(q, kc + t * d, d) * scale;
   float mx = -INFINITY;
-  for (int64_t t = 0; t < n; ++t) {
-    float s = dot(q, kc + t * d, d) * scale;
-    scores[t] = s;
-    mx = s > mx ? s : mx;
+  for (t = 0; t < n; ++t) mx = scores[t] > mx ? scores[t] : mx;
+  __m256 vsum = _mm256_setzero_ps();
+  for (t = 0; t + 8 <= n; t += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(scores + t), _mm256_set1_ps(mx)));
+    _mm256_storeu_ps(scores + t, e);
+    vsum = _mm256_add_ps(vsum, e);
   }
+  if (t < n) {  // the last n % 8 scores, through the same exp8 (a padded copy)
+    alignas(32) float tail[8];
+    for (int j = 0; j < 8; ++j) tail[j] = t + j < n ? scores[t + j] - mx : -INFINITY;
+    const __m256 e = exp8(_mm256_load_ps(tail));
+    _mm256_store_ps(tail, e);
+    for (int64_t j = 0; t + j < n; ++j) {
+      scores[t + j] = tail[j];
+      vsum = _mm256_add_ps(vsum, _mm256_setr_ps(tail[j], 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f));
+    }
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, vsum);
   float sum = 0.f;
-  for (int64_t t = 0; t < n; ++t) {
-    scores[t] = std::exp(scores[t] - mx);
-    sum += scores[t];
-  }
+  for (int j = 0; j < 8; ++j) sum += lanes[j];
   const float inv = 1.0f / sum;
-  for (int64_t i = 0; i < d; ++i) out[i] = 0.f;
-  for (int64_t t = 0; t < n; ++t) {
-    const float p = scores[t] * inv;
+  for (t = 0; t < n; ++t) scores[t] *= inv;
+  int64_t i0 = 0;
+  for (; i0 + 64 <= d; i0 += 64) {  // 64 output lanes in registers over every key
+    __m256 acc[8];
+    for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
+    for (t = 0; t < n; ++t) {
+      const __m256 p = _mm256_set1_ps(scores[t]);
+      const float* v = vc + t * d + i0;
+      for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + 8 * j), acc[j]);
+    }
+    for (int j = 0; j < 8; ++j) _mm256_storeu_ps(out + i0 + 8 * j, acc[j]);
+  }
+  for (int64_t i = i0; i < d; ++i) out[i] = 0.f;
+  for (t = 0; t < n && i0 < d; ++t) {
+    const float p = scores[t];
     const float* v = vc + t * d;
-    for (int64_t i = 0; i < d; ++i) out[i] += p * v[i];
+    for (int64_t i = i0; i < d; ++i) out[i] += p * v[i];
   }
 }
 
