@@ -599,7 +599,9 @@ def test_two_four_int4_int16_activation_kernel_computes_the_rounded_product(n, w
     fewer than two non-zeros, 1-9 rows of x, a zero row of x, blocks of 32-512 (a grid per lane or per
     step): equals the float64 product of x rounded to 1/32639 of each row's largest |x| within float32
     summation error; within 2e-5 of the unrounded product (relative to the row's largest |x| · Σ|w|);
-    separate arrays (stride 0) give the interleaved rows' result; stacked parts agree."""
+    the paired layout the engine holds gives back the format's arrays and its dense weight; separate
+    arrays (stride 0, not paired) run the float kernel (the float32 2:4 kernel's result bit for bit);
+    stacked parts agree."""
     import torch
 
     from core.quant import QuantScheme, rtn
@@ -620,10 +622,12 @@ def test_two_four_int4_int16_activation_kernel_computes_the_rounded_product(n, w
     y = _x16_product_checked(nw, deq, x)
     a = {key: np.ascontiguousarray(v) for key, v in c.arrays.items()}
     xs = np.ascontiguousarray(x)
+    back = nw.compressed().arrays
+    assert all(np.array_equal(back[key], a[key]) for key in a) and np.array_equal(nw.to_dense(), deq)
     separate = np.empty((rows, n), np.float32)
-    native.lib().pk_gemv_24_int4(n, k, _ptr(a["values"]), _ptr(a["positions"]), _ptr(a["scales"]), _ptr(a["zeros"]), block, 0, nw.row_sums_ptr(), _ptr(xs), rows,
+    native.lib().pk_gemv_24_int4(n, k, _ptr(a["values"]), _ptr(a["positions"]), _ptr(a["scales"]), _ptr(a["zeros"]), block, 0, 0, nw.row_sums_ptr(), _ptr(xs), rows,
                                  _ptr(separate))
-    assert np.array_equal(separate, y)
+    assert np.array_equal(separate, native.NativeWeight(compress(deq, "2:4")).gemv(x))
     both = native.NativeWeight.stacked([nw, native.NativeWeight(c)])
     assert np.array_equal(both.gemv(x), np.concatenate([y, y], axis=1))
 
@@ -648,7 +652,7 @@ def test_two_four_int4_int16_kernel_is_used_only_where_it_applies():
         assert np.array_equal(nw.gemv(x), fw.gemv(x)) == (block == 1024)
         a = {key: np.ascontiguousarray(v) for key, v in c.arrays.items()}
         y = np.empty((1, 24), np.float32)
-        native.lib().pk_gemv_24_int4(24, 1024, _ptr(a["values"]), _ptr(a["positions"]), _ptr(a["scales"]), _ptr(a["zeros"]), block, 0, None, _ptr(x), 1, _ptr(y))
+        native.lib().pk_gemv_24_int4(24, 1024, _ptr(a["values"]), _ptr(a["positions"]), _ptr(a["scales"]), _ptr(a["zeros"]), block, 0, 0, None, _ptr(x), 1, _ptr(y))
         assert np.array_equal(y, fw.gemv(x))  # no row sums: the float kernel
         _float_kernel_when_16_bit_is_off(nw, fw, x, native.twofour_int4_int16)
 
@@ -872,27 +876,36 @@ def test_bitmask_int4_by_hand_stacking_and_errors():
 
 
 def test_4bit_kernels_read_separate_arrays_and_interleaved_rows_alike():
-    """The engine lays a 4-bit matrix's rows out in one buffer (row stride > 0); the kernels also take the
-    format's separate arrays (stride 0): both give the same result bit for bit, for dense int4 and 2:4-int4."""
+    """The engine lays a 4-bit matrix's rows out in one buffer (dense int4: row by row; 2:4-int4: two rows
+    at a time, the paired layout); the float kernels also take the format's separate arrays (stride 0):
+    both give the same result bit for bit, for dense int4 and 2:4-int4 (with an odd row count: the
+    paired layout's padding row)."""
 
     import torch
 
     from core.quant import QuantScheme, rtn
 
     rng = np.random.default_rng(12)
-    w = prune_two_four(rng.standard_normal((20, 128)).astype(np.float32))
-    x = rng.standard_normal((3, 128)).astype(np.float32)
+    w = prune_two_four(rng.standard_normal((21, 160)).astype(np.float32))
+    x = rng.standard_normal((3, 160)).astype(np.float32)
     deq, scales, zeros = (t.numpy() for t in rtn(torch.from_numpy(w), QuantScheme(4, 64)))
     L = native.lib()
     ptr = lambda a: a.ctypes.data_as(ctypes.c_void_p)  # noqa: E731
+    native.int16_activations(False)  # (the 16-bit kernel reads the paired layout only)
+    try:
+        for isa in ISAS:
+            native.set_isa(isa)
+            c = compress(deq, "2:4-int4", grid=(scales, zeros, 64))
+            a = {k: np.ascontiguousarray(v) for k, v in c.arrays.items()}
+            y = np.empty((3, 21), np.float32)
+            nw = native.NativeWeight(c)
+            L.pk_gemv_24_int4(21, 160, ptr(a["values"]), ptr(a["positions"]), ptr(a["scales"]), ptr(a["zeros"]), 64, 0, 0, nw.row_sums_ptr(), ptr(x), 3, ptr(y))
+            assert np.array_equal(y, nw.gemv(x)), isa
+    finally:
+        native.int16_activations(True)
+    x, y = np.ascontiguousarray(x[:, :128]), np.empty((3, 20), np.float32)
     for isa in ISAS:
         native.set_isa(isa)
-        c = compress(deq, "2:4-int4", grid=(scales, zeros, 64))
-        a = {k: np.ascontiguousarray(v) for k, v in c.arrays.items()}
-        y = np.empty((3, 20), np.float32)
-        nw = native.NativeWeight(c)
-        L.pk_gemv_24_int4(20, 128, ptr(a["values"]), ptr(a["positions"]), ptr(a["scales"]), ptr(a["zeros"]), 64, 0, nw.row_sums_ptr(), ptr(x), 3, ptr(y))
-        assert np.array_equal(y, nw.gemv(x)), isa
         dense, s, z = (t.numpy() for t in rtn(torch.from_numpy(rng.standard_normal((20, 128)).astype(np.float32)), QuantScheme(4, 32)))
         c4 = compress(dense, "int4", grid=(s, z, 32))
         a = {k: np.ascontiguousarray(v) for k, v in c4.arrays.items()}

@@ -76,8 +76,8 @@ def lib() -> ctypes.CDLL:
             L.pk_decompress.argtypes = [_i64, _i64, vp, vp, vp, vp, _i64, _i64, _i64, vp]
             L.pk_gemv_24.argtypes = [_i64, _i64, vp, vp, vp, _i64, vp, _i64, vp]
             L.pk_decompress_24.argtypes = [_i64, _i64, vp, vp, vp, _i64, _i64, _i64, vp]
-            L.pk_gemv_24_int4.argtypes = [_i64, _i64, vp, vp, vp, vp, _i64, _i64, vp, vp, _i64, vp]
-            L.pk_decompress_24_int4.argtypes = [_i64, _i64, vp, vp, vp, vp, _i64, _i64, _i64, _i64, vp]
+            L.pk_gemv_24_int4.argtypes = [_i64, _i64, vp, vp, vp, vp, _i64, _i64, _i64, vp, vp, _i64, vp]
+            L.pk_decompress_24_int4.argtypes = [_i64, _i64, vp, vp, vp, vp, _i64, _i64, _i64, _i64, _i64, vp]
             L.pk_gemv_bitmask_int4.argtypes = [_i64, _i64, vp, vp, vp, vp, vp, _i64, vp, vp, _i64, vp]
             L.pk_bitmask_int4_int16.restype = ctypes.c_int
             L.pk_bitmask_int4_int16.argtypes = [_i64]
@@ -230,7 +230,7 @@ class PkWeight(ctypes.Structure):
 
     _fields_ = [("kind", _i64), ("N", _i64), ("K", _i64), ("a", ctypes.c_void_p), ("b", ctypes.c_void_p), ("c", ctypes.c_void_p), ("threshold", ctypes.c_double),
                 ("scales", ctypes.c_void_p), ("block", _i64), ("corr", ctypes.c_void_p), ("d", ctypes.c_void_p), ("stride", _i64),
-                ("keep", _i64)]
+                ("keep", _i64), ("layout", _i64)]
 
 
 class PkLayer(ctypes.Structure):
@@ -259,8 +259,8 @@ def pk_weight(w: "NativeWeight | InputMajorWeight | InputMajorInt4Weight", thres
         codes, scales, second, grid_flags, stride = w._args
         return PkWeight(4 if w.int8_activations else 3, w.n, w.k, codes, scales, second, -1.0, None, grid_flags, None, None, stride)
     if w.format == "2:4-int4":
-        codes, positions, scales, zeros, block, stride = w._args
-        return PkWeight(5, w.n, w.k, codes, positions, zeros, -1.0, scales, block, w.row_sums_ptr(), None, stride)
+        codes, positions, scales, zeros, block, stride, paired = w._args
+        return PkWeight(5, w.n, w.k, codes, positions, zeros, -1.0, scales, block, w.row_sums_ptr(), None, stride, 0, paired)
     if w.format == "bitmask-int4":
         masks, codes, offsets, scales, zeros, block = w._args
         return PkWeight(6, w.n, w.k, masks, codes, offsets, -1.0, scales, block, w.row_sums_ptr(), zeros)
@@ -546,6 +546,50 @@ def _interleave_rows(n: int, parts: dict[str, np.ndarray]) -> tuple[dict[str, np
     return views, stride
 
 
+def _pair_rows(n: int, k: int, a: dict[str, np.ndarray]) -> tuple[np.ndarray, int]:
+    """A 2:4-int4 weight's arrays (codes ``values``, ``positions``, ``scales``, ``zeros``) in the paired
+    layout (kernels.h, TwoFourInt4::paired): per pair of rows (an odd ``n`` padded with a zero row) the
+    scales of both rows, their zero points, padding to 16 bytes, then per step of 64 inputs the codes of
+    (row, window) (0, 0), (1, 0), (0, 1), (1, 1) and the positions of row 0's two windows and row 1's (a
+    last lone window's step padded with zeros). Returns the buffer (64 bytes of zeros after the last
+    pair: a kernel's wide loads never leave it) and the pair stride in bytes."""
+    pairs, windows, nb = (n + 1) // 2, k // 32, a["scales"].shape[1]
+    steps = (windows + 1) // 2
+    head = 5 * nb * 2
+    head += -head % 16
+    stride = head + 48 * steps
+
+    def padded(x: np.ndarray, width: int) -> np.ndarray:  # rows to 2 · pairs, each row to `width` bytes
+        out = np.zeros((2 * pairs, width), np.uint8)
+        raw = np.ascontiguousarray(x).view(np.uint8).reshape(n, -1)
+        out[:n, : raw.shape[1]] = raw
+        return out
+
+    codes = padded(a["values"], 16 * steps).reshape(pairs, 2, steps, 2, 8).transpose(0, 2, 3, 1, 4).reshape(pairs, steps, 32)
+    pos = padded(a["positions"], 8 * steps).reshape(pairs, 2, steps, 2, 4).transpose(0, 2, 1, 3, 4).reshape(pairs, steps, 16)
+    flat = np.zeros(pairs * stride + 64, np.uint8)
+    rows = flat[: pairs * stride].reshape(pairs, stride)
+    rows[:, : 8 * nb] = padded(a["scales"].astype(np.float32), 4 * nb).reshape(pairs, 8 * nb)
+    rows[:, 8 * nb : 10 * nb] = padded(a["zeros"].astype(np.uint8), nb).reshape(pairs, 2 * nb)
+    rows[:, head:] = np.concatenate([codes, pos], -1).reshape(pairs, 48 * steps)
+    return flat, stride
+
+
+def _unpair_rows(buf: np.ndarray, n: int, k: int, nb: int) -> dict[str, np.ndarray]:
+    """The separate arrays of a weight held by :func:`_pair_rows` (copies)."""
+    pairs, windows = (n + 1) // 2, k // 32
+    steps = (windows + 1) // 2
+    head = 5 * nb * 2
+    head += -head % 16
+    rows = buf[: pairs * (head + 48 * steps)].reshape(pairs, head + 48 * steps)
+    st = rows[:, head:].reshape(pairs, steps, 48)
+    codes = st[..., :32].reshape(pairs, steps, 2, 2, 8).transpose(0, 3, 1, 2, 4).reshape(2 * pairs, 16 * steps)[:n, : k // 4]
+    pos = st[..., 32:].reshape(pairs, steps, 2, 2, 4).transpose(0, 2, 1, 3, 4).reshape(2 * pairs, 8 * steps)[:n, : k // 8]
+    scales = np.ascontiguousarray(rows[:, : 8 * nb]).view(np.float32).reshape(2 * pairs, nb)[:n]
+    zeros = rows[:, 8 * nb : 10 * nb].reshape(2 * pairs, nb)[:n]
+    return {k_: np.ascontiguousarray(v) for k_, v in (("values", codes), ("positions", pos), ("scales", scales), ("zeros", zeros))}
+
+
 class NativeWeight:
     """A weight held in the layout the kernels read (contiguous arrays, kept alive here): a
     :class:`CompressedWeight` (2:4, bitmask or dense; float32 or int8 values with their scales), or a
@@ -575,12 +619,14 @@ class NativeWeight:
                     or arrays["positions"].shape != (self.n, self.k // 8) or arrays["scales"].shape != (self.n, nb) or arrays["zeros"].shape != (self.n, nb)):
                 raise ValueError(f"2:4-int4 weight: codes {arrays['values'].shape} / positions {arrays['positions'].shape} / scales {arrays['scales'].shape} / "
                                  f"zeros {arrays['zeros'].shape} in blocks of {self.block} do not fit a ({self.n}, {self.k}) weight")
-            # one buffer, row by row: scales, zeros, codes, positions (a matrix is one sequential stream,
-            # not four: docs/native.md); the arrays are views of it
-            self.arrays, stride = _interleave_rows(self.n, {k: arrays[k] for k in ("scales", "zeros", "values", "positions")})
+            # one buffer, rows two at a time (the paired layout, kernels.h: a matrix is one sequential
+            # stream, and the 16-bit kernel loads a step of both rows' codes and positions at once)
+            buf, stride = _pair_rows(self.n, self.k, arrays)
+            self.arrays = {"pairs": buf}
             self._q = (None, 0)
-            a = self.arrays
-            self._args = (a["values"].ctypes.data, a["positions"].ctypes.data, a["scales"].ctypes.data, a["zeros"].ctypes.data, self.block, stride)
+            head, at = 5 * nb * 2, buf.ctypes.data
+            head += -head % 16
+            self._args = (at + head, at + head + 32, at, at + 8 * nb, self.block, stride, 1)
             self._row_sums = self._row_sums_by_tiles(X16_TWOFOUR_INT4)  # the 16-bit kernel's offset term, as for bitmask-int4 below
             return
         if c.format == "bitmask-int4":  # masks, 4-bit codes per word from a byte row offset, a scale and a uint8 zero point per row and block
@@ -682,16 +728,21 @@ class NativeWeight:
     @property
     def stored_values(self) -> np.ndarray:
         """The values as stored (without the padding)."""
-        if self.format in ("2:4-int4", "int4"):
+        if self.format == "2:4-int4":  # (a copy out of the paired layout)
+            return _unpair_rows(self.arrays["pairs"], self.n, self.k, -(-self.k // self.block))["values"]
+        if self.format == "int4":
             return self.arrays["values"]
         if self.format == "bitmask-int4":
             return self.arrays["values"][:-BITMASK_INT4_PAD]
         return self.arrays["values"][: self.arrays["values"].size - VALUE_PAD]
 
     def compressed(self) -> CompressedWeight:
-        """This weight as a :class:`CompressedWeight` (sharing its arrays)."""
+        """This weight as a :class:`CompressedWeight` (sharing its arrays; a 2:4-int4 weight's copied out of
+        the paired layout)."""
         if "+" in self.format:
             raise ValueError(f"native weight: a stacked weight of formats {self.format} has no single format")
+        if self.format == "2:4-int4":
+            return CompressedWeight(self.format, (self.n, self.k), _unpair_rows(self.arrays["pairs"], self.n, self.k, -(-self.k // self.block)), self.block)
         arrays = {k: v.astype(np.float32) if v.dtype == np.float16 else v for k, v in self.arrays.items() if k != "values"} | {"values": self.stored_values}
         if self.format in INT4_FORMATS:  # (the int4 format's block is fixed; ``self.block`` is the int8 scale block)
             return CompressedWeight(self.format, (self.n, self.k), arrays, 32 if self.format == "int4" else self.block)

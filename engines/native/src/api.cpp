@@ -314,7 +314,7 @@ bool twofour_int4_x16(int64_t block, int isa) {
 }
 
 void gemv(const pk::TwoFourInt4& w, const float* x, int64_t M, float* y, int isa) {
-  if (!w.row_sums || !twofour_int4_x16(w.block, isa)) {
+  if (!w.row_sums || !w.paired || !twofour_int4_x16(w.block, isa)) {  // the 16-bit kernel reads the paired layout only
     gemv<pk::TwoFourInt4>(w, x, M, y, isa);
     return;
   }
@@ -587,7 +587,7 @@ struct Int4InputMajorDecompressJob {
 // (a = codes, b = scales, c = offsets or zero points, block: bit 0 the zero-point form, bit 1 a half
 // grid; pk::Int4Dense); kind 4: the same with int8 activations; kind 5: 2:4 with 4-bit values (a = codes,
 // b = positions, c = uint8 zero points, scales, block, corr = the rows' sums of their values for the
-// 16-bit kernel; pk::TwoFourInt4); kind 6: bitmask with 4-bit
+// 16-bit kernel, layout 1: the paired layout; pk::TwoFourInt4); kind 6: bitmask with 4-bit
 // values (a = masks, b = codes, c = row offsets, d = uint8 zero points, scales, block, corr = the rows'
 // sums of their values for the 16-bit kernel; pk::BitmaskInt4);
 // kind 7: input-major 4-bit (a = the buffer, stride = ld, block: bit 0 the zero-point form, bit 1 a
@@ -606,6 +606,7 @@ struct PkWeight {
   const void* d;
   int64_t stride;  // kinds 3-5: the row stride of interleaved arrays (pk::Int4Dense, pk::TwoFourInt4), 0: separate
   int64_t keep;
+  int64_t layout;  // kind 5: 1 the paired layout (pk::TwoFourInt4::paired), 0 rows interleaved or separate
 };
 
 // Float values, or int8 codes when scales are given.
@@ -678,7 +679,7 @@ void apply(const PkWeight& w, const float* x, float* y, int isa, int64_t* read, 
               x, 1, y, isa, w.kind == 4);
   } else if (w.kind == 5) {
     gemv(pk::TwoFourInt4{w.N, w.K, static_cast<const uint8_t*>(w.a), static_cast<const uint8_t*>(w.b), w.scales, static_cast<const uint8_t*>(w.c), w.block,
-                         w.stride, w.corr},
+                         w.stride, w.corr, w.layout == 1},
          x, 1, y, isa);
   } else if (w.kind == 6) {
     gemv(pk::BitmaskInt4{w.N, w.K, static_cast<const uint16_t*>(w.a), static_cast<const uint8_t*>(w.b), static_cast<const int64_t*>(w.c), w.scales,
@@ -853,16 +854,17 @@ PK_API void pk_decompress_int4(int64_t N, int64_t K, const uint8_t* codes, const
 }
 
 // y[M][N] = x[M][K] · Wᵀ, W 2:4 with 4-bit values (codes, positions, a scale and a uint8 zero point per
-// row and block of `block` inputs, interleaved by rows of `stride` bytes or separate (0); kernels.h).
-// row_sums (optional: each row's Σ of its values) lets the 16-bit kernel run where the CPU has it.
+// row and block of `block` inputs: separate (stride 0), interleaved by rows of `stride` bytes, or paired
+// (paired 1: pairs of rows `stride` bytes apart; kernels.h). row_sums (optional: each row's Σ of its
+// values) and the paired layout let the 16-bit kernel run where the CPU has it.
 PK_API void pk_gemv_24_int4(int64_t N, int64_t K, const uint8_t* codes, const uint8_t* positions, const float* scales, const uint8_t* zeros, int64_t block,
-                            int64_t stride, const float* row_sums, const float* x, int64_t M, float* y) {
-  gemv(pk::TwoFourInt4{N, K, codes, positions, scales, zeros, block, stride, row_sums}, x, M, y, g_isa.load(std::memory_order_relaxed));
+                            int64_t stride, int64_t paired, const float* row_sums, const float* x, int64_t M, float* y) {
+  gemv(pk::TwoFourInt4{N, K, codes, positions, scales, zeros, block, stride, row_sums, paired != 0}, x, M, y, g_isa.load(std::memory_order_relaxed));
 }
 
 PK_API void pk_decompress_24_int4(int64_t N, int64_t K, const uint8_t* codes, const uint8_t* positions, const float* scales, const uint8_t* zeros,
-                                  int64_t block, int64_t stride, int64_t n0, int64_t n1, float* out) {
-  const pk::TwoFourInt4 w{N, K, codes, positions, scales, zeros, block, stride};
+                                  int64_t block, int64_t stride, int64_t paired, int64_t n0, int64_t n1, float* out) {
+  const pk::TwoFourInt4 w{N, K, codes, positions, scales, zeros, block, stride, nullptr, paired != 0};
   DecompressJob<pk::TwoFourInt4> job{&w, n0, n1, out, g_isa.load(std::memory_order_relaxed)};
   pool().run((n1 - n0 + kRowsPerTask - 1) / kRowsPerTask, &DecompressJob<pk::TwoFourInt4>::task, &job);
 }

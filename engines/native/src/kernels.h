@@ -64,9 +64,16 @@ struct TwoFour {
 // power of two ≥ 32; scales and zeros [N][ceil(K/block)]). K % 32 == 0. Per weight: 2 bits of code,
 // 1 of position, and the block's 5 bytes: 4.25 bits at block 32, 3.6 at 64 (the int4 dense format
 // below: 6).
-// With `stride` set, the four arrays are interleaved row by row (the host lays each row out as scales,
-// zeros, codes, positions, `stride` bytes per row, so a matrix is one sequential stream): row n of each
-// starts `n · stride` bytes after its pointer.
+// With `stride` set, the four arrays are interleaved row by row (scales, zeros, codes, positions,
+// `stride` bytes per row, so a matrix is one sequential stream): row n of each starts `n · stride` bytes
+// after its pointer.
+// With `paired` set (the host's layout: engines/native NativeWeight), rows are held two at a time, `stride`
+// bytes per pair (an odd N's last pair padded with a zero row): the pair's scales (row 2i's blocks, then
+// row 2i + 1's), its zero points (the same order), then per step of 64 inputs (two windows; a last lone
+// window's step padded with zeros) kPairStep bytes: the codes of (row, window) (0, 0), (1, 0), (0, 1),
+// (1, 1), 8 bytes each, then the positions of row 0's two windows and row 1's, 4 bytes each. So the
+// 16-bit kernel loads a step of both rows as one broadcast of codes and one of positions. Every
+// kernel finds a window through code_offset / position_offset from its row's pointers.
 // row_sums (optional): each row's Σ of its values, for the 16-bit kernel (twofour_int4_vnni_avx512.cpp).
 struct TwoFourInt4 {
   int64_t N, K;
@@ -77,7 +84,9 @@ struct TwoFourInt4 {
   int64_t block;
   int64_t stride = 0;
   const float* row_sums = nullptr;
+  bool paired = false;
 };
+constexpr int64_t kPairStep = 48;  // bytes of a step of a pair of rows in the paired layout
 
 // Bitmask with 4-bit values (an unstructured weight quantized to 4 bits, zeros kept): masks as Bitmask;
 // codes uint8, row n's starting at byte row_off[n]: per group of 64 inputs (four mask words) its c kept
@@ -241,14 +250,24 @@ inline BitmaskRow bitmask_row(const Bitmask& w, int64_t n) {
   const bool Q = int8(w.q);
   return {Q ? nullptr : row_values(w, n), Q ? row_qvalues(w, n) : nullptr, Q ? row_scales(w.K, w.q, n) : nullptr, dense(w) ? nullptr : row_masks(w, n)};
 }
-// Row n of a TwoFourInt4's arrays (interleaved or separate).
+// Row n of a TwoFourInt4's arrays (separate, interleaved by rows or paired), and the byte offsets of
+// window win's 8 code bytes and 4 position bytes from its row's pointers.
 inline int64_t grid_blocks(const TwoFourInt4& w) { return (w.K + w.block - 1) / w.block; }
-inline const uint8_t* row_codes(const TwoFourInt4& w, int64_t n) { return w.codes + n * (w.stride ? w.stride : w.K / 4); }
-inline const uint8_t* row_positions(const TwoFourInt4& w, int64_t n) { return w.positions + n * (w.stride ? w.stride : position_bytes(w.K)); }
-inline const float* row_scales(const TwoFourInt4& w, int64_t n) {
-  return reinterpret_cast<const float*>(reinterpret_cast<const uint8_t*>(w.scales) + n * (w.stride ? w.stride : 4 * grid_blocks(w)));
+inline const uint8_t* row_codes(const TwoFourInt4& w, int64_t n) {
+  return w.paired ? w.codes + (n >> 1) * w.stride + 8 * (n & 1) : w.codes + n * (w.stride ? w.stride : w.K / 4);
 }
-inline const uint8_t* row_zeros(const TwoFourInt4& w, int64_t n) { return w.zeros + n * (w.stride ? w.stride : grid_blocks(w)); }
+inline const uint8_t* row_positions(const TwoFourInt4& w, int64_t n) {
+  return w.paired ? w.positions + (n >> 1) * w.stride + 8 * (n & 1) : w.positions + n * (w.stride ? w.stride : position_bytes(w.K));
+}
+inline const float* row_scales(const TwoFourInt4& w, int64_t n) {
+  const int64_t at = w.paired ? (n >> 1) * w.stride + (n & 1) * 4 * grid_blocks(w) : n * (w.stride ? w.stride : 4 * grid_blocks(w));
+  return reinterpret_cast<const float*>(reinterpret_cast<const uint8_t*>(w.scales) + at);
+}
+inline const uint8_t* row_zeros(const TwoFourInt4& w, int64_t n) {
+  return w.zeros + (w.paired ? (n >> 1) * w.stride + (n & 1) * grid_blocks(w) : n * (w.stride ? w.stride : grid_blocks(w)));
+}
+inline int64_t code_offset(const TwoFourInt4& w, int64_t win) { return w.paired ? (win >> 1) * kPairStep + 16 * (win & 1) : 8 * win; }
+inline int64_t position_offset(const TwoFourInt4& w, int64_t win) { return w.paired ? (win >> 1) * kPairStep + 4 * (win & 1) : 4 * win; }
 // The row and window loop of the 2:4-int4 decompressions (the prefill path) of every instruction set:
 // for each row n in [n0, n1) and 32-input window, window(its 8 code bytes, its 4 position bytes, its
 // block's scale and zero point, whether it starts a block, its 32 floats of out).
@@ -263,7 +282,7 @@ inline void for_each_two_four_int4_window(const TwoFourInt4& w, int64_t n0, int6
     const uint8_t* zp = row_zeros(w, n);
     for (int64_t win = 0; win < w.K / 32; ++win) {
       const int64_t g = (win * 32) >> shift;
-      window(q + win * 8, p + win * 4, sc[g], float(zp[g]), ((win * 32) & (w.block - 1)) == 0, row + win * 32);
+      window(q + code_offset(w, win), p + position_offset(w, win), sc[g], float(zp[g]), ((win * 32) & (w.block - 1)) == 0, row + win * 32);
     }
   }
 }

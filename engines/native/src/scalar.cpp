@@ -177,7 +177,7 @@ void decompress(const Int4Dense& w, int64_t n0, int64_t n1, float* out) {
 inline float twofour_int4_value(const TwoFourInt4& w, int64_t n, int64_t i) {
   const int64_t win = i / 16, j = i % 16;
   const int64_t nibble = 8 * (j & 1) + (j >> 1);
-  const uint8_t byte = row_codes(w, n)[win * 8 + nibble / 2];
+  const uint8_t byte = row_codes(w, n)[code_offset(w, win) + nibble / 2];
   const int code = (nibble & 1) ? (byte >> 4) : (byte & 15);
   const int64_t g = (4 * (i / 2)) / w.block;
   return (float(code) - float(row_zeros(w, n)[g])) * row_scales(w, n)[g];
@@ -190,7 +190,7 @@ void gemv_twofour_int4_scalar(const TwoFourInt4& w, const float* x, int64_t M, i
     for (int64_t m = 0; m < M; ++m) {
       float acc = 0.f;
       for (int64_t g = 0; g < groups; ++g) {
-        const int nib = (p[g / 2] >> (4 * (g % 2))) & 0xF;
+        const int nib = (p[position_offset(w, g / 8) + (g % 8) / 2] >> (4 * (g % 2))) & 0xF;
         acc += twofour_int4_value(w, n, 2 * g) * x[m * ldx + 4 * g + (nib & 3)] + twofour_int4_value(w, n, 2 * g + 1) * x[m * ldx + 4 * g + (nib >> 2)];
       }
       y[m * ldy + n] = acc;
@@ -205,7 +205,7 @@ void decompress(const TwoFourInt4& w, int64_t n0, int64_t n1, float* out) {
     for (int64_t k = 0; k < w.K; ++k) row[k] = 0.f;
     const uint8_t* p = row_positions(w, n);
     for (int64_t g = 0; g < groups; ++g) {
-      const int nib = (p[g / 2] >> (4 * (g % 2))) & 0xF;
+      const int nib = (p[position_offset(w, g / 8) + (g % 8) / 2] >> (4 * (g % 2))) & 0xF;
       row[4 * g + (nib & 3)] = twofour_int4_value(w, n, 2 * g);
       row[4 * g + (nib >> 2)] = twofour_int4_value(w, n, 2 * g + 1);
     }

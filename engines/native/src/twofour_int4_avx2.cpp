@@ -46,11 +46,11 @@ void block(const TwoFourInt4& w, const float* x, int64_t ldx, float* y, int64_t 
     const int64_t g = (win * 32) >> shift;
     PK_UNROLL
     for (int r = 0; r < RB; ++r) {
-      if ((win & 7) == 0) _mm_prefetch(reinterpret_cast<const char*>(next_q[r] + win * 8), _MM_HINT_T0);
+      if ((win & 7) == 0) _mm_prefetch(reinterpret_cast<const char*>(next_q[r] + code_offset(w, win)), _MM_HINT_T0);
       uint32_t bits;
-      std::memcpy(&bits, p[r] + win * 4, 4);
+      std::memcpy(&bits, p[r] + position_offset(w, win), 4);
       int64_t qv;  // kept value j at nibble 8·(j & 1) + (j >> 1) of the window's qword (kernels.h)
-      std::memcpy(&qv, q[r] + win * 8, 8);
+      std::memcpy(&qv, q[r] + code_offset(w, win), 8);
       const __m256i codes = _mm256_set1_epi64x(qv);
       const __m256 s = _mm256_set1_ps(sc[r][g]), z = _mm256_set1_ps(float(zp[r][g]));
       const __m256 wv[2] = {_mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(codes, nib0), low)), z), s),

@@ -73,13 +73,13 @@ void block(const TwoFourInt4& w, const float* x, int64_t ldx, float* y, int64_t 
       for (int r = 0; r < RB; ++r) table[r] = value_table<true>(sc[r][g], float(zp[r][g]));
     PK_UNROLL
     for (int r = 0; r < RB; ++r) {
-      if ((win & 7) == 0) _mm_prefetch(reinterpret_cast<const char*>(next_q[r] + win * 8), _MM_HINT_T0);  // 8 windows = one 64-byte line
-      if ((win & 15) == 0) _mm_prefetch(reinterpret_cast<const char*>(next_p[r] + win * 4), _MM_HINT_T0);
+      if ((win & 7) == 0) _mm_prefetch(reinterpret_cast<const char*>(next_q[r] + code_offset(w, win)), _MM_HINT_T0);  // 8 windows = one 64-byte line
+      if ((win & 15) == 0) _mm_prefetch(reinterpret_cast<const char*>(next_p[r] + position_offset(w, win)), _MM_HINT_T0);
       uint32_t bits;
-      std::memcpy(&bits, p[r] + win * 4, 4);
+      std::memcpy(&bits, p[r] + position_offset(w, win), 4);
       // base + (field & 3) as one ternary-logic op ((A & B) | C: base's low two bits are zero)
       const __m512i idx = _mm512_ternarylogic_epi32(_mm512_srlv_epi32(_mm512_set1_epi32(int(bits)), shifts), three, base, 0xEA);
-      const __m512 wv = _mm512_permutexvar_ps(window_codes(q[r] + win * 8), table[r]);
+      const __m512 wv = _mm512_permutexvar_ps(window_codes(q[r] + code_offset(w, win)), table[r]);
       PK_UNROLL
       for (int m = 0; m < MM; ++m) acc[r][m] = _mm512_fmadd_ps(wv, _mm512_permutex2var_ps(x0[m], idx, x1[m]), acc[r][m]);
     }
