@@ -176,6 +176,15 @@ def _vnni_here() -> str:
     return "this CPU has it" if native.int8_activations() else "this CPU lacks it: fp32 activations"
 
 
+def _int8_x16_here() -> str:
+    """Where int8 weights in blocks of 32 multiply 16-bit activations, and whether this CPU does, for the notes."""
+    from engines import native
+
+    here = "this CPU runs it" if native.int16_activations() else "not on this CPU: fp32 activations"
+    return (f"int8 weights in blocks of 32 multiply 16-bit activations (each rounded to 1/32639 of the token's largest |x|) "
+            f"where the CPU has AVX-512 VNNI ({here})")
+
+
 def _int4x_here() -> str:
     """Where the int4 × int8-activation kernels run, and whether this CPU runs one, for the notes."""
     from engines import native
@@ -214,7 +223,7 @@ def _quantized_note(quant: dict[str, Any], linears: dict[str, Any], head: dict[s
     if int8_activations:
         note += f"; option int8_activations: dense ones multiply int8 activations (per block of 32) where the CPU has AVX-512 VNNI ({_vnni_here()})"
     else:
-        note += "; fp32 activations (the model's own result)"
+        note += f"; {_int8_x16_here()}, else fp32 activations (the model's own result)"
     return note
 
 
@@ -232,6 +241,8 @@ def _exact_note(linears: dict[str, Any], embed: dict[str, Any], head: dict[str, 
     if not parts:
         return "none found"
     note = "codes on the weights' own grids, lossless: " + ", ".join(parts)
+    if not int8x and (embed.get("exact_grid") == "int8" or head.get("exact_grid") == "int8" or any(e.get("exact_grid") == "int8" for e in linears.values())):
+        note += f"; {_int8_x16_here()}"
     if int8x:
         note += (f"; option int8_activations: these weights multiply int8 activations (per block of 32), not exact — int4 {_int4x_here()}, "
                  f"int8 where the CPU has AVX-512 VNNI ({_vnni_here()})")

@@ -674,10 +674,12 @@ def test_accuracy_level_4_decodes_with_int8_activations(tmp_path):
         full = r.infer({"input_ids": prompt, "attention_mask": np.ones_like(prompt)})["logits"]
         try:
             native.int8_activations(False)
+            native.int16_activations(False)  # (else int8 weights in blocks of 32 multiply 16-bit activations)
             exact = r.generate(prompt, 16)
             full_exact = r.infer({"input_ids": prompt, "attention_mask": np.ones_like(prompt)})["logits"]
         finally:
             native.int8_activations(True)
+            native.int16_activations(True)
     np.testing.assert_array_equal(exact.tokens, ref.sequences[:, 20:].numpy())
     for a, b in zip(exact.logits, ref.logits):
         np.testing.assert_allclose(a, b.numpy(), atol=1e-4, rtol=1e-4)
@@ -768,6 +770,11 @@ def test_weights_on_an_exact_int8_grid_are_stored_as_codes_and_compute_the_same(
     outs = {}
     try:
         native.set_isa(native.best_isa() if isa == "best" else isa)
+        x16_on = native.int16_activations()
+        with NativeCpuEngine({"threads": 2}).runner(arts[True]) as r:  # decode steps: the int8 LM head × 16-bit activations where the CPU has VNNI
+            r.decoder.prefill(ids[:1, :12])
+            x16_steps = [r.decoder.step(t) for t in (5, 7, 9)]
+        native.int16_activations(False)  # the codes compute the float weights' result bit for bit
         for exact, art in arts.items():
             with NativeCpuEngine({"threads": 2}).runner(art) as r:
                 d = r.decoder
@@ -784,7 +791,11 @@ def test_weights_on_an_exact_int8_grid_are_stored_as_codes_and_compute_the_same(
             d.prefill(ids[:1, :12])
             outs["float-grids"] = (logits, [d.step(t) for t in (5, 7, 9)], d.embed[ids])
     finally:
+        native.int16_activations(True)
         native.set_isa(best)
+    for a, b in zip(x16_steps, outs[True][1]):  # on VNNI the head rounds x: close, not exact
+        assert np.array_equal(a, b) != x16_on
+        np.testing.assert_allclose(a, b, atol=1e-3 * np.abs(b).max(), rtol=0)
     for a, b in zip(outs[True][1], outs["float-grids"][1]):
         assert np.array_equal(a, b)
     assert np.array_equal(outs[True][0], outs["float-grids"][0])

@@ -140,11 +140,43 @@ def test_int8_kernels_match_dense_reference(n, groups, rows, sparsity, block, se
     w, rng = random_pruned(n, groups, sparsity, seed)
     w, scales = on_int8_grid(w, block, rng)
     x = rng.standard_normal((rows, w.shape[1])).astype(np.float32)
-    for fmt in ["bitmask", "dense"] + (["2:4"] if is_two_four(w) else []):
-        c = compress(w, fmt, grid=(scales, block))
-        assert c.int8 and c.arrays["values"].dtype == np.int8
-        np.testing.assert_array_equal(decompress(c), w)
-        check_every_isa(native.NativeWeight(c), w, x, f"int8 {fmt} block {block}")
+    native.int16_activations(False)  # (dense int8 in blocks of 32 would round x to 16 bits: its own test below)
+    try:
+        for fmt in ["bitmask", "dense"] + (["2:4"] if is_two_four(w) else []):
+            c = compress(w, fmt, grid=(scales, block))
+            assert c.int8 and c.arrays["values"].dtype == np.int8
+            np.testing.assert_array_equal(decompress(c), w)
+            check_every_isa(native.NativeWeight(c), w, x, f"int8 {fmt} block {block}")
+    finally:
+        native.int16_activations(True)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(n=st.integers(1, 40), chunks=st.integers(1, 10), rows=st.sampled_from([1, 2, 3, 4, 5, 9]), seed=st.integers(0, 2**16))
+def test_dense_int8_int16_activation_kernel_computes_the_rounded_product(n, chunks, rows, seed):
+    """Dense int8 in blocks of 32 with K % 64 == 0 (a Q8_0 LM head, INT8 linears) × 16-bit activations
+    (vnni_avx512.cpp, AVX-512 VNNI): the float64 product of x rounded to 1/32639 of each row's largest |x|
+    within float32 summation error, within 2e-5 of the unrounded product, a zero row of x gives zeros,
+    all-zero rows of w too; K % 64 == 32, another block, AVX2 forced or the switch off: the float
+    kernel's exact fp32 result (code × scale is the dequantized weight), bit for bit the float32 weight's."""
+    if not native.int16_activations():
+        pytest.skip(f"the 16-bit dense int8 kernel needs AVX-512 VNNI (this CPU's best: {native.best_isa()})")
+    rng = np.random.default_rng(seed)
+    k = 64 * chunks
+    w, scales = on_int8_grid(rng.standard_normal((n, k)).astype(np.float32), 32, rng)
+    if n > 2:
+        w[1] = 0.0
+    x = (rng.standard_normal((rows, k)) * rng.uniform(0.1, 5.0, k)).astype(np.float32)
+    x[rows // 2] = 0.0
+    nw = native.NativeWeight(compress(w, "dense", grid=(scales, 32)))
+    y = _x16_product_checked(nw, w, x)
+    assert np.array_equal(native.NativeWeight.stacked([nw, nw]).gemv(x), np.concatenate([y, y], axis=1))
+    fw = native.NativeWeight(np.ascontiguousarray(w))
+    _float_kernel_when_16_bit_is_off(nw, fw, x, native.int16_activations)
+    for kk, block in ((k + 32, 32), (k, 64)):
+        wo, so = on_int8_grid(rng.standard_normal((n, kk)).astype(np.float32), block, rng)
+        xo = rng.standard_normal((rows, kk)).astype(np.float32)
+        assert np.array_equal(native.NativeWeight(compress(wo, "dense", grid=(so, block))).gemv(xo), native.NativeWeight(wo).gemv(xo))
 
 
 def test_int8_format_by_hand_and_its_errors():
@@ -189,7 +221,7 @@ def test_stacking_keeps_int8_and_falls_back_to_fp32_on_mixed_precisions():
 def test_int8_activation_kernel_computes_the_block_quantized_product(rows):
     """accuracy_level 4 (dense int8 in blocks of 32): x is quantized per block of 32 (symmetric, round to
     nearest even) and multiplied in int8 by VNNI — equal to that computation done in float64; with int8
-    activations switched off the same weight gives the exact fp32 result."""
+    activations (and 16-bit ones) switched off the same weight gives the exact fp32 result."""
     rng = np.random.default_rng(rows)
     n, k = 37, 192
     w, scales = on_int8_grid(rng.standard_normal((n, k)).astype(np.float32), 32, rng)
@@ -210,12 +242,18 @@ def test_int8_activation_kernel_computes_the_block_quantized_product(rows):
     np.testing.assert_allclose(got, exact, atol=0.02 * (1 + np.abs(exact).max()), rtol=0)
     try:
         native.int8_activations(False)
+        native.int16_activations(False)  # (else the 16-bit kernel: tested below)
         np.testing.assert_allclose(weight(x), exact, atol=1e-5 * (1 + np.abs(exact).max()), rtol=0)
     finally:
         native.int8_activations(True)
-    plain = native.NativeWeight(compress(w, "dense", grid=(scales, 32)))  # accuracy_level 0: fp32 activations
+        native.int16_activations(True)
+    plain = native.NativeWeight(compress(w, "dense", grid=(scales, 32)))  # accuracy_level 0: fp32 (or 16-bit) activations
     assert not plain.int8_activations
-    np.testing.assert_allclose(plain(x), exact, atol=1e-5 * (1 + np.abs(exact).max()), rtol=0)
+    native.int16_activations(False)
+    try:
+        np.testing.assert_allclose(plain(x), exact, atol=1e-5 * (1 + np.abs(exact).max()), rtol=0)
+    finally:
+        native.int16_activations(True)
 
 
 def test_every_isa_gives_the_scalar_result_bit_for_bit_on_sums_of_one_term():
@@ -955,7 +993,7 @@ def test_topk_threshold_is_the_kth_largest_magnitude():
 
 
 def test_sparse_4bit_weights_hold_no_row_sums_where_no_16_bit_kernel_runs(monkeypatch):
-    """On a CPU without the 16-bit kernels (``pk_x16_sparse_kernels`` 0, simulated), a 2:4-int4 or
+    """On a CPU without the 16-bit kernels (``pk_x16_kernels`` 0, simulated), a 2:4-int4 or
     bitmask-int4 weight computes no row sums at load (no decompression of the weight) and its GEMV is the
     float kernel's — bit for bit the float32 format's on a SIMD instruction set."""
     import torch
@@ -967,7 +1005,7 @@ def test_sparse_4bit_weights_hold_no_row_sums_where_no_16_bit_kernel_runs(monkey
     w24 = prune_two_four(rng.standard_normal((12, 256)).astype(np.float32))
     wbm = rng.standard_normal((12, 256)).astype(np.float32)
     wbm[rng.random(wbm.shape) < 0.6] = 0.0
-    monkeypatch.setattr(native.lib(), "pk_x16_sparse_kernels", lambda: 0)
+    monkeypatch.setattr(native.lib(), "pk_x16_kernels", lambda: 0)
     for w, fmt, float_fmt in ((w24, "2:4-int4", "2:4"), (wbm, "bitmask-int4", "bitmask")):
         deq, scales, zeros = (t.numpy() for t in rtn(torch.from_numpy(w), QuantScheme(4, 64)))
         deq = np.where(w == 0, np.float32(0), deq)

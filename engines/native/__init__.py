@@ -66,7 +66,7 @@ def lib() -> ctypes.CDLL:
             L.pk_set_threads.argtypes = [ctypes.c_int]
             L.pk_set_spin_us.argtypes = [ctypes.c_int]
             vp = ctypes.c_void_p
-            L.pk_gemv.argtypes = [_i64, _i64, vp, vp, vp, vp, _i64, vp, vp, _i64, vp]
+            L.pk_gemv.argtypes = [_i64, _i64, vp, vp, vp, vp, _i64, vp, vp, vp, _i64, vp]
             L.pk_int8_activations.restype = ctypes.c_int
             L.pk_int8_activations.argtypes = [ctypes.c_int]
             L.pk_int4_int8_activations.restype = ctypes.c_int
@@ -83,7 +83,7 @@ def lib() -> ctypes.CDLL:
             L.pk_bitmask_int4_int16.argtypes = [_i64]
             L.pk_twofour_int4_int16.restype = ctypes.c_int
             L.pk_twofour_int4_int16.argtypes = [_i64]
-            L.pk_x16_sparse_kernels.restype = ctypes.c_int
+            L.pk_x16_kernels.restype = ctypes.c_int
             L.pk_decompress_bitmask_int4.argtypes = [_i64, _i64, vp, vp, vp, vp, vp, _i64, _i64, _i64, vp]
             L.pk_gemv_int4.argtypes = [_i64, _i64, vp, vp, vp, ctypes.c_int, _i64, ctypes.c_int, vp, _i64, vp]
             L.pk_decompress_int4.argtypes = [_i64, _i64, vp, vp, vp, ctypes.c_int, _i64, _i64, _i64, vp]
@@ -149,8 +149,10 @@ def int8_activations(on: bool | None = None) -> bool:
 def int16_activations(on: bool | None = None) -> bool:
     """Whether input-major 4-bit weights (activation sparsity) multiply 16-bit activations by the AVX-512
     VNNI kernel (``int4_x_vnni_avx512.cpp``: each active input rounded to 1/32639 of its block's largest
-    |x|) instead of the float kernel: False on a CPU without VNNI or when another instruction set is
-    forced. ``on`` switches it (tests and benchmarks compare both)."""
+    |x|) instead of the float kernel, and so do dense int8 weights in blocks of 32 with K % 64 == 0 (a
+    Q8_0 LM head, INT8 linears: ``vnni_avx512.cpp``, each input rounded to 1/32639 of the row's largest
+    |x|): False on a CPU without VNNI or when another instruction set is forced. ``on`` switches it
+    (tests and benchmarks compare both); the sparse 4-bit formats' 16-bit kernels follow it too."""
     return bool(lib().pk_int16_activations(-1 if on is None else int(bool(on)))) and isa() == "avx512f"
 
 
@@ -162,8 +164,8 @@ def bitmask_int4_int16(block: int = 64) -> bool:
     return bool(lib().pk_bitmask_int4_int16(int(block)))
 
 
-X16_BITMASK_INT4, X16_TWOFOUR_INT4 = 1, 2
-"""Bits of ``pk_x16_sparse_kernels()``: the CPU can run the 16-bit bitmask-int4 / 2:4-int4 kernel."""
+X16_BITMASK_INT4, X16_TWOFOUR_INT4, X16_DENSE_INT8 = 1, 2, 4
+"""Bits of ``pk_x16_kernels()``: the CPU can run the 16-bit bitmask-int4 / 2:4-int4 / dense int8 kernel."""
 
 
 def twofour_int4_int16(block: int = 64) -> bool:
@@ -266,7 +268,7 @@ def pk_weight(w: "NativeWeight | InputMajorWeight | InputMajorInt4Weight", thres
         return PkWeight(6, w.n, w.k, masks, codes, offsets, -1.0, scales, block, w.row_sums_ptr(), zeros)
     if w.format == "2:4":
         return PkWeight(1, w.n, w.k, w.arrays["values"].ctypes.data, w.arrays["positions"].ctypes.data, None, -1.0, *w._q, None)
-    return PkWeight(0, w.n, w.k, *w._args, -1.0, *w._q, w._corr)
+    return PkWeight(0, w.n, w.k, *w._args, -1.0, *w._q, w._corr, w.row_sums_ptr())
 
 
 def decode_layers(layers: "ctypes.Array[PkLayer]", hidden: int, h: np.ndarray, pos: int, cos: np.ndarray, sin: np.ndarray, eps: float) -> tuple[int, int, int]:
@@ -597,6 +599,7 @@ class NativeWeight:
 
     def __init__(self, c: CompressedWeight | np.ndarray, int8_activations: bool = False, half_grid: bool = True):
         self._corr: int | None = None
+        self._row_sums: np.ndarray | None = None
         self._int4x = False
         self.half_grid = False
         """An int4 weight whose scales and offsets are held as fp16 (exactly; see the int4 branch)."""
@@ -697,6 +700,11 @@ class NativeWeight:
                 sums = self.stored_values.reshape(self.n, self.k // 32, 32).sum(-1, dtype=np.int64)
                 self.arrays["corr"] = np.ascontiguousarray(128.0 * sums * self.arrays["scales"], np.float32)
                 self._corr = self.arrays["corr"].ctypes.data
+            if self.block == 32 and self.k % 64 == 0 and lib().pk_x16_kernels() & X16_DENSE_INT8:
+                # each row's Σ of its values (float64, rounded once): the 16-bit kernel's offset term
+                # (vnni_avx512.cpp); only where this CPU can run that kernel
+                sums = self.stored_values.reshape(self.n, self.k // 32, 32).sum(-1, dtype=np.int64)
+                self._row_sums = (sums * self.arrays["scales"].astype(np.float64)).sum(1).astype(np.float32)
             return
         if c.format == "2:4":  # the 2:4 kernel reads values and 2-bit positions as they are stored
             positions = np.ascontiguousarray(c.arrays["positions"], np.uint8)
@@ -830,7 +838,7 @@ class NativeWeight:
         elif self.format == "int4":
             lib().pk_gemv_int4(self.n, self.k, *self._args, int(self._int4x), x_ptr, m, y_ptr)
         else:
-            lib().pk_gemv(self.n, self.k, *self._args, *self._q, self._corr, x_ptr, m, y_ptr)
+            lib().pk_gemv(self.n, self.k, *self._args, *self._q, self._corr, self.row_sums_ptr(), x_ptr, m, y_ptr)
 
     def gemv_rows(self, x: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """Rows ``rows`` of W times one row ``x`` (1, K) → (len(rows),): a row subset of an ``int4`` weight,
@@ -854,8 +862,8 @@ class NativeWeight:
     def _row_sums_by_tiles(self, kernel_bit: int) -> np.ndarray | None:
         """Each row's Σ of its values (float64 sums rounded once to float32), rows of 2^20 values at
         most decompressed at a time; None where this CPU cannot run the 16-bit kernel that reads them
-        (``pk_x16_sparse_kernels``' bit ``kernel_bit``: a decompression of the whole weight saved)."""
-        if not lib().pk_x16_sparse_kernels() & kernel_bit:
+        (``pk_x16_kernels``' bit ``kernel_bit``: a decompression of the whole weight saved)."""
+        if not lib().pk_x16_kernels() & kernel_bit:
             return None
         rows = max(1, min(self.n, (1 << 20) // max(self.k, 1)))
         tile = np.empty((rows, self.k), np.float32)

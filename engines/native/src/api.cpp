@@ -261,6 +261,7 @@ struct PreparedJob {
 using Int8xJob = PreparedJob<pk::Bitmask, pk::QuantizedX, pk::gemv_int8x_avx512>;
 using BitmaskInt4x16Job = PreparedJob<pk::BitmaskInt4, pk::X16, pk::gemv_bitmask_int4_x16_avx512>;
 using TwoFourInt4x16Job = PreparedJob<pk::TwoFourInt4, pk::X16, pk::gemv_twofour_int4_x16_avx512>;
+using Int8x16Job = PreparedJob<pk::Bitmask, pk::X16, pk::gemv_int8_x16_avx512>;
 
 // Rows of x as the 16-bit kernels read them (pk::X16), in buffers of this thread, rows K rounded up to
 // 64 inputs apart (both kernels read whole 64-input steps).
@@ -275,8 +276,15 @@ pk::X16 x16_of(const float* x, int64_t M, int64_t K) {
   return xq;
 }
 
+// Whether a dense int8 weight runs the 16-bit kernel (vnni_avx512.cpp, gemv_int8_x16_avx512): AVX-512
+// chosen on a CPU with VNNI, the 16-bit switch on, the weight's row sums given, blocks of 32, K % 64 == 0.
+bool int8_x16(const pk::Bitmask& w, int isa) {
+  return !w.masks && w.q.values && w.q.row_sums && w.q.block == 32 && w.K % 64 == 0 && isa == kAvx512 && g_vnni && g_x16.load(std::memory_order_relaxed);
+}
+
 // A bitmask/dense weight: int8 activations by the VNNI kernel where the weight allows them
-// (w.q.corr, accuracy_level 4) and the chosen instruction set is AVX-512 on a CPU with VNNI.
+// (w.q.corr, accuracy_level 4) and the chosen instruction set is AVX-512 on a CPU with VNNI; else
+// 16-bit activations where int8_x16 says so; else the float kernels.
 void gemv(const pk::Bitmask& w, const float* x, int64_t M, float* y, int isa) {
   if (w.q.corr && g_vnni && isa == kAvx512 && g_int8x.load(std::memory_order_relaxed)) {
     thread_local std::vector<uint8_t> u8;
@@ -286,6 +294,10 @@ void gemv(const pk::Bitmask& w, const float* x, int64_t M, float* y, int isa) {
     pk::quantize_x_avx512(x, M, w.K, w.K, u8.data(), scales.data());
     Int8xJob job{&w, {u8.data(), scales.data(), w.K}, M, y, gemv_tasks(w.N)};
     pool().run(job.tasks, &Int8xJob::task, &job);
+    return;
+  }
+  if (int8_x16(w, isa)) {
+    Int8x16Job{&w, x16_of(x, M, w.K), M, y, gemv_tasks(w.N)}.run();
     return;
   }
   gemv<pk::Bitmask>(w, x, M, y, isa);
@@ -583,7 +595,8 @@ struct Int4InputMajorDecompressJob {
 // A layer's linear as the decoder holds it. kind 0: bitmask or dense (a = masks or null, b = values,
 // c = row offsets or null); kind 1: 2:4 (a = values, b = positions); kind 2: input-major dense
 // (a = Wᵀ, K rows of N) with an activation threshold (< 0: none). With `scales` set (kinds 0 and 1)
-// the values are int8 codes with a scale per row and block of `block` inputs. kind 3: 4-bit dense
+// the values are int8 codes with a scale per row and block of `block` inputs (kind 0: d = the rows'
+// sums of their values for the 16-bit kernel, or null). kind 3: 4-bit dense
 // (a = codes, b = scales, c = offsets or zero points, block: bit 0 the zero-point form, bit 1 a half
 // grid; pk::Int4Dense); kind 4: the same with int8 activations; kind 5: 2:4 with 4-bit values (a = codes,
 // b = positions, c = uint8 zero points, scales, block, corr = the rows' sums of their values for the
@@ -611,9 +624,9 @@ struct PkWeight {
 
 // Float values, or int8 codes when scales are given.
 inline const float* float_values(const void* values, const float* scales) { return scales ? nullptr : static_cast<const float*>(values); }
-inline pk::Int8Values int8_values(const void* values, const float* scales, int64_t block, const float* corr = nullptr) {
+inline pk::Int8Values int8_values(const void* values, const float* scales, int64_t block, const float* corr = nullptr, const void* row_sums = nullptr) {
   if (!scales) return {};
-  return {static_cast<const int8_t*>(values), scales, block, corr};
+  return {static_cast<const int8_t*>(values), scales, block, corr, static_cast<const float*>(row_sums)};
 }
 
 struct PkLayer {
@@ -671,7 +684,7 @@ void attend(int64_t T, int64_t p0, int64_t heads, int64_t kv_heads, int64_t d, f
 void apply(const PkWeight& w, const float* x, float* y, int isa, int64_t* read, int64_t* total) {
   if (w.kind == 0) {
     gemv(pk::Bitmask{w.N, w.K, static_cast<const uint16_t*>(w.a), float_values(w.b, w.scales), static_cast<const int64_t*>(w.c),
-                     int8_values(w.b, w.scales, w.block, w.corr)},
+                     int8_values(w.b, w.scales, w.block, w.corr, w.d)},
          x, 1, y, isa);
   } else if (w.kind == 3 || w.kind == 4) {
     gemv_int4(pk::Int4Dense{w.N, w.K, static_cast<const uint8_t*>(w.a), static_cast<const float*>(w.b), static_cast<const float*>(w.c), (w.block & 1) != 0, w.stride,
@@ -772,8 +785,8 @@ PK_API void pk_set_threads(int n) { pool().resize(n); }
 // y[M][N] = x[M][K] · Wᵀ, W as a bitmask (see kernels.h); x and y contiguous. values: float, or
 // int8 codes when scales (float[N][ceil(K/block)]) are given.
 PK_API void pk_gemv(int64_t N, int64_t K, const uint16_t* masks, const void* values, const int64_t* row_off, const float* scales, int64_t block,
-                    const float* corr, const float* x, int64_t M, float* y) {
-  gemv(pk::Bitmask{N, K, masks, float_values(values, scales), row_off, int8_values(values, scales, block, corr)}, x, M, y,
+                    const float* corr, const float* row_sums, const float* x, int64_t M, float* y) {
+  gemv(pk::Bitmask{N, K, masks, float_values(values, scales), row_off, int8_values(values, scales, block, corr, row_sums)}, x, M, y,
        g_isa.load(std::memory_order_relaxed));
 }
 
@@ -788,10 +801,10 @@ PK_API int pk_int16_activations(int on) {
 // a multiple of 64 (bitmask_int4_vnni_avx512.cpp).
 PK_API int pk_bitmask_int4_int16(int64_t block) { return bitmask_int4_x16(block, g_isa.load()) ? 1 : 0; }
 PK_API int pk_twofour_int4_int16(int64_t block) { return twofour_int4_x16(block, g_isa.load()) ? 1 : 0; }
-// Which 16-bit 4-bit sparse kernels this CPU can run at all (whatever the switch and the chosen
-// instruction set): bit 0 bitmask-int4 (VNNI + VBMI2), bit 1 2:4-int4 (VNNI + VBMI). Where neither can,
-// a weight needs no row sums.
-PK_API int pk_x16_sparse_kernels() { return (g_vbmi2 ? 1 : 0) | (g_vbmi ? 2 : 0); }
+// Which 16-bit-activation kernels that need row sums this CPU can run at all (whatever the switch and
+// the chosen instruction set): bit 0 bitmask-int4 (VNNI + VBMI2), bit 1 2:4-int4 (VNNI + VBMI), bit 2
+// dense int8 (VNNI). Where a weight's kernel cannot run, it needs no row sums.
+PK_API int pk_x16_kernels() { return (g_vbmi2 ? 1 : 0) | (g_vbmi ? 2 : 0) | (g_vnni ? 4 : 0); }
 // 1 when this CPU runs int8 activations (AVX-512 VNNI); set 0/1 to turn their use off/on (tests).
 PK_API int pk_int8_activations(int on) {
   if (on >= 0) g_int8x.store(on != 0);

@@ -26,6 +26,9 @@ struct Int8Values {
   // K % 64 == 0, whose activations may be quantized to int8 per block (accuracy_level 4) — the
   // VNNI kernel runs it where the CPU has AVX-512 VNNI; elsewhere the fp32-activation kernels do.
   const float* corr = nullptr;
+  // Set (float[N]: each row's Σ of its values): a dense weight in blocks of 32, K % 64 == 0, that the
+  // 16-bit kernel (vnni_avx512.cpp, gemv_int8_x16_avx512) may run where the CPU has AVX-512 VNNI.
+  const float* row_sums = nullptr;
 };
 
 // Rows of x quantized per block of 32 inputs: unsigned bytes (qx + 128) u8[M][ld], scales[M][K/32].
@@ -344,6 +347,8 @@ void gemv_int4x_avx2(const Int4Dense& w, const Int4X& xq, int64_t M, float* y, i
 // Dense int8 weights × int8 activations (AVX-512 VNNI; w.q.corr set): x quantized first by quantize_x.
 void quantize_x_avx512(const float* x, int64_t M, int64_t ldx, int64_t K, uint8_t* u8, float* scales);
 void gemv_int8x_avx512(const Bitmask& w, const QuantizedX& xq, int64_t M, float* y, int64_t ldy, int64_t n0, int64_t n1);
+// Dense int8 values in blocks of 32 (w.q.row_sums set, K % 64 == 0) × 16-bit activations; AVX-512 VNNI.
+void gemv_int8_x16_avx512(const Bitmask& w, const X16& x, int64_t M, float* y, int64_t ldy, int64_t n0, int64_t n1);
 
 // Activation-sparse GEMV with the weight input-major (wt: K rows of N): y[n0, n1) = Σ_a vals[a] · wt[idx[a], n0:n1).
 void gemv_sparse_x_scalar(const float* wt, int64_t N, const int32_t* idx, const float* vals, int64_t count, float* y, int64_t n0, int64_t n1);
