@@ -32,9 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import ROOT, markdown_table, write_result  # noqa: E402
 
 SHAPES = [(1536, 576), (576, 576), (3072, 576), (576, 1536)]
-KINDS = ["dense", "dense-int4", "dense-int4-f32grid", "dense-int4x", "dense-int8", "dense-int8x", "2:4", "2:4-int8", "2:4-int4", "2:4-int4-f", "2:4-int4-b64", "2:4-int4-b64-f", "2:4-int4-b128", "2:4-int4-b128-f", "50", "50-int8", "50-int4", "50-int4-f", "50-int4-b64", "70-int4-b64", "70-int4-b128", "70-int4-b128-f",
+KINDS = ["dense", "dense-int4", "dense-int4-f32grid", "dense-int4x", "dense-int8", "dense-int8-f", "dense-int8x", "2:4", "2:4-int8", "2:4-int4", "2:4-int4-f", "2:4-int4-b64", "2:4-int4-b64-f", "2:4-int4-b128", "2:4-int4-b128-f", "50", "50-int8", "50-int4", "50-int4-f", "50-int4-b64", "70-int4-b64", "70-int4-b128", "70-int4-b128-f",
          "int4-act0", "int4-act10", "int4-act30", "int4-act50", "int4-act30c", "int4-act50c", "int4-act30-f32grid", "int4-act0x", "int4-act30x", "int4-act50x"]
-"""``-int8``: int8 values (fp32 activations); ``-int8x``: int8 activations too (AVX-512 VNNI); ``-int4``:
+"""``-int8``: int8 values (dense ones, blocks of 32: 16-bit activations by the VNNI kernel where the CPU has it,
+else fp32; sparse ones: fp32 activations); ``-int8x``: int8 activations too (AVX-512 VNNI); ``-int4``:
 the int4 format (4-bit codes, a scale and an offset per 32 inputs: weights on a Q4_1 grid, whose fp16
 scales and minima the kernel reads as fp16); ``-int4-f32grid``: the same with the grid read as float32; ``-int4x``: the
 same with int8 activations (AVX-512 VNNI, or AVX2 on that path); ``int4-actNN``: the same dense 4-bit weights stored input-major
