@@ -94,17 +94,21 @@ void block16(const Bitmask& w, const X16& x, float* y, int64_t ldy, int64_t n) {
   const int64_t K = w.K, chunks = K / 64, nb = K / 32;
   const int8_t* q[RB];
   const float* sw[RB];
+  const char* next[RB];  // rows 4 · RB ahead, a line per chunk while this block computes (as avx512.cpp's int8 rows)
   __m512 acc[RB][MM];
   PK_UNROLL
   for (int r = 0; r < RB; ++r) {
     q[r] = w.q.values + (n + r) * K;
     sw[r] = w.q.scales + (n + r) * nb;
     const int64_t nn = n + 4 * RB + r < w.N ? n + 4 * RB + r : n + r;
-    for (int64_t c = 0; c < K; c += 64) _mm_prefetch(reinterpret_cast<const char*>(w.q.values + nn * K + c), _MM_HINT_T0);
+    next[r] = reinterpret_cast<const char*>(w.q.values + nn * K);
+    _mm_prefetch(reinterpret_cast<const char*>(w.q.scales + nn * nb), _MM_HINT_T0);
     PK_UNROLL
     for (int m = 0; m < MM; ++m) acc[r][m] = _mm512_setzero_ps();
   }
   for (int64_t j = 0; j < chunks; ++j) {
+    PK_UNROLL
+    for (int r = 0; r < RB; ++r) _mm_prefetch(next[r] + 64 * j, _MM_HINT_T0);
     __m512i xh[MM], xl[MM];
     PK_UNROLL
     for (int m = 0; m < MM; ++m) {
