@@ -18,6 +18,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 
 #include "kernels.h"
 #include "simd.h"
@@ -31,112 +32,101 @@ inline __m512 pair_lanes(const float* p) {
   return _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(_mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(p)))));
 }
 
+// Rows n .. n + RB − 1's codes and block scales, and the rows 4 · RB ahead, fetched a line per 64-code
+// chunk while this block computes (as avx512.cpp's int8 rows; fetching each whole row at a block's start
+// was slower streamed: kernel_throughput's dense-int8 kind, 6.51 against 5.51 ms a step).
+// Also the block's MM × RB float accumulators, zeroed.
 template <int MM, int RB>
-void block(const Bitmask& w, const QuantizedX& xq, float* y, int64_t ldy, int64_t n) {
-  const int64_t K = w.K, chunks = K / 64, nb = K / 32;
+struct RowBlock {
   const int8_t* q[RB];
   const float* sw[RB];
+  const char* next[RB];
   __m512 acc[RB][MM];
-  PK_UNROLL
-  for (int r = 0; r < RB; ++r) {
-    q[r] = w.q.values + (n + r) * K;
-    sw[r] = w.q.scales + (n + r) * nb;
-    const int64_t nn = n + 4 * RB + r < w.N ? n + 4 * RB + r : n + r;
-    for (int64_t c = 0; c < K; c += 64) _mm_prefetch(reinterpret_cast<const char*>(w.q.values + nn * K + c), _MM_HINT_T0);
-    PK_UNROLL
-    for (int m = 0; m < MM; ++m) acc[r][m] = _mm512_setzero_ps();
-  }
-  for (int64_t j = 0; j < chunks; ++j) {
-    __m512i xv[MM];
-    __m512 sx[MM];
-    PK_UNROLL
-    for (int m = 0; m < MM; ++m) {
-      xv[m] = _mm512_loadu_si512(xq.u8 + m * xq.ld + j * 64);
-      sx[m] = pair_lanes(xq.scales + m * nb + 2 * j);
-    }
+  RowBlock(const Bitmask& w, int64_t n) {
+    const int64_t K = w.K, nb = K / 32;
     PK_UNROLL
     for (int r = 0; r < RB; ++r) {
-      const __m512i wv = _mm512_loadu_si512(q[r] + j * 64);
-      const __m512 s = pair_lanes(sw[r] + 2 * j);
+      q[r] = w.q.values + (n + r) * K;
+      sw[r] = w.q.scales + (n + r) * nb;
+      const int64_t nn = n + 4 * RB + r < w.N ? n + 4 * RB + r : n + r;
+      next[r] = reinterpret_cast<const char*>(w.q.values + nn * K);
+      _mm_prefetch(reinterpret_cast<const char*>(w.q.scales + nn * nb), _MM_HINT_T0);
       PK_UNROLL
-      for (int m = 0; m < MM; ++m) {
-        const __m512 part = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), xv[m], wv));
-        acc[r][m] = _mm512_fmadd_ps(part, _mm512_mul_ps(s, sx[m]), acc[r][m]);
-      }
+      for (int m = 0; m < MM; ++m) acc[r][m] = _mm512_setzero_ps();
     }
   }
-  // the offset's share, Σ_b 128·Σw_b·sw_b · sx_b, taken out of every lane's sum: 16 blocks per FMA (a
-  // scalar loop over the blocks was a dependency chain as long as the row's arithmetic)
-  PK_UNROLL
-  for (int r = 0; r < RB; ++r) {
-    const float* corr = w.q.corr + (n + r) * nb;
-    for (int64_t b = 0; b < nb; b += 16) {
-      const __mmask16 lanes = nb - b >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (nb - b)) - 1u);
-      const __m512 c = _mm512_maskz_loadu_ps(lanes, corr + b);
-      PK_UNROLL
-      for (int m = 0; m < MM; ++m) acc[r][m] = _mm512_fnmadd_ps(c, _mm512_maskz_loadu_ps(lanes, xq.scales + m * nb + b), acc[r][m]);
-    }
-    PK_UNROLL
-    for (int m = 0; m < MM; ++m) y[m * ldy + n + r] = hsum(acc[r][m]);
-  }
-}
-
-template <int MM>
-void rows(const Bitmask& w, const QuantizedX& xq, float* y, int64_t ldy, int64_t n0, int64_t n1) {
-  int64_t n = n0;
-  for (; n + 4 <= n1; n += 4) block<MM, 4>(w, xq, y, ldy, n);
-  for (; n < n1; ++n) block<MM, 1>(w, xq, y, ldy, n);
-}
-
-// Rows n .. n + RB − 1 of a dense int8 weight in blocks of 32 × 16-bit activations (see the top).
-template <int MM, int RB>
-void block16(const Bitmask& w, const X16& x, float* y, int64_t ldy, int64_t n) {
-  const int64_t K = w.K, chunks = K / 64, nb = K / 32;
-  const int8_t* q[RB];
-  const float* sw[RB];
-  const char* next[RB];  // rows 4 · RB ahead, a line per chunk while this block computes (as avx512.cpp's int8 rows)
-  __m512 acc[RB][MM];
-  PK_UNROLL
-  for (int r = 0; r < RB; ++r) {
-    q[r] = w.q.values + (n + r) * K;
-    sw[r] = w.q.scales + (n + r) * nb;
-    const int64_t nn = n + 4 * RB + r < w.N ? n + 4 * RB + r : n + r;
-    next[r] = reinterpret_cast<const char*>(w.q.values + nn * K);
-    _mm_prefetch(reinterpret_cast<const char*>(w.q.scales + nn * nb), _MM_HINT_T0);
-    PK_UNROLL
-    for (int m = 0; m < MM; ++m) acc[r][m] = _mm512_setzero_ps();
-  }
-  for (int64_t j = 0; j < chunks; ++j) {
+  void prefetch(int64_t j) const {
     PK_UNROLL
     for (int r = 0; r < RB; ++r) _mm_prefetch(next[r] + 64 * j, _MM_HINT_T0);
-    __m512i xh[MM], xl[MM];
+  }
+};
+
+// Rows n .. n + RB − 1 × MM rows of x: int8 activations (X = QuantizedX: one `vpdpbusd` per chunk, each
+// lane's sum scaled by its block's weight and activation scales, the +128 offset taken out per block at
+// the end) or 16-bit ones (X = X16: two, 256 · h + l scaled by the weight's block scale, the offset taken
+// out per row at the end: see the top).
+template <int MM, int RB, class X>
+void block(const Bitmask& w, const X& x, float* y, int64_t ldy, int64_t n) {
+  constexpr bool k16 = std::is_same_v<X, X16>;
+  const int64_t K = w.K, chunks = K / 64, nb = K / 32;
+  RowBlock<MM, RB> rb(w, n);
+  __m512(&acc)[RB][MM] = rb.acc;
+  for (int64_t j = 0; j < chunks; ++j) {
+    rb.prefetch(j);
+    __m512i xa[MM], xb[MM];  // int8: the codes (xb unused); 16-bit: the high and low bytes
+    __m512 sx[MM];           // int8: the activations' block scales
     PK_UNROLL
     for (int m = 0; m < MM; ++m) {
-      xh[m] = _mm512_loadu_si512(x.hi + m * x.ld + j * 64);
-      xl[m] = _mm512_loadu_si512(x.lo + m * x.ld + j * 64);
+      if constexpr (k16) {
+        xa[m] = _mm512_loadu_si512(x.hi + m * x.ld + j * 64);
+        xb[m] = _mm512_loadu_si512(x.lo + m * x.ld + j * 64);
+      } else {
+        xa[m] = _mm512_loadu_si512(x.u8 + m * x.ld + j * 64);
+        sx[m] = pair_lanes(x.scales + m * nb + 2 * j);
+      }
     }
     PK_UNROLL
     for (int r = 0; r < RB; ++r) {
-      const __m512i wv = _mm512_loadu_si512(q[r] + j * 64);
-      const __m512 s = pair_lanes(sw[r] + 2 * j);
+      const __m512i wv = _mm512_loadu_si512(rb.q[r] + j * 64);
+      const __m512 s = pair_lanes(rb.sw[r] + 2 * j);
       PK_UNROLL
       for (int m = 0; m < MM; ++m) {
-        const __m512i h = _mm512_dpbusd_epi32(_mm512_setzero_si512(), xh[m], wv), l = _mm512_dpbusd_epi32(_mm512_setzero_si512(), xl[m], wv);
-        acc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(h, 8), l)), s, acc[r][m]);
+        const __m512i h = _mm512_dpbusd_epi32(_mm512_setzero_si512(), xa[m], wv);
+        if constexpr (k16)
+          acc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(h, 8), _mm512_dpbusd_epi32(_mm512_setzero_si512(), xb[m], wv))), s,
+                                      acc[r][m]);
+        else
+          acc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(h), _mm512_mul_ps(s, sx[m]), acc[r][m]);
       }
     }
   }
   PK_UNROLL
-  for (int r = 0; r < RB; ++r)
-    PK_UNROLL
-    for (int m = 0; m < MM; ++m) y[m * ldy + n + r] = x.scale[m] * (hsum(acc[r][m]) - 32768.f * w.q.row_sums[n + r]);
+  for (int r = 0; r < RB; ++r) {
+    if constexpr (k16) {
+      PK_UNROLL
+      for (int m = 0; m < MM; ++m) y[m * ldy + n + r] = x.scale[m] * (hsum(acc[r][m]) - 32768.f * w.q.row_sums[n + r]);
+    } else {
+      // the offset's share, Σ_b 128·Σw_b·sw_b · sx_b, taken out of every lane's sum: 16 blocks per FMA (a
+      // scalar loop over the blocks was a dependency chain as long as the row's arithmetic)
+      const float* corr = w.q.corr + (n + r) * nb;
+      for (int64_t b = 0; b < nb; b += 16) {
+        const __mmask16 lanes = nb - b >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (nb - b)) - 1u);
+        const __m512 c = _mm512_maskz_loadu_ps(lanes, corr + b);
+        PK_UNROLL
+        for (int m = 0; m < MM; ++m) acc[r][m] = _mm512_fnmadd_ps(c, _mm512_maskz_loadu_ps(lanes, x.scales + m * nb + b), acc[r][m]);
+      }
+      PK_UNROLL
+      for (int m = 0; m < MM; ++m) y[m * ldy + n + r] = hsum(acc[r][m]);
+    }
+  }
 }
 
-template <int MM>
-void rows16(const Bitmask& w, const X16& x, float* y, int64_t ldy, int64_t n0, int64_t n1) {
+// Rows [n0, n1), four at a time.
+template <int MM, class X>
+void rows(const Bitmask& w, const X& x, float* y, int64_t ldy, int64_t n0, int64_t n1) {
   int64_t n = n0;
-  for (; n + 4 <= n1; n += 4) block16<MM, 4>(w, x, y, ldy, n);
-  for (; n < n1; ++n) block16<MM, 1>(w, x, y, ldy, n);
+  for (; n + 4 <= n1; n += 4) block<MM, 4, X>(w, x, y, ldy, n);
+  for (; n < n1; ++n) block<MM, 1, X>(w, x, y, ldy, n);
 }
 
 }  // namespace
@@ -144,7 +134,7 @@ void rows16(const Bitmask& w, const X16& x, float* y, int64_t ldy, int64_t n0, i
 void gemv_int8_x16_avx512(const Bitmask& w, const X16& x, int64_t M, float* y, int64_t ldy, int64_t n0, int64_t n1) {
   by_chunks_of_four(M, [&](auto mm, int64_t m) {
     const X16 part{x.hi + m * x.ld, x.lo + m * x.ld, x.scale + m, x.ld};
-    rows16<decltype(mm)::value>(w, part, y + m * ldy, ldy, n0, n1);
+    rows<decltype(mm)::value>(w, part, y + m * ldy, ldy, n0, n1);
   });
 }
 
