@@ -548,6 +548,14 @@ def _interleave_rows(n: int, parts: dict[str, np.ndarray]) -> tuple[dict[str, np
     return views, stride
 
 
+def _pair_geometry(n: int, k: int, nb: int) -> tuple[int, int, int, int]:
+    """The paired layout's (pairs, steps, header bytes, pair stride) for an (n, k) 2:4-int4 weight of nb
+    grid blocks per row: the header holds both rows' float scales and uint8 zero points, padded to 16."""
+    pairs, steps = (n + 1) // 2, (k // 32 + 1) // 2
+    head = 10 * nb + -(10 * nb) % 16
+    return pairs, steps, head, head + 48 * steps
+
+
 def _pair_rows(n: int, k: int, a: dict[str, np.ndarray]) -> tuple[np.ndarray, int]:
     """A 2:4-int4 weight's arrays (codes ``values``, ``positions``, ``scales``, ``zeros``) in the paired
     layout (kernels.h, TwoFourInt4::paired): per pair of rows (an odd ``n`` padded with a zero row) the
@@ -555,11 +563,8 @@ def _pair_rows(n: int, k: int, a: dict[str, np.ndarray]) -> tuple[np.ndarray, in
     (row, window) (0, 0), (1, 0), (0, 1), (1, 1) and the positions of row 0's two windows and row 1's (a
     last lone window's step padded with zeros). Returns the buffer (64 bytes of zeros after the last
     pair: a kernel's wide loads never leave it) and the pair stride in bytes."""
-    pairs, windows, nb = (n + 1) // 2, k // 32, a["scales"].shape[1]
-    steps = (windows + 1) // 2
-    head = 5 * nb * 2
-    head += -head % 16
-    stride = head + 48 * steps
+    nb = a["scales"].shape[1]
+    pairs, steps, head, stride = _pair_geometry(n, k, nb)
 
     def padded(x: np.ndarray, width: int) -> np.ndarray:  # rows to 2 · pairs, each row to `width` bytes
         out = np.zeros((2 * pairs, width), np.uint8)
@@ -579,11 +584,8 @@ def _pair_rows(n: int, k: int, a: dict[str, np.ndarray]) -> tuple[np.ndarray, in
 
 def _unpair_rows(buf: np.ndarray, n: int, k: int, nb: int) -> dict[str, np.ndarray]:
     """The separate arrays of a weight held by :func:`_pair_rows` (copies)."""
-    pairs, windows = (n + 1) // 2, k // 32
-    steps = (windows + 1) // 2
-    head = 5 * nb * 2
-    head += -head % 16
-    rows = buf[: pairs * (head + 48 * steps)].reshape(pairs, head + 48 * steps)
+    pairs, steps, head, stride = _pair_geometry(n, k, nb)
+    rows = buf[: pairs * stride].reshape(pairs, stride)
     st = rows[:, head:].reshape(pairs, steps, 48)
     codes = st[..., :32].reshape(pairs, steps, 2, 2, 8).transpose(0, 3, 1, 2, 4).reshape(2 * pairs, 16 * steps)[:n, : k // 4]
     pos = st[..., 32:].reshape(pairs, steps, 2, 2, 4).transpose(0, 2, 1, 3, 4).reshape(2 * pairs, 8 * steps)[:n, : k // 8]
@@ -627,8 +629,7 @@ class NativeWeight:
             buf, stride = _pair_rows(self.n, self.k, arrays)
             self.arrays = {"pairs": buf}
             self._q = (None, 0)
-            head, at = 5 * nb * 2, buf.ctypes.data
-            head += -head % 16
+            head, at = _pair_geometry(self.n, self.k, nb)[2], buf.ctypes.data
             self._args = (at + head, at + head + 32, at, at + 8 * nb, self.block, stride, 1)
             self._row_sums = self._row_sums_by_tiles(X16_TWOFOUR_INT4)  # the 16-bit kernel's offset term, as for bitmask-int4 below
             return
@@ -695,16 +696,14 @@ class NativeWeight:
             if values.size - VALUE_PAD != self.n * self.k:
                 raise ValueError(f"native weight: {values.size - VALUE_PAD} dense values do not fit a ({self.n}, {self.k}) weight")
             self._args = (None, values.ctypes.data, None)
-            if int8_activations and self.block == 32 and self.k % 64 == 0:
-                # 128 · Σ codes · scale per row and block: the activations' +128 offset, taken back out
-                sums = self.stored_values.reshape(self.n, self.k // 32, 32).sum(-1, dtype=np.int64)
-                self.arrays["corr"] = np.ascontiguousarray(128.0 * sums * self.arrays["scales"], np.float32)
-                self._corr = self.arrays["corr"].ctypes.data
-            if self.block == 32 and self.k % 64 == 0 and lib().pk_x16_kernels() & X16_DENSE_INT8:
-                # each row's Σ of its values (float64, rounded once): the 16-bit kernel's offset term
-                # (vnni_avx512.cpp); only where this CPU can run that kernel
-                sums = self.stored_values.reshape(self.n, self.k // 32, 32).sum(-1, dtype=np.int64)
-                self._row_sums = (sums * self.arrays["scales"].astype(np.float64)).sum(1).astype(np.float32)
+            x16 = bool(lib().pk_x16_kernels() & X16_DENSE_INT8)
+            if self.block == 32 and self.k % 64 == 0 and (int8_activations or x16):
+                sums = self.stored_values.reshape(self.n, self.k // 32, 32).sum(-1, dtype=np.int64)  # Σ codes per row and block
+                if int8_activations:  # 128 · Σ codes · scale per row and block: the activations' +128 offset, taken back out
+                    self.arrays["corr"] = np.ascontiguousarray(128.0 * sums * self.arrays["scales"], np.float32)
+                    self._corr = self.arrays["corr"].ctypes.data
+                if x16:  # each row's Σ of its values (float64, rounded once): the 16-bit kernel's offset term (vnni_avx512.cpp), only where this CPU can run it
+                    self._row_sums = (sums * self.arrays["scales"].astype(np.float64)).sum(1).astype(np.float32)
             return
         if c.format == "2:4":  # the 2:4 kernel reads values and 2-bit positions as they are stored
             positions = np.ascontiguousarray(c.arrays["positions"], np.uint8)

@@ -271,6 +271,11 @@ inline const uint8_t* row_zeros(const TwoFourInt4& w, int64_t n) {
 }
 inline int64_t code_offset(const TwoFourInt4& w, int64_t win) { return w.paired ? (win >> 1) * kPairStep + 16 * (win & 1) : 8 * win; }
 inline int64_t position_offset(const TwoFourInt4& w, int64_t win) { return w.paired ? (win >> 1) * kPairStep + 4 * (win & 1) : 4 * win; }
+// Whether a float kernel prefetches the rows ahead at window win: separate or row-interleaved, their codes
+// every 8 windows (a 64-byte line) and positions every 16; paired, each step's start (its 48 bytes hold
+// both, and every line of the pair is some step's start's or the next one's).
+inline bool prefetch_codes_at(const TwoFourInt4& w, int64_t win) { return w.paired ? (win & 1) == 0 : (win & 7) == 0; }
+inline bool prefetch_positions_at(const TwoFourInt4& w, int64_t win) { return !w.paired && (win & 15) == 0; }
 // The row and window loop of the 2:4-int4 decompressions (the prefill path) of every instruction set:
 // for each row n in [n0, n1) and 32-input window, window(its 8 code bytes, its 4 position bytes, its
 // block's scale and zero point, whether it starts a block, its 32 floats of out).

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "kernels.h"
+#include "simd.h"
 
 namespace pk {
 
@@ -74,10 +75,11 @@ inline __m256 sums8(const __m256* a) {
 
 // One query against n cached keys and values (a decode step's head, or one prefill query). A first
 // version took a dot product per key, each ending in a horizontal sum, std::exp per score and the
-// output vector re-read and re-written per key; it was about a sixth of a SmolLM2 decode step in a
-// profile (perf, docs/native.md). Here, for d a multiple of 8, eight keys' dot products at a time (one
-// accumulator each, summed together by sums8), the exponentials eight at a time (exp8), and the output
-// in registers 64 lanes at a time over all keys.
+// output vector re-read and re-written per key; a perf profile of native decoding showed it as the
+// largest cost after the linears and the LM head (docs/native.md, "The decode step's fixed costs").
+// Here, for d a multiple of 8, eight keys' dot products at a time (one accumulator each, summed
+// together by sums8), the exponentials eight at a time (exp8), and the output in registers 64 lanes
+// at a time over all keys.
 void attention_head(const float* q, const float* kc, const float* vc, int64_t n, int64_t d, float scale, float* out, float* scores) {
   int64_t t = 0;
   if (d % 8 == 0) {
@@ -101,20 +103,14 @@ void attention_head(const float* q, const float* kc, const float* vc, int64_t n,
     _mm256_storeu_ps(scores + t, e);
     vsum = _mm256_add_ps(vsum, e);
   }
+  float sum = 0.f;
   if (t < n) {  // the last n % 8 scores, through the same exp8 (a padded copy)
     alignas(32) float tail[8];
-    for (int j = 0; j < 8; ++j) tail[j] = t + j < n ? scores[t + j] - mx : -INFINITY;
-    const __m256 e = exp8(_mm256_load_ps(tail));
-    _mm256_store_ps(tail, e);
-    for (int64_t j = 0; t + j < n; ++j) {
-      scores[t + j] = tail[j];
-      vsum = _mm256_add_ps(vsum, _mm256_setr_ps(tail[j], 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f));
-    }
+    for (int j = 0; j < 8; ++j) tail[j] = t + j < n ? scores[t + j] - mx : 0.f;
+    _mm256_store_ps(tail, exp8(_mm256_load_ps(tail)));
+    for (int64_t j = 0; t + j < n; ++j) sum += scores[t + j] = tail[j];
   }
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, vsum);
-  float sum = 0.f;
-  for (int j = 0; j < 8; ++j) sum += lanes[j];
+  sum += hsum(vsum);
   const float inv = 1.0f / sum;
   for (t = 0; t < n; ++t) scores[t] *= inv;
   int64_t i0 = 0;

@@ -46,8 +46,7 @@ void block(const TwoFourInt4& w, const float* x, int64_t ldx, float* y, int64_t 
     const int64_t g = (win * 32) >> shift;
     PK_UNROLL
     for (int r = 0; r < RB; ++r) {
-      // (as twofour_int4_avx512.cpp: paired, a step's 48 bytes hold codes and positions)
-      if (w.paired ? (win & 1) == 0 : (win & 7) == 0) _mm_prefetch(reinterpret_cast<const char*>(next_q[r] + code_offset(w, win)), _MM_HINT_T0);
+      if (prefetch_codes_at(w, win)) _mm_prefetch(reinterpret_cast<const char*>(next_q[r] + code_offset(w, win)), _MM_HINT_T0);
       uint32_t bits;
       std::memcpy(&bits, p[r] + position_offset(w, win), 4);
       int64_t qv;  // kept value j at nibble 8·(j & 1) + (j >> 1) of the window's qword (kernels.h)

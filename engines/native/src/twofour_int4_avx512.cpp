@@ -73,10 +73,8 @@ void block(const TwoFourInt4& w, const float* x, int64_t ldx, float* y, int64_t 
       for (int r = 0; r < RB; ++r) table[r] = value_table<true>(sc[r][g], float(zp[r][g]));
     PK_UNROLL
     for (int r = 0; r < RB; ++r) {
-      // separate or row-interleaved: 8 windows of codes = one 64-byte line, 16 of positions; paired: a
-      // step's 48 bytes hold both (each step's start prefetched reaches every line of the pair)
-      if (w.paired ? (win & 1) == 0 : (win & 7) == 0) _mm_prefetch(reinterpret_cast<const char*>(next_q[r] + code_offset(w, win)), _MM_HINT_T0);
-      if (!w.paired && (win & 15) == 0) _mm_prefetch(reinterpret_cast<const char*>(next_p[r] + position_offset(w, win)), _MM_HINT_T0);
+      if (prefetch_codes_at(w, win)) _mm_prefetch(reinterpret_cast<const char*>(next_q[r] + code_offset(w, win)), _MM_HINT_T0);
+      if (prefetch_positions_at(w, win)) _mm_prefetch(reinterpret_cast<const char*>(next_p[r] + position_offset(w, win)), _MM_HINT_T0);
       uint32_t bits;
       std::memcpy(&bits, p[r] + position_offset(w, win), 4);
       // base + (field & 3) as one ternary-logic op ((A & B) | C: base's low two bits are zero)

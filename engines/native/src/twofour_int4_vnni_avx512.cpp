@@ -244,15 +244,10 @@ void rows(const TwoFourInt4& w, const Consts& c, const X16& x, float* y, int64_t
 
 void gemv_twofour_int4_x16_avx512(const TwoFourInt4& w, const X16& x, int64_t M, float* y, int64_t ldy, int64_t n0, int64_t n1) {
   const Consts c;
-  for (int64_t m = 0; m < M; m += 4) {
-    const int64_t mm = M - m < 4 ? M - m : 4;
-    const X16 xm{x.hi + m * x.ld, x.lo + m * x.ld, x.scale + m, x.ld};
-    float* ym = y + m * ldy;
-    if (mm == 1) rows<1>(w, c, xm, ym, ldy, n0, n1);
-    else if (mm == 2) rows<2>(w, c, xm, ym, ldy, n0, n1);
-    else if (mm == 3) rows<3>(w, c, xm, ym, ldy, n0, n1);
-    else rows<4>(w, c, xm, ym, ldy, n0, n1);
-  }
+  by_chunks_of_four(M, [&](auto mm, int64_t m) {
+    const X16 part{x.hi + m * x.ld, x.lo + m * x.ld, x.scale + m, x.ld};
+    rows<decltype(mm)::value>(w, c, part, y + m * ldy, ldy, n0, n1);
+  });
 }
 
 }  // namespace pk
