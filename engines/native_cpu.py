@@ -216,8 +216,13 @@ def _quantized_note(quant: dict[str, Any], linears: dict[str, Any], head: dict[s
             note += x16(native.bitmask_int4_int16(block), "VBMI2", "32 or a multiple of 64")
         if rest:
             note += f"; {rest} block linears run dequantized in fp32 (blocks of {quant.get('block_size')} inputs: the int4 formats need a multiple of 32)"
-        return note + (f"; option int8_activations: int8 activations (per block of 32) {_int4x_here()}"
-                       if int8_activations else "; fp32 activations otherwise (the model's own result)")
+        if int8_activations:
+            note += f"; option int8_activations: int8 activations (per block of 32) {_int4x_here()}"
+            if n24:  # (native.int4_int8_activations says whether this CPU's chosen instruction set is AVX2 or VNNI)
+                note += (f"; the 2:4-int4 linears multiply them where the instruction set is AVX2 (a second copy of their codes, 4 bits a "
+                         f"weight, with each value's input: {'this CPU runs it' if native.isa() == 'avx2+fma' else 'not on this CPU: their kernels above'})")
+            return note
+        return note + "; fp32 activations otherwise (the model's own result)"
     n = sum(e["values"] == "int8" for e in linears.values())
     note = f"int8 weights read as int8 codes with a scale per {quant['block_size']} inputs ({n} block linears{', the LM head' if head['values'] == 'int8' else ''})"
     if int8_activations:

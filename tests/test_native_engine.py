@@ -958,6 +958,47 @@ def test_a_sparse_model_quantized_to_4_bits_is_read_as_sparse_int4(tmp_path, kin
     _runs_as_pytorch(model, art, 6, stacked_keep_the_format)
 
 
+def test_a_two_four_int4_model_with_the_int8_activations_option_on_avx2(tmp_path):
+    """A 2:4 model at 4 bits (blocks of 64), built with int8_activations and opened on the AVX2 path:
+    every 2:4-int4 linear (q, k and v stacked too) holds the nibble layout and the decode steps and
+    whole sequences multiply int8 activations — close to the model, not equal; switched off, the same
+    runner is exact (the float kernel); without the option no weight holds the layout."""
+    if native.best_isa() == "scalar":
+        pytest.skip("this CPU has no AVX2")
+    best = native.isa()
+    model = tiny_model("llama", seed=4)
+    prune(model, "2:4")
+    art, _ = _quantized_artifact(tmp_path, model, bits=4, block_size=64)
+    (tmp_path / "engine8").mkdir()
+    art8 = NativeCpuEngine({"threads": 2, "int8_activations": True}).build(tmp_path / "model", tmp_path / "engine8")
+    ids = np.random.default_rng(4).integers(0, 257, (1, 20)).astype(np.int64)
+    with torch.no_grad():
+        ref = model(input_ids=torch.from_numpy(ids)).logits.numpy()
+    try:
+        native.set_isa("avx2+fma")
+        with NativeCpuEngine({"threads": 2}).runner(art) as r:
+            assert all(L.qkv.nibbles_ptr() is None for L in r.decoder.layers)
+        with NativeCpuEngine({"threads": 2}).runner(art8) as r:
+            d = r.decoder
+            assert all(W.format == "2:4-int4" and W.nibbles_ptr() is not None for L in d.layers for W in (L.qkv, L.o, L.down))
+            outs = {}
+            for on in (True, False):
+                native.int8_activations(on)
+                try:
+                    d.prefill(ids[:, :12])
+                    outs[on] = (r.infer({"input_ids": ids[:, :4], "attention_mask": np.ones_like(ids[:, :4])})["logits"], [d.step(t) for t in (5, 7, 9)])
+                finally:
+                    native.int8_activations(True)
+    finally:
+        native.set_isa(best)
+    np.testing.assert_allclose(outs[False][0], ref[:, :4], atol=1e-4, rtol=1e-4)
+    assert not np.allclose(outs[True][0], ref[:, :4], atol=1e-6, rtol=0)  # 4 rows of x: the gemv kernel, int8 activations
+    np.testing.assert_allclose(outs[True][0], ref[:, :4], atol=0.05 * (1 + np.abs(ref).max()), rtol=0)
+    for a, b in zip(outs[True][1], outs[False][1]):
+        assert not np.array_equal(a, b)
+        np.testing.assert_allclose(a, b, atol=0.05 * (1 + np.abs(b).max()), rtol=0)
+
+
 def test_an_artifact_with_bitmask_int4_codes_in_the_earlier_layout_is_refused_by_name(tmp_path):
     """An artifact written before bitmask-int4 codes were packed per group of 64 inputs (its manifest
     without ``bitmask_int4_group``) would be misread: opening it fails with the directory and the fix."""

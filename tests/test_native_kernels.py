@@ -475,6 +475,61 @@ def test_int4_int8_activation_kernel_computes_the_block_quantized_product(isa):
         native.set_isa(best)
 
 
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(n=st.integers(1, 23), windows=st.one_of(st.integers(1, 12), st.just(32)), rows=st.integers(1, 6), block=st.sampled_from([32, 64, 128, 1024]),
+       seed=st.integers(0, 2**16))
+def test_two_four_int4_int8_activation_kernel_on_avx2(n, windows, rows, block, seed):
+    """2:4-int4 with the int8_activations option on the AVX2 path: the engine holds the nibble layout
+    and the kernel computes the product with x rounded per block of 32 as the int8-activation kernels
+    round it (equal to that product in float64), odd row counts (a padding row), groups with one or no
+    kept value, an all-zero row, a zero row of x and a block of 1024 inputs included; the layout
+    gives back the format's arrays; with the switch off, AVX-512 forced, or without the option: the
+    float kernels' exact result."""
+    import torch
+
+    from core.quant import QuantScheme, rtn
+
+    if "avx2+fma" not in ISAS:
+        pytest.skip("this CPU has no AVX2")
+    best = native.isa()
+    rng = np.random.default_rng(seed)
+    k = 32 * windows
+    w = prune_two_four(rng.standard_normal((n, k)).astype(np.float32))
+    w[rng.random((n, k)) < 0.2] = 0.0
+    if n > 2:
+        w[1] = 0.0
+    blk = block if k % block == 0 else 32  # (the quantizer's blocks divide K)
+    deq, scales, zeros = (t.numpy() for t in rtn(torch.from_numpy(w), QuantScheme(4, blk)))
+    c = compress(deq, "2:4-int4", grid=(scales, zeros, blk), name="blk.0.up")
+    x = (rng.standard_normal((rows, k)) * rng.uniform(0.1, 5.0, k)).astype(np.float32)
+    x[rows // 2] = 0.0
+    try:
+        native.set_isa("avx2+fma")
+        nw = native.NativeWeight(c, int8_activations=True)
+        assert nw.nibbles_ptr() is not None and nw.int8_activations
+        assert all(np.array_equal(nw.compressed().arrays[key], c.arrays[key]) for key in c.arrays)
+        exact = native.NativeWeight(c).gemv(x)
+        assert native.NativeWeight(c).nibbles_ptr() is None  # only with the option
+        y = nw.gemv(x)
+        xq, _ = native.int8_block_activations(x)
+        ref = xq.astype(np.float64) @ deq.astype(np.float64).T
+        np.testing.assert_allclose(y, ref, atol=2e-5 * (1 + np.abs(ref).max()), rtol=0)
+        assert not (rows > 1 and np.any(deq)) or not np.array_equal(y, exact)  # really int8 activations
+        assert not np.any(y[rows // 2])
+        if n > 2:
+            assert not np.any(y[:, 1])
+        native.int8_activations(False)
+        try:
+            assert np.array_equal(nw.gemv(x), exact)
+        finally:
+            native.int8_activations(True)
+        if "avx512f" in ISAS:
+            native.set_isa("avx512f")
+            assert np.array_equal(nw.gemv(x), native.NativeWeight(c).gemv(x))  # the layout is read on AVX2 only
+    finally:
+        native.set_isa(best)
+
+
 def test_int8_block_rounding_is_numpys_round_half_even():
     """The prefill path's rounding of x (C, per row and block of 32): q · scale with scale = max|x| / 127
     and q NumPy's round-half-to-even of x · (1 / scale), clipped to ±127, bit for bit — halves included
@@ -663,7 +718,7 @@ def test_two_four_int4_int16_activation_kernel_computes_the_rounded_product(n, w
     back = nw.compressed().arrays
     assert all(np.array_equal(back[key], a[key]) for key in a) and np.array_equal(nw.to_dense(), deq)
     separate = np.empty((rows, n), np.float32)
-    native.lib().pk_gemv_24_int4(n, k, _ptr(a["values"]), _ptr(a["positions"]), _ptr(a["scales"]), _ptr(a["zeros"]), block, 0, 0, nw.row_sums_ptr(), _ptr(xs), rows,
+    native.lib().pk_gemv_24_int4(n, k, _ptr(a["values"]), _ptr(a["positions"]), _ptr(a["scales"]), _ptr(a["zeros"]), block, 0, 0, nw.row_sums_ptr(), None, _ptr(xs), rows,
                                  _ptr(separate))
     assert np.array_equal(separate, native.NativeWeight(compress(deq, "2:4")).gemv(x))
     both = native.NativeWeight.stacked([nw, native.NativeWeight(c)])
@@ -690,7 +745,7 @@ def test_two_four_int4_int16_kernel_is_used_only_where_it_applies():
         assert np.array_equal(nw.gemv(x), fw.gemv(x)) == (block == 1024)
         a = {key: np.ascontiguousarray(v) for key, v in c.arrays.items()}
         y = np.empty((1, 24), np.float32)
-        native.lib().pk_gemv_24_int4(24, 1024, _ptr(a["values"]), _ptr(a["positions"]), _ptr(a["scales"]), _ptr(a["zeros"]), block, 0, 0, None, _ptr(x), 1, _ptr(y))
+        native.lib().pk_gemv_24_int4(24, 1024, _ptr(a["values"]), _ptr(a["positions"]), _ptr(a["scales"]), _ptr(a["zeros"]), block, 0, 0, None, None, _ptr(x), 1, _ptr(y))
         assert np.array_equal(y, fw.gemv(x))  # no row sums: the float kernel
         _float_kernel_when_16_bit_is_off(nw, fw, x, native.twofour_int4_int16)
 
@@ -937,7 +992,7 @@ def test_4bit_kernels_read_separate_arrays_and_interleaved_rows_alike():
             a = {k: np.ascontiguousarray(v) for k, v in c.arrays.items()}
             y = np.empty((3, 21), np.float32)
             nw = native.NativeWeight(c)
-            L.pk_gemv_24_int4(21, 160, ptr(a["values"]), ptr(a["positions"]), ptr(a["scales"]), ptr(a["zeros"]), 64, 0, 0, nw.row_sums_ptr(), ptr(x), 3, ptr(y))
+            L.pk_gemv_24_int4(21, 160, ptr(a["values"]), ptr(a["positions"]), ptr(a["scales"]), ptr(a["zeros"]), 64, 0, 0, nw.row_sums_ptr(), None, ptr(x), 3, ptr(y))
             assert np.array_equal(y, nw.gemv(x)), isa
     finally:
         native.int16_activations(True)

@@ -76,7 +76,7 @@ def lib() -> ctypes.CDLL:
             L.pk_decompress.argtypes = [_i64, _i64, vp, vp, vp, vp, _i64, _i64, _i64, vp]
             L.pk_gemv_24.argtypes = [_i64, _i64, vp, vp, vp, _i64, vp, _i64, vp]
             L.pk_decompress_24.argtypes = [_i64, _i64, vp, vp, vp, _i64, _i64, _i64, vp]
-            L.pk_gemv_24_int4.argtypes = [_i64, _i64, vp, vp, vp, vp, _i64, _i64, _i64, vp, vp, _i64, vp]
+            L.pk_gemv_24_int4.argtypes = [_i64, _i64, vp, vp, vp, vp, _i64, _i64, _i64, vp, vp, vp, _i64, vp]
             L.pk_decompress_24_int4.argtypes = [_i64, _i64, vp, vp, vp, vp, _i64, _i64, _i64, _i64, _i64, vp]
             L.pk_gemv_bitmask_int4.argtypes = [_i64, _i64, vp, vp, vp, vp, vp, _i64, vp, vp, _i64, vp]
             L.pk_bitmask_int4_int16.restype = ctypes.c_int
@@ -262,7 +262,7 @@ def pk_weight(w: "NativeWeight | InputMajorWeight | InputMajorInt4Weight", thres
         return PkWeight(4 if w.int8_activations else 3, w.n, w.k, codes, scales, second, -1.0, None, grid_flags, None, None, stride)
     if w.format == "2:4-int4":
         codes, positions, scales, zeros, block, stride, paired = w._args
-        return PkWeight(5, w.n, w.k, codes, positions, zeros, -1.0, scales, block, w.row_sums_ptr(), None, stride, 0, paired)
+        return PkWeight(5, w.n, w.k, codes, positions, zeros, -1.0, scales, block, w.row_sums_ptr(), w.nibbles_ptr(), stride, 0, paired)
     if w.format == "bitmask-int4":
         masks, codes, offsets, scales, zeros, block = w._args
         return PkWeight(6, w.n, w.k, masks, codes, offsets, -1.0, scales, block, w.row_sums_ptr(), zeros)
@@ -582,6 +582,28 @@ def _pair_rows(n: int, k: int, a: dict[str, np.ndarray]) -> tuple[np.ndarray, in
     return flat, stride
 
 
+def _nibble_rows(n: int, k: int, a: dict[str, np.ndarray]) -> np.ndarray:
+    """A 2:4-int4 weight's codes in the nibble layout of the int8-activation AVX2 kernel (kernels.h,
+    TwoFourInt4::nibbles): per pair of rows (an odd ``n`` padded with a zero row) and 32-input window,
+    32 bytes — half h's 16 inputs at byte 16h, row 0's 8 kept values then row 1's, each
+    ``code | (input − 16h) << 4``; 64 bytes of zeros after the last pair."""
+    packed = a["values"].reshape(n, k // 32, 8)
+    nib = np.stack([packed & 15, packed >> 4], axis=-1).reshape(n, k // 32, 16)  # by nibble: even values, then odd ones
+    codes = np.empty_like(nib)
+    codes[..., 0::2], codes[..., 1::2] = nib[..., :8], nib[..., 8:]  # kept values in input order (n, windows, 16)
+    pos = a["positions"][:, : k // 8]
+    group = np.stack([pos & 15, pos >> 4], axis=-1).reshape(n, k // 4)  # a nibble per group of four: p0 | p1 << 2
+    offset = np.stack([group & 3, group >> 2], axis=-1).reshape(n, k // 32, 16)  # each kept value's input within its group
+    within = offset + 4 * (np.arange(16) // 2 % 4)  # its input within its 16-input half
+    data = (codes | (within << 4)).astype(np.uint8).reshape(n, k // 32, 2, 8)  # (row, window, half, 8)
+    pairs = (n + 1) // 2
+    out = np.zeros((2 * pairs, k // 32, 2, 8), np.uint8)
+    out[:n] = data
+    flat = np.zeros(pairs * k + 64, np.uint8)
+    flat[: pairs * k] = out.reshape(pairs, 2, k // 32, 2, 8).transpose(0, 2, 3, 1, 4).reshape(-1)
+    return flat
+
+
 def _unpair_rows(buf: np.ndarray, n: int, k: int, nb: int) -> dict[str, np.ndarray]:
     """The separate arrays of a weight held by :func:`_pair_rows` (copies)."""
     pairs, steps, head, stride = _pair_geometry(n, k, nb)
@@ -632,6 +654,10 @@ class NativeWeight:
             head, at = _pair_geometry(self.n, self.k, nb)[2], buf.ctypes.data
             self._args = (at + head, at + head + 32, at, at + 8 * nb, self.block, stride, 1)
             self._row_sums = self._row_sums_by_tiles(X16_TWOFOUR_INT4)  # the 16-bit kernel's offset term, as for bitmask-int4 below
+            if int8_activations and isa() == "avx2+fma":
+                # the int8-activation AVX2 kernel's layout (a second copy of the codes, 4 bits a weight:
+                # only with the option, on the instruction set that reads it; kernels.h)
+                self.arrays["nibbles"] = _nibble_rows(self.n, self.k, arrays)
             return
         if c.format == "bitmask-int4":  # masks, 4-bit codes per word from a byte row offset, a scale and a uint8 zero point per row and block
             a = {"masks": np.ascontiguousarray(c.arrays["masks"], np.uint16), "row_offsets": np.ascontiguousarray(c.arrays["row_offsets"], np.int64),
@@ -730,7 +756,7 @@ class NativeWeight:
         """Its activations may be quantized to int8 per block (dense int8 in blocks of 32, K % 64 == 0,
         from an accuracy_level 4 model; int4 with K % 64 == 0 when asked): the VNNI kernel does it where
         the CPU has one, and for int4 the AVX2 kernel where the instruction set is AVX2."""
-        return self._corr is not None or self._int4x
+        return self._corr is not None or self._int4x or self.nibbles_ptr() is not None
 
     @property
     def stored_values(self) -> np.ndarray:
@@ -831,7 +857,7 @@ class NativeWeight:
         if self.format == "2:4":
             lib().pk_gemv_24(self.n, self.k, *self._args, *self._q, x_ptr, m, y_ptr)
         elif self.format == "2:4-int4":
-            lib().pk_gemv_24_int4(self.n, self.k, *self._args, self.row_sums_ptr(), x_ptr, m, y_ptr)
+            lib().pk_gemv_24_int4(self.n, self.k, *self._args, self.row_sums_ptr(), self.nibbles_ptr(), x_ptr, m, y_ptr)
         elif self.format == "bitmask-int4":
             lib().pk_gemv_bitmask_int4(self.n, self.k, *self._args, self.row_sums_ptr(), x_ptr, m, y_ptr)
         elif self.format == "int4":
@@ -852,6 +878,11 @@ class NativeWeight:
         if rows.size:
             lib().pk_gemv_int4_rows(self.k, *self._args, rows.ctypes.data, rows.size, int(self._int4x), x.ctypes.data, y.ctypes.data)
         return y
+
+    def nibbles_ptr(self) -> int | None:
+        """The address of a 2:4-int4 weight's nibble layout (the int8_activations option on AVX2), else None."""
+        nib = self.arrays.get("nibbles") if self.format == "2:4-int4" else None
+        return None if nib is None else nib.ctypes.data
 
     def row_sums_ptr(self) -> int | None:
         """The address of each row's Σ of its values (a 4-bit sparse weight's 16-bit kernel's offset term),

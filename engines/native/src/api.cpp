@@ -325,7 +325,26 @@ bool twofour_int4_x16(int64_t block, int isa) {
   return isa == kAvx512 && g_vbmi && g_x16.load(std::memory_order_relaxed) && block >= 32 && block <= 512;
 }
 
+using TwoFourInt4xJob = PreparedJob<pk::TwoFourInt4, pk::Int4X, pk::gemv_twofour_int4_int8x_avx2>;
+
+// Whether a 2:4-int4 weight runs the int8-activation AVX2 kernel (twofour_int4_int8x_avx2.cpp): its
+// nibble layout given (the host's int8_activations option), AVX2 chosen, the int8 switch on.
+bool twofour_int4_int8x(const pk::TwoFourInt4& w, int isa) {
+  return w.nibbles && isa == kAvx2 && g_int8x.load(std::memory_order_relaxed);
+}
+
 void gemv(const pk::TwoFourInt4& w, const float* x, int64_t M, float* y, int isa) {
+  if (twofour_int4_int8x(w, isa)) {
+    thread_local std::vector<int8_t> bytes;
+    thread_local std::vector<float> scales, sums;
+    const int64_t nb = w.K / pk::kInt4Block;
+    bytes.resize(size_t(M * w.K));
+    scales.resize(size_t(M * nb));
+    sums.resize(size_t(M * nb));
+    pk::quantize_x_int4_avx2(x, M, w.K, w.K, bytes.data(), scales.data(), sums.data());
+    TwoFourInt4xJob{&w, {bytes.data(), scales.data(), sums.data(), w.K}, M, y, gemv_tasks(w.N)}.run();
+    return;
+  }
   if (!w.row_sums || !w.paired || !twofour_int4_x16(w.block, isa)) {  // the 16-bit kernel reads the paired layout only
     gemv<pk::TwoFourInt4>(w, x, M, y, isa);
     return;
@@ -600,7 +619,8 @@ struct Int4InputMajorDecompressJob {
 // (a = codes, b = scales, c = offsets or zero points, block: bit 0 the zero-point form, bit 1 a half
 // grid; pk::Int4Dense); kind 4: the same with int8 activations; kind 5: 2:4 with 4-bit values (a = codes,
 // b = positions, c = uint8 zero points, scales, block, corr = the rows' sums of their values for the
-// 16-bit kernel, layout 1: the paired layout; pk::TwoFourInt4); kind 6: bitmask with 4-bit
+// 16-bit kernel, layout 1: the paired layout, d = the nibble layout for the int8-activation AVX2 kernel
+// or null; pk::TwoFourInt4); kind 6: bitmask with 4-bit
 // values (a = masks, b = codes, c = row offsets, d = uint8 zero points, scales, block, corr = the rows'
 // sums of their values for the 16-bit kernel; pk::BitmaskInt4);
 // kind 7: input-major 4-bit (a = the buffer, stride = ld, block: bit 0 the zero-point form, bit 1 a
@@ -692,7 +712,7 @@ void apply(const PkWeight& w, const float* x, float* y, int isa, int64_t* read, 
               x, 1, y, isa, w.kind == 4);
   } else if (w.kind == 5) {
     gemv(pk::TwoFourInt4{w.N, w.K, static_cast<const uint8_t*>(w.a), static_cast<const uint8_t*>(w.b), w.scales, static_cast<const uint8_t*>(w.c), w.block,
-                         w.stride, w.corr, w.layout == 1},
+                         w.stride, w.corr, w.layout == 1, static_cast<const uint8_t*>(w.d)},
          x, 1, y, isa);
   } else if (w.kind == 6) {
     gemv(pk::BitmaskInt4{w.N, w.K, static_cast<const uint16_t*>(w.a), static_cast<const uint8_t*>(w.b), static_cast<const int64_t*>(w.c), w.scales,
@@ -869,10 +889,11 @@ PK_API void pk_decompress_int4(int64_t N, int64_t K, const uint8_t* codes, const
 // y[M][N] = x[M][K] · Wᵀ, W 2:4 with 4-bit values (codes, positions, a scale and a uint8 zero point per
 // row and block of `block` inputs: separate (stride 0), interleaved by rows of `stride` bytes, or paired
 // (paired 1: pairs of rows `stride` bytes apart; kernels.h). row_sums (optional: each row's Σ of its
-// values) and the paired layout let the 16-bit kernel run where the CPU has it.
+// values) and the paired layout let the 16-bit kernel run where the CPU has it; nibbles (optional, the
+// layout of kernels.h's TwoFourInt4::nibbles) the int8-activation kernel where the instruction set is AVX2.
 PK_API void pk_gemv_24_int4(int64_t N, int64_t K, const uint8_t* codes, const uint8_t* positions, const float* scales, const uint8_t* zeros, int64_t block,
-                            int64_t stride, int64_t paired, const float* row_sums, const float* x, int64_t M, float* y) {
-  gemv(pk::TwoFourInt4{N, K, codes, positions, scales, zeros, block, stride, row_sums, paired != 0}, x, M, y, g_isa.load(std::memory_order_relaxed));
+                            int64_t stride, int64_t paired, const float* row_sums, const uint8_t* nibbles, const float* x, int64_t M, float* y) {
+  gemv(pk::TwoFourInt4{N, K, codes, positions, scales, zeros, block, stride, row_sums, paired != 0, nibbles}, x, M, y, g_isa.load(std::memory_order_relaxed));
 }
 
 PK_API void pk_decompress_24_int4(int64_t N, int64_t K, const uint8_t* codes, const uint8_t* positions, const float* scales, const uint8_t* zeros,

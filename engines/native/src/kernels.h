@@ -78,6 +78,11 @@ struct TwoFour {
 // 16-bit kernel loads a step of both rows as one broadcast of codes and one of positions. Every
 // kernel finds a window through code_offset / position_offset from its row's pointers.
 // row_sums (optional): each row's Σ of its values, for the 16-bit kernel (twofour_int4_vnni_avx512.cpp).
+// nibbles (optional; the host builds it where the int8-activation AVX2 kernel runs,
+// twofour_int4_int8x_avx2.cpp): the codes again, per pair of rows (an odd N padded with a zero row) and
+// 32-input window 32 bytes — half h (inputs 16h .. 16h + 15) at byte 16h, row 0's 8 kept values then
+// row 1's, in input order, each byte code | (its input − 16h) << 4; the scales and zero points stay the
+// arrays' above. 4 bits a weight: the kernel gathers x by the high nibbles without decoding positions.
 struct TwoFourInt4 {
   int64_t N, K;
   const uint8_t* codes;
@@ -88,6 +93,7 @@ struct TwoFourInt4 {
   int64_t stride = 0;
   const float* row_sums = nullptr;
   bool paired = false;
+  const uint8_t* nibbles = nullptr;
 };
 constexpr int64_t kPairStep = 48;  // bytes of a step of a pair of rows in the paired layout
 
@@ -348,6 +354,9 @@ void gemv_int4x_avx512(const Int4Dense& w, const Int4X& xq, int64_t M, float* y,
 // values by quantize_x_int4_avx2, its bytes in input order.
 void quantize_x_int4_avx2(const float* x, int64_t M, int64_t ldx, int64_t K, int8_t* bytes, float* scales, float* sums);
 void gemv_int4x_avx2(const Int4Dense& w, const Int4X& xq, int64_t M, float* y, int64_t ldy, int64_t n0, int64_t n1);
+// 2:4-int4 × int8 activations on AVX2 (twofour_int4_int8x_avx2.cpp): needs w.nibbles, x quantized by
+// quantize_x_int4_avx2 (K % 32 == 0), n0 even.
+void gemv_twofour_int4_int8x_avx2(const TwoFourInt4& w, const Int4X& xq, int64_t M, float* y, int64_t ldy, int64_t n0, int64_t n1);
 
 // Dense int8 weights × int8 activations (AVX-512 VNNI; w.q.corr set): x quantized first by quantize_x.
 void quantize_x_avx512(const float* x, int64_t M, int64_t ldx, int64_t K, uint8_t* u8, float* scales);

@@ -1,0 +1,119 @@
+// 2:4 with 4-bit values × int8 activations, AVX2 (pk::TwoFourInt4 with `nibbles`, kernels.h). The float
+// kernel (twofour_int4_avx2.cpp) spends two permutations, a blend, a conversion and an FMA on every 8
+// kept values of a row; the dense 4-bit kernel with int8 activations (int4_int8x_avx2.cpp) multiplies 32
+// weights by one `vpmaddubsw`. Here x is quantized as that kernel quantizes it (per block of 32 inputs,
+// quantize_x_int4_avx2: the same int8 values, in input order), and one 32-input window of a pair of rows
+// is one 32-byte load of the nibble layout: byte = code | index << 4, the index the kept value's input
+// within its 16-input half, so the half's x bytes are one `vpshufb` table and the load's high nibbles
+// its control (no position decoding at run time: the host builds the layout at load, 4 bits a weight).
+// Per window and row pair: `vpshufb` gathers the 32 kept inputs, `vpmaddubsw` (codes × x, pairs summed:
+// at most 2 · 15 · 127) and `vpmaddubsw` by ones (Σ x of the pairs) give Σ (code − zero) · x in 16 bits
+// (mullo by the zero points, at most 7620 in magnitude), `vpmaddwd` by ones makes 8 int32 lanes (rows
+// A A B B | A A B B), converted and accumulated times the window's x scale; at the end of a grid block
+// the sums are multiplied by the rows' scales. Not exact: the activations are rounded to int8 per block
+// of 32, as the dense kernel with int8 activations and ONNX Runtime's MatMulNBits at accuracy_level 4 do.
+#include <immintrin.h>
+
+#include "kernels.h"
+#include "simd.h"
+
+namespace pk {
+namespace {
+
+constexpr int64_t kAhead = 4;  // row pairs ahead whose windows are prefetched (not tuned by measurement)
+
+// Rows n .. n + 2·PB − 1 (n even; rows ≥ N, an odd N's padding row, are computed and not stored).
+template <int MM, int PB>
+void block(const TwoFourInt4& w, const Int4X& xq, float* y, int64_t ldy, int64_t n) {
+  const int64_t windows = w.K / 32, nbx = w.K / kInt4Block, wpb = w.block / 32, nb = grid_blocks(w);
+  const int64_t pair_bytes = windows * 32;
+  const __m256i nib = _mm256_set1_epi8(15), ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1);
+  const uint8_t* v[PB];
+  const uint8_t* ahead[PB];
+  const float* sc[PB][2];
+  const uint8_t* zp[PB][2];
+  __m256 acc[PB][MM];
+  PK_UNROLL
+  for (int p = 0; p < PB; ++p) {
+    const int64_t pair = n / 2 + p, pairs = (w.N + 1) / 2;
+    v[p] = w.nibbles + pair * pair_bytes;
+    ahead[p] = w.nibbles + (pair + kAhead * PB < pairs ? pair + kAhead * PB : pair) * pair_bytes;
+    PK_UNROLL
+    for (int r = 0; r < 2; ++r) {
+      const int64_t row = n + 2 * p + r < w.N ? n + 2 * p + r : n + 2 * p;  // the padding row: any real row's grid (its codes are 0, index 0)
+      sc[p][r] = row_scales(w, row);
+      zp[p][r] = row_zeros(w, row);
+    }
+    PK_UNROLL
+    for (int m = 0; m < MM; ++m) acc[p][m] = _mm256_setzero_ps();
+  }
+  for (int64_t g = 0; g < nb; ++g) {
+    __m256i zv[PB];
+    __m256 sv[PB], part[PB][MM];
+    PK_UNROLL
+    for (int p = 0; p < PB; ++p) {
+      // lanes of the pair's int32 sums: rows A A B B | A A B B; words of its 16-bit sums: A×4 B×4 per half
+      zv[p] = _mm256_blend_epi16(_mm256_set1_epi16(zp[p][0][g]), _mm256_set1_epi16(zp[p][1][g]), 0xF0);
+      sv[p] = _mm256_blend_ps(_mm256_set1_ps(sc[p][0][g]), _mm256_set1_ps(sc[p][1][g]), 0xCC);
+      PK_UNROLL
+      for (int m = 0; m < MM; ++m) part[p][m] = _mm256_setzero_ps();
+    }
+    const int64_t w1 = (g + 1) * wpb < windows ? (g + 1) * wpb : windows;
+    for (int64_t win = g * wpb; win < w1; ++win) {
+      __m256i xv[MM];
+      __m256 sx[MM];
+      PK_UNROLL
+      for (int m = 0; m < MM; ++m) {
+        xv[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq.bytes + m * xq.ld + win * 32));
+        sx[m] = _mm256_set1_ps(xq.scales[m * nbx + win]);
+      }
+      PK_UNROLL
+      for (int p = 0; p < PB; ++p) {
+        if ((win & 1) == 0) _mm_prefetch(reinterpret_cast<const char*>(ahead[p] + win * 32), _MM_HINT_T0);  // a 64-byte line: two windows
+        const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v[p] + win * 32));
+        const __m256i codes = _mm256_and_si256(b, nib), idx = _mm256_and_si256(_mm256_srli_epi16(b, 4), nib);
+        PK_UNROLL
+        for (int m = 0; m < MM; ++m) {
+          const __m256i xg = _mm256_shuffle_epi8(xv[m], idx);
+          const __m256i t = _mm256_sub_epi16(_mm256_maddubs_epi16(codes, xg), _mm256_mullo_epi16(_mm256_maddubs_epi16(ones8, xg), zv[p]));
+          part[p][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(t, ones16)), sx[m], part[p][m]);
+        }
+      }
+    }
+    PK_UNROLL
+    for (int p = 0; p < PB; ++p)
+      PK_UNROLL
+      for (int m = 0; m < MM; ++m) acc[p][m] = _mm256_fmadd_ps(part[p][m], sv[p], acc[p][m]);
+  }
+  PK_UNROLL
+  for (int p = 0; p < PB; ++p)
+    PK_UNROLL
+    for (int m = 0; m < MM; ++m) {
+      // lanes 0, 1, 4, 5 row A; 2, 3, 6, 7 row B
+      const __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc[p][m]), _mm256_extractf128_ps(acc[p][m], 1));  // A A B B
+      const __m128 s = _mm_add_ps(h, _mm_shuffle_ps(h, h, _MM_SHUFFLE(2, 3, 0, 1)));                          // A+A A+A B+B B+B
+      const int64_t row = n + 2 * p;
+      y[m * ldy + row] = _mm_cvtss_f32(s);
+      if (row + 1 < w.N) y[m * ldy + row + 1] = _mm_cvtss_f32(_mm_movehl_ps(s, s));
+    }
+}
+
+template <int MM>
+void rows(const TwoFourInt4& w, const Int4X& xq, float* y, int64_t ldy, int64_t n0, int64_t n1) {
+  constexpr int PB = MM == 1 ? 2 : 1;  // accumulators: 2 · PB · MM registers
+  int64_t n = n0;
+  for (; n + 2 * PB <= n1; n += 2 * PB) block<MM, PB>(w, xq, y, ldy, n);
+  for (; n < n1; n += 2) block<MM, 1>(w, xq, y, ldy, n);
+}
+
+}  // namespace
+
+void gemv_twofour_int4_int8x_avx2(const TwoFourInt4& w, const Int4X& xq, int64_t M, float* y, int64_t ldy, int64_t n0, int64_t n1) {
+  const int64_t nbx = w.K / kInt4Block;
+  by_chunks_of_four(M, [&](auto mm, int64_t m) {
+    const Int4X part{xq.bytes + m * xq.ld, xq.scales + m * nbx, xq.sums + m * nbx, xq.ld};
+    rows<decltype(mm)::value>(w, part, y + m * ldy, ldy, n0, n1);
+  });
+}
+
+}  // namespace pk
