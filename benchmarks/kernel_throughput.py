@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import ROOT, markdown_table, write_result  # noqa: E402
 
 SHAPES = [(1536, 576), (576, 576), (3072, 576), (576, 1536)]
-KINDS = ["dense", "dense-int4", "dense-int4-f32grid", "dense-int4x", "dense-int8", "dense-int8-f", "dense-int8x", "2:4", "2:4-int8", "2:4-int4", "2:4-int4-f", "2:4-int4-b64", "2:4-int4-b64-f", "2:4-int4-b128", "2:4-int4-b128-f", "50", "50-int8", "50-int4", "50-int4-f", "50-int4-b64", "70-int4-b64", "70-int4-b128", "70-int4-b128-f",
+KINDS = ["dense", "dense-int4", "dense-int4-f32grid", "dense-int4x", "dense-int8", "dense-int8-f", "dense-int8x", "2:4", "2:4-int8", "2:4-int4", "2:4-int4-f", "2:4-int4-b64", "2:4-int4-b64-f", "2:4-int4-b128", "2:4-int4-b128-f", "2:4-int4x", "2:4-int4-b64x", "2:4-int4-b128x", "50", "50-int8", "50-int4", "50-int4-f", "50-int4-b64", "70-int4-b64", "70-int4-b128", "70-int4-b128-f",
          "int4-act0", "int4-act10", "int4-act30", "int4-act50", "int4-act30c", "int4-act50c", "int4-act30-f32grid", "int4-act0x", "int4-act30x", "int4-act50x"]
 """``-int8``: int8 values (dense ones, blocks of 32: 16-bit activations by the VNNI kernel where the CPU has it,
 else fp32; sparse ones: fp32 activations); ``-int8x``: int8 activations too (AVX-512 VNNI); ``-int4``:
@@ -46,6 +46,8 @@ save if zeros clustered; real activations do not); ``int4-actNN-f32grid``: the s
 ``int4-actNNx``: the same with int8 activations (the AVX2 path: pairs of active inputs by vpmaddubsw);
 ``2:4-int4`` / ``2:4-int4-b64`` / ``2:4-int4-b128``: magnitude 2:4, 4-bit RTN in blocks of 32 / 64 / 128, ``2:4-int4`` (by the 16-bit
 kernel where the CPU has AVX-512 VNNI + VBMI, ``engines.native.twofour_int4_int16``);
+``2:4-int4x`` / ``2:4-int4-b64x`` / ``2:4-int4-b128x``: the same weights with int8 activations (the AVX2 path only: the
+nibble layout and ``vpshufb``, twofour_int4_int8x_avx2.cpp);
 ``50-int4`` / ``50-int4-b64`` / ``70-int4-b64`` / ``70-int4-b128``: 50 % / 70 % random zeros, 4-bit RTN in blocks of 32 / 64 / 128, ``bitmask-int4`` (by the
 16-bit kernel where the CPU has AVX-512 VNNI + VBMI2, ``engines.native.bitmask_int4_int16``); ``-f``: the same
 weights by the float kernel (``engines.native.int16_activations`` switched off while that kind is timed)."""
@@ -94,10 +96,10 @@ def make_weight(kind: str, n: int, k: int, rng: np.random.Generator):
         w[rng.random((n, k)) < int(kind[:2]) / 100] = 0.0
         fmt = "bitmask"
     if "int4" in kind and fmt != "dense":  # the quantize pass's 4-bit RTN (zeros stay zero), stored as 2:4-int4 / bitmask-int4
-        block = int(kind.rsplit("-b", 1)[1]) if "-b" in kind else 32
+        block = int(kind.rsplit("-b", 1)[1].rstrip("x")) if "-b" in kind else 32
         deq, scales, zeros = rtn(torch.from_numpy(w), QuantScheme(4, block))
         deq = np.where(w == 0, np.float32(0), deq.numpy())
-        return native.NativeWeight(compress(deq, f"{fmt}-int4", grid=(scales.numpy(), zeros.numpy(), block)))
+        return native.NativeWeight(compress(deq, f"{fmt}-int4", grid=(scales.numpy(), zeros.numpy(), block)), int8_activations=kind.endswith("x"))
     if kind.startswith("int4-act"):  # the int4 weight below, input-major, its x NN % zeros
         c = make_weight("dense-int4", n, k, rng).compressed()
         share = int(kind[len("int4-act"):].split("-")[0].rstrip("xc")) / 100
@@ -136,9 +138,11 @@ def main() -> None:
     native.set_threads(args.threads)
     if args.isa:
         native.set_isa(args.isa)
-    def runs_here(kind: str) -> bool:  # the int8-activation kinds: int4 on AVX-512 VNNI or AVX2, int8 on AVX-512 VNNI, input-major int4 on AVX2
+    def runs_here(kind: str) -> bool:  # the int8-activation kinds: int4 on AVX-512 VNNI or AVX2, int8 on AVX-512 VNNI, input-major int4 and 2:4-int4 on AVX2
         if not kind.endswith("x"):
             return True
+        if kind.startswith("2:4"):
+            return native.isa() == "avx2+fma"
         if kind.startswith("int4-act"):
             return native.isa() != "avx512f"
         return native.int4_int8_activations() if "int4" in kind else native.int8_activations() and native.isa() == "avx512f"

@@ -25,19 +25,16 @@ constexpr int64_t kAhead = 4;  // row pairs ahead whose windows are prefetched (
 // Rows n .. n + 2·PB − 1 (n even; rows ≥ N, an odd N's padding row, are computed and not stored).
 template <int MM, int PB>
 void block(const TwoFourInt4& w, const Int4X& xq, float* y, int64_t ldy, int64_t n) {
-  const int64_t windows = w.K / 32, nbx = w.K / kInt4Block, wpb = w.block / 32, nb = grid_blocks(w);
-  const int64_t pair_bytes = windows * 32;
+  const int64_t windows = w.K / 32, nbx = w.K / kInt4Block, wpb = w.block / 32, nb = grid_blocks(w), ld = xq.ld;
+  const int64_t ahead = kAhead * PB * windows * 32;  // bytes to the same window of the pair kAhead · PB on (prefetch never faults past the end)
   const __m256i nib = _mm256_set1_epi8(15), ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1);
-  const uint8_t* v[PB];
-  const uint8_t* ahead[PB];
+  const uint8_t* vp[PB];
   const float* sc[PB][2];
   const uint8_t* zp[PB][2];
   __m256 acc[PB][MM];
   PK_UNROLL
   for (int p = 0; p < PB; ++p) {
-    const int64_t pair = n / 2 + p, pairs = (w.N + 1) / 2;
-    v[p] = w.nibbles + pair * pair_bytes;
-    ahead[p] = w.nibbles + (pair + kAhead * PB < pairs ? pair + kAhead * PB : pair) * pair_bytes;
+    vp[p] = w.nibbles + (n / 2 + p) * windows * 32;
     PK_UNROLL
     for (int r = 0; r < 2; ++r) {
       const int64_t row = n + 2 * p + r < w.N ? n + 2 * p + r : n + 2 * p;  // the padding row: any real row's grid (its codes are 0, index 0)
@@ -47,30 +44,32 @@ void block(const TwoFourInt4& w, const Int4X& xq, float* y, int64_t ldy, int64_t
     PK_UNROLL
     for (int m = 0; m < MM; ++m) acc[p][m] = _mm256_setzero_ps();
   }
+  const int8_t* xp = xq.bytes;
+  const float* sxp = xq.scales;
   for (int64_t g = 0; g < nb; ++g) {
     __m256i zv[PB];
-    __m256 sv[PB], part[PB][MM];
+    __m256 part[PB][MM];
     PK_UNROLL
     for (int p = 0; p < PB; ++p) {
-      // lanes of the pair's int32 sums: rows A A B B | A A B B; words of its 16-bit sums: A×4 B×4 per half
+      // words of the pair's 16-bit sums: A×4 B×4 per half
       zv[p] = _mm256_blend_epi16(_mm256_set1_epi16(zp[p][0][g]), _mm256_set1_epi16(zp[p][1][g]), 0xF0);
-      sv[p] = _mm256_blend_ps(_mm256_set1_ps(sc[p][0][g]), _mm256_set1_ps(sc[p][1][g]), 0xCC);
       PK_UNROLL
       for (int m = 0; m < MM; ++m) part[p][m] = _mm256_setzero_ps();
     }
-    const int64_t w1 = (g + 1) * wpb < windows ? (g + 1) * wpb : windows;
-    for (int64_t win = g * wpb; win < w1; ++win) {
+    const int64_t wn = windows - g * wpb < wpb ? windows - g * wpb : wpb;
+    for (int64_t i = 0; i < wn; ++i, xp += 32, ++sxp) {
       __m256i xv[MM];
       __m256 sx[MM];
       PK_UNROLL
       for (int m = 0; m < MM; ++m) {
-        xv[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq.bytes + m * xq.ld + win * 32));
-        sx[m] = _mm256_set1_ps(xq.scales[m * nbx + win]);
+        xv[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + m * ld));
+        sx[m] = _mm256_broadcast_ss(sxp + m * nbx);
       }
       PK_UNROLL
       for (int p = 0; p < PB; ++p) {
-        if ((win & 1) == 0) _mm_prefetch(reinterpret_cast<const char*>(ahead[p] + win * 32), _MM_HINT_T0);  // a 64-byte line: two windows
-        const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v[p] + win * 32));
+        _mm_prefetch(reinterpret_cast<const char*>(vp[p] + ahead), _MM_HINT_T0);
+        const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(vp[p]));
+        vp[p] += 32;
         const __m256i codes = _mm256_and_si256(b, nib), idx = _mm256_and_si256(_mm256_srli_epi16(b, 4), nib);
         PK_UNROLL
         for (int m = 0; m < MM; ++m) {
@@ -81,9 +80,12 @@ void block(const TwoFourInt4& w, const Int4X& xq, float* y, int64_t ldy, int64_t
       }
     }
     PK_UNROLL
-    for (int p = 0; p < PB; ++p)
+    for (int p = 0; p < PB; ++p) {
+      // lanes of the pair's int32 sums: rows A A B B | A A B B
+      const __m256 sv = _mm256_blend_ps(_mm256_set1_ps(sc[p][0][g]), _mm256_set1_ps(sc[p][1][g]), 0xCC);
       PK_UNROLL
-      for (int m = 0; m < MM; ++m) acc[p][m] = _mm256_fmadd_ps(part[p][m], sv[p], acc[p][m]);
+      for (int m = 0; m < MM; ++m) acc[p][m] = _mm256_fmadd_ps(part[p][m], sv, acc[p][m]);
+    }
   }
   PK_UNROLL
   for (int p = 0; p < PB; ++p)
