@@ -79,10 +79,11 @@ struct TwoFour {
 // kernel finds a window through code_offset / position_offset from its row's pointers.
 // row_sums (optional): each row's Σ of its values, for the 16-bit kernel (twofour_int4_vnni_avx512.cpp).
 // nibbles (optional; the host builds it where the int8-activation AVX2 kernel runs,
-// twofour_int4_int8x_avx2.cpp): the codes again, per pair of rows (an odd N padded with a zero row) and
-// 32-input window 32 bytes — half h (inputs 16h .. 16h + 15) at byte 16h, row 0's 8 kept values then
-// row 1's, in input order, each byte code | (its input − 16h) << 4; the scales and zero points stay the
-// arrays' above. 4 bits a weight: the kernel gathers x by the high nibbles without decoding positions.
+// twofour_int4_int8x_avx2.cpp): the weight again, per pair of rows (an odd N padded with a zero row)
+// nibble_head(nb) + K bytes: the pair's float scales [block][row], its uint8 zero points [block][row],
+// zeros to a multiple of 32, then per 32-input window 32 bytes — half h (inputs 16h .. 16h + 15) at
+// byte 16h, row 0's 8 kept values then row 1's, in input order, each byte code | (its input − 16h) << 4.
+// 4 bits a weight: the kernel gathers x by the high nibbles without decoding positions.
 struct TwoFourInt4 {
   int64_t N, K;
   const uint8_t* codes;
@@ -96,6 +97,8 @@ struct TwoFourInt4 {
   const uint8_t* nibbles = nullptr;
 };
 constexpr int64_t kPairStep = 48;  // bytes of a step of a pair of rows in the paired layout
+// Bytes of a pair's grid in front of its windows in the nibble layout (nb grid blocks a row).
+inline int64_t nibble_head(int64_t nb) { return (10 * nb + 31) / 32 * 32; }
 
 // Bitmask with 4-bit values (an unstructured weight quantized to 4 bits, zeros kept): masks as Bitmask;
 // codes uint8, row n's starting at byte row_off[n]: per group of 64 inputs (four mask words) its c kept

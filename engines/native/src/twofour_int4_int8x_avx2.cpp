@@ -5,7 +5,8 @@
 // quantize_x_int4_avx2: the same int8 values, in input order), and one 32-input window of a pair of rows
 // is one 32-byte load of the nibble layout: byte = code | index << 4, the index the kept value's input
 // within its 16-input half, so the half's x bytes are one `vpshufb` table and the load's high nibbles
-// its control (no position decoding at run time: the host builds the layout at load, 4 bits a weight).
+// its control (no position decoding at run time: the host builds the layout at load, 4 bits a weight,
+// each pair of rows one sequential stream with its scales and zero points in front).
 // Per window and row pair: `vpshufb` gathers the 32 kept inputs, `vpmaddubsw` (codes × x, pairs summed:
 // at most 2 · 15 · 127) and `vpmaddubsw` by ones (Σ x of the pairs) give Σ (code − zero) · x in 16 bits
 // (mullo by the zero points, at most 7620 in magnitude), `vpmaddwd` by ones makes 8 int32 lanes (rows
@@ -22,37 +23,38 @@ namespace {
 
 constexpr int64_t kAhead = 4;  // row pairs ahead whose windows are prefetched (not tuned by measurement)
 
-// Rows n .. n + 2·PB − 1 (n even; rows ≥ N, an odd N's padding row, are computed and not stored).
+// Rows n .. n + 2·PB − 1 (n even; an odd N's padding row, all zeros, is computed and not stored).
 template <int MM, int PB>
 void block(const TwoFourInt4& w, const Int4X& xq, float* y, int64_t ldy, int64_t n) {
   const int64_t windows = w.K / 32, nbx = w.K / kInt4Block, wpb = w.block / 32, nb = grid_blocks(w), ld = xq.ld;
-  const int64_t ahead = kAhead * PB * windows * 32;  // bytes to the same window of the pair kAhead · PB on (prefetch never faults past the end)
-  const __m256i nib = _mm256_set1_epi8(15), ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1);
+  const int64_t head = nibble_head(nb), stride = head + w.K;
+  const int64_t ahead = kAhead * PB * stride;  // bytes to the same place of the pair kAhead · PB on (prefetch never faults past the end)
+  const __m256i nib = _mm256_set1_epi8(15), ones16 = _mm256_set1_epi16(1);
   const uint8_t* vp[PB];
-  const float* sc[PB][2];
-  const uint8_t* zp[PB][2];
+  const float* sc[PB];    // the pair's scales, [block][row]
+  const uint16_t* zp[PB];  // its zero points, a byte per row
   __m256 acc[PB][MM];
   PK_UNROLL
   for (int p = 0; p < PB; ++p) {
-    vp[p] = w.nibbles + (n / 2 + p) * windows * 32;
-    PK_UNROLL
-    for (int r = 0; r < 2; ++r) {
-      const int64_t row = n + 2 * p + r < w.N ? n + 2 * p + r : n + 2 * p;  // the padding row: any real row's grid (its codes are 0, index 0)
-      sc[p][r] = row_scales(w, row);
-      zp[p][r] = row_zeros(w, row);
-    }
+    const uint8_t* base = w.nibbles + (n / 2 + p) * stride;
+    sc[p] = reinterpret_cast<const float*>(base);
+    zp[p] = reinterpret_cast<const uint16_t*>(base + 8 * nb);
+    vp[p] = base + head;
+    for (int64_t at = 0; at < head; at += 64) _mm_prefetch(reinterpret_cast<const char*>(base + ahead + at), _MM_HINT_T0);
     PK_UNROLL
     for (int m = 0; m < MM; ++m) acc[p][m] = _mm256_setzero_ps();
   }
   const int8_t* xp = xq.bytes;
   const float* sxp = xq.scales;
+  const __m256i flip = _mm256_set1_epi8(char(0x80)), zero = _mm256_setzero_si256();
   for (int64_t g = 0; g < nb; ++g) {
-    __m256i zv[PB];
+    __m256i zv[PB], z8[PB];
     __m256 part[PB][MM];
     PK_UNROLL
     for (int p = 0; p < PB; ++p) {
-      // words of the pair's 16-bit sums: A×4 B×4 per half
-      zv[p] = _mm256_blend_epi16(_mm256_set1_epi16(zp[p][0][g]), _mm256_set1_epi16(zp[p][1][g]), 0xF0);
+      const int za = zp[p][g] & 255, zb = zp[p][g] >> 8;
+      zv[p] = _mm256_blend_epi32(_mm256_set1_epi8(char(za)), _mm256_set1_epi8(char(zb)), 0xCC);  // bytes of the pair's values: A×8 B×8 per half
+      z8[p] = _mm256_setr_epi32(8 * za, 0, 8 * zb, 0, 8 * za, 0, 8 * zb, 0);  // lanes 0, 2 / 4, 6: a row's 8 values' zero points
       PK_UNROLL
       for (int m = 0; m < MM; ++m) part[p][m] = _mm256_setzero_ps();
     }
@@ -62,7 +64,7 @@ void block(const TwoFourInt4& w, const Int4X& xq, float* y, int64_t ldy, int64_t
       __m256 sx[MM];
       PK_UNROLL
       for (int m = 0; m < MM; ++m) {
-        xv[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + m * ld));
+        xv[m] = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + m * ld)), flip);  // x + 128, unsigned
         sx[m] = _mm256_broadcast_ss(sxp + m * nbx);
       }
       PK_UNROLL
@@ -71,18 +73,22 @@ void block(const TwoFourInt4& w, const Int4X& xq, float* y, int64_t ldy, int64_t
         const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(vp[p]));
         vp[p] += 32;
         const __m256i codes = _mm256_and_si256(b, nib), idx = _mm256_and_si256(_mm256_srli_epi16(b, 4), nib);
+        const __m256i wv = _mm256_sub_epi8(codes, zv[p]);  // code − zero: −15 .. 15
+        // Σ (x + 128)(c − z) − 128 Σ (c − z) = Σ x (c − z), by lanes A A B B | A A B B, exactly: the codes' sums
+        // (vpsadbw: a row's 8 in a qword's low dword) fall on lanes 0, 2 / 4, 6, each row's own, less its 8 z
+        const __m256i csum = _mm256_slli_epi32(_mm256_sub_epi32(_mm256_sad_epu8(codes, zero), z8[p]), 7);
         PK_UNROLL
         for (int m = 0; m < MM; ++m) {
           const __m256i xg = _mm256_shuffle_epi8(xv[m], idx);
-          const __m256i t = _mm256_sub_epi16(_mm256_maddubs_epi16(codes, xg), _mm256_mullo_epi16(_mm256_maddubs_epi16(ones8, xg), zv[p]));
-          part[p][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(t, ones16)), sx[m], part[p][m]);
+          const __m256i t = _mm256_sub_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(xg, wv), ones16), csum);
+          part[p][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), sx[m], part[p][m]);
         }
       }
     }
     PK_UNROLL
     for (int p = 0; p < PB; ++p) {
       // lanes of the pair's int32 sums: rows A A B B | A A B B
-      const __m256 sv = _mm256_blend_ps(_mm256_set1_ps(sc[p][0][g]), _mm256_set1_ps(sc[p][1][g]), 0xCC);
+      const __m256 sv = _mm256_blend_ps(_mm256_broadcast_ss(sc[p] + 2 * g), _mm256_broadcast_ss(sc[p] + 2 * g + 1), 0xCC);
       PK_UNROLL
       for (int m = 0; m < MM; ++m) acc[p][m] = _mm256_fmadd_ps(part[p][m], sv, acc[p][m]);
     }
