@@ -480,8 +480,8 @@ def test_int4_int8_activation_kernel_computes_the_block_quantized_product(isa):
        seed=st.integers(0, 2**16))
 def test_two_four_int4_int8_activation_kernel_on_avx2(n, windows, rows, block, seed):
     """2:4-int4 with the int8_activations option on the AVX2 path: the engine holds the nibble layout
-    and the kernel computes the product with x rounded per block of 32 as the int8-activation kernels
-    round it (equal to that product in float64), odd row counts (a padding row), groups with one or no
+    and the kernel computes the product with x rounded to int8 per block of the weight's grid (scale
+    max|x| / 127; equal to that product in float64), odd row counts (a padding row), groups with one or no
     kept value, an all-zero row, a zero row of x and a block of 1024 inputs included; the layout
     gives back the format's arrays; with the switch off, AVX-512 forced, or without the option: the
     float kernels' exact result."""
@@ -511,7 +511,10 @@ def test_two_four_int4_int8_activation_kernel_on_avx2(n, windows, rows, block, s
         exact = native.NativeWeight(c).gemv(x)
         assert native.NativeWeight(c).nibbles_ptr() is None  # only with the option
         y = nw.gemv(x)
-        xq, _ = native.int8_block_activations(x)
+        xb = x.reshape(rows, k // blk, blk)  # x rounded per block of the grid: sx = max|x| / 127, round half to even
+        amax = np.abs(xb).max(-1, keepdims=True)
+        sx = np.where(amax > 0, amax / np.float32(127), np.float32(1)).astype(np.float32)
+        xq = (np.clip(np.rint(xb * (np.float32(1) / sx)), -127, 127) * sx).reshape(rows, k)
         ref = xq.astype(np.float64) @ deq.astype(np.float64).T
         np.testing.assert_allclose(y, ref, atol=2e-5 * (1 + np.abs(ref).max()), rtol=0)
         assert not (rows > 1 and np.any(deq)) or not np.array_equal(y, exact)  # really int8 activations

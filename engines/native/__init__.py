@@ -585,9 +585,10 @@ def _pair_rows(n: int, k: int, a: dict[str, np.ndarray]) -> tuple[np.ndarray, in
 def _nibble_rows(n: int, k: int, a: dict[str, np.ndarray]) -> np.ndarray:
     """A 2:4-int4 weight in the nibble layout of the int8-activation AVX2 kernel (kernels.h,
     TwoFourInt4::nibbles): per pair of rows (an odd ``n`` padded with a zero row) its float scales
-    [block][row], uint8 zero points [block][row], zeros to a multiple of 32 bytes, then per 32-input
-    window 32 bytes — half h's 16 inputs at byte 16h, row 0's 8 kept values then row 1's, each
-    ``code | (input − 16h) << 4``; 64 bytes of zeros after the last pair."""
+    [block][row], int32 ``128 · Σ (code − zero)`` of each block's kept values [block][row], uint8 zero
+    points [block][row], zeros to a multiple of 32 bytes, then per 32-input window 32 bytes — half h's
+    16 inputs at byte 16h, row 0's 8 kept values then row 1's, each ``code | (input − 16h) << 4``; 64
+    bytes of zeros after the last pair."""
     packed = a["values"].reshape(n, k // 32, 8)
     nib = np.stack([packed & 15, packed >> 4], axis=-1).reshape(n, k // 32, 16)  # by nibble: even values, then odd ones
     codes = np.empty_like(nib)
@@ -597,17 +598,22 @@ def _nibble_rows(n: int, k: int, a: dict[str, np.ndarray]) -> np.ndarray:
     offset = np.stack([group & 3, group >> 2], axis=-1).reshape(n, k // 32, 16)  # each kept value's input within its group
     within = offset + 4 * (np.arange(16) // 2 % 4)  # its input within its 16-input half
     data = (codes | (within << 4)).astype(np.uint8).reshape(n, k // 32, 2, 8)  # (row, window, half, 8)
-    pairs, nb = (n + 1) // 2, a["scales"].shape[1]
-    head = (10 * nb + 31) // 32 * 32
+    pairs, nb, block = (n + 1) // 2, a["scales"].shape[1], -(-k // a["scales"].shape[1])
+    head = (18 * nb + 31) // 32 * 32
     out = np.zeros((2 * pairs, k // 32, 2, 8), np.uint8)
     out[:n] = data
-    grid = {key: np.zeros((2 * pairs, nb), dt) for key, dt in (("scales", np.float32), ("zeros", np.uint8))}
-    for key in grid:
-        grid[key][:n] = a[key]
-        grid[key][n:] = a[key][n - 1 :]  # the padding row: a real row's grid (its codes are zero)
+    blk = (4 * (np.arange(k // 2) // 2)) // block  # each kept value's grid block
+    own = (codes.reshape(n, k // 2).astype(np.int64) - a["zeros"].astype(np.int64)[:, blk])
+    corr = np.zeros((n, nb), np.int64)
+    np.add.at(corr, (slice(None), blk), own)
+    grid = {key: np.zeros((2 * pairs, nb), dt) for key, dt in (("scales", np.float32), ("corr", np.int32), ("zeros", np.uint8))}
+    for key, v in (("scales", a["scales"]), ("corr", 128 * corr), ("zeros", a["zeros"])):
+        grid[key][:n] = v  # (the padding row: zeros; its output is not stored)
     rows = np.zeros((pairs, head + k), np.uint8)
-    rows[:, : 8 * nb] = grid["scales"].reshape(pairs, 2, nb).transpose(0, 2, 1).copy().view(np.uint8).reshape(pairs, 8 * nb)
-    rows[:, 8 * nb : 10 * nb] = grid["zeros"].reshape(pairs, 2, nb).transpose(0, 2, 1).reshape(pairs, 2 * nb)
+    by_block = lambda v: v.reshape(pairs, 2, nb).transpose(0, 2, 1).copy().view(np.uint8).reshape(pairs, -1)  # noqa: E731
+    rows[:, : 8 * nb] = by_block(grid["scales"])
+    rows[:, 8 * nb : 16 * nb] = by_block(grid["corr"])
+    rows[:, 16 * nb : 18 * nb] = by_block(grid["zeros"])
     rows[:, head:] = out.reshape(pairs, 2, k // 32, 2, 8).transpose(0, 2, 3, 1, 4).reshape(pairs, k)
     return np.concatenate([rows.reshape(-1), np.zeros(64, np.uint8)])
 

@@ -335,14 +335,12 @@ bool twofour_int4_int8x(const pk::TwoFourInt4& w, int isa) {
 
 void gemv(const pk::TwoFourInt4& w, const float* x, int64_t M, float* y, int isa) {
   if (twofour_int4_int8x(w, isa)) {
-    thread_local std::vector<int8_t> bytes;
-    thread_local std::vector<float> scales, sums;
-    const int64_t nb = w.K / pk::kInt4Block;
+    thread_local std::vector<uint8_t> bytes;
+    thread_local std::vector<float> scales;
     bytes.resize(size_t(M * w.K));
-    scales.resize(size_t(M * nb));
-    sums.resize(size_t(M * nb));
-    pk::quantize_x_int4_avx2(x, M, w.K, w.K, bytes.data(), scales.data(), sums.data());
-    TwoFourInt4xJob{&w, {bytes.data(), scales.data(), sums.data(), w.K}, M, y, gemv_tasks(w.N)}.run();
+    scales.resize(size_t(M * pk::grid_blocks(w)));
+    pk::quantize_x_blocks_avx2(x, M, w.K, w.K, w.block, bytes.data(), scales.data());
+    TwoFourInt4xJob{&w, {reinterpret_cast<const int8_t*>(bytes.data()), scales.data(), nullptr, w.K}, M, y, gemv_tasks(w.N)}.run();
     return;
   }
   if (!w.row_sums || !w.paired || !twofour_int4_x16(w.block, isa)) {  // the 16-bit kernel reads the paired layout only

@@ -80,9 +80,10 @@ struct TwoFour {
 // row_sums (optional): each row's Σ of its values, for the 16-bit kernel (twofour_int4_vnni_avx512.cpp).
 // nibbles (optional; the host builds it where the int8-activation AVX2 kernel runs,
 // twofour_int4_int8x_avx2.cpp): the weight again, per pair of rows (an odd N padded with a zero row)
-// nibble_head(nb) + K bytes: the pair's float scales [block][row], its uint8 zero points [block][row],
-// zeros to a multiple of 32, then per 32-input window 32 bytes — half h (inputs 16h .. 16h + 15) at
-// byte 16h, row 0's 8 kept values then row 1's, in input order, each byte code | (its input − 16h) << 4.
+// nibble_head(nb) + K bytes: the pair's float scales [block][row], int32 128 · Σ (code − zero) of each
+// block's kept values [block][row], uint8 zero points [block][row], zeros to a multiple of 32, then per
+// 32-input window 32 bytes — half h (inputs 16h .. 16h + 15) at byte 16h, row 0's 8 kept values then
+// row 1's, in input order, each byte code | (its input − 16h) << 4.
 // 4 bits a weight: the kernel gathers x by the high nibbles without decoding positions.
 struct TwoFourInt4 {
   int64_t N, K;
@@ -98,7 +99,7 @@ struct TwoFourInt4 {
 };
 constexpr int64_t kPairStep = 48;  // bytes of a step of a pair of rows in the paired layout
 // Bytes of a pair's grid in front of its windows in the nibble layout (nb grid blocks a row).
-inline int64_t nibble_head(int64_t nb) { return (10 * nb + 31) / 32 * 32; }
+inline int64_t nibble_head(int64_t nb) { return (18 * nb + 31) / 32 * 32; }
 
 // Bitmask with 4-bit values (an unstructured weight quantized to 4 bits, zeros kept): masks as Bitmask;
 // codes uint8, row n's starting at byte row_off[n]: per group of 64 inputs (four mask words) its c kept
@@ -358,7 +359,9 @@ void gemv_int4x_avx512(const Int4Dense& w, const Int4X& xq, int64_t M, float* y,
 void quantize_x_int4_avx2(const float* x, int64_t M, int64_t ldx, int64_t K, int8_t* bytes, float* scales, float* sums);
 void gemv_int4x_avx2(const Int4Dense& w, const Int4X& xq, int64_t M, float* y, int64_t ldy, int64_t n0, int64_t n1);
 // 2:4-int4 × int8 activations on AVX2 (twofour_int4_int8x_avx2.cpp): needs w.nibbles, x quantized by
-// quantize_x_int4_avx2 (K % 32 == 0), n0 even.
+// quantize_x_blocks_avx2 per block of w.block inputs (K % 32 == 0; xq.bytes: q + 128 as unsigned bytes,
+// xq.scales [M][blocks], xq.sums unused), n0 even.
+void quantize_x_blocks_avx2(const float* x, int64_t M, int64_t ldx, int64_t K, int64_t B, uint8_t* bytes, float* scales);
 void gemv_twofour_int4_int8x_avx2(const TwoFourInt4& w, const Int4X& xq, int64_t M, float* y, int64_t ldy, int64_t n0, int64_t n1);
 
 // Dense int8 weights × int8 activations (AVX-512 VNNI; w.q.corr set): x quantized first by quantize_x.

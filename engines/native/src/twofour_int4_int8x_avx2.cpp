@@ -1,18 +1,18 @@
 // 2:4 with 4-bit values × int8 activations, AVX2 (pk::TwoFourInt4 with `nibbles`, kernels.h). The float
 // kernel (twofour_int4_avx2.cpp) spends two permutations, a blend, a conversion and an FMA on every 8
-// kept values of a row; the dense 4-bit kernel with int8 activations (int4_int8x_avx2.cpp) multiplies 32
-// weights by one `vpmaddubsw`. Here x is quantized as that kernel quantizes it (per block of 32 inputs,
-// quantize_x_int4_avx2: the same int8 values, in input order), and one 32-input window of a pair of rows
-// is one 32-byte load of the nibble layout: byte = code | index << 4, the index the kept value's input
-// within its 16-input half, so the half's x bytes are one `vpshufb` table and the load's high nibbles
-// its control (no position decoding at run time: the host builds the layout at load, 4 bits a weight,
-// each pair of rows one sequential stream with its scales and zero points in front).
-// Per window and row pair: `vpshufb` gathers the 32 kept inputs, `vpmaddubsw` (codes × x, pairs summed:
-// at most 2 · 15 · 127) and `vpmaddubsw` by ones (Σ x of the pairs) give Σ (code − zero) · x in 16 bits
-// (mullo by the zero points, at most 7620 in magnitude), `vpmaddwd` by ones makes 8 int32 lanes (rows
-// A A B B | A A B B), converted and accumulated times the window's x scale; at the end of a grid block
-// the sums are multiplied by the rows' scales. Not exact: the activations are rounded to int8 per block
-// of 32, as the dense kernel with int8 activations and ONNX Runtime's MatMulNBits at accuracy_level 4 do.
+// kept values of a row; the dense 4-bit kernel with int8 activations (int4_int8x_avx2.cpp) converts and
+// scales every 32 weights' sums. Here x is quantized per block of the weight's grid (quantize_x_blocks_avx2:
+// sx = max|x| / 127 per block, q = round(x / sx) in [−127, 127], stored as q + 128, unsigned), so a
+// block's products stay integers until its end. One 32-input window of a pair of rows is one 32-byte
+// load of the nibble layout: byte = code | index << 4, the index the kept value's input within its
+// 16-input half, so the half's x bytes are one `vpshufb` table and the load's high nibbles its control
+// (no position decoding at run time: the host builds the layout at load, 4 bits a weight, each pair of
+// rows one sequential stream with its grid in front). Per window and row pair: `vpshufb` gathers the 32
+// kept inputs, the codes less their zero points (signed bytes, −15 .. 15) times them by `vpmaddubsw`
+// (pairs summed, at most 2 · 255 · 15 in 16 bits) add into 16-bit sums, widened by `vpmaddwd` every four
+// windows (at most 30600). At a block's end, Σ (q + 128)(c − z) less the row's 128 · Σ (c − z) (computed
+// at load, in the layout's grid) is Σ q (c − z) exactly; converted once, times scale · sx. Not exact: the
+// activations are rounded to int8 per block, as ONNX Runtime's MatMulNBits does at accuracy_level 4.
 #include <immintrin.h>
 
 #include "kernels.h"
@@ -21,76 +21,73 @@
 namespace pk {
 namespace {
 
-constexpr int64_t kAhead = 4;  // row pairs ahead whose windows are prefetched (not tuned by measurement)
+constexpr int64_t kAhead = 1;  // row pairs ahead whose windows are prefetched (1, 4, 16 streamed 0.58 / 0.63 / 0.65 ms in one kernel_throughput probe each: noise-level)
 
-// Rows n .. n + 2·PB − 1 (n even; an odd N's padding row, all zeros, is computed and not stored).
+// Rows n .. n + 2·PB − 1 (n even; an odd N's padding row is computed and not stored).
 template <int MM, int PB>
 void block(const TwoFourInt4& w, const Int4X& xq, float* y, int64_t ldy, int64_t n) {
-  const int64_t windows = w.K / 32, nbx = w.K / kInt4Block, wpb = w.block / 32, nb = grid_blocks(w), ld = xq.ld;
+  const int64_t windows = w.K / 32, wpb = w.block / 32, nb = grid_blocks(w), ld = xq.ld;
   const int64_t head = nibble_head(nb), stride = head + w.K;
   const int64_t ahead = kAhead * PB * stride;  // bytes to the same place of the pair kAhead · PB on (prefetch never faults past the end)
   const __m256i nib = _mm256_set1_epi8(15), ones16 = _mm256_set1_epi16(1);
   const uint8_t* vp[PB];
-  const float* sc[PB];    // the pair's scales, [block][row]
+  const float* sc[PB];     // the pair's scales, [block][row]
+  const int32_t* corr[PB]; // its 128 · Σ (code − zero), [block][row]
   const uint16_t* zp[PB];  // its zero points, a byte per row
   __m256 acc[PB][MM];
   PK_UNROLL
   for (int p = 0; p < PB; ++p) {
     const uint8_t* base = w.nibbles + (n / 2 + p) * stride;
     sc[p] = reinterpret_cast<const float*>(base);
-    zp[p] = reinterpret_cast<const uint16_t*>(base + 8 * nb);
+    corr[p] = reinterpret_cast<const int32_t*>(base + 8 * nb);
+    zp[p] = reinterpret_cast<const uint16_t*>(base + 16 * nb);
     vp[p] = base + head;
     for (int64_t at = 0; at < head; at += 64) _mm_prefetch(reinterpret_cast<const char*>(base + ahead + at), _MM_HINT_T0);
     PK_UNROLL
     for (int m = 0; m < MM; ++m) acc[p][m] = _mm256_setzero_ps();
   }
-  const int8_t* xp = xq.bytes;
-  const float* sxp = xq.scales;
-  const __m256i flip = _mm256_set1_epi8(char(0x80)), zero = _mm256_setzero_si256();
+  const uint8_t* xp = reinterpret_cast<const uint8_t*>(xq.bytes);
   for (int64_t g = 0; g < nb; ++g) {
-    __m256i zv[PB], z8[PB];
-    __m256 part[PB][MM];
+    __m256i zv[PB], s16[PB][MM], s32[PB][MM];
     PK_UNROLL
     for (int p = 0; p < PB; ++p) {
-      const int za = zp[p][g] & 255, zb = zp[p][g] >> 8;
-      zv[p] = _mm256_blend_epi32(_mm256_set1_epi8(char(za)), _mm256_set1_epi8(char(zb)), 0xCC);  // bytes of the pair's values: A×8 B×8 per half
-      z8[p] = _mm256_setr_epi32(8 * za, 0, 8 * zb, 0, 8 * za, 0, 8 * zb, 0);  // lanes 0, 2 / 4, 6: a row's 8 values' zero points
+      const uint16_t z = zp[p][g];  // bytes of the pair's values: A×8 B×8 per half
+      zv[p] = _mm256_blend_epi32(_mm256_set1_epi8(char(z & 255)), _mm256_set1_epi8(char(z >> 8)), 0xCC);
       PK_UNROLL
-      for (int m = 0; m < MM; ++m) part[p][m] = _mm256_setzero_ps();
+      for (int m = 0; m < MM; ++m) s16[p][m] = s32[p][m] = _mm256_setzero_si256();
     }
     const int64_t wn = windows - g * wpb < wpb ? windows - g * wpb : wpb;
-    for (int64_t i = 0; i < wn; ++i, xp += 32, ++sxp) {
+    for (int64_t i = 0; i < wn; ++i, xp += 32) {
       __m256i xv[MM];
-      __m256 sx[MM];
       PK_UNROLL
-      for (int m = 0; m < MM; ++m) {
-        xv[m] = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + m * ld)), flip);  // x + 128, unsigned
-        sx[m] = _mm256_broadcast_ss(sxp + m * nbx);
-      }
+      for (int m = 0; m < MM; ++m) xv[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + m * ld));
       PK_UNROLL
       for (int p = 0; p < PB; ++p) {
         _mm_prefetch(reinterpret_cast<const char*>(vp[p] + ahead), _MM_HINT_T0);
         const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(vp[p]));
         vp[p] += 32;
-        const __m256i codes = _mm256_and_si256(b, nib), idx = _mm256_and_si256(_mm256_srli_epi16(b, 4), nib);
-        const __m256i wv = _mm256_sub_epi8(codes, zv[p]);  // code − zero: −15 .. 15
-        // Σ (x + 128)(c − z) − 128 Σ (c − z) = Σ x (c − z), by lanes A A B B | A A B B, exactly: the codes' sums
-        // (vpsadbw: a row's 8 in a qword's low dword) fall on lanes 0, 2 / 4, 6, each row's own, less its 8 z
-        const __m256i csum = _mm256_slli_epi32(_mm256_sub_epi32(_mm256_sad_epu8(codes, zero), z8[p]), 7);
+        const __m256i wv = _mm256_sub_epi8(_mm256_and_si256(b, nib), zv[p]);  // code − zero: −15 .. 15
+        const __m256i idx = _mm256_and_si256(_mm256_srli_epi16(b, 4), nib);
         PK_UNROLL
-        for (int m = 0; m < MM; ++m) {
-          const __m256i xg = _mm256_shuffle_epi8(xv[m], idx);
-          const __m256i t = _mm256_sub_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(xg, wv), ones16), csum);
-          part[p][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), sx[m], part[p][m]);
-        }
+        for (int m = 0; m < MM; ++m) s16[p][m] = _mm256_add_epi16(s16[p][m], _mm256_maddubs_epi16(_mm256_shuffle_epi8(xv[m], idx), wv));
+      }
+      if ((i & 3) == 3 && i + 1 < wn) {  // four windows' 16-bit sums into 32 bits (a longer block)
+        PK_UNROLL
+        for (int p = 0; p < PB; ++p)
+          PK_UNROLL
+          for (int m = 0; m < MM; ++m) s32[p][m] = _mm256_add_epi32(s32[p][m], _mm256_madd_epi16(s16[p][m], ones16)), s16[p][m] = _mm256_setzero_si256();
       }
     }
     PK_UNROLL
     for (int p = 0; p < PB; ++p) {
-      // lanes of the pair's int32 sums: rows A A B B | A A B B
+      // lanes of the pair's int32 sums: rows A A B B | A A B B; each row's correction on its first lane
+      const __m256i c = _mm256_zextsi128_si256(_mm_cvtepu32_epi64(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(corr[p] + 2 * g))));
       const __m256 sv = _mm256_blend_ps(_mm256_broadcast_ss(sc[p] + 2 * g), _mm256_broadcast_ss(sc[p] + 2 * g + 1), 0xCC);
       PK_UNROLL
-      for (int m = 0; m < MM; ++m) acc[p][m] = _mm256_fmadd_ps(part[p][m], sv, acc[p][m]);
+      for (int m = 0; m < MM; ++m) {
+        const __m256i t = _mm256_sub_epi32(_mm256_add_epi32(s32[p][m], _mm256_madd_epi16(s16[p][m], ones16)), c);
+        acc[p][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t), _mm256_mul_ps(sv, _mm256_broadcast_ss(xq.scales + m * nb + g)), acc[p][m]);
+      }
     }
   }
   PK_UNROLL
@@ -108,18 +105,50 @@ void block(const TwoFourInt4& w, const Int4X& xq, float* y, int64_t ldy, int64_t
 
 template <int MM>
 void rows(const TwoFourInt4& w, const Int4X& xq, float* y, int64_t ldy, int64_t n0, int64_t n1) {
-  constexpr int PB = MM == 1 ? 2 : 1;  // accumulators: 2 · PB · MM registers
+  constexpr int PB = MM == 1 ? 2 : 1;  // accumulators: 3 · PB · MM registers
   int64_t n = n0;
   for (; n + 2 * PB <= n1; n += 2 * PB) block<MM, PB>(w, xq, y, ldy, n);
   for (; n < n1; n += 2) block<MM, 1>(w, xq, y, ldy, n);
 }
 
+inline float hmax(__m256 v) {
+  const __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 s2 = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_max_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
+}
+
 }  // namespace
 
+void quantize_x_blocks_avx2(const float* x, int64_t M, int64_t ldx, int64_t K, int64_t B, uint8_t* bytes, float* scales) {
+  const int64_t nb = (K + B - 1) / B;
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  const __m256i lim = _mm256_set1_epi32(127), neg = _mm256_set1_epi32(-127), flip = _mm256_set1_epi8(char(0x80));
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);  // packs work per 128-bit lane: back to input order
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t b = 0; b < nb; ++b) {
+      const float* v = x + m * ldx + b * B;
+      const int64_t len = K - b * B < B ? K - b * B : B;  // a multiple of 32
+      __m256 mx = _mm256_setzero_ps();
+      for (int64_t k = 0; k < len; k += 8) mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, _mm256_loadu_ps(v + k)));
+      const float amax = hmax(mx);
+      const float s = amax > 0.f ? amax / 127.f : 1.f;
+      const __m256 inv = _mm256_set1_ps(1.f / s);
+      for (int64_t k = 0; k < len; k += 32) {
+        __m256i qi[4];
+        PK_UNROLL
+        for (int i = 0; i < 4; ++i) qi[i] = _mm256_min_epi32(_mm256_max_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(v + k + 8 * i), inv)), neg), lim);
+        const __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(qi[0], qi[1]), _mm256_packs_epi32(qi[2], qi[3]));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(bytes + m * K + b * B + k), _mm256_xor_si256(_mm256_permutevar8x32_epi32(packed, order), flip));
+      }
+      scales[m * nb + b] = s;
+    }
+  }
+}
+
 void gemv_twofour_int4_int8x_avx2(const TwoFourInt4& w, const Int4X& xq, int64_t M, float* y, int64_t ldy, int64_t n0, int64_t n1) {
-  const int64_t nbx = w.K / kInt4Block;
+  const int64_t nb = grid_blocks(w);
   by_chunks_of_four(M, [&](auto mm, int64_t m) {
-    const Int4X part{xq.bytes + m * xq.ld, xq.scales + m * nbx, xq.sums + m * nbx, xq.ld};
+    const Int4X part{xq.bytes + m * xq.ld, xq.scales + m * nb, nullptr, xq.ld};
     rows<decltype(mm)::value>(w, part, y + m * ldy, ldy, n0, n1);
   });
 }
