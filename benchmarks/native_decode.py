@@ -225,7 +225,12 @@ def main() -> None:
                 if "bitmask-int4" in sizes[v]["formats"]:
                     entry["bitmask_int4_kernel"] = "16-bit (AVX-512 VNNI + VBMI2; blocks of 32 or 64k inputs)" if native.bitmask_int4_int16() else "float"
                 if "2:4-int4" in sizes[v]["formats"]:
-                    entry["twofour_int4_kernel"] = "16-bit (AVX-512 VNNI + VBMI; blocks of at most 512 inputs)" if native.twofour_int4_int16() else "float"
+                    nibbles = any(getattr(W, "format", None) == "2:4-int4" and W.nibbles_ptr() is not None
+                                  for L in r.decoder.layers for W in (L.qkv, L.o, L.gate_up, L.down))
+                    if nibbles and native.isa() == "avx2+fma" and native.int8_activations():
+                        entry["twofour_int4_kernel"] = "int8 activations (AVX2: the nibble layout, x rounded per grid block)"
+                    else:
+                        entry["twofour_int4_kernel"] = "16-bit (AVX-512 VNNI + VBMI; blocks of at most 512 inputs)" if native.twofour_int4_int16() else "float"
                 entry.update(sizes[v])
                 if args.ppl_windows:
                     entry["perplexity"] = {name: round(perplexity(runner_outputs_fn(r, "logits"), w, f"{v} {name}")["perplexity"], 4) for name, w in texts.items()}
