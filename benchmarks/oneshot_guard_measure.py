@@ -1,7 +1,7 @@
 """Measure the figures ``tests/test_oneshot_guard.py`` pins: Wanda and SparseGPT 2:4 on the bundled
 SmolLM2, 8 × 512 calibration tokens (seed 0, fp32 calibration), perplexity on the first 4 × 256-token
 evaluation windows. Rerun it and update the test's PINNED_BY_CAPABILITY values (this CPU's PyTorch
-capability, printed) only when a change is meant to move them (say so in the commit), or to pin a new
+capability and vendor, printed) only when a change is meant to move them (say so in the commit), or to pin a new
 capability on a CPU of that kind.
 
     python benchmarks/oneshot_guard_measure.py
@@ -37,7 +37,9 @@ def main() -> None:
     print("dense", round(perplexity(torch_outputs_fn(loaded.model, "causal-lm"), ev, "dense")["perplexity"], 4))
     import torch
 
-    print("PyTorch CPU capability", torch.backends.cpu.get_cpu_capability())
+    from tests.test_oneshot_guard import cpu_kind
+
+    print("PyTorch CPU capability", torch.backends.cpu.get_cpu_capability(), "- the pins' key:", cpu_kind())
 
 
 if __name__ == "__main__":
