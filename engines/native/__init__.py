@@ -586,35 +586,45 @@ def _nibble_rows(n: int, k: int, a: dict[str, np.ndarray]) -> np.ndarray:
     """A 2:4-int4 weight in the nibble layout of the int8-activation AVX2 kernel (kernels.h,
     TwoFourInt4::nibbles): per pair of rows (an odd ``n`` padded with a zero row) its float scales
     [block][row], int32 ``128 · Σ (code − zero)`` of each block's kept values [block][row], uint8 zero
-    points [block][row], zeros to a multiple of 32 bytes, then per 32-input window 32 bytes — half h's
-    16 inputs at byte 16h, row 0's 8 kept values then row 1's, each ``code | (input − 16h) << 4``; 64
-    bytes of zeros after the last pair."""
-    packed = a["values"].reshape(n, k // 32, 8)
-    nib = np.stack([packed & 15, packed >> 4], axis=-1).reshape(n, k // 32, 16)  # by nibble: even values, then odd ones
+    points [block][row], zeros to a multiple of 32 bytes, then per 32-input window 24 bytes: the 32
+    kept values o = 16·half + 8·row + j, 16 bytes of codes (value i's in the low nibble of byte i, value
+    16 + i's in the high one), then a qword of each value's input within its group of four (value
+    o = 4d + e at bit 32·(d & 1) + 8e + 2·(d >> 1)); 64 bytes of zeros after the last pair."""
+    windows = k // 32
+    packed = a["values"].reshape(n, windows, 8)
+    nib = np.stack([packed & 15, packed >> 4], axis=-1).reshape(n, windows, 16)  # by nibble: even values, then odd ones
     codes = np.empty_like(nib)
     codes[..., 0::2], codes[..., 1::2] = nib[..., :8], nib[..., 8:]  # kept values in input order (n, windows, 16)
     pos = a["positions"][:, : k // 8]
     group = np.stack([pos & 15, pos >> 4], axis=-1).reshape(n, k // 4)  # a nibble per group of four: p0 | p1 << 2
-    offset = np.stack([group & 3, group >> 2], axis=-1).reshape(n, k // 32, 16)  # each kept value's input within its group
-    within = offset + 4 * (np.arange(16) // 2 % 4)  # its input within its 16-input half
-    data = (codes | (within << 4)).astype(np.uint8).reshape(n, k // 32, 2, 8)  # (row, window, half, 8)
+    offset = np.stack([group & 3, group >> 2], axis=-1).reshape(n, windows, 16).astype(np.uint8)  # each kept value's input within its group
     pairs, nb, block = (n + 1) // 2, a["scales"].shape[1], -(-k // a["scales"].shape[1])
     head = (18 * nb + 31) // 32 * 32
-    out = np.zeros((2 * pairs, k // 32, 2, 8), np.uint8)
-    out[:n] = data
+
+    def by_pair(v: np.ndarray) -> np.ndarray:  # (n, windows, 16) → (pairs, windows, 32), value o = 16·half + 8·row + j
+        out = np.zeros((2 * pairs, windows, 2, 8), np.uint8)
+        out[:n] = v.reshape(n, windows, 2, 8)
+        return out.reshape(pairs, 2, windows, 2, 8).transpose(0, 2, 3, 1, 4).reshape(pairs, windows, 32)
+
+    c, p = by_pair(codes), by_pair(offset)
+    code_bytes = c[..., :16] | (c[..., 16:] << 4)
+    o = np.arange(32)
+    bit = (32 * ((o // 4) & 1) + 8 * (o % 4) + 2 * ((o // 4) >> 1)).astype(np.uint64)
+    q = np.bitwise_or.reduce(p.astype(np.uint64) << bit, axis=-1)  # (pairs, windows)
+    win = np.concatenate([code_bytes, q.astype("<u8")[..., None].view(np.uint8)], axis=-1)  # (pairs, windows, 24)
     blk = (4 * (np.arange(k // 2) // 2)) // block  # each kept value's grid block
-    own = (codes.reshape(n, k // 2).astype(np.int64) - a["zeros"].astype(np.int64)[:, blk])
+    own = codes.reshape(n, k // 2).astype(np.int64) - a["zeros"].astype(np.int64)[:, blk]
     corr = np.zeros((n, nb), np.int64)
     np.add.at(corr, (slice(None), blk), own)
     grid = {key: np.zeros((2 * pairs, nb), dt) for key, dt in (("scales", np.float32), ("corr", np.int32), ("zeros", np.uint8))}
     for key, v in (("scales", a["scales"]), ("corr", 128 * corr), ("zeros", a["zeros"])):
         grid[key][:n] = v  # (the padding row: zeros; its output is not stored)
-    rows = np.zeros((pairs, head + k), np.uint8)
+    rows = np.zeros((pairs, head + 24 * windows), np.uint8)
     by_block = lambda v: v.reshape(pairs, 2, nb).transpose(0, 2, 1).copy().view(np.uint8).reshape(pairs, -1)  # noqa: E731
     rows[:, : 8 * nb] = by_block(grid["scales"])
     rows[:, 8 * nb : 16 * nb] = by_block(grid["corr"])
     rows[:, 16 * nb : 18 * nb] = by_block(grid["zeros"])
-    rows[:, head:] = out.reshape(pairs, 2, k // 32, 2, 8).transpose(0, 2, 3, 1, 4).reshape(pairs, k)
+    rows[:, head:] = win.reshape(pairs, 24 * windows)
     return np.concatenate([rows.reshape(-1), np.zeros(64, np.uint8)])
 
 

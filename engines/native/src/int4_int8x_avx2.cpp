@@ -74,12 +74,6 @@ void rows(const Int4Dense& w, const Int4X& xq, float* y, int64_t ldy, int64_t n0
   for (; n < n1; ++n) block<ZP, HALF, MM, 1>(w, xq, y, ldy, n);
 }
 
-inline float hmax(__m256 v) {
-  const __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  const __m128 s2 = _mm_max_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_max_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
-}
-
 }  // namespace
 
 void quantize_x_int4_avx2(const float* x, int64_t M, int64_t ldx, int64_t K, int8_t* bytes, float* scales, float* sums) {

@@ -80,10 +80,13 @@ struct TwoFour {
 // row_sums (optional): each row's Σ of its values, for the 16-bit kernel (twofour_int4_vnni_avx512.cpp).
 // nibbles (optional; the host builds it where the int8-activation AVX2 kernel runs,
 // twofour_int4_int8x_avx2.cpp): the weight again, per pair of rows (an odd N padded with a zero row)
-// nibble_head(nb) + K bytes: the pair's float scales [block][row], int32 128 · Σ (code − zero) of each
-// block's kept values [block][row], uint8 zero points [block][row], zeros to a multiple of 32, then per
-// 32-input window 32 bytes — half h (inputs 16h .. 16h + 15) at byte 16h, row 0's 8 kept values then
-// row 1's, in input order, each byte code | (its input − 16h) << 4.
+// nibble_head(nb) + 24 · K / 32 bytes: the pair's float scales [block][row], int32 128 · Σ (code − zero)
+// of each block's kept values [block][row], uint8 zero points [block][row], zeros to a multiple of 32,
+// then per 32-input window 24 bytes. The window's 32 kept values are numbered o = 16h + 8r + j (half h:
+// inputs 16h .. 16h + 15; row r; j-th kept value of the half, in input order): code byte i (0 .. 15) holds
+// value i's code in its low nibble and value 16 + i's in its high one; then a qword of positions, value
+// o = 4d + e's input within its group of four at bits 32 · (d & 1) + 8e + 2 · (d >> 1) — so one
+// broadcast and one variable shift per dword put every value's 2 bits at the bottom of its own byte.
 // 4 bits a weight: the kernel gathers x by the high nibbles without decoding positions.
 struct TwoFourInt4 {
   int64_t N, K;
@@ -100,6 +103,7 @@ struct TwoFourInt4 {
 constexpr int64_t kPairStep = 48;  // bytes of a step of a pair of rows in the paired layout
 // Bytes of a pair's grid in front of its windows in the nibble layout (nb grid blocks a row).
 inline int64_t nibble_head(int64_t nb) { return (18 * nb + 31) / 32 * 32; }
+constexpr int64_t kNibbleWindow = 24;  // bytes of a window of a pair of rows in the nibble layout
 
 // Bitmask with 4-bit values (an unstructured weight quantized to 4 bits, zeros kept): masks as Bitmask;
 // codes uint8, row n's starting at byte row_off[n]: per group of 64 inputs (four mask words) its c kept
