@@ -3,11 +3,12 @@
 // kept values of a row; the dense 4-bit kernel with int8 activations (int4_int8x_avx2.cpp) converts and
 // scales every 32 weights' sums. Here x is quantized per block of the weight's grid (quantize_x_blocks_avx2:
 // sx = max|x| / 127 per block, q = round(x / sx) in [−127, 127], stored as q + 128, unsigned), so a
-// block's products stay integers until its end. One 32-input window of a pair of rows is one 32-byte
-// load of the nibble layout: byte = code | index << 4, the index the kept value's input within its
-// 16-input half, so the half's x bytes are one `vpshufb` table and the load's high nibbles its control
-// (no position decoding at run time: the host builds the layout at load, 4 bits a weight, each pair of
-// rows one sequential stream with its grid in front). Per window and row pair: `vpshufb` gathers the 32
+// block's products stay integers until its end. One 32-input window of a pair of rows is 24 bytes of
+// the nibble layout (kernels.h; the host builds it at load, each pair of rows one sequential stream with
+// its grid in front): 16 code bytes, broadcast to both 16-input halves and shifted per half, and a qword
+// of 2-bit positions, broadcast and shifted per dword so that each lands at the bottom of its value's
+// byte; plus the group's offset within the half (a constant) it is the `vpshufb` control that gathers
+// the half's x bytes for both rows. Per window and row pair: `vpshufb` gathers the 32
 // kept inputs, the codes less their zero points (signed bytes, −15 .. 15) times them by `vpmaddubsw`
 // (pairs summed, at most 2 · 255 · 15 in 16 bits) add into 16-bit sums, widened by `vpmaddwd` every four
 // windows (at most 30600). At a block's end, Σ (q + 128)(c − z) less the row's 128 · Σ (c − z) (computed
