@@ -612,10 +612,9 @@ def _nibble_rows(n: int, k: int, a: dict[str, np.ndarray]) -> np.ndarray:
     bit = (32 * ((o // 4) & 1) + 8 * (o % 4) + 2 * ((o // 4) >> 1)).astype(np.uint64)
     q = np.bitwise_or.reduce(p.astype(np.uint64) << bit, axis=-1)  # (pairs, windows)
     win = np.concatenate([code_bytes, q.astype("<u8")[..., None].view(np.uint8)], axis=-1)  # (pairs, windows, 24)
-    blk = (4 * (np.arange(k // 2) // 2)) // block  # each kept value's grid block
+    blk = (4 * (np.arange(k // 2) // 2)) // block  # each kept value's grid block (a block of `block` inputs keeps block / 2)
     own = codes.reshape(n, k // 2).astype(np.int64) - a["zeros"].astype(np.int64)[:, blk]
-    corr = np.zeros((n, nb), np.int64)
-    np.add.at(corr, (slice(None), blk), own)
+    corr = np.add.reduceat(own, np.arange(0, k // 2, block // 2), axis=1)  # Σ (code − zero) per row and block
     grid = {key: np.zeros((2 * pairs, nb), dt) for key, dt in (("scales", np.float32), ("corr", np.int32), ("zeros", np.uint8))}
     for key, v in (("scales", a["scales"]), ("corr", 128 * corr), ("zeros", a["zeros"])):
         grid[key][:n] = v  # (the padding row: zeros; its output is not stored)
