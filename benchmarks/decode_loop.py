@@ -28,6 +28,9 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--float-kernel", action="store_true", help="the 16-bit-activation kernels off (engines.native.int16_activations)")
+    ap.add_argument("--with", dest="options", action="append", default=[], metavar="OPTION=VALUE",
+                    help="build the artifact with this native-cpu engine option (a YAML value; repeatable), e.g. int8_activations=true")
+    ap.add_argument("--isa", default=None, help="force native-cpu's instruction set, no better than the CPU's (scalar, avx2+fma, avx512f)")
     ap.add_argument("--work", type=Path, default=None, help="where the artifact is built (default: BUILD/VARIANT/decode-loop)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -41,7 +44,17 @@ def main() -> None:
         sys.exit(f"decode_loop: {model} is not a saved model directory (build the variant first)")
     work = args.work or args.build / args.variant / "decode-loop"
     work.mkdir(parents=True, exist_ok=True)
-    engine = NativeCpuEngine({"threads": args.threads})
+    import yaml
+
+    options = {"threads": args.threads}
+    for item in args.options:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            sys.exit(f"decode_loop: --with {item!r}: expected OPTION=VALUE")
+        options[key] = yaml.safe_load(value)
+    if args.isa:
+        native.set_isa(args.isa)  # before the artifact is opened: weights hold the layouts this instruction set reads
+    engine = NativeCpuEngine(options)
     art = engine.build(model, work)
     native.int16_activations(not args.float_kernel)
     prompt = (np.arange(args.prompt, dtype=np.int64)[None] * 7919) % 1000 + 100
