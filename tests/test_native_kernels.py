@@ -216,12 +216,26 @@ def test_stacking_keeps_int8_and_falls_back_to_fp32_on_mixed_precisions():
     np.testing.assert_allclose(mixed(x), ref, atol=1e-4)
 
 
-@pytest.mark.skipif(not native.int8_activations(), reason="this CPU has no AVX-512 VNNI: the int8-activation kernel does not run here")
+@pytest.mark.parametrize("isa", ["avx512f", "avx2+fma"])
 @pytest.mark.parametrize("rows", [1, 3, 6])
-def test_int8_activation_kernel_computes_the_block_quantized_product(rows):
+def test_int8_activation_kernel_computes_the_block_quantized_product(rows, isa):
     """accuracy_level 4 (dense int8 in blocks of 32): x is quantized per block of 32 (symmetric, round to
-    nearest even) and multiplied in int8 by VNNI — equal to that computation done in float64; with int8
-    activations (and 16-bit ones) switched off the same weight gives the exact fp32 result."""
+    nearest even) and multiplied in int8 by VNNI, or on AVX2 by `vpmaddubsw` (|w| times x with w's sign)
+    — equal to that computation done in float64; with int8 activations (and 16-bit ones) switched off
+    the same weight gives the exact fp32 result."""
+    if isa not in ISAS:
+        pytest.skip(f"this CPU has no {isa}")
+    if isa == "avx512f" and not native.int8_activations():
+        pytest.skip("this CPU has no AVX-512 VNNI: the int8-activation kernel does not run here")
+    best = native.isa()
+    native.set_isa(isa)
+    try:
+        _int8_activation_product(rows)
+    finally:
+        native.set_isa(best)
+
+
+def _int8_activation_product(rows: int) -> None:
     rng = np.random.default_rng(rows)
     n, k = 37, 192
     w, scales = on_int8_grid(rng.standard_normal((n, k)).astype(np.float32), 32, rng)

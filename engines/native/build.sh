@@ -38,6 +38,7 @@ FLAGS="-std=c++17 -O3 -fPIC -Wall -Wextra -fvisibility=hidden -DNDEBUG ${PK_EXTR
 "$CXX" $FLAGS -Wno-uninitialized -Wno-maybe-uninitialized -mavx512f -mavx512bw -mavx512vl -mavx512vnni -mavx2 -mfma -c src/int4_vnni_avx512.cpp -o obj/int4_vnni_avx512.o
 "$CXX" $FLAGS -mavx2 -mfma -mf16c -c src/int4_int8x_avx2.cpp -o obj/int4_int8x_avx2.o
 "$CXX" $FLAGS -mavx2 -mfma -c src/twofour_int4_int8x_avx2.cpp -o obj/twofour_int4_int8x_avx2.o
+"$CXX" $FLAGS -mavx2 -mfma -c src/int8_int8x_avx2.cpp -o obj/int8_int8x_avx2.o
 "$CXX" $FLAGS -mavx2 -mfma -c src/sparse_x_avx2.cpp -o obj/sparse_x_avx2.o
 "$CXX" $FLAGS -Wno-uninitialized -Wno-maybe-uninitialized -mavx512f -mavx2 -mfma -c src/sparse_x_avx512.cpp -o obj/sparse_x_avx512.o
 "$CXX" $FLAGS -mavx2 -mfma -mf16c -c src/int4_x_avx2.cpp -o obj/int4_x_avx2.o
@@ -59,6 +60,6 @@ if command -v nm >/dev/null 2>&1; then
   done
 fi
 tmp=lib/.libprune_kernels.so.$$
-"$CXX" -shared -o "$tmp" obj/scalar.o obj/avx2.o obj/avx512.o obj/twofour_avx2.o obj/twofour_avx512.o obj/decompress_avx512.o obj/twofour_int4_avx2.o obj/twofour_int4_avx512.o obj/bitmask_int4_avx2.o obj/bitmask_int4_avx512.o obj/vnni_avx512.o obj/int4_avx512.o obj/int4_avx2.o obj/int4_vnni_avx512.o obj/int4_int8x_avx2.o obj/twofour_int4_int8x_avx2.o obj/sparse_x_avx2.o obj/sparse_x_avx512.o obj/int4_x_avx2.o obj/int4_x_avx512.o obj/int4_x_vnni_avx512.o obj/bitmask_int4_vnni_avx512.o obj/twofour_int4_vnni_avx512.o obj/layer_ops.o obj/api.o -pthread
+"$CXX" -shared -o "$tmp" obj/scalar.o obj/avx2.o obj/avx512.o obj/twofour_avx2.o obj/twofour_avx512.o obj/decompress_avx512.o obj/twofour_int4_avx2.o obj/twofour_int4_avx512.o obj/bitmask_int4_avx2.o obj/bitmask_int4_avx512.o obj/vnni_avx512.o obj/int4_avx512.o obj/int4_avx2.o obj/int4_vnni_avx512.o obj/int4_int8x_avx2.o obj/twofour_int4_int8x_avx2.o obj/int8_int8x_avx2.o obj/sparse_x_avx2.o obj/sparse_x_avx512.o obj/int4_x_avx2.o obj/int4_x_avx512.o obj/int4_x_vnni_avx512.o obj/bitmask_int4_vnni_avx512.o obj/twofour_int4_vnni_avx512.o obj/layer_ops.o obj/api.o -pthread
 mv -f "$tmp" lib/libprune_kernels.so
 echo "built engines/native/lib/libprune_kernels.so with $CXX"

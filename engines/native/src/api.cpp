@@ -262,6 +262,7 @@ using Int8xJob = PreparedJob<pk::Bitmask, pk::QuantizedX, pk::gemv_int8x_avx512>
 using BitmaskInt4x16Job = PreparedJob<pk::BitmaskInt4, pk::X16, pk::gemv_bitmask_int4_x16_avx512>;
 using TwoFourInt4x16Job = PreparedJob<pk::TwoFourInt4, pk::X16, pk::gemv_twofour_int4_x16_avx512>;
 using Int8x16Job = PreparedJob<pk::Bitmask, pk::X16, pk::gemv_int8_x16_avx512>;
+using Int8xAvx2Job = PreparedJob<pk::Bitmask, pk::Int4X, pk::gemv_int8_int8x_avx2>;
 
 // Rows of x as the 16-bit kernels read them (pk::X16), in buffers of this thread, rows K rounded up to
 // 64 inputs apart (both kernels read whole 64-input steps).
@@ -283,7 +284,8 @@ bool int8_x16(const pk::Bitmask& w, int isa) {
 }
 
 // A bitmask/dense weight: int8 activations by the VNNI kernel where the weight allows them
-// (w.q.corr, accuracy_level 4) and the chosen instruction set is AVX-512 on a CPU with VNNI; else
+// (w.q.corr, accuracy_level 4 or the int8_activations option) and the chosen instruction set is AVX-512
+// on a CPU with VNNI, by the AVX2 kernel (dense, blocks of 32) where it is AVX2; else
 // 16-bit activations where int8_x16 says so; else the float kernels.
 void gemv(const pk::Bitmask& w, const float* x, int64_t M, float* y, int isa) {
   if (w.q.corr && g_vnni && isa == kAvx512 && g_int8x.load(std::memory_order_relaxed)) {
@@ -294,6 +296,16 @@ void gemv(const pk::Bitmask& w, const float* x, int64_t M, float* y, int isa) {
     pk::quantize_x_avx512(x, M, w.K, w.K, u8.data(), scales.data());
     Int8xJob job{&w, {u8.data(), scales.data(), w.K}, M, y, gemv_tasks(w.N)};
     pool().run(job.tasks, &Int8xJob::task, &job);
+    return;
+  }
+  if (w.q.corr && !w.masks && w.q.block == 32 && w.K % 32 == 0 && isa == kAvx2 && g_int8x.load(std::memory_order_relaxed)) {
+    thread_local std::vector<int8_t> bytes;
+    thread_local std::vector<float> scales, sums;
+    bytes.resize(size_t(M * w.K));
+    scales.resize(size_t(M * (w.K / 32)));
+    sums.resize(size_t(M * (w.K / 32)));
+    pk::quantize_x_int4_avx2(x, M, w.K, w.K, bytes.data(), scales.data(), sums.data());
+    Int8xAvx2Job{&w, {bytes.data(), scales.data(), nullptr, w.K}, M, y, gemv_tasks(w.N)}.run();
     return;
   }
   if (int8_x16(w, isa)) {

@@ -371,6 +371,9 @@ void gemv_twofour_int4_int8x_avx2(const TwoFourInt4& w, const Int4X& xq, int64_t
 // Dense int8 weights × int8 activations (AVX-512 VNNI; w.q.corr set): x quantized first by quantize_x.
 void quantize_x_avx512(const float* x, int64_t M, int64_t ldx, int64_t K, uint8_t* u8, float* scales);
 void gemv_int8x_avx512(const Bitmask& w, const QuantizedX& xq, int64_t M, float* y, int64_t ldy, int64_t n0, int64_t n1);
+// The same on AVX2 (int8_int8x_avx2.cpp): a dense int8 weight in blocks of 32 (w.q.corr set), x quantized
+// by quantize_x_int4_avx2 (K % 32 == 0; the sums unused).
+void gemv_int8_int8x_avx2(const Bitmask& w, const Int4X& xq, int64_t M, float* y, int64_t ldy, int64_t n0, int64_t n1);
 // Dense int8 values in blocks of 32 (w.q.row_sums set, K % 64 == 0) × 16-bit activations; AVX-512 VNNI.
 void gemv_int8_x16_avx512(const Bitmask& w, const X16& x, int64_t M, float* y, int64_t ldy, int64_t n0, int64_t n1);
 
