@@ -169,11 +169,12 @@ def _sparse_int4_format(w: np.ndarray) -> str:
     return "2:4-int4" if w.shape[1] % 32 == 0 and is_two_four(w) else "bitmask-int4"
 
 
-def _vnni_here() -> str:
-    """Whether this CPU runs the int8-weight × int8-activation kernel, for the artifact's notes."""
+def _int8x_here() -> str:
+    """Where the int8-weight × int8-activation kernels run, and whether this CPU runs one, for the notes."""
     from engines import native
 
-    return "this CPU has it" if native.int8_activations() else "this CPU lacks it: fp32 activations"
+    here = "this CPU runs it" if native.int8_activations() or native.isa() == "avx2+fma" else "not on this CPU: fp32 activations"
+    return f"where the CPU has AVX-512 VNNI or the instruction set is AVX2 ({here})"
 
 
 def _int8_x16_here() -> str:
@@ -226,7 +227,7 @@ def _quantized_note(quant: dict[str, Any], linears: dict[str, Any], head: dict[s
     n = sum(e["values"] == "int8" for e in linears.values())
     note = f"int8 weights read as int8 codes with a scale per {quant['block_size']} inputs ({n} block linears{', the LM head' if head['values'] == 'int8' else ''})"
     if int8_activations:
-        note += f"; option int8_activations: dense ones multiply int8 activations (per block of 32) where the CPU has AVX-512 VNNI ({_vnni_here()})"
+        note += f"; option int8_activations: dense ones multiply int8 activations (per block of 32) {_int8x_here()}"
     else:
         note += f"; {_int8_x16_here()}, else fp32 activations (the model's own result)"
     return note
@@ -250,7 +251,7 @@ def _exact_note(linears: dict[str, Any], embed: dict[str, Any], head: dict[str, 
         note += f"; {_int8_x16_here()}"
     if int8x:
         note += (f"; option int8_activations: these weights multiply int8 activations (per block of 32), not exact — int4 {_int4x_here()}, "
-                 f"int8 where the CPU has AVX-512 VNNI ({_vnni_here()})")
+                 f"int8 {_int8x_here()}")
     return note
 
 

@@ -663,7 +663,7 @@ def test_accuracy_level_4_decodes_with_int8_activations(tmp_path):
         assert not r.decoder.head.int8_activations
     (tmp_path / "engine").mkdir()
     art = NativeCpuEngine({"threads": 2, "int8_activations": True}).build(tmp_path / "model", tmp_path / "engine")
-    assert "multiply int8 activations" in art.info["quantized_weights"] and "this CPU has it" in art.info["quantized_weights"]
+    assert "multiply int8 activations" in art.info["quantized_weights"] and "(this CPU runs it)" in art.info["quantized_weights"]
     prompt = np.random.default_rng(3).integers(0, 257, (1, 20)).astype(np.int64)
     with torch.no_grad():
         ref = model.generate(torch.from_numpy(prompt), attention_mask=torch.ones(prompt.shape, dtype=torch.long), max_new_tokens=16, do_sample=False,
