@@ -35,7 +35,7 @@ SHAPES = [(1536, 576), (576, 576), (3072, 576), (576, 1536)]
 KINDS = ["dense", "dense-int4", "dense-int4-f32grid", "dense-int4x", "dense-int8", "dense-int8-f", "dense-int8x", "2:4", "2:4-int8", "2:4-int4", "2:4-int4-f", "2:4-int4-b64", "2:4-int4-b64-f", "2:4-int4-b128", "2:4-int4-b128-f", "2:4-int4x", "2:4-int4-b64x", "2:4-int4-b128x", "50", "50-int8", "50-int4", "50-int4-f", "50-int4-b64", "70-int4-b64", "70-int4-b128", "70-int4-b128-f",
          "int4-act0", "int4-act10", "int4-act30", "int4-act50", "int4-act30c", "int4-act50c", "int4-act30-f32grid", "int4-act0x", "int4-act30x", "int4-act50x"]
 """``-int8``: int8 values (dense ones, blocks of 32: 16-bit activations by the VNNI kernel where the CPU has it,
-else fp32; sparse ones: fp32 activations); ``-int8x``: int8 activations too (AVX-512 VNNI); ``-int4``:
+else fp32; sparse ones: fp32 activations); ``-int8x``: int8 activations too (AVX-512 VNNI, or AVX2); ``-int4``:
 the int4 format (4-bit codes, a scale and an offset per 32 inputs: weights on a Q4_1 grid, whose fp16
 scales and minima the kernel reads as fp16); ``-int4-f32grid``: the same with the grid read as float32; ``-int4x``: the
 same with int8 activations (AVX-512 VNNI, or AVX2 on that path); ``int4-actNN``: the same dense 4-bit weights stored input-major
@@ -138,14 +138,14 @@ def main() -> None:
     native.set_threads(args.threads)
     if args.isa:
         native.set_isa(args.isa)
-    def runs_here(kind: str) -> bool:  # the int8-activation kinds: int4 on AVX-512 VNNI or AVX2, int8 on AVX-512 VNNI, input-major int4 and 2:4-int4 on AVX2
+    def runs_here(kind: str) -> bool:  # the int8-activation kinds: int4 and int8 on AVX-512 VNNI or AVX2, input-major int4 and 2:4-int4 on AVX2
         if not kind.endswith("x"):
             return True
         if kind.startswith("2:4"):
             return native.isa() == "avx2+fma"
         if kind.startswith("int4-act"):
             return native.isa() != "avx512f"
-        return native.int4_int8_activations() if "int4" in kind else native.int8_activations() and native.isa() == "avx512f"
+        return native.int4_int8_activations() if "int4" in kind else native.int8_activations()
 
     kinds = [k for k in KINDS if (not chosen or k == "dense" or k in chosen) and runs_here(k)]
     rng = np.random.default_rng(0)

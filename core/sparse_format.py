@@ -342,14 +342,29 @@ def _bitmask_int4_dense(c: CompressedWeight) -> np.ndarray:
     return out
 
 
-def _two_four_int4_values(c: CompressedWeight) -> np.ndarray:
-    """The float32 kept values ``(N, K/2)`` of a ``2:4-int4`` weight (what the kernels compute with)."""
-    n, k = c.shape
-    packed = c.arrays["values"].reshape(n, k // 32, 8)
+def two_four_int4_codes(values: np.ndarray, n: int, k: int) -> np.ndarray:
+    """A ``2:4-int4`` weight's codes (its ``values`` bytes) as one uint8 per kept value, ``(N, K/2)`` in
+    input order (per 32-input window the format keeps the even values in the low nibbles, the odd ones
+    in the high)."""
+    packed = values.reshape(n, k // 32, 8)
     nib = np.stack([packed & 15, packed >> 4], axis=-1).reshape(n, k // 32, 16)  # by nibble
     codes = np.empty_like(nib)
     codes[..., 0::2], codes[..., 1::2] = nib[..., :8], nib[..., 8:]
-    codes = codes.reshape(n, k // 2).astype(np.float32)
+    return codes.reshape(n, k // 2)
+
+
+def two_four_offsets(positions: np.ndarray, n: int, k: int) -> np.ndarray:
+    """A 2:4 weight's 2-bit positions as each kept value's input within its group of four, ``(N, K/4, 2)``
+    uint8 (a nibble per group, two groups a byte, the low nibble first)."""
+    g = k // 4
+    nib = np.stack([positions & 0x0F, positions >> 4], axis=-1).reshape(n, -1)[:, :g]
+    return np.stack([nib & 3, (nib >> 2) & 3], axis=-1).astype(np.uint8)
+
+
+def _two_four_int4_values(c: CompressedWeight) -> np.ndarray:
+    """The float32 kept values ``(N, K/2)`` of a ``2:4-int4`` weight (what the kernels compute with)."""
+    n, k = c.shape
+    codes = two_four_int4_codes(c.arrays["values"], n, k).astype(np.float32)
     blk = (4 * (np.arange(k // 2) // 2)) // c.block
     s = c.arrays["scales"].astype(np.float32)[:, blk]
     z = c.arrays["zeros"].astype(np.float32)[:, blk]
@@ -458,9 +473,7 @@ def decompress(c: CompressedWeight) -> np.ndarray:
         return out
     if c.format == "2:4":
         g = k // 4
-        b = c.arrays["positions"]
-        nib = np.stack([b & 0x0F, b >> 4], axis=-1).reshape(n, -1)[:, :g]
-        pos = np.stack([nib & 3, (nib >> 2) & 3], axis=-1).astype(np.int64)  # (n, g, 2)
+        pos = two_four_offsets(c.arrays["positions"], n, k).astype(np.int64)  # (n, g, 2)
         out = np.zeros((n, g, 4), np.float32)
         np.put_along_axis(out, pos, c.arrays["values"].reshape(n, g, 2), axis=-1)
         return out.reshape(n, k)

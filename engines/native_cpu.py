@@ -173,7 +173,7 @@ def _int8x_here() -> str:
     """Where the int8-weight × int8-activation kernels run, and whether this CPU runs one, for the notes."""
     from engines import native
 
-    here = "this CPU runs it" if native.int8_activations() or native.isa() == "avx2+fma" else "not on this CPU: fp32 activations"
+    here = "this CPU runs it" if native.int8_activations() else "not on this CPU: fp32 activations"
     return f"where the CPU has AVX-512 VNNI or the instruction set is AVX2 ({here})"
 
 
@@ -219,9 +219,10 @@ def _quantized_note(quant: dict[str, Any], linears: dict[str, Any], head: dict[s
             note += f"; {rest} block linears run dequantized in fp32 (blocks of {quant.get('block_size')} inputs: the int4 formats need a multiple of 32)"
         if int8_activations:
             note += f"; option int8_activations: int8 activations (per block of 32) {_int4x_here()}"
-            if n24:  # (native.int4_int8_activations says whether this CPU's chosen instruction set is AVX2 or VNNI)
-                note += (f"; the 2:4-int4 linears multiply them where the instruction set is AVX2 (a second copy of their codes, 4 bits a "
-                         f"weight, with each value's input: {'this CPU runs it' if native.isa() == 'avx2+fma' else 'not on this CPU: their kernels above'})")
+            if n24:
+                note += (f"; the 2:4-int4 linears multiply int8 activations (rounded per block of {block} inputs) where the instruction set is "
+                         f"AVX2, from a second copy of the weight (3 bits a weight and its grid): "
+                         f"{'this CPU runs it' if native.isa() == 'avx2+fma' else 'not on this CPU: their kernels above'}")
             return note
         return note + "; fp32 activations otherwise (the model's own result)"
     n = sum(e["values"] == "int8" for e in linears.values())

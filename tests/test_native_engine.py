@@ -640,13 +640,27 @@ def test_an_int8_model_is_read_as_int8_and_computes_its_own_weights(tmp_path, ki
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.skipif(not native.int8_activations(), reason="this CPU has no AVX-512 VNNI: native-cpu runs accuracy_level 4 with fp32 activations")
-def test_accuracy_level_4_decodes_with_int8_activations(tmp_path):
+@pytest.mark.parametrize("isa", ["best", "avx2+fma"])
+def test_accuracy_level_4_decodes_with_int8_activations(tmp_path, isa):
     """INT8 in blocks of 32 at accuracy_level 4 (the quantize pass's default) with the engine option
     int8_activations (off by default: fp32 activations, the model's own result): decode steps multiply
-    int8 activations (VNNI) — close to the model, not equal — and so do whole sequences (validation,
-    prefill), as ONNX Runtime's level 4 does; switched off, the same artifact computes exactly as
-    PyTorch."""
+    int8 activations (VNNI, or the AVX2 kernel) — close to the model, not equal — and so do whole
+    sequences (validation, prefill), as ONNX Runtime's level 4 does; switched off, the same artifact
+    computes exactly as PyTorch."""
+    best = native.isa()
+    if isa != "best":
+        if list(native.ISA_NAMES.values()).index(isa) > list(native.ISA_NAMES.values()).index(native.best_isa()):
+            pytest.skip(f"this CPU has no {isa}")
+        native.set_isa(isa)
+    try:
+        if not native.int8_activations():
+            pytest.skip(f"int8 weights run with fp32 activations on {native.isa()} here (no AVX-512 VNNI)")
+        _accuracy_level_4_with_int8_activations(tmp_path)
+    finally:
+        native.set_isa(best)
+
+
+def _accuracy_level_4_with_int8_activations(tmp_path) -> None:
     from core.adapters import adapter_for
     from core.models import save_hf_dir
     from passes import PassContext, get_pass_class

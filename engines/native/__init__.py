@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from core.errors import EngineUnavailable
-from core.sparse_format import INT4_FORMATS, CompressedWeight, compress, exact_half, int4_offset_key
+from core.sparse_format import INT4_FORMATS, CompressedWeight, compress, exact_half, int4_offset_key, two_four_int4_codes, two_four_offsets
 
 log = logging.getLogger(__name__)
 
@@ -139,10 +139,11 @@ def set_isa(name: str) -> None:
 
 
 def int8_activations(on: bool | None = None) -> bool:
-    """Whether dense int8 weights of an ``accuracy_level`` 4 model run with int8 activations (AVX-512
-    VNNI, x quantized per block of 32 at run time, as ONNX Runtime's MatMulNBits does): False on a CPU
-    without VNNI (for ``int4`` weights see :func:`int4_int8_activations`). ``on`` switches the use of
-    int8 activations by every kernel (tests compare both paths)."""
+    """Whether dense int8 weights of an ``accuracy_level`` 4 model (or with the ``int8_activations``
+    option) run with int8 activations on the chosen instruction set (x quantized per block of 32 at run
+    time, as ONNX Runtime's MatMulNBits does): AVX-512 on a CPU with VNNI, or AVX2; False otherwise (for
+    ``int4`` weights see :func:`int4_int8_activations`). ``on`` switches the use of int8 activations by
+    every kernel (tests compare both paths)."""
     return bool(lib().pk_int8_activations(-1 if on is None else int(bool(on))))
 
 
@@ -591,13 +592,8 @@ def _nibble_rows(n: int, k: int, a: dict[str, np.ndarray]) -> np.ndarray:
     16 + i's in the high one), then a qword of each value's input within its group of four (value
     o = 4d + e at bit 32·(d & 1) + 8e + 2·(d >> 1)); 64 bytes of zeros after the last pair."""
     windows = k // 32
-    packed = a["values"].reshape(n, windows, 8)
-    nib = np.stack([packed & 15, packed >> 4], axis=-1).reshape(n, windows, 16)  # by nibble: even values, then odd ones
-    codes = np.empty_like(nib)
-    codes[..., 0::2], codes[..., 1::2] = nib[..., :8], nib[..., 8:]  # kept values in input order (n, windows, 16)
-    pos = a["positions"][:, : k // 8]
-    group = np.stack([pos & 15, pos >> 4], axis=-1).reshape(n, k // 4)  # a nibble per group of four: p0 | p1 << 2
-    offset = np.stack([group & 3, group >> 2], axis=-1).reshape(n, windows, 16).astype(np.uint8)  # each kept value's input within its group
+    codes = two_four_int4_codes(a["values"], n, k).reshape(n, windows, 16)  # kept values in input order
+    offset = two_four_offsets(a["positions"], n, k).reshape(n, windows, 16)  # each one's input within its group of four
     pairs, nb, block = (n + 1) // 2, a["scales"].shape[1], -(-k // a["scales"].shape[1])
     head = (18 * nb + 31) // 32 * 32
 
@@ -678,8 +674,8 @@ class NativeWeight:
             self._args = (at + head, at + head + 32, at, at + 8 * nb, self.block, stride, 1)
             self._row_sums = self._row_sums_by_tiles(X16_TWOFOUR_INT4)  # the 16-bit kernel's offset term, as for bitmask-int4 below
             if int8_activations and isa() == "avx2+fma":
-                # the int8-activation AVX2 kernel's layout (a second copy of the codes, 4 bits a weight:
-                # only with the option, on the instruction set that reads it; kernels.h)
+                # the int8-activation AVX2 kernel's layout (a second copy of the weight, 3 bits a weight and
+                # its grid: only with the option, on the instruction set that reads it; kernels.h)
                 self.arrays["nibbles"] = _nibble_rows(self.n, self.k, arrays)
             return
         if c.format == "bitmask-int4":  # masks, 4-bit codes per word from a byte row offset, a scale and a uint8 zero point per row and block
@@ -777,8 +773,9 @@ class NativeWeight:
     @property
     def int8_activations(self) -> bool:
         """Its activations may be quantized to int8 per block (dense int8 in blocks of 32, K % 64 == 0,
-        from an accuracy_level 4 model; int4 with K % 64 == 0 when asked): the VNNI kernel does it where
-        the CPU has one, and for int4 the AVX2 kernel where the instruction set is AVX2."""
+        from an accuracy_level 4 model or when asked; int4 with K % 64 == 0 and 2:4-int4 when asked): the
+        VNNI kernels do it where the CPU has them, the AVX2 kernels where the instruction set is AVX2
+        (2:4-int4 only there: it holds the nibble layout, built when the weight was made on AVX2)."""
         return self._corr is not None or self._int4x or self.nibbles_ptr() is not None
 
     @property
@@ -966,13 +963,15 @@ class NativeWeight:
         # int8 activations (the option, where the instruction set runs them) for every row count, prefill
         # included, as ONNX Runtime's MatMulNBits does: the kernel reads the weight once per four rows of x
         int8x = int4_int8_activations(self.k, self.half_grid) if self._int4x else (self._corr is not None and int8_activations())
-        if int8x and self._int4x and x2.shape[0] > GEMV_MAX_ROWS and isa() == "avx2+fma":
-            # prefill on the AVX2 path: the kernel's result (its rounded activations, its offsets times
-            # the float sums) by the decompressed tiles and the dense GEMM — the AVX2 int4 × int8 kernel
-            # multiplies every 32 weights by five instructions per row of x and ran prefill at 0.52× of
-            # ONNX Runtime dense (benchmarks/results/native_int4x_decode_avx2_path.json)
+        if int8x and x2.shape[0] > GEMV_MAX_ROWS and isa() == "avx2+fma":
+            # prefill on the AVX2 path: the kernel's result (its rounded activations; an int4 weight's
+            # offsets times the float sums) by the decompressed tiles and the dense GEMM — the AVX2 int4 ×
+            # int8 kernel multiplies every 32 weights by five instructions per row of x and ran prefill at
+            # 0.52× of ONNX Runtime dense (benchmarks/results/native_int4x_decode_avx2_path.json); the
+            # int8 × int8 one reads the weight once per four rows of x
             xq, d = int8_block_activations(x2)
-            return (self.gemm_tiled(xq) + d @ self.int4_offsets().T).reshape(*lead, self.n)
+            y = self.gemm_tiled(xq)
+            return (y + d @ self.int4_offsets().T if self._int4x else y).reshape(*lead, self.n)
         small = x2.shape[0] <= GEMV_MAX_ROWS or int8x
         y = self.gemv(x2) if small else self.gemm_tiled(x2)
         return y.reshape(*lead, self.n)

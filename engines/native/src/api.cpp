@@ -277,6 +277,21 @@ pk::X16 x16_of(const float* x, int64_t M, int64_t K) {
   return xq;
 }
 
+// Rows of x rounded to int8 per block of B inputs (pk::Int4X: q in input order, a scale and the float sum
+// of x per row and block), in buffers of this thread: by quantize_x_int4_avx512 (B = 32) on AVX-512, else
+// by quantize_x_blocks_avx2 (offset: stored as q + 128).
+pk::Int4X int8_rows_of(const float* x, int64_t M, int64_t K, int64_t B, bool offset, bool avx512) {
+  thread_local std::vector<int8_t> bytes;
+  thread_local std::vector<float> scales, sums;
+  const int64_t nb = (K + B - 1) / B;
+  bytes.resize(size_t(M * K));
+  scales.resize(size_t(M * nb));
+  sums.resize(size_t(M * nb));
+  if (avx512) pk::quantize_x_int4_avx512(x, M, K, K, bytes.data(), scales.data(), sums.data());
+  else pk::quantize_x_blocks_avx2(x, M, K, K, B, offset, bytes.data(), scales.data(), sums.data());
+  return {bytes.data(), scales.data(), sums.data(), K};
+}
+
 // Whether a dense int8 weight runs the 16-bit kernel (vnni_avx512.cpp, gemv_int8_x16_avx512): AVX-512
 // chosen on a CPU with VNNI, the 16-bit switch on, the weight's row sums given, blocks of 32, K % 64 == 0.
 bool int8_x16(const pk::Bitmask& w, int isa) {
@@ -298,14 +313,8 @@ void gemv(const pk::Bitmask& w, const float* x, int64_t M, float* y, int isa) {
     pool().run(job.tasks, &Int8xJob::task, &job);
     return;
   }
-  if (w.q.corr && !w.masks && w.q.block == 32 && w.K % 32 == 0 && isa == kAvx2 && g_int8x.load(std::memory_order_relaxed)) {
-    thread_local std::vector<int8_t> bytes;
-    thread_local std::vector<float> scales, sums;
-    bytes.resize(size_t(M * w.K));
-    scales.resize(size_t(M * (w.K / 32)));
-    sums.resize(size_t(M * (w.K / 32)));
-    pk::quantize_x_int4_avx2(x, M, w.K, w.K, bytes.data(), scales.data(), sums.data());
-    Int8xAvx2Job{&w, {bytes.data(), scales.data(), nullptr, w.K}, M, y, gemv_tasks(w.N)}.run();
+  if (w.q.corr && isa == kAvx2 && g_int8x.load(std::memory_order_relaxed)) {
+    Int8xAvx2Job{&w, int8_rows_of(x, M, w.K, 32, false, false), M, y, gemv_tasks(w.N)}.run();
     return;
   }
   if (int8_x16(w, isa)) {
@@ -347,12 +356,7 @@ bool twofour_int4_int8x(const pk::TwoFourInt4& w, int isa) {
 
 void gemv(const pk::TwoFourInt4& w, const float* x, int64_t M, float* y, int isa) {
   if (twofour_int4_int8x(w, isa)) {
-    thread_local std::vector<uint8_t> bytes;
-    thread_local std::vector<float> scales;
-    bytes.resize(size_t(M * w.K));
-    scales.resize(size_t(M * pk::grid_blocks(w)));
-    pk::quantize_x_blocks_avx2(x, M, w.K, w.K, w.block, bytes.data(), scales.data());
-    TwoFourInt4xJob{&w, {reinterpret_cast<const int8_t*>(bytes.data()), scales.data(), nullptr, w.K}, M, y, gemv_tasks(w.N)}.run();
+    TwoFourInt4xJob{&w, int8_rows_of(x, M, w.K, w.block, true, false), M, y, gemv_tasks(w.N)}.run();
     return;
   }
   if (!w.row_sums || !w.paired || !twofour_int4_x16(w.block, isa)) {  // the 16-bit kernel reads the paired layout only
@@ -390,15 +394,8 @@ bool int4_int8x(const pk::Int4Dense& w, int isa) {
 
 void gemv_int4(const pk::Int4Dense& w, const float* x, int64_t M, float* y, int isa, bool int8x) {
   if (int8x && int4_int8x(w, isa)) {
-    thread_local std::vector<int8_t> bytes;
-    thread_local std::vector<float> scales, sums;
-    const int64_t nb = w.K / pk::kInt4Block;
-    bytes.resize(size_t(M * w.K));
-    scales.resize(size_t(M * nb));
-    sums.resize(size_t(M * nb));
     const bool avx512 = isa == kAvx512;
-    (avx512 ? pk::quantize_x_int4_avx512 : pk::quantize_x_int4_avx2)(x, M, w.K, w.K, bytes.data(), scales.data(), sums.data());
-    Int4xJob job{&w, {bytes.data(), scales.data(), sums.data(), w.K}, M, y, gemv_tasks(w.N), avx512};
+    Int4xJob job{&w, int8_rows_of(x, M, w.K, pk::kInt4Block, false, avx512), M, y, gemv_tasks(w.N), avx512};
     pool().run(job.tasks, &Int4xJob::task, &job);
     return;
   }
@@ -835,10 +832,12 @@ PK_API int pk_twofour_int4_int16(int64_t block) { return twofour_int4_x16(block,
 // the chosen instruction set): bit 0 bitmask-int4 (VNNI + VBMI2), bit 1 2:4-int4 (VNNI + VBMI), bit 2
 // dense int8 (VNNI). Where a weight's kernel cannot run, it needs no row sums.
 PK_API int pk_x16_kernels() { return (g_vbmi2 ? 1 : 0) | (g_vbmi ? 2 : 0) | (g_vnni ? 4 : 0); }
-// 1 when this CPU runs int8 activations (AVX-512 VNNI); set 0/1 to turn their use off/on (tests).
+// 1 when dense int8 weights that allow it (Int8Values::corr) run with int8 activations on the chosen
+// instruction set: AVX-512 on a CPU with VNNI, or AVX2; set 0/1 to turn their use off/on (tests).
 PK_API int pk_int8_activations(int on) {
   if (on >= 0) g_int8x.store(on != 0);
-  return g_vnni && g_int8x.load() ? 1 : 0;
+  const int isa = g_isa.load(std::memory_order_relaxed);
+  return g_int8x.load() && ((isa == kAvx512 && g_vnni) || isa == kAvx2) ? 1 : 0;
 }
 
 // Whether an int4 weight of K inputs (K % 64 == 0) with the int8_activations option runs int8

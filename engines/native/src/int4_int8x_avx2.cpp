@@ -2,7 +2,7 @@
 // with the engine's int8_activations option where the instruction set is AVX2 (the AVX-512 one is
 // int4_vnni_avx512.cpp). Each row of x is quantized per block of 32 inputs as that kernel does
 // (sx = max|x| / 127, qx = round(x / sx) in [-127, 127], the same values) but kept in input order
-// (quantize_x_int4_avx2). A block's 16 code bytes give its 32 codes in input order as one vector
+// (quantize_x_blocks_avx2, B = 32). A block's 16 code bytes give its 32 codes in input order as one vector
 // [low nibbles | high nibbles]; `vpmaddubsw` (unsigned codes × signed activations, adjacent pairs
 // summed to 16 bits: at most 2 · 15 · 127, no saturation) and `vpmaddwd` by ones leave 8 partial sums
 // of Σ code·qx, converted and multiplied by scale_b · sx_b into the row's accumulator: two integer
@@ -76,29 +76,35 @@ void rows(const Int4Dense& w, const Int4X& xq, float* y, int64_t ldy, int64_t n0
 
 }  // namespace
 
-void quantize_x_int4_avx2(const float* x, int64_t M, int64_t ldx, int64_t K, int8_t* bytes, float* scales, float* sums) {
-  const int64_t nb = K / kInt4Block;
+void quantize_x_blocks_avx2(const float* x, int64_t M, int64_t ldx, int64_t K, int64_t B, bool offset, int8_t* bytes, float* scales, float* sums) {
+  const int64_t nb = (K + B - 1) / B;
   const __m256 sign = _mm256_set1_ps(-0.f);
-  const __m256i lim = _mm256_set1_epi32(127), neg = _mm256_set1_epi32(-127);
+  const __m256i lim = _mm256_set1_epi32(127), neg = _mm256_set1_epi32(-127), flip = _mm256_set1_epi8(char(offset ? 0x80 : 0));
   const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);  // packs work per 128-bit lane: back to input order
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t b = 0; b < nb; ++b) {
-      const float* v = x + m * ldx + b * 32;
-      __m256 a[4];
-      PK_UNROLL
-      for (int i = 0; i < 4; ++i) a[i] = _mm256_loadu_ps(v + 8 * i);
-      const __m256 mx = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, a[0]), _mm256_andnot_ps(sign, a[1])),
-                                      _mm256_max_ps(_mm256_andnot_ps(sign, a[2]), _mm256_andnot_ps(sign, a[3])));
+      const float* v = x + m * ldx + b * B;
+      const int64_t len = K - b * B < B ? K - b * B : B;  // a multiple of 32
+      __m256 mx = _mm256_setzero_ps();
+      for (int64_t k = 0; k < len; k += 8) mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, _mm256_loadu_ps(v + k)));
       const float amax = hmax(mx);
       const float s = amax > 0.f ? amax / 127.f : 1.f;
       const __m256 inv = _mm256_set1_ps(1.f / s);
-      __m256i qi[4];
-      PK_UNROLL
-      for (int i = 0; i < 4; ++i) qi[i] = _mm256_min_epi32(_mm256_max_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(a[i], inv)), neg), lim);
-      const __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(qi[0], qi[1]), _mm256_packs_epi32(qi[2], qi[3]));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(bytes + m * K + b * 32), _mm256_permutevar8x32_epi32(packed, order));
+      float total = 0.f;
+      for (int64_t k = 0; k < len; k += 32) {
+        __m256 a[4];
+        __m256i qi[4];
+        PK_UNROLL
+        for (int i = 0; i < 4; ++i) {
+          a[i] = _mm256_loadu_ps(v + k + 8 * i);
+          qi[i] = _mm256_min_epi32(_mm256_max_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(a[i], inv)), neg), lim);
+        }
+        const __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(qi[0], qi[1]), _mm256_packs_epi32(qi[2], qi[3]));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(bytes + m * K + b * B + k), _mm256_xor_si256(_mm256_permutevar8x32_epi32(packed, order), flip));
+        total += hsum(_mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])));
+      }
       scales[m * nb + b] = s;
-      sums[m * nb + b] = hsum(_mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])));
+      sums[m * nb + b] = total;
     }
   }
 }

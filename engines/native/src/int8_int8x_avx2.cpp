@@ -1,7 +1,7 @@
 // Dense int8 weights × int8 activations, AVX2 (pk::Bitmask without masks, int8 values in blocks of 32
 // with w.q.corr set: the engine's int8_activations option), the AVX2 counterpart of the VNNI kernel
 // (vnni_avx512.cpp, gemv_int8x_avx512). x is quantized as the int4 kernels quantize it
-// (quantize_x_int4_avx2: per block of 32 inputs, sx = max|x| / 127, q = round(x / sx) in [−127, 127],
+// (quantize_x_blocks_avx2 with B = 32: per block of 32 inputs, sx = max|x| / 127, q = round(x / sx) in [−127, 127],
 // signed bytes in input order). `vpmaddubsw` needs one unsigned operand and saturates at 16 bits, so a
 // block is |w| (unsigned, at most 128) times q with w's sign (`vpsignb`): pairs summed at most
 // 2 · 128 · 127 = 32512; `vpmaddwd` by ones, then converted and multiplied by scale · sx. Not exact: the

@@ -23,8 +23,10 @@ struct Int8Values {
   const float* scales = nullptr;
   int64_t block = 0;
   // Set (float[N][K/32]: 128 · Σ codes · scale per row and block): a dense weight in blocks of 32,
-  // K % 64 == 0, whose activations may be quantized to int8 per block (accuracy_level 4) — the
-  // VNNI kernel runs it where the CPU has AVX-512 VNNI; elsewhere the fp32-activation kernels do.
+  // K % 64 == 0, whose activations may be quantized to int8 per block (accuracy_level 4 or the
+  // int8_activations option) — the VNNI kernel runs it (reading corr) where the CPU has AVX-512 VNNI,
+  // the AVX2 kernel (int8_int8x_avx2.cpp; corr only its flag) where the instruction set is AVX2;
+  // elsewhere the fp32-activation kernels do.
   const float* corr = nullptr;
   // Set (float[N]: each row's Σ of its values): a dense weight in blocks of 32, K % 64 == 0, that the
   // 16-bit kernel (vnni_avx512.cpp, gemv_int8_x16_avx512) may run where the CPU has AVX-512 VNNI.
@@ -87,7 +89,7 @@ struct TwoFour {
 // value i's code in its low nibble and value 16 + i's in its high one; then a qword of positions, value
 // o = 4d + e's input within its group of four at bits 32 · (d & 1) + 8e + 2 · (d >> 1) — so one
 // broadcast and one variable shift per dword put every value's 2 bits at the bottom of its own byte.
-// 4 bits a weight: the kernel gathers x by the high nibbles without decoding positions.
+// 3 bits a weight and the grid.
 struct TwoFourInt4 {
   int64_t N, K;
   const uint8_t* codes;
@@ -359,20 +361,22 @@ struct Int4X {
 void quantize_x_int4_avx512(const float* x, int64_t M, int64_t ldx, int64_t K, int8_t* bytes, float* scales, float* sums);
 void gemv_int4x_avx512(const Int4Dense& w, const Int4X& xq, int64_t M, float* y, int64_t ldy, int64_t n0, int64_t n1);
 // The same on AVX2 (int4_int8x_avx2.cpp; K % 32 == 0, either grid form): x quantized to the same
-// values by quantize_x_int4_avx2, its bytes in input order.
-void quantize_x_int4_avx2(const float* x, int64_t M, int64_t ldx, int64_t K, int8_t* bytes, float* scales, float* sums);
+// values by quantize_x_blocks_avx2 with B = 32, its bytes in input order.
+// x[M][K] rounded to int8 per row and block of B inputs (K and B multiples of 32; the last block may be
+// shorter): scales[M][ceil(K/B)] = max|x| / 127 (1 for an all-zero block), bytes[M][K] = round(x / scale)
+// in [−127, 127] in input order (offset: stored as q + 128, to be read as unsigned), sums[M][ceil(K/B)] the
+// blocks' float sums of x.
+void quantize_x_blocks_avx2(const float* x, int64_t M, int64_t ldx, int64_t K, int64_t B, bool offset, int8_t* bytes, float* scales, float* sums);
 void gemv_int4x_avx2(const Int4Dense& w, const Int4X& xq, int64_t M, float* y, int64_t ldy, int64_t n0, int64_t n1);
 // 2:4-int4 × int8 activations on AVX2 (twofour_int4_int8x_avx2.cpp): needs w.nibbles, x quantized by
-// quantize_x_blocks_avx2 per block of w.block inputs (K % 32 == 0; xq.bytes: q + 128 as unsigned bytes,
-// xq.scales [M][blocks], xq.sums unused), n0 even.
-void quantize_x_blocks_avx2(const float* x, int64_t M, int64_t ldx, int64_t K, int64_t B, uint8_t* bytes, float* scales);
+// quantize_x_blocks_avx2 per block of w.block inputs with the offset (xq.sums unused), n0 even.
 void gemv_twofour_int4_int8x_avx2(const TwoFourInt4& w, const Int4X& xq, int64_t M, float* y, int64_t ldy, int64_t n0, int64_t n1);
 
 // Dense int8 weights × int8 activations (AVX-512 VNNI; w.q.corr set): x quantized first by quantize_x.
 void quantize_x_avx512(const float* x, int64_t M, int64_t ldx, int64_t K, uint8_t* u8, float* scales);
 void gemv_int8x_avx512(const Bitmask& w, const QuantizedX& xq, int64_t M, float* y, int64_t ldy, int64_t n0, int64_t n1);
 // The same on AVX2 (int8_int8x_avx2.cpp): a dense int8 weight in blocks of 32 (w.q.corr set), x quantized
-// by quantize_x_int4_avx2 (K % 32 == 0; the sums unused).
+// by quantize_x_blocks_avx2 with B = 32, no offset (the sums unused).
 void gemv_int8_int8x_avx2(const Bitmask& w, const Int4X& xq, int64_t M, float* y, int64_t ldy, int64_t n0, int64_t n1);
 // Dense int8 values in blocks of 32 (w.q.row_sums set, K % 64 == 0) × 16-bit activations; AVX-512 VNNI.
 void gemv_int8_x16_avx512(const Bitmask& w, const X16& x, int64_t M, float* y, int64_t ldy, int64_t n0, int64_t n1);

@@ -1,8 +1,8 @@
 // 2:4 with 4-bit values × int8 activations, AVX2 (pk::TwoFourInt4 with `nibbles`, kernels.h). The float
 // kernel (twofour_int4_avx2.cpp) spends two permutations, a blend, a conversion and an FMA on every 8
 // kept values of a row; the dense 4-bit kernel with int8 activations (int4_int8x_avx2.cpp) converts and
-// scales every 32 weights' sums. Here x is quantized per block of the weight's grid (quantize_x_blocks_avx2:
-// sx = max|x| / 127 per block, q = round(x / sx) in [−127, 127], stored as q + 128, unsigned), so a
+// scales every 32 weights' sums. Here x is quantized per block of the weight's grid (quantize_x_blocks_avx2,
+// int4_int8x_avx2.cpp: sx = max|x| / 127 per block, q = round(x / sx) in [−127, 127], stored as q + 128), so a
 // block's products stay integers until its end. One 32-input window of a pair of rows is 24 bytes of
 // the nibble layout (kernels.h; the host builds it at load, each pair of rows one sequential stream with
 // its grid in front): 16 code bytes, broadcast to both 16-input halves and shifted per half, and a qword
@@ -30,7 +30,7 @@ inline int64_t load_u64(const uint8_t* p) {
   return v;
 }
 
-constexpr int64_t kAhead = 1;  // row pairs ahead whose windows are prefetched (1, 4, 16 streamed 0.58 / 0.63 / 0.65 ms in one kernel_throughput probe each: noise-level)
+constexpr int64_t kAhead = 1;  // row pairs ahead whose windows are prefetched (not tuned: 1, 4 and 16 were within the noise in probes not kept)
 
 // Rows n .. n + 2·PB − 1 (n even; an odd N's padding row is computed and not stored).
 template <int MM, int PB>
@@ -127,32 +127,6 @@ void rows(const TwoFourInt4& w, const Int4X& xq, float* y, int64_t ldy, int64_t 
 }
 
 }  // namespace
-
-void quantize_x_blocks_avx2(const float* x, int64_t M, int64_t ldx, int64_t K, int64_t B, uint8_t* bytes, float* scales) {
-  const int64_t nb = (K + B - 1) / B;
-  const __m256 sign = _mm256_set1_ps(-0.f);
-  const __m256i lim = _mm256_set1_epi32(127), neg = _mm256_set1_epi32(-127), flip = _mm256_set1_epi8(char(0x80));
-  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);  // packs work per 128-bit lane: back to input order
-  for (int64_t m = 0; m < M; ++m) {
-    for (int64_t b = 0; b < nb; ++b) {
-      const float* v = x + m * ldx + b * B;
-      const int64_t len = K - b * B < B ? K - b * B : B;  // a multiple of 32
-      __m256 mx = _mm256_setzero_ps();
-      for (int64_t k = 0; k < len; k += 8) mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, _mm256_loadu_ps(v + k)));
-      const float amax = hmax(mx);
-      const float s = amax > 0.f ? amax / 127.f : 1.f;
-      const __m256 inv = _mm256_set1_ps(1.f / s);
-      for (int64_t k = 0; k < len; k += 32) {
-        __m256i qi[4];
-        PK_UNROLL
-        for (int i = 0; i < 4; ++i) qi[i] = _mm256_min_epi32(_mm256_max_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(v + k + 8 * i), inv)), neg), lim);
-        const __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(qi[0], qi[1]), _mm256_packs_epi32(qi[2], qi[3]));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(bytes + m * K + b * B + k), _mm256_xor_si256(_mm256_permutevar8x32_epi32(packed, order), flip));
-      }
-      scales[m * nb + b] = s;
-    }
-  }
-}
 
 void gemv_twofour_int4_int8x_avx2(const TwoFourInt4& w, const Int4X& xq, int64_t M, float* y, int64_t ldy, int64_t n0, int64_t n1) {
   const int64_t nb = grid_blocks(w);
