@@ -4,6 +4,7 @@ file shrinking with the kept weights; families it cannot run are refused with th
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import json
@@ -647,15 +648,23 @@ def test_accuracy_level_4_decodes_with_int8_activations(tmp_path, isa):
     int8 activations (VNNI, or the AVX2 kernel) — close to the model, not equal — and so do whole
     sequences (validation, prefill), as ONNX Runtime's level 4 does; switched off, the same artifact
     computes exactly as PyTorch."""
+    with _on_isa(isa):
+        if not native.int8_activations():
+            pytest.skip(f"int8 weights run with fp32 activations on {native.isa()} here (no AVX-512 VNNI)")
+        _accuracy_level_4_with_int8_activations(tmp_path)
+
+
+@contextlib.contextmanager
+def _on_isa(isa: str):
+    """native-cpu on instruction set ``isa`` ("best": as it is) for the block, then back; skips the
+    test where the CPU lacks it."""
     best = native.isa()
     if isa != "best":
         if list(native.ISA_NAMES.values()).index(isa) > list(native.ISA_NAMES.values()).index(native.best_isa()):
             pytest.skip(f"this CPU has no {isa}")
         native.set_isa(isa)
     try:
-        if not native.int8_activations():
-            pytest.skip(f"int8 weights run with fp32 activations on {native.isa()} here (no AVX-512 VNNI)")
-        _accuracy_level_4_with_int8_activations(tmp_path)
+        yield
     finally:
         native.set_isa(best)
 
@@ -843,17 +852,10 @@ def test_int4_weights_with_the_int8_activations_option(tmp_path, isa):
     int4; with int8_activations the decode steps and whole sequences multiply int8 activations — close
     to the model, not equal — and the artifact says so; switched off, the same artifact is exact. On
     the CPU's best instruction set (AVX-512 VNNI) and on the AVX2 kernel."""
-    best = native.isa()
-    if isa != "best":
-        if list(native.ISA_NAMES.values()).index(isa) > list(native.ISA_NAMES.values()).index(native.best_isa()):
-            pytest.skip(f"this CPU has no {isa}")
-        native.set_isa(isa)
-    try:
+    with _on_isa(isa):
         if not native.int4_int8_activations():
             pytest.skip(f"int4 weights run with fp32 activations on {native.isa()} here (no AVX-512 VNNI)")
         _int4_weights_with_int8_activations(tmp_path)
-    finally:
-        native.set_isa(best)
 
 
 def _int4_weights_with_int8_activations(tmp_path) -> None:
